@@ -1,0 +1,15 @@
+"""fastpt: assemble-on-demand pre-training with fused Triton and CUDA C++ kernels."""
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("fastpt")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+from . import ops  # noqa: E402
+from ._dispatch import BackendError  # noqa: E402
+from ._info import info  # noqa: E402
+
+__all__ = ["__version__", "ops", "info", "BackendError"]

@@ -1,0 +1,125 @@
+"""Backend dispatch: each op lists its backends in priority order, each backend
+declares what it supports, and the first that accepts the inputs runs.
+
+A backend is refused with a reason (a string); a forced backend that refuses,
+or inputs that no backend accepts, raise ``BackendError`` listing every backend
+and its reason. Nothing is patched at import time.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+from . import _native
+
+BACKENDS = ("cuda", "cpu", "triton", "reference")
+
+
+class BackendError(RuntimeError):
+    """No backend (or not the forced one) can serve these inputs."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op.
+
+    available: () -> reason it cannot run on this machine at all, or None.
+    supports:  (**inputs) -> reason it refuses these inputs, or None.
+    run:       (**inputs) -> result.
+    """
+
+    name: str
+    available: Callable[[], str | None]
+    supports: Callable[..., str | None]
+    run: Callable
+
+
+@functools.lru_cache(maxsize=None)
+def triton_unavailable() -> str | None:
+    """Why Triton kernels cannot run here (GPU or interpreter), or None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    import torch
+
+    if torch.cuda.is_available() or _native.triton_interpreting():
+        return None
+    return "no CUDA device and TRITON_INTERPRET is not set"
+
+
+def native_cpu_unavailable() -> str | None:
+    return _native.cpu_unavailable()
+
+
+def native_cuda_unavailable() -> str | None:
+    return _native.cuda_unavailable()
+
+
+AVAILABILITY = {
+    "cuda": native_cuda_unavailable,
+    "cpu": native_cpu_unavailable,
+    "triton": triton_unavailable,
+    "reference": lambda: None,
+}
+
+
+def backend(name: str, supports: Callable[..., str | None], run: Callable) -> Backend:
+    """A backend whose machine-level availability is the standard one for ``name``."""
+    return Backend(name, AVAILABILITY[name], supports, run)
+
+
+# Every Op registers here when its module is imported (for fastpt.info and the test grid).
+OPS: dict[str, "Op"] = {}
+
+
+class Op:
+    """A dispatchable op: ``op(backend=None, **inputs)``.
+
+    probe: (device) -> small representative inputs, used by ``fastpt.info()`` to
+    report which backend ``backend=None`` would pick on each device.
+    """
+
+    def __init__(self, name: str, backends: list[Backend], probe: Callable[[str], dict]):
+        self.name = name
+        self.backends = {b.name: b for b in backends}
+        self.probe = probe
+        OPS[name] = self
+
+    def refusals(self, **inputs) -> dict[str, str | None]:
+        """For every backend: why it refuses these inputs, or None if it accepts them."""
+        out = {}
+        for b in self.backends.values():
+            out[b.name] = b.available() or b.supports(**inputs)
+        return out
+
+    def select(self, backend: str | None = None, **inputs) -> Backend:
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+        if backend is not None and backend not in self.backends:
+            raise BackendError(
+                f"{self.name}: backend {backend!r} does not implement this op "
+                f"(implemented: {', '.join(self.backends)})"
+            )
+        candidates = [self.backends[backend]] if backend else list(self.backends.values())
+        for b in candidates:
+            if (b.available() or b.supports(**inputs)) is None:
+                return b
+        reasons = "; ".join(f"{k}: {v or 'ok'}" for k, v in self.refusals(**inputs).items())
+        what = f"forced backend {backend!r} cannot serve these inputs" if backend else "no backend can serve these inputs"
+        raise BackendError(f"{self.name}: {what} ({reasons})")
+
+    def __call__(self, backend: str | None = None, **inputs):
+        return self.select(backend, **inputs).run(**inputs)
+
+
+def device_is(kind: str):
+    """A ``supports`` helper: refuse tensors not on device type ``kind``."""
+
+    def check(tensor_device) -> str | None:
+        if tensor_device.type != kind:
+            return f"needs {kind} tensors, got {tensor_device.type}"
+        return None
+
+    return check

@@ -1,0 +1,108 @@
+"""Counter-based random numbers shared by every masking backend.
+
+Every random decision in fastpt's masking ops is a pure function of
+``(seed, stream, row, col)``: no generator state, no thread or block layout in
+the formula. The reference (this file, PyTorch int64 arithmetic), the Triton
+kernels, and the C++ CPU and CUDA kernels (both through ``csrc/rng.h``)
+implement the same three lines and therefore produce bit-identical masks on
+any backend and device.
+
+The scheme (all arithmetic modulo 2**32)::
+
+    mix32(x):  x ^= x >> 16; x *= 0x21F0AAAD; x ^= x >> 15; x *= 0x735A2D97; x ^= x >> 15
+    key(seed, stream) = mix32(mix32(mix32((stream + 1) * 0x9E3779B9) ^ seed_hi) ^ seed_lo)
+    row_key          = mix32(key ^ row)
+    bits(row, col)   = mix32(row_key ^ col)
+
+``mix32`` is Chris Wellons' "lowbias32" integer hash, a bijection on 32-bit
+words. Both multipliers are below 2**31, so the PyTorch version computes the
+products exactly in int64 before reducing them modulo 2**32.
+
+Decisions compare integers, never floats, so no backend can round differently:
+an event of probability ``p`` happens when ``bits >> 8 < threshold24(p)``, and a
+uniform integer in ``[0, n)`` is ``(bits * n) >> 32`` (Lemire's multiply-shift).
+"""
+from __future__ import annotations
+
+import torch
+
+M32 = 0xFFFFFFFF
+GOLDEN = 0x9E3779B9
+MUL1 = 0x21F0AAAD
+MUL2 = 0x735A2D97
+
+# Streams: one per kind of decision, so that e.g. which tokens are selected and
+# what they are replaced with never share random bits.
+STREAM_MLM_SELECT = 0
+STREAM_MLM_ACTION = 1
+STREAM_MLM_TOKEN = 2
+STREAM_MAE = 3
+STREAM_BLOCK = 4
+STREAM_SPAN_NOISE = 5
+STREAM_SPAN_KEEP = 6
+STREAM_UL2_DENOISER = 7
+STREAM_UL2_SPLIT = 8
+
+
+def mix32_int(x: int) -> int:
+    """``mix32`` on a Python int (host-side key derivation)."""
+    x &= M32
+    x ^= x >> 16
+    x = (x * MUL1) & M32
+    x ^= x >> 15
+    x = (x * MUL2) & M32
+    x ^= x >> 15
+    return x
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """``mix32`` on an int64 tensor holding values in ``[0, 2**32)``."""
+    x = x ^ (x >> 16)
+    x = (x * MUL1) & M32
+    x = x ^ (x >> 15)
+    x = (x * MUL2) & M32
+    return x ^ (x >> 15)
+
+
+def check_seed(seed) -> int:
+    """Validate ``seed`` (an int in ``[0, 2**64)``) and return it as a Python int."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point:
+            raise TypeError(f"seed: expected an integer or a one-element integer tensor, got {seed!r}")
+        seed = int(seed.item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected 0 <= seed < 2**64, got {seed}")
+    return seed
+
+
+def stream_key(seed: int, stream: int) -> int:
+    """The 32-bit key of one random stream for ``seed`` (computed on the host)."""
+    seed = check_seed(seed)
+    k = mix32_int(((stream + 1) * GOLDEN) & M32)
+    k = mix32_int(k ^ (seed >> 32))
+    return mix32_int(k ^ (seed & M32))
+
+
+def bits(key: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """32 random bits per element of the broadcast of ``rows`` and ``cols`` (int64 tensors)."""
+    row_key = mix32(rows.to(torch.int64) ^ key)
+    return mix32(row_key ^ cols.to(torch.int64))
+
+
+def grid_bits(key: int, n_rows: int, n_cols: int, device=None) -> torch.Tensor:
+    """``bits`` for every ``(row, col)`` of an ``(n_rows, n_cols)`` grid, as int64."""
+    rows = torch.arange(n_rows, device=device, dtype=torch.int64).unsqueeze(1)
+    cols = torch.arange(n_cols, device=device, dtype=torch.int64).unsqueeze(0)
+    return bits(key, rows, cols)
+
+
+def threshold24(p: float) -> int:
+    """Integer threshold so that ``(bits >> 8) < threshold24(p)`` has probability ``p`` (to 2**-25)."""
+    return int(round(float(p) * (1 << 24)))
+
+
+def uniform_int(b: torch.Tensor, n) -> torch.Tensor:
+    """Map 32 random bits to a uniform integer in ``[0, n)`` (``n`` int or int64 tensor, < 2**31)."""
+    return (b * n) >> 32

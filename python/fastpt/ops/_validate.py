@@ -1,0 +1,66 @@
+"""Argument checks shared by the ops. Every error names the argument and what was expected."""
+from __future__ import annotations
+
+import torch
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def index_tensor(name: str, t, *, ndim_min: int = 1) -> torch.Tensor:
+    """An int32/int64 tensor with at least ``ndim_min`` dims."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name}: expected an int32 or int64 tensor, got dtype {t.dtype}")
+    if t.dim() < ndim_min:
+        raise ValueError(f"{name}: expected at least {ndim_min} dimension(s), got shape {tuple(t.shape)}")
+    return t
+
+
+def same_shape_device(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    if t.shape != like.shape:
+        raise ValueError(f"{name}: expected shape {tuple(like.shape)} (the shape of {like_name}), got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on {like.device} (the device of {like_name}), got {t.device}")
+
+
+def mask_tensor(name: str, t, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """A bool/integer mask of the same shape and device as ``like``, returned as bool."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        raise TypeError(f"{name}: expected a bool or integer tensor, got dtype {t.dtype}")
+    same_shape_device(name, t, like, like_name)
+    return t if t.dtype == torch.bool else t != 0
+
+
+def probability(name: str, p) -> float:
+    try:
+        p = float(p)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a float in [0, 1], got {p!r}") from None
+    if not 0.0 <= p <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name}: expected a probability in [0, 1], got {p}")
+    return p
+
+
+def positive_int(name: str, v, *, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
+            v = int(v.item())
+        else:
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
+    return v
+
+
+def ids_in_range(name: str, t: torch.Tensor, high: int, high_name: str) -> None:
+    """Every id in ``[0, high)``."""
+    if t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= high:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name}: ids must lie in [0, {high_name}={high}), found {bad}")
