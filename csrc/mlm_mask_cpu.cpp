@@ -55,10 +55,10 @@ void mlm_all(const MLMParams& p, int num_threads) {
 
 static void mlm_mask_cpu(const MLMParams& p, int num_threads) {
   require(p.rows >= 0 && p.cols >= 0, "mlm_mask: negative shape");
+  if (p.rows == 0 || p.cols == 0) return;
   require(p.ids && p.out && p.labels, "mlm_mask: null output or input pointer");
   require(p.n_special >= 0 && (p.n_special == 0 || p.special_ids), "mlm_mask: bad special_ids");
   require(p.vocab_size > 0 && p.vocab_size <= 0xFFFFFFFFLL, "mlm_mask: vocab_size out of range");
-  if (p.rows == 0 || p.cols == 0) return;
   dispatch_index(p.id_dtype, "input_ids", [&](auto t) {
     using T = decltype(t);
     if (p.word_ids) {

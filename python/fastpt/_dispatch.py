@@ -81,11 +81,12 @@ class Op:
     report which backend ``backend=None`` would pick on each device.
     """
 
-    def __init__(self, name: str, backends: list[Backend], probe: Callable[[str], dict]):
+    def __init__(self, name: str, backends: list[Backend], probe: Callable[[str], dict], register: bool = True):
         self.name = name
         self.backends = {b.name: b for b in backends}
         self.probe = probe
-        OPS[name] = self
+        if register:
+            OPS[name] = self
 
     def refusals(self, **inputs) -> dict[str, str | None]:
         """For every backend: why it refuses these inputs, or None if it accepts them."""

@@ -1,0 +1,53 @@
+"""The ``fastpt`` command: ``fastpt info``, ``fastpt demo``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _print_info(as_json: bool) -> None:
+    import fastpt
+
+    info = fastpt.info()
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    native = info["native"]
+    print(f"fastpt {info['version']}  python {info['python']}  torch {info['torch']}  triton {info['triton']}")
+    if native:
+        cuda = f"CUDA {native['cuda_version']} ({native['cuda_archs']})" if native.get("cuda") else "no CUDA kernels"
+        print(f"native core: built with {native['compiler']}, OpenMP {'on' if native['openmp'] else 'off'}, {cuda}")
+    print(f"CUDA device: {info['cuda_device'] or 'none'}")
+    print("backends:")
+    for name, why in info["backends"].items():
+        print(f"  {name:<10} {'usable' if why is None else 'unavailable: ' + why}")
+    if info["triton_interpreter"]:
+        print("  (TRITON_INTERPRET=1: Triton kernels run on the CPU interpreter, for tests)")
+    print("ops (backend picked when backend=None):")
+    for op, per_device in info["ops"].items():
+        print(f"  {op:<16} " + "  ".join(f"{dev}: {b}" for dev, b in per_device.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastpt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="versions, built backends and which backend serves each op")
+    p_info.add_argument("--json", action="store_true", help="print the report as JSON")
+    p_demo = sub.add_parser("demo", help="masking demo on a built-in corpus (the Python documentation)")
+    p_demo.add_argument("--batch", type=int, default=256, help="rows per batch (default 256)")
+    p_demo.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
+    p_demo.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary to train (default 8000)")
+    p_demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        _print_info(args.json)
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(batch=args.batch, seq_len=args.seq_len, vocab_size=args.vocab_size, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

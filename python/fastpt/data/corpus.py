@@ -1,0 +1,44 @@
+"""A built-in text corpus that every Python installation carries: its own documentation.
+
+No download: the ``pydoc_data.topics`` help pages (the language reference) plus the
+docstrings of the standard library's modules, classes and functions, read with
+``ast`` from the source files (nothing is imported or executed).
+"""
+from __future__ import annotations
+
+import ast
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+
+def _stdlib_docstrings(min_words: int) -> Iterator[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if parts[0] in ("site-packages", "dist-packages") or "test" in parts or "tests" in parts:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+            continue  # a broken or non-UTF-8 file in an installation is no reason to fail
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc.split()) >= min_words:
+                    yield doc
+
+
+def python_docs_corpus(*, include_stdlib: bool = True, min_words: int = 8) -> list[str]:
+    """Documents (strings) from the running Python's documentation.
+
+    Returns the ``pydoc_data.topics`` pages (about 65k words) and, with
+    ``include_stdlib``, every standard-library docstring of at least ``min_words``
+    words (several hundred thousand words more), in a deterministic order.
+    """
+    import pydoc_data.topics
+
+    docs = [text for _, text in sorted(pydoc_data.topics.topics.items())]
+    if include_stdlib:
+        docs.extend(_stdlib_docstrings(min_words))
+    return docs

@@ -1,0 +1,24 @@
+"""Test setup: Triton kernels run under the interpreter on machines without a GPU.
+
+TRITON_INTERPRET must be set before any module that defines Triton kernels is
+imported, hence here, before fastpt is imported by the test modules.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastpt  # noqa: E402
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def device(request):
+    return request.param
+
+
+def pytest_report_header(config):
+    info = fastpt.info()
+    return [f"fastpt {info['version']}: native={info['native']} backends={info['backends']}"]

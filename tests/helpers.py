@@ -1,0 +1,20 @@
+"""Helpers shared by the tests: the backend grid comes from each op's own declarations."""
+from __future__ import annotations
+
+import torch
+
+from fastpt import _dispatch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def usable_backends(op_name: str, device: str = "cpu") -> list[str]:
+    """Backends of an op that are built and available here and accept ``device`` probe inputs."""
+    op = _dispatch.OPS[op_name]
+    probe = op.probe(device)
+    return [name for name, why in op.refusals(**probe).items() if why is None]
+
+
+def backend_grid(op_name: str) -> list[tuple[str, str]]:
+    """Every (device, backend) pair that can run ``op_name`` here."""
+    return [(dev, b) for dev in DEVICES for b in usable_backends(op_name, dev)]

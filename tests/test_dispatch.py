@@ -1,0 +1,86 @@
+"""Dispatch: declared support drives selection; refusals are explained; info reports it all."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastpt
+from fastpt import _dispatch
+
+
+def _toy_op():
+    calls = []
+
+    def make(name, refuse=None):
+        def run(x):
+            calls.append(name)
+            return name
+        return _dispatch.Backend(name, lambda: None, lambda x: refuse(x) if refuse else None, run)
+
+    op = _dispatch.Op("toy", [
+        make("cuda", lambda x: "needs cuda tensors"),
+        make("cpu", lambda x: "x too large" if x > 10 else None),
+        _dispatch.Backend("triton", lambda: "triton is not installed", lambda x: None, lambda x: "triton"),
+        make("reference"),
+    ], probe=lambda device: {"x": 0}, register=False)
+    return op, calls
+
+
+def test_picks_first_backend_that_accepts():
+    op, calls = _toy_op()
+    assert op(x=1) == "cpu"
+    assert op(x=11) == "reference"  # cpu refuses, triton unavailable
+    assert calls == ["cpu", "reference"]
+
+
+def test_forced_backend_refusal_explains_every_backend():
+    op, _ = _toy_op()
+    with pytest.raises(_dispatch.BackendError) as exc:
+        op(backend="cpu", x=11)
+    msg = str(exc.value)
+    assert "forced backend 'cpu'" in msg and "x too large" in msg
+    assert "cuda: needs cuda tensors" in msg and "triton: triton is not installed" in msg and "reference: ok" in msg
+    with pytest.raises(_dispatch.BackendError, match="triton is not installed"):
+        op(backend="triton", x=1)
+
+
+def test_unknown_backend_name():
+    op, _ = _toy_op()
+    with pytest.raises(ValueError, match="backend"):
+        op(backend="metal", x=1)
+
+
+def test_every_registered_op_has_a_reference_and_serves_cpu():
+    assert _dispatch.OPS, "no op registered"
+    for name, op in _dispatch.OPS.items():
+        assert "reference" in op.backends, name
+        assert op.select(None, **op.probe("cpu")).name in ("cpu", "reference"), name
+
+
+def test_cpu_backend_is_built_here():
+    info = fastpt.info()
+    assert info["native"], "fastpt._C did not load"
+    assert info["backends"]["cpu"] is None and info["backends"]["reference"] is None
+
+
+def test_info_shape():
+    info = fastpt.info()
+    for key in ("version", "python", "torch", "triton", "native", "backends", "ops"):
+        assert key in info
+    assert set(info["backends"]) == set(_dispatch.BACKENDS)
+    assert set(info["ops"]) == set(_dispatch.OPS)
+    if torch.cuda.is_available():
+        assert all("cuda" in per for per in info["ops"].values())
+
+
+def test_cli_info_json():
+    out = subprocess.run([sys.executable, "-m", "fastpt", "info", "--json"], capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    assert data["version"] == fastpt.__version__ and "mlm_mask" in data["ops"]
+
+
+def test_cli_info_text():
+    out = subprocess.run([sys.executable, "-m", "fastpt", "info"], capture_output=True, text=True, check=True)
+    assert "backends:" in out.stdout and "mlm_mask" in out.stdout
