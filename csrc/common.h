@@ -7,12 +7,11 @@
 #include <stdexcept>
 #include <string>
 
+#include "dtypes.h"
+
 namespace fastpt {
 
 namespace py = pybind11;
-
-// Dtype codes passed from Python (fastpt/_native.py keeps the same table).
-enum DType : int { kInt32 = 0, kInt64 = 1, kUInt8 = 2, kInt16 = 3, kFloat32 = 4, kFloat16 = 5, kBFloat16 = 6, kFloat64 = 7 };
 
 template <typename T>
 inline T* ptr(uintptr_t p) {
