@@ -10,6 +10,8 @@
 
 namespace fastpt {
 void bind_mlm_mask(py::module_& m);
+void bind_random_masking(py::module_& m);
+void bind_span_corrupt(py::module_& m);
 }  // namespace fastpt
 
 namespace py = pybind11;
@@ -43,4 +45,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastpt native core (torch-free): CPU kernels and, when built, CUDA kernels";
   m.def("build_info", &build_info);
   fastpt::bind_mlm_mask(m);
+  fastpt::bind_random_masking(m);
+  fastpt::bind_span_corrupt(m);
 }

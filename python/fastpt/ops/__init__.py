@@ -1,4 +1,9 @@
 """Fused ops. Each lives in its own module with its kernels and its pure-PyTorch reference."""
 from .mlm_mask import mlm_mask
+from .random_masking import random_masking
+from .span_corrupt import SpanCorruption, span_corrupt, span_corrupt_lengths
+from .ul2 import UL2_DENOISERS, Denoiser, UL2Batch, ul2_denoise
 
-__all__ = ["mlm_mask"]
+__all__ = ["mlm_mask", "random_masking"]
+__all__ += ["SpanCorruption", "span_corrupt", "span_corrupt_lengths"]
+__all__ += ["UL2_DENOISERS", "Denoiser", "UL2Batch", "ul2_denoise"]
