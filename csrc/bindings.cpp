@@ -23,11 +23,7 @@ py::dict build_info() {
 #ifdef FASTPT_VERSION
   d["version"] = FASTPT_VERSION;
 #endif
-#if defined(FASTPT_WITH_OPENMP)
-  d["openmp"] = true;
-#else
-  d["openmp"] = false;
-#endif
+  d["threads"] = "fastpt pool";
 #if defined(FASTPT_WITH_CUDA)
   d["cuda"] = true;
   d["cuda_version"] = FASTPT_CUDA_VERSION;

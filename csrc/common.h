@@ -1,5 +1,5 @@
 // Shared helpers of the torch-free native core: dtype codes, pointer casts,
-// argument checks and the OpenMP thread count.
+// and argument checks.
 #pragma once
 #include <pybind11/pybind11.h>
 

@@ -1,4 +1,4 @@
-// MAE random patch masking and BEiT block-wise masking on the CPU, OpenMP over rows.
+// MAE random patch masking and BEiT block-wise masking on the CPU, rows split over the thread pool (csrc/parallel.h).
 // The decisions follow python/fastpt/ops/random_masking.py (reference) exactly:
 //   h(b, l) = rand_bits(row_key(key, b), l); a row keeps the K positions with the
 //   smallest h. mix32 is a bijection, so the h of one row are distinct (no ties) and an
@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "masking.h"
+#include "parallel.h"
 #include "rng.h"
 
 namespace fastpt {
@@ -31,14 +32,11 @@ struct BlockMaskingParams {
 
 namespace {
 
-// Rows per thread below which OpenMP's fork/join costs more than it saves: a row costs ~10 ns
-// per patch, so a thread gets at least ~40 us of work.
-constexpr int64_t kPatchesPerThread = 4096;
+// Waking a pool thread costs a few microseconds: a row costs ~10 ns per patch, so hand
+// out chunks of at least ~4096 patches (~40 us of work).
+constexpr int64_t kPatchesPerChunk = 4096;
 
-int threads_for(int64_t rows, int64_t patches, int num_threads) {
-  const int64_t useful = std::max<int64_t>(1, rows * patches / kPatchesPerThread);
-  return static_cast<int>(std::min<int64_t>(std::max(num_threads, 1), useful));
-}
+int64_t rows_per_chunk(int64_t patches) { return std::max<int64_t>(1, kPatchesPerChunk / std::max<int64_t>(patches, 1)); }
 
 // The selection key h of position l in a row (distinct within a row: mix32 is a bijection).
 inline uint32_t select_key(uint32_t rkey, int64_t l) { return rand_bits(rkey, static_cast<uint32_t>(l)); }
@@ -82,20 +80,14 @@ void random_masking_cpu(const RandomMaskingParams& p, int num_threads) {
   require(p.keep >= 1 && p.keep <= p.num_patches, "random_masking: keep must lie in [1, num_patches]");
   require(p.ids_keep && p.mask && p.ids_restore, "random_masking: null output pointer");
   const int64_t L = p.num_patches, K = p.keep;
-#if defined(FASTPT_WITH_OPENMP)
-#pragma omp parallel num_threads(threads_for(p.rows, L, num_threads))
-#endif
-  {
+  parallel_for(p.rows, rows_per_chunk(L), num_threads, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> keys(static_cast<size_t>(L));
-#if defined(FASTPT_WITH_OPENMP)
-#pragma omp for schedule(static)
-#endif
-    for (int64_t b = 0; b < p.rows; ++b) {
+    for (int64_t b = begin; b < end; ++b) {
       uint8_t* mask = ptr<uint8_t>(p.mask) + b * L;
       random_row(row_key(p.key, static_cast<uint32_t>(b)), L, K, keys.data(), mask);
       write_indices(mask, L, K, ptr<int64_t>(p.ids_keep) + b * K, ptr<int64_t>(p.ids_restore) + b * L);
     }
-  }
+  });
 }
 
 // One row of BEiT's MaskingGenerator (beit/masking_generator.py) with counter-based draws:
@@ -157,15 +149,9 @@ void block_masking_cpu(const BlockMaskingParams& p, int num_threads) {
           "block_masking: aspect_table size must be a power of two <= 2^32");
   require(p.ids_keep && p.mask && p.ids_restore, "block_masking: null output pointer");
   const int64_t target = L - K;
-#if defined(FASTPT_WITH_OPENMP)
-#pragma omp parallel num_threads(threads_for(p.rows, L, num_threads))
-#endif
-  {
+  parallel_for(p.rows, rows_per_chunk(L), num_threads, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> keys(static_cast<size_t>(L));
-#if defined(FASTPT_WITH_OPENMP)
-#pragma omp for schedule(dynamic, 4)
-#endif
-    for (int64_t b = 0; b < p.rows; ++b) {
+    for (int64_t b = begin; b < end; ++b) {
       uint8_t* mask = ptr<uint8_t>(p.mask) + b * L;
       std::memset(mask, 0, static_cast<size_t>(L));
       const int64_t covered = block_rectangles(p, row_key(p.key_block, static_cast<uint32_t>(b)), target, mask);
@@ -183,7 +169,7 @@ void block_masking_cpu(const BlockMaskingParams& p, int num_threads) {
       }
       write_indices(mask, L, K, ptr<int64_t>(p.ids_keep) + b * K, ptr<int64_t>(p.ids_restore) + b * L);
     }
-  }
+  });
 }
 
 }  // namespace

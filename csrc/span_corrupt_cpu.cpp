@@ -1,4 +1,4 @@
-// T5 span corruption on the CPU, OpenMP over rows. The plan (valid length, noise
+// T5 span corruption on the CPU, rows split over the thread pool (csrc/parallel.h). The plan (valid length, noise
 // tokens and noise spans per row) is made on the host in Python; this file only
 // places the spans and writes the outputs, following
 // python/fastpt/ops/span_corrupt.py (reference) bit for bit.
@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common.h"
+#include "parallel.h"
 #include "rng.h"
 
 namespace fastpt {
@@ -110,20 +111,14 @@ void span_row(const SpanCorruptParams& p, int64_t r, RowScratch& s) {
 
 template <typename T>
 void span_all(const SpanCorruptParams& p, int num_threads) {
-#if defined(FASTPT_WITH_OPENMP)
-#pragma omp parallel num_threads(num_threads)
-#endif
-  {
+  // Rows differ in length (ragged batches): parallel_for hands out chunks of 8 rows dynamically.
+  parallel_for(p.rows, 8, num_threads, [&](int64_t begin, int64_t end) {
     RowScratch scratch;
-    // Rows differ in length (ragged batches), so hand them out dynamically.
-#if defined(FASTPT_WITH_OPENMP)
-#pragma omp for schedule(dynamic, 8)
-#endif
-    for (int64_t r = 0; r < p.rows; ++r) span_row<T>(p, r, scratch);
-  }
+    for (int64_t r = begin; r < end; ++r) span_row<T>(p, r, scratch);
+  });
 }
 
-// Everything the row loop indexes, checked before it starts (no throwing inside OpenMP).
+// Everything the row loop indexes, checked before it starts (no throwing inside the worker threads).
 void check_plan(const SpanCorruptParams& p) {
   require(p.rows >= 0 && p.cols >= 0 && p.in_width >= 0 && p.tgt_width >= 0, "span_corrupt: negative shape");
   if (p.rows == 0) return;

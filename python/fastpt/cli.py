@@ -17,7 +17,7 @@ def _print_info(as_json: bool) -> None:
     print(f"fastpt {info['version']}  python {info['python']}  torch {info['torch']}  triton {info['triton']}")
     if native:
         cuda = f"CUDA {native['cuda_version']} ({native['cuda_archs']})" if native.get("cuda") else "no CUDA kernels"
-        print(f"native core: built with {native['compiler']}, OpenMP {'on' if native['openmp'] else 'off'}, {cuda}")
+        print(f"native core: built with {native['compiler']}, {cuda}")
     print(f"CUDA device: {info['cuda_device'] or 'none'}")
     print("backends:")
     for name, why in info["backends"].items():

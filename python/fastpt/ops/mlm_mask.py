@@ -48,7 +48,8 @@ def _prepare(input_ids, *, mask_token_id, vocab_size, mask_prob, replace_prob, r
             f"replace_prob + random_prob: expected <= 1, got {replace_prob} + {random_prob} = {replace_prob + random_prob}"
         )
     seed = _rng.check_seed(seed)
-    _validate.ids_in_range("input_ids", ids, vocab_size, "vocab_size")
+    # The id range is checked by each runner: the C++ kernel checks it in its own pass
+    # over the ids, the others call _validate.ids_in_range before launching.
 
     blocked = None
     for name, m, invert in (("special_tokens_mask", special_tokens_mask, False), ("attention_mask", attention_mask, True)):
@@ -125,9 +126,30 @@ def _native_params(ids, blocked, word_ids, special_ids, keys, thresholds, mask_t
     return p, masked, labels
 
 
+CPU_SPECIAL_SLOTS = 8  # csrc/mlm_mask_cpu.cpp compares each token with at most 8 ids
+
+
+def _checked(run):
+    """Wrap a runner whose kernel does not check the id range itself."""
+
+    def wrapped(**inputs):
+        _validate.ids_in_range("input_ids", inputs["ids"], inputs["vocab_size"], "vocab_size")
+        return run(**inputs)
+
+    return wrapped
+
+
 def _run_cpu(**inputs):
+    special = inputs["special_ids"]
+    if special.numel() > CPU_SPECIAL_SLOTS:  # rare: fold the long list into the blocked mask
+        blocked = torch.isin(inputs["ids"], special)
+        if inputs["blocked"] is not None:
+            blocked |= inputs["blocked"]
+        inputs = {**inputs, "blocked": blocked, "special_ids": special[:0]}
     p, masked, labels = _native_params(**inputs)
-    _native._C.mlm_mask_cpu(p, _native.num_threads())
+    if not _native._C.mlm_mask_cpu(p, _native.num_threads()):
+        _validate.ids_in_range("input_ids", inputs["ids"], inputs["vocab_size"], "vocab_size")
+        raise AssertionError("mlm_mask_cpu reported an id outside [0, vocab_size) that aminmax did not find")
     return masked, labels
 
 
@@ -219,10 +241,10 @@ def _triton_supports(ids, **_):
 
 
 OP = _dispatch.Op("mlm_mask", [
-    _dispatch.backend("cuda", _on("cuda"), _run_cuda),
+    _dispatch.backend("cuda", _on("cuda"), _checked(_run_cuda)),
     _dispatch.backend("cpu", _on("cpu"), _run_cpu),
-    _dispatch.backend("triton", _triton_supports, _run_triton),
-    _dispatch.backend("reference", lambda **_: None, reference),
+    _dispatch.backend("triton", _triton_supports, _checked(_run_triton)),
+    _dispatch.backend("reference", lambda **_: None, _checked(reference)),
 ], probe=lambda device: _prepare(torch.zeros(2, 8, dtype=torch.int64, device=device), mask_token_id=1, vocab_size=8,
                                   mask_prob=0.15, replace_prob=0.8, random_prob=0.1, special_tokens_mask=None,
                                   special_token_ids=None, attention_mask=None, word_ids=None, seed=0)[0])
