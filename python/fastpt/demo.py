@@ -40,7 +40,8 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size - NUM_SENTINELS, special_tokens=SPECIALS)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size - NUM_SENTINELS, special_tokens=SPECIALS,
+                                        show_progress=False)
     tok.train_from_iterator(docs, trainer=trainer)
     tok.add_special_tokens([f"<extra_id_{i}>" for i in reversed(range(NUM_SENTINELS))])
     return tok

@@ -29,6 +29,14 @@ def _stdlib_docstrings(min_words: int) -> Iterator[str]:
                     yield doc
 
 
+_RULE_CHARS = set("*=-~^#+`'\" ")
+
+
+def _clean(text: str) -> str:
+    """Drop reStructuredText rules and heading underlines (lines of only ``*``, ``=``, ...)."""
+    return "\n".join(line for line in text.splitlines() if not (line.strip() and set(line) <= _RULE_CHARS))
+
+
 def python_docs_corpus(*, include_stdlib: bool = True, min_words: int = 8) -> list[str]:
     """Documents (strings) from the running Python's documentation.
 
@@ -38,7 +46,7 @@ def python_docs_corpus(*, include_stdlib: bool = True, min_words: int = 8) -> li
     """
     import pydoc_data.topics
 
-    docs = [text for _, text in sorted(pydoc_data.topics.topics.items())]
+    docs = [_clean(text) for _, text in sorted(pydoc_data.topics.topics.items())]
     if include_stdlib:
         docs.extend(_stdlib_docstrings(min_words))
     return docs
