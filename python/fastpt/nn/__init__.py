@@ -1,0 +1,6 @@
+"""Drop-in ``nn.Module``s built on ``fastpt.ops``."""
+from .contrastive import CLIPLoss, InfoNCELoss, NTXentLoss
+from .linear_cross_entropy import LinearCrossEntropyLoss
+
+__all__ = ["LinearCrossEntropyLoss"]
+__all__ += ["InfoNCELoss", "NTXentLoss", "CLIPLoss"]

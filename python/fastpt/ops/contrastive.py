@@ -1,0 +1,602 @@
+"""Contrastive losses (InfoNCE / SupCon, MoCo, SimCLR NT-Xent, CLIP) without the N x M similarity matrix.
+
+Definitions (``^`` marks L2-normalised rows when ``normalize=True``; ``s = 1 / temperature``)::
+
+    S[i, j]   = s * q^_i . k^_j      for the M keys, then the K queue rows (columns M .. M+K-1)
+    P(i)      = keys j with key_label[j] == query_label[i]       (default: {i}, needs N == M)
+    loss_i    = logsumexp_j S[i, :] - mean_{j in P(i)} S[i, j]   (= -mean over P(i) of log softmax)
+    loss      = mean_i loss_i
+    symmetric:  loss = (mean_i loss_i + mean_j loss'_j) / 2,  loss'_j = logsumexp_i S[:, j] - mean_{i in P'(j)} S[i, j]
+
+This is supervised-contrastive loss ("L_out" of Khosla et al.) with keys as the other view: a row's
+positives stay in its denominator, queue rows are never positives, the key->query direction
+(CLIP) ignores the queue. With unique labels it is plain InfoNCE / cross-entropy.
+
+How it is computed. The positive term needs only per-class sums of keys: ``mean_{j in P(i)} S[i, j]
+= s * q^_i . (sum of keys of i's class) / |P(i)|``, O((N + M) * D) work done with torch ops (so
+autograd differentiates it). The log-sum-exp terms are the op ``contrastive``: tiled kernels walk
+(query block x key block) tiles of S with an online max / sum per row (and per column when
+symmetric, in the same pass), keeping O(N + M) statistics; the backward recomputes each tile to
+produce ``dS @ keys`` and ``dS^T @ queries`` (and ``d loss / d s``). Memory is O((N + M + K) * D)
+in every backend but ``reference``, which materialises S (it is the fallback for float64).
+
+Backends of ``contrastive``: ``cpu`` (csrc/contrastive_cpu.cpp: register-blocked fp32 GEMM tiles,
+AVX-512 / AVX2 / baseline chosen at run time, fp16 / bf16 converted to padded fp32 copies while
+packing: about 4 * (N + 2 (M + K)) * D bytes, plus one fp32 (M, D) gradient buffer per thread in the
+backward), ``triton`` (contrastive_triton.py, GPU or TRITON_INTERPRET=1) and ``reference``.
+
+Numerics: fp32, fp16 and bf16 inputs accumulate in fp32; the loss is returned as a float32 scalar
+(float64 for float64 inputs); gradients have the dtype of the embeddings they belong to.
+``normalize=True`` normalises in fp32 and rounds the unit vectors to the input dtype; its gradient
+is the usual projection, O(N * D). A NaN in any embedding makes the loss and the gradients NaN, as
+in eager PyTorch; an infinite one gives an inf or NaN loss (NaN once normalised). Neither raises
+(checking would cost a device sync) and neither can stall a kernel.
+
+Distributed (``gather=True``): keys (and for a symmetric loss with labels, queries) are all-gathered
+across the process group. Every rank returns the loss of the concatenated global batch (the value
+a single process would compute on ``torch.cat`` of all ranks' inputs, in rank order), and the
+backward gives each rank's *local* embeddings exactly the gradient of that global loss: the
+gather's backward sums the contributions of all ranks. Replicated inputs (temperature,
+``logit_scale``) receive this rank's share; the shares sum over ranks to the global gradient. DDP
+*averages* gradients over ranks, so under DDP multiply the loss by the world size for the
+global-batch gradient (or keep it as is: that is the global gradient / world size). Every rank
+must call the loss and its backward (they contain collectives). Queues are not gathered: in MoCo
+the queue is already global and identical on every rank. Without labels, pair i of a rank is its
+query i and key i, so each rank needs as many queries as keys; ranks may hold different counts.
+A symmetric loss does one pass per rank over (local queries x all keys): the column statistics of
+all ranks are merged by two all-reduces of M floats, and the column gradients summed by one.
+
+The losses are plain autograd compositions around one ``torch.autograd.Function`` (the tiled
+log-sum-exp); it is not a ``torch.library`` custom op, so ``torch.compile`` graph-breaks on it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import _dispatch, _native
+from . import _validate
+from . import contrastive_triton as _triton
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
+
+# Instruction set forced on the C++ kernels: 0 = widest the CPU supports (tests set 1, 2, 3).
+_CPU_ISA = 0
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _embeddings(name: str, t, like: torch.Tensor | None = None, like_name: str = "", min_rows: int = 1) -> torch.Tensor:
+    """A float (rows, D) tensor; with ``like``, of the same D, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got dtype {t.dtype}")
+    if t.dim() != 2 or t.shape[1] < 1 or t.shape[0] < min_rows:
+        raise ValueError(f"{name}: expected shape (rows >= {min_rows}, D >= 1), got {tuple(t.shape)}")
+    if like is not None:
+        if t.shape[1] != like.shape[1]:
+            raise ValueError(f"{name}: expected D={like.shape[1]} (the D of {like_name}), got shape {tuple(t.shape)}")
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of {like_name}), got {t.dtype}")
+        if t.device != like.device:
+            raise ValueError(f"{name}: expected a tensor on {like.device} (the device of {like_name}), got {t.device}")
+    return t
+
+
+def _positive_scalar(name: str, value, device, acc) -> tuple[torch.Tensor, float]:
+    """A finite number > 0 (float or one-element float tensor, possibly requiring grad) as a 0-dim tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a float or a one-element float tensor, "
+                            f"got {value.dtype} {tuple(value.shape)}")
+        v = float(value.detach().reshape(()))
+        t = value.reshape(()).to(device=device, dtype=acc)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+        t = torch.tensor(v, device=device, dtype=acc)
+    else:
+        raise TypeError(f"{name}: expected a float or a one-element float tensor, got {type(value).__name__}")
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name}: expected a finite value > 0, got {v}")
+    return t, v
+
+
+def _scale_from_temperature(temperature, device, acc) -> torch.Tensor:
+    t, _ = _positive_scalar("temperature", temperature, device, acc)
+    return 1.0 / t
+
+
+def _scale_from_logit_scale(logit_scale, device, acc) -> torch.Tensor:
+    if isinstance(logit_scale, torch.Tensor):
+        if logit_scale.numel() != 1 or not logit_scale.dtype.is_floating_point:
+            raise TypeError(f"logit_scale: expected a float or a one-element float tensor, got "
+                            f"{logit_scale.dtype} {tuple(logit_scale.shape)}")
+        ls = logit_scale.reshape(()).to(device=device, dtype=acc)
+    elif isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
+        ls = torch.tensor(float(logit_scale), device=device, dtype=acc)
+    else:
+        raise TypeError(f"logit_scale: expected a float or a one-element float tensor, "
+                        f"got {type(logit_scale).__name__}")
+    v = float(ls.detach())
+    if not math.isfinite(v):
+        raise ValueError(f"logit_scale: expected a finite value, got {v}")
+    return ls.exp().clamp(max=MAX_LOGIT_SCALE)
+
+
+def _label_tensor(name: str, t, n: int, device) -> torch.Tensor:
+    t = _validate.index_tensor(name, t)
+    if t.shape != (n,):
+        raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of the embeddings), got {t.device}")
+    if n and int(t.min()) < 0:
+        raise ValueError(f"{name}: class labels must be >= 0, found {int(t.min())}")
+    return t.to(torch.int64)
+
+
+def _labels(labels, n: int, m: int, device):
+    """None, or (query_labels (N,), key_labels (M,)) int64 from a tensor (N == M) or a pair."""
+    if labels is None:
+        return None
+    if isinstance(labels, (tuple, list)):
+        if len(labels) != 2:
+            raise ValueError(f"labels: expected a tensor or a pair (query_labels, key_labels), got {len(labels)} items")
+        return _label_tensor("labels[0] (query labels)", labels[0], n, device), _label_tensor(
+            "labels[1] (key labels)", labels[1], m, device)
+    if n != m:
+        raise ValueError(f"labels: a single label tensor labels queries and keys alike, so it needs N == M; "
+                         f"got N={n}, M={m} (pass a pair (query_labels, key_labels))")
+    t = _label_tensor("labels", labels, n, device)
+    return t, t
+
+
+def _require_positives(anchor_labels, candidate_labels, what: str) -> None:
+    has = torch.isin(anchor_labels, candidate_labels)
+    if not bool(has.all()):
+        i = int((~has).nonzero()[0, 0])
+        raise ValueError(f"labels: {what} row {i} (label {int(anchor_labels[i])}) has no positive: "
+                         f"no {'key' if what == 'query' else 'query'} carries its label")
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+
+def _materialised_loss(logits, queue_logits, pos, symmetric):
+    """SupCon-style loss from an explicit (N, M) logit matrix and (N, M) positive mask."""
+    full = logits if queue_logits is None else torch.cat([logits, queue_logits], dim=1)
+    logp = torch.log_softmax(full, dim=1)[:, : logits.shape[1]]
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    row = -torch.where(pos, logp, zero).sum(1) / pos.sum(1)
+    if not symmetric:
+        return row.mean()
+    col = -torch.where(pos, torch.log_softmax(logits, dim=0), zero).sum(0) / pos.sum(0)
+    return (row.mean() + col.mean()) / 2
+
+
+def info_nce_reference(query, key, *, temperature=0.07, labels=None, symmetric=False, normalize=False, queue=None):
+    """Ground truth of :func:`info_nce`: materialises the (N, M + K) logits, computes in the input dtype."""
+    if normalize:
+        query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
+        queue = F.normalize(queue, dim=1) if queue is not None else None
+    logits = query @ key.T / temperature
+    q_logits = query @ queue.detach().T / temperature if queue is not None else None
+    if labels is None:
+        pos = torch.eye(query.shape[0], key.shape[0], dtype=torch.bool, device=query.device)
+    else:
+        ql, kl = labels if isinstance(labels, (tuple, list)) else (labels, labels)
+        pos = ql[:, None] == kl[None, :]
+    return _materialised_loss(logits, q_logits, pos, symmetric)
+
+
+def nt_xent_reference(z1, z2, *, temperature=0.5, normalize=True):
+    """Ground truth of :func:`nt_xent`: SimCLR's (2N, 2N) cosine-similarity matrix, self masked."""
+    z = torch.cat([z1, z2])
+    if normalize:
+        z = F.normalize(z, dim=1)
+    n = z1.shape[0]
+    sim = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    return F.cross_entropy(sim, target)
+
+
+def clip_loss_reference(image_emb, text_emb, logit_scale, *, normalize=True):
+    """Ground truth of :func:`clip_loss` (OpenAI CLIP / open_clip ClipLoss)."""
+    if normalize:
+        image_emb, text_emb = F.normalize(image_emb, dim=1), F.normalize(text_emb, dim=1)
+    logits = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * image_emb @ text_emb.T
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+# ----------------------------------------------------------------------------- op: tiled log-sum-exp
+# Every backend: forward(q, k, queue, scale, symmetric, self_offset) -> (row_lse (N,), col_lse (M,) or empty);
+# backward(..., row_lse, col_lse, g_row, g_col, ...) -> (G_q = dS @ [k; queue], G_k = dS[:, :M]^T @ q),
+# not multiplied by scale. self_offset >= 0 excludes key column i + self_offset from row i (NT-Xent).
+
+
+def _ref_scores(q, k, queue, scale, self_offset):
+    acc = _acc_dtype(q.dtype)
+    keys = k if queue is None else torch.cat([k, queue])
+    s = (q.to(acc) @ keys.to(acc).T) * scale.to(acc)
+    if self_offset >= 0:
+        i = torch.arange(q.shape[0], device=q.device)
+        ok = i + self_offset < k.shape[0]
+        s[i[ok], i[ok] + self_offset] = float("-inf")
+    return s, keys.to(acc)
+
+
+def _ref_forward(q, k, queue, scale, symmetric, self_offset):
+    s, _ = _ref_scores(q, k, queue, scale, self_offset)
+    col = torch.logsumexp(s[:, : k.shape[0]], dim=0) if symmetric else s.new_empty(0)
+    return torch.logsumexp(s, dim=1), col
+
+
+def _ref_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset):
+    s, keys = _ref_scores(q, k, queue, scale, self_offset)
+    m = k.shape[0]
+    ds = torch.exp(s - row_lse[:, None]) * g_row[:, None]
+    if symmetric:
+        ds[:, :m] += torch.exp(s[:, :m] - col_lse[None, :]) * g_col[None, :]
+    return ds @ keys, ds[:, :m].T @ q.to(ds.dtype)
+
+
+def _cpu_params(q, k, queue, scale, symmetric, self_offset):
+    p = _native._C.ContrastiveParams()
+    p.q, p.k = q.data_ptr(), k.data_ptr()
+    if queue is not None and queue.shape[0]:
+        p.queue, p.n_queue = queue.data_ptr(), queue.shape[0]
+    p.n, p.d = q.shape
+    p.m = k.shape[0]
+    p.dtype = _native.dtype_code(q.dtype)
+    p.scale = float(scale)
+    p.symmetric = symmetric
+    p.exclude_self, p.self_offset = self_offset >= 0, max(self_offset, 0)
+    p.isa = _CPU_ISA
+    return p
+
+
+def _cpu_forward(q, k, queue, scale, symmetric, self_offset):
+    p = _cpu_params(q, k, queue, scale, symmetric, self_offset)
+    row = torch.empty(q.shape[0], dtype=torch.float32)
+    col = torch.empty(k.shape[0] if symmetric else 0, dtype=torch.float32)
+    p.row_lse, p.col_lse = row.data_ptr(), col.data_ptr()
+    _native._C.contrastive_forward_cpu(p, _native.num_threads())
+    return row, col
+
+
+def _cpu_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset):
+    p = _cpu_params(q, k, queue, scale, symmetric, self_offset)
+    gq = torch.empty(q.shape, dtype=torch.float32)
+    gk = torch.empty(k.shape, dtype=torch.float32)
+    g_row = g_row.to(torch.float32).contiguous()
+    p.row_lse, p.grad_row, p.grad_q, p.grad_k = row_lse.data_ptr(), g_row.data_ptr(), gq.data_ptr(), gk.data_ptr()
+    if symmetric:
+        g_col = g_col.to(torch.float32).contiguous()
+        p.col_lse, p.grad_col = col_lse.data_ptr(), g_col.data_ptr()
+    _native._C.contrastive_backward_cpu(p, _native.num_threads())
+    return gq, gk
+
+
+def _cpu_supports(q, **_):
+    if q.device.type != "cpu":
+        return f"needs cpu tensors, got {q.device.type}"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"supports float32, float16 and bfloat16, got {q.dtype} (float64 runs on the reference backend)"
+    return None
+
+
+def _triton_forward(q, k, queue, scale, symmetric, self_offset):
+    return _triton.forward(q, k, queue, scale.to(device=q.device, dtype=torch.float32), symmetric, self_offset)
+
+
+def _triton_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset):
+    f32 = dict(device=q.device, dtype=torch.float32)
+    return _triton.backward(q, k, queue, scale.to(**f32), row_lse, col_lse, g_row.to(**f32),
+                            g_col.to(**f32) if symmetric else None, symmetric, self_offset)
+
+
+OP = _dispatch.Op("contrastive", [
+    _dispatch.backend("cpu", _cpu_supports, _cpu_forward),
+    _dispatch.backend("triton", lambda q, **_: _triton.supports(q), _triton_forward),
+    _dispatch.backend("reference", lambda **_: None, _ref_forward),
+], probe=lambda device: dict(q=torch.zeros(4, 8, device=device), k=torch.zeros(4, 8, device=device), queue=None,
+                             scale=torch.ones((), device=device), symmetric=False, self_offset=-1))
+_BACKWARD = {"cpu": _cpu_backward, "triton": _triton_backward, "reference": _ref_backward}
+
+
+class _ContrastiveLSE(torch.autograd.Function):
+    """(row_lse, col_lse) of S = scale * q @ [k; queue]^T through one backend; grads for q, k, scale.
+
+    With ``group`` (distributed, symmetric): q holds this rank's queries, k all ranks' keys; the
+    column statistics of every rank are merged in forward, and the column gradients summed over
+    ranks in backward, so each rank differentiates its own (local rows x all keys) block."""
+
+    @staticmethod
+    def forward(ctx, q, k, queue, scale, backend, symmetric, self_offset, group):
+        s = scale.detach()
+        row, col = OP.backends[backend].run(q=q, k=k, queue=queue, scale=s, symmetric=symmetric,
+                                            self_offset=self_offset)
+        if symmetric and group is not None:
+            col = _all_reduce_lse(col, group)
+        ctx.save_for_backward(q, k, queue, s, row, col)
+        ctx.config = (backend, symmetric, self_offset, group)
+        return row, col
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        q, k, queue, scale, row, col = ctx.saved_tensors
+        backend, symmetric, self_offset, group = ctx.config
+        g_row = torch.zeros_like(row) if g_row is None else g_row.contiguous()
+        if symmetric:
+            g_col = torch.zeros_like(col) if g_col is None else g_col.contiguous().clone()
+            if group is not None:
+                import torch.distributed as dist
+
+                dist.all_reduce(g_col, group=group)
+        gq, gk = _BACKWARD[backend](q, k, queue, scale, row, col, g_row, g_col if symmetric else None, symmetric,
+                                    self_offset)
+        # d loss / d scale = sum_ij dS_ij (q_i . k_j) = sum_i q_i . G_q[i]
+        g_scale = (q.to(gq.dtype) * gq).sum().to(scale.dtype) if ctx.needs_input_grad[3] else None
+        s = scale.to(gq.dtype)
+        return ((gq * s).to(q.dtype) if ctx.needs_input_grad[0] else None,
+                (gk * s).to(k.dtype) if ctx.needs_input_grad[1] else None,
+                None, g_scale, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _group(group):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("gather=True needs an initialised torch.distributed process group "
+                           "(call torch.distributed.init_process_group first)")
+    return group if group is not None else dist.group.WORLD
+
+
+def _sizes(n: int, group, device) -> list[int]:
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return [int(x) for x in out]
+
+
+def _gather_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Concatenate every rank's rows (ranks may hold different counts: padded to the largest)."""
+    import torch.distributed as dist
+
+    pad = max(sizes) - x.shape[0]
+    xp = torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))]) if pad else x
+    parts = [torch.empty_like(xp) for _ in sizes]
+    dist.all_gather(parts, xp.contiguous(), group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient of the gathered rows and returns this
+    rank's slice: the exact gradient of the sum of all ranks' losses w.r.t. the local rows."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        import torch.distributed as dist
+
+        ctx.sizes, ctx.group, ctx.rank = sizes, group, dist.get_rank(group)
+        return _gather_rows(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        off = sum(ctx.sizes[: ctx.rank])
+        return g[off: off + ctx.sizes[ctx.rank]], None, None
+
+
+def _all_reduce_lse(lse: torch.Tensor, group) -> torch.Tensor:
+    """log(sum over ranks of exp(lse)) element-wise."""
+    import torch.distributed as dist
+
+    mx = lse.clone()
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    s = torch.exp(lse - mx)
+    dist.all_reduce(s, group=group)
+    return mx + torch.log(s)
+
+
+def _global_value(share: torch.Tensor, group) -> torch.Tensor:
+    """The sum of all ranks' shares as the value, this rank's share as the gradient."""
+    import torch.distributed as dist
+
+    total = share.detach().clone()
+    dist.all_reduce(total, group=group)
+    return share + (total - share.detach())
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.to(_acc_dtype(x.dtype)), dim=1).to(x.dtype)
+
+
+def _class_mean_logit(anchors, anchor_cls, cands, cand_cls, n_cls, scale, acc):
+    """s * anchor_i . mean of the candidates of its class (the SupCon positive term), (rows,)."""
+    sums = torch.zeros(n_cls, cands.shape[1], dtype=acc, device=cands.device).index_add(0, cand_cls, cands.to(acc))
+    count = torch.bincount(cand_cls, minlength=n_cls).to(acc)
+    return scale * (anchors.to(acc) * sums[anchor_cls]).sum(1) / count[anchor_cls]
+
+
+def _loss(q, k, queue, scale, labels, *, symmetric, normalize, gather, group, backend):
+    """The loss of the module docstring; q (N, D), k (M, D), labels None or (query (N,), key (M,))."""
+    acc = _acc_dtype(q.dtype)
+    if normalize:
+        q, k = _normalize(q), _normalize(k)
+        queue = _normalize(queue) if queue is not None else None
+    q, k = q.contiguous(), k.contiguous()
+    queue = queue.detach().contiguous() if queue is not None and queue.shape[0] else None
+    name = OP.select(backend, q=q, k=k, queue=queue, scale=scale, symmetric=symmetric, self_offset=-1).name
+    n, m = q.shape[0], k.shape[0]
+    if gather:
+        group = _group(group)
+        import torch.distributed as dist
+
+        n_sizes, m_sizes = _sizes(n, group, q.device), _sizes(m, group, q.device)
+        k_all = _AllGather.apply(k, m_sizes, group)
+        k_off = sum(m_sizes[: dist.get_rank(group)])
+        n_tot, m_tot = sum(n_sizes), sum(m_sizes)
+    else:
+        group, k_all, k_off, n_tot, m_tot = None, k, 0, n, m
+    if labels is None:
+        pos_row = scale * (q.to(acc) * k.to(acc)).sum(1)  # query i and key i: the same pair both ways
+        pos_col = pos_row
+    else:
+        ql, kl = labels
+        kl_all = _gather_rows(kl, m_sizes, group) if gather else kl
+        ql_all = _gather_rows(ql, n_sizes, group) if gather and symmetric else ql
+        _require_positives(ql, kl_all, "query")
+        classes = torch.unique(torch.cat([kl_all, ql_all]))
+        cls = lambda t: torch.searchsorted(classes, t)  # noqa: E731
+        pos_row = _class_mean_logit(q, cls(ql), k_all, cls(kl_all), classes.numel(), scale, acc)
+        if symmetric:
+            _require_positives(kl, ql_all, "key")
+            q_all = _AllGather.apply(q, n_sizes, group) if gather else q
+            pos_col = _class_mean_logit(k, cls(kl), q_all, cls(ql_all), classes.numel(), scale, acc)
+    row_lse, col_lse = _ContrastiveLSE.apply(q, k_all, queue, scale, name, symmetric, -1, group)
+    loss = (row_lse.to(acc) - pos_row).sum() / n_tot
+    if symmetric:
+        loss = (loss + (col_lse[k_off: k_off + m].to(acc) - pos_col).sum() / m_tot) / 2
+    return _global_value(loss, group) if gather else loss
+
+
+def info_nce(query: torch.Tensor, key: torch.Tensor, *, temperature=0.07, labels=None, symmetric: bool = False,
+             normalize: bool = False, queue: torch.Tensor | None = None, gather: bool = False, group=None,
+             backend: str | None = None) -> torch.Tensor:
+    """InfoNCE / supervised-contrastive loss of queries against keys, never materialising the N x M logits.
+
+    Args:
+        query: ``(N, D)`` float16 / bfloat16 / float32 / float64 embeddings.
+        key: ``(M, D)`` keys, same dtype and device.
+        temperature: float or one-element tensor (may require grad) > 0; logits are ``q . k / temperature``.
+        labels: None (query i's positive is key i; needs N == M), an int ``(N,)`` tensor of class ids
+            labelling queries and keys alike (N == M), or a pair ``(query_labels (N,), key_labels (M,))``.
+            Ids are >= 0; every query needs at least one key of its class (and, if symmetric, every key
+            one query). Rows with several positives average their log-probabilities (SupCon).
+        symmetric: add the key->query direction (CLIP), averaged with query->key.
+        normalize: L2-normalise query, key and queue rows first (cosine similarity), gradient included.
+        queue: optional ``(K, D)`` extra negatives (MoCo), same dtype and device; gets no gradient.
+        gather: all-gather keys over ``group`` (torch.distributed); see the module docstring for
+            the value and gradient convention.
+        group: the process group for ``gather`` (default: the world).
+        backend: None (fastest that fits) or "cpu", "triton", "reference".
+
+    Returns:
+        0-dim loss, float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError / ValueError naming the argument: non-tensor or non-float embeddings, shapes other
+        than (rows >= 1, D), mismatched D / dtype / device, temperature not finite and > 0, labels
+        of the wrong dtype, shape or device, negative ids, a row without a positive.
+        ``BackendError`` when the forced backend cannot serve the inputs; RuntimeError when
+        ``gather=True`` without an initialised process group.
+    """
+    q = _embeddings("query", query)
+    k = _embeddings("key", key, q, "query")
+    if queue is not None:
+        queue = _embeddings("queue", queue, q, "query", min_rows=0)
+    lab = _labels(labels, q.shape[0], k.shape[0], q.device)
+    if lab is None and q.shape[0] != k.shape[0]:
+        raise ValueError(f"key: without labels query i's positive is key i, so N == M is needed; "
+                         f"got query {tuple(q.shape)} and key {tuple(k.shape)}")
+    scale = _scale_from_temperature(temperature, q.device, _acc_dtype(q.dtype))
+    return _loss(q, k, queue, scale, lab, symmetric=bool(symmetric), normalize=bool(normalize), gather=bool(gather),
+                 group=group, backend=backend)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature=0.5, normalize: bool = True, gather: bool = False,
+            group=None, backend: str | None = None) -> torch.Tensor:
+    """SimCLR's NT-Xent: 2N views, each against the other 2N - 1 (self excluded, 2N - 2 negatives).
+
+    ``z = cat(z1, z2)``; the positive of view i is view ``(i + N) mod 2N``; the loss is the mean
+    cross-entropy of the 2N rows of ``cos(z, z) / temperature`` with the diagonal masked.
+
+    Args:
+        z1, z2: ``(N, D)`` embeddings of the two augmentations, same dtype and device (any float dtype).
+        temperature: float or one-element tensor > 0.
+        normalize: cosine similarity (SimCLR); False uses raw dot products.
+        gather, group, backend: as in :func:`info_nce` (with gather, every rank's views are negatives).
+
+    Returns:
+        0-dim loss, float32 (float64 for float64 inputs). For N = 1 there are no negatives: loss 0.
+
+    Raises:
+        TypeError / ValueError naming the argument (as in :func:`info_nce`), ``BackendError``, RuntimeError.
+    """
+    a = _embeddings("z1", z1)
+    b = _embeddings("z2", z2, a, "z1")
+    if b.shape != a.shape:
+        raise ValueError(f"z2: expected shape {tuple(a.shape)} (the shape of z1), got {tuple(b.shape)}")
+    acc = _acc_dtype(a.dtype)
+    scale = _scale_from_temperature(temperature, a.device, acc)
+    z = torch.cat([a, b])
+    if normalize:
+        z = _normalize(z)
+    name = OP.select(backend, q=z, k=z, queue=None, scale=scale, symmetric=False, self_offset=0).name
+    n = a.shape[0]
+    if gather:
+        group = _group(group)
+        import torch.distributed as dist
+
+        sizes = _sizes(2 * n, group, z.device)
+        z_all = _AllGather.apply(z, sizes, group)
+        off, total = sum(sizes[: dist.get_rank(group)]), sum(sizes)
+    else:
+        group, z_all, off, total = None, z, 0, 2 * n
+    row_lse, _ = _ContrastiveLSE.apply(z, z_all, None, scale, name, False, off, group)
+    pos = scale * (z[:n].to(acc) * z[n:].to(acc)).sum(1)
+    loss = (row_lse.to(acc).sum() - 2 * pos.sum()) / total
+    return _global_value(loss, group) if gather else loss
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale, *, labels=None, normalize: bool = True,
+              gather: bool = False, group=None, backend: str | None = None) -> torch.Tensor:
+    """CLIP's symmetric image-text loss: ``(CE(image -> text) + CE(text -> image)) / 2``.
+
+    Args:
+        image_emb: ``(N, D)`` image embeddings (any float dtype); pair i is (image i, text i).
+        text_emb: ``(N, D)`` text embeddings (``(M, D)`` with a labels pair), same dtype and device.
+        logit_scale: float or one-element tensor (a learnable parameter): the logits are
+            ``min(exp(logit_scale), 100) * cos``; its gradient is 0 while clamped, as in CLIP.
+        labels: optional, as in :func:`info_nce` (several captions per image, duplicates).
+        normalize: L2-normalise both (CLIP compares unit vectors); False if they already are.
+        gather, group, backend: as in :func:`info_nce`.
+
+    Returns:
+        0-dim loss, float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError / ValueError naming the argument (logit_scale must be finite), ``BackendError``, RuntimeError.
+    """
+    img = _embeddings("image_emb", image_emb)
+    txt = _embeddings("text_emb", text_emb, img, "image_emb")
+    lab = _labels(labels, img.shape[0], txt.shape[0], img.device)
+    if lab is None and img.shape[0] != txt.shape[0]:
+        raise ValueError(f"text_emb: without labels image i pairs with text i, so equal counts are needed; "
+                         f"got image_emb {tuple(img.shape)} and text_emb {tuple(txt.shape)}")
+    scale = _scale_from_logit_scale(logit_scale, img.device, _acc_dtype(img.dtype))
+    return _loss(img, txt, None, scale, lab, symmetric=True, normalize=bool(normalize), gather=bool(gather),
+                 group=group, backend=backend)

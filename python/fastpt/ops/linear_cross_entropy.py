@@ -1,0 +1,543 @@
+"""Fused LM / MLM head: ``cross_entropy(hidden @ weight.T + bias, labels)`` without the (T, V) logits.
+
+Only rows whose label is not ``ignore_index`` do any work: they are gathered first, so an MLM
+batch with 15% masked tokens costs 15% of the dense head. The active rows are processed in
+chunks of ``C`` rows; per chunk the logits ``(C, V)`` are one GEMM, the loss, log-sum-exp and
+the gradient of the logits are computed in place in that buffer, and two more GEMMs turn it into
+the chunk's rows of ``grad_hidden`` and its contribution to ``grad_weight``. Peak memory is
+``O(C * V)`` on top of the gradients themselves, instead of several ``(T, V)`` buffers.
+
+Forward and backward happen in the same call (as in Liger-Kernel's fused linear cross-entropy)
+when any input requires grad. This is what makes the op memory-cheap: what autograd keeps
+between forward and backward is then ``grad_hidden`` (T, D) and ``grad_weight`` (V, D), the
+tensors backward has to produce anyway, instead of the (T, V) logits / softmax a plain
+``F.linear`` + ``F.cross_entropy`` saves; and the logits are computed once instead of being
+recomputed in backward. Backward only scales the stored gradients by the incoming scalar
+gradient (in place, so the weight-sized gradient exists once). The price is that a forward
+whose backward never runs did the backward work anyway, so evaluate under ``torch.no_grad()``.
+With ``reduction="none"`` the incoming gradient differs per row, so ``grad_weight`` cannot be
+formed ahead of time; that case recomputes the logits chunk by chunk in backward.
+
+Numerics (both fused backends): the GEMMs run in the input dtype with fp32 accumulation (BLAS /
+cuBLAS), softmax, loss and log-sum-exp in fp32 (fp64 for fp64 inputs), and ``grad_weight`` is
+summed over chunks in fp32 before the final cast. The logits of half inputs are rounded to the
+input dtype once, exactly as in ``F.linear`` + ``F.cross_entropy`` run in that dtype.
+
+Backends: ``triton`` (CUDA; CPU under TRITON_INTERPRET=1) runs the per-chunk softmax / loss /
+gradient-of-logits in a Triton kernel and the GEMMs in cuBLAS; ``cpu`` does the same per-chunk
+step with torch ops (a C++ GEMM would only be slower than the BLAS torch already calls);
+``reference`` is ``F.linear`` + ``F.cross_entropy`` on the active rows, in float32 math.
+
+Why cuBLAS GEMMs plus a Triton softmax kernel rather than one kernel that recomputes logits tile
+by tile (FlashAttention style): the work is three (A x V x D) GEMMs. A fully fused kernel must
+recompute the logits once for ``grad_hidden`` and once more for ``grad_weight`` (or use atomics
+for one of them), i.e. five GEMM-sized passes through ``tl.dot`` instead of three through cuBLAS,
+which on an H100 already runs near peak; the softmax pass is memory-bound and small next to
+them. Chunking keeps the memory at O(C * V), which is all the fully fused design would buy.
+``grad_weight`` needs no atomics either: each chunk adds one cuBLAS GEMM into an fp32 buffer.
+
+Under ``torch.autocast`` the head runs in the autocast dtype, as ``F.linear`` would: hidden,
+weight and bias are cast to it first (gradients flow back to the original dtypes).
+
+The ops are registered with ``torch.library.custom_op`` (with fake implementations and an
+autograd formula), so ``torch.compile`` traces through them without graph breaks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _dispatch, _native
+
+try:  # Triton is optional: a GPU backend, or the CPU interpreter in tests.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Working-set budget for one chunk of logits (bytes of the fp32 (C, V) buffer). Large enough
+# that each chunk's GEMM has hundreds of rows (efficient on BLAS and cuBLAS), small enough to
+# stay far below the (T, V) logits of a real batch. Tests shrink it to force many chunks.
+CHUNK_BYTES = {"cpu": 32 << 20, "triton": 64 << 20}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prepare(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss):
+    """Validate the public arguments; return backend inputs (rows flattened) and the labels' shape."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden: expected float16, bfloat16, float32 or float64, got dtype {hidden.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden: expected shape (..., D), got {tuple(hidden.shape)}")
+    d = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != d:
+        raise ValueError(f"weight: expected shape (V, D={d}) (D from hidden), got {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight: expected at least one class (V >= 1), got V=0")
+    v = weight.shape[0]
+    named = [("weight", weight)]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (v,):
+            raise ValueError(f"bias: expected shape (V={v},) (V from weight), got {tuple(bias.shape)}")
+        named.append(("bias", bias))
+    for name, t in named:
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name}: expected dtype {hidden.dtype} (the dtype of hidden), got {t.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name}: expected a tensor on {hidden.device} (the device of hidden), got {t.device}")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"labels: expected an int64 (or int32) tensor, got dtype {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden's shape without D), "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels: expected a tensor on {hidden.device} (the device of hidden), got {labels.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    try:
+        label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+    except (TypeError, ValueError):
+        raise TypeError(f"label_smoothing / z_loss: expected floats, got {label_smoothing!r}, {z_loss!r}") from None
+    if not 0.0 <= label_smoothing <= 1.0:  # also rejects NaN
+        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing}")
+    if not 0.0 <= z_loss < math.inf:
+        raise ValueError(f"z_loss: expected a finite float >= 0, got {z_loss}")
+    inputs = dict(hidden=hidden.reshape(-1, d), weight=weight, bias=bias, labels=labels.reshape(-1).long(),
+                  ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
+    return inputs, labels.shape
+
+
+def _check_label_range(active_labels: torch.Tensor, v: int, ignore_index: int) -> None:
+    if active_labels.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(active_labels))
+    if lo < 0 or hi >= v:
+        raise ValueError(f"labels: expected class ids in [0, V={v}) or ignore_index={ignore_index}, "
+                         f"found {lo if lo < 0 else hi}")
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference(hidden, weight, bias, labels, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+              compute_dtype=None):
+    """Ground truth: ``F.linear`` + ``F.cross_entropy`` on the non-ignored rows, with plain autograd.
+
+    hidden (N, D), weight (V, D), bias (V,) or None, labels (N,) int64. The math runs in
+    ``compute_dtype`` (default float32, float64 for float64 inputs); tests pass the inputs' own
+    low-precision dtype to measure what plain PyTorch loses in that dtype. Returns ``(loss, lse)``:
+    the reduced loss (or per-row losses, 0 at ignored rows) in float32 (float64 for float64
+    inputs) and the per-row log-sum-exp of the logits (0 at ignored rows). The all-ignored
+    "mean" is 0, not NaN.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):  # the math runs in compute_dtype, not autocast's
+        return _reference(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss,
+                          compute_dtype)
+
+
+def _reference(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss, compute_dtype):
+    out_dtype = _acc_dtype(hidden.dtype)
+    dt = compute_dtype or out_dtype
+    keep = (labels != ignore_index).nonzero().squeeze(1)
+    y = labels.index_select(0, keep)
+    if not torch.compiler.is_compiling():
+        _check_label_range(y, weight.shape[0], ignore_index)
+    logits = F.linear(hidden.index_select(0, keep).to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+    rows = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
+    lse_rows = torch.logsumexp(logits, dim=-1)
+    if z_loss:
+        rows = rows + z_loss * lse_rows.square()
+    rows = rows.to(out_dtype)
+    n = labels.shape[0]
+    lse = torch.zeros(n, dtype=out_dtype, device=hidden.device).index_put((keep,), lse_rows.detach().to(out_dtype))
+    if reduction == "none":
+        return torch.zeros(n, dtype=out_dtype, device=hidden.device).index_put((keep,), rows), lse
+    total = rows.sum()
+    return (total / max(keep.numel(), 1) if reduction == "mean" else total), lse
+
+
+# ----------------------------------------------------------------------------- per-chunk step
+
+
+def _ce_chunk_torch(z, y, scale, smoothing, z_coef, write_grad):
+    """Loss and log-sum-exp of the logits chunk ``z`` (C, V); with ``write_grad`` overwrite ``z``
+    with ``scale[:, None] * d(loss)/d(z)``. fp32 math for half ``z`` (a (C, V) fp32 copy)."""
+    zf = z if z.dtype in (torch.float32, torch.float64) else z.float()
+    v = z.shape[1]
+    zy = zf.gather(1, y[:, None]).squeeze(1)
+    zmean = zf.mean(1) if smoothing else None
+    m = zf.amax(1, keepdim=True)
+    zf.sub_(m).exp_()  # in place: no second (C, V) buffer
+    s = zf.sum(1, keepdim=True)
+    lse = (m + s.log()).squeeze(1)
+    loss = lse - (1.0 - smoothing) * zy
+    if smoothing:
+        loss = loss - smoothing * zmean
+    if z_coef:
+        loss = loss + z_coef * lse.square()
+    if write_grad:
+        scale = scale.to(zf.dtype)
+        # d/dz [lse - (1-e) z_y - e mean(z) + c lse^2] = (1 + 2 c lse) softmax - (1-e) onehot - e / V
+        zf.mul_((scale * (1.0 + 2.0 * z_coef * lse))[:, None] / s)
+        if smoothing:
+            zf.sub_((scale * (smoothing / v))[:, None])
+        zf.scatter_add_(1, y[:, None], -(scale * (1.0 - smoothing))[:, None])
+        if zf is not z:
+            z.copy_(zf)
+    return loss, lse
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ce_chunk_kernel(z_ptr, stride_z, g_ptr, stride_g, y_ptr, scale_ptr, loss_ptr, lse_ptr, rows, V, smoothing,
+                         z_coef, WRITE_GRAD: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_V: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        inside = r < rows
+        base = z_ptr + r.to(tl.int64)[:, None] * stride_z
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_M], tl.float32)
+        zsum = tl.zeros([BLOCK_M], tl.float32)
+        # pass 1: online log-sum-exp over V tiles (and the logit sum for label smoothing)
+        for v0 in range(0, V, BLOCK_V):
+            c = v0 + tl.arange(0, BLOCK_V)
+            ok = inside[:, None] & (c < V)[None, :]
+            z = tl.load(base + c[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(z, 1))
+            # rows past the end (or all -inf) keep m = -inf; shift by 0 there so exp() sees -inf, not NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
+            m = m_new
+            if SMOOTH:
+                zsum += tl.sum(tl.where(ok, z, 0.0), 1)
+        # the unused lanes (rows past the end) get lse = 0 so nothing below computes inf - inf
+        lse = tl.where(inside, tl.where(m == float("-inf"), 0.0, m) + tl.log(tl.where(inside, s, 1.0)), 0.0)
+        y = tl.load(y_ptr + r, mask=inside, other=0)
+        zy = tl.load(z_ptr + r.to(tl.int64) * stride_z + y, mask=inside, other=0.0).to(tl.float32)
+        loss = lse - (1.0 - smoothing) * zy + z_coef * lse * lse
+        if SMOOTH:
+            loss -= smoothing * zsum / V
+        tl.store(loss_ptr + r, loss, mask=inside)
+        tl.store(lse_ptr + r, lse, mask=inside)
+        if WRITE_GRAD:
+            # pass 2: scale * dloss/dz over the logits (g_ptr is z_ptr on GPU), read back while still in L2
+            gbase = g_ptr + r.to(tl.int64)[:, None] * stride_g
+            sc = tl.load(scale_ptr + r, mask=inside, other=0.0)
+            a = sc * (1.0 + 2.0 * z_coef * lse)
+            hit = sc * (1.0 - smoothing)
+            flat = sc * smoothing / V
+            for v0 in range(0, V, BLOCK_V):
+                c = v0 + tl.arange(0, BLOCK_V)
+                ok = inside[:, None] & (c < V)[None, :]
+                z = tl.load(base + c[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+                g = a[:, None] * tl.exp(z - lse[:, None]) - flat[:, None]
+                g -= tl.where(c[None, :] == y[:, None], hit[:, None], 0.0)
+                tl.store(gbase + c[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)
+
+
+def _ce_chunk_triton(z, y, scale, smoothing, z_coef, write_grad):
+    """Same contract as ``_ce_chunk_torch``, one Triton launch."""
+    c, v = z.shape
+    loss = torch.empty(c, dtype=torch.float32, device=z.device)
+    lse = torch.empty(c, dtype=torch.float32, device=z.device)
+    interpreting = _native.triton_interpreting()
+    if interpreting:
+        # the interpreter pays per program and per loop step, not per element: few, big tiles
+        block_v = min(triton.next_power_of_2(v), 8192)
+        block_m = max(1, min(triton.next_power_of_2(c), (1 << 18) // block_v))
+        warps = 4
+    else:
+        # one row per program, the row streamed in 4K-wide tiles (as in Triton's softmax tutorial):
+        # thousands of programs fill the SMs; not autotuned (no GPU was at hand to tune on).
+        block_m, block_v = 1, min(triton.next_power_of_2(v), 4096)
+        warps = 8 if block_v >= 2048 else 4
+    scale = loss if scale is None else scale.float()  # never read without WRITE_GRAD
+    # Triton 3.8's interpreter truncates fp32 -> bf16 stores (the GPU rounds to nearest even), so
+    # under it the gradient goes through an fp32 buffer and torch rounds it; on GPU it is in place.
+    g = z.new_empty(z.shape, dtype=torch.float32) if write_grad and interpreting and z.dtype == torch.bfloat16 else z
+    _ce_chunk_kernel[(triton.cdiv(c, block_m),)](
+        z, z.stride(0), g, g.stride(0), y, scale, loss, lse, c, v, smoothing, z_coef,
+        WRITE_GRAD=write_grad, SMOOTH=smoothing > 0, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps,
+    )
+    if g is not z:
+        z.copy_(g)
+    return loss, lse
+
+
+_CE_CHUNK = {"cpu": _ce_chunk_torch, "triton": _ce_chunk_triton}
+
+
+# ----------------------------------------------------------------------------- chunked driver
+
+
+def _fused_pass(kind, hidden, weight, bias, labels, ignore_index, smoothing, z_coef, grad_scale, need_h, need_w,
+                need_b):
+    """Loss and (optionally) gradients over the active rows, ``CHUNK_BYTES[kind]`` of logits at a time.
+
+    grad_scale: None (no gradients), "mean" (1 / active rows), "sum" (1) or a per-row (N,) tensor.
+    Returns per-row losses (N,), per-row lse (N,), the active row count, grad_hidden (N, D) in the
+    dtype of hidden, grad_weight (V, D) and grad_bias (V,) in the dtype of weight (or None).
+    """
+    with torch.autocast(hidden.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
+        return _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing, z_coef, grad_scale,
+                                need_h, need_w, need_b)
+
+
+def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing, z_coef, grad_scale, need_h,
+                     need_w, need_b):
+    n, d = hidden.shape
+    v = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    active = (labels != ignore_index).nonzero().squeeze(1)  # host sync: the active row count
+    a = active.numel()
+    y_all = labels.index_select(0, active)
+    _check_label_range(y_all, v, ignore_index)
+    losses = torch.zeros(n, dtype=acc, device=hidden.device)
+    lses = torch.zeros(n, dtype=acc, device=hidden.device)
+    grads = grad_scale is not None
+    need_h, need_w, need_b = grads and need_h, grads and need_w, grads and need_b and bias is not None
+    gh = torch.zeros_like(hidden) if need_h else None
+    gb = torch.zeros(v, dtype=acc, device=hidden.device) if need_b else None
+    if isinstance(grad_scale, torch.Tensor):
+        scale_all = grad_scale.to(acc).index_select(0, active)
+    elif grads:
+        scale_all = torch.full((a,), 1.0 / max(a, 1) if grad_scale == "mean" else 1.0, dtype=acc,
+                               device=hidden.device)
+    wt = weight.t()
+    low = hidden.dtype in (torch.float16, torch.bfloat16)
+    gw = gw_part = None  # (V, D): the weight gradient; a half-precision chunk product
+    ce = _CE_CHUNK[kind]
+    step = max(1, CHUNK_BYTES[kind] // (v * 4))
+    several = a > step
+    for s in range(0, a, step):
+        idx = active[s:s + step]
+        y = y_all[s:s + step]
+        hc = hidden.index_select(0, idx)
+        z = hc @ wt if bias is None else torch.addmm(bias, hc, wt)
+        loss, lse = ce(z, y, scale_all[s:s + step] if grads else None, smoothing, z_coef, grads)
+        losses.index_copy_(0, idx, loss.to(acc))
+        lses.index_copy_(0, idx, lse.to(acc))
+        if grads:  # z now holds scale * dloss/dlogits for the chunk
+            if need_h:
+                gh.index_copy_(0, idx, z @ weight)
+            if need_w:
+                if gw is None and not (low and several):
+                    gw = torch.mm(z.t(), hc)  # the first (or only) chunk: no zero-filled (V, D) buffer
+                elif not low:
+                    gw.addmm_(z.t(), hc)
+                else:  # half inputs over several chunks: the chunk products are summed in fp32
+                    gw_part = torch.mm(z.t(), hc, out=gw_part) if gw_part is not None else torch.mm(z.t(), hc)
+                    gw = gw_part.float() if gw is None else gw.add_(gw_part)
+            if need_b:
+                gb.add_(z.sum(0, dtype=acc))
+        del z, hc  # before the next chunk's GEMM allocates: one (C, V) buffer alive, not two
+    del gw_part  # before the cast below allocates the weight-dtype gradient
+    if need_w:
+        gw = torch.zeros_like(weight) if gw is None else gw.to(weight.dtype)
+    return losses, lses, a, gh, gw, None if gb is None else gb.to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops + autograd
+
+
+def _reduce(losses, a, reduction):
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    return total / max(a, 1) if reduction == "mean" else total
+
+
+def _empty(like):
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("fastpt::linear_cross_entropy", mutates_args=())
+def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+            ignore_index: int, label_smoothing: float, z_loss: float, reduction: str, backend: str,
+            need_h: bool, need_w: bool, need_b: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, grad_hidden, grad_weight, grad_bias); the gradients are for a unit upstream
+    gradient and empty when not needed, or when ``reduction="none"`` (formed in backward)."""
+    grad_scale = reduction if reduction != "none" and (need_h or need_w or need_b) else None
+    losses, lse, a, gh, gw, gb = _fused_pass(backend, hidden, weight, bias, labels, ignore_index, label_smoothing,
+                                             z_loss, grad_scale, need_h, need_w, need_b)
+    return (_reduce(losses, a, reduction), lse, _empty(hidden) if gh is None else gh,
+            _empty(weight) if gw is None else gw, _empty(weight) if gb is None else gb)
+
+
+@_lce_op.register_fake
+def _lce_fake(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, reduction, backend,
+              need_h, need_w, need_b):
+    n = hidden.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    early = reduction != "none"
+    return (hidden.new_empty((n,) if reduction == "none" else (), dtype=acc), hidden.new_empty(n, dtype=acc),
+            hidden.new_empty(hidden.shape if early and need_h else (0,)),
+            weight.new_empty(weight.shape if early and need_w else (0,)),
+            weight.new_empty((weight.shape[0],) if early and need_b and bias is not None else (0,)))
+
+
+@torch.library.custom_op("fastpt::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_op(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor], labels: torch.Tensor, ignore_index: int, label_smoothing: float,
+                     z_loss: float, backend: str, need_h: bool, need_w: bool, need_b: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum(grad_rows * per_row_loss)``: the logits recomputed chunk by chunk."""
+    _, _, _, gh, gw, gb = _fused_pass(backend, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss,
+                                      grad_rows, need_h, need_w, need_b)
+    return (_empty(hidden) if gh is None else gh, _empty(weight) if gw is None else gw,
+            _empty(weight) if gb is None else gb)
+
+
+@_lce_backward_op.register_fake
+def _lce_backward_fake(grad_rows, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, backend,
+                       need_h, need_w, need_b):
+    return (hidden.new_empty(hidden.shape if need_h else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
+            weight.new_empty((weight.shape[0],) if need_b and bias is not None else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, backend, need_h, need_w, need_b = inputs
+    ctx.reduction = reduction
+    ctx.need = (need_h, need_w, need_b and bias is not None)
+    # Otherwise autograd hands backward zero-filled gradients for the unused outputs, among them
+    # a (V, D) one for grad_weight: as much memory again as the gradient itself.
+    ctx.set_materialize_grads(False)
+    if reduction == "none":
+        ctx.args = (ignore_index, smoothing, z_loss, backend)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+    else:
+        ctx.save_for_backward(*output[2:])
+
+
+def _backward(ctx, g_loss, g_lse, g_gh, g_gw, g_gb):
+    # lse and the stored gradients are auxiliary outputs: only the loss carries a gradient
+    need_h, need_w, need_b = ctx.need
+    if g_loss is None:  # the loss itself was not used
+        return (None,) * 12
+    if ctx.reduction == "none":
+        hidden, weight, bias, labels = ctx.saved_tensors
+        gh, gw, gb = _lce_backward_op(g_loss, hidden, weight, bias, labels, *ctx.args, need_h, need_w, need_b)
+    else:
+        gh, gw, gb = ctx.saved_tensors
+        # Eager: scaled in place, since a copy would double the weight-sized memory at the peak
+        # (Liger does the same). A second backward through this node (retain_graph=True) then
+        # raises autograd's "modified by an inplace operation" error rather than scaling twice.
+        # Traced (torch.compile, or the functional tensors of AOT tracing): out of place, as graph
+        # partitioning cannot handle the mutation of a saved forward output.
+        eager = type(g_loss) is torch.Tensor and not torch.compiler.is_compiling()
+        gh, gw, gb = ((g.mul_(g_loss) if eager else g * g_loss) if need else None
+                      for g, need in zip((gh, gw, gb), ctx.need))
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 9
+
+
+_lce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fused(kind):
+    def run(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss):
+        on = torch.is_grad_enabled()
+        need_b = on and bias is not None and bias.requires_grad
+        loss, lse, *_ = _lce_op(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, reduction, kind,
+                                on and hidden.requires_grad, on and weight.requires_grad, need_b)
+        return loss, lse
+    return run
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _cpu_supports(hidden, **_):
+    return None if hidden.device.type == "cpu" else f"needs cpu tensors, got {hidden.device.type}"
+
+
+def _triton_supports(hidden, **_):
+    if hidden.device.type != "cuda" and not _native.triton_interpreting():
+        return f"needs cuda tensors (or TRITON_INTERPRET=1), got {hidden.device.type}"
+    if hidden.dtype == torch.float64:
+        return "float64 is not supported (fp32 softmax); use cpu or reference"
+    return None
+
+
+def _probe(device):
+    return _prepare(torch.randn(4, 8, device=device), torch.randn(16, 8, device=device),
+                    torch.tensor([1, -100, 3, 15], device=device), None, -100, "mean", 0.0, 0.0)[0]
+
+
+OP = _dispatch.Op("linear_cross_entropy", [
+    # The cpu backend is torch + BLAS, not fastpt._C, so it is always available.
+    _dispatch.Backend("cpu", lambda: None, _cpu_supports, _fused("cpu")),
+    _dispatch.backend("triton", _triton_supports, _fused("triton")),
+    _dispatch.backend("reference", lambda **_: None, reference),
+], probe=_probe)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, return_lse: bool = False,
+                         backend: str | None = None):
+    """``F.cross_entropy(hidden @ weight.T + bias, labels)`` without materialising the logits.
+
+    Args:
+        hidden: ``(..., D)`` float16, bfloat16, float32 (or float64: cpu and reference backends).
+        weight: ``(V, D)``, same dtype and device as ``hidden`` (e.g. the tied embedding matrix).
+        labels: int64 (or int32) ``(...)``, the shape of ``hidden`` without ``D``; class ids in
+            ``[0, V)`` or ``ignore_index``. Ignored rows are never read.
+        bias: optional ``(V,)``, same dtype and device.
+        ignore_index: label value of rows that contribute nothing (default -100, as in torch).
+        reduction: "mean" over non-ignored rows (0, with zero gradients, when every row is
+            ignored; torch returns NaN there), "sum", or "none" (per-row losses shaped like
+            ``labels``, 0 at ignored rows).
+        label_smoothing: in ``[0, 1]``, as in ``F.cross_entropy``.
+        z_loss: coefficient of the PaLM auxiliary loss ``z_loss * logsumexp(logits)**2`` added to
+            each non-ignored row's loss (0 disables it).
+        return_lse: also return the per-row log-sum-exp of the logits (shaped like ``labels``,
+            0 at ignored rows), detached: for logging; train on it through ``z_loss``.
+        backend: None (fastest that fits), "cpu", "triton" or "reference".
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs): a scalar, or shaped like ``labels`` for
+        ``reduction="none"``; with ``return_lse`` a tuple ``(loss, lse)``. Differentiable with
+        respect to ``hidden``, ``weight`` and ``bias`` (once; no double backward on the fused
+        backends). When any of them requires grad, the fused backends compute the gradients in
+        this call and backward only scales them (``reduction="none"`` recomputes in backward).
+
+    Under ``torch.autocast`` (on the tensors' device type) hidden, weight and bias are first cast
+    to the autocast dtype, as ``F.linear`` would be.
+
+    NaN / inf: a non-finite value in a non-ignored row's hidden state makes that row's loss (and,
+    through the reduction, the loss and the gradients) NaN, as in torch. Ignored rows are not
+    read, so NaN there does not propagate (torch's dense F.linear would spread it into
+    ``grad_weight``). Non-finite weights make every active row NaN.
+
+    Raises:
+        TypeError / ValueError naming the argument for wrong types, dtypes, shapes or devices,
+        labels outside ``[0, V)`` that are not ``ignore_index``, a bad reduction, label_smoothing
+        outside [0, 1] or a negative z_loss; ``BackendError`` if the forced backend cannot serve.
+    """
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # what F.linear does under autocast: the projection runs in the autocast dtype
+        dt = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight, bias = (x.to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                                for x in (hidden, weight, bias))
+    inputs, shape = _prepare(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss)
+    loss, lse = OP(backend, **inputs)
+    if reduction == "none":
+        loss = loss.reshape(shape)
+    return (loss, lse.detach().reshape(shape)) if return_lse else loss

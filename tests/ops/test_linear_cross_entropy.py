@@ -1,0 +1,407 @@
+"""linear_cross_entropy: every backend against a float64 reference, forward and every gradient.
+
+Tolerance is the FlashAttention rule: a backend's error against the float64 reference is at most
+twice the error of plain PyTorch (F.linear + F.cross_entropy) run in the inputs' own dtype, plus
+a tiny floor relative to the values' size.
+"""
+import functools
+import importlib
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastpt
+from fastpt.ops import linear_cross_entropy
+from tests.helpers import backend_grid
+
+lce = importlib.import_module("fastpt.ops.linear_cross_entropy")  # the module (the package exports the function)
+GRID = backend_grid("linear_cross_entropy")
+FUSED = [(dev, b) for dev, b in GRID if b != "reference"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (T, D, V, fraction of rows ignored): every odd size appears, MLM-like 85% and none ignored
+SHAPES = [
+    (1, 17, 1, 0.0), (3, 17, 33, 0.0), (97, 128, 1000, 0.85), (1000, 17, 5003, 0.85),
+    (3, 128, 5003, 0.0), (97, 17, 33, 0.0), (1000, 128, 1000, 0.85), (1, 128, 5003, 0.0),
+]
+
+
+def _data(t, d, v, frac_ignored, seed=0, poison=True):
+    """float64 hidden (t, d), weight (v, d), bias (v,), labels (t,); NaN in the ignored rows
+    of hidden unless ``poison=False``: no backend may read them."""
+    g = torch.Generator().manual_seed(seed * 7919 + t * 31 + d * 7 + v)
+    h = torch.randn(t, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * (2.0 / math.sqrt(d))  # logits of std ~2
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.5
+    y = torch.randint(0, v, (t,), generator=g)
+    ignored = torch.rand(t, generator=g) < frac_ignored
+    y[ignored] = -100
+    if poison:
+        h[ignored] = float("nan")
+    return h, w, b, y
+
+
+def _grad_out(n, seed=1):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _run(backend, data, dtype, device="cpu", reduction="mean", plain_dtype=None, bias=True, **kw):
+    """(loss, lse, grad_hidden, grad_weight, grad_bias) as float64 CPU tensors.
+
+    backend=None with ``plain_dtype`` runs the library's reference with its math in that dtype
+    (plain PyTorch in the inputs' dtype: the baseline of the FlashAttention rule)."""
+    h, w, b, y = (x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype) for x in data)
+    h, w, b = (x.detach().requires_grad_() for x in (h, w, b))
+    b_arg = b if bias else None
+    if plain_dtype is None:
+        loss, lse = linear_cross_entropy(h, w, y, bias=b_arg, reduction=reduction, return_lse=True,
+                                         backend=backend, **kw)
+    else:
+        loss, lse = lce.reference(h.reshape(-1, h.shape[-1]), w, b_arg, y.reshape(-1), reduction=reduction,
+                                  compute_dtype=plain_dtype, **kw)
+        if reduction == "none":
+            loss = loss.reshape(y.shape)
+        lse = lse.reshape(y.shape)
+    g = _grad_out(loss.numel()).to(device=device, dtype=loss.dtype).reshape(loss.shape) if reduction == "none" \
+        else torch.ones_like(loss)
+    loss.backward(g)
+    grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in (h, w, b)]
+    return [x.detach().double().cpu() for x in (loss, lse, *grads)]
+
+
+NAMES = ("loss", "lse", "grad_hidden", "grad_weight", "grad_bias")
+
+
+def _rounded(data, dtype):
+    """The inputs as the backends see them in ``dtype``, held in float64."""
+    return tuple(x.to(dtype).double() if x.is_floating_point() else x for x in data)
+
+
+@functools.lru_cache(maxsize=64)
+def _truth(shape, dtype, reduction, extra=(), device="cpu"):
+    """float64 ground truth on the ``dtype``-rounded inputs (as in flash-attention's tests: the
+    rounding of the inputs is not the kernel's error) and plain PyTorch in ``dtype`` on ``device``."""
+    data = _data(*shape)
+    kw = dict(extra)
+    return _run("reference", _rounded(data, dtype), torch.float64, device, reduction=reduction, **kw), \
+        _run(None, data, dtype, device, reduction=reduction, plain_dtype=dtype, **kw)
+
+
+def _assert_rule(out, ref, plain, names=NAMES):
+    for name, o, r, p in zip(names, out, ref, plain):
+        assert o.shape == r.shape, name
+        assert torch.isfinite(o).all(), f"{name}: non-finite values"
+        err = (o - r).abs().max().item() if o.numel() else 0.0
+        base = (p - r).abs().max().item() if o.numel() else 0.0
+        floor = 1e-6 * (1.0 + (r.abs().max().item() if r.numel() else 0.0))
+        assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x plain-PyTorch error {base:.3g} + {floor:.1g}"
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-D{}-V{}-ign{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_matches_float64_reference(device, backend, shape, dtype, reduction):
+    ref, plain = _truth(shape, dtype, reduction, device=device)
+    out = _run(backend, _data(*shape), dtype, device, reduction=reduction)
+    _assert_rule(out, ref, plain)
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("extra", [(), (("label_smoothing", 0.1),), (("z_loss", 1e-3), ("label_smoothing", 0.3))],
+                         ids=["plain", "smooth", "zloss+smooth"])
+def test_reductions_smoothing_zloss(device, backend, dtype, reduction, extra):
+    shape = (97, 17, 1000, 0.5)
+    ref, plain = _truth(shape, dtype, reduction, extra, device)
+    out = _run(backend, _data(*shape), dtype, device, reduction=reduction, **dict(extra))
+    _assert_rule(out, ref, plain)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_reference_is_torch_cross_entropy(reduction, smoothing):
+    """The reference means exactly what F.cross_entropy means (ignore_index, smoothing, reductions)."""
+    h, w, b, y = _data(97, 17, 33, 0.5, poison=False)
+    want = F.cross_entropy(F.linear(h, w, b), y, reduction=reduction, label_smoothing=smoothing)
+    got, lse = lce.reference(h, w, b, y, reduction=reduction, label_smoothing=smoothing)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    keep = y != -100
+    torch.testing.assert_close(lse[keep], torch.logsumexp(F.linear(h, w, b), -1)[keep])
+    assert (lse[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_many_chunks(device, backend, dtype, monkeypatch):
+    """Chunks of 7 rows give the single-chunk result (within the rule) for both reductions."""
+    shape = (97, 17, 1000, 0.3)
+    monkeypatch.setitem(lce.CHUNK_BYTES, backend, 7 * 1000 * 4)
+    for reduction in ("mean", "none"):
+        ref, plain = _truth(shape, dtype, reduction, device=device)
+        _assert_rule(_run(backend, _data(*shape), dtype, device, reduction=reduction), ref, plain)
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_no_bias_and_partial_requires_grad(device, backend):
+    data = _data(97, 17, 33, 0.5)
+    h, w, _, y = (x.to(device) for x in data)
+    ref = _run("reference", data, torch.float64, bias=False)
+    out = _run(backend, data, torch.float32, device, bias=False)
+    for name, o, r in zip(NAMES[:4], out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6, msg=name)
+    assert (out[4] == 0).all()  # no bias: nothing flowed there
+    for which in ("hidden", "weight"):
+        hh = h.float().requires_grad_(which == "hidden")
+        ww = w.float().requires_grad_(which == "weight")
+        linear_cross_entropy(hh, ww, y, backend=backend).backward()
+        got = (hh if which == "hidden" else ww).grad.double().cpu()
+        want = ref[2] if which == "hidden" else ref[3]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert (ww if which == "hidden" else hh).grad is None
+    with torch.no_grad():
+        loss = linear_cross_entropy(h.float().requires_grad_(), w.float(), y, backend=backend)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss.double().cpu(), ref[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_3d_hidden(device, backend):
+    h, w, b, y = (x.to(device) for x in _data(2 * 37, 17, 33, 0.5))
+    h3, y3 = h.float().reshape(2, 37, 17), y.reshape(2, 37)
+    per_row = linear_cross_entropy(h3, w.float(), y3, bias=b.float(), reduction="none", backend=backend)
+    assert per_row.shape == (2, 37) and per_row.dtype == torch.float32
+    flat = linear_cross_entropy(h.float(), w.float(), y, bias=b.float(), reduction="none", backend=backend)
+    torch.testing.assert_close(per_row.reshape(-1), flat)
+    assert (per_row[y3 == -100] == 0).all()
+    hh = h3.detach().requires_grad_()
+    loss, lse = linear_cross_entropy(hh, w.float(), y3, bias=b.float(), return_lse=True, backend=backend)
+    loss.backward()
+    assert hh.grad.shape == (2, 37, 17) and lse.shape == (2, 37) and not lse.requires_grad
+    assert (hh.grad[y3 == -100] == 0).all()
+    torch.testing.assert_close(loss, per_row.sum() / (y3 != -100).sum())
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_is_zero_not_nan(device, backend, reduction):
+    h, w, b, y = (x.to(device) for x in _data(5, 17, 33, 1.0))
+    assert (y == -100).all()
+    h, w, b = (x.float().requires_grad_() for x in (h, w, b))
+    loss = linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend=backend)
+    assert (loss == 0).all() and loss.shape == ((5,) if reduction == "none" else ())
+    loss.sum().backward()
+    for x in (h, w, b):
+        assert x.grad is not None and (x.grad == 0).all()
+    # what torch does there, and why the op defines it otherwise: mean of no rows is 0/0
+    assert torch.isnan(F.cross_entropy(torch.randn(2, 3), torch.full((2,), -100)))
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_empty_batch(device, backend):
+    h = torch.randn(0, 17, device=device, requires_grad=True)
+    w = torch.randn(33, 17, device=device, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.int64, device=device)
+    loss = linear_cross_entropy(h, w, y, backend=backend)
+    loss.backward()
+    assert loss.item() == 0 and h.grad.shape == (0, 17) and (w.grad == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_nan_semantics(device, backend):
+    """NaN in an ignored row: invisible. NaN in an active row: that row (and the mean) is NaN."""
+    h, w, b, y = (x.to(device).float() if x.is_floating_point() else x.to(device)
+                  for x in _data(20, 17, 33, 0.0, poison=False))
+    y[3] = -100
+    h[3] = float("nan")
+    loss = linear_cross_entropy(h, w, y, bias=b, backend=backend)
+    assert torch.isfinite(loss)
+    h[7, 2] = float("nan")
+    rows = linear_cross_entropy(h, w, y, bias=b, reduction="none", backend=backend)
+    assert torch.isnan(rows[7]) and rows[3] == 0
+    assert torch.isfinite(rows[torch.arange(20, device=device) != 7]).all()
+    assert torch.isnan(linear_cross_entropy(h, w, y, bias=b, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_ignore_index_inside_vocabulary(device, backend):
+    """ignore_index may be a real id (e.g. padding 0): rows labelled with it are skipped."""
+    h, w, b, y = (x.to(device) for x in _data(40, 17, 33, 0.0, poison=False))
+    y[::3] = 0
+    got = linear_cross_entropy(h.float(), w.float(), y, bias=b.float(), ignore_index=0, reduction="none",
+                               backend=backend)
+    want = F.cross_entropy(F.linear(h, w, b), y, ignore_index=0, reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("bad", [33, 10**6, -1, -101])
+def test_labels_out_of_range(device, backend, bad):
+    h, w, _, y = (x.to(device) for x in _data(10, 17, 33, 0.0, poison=False))
+    y[4] = bad
+    with pytest.raises(ValueError, match=r"labels: .*\[0, V=33\).*found"):
+        linear_cross_entropy(h.float(), w.float(), y, backend=backend)
+
+
+def _args(**over):
+    a = dict(hidden=torch.randn(4, 8), weight=torch.randn(16, 8), labels=torch.tensor([1, 2, -100, 15]))
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("over,err,match", [
+    ({"weight": torch.randn(16, 9)}, ValueError, "weight: expected shape"),
+    ({"weight": torch.randn(16)}, ValueError, "weight"),
+    ({"weight": torch.randn(0, 8)}, ValueError, "weight"),
+    ({"weight": torch.randn(16, 8, dtype=torch.float16)}, TypeError, "weight: expected dtype"),
+    ({"weight": torch.randn(16, 8, device="meta")}, ValueError, "weight: expected a tensor on cpu"),
+    ({"hidden": torch.randint(0, 3, (4, 8))}, TypeError, "hidden"),
+    ({"hidden": torch.tensor(1.0)}, ValueError, "hidden"),
+    ({"hidden": [[1.0]]}, TypeError, "hidden"),
+    ({"labels": torch.tensor([1.0, 2.0, 3.0, 4.0])}, TypeError, "labels"),
+    ({"labels": torch.tensor([1, 2, 3])}, ValueError, "labels: expected shape"),
+    ({"labels": torch.tensor([1, 2, 3, 4], device="meta")}, ValueError, "labels"),
+    ({"bias": torch.randn(15)}, ValueError, "bias"),
+    ({"bias": torch.randn(16, dtype=torch.float64)}, TypeError, "bias"),
+    ({"bias": 1.0}, TypeError, "bias"),
+    ({"reduction": "avg"}, ValueError, "reduction"),
+    ({"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+    ({"label_smoothing": float("nan")}, ValueError, "label_smoothing"),
+    ({"z_loss": -1.0}, ValueError, "z_loss"),
+    ({"ignore_index": 1.5}, TypeError, "ignore_index"),
+    ({"backend": "tpu"}, ValueError, "backend"),
+])
+def test_bad_input(over, err, match):
+    with pytest.raises(err, match=match):
+        linear_cross_entropy(**_args(**over))
+
+
+def test_refusals_name_the_reason(monkeypatch):
+    """Forced backends explain themselves: triton takes no float64 and no CPU tensors without the
+    interpreter, cpu no non-CPU tensors."""
+    if any(b == "triton" for _, b in GRID):
+        with pytest.raises(fastpt.BackendError, match="float64"):
+            linear_cross_entropy(torch.randn(4, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64),
+                                 torch.tensor([1, 2, 3, 4]), backend="triton")
+    inputs = lce._prepare(torch.randn(4, 8, device="meta"), torch.randn(16, 8, device="meta"),
+                          torch.zeros(4, dtype=torch.int64, device="meta"), None, -100, "mean", 0.0, 0.0)[0]
+    why = lce.OP.refusals(**inputs)
+    assert why["cpu"] == "needs cpu tensors, got meta" and why["reference"] is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "needs cuda tensors" in lce._triton_supports(hidden=torch.randn(4, 8))
+
+
+def test_float64_on_cpu_backend_matches_reference():
+    data = _data(97, 17, 1000, 0.5)
+    out = _run("cpu", data, torch.float64)
+    ref = _run("reference", data, torch.float64)
+    for name, o, r in zip(NAMES, out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12, msg=name)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the bytes of the largest tensor any aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+def test_never_materialises_logits(device, backend, monkeypatch):
+    """No intermediate reaches (T, V): the biggest is one fp32 (64-row chunk, V) buffer."""
+    t, d, v = 1000, 17, 5003
+    h, w, b, y = (x.to(device).float() if x.is_floating_point() else x.to(device) for x in _data(t, d, v, 0.0))
+    monkeypatch.setitem(lce.CHUNK_BYTES, backend, 64 * v * 4)
+    with _LargestTensor() as mode:
+        lce._fused_pass(backend, h, w, b, y, -100, 0.0, 0.0, "mean", True, True, True)
+    assert mode.largest <= 64 * v * 4 < t * v * 4
+
+
+@pytest.mark.parametrize("device,backend", FUSED)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_full_graph(device, backend, reduction):
+    h, w, b, y = (x.to(device).float() if x.is_floating_point() else x.to(device)
+                  for x in _data(2 * 11, 16, 33, 0.3, poison=False))
+    h = h.reshape(2, 11, 16)
+    y = y.reshape(2, 11)
+
+    def step(h, w, b, y):
+        return linear_cross_entropy(h, w, y, bias=b, reduction=reduction, label_smoothing=0.1,
+                                    backend=backend).sum()
+
+    leaves = [x.detach().requires_grad_() for x in (h, w, b)]
+    eager = step(*leaves, y)
+    eager.backward()
+    want = [x.grad for x in leaves]
+    leaves = [x.detach().requires_grad_() for x in (h, w, b)]
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # dynamo's note on the lru_cache in _dispatch
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*leaves, y)  # raises on a graph break
+        compiled.backward()
+        explained = torch._dynamo.explain(step)(*leaves, y)
+    assert explained.graph_break_count == 0
+    torch.testing.assert_close(compiled, eager)
+    for g, x in zip(want, leaves):
+        torch.testing.assert_close(x.grad, g)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_custom_op_registration(reduction):
+    """Schema, fake (meta) implementation and autograd formula agree with the real kernel."""
+    h, w, b, y = (x.float() if x.is_floating_point() else x for x in _data(10, 16, 33, 0.3, poison=False))
+    h, w, b = (x.requires_grad_() for x in (h, w, b))
+    for need in ((True, True, True), (True, False, False), (False, True, False)):
+        torch.library.opcheck(lce._lce_op, (h, w, b, y, -100, 0.1, 1e-3, reduction, "cpu", *need))
+    torch.library.opcheck(lce._lce_op, (h, w, None, y, -100, 0.0, 0.0, reduction, "cpu", True, True, False))
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_upstream_gradient_and_retain_graph(device, backend):
+    """A non-unit upstream gradient scales every gradient; a second backward through a fused
+    node raises (its stored gradients were scaled in place) instead of returning wrong values."""
+    data = _data(40, 17, 33, 0.5)
+    ref = _run("reference", data, torch.float64, reduction="sum")
+    h, w, b = (x.to(device).float().detach().requires_grad_() for x in data[:3])
+    loss = linear_cross_entropy(h, w, data[3].to(device), bias=b, reduction="sum", backend=backend)
+    (loss * -3.5).backward(retain_graph=True)
+    for got, want in zip((h.grad, w.grad, b.grad), ref[2:]):
+        torch.testing.assert_close(got.double().cpu(), -3.5 * want, rtol=1e-5, atol=1e-5)
+    if backend == "reference":
+        loss.backward()  # plain autograd: a second pass just accumulates
+        torch.testing.assert_close(w.grad.double().cpu(), -2.5 * ref[3], rtol=1e-5, atol=1e-5)
+    else:
+        with pytest.raises(RuntimeError, match="inplace"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_autocast_runs_the_head_in_the_autocast_dtype(device, backend):
+    """fp32 parameters under autocast: the head runs in bf16 like F.linear, grads come back in fp32."""
+    h, w, b, y = (x.to(device).float() if x.is_floating_point() else x.to(device)
+                  for x in _data(97, 17, 1000, 0.5, poison=False))
+    h, w, b = (x.requires_grad_() for x in (h, w, b))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, y, bias=b, backend=backend)
+    loss.backward()
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32
+    got = [x.grad.clone() for x in (h, w, b)]
+    bf16 = [x.detach().bfloat16().requires_grad_() for x in (h, w, b)]
+    want = linear_cross_entropy(bf16[0], bf16[1], y, bias=bf16[2], backend=backend)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    for g, x in zip(got, bf16):
+        torch.testing.assert_close(g, x.grad.float())
