@@ -36,10 +36,13 @@ FASTPT_VECTOR_CLONES bool mlm_row(const MLMParams& p, const T* special, int64_t 
   const uint32_t vocab = static_cast<uint32_t>(p.vocab_size);
   T sp[kSpecial > 0 ? kSpecial : 1];
   for (int s = 0; s < kSpecial; ++s) sp[s] = special[s];
+  // Read every parameter into a local first: the stores below could alias `p`
+  // as far as the compiler knows, and a reload inside the loop blocks vectorising.
+  const uint64_t vocab64 = static_cast<uint64_t>(p.vocab_size);
   uint32_t bad = 0;
   for (uint32_t c = 0; c < S; ++c) {
     const T tok = ids[c];
-    bad |= static_cast<uint64_t>(static_cast<int64_t>(tok)) >= static_cast<uint64_t>(p.vocab_size);
+    bad |= static_cast<uint64_t>(static_cast<int64_t>(tok)) >= vocab64;
     bool eligible = true;
     if constexpr (kBlocked) eligible &= blocked[c] == 0;
     for (int s = 0; s < kSpecial; ++s) eligible &= tok != sp[s];

@@ -8,8 +8,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-from . import ops  # noqa: E402
+from . import data, nn, ops  # noqa: E402
 from ._dispatch import BackendError  # noqa: E402
 from ._info import info  # noqa: E402
 
-__all__ = ["__version__", "ops", "info", "BackendError"]
+__all__ = ["__version__", "ops", "nn", "data", "info", "BackendError"]
