@@ -33,31 +33,10 @@
 #include <vector>
 
 #include "common.h"
+#include "contrastive.h"
 #include "parallel.h"
 
 namespace fastpt {
-
-struct ContrastiveParams {
-  uintptr_t q = 0;      // (n, d) queries, row-major contiguous, `dtype`
-  uintptr_t k = 0;      // (m, d) keys, same dtype
-  uintptr_t queue = 0;  // optional (n_queue, d) extra negatives, same dtype
-  int64_t n = 0, m = 0, n_queue = 0, d = 0;
-  int dtype = kFloat32;  // kFloat32, kFloat16 or kBFloat16 (csrc/dtypes.h)
-  float scale = 1.0f;    // 1 / temperature
-  bool symmetric = false;
-  bool exclude_self = false;
-  int64_t self_offset = 0;  // query i excludes key column i + self_offset (when exclude_self)
-  int isa = 0;              // 0 = widest supported; 1 = baseline, 2 = avx2, 3 = avx512 (tests)
-  // forward outputs, float32
-  uintptr_t row_lse = 0;  // (n,)
-  uintptr_t col_lse = 0;  // (m,) when symmetric
-  // backward inputs (float32; row_lse / col_lse as produced by the forward) and outputs
-  uintptr_t grad_row = 0;  // (n,) dLoss / d row_lse
-  uintptr_t grad_col = 0;  // (m,) dLoss / d col_lse, when symmetric
-  uintptr_t grad_q = 0;    // (n, d) float32 out
-  uintptr_t grad_k = 0;    // (m, d) float32 out
-};
-
 namespace {
 
 // The vector helpers below take and return AVX / AVX-512 vectors from functions
@@ -481,13 +460,18 @@ Kernels kernels_for(int isa) {
 
 const char* isa_name(int isa) { return isa == 3 ? "avx512" : isa == 2 ? "avx2" : "baseline"; }
 
-void check(const ContrastiveParams& p) {
+// Checks shared by the CPU and CUDA entry points (the CUDA kernels read the scale on the device).
+void check_shapes(const ContrastiveParams& p) {
   require(p.n >= 1 && p.m >= 1 && p.d >= 1 && p.n_queue >= 0, "contrastive: need n, m, d >= 1 and n_queue >= 0");
   require(p.q && p.k && (p.n_queue == 0 || p.queue), "contrastive: null input pointer");
   require(p.dtype == kFloat32 || p.dtype == kFloat16 || p.dtype == kBFloat16,
           "contrastive: dtype code must be float32, float16 or bfloat16");
   require(!p.exclude_self || p.self_offset >= 0, "contrastive: self_offset must be >= 0");
   require(p.row_lse && (!p.symmetric || p.col_lse), "contrastive: null statistics pointer");
+}
+
+void check(const ContrastiveParams& p) {
+  check_shapes(p);
   require(std::isfinite(p.scale) && p.scale > 0.0f, "contrastive: scale must be finite and > 0");
 }
 
@@ -637,13 +621,46 @@ void bind_contrastive(py::module_& m) {
       .def_readwrite("grad_row", &ContrastiveParams::grad_row)
       .def_readwrite("grad_col", &ContrastiveParams::grad_col)
       .def_readwrite("grad_q", &ContrastiveParams::grad_q)
-      .def_readwrite("grad_k", &ContrastiveParams::grad_k);
+      .def_readwrite("grad_k", &ContrastiveParams::grad_k)
+      .def_readwrite("scale_ptr", &ContrastiveParams::scale_ptr)
+      .def_readwrite("workspace", &ContrastiveParams::workspace)
+      .def_readwrite("workspace_bytes", &ContrastiveParams::workspace_bytes);
   m.def("contrastive_forward_cpu", &contrastive_forward_cpu, py::arg("params"), py::arg("num_threads"),
         py::call_guard<py::gil_scoped_release>());
   m.def("contrastive_backward_cpu", &contrastive_backward_cpu, py::arg("params"), py::arg("num_threads"),
         py::call_guard<py::gil_scoped_release>());
   m.def("contrastive_cpu_isa", [] { return std::string(isa_name(best_isa())); },
         "The widest instruction set the contrastive CPU kernels use on this machine.");
+#if defined(FASTPT_WITH_CUDA)
+  // kernels/contrastive.cu, on the current device and the given stream (integers).
+  m.def(
+      "contrastive_cuda_workspace",
+      [](const ContrastiveParams& p, bool backward) {
+        check_shapes(p);
+        int64_t bytes = 0;
+        check_cuda(contrastive_cuda_workspace(p, backward, &bytes), "contrastive");
+        return bytes;
+      },
+      py::arg("params"), py::arg("backward"), "Scratch bytes the CUDA forward / backward needs for these params.");
+  m.def(
+      "contrastive_forward_cuda",
+      [](const ContrastiveParams& p, uintptr_t stream) {
+        check_shapes(p);
+        require(p.scale_ptr, "contrastive: the CUDA kernels read the scale from scale_ptr (a device float32)");
+        check_cuda(contrastive_forward_cuda(p, stream), "contrastive");
+      },
+      py::arg("params"), py::arg("stream"));
+  m.def(
+      "contrastive_backward_cuda",
+      [](const ContrastiveParams& p, uintptr_t stream) {
+        check_shapes(p);
+        require(p.scale_ptr, "contrastive: the CUDA kernels read the scale from scale_ptr (a device float32)");
+        require(p.grad_row && (!p.symmetric || p.grad_col) && p.grad_q && p.grad_k,
+                "contrastive: null gradient pointer");
+        check_cuda(contrastive_backward_cuda(p, stream), "contrastive");
+      },
+      py::arg("params"), py::arg("stream"));
+#endif
 }
 
 }  // namespace fastpt

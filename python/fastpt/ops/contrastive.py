@@ -23,7 +23,9 @@ in every backend but ``reference``, which materialises S (it is the fallback for
 Backends of ``contrastive``: ``cpu`` (csrc/contrastive_cpu.cpp: register-blocked fp32 GEMM tiles,
 AVX-512 / AVX2 / baseline chosen at run time, fp16 / bf16 converted to padded fp32 copies while
 packing: about 4 * (N + 2 (M + K)) * D bytes, plus one fp32 (M, D) gradient buffer per thread in the
-backward), ``triton`` (contrastive_triton.py, GPU or TRITON_INTERPRET=1) and ``reference``.
+backward), ``triton`` (contrastive_triton.py, GPU or TRITON_INTERPRET=1), ``cuda``
+(kernels/contrastive.cu: wmma tensor-core tiles for fp16 / bf16, fp32 FMA tiles for fp32; scratch
+O(SMs * 64 * D) plus O(N + M) statistics per split) and ``reference``.
 
 Numerics: fp32, fp16 and bf16 inputs accumulate in fp32; the loss is returned as a float32 scalar
 (float64 for float64 inputs); gradients have the dtype of the embeddings they belong to.
@@ -46,12 +48,17 @@ query i and key i, so each rank needs as many queries as keys; ranks may hold di
 A symmetric loss does one pass per rank over (local queries x all keys): the column statistics of
 all ranks are merged by two all-reduces of M floats, and the column gradients summed by one.
 
-The losses are plain autograd compositions around one ``torch.autograd.Function`` (the tiled
-log-sum-exp); it is not a ``torch.library`` custom op, so ``torch.compile`` graph-breaks on it.
+The losses are plain autograd compositions around one op, ``fastpt::contrastive_lse`` (the tiled
+log-sum-exp), registered with ``torch.library.custom_op`` together with a fake implementation and
+its backward op ``fastpt::contrastive_lse_backward``, so ``torch.compile`` traces ``info_nce``,
+``nt_xent`` and ``clip_loss`` without graph breaks. Under tracing the value checks that would read
+a tensor on the host (temperature / logit_scale finite and positive) are skipped; labels still
+graph-break (their checks and the class compaction depend on the label values).
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -99,8 +106,10 @@ def _positive_scalar(name: str, value, device, acc) -> tuple[torch.Tensor, float
         if value.numel() != 1 or not value.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a float or a one-element float tensor, "
                             f"got {value.dtype} {tuple(value.shape)}")
-        v = float(value.detach().reshape(()))
         t = value.reshape(()).to(device=device, dtype=acc)
+        if torch.compiler.is_compiling():  # reading the value would sync and break the graph
+            return t, math.nan
+        v = float(value.detach().reshape(()))
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         v = float(value)
         t = torch.tensor(v, device=device, dtype=acc)
@@ -127,7 +136,7 @@ def _scale_from_logit_scale(logit_scale, device, acc) -> torch.Tensor:
     else:
         raise TypeError(f"logit_scale: expected a float or a one-element float tensor, "
                         f"got {type(logit_scale).__name__}")
-    v = float(ls.detach())
+    v = 0.0 if torch.compiler.is_compiling() else float(ls.detach())  # no host read while tracing
     if not math.isfinite(v):
         raise ValueError(f"logit_scale: expected a finite value, got {v}")
     return ls.exp().clamp(max=MAX_LOGIT_SCALE)
@@ -250,7 +259,8 @@ def _ref_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric,
     return ds @ keys, ds[:, :m].T @ q.to(ds.dtype)
 
 
-def _cpu_params(q, k, queue, scale, symmetric, self_offset):
+def _params(q, k, queue, symmetric, self_offset):
+    """csrc/contrastive.h's ContrastiveParams: inputs and options (outputs are set by the caller)."""
     p = _native._C.ContrastiveParams()
     p.q, p.k = q.data_ptr(), k.data_ptr()
     if queue is not None and queue.shape[0]:
@@ -258,9 +268,14 @@ def _cpu_params(q, k, queue, scale, symmetric, self_offset):
     p.n, p.d = q.shape
     p.m = k.shape[0]
     p.dtype = _native.dtype_code(q.dtype)
-    p.scale = float(scale)
     p.symmetric = symmetric
     p.exclude_self, p.self_offset = self_offset >= 0, max(self_offset, 0)
+    return p
+
+
+def _cpu_params(q, k, queue, scale, symmetric, self_offset):
+    p = _params(q, k, queue, symmetric, self_offset)
+    p.scale = float(scale)
     p.isa = _CPU_ISA
     return p
 
@@ -305,52 +320,137 @@ def _triton_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetr
                             g_col.to(**f32) if symmetric else None, symmetric, self_offset)
 
 
+@torch.compiler.assume_constant_result
+def _cuda_unavailable() -> str | None:
+    """Why kernels/contrastive.cu cannot run here, or None. A constant to torch.compile: the check calls
+    into fastpt._C, which Dynamo cannot trace, and its answer does not change within a process."""
+    why = _native.cuda_unavailable()
+    if why is None and not hasattr(_native._C, "contrastive_forward_cuda"):
+        why = "fastpt._C was built without the contrastive CUDA kernels (rebuild with CUDA)"
+    return why
+
+
+def _cuda_supports(q, **_):
+    if q.device.type != "cuda":
+        return f"needs cuda tensors, got {q.device.type}"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"supports float32, float16 and bfloat16, got {q.dtype} (float64 runs on the reference backend)"
+    return None
+
+
+def _cuda_run(entry, q, p, scale, backward):
+    """Run a kernels/contrastive.cu entry point on q's device and current stream. The scale is read on the
+    device (no host sync); the scratch comes from torch's caching allocator, which keeps it valid for the
+    kernels queued on this stream after it is released here."""
+    scale = scale.to(device=q.device, dtype=torch.float32).reshape(1).contiguous()
+    p.scale_ptr = scale.data_ptr()
+    with torch.cuda.device(q.device):
+        ws = torch.empty(_native._C.contrastive_cuda_workspace(p, backward), dtype=torch.uint8, device=q.device)
+        p.workspace, p.workspace_bytes = ws.data_ptr(), ws.numel()
+        entry(p, _native.cuda_stream(q.device))
+
+
+def _cuda_forward(q, k, queue, scale, symmetric, self_offset):
+    p = _params(q, k, queue, symmetric, self_offset)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    row = torch.empty(q.shape[0], **f32)
+    col = torch.empty(k.shape[0] if symmetric else 0, **f32)
+    p.row_lse, p.col_lse = row.data_ptr(), col.data_ptr() if symmetric else 0
+    _cuda_run(_native._C.contrastive_forward_cuda, q, p, scale, False)
+    return row, col
+
+
+def _cuda_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset):
+    f32 = dict(device=q.device, dtype=torch.float32)
+    g_row = g_row.to(**f32)
+    g_col = g_col.to(**f32) if symmetric else None
+    gmax = None
+    if q.dtype != torch.float32:
+        # fp16 / bf16 round dS to the input dtype for the tensor-core product: scale the incoming
+        # gradients to a maximum of 1 so that dS = g * softmax stays representable (as for Triton).
+        gmax = g_row.abs().amax() if not symmetric else torch.maximum(g_row.abs().amax(), g_col.abs().amax())
+        gmax = torch.where(gmax > 0, gmax, torch.ones_like(gmax))
+        g_row = g_row / gmax
+        g_col = g_col / gmax if symmetric else None
+    g_row, row_lse = g_row.contiguous(), row_lse.to(**f32).contiguous()
+    gq, gk = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32)
+    p = _params(q, k, queue, symmetric, self_offset)
+    p.row_lse, p.grad_row, p.grad_q, p.grad_k = row_lse.data_ptr(), g_row.data_ptr(), gq.data_ptr(), gk.data_ptr()
+    if symmetric:
+        g_col, col_lse = g_col.contiguous(), col_lse.to(**f32).contiguous()
+        p.col_lse, p.grad_col = col_lse.data_ptr(), g_col.data_ptr()
+    _cuda_run(_native._C.contrastive_backward_cuda, q, p, scale, True)
+    return (gq, gk) if gmax is None else (gq * gmax, gk * gmax)
+
+
+# GPU priority: triton before cuda. Neither has been timed yet (no GPU was at hand when the CUDA
+# kernels were written). Triton's tl.dot gets software pipelining and, on Hopper, wgmma from its
+# compiler; the CUDA kernels use wmma (mma.sync) without a pipelined load stage, so Triton is the
+# likelier winner for fp16 / bf16, and for fp32 both run FMA tiles. The cuda backend serves when
+# Triton is missing, and on request (backend="cuda"); benches/bench_contrastive.py decides later.
 OP = _dispatch.Op("contrastive", [
     _dispatch.backend("cpu", _cpu_supports, _cpu_forward),
     _dispatch.backend("triton", lambda q, **_: _triton.supports(q), _triton_forward),
+    _dispatch.Backend("cuda", _cuda_unavailable, _cuda_supports, _cuda_forward),
     _dispatch.backend("reference", lambda **_: None, _ref_forward),
 ], probe=lambda device: dict(q=torch.zeros(4, 8, device=device), k=torch.zeros(4, 8, device=device), queue=None,
                              scale=torch.ones((), device=device), symmetric=False, self_offset=-1))
-_BACKWARD = {"cpu": _cpu_backward, "triton": _triton_backward, "reference": _ref_backward}
+_BACKWARD = {"cpu": _cpu_backward, "triton": _triton_backward, "cuda": _cuda_backward, "reference": _ref_backward}
 
 
-class _ContrastiveLSE(torch.autograd.Function):
-    """(row_lse, col_lse) of S = scale * q @ [k; queue]^T through one backend; grads for q, k, scale.
+# ----------------------------------------------------------------------------- custom ops + autograd
 
-    With ``group`` (distributed, symmetric): q holds this rank's queries, k all ranks' keys; the
-    column statistics of every rank are merged in forward, and the column gradients summed over
-    ranks in backward, so each rank differentiates its own (local rows x all keys) block."""
 
-    @staticmethod
-    def forward(ctx, q, k, queue, scale, backend, symmetric, self_offset, group):
-        s = scale.detach()
-        row, col = OP.backends[backend].run(q=q, k=k, queue=queue, scale=s, symmetric=symmetric,
-                                            self_offset=self_offset)
-        if symmetric and group is not None:
-            col = _all_reduce_lse(col, group)
-        ctx.save_for_backward(q, k, queue, s, row, col)
-        ctx.config = (backend, symmetric, self_offset, group)
-        return row, col
+@torch.library.custom_op("fastpt::contrastive_lse", mutates_args=())
+def _lse_op(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor], scale: torch.Tensor, backend: str,
+            symmetric: bool, self_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_lse (N,), col_lse (M,) or (0,)) of S = scale * q @ [k; queue]^T through one backend."""
+    return OP.backends[backend].run(q=q, k=k, queue=queue, scale=scale, symmetric=symmetric,
+                                    self_offset=self_offset)
 
-    @staticmethod
-    def backward(ctx, g_row, g_col):
-        q, k, queue, scale, row, col = ctx.saved_tensors
-        backend, symmetric, self_offset, group = ctx.config
-        g_row = torch.zeros_like(row) if g_row is None else g_row.contiguous()
-        if symmetric:
-            g_col = torch.zeros_like(col) if g_col is None else g_col.contiguous().clone()
-            if group is not None:
-                import torch.distributed as dist
 
-                dist.all_reduce(g_col, group=group)
-        gq, gk = _BACKWARD[backend](q, k, queue, scale, row, col, g_row, g_col if symmetric else None, symmetric,
-                                    self_offset)
-        # d loss / d scale = sum_ij dS_ij (q_i . k_j) = sum_i q_i . G_q[i]
-        g_scale = (q.to(gq.dtype) * gq).sum().to(scale.dtype) if ctx.needs_input_grad[3] else None
-        s = scale.to(gq.dtype)
-        return ((gq * s).to(q.dtype) if ctx.needs_input_grad[0] else None,
-                (gk * s).to(k.dtype) if ctx.needs_input_grad[1] else None,
-                None, g_scale, None, None, None, None)
+@_lse_op.register_fake
+def _lse_fake(q, k, queue, scale, backend, symmetric, self_offset):
+    acc = _acc_dtype(q.dtype)  # every kernel backend returns float32 statistics; float64 runs on the reference
+    return q.new_empty(q.shape[0], dtype=acc), q.new_empty(k.shape[0] if symmetric else 0, dtype=acc)
+
+
+@torch.library.custom_op("fastpt::contrastive_lse_backward", mutates_args=())
+def _lse_backward_op(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor], scale: torch.Tensor,
+                     row_lse: torch.Tensor, col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor,
+                     backend: str, symmetric: bool, self_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G_q = dS @ [k; queue], G_k = dS[:, :M]^T @ q), not multiplied by scale."""
+    return _BACKWARD[backend](q, k, queue, scale, row_lse, col_lse, g_row, g_col if symmetric else None, symmetric,
+                              self_offset)
+
+
+@_lse_backward_op.register_fake
+def _lse_backward_fake(q, k, queue, scale, row_lse, col_lse, g_row, g_col, backend, symmetric, self_offset):
+    acc = _acc_dtype(q.dtype)
+    return q.new_empty(q.shape, dtype=acc), k.new_empty(k.shape, dtype=acc)
+
+
+def _lse_setup_context(ctx, inputs, output):
+    q, k, queue, scale, backend, symmetric, self_offset = inputs
+    ctx.save_for_backward(q, k, queue, scale, *output)
+    ctx.config = (backend, symmetric, self_offset)
+
+
+def _lse_backward(ctx, g_row, g_col):
+    q, k, queue, scale, row, col = ctx.saved_tensors
+    backend, symmetric, self_offset = ctx.config
+    g_row = torch.zeros_like(row) if g_row is None else g_row.contiguous()
+    g_col = torch.zeros_like(col) if g_col is None else g_col.contiguous()
+    gq, gk = _lse_backward_op(q, k, queue, scale, row, col, g_row, g_col, backend, symmetric, self_offset)
+    need = ctx.needs_input_grad
+    # d loss / d scale = sum_ij dS_ij (q_i . k_j) = sum_i q_i . G_q[i]
+    g_scale = (q.to(gq.dtype) * gq).sum().to(scale.dtype) if need[3] else None
+    s = scale.to(gq.dtype)
+    return ((gq * s).to(q.dtype) if need[0] else None, (gk * s).to(k.dtype) if need[1] else None,
+            None, g_scale, None, None, None)
+
+
+_lse_op.register_autograd(_lse_backward, setup_context=_lse_setup_context)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -404,6 +504,30 @@ class _AllGather(torch.autograd.Function):
         dist.all_reduce(g, group=ctx.group)
         off = sum(ctx.sizes[: ctx.rank])
         return g[off: off + ctx.sizes[ctx.rank]], None, None
+
+
+class _AllReduceLSE(torch.autograd.Function):
+    """Column statistics of a symmetric loss merged over ranks: log(sum over ranks of exp(lse)).
+
+    Every rank's loss reads the merged value, so backward first sums the incoming gradient over
+    ranks, then hands each rank its share exp(lse - merged) (the softmax weight of its rows). The
+    kernel's backward turns that into g_merged * exp(S - merged) on this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, lse, group):
+        out = _all_reduce_lse(lse, group)
+        ctx.save_for_backward(lse, out)
+        ctx.group = group
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        lse, out = ctx.saved_tensors
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g * torch.exp(lse - out), None
 
 
 def _all_reduce_lse(lse: torch.Tensor, group) -> torch.Tensor:
@@ -476,7 +600,9 @@ def _loss(q, k, queue, scale, labels, *, symmetric, normalize, gather, group, ba
             _require_positives(kl, ql_all, "key")
             q_all = _AllGather.apply(q, n_sizes, group) if gather else q
             pos_col = _class_mean_logit(k, cls(kl), q_all, cls(ql_all), classes.numel(), scale, acc)
-    row_lse, col_lse = _ContrastiveLSE.apply(q, k_all, queue, scale, name, symmetric, -1, group)
+    row_lse, col_lse = _lse_op(q, k_all, queue, scale, name, symmetric, -1)
+    if symmetric and gather:  # this rank's rows x all keys: merge the column statistics of every rank
+        col_lse = _AllReduceLSE.apply(col_lse, group)
     loss = (row_lse.to(acc) - pos_row).sum() / n_tot
     if symmetric:
         loss = (loss + (col_lse[k_off: k_off + m].to(acc) - pos_col).sum() / m_tot) / 2
@@ -502,7 +628,7 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, *, temperature=0.07, labels
         gather: all-gather keys over ``group`` (torch.distributed); see the module docstring for
             the value and gradient convention.
         group: the process group for ``gather`` (default: the world).
-        backend: None (fastest that fits) or "cpu", "triton", "reference".
+        backend: None (fastest that fits) or "cpu", "triton", "cuda", "reference".
 
     Returns:
         0-dim loss, float32 (float64 for float64 inputs).
@@ -566,7 +692,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature=0.5, normalize: b
         off, total = sum(sizes[: dist.get_rank(group)]), sum(sizes)
     else:
         group, z_all, off, total = None, z, 0, 2 * n
-    row_lse, _ = _ContrastiveLSE.apply(z, z_all, None, scale, name, False, off, group)
+    row_lse, _ = _lse_op(z, z_all, None, scale, name, False, off)
     pos = scale * (z[:n].to(acc) * z[n:].to(acc)).sum(1)
     loss = (row_lse.to(acc).sum() - 2 * pos.sum()) / total
     return _global_value(loss, group) if gather else loss
