@@ -26,6 +26,12 @@ from __future__ import annotations
 
 import torch
 
+try:  # the Triton twin of mix32, for the kernels in ops/*.py
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - machines without triton
+    triton = None
+
 M32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
 MUL1 = 0x21F0AAAD
@@ -107,3 +113,20 @@ def threshold24(p: float) -> int:
 def uniform_int(b: torch.Tensor, n) -> torch.Tensor:
     """Map 32 random bits to a uniform integer in ``[0, n)`` (``n`` int or int64 tensor, < 2**31)."""
     return (b * n) >> 32
+
+
+def signed32(k: int) -> int:
+    """A 32-bit key as a signed int, so Triton always types the kernel argument int32."""
+    return k - (1 << 32) if k >= (1 << 31) else k
+
+
+if triton is not None:
+
+    @triton.jit
+    def mix32_tl(x):
+        """``mix32`` inside a Triton kernel, on uint32 tensors (wraps modulo 2**32)."""
+        x = x ^ (x >> 16)
+        x = x * 0x21F0AAAD
+        x = x ^ (x >> 15)
+        x = x * 0x735A2D97
+        return x ^ (x >> 15)

@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 if triton is not None:
-    from .mlm_mask import _mix32, _signed32
+    from ._rng import mix32_tl as _mix32, signed32 as _signed32  # the one Triton copy of the hash
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256

@@ -163,14 +163,7 @@ def _run_cuda(**inputs):
 # ----------------------------------------------------------------------------- triton
 
 if triton is not None:
-
-    @triton.jit
-    def _mix32(x):
-        x = x ^ (x >> 16)
-        x = x * 0x21F0AAAD
-        x = x ^ (x >> 15)
-        x = x * 0x735A2D97
-        return x ^ (x >> 15)
+    _mix32 = _rng.mix32_tl
 
     @triton.jit
     def _mlm_kernel(ids_ptr, out_ptr, labels_ptr, blocked_ptr, words_ptr, special_ptr, cols, n_special,
@@ -205,11 +198,6 @@ if triton is not None:
         tl.store(labels_ptr + offs, tl.where(selected, tok.to(tl.int64), -100), mask=inside)
 
 
-def _signed32(k: int) -> int:
-    """A 32-bit key as a signed int, so Triton always types the argument int32."""
-    return k - (1 << 32) if k >= (1 << 31) else k
-
-
 def _run_triton(ids, blocked, word_ids, special_ids, keys, thresholds, mask_token_id, vocab_size):
     masked = torch.empty_like(ids)
     labels = torch.empty(ids.shape, dtype=torch.int64, device=ids.device)
@@ -220,7 +208,7 @@ def _run_triton(ids, blocked, word_ids, special_ids, keys, thresholds, mask_toke
     grid = (rows, triton.cdiv(cols, block))
     _mlm_kernel[grid](
         ids, masked, labels, blocked if blocked is not None else ids, word_ids if word_ids is not None else ids,
-        special_ids, cols, special_ids.numel(), *(_signed32(k) for k in keys), *thresholds, mask_token_id, vocab_size,
+        special_ids, cols, special_ids.numel(), *(_rng.signed32(k) for k in keys), *thresholds, mask_token_id, vocab_size,
         HAS_BLOCKED=blocked is not None, HAS_WORDS=word_ids is not None, BLOCK=block,
     )
     return masked, labels

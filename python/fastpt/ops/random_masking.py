@@ -51,7 +51,7 @@ try:  # Triton is optional: a GPU backend, or the CPU interpreter in tests.
     import triton
     import triton.language as tl
 
-    from .mlm_mask import _mix32, _signed32  # one Triton copy of the _rng.py hash
+    from ._rng import mix32_tl as _mix32, signed32 as _signed32  # the one Triton copy of the hash
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
