@@ -13,6 +13,7 @@ void bind_mlm_mask(py::module_& m);
 void bind_random_masking(py::module_& m);
 void bind_span_corrupt(py::module_& m);
 void bind_contrastive(py::module_& m);
+void bind_attention(py::module_& m);
 }  // namespace fastpt
 
 namespace py = pybind11;
@@ -45,4 +46,5 @@ PYBIND11_MODULE(_C, m) {
   fastpt::bind_random_masking(m);
   fastpt::bind_span_corrupt(m);
   fastpt::bind_contrastive(m);
+  fastpt::bind_attention(m);
 }

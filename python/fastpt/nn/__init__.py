@@ -1,6 +1,8 @@
 """Drop-in ``nn.Module``s built on ``fastpt.ops``."""
+from .attention import MultiheadSelfAttention, TransformerEncoderLayer
 from .contrastive import CLIPLoss, InfoNCELoss, NTXentLoss
 from .linear_cross_entropy import LinearCrossEntropyLoss
 
 __all__ = ["LinearCrossEntropyLoss"]
 __all__ += ["InfoNCELoss", "NTXentLoss", "CLIPLoss"]
+__all__ += ["MultiheadSelfAttention", "TransformerEncoderLayer"]

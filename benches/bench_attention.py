@@ -1,0 +1,230 @@
+"""Fused attention: time and throughput of forward and forward + backward, with baselines in the same run.
+
+Mask cases (each contender computes the same attention):
+  * ``none``: bidirectional rows;
+  * ``causal``;
+  * ``packed``: every row holds 8 documents of unequal lengths (tokens attend inside their own);
+  * ``prefix``: prefix-LM, bidirectional over a per-row prefix, causal after it.
+CPU (float32, one 2048-token row, H=8, head dim 64):
+  * ``fastpt-cpu``: ``fastpt.ops.attention(..., backend="cpu")`` (torch's CPU flash kernel per
+    group of documents, a small (L, L) mask only for prefix-LM);
+  * ``torch-sdpa``: ``F.scaled_dot_product_attention`` with the equivalent mask: ``is_causal``
+    for causal, none for none, the dense (B, 1, S, S) mask for packed and prefix (what a user
+    without a varlen kernel writes).
+CUDA (bfloat16, 16k tokens per batch, H = 2048 / head dim, head dims 64 and 128, rows of 1k and
+4k tokens): ``fastpt-triton`` / ``fastpt-cuda`` (when usable), torch SDPA with its own choice of
+backend and forced to flash / efficient / cudnn (each where it accepts the mask), and
+FlexAttention compiled with a block mask (rows of 4k, head dim 128 only: it compiles per case).
+
+Throughput counts the attended (query, key) pairs only: forward ``4 * pairs * D * H`` FLOPs,
+backward 2.5 times that (FlashAttention's convention), so a kernel that skips masked blocks is
+not credited with work it does not do, and one that computes them is not either.
+
+Run::
+
+    python -m pytest benches/bench_attention.py --benchmark-only -s \
+        --benchmark-json=benches/results/attention-cpu.json
+
+``-s`` shows the summary table (speed-up against the torch baseline of the same case) at the end.
+On a machine shared with other jobs, ``OMP_NUM_THREADS=1`` keeps torch's thread pool from
+stalling at its barriers (it did, by 15 ms per call, on two oversubscribed cores).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import platform
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastpt
+from fastpt.ops import attention
+
+attn = importlib.import_module("fastpt.ops.attention")  # the module (the package exports the function)
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # torch < 2.3
+    SDPBackend = sdpa_kernel = None
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch < 2.5
+    flex_attention = None
+
+CASES = ("none", "causal", "packed", "prefix")
+MODES = ("fwd", "fwd+bwd")
+DOC_SHARES = (412, 96, 350, 180, 301, 64, 397, 248)  # 8 unequal documents, in 2048ths of a row
+RESULTS: dict[tuple, dict] = {}
+
+
+def machine() -> dict:
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return dict(cpu=model, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                fastpt=fastpt.__version__, loadavg_1m=os.getloadavg()[0],
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+class Case:
+    """One mask case: inputs (B, S, H, D), the fastpt keywords, torch's equivalent mask, the
+    attended pair count and a FlexAttention mask_mod."""
+
+    def __init__(self, kind: str, seq: int, batch: int, heads: int, hd: int, device: str, dtype: torch.dtype):
+        self.kind, self.seq, self.batch, self.heads, self.hd = kind, seq, batch, heads, hd
+        g = torch.Generator().manual_seed(0)
+        gd = torch.Generator(device=device).manual_seed(0)  # 100M values: drawn where they live
+        self.qkv = [torch.randn(batch, seq, heads, hd, generator=gd, device=device, dtype=dtype).requires_grad_()
+                    for _ in range(3)]
+        i = torch.arange(seq, device=device)
+        self.kw, self.torch_kw, self.mask_mod = {}, {}, None
+        if kind == "causal":
+            self.kw["causal"] = self.torch_kw["is_causal"] = True
+            self.pairs = batch * seq * (seq + 1) // 2
+            self.mask_mod = lambda b, h, qi, ki: ki <= qi
+        elif kind == "packed":
+            lengths = [s * seq // 2048 for s in DOC_SHARES]
+            lengths[-1] += seq - sum(lengths)
+            lens = torch.tensor(lengths * batch, device=device)
+            self.kw["cu_seqlens"] = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).int()
+            doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens[:len(lengths)])
+            doc = doc[None].expand(batch, seq)
+            self.torch_kw["attn_mask"] = (doc[:, None, :, None] == doc[:, None, None, :])
+            self.pairs = batch * sum(n * n for n in lengths)
+            self.mask_mod = lambda b, h, qi, ki: doc[b, qi] == doc[b, ki]
+        elif kind == "prefix":
+            prefix = torch.randint(seq // 4, 3 * seq // 4, (batch,), generator=g).to(device)
+            self.kw["prefix_lens"] = prefix
+            allowed = i[None, None, :] <= torch.maximum(i[None, :, None], prefix[:, None, None] - 1)
+            self.torch_kw["attn_mask"] = allowed[:, None]
+            self.pairs = int(allowed.sum())
+            self.mask_mod = lambda b, h, qi, ki: (ki <= qi) | (ki < prefix[b])
+        else:
+            self.pairs = batch * seq * seq
+
+    def flops(self, mode: str) -> float:
+        fwd = 4.0 * self.pairs * self.hd * self.heads
+        return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
+
+    def fastpt(self, backend):
+        def run(q, k, v):
+            if self.kind == "packed":  # packed input: (T, H, D) with the documents' boundaries
+                out = attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), backend=backend, **self.kw)
+                return out.view(q.shape)
+            return attention(q, k, v, backend=backend, **self.kw)
+        return run
+
+    def torch_sdpa(self, sdpa_backend=None):
+        def run(q, k, v):
+            args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            if sdpa_backend is None:
+                return F.scaled_dot_product_attention(*args, **self.torch_kw).transpose(1, 2)
+            with sdpa_kernel(sdpa_backend):
+                return F.scaled_dot_product_attention(*args, **self.torch_kw).transpose(1, 2)
+        return run
+
+    def flex(self):
+        block = None
+        if self.mask_mod is not None:
+            block = create_block_mask(self.mask_mod, self.batch, None, self.seq, self.seq, device=self.qkv[0].device)
+        compiled = torch.compile(flex_attention)
+
+        def run(q, k, v):
+            return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block).transpose(1, 2)
+        return run
+
+
+def _usable(backend: str, case: Case) -> bool:
+    """Whether a fastpt backend serves this case here (its own supports() decides)."""
+    q, k, v = (x.detach() for x in case.qkv)
+    return attn.OP.refusals(**attn.OP.probe(q.device.type) | dict(q4=q, k4=k, v4=v))[backend] is None
+
+
+def contenders(case: Case) -> dict:
+    if case.qkv[0].device.type == "cpu":
+        return {"fastpt-cpu": case.fastpt("cpu"), "torch-sdpa": case.torch_sdpa()}
+    out = {f"fastpt-{b}": case.fastpt(b) for b in ("triton", "cuda") if _usable(b, case)}
+    out["torch-sdpa"] = case.torch_sdpa()
+    if sdpa_kernel is not None:
+        unmasked = "attn_mask" not in case.torch_kw  # flash and cudnn take no arbitrary mask
+        for name, b in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                        ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            if unmasked or name == "efficient":
+                out[f"sdpa-{name}"] = case.torch_sdpa(b)
+    if flex_attention is not None and case.seq == 4096 and case.hd == 128:
+        out["flex"] = case.flex()
+    return out
+
+
+CPU_GRID = [("cpu", kind, 2048, 64, mode) for kind in CASES for mode in MODES]
+GPU_GRID = [("cuda", kind, seq, hd, mode) for hd in (64, 128) for seq in (1024, 4096) for kind in CASES
+            for mode in MODES] if torch.cuda.is_available() else []
+NAMES = {"cpu": ("fastpt-cpu", "torch-sdpa"),
+         "cuda": ("fastpt-triton", "fastpt-cuda", "torch-sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex")}
+GRID = [(dev, kind, seq, hd, mode, name) for dev, kind, seq, hd, mode in CPU_GRID + GPU_GRID for name in NAMES[dev]]
+
+
+@functools.lru_cache(maxsize=2)  # the grid runs every mode and contender of a case in a row
+def _case(device, kind, seq, hd) -> Case:
+    if device == "cpu":
+        return Case(kind, seq, 1, 8, hd, device, torch.float32)
+    return Case(kind, seq, 16384 // seq, 2048 // hd, hd, device, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device,kind,seq,hd,mode,name", GRID, ids=["-".join(map(str, p)) for p in GRID])
+def test_attention(benchmark, device, kind, seq, hd, mode, name):
+    case = _case(device, kind, seq, hd)
+    fn = contenders(case).get(name)
+    if fn is None:
+        pytest.skip(f"{name} does not serve {kind} here")
+    q, k, v = case.qkv
+    grad = torch.randn_like(q)
+
+    def reset():
+        for x in case.qkv:
+            x.grad = None
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(q, k, v)
+        else:
+            fn(q, k, v).backward(grad)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up: compilation (Triton, torch.compile), allocator
+    reset()
+    benchmark.group = f"{device}-{kind}-S{seq}-D{hd}-{mode}"
+    benchmark.extra_info.update(machine(), case=kind, seq=seq, batch=case.batch, heads=case.heads, head_dim=hd,
+                                mode=mode, contender=name, dtype=str(q.dtype), pairs=case.pairs)
+    benchmark.pedantic(step, setup=reset, rounds=5 if device == "cpu" else 10, iterations=1,
+                       warmup_rounds=0 if device == "cpu" else 2)
+    stats = benchmark.stats.stats
+    RESULTS[(device, kind, seq, hd, mode, name)] = dict(median_s=stats.median, min_s=stats.min,
+                                                        tflops=case.flops(mode) / stats.min / 1e12)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary():
+    """After the module: each contender's time, throughput and speed-up over torch's SDPA.
+
+    Throughput and speed-up use the fastest round: on a shared machine other processes only ever
+    add time, so the minimum is the least disturbed measurement (the median is shown beside it)."""
+    yield
+    if not RESULTS:
+        return
+    print(f"\n\nattention ({machine()})")
+    print(f"{'device/case':<26}{'mode':<9}{'contender':<16}{'median ms':>10}{'min ms':>9}{'TFLOP/s':>9}"
+          f"{'vs torch-sdpa':>15}")
+    for (device, kind, seq, hd, mode, name), r in RESULTS.items():
+        base = RESULTS.get((device, kind, seq, hd, mode, "torch-sdpa"))
+        speed = f"{base['min_s'] / r['min_s']:.2f}x" if base else "-"
+        print(f"{f'{device}/{kind}/S{seq}/D{hd}':<26}{mode:<9}{name:<16}{r['median_s'] * 1e3:>10.2f}"
+              f"{r['min_s'] * 1e3:>9.2f}{r['tflops']:>9.3f}{speed:>15}")

@@ -1,0 +1,4 @@
+// Backward attention kernels (dK/dV and dQ) for head dim 32 (fp16 and bf16); see attention_kernel.cuh.
+#include "attention_launch.cuh"
+
+FASTPT_ATTN_INSTANTIATE_BWD(32)

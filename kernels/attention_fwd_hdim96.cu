@@ -1,0 +1,4 @@
+// Forward attention kernels for head dim 96 (fp16 and bf16); see attention_kernel.cuh.
+#include "attention_launch.cuh"
+
+FASTPT_ATTN_INSTANTIATE_FWD(96)

@@ -1,0 +1,237 @@
+"""Self-attention modules on ``fastpt.ops.attention``: a fused-QKV multi-head (GQA) attention and a
+drop-in ``torch.nn.TransformerEncoderLayer``.
+
+Parameters carry torch's names (``in_proj_weight``, ``in_proj_bias``, ``out_proj``; ``linear1``,
+``linear2``, ``norm1``, ``norm2``) and layouts, so a state_dict of ``torch.nn.MultiheadAttention``
+or ``torch.nn.TransformerEncoderLayer`` loads unchanged: torch's ``in_proj_weight`` stacks the
+q, k and v projections with heads contiguous inside each, exactly the rows the fused projection
+here splits into ``(H + 2 Hk)`` heads of ``D``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.attention import attention, sdpa
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+def _dropout_seed() -> int:
+    """A fresh dropout seed from torch's default generator: ``torch.manual_seed`` makes training
+    with attention dropout reproducible, as it does for ``nn.Dropout``."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def padding_to_seqlens(valid: torch.Tensor, name: str) -> torch.Tensor:
+    """Row lengths of a right-padded ``(B, S)`` validity mask (True / nonzero = real token).
+
+    Raises ValueError naming ``name`` when a row is not right-padded (a padding token before a
+    real one): the kernels express right padding through lengths, nothing else.
+    """
+    if valid.dim() != 2:
+        raise ValueError(f"{name}: expected shape (B, S), got {tuple(valid.shape)}")
+    valid = valid != 0
+    lengths = valid.sum(1)
+    if not torch.compiler.is_compiling():
+        right = torch.arange(valid.shape[1], device=valid.device)[None, :] < lengths[:, None]
+        bad = (right != valid).any(1).nonzero()
+        if bad.numel():
+            raise ValueError(f"{name}: only right padding is supported (real tokens first, then padding); "
+                             f"row {int(bad[0])} is not right-padded")
+    return lengths
+
+
+class MultiheadSelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection, GQA, and every pre-training mask.
+
+    Args:
+        embed_dim: model width E.
+        num_heads: query heads H; the head dim is ``head_dim`` or ``E // H``.
+        num_kv_heads: key / value heads Hk dividing H (default H; 1 is multi-query attention).
+        bias: biases on the projections.
+        dropout: attention-probability dropout in training (counter-based, seeded from torch's
+            default generator on each call).
+        causal: default mask kind of ``forward`` (a call may override it with ``is_causal``).
+        head_dim: per-head width D when it is not ``E // H``.
+        backend: forced attention backend, or None for the fastest that fits.
+
+    Parameters: ``in_proj_weight`` ``((H + 2 Hk) D, E)``, ``in_proj_bias``, ``out_proj``
+    (``Linear(H D, E)``), named and laid out as in ``torch.nn.MultiheadAttention``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, bias: bool = True,
+                 dropout: float = 0.0, causal: bool = False, head_dim: int | None = None,
+                 backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}")
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(f"embed_dim: expected a multiple of num_heads={num_heads}, got {embed_dim} "
+                                 f"(or give head_dim)")
+            head_dim = embed_dim // num_heads
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
+        self.dropout, self.causal, self.backend = dropout, causal, backend
+        kw = dict(device=device, dtype=dtype)
+        self.in_proj_weight = nn.Parameter(torch.empty((num_heads + 2 * num_kv_heads) * head_dim, embed_dim, **kw))
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty((num_heads + 2 * num_kv_heads) * head_dim, **kw))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **kw)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # torch.nn.MultiheadAttention's initialisation
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``(..., H, D)``, k, v ``(..., Hk, D)``: views into one projection output, no copies."""
+        h, hk = self.num_heads, self.num_kv_heads
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (h + 2 * hk, self.head_dim))
+        return qkv[..., :h, :], qkv[..., h:h + hk, :], qkv[..., h + hk:, :]
+
+    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                seqlens: torch.Tensor | None = None, prefix_lens: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                is_causal: bool | None = None) -> torch.Tensor:
+        """Self-attention of ``x``.
+
+        Args:
+            x: ``(B, S, E)``, or packed ``(T, E)`` with ``cu_seqlens`` (int32 ``(N + 1,)``).
+            seqlens: int ``(B,)`` valid lengths of right-padded rows.
+            prefix_lens: int ``(B,)`` / ``(N,)``: prefix-LM (bidirectional prefix, causal rest).
+            attention_mask: Hugging Face style ``(B, S)``, 1 for tokens and 0 for padding; must be
+                right-padded (turned into ``seqlens``); not together with ``seqlens``.
+            attn_mask: a general mask in ``F.scaled_dot_product_attention`` semantics (bool True =
+                attend, or additive float), broadcastable to ``(B, H, S, S)``; runs torch's SDPA.
+            is_causal: overrides the module's ``causal``.
+
+        Returns ``(B, S, E)`` / ``(T, E)``; outputs of padded positions are ``out_proj``'s bias.
+        Raises ValueError / TypeError naming the argument (see ``fastpt.ops.attention``).
+        """
+        causal = self.causal if is_causal is None else bool(is_causal)
+        if attention_mask is not None:
+            if seqlens is not None:
+                raise ValueError("attention_mask: give either attention_mask or seqlens, not both")
+            seqlens = padding_to_seqlens(attention_mask, "attention_mask")
+        q, k, v = self.project(x)
+        p = self.dropout if self.training else 0.0
+        seed = _dropout_seed() if p > 0 else 0
+        if attn_mask is not None:
+            out = self._general(q, k, v, attn_mask, seqlens, causal, p, seed, cu_seqlens, prefix_lens)
+        else:
+            out = attention(q, k, v, causal=causal, prefix_lens=prefix_lens, seqlens=seqlens,
+                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=p, seed=seed,
+                            backend=self.backend)
+        return self.out_proj(out.flatten(-2))
+
+    def _general(self, q, k, v, attn_mask, seqlens, causal, p, seed, cu_seqlens, prefix_lens):
+        """An arbitrary dense mask: torch's SDPA with the padding folded into the mask."""
+        if cu_seqlens is not None or prefix_lens is not None or causal:
+            raise ValueError("attn_mask: a general mask cannot be combined with cu_seqlens, prefix_lens or causal")
+        if q.dim() != 4:
+            raise ValueError(f"attn_mask: needs (B, S, E) input, got x with {q.dim() - 1} dims")
+        s = q.shape[1]
+        if attn_mask.dtype == torch.bool:
+            mask = attn_mask
+        elif attn_mask.is_floating_point():
+            mask = attn_mask.to(q.dtype)
+        else:
+            raise TypeError(f"attn_mask: expected a bool or float tensor, got dtype {attn_mask.dtype}")
+        valid = None
+        if seqlens is not None:
+            valid = torch.arange(s, device=q.device)[None, :] < seqlens.to(q.device)[:, None]  # (B, S)
+            keys = valid[:, None, None, :]
+            mask = mask & keys if mask.dtype == torch.bool else mask.masked_fill(~keys, float("-inf"))
+        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=p,
+                   enable_gqa=self.num_kv_heads != self.num_heads, seed=seed, backend=self.backend).transpose(1, 2)
+        if valid is not None:  # padded query rows may see no key at all (NaN in torch): 0, as elsewhere
+            out = out.masked_fill(~valid[:, :, None, None], 0.0)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, dropout={self.dropout}, causal={self.causal}")
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Drop-in for ``torch.nn.TransformerEncoderLayer(batch_first=True)`` on fused attention.
+
+    Same arguments, parameter names and math (post-norm by default, pre-norm with
+    ``norm_first=True``), so ``load_state_dict`` of a torch layer works. Differences: only
+    ``batch_first=True``; the default activation is ``"gelu"`` (torch's is relu; pass
+    ``activation="relu"`` to reproduce torch's default); ``src_key_padding_mask`` must be right
+    padding; extra keywords ``num_kv_heads`` (GQA), ``backend``, and in ``forward``
+    ``cu_seqlens`` / ``max_seqlen`` (packed ``(T, E)`` input) and ``prefix_lens``.
+
+    Args:
+        d_model, nhead, dim_feedforward, dropout, activation ("relu", "gelu" or a callable),
+        layer_norm_eps, batch_first, norm_first, bias, device, dtype: as in torch.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str | Callable[[torch.Tensor], torch.Tensor] = "gelu", layer_norm_eps: float = 1e-5,
+                 batch_first: bool = True, norm_first: bool = False, bias: bool = True, device=None, dtype=None,
+                 *, num_kv_heads: int | None = None, backend: str | None = None):
+        super().__init__()
+        if not batch_first:
+            raise ValueError("batch_first: fastpt's TransformerEncoderLayer is batch-first only (B, S, E); "
+                             "transpose (S, B, E) inputs first")
+        if isinstance(activation, str):
+            if activation not in ACTIVATIONS:
+                raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}")
+            activation = ACTIVATIONS[activation]
+        kw = dict(device=device, dtype=dtype)
+        self.batch_first, self.norm_first = True, norm_first
+        self.self_attn = MultiheadSelfAttention(d_model, nhead, num_kv_heads, bias=bias, dropout=dropout,
+                                                backend=backend, **kw)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **kw)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **kw)
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **kw)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **kw)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = activation
+
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
+                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False, *,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """``src`` ``(B, S, E)`` (or packed ``(T, E)`` with ``cu_seqlens``) -> the same shape.
+
+        src_mask: torch semantics, ``(S, S)`` bool (True = not allowed) or additive float; with
+            ``is_causal=True`` it is taken to be the causal mask (as torch's hint says) and the
+            kernels' causal mask is used instead of it.
+        src_key_padding_mask: ``(B, S)`` bool (True = padding) or additive float (-inf = padding),
+            right-padded.
+        """
+        attn = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, prefix_lens=prefix_lens, is_causal=is_causal)
+        if src_key_padding_mask is not None:
+            pad = src_key_padding_mask
+            valid = ~pad if pad.dtype == torch.bool else pad == 0
+            attn["seqlens"] = padding_to_seqlens(valid, "src_key_padding_mask")
+        if src_mask is not None and not is_causal:
+            attn["attn_mask"] = ~src_mask if src_mask.dtype == torch.bool else src_mask
+        x = src
+        if self.norm_first:
+            x = x + self.dropout1(self.self_attn(self.norm1(x), **attn))
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self.dropout1(self.self_attn(x, **attn)))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))

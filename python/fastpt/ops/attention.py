@@ -1,0 +1,719 @@
+"""Fused attention for pre-training: padding, packed documents, prefix-LM, causal, GQA, dropout.
+
+Every call is brought into one normal form, the contract all backends share:
+
+* ``q4`` ``(B, S, H, D)``, ``k4`` / ``v4`` ``(B, S, Hk, D)``: any strides with ``stride(-1) == 1``
+  (packed ``(T, H, D)`` input is passed as ``(1, T, H, D)``; ``sdpa`` passes transposed views);
+* ``docs`` int32 ``(N, 4)`` on the device, one row per independent sequence:
+  ``[batch row b, start s0 in that row, length L, prefix P]``. ``P`` encodes the mask kind
+  (``P = L`` bidirectional, ``P = 0`` causal, in between prefix-LM) through one rule: local query
+  ``i`` attends local key ``j`` iff ``j <= max(i, P - 1)``. Tokens outside every document are
+  padding: never attended, output 0, gradient 0.
+* ``lse`` ``(B, H, S)`` float32 (float64 for float64 inputs): the natural log-sum-exp of the
+  scaled scores, taken before dropout (as FlashAttention does); saved for the backward.
+* dropout: doc ``n``, query head ``h``, local query ``i``, local key ``j`` are dropped iff
+  ``mix32(mix32(mix32(key ^ (n * H + h)) ^ i) ^ j) >> 8 < threshold24(p)`` (``ops/_rng.py``, key
+  from ``stream_key(seed, STREAM_ATTN_DROPOUT)``); kept probabilities are scaled by ``1 / (1 - p)``.
+
+Backends, in the order ``backend=None`` tries them:
+
+* ``cpu``: torch's CPU flash-attention kernel (the one ``F.scaled_dot_product_attention`` picks
+  on CPU, called through its aten op because that also returns the log-sum-exp its backward
+  needs), once per group of equal (length, prefix) documents, batched as a view or a gather.
+  No mask tensor ever: causal documents use the kernel's ``is_causal``, prefix-LM documents run
+  as three unmasked pieces merged by their log-sum-exps. Refuses dropout: torch's CPU kernel
+  draws from its own generator, not the counter-based one.
+* ``triton`` (CUDA; CPU under TRITON_INTERPRET=1): ``ops/attention_triton.py``.
+* ``cuda``: the CUDA C++ kernels of ``kernels/attention.cu`` through ``ops/attention_cuda.py``.
+* ``reference``: dense masked softmax in float32 (float64 for float64 inputs) with plain
+  autograd; the ground truth of every test and bench. It is also what serves dropout on CPU,
+  and being dense it holds several ``(B, H, S, S)`` tensors: fine for tests and short rows.
+
+``cpu``, ``triton`` and ``cuda`` run inside the ``fastpt::attention_fwd`` / ``attention_bwd``
+custom ops (fake implementations and an autograd formula registered), so ``torch.compile``
+traces through them without a graph break, and the backward gets the saved ``(q, k, v, out,
+lse, docs)`` of the forward, FlashAttention-2 style.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import types
+
+import torch
+import torch.nn.functional as F
+
+from .. import _dispatch, _native
+from . import _rng, _validate
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Head dims the reference and cpu backends serve; the triton and cuda kernels declare their own
+# limits through their supports().
+MAX_HEAD_DIM = 256
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_qkv(q, k, v) -> bool:
+    """Types, dtypes, devices and shapes of q, k, v; returns whether the input is packed (T, H, D)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q: expected float16, bfloat16, float32 or float64, got dtype {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected a tensor on {q.device} (the device of q), got {t.device}")
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q: expected shape (B, S, H, D), or packed (T, H, D) with cu_seqlens, got {tuple(q.shape)}")
+    if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        lead = "B, S" if q.dim() == 4 else "T"
+        raise ValueError(f"k: expected shape ({lead}, Hk, D) with {lead} and D of q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    h, hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if h < 1 or hk < 1 or h % hk:
+        raise ValueError(f"k: its number of heads Hk={hk} must divide the H={h} heads of q (GQA/MQA)")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim D={d} is not supported (expected 1 <= D <= {MAX_HEAD_DIM})")
+    return q.dim() == 3
+
+
+def _index_arg(name, t, device, length=None, *, int32_only=False) -> torch.Tensor:
+    """A 1-D integer tensor of ``length`` entries on ``device`` or the CPU."""
+    if int32_only:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name}: expected an int32 tensor (as in FlashAttention), got dtype {t.dtype}")
+    else:
+        _validate.index_tensor(name, t)
+    if t.dim() != 1 or (length is not None and t.shape[0] != length):
+        want = f"({length},)" if length is not None else "(N + 1,)"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    if t.device != device and t.device.type != "cpu":
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of q) or on the CPU, got {t.device}")
+    return t
+
+
+def _host_values(*tensors) -> list[list[int]]:
+    """The values of small index tensors as Python ints, with one device sync for all of them."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return [None] * len(tensors)
+    flat = torch.cat([t.reshape(-1).to(present[0].device, torch.int64) for t in present]).tolist()
+    out, at = [], 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+        else:
+            out.append(flat[at:at + t.numel()])
+            at += t.numel()
+    return out
+
+
+def _check_values(cu, seqlens, prefix, s, t_total, max_seqlen, causal):
+    """Value checks that need the host (skipped under torch.compile). Returns (max_len, causal_any)
+    where causal_any tells whether some document has causal structure (P < L)."""
+    cu_v, len_v, pre_v = _host_values(cu, seqlens, prefix)
+    if cu_v is not None:
+        if cu_v[0] != 0:
+            raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {cu_v[0]}")
+        for i in range(len(cu_v) - 1):
+            if cu_v[i + 1] < cu_v[i]:
+                raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i}]={cu_v[i]} > "
+                                 f"cu_seqlens[{i + 1}]={cu_v[i + 1]}")
+        if cu_v[-1] != t_total:
+            raise ValueError(f"cu_seqlens: expected the last offset to equal T={t_total} (the tokens of q), "
+                             f"got {cu_v[-1]}")
+        lengths = [b - a for a, b in zip(cu_v[:-1], cu_v[1:])]
+        what = "document"
+    elif len_v is not None:
+        for i, n in enumerate(len_v):
+            if not 0 <= n <= s:
+                raise ValueError(f"seqlens: expected lengths in [0, S={s}], got seqlens[{i}]={n}")
+        lengths, what = len_v, "row"
+    else:
+        lengths, what = None, "row"
+    if pre_v is not None:
+        for i, p in enumerate(pre_v):
+            length = s if lengths is None else lengths[i]
+            if p < 0:
+                raise ValueError(f"prefix_lens: expected lengths >= 0, got prefix_lens[{i}]={p}")
+            if p > length:
+                raise ValueError(f"prefix_lens: prefix_lens[{i}]={p} is longer than its {what} "
+                                 f"(length {length})")
+    longest = (max(lengths) if lengths else 0) if lengths is not None else s
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"max_seqlen: expected at least the longest {what} ({longest}), got {max_seqlen}")
+    if pre_v is not None:
+        causal_any = any(p < (s if lengths is None else lengths[i]) for i, p in enumerate(pre_v))
+    else:
+        causal_any = causal and longest > 0
+    return (longest if max_seqlen is None else max_seqlen), int(causal_any)
+
+
+def _docs_tensor(b_count, s, device, *, cu=None, seqlens=None, prefix=None, causal=False) -> torch.Tensor:
+    """The (N, 4) int32 ``[b, s0, L, P]`` table, built with tensor ops only (traceable, no sync)."""
+    if cu is not None:
+        cu = cu.to(device)
+        s0 = cu[:-1]
+        lengths = cu[1:] - s0
+        rows = torch.zeros_like(s0)
+    else:
+        rows = torch.arange(b_count, dtype=torch.int32, device=device)
+        s0 = torch.zeros_like(rows)
+        lengths = seqlens.to(device, torch.int32) if seqlens is not None else torch.full_like(rows, s)
+    if prefix is not None:
+        p = prefix.to(device, torch.int32)
+    else:
+        p = torch.zeros_like(lengths) if causal else lengths
+    return torch.stack([rows, s0, lengths, p], 1)
+
+
+def _prepare(q, k, v, *, causal, prefix_lens, seqlens, cu_seqlens, max_seqlen, dropout_p, scale, seed,
+             deterministic):
+    """Validate the public arguments; return the backends' inputs and whether q was packed."""
+    packed = _check_qkv(q, k, v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    dropout_p = _validate.probability("dropout_p", dropout_p)
+    if dropout_p >= 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
+    seed = _rng.check_seed(seed)
+    d = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    else:
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            raise TypeError(f"scale: expected a float or None, got {scale!r}") from None
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite float, got {scale}")
+    if max_seqlen is not None:
+        max_seqlen = _validate.positive_int("max_seqlen", max_seqlen, minimum=0)
+
+    if packed:
+        if cu_seqlens is None:
+            raise ValueError(f"cu_seqlens: required for packed q of shape (T, H, D) {tuple(q.shape)}")
+        if seqlens is not None:
+            raise ValueError("seqlens: only for (B, S, H, D) inputs; packed documents are given by cu_seqlens")
+        _index_arg("cu_seqlens", cu_seqlens, q.device, int32_only=True)
+        if cu_seqlens.shape[0] < 1:
+            raise ValueError("cu_seqlens: expected shape (N + 1,) with N >= 0, got an empty tensor")
+        n_docs = cu_seqlens.shape[0] - 1
+        b_count, s = 1, q.shape[0]
+    else:
+        if cu_seqlens is not None:
+            raise ValueError(f"cu_seqlens: only with packed (T, H, D) inputs, got q of shape {tuple(q.shape)}")
+        b_count, s = q.shape[0], q.shape[1]
+        n_docs = b_count
+        if seqlens is not None:
+            _index_arg("seqlens", seqlens, q.device, b_count)
+    if prefix_lens is not None:
+        _index_arg("prefix_lens", prefix_lens, q.device, n_docs)
+
+    if torch.compiler.is_compiling():
+        # The value checks need the host; under tracing the kernels resolve what they need at run time.
+        max_len = s if cu_seqlens is None else (-1 if max_seqlen is None else max_seqlen)
+        causal_any = -1 if prefix_lens is not None else int(causal)
+    else:
+        max_len, causal_any = _check_values(cu_seqlens, seqlens, prefix_lens, s, s, max_seqlen, causal)
+
+    q4, k4, v4 = (x.unsqueeze(0) if packed else x for x in (q, k, v))
+    # Kernels take any strides but a unit stride along D (what a fused QKV projection produces).
+    q4, k4, v4 = (x if x.stride(-1) == 1 else x.contiguous() for x in (q4, k4, v4))
+    docs = _docs_tensor(b_count, s, q.device, cu=cu_seqlens, seqlens=seqlens, prefix=prefix_lens, causal=causal)
+    key = _rng.stream_key(seed, _rng.STREAM_ATTN_DROPOUT) if dropout_p > 0 else 0
+    return dict(q4=q4, k4=k4, v4=v4, docs=docs, scale=scale, dropout_p=dropout_p, dropout_key=key,
+                max_len=max_len, causal_any=causal_any, deterministic=deterministic), packed
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _token_layout(docs: torch.Tensor, b_count: int, s: int):
+    """Per token of the (B, S) grid: its document (-1 for padding), local position and prefix."""
+    d = docs.to(torch.int64)
+    pos = torch.arange(s, device=docs.device)
+    rows = torch.arange(b_count, device=docs.device)
+    member = ((d[:, 0, None, None] == rows[None, :, None])
+              & (pos[None, None, :] >= d[:, 1, None, None])
+              & (pos[None, None, :] < (d[:, 1] + d[:, 2])[:, None, None]))  # (N, B, S)
+    # documents never overlap, so at most one term of the sum is nonzero
+    ids = torch.arange(1, d.shape[0] + 1, device=docs.device)
+    doc_of = (member.to(torch.int64) * ids[:, None, None]).sum(0) - 1
+    inside = doc_of >= 0
+    safe = doc_of.clamp(min=0)
+    start = d[:, 1].index_select(0, safe.reshape(-1)).reshape(b_count, s) if d.shape[0] else torch.zeros_like(safe)
+    prefix = d[:, 3].index_select(0, safe.reshape(-1)).reshape(b_count, s) if d.shape[0] else torch.zeros_like(safe)
+    return doc_of, inside, pos[None, :] - start, prefix
+
+
+def dropout_keep(docs: torch.Tensor, heads: int, s: int, key: int, p: float, b_count: int | None = None):
+    """The kept entries of the dropout mask, bool ``(B, H, S, S)`` over (row, query head, query, key).
+
+    Entries that do not pair a query with a key of its own document are meaningless (and never
+    used). This is the contract every backend reproduces: see the module docstring.
+    """
+    b_count = int(docs[:, 0].max()) + 1 if b_count is None else b_count
+    doc_of, _, local, _ = _token_layout(docs, b_count, s)
+    h = torch.arange(heads, device=docs.device)
+    rk = _rng.mix32(key ^ (doc_of.clamp(min=0)[:, None, :] * heads + h[None, :, None]))  # (B, H, S)
+    r = _rng.mix32(_rng.mix32(rk ^ local[:, None, :])[..., None] ^ local[:, None, None, :])
+    return (r >> 8) >= _rng.threshold24(p)
+
+
+def reference(q4, k4, v4, docs, *, scale, dropout_p=0.0, dropout_key=0, compute_dtype=None):
+    """Ground truth on the normal form, with plain autograd.
+
+    q4 ``(B, S, H, D)``, k4 / v4 ``(B, S, Hk, D)`` (any float dtype), docs int32 ``(N, 4)``.
+    The math (scores, softmax, dropout, the product with V) runs densely over each batch row
+    with the documents' mask, in ``compute_dtype`` (default float32, float64 for float64 inputs;
+    tests pass a half dtype to measure what plain PyTorch loses in it). Returns ``(out, lse)``:
+    out ``(B, S, H, D)`` in the dtype of q (0 outside every document) and the detached lse
+    ``(B, H, S)`` in float32 (float64 for float64 inputs), ``-inf`` outside every document.
+    """
+    with torch.autocast(q4.device.type, enabled=False):  # the math runs in compute_dtype, not autocast's
+        return _reference(q4, k4, v4, docs, scale, dropout_p, dropout_key, compute_dtype)
+
+
+def _reference(q4, k4, v4, docs, scale, dropout_p, dropout_key, compute_dtype):
+    b_count, s, h, _ = q4.shape
+    group = h // k4.shape[2]
+    acc = _acc_dtype(q4.dtype)
+    cd = compute_dtype or acc
+    doc_of, inside, local, prefix = _token_layout(docs, b_count, s)
+    allowed = ((doc_of[:, :, None] == doc_of[:, None, :]) & inside[:, :, None]
+               & (local[:, None, :] <= torch.maximum(local, prefix - 1)[:, :, None]))  # (B, S, S)
+    # Zero the padding first: it may hold anything (tests poison it with NaN), and 0 * NaN = NaN.
+    pad = ~inside[:, :, None, None]
+    qc, kc, vc = (x.to(cd).masked_fill(pad, 0.0) for x in (q4, k4, v4))
+    kc, vc = (x.repeat_interleave(group, dim=2) if group > 1 else x for x in (kc, vc))
+    scores = torch.einsum("bihd,bjhd->bhij", qc, kc) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    # Padding rows have no key at all: give them finite scores (so softmax and its gradient stay
+    # finite) and zero their probabilities afterwards.
+    empty = ~inside[:, None, :, None]
+    scores = scores.masked_fill(empty, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(scores.detach(), dim=-1).masked_fill(~inside[:, None, :], float("-inf"))
+    if dropout_p > 0:
+        keep = dropout_keep(docs, h, s, dropout_key, dropout_p, b_count)
+        probs = probs * (keep.to(cd) * (1.0 / (1.0 - dropout_p)))
+    out = torch.einsum("bhij,bjhd->bihd", probs, vc)
+    return out.to(q4.dtype).contiguous(), lse.to(acc)  # the layout every backend returns
+
+
+def _run_reference(q4, k4, v4, docs, scale, dropout_p, dropout_key, **_):
+    return reference(q4, k4, v4, docs, scale=scale, dropout_p=dropout_p, dropout_key=dropout_key)
+
+
+# ----------------------------------------------------------------------------- cpu (torch's flash kernel)
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _cpu_unavailable() -> str | None:
+    if _FLASH_CPU is None or _FLASH_CPU_BWD is None:
+        return f"torch {torch.__version__} lacks aten::_scaled_dot_product_flash_attention_for_cpu(_backward)"
+    return None
+
+
+def _mask_kind(length: int, prefix: int) -> int:
+    """Canonical prefix: ``length`` for bidirectional, 0 for causal (a prefix of 1 is causal too),
+    so documents that differ only in how their mask is spelled share one kernel call."""
+    if prefix >= length:
+        return length
+    return 0 if prefix <= 1 else prefix
+
+
+class _Group:
+    """Documents of one (length, prefix) batched into one kernel call.
+
+    ``take`` maps a ``(B, S, ...)`` tensor to ``(n, L, ...)``: a view when the documents are
+    adjacent in one row (packed) or at the same offset of consecutive rows (a batch), a gather
+    (copy) otherwise. ``put`` writes ``(n, L, ...)`` values back."""
+
+    def __init__(self, length, prefix, members, device):
+        self.length, self.prefix, self.n = length, prefix, len(members)
+        b0, s0 = members[0]
+        if all(b == b0 and s == s0 + i * length for i, (b, s) in enumerate(members)):
+            self._view = lambda x: x[b0, s0:s0 + self.n * length].unflatten(0, (self.n, length))
+        elif all(b == b0 + i and s == s0 for i, (b, s) in enumerate(members)):
+            self._view = lambda x: x[b0:b0 + self.n, s0:s0 + length]
+        else:
+            self._view = None
+            self._rows = torch.tensor([b for b, _ in members], device=device)[:, None]
+            self._cols = torch.tensor([s for _, s in members], device=device)[:, None] + torch.arange(length,
+                                                                                                       device=device)
+
+    def take(self, x):
+        return self._view(x) if self._view is not None else x[self._rows, self._cols]
+
+    def put(self, dst, value):
+        if self._view is not None:
+            self._view(dst).copy_(value)
+        else:
+            dst[self._rows, self._cols] = value
+
+
+def _cpu_plan(docs: torch.Tensor, b_count: int, s: int):
+    """None when every row of the batch is one full-length document with one mask kind (one
+    kernel call on the tensors as they are), else the list of groups."""
+    rows = docs.tolist()  # a CPU tensor: no sync
+    kinds = {_mask_kind(length, p) for _, _, length, p in rows}
+    if len(rows) == b_count and len(kinds) == 1 and all(
+            r[0] == i and r[1] == 0 and r[2] == s for i, r in enumerate(rows)):
+        return None, kinds.pop()
+    groups: dict[tuple[int, int], list] = {}
+    for b, s0, length, p in rows:
+        if length > 0:
+            groups.setdefault((length, _mask_kind(length, p)), []).append((b, s0))
+    return [_Group(length, p, members, docs.device) for (length, p), members in groups.items()], None
+
+
+def _bhsd(x):
+    return x.transpose(1, 2)  # (n, L, H, D) <-> (n, H, L, D): views, never copies
+
+
+def _flash(q, k, v, causal, scale):
+    """torch's CPU flash kernel on (n, L, H, D) views: out (n, Lq, H, D), lse (n, H, Lq)."""
+    out, lse = _FLASH_CPU(_bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale)
+    return _bhsd(out), lse
+
+
+def _flash_bwd(dout, q, k, v, out, lse, causal, scale):
+    return tuple(_bhsd(g) for g in _FLASH_CPU_BWD(_bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse, 0.0,
+                                                  causal, scale=scale))
+
+
+def _docs_fwd(q, k, v, prefix, scale):
+    """Documents of one length L and canonical prefix, batched: q (n, L, H, D), k / v (n, L, Hk, D).
+
+    Prefix-LM (0 < prefix < L) runs as three unmasked calls instead of one with an (L, L) mask:
+    prefix queries over prefix keys (bidirectional), the rest over the prefix keys, and the rest
+    over themselves (causal); the last two merge through their log-sum-exps. That skips the
+    masked upper triangle of the rest (a dense mask would compute it and throw it away) and
+    allocates no mask.
+    """
+    length = q.shape[1]
+    if prefix >= length or prefix == 0:
+        return _flash(q, k, v, prefix == 0, scale)
+    p = prefix
+    out_head, lse_head = _flash(q[:, :p], k[:, :p], v[:, :p], False, scale)
+    out_b, lse_b = _flash(q[:, p:], k[:, :p], v[:, :p], False, scale)
+    out_c, lse_c = _flash(q[:, p:], k[:, p:], v[:, p:], True, scale)
+    lse_tail = torch.logaddexp(lse_b, lse_c)
+    wb, wc = (_bhsd(torch.exp(x - lse_tail))[..., None] for x in (lse_b, lse_c))  # (n, L - p, H, 1)
+    acc = lse_tail.dtype  # merged in fp32 (fp64), rounded once
+    out_tail = (out_b.to(acc) * wb + out_c.to(acc) * wc).to(q.dtype)
+    return torch.cat([out_head, out_tail], 1), torch.cat([lse_head, lse_tail], 2)
+
+
+def _docs_bwd(dout, q, k, v, out, lse, prefix, scale):
+    """Gradients of ``_docs_fwd``. The kernel's backward takes the saved out and lse as given, so
+    each piece of a prefix-LM document gets the merged (global) ones and yields its share."""
+    length = q.shape[1]
+    if prefix >= length or prefix == 0:
+        return _flash_bwd(dout, q, k, v, out, lse, prefix == 0, scale)
+    p = prefix
+    head = _flash_bwd(dout[:, :p], q[:, :p], k[:, :p], v[:, :p], out[:, :p], lse[..., :p], False, scale)
+    cross = _flash_bwd(dout[:, p:], q[:, p:], k[:, :p], v[:, :p], out[:, p:], lse[..., p:], False, scale)
+    tail = _flash_bwd(dout[:, p:], q[:, p:], k[:, p:], v[:, p:], out[:, p:], lse[..., p:], True, scale)
+    dq = torch.cat([head[0], cross[0] + tail[0]], 1)
+    dk, dv = (torch.cat([head[i] + cross[i], tail[i]], 1) for i in (1, 2))
+    return dq, dk, dv
+
+
+def _cpu_forward(q4, k4, v4, docs, *, scale, **_):
+    b_count, s, h, _ = q4.shape
+    groups, kind = _cpu_plan(docs, b_count, s)
+    if groups is None:
+        return _docs_fwd(q4, k4, v4, kind, scale)
+    out = q4.new_zeros(q4.shape)
+    lse = torch.full((b_count, h, s), float("-inf"), dtype=_acc_dtype(q4.dtype), device=q4.device)
+    for g in groups:
+        o, lg = _docs_fwd(g.take(q4), g.take(k4), g.take(v4), g.prefix, scale)
+        g.put(out, o)
+        g.put(lse.transpose(1, 2), lg.transpose(1, 2))
+    return out, lse
+
+
+def _cpu_backward(dout, q4, k4, v4, out, lse, docs, *, scale, **_):
+    if q4.dtype in (torch.float16, torch.bfloat16):
+        # torch's CPU kernel keeps its dK / dV partial sums in the half dtype across query blocks:
+        # on 1000-token documents that measured 3-4x the error of plain PyTorch in that dtype (the
+        # tests' FlashAttention rule), and fp16 is emulated (slower) on most CPUs anyway. In fp32
+        # the backward costs five (B, S, H, D) conversions and meets the rule.
+        grads = _cpu_backward_native(*(x.float() for x in (dout, q4, k4, v4, out)), lse, docs, scale=scale)
+        return tuple(g.to(q4.dtype) for g in grads)
+    return _cpu_backward_native(dout, q4, k4, v4, out, lse, docs, scale=scale)
+
+
+def _cpu_backward_native(dout, q4, k4, v4, out, lse, docs, *, scale):
+    b_count, s, _, _ = q4.shape
+    groups, kind = _cpu_plan(docs, b_count, s)
+    if groups is None:
+        return _docs_bwd(dout, q4, k4, v4, out, lse, kind, scale)
+    # padding tokens get exactly zero gradient
+    dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q4, k4, v4))
+    lse_bsh = lse.transpose(1, 2)
+    for g in groups:
+        grads = _docs_bwd(*(g.take(x) for x in (dout, q4, k4, v4, out)), g.take(lse_bsh).transpose(1, 2), g.prefix,
+                          scale)
+        for dst, val in zip((dq, dk, dv), grads):
+            g.put(dst, val)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- kernels: custom ops
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_module(name: str):
+    """(module, None) or (None, why it cannot be imported). Imported on first use, not at import
+    time: the kernel modules may import this one (its reference), and a missing one must only
+    make its backend refuse."""
+    try:
+        return importlib.import_module(f"fastpt.ops.{name}"), None
+    except ImportError as exc:
+        return None, f"fastpt.ops.{name} is not available ({exc})"
+
+
+_CPU_KERNELS = types.SimpleNamespace(forward=_cpu_forward, backward=_cpu_backward)
+
+
+def _kernels(backend: str):
+    """The module-like object with the backend's ``forward`` and ``backward``."""
+    if backend == "cpu":
+        return _CPU_KERNELS
+    module, why = _kernel_module({"triton": "attention_triton", "cuda": "attention_cuda"}[backend])
+    if module is None:
+        raise _dispatch.BackendError(f"attention: backend {backend!r} cannot run: {why}")
+    return module
+
+
+def _resolve(docs: torch.Tensor, max_len: int, causal_any: int) -> tuple[int, bool]:
+    """Fill in what the caller could not know without a device sync (-1: unknown)."""
+    if max_len < 0:
+        max_len = int(docs[:, 2].max()) if docs.shape[0] else 0
+    if causal_any < 0:
+        causal_any = int(bool((docs[:, 3] < docs[:, 2]).any())) if docs.shape[0] else 0
+    return max_len, bool(causal_any)
+
+
+@torch.library.custom_op("fastpt::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor, scale: float,
+                   dropout_p: float, dropout_key: int, max_len: int, causal_any: int, deterministic: bool,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, S, H, D) in q's dtype, lse (B, H, S) float32 / float64), both contiguous."""
+    max_len, causal = _resolve(docs, max_len, causal_any)
+    with torch.autocast(q.device.type, enabled=False):
+        out, lse = _kernels(backend).forward(q, k, v, docs, scale=scale, dropout_p=dropout_p,
+                                             dropout_key=dropout_key, max_len=max_len, causal_any=causal)
+    return out.contiguous(), lse.contiguous()
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, docs, scale, dropout_p, dropout_key, max_len, causal_any, deterministic, backend):
+    b_count, s, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b_count, h, s), dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("fastpt::attention_bwd", mutates_args=())
+def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, docs: torch.Tensor, scale: float, dropout_p: float, dropout_key: int,
+                   max_len: int, causal_any: int, deterministic: bool,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, shaped like q, k, v, in their dtype."""
+    # An upstream gradient may be a broadcast (out.sum().backward() hands in stride-0 ones): give
+    # the kernels the unit inner stride and real rows they are promised.
+    if dout.stride(-1) != 1 or 0 in dout.stride():
+        dout = dout.contiguous()
+    max_len, causal = _resolve(docs, max_len, causal_any)
+    with torch.autocast(q.device.type, enabled=False):
+        dq, dk, dv = _kernels(backend).backward(dout, q, k, v, out, lse, docs, scale=scale, dropout_p=dropout_p,
+                                                dropout_key=dropout_key, max_len=max_len, causal_any=causal,
+                                                deterministic=deterministic)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, docs, scale, dropout_p, dropout_key, max_len, causal_any,
+                        deterministic, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, docs, *args = inputs
+    out, lse = output
+    ctx.args = args  # scale, dropout_p, dropout_key, max_len, causal_any, deterministic, backend
+    ctx.save_for_backward(q, k, v, out, lse, docs)
+
+
+def _backward(ctx, dout, _dlse):
+    # lse is an auxiliary output (the public functions never return it): only out has a gradient
+    q, k, v, out, lse, docs = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, docs, *ctx.args)
+    return (dq, dk, dv) + (None,) * 8
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _run_kernel(name: str):
+    def run(q4, k4, v4, docs, scale, dropout_p, dropout_key, max_len, causal_any, deterministic):
+        return _attention_fwd(q4, k4, v4, docs, scale, dropout_p, dropout_key, max_len, causal_any, deterministic,
+                              name)
+    return run
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _cpu_supports(q4, dropout_p, **_):
+    if q4.device.type != "cpu":
+        return f"needs cpu tensors, got {q4.device.type}"
+    if dropout_p > 0:
+        return ("dropout_p > 0 needs fastpt's counter-based dropout RNG, which torch's CPU kernel does not "
+                "draw from (the reference serves dropout on CPU)")
+    return None
+
+
+def _module_supports(name: str, device_ok):
+    def supports(q4, k4, v4, dropout_p, **_):
+        why = device_ok(q4.device)
+        if why is not None:
+            return why
+        module, why = _kernel_module(name)
+        if module is None:
+            return why
+        return module.supports(q4, k4, v4, dropout_p)
+    return supports
+
+
+def _triton_device(device):
+    if device.type != "cuda" and not _native.triton_interpreting():
+        return f"needs cuda tensors (or TRITON_INTERPRET=1), got {device.type}"
+    return None
+
+
+def _probe(device):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, h, 32, generator=g).to(device) for h in (4, 2, 2))
+    return _prepare(q, k, v, causal=True, prefix_lens=None, seqlens=torch.tensor([16, 9]), cu_seqlens=None,
+                    max_seqlen=None, dropout_p=0.0, scale=None, seed=0, deterministic=False)[0]
+
+
+# Order: the cpu backend accepts only CPU tensors, so on CUDA the order is triton, then cuda, then
+# the reference. The CUDA C++ kernel stays behind Triton until GPU measurements show it faster
+# (none were made yet). cpu comes first so that CPU tensors never land on the Triton
+# interpreter (a test device) when TRITON_INTERPRET=1 is set.
+OP = _dispatch.Op("attention", [
+    _dispatch.Backend("cpu", _cpu_unavailable, _cpu_supports, _run_kernel("cpu")),  # torch's kernel, not _C
+    _dispatch.backend("triton", _module_supports("attention_triton", _triton_device), _run_kernel("triton")),
+    _dispatch.backend("cuda", _module_supports("attention_cuda", _dispatch.device_is("cuda")), _run_kernel("cuda")),
+    _dispatch.backend("reference", lambda **_: None, _run_reference),
+], probe=_probe)
+
+
+def _autocast(q, k, v):
+    """What torch's SDPA does under autocast: the attention runs in the autocast dtype."""
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        dt = torch.get_autocast_dtype(q.device.type)
+        return tuple(x.to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in (q, k, v))
+    return q, k, v
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              prefix_lens: torch.Tensor | None = None, seqlens: torch.Tensor | None = None,
+              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, dropout_p: float = 0.0,
+              scale: float | None = None, seed: int = 0, deterministic: bool = False,
+              backend: str | None = None) -> torch.Tensor:
+    """Softmax attention over padded rows or packed documents, with every pre-training mask.
+
+    Args:
+        q: ``(B, S, H, D)`` as a QKV projection produces it, or packed ``(T, H, D)`` with
+            ``cu_seqlens``; float16, bfloat16, float32 (float64 on the cpu and reference backends).
+        k, v: ``(B, S, Hk, D)`` / ``(T, Hk, D)``, dtype and device of q; ``Hk`` divides ``H``
+            (GQA / MQA: query head ``h`` reads kv head ``h // (H // Hk)``).
+        causal: each token attends to itself and earlier tokens of its row / document.
+        prefix_lens: int ``(B,)`` or ``(N,)``: bidirectional over the first ``prefix_lens[n]``
+            tokens of row / document n, causal after (prefix-LM); overrides ``causal``.
+        seqlens: int ``(B,)`` valid length of each right-padded row ((B, S, H, D) input only).
+            Padded query rows output 0; padded keys are never attended.
+        cu_seqlens: int32 ``(N + 1,)`` document boundaries of packed input: 0, ..., T. Tokens
+            attend only inside their document.
+        max_seqlen: optional longest document (as in FlashAttention); computed when None.
+        dropout_p: attention-probability dropout in [0, 1), counter-based: a pure function of
+            ``(seed, document, head, query, key)``, identical on every backend that supports it.
+        scale: score scale, default ``1 / sqrt(D)``.
+        seed: int in ``[0, 2**64)`` for the dropout mask (change it every step).
+        deterministic: the backward uses no floating-point atomics (kernels that have them).
+        backend: None (fastest that fits) or "cpu", "triton", "cuda", "reference".
+
+    Returns:
+        ``out`` shaped like q, in q's dtype (fp32 accumulation). Differentiable in q, k, v.
+        Under ``torch.autocast`` the inputs are cast to the autocast dtype first.
+
+    Raises:
+        TypeError / ValueError naming the argument: non-tensors, mismatched dtypes, devices or
+        shapes, ``H % Hk != 0``, a head dim outside [1, 256], cu_seqlens that is not int32, does
+        not start at 0, decreases or does not end at T, seqlens outside [0, S], a negative prefix
+        or one longer than its row / document, ``max_seqlen`` below the longest document,
+        dropout_p outside [0, 1); ``fastpt.BackendError`` when the forced backend cannot serve
+        (with every backend's reason).
+    """
+    q, k, v = _autocast(q, k, v)
+    inputs, packed = _prepare(q, k, v, causal=causal, prefix_lens=prefix_lens, seqlens=seqlens,
+                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p, scale=scale,
+                              seed=seed, deterministic=deterministic)
+    out, _ = OP(backend, **inputs)
+    return out[0] if packed else out
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+         seed: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on ``(B, H, S, D)``.
+
+    query ``(B, H, S, D)``, key / value ``(B, Hk, S, D)`` (``Hk < H`` needs ``enable_gqa=True``,
+    as in torch). The kernels get ``transpose(1, 2)`` views, never copies, and the output is
+    returned as a ``(B, H, S, D)`` view. What the kernels do not express falls back to torch's
+    SDPA unchanged: a general ``attn_mask``, inputs that are not 4-D, query and key lengths or
+    head dims that differ, or ``Hk != H`` without ``enable_gqa`` (torch then raises its error).
+    Dropout uses the counter-based RNG with ``seed``; when None, a seed is drawn from torch's
+    default generator (so ``torch.manual_seed`` makes it reproducible). Raises what
+    ``attention`` raises.
+    """
+    general = (attn_mask is not None or not isinstance(query, torch.Tensor) or query.dim() != 4
+               or not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor)
+               or key.dim() != 4 or value.dim() != 4 or key.shape[2] != query.shape[2]
+               or value.shape != key.shape or key.shape[3] != query.shape[3] or key.shape[0] != query.shape[0]
+               or (key.shape[1] != query.shape[1] and not enable_gqa))
+    if general:
+        kw = dict(enable_gqa=True) if enable_gqa else {}
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, **kw)
+    if dropout_p and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=bool(is_causal),
+                    dropout_p=dropout_p, scale=scale, seed=seed or 0, backend=backend)
+    return out.transpose(1, 2)

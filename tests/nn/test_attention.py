@@ -1,0 +1,144 @@
+"""fastpt.nn.MultiheadSelfAttention and TransformerEncoderLayer against torch's modules."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastpt
+from fastpt.nn import MultiheadSelfAttention, TransformerEncoderLayer
+
+
+def _x(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _pair(norm_first, activation="gelu", d=64, heads=4, ff=96):
+    torch.manual_seed(0)
+    ref = torch.nn.TransformerEncoderLayer(d, heads, ff, dropout=0.1, activation=activation, batch_first=True,
+                                           norm_first=norm_first).eval()
+    ours = TransformerEncoderLayer(d, heads, ff, dropout=0.1, activation=activation, norm_first=norm_first).eval()
+    ours.load_state_dict(ref.state_dict())  # strict: every name and shape matches
+    return ref, ours
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("mask", ["none", "padding", "causal", "causal+padding", "src_mask"])
+def test_encoder_layer_matches_torch(norm_first, activation, mask):
+    ref, ours = _pair(norm_first, activation)
+    s = 21
+    x = _x(3, s, 64)
+    lengths = torch.tensor([s, 9, 14])
+    pad = torch.arange(s)[None, :] >= lengths[:, None]  # torch: True = padding
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)  # torch bool masks: True = not allowed
+    ref_kw, our_kw = {}, {}
+    if "padding" in mask:
+        ref_kw["src_key_padding_mask"] = our_kw["src_key_padding_mask"] = pad
+    if mask.startswith("causal"):
+        ref_kw |= dict(src_mask=causal, is_causal=True)
+        our_kw["is_causal"] = True
+    if mask == "src_mask":  # a general mask: torch's SDPA serves it
+        general = _x(s, s, seed=1) > 0.5
+        general.fill_diagonal_(False)  # torch bool masks: True = not allowed
+        ref_kw["src_mask"] = our_kw["src_mask"] = general
+    with torch.no_grad():
+        want, got = ref(x, **ref_kw), ours(x, **our_kw)
+    valid = ~pad if "padding" in mask else torch.ones_like(pad)
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_layer_trains_and_rejects_what_it_cannot_do():
+    layer = TransformerEncoderLayer(32, 4, 64, dropout=0.1)
+    x = _x(2, 11, 32).requires_grad_()
+    torch.manual_seed(3)
+    a = layer(x, is_causal=True)
+    torch.manual_seed(3)
+    b = layer(x, is_causal=True)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # dropout (attention and MLP) follows torch.manual_seed
+    a.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+    with pytest.raises(ValueError, match="batch_first"):
+        TransformerEncoderLayer(32, 4, batch_first=False)
+    with pytest.raises(ValueError, match="activation"):
+        TransformerEncoderLayer(32, 4, activation="swish")
+    left = torch.tensor([[True, False, False] + [False] * 8, [False] * 11])
+    with pytest.raises(ValueError, match="src_key_padding_mask: only right padding"):
+        layer(x, src_key_padding_mask=left)
+
+
+def test_self_attention_equals_torch_multihead_attention():
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(48, 6, batch_first=True).eval()
+    ours = MultiheadSelfAttention(48, 6).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = _x(2, 13, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x, x, x, need_weights=False)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_shapes_and_packed_equals_padded():
+    """GQA parameters, (B, S, E) and packed (T, E) inputs; packed documents equal the same
+    sequences right-padded in a batch, and an HF attention_mask equals seqlens."""
+    torch.manual_seed(0)
+    m = MultiheadSelfAttention(64, 8, num_kv_heads=2, causal=True).eval()
+    assert m.in_proj_weight.shape == ((8 + 2 * 2) * 8, 64) and m.out_proj.weight.shape == (64, 64)
+    lengths = [7, 1, 12]
+    docs = [_x(n, 64, seed=i) for i, n in enumerate(lengths)]
+    packed = torch.cat(docs)
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32)
+    out_packed = m(packed, cu_seqlens=cu)
+    assert out_packed.shape == (20, 64)
+    padded = torch.zeros(3, 12, 64)
+    for i, d in enumerate(docs):
+        padded[i, :len(d)] = d
+    seqlens = torch.tensor(lengths)
+    out_padded = m(padded, seqlens=seqlens)
+    assert out_padded.shape == (3, 12, 64)
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        torch.testing.assert_close(out_packed[a:b], out_padded[i, :b - a], rtol=1e-5, atol=1e-5)
+    hf_mask = (torch.arange(12)[None, :] < seqlens[:, None]).long()
+    torch.testing.assert_close(m(padded, attention_mask=hf_mask), out_padded, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="attention_mask: only right padding"):
+        m(padded, attention_mask=hf_mask.flip(1))
+    with pytest.raises(ValueError, match="attention_mask: give either"):
+        m(padded, attention_mask=hf_mask, seqlens=seqlens)
+
+
+def test_self_attention_prefix_lm_matches_dense_mask():
+    """prefix_lens in the module is the prefix-LM mask written out for torch's SDPA."""
+    torch.manual_seed(0)
+    m = MultiheadSelfAttention(32, 4, num_kv_heads=1, bias=False).eval()
+    x = _x(2, 10, 32)
+    prefix = torch.tensor([4, 0])
+    i = torch.arange(10)
+    allowed = i[None, None, :] <= torch.maximum(i[None, :, None], prefix[:, None, None] - 1)  # (B, S, S)
+    q, k, v = m.project(x)
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=allowed[:, None], enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(m(x, prefix_lens=prefix), m.out_proj(want.flatten(-2)), rtol=1e-5, atol=1e-5)
+
+
+def test_self_attention_dropout_only_in_training():
+    torch.manual_seed(0)
+    m = MultiheadSelfAttention(32, 4, dropout=0.5)
+    x = _x(2, 9, 32)
+    torch.manual_seed(1)
+    a = m(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(m(x), a, rtol=0, atol=0)  # the seed comes from torch's generator
+    assert not torch.allclose(m(x), a)  # a new draw, a new mask
+    m.eval()
+    eval_out = m(x)
+    m.dropout = 0.0
+    m.train()
+    torch.testing.assert_close(m(x), eval_out, rtol=0, atol=0)
+
+
+def test_module_arguments_are_checked():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        MultiheadSelfAttention(64, 8, num_kv_heads=3)
+    with pytest.raises(ValueError, match="embed_dim"):
+        MultiheadSelfAttention(60, 8)
+    assert MultiheadSelfAttention(60, 8, head_dim=16).in_proj_weight.shape == (3 * 8 * 16, 60)
+    with pytest.raises(ValueError, match="dropout"):
+        MultiheadSelfAttention(64, 8, dropout=1.0)
+    assert "num_kv_heads=2" in repr(fastpt.nn.MultiheadSelfAttention(64, 8, num_kv_heads=2))

@@ -1,0 +1,498 @@
+"""attention: every usable backend against the float64 reference, forward and all three gradients.
+
+Tolerance is the FlashAttention rule: a backend's error against the float64 reference (run on
+the inputs rounded to the test dtype) is at most twice the error of the same reference math run
+in the test dtype itself, plus a small floor. The reference itself is checked against torch's
+SDPA with explicit dense masks, so the ground truth does not vouch for itself.
+
+Triton runs under the interpreter here: this file gives it only S <= 64 and D <= 64 (its own
+tests cover it in depth).
+"""
+import functools
+import importlib
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastpt
+from fastpt.ops import _rng, attention, sdpa
+from tests.helpers import backend_grid
+
+attn = importlib.import_module("fastpt.ops.attention")  # the module (the package exports the function)
+GRID = backend_grid("attention")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (S, D, H, Hk): every odd length, head dims 40 / 64 / 80 / 128, GQA ratios 1 and 4
+SHAPES = [(1, 40, 4, 1), (17, 64, 4, 4), (17, 128, 8, 2), (113, 40, 4, 4), (113, 80, 8, 2), (203, 64, 4, 1),
+          (203, 128, 2, 2), (1000, 40, 4, 1)]
+MASKS = ["none", "causal", "padded", "padded-causal", "prefix", "padded-prefix", "packed", "packed-causal",
+         "packed-prefix"]
+
+
+THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small shapes gain nothing from torch's intra-op threads, and on a machine whose cores are
+    busy with other jobs every parallel region can stall at its barrier: this file took 27 s
+    with one thread and over 5 minutes with two on two cores at load 3. The determinism test
+    puts the threads back, since that is where they matter."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(THREADS)
+
+
+def _too_big(backend, s, d):
+    """Sizes a backend does not get in this file: the interpreter is slow, the reference is dense."""
+    if backend == "triton" and not torch.cuda.is_available():
+        return s > 64 or d > 64
+    return backend == "reference" and s >= 1000
+
+
+def _case(mask, shape, seed=0):
+    """float64 q, k, v and the keyword arguments of one mask kind. (B, S) layouts have B = 2;
+    packed input has T = S tokens cut into documents of random lengths, among them empty ones."""
+    s, d, h, hk = shape
+    g = torch.Generator().manual_seed(seed * 1009 + s * 31 + d + 7 * h + hk)
+    packed = mask.startswith("packed")
+    lead = (s,) if packed else (2, s)
+    q, k, v = (torch.randn(*lead, n, d, generator=g, dtype=torch.float64) for n in (h, hk, hk))
+    kw = {}
+    if packed:
+        cuts = torch.randint(0, s + 1, (4,), generator=g).tolist()
+        cuts = sorted(cuts + cuts[:1])  # a repeated cut: an empty document
+        kw["cu_seqlens"] = torch.tensor([0] + cuts + [s], dtype=torch.int32)
+        lengths = kw["cu_seqlens"].diff()
+    elif "padded" in mask:
+        kw["seqlens"] = torch.tensor([s, s // 3])  # S = 1 gives an all-padding row
+        lengths = kw["seqlens"]
+    else:
+        lengths = torch.tensor([s, s])
+    if mask.endswith("causal"):
+        kw["causal"] = True
+    if mask.endswith("prefix"):
+        kw["prefix_lens"] = (torch.rand(lengths.shape, generator=g) * (lengths + 1)).long().clamp(max=lengths)
+    return (q, k, v), kw
+
+
+def _grad_out(like, seed=1):
+    return torch.randn(like.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _run(backend, qkv, kw, dtype, plain_dtype=None, **extra):
+    """(out, dq, dk, dv) as float64. ``plain_dtype``: the library's reference with its math in that
+    dtype (plain PyTorch in the inputs' dtype: the baseline of the FlashAttention rule)."""
+    q, k, v = (x.to(dtype).detach().requires_grad_() for x in qkv)
+    if plain_dtype is None:
+        out = attention(q, k, v, backend=backend, **kw, **extra)
+    else:
+        inputs, packed = attn._prepare(q, k, v, **{**dict(causal=False, prefix_lens=None, seqlens=None,
+                                                          cu_seqlens=None, max_seqlen=None, dropout_p=0.0,
+                                                          scale=None, seed=0, deterministic=False), **kw})
+        out, _ = attn.reference(inputs["q4"], inputs["k4"], inputs["v4"], inputs["docs"], scale=inputs["scale"],
+                                compute_dtype=plain_dtype)
+        out = out[0] if packed else out
+    out.backward(_grad_out(out).to(out.device, dtype))
+    return [x.detach().double() for x in (out, q.grad, k.grad, v.grad)]
+
+
+@functools.lru_cache(maxsize=32)
+def _truth(mask, shape, dtype):
+    """float64 reference on the dtype-rounded inputs, and the reference math run in ``dtype``."""
+    qkv, kw = _case(mask, shape)
+    rounded = tuple(x.to(dtype).double() for x in qkv)
+    return _run("reference", rounded, kw, torch.float64), _run(None, qkv, kw, dtype, plain_dtype=dtype)
+
+
+def _assert_rule(out, ref, plain, dtype):
+    for name, o, r, p in zip(("out", "dq", "dk", "dv"), out, ref, plain):
+        assert o.shape == r.shape, name
+        assert torch.isfinite(o).all(), f"{name}: non-finite values"
+        err = (o - r).abs().max().item() if o.numel() else 0.0
+        base = (p - r).abs().max().item() if o.numel() else 0.0
+        floor = (1e-5 if dtype == torch.float32 else 1e-3) * (1.0 + r.abs().max().item() if r.numel() else 1.0)
+        assert err <= 2 * base + floor, \
+            f"{name}: error {err:.3g} > 2 x same-dtype reference error {base:.3g} + {floor:.1g}"
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "S{}-D{}-H{}-Hk{}".format(*s))
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64_reference(device, backend, shape, mask, dtype):
+    if _too_big(backend, shape[0], shape[1]):
+        pytest.skip(f"{backend} gets S <= 64 and D <= 64 here" if backend == "triton" else "dense reference")
+    ref, plain = _truth(mask, shape, dtype)
+    qkv, kw = _case(mask, shape)
+    qkv = tuple(x.to(device) for x in qkv)
+    kw = {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}
+    out = [x.cpu() for x in _run(backend, qkv, kw, dtype)]
+    _assert_rule(out, ref, plain, dtype)
+
+
+# ----------------------------------------------------------------------------- the reference vs torch
+
+
+def _dense_mask(kw, lead, s):
+    """The allowed (query, key) pairs as an explicit bool (B, S, S) mask, and the valid tokens."""
+    b = lead[0] if len(lead) == 2 else 1
+    i = torch.arange(s)
+    if "cu_seqlens" in kw:
+        cu = kw["cu_seqlens"].long()
+        doc = torch.bucketize(i, cu[1:], right=True)[None]  # (1, S) document of each token
+        start = cu[doc]
+        valid = torch.ones(1, s, dtype=torch.bool)
+    else:
+        lengths = kw.get("seqlens", torch.full((b,), s))
+        doc = torch.zeros(b, s, dtype=torch.long)
+        start = torch.zeros(b, s, dtype=torch.long)
+        valid = i[None] < lengths[:, None]
+    local = i[None] - start
+    prefix = kw["prefix_lens"][doc] if len(lead) == 1 and "prefix_lens" in kw else (
+        kw["prefix_lens"][:, None].expand(b, s) if "prefix_lens" in kw else None)
+    if prefix is None:
+        prefix = torch.zeros(b, s, dtype=torch.long) if kw.get("causal") else torch.full((b, s), s)
+    allowed = (doc[:, :, None] == doc[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    allowed &= local[:, None, :] <= torch.maximum(local, prefix - 1)[:, :, None]
+    return allowed, valid
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_reference_equals_torch_sdpa_with_dense_mask(mask):
+    """Packed, padded, prefix-LM and causal masks written out densely for torch's SDPA (GQA by
+    enable_gqa) give the reference's output and gradients."""
+    (q, k, v), kw = _case(mask, (37, 16, 8, 2), seed=3)
+    lead, s = q.shape[:-2], q.shape[-3]
+    allowed, valid = _dense_mask(kw, lead, s)
+    allowed = allowed | ~valid[:, :, None]  # torch gives NaN for rows without a key; they are masked below
+    dout = _grad_out(q) * valid.reshape(*lead, 1, 1)  # padded rows contribute nothing
+
+    def torch_sdpa(q, k, v):
+        q4, k4, v4 = (x.reshape(-1, s, *x.shape[-2:]).transpose(1, 2) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=allowed[:, None], enable_gqa=True)
+        return o.transpose(1, 2).reshape(q.shape) * valid.reshape(*lead, 1, 1)
+
+    results = []
+    for fn in (torch_sdpa, lambda q, k, v: attention(q, k, v, backend="reference", **kw)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(dout)
+        results.append([out.detach()] + [x.grad for x in leaves])
+    for name, want, got in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("mask", ["packed", "packed-causal", "packed-prefix"])
+def test_packed_equals_separate_calls(device, backend, mask):
+    """A packed row gives each document what a call on that document alone gives."""
+    s = 40 if backend == "triton" else 203
+    (q, k, v), kw = _case(mask, (s, 64, 4, 1), seed=5)
+    q, k, v = (x.float().to(device) for x in (q, k, v))
+    cu = kw["cu_seqlens"].tolist()
+    out = attention(q, k, v, backend=backend, **{n: x.to(device) if isinstance(x, torch.Tensor) else x
+                                                  for n, x in kw.items()})
+    for n, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        if a == b:
+            continue
+        one = {"causal": kw.get("causal", False)}
+        if "prefix_lens" in kw:
+            one["prefix_lens"] = kw["prefix_lens"][n:n + 1].to(device)
+        alone = attention(q[None, a:b], k[None, a:b], v[None, a:b], backend=backend, **one)[0]
+        torch.testing.assert_close(out[a:b], alone, rtol=1e-5, atol=1e-5, msg=f"document {n}")
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_padding_is_never_read_and_outputs_zero(device, backend):
+    """NaN in every padded position of q, k, v: real rows are unaffected, padded rows output exactly
+    0 and every padded position gets exactly zero gradient."""
+    s = 33 if backend == "triton" else 113
+    (q, k, v), kw = _case("padded-prefix", (s, 32, 4, 2), seed=7)
+    kw = {n: x.to(device) for n, x in kw.items()}
+    pad = (torch.arange(s)[None, :] >= kw["seqlens"].cpu()[:, None])[..., None, None].to(device)
+    clean = [x.float().to(device).requires_grad_() for x in (q, k, v)]
+    poisoned = [x.detach().masked_fill(pad, float("nan")).requires_grad_() for x in clean]
+    outs = []
+    for leaves in (clean, poisoned):
+        out = attention(*leaves, backend=backend, **kw)
+        out.backward(_grad_out(out).float().to(device))
+        outs.append([out.detach()] + [x.grad for x in leaves])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *outs):
+        assert torch.equal(b.masked_select(pad.expand_as(b)), torch.zeros_like(b.masked_select(pad.expand_as(b)))), name
+        torch.testing.assert_close(b, a, msg=name)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+# the (device, backend) pairs that accept dropout (the cpu backend refuses it)
+DROPOUT_GRID = [(dev, b) for dev, b in GRID if attn.OP.refusals(**attn.OP.probe(dev) | {"dropout_p": 0.5})[b] is None]
+
+
+def _revealed(backend, device, kw, s, h, p, seed):
+    """q = 0 makes every allowed probability 1 / (allowed keys), v = identity puts probability j of
+    query i into output column j: the output shows the dropout mask and its scaling."""
+    q = torch.zeros(2, s, h, s, device=device)
+    k = torch.randn(2, s, h, s, generator=torch.Generator().manual_seed(0)).to(device)
+    v = torch.eye(s, device=device)[None, :, None, :].expand(2, s, h, s).contiguous()
+    return attention(q, k, v, dropout_p=p, seed=seed, backend=backend, **kw).permute(0, 2, 1, 3).cpu()  # (B, H, i, j)
+
+
+@pytest.mark.parametrize("device,backend", DROPOUT_GRID)
+def test_dropout_mask_is_the_contract(device, backend):
+    """Each dropped entry is the one the counter-based formula names, computed here with the
+    scalar hash: doc n, query head h, local query i, local key j."""
+    s, h, p, seed = 16, 2, 0.4, 1234
+    seqlens, prefix = torch.tensor([16, 11]), torch.tensor([5, 0])
+    out = _revealed(backend, device, dict(seqlens=seqlens.to(device), prefix_lens=prefix.to(device)), s, h, p, seed)
+    key, thr = _rng.stream_key(seed, _rng.STREAM_ATTN_DROPOUT), _rng.threshold24(p)
+    for n in range(2):
+        length, pre = int(seqlens[n]), int(prefix[n])
+        for hh in range(h):
+            rk = _rng.mix32_int(key ^ (n * h + hh))
+            for i in range(length):
+                allowed = [j for j in range(length) if j <= max(i, pre - 1)]
+                for j in allowed:
+                    kept = (_rng.mix32_int(_rng.mix32_int(rk ^ i) ^ j) >> 8) >= thr
+                    want = 1.0 / (len(allowed) * (1 - p)) if kept else 0.0
+                    assert out[n, hh, i, j].item() == pytest.approx(want, rel=1e-5, abs=1e-7), (n, hh, i, j)
+    assert torch.equal(out[1, :, 11:], torch.zeros_like(out[1, :, 11:]))
+
+
+@pytest.mark.parametrize("device,backend", DROPOUT_GRID)
+def test_dropout_rate_and_seeds(device, backend):
+    """Drop rate within 5 binomial standard deviations; same seed same mask, new seed new mask."""
+    s, h, p = (32, 2, 0.3) if backend == "triton" else (128, 4, 0.3)
+    out = _revealed(backend, device, dict(causal=True), s, h, p, seed=7)
+    allowed = torch.ones(s, s, dtype=torch.bool).tril().expand_as(out)
+    n = allowed.sum().item()
+    dropped = (out[allowed] == 0).sum().item()
+    assert abs(dropped - n * p) <= 5 * math.sqrt(n * p * (1 - p)), (dropped, n)
+    assert torch.equal(out, _revealed(backend, device, dict(causal=True), s, h, p, seed=7))
+    other = _revealed(backend, device, dict(causal=True), s, h, p, seed=8)
+    assert ((other == 0) != (out == 0))[allowed].float().mean() > 0.2
+
+
+def test_dropout_gradcheck_of_the_reference():
+    """With a fixed seed the dropout mask is a constant: the reference's gradients are exact."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(9, hh, 4, generator=g, dtype=torch.float64, requires_grad=True) for hh in (2, 1, 1))
+    kw = dict(cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32), prefix_lens=torch.tensor([2, 0]),
+              dropout_p=0.4, seed=3, backend="reference")
+    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, **kw), (q, k, v))
+
+
+@pytest.mark.parametrize("device,backend", [(d, b) for d, b in DROPOUT_GRID if b != "reference"])
+def test_dropout_matches_reference(device, backend):
+    (q, k, v), kw = _case("packed-prefix", (48, 32, 4, 2), seed=11)
+    kw = kw | dict(dropout_p=0.25, seed=99)
+    ref = _run("reference", (q, k, v), kw, torch.float64)
+    got = _run(backend, tuple(x.to(device) for x in (q, k, v)), {n: x.to(device) if isinstance(x, torch.Tensor)
+                                                                   else x for n, x in kw.items()}, torch.float32)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a.cpu(), b, rtol=2e-4, atol=2e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------- bad input and refusals
+
+
+def _args(**over):
+    g = torch.Generator().manual_seed(0)
+    a = dict(q=torch.randn(2, 8, 4, 16, generator=g), k=torch.randn(2, 8, 2, 16, generator=g),
+             v=torch.randn(2, 8, 2, 16, generator=g))
+    return a | over
+
+
+def _packed(**over):
+    return _args(q=torch.randn(10, 4, 16), k=torch.randn(10, 2, 16), v=torch.randn(10, 2, 16),
+                 cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32)) | over
+
+
+@pytest.mark.parametrize("args,err,match", [
+    (_args(q=[1.0]), TypeError, "q: expected a torch.Tensor"),
+    (_args(q=torch.zeros(2, 8, 4, 16, dtype=torch.int64)), TypeError, "q: expected float16"),
+    (_args(k=torch.randn(2, 8, 2, 16, dtype=torch.float64)), TypeError, "k: expected dtype torch.float32"),
+    (_args(v=torch.randn(2, 8, 2, 16, device="meta")), ValueError, "v: expected a tensor on cpu"),
+    (_args(q=torch.randn(8, 4)), ValueError, "q: expected shape"),
+    (_args(k=torch.randn(2, 7, 2, 16)), ValueError, "k: expected shape"),
+    (_args(k=torch.randn(2, 8, 2, 8)), ValueError, "k: expected shape"),
+    (_args(v=torch.randn(2, 8, 1, 16)), ValueError, "v: expected the shape of k"),
+    (_args(k=torch.randn(2, 8, 3, 16), v=torch.randn(2, 8, 3, 16)), ValueError, "k: its number of heads Hk=3"),
+    (_args(q=torch.randn(1, 2, 1, 300), k=torch.randn(1, 2, 1, 300), v=torch.randn(1, 2, 1, 300)), ValueError,
+     "head dim D=300"),
+    (_args(causal=1), TypeError, "causal"),
+    (_args(dropout_p=1.0), ValueError, "dropout_p"),
+    (_args(dropout_p=-0.1), ValueError, "dropout_p"),
+    (_args(seed=-1), ValueError, "seed"),
+    (_args(scale=float("nan")), ValueError, "scale"),
+    (_args(scale="x"), TypeError, "scale"),
+    (_args(seqlens=torch.tensor([8, 9])), ValueError, r"seqlens: expected lengths in \[0, S=8\], got seqlens\[1\]=9"),
+    (_args(seqlens=torch.tensor([8, -1])), ValueError, "seqlens"),
+    (_args(seqlens=torch.tensor([8])), ValueError, r"seqlens: expected shape \(2,\)"),
+    (_args(seqlens=torch.tensor([8.0, 2.0])), TypeError, "seqlens"),
+    (_args(prefix_lens=torch.tensor([8, 9])), ValueError, r"prefix_lens: prefix_lens\[1\]=9 is longer than its row"),
+    (_args(seqlens=torch.tensor([8, 3]), prefix_lens=torch.tensor([2, 4])), ValueError, "longer than its row"),
+    (_args(prefix_lens=torch.tensor([-1, 2])), ValueError, "prefix_lens: expected lengths >= 0"),
+    (_args(cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)), ValueError, "cu_seqlens: only with packed"),
+    (_packed(cu_seqlens=None), ValueError, "cu_seqlens: required"),
+    (_packed(cu_seqlens=torch.tensor([0, 4, 10])), TypeError, "cu_seqlens: expected an int32"),
+    (_packed(cu_seqlens=torch.tensor([1, 4, 10], dtype=torch.int32)), ValueError, r"cu_seqlens\[0\] == 0"),
+    (_packed(cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), ValueError, "non-decreasing"),
+    (_packed(cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)), ValueError, "last offset to equal T=10"),
+    (_packed(cu_seqlens=torch.tensor([[0, 4, 10]], dtype=torch.int32)), ValueError, "cu_seqlens: expected shape"),
+    (_packed(prefix_lens=torch.tensor([5, 1])), ValueError, "longer than its document"),
+    (_packed(prefix_lens=torch.tensor([1, 1, 1])), ValueError, r"prefix_lens: expected shape \(2,\)"),
+    (_packed(seqlens=torch.tensor([4, 6])), ValueError, "seqlens: only for"),
+    (_packed(max_seqlen=5), ValueError, r"max_seqlen: expected at least the longest document \(6\)"),
+    (_args(backend="tpu"), ValueError, "backend"),
+])
+def test_bad_input(args, err, match):
+    with pytest.raises(err, match=match):
+        attention(**args)
+
+
+def test_refusals_name_the_reason():
+    """The cpu backend refuses dropout (torch's kernel has its own RNG) and non-CPU tensors; the
+    dispatcher then falls back, and a forced backend lists every reason."""
+    with pytest.raises(fastpt.BackendError, match="cpu: dropout_p > 0 needs .*counter-based") as exc:
+        attention(**_args(dropout_p=0.1, backend="cpu"))
+    assert "reference: ok" in str(exc.value) and "triton: " in str(exc.value) and "cuda: " in str(exc.value)
+    inputs, _ = attn._prepare(**{n: x for n, x in _args().items()}, causal=False, prefix_lens=None, seqlens=None,
+                              cu_seqlens=None, max_seqlen=None, dropout_p=0.1, scale=None, seed=0,
+                              deterministic=False)
+    assert attn.OP.select(None, **inputs).name != "cpu"
+    meta = {n: x.to("meta") if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            for n, x in (inputs | dict(dropout_p=0.0)).items()}
+    why = attn.OP.refusals(**meta)
+    assert why["cpu"] == "needs cpu tensors, got meta" and why["reference"] is None
+    assert why["cuda"] is not None
+
+
+def test_missing_kernel_module_makes_its_backend_refuse(monkeypatch):
+    monkeypatch.setattr(attn, "_kernel_module", lambda name: (None, f"fastpt.ops.{name} is not available (test)"))
+    supports = attn._module_supports("attention_triton", lambda device: None)
+    assert supports(**attn.OP.probe("cpu")) == "fastpt.ops.attention_triton is not available (test)"
+
+
+# ----------------------------------------------------------------------------- integration
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("layout", ["packed-prefix", "padded-causal"])
+def test_torch_compile_full_graph(backend, layout):
+    (q, k, v), kw = _case(layout, (29, 16, 4, 2), seed=2)
+    q, k, v = (x.float() for x in (q, k, v))
+
+    def step(q, k, v, index):
+        names = [n for n in ("cu_seqlens", "seqlens", "prefix_lens") if n in kw]
+        extra = dict(zip(names, index)) | {n: x for n, x in kw.items() if not isinstance(x, torch.Tensor)}
+        return (attention(q, k, v, backend=backend, **extra) ** 2).sum()
+
+    index = [kw[n] for n in ("cu_seqlens", "seqlens", "prefix_lens") if n in kw]
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    eager = step(*leaves, index)
+    eager.backward()
+    want = [x.grad for x in leaves]
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # dynamo's note on the lru_cache in _dispatch
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*leaves, index)  # raises on a break
+        compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for g, x in zip(want, leaves):
+        torch.testing.assert_close(x.grad, g)
+
+
+def test_custom_op_registration():
+    """Schema, fake implementation and autograd formula agree with the real cpu kernel."""
+    (q, k, v), kw = _case("packed-prefix", (23, 16, 4, 2), seed=4)
+    q4, k4, v4 = (x.float()[None].requires_grad_() for x in (q, k, v))
+    docs = attn._docs_tensor(1, 23, "cpu", cu=kw["cu_seqlens"], prefix=kw["prefix_lens"])
+    torch.library.opcheck(attn._attention_fwd, (q4, k4, v4, docs, 0.3, 0.0, 0, -1, -1, False, "cpu"))
+    docs = attn._docs_tensor(2, 9, "cpu", causal=True)
+    q4, k4 = torch.randn(2, 9, 4, 16, requires_grad=True), torch.randn(2, 9, 1, 16, requires_grad=True)
+    torch.library.opcheck(attn._attention_fwd, (q4, k4, k4, docs, 0.25, 0.0, 0, 9, 1, False, "cpu"))
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("kind", ["none", "causal", "gqa", "scale"])
+def test_sdpa_is_a_drop_in(device, backend, kind):
+    """fastpt.ops.sdpa on (B, H, S, D) equals torch's SDPA, forward and backward."""
+    h, hk = (8, 2) if kind == "gqa" else (4, 4)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, n, 37, 32, generator=g).to(device).requires_grad_() for n in (h, hk, hk))
+    kw = dict(is_causal=kind == "causal", scale=0.3 if kind == "scale" else None, enable_gqa=kind == "gqa")
+    results = []
+    for fn in (F.scaled_dot_product_attention, functools.partial(sdpa, backend=backend)):
+        for x in (q, k, v):
+            x.grad = None
+        out = fn(q, k, v, **kw)
+        out.backward(_grad_out(out).float().to(device))
+        results.append([out.detach()] + [x.grad for x in (q, k, v)])
+    assert results[1][0].shape == (2, h, 37, 32)
+    for name, want, got in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sdpa_falls_back_to_torch_for_general_masks():
+    q, k, v = (torch.randn(2, 4, 9, 16) for _ in range(3))
+    mask = torch.rand(2, 1, 9, 9) > 0.3
+    mask[..., 0] = True
+    torch.testing.assert_close(sdpa(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                               rtol=0, atol=0)
+    with pytest.raises(RuntimeError):  # torch's own error: fewer kv heads without enable_gqa
+        sdpa(q, k[:, :2], v[:, :2])
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_log_sum_exp_and_layout(device, backend):
+    """The saved lse is (B, H, S) float32 and matches the reference on real rows; out is contiguous."""
+    (q, k, v), kw = _case("packed-prefix", (48, 32, 4, 2), seed=6)
+    inputs, _ = attn._prepare(*(x.float().to(device) for x in (q, k, v)), causal=False, seqlens=None, max_seqlen=None,
+                              dropout_p=0.0, scale=None, seed=0, deterministic=False,
+                              cu_seqlens=kw["cu_seqlens"].to(device), prefix_lens=kw["prefix_lens"].to(device))
+    out, lse = attn.OP(backend, **inputs)
+    ref_out, ref_lse = attn.reference(inputs["q4"].double(), inputs["k4"].double(), inputs["v4"].double(),
+                                      inputs["docs"], scale=inputs["scale"])
+    assert lse.shape == (1, 4, 48) and lse.dtype == torch.float32 and out.is_contiguous()
+    torch.testing.assert_close(lse.double().cpu(), ref_lse.cpu(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_strided_inputs_broadcast_gradient_and_determinism(device, backend):
+    """q, k, v as views of one fused projection (and a transposed q with stride(-1) != 1), an
+    upstream gradient that is a stride-0 broadcast, and bitwise-equal deterministic backwards."""
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(2, 24, 4 + 2 * 2, 16, generator=g).to(device)
+    q, k, v = qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:]
+    ref = attention(*(x.contiguous() for x in (q, k, v)), causal=True, backend=backend)
+    torch.testing.assert_close(attention(q, k, v, causal=True, backend=backend), ref, rtol=0, atol=0)
+    qt = q.contiguous().transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, stride(-1) != 1
+    assert qt.stride(-1) != 1
+    torch.testing.assert_close(attention(qt, k, v, causal=True, backend=backend), ref, rtol=0, atol=0)
+    grads = []
+    torch.set_num_threads(THREADS)  # several threads are what could make a backward order-dependent
+    for _ in range(2):
+        leaves = [x.contiguous().requires_grad_() for x in (q, k, v)]
+        attention(*leaves, causal=True, deterministic=True, backend=backend).sum().backward()
+        grads.append([x.grad for x in leaves])
+    torch.set_num_threads(1)
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_autocast_runs_in_the_autocast_dtype(device, backend):
+    q, k, v = (torch.randn(2, 16, 4, 32, device=device, requires_grad=True) for _ in range(3))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = attention(q, k, v, causal=True, backend=backend)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32
+    want = attention(*(x.detach().bfloat16() for x in (q, k, v)), causal=True, backend=backend)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
