@@ -142,3 +142,12 @@ def test_module_arguments_are_checked():
     with pytest.raises(ValueError, match="dropout"):
         MultiheadSelfAttention(64, 8, dropout=1.0)
     assert "num_kv_heads=2" in repr(fastpt.nn.MultiheadSelfAttention(64, 8, num_kv_heads=2))
+
+
+def test_encoder_layer_defaults_match_torch():
+    torch.manual_seed(0)
+    ref = torch.nn.TransformerEncoderLayer(32, 4, 48, batch_first=True).eval()  # torch's default activation: relu
+    ours = TransformerEncoderLayer(32, 4, 48).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = _x(2, 11, 32)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)

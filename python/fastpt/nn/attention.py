@@ -170,8 +170,7 @@ class TransformerEncoderLayer(nn.Module):
 
     Same arguments, parameter names and math (post-norm by default, pre-norm with
     ``norm_first=True``), so ``load_state_dict`` of a torch layer works. Differences: only
-    ``batch_first=True``; the default activation is ``"gelu"`` (torch's is relu; pass
-    ``activation="relu"`` to reproduce torch's default); ``src_key_padding_mask`` must be right
+    ``batch_first=True`` (the default activation is relu, as torch's); ``src_key_padding_mask`` must be right
     padding; extra keywords ``num_kv_heads`` (GQA), ``backend``, and in ``forward``
     ``cu_seqlens`` / ``max_seqlen`` (packed ``(T, E)`` input) and ``prefix_lens``.
 
@@ -181,7 +180,7 @@ class TransformerEncoderLayer(nn.Module):
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str | Callable[[torch.Tensor], torch.Tensor] = "gelu", layer_norm_eps: float = 1e-5,
+                 activation: str | Callable[[torch.Tensor], torch.Tensor] = "relu", layer_norm_eps: float = 1e-5,
                  batch_first: bool = True, norm_first: bool = False, bias: bool = True, device=None, dtype=None,
                  *, num_kv_heads: int | None = None, backend: str | None = None):
         super().__init__()
