@@ -33,15 +33,14 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
-import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fastpt
 from fastpt.ops import attention
+
+import _harness  # benches/_harness.py (pytest puts benches/ on sys.path)
 
 attn = importlib.import_module("fastpt.ops.attention")  # the module (the package exports the function)
 
@@ -61,15 +60,7 @@ RESULTS: dict[tuple, dict] = {}
 
 
 def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return dict(cpu=model, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                fastpt=fastpt.__version__, loadavg_1m=os.getloadavg()[0],
-                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    return _harness.machine()
 
 
 class Case:

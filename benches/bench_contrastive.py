@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import subprocess
 import sys
 
@@ -29,9 +27,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastpt
 from fastpt import _native
 from fastpt.ops import clip_loss, info_nce
+
+import _harness  # benches/_harness.py (pytest puts benches/ on sys.path)
 
 pytest.importorskip("pytest_benchmark")
 
@@ -41,15 +40,8 @@ FP32 = 4
 
 
 def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
     isa = _native._C.contrastive_cpu_isa() if _native._C is not None else None
-    return dict(cpu=model, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                fastpt=fastpt.__version__, fastpt_cpu_isa=isa, loadavg_1m=os.getloadavg()[0])
+    return _harness.machine(fastpt_cpu_isa=isa)
 
 
 # ------------------------------------------------------------------ memory models (bytes, float32, N = M)

@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
-import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fastpt
 from fastpt.ops import linear_cross_entropy
+
+import _harness  # benches/_harness.py (pytest puts benches/ on sys.path)
 
 try:
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
@@ -59,15 +58,7 @@ except OSError:  # not glibc: the RSS numbers are then an upper bound
 
 
 def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return dict(cpu=model, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                fastpt=fastpt.__version__, loadavg_1m=os.getloadavg()[0],
-                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    return _harness.machine()
 
 
 def _status_kb(field: str) -> int:
