@@ -19,14 +19,14 @@ fi
 log "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
 log "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)  date: $(date -u +%F)"
 start=$(date +%s)
-FASTPT_CUDA=ON python3 -m pip install --no-build-isolation -q -e . > "$out/build.log" 2>&1
+FASTPT_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q -e . > "$out/build.log" 2>&1
 rc=$?
 log "build rc=$rc in $(( $(date +%s) - start )) s"
 [ $rc -eq 0 ] || { tail -40 "$out/build.log"; exit $rc; }
 python3 -m fastpt info | tee "$out/info.txt"
 
 log "GPU tests"
-timeout 240 python3 -m pytest tests -q -x -p no:cacheprovider -k "cuda or triton" 2>&1 | tee "$out/tests.txt" | tail -15
+timeout 240 python3 -m pytest tests -q -p no:cacheprovider -k "cuda or triton" 2>&1 | tee "$out/tests.txt" | tail -15
 
 log "benches"
 timeout 180 python3 -m pytest benches -q -p no:cacheprovider --benchmark-only \
