@@ -26,7 +26,7 @@ def _print_info(as_json: bool) -> None:
         print("  (TRITON_INTERPRET=1: Triton kernels run on the CPU interpreter, for tests)")
     print("ops (backend picked when backend=None):")
     for op, per_device in info["ops"].items():
-        print(f"  {op:<16} " + "  ".join(f"{dev}: {b}" for dev, b in per_device.items()))
+        print(f"  {op:<22} " + "  ".join(f"{dev}: {b}" for dev, b in per_device.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
