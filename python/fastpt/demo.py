@@ -14,6 +14,7 @@ import time
 import torch
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+UL2_MODE_TOKENS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}  # the UL2 paper's paradigm tokens
 NUM_SENTINELS = 100
 
 
@@ -40,7 +41,8 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size - NUM_SENTINELS, special_tokens=SPECIALS,
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size - NUM_SENTINELS,
+                                        special_tokens=SPECIALS + list(UL2_MODE_TOKENS.values()),
                                         show_progress=False)
     tok.train_from_iterator(docs, trainer=trainer)
     tok.add_special_tokens([f"<extra_id_{i}>" for i in reversed(range(NUM_SENTINELS))])
@@ -151,12 +153,18 @@ def run_demo(*, batch: int = 256, seq_len: int = 512, vocab_size: int = 8000, se
     print(f"   inputs : {_show(tok, inputs[0], 40)} ...\n   targets: {_show(tok, targets[0], 24)} ...")
 
     print("\n-- UL2 mixture of denoisers (R, X, S), mode tokens prepended")
-    modes = {"R": tok.token_to_id("[CLS]"), "X": tok.token_to_id("[CLS]"), "S": tok.token_to_id("[CLS]")}
+    modes = {mode: tok.token_to_id(token) for mode, token in UL2_MODE_TOKENS.items()}
     out = ul2_denoise(ids, sentinel_start_id=sentinel, eos_id=eos, pad_id=pad, mode_token_ids=modes, seed=seed)
     sec = _timeit(lambda: ul2_denoise(ids, sentinel_start_id=sentinel, eos_id=eos, pad_id=pad,
                                       mode_token_ids=modes, seed=seed))
     results["ul2_denoise"] = n_tok / sec
-    print(f"   {n_tok / sec / 1e6:.1f} M tokens/s; denoisers used per row: {out.denoiser[:16].tolist()} ...")
+    from fastpt.ops import UL2_DENOISERS
+
+    used = torch.bincount(out.denoiser, minlength=len(UL2_DENOISERS)).tolist()
+    mix = ", ".join(f"{d.mode}{'' if d.mode == 'S' else f'(mu={d.mean_span_len:g}, r={d.noise_density:g})'}: {n}"
+                    for d, n in zip(UL2_DENOISERS, used))
+    print(f"   {n_tok / sec / 1e6:.1f} M tokens/s; rows per denoiser: {mix}")
+    print(f"   row 0 inputs: {_show(tok, out.inputs[0], 24)} ...")
 
     print("\n-- MAE random patch masking (75%), 256 images x 196 patches")
     B, L = 256, 196
