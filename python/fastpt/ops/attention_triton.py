@@ -77,6 +77,12 @@ INTERPRET_GQA_SPLIT = 1  # how many programs share one GQA group's heads in the 
 if triton is not None:
 
     @triton.jit
+    def _doc_row(DOCS, n):
+        """Row ``n`` of the (N, 4) int32 docs table: batch index (int64), start, length, prefix."""
+        doc = DOCS + n.to(tl.int64) * 4
+        return tl.load(doc).to(tl.int64), tl.load(doc + 1), tl.load(doc + 2), tl.load(doc + 3)
+
+    @triton.jit
     def _load_rows(base, rows, stride, offs_d, row_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    CHECK_ROWS: tl.constexpr, UPCAST: tl.constexpr):
         """A (len(rows), BLOCK_D) tile of base[rows * stride + d]; rows outside / d >= HEAD_DIM read 0."""
@@ -154,11 +160,7 @@ if triton is not None:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         n = tl.program_id(1) + doc_base
         h = tl.program_id(2)
-        doc = DOCS + n.to(tl.int64) * 4
-        b = tl.load(doc).to(tl.int64)
-        s0 = tl.load(doc + 1)
-        L = tl.load(doc + 2)
-        P = tl.load(doc + 3)
+        b, s0, L, P = _doc_row(DOCS, n)
         i0 = pid_m * BLOCK_M
         if i0 >= L:
             return
@@ -206,10 +208,7 @@ if triton is not None:
         pid_m = tl.program_id(0)
         n = tl.program_id(1) + doc_base
         h = tl.program_id(2)
-        doc = DOCS + n.to(tl.int64) * 4
-        b = tl.load(doc).to(tl.int64)
-        s0 = tl.load(doc + 1)
-        L = tl.load(doc + 2)
+        b, s0, L, _ = _doc_row(DOCS, n)
         i0 = pid_m * BLOCK_M
         if i0 >= L:
             return
@@ -271,11 +270,7 @@ if triton is not None:
         pid_n = tl.num_programs(0) - 1 - tl.program_id(0)
         n = tl.program_id(1) + doc_base
         slot = tl.program_id(2)  # kv head hk = slot // SPLIT, share slot % SPLIT of its group
-        doc = DOCS + n.to(tl.int64) * 4
-        b = tl.load(doc).to(tl.int64)
-        s0 = tl.load(doc + 1)
-        L = tl.load(doc + 2)
-        P = tl.load(doc + 3)
+        b, s0, L, P = _doc_row(DOCS, n)
         j0 = pid_n * BLOCK_N
         if j0 >= L:
             return
@@ -362,11 +357,7 @@ if triton is not None:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         n = tl.program_id(1) + doc_base
         h = tl.program_id(2)
-        doc = DOCS + n.to(tl.int64) * 4
-        b = tl.load(doc).to(tl.int64)
-        s0 = tl.load(doc + 1)
-        L = tl.load(doc + 2)
-        P = tl.load(doc + 3)
+        b, s0, L, P = _doc_row(DOCS, n)
         i0 = pid_m * BLOCK_M
         if i0 >= L:
             return
