@@ -49,6 +49,13 @@ def triton_unavailable() -> str | None:
     return "no CUDA device and TRITON_INTERPRET is not set"
 
 
+def triton_device_refusal(device) -> str | None:
+    """Why Triton kernels refuse tensors on ``device``: they need CUDA, or the interpreter on the CPU."""
+    if device.type != "cuda" and not _native.triton_interpreting():
+        return f"needs cuda tensors (or TRITON_INTERPRET=1), got {device.type}"
+    return None
+
+
 def native_cpu_unavailable() -> str | None:
     return _native.cpu_unavailable()
 

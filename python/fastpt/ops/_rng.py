@@ -28,7 +28,7 @@ import torch
 
 try:  # the Triton twin of mix32, for the kernels in ops/*.py
     import triton
-    import triton.language as tl
+    import triton.language as tl  # noqa: F401  (the interpreter needs it in a jit function's globals)
 except ImportError:  # pragma: no cover - machines without triton
     triton = None
 

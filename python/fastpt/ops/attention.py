@@ -44,7 +44,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .. import _dispatch, _native
+from .. import _dispatch
 from . import _rng, _validate
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -607,8 +607,9 @@ def _module_supports(name: str, device_ok):
 
 
 def _triton_device(device):
-    if device.type != "cuda" and not _native.triton_interpreting():
-        return f"needs cuda tensors (or TRITON_INTERPRET=1), got {device.type}"
+    why = _dispatch.triton_device_refusal(device)
+    if why is not None:
+        return why
     return None
 
 

@@ -45,7 +45,7 @@ import functools
 
 import torch
 
-from .. import _native
+from .. import _dispatch, _native
 from . import _rng
 
 try:  # Triton is optional: a GPU backend, or the CPU interpreter in tests.
@@ -493,8 +493,9 @@ def supports(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, dropout_p: fl
     """Why the Triton kernels refuse these inputs, or None when they accept them."""
     if triton is None:
         return "triton is not installed"
-    if q4.device.type != "cuda" and not _native.triton_interpreting():
-        return f"needs cuda tensors (or TRITON_INTERPRET=1), got {q4.device.type}"
+    why = _dispatch.triton_device_refusal(q4.device)
+    if why is not None:
+        return why
     if q4.dtype not in FLOAT_DTYPES:
         return f"supports float32, float16 and bfloat16, got {q4.dtype} (float64 runs on the reference backend)"
     if k4.dtype != q4.dtype or v4.dtype != q4.dtype:

@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from .. import _native
+from .. import _dispatch
 
 try:  # Triton is optional: a GPU backend, or the CPU interpreter in tests.
     import triton
@@ -251,8 +251,9 @@ def merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def supports(q: torch.Tensor) -> str | None:
     if triton is None:
         return "triton is not installed"
-    if q.device.type != "cuda" and not _native.triton_interpreting():
-        return f"needs cuda tensors (or TRITON_INTERPRET=1), got {q.device.type}"
+    why = _dispatch.triton_device_refusal(q.device)
+    if why is not None:
+        return why
     if q.dtype not in FLOAT_DTYPES:
         return f"supports float32, float16 and bfloat16, got {q.dtype} (float64 runs on the reference backend)"
     return None

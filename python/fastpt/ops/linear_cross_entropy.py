@@ -468,8 +468,9 @@ def _cpu_supports(hidden, **_):
 
 
 def _triton_supports(hidden, **_):
-    if hidden.device.type != "cuda" and not _native.triton_interpreting():
-        return f"needs cuda tensors (or TRITON_INTERPRET=1), got {hidden.device.type}"
+    why = _dispatch.triton_device_refusal(hidden.device)
+    if why is not None:
+        return why
     if hidden.dtype == torch.float64:
         return "float64 is not supported (fp32 softmax); use cpu or reference"
     return None

@@ -223,8 +223,9 @@ def _on(kind):
 
 
 def _triton_supports(ids, **_):
-    if ids.device.type != "cuda" and not _native.triton_interpreting():
-        return f"needs cuda tensors (or TRITON_INTERPRET=1), got {ids.device.type}"
+    why = _dispatch.triton_device_refusal(ids.device)
+    if why is not None:
+        return why
     return None
 
 

@@ -324,8 +324,9 @@ def _cuda_supports(device, block, num_patches, **_):
 
 
 def _triton_supports(device, block, num_patches, **_):
-    if device.type != "cuda" and not _native.triton_interpreting():
-        return f"needs cuda tensors (or TRITON_INTERPRET=1), got {device.type}"
+    why = _dispatch.triton_device_refusal(device)
+    if why is not None:
+        return why
     if num_patches > MAX_TRITON_PATCHES:
         return f"num_patches={num_patches} exceeds the Triton kernel's limit of {MAX_TRITON_PATCHES}"
     return _random_only(device, block)
