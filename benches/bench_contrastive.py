@@ -7,8 +7,9 @@ temperature 0.07:
 Memory: the extra peak resident memory of one forward + backward, measured in a fresh subprocess
 (``ru_maxrss`` minus the resident size just before the call) at one N per approach, next to the
 analytic model below; the model then gives the largest N that fits in 8 GiB.
-CUDA (skipped without a GPU): N = 16384, D = 512, fastpt triton (bf16) vs eager (bf16) vs the PyPI
-package inf-cl (``cal_flash_loss``, float32 only) when importable; time and
+CUDA (skipped without a GPU): N = 16384, D = 512, fastpt triton and cuda vs eager in bf16, and fastpt
+triton vs eager vs the PyPI package inf-cl (``cal_flash_loss``, float32 only) in fp32 when
+importable; time and
 ``torch.cuda.max_memory_allocated``.
 
 Run::
@@ -188,16 +189,20 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-@pytest.mark.parametrize("impl", ["fastpt_triton", "torch_eager", "inf_cl"])
-def test_info_nce_cuda(benchmark, impl):
+@pytest.mark.parametrize("impl,dtype", [("fastpt_triton", "bf16"), ("fastpt_cuda", "bf16"), ("torch_eager", "bf16"),
+                                        ("fastpt_triton", "fp32"), ("torch_eager", "fp32"), ("inf_cl", "fp32")])
+def test_info_nce_cuda(benchmark, impl, dtype):
     if impl == "inf_cl":
         inf_cl = pytest.importorskip("inf_cl")
-        q, k = (t.requires_grad_() for t in _inputs(N_GPU, D, torch.float32, "cuda"))  # inf-cl is fp32 only
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    q, k = (t.requires_grad_() for t in _inputs(N_GPU, D, dt, "cuda"))
+    if impl == "inf_cl":  # inf-cl is fp32 only
         fn = lambda: inf_cl.cal_flash_loss(q, k, scale=1 / TEMPERATURE).mean()  # noqa: E731
+    elif impl.startswith("fastpt_"):
+        backend = impl.split("_")[1]
+        fn = lambda: info_nce(q, k, temperature=TEMPERATURE, backend=backend)  # noqa: E731
     else:
-        q, k = (t.requires_grad_() for t in _inputs(N_GPU, D, torch.bfloat16, "cuda"))
-        fn = (lambda: info_nce(q, k, temperature=TEMPERATURE, backend="triton")) if impl == "fastpt_triton" else (
-            lambda: _eager_info_nce(q, k))
+        fn = lambda: _eager_info_nce(q, k)  # noqa: E731
     step = _fwd_bwd(fn, [q, k])
     step()
     torch.cuda.synchronize()
@@ -208,7 +213,9 @@ def test_info_nce_cuda(benchmark, impl):
         step()
         torch.cuda.synchronize()
 
-    benchmark.group = f"info_nce fwd+bwd cuda N={N_GPU} D={D}"
+    benchmark.group = f"info_nce fwd+bwd cuda N={N_GPU} D={D} {dtype}"
     benchmark.pedantic(timed, rounds=5, warmup_rounds=1, iterations=1)
+    with torch.no_grad():
+        loss = float(fn())  # every contender computes the same loss: a cross-check in the results
     benchmark.extra_info.update(device=torch.cuda.get_device_name(), n=N_GPU, d=D, dtype=str(q.dtype),
-                                peak_extra_bytes=torch.cuda.max_memory_allocated() - base)
+                                peak_extra_bytes=torch.cuda.max_memory_allocated() - base, loss=loss)

@@ -38,10 +38,13 @@ Block sizes on the GPU come from ``triton.autotune`` over a few configs per head
 chosen by reasoning for H100 / H200 (no GPU was at hand when they were written; see ``_configs``).
 The kernels' ``LEN_BUCKET`` argument is unused in their bodies: it is the autotuner's key for the
 length of the longest doc (a power of two), so short and long batches may pick different tiles.
+``FASTPT_TRITON_AUTOTUNE=0`` in the environment skips the tuning and launches each kernel with the
+first (reasoned) config: seconds instead of minutes of compilation at start-up (the GPU tests use it).
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -452,8 +455,10 @@ def _tuned(kind: str, block_d: int, fp32: bool):
     Every kernel overwrites its outputs (no accumulation across launches), so the autotuner's
     repeated benchmark runs leave correct results. Tuning is keyed by head dim, mask structure,
     dropout and a power-of-two bucket of the longest doc; the autotuner adds the dtypes."""
-    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s)
-               for m, n, w, s in _configs(kind, block_d, fp32)]
+    candidates = _configs(kind, block_d, fp32)
+    if os.environ.get("FASTPT_TRITON_AUTOTUNE", "1") == "0":
+        candidates = candidates[:1]
+    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in candidates]
     return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "DROPOUT", "LEN_BUCKET"])(_KERNELS[kind])
 
 
