@@ -7,8 +7,8 @@ temperature 0.07:
 Memory: the extra peak resident memory of one forward + backward, measured in a fresh subprocess
 (``ru_maxrss`` minus the resident size just before the call) at one N per approach, next to the
 analytic model below; the model then gives the largest N that fits in 8 GiB.
-CUDA (skipped without a GPU): N = 16384, D = 512, fastpt triton and cuda vs eager in bf16, and fastpt
-triton vs eager vs the PyPI package inf-cl (``cal_flash_loss``, float32 only) in fp32 when
+CUDA (skipped without a GPU): N = 16384, D = 512, fastpt blas, triton and cuda vs eager in bf16, and
+fastpt blas and triton vs eager vs the PyPI package inf-cl (``cal_flash_loss``, float32 only) in fp32 when
 importable; time and
 ``torch.cuda.max_memory_allocated``.
 
@@ -189,8 +189,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-@pytest.mark.parametrize("impl,dtype", [("fastpt_triton", "bf16"), ("fastpt_cuda", "bf16"), ("torch_eager", "bf16"),
-                                        ("fastpt_triton", "fp32"), ("torch_eager", "fp32"), ("inf_cl", "fp32")])
+@pytest.mark.parametrize("impl,dtype", [("fastpt_blas", "bf16"), ("fastpt_triton", "bf16"), ("fastpt_cuda", "bf16"),
+                                        ("torch_eager", "bf16"), ("fastpt_blas", "fp32"), ("fastpt_triton", "fp32"),
+                                        ("torch_eager", "fp32"), ("inf_cl", "fp32")])
 def test_info_nce_cuda(benchmark, impl, dtype):
     if impl == "inf_cl":
         inf_cl = pytest.importorskip("inf_cl")

@@ -33,11 +33,14 @@ python3 -m fastpt info | tee -a "$out/summary.txt"
 
 if [[ " $PHASES " == *" tests "* ]]; then
   # one tuning config per kernel (FASTPT_TRITON_AUTOTUNE=0): the tests check numbers, not speed;
-  # 8 processes share the GPU and compile Triton kernels in parallel
-  FASTPT_TRITON_AUTOTUNE=0 timeout "${TEST_BUDGET:-210}" python3 -m pytest tests/ops tests/nn tests/test_dispatch.py \
-    -k "cuda or triton" -n 8 -q -p no:cacheprovider --timeout 150 -rfE --tb=short > "$out/tests.txt" 2>&1
+  # 14 processes share the GPU and compile Triton kernels in parallel; -v names each failure as it
+  # happens, so a run cut short by its time limit still says what failed
+  tests="tests/ops tests/nn tests/test_dispatch.py"
+  [ -f tests/models/test_patch_hf.py ] && tests="$tests tests/models/test_patch_hf.py"
+  FASTPT_TRITON_AUTOTUNE=0 timeout "${TEST_BUDGET:-210}" python3 -m pytest $tests -k "cuda or triton" \
+    -n "${TEST_PROCS:-14}" -v -p no:cacheprovider --timeout 150 -rfE --tb=short > "$out/tests.txt" 2>&1
   log "GPU tests rc=$?: $(tail -1 "$out/tests.txt")"
-  grep -E "^(FAILED|ERROR)" "$out/tests.txt" | cut -c1-220 | head -40
+  grep -E "(FAILED|ERROR) tests" "$out/tests.txt" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | cut -c1-200 | head -50
 fi
 
 if [[ " $PHASES " == *" benches "* ]]; then

@@ -237,8 +237,12 @@ def _prepare(q, k, v, *, causal, prefix_lens, seqlens, cu_seqlens, max_seqlen, d
     q4, k4, v4 = (x if x.stride(-1) == 1 else x.contiguous() for x in (q4, k4, v4))
     docs = _docs_tensor(b_count, s, q.device, cu=cu_seqlens, seqlens=seqlens, prefix=prefix_lens, causal=causal)
     key = _rng.stream_key(seed, _rng.STREAM_ATTN_DROPOUT) if dropout_p > 0 else 0
+    # rows: "none" / "causal" when every row is one whole sequence under one plain mask (what
+    # torch's own SDPA kernels take without a mask tensor), None for any per-row structure
+    plain = cu_seqlens is None and seqlens is None and prefix_lens is None
+    rows = ("causal" if causal else "none") if plain else None
     return dict(q4=q4, k4=k4, v4=v4, docs=docs, scale=scale, dropout_p=dropout_p, dropout_key=key,
-                max_len=max_len, causal_any=causal_any, deterministic=deterministic), packed
+                max_len=max_len, causal_any=causal_any, deterministic=deterministic, rows=rows), packed
 
 
 # ----------------------------------------------------------------------------- reference
@@ -576,7 +580,7 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _run_kernel(name: str):
-    def run(q4, k4, v4, docs, scale, dropout_p, dropout_key, max_len, causal_any, deterministic):
+    def run(q4, k4, v4, docs, scale, dropout_p, dropout_key, max_len, causal_any, deterministic, **_):
         return _attention_fwd(q4, k4, v4, docs, scale, dropout_p, dropout_key, max_len, causal_any, deterministic,
                               name)
     return run
@@ -606,6 +610,39 @@ def _module_supports(name: str, device_ok):
     return supports
 
 
+def _sdpa_supports(q4, k4, dropout_p, deterministic, rows, **_):
+    if q4.device.type != "cuda":
+        return f"needs cuda tensors, got {q4.device.type} (the cpu backend serves CPU tensors)"
+    if rows is None:
+        return "serves whole rows under no mask or a causal one; seqlens, cu_seqlens and prefix_lens go to fastpt's kernels"
+    if dropout_p > 0:
+        return "dropout_p > 0 needs fastpt's counter-based dropout RNG, which torch's kernels do not draw from"
+    if deterministic:
+        return "deterministic=True: torch's flash / cuDNN backward may accumulate with atomics"
+    if q4.dtype not in (torch.float16, torch.bfloat16):
+        return f"serves float16 and bfloat16 (torch's fused kernels), got {q4.dtype}"
+    if k4.shape[2] != q4.shape[2] and not _SDPA_GQA:
+        return f"GQA needs torch >= 2.5 (enable_gqa), this is {torch.__version__}"
+    return None
+
+
+def _sdpa_unavailable() -> str | None:
+    return None if torch.cuda.is_available() else "no CUDA device (torch's fused SDPA kernels serve CUDA tensors here)"
+
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def _sdpa_run(q4, k4, v4, scale, rows, **_):
+    """torch's own SDPA (cuDNN / flash on Hopper, picked by torch): on a plain or causal mask it
+    measured 1.5-2x faster than fastpt's Triton kernel on an H200 (benches/results/attention-gpu.md),
+    so the dispatcher takes it there; fastpt's kernels serve every per-row / per-document mask."""
+    gqa = dict(enable_gqa=True) if k4.shape[2] != q4.shape[2] else {}
+    out = F.scaled_dot_product_attention(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2),
+                                         is_causal=rows == "causal", scale=scale, **gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def _triton_device(device):
     why = _dispatch.triton_device_refusal(device)
     if why is not None:
@@ -620,12 +657,15 @@ def _probe(device):
                     max_seqlen=None, dropout_p=0.0, scale=None, seed=0, deterministic=False)[0]
 
 
-# Order: the cpu backend accepts only CPU tensors, so on CUDA the order is triton, then cuda, then
-# the reference. The CUDA C++ kernel stays behind Triton until GPU measurements show it faster
-# (none were made yet). cpu comes first so that CPU tensors never land on the Triton
-# interpreter (a test device) when TRITON_INTERPRET=1 is set.
+# Order: the cpu backend accepts only CPU tensors, so on CUDA the order is sdpa (plain / causal
+# rows only), triton, then cuda, then the reference. Measured on an H200 (2026-11-26,
+# benches/results/attention-gpu.md): torch's cuDNN SDPA beats fastpt's Triton kernel 1.5-2x where
+# it needs no mask; Triton beats torch 1.5-3x on packed documents and prefix-LM; the CUDA C++
+# mma.sync kernel runs at about half of Triton's rate, so it stays behind it. cpu comes first so
+# that CPU tensors never land on the Triton interpreter (a test device) when TRITON_INTERPRET=1 is set.
 OP = _dispatch.Op("attention", [
     _dispatch.Backend("cpu", _cpu_unavailable, _cpu_supports, _run_kernel("cpu")),  # torch's kernel, not _C
+    _dispatch.Backend("sdpa", _sdpa_unavailable, _sdpa_supports, _sdpa_run),
     _dispatch.backend("triton", _module_supports("attention_triton", _triton_device), _run_kernel("triton")),
     _dispatch.backend("cuda", _module_supports("attention_cuda", _dispatch.device_is("cuda")), _run_kernel("cuda")),
     _dispatch.backend("reference", lambda **_: None, _run_reference),
@@ -668,7 +708,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         scale: score scale, default ``1 / sqrt(D)``.
         seed: int in ``[0, 2**64)`` for the dropout mask (change it every step).
         deterministic: the backward uses no floating-point atomics (kernels that have them).
-        backend: None (fastest that fits) or "cpu", "triton", "cuda", "reference".
+        backend: None (fastest that fits) or "cpu", "sdpa" (torch's own fused kernels on CUDA,
+            plain or causal rows only), "triton", "cuda", "reference".
 
     Returns:
         ``out`` shaped like q, in q's dtype (fp32 accumulation). Differentiable in q, k, v.

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from .. import _dispatch, _native
 from . import _validate
+from . import contrastive_blas as _blas
 from . import contrastive_triton as _triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -383,19 +384,42 @@ def _cuda_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric
     return (gq, gk) if gmax is None else (gq * gmax, gk * gmax)
 
 
-# GPU priority: triton before cuda. Neither has been timed yet (no GPU was at hand when the CUDA
-# kernels were written). Triton's tl.dot gets software pipelining and, on Hopper, wgmma from its
-# compiler; the CUDA kernels use wmma (mma.sync) without a pipelined load stage, so Triton is the
-# likelier winner for fp16 / bf16, and for fp32 both run FMA tiles. The cuda backend serves when
-# Triton is missing, and on request (backend="cuda"); benches/bench_contrastive.py decides later.
+def _blas_supports(q, **_):
+    if q.device.type != "cuda":
+        return f"needs cuda tensors, got {q.device.type} (the cpu backend serves CPU tensors)"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"supports float32, float16 and bfloat16, got {q.dtype} (float64 runs on the reference backend)"
+    if q.dtype != torch.float32 and "out_dtype" not in (torch.mm.__doc__ or ""):
+        return f"fp16 / bf16 products with float32 output need torch >= 2.8 (torch.mm out_dtype), this is {torch.__version__}"
+    return None
+
+
+def _blas_forward(q, k, queue, scale, symmetric, self_offset):
+    return _blas.forward(q, k, queue, scale.to(device=q.device, dtype=torch.float32), symmetric, self_offset)
+
+
+def _blas_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset):
+    return _blas.backward(q, k, queue, scale.to(device=q.device, dtype=torch.float32), row_lse, col_lse, g_row,
+                          g_col, symmetric, self_offset)
+
+
+def _blas_unavailable() -> str | None:
+    return None if torch.cuda.is_available() else "no CUDA device (the blas backend runs cuBLAS products)"
+
+
+# GPU priority: blas, triton, cuda. Measured on an H200 (2026-11-26, N = 16384, D = 512,
+# benches/results/contrastive-gpu.md): the tiled Triton kernel ran 5.6x (bf16) / 8x (fp32) slower
+# than eager matmul + cross_entropy, the CUDA wmma kernel 21x; four chunked cuBLAS products do
+# the same work at the matrix units' rate in bounded memory. Triton and cuda serve on request.
 OP = _dispatch.Op("contrastive", [
     _dispatch.backend("cpu", _cpu_supports, _cpu_forward),
+    _dispatch.Backend("blas", _blas_unavailable, _blas_supports, _blas_forward),
     _dispatch.backend("triton", lambda q, **_: _triton.supports(q), _triton_forward),
     _dispatch.Backend("cuda", _cuda_unavailable, _cuda_supports, _cuda_forward),
     _dispatch.backend("reference", lambda **_: None, _ref_forward),
 ], probe=lambda device: dict(q=torch.zeros(4, 8, device=device), k=torch.zeros(4, 8, device=device), queue=None,
                              scale=torch.ones((), device=device), symmetric=False, self_offset=-1))
-_BACKWARD = {"cpu": _cpu_backward, "triton": _triton_backward, "cuda": _cuda_backward, "reference": _ref_backward}
+_BACKWARD = {"cpu": _cpu_backward, "blas": _blas_backward, "triton": _triton_backward, "cuda": _cuda_backward, "reference": _ref_backward}
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
@@ -628,7 +652,8 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, *, temperature=0.07, labels
         gather: all-gather keys over ``group`` (torch.distributed); see the module docstring for
             the value and gradient convention.
         group: the process group for ``gather`` (default: the world).
-        backend: None (fastest that fits) or "cpu", "triton", "cuda", "reference".
+        backend: None (fastest that fits) or "cpu", "blas" (chunked cuBLAS products, CUDA), "triton", "cuda",
+            "reference".
 
     Returns:
         0-dim loss, float32 (float64 for float64 inputs).
