@@ -13,7 +13,9 @@ from typing import Callable
 
 from . import _native
 
-BACKENDS = ("cuda", "cpu", "triton", "reference")
+# Every backend name any op may declare: fastpt's four (DESIGN.md) plus torch's own fused kernels
+# where they measured faster ("sdpa": attention on plain rows; "blas": chunked cuBLAS products).
+BACKENDS = ("cuda", "cpu", "triton", "reference", "sdpa", "blas")
 
 
 class BackendError(RuntimeError):
@@ -64,11 +66,20 @@ def native_cuda_unavailable() -> str | None:
     return _native.cuda_unavailable()
 
 
+def torch_cuda_unavailable() -> str | None:
+    """Why torch's own CUDA kernels (the sdpa and blas backends) cannot run here, or None."""
+    import torch
+
+    return None if torch.cuda.is_available() else "no CUDA device (torch's own CUDA kernels)"
+
+
 AVAILABILITY = {
     "cuda": native_cuda_unavailable,
     "cpu": native_cpu_unavailable,
     "triton": triton_unavailable,
     "reference": lambda: None,
+    "sdpa": torch_cuda_unavailable,
+    "blas": torch_cuda_unavailable,
 }
 
 

@@ -324,15 +324,16 @@ def test_backward_is_bitwise_reproducible():
 
 
 def test_supports_explains_refusals(monkeypatch):
-    q = torch.randn(1, 4, 2, 16)
-    if _native.triton_interpreting():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # where Triton runs (the interpreter on the CPU)
+    q = torch.randn(1, 4, 2, 16, device=dev)
+    if dev == "cuda" or _native.triton_interpreting():
         assert at.supports(q, q, q, 0.0) is None
     assert "float64" in at.supports(q.double(), q.double(), q.double(), 0.0)
     assert "one dtype" in at.supports(q, q.half(), q.half(), 0.0)
-    big = torch.randn(1, 4, 2, 264)
+    big = torch.randn(1, 4, 2, 264, device=dev)
     assert "head dim" in at.supports(big, big, big, 0.0)
-    strided = torch.randn(1, 4, 2, 32)[..., ::2]
+    strided = torch.randn(1, 4, 2, 32, device=dev)[..., ::2]
     assert "stride(-1)" in at.supports(strided, q, q, 0.0)
     assert "dropout_p" in at.supports(q, q, q, 1.5)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert "cuda" in at.supports(q, q, q, 0.0)
+    assert "cuda" in at.supports(q.cpu(), q.cpu(), q.cpu(), 0.0)

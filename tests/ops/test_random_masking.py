@@ -72,16 +72,16 @@ def test_mae_round_trip(device, backend):
     assert torch.equal(full, torch.where(mask[..., None], mask_token, x))
 
 
-@pytest.mark.parametrize("backend", sorted({b for _, b in GRID}))
-def test_determinism_per_seed(backend):
-    a = random_masking(7, 196, seed=123, backend=backend)
-    b = random_masking(7, 196, seed=123, backend=backend)
-    c = random_masking(7, 196, seed=124, backend=backend)
+@pytest.mark.parametrize("device,backend", GRID)
+def test_determinism_per_seed(device, backend):
+    a = random_masking(7, 196, seed=123, backend=backend, device=device)
+    b = random_masking(7, 196, seed=123, backend=backend, device=device)
+    c = random_masking(7, 196, seed=124, backend=backend, device=device)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[1], c[1])
     # Rows differ from each other, and row b does not depend on the batch size (pure function of row).
     assert len({tuple(r.tolist()) for r in a[1]}) == 7
-    assert torch.equal(random_masking(3, 196, seed=123, backend=backend)[1], a[1][:3])
+    assert torch.equal(random_masking(3, 196, seed=123, backend=backend, device=device)[1], a[1][:3])
 
 
 def binomial_bound(p, n, sigmas=5.0):

@@ -626,10 +626,6 @@ def _sdpa_supports(q4, k4, dropout_p, deterministic, rows, **_):
     return None
 
 
-def _sdpa_unavailable() -> str | None:
-    return None if torch.cuda.is_available() else "no CUDA device (torch's fused SDPA kernels serve CUDA tensors here)"
-
-
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
@@ -665,7 +661,7 @@ def _probe(device):
 # that CPU tensors never land on the Triton interpreter (a test device) when TRITON_INTERPRET=1 is set.
 OP = _dispatch.Op("attention", [
     _dispatch.Backend("cpu", _cpu_unavailable, _cpu_supports, _run_kernel("cpu")),  # torch's kernel, not _C
-    _dispatch.Backend("sdpa", _sdpa_unavailable, _sdpa_supports, _sdpa_run),
+    _dispatch.backend("sdpa", _sdpa_supports, _sdpa_run),
     _dispatch.backend("triton", _module_supports("attention_triton", _triton_device), _run_kernel("triton")),
     _dispatch.backend("cuda", _module_supports("attention_cuda", _dispatch.device_is("cuda")), _run_kernel("cuda")),
     _dispatch.backend("reference", lambda **_: None, _run_reference),

@@ -403,17 +403,13 @@ def _blas_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric
                           g_col, symmetric, self_offset)
 
 
-def _blas_unavailable() -> str | None:
-    return None if torch.cuda.is_available() else "no CUDA device (the blas backend runs cuBLAS products)"
-
-
 # GPU priority: blas, triton, cuda. Measured on an H200 (2026-11-26, N = 16384, D = 512,
 # benches/results/contrastive-gpu.md): the tiled Triton kernel ran 5.6x (bf16) / 8x (fp32) slower
 # than eager matmul + cross_entropy, the CUDA wmma kernel 21x; four chunked cuBLAS products do
 # the same work at the matrix units' rate in bounded memory. Triton and cuda serve on request.
 OP = _dispatch.Op("contrastive", [
     _dispatch.backend("cpu", _cpu_supports, _cpu_forward),
-    _dispatch.Backend("blas", _blas_unavailable, _blas_supports, _blas_forward),
+    _dispatch.backend("blas", _blas_supports, _blas_forward),
     _dispatch.backend("triton", lambda q, **_: _triton.supports(q), _triton_forward),
     _dispatch.Backend("cuda", _cuda_unavailable, _cuda_supports, _cuda_forward),
     _dispatch.backend("reference", lambda **_: None, _ref_forward),
