@@ -1,0 +1,297 @@
+"""What every objective shares: its output, a small base class and a few helpers.
+
+An objective is an ``nn.Module`` that owns its heads (and any teacher / momentum copies) and
+turns a batch into a loss for a backbone passed in at each call (composition, STYLE.md 8)::
+
+    objective = MLM.from_backbone(backbone, mask_token_id=103)   # sizes read from the backbone
+    batch = objective.prepare(raw_batch, seed=step)              # masks, views, crops: on the device
+    out = objective(backbone, batch)                             # ObjectiveOutput
+    out.loss.backward(); optimizer.step()
+    objective.on_step_end(backbone, step)                        # EMA teachers, schedules
+
+Teacher / momentum copies and tied heads need the backbone once: ``attach(backbone)`` (called
+by ``from_backbone``; ``forward`` calls it on first use otherwise, but a checkpoint can only be
+loaded into an attached objective). Copies are frozen (``requires_grad=False``): build the
+optimizer from parameters that require grad.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Backbone attributes that ``from_backbone`` copies into constructor arguments of the same name.
+BACKBONE_SIZES = ("hidden_size", "vocab_size", "num_patches", "patch_size", "in_channels")
+# Optional text-batch keys passed through to a TextEncoder when present.
+TEXT_KEYS = ("token_type_ids", "position_ids", "prefix_lens", "cu_seqlens")
+
+
+@dataclass
+class ObjectiveOutput:
+    """What ``objective(backbone, batch)`` returns.
+
+    loss: 0-dim float tensor (the training loss, parts already summed).
+    metrics: name -> detached 0-dim tensor (loss parts, accuracies, temperatures ...).
+    logits: head logits when the objective computed them (e.g. ``return_logits``), else None.
+    last_hidden_state: the backbone's output states for the (first) input, e.g. (B, S, D).
+    """
+
+    loss: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+class Objective(nn.Module):
+    """Base of the objectives: defaults for ``prepare``, ``attach``, ``on_step_end``, ``tokens_in``.
+
+    Subclasses set ``needs`` (batch keys ``prepare`` reads) and implement ``forward(backbone, batch)``.
+    """
+
+    needs: tuple[str, ...] = ()
+    # Heads shared with Hugging Face checkpoints: fastpt.models.from_hf's head name -> submodule path.
+    hf_heads: dict[str, str] = {}
+
+    def __init__(self):
+        super().__init__()
+        self._attached = False
+
+    @classmethod
+    def from_backbone(cls, backbone: nn.Module, **kwargs):
+        """Build with the sizes (``hidden_size``, ``vocab_size``, ``patch_size`` ...) read from
+        ``backbone`` where the constructor takes them and ``kwargs`` does not, then ``attach``."""
+        params = inspect.signature(cls.__init__).parameters
+        for name in BACKBONE_SIZES:
+            if name in params and name not in kwargs and hasattr(backbone, name):
+                kwargs[name] = getattr(backbone, name)
+        obj = cls(**kwargs)
+        obj.attach(backbone)
+        return obj
+
+    def attach(self, backbone: nn.Module) -> None:
+        """Tie heads to / copy teachers from ``backbone`` (no-op here). Idempotent."""
+        self._attached = True
+
+    def _ensure_attached(self, backbone: nn.Module) -> None:
+        if not self._attached:
+            self.attach(backbone)
+
+    def heads(self) -> dict[str, nn.Module]:
+        """The heads a Hugging Face export writes (``fastpt.models.to_hf``), by ``from_hf``'s names."""
+        return {name: self.get_submodule(path) for name, path in self.hf_heads.items()
+                if _has_submodule(self, path)}
+
+    def load_heads(self, heads: dict) -> None:
+        """Copy the weights of ``from_hf``'s heads (e.g. {"mlm": MLMHead}) into this objective's;
+        heads this objective does not have are ignored."""
+        for name, module in heads.items():
+            path = self.hf_heads.get(name)
+            if path is not None and _has_submodule(self, path):
+                self.get_submodule(path).load_state_dict(module.state_dict())
+
+    def prepare(self, batch: dict, *, seed: int) -> dict:
+        """Model inputs from a raw batch (default: the batch's keys checked, a shallow copy)."""
+        check_seed(seed)
+        require(batch, self.needs, f"{type(self).__name__}.prepare")
+        return dict(batch)
+
+    def on_step_end(self, backbone: nn.Module, step: int) -> None:
+        """Called after each optimizer step (EMA teachers, schedules). No-op here."""
+
+    def tokens_in(self, batch: dict) -> int:
+        """Tokens in ``batch``: the attention mask's sum, else the number of input ids."""
+        if batch.get("attention_mask") is not None:
+            return int(batch["attention_mask"].sum())
+        return int(batch["input_ids"].numel())
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def require(batch, keys, where: str) -> None:
+    """Raise a clear error if ``batch`` is not a dict or lacks one of ``keys``."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"{where}: batch: expected a dict of tensors, got {type(batch).__name__}")
+    missing = [k for k in keys if batch.get(k) is None]
+    if missing:
+        raise KeyError(f"{where}: batch is missing {missing} (needs {tuple(keys)}; has {sorted(batch)})")
+
+
+def check_seed(seed) -> int:
+    """``seed`` as a Python int in ``[0, 2**64)``; TypeError / ValueError naming ``seed`` otherwise."""
+    if isinstance(seed, torch.Tensor) and seed.numel() == 1 and not seed.dtype.is_floating_point:
+        seed = int(seed.item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected 0 <= seed < 2**64, got {seed}")
+    return seed
+
+
+def seeded(seed) -> torch.Generator:
+    """A CPU generator seeded with ``seed``: its draws are the same whatever device the batch is on."""
+    return torch.Generator().manual_seed(check_seed(seed))
+
+
+def check_ids(name: str, t, ndim=(2,)) -> torch.Tensor:
+    """An int32/int64 tensor with one of the dims in ``ndim``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected an int32 or int64 tensor, got dtype {t.dtype}")
+    if t.dim() not in ndim:
+        raise ValueError(f"{name}: expected {' or '.join(f'{d}-D' for d in ndim)}, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_images(name: str, t) -> torch.Tensor:
+    """A floating ``(B, C, H, W)`` tensor."""
+    if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+        got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name}: expected a float tensor (B, C, H, W), got {got}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected shape (B, C, H, W), got {tuple(t.shape)}")
+    return t
+
+
+def positive(name: str, v, *, integer: bool = False, allow_zero: bool = False):
+    """A finite number > 0 (>= 0 with ``allow_zero``); ints only with ``integer``."""
+    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok_type or not math.isfinite(v) or (v < 0 if allow_zero else v <= 0):
+        kind = "an int" if integer else "a finite number"
+        raise ValueError(f"{name}: expected {kind} {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+    return v
+
+
+def fraction(name: str, v, *, low: float = 0.0, high: float = 1.0):
+    """A number in ``[low, high]``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+        raise ValueError(f"{name}: expected a number in [{low}, {high}], got {v!r}")
+    return float(v)
+
+
+def choice(name: str, v, options):
+    if v not in options:
+        raise ValueError(f"{name}: expected one of {tuple(options)}, got {v!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def encode_text(backbone: nn.Module, batch: dict, **overrides):
+    """Run a TextEncoder on ``batch``: input_ids, attention_mask and the optional keys present."""
+    kwargs = {k: batch[k] for k in TEXT_KEYS if batch.get(k) is not None}
+    kwargs.update(overrides)
+    return backbone(batch["input_ids"], batch.get("attention_mask"), **kwargs)
+
+
+def want_logits(batch: dict, default: bool) -> bool:
+    """The batch's ``return_logits`` flag, else the objective's default."""
+    flag = batch.get("return_logits")
+    return default if flag is None else bool(flag)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with ``requires_grad=False`` everywhere (teacher / momentum encoder)."""
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """``target = momentum * target + (1 - momentum) * source``, parameter by parameter."""
+    t = [p for p in target.parameters()]
+    s = [p.detach() for p in source.parameters()]
+    if len(t) != len(s):
+        raise ValueError(f"ema_update: target has {len(t)} parameters, source {len(s)}")
+    torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+def cosine_schedule(base: float, final: float, step: int, total_steps: int | None) -> float:
+    """``base`` at step 0 rising (or falling) to ``final`` at ``total_steps`` on a half cosine;
+    ``base`` throughout when ``total_steps`` is None (MoCo v3 / BYOL / DINO momentum)."""
+    if not total_steps:
+        return base
+    t = min(max(step, 0), total_steps) / total_steps
+    return final - (final - base) * (math.cos(math.pi * t) + 1) / 2
+
+
+def pool(h: torch.Tensor, how: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, S, D)`` -> ``(B, D)``: "first" (CLS token), "mean" (over valid tokens) or "last" valid token."""
+    if how == "first":
+        return h[:, 0]
+    if attention_mask is None:
+        return h.mean(1) if how == "mean" else h[:, -1]
+    m = attention_mask.to(h.dtype)
+    if how == "mean":
+        return (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+    last = (attention_mask.long().sum(1) - 1).clamp(min=0)
+    return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, num_layers: int = 2, norm: str | None = "batch",
+        activation: str = "relu", last_norm: bool = False) -> nn.Sequential:
+    """``num_layers`` Linear layers with norm + activation between them (SimCLR / MoCo v3 / DINO MLPs).
+
+    norm: "batch" (BatchNorm1d), "layer" or None. last_norm: an affine-free BatchNorm after the
+    last layer (MoCo v3's projector).
+    """
+    act = {"relu": nn.ReLU, "gelu": nn.GELU}[activation]
+    layers, dim = [], in_dim
+    for _ in range(num_layers - 1):
+        layers.append(nn.Linear(dim, hidden_dim, bias=norm is None))
+        if norm == "batch":
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        elif norm == "layer":
+            layers.append(nn.LayerNorm(hidden_dim))
+        layers.append(act())
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim, bias=not last_norm))
+    if last_norm:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def top1_accuracy(query: torch.Tensor, key: torch.Tensor, *, target_offset: int = 0, exclude_self: bool = False,
+                  chunk: int = 1024) -> torch.Tensor:
+    """Fraction of rows ``i`` of ``query (N, D)`` whose most similar row of ``key (M, D)`` is row
+    ``(i + target_offset) % M`` (``exclude_self`` drops column ``i``: NT-Xent). Rows are taken
+    ``chunk`` at a time, so at most ``(chunk, M)`` scores exist at once."""
+    n, m = query.shape[0], key.shape[0]
+    hits = torch.zeros((), device=query.device)
+    for lo in range(0, n, chunk):
+        s = query[lo:lo + chunk].float() @ key.float().T
+        rows = torch.arange(lo, lo + s.shape[0], device=s.device)
+        if exclude_self:
+            s[rows - lo, rows % m] = float("-inf")
+        hits += (s.argmax(1) == (rows + target_offset) % m).sum()
+    return hits / max(n, 1)
+
+
+@torch.no_grad()
+def head_accuracy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                  chunk: int = 2048) -> torch.Tensor:
+    """Fraction of rows of ``hidden (T, D)`` whose top logit ``hidden @ weight.T + bias`` is ``labels (T,)``;
+    ``chunk`` rows at a time, so the (T, V) logits never exist at once. 0 for T == 0."""
+    hits = torch.zeros((), device=hidden.device)
+    for lo in range(0, hidden.shape[0], chunk):
+        pred = F.linear(hidden[lo:lo + chunk], weight, bias).argmax(-1)
+        hits += (pred == labels[lo:lo + chunk]).sum()
+    return hits / max(hidden.shape[0], 1)

@@ -1,0 +1,118 @@
+"""CLIP (Radford et al., 2021): contrastive image-text pre-training with two towers.
+
+    t = normalize(W_t pool(text_tower(input_ids)))      i = normalize(W_i pool(vision_tower(pixel_values)))
+    loss = (CE(s * i t^T, diag) + CE(s * t i^T, diag)) / 2,   s = min(exp(logit_scale), 100) learnable
+
+through ``fastpt.ops.clip_loss``, which never materialises the N x N similarity matrix. The
+backbone is a two-tower module with attributes ``text`` (a ``TextEncoder``) and ``vision`` (a
+``VisionEncoder``), e.g. ``nn.ModuleDict({"text": ..., "vision": ...})``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .base import (Objective, ObjectiveOutput, check_ids, check_images, choice, encode_text, pool, positive, require,
+                   top1_accuracy)
+from .simclr import gather_default, vision_tokens
+
+
+def towers(backbone: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(backbone.text, backbone.vision)``, or a TypeError saying what CLIP needs."""
+    text, vision = getattr(backbone, "text", None), getattr(backbone, "vision", None)
+    if not isinstance(text, nn.Module) or not isinstance(vision, nn.Module):
+        raise TypeError(f"backbone: CLIP needs a two-tower module with .text and .vision (e.g. "
+                        f"nn.ModuleDict(text=..., vision=...)), got {type(backbone).__name__}")
+    return text, vision
+
+
+class CLIP(Objective):
+    """CLIP's symmetric image-text contrastive loss.
+
+    Args:
+        text_hidden_size, vision_hidden_size: widths of the towers (``from_backbone`` reads them).
+        embed_dim: shared embedding width (bias-free projections from each tower).
+        init_logit_scale: initial ``logit_scale`` (log of the inverse temperature; CLIP: log(1 / 0.07)).
+        learn_logit_scale: train ``logit_scale`` (else a fixed buffer).
+        text_pooling: "last" (last valid token: CLIP's EOT with a causal text tower), "first" (CLS) or "mean".
+        vision_pooling: "first" (CLS token) or "mean".
+        gather: all-gather negatives across ranks (None: when torch.distributed runs with > 1 rank).
+        log_accuracy: image -> text and text -> image top-1 accuracy in the batch.
+        patch_size: the vision tower's patch size, for ``tokens_in`` (``from_backbone`` reads it).
+
+    Batch: ``{"input_ids" (B, S), "attention_mask" (B, S), "pixel_values" (B, C, H, W)}``, pair i =
+    (text i, image i). ``prepare`` only checks it. ``last_hidden_state`` of the output is the
+    vision tower's.
+    """
+
+    needs = ("input_ids", "attention_mask", "pixel_values")
+
+    def __init__(self, *, text_hidden_size: int, vision_hidden_size: int, embed_dim: int = 512,
+                 init_logit_scale: float = math.log(1 / 0.07), learn_logit_scale: bool = True,
+                 text_pooling: str = "last", vision_pooling: str = "first", gather: bool | None = None,
+                 log_accuracy: bool = True, patch_size: int | None = None):
+        super().__init__()
+        positive("text_hidden_size", text_hidden_size, integer=True)
+        positive("vision_hidden_size", vision_hidden_size, integer=True)
+        positive("embed_dim", embed_dim, integer=True)
+        if isinstance(init_logit_scale, bool) or not isinstance(init_logit_scale, (int, float)) \
+                or not math.isfinite(init_logit_scale):
+            raise ValueError(f"init_logit_scale: expected a finite number, got {init_logit_scale!r}")
+        self.text_pooling = choice("text_pooling", text_pooling, ("last", "first", "mean"))
+        self.vision_pooling = choice("vision_pooling", vision_pooling, ("first", "mean"))
+        self.text_projection = nn.Linear(text_hidden_size, embed_dim, bias=False)
+        self.vision_projection = nn.Linear(vision_hidden_size, embed_dim, bias=False)
+        scale = torch.tensor(float(init_logit_scale))
+        if learn_logit_scale:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale)
+        self.gather, self.log_accuracy, self.patch_size = gather, bool(log_accuracy), patch_size
+
+    @classmethod
+    def from_backbone(cls, backbone: nn.Module, **kwargs):
+        """Build with the towers' widths (and the vision patch size) read from ``backbone``."""
+        text, vision = towers(backbone)
+        kwargs.setdefault("text_hidden_size", text.hidden_size)
+        kwargs.setdefault("vision_hidden_size", vision.hidden_size)
+        kwargs.setdefault("patch_size", getattr(vision, "patch_size", None))
+        obj = cls(**kwargs)
+        obj.attach(backbone)
+        return obj
+
+    def prepare(self, batch: dict, *, seed: int) -> dict:
+        """Checks the keys and shapes (CLIP draws nothing at random)."""
+        out = super().prepare(batch, seed=seed)
+        ids = check_ids("input_ids", out["input_ids"])
+        px = check_images("pixel_values", out["pixel_values"])
+        if px.shape[0] != ids.shape[0]:
+            raise ValueError(f"pixel_values: expected {ids.shape[0]} images (one per text), got {px.shape[0]}")
+        return out
+
+    def embed(self, backbone: nn.Module, batch: dict):
+        """``(text_emb (B, E), image_emb (B, E), vision states)``, embeddings not yet normalised."""
+        text, vision = towers(backbone)
+        th = encode_text(text, batch).last_hidden_state
+        vh = vision(batch["pixel_values"]).last_hidden_state
+        t = self.text_projection(pool(th, self.text_pooling, batch.get("attention_mask")))
+        i = self.vision_projection(pool(vh, self.vision_pooling))
+        return t, i, vh
+
+    def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
+        require(batch, self.needs, "CLIP.forward")
+        t, i, vh = self.embed(backbone, batch)
+        loss = ops.clip_loss(i, t, self.logit_scale, gather=gather_default(self.gather))
+        metrics = {"loss": loss.detach(), "logit_scale": self.logit_scale.detach().exp().clamp(max=100)}
+        if self.log_accuracy:
+            tn, im = F.normalize(t.detach(), dim=1), F.normalize(i.detach(), dim=1)
+            metrics["image_to_text_accuracy"] = top1_accuracy(im, tn)
+            metrics["text_to_image_accuracy"] = top1_accuracy(tn, im)
+        return ObjectiveOutput(loss, metrics, None, vh)
+
+    def tokens_in(self, batch: dict) -> int:
+        """Text tokens plus image patches."""
+        return int(batch["attention_mask"].sum()) + vision_tokens(batch["pixel_values"], self.patch_size)

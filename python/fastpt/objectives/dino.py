@@ -1,0 +1,202 @@
+"""DINO (Caron et al., 2021): self-distillation with no labels, multi-crop, centering, sharpening.
+
+    student: P_s(x) = softmax(g_s(f_s(x)) / student_temp)              for every crop x (2 global + N local)
+    teacher: P_t(x) = softmax((g_t(f_t(x)) - center) / teacher_temp)     for the 2 global crops, no grad
+    loss = mean over pairs (global crop i, crop v != i) of CE(P_t(x_i), P_s(x_v))
+
+``g`` is ``DINOHead`` (MLP -> L2-normalised bottleneck -> weight-normalised linear layer). The
+teacher (backbone + head) is a frozen copy moved by EMA after each optimizer step with the cosine
+momentum schedule; ``center`` is an EMA of the teacher's batch-mean output, updated in each
+training forward (all-reduced across ranks). The teacher temperature warms up linearly from
+``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_steps``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import (Objective, ObjectiveOutput, check_images, choice, cosine_schedule, ema_update, fraction,
+                   frozen_copy, mlp, pool, positive, require, seeded)
+from .simclr import ViewAugment, vision_tokens
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head: ``(N, in_dim)`` -> ``(N, out_dim)`` prototype scores.
+
+    MLP (``num_layers`` Linear + GELU, no norm) to ``bottleneck_dim``, L2 normalisation, then a
+    bias-free weight-normalised linear layer ``g * v / ||v||`` (row-wise). With ``norm_last_layer``
+    the gains ``g`` stay fixed at 1 (DINO's default for ViT).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 num_layers: int = 3, norm_last_layer: bool = True):
+        super().__init__()
+        self.mlp = mlp(in_dim, hidden_dim, bottleneck_dim, num_layers=num_layers, norm=None, activation="gelu")
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.weight_v = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        return x @ (self.weight_g * F.normalize(self.weight_v, dim=1)).T
+
+
+class DINO(Objective):
+    """DINO for ViT backbones.
+
+    Args:
+        hidden_size: the backbone's width ``D``.
+        out_dim, head_hidden_dim, bottleneck_dim, head_layers, norm_last_layer: ``DINOHead``.
+        student_temp, teacher_temp: softmax temperatures (teacher sharpened: lower).
+        warmup_teacher_temp, warmup_teacher_temp_steps: linear teacher-temperature warm-up (0 steps: none).
+        center_momentum: EMA factor of the center.
+        base_momentum, final_momentum, total_steps: the teacher's EMA momentum schedule.
+        num_local_crops: local crops per image (0: global crops only).
+        global_crop_size, local_crop_size: sides of the crops (None: the input's size). DINO uses
+            224 / 96; a backbone with a fixed image size (``patch_embed.image_size``) needs both None
+            or equal to it (``attach`` checks), the local crops then being small regions upsampled.
+        global_crop_scale, local_crop_scale: crop area ranges.
+        flip_prob, jitter_prob, brightness, contrast, saturation, grayscale_prob: ``ViewAugment``.
+        pooling: "first" (CLS token) or "mean".
+        patch_size: the backbone's patch size, for ``tokens_in``.
+
+    Batch: raw ``{"pixel_values": (B, C, H, W)}``; ``prepare`` adds ``"global_crops"`` ``(2B, C, G, G)``
+    and, with local crops, ``"local_crops"`` ``(N * B, C, l, l)`` (crop-major). The backbone must
+    accept both crop sizes (interpolated position embeddings) when they differ.
+    """
+
+    needs = ("pixel_values",)
+
+    def __init__(self, *, hidden_size: int, out_dim: int = 65536, head_hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, head_layers: int = 3, norm_last_layer: bool = True,
+                 student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
+                 warmup_teacher_temp_steps: int = 0, center_momentum: float = 0.9, base_momentum: float = 0.996,
+                 final_momentum: float = 1.0, total_steps: int | None = None, num_local_crops: int = 6,
+                 global_crop_size: int | None = None, local_crop_size: int | None = None,
+                 global_crop_scale: tuple[float, float] = (0.4, 1.0),
+                 local_crop_scale: tuple[float, float] = (0.05, 0.4),
+                 flip_prob: float = 0.5, jitter_prob: float = 0.8, brightness: float = 0.4, contrast: float = 0.4,
+                 saturation: float = 0.2, grayscale_prob: float = 0.2, pooling: str = "first",
+                 patch_size: int | None = None):
+        super().__init__()
+        positive("hidden_size", hidden_size, integer=True)
+        positive("out_dim", out_dim, integer=True)
+        self.student_temp = positive("student_temp", student_temp)
+        self.teacher_temp = positive("teacher_temp", teacher_temp)
+        self.warmup_teacher_temp = positive("warmup_teacher_temp", warmup_teacher_temp)
+        self.warmup_teacher_temp_steps = positive("warmup_teacher_temp_steps", warmup_teacher_temp_steps,
+                                                  integer=True, allow_zero=True)
+        self.center_momentum = fraction("center_momentum", center_momentum)
+        self.base_momentum = fraction("base_momentum", base_momentum)
+        self.final_momentum = fraction("final_momentum", final_momentum)
+        if total_steps is not None:
+            positive("total_steps", total_steps, integer=True)
+        self.total_steps = total_steps
+        self.num_local_crops = positive("num_local_crops", num_local_crops, integer=True, allow_zero=True)
+        self.pooling = choice("pooling", pooling, ("first", "mean"))
+        jitter = dict(flip_prob=flip_prob, jitter_prob=jitter_prob, brightness=brightness, contrast=contrast,
+                      saturation=saturation, grayscale_prob=grayscale_prob)
+        self.global_augment = ViewAugment(size=global_crop_size, scale=global_crop_scale, **jitter)
+        self.local_augment = ViewAugment(size=local_crop_size, scale=local_crop_scale, **jitter)
+        self.head = DINOHead(hidden_size, out_dim, hidden_dim=head_hidden_dim, bottleneck_dim=bottleneck_dim,
+                             num_layers=head_layers, norm_last_layer=norm_last_layer)
+        self.teacher_head = frozen_copy(self.head)
+        self.teacher_backbone: nn.Module | None = None
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))
+        self.patch_size = patch_size
+
+    def attach(self, backbone: nn.Module) -> None:
+        """Make the teacher backbone: a frozen copy of ``backbone`` (once)."""
+        fixed = getattr(getattr(backbone, "patch_embed", None), "image_size", None)
+        for name, aug in (("global_crop_size", self.global_augment), ("local_crop_size", self.local_augment)):
+            if fixed is not None and aug.size is not None and (aug.size, aug.size) != tuple(fixed):
+                raise ValueError(f"{name}: the backbone takes {tuple(fixed)} images only (fixed position "
+                                 f"embeddings), got {aug.size}; use None (the input size) or {fixed[0]}")
+        if self.teacher_backbone is None:
+            self.teacher_backbone = frozen_copy(backbone)
+        self._attached = True
+
+    def prepare(self, batch: dict, *, seed: int) -> dict:
+        """Multi-crop: 2 global crops and ``num_local_crops`` local crops of every image."""
+        require(batch, self.needs, "DINO.prepare")
+        px = check_images("pixel_values", batch["pixel_values"])
+        g = seeded(seed)
+        out = {**batch, "global_crops": torch.cat([self.global_augment(px, g) for _ in range(2)])}
+        if self.num_local_crops:
+            out["local_crops"] = torch.cat([self.local_augment(px, g) for _ in range(self.num_local_crops)])
+        return out
+
+    def current_teacher_temp(self) -> float:
+        """Teacher temperature at the current step (after the linear warm-up)."""
+        n, step = self.warmup_teacher_temp_steps, int(self.steps_done)
+        if step >= n:
+            return self.teacher_temp
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * step / n
+
+    def momentum(self, step: int) -> float:
+        """The teacher's EMA momentum after optimizer step ``step``."""
+        return cosine_schedule(self.base_momentum, self.final_momentum, step, self.total_steps)
+
+    def _student(self, backbone, crops):
+        h = backbone(crops).last_hidden_state
+        return h, self.head(pool(h, self.pooling))
+
+    def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
+        """DINO loss over the prepared crops (run ``prepare`` first)."""
+        require(batch, ("global_crops",), "DINO.forward (run prepare first)")
+        glob = check_images("global_crops", batch["global_crops"])
+        if glob.shape[0] % 2:
+            raise ValueError(f"global_crops: expected 2B rows (two crops per image), got {glob.shape[0]}")
+        self._ensure_attached(backbone)
+        h, s_glob = self._student(backbone, glob)
+        student = [s_glob]
+        if batch.get("local_crops") is not None:
+            local = check_images("local_crops", batch["local_crops"])
+            if local.shape[0] % (glob.shape[0] // 2):
+                raise ValueError(f"local_crops: expected N * B rows (B = {glob.shape[0] // 2} images), "
+                                 f"got {local.shape[0]}")
+            student.append(self._student(backbone, local)[1])
+        with torch.no_grad():
+            t_out = self.teacher_head(pool(self.teacher_backbone(glob).last_hidden_state, self.pooling))
+            temp = self.current_teacher_temp()
+            t_prob = F.softmax((t_out - self.center) / temp, dim=-1).chunk(2)
+        b = glob.shape[0] // 2
+        s_logp = F.log_softmax(torch.cat(student) / self.student_temp, dim=-1).split(b)  # one chunk per crop
+        loss, terms = 0.0, 0
+        for i, t in enumerate(t_prob):
+            for v, s in enumerate(s_logp):
+                if v != i:
+                    loss = loss - (t * s).sum(-1).mean()
+                    terms += 1
+        loss = loss / terms
+        if self.training:
+            self._update_center(t_out)
+        entropy = -(torch.cat(t_prob) * torch.cat(t_prob).clamp_min(1e-12).log()).sum(-1).mean()
+        metrics = {"loss": loss.detach(), "teacher_temp": torch.tensor(temp, device=loss.device), "teacher_entropy": entropy}
+        return ObjectiveOutput(loss, metrics, None, h[:b])
+
+    @torch.no_grad()
+    def _update_center(self, teacher_out: torch.Tensor) -> None:
+        total, n = teacher_out.sum(0, keepdim=True), teacher_out.shape[0]
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+            n *= dist.get_world_size()
+        self.center.mul_(self.center_momentum).add_(total / n, alpha=1 - self.center_momentum)
+
+    def on_step_end(self, backbone: nn.Module, step: int) -> None:
+        """EMA of the teacher backbone and head; advances the temperature schedule."""
+        self._ensure_attached(backbone)
+        m = self.momentum(step)
+        ema_update(self.teacher_backbone, backbone, m)
+        ema_update(self.teacher_head, self.head, m)
+        self.steps_done.fill_(step + 1)
+
+    def tokens_in(self, batch: dict) -> int:
+        return vision_tokens(batch["pixel_values"], self.patch_size)

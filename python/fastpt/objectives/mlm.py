@@ -1,0 +1,123 @@
+"""Masked language modelling (BERT), RoBERTa's dynamic masking, optional whole-word masking.
+
+``prepare`` masks a fresh 15% of the tokens of every batch it sees (``fastpt.ops.mlm_mask``, 80%
+mask token / 10% random / 10% unchanged), so the masks change every epoch as in RoBERTa; with
+``whole_word_masking`` the batch's ``word_ids`` make all pieces of a word selected together.
+The loss runs the head only on the masked rows, without materialising the (T, V) logits::
+
+    loss = linear_cross_entropy(head.transform(h[masked]), head.weight, labels[masked], bias=head.bias)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..models.heads import MLMHead
+from .base import (Objective, ObjectiveOutput, check_ids, check_seed, encode_text, fraction, head_accuracy, positive,
+                   require, want_logits)
+
+
+class MLM(Objective):
+    """BERT / RoBERTa masked-language-model objective on a ``TextEncoder``.
+
+    Args:
+        hidden_size, vocab_size: the backbone's width D and vocabulary V.
+        mask_token_id: id written at 80% (``replace_prob``) of the selected positions.
+        mask_prob, replace_prob, random_prob: selection rate and the 80/10/10 split.
+        special_token_ids: ids never masked (CLS, SEP, PAD, ...; at most 64).
+        whole_word_masking: select whole words (the batch must carry ``word_ids``).
+        tie_word_embeddings: the head's output matrix is the backbone's word embedding (set by ``attach``).
+        activation, layer_norm_eps: the head's transform (dense + activation + LayerNorm).
+        return_logits: also return the full ``(B, S, V)`` logits (a batch's ``return_logits`` overrides).
+        log_accuracy: report the masked-token accuracy (one extra no-grad pass over the masked rows).
+
+    Batch: raw ``{"input_ids" (B, S) or packed (T,), "attention_mask" (B, S) optional}`` plus optional
+    ``special_tokens_mask``, ``word_ids``, ``token_type_ids``, ``position_ids``, ``cu_seqlens``.
+    ``prepare`` replaces ``input_ids`` by the masked ids and adds ``labels`` (original id where
+    masked, -100 elsewhere). A batch that already has ``labels`` (masked by a collator) passes
+    through unchanged.
+    """
+
+    needs = ("input_ids",)
+    hf_heads = {"mlm": "head"}
+
+    def __init__(self, *, hidden_size: int, vocab_size: int, mask_token_id: int, mask_prob: float = 0.15,
+                 replace_prob: float = 0.8, random_prob: float = 0.1, special_token_ids: tuple[int, ...] = (),
+                 whole_word_masking: bool = False, tie_word_embeddings: bool = True, activation: str = "gelu",
+                 layer_norm_eps: float = 1e-12, return_logits: bool = False, log_accuracy: bool = False):
+        super().__init__()
+        self.hidden_size = positive("hidden_size", hidden_size, integer=True)
+        self.vocab_size = positive("vocab_size", vocab_size, integer=True)
+        if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or not 0 <= mask_token_id < vocab_size:
+            raise ValueError(f"mask_token_id: expected an id in [0, vocab_size={vocab_size}), got {mask_token_id!r}")
+        self.mask_token_id = mask_token_id
+        self.mask_prob = fraction("mask_prob", mask_prob)
+        self.replace_prob = fraction("replace_prob", replace_prob)
+        self.random_prob = fraction("random_prob", random_prob)
+        if self.replace_prob + self.random_prob > 1:
+            raise ValueError(f"replace_prob + random_prob: expected <= 1, got {replace_prob} + {random_prob}")
+        self.special_token_ids = tuple(int(i) for i in special_token_ids)
+        self.whole_word_masking = bool(whole_word_masking)
+        self.tie_word_embeddings = bool(tie_word_embeddings)
+        self.return_logits, self.log_accuracy = bool(return_logits), bool(log_accuracy)
+        self._head_args = dict(activation=activation, layer_norm_eps=layer_norm_eps)
+        self.head = MLMHead(hidden_size, vocab_size, **self._head_args)
+
+    def attach(self, backbone: nn.Module) -> None:
+        """Tie the head's output matrix to ``backbone.embeddings.word_embeddings`` (when asked)."""
+        if self.tie_word_embeddings and not self._attached:
+            # A fresh head around the shared matrix (attach runs once, right after construction).
+            weight = backbone.embeddings.word_embeddings.weight
+            if weight.shape[1] != self.hidden_size:  # ALBERT's factorised (V, E) table
+                raise ValueError(f"tie_word_embeddings: the backbone's word embeddings are {tuple(weight.shape)} "
+                                 f"(factorised, E != hidden_size={self.hidden_size}); MLMHead projects from "
+                                 f"hidden_size, so use tie_word_embeddings=False")
+            self.head = MLMHead(self.hidden_size, self.vocab_size, tied_weight=weight, **self._head_args)
+        self._attached = True
+
+    def prepare(self, batch: dict, *, seed: int) -> dict:
+        """Mask ``input_ids`` (dynamic masking: a new mask per call / seed); adds ``labels``."""
+        seed = check_seed(seed)
+        require(batch, self.needs, "MLM.prepare")
+        if batch.get("labels") is not None:
+            return dict(batch)
+        ids = check_ids("input_ids", batch["input_ids"], ndim=(1, 2))
+        word_ids = None
+        if self.whole_word_masking:
+            require(batch, ("word_ids",), "MLM.prepare (whole_word_masking=True)")
+            word_ids = batch["word_ids"]
+        masked, labels = ops.mlm_mask(ids, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+                                      mask_prob=self.mask_prob, replace_prob=self.replace_prob,
+                                      random_prob=self.random_prob,
+                                      special_tokens_mask=batch.get("special_tokens_mask"),
+                                      special_token_ids=self.special_token_ids,
+                                      attention_mask=batch.get("attention_mask"), word_ids=word_ids, seed=seed)
+        return {**batch, "input_ids": masked, "labels": labels}
+
+    def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
+        """Encode the masked ids and score the masked rows (run ``prepare`` first, or pass ``labels``)."""
+        require(batch, ("input_ids", "labels"), "MLM.forward (run prepare first, or pass labels)")
+        self._ensure_attached(backbone)
+        h = encode_text(backbone, batch).last_hidden_state
+        loss, metrics = self.loss_from_hidden(h, batch["labels"])
+        logits = self.head(h) if want_logits(batch, self.return_logits) else None
+        return ObjectiveOutput(loss, metrics, logits, h)
+
+    def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """MLM loss of states ``h`` ``(..., D)`` against ``labels`` ``(...)`` (-100: not masked).
+
+        Returns ``(loss, metrics)`` with metrics ``mlm_loss`` (and ``mlm_accuracy`` with ``log_accuracy``).
+        """
+        if labels.shape != h.shape[:-1]:
+            raise ValueError(f"labels: expected shape {tuple(h.shape[:-1])} (the token shape), "
+                             f"got {tuple(labels.shape)}")
+        sel = labels != -100
+        hm, y = self.head.transform(h[sel]), labels[sel]
+        head = self.head
+        loss = ops.linear_cross_entropy(hm, head.weight, y, bias=head.bias)
+        metrics = {"mlm_loss": loss.detach()}
+        if self.log_accuracy:
+            metrics["mlm_accuracy"] = head_accuracy(hm, head.weight, head.bias, y)
+        return loss, metrics
+

@@ -1,0 +1,117 @@
+"""MoCo v3 (Chen, Xie & He, 2021): momentum encoder, predictor, symmetric InfoNCE, no queue.
+
+    q1, q2 = predictor(projector(f(x1))), predictor(projector(f(x2)))        # trained
+    k1, k2 = projector_m(f_m(x1)), projector_m(f_m(x2))                        # momentum copy, no grad
+    loss = 2 tau * (InfoNCE(q1, k2) + InfoNCE(q2, k1))                         # cosine logits / tau
+
+After each optimizer step the momentum encoder (backbone + projector copy) moves towards the
+trained one: ``theta_m = m theta_m + (1 - m) theta``, with ``m`` rising from ``base_momentum`` to
+``final_momentum`` on a half cosine over ``total_steps`` (constant when ``total_steps`` is None).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .base import (Objective, ObjectiveOutput, check_images, choice, cosine_schedule, ema_update, fraction,
+                   frozen_copy, mlp, pool, positive, require, seeded, top1_accuracy)
+from .simclr import ViewAugment, gather_default, vision_tokens
+
+
+class MoCoV3(Objective):
+    """MoCo v3 for ViT backbones.
+
+    Args:
+        hidden_size: the backbone's width ``D``.
+        proj_dim, proj_hidden_dim, proj_layers: projector MLP (BN + ReLU, affine-free BN last).
+        pred_hidden_dim: predictor MLP hidden width (2 layers, BN + ReLU).
+        temperature: InfoNCE temperature (0.2 for ViT in the paper).
+        base_momentum, final_momentum, total_steps: momentum schedule (see the module docstring).
+        pooling: "first" (CLS token) or "mean".
+        crop_size, crop_scale, flip_prob, jitter_prob, brightness, contrast, saturation,
+        grayscale_prob: the two views' augmentation (``ViewAugment``).
+        gather: all-gather keys across ranks (None: when torch.distributed runs with > 1 rank).
+        log_accuracy: report the top-1 accuracy of q1 finding k2 among the batch's keys.
+        patch_size: the backbone's patch size, for ``tokens_in``.
+
+    Batch: raw ``{"pixel_values": (B, C, H, W)}``; ``prepare`` adds ``"views"`` ``(2B, C, h, w)``.
+    """
+
+    needs = ("pixel_values",)
+
+    def __init__(self, *, hidden_size: int, proj_dim: int = 256, proj_hidden_dim: int = 4096, proj_layers: int = 3,
+                 pred_hidden_dim: int = 4096, temperature: float = 0.2, base_momentum: float = 0.99,
+                 final_momentum: float = 1.0, total_steps: int | None = None, pooling: str = "first",
+                 crop_size: int | None = None, crop_scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5,
+                 jitter_prob: float = 0.8, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
+                 grayscale_prob: float = 0.2, gather: bool | None = None, log_accuracy: bool = True,
+                 patch_size: int | None = None):
+        super().__init__()
+        positive("hidden_size", hidden_size, integer=True)
+        self.temperature = positive("temperature", temperature)
+        self.base_momentum = fraction("base_momentum", base_momentum)
+        self.final_momentum = fraction("final_momentum", final_momentum)
+        if total_steps is not None:
+            positive("total_steps", total_steps, integer=True)
+        self.total_steps = total_steps
+        self.pooling = choice("pooling", pooling, ("first", "mean"))
+        self.augment = ViewAugment(size=crop_size, scale=crop_scale, flip_prob=flip_prob, jitter_prob=jitter_prob,
+                                   brightness=brightness, contrast=contrast, saturation=saturation,
+                                   grayscale_prob=grayscale_prob)
+        self.projector = mlp(hidden_size, proj_hidden_dim, proj_dim, num_layers=proj_layers, last_norm=True)
+        self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, num_layers=2)
+        self.momentum_projector = frozen_copy(self.projector)
+        self.momentum_backbone: nn.Module | None = None
+        self.gather, self.log_accuracy, self.patch_size = gather, log_accuracy, patch_size
+
+    def attach(self, backbone: nn.Module) -> None:
+        """Make the momentum backbone: a frozen copy of ``backbone`` (once)."""
+        if self.momentum_backbone is None:
+            self.momentum_backbone = frozen_copy(backbone)
+        self._attached = True
+
+    def prepare(self, batch: dict, *, seed: int) -> dict:
+        """Two augmented views of every image -> ``batch["views"]`` ``(2B, C, h, w)``."""
+        require(batch, self.needs, "MoCoV3.prepare")
+        px = check_images("pixel_values", batch["pixel_values"])
+        g = seeded(seed)
+        return {**batch, "views": torch.cat([self.augment(px, g), self.augment(px, g)])}
+
+    def momentum(self, step: int) -> float:
+        """The EMA momentum after optimizer step ``step``."""
+        return cosine_schedule(self.base_momentum, self.final_momentum, step, self.total_steps)
+
+    def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
+        """Symmetric InfoNCE of the two views (run ``prepare`` first)."""
+        require(batch, ("views",), "MoCoV3.forward (run prepare first)")
+        views = check_images("views", batch["views"])
+        if views.shape[0] % 2:
+            raise ValueError(f"views: expected 2B rows (two views per image), got {views.shape[0]}")
+        self._ensure_attached(backbone)
+        h = backbone(views).last_hidden_state
+        f1, f2 = pool(h, self.pooling).chunk(2)
+        # Projector and predictor run per view, so BatchNorm sees one view's batch (as MoCo v3).
+        q1, q2 = (self.predictor(self.projector(f)) for f in (f1, f2))
+        with torch.no_grad():
+            hm = self.momentum_backbone(views).last_hidden_state
+            k1, k2 = (self.momentum_projector(f) for f in pool(hm, self.pooling).chunk(2))
+        gather = gather_default(self.gather)
+        ctr = [ops.info_nce(q, k, temperature=self.temperature, normalize=True, gather=gather) * (2 * self.temperature)
+               for q, k in ((q1, k2), (q2, k1))]
+        loss = ctr[0] + ctr[1]
+        metrics = {"loss": loss.detach()}
+        if self.log_accuracy:
+            metrics["accuracy"] = top1_accuracy(F.normalize(q1.detach(), dim=1), F.normalize(k2, dim=1))
+        return ObjectiveOutput(loss, metrics, None, h[: f1.shape[0]])
+
+    def on_step_end(self, backbone: nn.Module, step: int) -> None:
+        """EMA of the momentum backbone and projector towards the trained ones."""
+        self._ensure_attached(backbone)
+        m = self.momentum(step)
+        ema_update(self.momentum_backbone, backbone, m)
+        ema_update(self.momentum_projector, self.projector, m)
+
+    def tokens_in(self, batch: dict) -> int:
+        return vision_tokens(batch["pixel_values"], self.patch_size)

@@ -1,0 +1,181 @@
+"""Sentence-pair objectives: BERT's next-sentence prediction (NSP) and ALBERT's sentence-order
+prediction (SOP), each optionally with MLM on the same pass (BERT / ALBERT pre-training).
+
+``prepare`` builds the pairs from a batch of raw segments (one document chunk per row, no special
+tokens): each row is cut at a random point into A and B, then
+
+- NSP: half the rows keep ``[CLS] A [SEP] B [SEP]`` (label 0, "B follows A"); the others replace
+  B by the tail of another row of the batch, truncated to B's length (label 1, "B is random"),
+- SOP: half the rows keep the order (label 0), the others swap it: ``[CLS] B [SEP] A [SEP]`` (label 1),
+
+with ``token_type_ids`` 0 for ``[CLS] A [SEP]`` and 1 for ``B [SEP]`` (Hugging Face's label
+conventions: ``next_sentence_label``, ``sentence_order_label``). A 2-way classifier on BERT's
+``Pooler`` (tanh dense on the first token) predicts the label.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.heads import Pooler
+from .base import Objective, ObjectiveOutput, check_ids, check_seed, encode_text, positive, require, seeded
+from .mlm import MLM
+
+
+def build_pairs(ids: torch.Tensor, a_row, a_start, a_len, b_row, b_start, b_len, *, cls_id: int, sep_id: int,
+                pad_id: int) -> dict:
+    """``[CLS] A [SEP] B [SEP]`` rows, right padded, from segments of ``ids (B, S)``.
+
+    Segment A of output row i is ``ids[a_row[i], a_start[i] : a_start[i] + a_len[i]]`` (B likewise);
+    all arguments are int64 ``(B,)`` on the device of ``ids``. Returns ``input_ids``, ``attention_mask``,
+    ``token_type_ids`` and ``special_tokens_mask`` (True at CLS / SEP), each ``(B, max(a + b) + 3)``.
+    """
+    s = ids.shape[1]
+    la, lb = a_len.unsqueeze(1), b_len.unsqueeze(1)
+    width = int((a_len + b_len).max()) + 3 if ids.shape[0] else 3
+    p = torch.arange(width, device=ids.device).unsqueeze(0)
+    in_a, in_b = (p >= 1) & (p <= la), (p >= la + 2) & (p < la + 2 + lb)
+    src_a = ids[a_row].gather(1, (a_start.unsqueeze(1) + p - 1).clamp(0, max(s - 1, 0)))
+    src_b = ids[b_row].gather(1, (b_start.unsqueeze(1) + p - la - 2).clamp(0, max(s - 1, 0)))
+    special = (p == 0) | (p == la + 1) | (p == la + lb + 2)
+    out = torch.where(in_a, src_a, torch.where(in_b, src_b, torch.where(special, sep_id, pad_id)))
+    out = torch.where(p == 0, cls_id, out).to(ids.dtype)
+    attention = p <= la + lb + 2
+    return dict(input_ids=out, attention_mask=attention.long(), token_type_ids=((p >= la + 2) & attention).long(),
+                special_tokens_mask=special & attention)
+
+
+class _SentencePair(Objective):
+    needs = ("input_ids",)
+    label_key = ""
+    hf_heads = {"pooler": "pooler", "mlm": "mlm.head"}
+
+    def __init__(self, hidden_size, vocab_size, cls_token_id, sep_token_id, pad_token_id, mask_token_id, mask_prob,
+                 replace_prob, random_prob, special_token_ids, tie_word_embeddings, log_accuracy):
+        super().__init__()
+        positive("hidden_size", hidden_size, integer=True)
+        for name, v in (("cls_token_id", cls_token_id), ("sep_token_id", sep_token_id), ("pad_token_id", pad_token_id)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected a token id >= 0, got {v!r}")
+        self.cls_token_id, self.sep_token_id, self.pad_token_id = cls_token_id, sep_token_id, pad_token_id
+        self.pooler = Pooler(hidden_size)
+        self.classifier = nn.Linear(hidden_size, 2)
+        self.mlm = None
+        if mask_token_id is not None:
+            if vocab_size is None:
+                raise ValueError("vocab_size: required with mask_token_id (the MLM part)")
+            specials = (cls_token_id, sep_token_id, pad_token_id, *special_token_ids)
+            self.mlm = MLM(hidden_size=hidden_size, vocab_size=vocab_size, mask_token_id=mask_token_id,
+                           mask_prob=mask_prob, replace_prob=replace_prob, random_prob=random_prob,
+                           special_token_ids=tuple(sorted(set(specials))), tie_word_embeddings=tie_word_embeddings,
+                           log_accuracy=log_accuracy)
+
+    def attach(self, backbone: nn.Module) -> None:
+        if self.mlm is not None:
+            self.mlm.attach(backbone)
+        self._attached = True
+
+    def _pairs(self, lengths, cut, flip, g) -> tuple[tuple, torch.Tensor]:
+        """Segments ``(a_row, a_start, a_len, b_row, b_start, b_len)`` (int64 (B,), CPU) and the labels."""
+        raise NotImplementedError
+
+    def prepare(self, batch: dict, *, seed: int) -> dict:
+        """Sentence pairs and their labels (and the MLM masks when enabled), from ``seed``."""
+        seed = check_seed(seed)
+        where = f"{type(self).__name__}.prepare"
+        require(batch, self.needs, where)
+        ids = check_ids("input_ids", batch["input_ids"])
+        mask = batch.get("attention_mask")
+        lengths = mask.long().sum(1).cpu() if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
+        g = seeded(seed)
+        cut = torch.where(lengths < 2, lengths,
+                          1 + (torch.rand(len(lengths), generator=g, dtype=torch.float64) * (lengths - 1)).long())
+        flip = (torch.rand(len(lengths), generator=g) < 0.5) & (cut < lengths) & (cut > 0)
+        parts, label = self._pairs(lengths, cut, flip, g)
+        pairs = build_pairs(ids, *(t.to(ids.device) for t in parts), cls_id=self.cls_token_id,
+                            sep_id=self.sep_token_id, pad_id=self.pad_token_id)
+        pairs[self.label_key] = label.to(ids.device)
+        if self.mlm is not None:
+            pairs = self.mlm.prepare(pairs, seed=seed)
+        return pairs
+
+    def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
+        """Pair classification loss (+ MLM loss) from one backbone pass (run ``prepare`` first)."""
+        keys = ("input_ids", self.label_key) + (("labels",) if self.mlm is not None else ())
+        require(batch, keys, f"{type(self).__name__}.forward (run prepare first)")
+        self._ensure_attached(backbone)
+        h = encode_text(backbone, batch).last_hidden_state
+        logits = self.classifier(self.pooler(h))
+        target = batch[self.label_key].long()
+        pair_loss = F.cross_entropy(logits.float(), target)
+        name = self.label_key.split("_label")[0]
+        metrics = {f"{name}_loss": pair_loss.detach(),
+                   f"{name}_accuracy": (logits.detach().argmax(-1) == target).float().mean()}
+        loss = pair_loss
+        if self.mlm is not None:
+            mlm_loss, mlm_metrics = self.mlm.loss_from_hidden(h, batch["labels"])
+            loss = loss + mlm_loss
+            metrics.update(mlm_metrics)
+        return ObjectiveOutput(loss, metrics, logits, h)
+
+
+class NSP(_SentencePair):
+    """BERT's next-sentence prediction (+ MLM when ``mask_token_id`` is given).
+
+    Args:
+        hidden_size: the backbone's width D. vocab_size: V (needed for MLM).
+        cls_token_id, sep_token_id, pad_token_id: the special tokens written around the pairs.
+        mask_token_id: enables MLM on the pairs (None: the pair loss alone); mask_prob,
+            replace_prob, random_prob, special_token_ids, tie_word_embeddings: the MLM part's.
+        log_accuracy: the MLM part's masked-token accuracy (the pair accuracy is always reported).
+
+    Batch: raw ``{"input_ids" (B, S), "attention_mask" (B, S) optional}`` (rows from different
+    documents, no special tokens); ``prepare`` returns input_ids, attention_mask, token_type_ids,
+    special_tokens_mask, ``next_sentence_label`` (B,) and, with MLM, labels. Needs B >= 2 for
+    random pairs (with B == 1 every pair is a true continuation).
+    """
+
+    label_key = "next_sentence_label"
+    hf_heads = {"pooler": "pooler", "nsp": "classifier", "mlm": "mlm.head"}
+
+    def __init__(self, *, hidden_size: int, cls_token_id: int, sep_token_id: int, pad_token_id: int = 0,
+                 vocab_size: int | None = None, mask_token_id: int | None = None, mask_prob: float = 0.15,
+                 replace_prob: float = 0.8, random_prob: float = 0.1, special_token_ids: tuple[int, ...] = (),
+                 tie_word_embeddings: bool = True, log_accuracy: bool = False):
+        super().__init__(hidden_size, vocab_size, cls_token_id, sep_token_id, pad_token_id, mask_token_id, mask_prob,
+                         replace_prob, random_prob, special_token_ids, tie_word_embeddings, log_accuracy)
+
+    def _pairs(self, lengths, cut, flip, g):
+        n = len(lengths)
+        rows = torch.arange(n)
+        # The random B comes from another row: i + k (mod n), k uniform in [1, n - 1].
+        other = (rows + 1 + (torch.rand(n, generator=g, dtype=torch.float64) * max(n - 1, 1)).long()) % max(n, 1)
+        other_len = (lengths[other] - cut[other]).clamp(max=lengths - cut)
+        rand = flip & (n > 1) & (other_len > 0)
+        b_row, b_start = torch.where(rand, other, rows), torch.where(rand, cut[other], cut)
+        b_len = torch.where(rand, other_len, lengths - cut)
+        return (rows, torch.zeros_like(cut), cut, b_row, b_start, b_len), rand.long()
+
+
+class SOP(_SentencePair):
+    """ALBERT's sentence-order prediction (+ MLM when ``mask_token_id`` is given).
+
+    Same arguments and batch as ``NSP``; the label is ``sentence_order_label`` (B,): 0 in order,
+    1 swapped. Works for any batch size.
+    """
+
+    label_key = "sentence_order_label"
+
+    def __init__(self, *, hidden_size: int, cls_token_id: int, sep_token_id: int, pad_token_id: int = 0,
+                 vocab_size: int | None = None, mask_token_id: int | None = None, mask_prob: float = 0.15,
+                 replace_prob: float = 0.8, random_prob: float = 0.1, special_token_ids: tuple[int, ...] = (),
+                 tie_word_embeddings: bool = True, log_accuracy: bool = False):
+        super().__init__(hidden_size, vocab_size, cls_token_id, sep_token_id, pad_token_id, mask_token_id, mask_prob,
+                         replace_prob, random_prob, special_token_ids, tie_word_embeddings, log_accuracy)
+
+    def _pairs(self, lengths, cut, flip, g):
+        rows, zero = torch.arange(len(lengths)), torch.zeros_like(cut)
+        a_start, a_len = torch.where(flip, cut, zero), torch.where(flip, lengths - cut, cut)
+        b_start, b_len = torch.where(flip, zero, cut), torch.where(flip, cut, lengths - cut)
+        return (rows, a_start, a_len, rows, b_start, b_len), flip.long()

@@ -1,0 +1,188 @@
+"""SimCLR (Chen et al., 2020): two augmented views per image, a projection MLP, NT-Xent.
+
+The augmentations run on the batch's device, on float ``(B, C, H, W)`` tensors of any channel
+count (multispectral included): random resized crop + horizontal flip (one ``grid_sample``),
+colour jitter (brightness, contrast, saturation, in that order; no hue, which only RGB has) and
+random grayscale (luma for RGB, the channel mean otherwise). Gaussian blur and solarisation are
+not applied. Crops that would leave the image are clamped to it (torchvision retries instead),
+and bilinear sampling reflects at the border. Every random number is drawn from a CPU
+``torch.Generator`` seeded with ``seed``, so a batch's views are a pure function of (pixels, seed)
+on any device. Values are not clamped: inputs may be normalised or not in [0, 1].
+MoCo v3 and DINO reuse ``ViewAugment``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .base import (Objective, ObjectiveOutput, check_images, choice, fraction, mlp, pool, positive, require, seeded,
+                   top1_accuracy)
+
+# ITU-R 601 luma weights for 3-channel images; other channel counts use the plain channel mean.
+RGB_LUMA = (0.299, 0.587, 0.114)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, 1, H, W)`` luma (RGB weights for C == 3, the channel mean otherwise)."""
+    if x.shape[1] == 3:
+        w = torch.tensor(RGB_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * w).sum(1, keepdim=True)
+    return x.mean(1, keepdim=True)
+
+
+def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+
+class ViewAugment:
+    """Random views of a batch of images (SimCLR / BYOL / MoCo v3 / DINO style), on the device.
+
+    Args:
+        size: output side (square views); None keeps the input's height and width.
+        scale: range of the crop's area as a fraction of the image.
+        ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
+        flip_prob: probability of a horizontal flip.
+        jitter_prob: probability of colour jitter; brightness, contrast, saturation: its strengths
+            (factors uniform in ``[1 - s, 1 + s]``).
+        grayscale_prob: probability of replacing all channels by the luma.
+    """
+
+    def __init__(self, *, size: int | None = None, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5,
+                 jitter_prob: float = 0.8, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
+                 grayscale_prob: float = 0.2):
+        if size is not None:
+            positive("size", size, integer=True)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale: expected (low, high) with 0 < low <= high <= 1, got {scale!r}")
+        if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio: expected (low, high) with 0 < low <= high, got {ratio!r}")
+        self.size, self.scale, self.ratio = size, tuple(map(float, scale)), tuple(map(float, ratio))
+        self.flip_prob = fraction("flip_prob", flip_prob)
+        self.jitter_prob = fraction("jitter_prob", jitter_prob)
+        self.strength = tuple(fraction(n, v) for n, v in
+                              (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)))
+        self.grayscale_prob = fraction("grayscale_prob", grayscale_prob)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One random view of each image: ``(B, C, H, W)`` -> ``(B, C, size, size)``, same dtype/device."""
+        b, _, h, w = images.shape
+        g = generator
+        # Random resized crop (crop extents clamped to the image instead of torchvision's retries).
+        area = _uniform(g, b, *self.scale)
+        log_r = _uniform(g, b, math.log(self.ratio[0]), math.log(self.ratio[1]))
+        cw = torch.sqrt(area * torch.exp(log_r) * h / w).clamp(max=1.0)  # crop width / image width
+        ch = torch.sqrt(area / torch.exp(log_r) * w / h).clamp(max=1.0)
+        cx = (1 - cw) * (2 * torch.rand(b, generator=g, dtype=torch.float64) - 1)  # centre in [-1, 1] coords
+        cy = (1 - ch) * (2 * torch.rand(b, generator=g, dtype=torch.float64) - 1)
+        flip = torch.where(torch.rand(b, generator=g, dtype=torch.float64) < self.flip_prob, -1.0, 1.0)
+        theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = cw * flip, cx, ch, cy
+        out_h, out_w = (h, w) if self.size is None else (self.size, self.size)
+        # Colour jitter and grayscale draws happen for every image so the stream layout is fixed.
+        jitter = torch.rand(b, generator=g, dtype=torch.float64) < self.jitter_prob
+        factors = [torch.where(jitter, _uniform(g, b, 1 - s, 1 + s), 1.0) for s in self.strength]
+        gray = torch.rand(b, generator=g, dtype=torch.float64) < self.grayscale_prob
+
+        dev, dt = images.device, images.dtype
+        work = images if dt in (torch.float32, torch.float64) else images.float()
+        grid = F.affine_grid(theta.to(dev, work.dtype), [b, work.shape[1], out_h, out_w], align_corners=False)
+        x = F.grid_sample(work, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        shape = (b, 1, 1, 1)
+        bright, contrast, sat = (f.to(dev, work.dtype).view(shape) for f in factors)
+        x = x * bright
+        mean = grayscale(x).mean((1, 2, 3), keepdim=True)
+        x = (x - mean) * contrast + mean
+        luma = grayscale(x)
+        x = (x - luma) * sat + luma
+        x = torch.where(gray.to(dev).view(shape), grayscale(x).expand_as(x), x)
+        return x.to(dt)
+
+
+def gather_default(gather: bool | None) -> bool:
+    """``gather=None``: all-gather negatives when torch.distributed runs with more than one rank."""
+    if gather is not None:
+        return bool(gather)
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class SimCLR(Objective):
+    """SimCLR: ``loss = nt_xent(g(f(view1)), g(f(view2)))`` with ``f`` the backbone + pooling, ``g``
+    the projection MLP.
+
+    Args:
+        hidden_size: the backbone's width ``D``.
+        proj_dim, proj_hidden_dim, proj_layers: projection MLP (Linear-BN-ReLU ... Linear).
+        temperature: NT-Xent temperature.
+        pooling: "first" (CLS token) or "mean" over the backbone's output tokens.
+        crop_size: side of the views (None: the input's size); crop_scale: crop area range.
+        flip_prob, jitter_prob, brightness, contrast, saturation, grayscale_prob: see ``ViewAugment``.
+        gather: all-gather negatives across ranks (None: when torch.distributed runs with > 1 rank).
+        log_accuracy: report the top-1 accuracy of finding the other view (one extra (2N)^2 D pass).
+        patch_size: the backbone's patch size, for ``tokens_in`` (None: count images).
+
+    Batch: raw ``{"pixel_values": (B, C, H, W) float}``; ``prepare`` adds ``"views"`` ``(2B, C, h, w)``
+    (first all first views, then all second views).
+    """
+
+    needs = ("pixel_values",)
+
+    def __init__(self, *, hidden_size: int, proj_dim: int = 128, proj_hidden_dim: int = 2048, proj_layers: int = 2,
+                 temperature: float = 0.5, pooling: str = "first", crop_size: int | None = None,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5, jitter_prob: float = 0.8,
+                 brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
+                 grayscale_prob: float = 0.2, gather: bool | None = None, log_accuracy: bool = True,
+                 patch_size: int | None = None):
+        super().__init__()
+        positive("hidden_size", hidden_size, integer=True)
+        self.temperature = positive("temperature", temperature)
+        self.pooling = choice("pooling", pooling, ("first", "mean"))
+        self.augment = ViewAugment(size=crop_size, scale=crop_scale, flip_prob=flip_prob, jitter_prob=jitter_prob,
+                                   brightness=brightness, contrast=contrast, saturation=saturation,
+                                   grayscale_prob=grayscale_prob)
+        self.projector = mlp(hidden_size, proj_hidden_dim, proj_dim, num_layers=proj_layers)
+        self.gather, self.log_accuracy, self.patch_size = gather, log_accuracy, patch_size
+
+    def prepare(self, batch: dict, *, seed: int) -> dict:
+        """Two augmented views of every image -> ``batch["views"]`` ``(2B, C, h, w)``."""
+        require(batch, self.needs, "SimCLR.prepare")
+        px = check_images("pixel_values", batch["pixel_values"])
+        g = seeded(seed)
+        return {**batch, "views": torch.cat([self.augment(px, g), self.augment(px, g)])}
+
+    def embed(self, backbone: nn.Module, images: torch.Tensor):
+        """Backbone states ``(N, T, D)`` and projections ``(N, proj_dim)`` of ``images``."""
+        h = backbone(images).last_hidden_state
+        return h, self.projector(pool(h, self.pooling))
+
+    def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
+        """NT-Xent over ``batch["views"]`` (run ``prepare`` first)."""
+        require(batch, ("views",), "SimCLR.forward (run prepare first)")
+        views = check_images("views", batch["views"])
+        if views.shape[0] % 2:
+            raise ValueError(f"views: expected 2B rows (two views per image), got {views.shape[0]}")
+        h, z = self.embed(backbone, views)
+        z1, z2 = z.chunk(2)
+        loss = ops.nt_xent(z1, z2, temperature=self.temperature, gather=gather_default(self.gather))
+        metrics = {"loss": loss.detach()}
+        if self.log_accuracy:
+            zn = F.normalize(z.detach(), dim=1)
+            metrics["accuracy"] = top1_accuracy(zn, zn, target_offset=z1.shape[0], exclude_self=True)
+        return ObjectiveOutput(loss, metrics, None, h[: z1.shape[0]])
+
+    def tokens_in(self, batch: dict) -> int:
+        """Patches of the input images (images when ``patch_size`` is unknown)."""
+        return vision_tokens(batch["pixel_values"], self.patch_size)
+
+
+def vision_tokens(pixel_values: torch.Tensor, patch_size: int | None) -> int:
+    """``B * (H // p) * (W // p)`` for ``(B, C, H, W)`` images, ``B`` without a patch size."""
+    b, _, h, w = pixel_values.shape
+    if not patch_size:
+        return b
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    return b * (h // ph) * (w // pw)

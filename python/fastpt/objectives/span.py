@@ -1,0 +1,208 @@
+"""T5 span corruption and UL2's mixture of denoisers on an ``EncoderDecoder`` backbone.
+
+``prepare`` turns raw rows into encoder inputs and decoder targets with ``fastpt.ops.span_corrupt``
+(T5: 15% noise, mean span 3, one sentinel per span) or ``fastpt.ops.ul2_denoise`` (one R / X / S
+denoiser per row, optionally a [NLU] / [NLG] / [S2S] paradigm token first), then builds the
+teacher-forcing decoder input (targets shifted right after ``decoder_start_id``)::
+
+    inputs   a b <s0> e f <s1> EOS          -> input_ids, attention_mask
+    targets  <s0> c d <s1> g h EOS          -> labels (-100 after EOS)
+    decoder  START <s0> c d <s1> g h        -> decoder_input_ids, decoder_attention_mask
+
+The LM head (tied to ``backbone.shared`` by default) runs only on target rows through
+``fastpt.ops.linear_cross_entropy``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..models.heads import LMHead
+from .base import (Objective, ObjectiveOutput, check_ids, check_seed, fraction, head_accuracy, positive, require,
+                   want_logits)
+
+SEQ2SEQ_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
+
+
+def seq2seq_batch(inputs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
+                  target_lengths: torch.Tensor, decoder_start_id: int) -> dict:
+    """Encoder / decoder tensors from padded ``inputs (B, S')`` and ``targets (B, T)`` and their lengths."""
+    dev = inputs.device
+    in_len, tgt_len = input_lengths.to(dev).unsqueeze(1), target_lengths.to(dev).unsqueeze(1)
+    attention_mask = (torch.arange(inputs.shape[1], device=dev) < in_len).long()
+    dec_mask = (torch.arange(targets.shape[1], device=dev) < tgt_len).long()
+    labels = targets.to(torch.int64).masked_fill(dec_mask == 0, -100)
+    start = torch.full_like(targets[:, :1], decoder_start_id)
+    decoder_input_ids = torch.cat([start, targets[:, :-1]], 1)
+    return dict(input_ids=inputs, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=dec_mask, labels=labels)
+
+
+class _Seq2SeqLM(Objective):
+    """Shared head, attach and loss of the encoder-decoder objectives."""
+
+    needs = ("input_ids",)
+
+    def __init__(self, hidden_size, vocab_size, sentinel_start_id, eos_id, pad_id, decoder_start_id,
+                 tie_word_embeddings, return_logits, log_accuracy):
+        super().__init__()
+        self.hidden_size = positive("hidden_size", hidden_size, integer=True)
+        self.vocab_size = positive("vocab_size", vocab_size, integer=True)
+        ids = dict(sentinel_start_id=vocab_size - 1 if sentinel_start_id is None else sentinel_start_id,
+                   eos_id=eos_id, pad_id=pad_id,
+                   decoder_start_id=pad_id if decoder_start_id is None else decoder_start_id)
+        for name, v in ids.items():
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
+                raise ValueError(f"{name}: expected an id in [0, vocab_size={vocab_size}), got {v!r}")
+        self.sentinel_start_id, self.eos_id, self.pad_id = ids["sentinel_start_id"], eos_id, pad_id
+        self.decoder_start_id = ids["decoder_start_id"]
+        self.tie_word_embeddings = bool(tie_word_embeddings)
+        self.return_logits, self.log_accuracy = bool(return_logits), bool(log_accuracy)
+        self.head = LMHead(hidden_size, vocab_size)
+
+    def attach(self, backbone: nn.Module) -> None:
+        """Tie the LM head to ``backbone.shared`` (when asked)."""
+        if self.tie_word_embeddings and not self._attached:
+            self.head = LMHead(self.hidden_size, self.vocab_size, tied_weight=backbone.shared.weight)
+        self._attached = True
+
+    def _raw(self, batch: dict, seed: int, where: str):
+        check_seed(seed)
+        require(batch, self.needs, where)
+        ids = check_ids("input_ids", batch["input_ids"])
+        mask = batch.get("attention_mask")
+        seqlens = mask.long().sum(1).cpu() if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
+        return ids, seqlens
+
+    def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
+        """Teacher-forced decoder loss on the target tokens (run ``prepare`` first, or pass ``SEQ2SEQ_KEYS``)."""
+        require(batch, SEQ2SEQ_KEYS, f"{type(self).__name__}.forward (run prepare first)")
+        self._ensure_attached(backbone)
+        out = backbone(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
+                       batch["decoder_attention_mask"])
+        h, labels = out.last_hidden_state, batch["labels"]
+        sel = labels != -100
+        hm, y = h[sel], labels[sel]
+        loss, lse = ops.linear_cross_entropy(hm, self.head.weight, y, bias=self.head.bias, return_lse=True)
+        metrics = {"loss": loss.detach()}
+        if self.log_accuracy:
+            metrics["accuracy"] = head_accuracy(hm.detach(), self.head.weight, self.head.bias, y)
+        metrics.update(self._extra_metrics(batch, sel, hm.detach(), y, lse))
+        logits = self.head(h) if want_logits(batch, self.return_logits) else None
+        return ObjectiveOutput(loss, metrics, logits, out.encoder_last_hidden_state)
+
+    def _extra_metrics(self, batch, sel, hm, y, lse) -> dict:
+        return {}
+
+    def tokens_in(self, batch: dict) -> int:
+        """Encoder plus decoder tokens of a prepared batch (the raw batch's tokens before ``prepare``)."""
+        n = super().tokens_in(batch)
+        if batch.get("decoder_attention_mask") is not None:
+            n += int(batch["decoder_attention_mask"].sum())
+        return n
+
+
+class T5SpanCorruption(_Seq2SeqLM):
+    """T5's span-corruption objective.
+
+    Args:
+        hidden_size, vocab_size: the backbone's width D and vocabulary V.
+        noise_density, mean_span_len: fraction of tokens corrupted and mean span length.
+        sentinel_start_id: first sentinel id, the next spans count down (None: ``vocab_size - 1``).
+        eos_id, pad_id: EOS appended to inputs and targets, padding (T5: 1 and 0).
+        decoder_start_id: first decoder input id (None: ``pad_id``, as T5).
+        tie_word_embeddings: the LM head's matrix is ``backbone.shared`` (set by ``attach``).
+        return_logits: also return the decoder logits ``(B, T, V)``. log_accuracy: target-token accuracy.
+
+    Batch: raw ``{"input_ids" (B, S), "attention_mask" (B, S) optional}``; ``prepare`` returns
+    ``SEQ2SEQ_KEYS`` (input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels).
+    """
+
+    def __init__(self, *, hidden_size: int, vocab_size: int, noise_density: float = 0.15, mean_span_len: float = 3.0,
+                 sentinel_start_id: int | None = None, eos_id: int = 1, pad_id: int = 0,
+                 decoder_start_id: int | None = None, tie_word_embeddings: bool = True, return_logits: bool = False,
+                 log_accuracy: bool = False):
+        super().__init__(hidden_size, vocab_size, sentinel_start_id, eos_id, pad_id, decoder_start_id,
+                         tie_word_embeddings, return_logits, log_accuracy)
+        self.noise_density = fraction("noise_density", noise_density)
+        if isinstance(mean_span_len, bool) or not isinstance(mean_span_len, (int, float)) or not mean_span_len >= 1:
+            raise ValueError(f"mean_span_len: expected a number >= 1, got {mean_span_len!r}")
+        self.mean_span_len = float(mean_span_len)
+
+    def prepare(self, batch: dict, *, seed: int) -> dict:
+        """Span-corrupt every row (a pure function of the ids and ``seed``)."""
+        ids, seqlens = self._raw(batch, seed, "T5SpanCorruption.prepare")
+        rates = dict(noise_density=self.noise_density, mean_span_len=self.mean_span_len)
+        inputs, targets = ops.span_corrupt(ids, seqlens, sentinel_start_id=self.sentinel_start_id, eos_id=self.eos_id,
+                                           pad_id=self.pad_id, seed=seed, **rates)
+        in_len, tgt_len = ops.span_corrupt_lengths(seqlens, **rates)
+        return seq2seq_batch(inputs, targets, in_len, tgt_len, self.decoder_start_id)
+
+
+class UL2(_Seq2SeqLM):
+    """UL2's mixture of denoisers (R: regular spans, X: extreme, S: prefix-LM), one per row.
+
+    Args:
+        hidden_size, vocab_size, sentinel_start_id, eos_id, pad_id, decoder_start_id,
+        tie_word_embeddings, return_logits, log_accuracy: as ``T5SpanCorruption``.
+        denoisers: ``(mode, mean_span_len, noise_density)`` triples (S: ``("S", None, None)``);
+            default the paper's seven (``fastpt.ops.UL2_DENOISERS``).
+        weights: one non-negative weight per denoiser (None: uniform).
+        mode_token_ids: paradigm token per mode, e.g. ``{"R": 5, "X": 6, "S": 7}`` ([NLU], [NLG],
+            [S2S]), prepended to each row's inputs; None: no paradigm tokens.
+
+    Batch: as ``T5SpanCorruption``; ``prepare`` also adds ``denoiser`` (int64 ``(B,)``, index into
+    ``denoisers``). Metrics add ``loss_<mode>``, the target-token loss of the rows of each mode
+    present in the batch.
+    """
+
+    def __init__(self, *, hidden_size: int, vocab_size: int,
+                 denoisers: tuple[tuple[str, float | None, float | None], ...] = ops.UL2_DENOISERS,
+                 weights: tuple[float, ...] | None = None, mode_token_ids: dict | None = None,
+                 sentinel_start_id: int | None = None, eos_id: int = 1, pad_id: int = 0,
+                 decoder_start_id: int | None = None, tie_word_embeddings: bool = True, return_logits: bool = False,
+                 log_accuracy: bool = False):
+        super().__init__(hidden_size, vocab_size, sentinel_start_id, eos_id, pad_id, decoder_start_id,
+                         tie_word_embeddings, return_logits, log_accuracy)
+        try:
+            self.denoisers = tuple(ops.Denoiser(*d) for d in denoisers)
+        except TypeError:
+            raise TypeError(f"denoisers: expected (mode, mean_span_len, noise_density) triples, "
+                            f"got {denoisers!r}") from None
+        self.weights = None if weights is None else tuple(float(w) for w in weights)
+        self.mode_token_ids = None if mode_token_ids is None else dict(mode_token_ids)
+        self.modes = sorted({d.mode for d in self.denoisers})
+        # Validate everything (denoisers, weights, mode tokens) once, on a one-row dummy batch.
+        self._denoise(torch.full((1, 4), eos_id, dtype=torch.int64), None, 0)
+
+    def _denoise(self, ids, seqlens, seed):
+        return ops.ul2_denoise(ids, seqlens, sentinel_start_id=self.sentinel_start_id, eos_id=self.eos_id,
+                               pad_id=self.pad_id, mode_token_ids=self.mode_token_ids, denoisers=self.denoisers,
+                               weights=self.weights, seed=seed)
+
+    def prepare(self, batch: dict, *, seed: int) -> dict:
+        """Pick a denoiser per row and apply it (a pure function of the ids and ``seed``)."""
+        ids, seqlens = self._raw(batch, seed, "UL2.prepare")
+        out = self._denoise(ids, seqlens, seed)
+        prepared = seq2seq_batch(out.inputs, out.targets, out.input_lengths, out.target_lengths, self.decoder_start_id)
+        return {**prepared, "denoiser": out.denoiser}
+
+    def _extra_metrics(self, batch, sel, hm, y, lse) -> dict:
+        if batch.get("denoiser") is None:
+            return {}
+        with torch.no_grad():
+            w = self.head.weight.detach()
+            z = (hm * w[y]).sum(-1).float()
+            if self.head.bias is not None:
+                z = z + self.head.bias.detach()[y].float()
+            token_loss = lse.float() - z
+            mode_of = torch.tensor([self.modes.index(d.mode) for d in self.denoisers], device=y.device)
+            row_mode = mode_of[batch["denoiser"].to(y.device)]
+            token_mode = row_mode.unsqueeze(1).expand_as(sel)[sel]
+            out = {}
+            for i, mode in enumerate(self.modes):
+                pick = token_mode == i
+                if bool(pick.any()):
+                    out[f"loss_{mode}"] = token_loss[pick].mean()
+        return out

@@ -1,0 +1,148 @@
+import inspect
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastpt.objectives import OBJECTIVES, MLM, ObjectiveOutput
+from fastpt.objectives.base import (check_seed, cosine_schedule, ema_update, frozen_copy, head_accuracy, pool, require,
+                                    top1_accuracy)
+
+from . import tiny_text
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_constructors_take_flat_typed_keywords(name):
+    """What the YAML builder relies on: keyword-only, annotated arguments, and the protocol methods."""
+    cls = OBJECTIVES[name]
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    assert params and all(p.kind is p.KEYWORD_ONLY and p.annotation is not p.empty for p in params)
+    assert isinstance(cls.needs, tuple) and cls.needs
+    for method in ("prepare", "forward", "on_step_end", "tokens_in", "attach"):
+        assert callable(getattr(cls, method))
+
+
+def test_from_backbone_reads_sizes():
+    backbone = tiny_text()
+    obj = MLM.from_backbone(backbone, mask_token_id=3)
+    assert obj.hidden_size == 32 and obj.vocab_size == backbone.vocab_size and obj._attached
+    assert obj.tokens_in({"input_ids": torch.ones(2, 5, dtype=torch.long)}) == 10
+    assert obj.tokens_in({"input_ids": torch.ones(2, 5, dtype=torch.long),
+                          "attention_mask": torch.tensor([[1, 1, 0, 0, 0], [1] * 5])}) == 7
+
+
+def test_output_defaults():
+    out = ObjectiveOutput(torch.tensor(1.0))
+    assert out.metrics == {} and out.logits is None and out.last_hidden_state is None
+
+
+def test_ema_and_schedule():
+    src, dst = nn.Linear(3, 2), nn.Linear(3, 2)
+    old = [p.clone() for p in dst.parameters()]
+    ema_update(dst, src, 0.75)
+    for o, n, s in zip(old, dst.parameters(), src.parameters()):
+        torch.testing.assert_close(n, 0.75 * o + 0.25 * s)
+    twin = frozen_copy(src)
+    assert all(not p.requires_grad for p in twin.parameters()) and all(p.requires_grad for p in src.parameters())
+    assert cosine_schedule(0.9, 1.0, 0, 100) == pytest.approx(0.9)
+    assert cosine_schedule(0.9, 1.0, 100, 100) == pytest.approx(1.0)
+    assert cosine_schedule(0.9, 1.0, 50, 100) == pytest.approx(0.95)
+    assert cosine_schedule(0.9, 1.0, 500, None) == 0.9
+    assert cosine_schedule(0.9, 1.0, 25, 100) == pytest.approx(1 - 0.1 * (math.cos(math.pi / 4) + 1) / 2)
+
+
+def test_accuracies_and_pooling():
+    q = torch.nn.functional.normalize(torch.randn(7, 4), dim=1)
+    k = q + 0.01 * torch.randn(7, 4)
+    k[3] = -q[3]
+    assert float(top1_accuracy(q, k, chunk=3)) == pytest.approx(6 / 7)
+    h, w = torch.randn(9, 4), torch.randn(11, 4)
+    labels = (h @ w.T).argmax(1)
+    labels[:2] = (labels[:2] + 1) % 11
+    assert float(head_accuracy(h, w, None, labels, chunk=4)) == pytest.approx(7 / 9)
+    x = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    torch.testing.assert_close(pool(x, "last", mask), torch.stack([x[0, 2], x[1, 4]]))
+    torch.testing.assert_close(pool(x, "mean", mask)[0], x[0, :3].mean(0))
+    torch.testing.assert_close(pool(x, "first"), x[:, 0])
+
+
+def test_checks_name_the_argument():
+    with pytest.raises(TypeError, match="seed"):
+        check_seed(1.5)
+    with pytest.raises(ValueError, match="seed"):
+        check_seed(2**64)
+    with pytest.raises(KeyError, match="pixel_values"):
+        require({"input_ids": 1}, ("pixel_values",), "X.prepare")
+    with pytest.raises(TypeError, match="batch"):
+        require([1, 2], ("input_ids",), "X.prepare")
+
+
+def _cases():
+    from fastpt.objectives import (DINO, MAE, NSP, SOP, UL2, CausalLM, MoCoV3, PrefixLM, SelfDistillation, SimCLR,
+                                   T5SpanCorruption)
+
+    from . import images, text_batch, tiny_seq2seq, tiny_vit
+
+    small = dict(proj_dim=8, proj_hidden_dim=16)
+    text = lambda: text_batch(4, 19, low=10)  # noqa: E731
+    pix = lambda: {"pixel_values": images(4)}  # noqa: E731
+    return {
+        "mlm": (tiny_text, MLM, dict(mask_token_id=3, special_token_ids=(0,)), text),
+        "clm": (tiny_text, CausalLM, {}, text),
+        "prefix_lm": (tiny_text, PrefixLM, {}, text),
+        "span": (tiny_seq2seq, T5SpanCorruption, {}, text),
+        "ul2": (tiny_seq2seq, UL2, dict(mode_token_ids={"R": 2, "X": 3, "S": 4}), text),
+        "nsp": (tiny_text, NSP, dict(cls_token_id=1, sep_token_id=2, mask_token_id=3), text),
+        "sop": (tiny_text, SOP, dict(cls_token_id=1, sep_token_id=2, mask_token_id=3), text),
+        "mae": (tiny_vit, MAE, dict(decoder_hidden_size=16, decoder_layers=1, decoder_heads=2), pix),
+        "simclr": (tiny_vit, SimCLR, small, pix),
+        "moco_v3": (tiny_vit, MoCoV3, dict(small, pred_hidden_dim=16), pix),
+        "dino": (tiny_vit, DINO, dict(out_dim=24, head_hidden_dim=16, bottleneck_dim=8, num_local_crops=2), pix),
+        "self_distill": (tiny_text, SelfDistillation, dict(mask_token_id=3), text),
+    }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["mlm", "clm", "prefix_lm", "span", "ul2", "nsp", "sop", "mae", "simclr", "moco_v3",
+                                  "dino", "self_distill"])
+def test_cuda_prepares_the_same_batch_and_loss_as_cpu(name):
+    """A resumed or moved run reproduces its batches: prepare is a pure function of (data, seed) on
+    any device, and the loss on CUDA (fused kernels) matches the CPU's."""
+    make_backbone, cls, kwargs, data = _cases()[name]
+    backbone = make_backbone()
+    obj = cls.from_backbone(backbone, **kwargs)
+    backbone.eval(), obj.eval()  # no center / BatchNorm statistics updates between the two runs
+    raw = data()
+    cpu = obj.prepare(raw, seed=5)
+    loss_cpu = obj(backbone, cpu).loss
+    backbone.cuda(), obj.cuda()
+    gpu = obj.prepare({k: v.cuda() for k, v in raw.items()}, seed=5)
+    assert sorted(gpu) == sorted(cpu)
+    for k, v in cpu.items():
+        assert v.device == torch.device("cpu") and gpu[k].is_cuda, k
+        if v.is_floating_point():  # views / crops: grid_sample may round differently
+            torch.testing.assert_close(gpu[k].cpu(), v, rtol=1e-4, atol=1e-4)
+        else:
+            assert torch.equal(gpu[k].cpu(), v), k
+    out = obj(backbone, gpu)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.cpu(), loss_cpu.detach(), rtol=2e-3, atol=2e-3)
+
+
+def test_heads_round_trip_with_hf_names():
+    from fastpt.models import MLMHead, Pooler
+    from fastpt.objectives import NSP
+
+    backbone = tiny_text()
+    obj = NSP.from_backbone(backbone, cls_token_id=1, sep_token_id=2, mask_token_id=3)
+    assert set(obj.heads()) == {"pooler", "nsp", "mlm"} and obj.heads()["mlm"] is obj.mlm.head
+    assert set(NSP.from_backbone(backbone, cls_token_id=1, sep_token_id=2).heads()) == {"pooler", "nsp"}
+    given = {"mlm": MLMHead(32, backbone.vocab_size, tied_weight=backbone.embeddings.word_embeddings.weight),
+             "pooler": Pooler(32), "nsp": nn.Linear(32, 2), "lm": nn.Linear(1, 1)}
+    obj.load_heads(given)  # "lm" is not NSP's: ignored
+    for name, module in given.items():
+        if name != "lm":
+            for k, v in module.state_dict().items():
+                assert torch.equal(obj.heads()[name].state_dict()[k], v), (name, k)

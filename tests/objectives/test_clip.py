@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastpt.objectives import CLIP
+
+from . import images, text_batch, tiny_text, tiny_vit, train, with_grad
+
+
+def make(**kw):
+    backbone = nn.ModuleDict({"text": tiny_text(causal=True, hidden_size=24), "vision": tiny_vit()})
+    return backbone, CLIP.from_backbone(backbone, embed_dim=16, **kw)
+
+
+def pairs(n=5, seed=0):
+    return {**text_batch(n, 11, seed=seed), "pixel_values": images(n, seed=seed)}
+
+
+def test_loss_matches_reference():
+    backbone, obj = make()
+    assert obj.text_projection.in_features == 24 and obj.vision_projection.in_features == 32
+    batch = obj.prepare(pairs(), seed=0)
+    out = obj(backbone, batch)
+    th = backbone.text(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+    last = batch["attention_mask"].sum(1) - 1  # EOT: the last valid token
+    t = F.normalize(obj.text_projection(th[torch.arange(5), last]), dim=1)
+    i = F.normalize(obj.vision_projection(backbone.vision(batch["pixel_values"]).last_hidden_state[:, 0]), dim=1)
+    logits = math.exp(math.log(1 / 0.07)) * i @ t.T
+    target = torch.arange(5)
+    ref = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.metrics["image_to_text_accuracy"], (logits.argmax(1) == target).float().mean())
+    torch.testing.assert_close(out.metrics["text_to_image_accuracy"], (logits.argmax(0) == target).float().mean())
+    assert obj.tokens_in(batch) == int(batch["attention_mask"].sum()) + 5 * 16
+
+
+def test_gradients_reach_both_towers_and_the_scale():
+    backbone, obj = make(text_pooling="mean")
+    obj(backbone, pairs()).loss.backward()
+    names = with_grad(backbone, obj)
+    assert {"0.text.embeddings.word_embeddings.weight", "0.vision.patch_embed.projection.weight",
+            "1.text_projection.weight", "1.vision_projection.weight", "1.logit_scale"} <= names
+    backbone, obj = make(learn_logit_scale=False, init_logit_scale=2.0)
+    assert "logit_scale" not in dict(obj.named_parameters()) and float(obj.logit_scale) == 2.0
+
+
+def test_training_reduces_loss():
+    backbone, obj = make()
+    batch = pairs(6)  # images told apart by their colour: noise alone gives a tiny ViT near-identical embeddings
+    batch["pixel_values"] = 0.2 * batch["pixel_values"] + 3 * torch.randn(6, 3, 1, 1, generator=torch.Generator())
+    losses = train(obj, backbone, obj.prepare(batch, seed=0), steps=8, lr=1e-3)
+    assert losses[-1] < 0.85 * losses[0]
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(TypeError, match="backbone"):
+        CLIP.from_backbone(tiny_vit())
+    with pytest.raises(ValueError, match="text_pooling"):
+        make(text_pooling="max")
+    with pytest.raises(ValueError, match="init_logit_scale"):
+        make(init_logit_scale=float("inf"))
+    backbone, obj = make()
+    with pytest.raises(ValueError, match="pixel_values"):
+        obj.prepare({**text_batch(3, 7), "pixel_values": images(2)}, seed=0)
+    with pytest.raises(KeyError, match="pixel_values"):
+        obj.prepare(text_batch(3, 7), seed=0)

@@ -1,0 +1,89 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastpt.objectives import MLM, SelfDistillation
+
+from . import VOCAB, text_batch, tiny_text, train, with_grad
+
+MLM_ARGS = dict(mask_token_id=3, special_token_ids=(0, 1, 2), mask_prob=0.3)
+
+
+def build(tmp_path, **kw):
+    """Student from seed 0; the teacher ('further pre-trained': another init) loaded from a file."""
+    backbone, teacher = tiny_text(seed=0), tiny_text(seed=1)
+    path = tmp_path / "teacher.safetensors"
+    save_file({f"backbone.{k}": v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
+    obj = SelfDistillation.from_backbone(backbone, teacher_path=str(path), **{**MLM_ARGS, **kw})
+    return backbone, teacher, obj
+
+
+def masked_mse(a, b, mask):
+    per_token = ((a - b) ** 2).mean(-1)
+    return (per_token * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("inputs,layers", [("masked", (-1,)), ("clean", (1, 2))])
+def test_loss_is_mlm_plus_alpha_distill(tmp_path, inputs, layers):
+    backbone, teacher, obj = build(tmp_path, alpha=0.5, layers=layers, distill_inputs=inputs)
+    for a, b in zip(obj.teacher.parameters(), teacher.parameters()):
+        assert torch.equal(a, b)  # loaded from teacher_path, not the student's weights
+    raw = text_batch()
+    batch = obj.prepare(raw, seed=3)
+    out = obj(backbone, batch)
+    mlm = MLM(hidden_size=32, vocab_size=VOCAB, **MLM_ARGS)
+    mlm.attach(backbone)
+    mlm.head.load_state_dict(obj.mlm.head.state_dict())
+    mlm_loss = mlm(backbone, batch).loss
+    ids = raw["input_ids"] if inputs == "clean" else batch["input_ids"]
+    hs = backbone(ids, raw["attention_mask"], output_hidden_states=True).hidden_states
+    ht = teacher(ids, raw["attention_mask"], output_hidden_states=True).hidden_states
+    distill = sum(masked_mse(hs[i], ht[i], raw["attention_mask"]) for i in layers) / len(layers)
+    torch.testing.assert_close(out.metrics["mlm_loss"], mlm_loss.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.metrics["distill_loss"], distill.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, mlm_loss + 0.5 * distill, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_is_frozen_and_stays_in_eval(tmp_path):
+    backbone, _, obj = build(tmp_path)
+    obj.train()
+    assert obj.training and not obj.teacher.training
+    out = obj(backbone, obj.prepare(text_batch(), seed=0))
+    out.loss.backward()
+    names = with_grad(backbone, obj)
+    assert "0.embeddings.word_embeddings.weight" in names and "1.mlm.head.dense.weight" in names
+    assert not any("teacher" in n for n in names)
+    assert all(not p.requires_grad for p in obj.teacher.parameters())
+
+
+def test_without_path_the_teacher_is_a_copy_and_alpha_zero_is_mlm(tmp_path):
+    backbone = tiny_text()
+    obj = SelfDistillation.from_backbone(backbone, alpha=0.0, **MLM_ARGS)
+    batch = obj.prepare(text_batch(), seed=1)
+    out = obj(backbone, batch)
+    assert float(out.metrics["distill_loss"]) == 0.0  # identical copy, same inputs
+    torch.testing.assert_close(out.loss, out.metrics["mlm_loss"])
+    state = {k: v.clone() + 1 for k, v in backbone.state_dict().items()}
+    obj.load_teacher(state)
+    assert torch.equal(obj.teacher.embeddings.word_embeddings.weight, state["embeddings.word_embeddings.weight"])
+
+
+def test_training_reduces_loss(tmp_path):
+    backbone, _, obj = build(tmp_path)
+    losses = train(obj, backbone, obj.prepare(text_batch(), seed=2), steps=10)
+    assert losses[-1] < 0.85 * losses[0]
+
+
+def test_bad_inputs_name_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="layers"):
+        SelfDistillation(hidden_size=32, vocab_size=VOCAB, layers=(), **MLM_ARGS)
+    with pytest.raises(ValueError, match="distill_inputs"):
+        SelfDistillation(hidden_size=32, vocab_size=VOCAB, distill_inputs="both", **MLM_ARGS)
+    with pytest.raises(ValueError, match="alpha"):
+        SelfDistillation(hidden_size=32, vocab_size=VOCAB, alpha=-1.0, **MLM_ARGS)
+    with pytest.raises(FileNotFoundError, match="teacher_path"):
+        SelfDistillation.from_backbone(tiny_text(), teacher_path=str(tmp_path / "none.safetensors"), **MLM_ARGS)
+    backbone = tiny_text()
+    obj = SelfDistillation.from_backbone(backbone, layers=(7,), **MLM_ARGS)
+    with pytest.raises(ValueError, match="layers"):
+        obj(backbone, obj.prepare(text_batch(), seed=0))

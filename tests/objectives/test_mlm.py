@@ -1,0 +1,106 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastpt.models.encoder import text_encoder
+from fastpt.objectives import MLM
+
+from . import VOCAB, text_batch, tiny_text, train, with_grad
+
+SPECIAL = (0, 1, 2)
+
+
+def make(**kw):
+    backbone = tiny_text()
+    return backbone, MLM.from_backbone(backbone, mask_token_id=3, special_token_ids=SPECIAL, mask_prob=0.3, **kw)
+
+
+def test_loss_matches_full_logits_cross_entropy():
+    backbone, obj = make(log_accuracy=True)
+    batch = obj.prepare(text_batch(), seed=7)
+    out = obj(backbone, {**batch, "return_logits": True})
+    h = backbone(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+    logits = F.linear(obj.head.layer_norm(F.gelu(obj.head.dense(h))), backbone.embeddings.word_embeddings.weight,
+                      obj.head.bias)
+    ref = F.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.last_hidden_state, h)
+    sel = batch["labels"] != -100
+    acc = (logits[sel].argmax(-1) == batch["labels"][sel]).float().mean()
+    torch.testing.assert_close(out.metrics["mlm_accuracy"], acc)
+    assert out.metrics["mlm_loss"].requires_grad is False
+    assert obj(backbone, batch).logits is None  # logits only when asked
+
+
+def test_prepare_is_deterministic_and_dynamic():
+    _, obj = make()
+    raw = text_batch()
+    a, b, c = (obj.prepare(raw, seed=s) for s in (5, 5, 6))
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert not torch.equal(a["labels"], c["labels"])  # a new mask per seed (RoBERTa's dynamic masking)
+    sel = a["labels"] != -100
+    assert sel.any()
+    assert torch.equal(a["labels"][sel], raw["input_ids"][sel])
+    assert not sel[raw["attention_mask"] == 0].any()  # padding never masked
+    assert torch.equal(a["input_ids"][~sel], raw["input_ids"][~sel])
+    assert torch.equal(raw["input_ids"], text_batch()["input_ids"])  # the raw batch is not modified
+
+
+def test_collator_labels_pass_through():
+    _, obj = make()
+    raw = {**text_batch(), "labels": torch.full((3, 17), -100)}
+    assert obj.prepare(raw, seed=0)["labels"] is raw["labels"]
+
+
+def test_whole_word_masking_selects_words_together():
+    _, obj = make(whole_word_masking=True)
+    raw = {"input_ids": torch.randint(5, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))}
+    raw["word_ids"] = (torch.arange(24) // 3).expand(4, -1).contiguous()  # 3 pieces per word
+    labels = obj.prepare(raw, seed=3)["labels"]
+    sel = (labels != -100).view(4, 8, 3)
+    assert sel.any()
+    assert torch.equal(sel.all(-1), sel.any(-1))
+    with pytest.raises(KeyError, match="word_ids"):
+        obj.prepare(text_batch(), seed=0)
+
+
+def test_gradients_reach_backbone_and_tied_head():
+    backbone, obj = make()
+    assert obj.head.weight is backbone.embeddings.word_embeddings.weight
+    obj(backbone, obj.prepare(text_batch(), seed=1)).loss.backward()
+    names = with_grad(backbone, obj)
+    assert {"0.embeddings.word_embeddings.weight", "1.head.dense.weight", "1.head.bias"} <= names
+    assert any(n.startswith("0.layers.1.") for n in names)
+
+
+def test_untied_head_has_its_own_matrix():
+    backbone, obj = make(tie_word_embeddings=False)
+    assert obj.head.weight is not backbone.embeddings.word_embeddings.weight
+
+
+def test_training_reduces_loss():
+    backbone, obj = make()
+    losses = train(obj, backbone, obj.prepare(text_batch(), seed=2), steps=10)
+    assert losses[-1] < 0.85 * losses[0]
+
+
+def test_bad_inputs_name_the_argument():
+    backbone, obj = make()
+    with pytest.raises(ValueError, match="mask_token_id"):
+        MLM(hidden_size=32, vocab_size=VOCAB, mask_token_id=VOCAB)
+    with pytest.raises(ValueError, match="mask_prob"):
+        MLM(hidden_size=32, vocab_size=VOCAB, mask_token_id=3, mask_prob=1.5)
+    with pytest.raises(TypeError, match="input_ids"):
+        obj.prepare({"input_ids": torch.rand(2, 5)}, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        obj.prepare(text_batch(), seed=-1)
+    with pytest.raises(KeyError, match="input_ids"):
+        obj.prepare({"attention_mask": torch.ones(2, 3)}, seed=0)
+    with pytest.raises(KeyError, match="labels"):
+        obj(backbone, text_batch())
+    with pytest.raises(ValueError, match="labels"):
+        obj(backbone, {**text_batch(), "labels": torch.zeros(3, 5, dtype=torch.long)})
+    albert = text_encoder(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, embed_dim=16)
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        MLM.from_backbone(albert, mask_token_id=3)

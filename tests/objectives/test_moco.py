@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastpt.objectives import MoCoV3
+
+from . import images, tiny_vit, train, with_grad
+
+SMALL = dict(proj_dim=8, proj_hidden_dim=16, pred_hidden_dim=16)
+
+
+def make(**kw):
+    backbone = tiny_vit()
+    return backbone, MoCoV3.from_backbone(backbone, **{**SMALL, **kw})
+
+
+def test_loss_matches_reference():
+    backbone, obj = make(temperature=0.2)
+    batch = obj.prepare({"pixel_values": images(5)}, seed=2)
+    out = obj(backbone, batch)
+    x1, x2 = batch["views"].chunk(2)
+    q1, q2 = (obj.predictor(obj.projector(backbone(x).last_hidden_state[:, 0])) for x in (x1, x2))
+    k1, k2 = (obj.momentum_projector(obj.momentum_backbone(x).last_hidden_state[:, 0]) for x in (x1, x2))
+
+    def ctr(q, k):
+        logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / 0.2
+        return F.cross_entropy(logits, torch.arange(5)) * 2 * 0.2
+
+    torch.testing.assert_close(out.loss, ctr(q1, k2) + ctr(q2, k1), rtol=1e-5, atol=1e-5)
+    acc = ((F.normalize(q1, dim=1) @ F.normalize(k2, dim=1).T).argmax(1) == torch.arange(5)).float().mean()
+    torch.testing.assert_close(out.metrics["accuracy"], acc)
+
+
+def test_no_gradient_reaches_the_momentum_encoder():
+    backbone, obj = make()
+    assert all(not p.requires_grad for m in (obj.momentum_backbone, obj.momentum_projector) for p in m.parameters())
+    for a, b in zip(backbone.parameters(), obj.momentum_backbone.parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # a copy, not the same tensors
+    obj(backbone, obj.prepare({"pixel_values": images(4)}, seed=0)).loss.backward()
+    names = with_grad(backbone, obj)
+    assert {"0.patch_embed.projection.weight", "1.predictor.0.weight", "1.projector.0.weight"} <= names
+    assert not any("momentum" in n for n in names)
+
+
+def test_momentum_update_and_schedule():
+    backbone, obj = make(base_momentum=0.9, total_steps=10)
+    assert obj.momentum(0) == pytest.approx(0.9) and obj.momentum(10) == pytest.approx(1.0)
+    assert obj.momentum(5) == pytest.approx(0.95)
+    with torch.no_grad():
+        for p in list(backbone.parameters()) + list(obj.projector.parameters()):
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in obj.momentum_backbone.parameters()]
+    obj.on_step_end(backbone, 0)  # m = 0.9
+    for old, new, online in zip(before, obj.momentum_backbone.parameters(), backbone.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * online)
+    m = obj.momentum(3)
+    assert m == pytest.approx(1 - 0.1 * (math.cos(math.pi * 0.3) + 1) / 2)
+    proj_before = [p.clone() for p in obj.momentum_projector.parameters()]
+    obj.on_step_end(backbone, 3)
+    for old, new, online in zip(proj_before, obj.momentum_projector.parameters(), obj.projector.parameters()):
+        torch.testing.assert_close(new, m * old + (1 - m) * online)
+
+
+def test_training_reduces_loss():
+    backbone, obj = make(base_momentum=0.9)
+    losses = train(obj, backbone, obj.prepare({"pixel_values": images(6)}, seed=0), steps=10)
+    assert losses[-1] < 0.85 * losses[0]
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="base_momentum"):
+        make(base_momentum=1.5)
+    with pytest.raises(ValueError, match="total_steps"):
+        make(total_steps=0)
+    backbone, obj = make()
+    with pytest.raises(KeyError, match="views"):
+        obj(backbone, {"pixel_values": images()})

@@ -1,0 +1,88 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastpt.objectives import NSP, SOP
+
+from . import VOCAB, text_batch, tiny_text, train, with_grad
+
+CLS, SEP, PAD, MASK = 1, 2, 0, 3
+
+
+def make(cls, **kw):
+    backbone = tiny_text()
+    return backbone, cls.from_backbone(backbone, cls_token_id=CLS, sep_token_id=SEP, pad_token_id=PAD, **kw)
+
+
+def segments(row_ids, row_types, row_mask):
+    """(A, B) token lists of one ``[CLS] A [SEP] B [SEP]`` row."""
+    ids = row_ids[row_mask.bool()].tolist()
+    types = row_types[row_mask.bool()].tolist()
+    assert ids[0] == CLS and ids[-1] == SEP
+    first = [i for i, t in zip(ids, types) if t == 0]
+    second = [i for i, t in zip(ids, types) if t == 1]
+    assert first[-1] == SEP and second[-1] == SEP
+    return first[1:-1], second[:-1]
+
+
+@pytest.mark.parametrize("cls", [NSP, SOP])
+def test_pairs_are_built_from_the_rows(cls):
+    _, obj = make(cls)
+    raw = text_batch(8, 13, low=10, seed=1)
+    batch = obj.prepare(raw, seed=4)
+    label = batch[obj.label_key]
+    assert 0 < int(label.sum()) < 8  # both classes present
+    rows = [r[m.bool()].tolist() for r, m in zip(raw["input_ids"], raw["attention_mask"])]
+    for i in range(8):
+        a, b = segments(batch["input_ids"][i], batch["token_type_ids"][i], batch["attention_mask"][i])
+        assert a and b
+        if label[i] == 0:
+            assert a + b == rows[i]
+        elif cls is SOP:
+            assert b + a == rows[i]  # swapped
+        else:
+            assert a == rows[i][: len(a)]
+            assert any(r[j:j + len(b)] == b for k, r in enumerate(rows) if k != i for j in range(len(r)))
+    assert batch["special_tokens_mask"].sum(1).eq(3).all()
+    again, other = obj.prepare(raw, seed=4), obj.prepare(raw, seed=5)
+    assert all(torch.equal(again[k], batch[k]) for k in batch)
+    assert not torch.equal(other["input_ids"], batch["input_ids"])
+
+
+@pytest.mark.parametrize("cls", [NSP, SOP])
+def test_loss_is_pair_ce_plus_mlm(cls):
+    backbone, obj = make(cls, mask_token_id=MASK)
+    batch = obj.prepare(text_batch(5, 15, low=10), seed=2)
+    assert not (batch["labels"][batch["special_tokens_mask"]] != -100).any()  # CLS / SEP never masked
+    out = obj(backbone, batch)
+    h = backbone(batch["input_ids"], batch["attention_mask"], token_type_ids=batch["token_type_ids"]).last_hidden_state
+    pair_logits = obj.classifier(torch.tanh(obj.pooler.dense(h[:, 0])))
+    head = obj.mlm.head
+    mlm_logits = F.linear(head.layer_norm(F.gelu(head.dense(h))), head.weight, head.bias)
+    ref = F.cross_entropy(pair_logits, batch[obj.label_key]) + F.cross_entropy(
+        mlm_logits.reshape(-1, VOCAB), batch["labels"].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits, pair_logits)
+    out.loss.backward()
+    names = with_grad(backbone, obj)
+    assert {"1.pooler.dense.weight", "1.classifier.weight", "1.mlm.head.dense.weight",
+            "0.embeddings.word_embeddings.weight", "0.embeddings.token_type_embeddings.weight"} <= names
+
+
+def test_sop_alone_trains():
+    backbone, obj = make(SOP)
+    assert obj.mlm is None
+    losses = train(obj, backbone, obj.prepare(text_batch(6, 15, low=10), seed=0), steps=12)
+    assert losses[-1] < 0.85 * losses[0]
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="vocab_size"):
+        NSP(hidden_size=32, cls_token_id=CLS, sep_token_id=SEP, mask_token_id=MASK)
+    with pytest.raises(ValueError, match="cls_token_id"):
+        SOP(hidden_size=32, cls_token_id=-1, sep_token_id=SEP)
+    backbone, obj = make(NSP)
+    with pytest.raises(KeyError, match="next_sentence_label"):
+        obj(backbone, text_batch())
+    with pytest.raises(ValueError, match="input_ids"):
+        obj.prepare({"input_ids": torch.ones(4, dtype=torch.long)}, seed=0)
