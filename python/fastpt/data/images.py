@@ -1,0 +1,305 @@
+"""Image datasets: a folder of images, the Debian fashion-mnist files, and the preprocessed
+array format ``fastpt preprocess --images`` writes.
+
+Every dataset yields ``(image, label)`` with ``image`` a uint8 tensor (C, H, W) and
+``label`` an int (-1 for unlabelled images). Folder images are read with Pillow when it is
+installed; binary PGM/PPM (P5/P6, 8-bit) are read without it. Fashion-MNIST comes from the
+Debian package ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``), which
+installs the gzipped IDX files under ``/usr/share/datasets/fashion-mnist``.
+
+Preprocessed directory::
+
+    images.npy      (N, C, H, W) uint8, ``numpy.load(path, mmap_mode="r")``
+    labels.npy      (N,) int64
+    manifest.json   {"format": "fastpt-images", "version": 1, "kind": "images", "complete": true,
+                     "shape": [N, C, H, W], "classes": [...], "source": ...,
+                     "files": {"images": {"file", "sha256", "bytes"}, "labels": {...}},
+                     "stats": {"images": N, "bad": {"unreadable": k, "size_mismatch": k}}}
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .shards import MANIFEST, verify_file, sha256_file, write_json_atomic
+
+FORMAT, VERSION = "fastpt-images", 1
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+PNM_SUFFIXES = (".pgm", ".ppm")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (MNIST format, ``.gz`` or raw) into an array of its stored shape.
+
+    Raises ValueError for a bad magic number or a size that does not match the header.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    body = data[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{path}: {len(body)} data bytes, the header says shape {shape} of {dtype}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
+    """The directory holding the fashion-mnist IDX files (``root``, $FASHION_MNIST, Debian's path).
+
+    Raises FileNotFoundError saying how to install them.
+    """
+    candidates = [root] if root else [os.environ.get("FASHION_MNIST"), *FASHION_MNIST_DIRS]
+    for c in filter(None, candidates):
+        if (Path(c) / "train-images-idx3-ubyte.gz").is_file() or (Path(c) / "train-images-idx3-ubyte").is_file():
+            return Path(c)
+    raise FileNotFoundError(f"fashion-mnist IDX files not found in {[c for c in candidates if c]}: "
+                            "install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) "
+                            "or set FASHION_MNIST to a directory holding train-images-idx3-ubyte.gz ...")
+
+
+def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST ``split`` ("train": 60000, "test": 10000): images (N, 1, 28, 28) uint8, labels (N,) int64."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    d, prefix = find_fashion_mnist(root), "train" if split == "train" else "t10k"
+
+    def pick(name: str) -> Path:
+        return d / f"{name}.gz" if (d / f"{name}.gz").is_file() else d / name
+
+    images = read_idx(pick(f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(pick(f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"{d}: {len(images)} images but {len(labels)} labels")
+    return images[:, None], labels
+
+
+# -- folders of images --------------------------------------------------------------------
+def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
+    """Image files under ``root`` (sorted), their labels and the class names.
+
+    With class subfolders (``root/<class>/...``, recursive) labels index the sorted class
+    names; images directly in ``root`` with no subfolders get label -1 (unlabelled).
+    Raises FileNotFoundError when there is no image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root}: not a directory")
+    suffixes = PNM_SUFFIXES + PIL_SUFFIXES
+
+    def images(d: Path) -> list[Path]:
+        return sorted((f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
+                       and not any(p.startswith(".") for p in f.relative_to(root).parts)),
+                      key=lambda f: f.relative_to(root).as_posix())
+
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = images(root / name)
+        files += found
+        labels += [label] * len(found)
+    if not classes:
+        files = images(root)
+        labels = [-1] * len(files)
+    if not files:
+        raise FileNotFoundError(f"image folder {root}: no images ({', '.join(suffixes)})")
+    return files, labels, classes
+
+
+def _read_pnm(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    fields, pos = [], 0
+    while len(fields) < 4:  # magic, width, height, maxval separated by whitespace and comments
+        while pos < len(data) and data[pos:pos + 1].isspace():
+            pos += 1
+        if data[pos:pos + 1] == b"#":
+            pos = data.index(b"\n", pos)
+            continue
+        end = pos
+        while end < len(data) and not data[end:end + 1].isspace():
+            end += 1
+        fields.append(data[pos:end])
+        pos = end
+    magic, w, h, maxval = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
+    if magic not in (b"P5", b"P6") or maxval > 255:
+        raise ValueError(f"{path}: only binary 8-bit PGM (P5) / PPM (P6) are read without Pillow")
+    c = 1 if magic == b"P5" else 3
+    pixels = np.frombuffer(data[pos + 1:pos + 1 + w * h * c], dtype=np.uint8)
+    return pixels.reshape(h, w, c).transpose(2, 0, 1).copy()
+
+
+def load_image(path: str | os.PathLike, *, channels: int | None = None, size: int | None = None) -> np.ndarray:
+    """One image as uint8 (C, H, W); ``channels`` 1 (grey) or 3 (RGB) converts, ``size`` resizes
+    to size x size (bicubic, Pillow). PGM/PPM load without Pillow.
+
+    Raises ImportError (Pillow needed and missing), ValueError / OSError (unreadable).
+    """
+    path = Path(path)
+    if path.suffix.lower() in PNM_SUFFIXES and size is None:
+        img = _read_pnm(path)
+        if channels is not None and channels != img.shape[0]:
+            img = np.repeat(img, 3, 0) if channels == 3 else \
+                np.round(img.astype(np.float64).transpose(1, 2, 0) @ [0.299, 0.587, 0.114]).astype(np.uint8)[None]
+        return img
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ImportError(f"{path}: reading {path.suffix or 'this'} images (or resizing) needs Pillow: "
+                          "pip install pillow (PGM/PPM files load without it)") from exc
+    with Image.open(path) as im:
+        mode = {1: "L", 3: "RGB", None: "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"}[channels]
+        im = im.convert(mode)
+        if size is not None:
+            im = im.resize((size, size), Image.BICUBIC)
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images of a folder (see ``list_image_folder``), decoded on access: ``(uint8 (C, H, W), label)``.
+
+    ``channels`` and ``size`` as in ``load_image``; attributes ``files``, ``labels``, ``classes``.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, channels: int | None = None, size: int | None = None):
+        self.files, self.labels, self.classes = list_image_folder(root)
+        self.channels, self.size = channels, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(load_image(self.files[i], channels=self.channels, size=self.size)), self.labels[i]
+
+
+class ArrayImageDataset(torch.utils.data.Dataset):
+    """Images from uint8 arrays (N, C, H, W) and labels (N,): ``(uint8 tensor (C, H, W), int label)``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: Sequence[str] = ()):
+        if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
+            raise ValueError(f"images must be uint8 (N, C, H, W) with N labels, got {images.dtype} "
+                             f"{images.shape} and {len(labels)} labels")
+        self.images, self.labels, self.classes = images, labels, list(classes)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(np.array(self.images[i])), int(self.labels[i])
+
+
+def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> ArrayImageDataset:
+    """Fashion-MNIST as a dataset of ``(uint8 (1, 28, 28), label 0..9)``; see ``load_fashion_mnist``."""
+    return ArrayImageDataset(*load_fashion_mnist(split, root), FASHION_MNIST_CLASSES)
+
+
+# -- the preprocessed format --------------------------------------------------------------
+def preprocess_images(source: str | os.PathLike, out_dir: str | os.PathLike, *, split: str = "train",
+                      image_size: int | None = None, channels: int | None = None, overwrite: bool = False,
+                      progress: bool = True, log=print) -> dict:
+    """Write ``source`` ("fashion-mnist" or an image folder) as images.npy + labels.npy + manifest.json.
+
+    Folder images all take the first image's channels and size unless ``channels`` /
+    ``image_size`` are given; unreadable images and images of another size are counted
+    (``stats.bad``) and skipped, never fatal. Returns the manifest.
+    Raises ValueError (out_dir holds another dataset, without ``overwrite``; no readable image),
+    FileNotFoundError.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise ValueError(f"output {out} already holds a dataset; pass --overwrite to replace it")
+    bad = {"unreadable": 0, "size_mismatch": 0}
+    if str(source) == "fashion-mnist":
+        images, labels = load_fashion_mnist(split)
+        classes, desc = FASHION_MNIST_CLASSES, f"fashion-mnist:{split}"
+        _save_npy(out / "images.npy", images)
+    else:
+        files, file_labels, classes = list_image_folder(source)
+        desc = str(Path(source).resolve())
+        from tqdm.auto import tqdm
+
+        raw = out / "images.raw.tmp"
+        kept, shape = [], None
+        with open(raw, "wb") as f:
+            for path, label in tqdm(list(zip(files, file_labels)), desc="images", unit="img", disable=not progress):
+                try:
+                    img = load_image(path, channels=channels, size=image_size)
+                except ImportError:
+                    raise
+                except (OSError, ValueError, SyntaxError):
+                    bad["unreadable"] += 1
+                    continue
+                if shape is None:
+                    shape, channels = img.shape, img.shape[0]
+                if img.shape != shape:
+                    bad["size_mismatch"] += 1
+                    continue
+                f.write(img.tobytes())
+                kept.append(label)
+        if shape is None:
+            raw.unlink()
+            raise ValueError(f"{source}: no readable image")
+        src = np.memmap(raw, dtype=np.uint8, mode="r", shape=(len(kept), *shape))
+        _save_npy(out / "images.npy", src)
+        del src
+        raw.unlink()
+        labels = np.asarray(kept, dtype=np.int64)
+    _save_npy(out / "labels.npy", labels.astype(np.int64))
+    shape = list(np.load(out / "images.npy", mmap_mode="r").shape)
+    manifest = {"format": FORMAT, "version": VERSION, "kind": "images", "complete": True, "dtype": "uint8",
+                "shape": shape, "classes": list(classes), "source": desc,
+                "files": {k: {"file": f"{k}.npy", "sha256": sha256_file(out / f"{k}.npy"),
+                              "bytes": (out / f"{k}.npy").stat().st_size} for k in ("images", "labels")},
+                "stats": {"images": shape[0], "bad": bad}}
+    write_json_atomic(out / MANIFEST, manifest)
+    if log:
+        bad_s = ", ".join(f"{k} {v}" for k, v in bad.items() if v) or "none"
+        log(f"preprocess: {shape[0]:,} images {tuple(shape[1:])} uint8, {len(classes)} classes -> {out}; "
+            f"bad images: {bad_s}")
+    return manifest
+
+
+def _save_npy(path: Path, array: np.ndarray, block: int = 4096) -> None:
+    """np.save through a memmap in blocks of rows (bounded memory), then an atomic rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+    for i in range(0, len(array), block):
+        dst[i:i + block] = array[i:i + block]
+    dst.flush()
+    del dst
+    os.replace(tmp, path)
+
+
+def open_image_dataset(path: str | os.PathLike, *, verify: bool = True) -> ArrayImageDataset:
+    """A preprocessed image directory as a dataset (memory-mapped).
+
+    Checks the manifest and file sizes; with ``verify`` also the sha256 checksums.
+    Raises FileNotFoundError, ValueError (not an image dataset), CorruptShardError (naming the file).
+    """
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{mpath}: no manifest; is {root} the output of fastpt preprocess --images?")
+    manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION or not manifest.get("complete"):
+        raise ValueError(f"{mpath}: not a finished fastpt image dataset (format {manifest.get('format')!r})")
+    files = {k: verify_file(root, v["file"], size=v["bytes"], sha256=v["sha256"] if verify else None)
+             for k, v in manifest["files"].items()}
+    images = np.load(files["images"], mmap_mode="r")
+    labels = np.load(files["labels"], mmap_mode="r")
+    return ArrayImageDataset(images, labels, manifest["classes"])

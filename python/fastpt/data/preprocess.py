@@ -1,0 +1,639 @@
+"""``fastpt preprocess``: a text corpus -> tokenized, packed, memory-mapped shards.
+
+Inputs: text files (one document per line, blank-line separated documents, or one per
+file), JSONL with a text field, folders of such files (recursive, sorted, dot-files
+skipped, ``.gz`` read transparently), or a built-in corpus (``--corpus python-docs``).
+The tokenizer is loaded (a ``tokenizers`` JSON file or a HF model directory) or trained on
+the corpus (WordPiece / byte-level BPE) and saved beside the shards; the format is in
+``shards.py``.
+
+The pipeline streams: the main process reads records and hands chunks of about 1 MiB to
+``--workers`` tokenizer processes (at most two chunks per worker in flight), then writes
+the ids in input order, so memory stays bounded and the output does not depend on the
+worker count. A shard closes at the first document boundary after ``--shard-tokens``
+tokens; after each one the manifest (``complete: false``) records the shards, the input
+position after the shard's last record and the counts so far, written atomically. Running
+the same command again after an interruption continues from there and produces
+byte-identical shards; a finished directory is left as it is.
+
+Bad input is counted, never fatal (``stats.bad`` in the manifest, the summary line):
+``invalid_utf8`` (decoded with U+FFFD replacement and kept, or skipped with
+``--bad-utf8 skip``), ``empty`` (blank lines in line mode, blank texts), ``giant``
+(documents over ``--max-chars`` characters: split into pieces of at most that many,
+cut at whitespace where possible, or skipped with ``--giant skip``), ``oversize`` (a
+record over the reader's hard limit of max(64 MiB, 4 * max_chars) bytes: skipped
+without being held in memory), ``invalid_json`` / ``missing_text`` (JSONL lines), and
+``no_tokens`` (texts the tokenizer maps to nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .shards import FORMAT, MANIFEST, TOKENIZER_FILE, VERSION, ShardWriter, dtype_for_vocab, sha256_file, \
+    write_json_atomic
+
+BAD_KINDS = ("invalid_utf8", "empty", "giant", "oversize", "invalid_json", "missing_text", "no_tokens")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+CHUNK_BYTES, CHUNK_RECORDS = 1 << 20, 2048
+
+
+def _python_docs(stdlib: bool) -> Callable[[], list[str]]:
+    def load() -> list[str]:
+        from .corpus import python_docs_corpus
+
+        return python_docs_corpus(include_stdlib=stdlib)
+    return load
+
+
+# the built-in corpora: the running Python's own documentation (no download)
+CORPORA = {"python-docs": _python_docs(True), "python-topics": _python_docs(False)}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: a file (``fmt`` "text" or "jsonl") or a built-in corpus (``fmt`` "corpus")."""
+    path: str
+    fmt: str
+    size: int  # bytes on disk; documents for a corpus
+    mtime_ns: int = 0
+
+
+def find_inputs(paths: Sequence[str | os.PathLike], fmt: str = "auto") -> list[Source]:
+    """Files named by ``paths``, folders expanded recursively in sorted order (dot-files skipped).
+
+    ``fmt`` "auto" reads ``.jsonl/.json/.ndjson`` (optionally ``.gz``) as JSONL, the rest as text.
+    Raises FileNotFoundError for a missing path or when no file is found.
+    """
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted((f for f in p.rglob("*") if f.is_file() and
+                                 not any(part.startswith(".") for part in f.relative_to(p).parts)),
+                                key=lambda f: f.relative_to(p).as_posix()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input {p}: no such file or directory")
+    if not files:
+        raise FileNotFoundError(f"no input files in {', '.join(map(str, paths))}")
+    out = []
+    for f in files:
+        name = f.name[:-3] if f.name.endswith(".gz") else f.name
+        kind = fmt if fmt != "auto" else "jsonl" if name.endswith(JSONL_SUFFIXES) else "text"
+        st = f.stat()
+        out.append(Source(str(f.resolve()), kind, st.st_size, st.st_mtime_ns))
+    return out
+
+
+# -- reading: records with resume positions -------------------------------------------------
+def _open(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _disk_pos(f, off: int) -> int:
+    return f.fileobj.tell() if isinstance(f, gzip.GzipFile) else off
+
+
+def _lines(f, off: int, cap: int) -> Iterator[tuple[bytes | None, int]]:
+    """(line without EOL or None for a line over ``cap`` bytes, offset after it); bounded memory."""
+    while line := f.readline(cap + 1):
+        off += len(line)
+        if len(line) > cap and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # skip the rest of the oversize line
+                line = f.readline(1 << 20)
+                off += len(line)
+            yield None, off
+        else:
+            yield line.rstrip(b"\r\n"), off
+
+
+def read_records(sources: Sequence[Source], docs: str, cap: int, start: tuple[int, int] = (0, 0),
+                 corpus: Sequence[str] | None = None) -> Iterator[tuple[bytes | str | None, tuple[int, int], int]]:
+    """Yield ``(payload, end position, progress units)`` per record from ``start`` on.
+
+    payload: raw bytes of one document / JSONL line, a str for a corpus document, or None
+    for an oversize record. The position ``(source index, byte offset or corpus index)``
+    after a record is where a resumed run starts reading. ``docs``: "line", "blank", "file".
+    """
+    first, first_off = start
+    for i in range(first, len(sources)):
+        src, off = sources[i], first_off if i == first else 0
+        if src.fmt == "corpus":
+            for j in range(off, len(corpus)):
+                yield corpus[j], (i, j + 1), 1
+            continue
+        mode = "line" if src.fmt == "jsonl" else docs
+        if mode == "file" and off > 0:
+            continue  # the file was finished before the interruption
+        with _open(src.path) as f:
+            f.seek(off)
+            disk = _disk_pos(f, off)
+            if mode == "file":
+                data = f.read(cap + 1)
+                end = off + len(data)
+                yield (data if len(data) <= cap else None), (i, max(end, 1)), _disk_pos(f, end) - disk
+            elif mode == "line":
+                for line, off in _lines(f, off, cap):
+                    now = _disk_pos(f, off)
+                    yield line, (i, off), now - disk
+                    disk = now
+            else:  # blank-line separated: a document is a run of non-blank lines
+                buf, size, over, doc_end = [], 0, False, off
+                for line, off in _lines(f, off, cap):
+                    if line is not None and not line.strip():
+                        if buf or over:
+                            now = _disk_pos(f, doc_end)
+                            yield (None if over else b"\n".join(buf)), (i, doc_end), now - disk
+                            disk = now
+                        buf, size, over = [], 0, False
+                        continue
+                    doc_end = off
+                    if line is None or over or size + len(line) > cap:
+                        buf, over = [], True
+                    else:
+                        buf.append(line)
+                        size += len(line) + 1
+                if buf or over:
+                    yield (None if over else b"\n".join(buf)), (i, doc_end), _disk_pos(f, doc_end) - disk
+
+
+def _chunks(records, cap_bytes: int = CHUNK_BYTES, cap_records: int = CHUNK_RECORDS):
+    """Group records into (payloads, ends, progress units) chunks of about ``cap_bytes``."""
+    payloads, ends, units, size = [], [], 0, 0
+    for payload, end, unit in records:
+        payloads.append(payload)
+        ends.append(end)
+        units += unit
+        size += len(payload) if payload is not None else 0
+        if size >= cap_bytes or len(payloads) >= cap_records:
+            yield payloads, ends, units
+            payloads, ends, units, size = [], [], 0, 0
+    if payloads:
+        yield payloads, ends, units
+
+
+# -- decoding and tokenizing (runs in the worker processes) -----------------------------------
+@dataclass(frozen=True)
+class TextOptions:
+    text_key: str = "text"
+    max_chars: int = 1_000_000
+    giant: str = "split"
+    bad_utf8: str = "replace"
+
+
+def split_giant(text: str, max_chars: int) -> list[str]:
+    """Pieces of at most ``max_chars`` characters, cut at the last whitespace in each piece's
+    second half when there is one (else mid-word)."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        hi = start + max_chars
+        cut = max(text.rfind(" ", start + max_chars // 2, hi), text.rfind("\n", start + max_chars // 2, hi))
+        cut = cut + 1 if cut > start else hi
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def record_texts(payload: bytes | str | None, jsonl: bool, opts: TextOptions) -> tuple[list[str], list[str]]:
+    """Decode one record: ``(texts to tokenize, bad kinds)``. See the module doc for the kinds."""
+    if payload is None:
+        return [], ["oversize"]
+    kinds = []
+    if isinstance(payload, bytes):
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            kinds.append("invalid_utf8")
+            if opts.bad_utf8 == "skip":
+                return [], kinds
+            text = payload.decode("utf-8", "replace")
+    else:
+        text = payload
+    text = text.removeprefix("\ufeff")
+    if jsonl:
+        if not text.strip():
+            return [], kinds + ["empty"]
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return [], kinds + ["invalid_json"]
+        text = obj.get(opts.text_key) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            return [], kinds + ["missing_text"]
+    if not text.strip():
+        return [], kinds + ["empty"]
+    if len(text) > opts.max_chars:
+        kinds.append("giant")
+        return ([] if opts.giant == "skip" else split_giant(text, opts.max_chars)), kinds
+    return [text], kinds
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_json: str, opts: TextOptions, jsonl_flags: tuple[bool, ...], watch: bool = False) -> None:
+    from tokenizers import Tokenizer
+
+    _WORKER.update(tok=Tokenizer.from_str(tokenizer_json), opts=opts, jsonl=jsonl_flags)
+    if watch:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process cleans up
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker's watchdog: a killed (kill -9) main process cannot stop its pool, and forked
+    workers hold the task pipe open themselves, so they would wait forever."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _tokenize_chunk(payloads: list, source_ids: list[int]):
+    """Tokenize one chunk: ``(ids uint32 (T,), piece lengths (P,), pieces per record (R,), {record: kinds})``."""
+    opts, jsonl = _WORKER["opts"], _WORKER["jsonl"]
+    texts, owner, events = [], [], {}
+    for r, (payload, src) in enumerate(zip(payloads, source_ids)):
+        pieces, kinds = record_texts(payload, jsonl[src], opts)
+        texts.extend(pieces)
+        owner.extend([r] * len(pieces))
+        if kinds:
+            events[r] = kinds
+    encs = _WORKER["tok"].encode_batch(texts, add_special_tokens=False) if texts else []
+    lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+    ids = np.concatenate([np.asarray(e.ids, dtype=np.uint32) for e in encs]) if encs else np.zeros(0, np.uint32)
+    per_record = np.zeros(len(payloads), dtype=np.int64)
+    kept = np.zeros(len(payloads), dtype=np.int64)
+    for r, n in zip(owner, lens):
+        per_record[r] += 1
+        kept[r] += n > 0
+    for r in np.flatnonzero((per_record > 0) & (kept == 0)):
+        events.setdefault(int(r), []).append("no_tokens")
+    return ids, lens, per_record, events
+
+
+def _ordered_results(chunks, workers: int, initargs):
+    """Yield (chunk, result) in input order; at most 2 chunks per worker in flight."""
+    if workers <= 1:
+        _init_worker(*initargs)
+        for chunk in chunks:
+            yield chunk, _tokenize_chunk(chunk[0], chunk[3])
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; no fork-after-rayon warning
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                               initializer=_init_worker, initargs=(*initargs, True))
+    pool.submit(int).result()  # start the workers now, while the variable is set
+    if saved is None:
+        os.environ.pop("TOKENIZERS_PARALLELISM")
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = saved
+    pending: deque = deque()
+    try:
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(_tokenize_chunk, chunk[0], chunk[3])))
+            if len(pending) >= 2 * workers:
+                done, fut = pending.popleft()
+                yield done, fut.result()
+        while pending:
+            done, fut = pending.popleft()
+            yield done, fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- the pipeline ---------------------------------------------------------------------------
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
+    """The manifest to resume from (None for a fresh start); clears our files with ``overwrite``."""
+    mpath = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads(mpath.read_text(encoding="utf-8")) if mpath.is_file() else None
+    if manifest is not None and manifest.get("format") == FORMAT and manifest.get("fingerprint") == fingerprint \
+            and not overwrite:
+        return manifest
+    ours = [f for f in out.iterdir() if f.name.startswith("shard-") or f.name in (MANIFEST, TOKENIZER_FILE)
+            or f.name.endswith(".tmp")]
+    if not overwrite and (manifest is not None or len(ours) < len(list(out.iterdir()))):
+        raise ValueError(f"output {out} is not empty and holds no resumable run of this command "
+                         "(different inputs or options); pass --overwrite or choose another directory")
+    for f in ours:  # --overwrite, or leftovers of a run interrupted before its first manifest
+        f.unlink()
+    return None
+
+
+def _summary(manifest: dict, out: Path, seconds: float, tokenize_seconds: float, new_tokens: int) -> str:
+    bad = ", ".join(f"{k} {v:,}" for k, v in manifest["stats"]["bad"].items() if v) or "none"
+    return (f"preprocess: {manifest['num_docs']:,} docs, {manifest['num_tokens']:,} tokens in "
+            f"{len(manifest['shards'])} shards ({manifest['dtype']}) -> {out}; {seconds:.1f} s, "
+            f"{new_tokens / max(tokenize_seconds, 1e-9):,.0f} tokens/s; bad lines: {bad}")
+
+
+def _path_sha(path: Path) -> str:
+    """sha256 of a tokenizer file, or of a model directory's tokenizer files."""
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
+                 "special_tokens_map.json"):
+        if (path / name).is_file():
+            h.update(name.encode() + sha256_file(path / name).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class _Run:
+    """What one preprocessing run reads and how (everything but the tokenizer and the output)."""
+    sources: list[Source]
+    corpus_docs: list[str] | None
+    docs: str
+    opts: TextOptions
+    cap: int  # the reader's hard limit on one record, bytes
+
+    @property
+    def jsonl(self) -> tuple[bool, ...]:
+        return tuple(s.fmt == "jsonl" for s in self.sources)
+
+    def records(self, start=(0, 0)):
+        return read_records(self.sources, self.docs, self.cap, start, self.corpus_docs)
+
+    def texts(self) -> Iterator[str]:
+        """Decoded document texts in order (for tokenizer training)."""
+        jsonl = self.jsonl
+        for payload, end, _ in self.records():
+            yield from record_texts(payload, jsonl[end[0]], self.opts)[0]
+
+
+def _get_tokenizer(run: _Run, out: Path, manifest: dict | None, tokenizer, train_tokenizer: str | None,
+                   train_args: dict, progress: bool, log):
+    """The run's tokenizer, saved as out/tokenizer.json: reused when resuming, else loaded or trained.
+    Returns (tokenizer, reused)."""
+    from .tokenizer import load_tokenizer, train_tokenizer as train
+
+    path = out / TOKENIZER_FILE
+    if manifest is not None and path.is_file() and sha256_file(path) == manifest["tokenizer"]["sha256"]:
+        return load_tokenizer(path), True
+    if train_tokenizer:
+        texts = run.texts()
+        if train_args["train_docs"] is not None:
+            texts = (t for _, t in zip(range(train_args["train_docs"]), texts))
+        if log:
+            log(f"preprocess: training a {train_tokenizer} tokenizer (vocab {train_args['vocab_size']}) on the corpus")
+        tok = train(texts, train_tokenizer, train_args["vocab_size"], min_frequency=train_args["min_frequency"],
+                    lowercase=train_args["lowercase"], num_sentinels=train_args["sentinels"], show_progress=progress)
+    else:
+        tok = load_tokenizer(tokenizer)
+    tok.save(str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+    return tok, False
+
+
+def _stream_to_shards(run: _Run, out: Path, manifest: dict, tok, *, workers: int, progress: bool,
+                      on_shard: Callable[[int, dict], None] | None) -> None:
+    """Tokenize from the manifest's resume position to the end, committing each shard to the manifest."""
+    start = tuple(manifest["resume"]["position"])
+    done = len(manifest["shards"])
+    for f in out.iterdir():  # an interrupted run's partial shard, or shards past the last commit
+        if f.name.endswith(".tmp") or (f.name.startswith("shard-") and int(f.name[6:].split(".")[0]) >= done):
+            f.unlink()
+    stats = manifest["stats"]
+    writer = ShardWriter(out, np.dtype(manifest["dtype"]).newbyteorder("<"), manifest["options"]["shard_tokens"],
+                         start_index=done)
+    sources = run.sources
+    total = sum(s.size for s in sources)
+    units_done = sum(s.size for s in sources[:start[0]]) + (start[1] if start[0] < len(sources) else 0)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=min(units_done, total), unit="doc" if run.corpus_docs is not None else "B",
+               unit_scale=True, desc="preprocess", disable=not progress)
+
+    def commit(record: dict | None, position) -> None:
+        if record is not None:
+            manifest["shards"].append(record)
+        manifest["resume"] = {"position": list(position)}
+        manifest["num_docs"] = sum(s["docs"] for s in manifest["shards"])
+        manifest["num_tokens"] = sum(s["tokens"] for s in manifest["shards"])
+        write_json_atomic(out / MANIFEST, manifest)
+        if record is not None and on_shard is not None:
+            on_shard(len(manifest["shards"]) - 1, record)
+
+    chunks = ((p, e, u, [end[0] for end in e]) for p, e, u in _chunks(run.records(start)))
+    results = _ordered_results(chunks, workers, (tok.to_str(), run.opts, run.jsonl))
+    position = start
+    try:
+        for (payloads, ends, units, _), (ids, lens, per_record, events) in results:
+            offsets = np.concatenate([[0], np.cumsum(lens)])
+            piece = 0
+            for r in range(len(payloads)):  # records in input order: counts match the position at a commit
+                stats["records"] += 1
+                for kind in events.get(r, ()):
+                    stats["bad"][kind] += 1
+                if "giant" in events.get(r, ()):
+                    stats["giant_pieces"] += int(per_record[r])
+                for p in range(piece, piece + int(per_record[r])):
+                    if lens[p]:
+                        writer.add(ids[offsets[p]:offsets[p + 1]])
+                        stats["docs"] += 1
+                        stats["tokens"] += int(lens[p])
+                        stats["max_doc_tokens"] = max(stats["max_doc_tokens"], int(lens[p]))
+                piece += int(per_record[r])
+                position = ends[r]
+                record = writer.close_if_full()
+                if record is not None:
+                    commit(record, position)
+            bar.update(units)
+            bar.set_postfix(docs=f"{stats['docs']:,}", tokens=f"{stats['tokens']:,}", refresh=False)
+        commit(writer.close(), position)
+    finally:
+        results.close()  # shuts the worker pool down now, also when a callback raised
+        writer.abort()
+        bar.close()
+
+
+def preprocess_text(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, corpus: str | None = None,
+                    tokenizer: str | os.PathLike | None = None, train_tokenizer: str | None = None,
+                    vocab_size: int = 8000, min_frequency: int = 2, lowercase: bool = True, sentinels: int = 0,
+                    train_docs: int | None = None, fmt: str = "auto", docs: str = "line", text_key: str = "text",
+                    max_chars: int = 1_000_000, giant: str = "split", bad_utf8: str = "replace",
+                    shard_tokens: int = 50_000_000, workers: int | None = None, overwrite: bool = False,
+                    progress: bool = True, on_shard: Callable[[int, dict], None] | None = None,
+                    log: Callable[[str], None] | None = print) -> dict:
+    """Tokenize a corpus into a shard directory; returns the final manifest (see shards.py).
+
+    inputs: files / folders (or empty with ``corpus``, a name in ``CORPORA``). tokenizer: a
+    tokenizers JSON file or HF model dir; or train_tokenizer "wordpiece" / "bpe" with
+    vocab_size, min_frequency, lowercase (WordPiece), sentinels (T5 ``<extra_id_i>``) and
+    train_docs (a cap on documents read for training). workers: tokenizer processes
+    (default min(4, cpus); 1 tokenizes in this process). ``on_shard(index, record)`` is
+    called after each shard is committed (tests interrupt a run by raising there).
+    Resumes an interrupted run of the same inputs and options found in ``out_dir``; a
+    finished one is returned as it is. ``log`` gets the progress notes and the summary line.
+    Raises ValueError (bad arguments; ``out_dir`` holding something else), FileNotFoundError.
+    """
+    from .tokenizer import special_token_ids
+
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if (corpus is None) == (not inputs):
+        raise ValueError("give input files/folders or --corpus, not both and not neither")
+    if (tokenizer is None) == (train_tokenizer is None):
+        raise ValueError("give --tokenizer or --train-tokenizer (exactly one)")
+    for name, value, allowed in (("docs", docs, ("line", "blank", "file")), ("fmt", fmt, ("auto", "text", "jsonl")),
+                                 ("giant", giant, ("split", "skip")), ("bad_utf8", bad_utf8, ("replace", "skip"))):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if max_chars <= 0 or shard_tokens <= 0:
+        raise ValueError("max_chars and shard_tokens must be positive")
+    if corpus is not None and corpus not in CORPORA:
+        raise ValueError(f"corpus {corpus!r}: choose one of {sorted(CORPORA)}")
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    if corpus is not None:
+        corpus_docs = CORPORA[corpus]()
+        sources = [Source(f"corpus:{corpus}", "corpus", len(corpus_docs))]
+    else:
+        corpus_docs, sources = None, find_inputs(inputs, fmt)
+    run = _Run(sources, corpus_docs, docs, TextOptions(text_key, max_chars, giant, bad_utf8),
+               cap=max(64 << 20, 4 * max_chars))
+    train_args = {"train": train_tokenizer, "vocab_size": vocab_size, "min_frequency": min_frequency,
+                  "lowercase": lowercase, "sentinels": sentinels, "train_docs": train_docs}
+    tok_spec = train_args if train_tokenizer else \
+        {"source": str(Path(tokenizer).resolve()), "source_sha256": _path_sha(Path(tokenizer))}
+    options = {"docs": docs, "text_key": text_key, "max_chars": max_chars, "giant": giant, "bad_utf8": bad_utf8,
+               "shard_tokens": shard_tokens, "tokenizer": tok_spec, "corpus": corpus}
+    inputs_fp = _fingerprint([[s.path, s.fmt, s.size, s.mtime_ns] for s in sources])
+    fingerprint = _fingerprint([options, inputs_fp])
+    manifest = _prepare_out_dir(out, fingerprint, overwrite)
+    if manifest is not None and manifest.get("complete"):
+        if log:
+            log(f"preprocess: {out} is already complete (same inputs and options); nothing to do")
+        return manifest
+
+    tok, reused = _get_tokenizer(run, out, manifest, tokenizer, train_tokenizer, train_args, progress, log)
+    if not reused:  # a fresh start
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        model_dir = Path(tokenizer) if tokenizer is not None and Path(tokenizer).is_dir() else None
+        manifest = {"format": FORMAT, "version": VERSION, "kind": "text", "complete": False,
+                    "dtype": dtype_for_vocab(vocab).name, "byteorder": "little", "vocab_size": vocab,
+                    "num_docs": 0, "num_tokens": 0,
+                    "tokenizer": {"file": TOKENIZER_FILE, "sha256": sha256_file(out / TOKENIZER_FILE), **tok_spec},
+                    "special_tokens": special_token_ids(tok, model_dir), "shards": [],
+                    "inputs": {"count": len(sources), "bytes": sum(s.size for s in sources), "sha256": inputs_fp},
+                    "options": options, "fingerprint": fingerprint,
+                    "stats": {"records": 0, "docs": 0, "tokens": 0, "max_doc_tokens": 0, "giant_pieces": 0,
+                              "bad": dict.fromkeys(BAD_KINDS, 0)},
+                    "resume": {"position": [0, 0]}}
+        write_json_atomic(out / MANIFEST, manifest)
+    elif log:
+        i, off = manifest["resume"]["position"]
+        log(f"preprocess: resuming {out}: {len(manifest['shards'])} shards done, "
+            f"input {min(i + 1, len(sources))}/{len(sources)} at {off:,}")
+
+    t1, tokens_before = time.perf_counter(), manifest["stats"]["tokens"]
+    _stream_to_shards(run, out, manifest, tok, workers=workers or min(4, os.cpu_count() or 1), progress=progress,
+                      on_shard=on_shard)
+    manifest["complete"] = True
+    del manifest["resume"]
+    write_json_atomic(out / MANIFEST, manifest)
+    if log:
+        now = time.perf_counter()
+        log(_summary(manifest, out, now - t0, now - t1, manifest["stats"]["tokens"] - tokens_before))
+    return manifest
+
+
+# -- the command line -------------------------------------------------------------------------
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The ``fastpt preprocess`` arguments (added to ``parser`` when given, e.g. a subparser)."""
+    p = parser or argparse.ArgumentParser(
+        prog="fastpt preprocess", description="Tokenize a corpus (text, JSONL, folders or a built-in one) into "
+        "packed, memory-mapped token shards, or write an image dataset (--images).")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="INPUT... OUT: text/JSONL files or folders, then the output directory "
+                        "(only OUT with --corpus or --images)")
+    g = p.add_argument_group("text input")
+    g.add_argument("--corpus", choices=sorted(CORPORA), help="a built-in corpus instead of files (no download)")
+    g.add_argument("--format", dest="fmt", choices=("auto", "text", "jsonl"), default="auto",
+                   help="input format (auto: .jsonl/.json/.ndjson[.gz] are JSONL, the rest text)")
+    g.add_argument("--docs", choices=("line", "blank", "file"), default="line",
+                   help="text files: one document per line (default), blank-line separated, or one per file")
+    g.add_argument("--text-key", default="text", help="JSONL field holding the text (default: text)")
+    g.add_argument("--max-chars", type=int, default=1_000_000, help="documents longer than this are giant")
+    g.add_argument("--giant", choices=("split", "skip"), default="split",
+                   help="split giant documents (default) or skip them")
+    g.add_argument("--bad-utf8", choices=("replace", "skip"), default="replace",
+                   help="invalid UTF-8: keep with U+FFFD replacement (default) or skip the record")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer", help="a tokenizers JSON file or a Hugging Face model directory")
+    g.add_argument("--train-tokenizer", choices=("wordpiece", "bpe"), help="train a tokenizer on the corpus")
+    g.add_argument("--vocab-size", type=int, default=8000, help="vocabulary to train (default 8000)")
+    g.add_argument("--min-frequency", type=int, default=2, help="training: minimum pair frequency (default 2)")
+    g.add_argument("--cased", action="store_true", help="WordPiece training: keep case (default lowercases)")
+    g.add_argument("--sentinels", type=int, default=0, help="training: add N T5 sentinels <extra_id_i>")
+    g.add_argument("--train-docs", type=int, help="training: read at most N documents")
+    g = p.add_argument_group("output")
+    g.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard (default 50M)")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
+    g.add_argument("--overwrite", action="store_true", help="replace a different run's output in OUT")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("images (writes images.npy + labels.npy + manifest.json)")
+    g.add_argument("--images", metavar="DIR|fashion-mnist", help="an image folder (class subfolders) or fashion-mnist")
+    g.add_argument("--split", choices=("train", "test"), default="train", help="fashion-mnist split (default train)")
+    g.add_argument("--image-size", type=int, help="resize folder images to SIZE x SIZE (needs Pillow)")
+    return p
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Run ``fastpt preprocess`` from parsed arguments; prints errors, returns the exit status."""
+    *inputs, out = args.paths
+    try:
+        if args.images:
+            from .images import preprocess_images
+
+            if inputs:
+                raise ValueError("--images takes its source as its value; give only OUT as a path")
+            preprocess_images(args.images, out, split=args.split, image_size=args.image_size,
+                              overwrite=args.overwrite, progress=not args.no_progress)
+            return 0
+        preprocess_text(inputs, out, corpus=args.corpus, tokenizer=args.tokenizer,
+                        train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size,
+                        min_frequency=args.min_frequency, lowercase=not args.cased, sentinels=args.sentinels,
+                        train_docs=args.train_docs, fmt=args.fmt, docs=args.docs, text_key=args.text_key,
+                        max_chars=args.max_chars, giant=args.giant, bad_utf8=args.bad_utf8,
+                        shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite,
+                        progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"fastpt preprocess: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def preprocess_main(argv: Sequence[str] | None = None) -> int:
+    """``fastpt preprocess`` entry point: parse ``argv`` and run; returns the exit status."""
+    return run_args(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(preprocess_main())

@@ -1,0 +1,466 @@
+"""The on-disk token shard format: a writer (used by ``fastpt preprocess``) and a reader.
+
+A shard directory holds::
+
+    manifest.json       format, version, dtype, counts, tokenizer file + sha256, special ids,
+                        per-shard sha256 checksums, preprocessing stats (see ``read_manifest``)
+    tokenizer.json      the tokenizer the ids came from (a Hugging Face ``tokenizers`` file)
+    shard-00000.bin     token ids of whole documents, back to back, raw little-endian
+                        uint16 (vocab <= 65536) or uint32: ``numpy.memmap(path, dtype)``
+    shard-00000.idx     int64 little-endian document offsets into the .bin, (docs + 1,),
+                        starting at 0 and ending at the shard's token count
+    ...
+
+Documents are stored without special tokens and the sequence length is not frozen:
+``ShardDataset`` cuts training samples at run time, either packed windows of documents
+joined by separators (with ``cu_seqlens`` boundaries for packed-document attention) or
+one document per row (truncated / padded, with an attention mask). Its sample order is a
+pure function of ``(seed, epoch, rank, world_size)`` and its position is one integer, so a
+resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+FORMAT = "fastpt-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_MODES = ("auto", "cls_sep", "eos", "none")
+
+
+class CorruptShardError(ValueError):
+    """A shard directory that does not match its manifest (missing file, wrong size or checksum)."""
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """The smallest token dtype for ``vocab_size`` ids: little-endian uint16 up to 65536, else uint32."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in blocks (bounded memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` so that readers see the old or the new file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def verify_file(root: Path, name: str, *, size: int | None, sha256: str | None) -> Path:
+    """Check that ``root/name`` exists with the recorded size and sha256; returns its path.
+
+    Raises CorruptShardError naming the file.
+    """
+    path = root / name
+    if not path.is_file():
+        raise CorruptShardError(f"{path}: missing (listed in {root / MANIFEST})")
+    if size is not None and path.stat().st_size != size:
+        raise CorruptShardError(f"{path}: {path.stat().st_size} bytes, the manifest says {size} "
+                                "(truncated or overwritten; rerun fastpt preprocess)")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise CorruptShardError(f"{path}: sha256 differs from the manifest (corrupt; rerun fastpt preprocess)")
+    return path
+
+
+class ShardWriter:
+    """Appends documents to numbered shards ``shard-NNNNN.bin/.idx`` in ``out_dir``.
+
+    ``add(ids)`` appends one document (1-D integer array); ``close_if_full()`` closes the
+    open shard once it holds at least ``shard_tokens`` tokens (call it only at a point
+    where the caller can record a resume position); ``close()`` closes a non-empty open
+    shard: fsync, rename the ``.tmp`` files into place, and return the shard's manifest
+    record ``{"bin", "idx", "docs", "tokens", "bin_sha256", "idx_sha256"}``.
+    Memory: O(1); tokens and offsets stream to the ``.tmp`` files, hashed on the way.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, dtype: np.dtype, shard_tokens: int, start_index: int = 0):
+        if shard_tokens <= 0:
+            raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+        self.out_dir, self.dtype = Path(out_dir), np.dtype(dtype)
+        self.shard_tokens, self.index = shard_tokens, start_index
+        self._files = None  # (bin, idx) open .tmp files of the open shard
+        self._hashes = None
+        self._docs = self._tokens = 0
+
+    @staticmethod
+    def names(index: int) -> tuple[str, str]:
+        return f"shard-{index:05d}.bin", f"shard-{index:05d}.idx"
+
+    def _write(self, k: int, data: bytes) -> None:
+        self._files[k].write(data)
+        self._hashes[k].update(data)
+
+    def add(self, ids: np.ndarray) -> None:
+        """Append one document's token ids (1-D, values must fit the shard dtype)."""
+        if self._files is None:
+            self._files = tuple(open(self.out_dir / (name + ".tmp"), "wb") for name in self.names(self.index))
+            self._hashes = (hashlib.sha256(), hashlib.sha256())
+            self._write(1, np.zeros(1, "<i8").tobytes())
+        self._write(0, np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        self._docs += 1
+        self._tokens += len(ids)
+        self._write(1, np.array([self._tokens], "<i8").tobytes())
+
+    def close_if_full(self) -> dict | None:
+        return self.close() if self._tokens >= self.shard_tokens else None
+
+    def close(self) -> dict | None:
+        if self._files is None:
+            return None
+        names = self.names(self.index)
+        for f in self._files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        for name in names:
+            os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
+        record = {"bin": names[0], "idx": names[1], "docs": self._docs, "tokens": self._tokens,
+                  "bin_sha256": self._hashes[0].hexdigest(), "idx_sha256": self._hashes[1].hexdigest()}
+        self.index += 1
+        self._files, self._hashes, self._docs, self._tokens = None, None, 0, 0
+        return record
+
+    def abort(self) -> None:
+        """Drop the open shard (its .tmp files); closed shards stay."""
+        if self._files is not None:
+            for f, name in zip(self._files, self.names(self.index)):
+                f.close()
+                (self.out_dir / (name + ".tmp")).unlink(missing_ok=True)
+            self._files, self._hashes, self._docs, self._tokens = None, None, 0, 0
+
+
+def write_shards(out_dir: str | os.PathLike, docs, *, vocab_size: int, shard_tokens: int = 50_000_000,
+                 special_tokens: dict[str, int] | None = None, tokenizer_file: str | os.PathLike | None = None,
+                 extra: dict | None = None) -> dict:
+    """Write already tokenized documents (an iterable of 1-D int sequences) as a shard directory.
+
+    The minimal writer behind ``fastpt preprocess`` for ids produced elsewhere: empty
+    documents are skipped; ``tokenizer_file`` is copied in as tokenizer.json; ``extra``
+    keys are merged into the manifest. Returns the manifest (also written to manifest.json).
+    Raises ValueError for an id outside [0, vocab_size).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = dtype_for_vocab(vocab_size)
+    writer, shards = ShardWriter(out, dtype, shard_tokens), []
+    for doc in docs:
+        ids = np.asarray(doc, dtype=np.int64)
+        if len(ids) == 0:
+            continue
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            writer.abort()
+            raise ValueError(f"token id {int(ids.min() if ids.min() < 0 else ids.max())} outside [0, {vocab_size})")
+        writer.add(ids)
+        if (record := writer.close_if_full()) is not None:
+            shards.append(record)
+    if (record := writer.close()) is not None:
+        shards.append(record)
+    tokenizer = None
+    if tokenizer_file is not None:
+        data = Path(tokenizer_file).read_bytes()
+        (out / TOKENIZER_FILE).write_bytes(data)
+        tokenizer = {"file": TOKENIZER_FILE, "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = {"format": FORMAT, "version": VERSION, "kind": "text", "complete": True, "dtype": dtype.name,
+                "byteorder": "little", "vocab_size": vocab_size, "tokenizer": tokenizer,
+                "special_tokens": dict(special_tokens or {}), "shards": shards,
+                "num_docs": sum(s["docs"] for s in shards), "num_tokens": sum(s["tokens"] for s in shards),
+                **(extra or {})}
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict:
+    """Load and validate ``path/manifest.json`` of a text shard directory.
+
+    Always checks the format, version, completeness, and that every listed file exists with
+    the size its counts imply; with ``verify`` also the sha256 of every shard and of the
+    tokenizer file, and that each .idx is a valid offset table.
+    Raises FileNotFoundError (no manifest), ValueError (not a finished fastpt shard dir),
+    CorruptShardError (a file that does not match, named in the message).
+    """
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{mpath}: no manifest; is {root} the output of fastpt preprocess?")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptShardError(f"{mpath}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT or manifest.get("kind") != "text":
+        raise ValueError(f"{mpath}: not a fastpt text shard manifest (format={manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise ValueError(f"{mpath}: format version {manifest.get('version')}, this fastpt reads {VERSION}")
+    if not manifest.get("complete"):
+        raise ValueError(f"{mpath}: preprocessing did not finish; rerun the same fastpt preprocess command to resume")
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    shards = manifest["shards"]
+    if sum(s["docs"] for s in shards) != manifest["num_docs"] or \
+            sum(s["tokens"] for s in shards) != manifest["num_tokens"]:
+        raise CorruptShardError(f"{mpath}: shard counts do not add up to num_docs / num_tokens")
+    tok = manifest.get("tokenizer") or {}
+    if tok.get("file"):
+        verify_file(root, tok["file"], size=None, sha256=tok.get("sha256") if verify else None)
+    for s in shards:
+        verify_file(root, s["bin"], size=s["tokens"] * dtype.itemsize, sha256=s["bin_sha256"] if verify else None)
+        idx_path = verify_file(root, s["idx"], size=(s["docs"] + 1) * 8, sha256=s["idx_sha256"] if verify else None)
+        if verify:
+            offsets = np.memmap(idx_path, dtype="<i8", mode="r")
+            if offsets[0] != 0 or offsets[-1] != s["tokens"] or np.any(np.diff(offsets) < 0):
+                raise CorruptShardError(f"{idx_path}: not a valid document offset table")
+    return manifest
+
+
+def resolve_special(add_special: str | bool, special_ids: dict) -> tuple[list[int], list[int]]:
+    """Prefix and suffix ids wrapped around each document.
+
+    ``"cls_sep"``: [CLS] doc [SEP]; ``"eos"``: doc [EOS]; ``"none"``; ``"auto"`` (or True):
+    cls_sep when the tokenizer has both, else eos when it has one, else none.
+    Raises ValueError for an unknown mode or one whose tokens the tokenizer lacks.
+    """
+    if add_special is True:
+        add_special = "auto"
+    elif add_special is False:
+        add_special = "none"
+    if add_special not in SPECIAL_MODES:
+        raise ValueError(f"add_special must be one of {SPECIAL_MODES} or a bool, got {add_special!r}")
+    if add_special == "auto":
+        add_special = "cls_sep" if "cls" in special_ids and "sep" in special_ids else \
+            "eos" if "eos" in special_ids else "none"
+    needed = {"cls_sep": ("cls", "sep"), "eos": ("eos",), "none": ()}[add_special]
+    missing = [n for n in needed if n not in special_ids]
+    if missing:
+        raise ValueError(f"add_special={add_special!r}: the tokenizer has no {'/'.join(missing)} token")
+    if add_special == "cls_sep":
+        return [special_ids["cls"]], [special_ids["sep"]]
+    return ([], [special_ids["eos"]]) if add_special == "eos" else ([], [])
+
+
+class ShardDataset:
+    """Training samples cut at run time from a shard directory.
+
+    mode="pack": documents (each wrapped in ``add_special`` separators) are concatenated in
+    corpus order into one stream, cut into ``seq_len`` windows (the last partial window is
+    dropped); a sample is ``{"input_ids": (seq_len,) int64, "cu_seqlens": (n+1,) int32}``
+    where cu_seqlens marks the document pieces inside the window (0 first, seq_len last).
+    mode="doc": one document per sample, ``[prefix] ids[: seq_len - specials] [suffix]``
+    right-padded with the pad id (0 without one): ``{"input_ids": (seq_len,) int64,
+    "attention_mask": (seq_len,) int64}``.
+
+    Order: epoch ``e`` visits all samples in ``numpy.random.default_rng([seed, e])``
+    permutation order (corpus order with ``shuffle=False``). Ranks interleave: rank r takes
+    positions r, r + world_size, ... of each epoch, padded by wrapping around so every rank
+    gets ``len(self)`` = ceil(samples / world_size) samples (as torch's DistributedSampler);
+    the ranks' batches at one step together are the next world_size * batch positions, the
+    same samples one process would see with the combined batch.
+    Position: ``consumed`` samples of this rank; ``state_dict()`` / ``load_state_dict()``
+    save and restore it. Iterate in the main process (a sample is a memmap slice; DataLoader
+    workers would each hold their own position).
+
+    Raises FileNotFoundError / ValueError / CorruptShardError from ``read_manifest`` on
+    open, ValueError for a seq_len too small or a corpus with no full window.
+    """
+
+    def __init__(self, path: str | os.PathLike, seq_len: int, *, mode: str = "pack", seed: int = 0,
+                 rank: int = 0, world_size: int = 1, add_special: str | bool = "auto", shuffle: bool = True,
+                 num_epochs: int | None = None, verify: bool = True):
+        if mode not in ("pack", "doc"):
+            raise ValueError(f"mode must be 'pack' or 'doc', got {mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+        self.path, self.seq_len, self.mode, self.seed = Path(path), int(seq_len), mode, int(seed)
+        self.rank, self.world_size, self.shuffle, self.num_epochs = rank, world_size, shuffle, num_epochs
+        self.manifest = read_manifest(self.path, verify=verify)
+        self.special_ids = {k: int(v) for k, v in self.manifest.get("special_tokens", {}).items()}
+        self.prefix, self.suffix = resolve_special(add_special, self.special_ids)
+        self.pad_id = self.special_ids.get("pad", 0)
+        n_special = len(self.prefix) + len(self.suffix)
+        if self.seq_len < (n_special + 1 if mode == "doc" else 1):
+            raise ValueError(f"seq_len={seq_len} leaves no room for a token next to {n_special} special tokens")
+        self._dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
+        shards = self.manifest["shards"]
+        self._maps: dict[int, tuple[np.memmap, np.memmap]] = {}  # opened on first use: one fd per map
+        self._doc_start = np.cumsum([0] + [s["docs"] for s in shards])  # global doc index of shard starts
+        # stream position of each shard's first document (tokens + separators before it)
+        self._stream_start = np.cumsum([0] + [s["tokens"] + s["docs"] * n_special for s in shards])
+        self._n_special = n_special
+        self.num_docs = int(self._doc_start[-1])
+        if mode == "pack":
+            self.num_samples = int(self._stream_start[-1]) // self.seq_len
+            if self.num_samples == 0:
+                raise ValueError(f"{self.path}: {int(self._stream_start[-1])} tokens with separators, "
+                                 f"fewer than one window of seq_len={seq_len}")
+        else:
+            self.num_samples = self.num_docs
+        self.consumed = 0
+        self._perm_epoch, self._perm = -1, None
+
+    # -- order and position ---------------------------------------------------------------
+    def __len__(self) -> int:
+        """Samples per epoch on this rank."""
+        return -(-self.num_samples // self.world_size)
+
+    def _order(self, epoch: int) -> np.ndarray | None:
+        if not self.shuffle:
+            return None
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def sample_index(self, k: int) -> int:
+        """The window (pack) or document (doc) index of this rank's k-th sample (k counts across epochs)."""
+        epoch, j = divmod(k, len(self))
+        pos = (j * self.world_size + self.rank) % self.num_samples
+        order = self._order(epoch)
+        return int(order[pos]) if order is not None else pos
+
+    def sample(self, k: int) -> dict[str, torch.Tensor]:
+        """This rank's k-th sample (does not move the position)."""
+        i = self.sample_index(k)
+        return self.window(i) if self.mode == "pack" else self.document(i)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Samples from the current position on, advancing it; endless unless num_epochs was given."""
+        while self.num_epochs is None or self.consumed < self.num_epochs * len(self):
+            out = self.sample(self.consumed)
+            self.consumed += 1
+            yield out
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """``collate`` of each next ``batch_size`` samples (see ``collate`` for the keys)."""
+        while self.num_epochs is None or self.consumed + batch_size <= self.num_epochs * len(self):
+            out = collate([self.sample(self.consumed + b) for b in range(batch_size)])
+            self.consumed += batch_size
+            yield out
+
+    def _fingerprint(self) -> str:
+        return hashlib.sha256("".join(s["bin_sha256"] for s in self.manifest["shards"]).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        """The position plus what it is only valid for (JSON-serialisable)."""
+        return {"consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len, "mode": self.mode,
+                "world_size": self.world_size, "rank": self.rank, "shuffle": self.shuffle,
+                "special": [self.prefix, self.suffix], "data": self._fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by ``state_dict``; raises ValueError if it was saved for other
+        data, seq_len, mode, seed, separators or world size (the samples would differ)."""
+        mine = self.state_dict()
+        for key in ("seed", "seq_len", "mode", "world_size", "shuffle", "special", "data"):
+            if json.dumps(state.get(key)) != json.dumps(mine[key]):  # JSON: tuples and lists compare equal
+                raise ValueError(f"load_state_dict: saved {key}={state.get(key)!r}, this dataset has {mine[key]!r}")
+        self.consumed = int(state["consumed"])
+
+    # -- sample assembly ------------------------------------------------------------------
+    def _locate(self, doc: int) -> tuple[int, int]:
+        shard = int(np.searchsorted(self._doc_start, doc, side="right")) - 1
+        return shard, doc - int(self._doc_start[shard])
+
+    def _shard(self, shard: int) -> tuple[np.memmap, np.memmap]:
+        """(tokens, offsets) memmaps of one shard."""
+        if shard not in self._maps:
+            s = self.manifest["shards"][shard]
+            self._maps[shard] = (np.memmap(self.path / s["bin"], dtype=self._dtype, mode="r"),
+                                 np.memmap(self.path / s["idx"], dtype="<i8", mode="r"))
+        return self._maps[shard]
+
+    def _doc_tokens(self, shard: int, local: int) -> np.ndarray:
+        tokens, idx = self._shard(shard)
+        return tokens[int(idx[local]):int(idx[local + 1])]
+
+    def _piece(self, shard: int, local: int, start: int, stop: int) -> np.ndarray:
+        """Stream positions [start, stop) of one wrapped document ``prefix + ids + suffix``."""
+        ids = self._doc_tokens(shard, local)
+        p, n = len(self.prefix), len(ids)
+        parts = []
+        if start < p:
+            parts.append(np.asarray(self.prefix[start:min(stop, p)], dtype=np.int64))
+        if stop > p and start < p + n:
+            parts.append(ids[max(start - p, 0):min(stop - p, n)].astype(np.int64))
+        if stop > p + n:
+            parts.append(np.asarray(self.suffix[max(start - p - n, 0):stop - p - n], dtype=np.int64))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def window(self, i: int) -> dict[str, torch.Tensor]:
+        """Packed window ``i``: stream positions [i * seq_len, (i + 1) * seq_len)."""
+        L, ns = self.seq_len, self._n_special
+        pos = i * L
+        shard = int(np.searchsorted(self._stream_start, pos, side="right")) - 1
+        idx = self._shard(shard)[1]
+        rel = pos - int(self._stream_start[shard])
+        # last document whose wrapped start <= rel; its start is idx[k] + k * ns
+        local = bisect.bisect_right(range(len(idx) - 1), rel, key=lambda k: int(idx[k]) + k * ns) - 1
+        offset = rel - (int(idx[local]) + local * ns)
+        out = np.empty(L, dtype=np.int64)
+        cu, filled = [0], 0
+        while filled < L:
+            idx = self._shard(shard)[1]
+            doc_len = int(idx[local + 1] - idx[local]) + ns
+            take = min(doc_len - offset, L - filled)
+            if take > 0:  # (an empty document without separators adds nothing)
+                out[filled:filled + take] = self._piece(shard, local, offset, offset + take)
+                filled += take
+                cu.append(filled)
+            offset, local = 0, local + 1
+            if local == len(idx) - 1:
+                shard, local = shard + 1, 0
+        return {"input_ids": torch.from_numpy(out), "cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+
+    def document(self, d: int) -> dict[str, torch.Tensor]:
+        """Document ``d`` (global index) as one padded row."""
+        shard, local = self._locate(d)
+        ids = self._doc_tokens(shard, local)
+        body = ids[: self.seq_len - self._n_special].astype(np.int64)
+        row = np.concatenate([np.asarray(self.prefix, np.int64), body, np.asarray(self.suffix, np.int64)])
+        out = np.full(self.seq_len, self.pad_id, dtype=np.int64)
+        out[: len(row)] = row
+        mask = np.zeros(self.seq_len, dtype=np.int64)
+        mask[: len(row)] = 1
+        return {"input_ids": torch.from_numpy(out), "attention_mask": torch.from_numpy(mask)}
+
+
+def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | int]:
+    """Stack samples of one ``ShardDataset`` mode into a batch.
+
+    doc samples -> ``input_ids``, ``attention_mask`` (B, S) int64.
+    pack samples -> ``input_ids`` (B, S) int64; ``cu_seqlens`` (N+1,) int32 over the B*S
+    flattened tokens (row b's boundaries shifted by b*S; what the packed attention and
+    ``TextEncoder(cu_seqlens=...)`` take); ``max_seqlen`` (int, longest piece);
+    ``position_ids`` (B, S) int64 restarting at 0 at each document piece.
+    """
+    if not samples:
+        raise ValueError("collate: no samples")
+    ids = torch.stack([s["input_ids"] for s in samples])
+    if "attention_mask" in samples[0]:
+        return {"input_ids": ids, "attention_mask": torch.stack([s["attention_mask"] for s in samples])}
+    B, S = ids.shape
+    cus = [s["cu_seqlens"].long() + b * S for b, s in enumerate(samples)]
+    cu = torch.cat([cus[0]] + [c[1:] for c in cus[1:]])
+    lengths = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lengths)
+    position_ids = (torch.arange(B * S) - starts).view(B, S)
+    return {"input_ids": ids, "cu_seqlens": cu.to(torch.int32), "max_seqlen": int(lengths.max()),
+            "position_ids": position_ids}

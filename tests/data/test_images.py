@@ -1,0 +1,149 @@
+"""Image datasets: IDX parsing, fashion-mnist (Debian package), image folders (PGM/PPM without
+Pillow, a clear error for other formats), and the preprocessed images.npy format with checksums."""
+import gzip
+import json
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastpt.data.images import (ImageFolder, fashion_mnist, find_fashion_mnist, list_image_folder, load_fashion_mnist,
+                                load_image, open_image_dataset, preprocess_images, read_idx)
+from fastpt.data.preprocess import preprocess_main
+from fastpt.data.shards import CorruptShardError
+
+
+def _has_fashion_mnist():
+    try:
+        find_fashion_mnist()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+needs_fmnist = pytest.mark.skipif(not _has_fashion_mnist(), reason="apt-get install dataset-fashion-mnist")
+
+
+def _write_idx(path, array):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def _write_pnm(path, img):
+    """img: (H, W) grey -> P5, (H, W, 3) -> P6."""
+    magic = b"P5" if img.ndim == 2 else b"P6"
+    path.write_bytes(magic + b"\n# made by a test\n%d %d\n255\n" % (img.shape[1], img.shape[0]) + img.tobytes())
+
+
+def test_read_idx(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    for name in ("x-idx3-ubyte", "x-idx3-ubyte.gz"):
+        _write_idx(tmp_path / name, arr)
+        out = read_idx(tmp_path / name)
+        assert out.dtype == np.uint8 and np.array_equal(out, arr)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes((tmp_path / "x-idx3-ubyte").read_bytes()[:-1])
+    with pytest.raises(ValueError, match="header says"):
+        read_idx(tmp_path / "short")
+
+
+def test_fashion_mnist_from_a_directory(tmp_path):
+    rng = np.random.default_rng(1)
+    images, labels = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8), np.arange(6) % 10
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    x, y = load_fashion_mnist("test", root=tmp_path)
+    assert x.shape == (6, 1, 28, 28) and x.dtype == np.uint8 and y.dtype == np.int64
+    assert np.array_equal(x[:, 0], images) and y.tolist() == labels.tolist()
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        find_fashion_mnist(tmp_path / "nowhere")
+
+
+@needs_fmnist
+def test_debian_fashion_mnist():
+    ds = fashion_mnist("test")
+    assert len(ds) == 10_000 and ds.classes[9] == "Ankle boot"
+    img, label = ds[0]
+    assert img.dtype == torch.uint8 and img.shape == (1, 28, 28) and 0 <= label < 10
+    assert sorted(set(ds.labels.tolist())) == list(range(10))
+
+
+@pytest.fixture()
+def image_folder(tmp_path):
+    """cats/ (2 RGB PPM), dogs/ (1 grey PGM, 1 corrupt file, 1 of another size)."""
+    rng = np.random.default_rng(2)
+    root = tmp_path / "imgs"
+    for d in ("cats", "dogs"):
+        (root / d).mkdir(parents=True)
+    rgb = [rng.integers(0, 256, (5, 6, 3), dtype=np.uint8) for _ in range(2)]
+    grey = rng.integers(0, 256, (5, 6), dtype=np.uint8)
+    _write_pnm(root / "cats" / "a.ppm", rgb[0])
+    _write_pnm(root / "cats" / "b.ppm", rgb[1])
+    _write_pnm(root / "dogs" / "c.pgm", grey)
+    (root / "dogs" / "d.pgm").write_bytes(b"P5\n6 5\n65535\n")  # 16-bit: unreadable without Pillow
+    _write_pnm(root / "dogs" / "e.pgm", rng.integers(0, 256, (4, 4), dtype=np.uint8))
+    (root / "dogs" / "notes.txt").write_text("not an image")
+    return root, rgb, grey
+
+
+def test_image_folder(image_folder):
+    root, rgb, grey = image_folder
+    files, labels, classes = list_image_folder(root)
+    assert classes == ["cats", "dogs"] and labels == [0, 0, 1, 1, 1] and [f.name for f in files][:3] == \
+        ["a.ppm", "b.ppm", "c.pgm"]
+    ds = ImageFolder(root, channels=3)
+    img, label = ds[0]
+    assert img.dtype == torch.uint8 and img.shape == (3, 5, 6) and label == 0
+    assert np.array_equal(img.numpy(), rgb[0].transpose(2, 0, 1))
+    grey3, label = ds[2]
+    assert label == 1 and np.array_equal(grey3.numpy(), np.stack([grey] * 3))
+    assert np.array_equal(load_image(files[2]), grey[None])  # its own channel count by default
+    with pytest.raises(FileNotFoundError):
+        list_image_folder(root / "cats" / "a.ppm")
+
+
+def test_png_without_pillow_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL raises ImportError
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ImportError, match="pip install pillow"):
+        load_image(tmp_path / "x.png")
+
+
+def test_preprocess_folder_round_trip_and_checksums(tmp_path, image_folder):
+    root, rgb, grey = image_folder
+    out = tmp_path / "out"
+    manifest = preprocess_images(root, out, channels=3, progress=False, log=None)
+    assert manifest["shape"] == [3, 3, 5, 6] and manifest["stats"]["bad"] == {"unreadable": 1, "size_mismatch": 1}
+    ds = open_image_dataset(out)
+    assert len(ds) == 3 and ds.classes == ["cats", "dogs"] and ds.labels.tolist() == [0, 0, 1]
+    img, label = ds[1]
+    assert img.dtype == torch.uint8 and np.array_equal(img.numpy(), rgb[1].transpose(2, 0, 1))
+    with pytest.raises(ValueError, match="overwrite"):
+        preprocess_images(root, out, progress=False, log=None)
+    data = bytearray((out / "images.npy").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "images.npy").write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match="images.npy.*sha256"):
+        open_image_dataset(out)
+    assert len(open_image_dataset(out, verify=False)) == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["labels"]["file"] == "labels.npy"
+
+
+@needs_fmnist
+def test_cli_fashion_mnist(tmp_path, capsys):
+    assert preprocess_main(["--images", "fashion-mnist", "--split", "test", str(tmp_path / "fm")]) == 0
+    assert "10,000 images (1, 28, 28)" in capsys.readouterr().out
+    ds = open_image_dataset(tmp_path / "fm")
+    x, y = load_fashion_mnist("test")
+    assert np.array_equal(ds.images, x) and np.array_equal(ds.labels, y)

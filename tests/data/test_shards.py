@@ -1,0 +1,176 @@
+"""The shard format and ShardDataset: exact windows and document boundaries for odd sequence
+lengths, doc rows, seeded order, rank sharding, exact resume, corruption detection."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastpt.data.shards import CorruptShardError, ShardDataset, collate, dtype_for_vocab, read_manifest, write_shards
+
+SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4, "eos": 5}
+VOCAB = 97
+
+
+def _docs(n=41, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(6, VOCAB, size=int(rng.integers(1, 30))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    """41 documents of 1..29 tokens over several shards (shard_tokens=97)."""
+    out = tmp_path_factory.mktemp("shards")
+    docs = _docs()
+    manifest = write_shards(out, docs, vocab_size=VOCAB, shard_tokens=97, special_tokens=SPECIALS)
+    assert len(manifest["shards"]) >= 4 and manifest["num_docs"] == len(docs)
+    return out, docs
+
+
+def _wrap(doc, mode):
+    prefix, suffix = {"cls_sep": ([2], [3]), "eos": ([], [5]), "none": ([], [])}[mode]
+    return prefix + list(doc) + suffix
+
+
+def test_dtype_for_vocab():
+    assert dtype_for_vocab(100) == np.uint16 and dtype_for_vocab(65536) == np.uint16
+    assert dtype_for_vocab(65537) == np.uint32 and dtype_for_vocab(250_000) == np.uint32
+    with pytest.raises(ValueError):
+        dtype_for_vocab(0)
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 17, 64])
+@pytest.mark.parametrize("special", ["cls_sep", "eos", "none"])
+def test_pack_windows_and_boundaries(shard_dir, seq_len, special):
+    out, docs = shard_dir
+    ds = ShardDataset(out, seq_len, add_special=special, shuffle=False)
+    wrapped = [_wrap(d, special) for d in docs]
+    stream = np.concatenate(wrapped)
+    starts = np.cumsum([0] + [len(w) for w in wrapped])
+    assert ds.num_samples == len(stream) // seq_len
+    for i in range(ds.num_samples):
+        s = ds.window(i)
+        lo, hi = i * seq_len, (i + 1) * seq_len
+        assert s["input_ids"].dtype == torch.int64 and s["input_ids"].tolist() == stream[lo:hi].tolist()
+        inner = [int(b) - lo for b in starts if lo < b < hi]
+        assert s["cu_seqlens"].dtype == torch.int32 and s["cu_seqlens"].tolist() == [0] + inner + [seq_len]
+
+
+def test_doc_rows(shard_dir):
+    out, docs = shard_dir
+    ds = ShardDataset(out, 9, mode="doc", shuffle=False)
+    assert ds.num_samples == len(docs)
+    for i, doc in enumerate(docs):
+        s = ds.document(i)
+        row = [2] + list(doc[:7]) + [3]  # truncated body, [SEP] kept last
+        assert s["input_ids"].tolist() == row + [0] * (9 - len(row))
+        assert s["attention_mask"].tolist() == [1] * len(row) + [0] * (9 - len(row))
+    with pytest.raises(ValueError, match="no room"):
+        ShardDataset(out, 2, mode="doc")
+
+
+def test_seeded_order(shard_dir):
+    out, _ = shard_dir
+    a, b, c = (ShardDataset(out, 7, seed=s) for s in (3, 3, 4))
+    n = len(a)
+    order_a = [a.sample_index(k) for k in range(2 * n)]
+    assert order_a == [b.sample_index(k) for k in range(2 * n)]
+    assert order_a[:n] != [c.sample_index(k) for k in range(n)]
+    assert sorted(order_a[:n]) == list(range(n)) and sorted(order_a[n:]) == list(range(n))
+    assert order_a[:n] != order_a[n:]  # a fresh permutation each epoch
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_rank_sharding(shard_dir, world):
+    out, _ = shard_dir
+    ranks = [ShardDataset(out, 5, seed=1, rank=r, world_size=world) for r in range(world)]
+    n = ranks[0].num_samples
+    per_rank = [[d.sample_index(k) for k in range(len(d))] for d in ranks]
+    assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == -(-n // world)
+    everything = [i for p in per_rank for i in p]
+    assert set(everything) == set(range(n))  # complete
+    assert len(everything) - len(set(everything)) == len(everything) - n  # disjoint but the wrap-around padding
+    # step t across the ranks = the next world positions one process would see
+    single = ShardDataset(out, 5, seed=1)
+    for k in range(4):
+        assert {p[k] for p in per_rank} == {single.sample_index(k * world + r) for r in range(world)}
+
+
+def test_state_dict_resume(shard_dir):
+    out, _ = shard_dir
+    ds = ShardDataset(out, 11, seed=7)
+    batches = ds.batches(3)
+    for _ in range(len(ds) // 3 - 1):  # stop just before an epoch boundary
+        next(batches)
+    state = json.loads(json.dumps(ds.state_dict()))
+    expected = [next(batches) for _ in range(4)]  # crosses into epoch 1
+    resumed = ShardDataset(out, 11, seed=7)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, resumed.batches(3)):
+        assert set(want) == set(got)
+        for key in want:
+            assert torch.equal(torch.as_tensor(want[key]), torch.as_tensor(got[key]))
+    with pytest.raises(ValueError, match="seq_len"):
+        ShardDataset(out, 12, seed=7).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        ShardDataset(out, 11, seed=8).load_state_dict(state)
+
+
+def test_collate_pack_and_doc(shard_dir):
+    out, _ = shard_dir
+    ds = ShardDataset(out, 13, shuffle=False)
+    samples = [ds.window(i) for i in range(3)]
+    batch = collate(samples)
+    assert batch["input_ids"].shape == (3, 13)
+    cu = batch["cu_seqlens"]
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == 39 and bool((cu[1:] > cu[:-1]).all())
+    expected = [int(b) + 13 * r for r, s in enumerate(samples) for b in s["cu_seqlens"][1:]]
+    assert cu[1:].tolist() == expected
+    assert batch["max_seqlen"] == int((cu[1:] - cu[:-1]).max())
+    pos = batch["position_ids"].flatten()
+    assert bool((pos[cu[:-1].long()] == 0).all()) and pos.max() < batch["max_seqlen"]
+    docs = collate([ShardDataset(out, 6, mode="doc").sample(k) for k in range(3)])
+    assert set(docs) == {"input_ids", "attention_mask"} and docs["attention_mask"].shape == (3, 6)
+
+
+def test_uint32_round_trip(tmp_path):
+    docs = [[0, 65535, 65536, 70000, 5], [69999]]
+    manifest = write_shards(tmp_path, docs, vocab_size=70001)
+    assert manifest["dtype"] == "uint32"
+    assert (tmp_path / "shard-00000.bin").stat().st_size == 6 * 4
+    ds = ShardDataset(tmp_path, 8, mode="doc", shuffle=False, add_special="none")
+    assert [ds.document(i)["input_ids"].tolist()[:len(d)] for i, d in enumerate(docs)] == docs
+    with pytest.raises(ValueError, match="outside"):
+        write_shards(tmp_path / "bad", [[70001]], vocab_size=70001)
+
+
+def test_corruption_detected(tmp_path):
+    write_shards(tmp_path, _docs(20), vocab_size=VOCAB, shard_tokens=50, special_tokens=SPECIALS)
+    ShardDataset(tmp_path, 8)  # clean
+    victim = tmp_path / "shard-00001.bin"
+    data = bytearray(victim.read_bytes())
+    data[3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match="shard-00001.bin.*sha256"):
+        ShardDataset(tmp_path, 8)
+    ShardDataset(tmp_path, 8, verify=False)  # sizes still match: only a checksum finds it
+    victim.write_bytes(bytes(data[:-2]))
+    with pytest.raises(CorruptShardError, match="shard-00001.bin.*bytes"):
+        ShardDataset(tmp_path, 8, verify=False)
+    victim.unlink()
+    with pytest.raises(CorruptShardError, match="shard-00001.bin: missing"):
+        read_manifest(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["complete"] = False
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="did not finish"):
+        read_manifest(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        ShardDataset(tmp_path / "nowhere", 8)
+
+
+def test_seq_len_longer_than_corpus(tmp_path):
+    write_shards(tmp_path, [[7, 8, 9]], vocab_size=VOCAB, special_tokens=SPECIALS)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        ShardDataset(tmp_path, 6)
+    assert ShardDataset(tmp_path, 5).window(0)["input_ids"].tolist() == [2, 7, 8, 9, 3]
