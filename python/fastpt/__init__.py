@@ -8,8 +8,10 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-from . import data, nn, ops  # noqa: E402
+from . import data, models, nn, objectives, ops  # noqa: E402
 from ._dispatch import BackendError  # noqa: E402
 from ._info import info  # noqa: E402
+from .models.patch_hf import patch_hf, unpatch_hf  # noqa: E402
 
-__all__ = ["__version__", "ops", "nn", "data", "info", "BackendError"]
+__all__ = ["__version__", "ops", "nn", "data", "models", "objectives", "info", "BackendError", "patch_hf",
+           "unpatch_hf"]

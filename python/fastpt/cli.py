@@ -1,4 +1,12 @@
-"""The ``fastpt`` command: ``fastpt info``, ``fastpt demo``."""
+"""The ``fastpt`` command.
+
+    fastpt info        versions, built backends and which backend serves each op
+    fastpt demo        masking demo on a built-in corpus (the Python documentation)
+    fastpt preprocess  corpus -> tokenizer -> packed, memory-mapped shards (fastpt.data.preprocess)
+    fastpt convert     Hugging Face checkpoints to and from fastpt (fastpt.models.hf)
+
+Each of the later commands owns its arguments: ``fastpt <command> --help``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -29,8 +37,32 @@ def _print_info(as_json: bool) -> None:
         print(f"  {op:<22} " + "  ".join(f"{dev}: {b}" for dev, b in per_device.items()))
 
 
+def _preprocess(argv):
+    from .data.preprocess import preprocess_main
+
+    return preprocess_main(argv)
+
+
+def _convert(argv):
+    from .models.hf import convert_main
+
+    return convert_main(argv)
+
+
+# command -> (entry taking the remaining arguments, one-line help); imported on use, so that
+# `fastpt info` stays fast and a missing optional dependency only affects its own command
+DELEGATED = {
+    "preprocess": (_preprocess, "corpus -> tokenizer -> packed, memory-mapped token shards"),
+    "convert": (_convert, "Hugging Face checkpoints to and from fastpt (--from-hf DIR OUT / --to-hf DIR OUT)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastpt", description=__doc__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return int(DELEGATED[argv[0]][0](argv[1:]) or 0)
+    parser = argparse.ArgumentParser(prog="fastpt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, built backends and which backend serves each op")
     p_info.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -39,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
     p_demo.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary to train (default 8000)")
     p_demo.add_argument("--seed", type=int, default=0)
+    for name, (_, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)  # listed here; parsed by its own entry
     args = parser.parse_args(argv)
     if args.command == "info":
         _print_info(args.json)
