@@ -37,7 +37,7 @@ if [[ " $PHASES " == *" tests "* ]]; then
   # happens, so a run cut short by its time limit still says what failed
   tests="tests/ops tests/nn tests/test_dispatch.py"
   [ -f tests/models/test_patch_hf.py ] && tests="$tests tests/models/test_patch_hf.py"
-  FASTPT_TRITON_AUTOTUNE=0 timeout "${TEST_BUDGET:-210}" python3 -m pytest $tests -k "cuda or triton" \
+  FASTPT_FAILURE_LOG="$out/failures.txt" FASTPT_TRITON_AUTOTUNE=0 timeout "${TEST_BUDGET:-240}" python3 -m pytest $tests -k "cuda or triton" \
     -n "${TEST_PROCS:-14}" -v -p no:cacheprovider --timeout 150 -rfE --tb=short > "$out/tests.txt" 2>&1
   log "GPU tests rc=$?: $(tail -1 "$out/tests.txt")"
   grep -E "(FAILED|ERROR) tests" "$out/tests.txt" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | cut -c1-200 | head -50

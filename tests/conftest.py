@@ -22,3 +22,12 @@ def device(request):
 def pytest_report_header(config):
     info = fastpt.info()
     return [f"fastpt {info['version']}: native={info['native']} backends={info['backends']}"]
+
+
+def pytest_runtest_logreport(report):
+    """With FASTPT_FAILURE_LOG set, append each failure's traceback to that file as it happens
+    (benches/gpu_check.sh: a test phase cut short by its time limit still leaves every traceback)."""
+    path = os.environ.get("FASTPT_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
