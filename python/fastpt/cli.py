@@ -4,6 +4,7 @@
     fastpt demo        masking demo on a built-in corpus (the Python documentation)
     fastpt preprocess  corpus -> tokenizer -> packed, memory-mapped shards (fastpt.data.preprocess)
     fastpt convert     Hugging Face checkpoints to and from fastpt (fastpt.models.hf)
+    fastpt configs     the model zoo (python/fastpt/configs/*.yaml)
 
 Each of the later commands owns its arguments: ``fastpt <command> --help``.
 """
@@ -44,9 +45,47 @@ def _preprocess(argv):
 
 
 def _convert(argv):
+    """A training checkpoint (``PretrainModel.save_pretrained``: objective heads, teachers) goes
+    through ``fastpt.to_hf``; the backbone + heads format of ``--from-hf`` through models.hf."""
+    import json
+    from pathlib import Path
+
+    if "--to-hf" in argv:
+        i = argv.index("--to-hf")
+        src = Path(argv[i + 1]) if i + 1 < len(argv) else None
+        rest = argv[:i] + argv[i + 2:]
+        cfg = src / "fastpt_config.json" if src is not None else None
+        if cfg is not None and cfg.is_file() and json.loads(cfg.read_text()).get("format") == "fastpt-pretrain":
+            if len(rest) != 1 or rest[0].startswith("-"):
+                print("fastpt convert: error: --to-hf DIR OUT takes one OUT directory (options --dtype/--arch apply "
+                      "to the backbone format only)", file=sys.stderr)
+                return 2
+            import fastpt
+
+            out = fastpt.to_hf(fastpt.PretrainModel.from_pretrained(src), rest[0])
+            print(f"wrote a Hugging Face checkpoint to {out}")
+            return 0
     from .models.hf import convert_main
 
     return convert_main(argv)
+
+
+def _configs(argv):
+    import fastpt
+
+    parser = argparse.ArgumentParser(prog="fastpt configs", description="list the model zoo (shipped YAML configs)")
+    parser.add_argument("name", nargs="?", help="print this config's YAML")
+    args = parser.parse_args(argv)
+    if args.name:
+        import yaml
+
+        print(yaml.safe_dump(fastpt.load_config(args.name), sort_keys=False))
+        return 0
+    for name in fastpt.list_configs():
+        cfg = fastpt.load_config(name)
+        obj = (cfg.get("objective") or {}).get("name", "-")
+        print(f"{name:<18} {cfg['backbone']['builder']:<16} {obj:<12} {cfg.get('description', '')[:80]}")
+    return 0
 
 
 # command -> (entry taking the remaining arguments, one-line help); imported on use, so that
@@ -54,6 +93,7 @@ def _convert(argv):
 DELEGATED = {
     "preprocess": (_preprocess, "corpus -> tokenizer -> packed, memory-mapped token shards"),
     "convert": (_convert, "Hugging Face checkpoints to and from fastpt (--from-hf DIR OUT / --to-hf DIR OUT)"),
+    "configs": (_configs, "list the model zoo, or print one config (fastpt configs bert-base)"),
 }
 
 

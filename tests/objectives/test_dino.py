@@ -88,9 +88,19 @@ def test_training_reduces_loss():
     assert losses[-1] < 0.85 * losses[0]
 
 
+def test_real_local_crops_run_on_resized_positions():
+    backbone, obj = make(local_crop_size=8)  # 16x16 global crops, 8x8 local crops: 2x2 patches
+    assert backbone.patch_embed.dynamic_size and obj.teacher_backbone.patch_embed.dynamic_size
+    batch = obj.prepare({"pixel_values": images(3)}, seed=0)
+    assert batch["global_crops"].shape == (6, 3, 16, 16) and batch["local_crops"].shape == (6, 3, 8, 8)
+    out = obj(backbone, batch)
+    out.loss.backward()
+    assert backbone.patch_embed.position_embeddings.grad is not None and torch.isfinite(out.loss)
+
+
 def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="local_crop_size"):
-        make(local_crop_size=8)  # the tiny ViT has fixed 16x16 position embeddings
+        make(local_crop_size=6)  # does not tile into the tiny ViT's 4x4 patches
     with pytest.raises(ValueError, match="teacher_temp"):
         make(teacher_temp=0)
     with pytest.raises(ValueError, match="num_local_crops"):

@@ -85,6 +85,23 @@ def test_training_reduces_loss():
     assert losses[-1] < 0.85 * losses[0]
 
 
+def test_albert_factorised_embedding_ties_the_head():
+    torch.manual_seed(0)
+    albert = text_encoder(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, embed_dim=16, dropout=0.0,
+                          attention_dropout=0.0)
+    obj = MLM.from_backbone(albert, mask_token_id=3, special_token_ids=SPECIAL)
+    assert obj.head.weight is albert.embeddings.word_embeddings.weight and obj.head.weight.shape == (VOCAB, 16)
+    batch = obj.prepare(text_batch(), seed=1)
+    out = obj(albert, {**batch, "return_logits": True})
+    h = out.last_hidden_state  # (B, S, 32) -> dense 32 -> 16, LayerNorm(16), tied (V, 16) decoder
+    logits = F.linear(obj.head.layer_norm(F.gelu(obj.head.dense(h))), albert.embeddings.word_embeddings.weight,
+                      obj.head.bias)
+    ref = F.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    assert albert.embeddings.word_embeddings.weight.grad is not None
+
+
 def test_bad_inputs_name_the_argument():
     backbone, obj = make()
     with pytest.raises(ValueError, match="mask_token_id"):
@@ -101,6 +118,3 @@ def test_bad_inputs_name_the_argument():
         obj(backbone, text_batch())
     with pytest.raises(ValueError, match="labels"):
         obj(backbone, {**text_batch(), "labels": torch.zeros(3, 5, dtype=torch.long)})
-    albert = text_encoder(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, embed_dim=16)
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
-        MLM.from_backbone(albert, mask_token_id=3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import check_choice, check_int, check_prob, document_positions, make_norm
@@ -153,14 +154,18 @@ class PatchEmbedding(nn.Module):
         cls_token: prepend a learned cls token.
         position: "learned" (ViT) or "sincos" (MAE's fixed 2-D code, a non-persistent buffer).
         dropout: on the tokens.
+        dynamic_size: accept images of any size that tiles into patches (DINO's local crops, fine-
+            tuning at another resolution): the position table is resized bicubically to the image's
+            patch grid, as timm / DINO / Hugging Face's ``interpolate_pos_encoding`` do. Off by
+            default, so a wrong image size raises; an attribute, settable later.
 
     Parameters (Hugging Face ViT names): ``projection`` (Conv2d), ``cls_token`` ``(1, 1, D)``,
     ``position_embeddings`` ``(1, [1 +] L, D)``. Attributes num_patches L, grid_size, patch_size,
-    in_channels.
+    in_channels, dynamic_size.
     """
 
     def __init__(self, image_size, patch_size, in_channels: int = 3, dim: int = 768, cls_token: bool = True,
-                 position: str = "learned", dropout: float = 0.0):
+                 position: str = "learned", dropout: float = 0.0, dynamic_size: bool = False):
         super().__init__()
         self.image_size, self.patch_size = _pair("image_size", image_size), _pair("patch_size", patch_size)
         for side, (i, p) in zip(("height", "width"), zip(self.image_size, self.patch_size)):
@@ -178,20 +183,45 @@ class PatchEmbedding(nn.Module):
         else:
             self.register_buffer("position_embeddings", sincos_2d(dim, self.grid_size, cls_token), persistent=False)
         self.dropout = nn.Dropout(check_prob("dropout", dropout))
+        self.dynamic_size = bool(dynamic_size)
 
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch tokens before positions: ``(B, C, H, W)`` -> ``(B, L, D)``, row-major patch order."""
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.in_channels \
-                or tuple(pixel_values.shape[2:]) != self.image_size:
+        shape = tuple(pixel_values.shape)
+        if pixel_values.dim() != 4 or shape[1] != self.in_channels:
+            raise ValueError(f"pixel_values: expected shape (B, {self.in_channels}, H, W), got {shape}")
+        if self.dynamic_size:
+            if shape[2] % self.patch_size[0] or shape[3] % self.patch_size[1]:
+                raise ValueError(f"pixel_values: a {shape[2]}x{shape[3]} image does not tile into "
+                                 f"{self.patch_size[0]}x{self.patch_size[1]} patches")
+        elif shape[2:] != self.image_size:
             raise ValueError(f"pixel_values: expected shape (B, {self.in_channels}, {self.image_size[0]}, "
-                             f"{self.image_size[1]}), got {tuple(pixel_values.shape)}")
+                             f"{self.image_size[1]}), got {shape} (set dynamic_size=True to resize the "
+                             f"position table to other image sizes)")
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
+    def positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position table for a ``grid`` (rows, columns) of patches: ``(1, [1 +] gh * gw, D)``.
+
+        The built grid's table itself, else its patch rows resized bicubically (``align_corners=False``,
+        as timm and Hugging Face ViT; in float32) with the cls row kept."""
+        table = self.position_embeddings
+        if tuple(grid) == self.grid_size:
+            return table
+        n_cls = int(self.cls_token is not None)
+        gh, gw = self.grid_size
+        patches = table[:, n_cls:].float().reshape(1, gh, gw, self.dim).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=tuple(grid), mode="bicubic", align_corners=False)
+        patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], self.dim).to(table.dtype)
+        return torch.cat([table[:, :n_cls], patches], 1)
+
     def forward(self, pixel_values: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """pixel_values ``(B, C, H, W)``; ids_keep long ``(B, K)`` patch indices to keep (MAE: the
-        positions are added before the patches are dropped). Returns ``(B, [1 +] K or L, D)``."""
+        """pixel_values ``(B, C, H, W)`` (``image_size``, or any tiling size with ``dynamic_size``);
+        ids_keep long ``(B, K)`` patch indices to keep (MAE: the positions are added before the
+        patches are dropped). Returns ``(B, [1 +] K or L, D)``, L the image's patch count."""
         x = self.patchify(pixel_values)
-        pos = self.position_embeddings.to(x.dtype)
+        grid = (pixel_values.shape[2] // self.patch_size[0], pixel_values.shape[3] // self.patch_size[1])
+        pos = self.positions(grid).to(x.dtype)
         n_cls = int(self.cls_token is not None)
         x = x + pos[:, n_cls:]
         if ids_keep is not None:

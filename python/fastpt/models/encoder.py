@@ -149,7 +149,7 @@ def text_encoder(*, vocab_size: int, hidden_size: int = 768, num_layers: int = 1
                  type_vocab_size: int = 2, embed_dim: int | None = None, pad_token_id: int | None = 0,
                  bias: bool = True, dropout: float = 0.1, attention_dropout: float = 0.1,
                  embedding_dropout: float | None = None, causal: bool = False, initializer_range: float = 0.02,
-                 gradient_checkpointing: bool = False) -> TextEncoder:
+                 gradient_checkpointing: bool = False, share_layers: bool = False) -> TextEncoder:
     """Build a text transformer from flat, typed arguments (the YAML zoo names this function).
 
     Args:
@@ -170,6 +170,9 @@ def text_encoder(*, vocab_size: int, hidden_size: int = 768, num_layers: int = 1
             attention_dropout: on attention probabilities; embedding_dropout: default ``dropout``.
         causal: default mask (True: causal LM). initializer_range: std of the normal init.
         gradient_checkpointing: recompute layers in the backward.
+        share_layers: ALBERT's cross-layer parameter sharing: one layer's parameters applied
+            ``num_layers`` times (``layers`` holds the same module at every index; its state_dict
+            names each index, all one set of tensors).
 
     Returns a ``TextEncoder`` whose ``.config`` holds ``{"builder": "text_encoder", **arguments}``.
     Raises ValueError / TypeError naming the argument and the valid choices.
@@ -187,11 +190,13 @@ def text_encoder(*, vocab_size: int, hidden_size: int = 768, num_layers: int = 1
                                type_vocab_size, embed_dim, norm if embedding_norm else None, norm_eps,
                                check_prob("embedding_dropout", dropout if embedding_dropout is None
                                           else embedding_dropout), pad_token_id, position_offset)
-    layers = make_layers(num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
-                         num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, activation=activation,
-                         norm=norm, norm_eps=norm_eps, pre_norm=pre_norm, bias=bias, dropout=dropout,
-                         attention_dropout=attention_dropout, attention_position=attention_position,
+    layers = make_layers(num_layers=min(num_layers, 1) if share_layers else num_layers, hidden_size=hidden_size,
+                         num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                         activation=activation, norm=norm, norm_eps=norm_eps, pre_norm=pre_norm, bias=bias,
+                         dropout=dropout, attention_dropout=attention_dropout, attention_position=attention_position,
                          rotary_base=rotary_base)
+    if share_layers:
+        layers = layers * num_layers  # the same module at every depth
     model = TextEncoder(embeddings, layers, make_norm(norm, hidden_size, norm_eps) if final_norm else None,
                         causal=causal, config=config, gradient_checkpointing=gradient_checkpointing)
     return init_weights(model, initializer_range)

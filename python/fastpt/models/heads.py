@@ -33,27 +33,31 @@ class MLMHead(nn.Module):
         hidden_size: D; vocab_size: V.
         activation: "gelu", "gelu_tanh", "relu" or "silu" (BERT, RoBERTa: "gelu").
         layer_norm_eps: of the transform's LayerNorm.
-        tied_weight: the ``(V, D)`` embedding Parameter to share (``backbone.embeddings.
+        tied_weight: the ``(V, E)`` embedding Parameter to share (``backbone.embeddings.
             word_embeddings.weight``), or None for an untied weight.
+        embedding_size: E, the width the transform maps to (default D). ALBERT's factorised
+            embedding: the transform is dense D -> E, activation, LayerNorm(E), and the decoder is the
+            ``(V, E)`` word-embedding table (Hugging Face's ``AlbertMLMHead``).
 
-    Parameters: ``dense``, ``layer_norm``, ``weight`` ``(V, D)``, ``bias`` ``(V,)``. A tied weight
+    Parameters: ``dense``, ``layer_norm``, ``weight`` ``(V, E)``, ``bias`` ``(V,)``. A tied weight
     appears under both names in ``state_dict`` (as in Hugging Face); it is one tensor.
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, *, activation: str = "gelu", layer_norm_eps: float = 1e-12,
-                 tied_weight: nn.Parameter | None = None):
+                 tied_weight: nn.Parameter | None = None, embedding_size: int | None = None):
         super().__init__()
         check_int("hidden_size", hidden_size)
         check_int("vocab_size", vocab_size)
+        out = hidden_size if embedding_size is None else check_int("embedding_size", embedding_size)
         self.activation = check_choice("activation", activation, list(ACTIVATIONS))
-        self.dense = nn.Linear(hidden_size, hidden_size)
-        self.layer_norm = nn.LayerNorm(hidden_size, eps=check_positive("layer_norm_eps", layer_norm_eps))
-        self.weight = _vocab_weight("tied_weight", tied_weight, vocab_size, hidden_size)
+        self.dense = nn.Linear(hidden_size, out)
+        self.layer_norm = nn.LayerNorm(out, eps=check_positive("layer_norm_eps", layer_norm_eps))
+        self.weight = _vocab_weight("tied_weight", tied_weight, vocab_size, out)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
         self.tied = tied_weight is not None
 
     def transform(self, h: torch.Tensor) -> torch.Tensor:
-        """``(..., D)`` -> ``(..., D)``: BERT's ``cls.predictions.transform``."""
+        """``(..., D)`` -> ``(..., E)``: BERT's ``cls.predictions.transform`` (E = D unless factorised)."""
         return self.layer_norm(ACTIVATIONS[self.activation](self.dense(h)))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -61,7 +65,8 @@ class MLMHead(nn.Module):
         return F.linear(self.transform(h), self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"vocab_size={self.weight.shape[0]}, activation={self.activation!r}, tied={self.tied}"
+        return (f"vocab_size={self.weight.shape[0]}, embedding_size={self.weight.shape[1]}, "
+                f"activation={self.activation!r}, tied={self.tied}")
 
 
 class LMHead(nn.Module):

@@ -1,7 +1,8 @@
-"""What the backbones return: one small dataclass shared by the text, encoder-decoder and vision stacks."""
+"""What the backbones and the assembled model return: ``BackboneOutput`` (shared by the text,
+encoder-decoder and vision stacks), ``TwoTowerOutput`` (CLIP's two towers), ``ModelOutput`` (``PretrainModel``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,3 +26,29 @@ class BackboneOutput:
     last_hidden_state: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
     encoder_last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class TwoTowerOutput:
+    """Output of a ``TwoTower`` backbone (CLIP): each tower's ``BackboneOutput``, None for a tower
+    whose input was not given."""
+
+    text: BackboneOutput | None = None
+    vision: BackboneOutput | None = None
+
+
+@dataclass
+class ModelOutput:
+    """What ``PretrainModel(...)`` returns.
+
+    Attributes:
+        loss: 0-dim float tensor, the objective's training loss (None for a model without objective).
+        logits: head logits when the objective computed them (e.g. ``return_logits=True``), else None.
+        last_hidden_state: the backbone's states for the (first) input, e.g. ``(B, S, D)``.
+        metrics: name -> detached 0-dim tensor (loss parts, accuracies, temperatures ...).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    metrics: dict = field(default_factory=dict)

@@ -58,16 +58,15 @@ class DINO(Objective):
         base_momentum, final_momentum, total_steps: the teacher's EMA momentum schedule.
         num_local_crops: local crops per image (0: global crops only).
         global_crop_size, local_crop_size: sides of the crops (None: the input's size). DINO uses
-            224 / 96; a backbone with a fixed image size (``patch_embed.image_size``) needs both None
-            or equal to it (``attach`` checks), the local crops then being small regions upsampled.
+            224 / 96: a ViT (``PatchEmbedding``) then runs each crop size on its own resized position
+            table (``attach`` turns on ``patch_embed.dynamic_size``); sizes must tile into patches.
         global_crop_scale, local_crop_scale: crop area ranges.
         flip_prob, jitter_prob, brightness, contrast, saturation, grayscale_prob: ``ViewAugment``.
         pooling: "first" (CLS token) or "mean".
         patch_size: the backbone's patch size, for ``tokens_in``.
 
     Batch: raw ``{"pixel_values": (B, C, H, W)}``; ``prepare`` adds ``"global_crops"`` ``(2B, C, G, G)``
-    and, with local crops, ``"local_crops"`` ``(N * B, C, l, l)`` (crop-major). The backbone must
-    accept both crop sizes (interpolated position embeddings) when they differ.
+    and, with local crops, ``"local_crops"`` ``(N * B, C, l, l)`` (crop-major).
     """
 
     needs = ("pixel_values",)
@@ -112,12 +111,21 @@ class DINO(Objective):
         self.patch_size = patch_size
 
     def attach(self, backbone: nn.Module) -> None:
-        """Make the teacher backbone: a frozen copy of ``backbone`` (once)."""
-        fixed = getattr(getattr(backbone, "patch_embed", None), "image_size", None)
+        """Make the teacher backbone: a frozen copy of ``backbone`` (once). Crop sizes other than the
+        backbone's image size turn on its patch embedding's ``dynamic_size`` (position table resized
+        bicubically per crop size, as DINO's ``interpolate_pos_encoding``); they must tile into patches."""
+        embed = getattr(backbone, "patch_embed", None)
+        fixed = getattr(embed, "image_size", None)
         for name, aug in (("global_crop_size", self.global_augment), ("local_crop_size", self.local_augment)):
-            if fixed is not None and aug.size is not None and (aug.size, aug.size) != tuple(fixed):
+            if fixed is None or aug.size is None or (aug.size, aug.size) == tuple(fixed):
+                continue
+            if not hasattr(embed, "dynamic_size"):
                 raise ValueError(f"{name}: the backbone takes {tuple(fixed)} images only (fixed position "
                                  f"embeddings), got {aug.size}; use None (the input size) or {fixed[0]}")
+            if any(aug.size % p for p in embed.patch_size):
+                raise ValueError(f"{name}: {aug.size} does not tile into the backbone's "
+                                 f"{embed.patch_size[0]}x{embed.patch_size[1]} patches")
+            embed.dynamic_size = True  # set before the teacher copy, which inherits it
         if self.teacher_backbone is None:
             self.teacher_backbone = frozen_copy(backbone)
         self._attached = True

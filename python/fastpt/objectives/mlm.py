@@ -27,7 +27,8 @@ class MLM(Objective):
         mask_prob, replace_prob, random_prob: selection rate and the 80/10/10 split.
         special_token_ids: ids never masked (CLS, SEP, PAD, ...; at most 64).
         whole_word_masking: select whole words (the batch must carry ``word_ids``).
-        tie_word_embeddings: the head's output matrix is the backbone's word embedding (set by ``attach``).
+        tie_word_embeddings: the head's output matrix is the backbone's word embedding (set by ``attach``;
+            with ALBERT's factorised ``(V, E)`` embedding the head's transform maps D -> E).
         activation, layer_norm_eps: the head's transform (dense + activation + LayerNorm).
         return_logits: also return the full ``(B, S, V)`` logits (a batch's ``return_logits`` overrides).
         log_accuracy: report the masked-token accuracy (one extra no-grad pass over the masked rows).
@@ -65,15 +66,13 @@ class MLM(Objective):
         self.head = MLMHead(hidden_size, vocab_size, **self._head_args)
 
     def attach(self, backbone: nn.Module) -> None:
-        """Tie the head's output matrix to ``backbone.embeddings.word_embeddings`` (when asked)."""
+        """Tie the head's output matrix to ``backbone.embeddings.word_embeddings`` (when asked). A
+        factorised ``(V, E)`` table (ALBERT) gets ALBERT's head: the transform maps D -> E."""
         if self.tie_word_embeddings and not self._attached:
             # A fresh head around the shared matrix (attach runs once, right after construction).
             weight = backbone.embeddings.word_embeddings.weight
-            if weight.shape[1] != self.hidden_size:  # ALBERT's factorised (V, E) table
-                raise ValueError(f"tie_word_embeddings: the backbone's word embeddings are {tuple(weight.shape)} "
-                                 f"(factorised, E != hidden_size={self.hidden_size}); MLMHead projects from "
-                                 f"hidden_size, so use tie_word_embeddings=False")
-            self.head = MLMHead(self.hidden_size, self.vocab_size, tied_weight=weight, **self._head_args)
+            self.head = MLMHead(self.hidden_size, self.vocab_size, tied_weight=weight, embedding_size=weight.shape[1],
+                                **self._head_args)
         self._attached = True
 
     def prepare(self, batch: dict, *, seed: int) -> dict:

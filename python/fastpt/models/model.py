@@ -1,0 +1,267 @@
+"""The assembled model: a backbone and an objective side by side (composition, STYLE.md 8).
+
+``PretrainModel(backbone, objective)`` is what ``fastpt.build(config)`` returns and what the
+pre-training recipe trains::
+
+    model = fastpt.build("bert-mini", special_ids=ids)         # backbone + MLM objective
+    batch = model.prepare(raw_batch, seed=step)                 # masks / views / crops, on the device
+    out = model(**batch)                                        # ModelOutput(loss, logits, last_hidden_state, metrics)
+    out.loss.backward(); optimizer.step(); model.on_step_end(step)
+    model.save_pretrained("ckpt"); model = PretrainModel.from_pretrained("ckpt")
+
+Checkpoint directory (``save_pretrained``):
+    ``fastpt_config.json``: ``{"format": "fastpt-pretrain", "format_version": 1, "model": <the
+    resolved build config>}``; ``model.safetensors``: the ``state_dict`` (``backbone.*``,
+    ``objective.*``) with each tensor stored once: a tied head weight lives under its embedding's
+    name, ALBERT's shared layers under ``layers.0``. Teacher / momentum copies (DINO, MoCo v3) and
+    their buffers (DINO's center, step counters) are saved like any other state, so a round trip
+    is exact. Each file is written to a temporary name and moved into place (``os.replace``).
+    ``from_pretrained`` rebuilds the model from the config (through the builder ``fastpt.assemble``
+    registers as ``PretrainModel.builder``: models/ does not import assemble) and loads every tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .hf import _load_into, _safetensors
+from .outputs import ModelOutput
+
+FORMAT = "fastpt-pretrain"
+FORMAT_VERSION = 1
+CONFIG_FILE = "fastpt_config.json"
+WEIGHTS_FILE = "model.safetensors"
+# Optional text-batch keys a backbone takes when there is no objective to route them.
+_TEXT_KEYS = ("token_type_ids", "position_ids", "prefix_lens", "cu_seqlens")
+
+
+class PretrainModel(nn.Module):
+    """A backbone and the objective that trains it.
+
+    Args:
+        backbone: a ``TextEncoder``, ``EncoderDecoder``, ``VisionEncoder`` or ``TwoTower``.
+        objective: an objective module (``fastpt.objectives``) already attached to ``backbone``
+            (``Objective.from_backbone``), or None for a bare backbone (forward returns its states).
+        config: the resolved build config (``fastpt.assemble.build``); saved with the weights.
+
+    Attributes: backbone, objective, config.
+    """
+
+    # Callable(config dict) -> PretrainModel used by ``from_pretrained``; fastpt.assemble sets it to
+    # its ``build`` (the objectives registry lives above models/ in the layering).
+    builder: Callable[[dict], "PretrainModel"] | None = None
+
+    def __init__(self, backbone: nn.Module, objective: nn.Module | None = None, *, config: dict | None = None):
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone: expected an nn.Module, got {type(backbone).__name__}")
+        if objective is not None and not isinstance(objective, nn.Module):
+            raise TypeError(f"objective: expected an objective nn.Module or None, got {type(objective).__name__}")
+        self.backbone = backbone
+        self.objective = objective
+        self.config = json.loads(json.dumps(config or {}))  # a private, JSON-able copy
+
+    # ------------------------------------------------------------------ training protocol
+
+    def prepare(self, batch: dict, *, seed: int) -> dict:
+        """The objective's ``prepare``: model inputs from a raw batch (masks, spans, views), on its
+        device, a pure function of ``seed``. Without objective: a shallow copy."""
+        if self.objective is None:
+            return dict(batch)
+        return self.objective.prepare(batch, seed=seed)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                **batch) -> ModelOutput:
+        """Run the objective on a prepared batch: ``model(**model.prepare(raw, seed=s))`` or
+        ``model(input_ids, attention_mask, labels=...)``; any other batch key by name
+        (``pixel_values``, ``return_logits=True``, ...). Returns ``ModelOutput`` (``loss`` None
+        without objective)."""
+        if input_ids is not None:
+            batch["input_ids"] = input_ids
+        if attention_mask is not None:
+            batch["attention_mask"] = attention_mask
+        if self.objective is None:
+            return ModelOutput(last_hidden_state=self._encode(batch).last_hidden_state)
+        out = self.objective(self.backbone, batch)
+        return ModelOutput(loss=out.loss, logits=out.logits, last_hidden_state=out.last_hidden_state,
+                           metrics=out.metrics)
+
+    def _encode(self, batch: dict):
+        if batch.get("input_ids") is None and batch.get("pixel_values") is not None:
+            return self.backbone(batch["pixel_values"])
+        if batch.get("input_ids") is None:
+            raise KeyError(f"PretrainModel.forward: batch has neither input_ids nor pixel_values (has {sorted(batch)})")
+        extra = {k: batch[k] for k in _TEXT_KEYS if batch.get(k) is not None}
+        return self.backbone(batch["input_ids"], batch.get("attention_mask"), **extra)
+
+    def on_step_end(self, step: int) -> None:
+        """After each optimizer step: the objective's EMA teachers / momentum encoders / schedules."""
+        if self.objective is not None:
+            self.objective.on_step_end(self.backbone, step)
+
+    def tokens_in(self, batch: dict) -> int:
+        """Tokens (or image patches) in ``batch``, for throughput (the objective's count)."""
+        if self.objective is not None:
+            return self.objective.tokens_in(batch)
+        if batch.get("attention_mask") is not None:
+            return int(batch["attention_mask"].sum())
+        if batch.get("input_ids") is not None:
+            return int(batch["input_ids"].numel())
+        px = batch["pixel_values"]
+        return int(px.shape[0] * self.backbone.num_patches)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that require grad, each once (tied ones included once; frozen teacher and
+        momentum copies left out): what the optimizer gets."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count, tied / shared tensors counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), for MFU, as in PaLM's appendix B:
+
+            6 * N + 12 * sum over transformer stacks of (layers * width * tokens per sequence)
+
+        N counts the weight elements of every matrix product a token passes through: the
+        backbone's 2-D weights (fused q/k/v, projections, MLPs; ALBERT's shared layer once per
+        use) and patch convolutions, not the embedding tables (lookups), plus the objective's
+        trainable 2-D weights (heads, projectors, the MAE decoder; the vocabulary matrix of a tied
+        head included). The second term is attention's score and value products. ``seq_len``:
+        tokens per text sequence (required for text backbones); a vision stack uses its own patch
+        count (+ cls). An estimate: it does not model MLM's head running on the masked 15% only,
+        MAE's encoder seeing 25% of the patches, or the forward-only teacher passes.
+        """
+        n = _matmul_params(self.backbone)
+        if self.objective is not None:
+            n += sum(p.numel() for p in self.objective.parameters() if p.requires_grad and p.dim() >= 2)
+        attn = 0
+        for layers, width, tokens in _stacks(self.backbone):
+            if tokens is None:
+                if seq_len is None:
+                    raise ValueError("seq_len: required for a text backbone (tokens per sequence)")
+                tokens = seq_len
+            attn += layers * width * tokens
+        return float(6 * n + 12 * attn)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_pretrained(self, path) -> Path:
+        """Write ``fastpt_config.json`` + ``model.safetensors`` under directory ``path`` (created),
+        each atomically. Returns the directory. Raises ValueError when the model has no config
+        (not built by ``fastpt.build``: ``from_pretrained`` could not rebuild it)."""
+        if not self.config.get("backbone"):
+            raise ValueError("config: this PretrainModel has no build config (make it with fastpt.build or "
+                             "fastpt.from_hf) so from_pretrained could not rebuild it")
+        st = _safetensors()
+        tensors, seen = {}, set()
+        for key, t in self.state_dict(keep_vars=True).items():
+            if id(t) in seen:  # tied / shared: stored once, under its first name
+                continue
+            seen.add(id(t))
+            tensors[key] = t.detach().to("cpu").contiguous()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.config}
+        _atomic_write(path / WEIGHTS_FILE, lambda tmp: st.save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        _atomic_write(path / CONFIG_FILE,
+                      lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path, *, map_location="cpu", dtype: torch.dtype | None = None) -> "PretrainModel":
+        """Rebuild a ``save_pretrained`` directory: the model from its config, then every tensor.
+
+        Args:
+            path: the directory. map_location: device to put the model on. dtype: cast floating
+                parameters and buffers to it (default: float32, as built).
+
+        Raises FileNotFoundError (no fastpt_config.json / model.safetensors), ValueError (another
+        format, e.g. a Hugging Face or ``fastpt convert`` directory: load those with
+        ``fastpt.from_hf``; missing, unexpected or mis-shaped tensors, named).
+        """
+        path = Path(path)
+        meta = read_checkpoint_config(path)
+        if cls.builder is None:
+            raise RuntimeError("PretrainModel.from_pretrained: no builder registered; import fastpt.assemble "
+                               "(import fastpt does) before loading")
+        model = cls.builder(meta["model"])
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"path: no {WEIGHTS_FILE} in {path}")
+        values = _safetensors().load_file(str(weights))
+        named = model.state_dict(keep_vars=True)
+        unexpected = sorted(k for k in values if k not in named)
+        if unexpected:
+            raise ValueError(f"from_pretrained({path}): tensors the rebuilt model has no place for: {unexpected[:8]}"
+                             f"{' ...' if len(unexpected) > 8 else ''}")
+        _load_into(named, values, f"from_pretrained({path})")
+        model.to(map_location)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+
+def read_checkpoint_config(path) -> dict:
+    """``fastpt_config.json`` of a ``save_pretrained`` directory, checked: ``{"format", "format_version",
+    "model": build config}``. Raises FileNotFoundError / ValueError naming the file."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"path: no {CONFIG_FILE} in {path} (a Hugging Face directory loads with "
+                                f"fastpt.from_hf)")
+    meta = json.loads(file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{file}: format {meta.get('format')!r} is not {FORMAT!r} (a `fastpt convert --from-hf` "
+                         f"directory loads with fastpt.from_hf)")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {meta['format_version']} is newer than this fastpt reads "
+                         f"({FORMAT_VERSION})")
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{file}: no 'model' build config")
+    return meta
+
+
+def _atomic_write(dest: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` then ``os.replace(tmp, dest)``: readers see the old file or the whole new one."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _matmul_params(module: nn.Module) -> int:
+    """Weight elements of the matrix products in ``module``, a shared submodule once per use."""
+    n = 0
+    for _, m in module.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Embedding):
+            continue
+        for p in m.parameters(recurse=False):
+            if p.dim() == 2 or (isinstance(m, nn.Conv2d) and p is m.weight):
+                n += p.numel()
+    return n
+
+
+def _stacks(backbone: nn.Module):
+    """(layers, width, tokens per sequence or None for text) of each transformer stack."""
+    if isinstance(getattr(backbone, "text", None), nn.Module) and isinstance(getattr(backbone, "vision", None),
+                                                                            nn.Module):
+        yield from _stacks(backbone.text)
+        yield from _stacks(backbone.vision)
+    elif hasattr(backbone, "decoder_layers"):
+        yield len(backbone.encoder.layers) + len(backbone.decoder_layers), backbone.hidden_size, None
+    elif hasattr(backbone, "patch_embed"):
+        cls = int(getattr(backbone.patch_embed, "cls_token", None) is not None)
+        yield len(backbone.layers), backbone.hidden_size, backbone.num_patches + cls
+    else:
+        yield len(backbone.layers), backbone.hidden_size, None

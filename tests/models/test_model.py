@@ -1,0 +1,185 @@
+"""PretrainModel (the backbone + objective composition) and the model pieces it brought: position-table
+resizing for other image sizes, ALBERT's factorised MLM head and shared layers, the two-tower backbone."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastpt.assemble  # noqa: F401  (registers PretrainModel.builder for from_pretrained)
+from fastpt.models import (MLMHead, ModelOutput, PatchEmbedding, PretrainModel, TwoTower, TwoTowerOutput, text_encoder,
+                           two_tower, vit)
+from fastpt.objectives import MLM, CausalLM, MoCoV3
+
+V = 53
+
+
+def tiny_text(**kw):
+    torch.manual_seed(0)
+    args = dict(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=40, max_positions=32,
+                dropout=0.0, attention_dropout=0.0)
+    return text_encoder(**{**args, **kw})
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, V, (3, 17), generator=g)
+    mask = (torch.arange(17)[None] < torch.tensor([17, 9, 13])[:, None]).long()
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+def test_forward_delegates_to_the_objective():
+    backbone = tiny_text()
+    objective = MLM.from_backbone(backbone, mask_token_id=3, special_token_ids=(0,))
+    model = PretrainModel(backbone, objective)
+    raw = batch()
+    prepared = model.prepare(raw, seed=4)
+    assert torch.equal(prepared["labels"], objective.prepare(raw, seed=4)["labels"])
+    out = model(**prepared, return_logits=True)
+    ref = objective(backbone, {**prepared, "return_logits": True})
+    assert isinstance(out, ModelOutput)
+    assert torch.equal(out.loss, ref.loss) and torch.equal(out.logits, ref.logits)
+    assert torch.equal(out.last_hidden_state, ref.last_hidden_state) and out.metrics.keys() == ref.metrics.keys()
+    # positional input_ids / attention_mask, as a Hugging Face model is called
+    again = model(prepared["input_ids"], prepared["attention_mask"], labels=prepared["labels"])
+    assert torch.equal(again.loss, out.loss)
+    assert model.tokens_in(prepared) == 17 + 9 + 13
+    # the head is tied: listed once among the trainable parameters
+    ids = [id(p) for p in model.trainable_parameters()]
+    assert len(ids) == len(set(ids)) and id(backbone.embeddings.word_embeddings.weight) in ids
+
+
+def test_on_step_end_moves_the_momentum_encoder_and_frozen_copies_are_not_trainable():
+    torch.manual_seed(0)
+    backbone = vit(image_size=8, patch_size=4, in_channels=1, hidden_size=16, num_layers=1, num_heads=2)
+    objective = MoCoV3.from_backbone(backbone, proj_dim=8, proj_hidden_dim=16, pred_hidden_dim=16, base_momentum=0.5)
+    model = PretrainModel(backbone, objective)
+    frozen = {id(p) for p in objective.momentum_backbone.parameters()}
+    assert not frozen & {id(p) for p in model.trainable_parameters()}
+    with torch.no_grad():
+        backbone.patch_embed.projection.weight.add_(1.0)
+    before = objective.momentum_backbone.patch_embed.projection.weight.clone()
+    model.on_step_end(0)
+    after = objective.momentum_backbone.patch_embed.projection.weight
+    torch.testing.assert_close(after, 0.5 * before + 0.5 * backbone.patch_embed.projection.weight)
+
+
+def test_flops_per_token_follows_palm():
+    backbone = tiny_text()
+    model = PretrainModel(backbone, CausalLM.from_backbone(backbone))
+    d, inner, layers, s = 32, 40, 2, 17
+    per_layer = 4 * d * d + 2 * d * inner  # fused q/k/v + out projection, the MLP
+    n = layers * per_layer + V * d  # + the tied LM head (the embedding lookups are not matmuls)
+    assert model.flops_per_token(s) == 6 * n + 12 * layers * d * s
+    with pytest.raises(ValueError, match="seq_len"):
+        model.flops_per_token()
+    shared = tiny_text(share_layers=True, num_layers=3)  # ALBERT: a shared layer counts once per use
+    assert PretrainModel(shared).flops_per_token(s) == 6 * 3 * per_layer + 12 * 3 * d * s
+    image = vit(image_size=8, patch_size=4, in_channels=1, hidden_size=16, num_layers=1, num_heads=2)
+    conv = 16 * 16  # 4 x 4 x 1 patch -> 16
+    assert PretrainModel(image).flops_per_token() == 6 * (conv + 4 * 16 * 16 + 2 * 16 * 64) + 12 * 16 * 5
+
+
+def test_a_model_without_config_cannot_be_saved(tmp_path):
+    with pytest.raises(ValueError, match="build config"):
+        PretrainModel(tiny_text()).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="backbone"):
+        PretrainModel("bert")
+
+
+def test_save_pretrained_round_trip_through_the_registered_builder(tmp_path):
+    model = fastpt.assemble.build({"backbone": {"builder": "text_encoder", "vocab_size": V, "hidden_size": 32,
+                                                "num_layers": 1, "num_heads": 4, "share_layers": True},
+                                   "objective": {"name": "clm"}})
+    model.save_pretrained(tmp_path)
+    back = PretrainModel.from_pretrained(tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, back.state_dict()[key]), key
+    assert back.objective.head.weight is back.backbone.embeddings.word_embeddings.weight
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+
+def test_position_table_resized_like_hugging_face_vit(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from fastpt.models import from_hf
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=2, hidden_size=24, num_hidden_layers=2,
+                                 num_attention_heads=3, intermediate_size=40)
+    hf = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        hf.embeddings.position_embeddings.normal_()
+    hf.save_pretrained(tmp_path)
+    backbone, _, _ = from_hf(tmp_path)
+    backbone.eval()
+    x = torch.randn(2, 2, 24, 12)  # 6 x 3 patches instead of 4 x 4
+    with pytest.raises(ValueError, match="dynamic_size"):
+        backbone(x)
+    backbone.patch_embed.dynamic_size = True
+    with torch.no_grad():
+        ours = backbone(x).last_hidden_state
+        ref = hf(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+        assert (ours - ref).abs().max().item() <= 1e-5
+        same = torch.randn(2, 2, 16, 16)  # the built size takes the table as it is
+        torch.testing.assert_close(backbone(same).last_hidden_state, hf(pixel_values=same).last_hidden_state,
+                                   rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="does not tile"):
+        backbone(torch.randn(1, 2, 10, 12))
+
+
+def test_resized_positions_are_bicubic_and_keep_the_cls_row():
+    pe = PatchEmbedding(8, 4, in_channels=1, dim=8, dynamic_size=True)
+    with torch.no_grad():
+        pe.position_embeddings.normal_()
+    table = pe.positions((3, 1))
+    assert table.shape == (1, 4, 8) and torch.equal(table[:, 0], pe.position_embeddings[:, 0])
+    grid = pe.position_embeddings[:, 1:].reshape(1, 2, 2, 8).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(3, 1), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 3, 8)
+    torch.testing.assert_close(table[:, 1:], ref)
+    assert pe.positions((2, 2)) is pe.position_embeddings
+    sincos = PatchEmbedding(8, 4, in_channels=1, dim=8, position="sincos", dynamic_size=True)
+    assert sincos(torch.randn(2, 1, 12, 4), ids_keep=torch.tensor([[0, 2], [1, 0]])).shape == (2, 3, 8)
+
+
+def test_factorised_mlm_head_maps_to_the_embedding_width():
+    emb = torch.nn.Parameter(torch.randn(V, 8))
+    head = MLMHead(32, V, tied_weight=emb, embedding_size=8)
+    h = torch.randn(3, 5, 32)
+    assert head.transform(h).shape == (3, 5, 8) and head.weight is emb
+    torch.testing.assert_close(head(h), F.linear(head.layer_norm(F.gelu(head.dense(h))), emb, head.bias))
+    with pytest.raises(ValueError, match="tied_weight"):
+        MLMHead(32, V, tied_weight=emb)  # (V, 8) but the transform gives 32
+
+
+def test_shared_layers_are_one_module():
+    enc = tiny_text(share_layers=True, num_layers=4)
+    assert len(enc.layers) == 4 and all(layer is enc.layers[0] for layer in enc.layers)
+    unshared = tiny_text(num_layers=1)
+    assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in unshared.parameters())
+    out = enc(**batch()).last_hidden_state
+    out.sum().backward()
+    assert enc.layers[0].mlp.fc1.weight.grad is not None
+    assert enc.config["share_layers"] is True
+
+
+def test_two_tower():
+    torch.manual_seed(0)
+    model = two_tower(text=dict(vocab_size=V, hidden_size=16, num_layers=1, num_heads=2, causal=True),
+                      vision=dict(builder="vit", image_size=8, patch_size=4, in_channels=1, hidden_size=24,
+                                  num_layers=1, num_heads=2))
+    assert isinstance(model, TwoTower) and model.text.hidden_size == 16 and model.vision.hidden_size == 24
+    assert model.config["builder"] == "two_tower" and model.config["vision"]["image_size"] == 8
+    out = model(**batch(), pixel_values=torch.randn(3, 1, 8, 8))
+    assert isinstance(out, TwoTowerOutput)
+    assert out.text.last_hidden_state.shape == (3, 17, 16) and out.vision.last_hidden_state.shape == (3, 5, 24)
+    assert model(pixel_values=torch.randn(2, 1, 8, 8)).text is None
+    model.gradient_checkpointing = True
+    assert model.text.gradient_checkpointing and model.vision.gradient_checkpointing
+    with pytest.raises(ValueError, match="input_ids, pixel_values"):
+        model()
+    with pytest.raises(ValueError, match="vision.builder"):
+        two_tower(text=dict(vocab_size=V), vision=dict(builder="text_encoder"))
+    with pytest.raises(TypeError, match="text"):
+        two_tower(text=None, vision={})
