@@ -4,6 +4,8 @@
     fastpt demo        masking demo on a built-in corpus (the Python documentation)
     fastpt preprocess  corpus -> tokenizer -> packed, memory-mapped shards (fastpt.data.preprocess)
     fastpt convert     Hugging Face checkpoints to and from fastpt (fastpt.models.hf)
+    fastpt pretrain    the pre-training recipe (fastpt.train): checkpoints, exact resume, DDP / FSDP2
+    fastpt eval        downstream accuracy of a pre-trained encoder vs the same one from scratch
     fastpt configs     the model zoo (python/fastpt/configs/*.yaml)
 
 Each of the later commands owns its arguments: ``fastpt <command> --help``.
@@ -70,6 +72,18 @@ def _convert(argv):
     return convert_main(argv)
 
 
+def _pretrain(argv):
+    from .train import pretrain_main
+
+    return pretrain_main(argv)
+
+
+def _eval(argv):
+    from .train.evaluate import eval_main
+
+    return eval_main(argv)
+
+
 def _configs(argv):
     import fastpt
 
@@ -93,6 +107,9 @@ def _configs(argv):
 DELEGATED = {
     "preprocess": (_preprocess, "corpus -> tokenizer -> packed, memory-mapped token shards"),
     "convert": (_convert, "Hugging Face checkpoints to and from fastpt (--from-hf DIR OUT / --to-hf DIR OUT)"),
+    "pretrain": (_pretrain, "pre-train from a recipe YAML (--config X.yaml [--resume] [--set k=v]); "
+                            "torchrun -m fastpt pretrain for several GPUs"),
+    "eval": (_eval, "downstream accuracy: text fine-tune / linear probe, vision linear probe + kNN"),
     "configs": (_configs, "list the model zoo, or print one config (fastpt configs bert-base)"),
 }
 

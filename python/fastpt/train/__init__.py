@@ -1,0 +1,67 @@
+"""The pre-training recipe: ``fastpt pretrain --config X.yaml [--resume] [--set key=value ...]``.
+
+Python: ``fastpt.train.pretrain(config, resume=False, overrides=()) -> summary dict`` with
+``config`` a dict or a YAML path. Several GPUs or machines: ``torchrun --nproc_per_node N -m
+fastpt pretrain --config X.yaml`` (DDP; ``train.fsdp: true`` shards with FSDP2).
+
+Recipe YAML (every key optional except ``model`` (or ``init_from``), ``data.path`` or
+``data.images``, and one of ``train.max_steps`` / ``max_tokens`` / ``max_time_s``; unknown keys
+are rejected naming the key and the valid ones; defaults shown)::
+
+    model: bert-mini          # zoo name (fastpt.list_configs()), model YAML path, or an inline
+                              # {backbone: {builder: ...}, objective: {name: ...}} mapping; its
+                              # defaults: block (seq_len, batch_size, lr, ...) sits under this recipe
+    init_from: null           # continued pre-training: a fastpt model / checkpoint directory, a
+                              # fastpt run directory (its newest good checkpoint) or a Hugging Face
+                              # model directory (config.json + safetensors, fastpt.from_hf)
+    data:
+      path: null              # shard directory written by `fastpt preprocess` (text), or
+      images: null            # fashion-mnist | image folder | `fastpt preprocess --images` output
+      seq_len: 128            # tokens per row, cut at run time from the shards
+      mode: pack              # pack: documents back to back (cu_seqlens); doc: one padded document per row
+      add_special: auto       # separators around each document: auto | cls_sep | eos | none
+      shuffle: true
+      verify: true            # check the shard checksums on open
+      image_size: null        # resize images to this side (null: as stored)
+    train:
+      batch_size: 32          # rows per device per micro-step
+      grad_accum: 1           # micro-steps per optimizer step (gradients all-reduced on the last only)
+      max_steps: null         # stop after this many optimizer steps ...
+      max_tokens: null        # ... or this many tokens (patches for images), over all ranks ...
+      max_time_s: null        # ... or this many seconds of training (over resumes), whichever first
+      lr: 1.0e-4              # peak learning rate (AdamW)
+      weight_decay: 0.01      # on weight matrices only
+      betas: [0.9, 0.999]
+      eps: 1.0e-8
+      warmup_steps: 0         # linear warmup
+      schedule: cosine        # cosine | linear | constant after the warmup
+      min_lr_ratio: 0.1       # final lr / peak lr
+      clip_grad: 1.0          # max gradient norm (null: no clipping)
+      precision: auto         # auto (bf16 on a CUDA GPU that has it, else fp32) | fp32 | bf16 | fp16
+      compile: false          # torch.compile the backbone
+      activation_checkpointing: false
+      seed: 0                 # model init, data order, masks (per step), dropout
+      device: auto            # auto | cpu | cuda
+      fsdp: false             # FSDP2 fully_shard per layer instead of DDP
+      find_unused_parameters: false   # DDP, for objectives that leave parameters unused
+      peak_tflops: null       # the device's peak for MFU when fastpt.train.mfu does not know it
+    output:
+      dir: null               # default runs/<model name>
+      save_every: 1000        # checkpoint every N steps (0: only at the end)
+      keep_last: 3            # checkpoints kept (null: all)
+      log_every: 10           # steps per log line / CSV row
+      tensorboard: true       # needs the tensorboard package
+      plot: true              # loss.png at the end (needs matplotlib)
+      progress: true          # progress bar on a terminal
+
+Output directory: ``config.yaml`` (the resolved recipe), ``checkpoints/step-NNNNNNNN/``
+(``fastpt.train.checkpoint``), ``metrics.csv``, ``tensorboard/``, ``loss.png``,
+``summary.json``. ``--resume`` continues from the newest checkpoint that verifies, exactly:
+same data position, masks, RNG states and schedule.
+"""
+from .checkpoint import CorruptCheckpointError, latest_checkpoint
+from .config import DEFAULTS, ConfigError, load_recipe
+from .recipe import PretrainRecipe, pretrain, pretrain_main
+
+__all__ = ["pretrain", "pretrain_main", "PretrainRecipe", "load_recipe", "DEFAULTS", "ConfigError",
+           "CorruptCheckpointError", "latest_checkpoint"]

@@ -1,0 +1,246 @@
+"""Training checkpoints: written atomically, verified on load, the newest good one found on resume.
+
+A run's ``checkpoints/`` directory holds one directory per save::
+
+    step-00001000/
+        model.safetensors      the weights (``PretrainModel.save_pretrained``: the directory is
+        fastpt_config.json     also a model directory for ``from_pretrained`` / ``init_from``)
+        optimizer.pt           ``optimizer.state_dict()`` (``torch.load(weights_only=True)``)
+        rng.safetensors        torch CPU / CUDA generator states of every rank
+        trainer_state.json     step, tokens, data position, grad scaler, python / numpy RNG states,
+                               elapsed time, the recipe
+        checkpoint.json        written last: format, step, and every file's size and sha256
+
+A save writes ``.tmp-step-N-PID/``, fsyncs each file and the directory, then renames it to
+``step-N`` (``rename`` is atomic), so a kill at any moment leaves either the complete new
+checkpoint or a ``.tmp-*`` leftover that ``clean_partial`` removes. ``latest_checkpoint``
+verifies sizes and checksums against ``checkpoint.json`` and falls back to the previous
+checkpoint, with a warning naming the damaged file, when the newest one is torn or corrupt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+FORMAT, VERSION = "fastpt-checkpoint", 1
+MANIFEST = "checkpoint.json"
+STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"
+RNG = "rng.safetensors"
+NAME = re.compile(r"^step-(\d{8,})$")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose files do not match its ``checkpoint.json`` (the message names the file)."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _sha256(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's generator states: (tensors: torch CPU and CUDA, JSON: python and numpy)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    py = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [py[0], list(py[1]), py[2]],
+                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    """Restore what ``rng_state`` returned (CUDA states only for the devices present)."""
+    torch.set_rng_state(tensors["torch_cpu"].cpu())
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"cuda{i}"].cpu(), i)
+    v, keys, gauss = plain["python"]
+    random.setstate((v, tuple(keys), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, *, write_model: Callable[[Path], None],
+                    optimizer_state: dict | None, trainer_state: dict, rng_tensors: dict[str, torch.Tensor],
+                    keep_last: int | None = None) -> Path:
+    """Write checkpoint ``root/step-NNNNNNNN`` atomically and keep the newest ``keep_last``.
+
+    Args:
+        write_model: writes the model files into the directory it is given
+            (``PretrainModel.save_pretrained``).
+        optimizer_state: ``optimizer.state_dict()`` (None: not saved).
+        trainer_state: JSON-serialisable state (step, tokens, data position, RNG, ...).
+        rng_tensors: name -> tensor (generator states), stored as safetensors.
+    Returns the checkpoint directory. An existing checkpoint of the same step is replaced.
+    """
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_model(tmp)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / OPTIMIZER)
+    save_file({k: v.detach().cpu().contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG))
+    _write_json(tmp / STATE, {**trainer_state, "step": step})
+    files = {}
+    for p in sorted(tmp.iterdir()):
+        if p.is_file():
+            _fsync(p)
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": files})
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    trash = None
+    if final.exists():  # a torn or older save of this step: replace it, the rename stays atomic
+        trash = root / f".tmp-old-{final.name}-{os.getpid()}"
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    _fsync(root)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    if keep_last:
+        for _, old in find_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def clean_partial(root: str | os.PathLike) -> list[Path]:
+    """Remove ``.tmp-*`` directories that an interrupted save left in ``root``; returns them."""
+    root = Path(root)
+    gone = [p for p in root.glob(".tmp-*") if p.is_dir()] if root.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+# ----------------------------------------------------------------------------- find and load
+
+
+def find_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the ``step-*`` directories in ``root``, oldest first (unverified)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := NAME.match(p.name))]
+    return sorted(found)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Check a checkpoint directory against its ``checkpoint.json``; returns that manifest.
+
+    Raises CorruptCheckpointError naming the missing, truncated or corrupt file.
+    """
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise CorruptCheckpointError(f"{mpath}: missing (the save did not finish)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{mpath}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CorruptCheckpointError(f"{mpath}: not a fastpt checkpoint manifest")
+    if manifest.get("version") != VERSION:
+        raise CorruptCheckpointError(f"{mpath}: format version {manifest.get('version')}, this fastpt reads {VERSION}")
+    for name, rec in manifest["files"].items():
+        p = path / name
+        if not p.is_file():
+            raise CorruptCheckpointError(f"{p}: missing (listed in {mpath})")
+        if p.stat().st_size != rec["bytes"]:
+            raise CorruptCheckpointError(f"{p}: {p.stat().st_size} bytes, {MANIFEST} says {rec['bytes']} (truncated)")
+        if _sha256(p) != rec["sha256"]:
+            raise CorruptCheckpointError(f"{p}: sha256 differs from {MANIFEST} (corrupt)")
+    return manifest
+
+
+def checkpoints_dir(path: str | os.PathLike) -> Path:
+    """``path/checkpoints`` for a run directory, else ``path`` itself."""
+    path = Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def latest_checkpoint(path: str | os.PathLike, *, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint that verifies, in a run directory or its ``checkpoints/``; None if
+    there is none at all. Newer ones that fail verification are skipped with a warning
+    (``warn``, default ``warnings.warn``) naming the damaged file and the fallback.
+
+    Raises CorruptCheckpointError when checkpoints exist but none verifies.
+    """
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
+    found = find_checkpoints(checkpoints_dir(path))
+    errors = []
+    for _, ckpt in reversed(found):
+        try:
+            verify_checkpoint(ckpt)
+        except CorruptCheckpointError as exc:
+            errors.append(str(exc))
+            warn(f"checkpoint {ckpt.name} is unusable: {exc}; trying the previous one")
+            continue
+        if errors:
+            warn(f"resuming from {ckpt.name} instead")
+        return ckpt
+    if errors:
+        raise CorruptCheckpointError("no usable checkpoint in " + str(checkpoints_dir(path)) + ": " + "; ".join(errors))
+    return None
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location="cpu", verify: bool = True) -> dict:
+    """Read a checkpoint: ``{"path", "state" (trainer_state.json), "optimizer" (state dict or None),
+    "rng" (name -> tensor)}``. The model weights are read by ``PretrainModel.from_pretrained`` / the
+    recipe from ``path`` itself. Raises CorruptCheckpointError (``verify``)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
+    state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    optimizer = None
+    if (path / OPTIMIZER).is_file():
+        optimizer = torch.load(path / OPTIMIZER, map_location=map_location, weights_only=True)
+    rng = load_file(str(path / RNG)) if (path / RNG).is_file() else {}
+    return {"path": path, "state": state, "optimizer": optimizer, "rng": rng}

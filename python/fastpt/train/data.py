@@ -1,0 +1,107 @@
+"""The recipe's batch streams: text shards (``fastpt.data.shards.ShardDataset``) and images.
+
+Both give the same small interface: ``batches(batch_size)`` (an endless iterator of collated
+CPU batches, advancing the position), ``state_dict()`` / ``load_state_dict()`` (the position and
+what it is valid for) and ``special_ids`` / ``vocab_size`` (text) or ``image_shape`` (images).
+Order and rank split follow ``ShardDataset``: epoch ``e`` is a ``default_rng([seed, e])``
+permutation; rank ``r`` of ``W`` takes positions ``r, r + W, ...``, so at each step the ranks
+together see the samples one process would see with the combined batch.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import images as image_data
+from ..data.shards import ShardDataset
+
+
+class TextStream:
+    """``ShardDataset`` batches. Pack mode: ``input_ids`` (B, S) + ``cu_seqlens`` over the B*S tokens,
+    ``max_seqlen``, ``position_ids``; doc mode: ``input_ids`` + ``attention_mask`` (B, S)."""
+
+    def __init__(self, path, seq_len: int, *, mode: str = "pack", seed: int = 0, rank: int = 0, world_size: int = 1,
+                 add_special="auto", shuffle: bool = True, verify: bool = True):
+        self.dataset = ShardDataset(path, seq_len, mode=mode, seed=seed, rank=rank, world_size=world_size,
+                                    add_special=add_special, shuffle=shuffle, verify=verify)
+        self.seq_len, self.mode = seq_len, mode
+        self.special_ids = dict(self.dataset.special_ids)
+        self.vocab_size = int(self.dataset.manifest["vocab_size"])
+        self.tokenizer_sha256 = (self.dataset.manifest.get("tokenizer") or {}).get("sha256")
+
+    def batches(self, batch_size: int) -> Iterator[dict]:
+        return self.dataset.batches(batch_size)
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+
+
+def open_images(source: str):
+    """"fashion-mnist", a directory written by ``fastpt preprocess --images`` or an image folder."""
+    if source == "fashion-mnist":
+        return image_data.fashion_mnist("train")
+    p = Path(source)
+    if (p / "manifest.json").is_file():
+        return image_data.open_image_dataset(p)
+    if p.is_dir():
+        return image_data.ImageFolder(p)
+    raise FileNotFoundError(f"data.images: {source} is neither 'fashion-mnist' nor a directory")
+
+
+class ImageStream:
+    """Batches ``{"pixel_values": float32 (B, C, H, W) in [-1, 1]}`` of an image
+    dataset (``open_images``), resized to ``image_size`` when given. Position: samples consumed
+    by this rank (as ``ShardDataset``)."""
+
+    def __init__(self, source: str, *, image_size: int | None = None, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True):
+        self.dataset = open_images(source)
+        self.n = len(self.dataset)
+        if self.n == 0:
+            raise ValueError(f"data.images: {source} holds no image")
+        self.source, self.image_size = str(source), image_size
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.consumed = 0
+        self._perm_epoch, self._perm = -1, None
+        c, h, w = self.dataset[0][0].shape
+        self.image_shape = (c, image_size or h, image_size or w)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world_size)
+
+    def _index(self, k: int) -> int:
+        epoch, j = divmod(k, len(self))
+        pos = (j * self.world_size + self.rank) % self.n
+        if not self.shuffle:
+            return pos
+        if epoch != self._perm_epoch:
+            self._perm, self._perm_epoch = np.random.default_rng([self.seed, epoch]).permutation(self.n), epoch
+        return int(self._perm[pos])
+
+    def batches(self, batch_size: int) -> Iterator[dict]:
+        while True:
+            items = [self.dataset[self._index(self.consumed + b)] for b in range(batch_size)]
+            self.consumed += batch_size
+            x = torch.stack([img for img, _ in items]).float().div_(127.5).sub_(1.0)
+            if self.image_size and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            yield {"pixel_values": x}  # no labels: pre-training is self-supervised
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "seed": self.seed, "world_size": self.world_size, "shuffle": self.shuffle,
+                "source": self.source, "samples": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "world_size", "shuffle", "source", "samples"):
+            if json.dumps(state.get(key)) != json.dumps(mine[key]):
+                raise ValueError(f"load_state_dict: saved {key}={state.get(key)!r}, this dataset has {mine[key]!r}")
+        self.consumed = int(state["consumed"])

@@ -1,0 +1,163 @@
+"""Data parallelism through torch's own engine: DDP, or FSDP2 (``fully_shard``) for large models.
+
+``torchrun --nproc_per_node N -m fastpt pretrain ...`` (or ``--nnodes`` with a rendezvous for
+several machines) sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; ``init``
+reads them and joins the process group (NCCL on CUDA, gloo on the CPU). Without them the run is
+one process and nothing here does any communication.
+
+Gradient accumulation: ``sync_gradients(model, last)`` wraps a micro-step so that gradients
+are all-reduced only on the last micro-step of an optimizer step (DDP ``no_sync``, FSDP2
+``set_requires_gradient_sync``).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    """Where this process sits: rank, world size, local rank and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this module started the process group (and ends it in ``cleanup``)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(device: str, local_rank: int = 0) -> torch.device:
+    """"auto": CUDA device ``local_rank`` when CUDA is available, else the CPU; "cuda" without
+    CUDA raises RuntimeError."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device: 'cuda' was asked for but torch.cuda.is_available() is False")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist:
+    """Join the torchrun process group when its environment is set (else a one-process ``Dist``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local)
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": dev} if dev.type == "cuda" else {}))
+    return Dist(rank=rank, world_size=world, local_rank=local, device=dev, owns_group=owns)
+
+
+def cleanup(d: Dist) -> None:
+    if d.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+        d.owns_group = False
+
+
+def wrap(model: nn.Module, d: Dist, *, fsdp: bool = False, find_unused_parameters: bool = False) -> nn.Module:
+    """The model the training step calls: ``model`` itself (one process), DDP, or FSDP2.
+
+    FSDP2 shards every transformer layer (``.layers`` of the backbone and of any decoder) and
+    then the whole model; frozen teacher copies stay whole. Parameters and gradients then are
+    DTensors: save with ``full_state_dict``.
+    """
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        if not dist.is_initialized():  # one process: FSDP2 still needs a (one-rank) process group
+            dist.init_process_group("gloo" if d.device.type == "cpu" else "nccl", rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+            d.owns_group = True
+        for module in model.modules():
+            layers = getattr(module, "layers", None)
+            if isinstance(layers, nn.ModuleList) and all(p.requires_grad for p in module.parameters()):
+                for layer in layers:
+                    fully_shard(layer)
+        fully_shard(model)
+        return model
+    if not d.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+               find_unused_parameters=find_unused_parameters)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sync_gradients(model: nn.Module, sync: bool):
+    """Context for one micro-step's backward: all-reduce gradients only when ``sync``."""
+    if hasattr(model, "no_sync") and not sync:  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def all_reduce(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:
+    """``t`` summed (or averaged: op="mean", or max: op="max") over the ranks, in place; one process: ``t``."""
+    if d.enabled:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        if op == "mean":
+            t /= d.world_size
+    return t
+
+
+def broadcast_object(obj, d: Dist):
+    """Rank 0's ``obj`` on every rank."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_object(obj, d: Dist) -> list | None:
+    """Every rank's ``obj`` on rank 0 (list by rank); None on the others."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world_size if d.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded ``(model, optimizer)`` state dicts on the CPU (FSDP2; collective: call on every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:
+    """Load an unsharded optimizer state dict (``full_state_dicts``) into an FSDP2 model's optimizer
+    (collective: every rank passes the full dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))

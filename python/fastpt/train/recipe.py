@@ -1,0 +1,572 @@
+"""The pre-training recipe behind ``fastpt pretrain``: setup, train, save, cleanup, top to bottom.
+
+    recipe = PretrainRecipe(load_recipe("bert-mini.yaml"), resume=False)
+    recipe.setup()      # process group, run directory, data, model, optimizer, resume state
+    recipe.train()      # the loop below; checkpoints every output.save_every steps
+    summary = recipe.finish()   # final checkpoint, plot, summary.json, summary line
+    recipe.cleanup()
+
+One optimizer step::
+
+    lr = lr_at(step)                                   # warmup + cosine / linear, a function of step
+    for micro in range(grad_accum):
+        batch = model.prepare(next(data), seed=step_seed(seed, step, micro, rank))   # masks, views
+        with no_sync unless last micro, autocast(bf16 / fp16):
+            loss = model(**batch).loss / grad_accum
+        scaler.scale(loss).backward()
+    clip_grad_norm_(params, clip_grad); optimizer.step(); model.on_step_end(step)
+
+Everything random is a function of the recipe's seed, the step and the checkpointed RNG
+states, so ``--resume`` after a kill continues bit for bit on the CPU. Loss and metrics are
+averaged over micro-steps and ranks (each micro-batch and rank weighs the same).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..objectives import MLM, CausalLM, SelfDistillation
+from . import checkpoint as ckpt
+from . import distributed
+from .config import ConfigError, load_recipe, to_yaml
+from .data import ImageStream, TextStream
+from .logging import RunLogger, now
+from .mfu import mfu as compute_mfu
+from .mfu import peak_flops
+from .schedule import lr_at
+
+from ..assemble import build, from_hf, load_config
+from ..models.model import PretrainModel
+
+# Objectives that read packed documents (one (1, T) row with cu_seqlens); the others get rows.
+PACKED_OBJECTIVES = (MLM, CausalLM, SelfDistillation)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The ``prepare`` seed of one micro-batch: a hash of (seed, step, micro-step, rank), < 2**63."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{micro}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto": bf16 on a CUDA device that supports it, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def model_name(cfg: dict) -> str:
+    m = cfg["model"]
+    if isinstance(m, dict):
+        return str(m.get("name") or "model")
+    if m is not None:
+        return Path(str(m)).stem
+    return Path(cfg["init_from"]).name
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "fastpt_config.json").is_file()
+
+
+class PretrainRecipe:
+    """One pre-training run. ``cfg`` is a validated recipe (``load_recipe``)."""
+
+    def __init__(self, cfg: dict, *, resume: bool = False, log=print):
+        self.cfg, self.resume, self._print = cfg, resume, log
+        self.step = self.tokens = 0
+        self.elapsed_before = 0.0  # training seconds of the runs this one resumes
+        self.last_saved = -1
+
+    def log(self, msg: str) -> None:
+        if self.dist.is_main:
+            self._print(msg)
+
+    # ================================================================== setup
+    def setup(self) -> None:
+        cfg, t = self.cfg, self.cfg["train"]
+        self.dist = distributed.init(t["device"])
+        self.device = self.dist.device
+        self.precision = resolve_precision(t["precision"], self.device)
+        if self.device.type == "cuda" and self.precision == "fp32":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls, as every GPU recipe does
+        self.out = Path(cfg["output"]["dir"] or Path("runs") / model_name(cfg))
+        self.ckpt_dir = self.out / "checkpoints"
+        resume_from = self._setup_run_dir()
+        seed_everything(t["seed"])
+
+        self.data = self._setup_data()
+        self.model = self._setup_model(resume_from)
+        seed_everything(step_seed(t["seed"], 0, 0, self.dist.rank))  # per-rank dropout streams
+        self.wrapped = distributed.wrap(self.model, self.dist, fsdp=t["fsdp"],
+                                        find_unused_parameters=t["find_unused_parameters"])
+        self.params = self.model.trainable_parameters()
+        self.optimizer = self._setup_optimizer()
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.autocast = torch.autocast(self.device.type, dtype=DTYPES[self.precision],
+                                       enabled=self.precision in ("bf16", "fp16"))
+        if resume_from is not None:
+            self._load_training_state(resume_from)
+
+        self.total_steps = self._total_steps()
+        seq = self.data.seq_len if isinstance(self.data, TextStream) else getattr(self.model.backbone, "num_patches", 0)
+        self.flops_per_token = float(self.model.flops_per_token(seq))
+        self.peak, self.peak_desc = peak_flops(self.device, self.precision, peak_tflops=t["peak_tflops"])
+        self.logger = RunLogger(self.out, enabled=self.dist.is_main, start_step=self.step,
+                                total_steps=t["max_steps"], tensorboard=cfg["output"]["tensorboard"],
+                                plot=cfg["output"]["plot"], progress=cfg["output"]["progress"], log=self._print)
+        if self.logger.tb_missing:
+            self.log("pretrain: TensorBoard logs skipped (pip install tensorboard)")
+        n_params = sum(p.numel() for p in self.params)
+        unit = "tokens" if isinstance(self.data, TextStream) else "patches"
+        self.log(f"pretrain: {model_name(cfg)} ({n_params / 1e6:.2f}M trainable parameters) on "
+                 f"{self.dist.world_size} x {self.device.type} ({self.peak_desc}), {self.precision}; "
+                 f"batch {t['batch_size']} x {t['grad_accum']} accum x {self.dist.world_size} ranks; "
+                 f"{self.flops_per_token / 1e6:.1f} MFLOP per {unit[:-1]}; output {self.out}")
+
+    def _setup_run_dir(self) -> Path | None:
+        """Create the run directory and pick the checkpoint to resume (rank 0 decides, the others follow)."""
+        choice, error = None, None
+        if self.dist.is_main:
+            try:
+                choice = self._pick_checkpoint()
+            except (ConfigError, ckpt.CorruptCheckpointError) as exc:
+                error = exc
+        choice, error = distributed.broadcast_object((choice, error), self.dist)
+        if error is not None:
+            raise error
+        return Path(choice) if choice else None
+
+    def _pick_checkpoint(self) -> str | None:
+        ckpt.clean_partial(self.ckpt_dir)
+        if ckpt.find_checkpoints(self.ckpt_dir) and not self.resume:
+            raise ConfigError(f"output.dir: {self.out} already holds checkpoints; pass --resume to continue "
+                              "that run or choose another output.dir")
+        found = None
+        if self.resume:
+            found = ckpt.latest_checkpoint(self.ckpt_dir, warn=lambda m: self._print(f"pretrain: warning: {m}"))
+            if found is None:
+                self._print(f"pretrain: --resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        return str(found) if found else None
+
+    def _write_config(self) -> None:
+        path = self.out / "config.yaml"
+        text = to_yaml(self.cfg)
+        if path.is_file() and self.resume and path.read_text() != text:
+            self._print(f"pretrain: note: the recipe differs from {path} (the resumed run's); writing the new one")
+        tmp = path.with_name("config.yaml.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    def _setup_data(self):
+        d, t, r = self.cfg["data"], self.cfg["train"], self.dist
+        if d["path"] is not None:
+            return TextStream(d["path"], d["seq_len"], mode=d["mode"], seed=t["seed"], rank=r.rank,
+                              world_size=r.world_size, add_special=d["add_special"], shuffle=d["shuffle"],
+                              verify=d["verify"])
+        return ImageStream(d["images"], image_size=d["image_size"], seed=t["seed"], rank=r.rank,
+                           world_size=r.world_size, shuffle=d["shuffle"])
+
+    def _model_config(self) -> dict:
+        """The build config, with a momentum objective's ``total_steps`` defaulting to the run's length."""
+        mcfg = model_config(self.cfg["model"])
+        obj = mcfg.get("objective") or {}
+        t = self.cfg["train"]
+        if obj.get("name") in ("moco_v3", "dino") and obj.get("total_steps") is None and t["max_steps"]:
+            mcfg["objective"] = {**obj, "total_steps": t["max_steps"]}
+        return mcfg
+
+    def _setup_model(self, resume_from: Path | None) -> nn.Module:
+        """Build from the recipe, start from ``init_from``, or load the checkpoint being resumed."""
+        cfg, text = self.cfg, isinstance(self.data, TextStream)
+        if resume_from is not None:
+            model = PretrainModel.from_pretrained(resume_from)
+        elif cfg["init_from"] is not None:
+            model = self._init_from(Path(cfg["init_from"]))
+        else:
+            mcfg = self._model_config()
+            if text == (mcfg["backbone"]["builder"] == "vit"):
+                raise ConfigError(f"model: a {mcfg['backbone']['builder']} backbone does not train on "
+                                  f"{'text shards (data.path)' if text else 'images (data.images)'}")
+            kwargs = dict(vocab_size=self.data.vocab_size, special_ids=self.data.special_ids) if text else {}
+            try:
+                model = build(mcfg, **kwargs)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"model: {exc}") from exc
+        self._check_model_data(model)
+        if cfg["train"]["activation_checkpointing"]:
+            for m in model.modules():
+                if hasattr(m, "gradient_checkpointing"):
+                    m.gradient_checkpointing = True
+        model.to(self.device)
+        if cfg["train"]["compile"]:
+            model.backbone.compile()  # in place: state_dict keys unchanged
+        return model
+
+    def _init_from(self, path: Path) -> nn.Module:
+        """Continued pre-training: a fastpt model / checkpoint / run directory, or a Hugging Face directory."""
+        if not path.exists():
+            raise ConfigError(f"init_from: {path} does not exist")
+        if not is_model_dir(path) and (path / "checkpoints").is_dir():
+            latest = ckpt.latest_checkpoint(path, warn=lambda m: self.log(f"pretrain: warning: {m}"))
+            if latest is None:
+                raise ConfigError(f"init_from: {path} is a run directory without checkpoints")
+            path = latest
+        if is_model_dir(path):
+            if self.cfg["model"] is not None:
+                self.log(f"pretrain: init_from {path}: model and objective come from its fastpt_config.json; "
+                         "the recipe's model: is not used")
+            self.log(f"pretrain: init_from fastpt model {path}")
+            try:
+                return PretrainModel.from_pretrained(path)
+            except (ValueError, TypeError, FileNotFoundError) as exc:
+                raise ConfigError(f"init_from: {exc}") from exc
+        if (path / "config.json").is_file():
+            objective, kwargs = "auto", {}
+            if self.cfg["model"] is not None:
+                obj = dict(model_config(self.cfg["model"]).get("objective") or {})
+                objective = obj.pop("name", "auto")
+                kwargs = obj
+            self.log(f"pretrain: init_from Hugging Face checkpoint {path} (objective {objective})")
+            try:
+                return from_hf(path, objective=objective, **kwargs)
+            except (ValueError, TypeError, FileNotFoundError) as exc:
+                raise ConfigError(f"init_from: {exc}") from exc
+        raise ConfigError(f"init_from: {path} holds neither fastpt_config.json (a fastpt model or checkpoint), "
+                          "checkpoints/ (a fastpt run) nor config.json (a Hugging Face model)")
+
+    def _check_model_data(self, model: nn.Module) -> None:
+        text = isinstance(self.data, TextStream)
+        if model.objective is None:
+            raise ConfigError("model: has no objective (objective: null); pre-training needs one, e.g. "
+                              "objective: {name: mlm}")
+        keys = {"input_ids", "attention_mask"} if text else {"pixel_values"}
+        missing = [k for k in model.objective.needs if k not in keys]
+        if missing:
+            source = "data.path (text shards)" if text else "data.images"
+            raise ConfigError(f"model: objective {type(model.objective).__name__} needs batch keys {missing}, "
+                              f"which {source} does not provide")
+        bb = model.backbone
+        if text:
+            if self.data.vocab_size > bb.vocab_size:
+                raise ConfigError(f"data.path: the shards use a vocabulary of {self.data.vocab_size} ids, the model "
+                                  f"has {bb.vocab_size}; preprocess with the model's tokenizer")
+            return
+        c, h, w = self.data.image_shape
+        size = bb.config.get("image_size")
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        if (h, w) != size or c != bb.in_channels:
+            raise ConfigError(f"data.images: the images are {c}x{h}x{w} (channels x height x width), the model "
+                              f"expects {bb.in_channels}x{size[0]}x{size[1]}: set the model's size, e.g. --set "
+                              f"model.backbone.image_size={h} --set model.backbone.in_channels={c} --set "
+                              f"model.backbone.patch_size=4, or resize with data.image_size")
+
+    def _setup_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; weight decay on matrices only (not biases, norms); fused on CUDA."""
+        t = self.cfg["train"]
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": t["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+        # fused kernels on CUDA; FSDP2's DTensor parameters take the foreach path
+        fast = {"fused": True} if self.device.type == "cuda" and not t["fsdp"] else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"], **fast)
+
+    def _load_training_state(self, path: Path) -> None:
+        saved = ckpt.load_checkpoint(path, map_location=self.device, verify=False)  # verified when chosen
+        state = saved["state"]
+        if state.get("world_size") != self.dist.world_size:
+            raise ConfigError(f"--resume: {path} was saved by {state.get('world_size')} processes, this run has "
+                              f"{self.dist.world_size}; exact resumption needs the same number")
+        if saved["optimizer"] is not None:
+            fmt = "fsdp_full" if self.cfg["train"]["fsdp"] else "torch"
+            if state.get("optimizer_format", "torch") != fmt:
+                raise ConfigError(f"--resume: {path} holds the optimizer state of a run with train.fsdp="
+                                  f"{not self.cfg['train']['fsdp']}; resume with the same train.fsdp")
+            if self.cfg["train"]["fsdp"]:
+                distributed.load_full_optimizer_state(self.wrapped, self.optimizer, saved["optimizer"])
+            else:
+                self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.data.load_state_dict(state["data"])
+        except ValueError as exc:
+            raise ConfigError(f"--resume: the data changed since {path}: {exc}") from exc
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.last_saved = self.step
+        prefix = f"rank{self.dist.rank}."
+        ckpt.set_rng_state({k[len(prefix):]: v for k, v in saved["rng"].items() if k.startswith(prefix)},
+                           state["rng"][str(self.dist.rank)])
+        self.log(f"pretrain: resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
+
+    def _total_steps(self) -> int | None:
+        """The schedule's length: max_steps, else max_tokens over the tokens of one full step."""
+        t = self.cfg["train"]
+        if t["max_steps"] is not None:
+            return t["max_steps"]
+        if t["max_tokens"] is not None:
+            per_row = self.data.seq_len if isinstance(self.data, TextStream) else self.model.backbone.num_patches
+            per_step = t["batch_size"] * t["grad_accum"] * self.dist.world_size * per_row
+            return math.ceil(t["max_tokens"] / per_step)
+        return None
+
+    # ================================================================== train
+    def to_device(self, raw: dict) -> dict:
+        """Move a collated CPU batch to the device; packed text becomes one (1, B*S) row for objectives
+        that read packed documents, plain rows (cu_seqlens dropped) for the others."""
+        batch = dict(raw)
+        if "cu_seqlens" in batch:
+            if isinstance(self.model.objective, PACKED_OBJECTIVES):
+                batch["input_ids"] = batch["input_ids"].reshape(1, -1)
+                batch["position_ids"] = batch["position_ids"].reshape(1, -1)
+            else:
+                batch = {"input_ids": batch["input_ids"]}
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def train(self) -> None:
+        t, out = self.cfg["train"], self.cfg["output"]
+        accum, rank, seed = t["grad_accum"], self.dist.rank, t["seed"]
+        batches = self.data.batches(t["batch_size"])
+        self.wrapped.train()
+        self.t_start = now()
+        self.start_step, self.start_tokens = self.step, self.tokens
+        self.first_loss = self.final_loss = None
+        self.t_first = self.tokens_first = None  # after the first step: steady-state throughput excludes it
+        loss_sum = torch.zeros(2, device=self.device)  # (sum of micro-batch losses, micro-batches)
+        metric_sums: dict[str, list] = {}
+        t_log, tokens_log = now(), self.tokens
+        while not self.done():
+            step = self.step
+            lr = lr_at(step, lr=t["lr"], warmup_steps=t["warmup_steps"], total_steps=self.total_steps,
+                       schedule=t["schedule"], min_lr_ratio=t["min_lr_ratio"])
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            local_tokens = 0
+            for micro in range(accum):
+                raw = next(batches)
+                local_tokens += self.model.tokens_in(raw)
+                batch = self.model.prepare(self.to_device(raw), seed=step_seed(seed, step, micro, rank))
+                with distributed.sync_gradients(self.wrapped, micro == accum - 1), self.autocast:
+                    output = self.wrapped(**batch)
+                    loss = output.loss / accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                loss_sum += torch.stack([output.loss.detach().float(), loss_sum.new_ones(())])
+                for k, v in (output.metrics or {}).items():
+                    s = metric_sums.setdefault(k, [0.0, 0])
+                    s[0], s[1] = s[0] + v.detach().float(), s[1] + 1
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t["clip_grad"] if t["clip_grad"] else math.inf)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.on_step_end(step)
+            self.step += 1
+            self.tokens += self._global_tokens(local_tokens)
+            self.logger.step()
+            if self.t_first is None:
+                self.t_first, self.tokens_first = now(), self.tokens
+
+            if self.step % out["log_every"] == 0 or self.done():
+                t_now = now()
+                mean_loss = distributed.all_reduce(loss_sum.clone(), self.dist)
+                loss_value = float(mean_loss[0] / mean_loss[1])
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"pretrain: the loss is {loss_value} at step {self.step}; lower train.lr, "
+                                             "raise train.warmup_steps or use precision bf16 instead of fp16")
+                rate = (self.tokens - tokens_log) / max(t_now - t_log, 1e-9)
+                row = {"step": self.step, "tokens": self.tokens, "loss": loss_value, "lr": lr,
+                       "grad_norm": float(_local(grad_norm)), "tokens_per_s": rate,
+                       "mfu": compute_mfu(self.flops_per_token, rate, self.peak, self.dist.world_size),
+                       "elapsed_s": self.elapsed_before + t_now - self.t_start}
+                row.update({k: float(s / n) for k, (s, n) in sorted(metric_sums.items())})
+                self.logger.log(row)
+                self.first_loss = loss_value if self.first_loss is None else self.first_loss
+                self.final_loss = loss_value
+                loss_sum.zero_()
+                metric_sums.clear()
+                t_log, tokens_log = now(), self.tokens
+            if out["save_every"] and self.step % out["save_every"] == 0:
+                self.save()
+        self.t_end = now()
+
+    def _global_tokens(self, local: int) -> int:
+        """This step's tokens over all ranks; also carries the time-limit decision of rank 0."""
+        if not self.dist.enabled:
+            return local
+        t = self.cfg["train"]
+        same_everywhere = not (isinstance(self.data, TextStream) and self.data.mode == "doc")  # no padding
+        if same_everywhere and t["max_time_s"] is None:
+            return local * self.dist.world_size  # no collective (and no device sync) needed
+        over = t["max_time_s"] is not None and self.dist.is_main and self._elapsed() >= t["max_time_s"]
+        box = torch.tensor([local, int(over)], dtype=torch.int64, device=self.device)
+        distributed.all_reduce(box, self.dist)
+        self._time_up = bool(box[1])
+        return int(box[0])
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + now() - self.t_start
+
+    def done(self) -> bool:
+        t = self.cfg["train"]
+        if t["max_steps"] is not None and self.step >= t["max_steps"]:
+            return True
+        if t["max_tokens"] is not None and self.tokens >= t["max_tokens"]:
+            return True
+        if t["max_time_s"] is not None:
+            if self.dist.enabled:  # every rank must stop at the same step: rank 0's clock decides
+                return getattr(self, "_time_up", False)
+            return self._elapsed() >= t["max_time_s"]
+        return False
+
+    # ================================================================== save
+    def save(self) -> Path | None:
+        """Write checkpoint ``step-N`` (collective under FSDP; rank 0 writes)."""
+        if self.last_saved == self.step:
+            return self.ckpt_dir / ckpt.checkpoint_name(self.step)
+        if self.cfg["train"]["fsdp"]:
+            model_sd, optim_sd = distributed.full_state_dicts(self.wrapped, self.optimizer)
+            write_model = lambda d: self._shadow(model_sd).save_pretrained(d)  # noqa: E731
+        else:
+            optim_sd = self.optimizer.state_dict()
+            write_model = self.model.save_pretrained
+        tensors, plain = ckpt.rng_state()
+        gathered = distributed.gather_object((tensors, plain), self.dist)
+        path = None
+        if self.dist.is_main:
+            rng_tensors = {f"rank{r}.{k}": v for r, (ts, _) in enumerate(gathered) for k, v in ts.items()}
+            state = {"tokens": self.tokens, "elapsed_s": self._elapsed(), "world_size": self.dist.world_size,
+                     "data": self.data.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                     "rng": {str(r): p for r, (_, p) in enumerate(gathered)},
+                     "optimizer_format": "fsdp_full" if self.cfg["train"]["fsdp"] else "torch",
+                     "recipe": self.cfg}
+            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, write_model=write_model, optimizer_state=optim_sd,
+                                        trainer_state=state, rng_tensors=rng_tensors,
+                                        keep_last=self.cfg["output"]["keep_last"])
+        self.last_saved = self.step
+        distributed.barrier(self.dist)
+        return path
+
+    def _shadow(self, model_sd: dict) -> nn.Module:
+        """A CPU copy of the model holding the gathered FSDP weights, for ``save_pretrained``."""
+        shadow = build(self.model.config)
+        shadow.load_state_dict(model_sd)
+        return shadow
+
+    def finish(self) -> dict:
+        """Final checkpoint, plot, summary.json and the summary line; returns the summary."""
+        path = self.save()
+        steps = self.step - self.start_step
+        t_end = getattr(self, "t_end", now())
+        train_time = t_end - self.t_start
+        if self.t_first is not None and steps > 1:  # steady state: without the first step (lazy init, compile)
+            rate = (self.tokens - self.tokens_first) / max(t_end - self.t_first, 1e-9)
+            steps_per_s = (steps - 1) / max(t_end - self.t_first, 1e-9)
+        else:
+            rate = (self.tokens - self.start_tokens) / max(train_time, 1e-9)
+            steps_per_s = steps / max(train_time, 1e-9)
+        t = self.cfg["train"]
+        global_batch = t["batch_size"] * t["grad_accum"] * self.dist.world_size
+        summary = {
+            "output_dir": str(self.out), "model": model_name(self.cfg), "steps": self.step, "steps_this_run": steps,
+            "tokens": self.tokens, "unit": "tokens" if isinstance(self.data, TextStream) else "patches",
+            "train_time_s": train_time, "elapsed_s": self.elapsed_before + train_time, "tokens_per_s": rate,
+            "global_batch": global_batch, "samples_per_s": steps_per_s * global_batch,
+            "mfu": compute_mfu(self.flops_per_token, rate, self.peak, self.dist.world_size),
+            "peak": self.peak_desc, "flops_per_token": self.flops_per_token, "first_loss": self.first_loss,
+            "final_loss": self.final_loss, "checkpoint": str(path or self.ckpt_dir / ckpt.checkpoint_name(self.step)),
+            "device": str(self.device), "world_size": self.dist.world_size, "precision": self.precision,
+            "parameters": sum(p.numel() for p in self.params),
+            "peak_memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda"
+            else None,
+        }
+        self.logger.finish(summary)
+        return summary
+
+    # ================================================================== cleanup
+    def cleanup(self) -> None:
+        if hasattr(self, "logger") and self.logger.bar is not None:
+            self.logger.bar.close()
+        if hasattr(self, "dist"):
+            distributed.cleanup(self.dist)
+
+
+def model_config(model) -> dict:
+    """``fastpt.assemble.load_config`` with its errors as ConfigError naming ``model``."""
+    try:
+        return load_config(model)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise ConfigError(f"model: {exc}") from exc
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's (FSDP2) full value, else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ====================================================================== entry points
+
+
+def pretrain(config: dict | str | os.PathLike, *, resume: bool = False, overrides=(), log=print) -> dict:
+    """Run the recipe ``config`` (dict or YAML path; see ``fastpt.train``) and return the summary dict.
+
+    ``overrides``: ``"a.b=v"`` strings as ``--set``; ``resume``: continue from the newest good
+    checkpoint in ``output.dir``. Raises ConfigError naming a bad key.
+    """
+    cfg = load_recipe(config, overrides, resolve_model=model_config)
+    recipe = PretrainRecipe(cfg, resume=resume, log=log)
+    try:
+        recipe.setup()
+        recipe.train()
+        return recipe.finish()
+    finally:
+        recipe.cleanup()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastpt pretrain", description="Pre-train a model from a recipe YAML "
+                                "(see `python -c 'import fastpt.train; help(fastpt.train)'` for the keys). "
+                                "Several GPUs or machines: torchrun --nproc_per_node N -m fastpt pretrain ...")
+    p.add_argument("--config", required=True, help="recipe YAML (model:, data:, train:, output:)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest good checkpoint in output.dir (from step 0 if there is none)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.lr=3e-4 --set output.dir=runs/x (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    return p
+
+
+def pretrain_main(argv: list[str] | None = None) -> int:
+    """``fastpt pretrain --config X.yaml [--resume] [--set k=v ...]``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.print_config:
+            print(to_yaml(load_recipe(args.config, args.overrides, resolve_model=model_config)), end="")
+            return 0
+        pretrain(args.config, resume=args.resume, overrides=args.overrides)
+    except (ConfigError, ckpt.CorruptCheckpointError) as exc:
+        print(f"fastpt pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

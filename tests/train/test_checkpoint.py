@@ -1,0 +1,99 @@
+"""Checkpoints: atomic save, keep-last-N, checksum verification, fallback past a torn / corrupt one."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fastpt.train import checkpoint as ckpt
+
+
+def write_model(d):
+    torch.save({"w": torch.arange(10.0)}, d / "model.pt")
+
+
+def save(root, step, keep_last=None):
+    tensors, plain = ckpt.rng_state()
+    return ckpt.save_checkpoint(root, step, write_model=write_model, optimizer_state={"state": {}, "param_groups": []},
+                                trainer_state={"tokens": step * 10, "rng": plain},
+                                rng_tensors={f"rank0.{k}": v for k, v in tensors.items()}, keep_last=keep_last)
+
+
+def test_save_layout_and_load(tmp_path):
+    path = save(tmp_path, 7)
+    assert path.name == "step-00000007"
+    names = {p.name for p in path.iterdir()}
+    assert names == {"model.pt", "optimizer.pt", "rng.safetensors", "trainer_state.json", "checkpoint.json"}
+    manifest = ckpt.verify_checkpoint(path)
+    assert manifest["step"] == 7 and set(manifest["files"]) == names - {"checkpoint.json"}
+    loaded = ckpt.load_checkpoint(path)
+    assert loaded["state"]["step"] == 7 and loaded["state"]["tokens"] == 70
+    assert loaded["optimizer"] == {"state": {}, "param_groups": []}
+    assert "rank0.torch_cpu" in loaded["rng"]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_keep_last_and_replace(tmp_path):
+    for step in (1, 2, 3, 4):
+        save(tmp_path, step, keep_last=2)
+    assert [s for s, _ in ckpt.find_checkpoints(tmp_path)] == [3, 4]
+    save(tmp_path, 4, keep_last=2)  # the same step again replaces it
+    assert [s for s, _ in ckpt.find_checkpoints(tmp_path)] == [3, 4]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000004"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_file", "no_manifest", "bad_manifest"])
+def test_corrupt_latest_falls_back(tmp_path, damage):
+    save(tmp_path, 1)
+    newest = save(tmp_path, 2)
+    target = newest / "model.pt"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-5])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "delete_file":
+        target.unlink()
+    elif damage == "no_manifest":
+        (newest / "checkpoint.json").unlink()
+    else:
+        (newest / "checkpoint.json").write_text("{not json")
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"step-00000002"):
+        ckpt.verify_checkpoint(newest)
+    warnings = []
+    assert ckpt.latest_checkpoint(tmp_path, warn=warnings.append).name == "step-00000001"
+    assert "step-00000002 is unusable" in warnings[0] and "step-00000001" in warnings[-1]
+
+
+def test_all_corrupt_raises_and_none_is_none(tmp_path):
+    assert ckpt.latest_checkpoint(tmp_path / "nothing") is None
+    only = save(tmp_path, 5)
+    (only / "trainer_state.json").write_text("{}")
+    with pytest.raises(ckpt.CorruptCheckpointError, match="no usable checkpoint"):
+        ckpt.latest_checkpoint(tmp_path, warn=lambda m: None)
+
+
+def test_partial_save_is_ignored_and_cleaned(tmp_path):
+    save(tmp_path, 1)
+    torn = tmp_path / ".tmp-step-00000002-123"
+    torn.mkdir()
+    (torn / "model.pt").write_bytes(b"half")
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000001"
+    assert ckpt.clean_partial(tmp_path) == [torn] and not torn.exists()
+
+
+def test_run_directory_is_accepted(tmp_path):
+    save(tmp_path / "checkpoints", 3)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003"
+
+
+def test_rng_round_trip():
+    tensors, plain = ckpt.rng_state()
+    json.dumps(plain)  # JSON-serialisable
+    expect = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(5), random.random(), np.random.rand(4)  # move every generator on
+    ckpt.set_rng_state(tensors, plain)
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expect[0]) and got[1] == expect[1] and got[2] == expect[2]

@@ -1,0 +1,89 @@
+"""The recipe YAML: defaults, validation errors that name the key, --set overrides, model defaults."""
+import pytest
+import yaml
+
+from fastpt.train.config import DEFAULTS, ConfigError, load_recipe, parse_override
+
+BASE = {"model": "bert-mini", "data": {"path": "shards"}, "train": {"max_steps": 10}}
+
+
+def load(cfg=None, overrides=(), **kw):
+    return load_recipe(cfg or BASE, overrides, **kw)
+
+
+def test_defaults_filled():
+    cfg = load()
+    assert set(cfg) == set(DEFAULTS)
+    for section in ("data", "train", "output"):
+        assert set(cfg[section]) == set(DEFAULTS[section])
+    assert cfg["train"]["lr"] == 1e-4 and cfg["train"]["schedule"] == "cosine" and cfg["data"]["mode"] == "pack"
+
+
+def test_yaml_file_and_float_spelling(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: bert-mini\ndata: {path: shards}\ntrain: {max_steps: 5, lr: 3e-4, eps: 1e-6}\n")
+    cfg = load_recipe(path)
+    assert cfg["train"]["lr"] == 3e-4 and isinstance(cfg["train"]["eps"], float)
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({**BASE, "trian": {}}, r"trian: unknown key \(did you mean 'train'\?\); valid keys: model, init_from"),
+    ({**BASE, "train": {"max_steps": 10, "lrr": 1}}, r"train\.lrr: unknown key \(did you mean 'lr'\?\)"),
+    ({**BASE, "train": {"max_steps": 10, "lr": "fast"}}, r"train\.lr: expected a number, got 'fast'"),
+    ({**BASE, "train": {"max_steps": 10, "lr": -1}}, r"train\.lr: expected a value > 0"),
+    ({**BASE, "train": {"max_steps": 2.5}}, r"train\.max_steps: expected an integer"),
+    ({**BASE, "train": {"max_steps": 10, "precision": "fp8"}}, r"train\.precision: expected one of"),
+    ({**BASE, "train": {"max_steps": 10, "betas": [0.9]}}, r"train\.betas: expected \[beta1, beta2\]"),
+    ({**BASE, "train": {"max_steps": 10, "compile": "yes"}}, r"train\.compile: expected true or false"),
+    ({**BASE, "data": {"path": "x", "mode": "packed"}}, r"data\.mode: expected one of \['pack', 'doc'\]"),
+    ({**BASE, "data": {"path": "x", "images": "fashion-mnist"}}, r"set exactly one of data\.path"),
+    ({**BASE, "data": {}}, r"set exactly one of data\.path"),
+    ({**BASE, "train": {}}, r"train\.max_steps: set at least one of"),
+    ({**BASE, "train": {"max_time_s": 60}}, r"train\.schedule: 'cosine' needs a length"),
+    ({**BASE, "train": {"max_steps": 5, "warmup_steps": 6}}, r"train\.warmup_steps: 6 exceeds"),
+    ({"data": {"path": "x"}, "train": {"max_steps": 1}}, r"model: required"),
+    ({**BASE, "output": {"log_every": 0}}, r"output\.log_every: expected a value >= 1"),
+    ({**BASE, "train": {"max_steps": 10, "fsdp": True, "find_unused_parameters": True}}, r"DDP only"),
+])
+def test_errors_name_the_key(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        load(cfg)
+
+
+def test_overrides():
+    cfg = load(overrides=["train.lr=1e-3", "train.compile=true", "train.betas=[0.9, 0.95]", "output.dir=runs/x",
+                          "train.clip_grad=null", "data.seq_len=64"])
+    t = cfg["train"]
+    assert t["lr"] == 1e-3 and t["compile"] is True and t["betas"] == [0.9, 0.95] and t["clip_grad"] is None
+    assert cfg["output"]["dir"] == "runs/x" and cfg["data"]["seq_len"] == 64
+    assert parse_override("train.lr=1e-4") == (["train", "lr"], 1e-4)
+    with pytest.raises(ConfigError, match=r"--set 'train\.lr': expected KEY=VALUE"):
+        load(overrides=["train.lr"])
+    with pytest.raises(ConfigError, match=r"train\.lrr: unknown key"):
+        load(overrides=["train.lrr=1"])
+
+
+def test_model_defaults_sit_between_recipe_and_defaults():
+    model_defaults = {"seq_len": 256, "batch_size": 8, "lr": 5e-4, "warmup_steps": 3}
+    cfg = load({**BASE, "train": {"max_steps": 10, "lr": 2e-4}}, model_defaults=model_defaults)
+    assert cfg["data"]["seq_len"] == 256 and cfg["train"]["batch_size"] == 8
+    assert cfg["train"]["lr"] == 2e-4  # the recipe wins
+    with pytest.raises(ConfigError, match=r"warmup_steps: 3 exceeds .*model config's defaults"):
+        load({**BASE, "train": {"max_steps": 2}}, model_defaults=model_defaults)
+
+
+def test_zoo_model_defaults_and_model_overrides():
+    from fastpt.assemble import load_config
+
+    cfg = load({**BASE, "train": {"max_steps": 20000}}, resolve_model=load_config)
+    assert cfg["train"]["batch_size"] == 256 and cfg["train"]["schedule"] == "linear"  # bert-mini's defaults
+    cfg = load(overrides=["model.backbone.num_layers=2", "train.warmup_steps=0"], resolve_model=load_config)
+    assert isinstance(cfg["model"], dict) and cfg["model"]["backbone"]["num_layers"] == 2
+    assert cfg["model"]["backbone"]["hidden_size"] == 256
+
+
+def test_resolved_recipe_round_trips_through_yaml():
+    from fastpt.train.config import to_yaml
+
+    cfg = load()
+    assert load_recipe(yaml.safe_load(to_yaml(cfg))) == cfg

@@ -1,0 +1,72 @@
+"""Data parallelism on 2 CPU processes (gloo, launched by torchrun): DDP and FSDP2 give the loss of one
+process on the combined batch, with gradient accumulation (no all-reduce on micro-steps)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+
+from fastpt.models.model import PretrainModel
+from fastpt.train import pretrain
+
+from .pretrain_helpers import env, losses, make_shards, recipe, tiny_model
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+RUNNER = "import sys\nfrom fastpt.train import pretrain_main\nsys.exit(pretrain_main(sys.argv[1:]))\n"
+QUIET = {"tensorboard": False, "plot": False, "progress": False, "log_every": 1}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Full rows (documents longer than seq_len): each micro-batch has the same number of LM targets, so
+    averaging per micro-batch and rank equals averaging over the combined batch."""
+    root = tmp_path_factory.mktemp("ddp")
+    shards = make_shards(root / "shards", n_docs=80, min_len=40, max_len=50)
+    one = recipe(shards, root / "one", model=tiny_model("clm"), data={"mode": "doc", "add_special": "none"},
+                 train={"batch_size": 6, "grad_accum": 2, "max_steps": 4, "schedule": "constant"},
+                 output={**QUIET, "save_every": 0})
+    pretrain(one, log=lambda m: None)
+    return root, one
+
+
+def torchrun(root, cfg, *args):
+    (root / "runner.py").write_text(RUNNER)
+    config = root / f"{cfg['output']['dir'].rsplit('/', 1)[-1]}.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "runner.py"), "--config", str(config), *args]
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def final_params(run_dir, step=4):
+    return PretrainModel.from_pretrained(run_dir / "checkpoints" / f"step-{step:08d}").state_dict()
+
+
+def compare(root, name):
+    want, got = [float(x) for x in losses(root / "one")], [float(x) for x in losses(root / name)]
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+    ref = final_params(root / "one")
+    for k, v in final_params(root / name).items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_ddp_matches_one_process(setup):
+    root, one = setup
+    cfg = {**one, "train": {**one["train"], "batch_size": 3}, "output": {**one["output"], "dir": str(root / "ddp")}}
+    done = torchrun(root, cfg)
+    assert "2 x cpu" in done.stdout
+    compare(root, "ddp")
+
+
+def test_fsdp_matches_one_process_and_resumes(setup):
+    root, one = setup
+    cfg = {**one, "train": {**one["train"], "batch_size": 3, "fsdp": True, "max_steps": 2},
+           "output": {**one["output"], "dir": str(root / "fsdp"), "save_every": 2}}
+    torchrun(root, cfg)  # steps 1-2, checkpoint (gathered full state dicts)
+    done = torchrun(root, cfg, "--resume", "--set", "train.max_steps=4")  # steps 3-4 from the checkpoint
+    assert "resumed from" in done.stdout
+    compare(root, "fsdp")

@@ -1,0 +1,60 @@
+"""Peak FLOP/s looked up by device name and precision; MFU n/a where the peak is unknown (CPU)."""
+import pytest
+import torch
+
+from fastpt.train import mfu
+
+
+@pytest.mark.parametrize("name, precision, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.5),
+    ("NVIDIA H100 PCIe", "bf16", 756.5),
+    ("NVIDIA H100 NVL", "fp16", 835.5),
+    ("NVIDIA H200", "bf16", 989.5),
+    ("NVIDIA H200 NVL", "bf16", 835.5),
+    ("NVIDIA GH200 480GB", "tf32", 494.7),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+    ("NVIDIA A100 80GB PCIe", "tf32", 156.0),
+    ("NVIDIA A100-SXM4-40GB", "fp32", 19.5),
+    ("NVIDIA A10", "bf16", 125.0),
+    ("NVIDIA L4", "bf16", 121.0),
+    ("NVIDIA L40S", "bf16", 362.05),
+    ("NVIDIA L40", "fp32", 90.5),
+    ("Tesla V100-SXM2-16GB", "fp16", 125.0),
+    ("Tesla V100-SXM2-16GB", "tf32", 15.7),  # no TF32 on Volta: the fp32 peak
+    ("Tesla T4", "fp16", 65.0),
+    ("NVIDIA GeForce RTX 4090", "bf16", 165.2),
+    ("AMD Instinct MI300X", "bf16", 1307.4),
+])
+def test_lookup(name, precision, tflops):
+    assert mfu.lookup_peak(name, precision) == pytest.approx(tflops * 1e12)
+
+
+@pytest.mark.parametrize("name, precision", [("NVIDIA A10G", "bf16"), ("Tesla V100-SXM2-16GB", "bf16"),
+                                             ("Some Future GPU", "bf16"), ("cpu", "fp32")])
+def test_unknown_is_none(name, precision):
+    assert mfu.lookup_peak(name, precision) is None
+
+
+def test_cpu_is_na_unless_given(monkeypatch):
+    monkeypatch.delenv("FASTPT_PEAK_TFLOPS", raising=False)
+    peak, desc = mfu.peak_flops("cpu", "fp32")
+    assert peak is None and "MFU n/a" in desc
+    assert mfu.mfu(1e6, 1e3, peak) is None and mfu.format_mfu(None) == "n/a"
+    peak, desc = mfu.peak_flops("cpu", "fp32", peak_tflops=2.0)
+    assert peak == 2e12 and "given" in desc
+    monkeypatch.setenv("FASTPT_PEAK_TFLOPS", "0.5")
+    assert mfu.peak_flops("cpu", "bf16")[0] == 0.5e12
+
+
+def test_mfu_value_and_precision_mapping():
+    assert mfu.mfu(6e9, 1e4, 1e14, world_size=2) == pytest.approx(6e13 / 2e14)
+    assert mfu.format_mfu(0.4123) == "41.2%"
+    assert mfu.math_precision("bf16") == "bf16"
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert mfu.math_precision("fp32") == "fp32"
+        torch.set_float32_matmul_precision("high")
+        assert mfu.math_precision("fp32") == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(old)

@@ -1,0 +1,184 @@
+"""The pre-training recipe in one process: outputs, gradient accumulation, precision, activation
+checkpointing, stop conditions, continued pre-training (init_from), the CLI, errors."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from fastpt.models.model import PretrainModel
+from fastpt.train import ConfigError, pretrain, pretrain_main
+from fastpt.train.logging import read_metrics
+
+from .pretrain_helpers import losses, make_shards, recipe, tiny_model
+
+QUIET = {"tensorboard": False, "plot": False, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards") / "text")
+
+
+@pytest.fixture(scope="module")
+def long_docs(tmp_path_factory):
+    """Documents longer than any row: doc-mode rows are full, every row has seq_len - 1 LM targets."""
+    return make_shards(tmp_path_factory.mktemp("shards") / "long", n_docs=60, min_len=40, max_len=50)
+
+
+def params(run_dir, step):
+    model = PretrainModel.from_pretrained(run_dir / "checkpoints" / f"step-{step:08d}")
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def test_outputs(shards, tmp_path):
+    out = tmp_path / "run"
+    summary = pretrain(recipe(shards, out, output={"tensorboard": True, "plot": True}), log=lambda m: None)
+    assert (out / "config.yaml").is_file() and (out / "loss.png").stat().st_size > 1000
+    assert any((out / "tensorboard").iterdir())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["tokens"] == 6 * 3 * 17 and all(r["mfu"] is None for r in rows)  # MFU n/a on the CPU
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 and r["mlm_loss"] == r["loss"] for r in rows)
+    assert rows[0]["lr"] == 1e-3  # warmup_steps 1: the peak at step 1, then the cosine
+    saved = json.loads((out / "summary.json").read_text())
+    for key in ("steps", "tokens", "tokens_per_s", "mfu", "final_loss", "checkpoint", "plot", "summary_line"):
+        assert key in saved, key
+    assert summary["steps"] == 6 and summary["tokens"] == 306 and summary["mfu"] is None
+    assert summary["summary_line"].startswith("pretrain: 6 steps, 306 tokens") and "MFU n/a" in summary["summary_line"]
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["train"]["max_steps"] == 6 and recorded["model"]["name"] == "tiny-mlm"
+    model = PretrainModel.from_pretrained(out / "checkpoints" / "step-00000006")
+    assert type(model.objective).__name__ == "MLM"
+
+
+def test_grad_accum_matches_the_big_batch(long_docs, tmp_path):
+    """Causal LM over full rows: batch 6 equals 2 micro-batches of 3 (same samples, same mean)."""
+    runs = {}
+    for name, b, accum in (("big", 6, 1), ("accum", 3, 2)):
+        cfg = recipe(long_docs, tmp_path / name, model=tiny_model("clm"), data={"mode": "doc", "add_special": "none"},
+                     train={"batch_size": b, "grad_accum": accum, "max_steps": 4}, output={**QUIET, "save_every": 0})
+        pretrain(cfg, log=lambda m: None)
+        runs[name] = ([float(x) for x in losses(tmp_path / name)], params(tmp_path / name, 4))
+    assert runs["big"][0] == pytest.approx(runs["accum"][0], rel=1e-6, abs=1e-6)
+    for k, v in runs["big"][1].items():
+        torch.testing.assert_close(runs["accum"][1][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_activation_checkpointing_is_exact(shards, tmp_path):
+    for name, ac in (("plain", False), ("ckpt", True)):
+        cfg = recipe(shards, tmp_path / name, model=tiny_model(dropout=0.1),
+                     train={"activation_checkpointing": ac, "max_steps": 3}, output={**QUIET, "save_every": 0})
+        pretrain(cfg, log=lambda m: None)
+    assert losses(tmp_path / "plain") == losses(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("objective, mode, precision", [("clm", "pack", "fp32"), ("prefix_lm", "pack", "fp32"),
+                                                        ("mlm", "doc", "bf16"), ("mlm", "pack", "fp16")])
+def test_objectives_modes_precisions(shards, tmp_path, objective, mode, precision):
+    cfg = recipe(shards, tmp_path / "run", model=tiny_model(objective), data={"mode": mode},
+                 train={"precision": precision, "max_steps": 3, "grad_accum": 2}, output={**QUIET, "save_every": 0})
+    summary = pretrain(cfg, log=lambda m: None)
+    assert summary["steps"] == 3 and summary["precision"] == precision
+    assert all(float(x) == float(x) for x in losses(tmp_path / "run"))  # finite, not NaN
+    if mode == "doc":
+        assert summary["tokens"] < 3 * 2 * 3 * 17  # padding does not count
+
+
+def test_stop_on_tokens_and_time(shards, tmp_path):
+    cfg = recipe(shards, tmp_path / "tok", train={"max_steps": None, "max_tokens": 200}, output=QUIET)
+    assert pretrain(cfg, log=lambda m: None)["steps"] == 4  # 51 tokens a step: 4 steps pass 200
+    cfg = recipe(shards, tmp_path / "time", train={"max_steps": None, "max_time_s": 1e-6, "schedule": "constant"},
+                 output=QUIET)
+    assert pretrain(cfg, log=lambda m: None)["steps"] == 0  # the clock ran out before the first step
+
+
+def test_rerun_needs_resume(shards, tmp_path):
+    cfg = recipe(shards, tmp_path / "run", output=QUIET)
+    pretrain(cfg, log=lambda m: None)
+    with pytest.raises(ConfigError, match="already holds checkpoints; pass --resume"):
+        pretrain(cfg, log=lambda m: None)
+    lines = []
+    summary = pretrain(cfg, resume=True, log=lines.append)  # nothing left to do: max_steps reached
+    assert summary["steps"] == 6 and summary["steps_this_run"] == 0
+    assert any("resumed from" in m for m in lines)
+    fresh = []
+    pretrain(recipe(shards, tmp_path / "fresh", output=QUIET), resume=True, log=fresh.append)
+    assert any("no checkpoint" in m for m in fresh)
+
+
+def test_resume_continues_the_same_trajectory(shards, tmp_path):
+    """In-process: a run stopped at step 3 by max_steps and resumed with a longer max_steps matches one run
+    with the longer max_steps (constant schedule, so the horizon does not change the lr)."""
+    base = dict(model=tiny_model(dropout=0.1), output={**QUIET, "save_every": 3})
+    pretrain(recipe(shards, tmp_path / "one", train={"max_steps": 6, "schedule": "constant"}, **base),
+             log=lambda m: None)
+    pretrain(recipe(shards, tmp_path / "two", train={"max_steps": 3, "schedule": "constant"}, **base),
+             log=lambda m: None)
+    pretrain(recipe(shards, tmp_path / "two", train={"max_steps": 6, "schedule": "constant"}, **base),
+             resume=True, log=lambda m: None)
+    assert losses(tmp_path / "one") == losses(tmp_path / "two")
+
+
+def test_init_from_fastpt_run(shards, tmp_path):
+    pretrain(recipe(shards, tmp_path / "a", output=QUIET), log=lambda m: None)
+    cfg = recipe(shards, tmp_path / "b", train={"max_steps": 1, "lr": 1e-12, "warmup_steps": 0}, output=QUIET)
+    cfg["init_from"] = str(tmp_path / "a")
+    cfg["model"] = None
+    lines = []
+    pretrain(cfg, log=lines.append)
+    assert any("init_from fastpt model" in m for m in lines)
+    a, b = params(tmp_path / "a", 6), params(tmp_path / "b", 1)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-9, msg=k)
+
+
+def test_init_from_hugging_face_dir(shards, tmp_path):
+    from fastpt.assemble import build, to_hf
+
+    model = build(tiny_model("mlm"), special_ids={"mask": 4, "pad": 0, "cls": 2, "sep": 3})
+    to_hf(model, tmp_path / "hf")
+    cfg = recipe(shards, tmp_path / "run", model={"backbone": tiny_model()["backbone"],
+                                                  "objective": {"name": "mlm", "mask_token_id": 4}},
+                 train={"max_steps": 2, "lr": 1e-12, "warmup_steps": 0}, output=QUIET)
+    cfg["init_from"] = str(tmp_path / "hf")
+    lines = []
+    pretrain(cfg, log=lines.append)
+    assert any("Hugging Face checkpoint" in m for m in lines)
+    b = params(tmp_path / "run", 2)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-9, msg=k)
+
+
+def test_errors_are_clear(shards, tmp_path):
+    from fastpt.assemble import build
+
+    small = tiny_model()
+    small["backbone"]["vocab_size"] = 50
+    build(small, special_ids={"mask": 4}).save_pretrained(tmp_path / "small")
+    cfg = recipe(shards, tmp_path / "v", output=QUIET)
+    cfg["init_from"] = str(tmp_path / "small")
+    with pytest.raises(ConfigError, match="vocabulary of 97 ids, the model has 50"):
+        pretrain(cfg, log=lambda m: None)
+    with pytest.raises(ConfigError, match="model: a vit backbone does not train on text shards"):
+        mae = {"backbone": {"builder": "vit", "image_size": 8, "patch_size": 4, "in_channels": 1, "hidden_size": 32,
+                            "num_layers": 1, "num_heads": 2}, "objective": {"name": "mae", "decoder_hidden_size": 32,
+                                                                         "decoder_layers": 1, "decoder_heads": 2}}
+        pretrain(recipe(shards, tmp_path / "m", model=mae, output=QUIET), log=lambda m: None)
+    with pytest.raises(ConfigError, match=r"model: backbone.num_layerz: unknown argument"):
+        bad = tiny_model()
+        bad["backbone"]["num_layerz"] = 2
+        pretrain(recipe(shards, tmp_path / "b", model=bad, output=QUIET), log=lambda m: None)
+
+
+def test_cli(shards, tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(shards, tmp_path / "run", output=QUIET)))
+    assert pretrain_main(["--config", str(path), "--set", "train.max_steps=2", "--set", "train.lr=5e-4"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == [1, 2]
+    assert "pretrain: 2 steps" in capsys.readouterr().out
+    assert pretrain_main(["--config", str(path), "--print-config", "--set", "train.seed=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["seed"] == 3
+    assert pretrain_main(["--config", str(path), "--set", "train.lrr=1"]) == 2
+    assert "train.lrr: unknown key (did you mean 'lr'?)" in capsys.readouterr().err
