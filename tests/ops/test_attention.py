@@ -228,7 +228,7 @@ def test_padding_is_never_read_and_outputs_zero(device, backend):
 # ----------------------------------------------------------------------------- dropout
 
 
-# the (device, backend) pairs that accept dropout (the cpu backend refuses it)
+# the (device, backend) pairs that accept dropout
 DROPOUT_GRID = [(dev, b) for dev, b in GRID if attn.OP.refusals(**attn.OP.probe(dev) | {"dropout_p": 0.5})[b] is None]
 
 
@@ -355,15 +355,15 @@ def test_bad_input(args, err, match):
 
 
 def test_refusals_name_the_reason():
-    """The cpu backend refuses dropout (torch's kernel has its own RNG) and non-CPU tensors; the
-    dispatcher then falls back, and a forced backend lists every reason."""
-    with pytest.raises(fastpt.BackendError, match="cpu: dropout_p > 0 needs .*counter-based") as exc:
-        attention(**_args(dropout_p=0.1, backend="cpu"))
+    """A forced backend that cannot serve raises with every backend's reason; the cpu backend
+    serves dropout (grouped dense path) and refuses non-CPU tensors."""
+    with pytest.raises(fastpt.BackendError, match="sdpa: ") as exc:
+        attention(**_args(backend="sdpa"))
     assert "reference: ok" in str(exc.value) and "triton: " in str(exc.value) and "cuda: " in str(exc.value)
     inputs, _ = attn._prepare(**{n: x for n, x in _args().items()}, causal=False, prefix_lens=None, seqlens=None,
                               cu_seqlens=None, max_seqlen=None, dropout_p=0.1, scale=None, seed=0,
                               deterministic=False)
-    assert attn.OP.select(None, **inputs).name != "cpu"
+    assert attn.OP.select(None, **inputs).name == "cpu"
     meta = {n: x.to("meta") if isinstance(x, torch.Tensor) and x.is_floating_point() else x
             for n, x in (inputs | dict(dropout_p=0.0)).items()}
     why = attn.OP.refusals(**meta)

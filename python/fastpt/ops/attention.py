@@ -21,13 +21,15 @@ Backends, in the order ``backend=None`` tries them:
   on CPU, called through its aten op because that also returns the log-sum-exp its backward
   needs), once per group of equal (length, prefix) documents, batched as a view or a gather.
   No mask tensor ever: causal documents use the kernel's ``is_causal``, prefix-LM documents run
-  as three unmasked pieces merged by their log-sum-exps. Refuses dropout: torch's CPU kernel
-  draws from its own generator, not the counter-based one.
+  as three unmasked pieces merged by their log-sum-exps. With dropout (torch's CPU kernel draws
+  from its own generator, not the counter-based one) each group runs as dense attention over its
+  own (L, L) documents with plain autograd: the cost is the sum of L^2 over documents, not the
+  S^2 of whole rows that the reference pays.
 * ``triton`` (CUDA; CPU under TRITON_INTERPRET=1): ``ops/attention_triton.py``.
 * ``cuda``: the CUDA C++ kernels of ``kernels/attention.cu`` through ``ops/attention_cuda.py``.
 * ``reference``: dense masked softmax in float32 (float64 for float64 inputs) with plain
-  autograd; the ground truth of every test and bench. It is also what serves dropout on CPU,
-  and being dense it holds several ``(B, H, S, S)`` tensors: fine for tests and short rows.
+  autograd; the ground truth of every test and bench. Being dense it holds several
+  ``(B, H, S, S)`` tensors: fine for tests and short rows.
 
 ``cpu``, ``triton`` and ``cuda`` run inside the ``fastpt::attention_fwd`` / ``attention_bwd``
 custom ops (fake implementations and an autograd formula registered), so ``torch.compile``
@@ -592,10 +594,48 @@ def _run_kernel(name: str):
 def _cpu_supports(q4, dropout_p, **_):
     if q4.device.type != "cpu":
         return f"needs cpu tensors, got {q4.device.type}"
-    if dropout_p > 0:
-        return ("dropout_p > 0 needs fastpt's counter-based dropout RNG, which torch's CPU kernel does not "
-                "draw from (the reference serves dropout on CPU)")
     return None
+
+
+def _cpu_run(q4, k4, v4, docs, scale, dropout_p, dropout_key, **kw):
+    if dropout_p > 0:
+        return _grouped_dropout_attention(q4, k4, v4, docs, scale, dropout_p, dropout_key), None
+    return _run_kernel("cpu")(q4, k4, v4, docs, scale, dropout_p, dropout_key, **kw)
+
+
+def _grouped_dropout_attention(q4, k4, v4, docs, scale, p, key):
+    """Attention with counter-based dropout, one dense ``(n, H, L, L)`` product per group of
+    equal-length, equal-mask documents (plain autograd, float32 math for half inputs). The kept
+    entries are ``dropout_keep``'s for the same (document, head, query, key), so the result is the
+    reference's; only the documents' own blocks are computed."""
+    b_count, s, h, _ = q4.shape
+    group = h // k4.shape[2]
+    cd = _acc_dtype(q4.dtype)
+    rows = docs.tolist()
+    members: dict[tuple[int, int], list[int]] = {}
+    for i, (_, _, length, pre) in enumerate(rows):
+        if length > 0:
+            members.setdefault((length, _mask_kind(length, pre)), []).append(i)
+    out = q4.new_zeros(q4.shape, dtype=cd)  # padding outside every document stays 0
+    heads = torch.arange(h, device=q4.device)
+    for (length, pre), idx in members.items():
+        g = _Group(length, pre, [(rows[i][0], rows[i][1]) for i in idx], q4.device)
+        q, k, v = (g.take(x).to(cd) for x in (q4, k4, v4))  # (n, L, H(k), D)
+        k, v = (x.repeat_interleave(group, dim=2) if group > 1 else x for x in (k, v))
+        scores = torch.einsum("nihd,njhd->nhij", q, k) * scale
+        if pre < length:  # causal or prefix-LM: key j is visible from query i iff j <= max(i, pre - 1)
+            pos = torch.arange(length, device=q4.device)
+            allowed = pos[None, :] <= torch.maximum(pos, torch.tensor(pre - 1, device=q4.device))[:, None]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        doc = torch.tensor(idx, device=q4.device, dtype=torch.int64)
+        pos = torch.arange(length, device=q4.device, dtype=torch.int64)
+        rk = _rng.mix32(key ^ (doc[:, None] * h + heads[None, :]))  # (n, H): as dropout_keep
+        r = _rng.mix32(_rng.mix32(rk[..., None] ^ pos)[..., None] ^ pos)  # (n, H, L, L)
+        keep = (r >> 8) >= _rng.threshold24(p)
+        probs = probs * (keep.to(cd) * (1.0 / (1.0 - p)))
+        g.put(out, torch.einsum("nhij,njhd->nihd", probs, v))
+    return out.to(q4.dtype)
 
 
 def _module_supports(name: str, device_ok):
@@ -660,7 +700,7 @@ def _probe(device):
 # mma.sync kernel runs at about half of Triton's rate, so it stays behind it. cpu comes first so
 # that CPU tensors never land on the Triton interpreter (a test device) when TRITON_INTERPRET=1 is set.
 OP = _dispatch.Op("attention", [
-    _dispatch.Backend("cpu", _cpu_unavailable, _cpu_supports, _run_kernel("cpu")),  # torch's kernel, not _C
+    _dispatch.Backend("cpu", _cpu_unavailable, _cpu_supports, _cpu_run),  # torch's kernel, not _C
     _dispatch.backend("sdpa", _sdpa_supports, _sdpa_run),
     _dispatch.backend("triton", _module_supports("attention_triton", _triton_device), _run_kernel("triton")),
     _dispatch.backend("cuda", _module_supports("attention_cuda", _dispatch.device_is("cuda")), _run_kernel("cuda")),
