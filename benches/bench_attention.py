@@ -25,6 +25,10 @@ Run::
     python -m pytest benches/bench_attention.py --benchmark-only -s \
         --benchmark-json=benches/results/attention-cpu.json
 
+The cases (inputs, masks, pair counts, contenders) live in ``fastpt.bench.kernels.AttentionCase``,
+shared with ``fastpt bench --suite kernels``, which also times torch eager and fastpt's default
+dispatch.
+
 ``-s`` shows the summary table (speed-up against the torch baseline of the same case) at the end.
 On a machine shared with other jobs, ``OMP_NUM_THREADS=1`` keeps torch's thread pool from
 stalling at its barriers (it did, by 15 ms per call, on two oversubscribed cores).
@@ -32,115 +36,31 @@ stalling at its barriers (it did, by 15 ms per call, on two oversubscribed cores
 from __future__ import annotations
 
 import functools
-import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fastpt.ops import attention
-
-import _harness  # benches/_harness.py (pytest puts benches/ on sys.path)
-
-attn = importlib.import_module("fastpt.ops.attention")  # the module (the package exports the function)
+from fastpt.bench.harness import machine
+from fastpt.bench.kernels import ATTN_KINDS as CASES
+from fastpt.bench.kernels import ATTN_MODES as MODES
+from fastpt.bench.kernels import AttentionCase as Case
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 except ImportError:  # torch < 2.3
     SDPBackend = sdpa_kernel = None
 try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 except ImportError:  # torch < 2.5
     flex_attention = None
 
-CASES = ("none", "causal", "packed", "prefix")
-MODES = ("fwd", "fwd+bwd")
-DOC_SHARES = (412, 96, 350, 180, 301, 64, 397, 248)  # 8 unequal documents, in 2048ths of a row
 RESULTS: dict[tuple, dict] = {}
-
-
-def machine() -> dict:
-    return _harness.machine()
-
-
-class Case:
-    """One mask case: inputs (B, S, H, D), the fastpt keywords, torch's equivalent mask, the
-    attended pair count and a FlexAttention mask_mod."""
-
-    def __init__(self, kind: str, seq: int, batch: int, heads: int, hd: int, device: str, dtype: torch.dtype):
-        self.kind, self.seq, self.batch, self.heads, self.hd = kind, seq, batch, heads, hd
-        g = torch.Generator().manual_seed(0)
-        gd = torch.Generator(device=device).manual_seed(0)  # 100M values: drawn where they live
-        self.qkv = [torch.randn(batch, seq, heads, hd, generator=gd, device=device, dtype=dtype).requires_grad_()
-                    for _ in range(3)]
-        i = torch.arange(seq, device=device)
-        self.kw, self.torch_kw, self.mask_mod = {}, {}, None
-        if kind == "causal":
-            self.kw["causal"] = self.torch_kw["is_causal"] = True
-            self.pairs = batch * seq * (seq + 1) // 2
-            self.mask_mod = lambda b, h, qi, ki: ki <= qi
-        elif kind == "packed":
-            lengths = [s * seq // 2048 for s in DOC_SHARES]
-            lengths[-1] += seq - sum(lengths)
-            lens = torch.tensor(lengths * batch, device=device)
-            self.kw["cu_seqlens"] = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).int()
-            doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens[:len(lengths)])
-            doc = doc[None].expand(batch, seq)
-            self.torch_kw["attn_mask"] = (doc[:, None, :, None] == doc[:, None, None, :])
-            self.pairs = batch * sum(n * n for n in lengths)
-            self.mask_mod = lambda b, h, qi, ki: doc[b, qi] == doc[b, ki]
-        elif kind == "prefix":
-            prefix = torch.randint(seq // 4, 3 * seq // 4, (batch,), generator=g).to(device)
-            self.kw["prefix_lens"] = prefix
-            allowed = i[None, None, :] <= torch.maximum(i[None, :, None], prefix[:, None, None] - 1)
-            self.torch_kw["attn_mask"] = allowed[:, None]
-            self.pairs = int(allowed.sum())
-            self.mask_mod = lambda b, h, qi, ki: (ki <= qi) | (ki < prefix[b])
-        else:
-            self.pairs = batch * seq * seq
-
-    def flops(self, mode: str) -> float:
-        fwd = 4.0 * self.pairs * self.hd * self.heads
-        return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
-
-    def fastpt(self, backend):
-        def run(q, k, v):
-            if self.kind == "packed":  # packed input: (T, H, D) with the documents' boundaries
-                out = attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), backend=backend, **self.kw)
-                return out.view(q.shape)
-            return attention(q, k, v, backend=backend, **self.kw)
-        return run
-
-    def torch_sdpa(self, sdpa_backend=None):
-        def run(q, k, v):
-            args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            if sdpa_backend is None:
-                return F.scaled_dot_product_attention(*args, **self.torch_kw).transpose(1, 2)
-            with sdpa_kernel(sdpa_backend):
-                return F.scaled_dot_product_attention(*args, **self.torch_kw).transpose(1, 2)
-        return run
-
-    def flex(self):
-        block = None
-        if self.mask_mod is not None:
-            block = create_block_mask(self.mask_mod, self.batch, None, self.seq, self.seq, device=self.qkv[0].device)
-        compiled = torch.compile(flex_attention)
-
-        def run(q, k, v):
-            return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block).transpose(1, 2)
-        return run
-
-
-def _usable(backend: str, case: Case) -> bool:
-    """Whether a fastpt backend serves this case here (its own supports() decides)."""
-    q, k, v = (x.detach() for x in case.qkv)
-    return attn.OP.refusals(**attn.OP.probe(q.device.type) | dict(q4=q, k4=k, v4=v))[backend] is None
 
 
 def contenders(case: Case) -> dict:
     if case.qkv[0].device.type == "cpu":
         return {"fastpt-cpu": case.fastpt("cpu"), "torch-sdpa": case.torch_sdpa()}
-    out = {f"fastpt-{b}": case.fastpt(b) for b in ("triton", "cuda") if _usable(b, case)}
+    out = {f"fastpt-{b}": case.fastpt(b) for b in ("triton", "cuda") if case.refusal(b) is None}
     out["torch-sdpa"] = case.torch_sdpa()
     if sdpa_kernel is not None:
         unmasked = "attn_mask" not in case.torch_kw  # flash and cudnn take no arbitrary mask
@@ -200,6 +120,8 @@ def test_attention(benchmark, device, kind, seq, hd, mode, name):
                                 mode=mode, contender=name, dtype=str(q.dtype), pairs=case.pairs)
     benchmark.pedantic(step, setup=reset, rounds=5 if device == "cpu" else 10, iterations=1,
                        warmup_rounds=0 if device == "cpu" else 2)
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing timed
+        return
     stats = benchmark.stats.stats
     RESULTS[(device, kind, seq, hd, mode, name)] = dict(median_s=stats.median, min_s=stats.min,
                                                         tflops=case.flops(mode) / stats.min / 1e12)

@@ -16,6 +16,8 @@ Run::
 
     python -m pytest benches/bench_contrastive.py --benchmark-only \\
         --benchmark-json=benches/results/contrastive-cpu.json
+
+Inputs and the eager baselines live in ``fastpt.bench.kernels`` (shared with ``fastpt bench``).
 """
 from __future__ import annotations
 
@@ -26,23 +28,23 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastpt import _native
+from fastpt.bench import harness
+from fastpt.bench.kernels import TEMPERATURE, contrastive_inputs as _inputs, eager_clip as _eager_clip
+from fastpt.bench.kernels import eager_info_nce as _eager_info_nce
 from fastpt.ops import clip_loss, info_nce
-
-import _harness  # benches/_harness.py (pytest puts benches/ on sys.path)
 
 pytest.importorskip("pytest_benchmark")
 
-N_CPU, D, TEMPERATURE = 8192, 512, 0.07
+N_CPU, D = 8192, 512
 BUDGET = 8 << 30  # bytes
 FP32 = 4
 
 
 def machine() -> dict:
     isa = _native._C.contrastive_cpu_isa() if _native._C is not None else None
-    return _harness.machine(fastpt_cpu_isa=isa)
+    return harness.machine(fastpt_cpu_isa=isa)
 
 
 # ------------------------------------------------------------------ memory models (bytes, float32, N = M)
@@ -112,23 +114,6 @@ def measure_extra_bytes(impl: str, n: int, d: int, threads: int) -> dict:
 
 
 # ------------------------------------------------------------------ CPU timing
-
-def _inputs(n, d, dtype=torch.float32, device="cpu"):
-    g = torch.Generator().manual_seed(0)
-    q = F.normalize(torch.randn(n, d, generator=g), dim=1).to(device=device, dtype=dtype)
-    k = F.normalize(torch.randn(n, d, generator=g), dim=1).to(device=device, dtype=dtype)
-    return q, k
-
-
-def _eager_info_nce(q, k):
-    return F.cross_entropy(q @ k.T / TEMPERATURE, torch.arange(q.shape[0], device=q.device))
-
-
-def _eager_clip(q, k, logit_scale):
-    logits = logit_scale.exp().clamp(max=100) * q @ k.T
-    target = torch.arange(q.shape[0], device=q.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
 
 def _fwd_bwd(loss_fn, leaves):
     def run():

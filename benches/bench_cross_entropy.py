@@ -10,13 +10,14 @@ Contenders:
   * ``fastpt-cpu`` / ``fastpt-triton``: ``fastpt.ops.linear_cross_entropy``;
   * ``liger`` (CUDA, only if liger-kernel is importable): LigerFusedLinearCrossEntropyFunction.
 
-Memory. CPU: the peak resident set above the level before the call, read from the kernel's
-high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``). glibc's mmap threshold is
-pinned at 128 KiB so that every tensor-sized block is mmapped and unmapped on free: the RSS
-then follows live tensor bytes, and its peak is the peak of everything the step holds (logits,
-softmax, autograd's saved tensors, the gradients themselves), not an estimate.
-(tracemalloc cannot see torch's allocations.) CUDA: ``torch.cuda.max_memory_allocated`` above
-the level before the call. Gradients are reset to None before each call (outside the measured
+Memory: ``fastpt.bench.harness.peak_memory``. CPU: the peak resident set above the level before
+the call, read from the kernel's high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``), with glibc's mmap threshold pinned at 128 KiB during the call so that
+every tensor-sized block is mmapped and unmapped on free: the RSS then follows live tensor bytes,
+and its peak is the peak of everything the step holds (logits, softmax, autograd's saved tensors,
+the gradients themselves), not an estimate. (tracemalloc cannot see torch's allocations.) CUDA:
+``torch.cuda.max_memory_allocated`` above the level before the call. Cases and contenders live
+in ``fastpt.bench.kernels`` (shared with ``fastpt bench``). Gradients are reset to None before each call (outside the measured
 region), so every row includes allocating ``h.grad`` and ``w.grad``.
 
 Run::
@@ -28,93 +29,37 @@ Run::
 """
 from __future__ import annotations
 
-import ctypes
-import gc
-
 import pytest
 import torch
-import torch.nn.functional as F
 
+from fastpt.bench import harness
+from fastpt.bench.kernels import CE_CASES as CASES
+from fastpt.bench.kernels import ce_contenders, ce_inputs
 from fastpt.ops import linear_cross_entropy
 
-import _harness  # benches/_harness.py (pytest puts benches/ on sys.path)
-
-try:
-    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-except ImportError:  # only on the GPU machine, shipped as a wheel
-    LigerFusedLinearCrossEntropyFunction = None
-
-CASES = {  # name: (tokens, D, V, fraction of tokens with a label)
-    "bert-mlm": (32 * 128, 768, 30522, 0.15),
-    "gpt-small": (1024, 512, 32000, 1.0),
-}
 RESULTS: dict[tuple[str, str], dict] = {}
-
-try:  # pin glibc's mmap threshold: large frees go back to the OS, so RSS tracks live memory
-    _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-except OSError:  # not glibc: the RSS numbers are then an upper bound
-    _LIBC = None
 
 
 def machine() -> dict:
-    return _harness.machine()
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return harness.machine()
 
 
 def peak_memory_mb(fn, device: str) -> float:
-    """Peak memory (MiB) that ``fn`` adds above what is held before it starts."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    base = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    fn()
-    return (_status_kb("VmHWM") - base) / 1024
+    """Peak memory (MiB) that ``fn`` adds above what is held before it starts (``fastpt.bench.harness``)."""
+    got = harness.peak_memory(fn, device=device)
+    return float("nan") if got is None else got / 2**20
 
 
 def inputs(case: str, device: str, dtype: torch.dtype):
-    t, d, v, frac = CASES[case]
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(t, d, generator=g).to(device, dtype).requires_grad_()
-    w = (torch.randn(v, d, generator=g) * d**-0.5).to(device, dtype).requires_grad_()
-    labels = torch.randint(0, v, (t,), generator=g)
-    labels[torch.rand(t, generator=g) >= frac] = -100
-    return h, w, labels.to(device)
+    return ce_inputs(CASES[case], device, dtype)
 
 
 def contenders(device: str):
-    def eager(h, w, y):
-        return F.cross_entropy(F.linear(h, w).float(), y)
-
-    def gather(h, w, y):
-        keep = y != -100
-        return F.cross_entropy(F.linear(h[keep], w).float(), y[keep])
-
-    out = {"torch-eager": eager, "torch-gather": gather}
-    if device == "cpu":
-        out["fastpt-cpu"] = lambda h, w, y: linear_cross_entropy(h, w, y, backend="cpu")
-    else:
-        out["fastpt-triton"] = lambda h, w, y: linear_cross_entropy(h, w, y, backend="triton")
-        if LigerFusedLinearCrossEntropyFunction is not None:
-            def liger(h, w, y):
-                out = LigerFusedLinearCrossEntropyFunction.apply(h, w, y)  # a tuple in recent versions
-                return out[0] if isinstance(out, tuple) else out
-            out["liger"] = liger
-    return out
+    """torch-eager, torch-gather, fastpt with its device's backend forced, liger (CUDA, when importable)."""
+    out = {n: fn for n, fn in ce_contenders(device).items() if n != "fastpt" and not isinstance(fn, str)}
+    backend = "cpu" if device == "cpu" else "triton"
+    out[f"fastpt-{backend}"] = lambda h, w, y: linear_cross_entropy(h, w, y, backend=backend)
+    return dict(sorted(out.items(), key=lambda kv: kv[0] == "liger"))  # the old order: liger last
 
 
 GRID = [("cpu", case, name) for case in CASES for name in contenders("cpu")]
@@ -145,7 +90,8 @@ def test_linear_cross_entropy(benchmark, device, case, name):
     benchmark.extra_info.update(machine(), case=case, contender=name, dtype=str(dtype), peak_mem_mb=round(mem, 1),
                                 loss=loss, shape=dict(zip(("T", "D", "V", "active"), CASES[case])))
     benchmark.pedantic(step, setup=reset, rounds=3 if device == "cpu" else 20, iterations=1, warmup_rounds=0)
-    RESULTS[(device, case, name)] = dict(time_s=benchmark.stats.stats.median, mem_mb=mem, loss=loss)
+    if benchmark.stats is not None:  # None under --benchmark-disable (a smoke run)
+        RESULTS[(device, case, name)] = dict(time_s=benchmark.stats.stats.median, mem_mb=mem, loss=loss)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (Python 3.12, torch, triton, nvcc, pybind11,
 # scikit-build-core, pytest-xdist there; no network). Builds fastpt with CUDA, runs the GPU tests
-# (CUDA and Triton backends against the references), then the benches with their baselines in the
-# same run, and writes everything under $OUT (default ./gpu-out). Each phase has its own time
-# limit, so a slow phase cannot eat the others; the whole run stays under ~7 minutes.
+# (CUDA and Triton backends against the references), then `fastpt bench --suite all --device cuda`
+# (every op and the bert-base MLM step, each against its baselines in the same run), and writes
+# under $OUT (default ./gpu-out) at most 8 files: summary.txt, tests.txt, failures.txt (only if a
+# test failed), bench.log, bench-cuda.{csv,json,md,png}. The tests have their own time limit
+# (TEST_BUDGET); the bench gets what is left of TOTAL_BUDGET (default 470 s, inside the device's
+# 8 minutes) and writes its files after every op, cheapest first, so a run cut short keeps them.
 #   device run: bash benches/gpu_check.sh
-#   PHASES="tests" / "benches" / BENCHES="attention contrastive" select parts for a rerun.
+#   PHASES="tests" / "benches" select a phase; BENCH_ARGS="--ops attention" (any `fastpt bench`
+#   arguments) narrows the bench for a rerun.
 # Peer baselines (liger-kernel, inf-cl) travel as wheels in .whl/ when present.
 set -uo pipefail
 out="${OUT:-$PWD/gpu-out}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 PHASES="${PHASES:-tests benches}"
-BENCHES="${BENCHES:-cross_entropy contrastive attention}"
 t0=$(date +%s)
+deadline=$(( t0 + ${TOTAL_BUDGET:-470} ))
 log() { echo "== [$(( $(date +%s) - t0 )) s] $*" | tee -a "$out/summary.txt"; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -25,10 +29,10 @@ log "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.ma
 log "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo '+dirty')  date: $(date -u +%F)"
 log "python $(python3 -c 'import sys,torch,triton;print(sys.version.split()[0],"torch",torch.__version__,"triton",triton.__version__)')"
 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) FASTPT_CUDA=ON timeout 300 \
-  python3 -m pip install --no-build-isolation --no-deps -q -e . > "$out/build.log" 2>&1
+  python3 -m pip install --no-build-isolation --no-deps -q -e . > /tmp/build.log 2>&1
 rc=$?
 log "build rc=$rc"
-[ $rc -eq 0 ] || { tail -40 "$out/build.log"; exit $rc; }
+[ $rc -eq 0 ] || { cp /tmp/build.log "$out/build.log"; tail -40 /tmp/build.log; exit $rc; }
 python3 -m fastpt info | tee -a "$out/summary.txt"
 
 if [[ " $PHASES " == *" tests "* ]]; then
@@ -44,13 +48,19 @@ if [[ " $PHASES " == *" tests "* ]]; then
 fi
 
 if [[ " $PHASES " == *" benches "* ]]; then
-  for b in $BENCHES; do
-    case $b in attention) budget=200;; *) budget=75;; esac
-    timeout $budget python3 -m pytest "benches/bench_$b.py" -k cuda -q -s -p no:cacheprovider --benchmark-only \
-      --benchmark-columns=min,median,rounds --benchmark-json="$out/bench_$b.json" > /tmp/bench_$b.txt 2>&1
-    log "bench $b rc=$?"
-    cat /tmp/bench_$b.txt >> "$out/bench.txt"  # at most 8 files come back: one text log for all benches
-    grep -E "^cuda/|contender|test_info_nce_cuda|Error|error:" /tmp/bench_$b.txt | cut -c1-150 | head -60
-  done
+  # = `fastpt bench --suite all --device cuda --out $out` (called through the module, so it runs
+  # whether or not this checkout's CLI has the subcommand); rows reach the CSV/JSON op by op
+  budget=$(( deadline - $(date +%s) ))
+  if [ $budget -lt 60 ]; then
+    log "bench skipped: only ${budget} s left of TOTAL_BUDGET"
+  else
+    log "bench: ${budget} s left"
+    # shellcheck disable=SC2086
+    timeout $budget python3 -c 'import sys; from fastpt.bench import bench_main; sys.exit(bench_main(sys.argv[1:]))' \
+      --suite all --device cuda --out "$out" ${BENCH_ARGS:-} > "$out/bench.log" 2>&1
+    log "bench rc=$? (124: cut by its time limit; the files hold every op finished before)"
+    grep -E "^e2e|FAILED|Error" "$out/bench.log" | cut -c1-160 | head -40
+    ls "$out" | tee -a "$out/summary.txt"
+  fi
 fi
 log "done"

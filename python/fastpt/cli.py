@@ -8,6 +8,7 @@
     fastpt convert     Hugging Face checkpoints to and from fastpt (fastpt.models.hf)
     fastpt pretrain    the pre-training recipe (fastpt.train): checkpoints, exact resume, DDP / FSDP2
     fastpt eval        downstream accuracy of a pre-trained encoder vs the same one from scratch
+    fastpt bench       the benchmark suite: every op and an end-to-end step against its baselines
     fastpt configs     the model zoo (python/fastpt/configs/*.yaml)
 
 Each of the later commands owns its arguments: ``fastpt <command> --help``.
@@ -92,6 +93,12 @@ def _eval(argv):
     return eval_main(argv)
 
 
+def _bench(argv):
+    from .bench import bench_main
+
+    return bench_main(argv)
+
+
 def _configs(argv):
     import fastpt
 
@@ -119,6 +126,7 @@ DELEGATED = {
     "pretrain": (_pretrain, "pre-train from a recipe YAML (--config X.yaml [--resume] [--set k=v]); "
                             "torchrun -m fastpt pretrain for several GPUs"),
     "eval": (_eval, "downstream accuracy: text fine-tune / linear probe, vision linear probe + kNN"),
+    "bench": (_bench, "time fastpt against its baselines on the same inputs (kernels, e2e); results under benches/results"),
     "configs": (_configs, "list the model zoo, or print one config (fastpt configs bert-base)"),
 }
 

@@ -1,0 +1,113 @@
+"""``fastpt bench``: every speed claim measured side by side with its baselines, in one run.
+
+    fastpt bench [--suite kernels|e2e|all] [--device cpu|cuda] [--out DIR] [--quick] [--ops a,b]
+
+* ``kernels`` (:mod:`fastpt.bench.kernels`): one bench per fused op (masking, attention,
+  contrastive, cross_entropy), fastpt against torch eager, torch SDPA and its backends,
+  FlexAttention, transformers' collator, liger-kernel and inf-cl where importable.
+* ``e2e`` (:mod:`fastpt.bench.e2e`): tokens/s of a BERT MLM training step, fastpt against
+  transformers' BertForMaskedLM (bert-tiny 32 x 128 on the CPU, bert-base on CUDA).
+
+One harness (:mod:`~fastpt.bench.harness`: warm-up, median of repeats, CUDA events, peak
+memory, machine and versions), peaks looked up per device (:mod:`~fastpt.bench.peaks`), and
+one report (:mod:`~fastpt.bench.report`): rows appended to ``<out>/bench-<device>.csv`` and
+``.json`` as each op finishes, a Markdown table and a PNG of the run (``.md``, ``.png``).
+Every speed-up is a ratio against a baseline measured in the same run on the same inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .harness import Timing, machine_info, peak_memory, time_fn
+from .peaks import Peak, peak, peak_flops
+from .report import add_ratios, make_row, markdown, write_results
+
+__all__ = ["bench_main", "run", "time_fn", "peak_memory", "machine_info", "Timing", "peak", "peak_flops", "Peak",
+           "make_row", "add_ratios", "markdown", "write_results"]
+
+OPS = ("masking", "cross_entropy", "contrastive", "attention")  # cheapest first: a cut-short run keeps most
+
+
+def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/results", quick: bool = False,
+        ops=None, name: str | None = None, model: str | None = None, batch: int | None = None,
+        seq: int | None = None, dropout: float | None = None, log=print) -> list[dict]:
+    """Run the suites and write the results (see the module docstring); returns the rows.
+
+    Files are rewritten after every op, so a run stopped by a time limit keeps what it measured.
+    """
+    import torch
+
+    from . import e2e, kernels
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to torch here")
+    machine = machine_info(device)
+    ctx = kernels.Context(device=device, quick=quick, log=log, machine=machine)
+    run_id = f"{machine['date']}-{machine['commit'] or 'unknown'}"
+    stem = name or f"bench-{device}" + ("-quick" if quick else "")
+    out = Path(out)
+    rows: list[dict] = []
+    log(f"fastpt bench: {device} ({machine['device_name']}), {machine['cores']} cores, torch {machine['torch']}, "
+        f"commit {machine['commit']}; writing {out / stem}.{{csv,json,md,png}}")
+
+    def flush(new: list[dict]) -> None:
+        load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # as this op ended
+        for r in new:
+            r.update({k: v for k, v in machine.items() if k in r and r[k] is None}, run=run_id, date=machine["date"],
+                     loadavg_1m=load)
+        add_ratios(new)
+        rows.extend(new)
+        # CSV and JSON get each op's rows once, as they come; the Markdown and PNG show the run so far
+        write_results(new, out, stem, run_rows=rows, machine=machine,
+                      peaks={k: p.note for k, p in ctx.peaks.items()})
+
+    if suite in ("e2e", "all"):
+        flush(e2e.bench_e2e(ctx, size=model, batch=batch, seq=seq, dropout=dropout))
+    if suite in ("kernels", "all"):
+        for op in ops or OPS:
+            kernels.run_kernels(ctx, [op], on_rows=flush)
+    return rows
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """``fastpt bench``: returns 0 when every row ran or was skipped for a stated reason, 1 when a
+    provider failed (its row says why; the others are still measured), 2 on a usage error."""
+    import torch
+
+    parser = argparse.ArgumentParser(prog="fastpt bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=("kernels", "e2e", "all"), default="all")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when a GPU is visible, else cpu")
+    parser.add_argument("--out", default="benches/results", help="results directory (default benches/results)")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
+    parser.add_argument("--ops", default=None, help=f"comma-separated op benches (default all: {','.join(OPS)})")
+    parser.add_argument("--name", default=None, help="file stem (default bench-<device>[-quick])")
+    parser.add_argument("--model", choices=("bert-tiny", "bert-mini", "bert-small", "bert-medium", "bert-base"),
+                        default=None, help="e2e model (default bert-tiny on cpu, bert-base on cuda)")
+    parser.add_argument("--batch", type=int, default=None, help="e2e batch size (default 32)")
+    parser.add_argument("--seq", type=int, default=None, help="e2e sequence length (default 128 cpu, 512 cuda)")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="e2e hidden and attention dropout (default: the model config's, 0.1 for BERT)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
+    args = parser.parse_args(argv)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+    bad = [o for o in ops or () if o not in OPS]
+    if bad:
+        parser.error(f"--ops: unknown {bad}; expected some of {list(OPS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("fastpt bench: --device cuda, but no CUDA device is visible to torch", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(suite=args.suite, device=args.device, out=args.out, quick=args.quick, ops=ops, name=args.name,
+               model=args.model, batch=args.batch, seq=args.seq, dropout=args.dropout, log=lambda s: print(s, flush=True))
+    failed = [r for r in rows if str(r["status"]).startswith("error")]
+    stem = args.name or f"bench-{args.device}" + ("-quick" if args.quick else "")
+    print(f"fastpt bench: {len(rows)} rows, {len(failed)} failed; {Path(args.out) / stem}.md")
+    for r in failed:
+        print(f"  FAILED {r['op']} {r['case']} {r['mode']} {r['provider']}: {r['status']}")
+    return 1 if failed else 0

@@ -1,0 +1,213 @@
+"""End to end: tokens/s of one BERT MLM training step (forward + backward + AdamW), fastpt against
+transformers' ``BertForMaskedLM`` with ``attn_implementation="sdpa"``, measured in one run.
+
+Both sides get the same model size (the BERT family of Turc et al.: bert-tiny L2/H128 ...
+bert-base L12/H768, vocabulary 30522, 512 positions, dropout 0.1 on hidden states and attention
+probabilities), the same batches (random word ids between ``[CLS]`` and ``[SEP]``, masked once by
+``fastpt.ops.mlm_mask`` before timing: identical ``input_ids`` and ``labels`` for both), the same
+precision (float32 on the CPU, bfloat16 autocast over float32 weights on CUDA), the same
+optimizer (``torch.optim.AdamW``, lr 1e-4, weight decay 0.01; ``fused=True`` on CUDA) and tied
+input/output embeddings. Timed steps alternate between the two models (fastpt, transformers,
+fastpt, ...) so that a disturbance on a shared machine hits both alike.
+
+The sizes come from the fastpt zoo config of that name (``fastpt/configs/bert-tiny.yaml`` ...) when
+``fastpt.assemble`` has one, and transformers' ``BertConfig`` is written from the same dict. The
+fastpt side is ``fastpt.assemble.build`` on it (else ``fastpt.models.text_encoder`` +
+``fastpt.objectives.MLM`` directly: the same modules). Its MLM
+head runs only on the masked rows, through the fused linear cross-entropy; transformers' runs
+the head on every token.
+
+MFU counts the FLOPs the objective needs, per token: ``6 * (L * (4 D^2 + 2 D I))`` for the
+encoder's matrix products, ``12 * L * D * S`` for attention scores and context, and
+``mask_prob * 6 * (D^2 + D V)`` for the MLM head on the masked share of tokens (PaLM's appendix B
+convention, the head restricted to the tokens that have a label). The same count is used for
+both sides, so transformers' head on unlabelled tokens is work it does but is not credited with.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import torch
+
+from .harness import Timing, peak_memory, time_fn
+from .peaks import dtype_name
+from .report import make_row
+
+__all__ = ["BERT_SIZES", "backbone_config", "mlm_flops_per_token", "make_batches", "build_fastpt", "build_transformers",
+           "train_step", "bench_e2e"]
+
+# name: (layers, hidden, heads, intermediate); vocabulary 30522, 512 positions, 2 token types
+BERT_SIZES = {
+    "bert-tiny": (2, 128, 2, 512),
+    "bert-mini": (4, 256, 4, 1024),
+    "bert-small": (4, 512, 8, 2048),
+    "bert-medium": (8, 512, 8, 2048),
+    "bert-base": (12, 768, 12, 3072),
+}
+VOCAB, MASK_ID, CLS_ID, SEP_ID, MASK_PROB = 30522, 103, 101, 102, 0.15
+
+
+def backbone_config(size: str, *, dropout: float | None = None) -> dict:
+    """The ``text_encoder`` arguments of ``size``: the zoo's config (``fastpt.assemble``) when it has
+    one, else BERT's published sizes; ``dropout`` (when given) sets hidden and attention dropout."""
+    cfg = None
+    try:
+        from fastpt import assemble
+
+        if size in assemble.list_configs():
+            cfg = dict(assemble.load_config(size)["backbone"])
+    except ImportError:  # fastpt without the config builder
+        pass
+    if cfg is None:
+        layers, d, heads, inter = BERT_SIZES[size]
+        cfg = dict(builder="text_encoder", vocab_size=VOCAB, hidden_size=d, num_layers=layers, num_heads=heads,
+                   intermediate_size=inter, max_positions=512, type_vocab_size=2, dropout=0.1, attention_dropout=0.1)
+    if dropout is not None:
+        cfg.update(dropout=dropout, attention_dropout=dropout)
+    return cfg
+
+
+def mlm_flops_per_token(cfg: dict, seq_len: int, *, mask_prob: float = MASK_PROB) -> float:
+    """Training FLOPs (forward + backward) per token that a BERT MLM step needs (module docstring);
+    ``cfg``: the ``text_encoder`` arguments."""
+    layers, d, vocab = cfg["num_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    inter = cfg.get("intermediate_size") or 4 * d
+    encoder = 6 * layers * (4 * d * d + 2 * d * inter)
+    attention = 12 * layers * d * seq_len
+    head = mask_prob * 6 * (d * d + d * vocab)
+    return encoder + attention + head
+
+
+def make_batches(n: int, batch: int, seq: int, device: str, *, seed: int = 0) -> list[dict]:
+    """``n`` MLM batches ``{"input_ids", "attention_mask", "labels"}`` (B, S) on ``device``: random
+    word ids between [CLS] and [SEP], 15% masked (80/10/10) by ``fastpt.ops.mlm_mask``."""
+    from fastpt.ops import mlm_mask
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(1000, VOCAB, (batch, seq), generator=g)
+        ids[:, 0], ids[:, -1] = CLS_ID, SEP_ID
+        masked, labels = mlm_mask(ids, mask_token_id=MASK_ID, vocab_size=VOCAB, mask_prob=MASK_PROB,
+                                  special_token_ids=[0, CLS_ID, SEP_ID, MASK_ID], seed=seed + i)
+        out.append({k: v.to(device) for k, v in dict(input_ids=masked, attention_mask=torch.ones_like(ids),
+                                                        labels=labels).items()})
+    return out
+
+
+def _unique(params) -> list[torch.nn.Parameter]:
+    return list({id(p): p for p in params if p.requires_grad}.values())  # tied weights once
+
+
+def build_fastpt(size: str, cfg: dict, *, device: str = "cpu"):
+    """``(loss_fn(batch) -> loss, parameters, how)`` for fastpt's MLM model with backbone ``cfg``."""
+    objective_cfg = dict(mask_token_id=MASK_ID, special_token_ids=[0, CLS_ID, SEP_ID])
+    try:
+        from fastpt import assemble  # the config-driven builder, when present
+    except ImportError:
+        assemble = None
+    if assemble is not None:
+        model = assemble.build({"name": size, "backbone": cfg, "objective": {"name": "mlm", **objective_cfg}})
+        model = model.to(device)
+        return (lambda batch: model(**batch).loss), _unique(model.parameters()), "fastpt.assemble.build"
+    from fastpt.models import text_encoder
+    from fastpt.objectives import MLM
+
+    backbone = text_encoder(**{k: v for k, v in cfg.items() if k != "builder"}).to(device)
+    objective = MLM.from_backbone(backbone, **objective_cfg).to(device)
+    params = _unique(itertools.chain(backbone.parameters(), objective.parameters()))
+    return (lambda batch: objective(backbone, batch).loss), params, "fastpt.models.text_encoder + objectives.MLM"
+
+
+def build_transformers(size: str, cfg: dict, *, device: str = "cpu"):
+    """``(loss_fn(batch) -> loss, parameters, how)`` for transformers' BertForMaskedLM (sdpa
+    attention) with the sizes, dropout and epsilon of the fastpt backbone ``cfg``."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert_like = dict(pre_norm=False, position="learned", norm="layernorm", activation="gelu", causal=False)
+    differs = {k: cfg.get(k) for k, v in bert_like.items() if cfg.get(k, v) != v}
+    if differs:
+        raise ValueError(f"{size}: not a BERT architecture ({differs}); transformers' BertForMaskedLM cannot match it")
+    config = BertConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                        num_hidden_layers=cfg["num_layers"], num_attention_heads=cfg["num_heads"],
+                        intermediate_size=cfg.get("intermediate_size") or 4 * cfg["hidden_size"],
+                        max_position_embeddings=cfg.get("max_positions", 512),
+                        type_vocab_size=cfg.get("type_vocab_size", 2), layer_norm_eps=cfg.get("norm_eps", 1e-12),
+                        hidden_dropout_prob=cfg.get("dropout", 0.1),
+                        attention_probs_dropout_prob=cfg.get("attention_dropout", 0.1),
+                        pad_token_id=cfg.get("pad_token_id", 0), tie_word_embeddings=True)
+    model = BertForMaskedLM._from_config(config, attn_implementation="sdpa").to(device)
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != "sdpa":
+        raise RuntimeError(f"BertForMaskedLM: asked for sdpa attention, got {impl!r}")
+    return (lambda batch: model(**batch).loss), _unique(model.parameters()), "transformers.BertForMaskedLM (sdpa)"
+
+
+def train_step(loss_fn, params, batches: list[dict], device: str, dtype: torch.dtype):
+    """A no-argument training step over ``batches`` in turn: forward (autocast to ``dtype`` on
+    CUDA when it is not float32), backward, AdamW, zero_grad."""
+    cuda = device == "cuda"
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **({"fused": True} if cuda else {}))
+    cycle = itertools.cycle(batches)
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if cuda and dtype != torch.float32 else (
+        contextlib.nullcontext)
+
+    def step():
+        batch = next(cycle)
+        with autocast():
+            loss = loss_fn(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_e2e(ctx, *, size: str | None = None, batch: int | None = None, seq: int | None = None,
+              dropout: float | None = None) -> list[dict]:
+    """tokens/s of fastpt vs transformers on one BERT MLM step; rows for ``report``.
+
+    Defaults: bert-tiny, 32 x 128, float32 on the CPU; bert-base, 32 x 512, bf16 autocast on CUDA
+    (``ctx.quick``: bert-tiny 8 x 64, few steps).
+    """
+    cuda = ctx.cuda
+    size = size or ("bert-tiny" if ctx.quick or not cuda else "bert-base")
+    batch = batch or (8 if ctx.quick else 32)
+    seq = seq or (64 if ctx.quick else 512 if cuda else 128)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    warmup, repeats = (1, 2) if ctx.quick else ((3, 10) if cuda else (2, 6))
+    tokens = batch * seq
+    cfg = backbone_config(size, dropout=dropout)
+    flops = mlm_flops_per_token(cfg, seq) * tokens
+    p = ctx.peak(dtype)
+    batches = make_batches(4, batch, seq, ctx.device)
+    common = dict(suite="e2e", op=f"{size} MLM train step", case=f"{size} B{batch} S{seq}", mode="fwd+bwd+AdamW",
+                  shape=(batch, seq), dtype=dtype_name(dtype), baseline="transformers")
+    steps, hows, rows = {}, {}, []
+    for name, build in (("fastpt", build_fastpt), ("transformers", build_transformers)):
+        try:
+            torch.manual_seed(0)
+            loss_fn, params, hows[name] = build(size, cfg, device=ctx.device)
+            steps[name] = train_step(loss_fn, params, batches, ctx.device, dtype)
+            time_fn(steps[name], device=ctx.device, warmup=warmup - 1, repeats=1)  # warm-up (compiles, allocator)
+        except Exception as exc:  # noqa: BLE001 - report the side that failed, measure the other
+            msg = str(exc).strip().splitlines()
+            rows.append(make_row(**common, provider=name, status=f"error: {type(exc).__name__}: "
+                                 f"{msg[0][:200] if msg else ''}"))
+            ctx.log(f"e2e {name}: {rows[-1]['status']}")
+            steps.pop(name, None)
+    timings = {name: Timing() for name in steps}
+    for _ in range(repeats):  # alternate: a disturbance on a shared machine hits both sides alike
+        for name, step in steps.items():
+            timings[name].times += time_fn(step, device=ctx.device, warmup=0, repeats=1).times
+    for name, step in steps.items():
+        mem = peak_memory(step, device=ctx.device)
+        note = (f"{hows[name]}; same config and batches, {dtype_name(dtype)}, AdamW, dropout {cfg['dropout']} / "
+                f"{cfg['attention_dropout']} (hidden / attention); MFU counts the "
+                f"FLOPs the objective needs (head on the {MASK_PROB:.0%} masked tokens)")
+        rows.append(make_row(**common, provider=name, timing=timings[name], mem_bytes=mem, flops=flops, units=tokens,
+                             unit="tokens", peak=p, note=note))
+        r = rows[-1]
+        ctx.log(f"e2e {size} {batch}x{seq} {name:<13} {r['time_ms']:9.1f} ms/step  {r['rate']:10,.0f} tokens/s"
+                + (f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""))
+    return rows

@@ -1,0 +1,228 @@
+"""fastpt.bench: the harness, the peak table, result rows and their files. Fast: no real benchmarking."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+import torch
+
+from fastpt.bench import bench_main, e2e, harness, peaks, report
+from fastpt.bench.kernels import Context, measure
+
+# ----------------------------------------------------------------------------- timing
+
+
+def test_time_fn_measures_a_known_sleep_with_warmup_and_setup():
+    calls, setups = [], []
+    timing = harness.time_fn(lambda: (calls.append(1), time.sleep(0.02)), warmup=2, repeats=3,
+                             setup=lambda: setups.append(1))
+    assert len(calls) == 5 and len(setups) == 5  # warm-up and timed calls, setup before each
+    assert timing.repeats == 3
+    assert 0.019 <= timing.min <= timing.median < 0.2
+
+
+def test_time_fn_measures_compute_and_stops_at_its_budget():
+    x = torch.randn(256, 256)
+    fast = harness.time_fn(lambda: x @ x, repeats=3)
+    slow = harness.time_fn(lambda: [x @ x for _ in range(20)], repeats=3)
+    assert 0 < fast.median < slow.median
+    capped = harness.time_fn(lambda: time.sleep(0.03), warmup=0, repeats=50, budget_s=0.05)
+    assert capped.repeats == 3  # at least 3, then the budget stops it
+
+
+def test_timing_median_and_min_and_bad_repeats():
+    t = harness.Timing([3.0, 1.0, 2.0, 10.0])
+    assert t.median == 2.5 and t.min == 1.0 and t.repeats == 4
+    with pytest.raises(ValueError, match="repeats"):
+        harness.time_fn(lambda: None, repeats=0)
+
+
+def test_peak_memory_on_the_cpu_sees_a_tensor_it_allocates():
+    if harness.cpu_memory_note() is not None:
+        pytest.skip(harness.cpu_memory_note())
+
+    def alloc():
+        t = torch.ones(16 << 20)  # 64 MiB, touched
+        return float(t[-1])
+
+    got = harness.peak_memory(alloc)
+    assert 48 << 20 <= got <= 96 << 20
+    assert harness.peak_memory(lambda: None) < 16 << 20
+
+
+def test_machine_info_names_the_device_and_versions():
+    info = harness.machine_info("cpu")
+    for key in ("device", "device_name", "cores", "torch_threads", "python", "torch", "fastpt", "commit", "date"):
+        assert key in info
+    assert info["device"] == "cpu" and info["torch"] == torch.__version__
+    assert info["commit"] is None or isinstance(info["commit"], str)
+    assert {"cpu", "simd", "cores", "gpu", "extra"} <= set(harness.machine(extra=1))
+
+
+def test_git_commit_can_be_overridden(monkeypatch):
+    harness.git_commit.cache_clear()
+    monkeypatch.setenv("FASTPT_COMMIT", "abc1234")
+    try:
+        assert harness.git_commit() == "abc1234"
+    finally:
+        harness.git_commit.cache_clear()
+
+
+# ----------------------------------------------------------------------------- peaks
+
+
+@pytest.mark.parametrize("name,dtype,tflops", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4),
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756.5),
+    ("NVIDIA H100 NVL", "bf16", 835.5),
+    ("NVIDIA H200", torch.bfloat16, 989.4),
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312.0),
+    ("NVIDIA A10", torch.float16, 125.0),
+    ("NVIDIA L4", torch.bfloat16, 121.0),
+    ("NVIDIA L40S", torch.bfloat16, 362.0),
+    ("NVIDIA L40", "fp32", 90.5),
+    ("NVIDIA H200", torch.float32, 67.0),
+])
+def test_gpu_peaks_are_looked_up_by_name_and_dtype(name, dtype, tflops):
+    p = peaks.peak(name, dtype, device="cuda")
+    assert p.tflops == pytest.approx(tflops)
+    assert "datasheet" in p.note
+    assert p.mfu(p.flops / 2) == pytest.approx(0.5)
+
+
+def test_unknown_device_or_dtype_has_no_peak_and_says_so():
+    p = peaks.peak("Some Future Accelerator", torch.bfloat16, device="cuda")
+    assert p.flops is None and p.mfu(1e12) is None
+    assert "no peak known for 'Some Future Accelerator'" in p.note and "MFU n/a" in p.note
+    assert peaks.peak_flops("NVIDIA A10G", "bf16") is None  # not an A10
+    t4 = peaks.peak("Tesla T4", torch.bfloat16, device="cuda")
+    assert t4.flops is None and "no bf16 peak" in t4.note
+
+
+def test_fp32_matmul_counts_as_tf32_when_torch_allows_it(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert peaks.dtype_name(torch.float32, "cuda") == "tf32"
+    assert peaks.dtype_name(torch.float32, "cpu") == "fp32"
+
+
+INTEL = {"vendor_id": "GenuineIntel", "cpu family": "6", "model": "143", "flags": "fma avx2 avx512f",
+         "model name": "Intel(R) Xeon(R) Platinum 8480+ @ 2.00GHz", "siblings": "8", "cpu cores": "4"}
+
+
+def test_cpu_peak_is_derived_from_cores_width_and_clock():
+    p = peaks.peak(None, torch.float32, device="cpu", cores=8, cpuinfo=INTEL)  # 8 threads = 4 cores x 2 (SMT)
+    assert p.flops == pytest.approx(4 * 64 * 2.0e9)
+    assert "4 cores x 64" in p.note and "2.00 GHz" in p.note
+    amd = {"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "17", "flags": "fma avx2 avx512f",
+           "cpu MHz": "3000.0"}
+    assert peaks.peak(None, "fp32", device="cpu", cores=2, cpuinfo=amd).flops == pytest.approx(2 * 32 * 3.0e9)
+    assert peaks.peak(None, "bf16", device="cpu", cores=8, cpuinfo={**INTEL, "flags": "fma avx512f amx_bf16"}
+                      ).flops == pytest.approx(4 * 1024 * 2.0e9)
+
+
+def test_cpu_peak_unknown_is_none_with_a_note():
+    p = peaks.peak(None, torch.float32, device="cpu", cores=2, cpuinfo={"vendor_id": "Mystery", "flags": "fma"})
+    assert p.flops is None and "MFU n/a" in p.note and "Mystery" in p.note
+    assert peaks.peak(None, "fp32", device="cpu", cores=2, cpuinfo={**INTEL, "model name": "x"}).flops is None
+
+
+# ----------------------------------------------------------------------------- rows and files
+
+
+def _rows():
+    peak = peaks.Peak(1e12, "test peak")
+    base = report.make_row(op="attention", case="none S8", mode="fwd", shape=(1, 8), dtype="fp32",
+                           provider="torch-sdpa", baseline="torch-sdpa", timing=harness.Timing([0.004, 0.005]),
+                           mem_bytes=4 << 20, flops=4e9, units=1000, unit="tokens", peak=peak)
+    ours = report.make_row(op="attention", case="none S8", mode="fwd", shape=(1, 8), dtype="fp32", provider="fastpt",
+                           baseline="torch-sdpa", timing=harness.Timing([0.002, 0.002, 0.003]), mem_bytes=1 << 20,
+                           flops=4e9, units=1000, unit="tokens", peak=peak)
+    skipped = report.make_row(op="attention", case="none S8", mode="fwd", shape=(1, 8), dtype="fp32", provider="flex",
+                              baseline="torch-sdpa", status="skipped: needs CUDA")
+    return report.add_ratios([base, ours, skipped])
+
+
+def test_make_row_and_ratios():
+    base, ours, skipped = _rows()
+    assert set(base) == set(report.COLUMNS)
+    assert ours["time_ms"] == pytest.approx(2.0) and ours["min_ms"] == pytest.approx(2.0) and ours["repeats"] == 3
+    assert ours["tflops"] == pytest.approx(2.0) and ours["mfu"] == pytest.approx(2.0)
+    assert ours["rate"] == pytest.approx(5e5) and ours["rate_unit"] == "tokens/s"
+    assert base["ratio"] == pytest.approx(1.0) and ours["ratio"] == pytest.approx(2.25)
+    assert ours["mem_mb"] == pytest.approx(1.0) and ours["mem_ratio"] == pytest.approx(0.25)
+    assert skipped["ratio"] is None and skipped["time_ms"] is None
+
+
+def test_csv_and_json_append(tmp_path):
+    rows = _rows()
+    for _ in range(2):
+        report.append_csv(tmp_path / "r.csv", rows)
+        report.append_json(tmp_path / "r.json", rows)
+    with open(tmp_path / "r.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 6 and got[1]["provider"] == "fastpt" and float(got[1]["ratio"]) == pytest.approx(2.25)
+    assert json.loads((tmp_path / "r.json").read_text())[4]["provider"] == "fastpt"
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="JSON list"):
+        report.append_json(tmp_path / "bad.json", rows)
+
+
+def test_csv_with_other_columns_is_rewritten_with_their_union(tmp_path):
+    (tmp_path / "r.csv").write_text("provider,old_column\nx,1\n")
+    report.append_csv(tmp_path / "r.csv", _rows())
+    with open(tmp_path / "r.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 4 and got[0]["old_column"] == "1" and got[2]["provider"] == "fastpt"
+
+
+def test_markdown_table_names_baseline_and_speedups():
+    md = report.markdown(_rows(), machine={"device": "cpu", "device_name": "Test CPU", "commit": "abc"},
+                         peaks={"fp32": "test peak"})
+    assert "# fastpt bench: cpu (Test CPU)" in md and "commit abc" in md and "peak for MFU, fp32: test peak" in md
+    assert "| case | mode | dtype | provider | median ms |" in md
+    assert "| none S8 | fwd | fp32 | torch-sdpa | 4.500 |" in md and "1.00x (baseline) | 2.25x |" in md
+    assert "| fastpt | 2.000 | 2.000 | 2.000 | 200.0% | 500.0 k tokens/s | 1.0 | 2.25x |" in md
+    assert "skipped: needs CUDA" in md
+    assert report.fmt_rate(1.5e9, " tokens/s") == "1.5 G tokens/s" and report.fmt_rate(12, " x/s") == "12 x/s"
+
+
+def test_write_results_writes_csv_json_markdown(tmp_path):
+    paths = report.write_results(_rows(), tmp_path / "out", "bench-test")
+    names = {p.name for p in paths}
+    assert {"bench-test.csv", "bench-test.json", "bench-test.md"} <= names
+    if "bench-test.png" in names:  # matplotlib installed
+        assert (tmp_path / "out" / "bench-test.png").read_bytes()[:4] == b"\x89PNG"
+        assert "![" in (tmp_path / "out" / "bench-test.md").read_text()
+
+
+def test_measure_records_ok_skipped_and_failed_providers():
+    def boom():
+        raise RuntimeError("backend exploded\nmore")
+
+    x = torch.randn(64, 64)
+    rows = measure(Context(device="cpu", quick=True, log=lambda s: None, machine={"device_name": "t"}), op="toy",
+                   case="mm", mode="fwd", shape=(64, 64), dtype=torch.float32, baseline="torch",
+                   providers={"torch": lambda: x @ x, "fastpt": lambda: x @ x, "broken": boom, "absent": "not here"},
+                   flops=2 * 64**3, memory=False)
+    status = {r["provider"]: r["status"] for r in report.add_ratios(rows)}
+    assert status == {"torch": "ok", "fastpt": "ok", "broken": "error: RuntimeError: backend exploded",
+                      "absent": "skipped: not here"}
+    assert rows[0]["ratio"] == pytest.approx(1.0) and rows[1]["ratio"] > 0
+
+
+def test_bench_main_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_main(["--ops", "nonsense"])
+    assert exc.value.code == 2 and "nonsense" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert bench_main(["--device", "cuda"]) == 2
+
+
+def test_e2e_flops_per_token_and_config():
+    cfg = e2e.backbone_config("bert-medium", dropout=0.0)  # not in the zoo: BERT's published sizes
+    assert (cfg["num_layers"], cfg["hidden_size"], cfg["attention_dropout"]) == (8, 512, 0.0)
+    base = dict(num_layers=12, hidden_size=768, intermediate_size=3072, vocab_size=30522)
+    expected = 6 * 12 * (4 * 768**2 + 2 * 768 * 3072) + 12 * 12 * 768 * 128 + 0.15 * 6 * (768**2 + 768 * 30522)
+    assert e2e.mlm_flops_per_token(base, 128) == pytest.approx(expected)
