@@ -44,15 +44,7 @@ from fastpt.bench.harness import machine
 from fastpt.bench.kernels import ATTN_KINDS as CASES
 from fastpt.bench.kernels import ATTN_MODES as MODES
 from fastpt.bench.kernels import AttentionCase as Case
-
-try:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-except ImportError:  # torch < 2.3
-    SDPBackend = sdpa_kernel = None
-try:
-    from torch.nn.attention.flex_attention import flex_attention
-except ImportError:  # torch < 2.5
-    flex_attention = None
+from fastpt.bench.kernels import attention_providers
 
 RESULTS: dict[tuple, dict] = {}
 
@@ -60,18 +52,8 @@ RESULTS: dict[tuple, dict] = {}
 def contenders(case: Case) -> dict:
     if case.qkv[0].device.type == "cpu":
         return {"fastpt-cpu": case.fastpt("cpu"), "torch-sdpa": case.torch_sdpa()}
-    out = {f"fastpt-{b}": case.fastpt(b) for b in ("triton", "cuda") if case.refusal(b) is None}
-    out["torch-sdpa"] = case.torch_sdpa()
-    if sdpa_kernel is not None:
-        unmasked = "attn_mask" not in case.torch_kw  # flash and cudnn take no arbitrary mask
-        for name, b in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                        ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-            if unmasked or name == "efficient":
-                out[f"sdpa-{name}"] = case.torch_sdpa(b)
-    if flex_attention is not None and case.hd == 128 and case.kind in ("packed", "prefix"):
-        # the masks flex exists for (none/causal have SDPA's own kernels); it compiles per case
-        out["flex"] = case.flex()
-    return out
+    # the CUDA contenders are fastpt bench's; a string there is why one does not serve the case
+    return {name: fn for name, fn in attention_providers(case).items() if callable(fn)}
 
 
 CPU_GRID = [("cpu", kind, 2048, 64, mode) for kind in CASES for mode in MODES]

@@ -174,12 +174,17 @@ def _known(where: str, d: dict, valid) -> None:
             raise ValueError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
 
 
+def _choice(where: str, d, key: str, registry) -> tuple[str, dict]:
+    """``d[key]``, checked against ``registry``, and the rest of the mapping ``d`` (its arguments)."""
+    _dict(where, d)
+    name = d.get(key)
+    if name not in registry:
+        raise ValueError(f"{where}.{key}: expected one of {sorted(registry)}, got {name!r}")
+    return name, {k: v for k, v in d.items() if k != key}
+
+
 def _validate_backbone(b) -> None:
-    _dict("backbone", b)
-    builder = b.get("builder")
-    if builder not in BUILDERS:
-        raise ValueError(f"backbone.builder: expected one of {sorted(BUILDERS)}, got {builder!r}")
-    args = {k: v for k, v in b.items() if k != "builder"}
+    builder, args = _choice("backbone", b, "builder", BUILDERS)
     if builder == "two_tower":
         _known("backbone", args, tuple(TOWERS))
         for tower, name in TOWERS.items():
@@ -195,11 +200,7 @@ def _validate_backbone(b) -> None:
 
 
 def _validate_objective(o) -> None:
-    _dict("objective", o)
-    name = o.get("name")
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective.name: expected one of {sorted(OBJECTIVES)}, got {name!r}")
-    args = {k: v for k, v in o.items() if k != "name"}
+    name, args = _choice("objective", o, "name", OBJECTIVES)
     _check_args(OBJECTIVES[name].__init__, args, "objective", f"objective {name!r}", fillable=True)
 
 

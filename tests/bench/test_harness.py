@@ -102,10 +102,16 @@ def test_unknown_device_or_dtype_has_no_peak_and_says_so():
     assert t4.flops is None and "no bf16 peak" in t4.note
 
 
-def test_fp32_matmul_counts_as_tf32_when_torch_allows_it(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert peaks.dtype_name(torch.float32, "cuda") == "tf32"
-    assert peaks.dtype_name(torch.float32, "cpu") == "fp32"
+def test_fp32_matmul_counts_as_tf32_when_torch_allows_it():
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert peaks.dtype_name(torch.float32, "cuda") == "tf32"
+        assert peaks.dtype_name(torch.float32, "cpu") == "fp32"
+        torch.set_float32_matmul_precision("highest")
+        assert peaks.dtype_name(torch.float32, "cuda") == "fp32"
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 INTEL = {"vendor_id": "GenuineIntel", "cpu family": "6", "model": "143", "flags": "fma avx2 avx512f",

@@ -1,4 +1,4 @@
-"""Peak FLOP/s looked up by device name and precision; MFU n/a where the peak is unknown (CPU)."""
+"""Peak FLOP/s looked up by device name and precision (derived for the CPU); MFU n/a where no peak is known."""
 import pytest
 import torch
 

@@ -39,14 +39,15 @@ def test_outputs(shards, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert rows[-1]["tokens"] == 6 * 3 * 17 and all(r["mfu"] is None for r in rows)  # MFU n/a on the CPU
+    # MFU against the CPU's derived peak (None where this CPU's peak is unknown)
+    assert rows[-1]["tokens"] == 6 * 3 * 17 and all(r["mfu"] is None or 0 < r["mfu"] < 1 for r in rows)
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 and r["mlm_loss"] == r["loss"] for r in rows)
     assert rows[0]["lr"] == 1e-3  # warmup_steps 1: the peak at step 1, then the cosine
     saved = json.loads((out / "summary.json").read_text())
     for key in ("steps", "tokens", "tokens_per_s", "mfu", "final_loss", "checkpoint", "plot", "summary_line"):
         assert key in saved, key
-    assert summary["steps"] == 6 and summary["tokens"] == 306 and summary["mfu"] is None
-    assert summary["summary_line"].startswith("pretrain: 6 steps, 306 tokens") and "MFU n/a" in summary["summary_line"]
+    assert summary["steps"] == 6 and summary["tokens"] == 306 and (summary["mfu"] is None or 0 < summary["mfu"] < 1)
+    assert summary["summary_line"].startswith("pretrain: 6 steps, 306 tokens") and "MFU " in summary["summary_line"]
     recorded = yaml.safe_load((out / "config.yaml").read_text())
     assert recorded["train"]["max_steps"] == 6 and recorded["model"]["name"] == "tiny-mlm"
     model = PretrainModel.from_pretrained(out / "checkpoints" / "step-00000006")

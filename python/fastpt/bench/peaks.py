@@ -76,14 +76,17 @@ class Peak:
 
 def dtype_name(dtype: torch.dtype | str, device: str = "cpu") -> str:
     """The peak table's name for a dtype: torch dtypes map to fp32/bf16/fp16/fp64; float32 matrix
-    math on CUDA counts as ``tf32`` when ``torch.backends.cuda.matmul.allow_tf32`` is set."""
+    math on CUDA counts as ``tf32`` when torch allows TF32 (``torch.get_float32_matmul_precision()``
+    is "high" or "medium"; read through that API, as torch refuses the legacy ``allow_tf32`` flag
+    once the new precision API has been used)."""
     name = _DTYPES.get(dtype, str(dtype)) if isinstance(dtype, torch.dtype) else str(dtype)
-    if name == "fp32" and torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    if name == "fp32" and torch.device(device).type == "cuda" and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return name
 
 
-def _gpu_peak(name: str, dtype: str) -> Peak:
+def gpu_peak(name: str, dtype: str) -> Peak:
+    """The table's peak for a GPU called ``name`` at the table dtype ``dtype`` ("fp32", "tf32", "bf16" ...)."""
     for pattern, label, table in GPU_PEAKS:
         if re.search(pattern, name, flags=re.IGNORECASE):
             if dtype not in table:
@@ -173,7 +176,7 @@ def peak(device_name: str | None, dtype: torch.dtype | str, *, device: str = "cu
     dev = torch.device(device).type
     name = dtype_name(dtype, dev)
     if dev == "cuda":
-        return _gpu_peak(device_name or "", name)
+        return gpu_peak(device_name or "", name)
     if cores is None:
         try:
             cores = len(os.sched_getaffinity(0))

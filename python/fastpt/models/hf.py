@@ -193,21 +193,25 @@ def _rules(arch: str, num_layers: int) -> list[tuple[tuple[str, ...], str, str]]
         for p in params:
             r.append((tuple(f"{h}.{p}" for h in hf) if isinstance(hf, tuple) else (f"{hf}.{p}",), f"{ours}.{p}", op))
 
+    def encoder_layer(h, o, attention, norm1, norm2):
+        """One post-LN encoder layer: BERT's and ViT's differ only in the names below ``h``."""
+        for p in ("weight", "bias"):
+            r.append((tuple(f"{h}{attention}.{x}.{p}" for x in ("query", "key", "value")),
+                      f"{o}attn.in_proj_{p}", "cat"))
+        add(f"{h}attention.output.dense", f"{o}attn.out_proj")
+        add(f"{h}{norm1}", f"{o}norm1")
+        add(f"{h}intermediate.dense", f"{o}mlp.fc1")
+        add(f"{h}output.dense", f"{o}mlp.fc2")
+        add(f"{h}{norm2}", f"{o}norm2")
+
     b = "backbone."
     if arch in ("bert", "roberta"):
         for name in ("word", "position", "token_type"):
             add(f"embeddings.{name}_embeddings", f"{b}embeddings.{name}_embeddings", params=("weight",))
         add("embeddings.LayerNorm", f"{b}embeddings.norm")
         for i in range(num_layers):
-            h, o = f"encoder.layer.{i}.", f"{b}layers.{i}."
-            for p in ("weight", "bias"):
-                r.append((tuple(f"{h}attention.self.{x}.{p}" for x in ("query", "key", "value")),
-                          f"{o}attn.in_proj_{p}", "cat"))
-            add(f"{h}attention.output.dense", f"{o}attn.out_proj")
-            add(f"{h}attention.output.LayerNorm", f"{o}norm1")
-            add(f"{h}intermediate.dense", f"{o}mlp.fc1")
-            add(f"{h}output.dense", f"{o}mlp.fc2")
-            add(f"{h}output.LayerNorm", f"{o}norm2")
+            encoder_layer(f"encoder.layer.{i}.", f"{b}layers.{i}.", "attention.self", "attention.output.LayerNorm",
+                          "output.LayerNorm")
         add("pooler.dense", "heads.pooler.dense")
         head = "cls.predictions" if arch == "bert" else "lm_head"
         add(f"{head}.transform.dense" if arch == "bert" else f"{head}.dense", "heads.mlm.dense")
@@ -236,15 +240,8 @@ def _rules(arch: str, num_layers: int) -> list[tuple[tuple[str, ...], str, str]]
             r.append(((f"embeddings.{name}",), f"{b}patch_embed.{name}", "copy"))
         add("embeddings.patch_embeddings.projection", f"{b}patch_embed.projection")
         for i in range(num_layers):
-            h, o = f"encoder.layer.{i}.", f"{b}layers.{i}."
-            for p in ("weight", "bias"):
-                r.append((tuple(f"{h}attention.attention.{x}.{p}" for x in ("query", "key", "value")),
-                          f"{o}attn.in_proj_{p}", "cat"))
-            add(f"{h}attention.output.dense", f"{o}attn.out_proj")
-            add(f"{h}layernorm_before", f"{o}norm1")
-            add(f"{h}intermediate.dense", f"{o}mlp.fc1")
-            add(f"{h}output.dense", f"{o}mlp.fc2")
-            add(f"{h}layernorm_after", f"{o}norm2")
+            encoder_layer(f"encoder.layer.{i}.", f"{b}layers.{i}.", "attention.attention", "layernorm_before",
+                          "layernorm_after")
         add("layernorm", f"{b}final_norm")
         add("pooler.dense", "heads.pooler.dense")
     return r

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._rng import check_seed  # the masking ops' seed check; the objectives import it from here
+
 # Backbone attributes that ``from_backbone`` copies into constructor arguments of the same name.
 BACKBONE_SIZES = ("hidden_size", "vocab_size", "num_patches", "patch_size", "in_channels")
 # Optional text-batch keys passed through to a TextEncoder when present.
@@ -128,17 +130,6 @@ def require(batch, keys, where: str) -> None:
     missing = [k for k in keys if batch.get(k) is None]
     if missing:
         raise KeyError(f"{where}: batch is missing {missing} (needs {tuple(keys)}; has {sorted(batch)})")
-
-
-def check_seed(seed) -> int:
-    """``seed`` as a Python int in ``[0, 2**64)``; TypeError / ValueError naming ``seed`` otherwise."""
-    if isinstance(seed, torch.Tensor) and seed.numel() == 1 and not seed.dtype.is_floating_point:
-        seed = int(seed.item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed: expected 0 <= seed < 2**64, got {seed}")
-    return seed
 
 
 def seeded(seed) -> torch.Generator:

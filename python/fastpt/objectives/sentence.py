@@ -51,8 +51,11 @@ class _SentencePair(Objective):
     label_key = ""
     hf_heads = {"pooler": "pooler", "mlm": "mlm.head"}
 
-    def __init__(self, hidden_size, vocab_size, cls_token_id, sep_token_id, pad_token_id, mask_token_id, mask_prob,
-                 replace_prob, random_prob, special_token_ids, tie_word_embeddings, log_accuracy):
+    # NSP and SOP share this signature (assemble reads it as their config schema); see NSP's docstring.
+    def __init__(self, *, hidden_size: int, cls_token_id: int, sep_token_id: int, pad_token_id: int = 0,
+                 vocab_size: int | None = None, mask_token_id: int | None = None, mask_prob: float = 0.15,
+                 replace_prob: float = 0.8, random_prob: float = 0.1, special_token_ids: tuple[int, ...] = (),
+                 tie_word_embeddings: bool = True, log_accuracy: bool = False):
         super().__init__()
         positive("hidden_size", hidden_size, integer=True)
         for name, v in (("cls_token_id", cls_token_id), ("sep_token_id", sep_token_id), ("pad_token_id", pad_token_id)):
@@ -139,13 +142,6 @@ class NSP(_SentencePair):
     label_key = "next_sentence_label"
     hf_heads = {"pooler": "pooler", "nsp": "classifier", "mlm": "mlm.head"}
 
-    def __init__(self, *, hidden_size: int, cls_token_id: int, sep_token_id: int, pad_token_id: int = 0,
-                 vocab_size: int | None = None, mask_token_id: int | None = None, mask_prob: float = 0.15,
-                 replace_prob: float = 0.8, random_prob: float = 0.1, special_token_ids: tuple[int, ...] = (),
-                 tie_word_embeddings: bool = True, log_accuracy: bool = False):
-        super().__init__(hidden_size, vocab_size, cls_token_id, sep_token_id, pad_token_id, mask_token_id, mask_prob,
-                         replace_prob, random_prob, special_token_ids, tie_word_embeddings, log_accuracy)
-
     def _pairs(self, lengths, cut, flip, g):
         n = len(lengths)
         rows = torch.arange(n)
@@ -166,13 +162,6 @@ class SOP(_SentencePair):
     """
 
     label_key = "sentence_order_label"
-
-    def __init__(self, *, hidden_size: int, cls_token_id: int, sep_token_id: int, pad_token_id: int = 0,
-                 vocab_size: int | None = None, mask_token_id: int | None = None, mask_prob: float = 0.15,
-                 replace_prob: float = 0.8, random_prob: float = 0.1, special_token_ids: tuple[int, ...] = (),
-                 tie_word_embeddings: bool = True, log_accuracy: bool = False):
-        super().__init__(hidden_size, vocab_size, cls_token_id, sep_token_id, pad_token_id, mask_token_id, mask_prob,
-                         replace_prob, random_prob, special_token_ids, tie_word_embeddings, log_accuracy)
 
     def _pairs(self, lengths, cut, flip, g):
         rows, zero = torch.arange(len(lengths)), torch.zeros_like(cut)

@@ -19,7 +19,6 @@ checkpoint, with a warning naming the damaged file, when the newest one is torn 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -31,6 +30,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from ..data.shards import sha256_file
 
 FORMAT, VERSION = "fastpt-checkpoint", 1
 MANIFEST = "checkpoint.json"
@@ -46,14 +47,6 @@ class CorruptCheckpointError(ValueError):
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _sha256(path: Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -131,7 +124,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, write_model: Callable
     for p in sorted(tmp.iterdir()):
         if p.is_file():
             _fsync(p)
-            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": files})
     _fsync(tmp / MANIFEST)
     _fsync(tmp)
@@ -193,7 +186,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
             raise CorruptCheckpointError(f"{p}: missing (listed in {mpath})")
         if p.stat().st_size != rec["bytes"]:
             raise CorruptCheckpointError(f"{p}: {p.stat().st_size} bytes, {MANIFEST} says {rec['bytes']} (truncated)")
-        if _sha256(p) != rec["sha256"]:
+        if sha256_file(p) != rec["sha256"]:
             raise CorruptCheckpointError(f"{p}: sha256 differs from {MANIFEST} (corrupt)")
     return manifest
 

@@ -5,13 +5,13 @@ line, ``label<TAB>text`` (labels are strings; ids follow their sorted order), an
 accuracy and macro-F1. ``freeze=True`` keeps the encoder fixed and fits a linear probe on its
 pooled features instead. With no test file a stratified share of the training file is held out
 (by seed). ``builtin_text_task()`` writes a labelled task derived from the running Python's own
-documentation, so the demo needs no download.
+documentation, so the demo needs no download (the file format, split and task: ``fastpt.data.tasks``).
 
 Vision: features of a frozen encoder (``extract_features``), then a linear probe (multinomial
 logistic regression on standardised features, full-batch L-BFGS) and a weighted kNN
-(cosine similarity, k=20, votes ``exp(sim / 0.07)``: DINO's protocol), on fashion-mnist, an
-image folder (``root/<class>/*.png``; ``root/train`` + ``root/test`` when split) or the
-output of ``fastpt preprocess --images``.
+(cosine similarity, k=20, votes ``exp(sim / 0.07)``: DINO's protocol; both probes live in
+``fastpt.train.probes``), on fashion-mnist, an image folder (``root/<class>/*.png``;
+``root/train`` + ``root/test`` when split) or the output of ``fastpt preprocess --images``.
 
 The baseline that shows pre-training helps is the same architecture with random weights:
 ``load_backbone(dir, from_scratch=True)`` / ``fastpt eval ... --from-scratch`` (or ``--baseline``
@@ -27,16 +27,12 @@ left as it was); the backbone given to ``evaluate_text`` is copied, never traine
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
-import hashlib
 import json
 import math
 import os
 import re
 import sys
-import sysconfig
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -48,271 +44,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The labelled-task and probe names stay importable from here (re-exported; they lived here first).
+from ..data.tasks import (BUILTIN_TASKS, PYTHON_DOCS_TOPICS, builtin_text_task, read_labelled,  # noqa: F401
+                          read_rows, stratified_split, write_text_atomic)
 from ..models import TextEncoder, VisionEncoder
 from ..objectives.base import pool
+from .probes import classification_metrics, knn_predict, linear_probe, standardize  # noqa: F401
 
 PROBES = ("linear", "knn", "both")
 POOLINGS = ("mean", "first", "last")
 CHECKPOINT_FILES = ("fastpt_config.json", "model.safetensors")
-
-
-# ----------------------------------------------------------------------------- labelled text files
-
-
-def read_labelled(path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """Read ``label<TAB>text`` lines: returns (labels, texts). Blank lines and lines starting
-    with ``#`` are skipped; the text may itself hold tabs (only the first one splits).
-
-    Raises FileNotFoundError naming the file; ValueError naming file and line for a line
-    without a tab, an empty label or text, or invalid UTF-8; ValueError for a file with no example.
-    """
-    rows = _read_rows(path)
-    return [r[1] for r in rows], [r[2] for r in rows]
-
-
-def _read_rows(path: str | os.PathLike) -> list[tuple[int, str, str]]:
-    """``(line number, label, text)`` of each example line (see ``read_labelled``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"labelled text file {path}: no such file")
-    rows = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason})") from None
-            if not line.strip() or line.startswith("#"):
-                continue
-            label, tab, text = line.partition("\t")
-            if not tab:
-                raise ValueError(f"{path}:{lineno}: expected 'label<TAB>text', found no tab: {line[:60]!r}")
-            if not label.strip() or not text.strip():
-                raise ValueError(f"{path}:{lineno}: empty {'label' if not label.strip() else 'text'}")
-            rows.append((lineno, label.strip(), text.strip()))
-    if not rows:
-        raise ValueError(f"{path}: no examples (expected lines 'label<TAB>text')")
-    return rows
-
-
-def stratified_split(labels: Sequence, test_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Indices (train, test), both sorted: each class sends ``round(test_fraction * n)`` of its
-    ``n`` examples to the test side (at least one when ``n >= 2``), chosen by ``seed``."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
-    g = torch.Generator().manual_seed(seed)
-    by_class: dict = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(y, []).append(i)
-    train, test = [], []
-    for y in sorted(by_class, key=str):
-        idx = by_class[y]
-        order = torch.randperm(len(idx), generator=g).tolist()
-        n_test = min(max(round(test_fraction * len(idx)), 1 if len(idx) >= 2 else 0), len(idx) - 1)
-        test += [idx[j] for j in order[:n_test]]
-        train += [idx[j] for j in order[n_test:]]
-    return sorted(train), sorted(test)
-
-
-# ----------------------------------------------------------------------------- the built-in task
-
-# topic family -> standard-library packages whose docstrings belong to it. Packages missing from an
-# installation (Debian splits some out) simply contribute nothing.
-PYTHON_DOCS_TOPICS = {
-    "concurrency": ("asyncio", "threading", "multiprocessing", "concurrent", "queue", "subprocess", "sched"),
-    "email": ("email", "mailbox", "mimetypes", "smtpd"),
-    "files": ("tarfile", "zipfile", "shutil", "pathlib", "gzip", "bz2", "lzma", "glob", "fnmatch", "filecmp",
-              "tempfile", "fileinput", "posixpath", "genericpath", "ntpath"),
-    "imports": ("importlib", "pkgutil", "zipimport", "runpy", "modulefinder"),
-    "logging": ("logging",),
-    "markup": ("xml", "html", "json", "plistlib"),
-    "networking": ("http", "urllib", "smtplib", "imaplib", "poplib", "ftplib", "nntplib", "xmlrpc", "wsgiref",
-                   "socketserver", "ssl", "socket", "ipaddress"),
-    "numbers": ("_pydecimal", "fractions", "statistics", "numbers", "random", "decimal", "cmath"),
-    "testing": ("unittest", "doctest", "pdb", "bdb", "trace", "cProfile", "profile", "timeit"),
-}
-BUILTIN_TASKS = {"python-docs-topics": PYTHON_DOCS_TOPICS}
-_TASK_VERSION = 1
-_MAX_WORDS = 120
-
-
-def _package_docstrings(root: Path, package: str, min_words: int) -> list[str]:
-    """Docstrings (module, class, function) of ``root/package[.py]``, read with ``ast``, in file order."""
-    files = [root / f"{package}.py"] if (root / f"{package}.py").is_file() else \
-        sorted((root / package).rglob("*.py")) if (root / package).is_dir() else []
-    docs = []
-    for path in files:
-        if {"test", "tests"} & set(path.relative_to(root).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                words = (doc or "").split()
-                if len(words) >= min_words:
-                    docs.append(" ".join(words[:_MAX_WORDS]))  # one line: tabs and newlines folded
-    return docs
-
-
-def _cache_dir(cache_dir) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("FASTPT_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastpt"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def builtin_text_task(name: str = "python-docs-topics", seed: int = 0, *, per_class: int = 150,
-                      test_fraction: float = 0.2, min_words: int = 12, cache_dir=None) -> tuple[Path, Path]:
-    """Write a built-in labelled task and return ``(train_path, test_path)`` (``label<TAB>text``).
-
-    "python-docs-topics": which topic family (concurrency, email, files, imports, logging, markup,
-    networking, numbers, testing) a standard-library docstring of at least ``min_words`` words
-    comes from; read from the running Python's source files, no download. Texts seen in two
-    families are dropped; every family gets the same number of examples (``per_class``, or the
-    smallest family's count), chosen by ``seed``, and a stratified ``test_fraction`` is held out.
-    Deterministic for a Python installation and seed. Families with fewer than 20 docstrings are
-    left out. Files are cached under ``cache_dir`` (default $FASTPT_CACHE, else
-    ``~/.cache/fastpt``, else the temp dir when that is not writable).
-
-    Raises ValueError for an unknown name or an installation without two usable families.
-    """
-    if name not in BUILTIN_TASKS:
-        raise ValueError(f"task {name!r}: expected one of {sorted(BUILTIN_TASKS)}")
-    root = Path(sysconfig.get_paths()["stdlib"])
-    key = json.dumps([_TASK_VERSION, name, seed, per_class, test_fraction, min_words, sys.version, str(root)])
-    tag = f"{name}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    for base in (_cache_dir(cache_dir), Path(tempfile.gettempdir()) / "fastpt-cache"):
-        out = base / "tasks" / tag
-        train_path, test_path = out / "train.tsv", out / "test.tsv"
-        if train_path.is_file() and test_path.is_file():
-            return train_path, test_path
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            break
-        except OSError:
-            if cache_dir is not None:
-                raise
-    docs = {topic: [d for pkg in pkgs for d in _package_docstrings(root, pkg, min_words)]
-            for topic, pkgs in BUILTIN_TASKS[name].items()}
-    owners: dict[str, set] = {}
-    for topic, texts in docs.items():
-        for t in texts:
-            owners.setdefault(t, set()).add(topic)
-    docs = {topic: list(dict.fromkeys(t for t in texts if len(owners[t]) == 1)) for topic, texts in docs.items()}
-    docs = {topic: texts for topic, texts in docs.items() if len(texts) >= 20}
-    if len(docs) < 2:
-        raise ValueError(f"task {name!r}: this Python installation ({root}) has too few standard-library "
-                         "docstrings to build it")
-    n = min(per_class, *(len(t) for t in docs.values()))
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for topic in sorted(docs):
-        pick = torch.randperm(len(docs[topic]), generator=g)[:n].tolist()
-        rows += [(topic, docs[topic][i]) for i in sorted(pick)]
-    train_idx, test_idx = stratified_split([r[0] for r in rows], test_fraction, seed)
-    for path, idx in ((train_path, train_idx), (test_path, test_idx)):
-        _write_text_atomic(path, "".join(f"{rows[i][0]}\t{rows[i][1]}\n" for i in idx))
-    return train_path, test_path
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def classification_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """``accuracy`` and ``macro_f1`` (F1 averaged over the classes present in ``target`` or ``pred``,
-    as scikit-learn's default) of integer predictions ``(N,)`` against ``(N,)`` targets."""
-    pred, target = pred.long().cpu(), target.long().cpu()
-    if pred.shape != target.shape or pred.numel() == 0:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)}: "
-                         "expected the same non-empty shape")
-    f1s = []
-    for c in torch.unique(torch.cat([pred, target])).tolist():
-        tp = ((pred == c) & (target == c)).sum().item()
-        fp = ((pred == c) & (target != c)).sum().item()
-        fn = ((pred != c) & (target == c)).sum().item()
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return {"accuracy": (pred == target).double().mean().item(), "macro_f1": float(np.mean(f1s))}
-
-
-# ----------------------------------------------------------------------------- probes on features
-
-
-def standardize(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -> list[torch.Tensor]:
-    """Centre and scale every column by the statistics of ``train`` (float32)."""
-    train = train.float()
-    mean, std = train.mean(0), train.std(0, unbiased=False).clamp_min(eps)
-    return [(x.float() - mean) / std for x in (train, *others)]
-
-
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, *,
-                 num_classes: int | None = None, l2: float = 1e-4, max_iter: int = 300) -> torch.Tensor:
-    """Multinomial logistic regression on standardised features, fitted by full-batch L-BFGS
-    (strong Wolfe line search, zero init: deterministic). Loss: mean cross-entropy +
-    ``l2 / 2 * |W|^2`` (bias not penalised).
-
-    train_x ``(N, D)``, train_y long ``(N,)`` in ``[0, num_classes)``, test_x ``(M, D)``.
-    Returns predicted classes ``(M,)`` (long, on test_x's device).
-    """
-    train_x, test_x = standardize(train_x, test_x)
-    train_y = train_y.to(train_x.device).long()
-    c = int(num_classes or int(train_y.max()) + 1)
-    w = torch.zeros(train_x.shape[1], c, device=train_x.device)
-    b = torch.zeros(c, device=train_x.device)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
-                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
-
-    onehot = F.one_hot(train_y, c).float()
-
-    def closure():  # the analytic gradient: no autograd graph, much cheaper for small problems
-        logits = train_x @ w + b
-        loss = F.cross_entropy(logits, train_y) + 0.5 * l2 * w.pow(2).sum()
-        resid = (logits.softmax(1) - onehot) / train_x.shape[0]
-        w.grad = train_x.T @ resid + l2 * w
-        b.grad = resid.sum(0)
-        return loss
-
-    with torch.no_grad():
-        opt.step(closure)
-        return (test_x @ w + b).argmax(1)
-
-
-@torch.no_grad()
-def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, *, k: int = 20,
-                temperature: float = 0.07, num_classes: int | None = None, chunk: int | None = None) -> torch.Tensor:
-    """Weighted kNN (DINO's eval_knn): cosine similarity to every training feature, the ``k`` most
-    similar vote for their class with weight ``exp(sim / temperature)``; the class with the largest
-    vote wins (ties: the lowest class id).
-
-    train_x ``(N, D)``, train_y long ``(N,)``, test_x ``(M, D)``. Test rows go ``chunk`` at a time
-    (default: about 16M scores at once). Returns predicted classes ``(M,)`` (long).
-    """
-    if k < 1 or temperature <= 0:
-        raise ValueError(f"knn: expected k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
-    train_n = F.normalize(train_x.float(), dim=1)
-    test_n = F.normalize(test_x.float().to(train_n.device), dim=1)
-    train_y = train_y.to(train_n.device).long()
-    c = int(num_classes or int(train_y.max()) + 1)
-    k = min(k, train_n.shape[0])
-    chunk = chunk or max(1, (1 << 24) // max(train_n.shape[0], 1))
-    out = []
-    for lo in range(0, test_n.shape[0], chunk):
-        sim, idx = (test_n[lo:lo + chunk] @ train_n.T).topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], c, device=sim.device)
-        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
-        out.append(votes.argmax(1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=train_n.device)
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -563,7 +304,7 @@ def evaluate_text(backbone: nn.Module, tokenizer, train_path, test_path=None, *,
         if not test_labels:
             raise ValueError(f"{train_path}: too few examples to hold out a test set; pass a test file")
     else:
-        rows = _read_rows(test_path)
+        rows = read_rows(test_path)
         test_labels, test_texts, test_where = [r[1] for r in rows], [r[2] for r in rows], str(test_path)
         known = set(train_labels)
         for lineno, label, _ in rows:
@@ -978,7 +719,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(out, json.dumps({"kind": args.kind, "results": {n: r for n, r in rows}}, indent=2) + "\n")
+        write_text_atomic(out, json.dumps({"kind": args.kind, "results": {n: r for n, r in rows}}, indent=2) + "\n")
         print(f"fastpt eval: wrote {out}")
     return 0
 

@@ -38,9 +38,10 @@ def math_precision(precision: str) -> str:
 def lookup_peak(name: str, precision: str) -> float | None:
     """Dense peak FLOP/s of a GPU called ``name`` at ``precision`` ("bf16", "fp16", "tf32", "fp32"),
     None when unknown. tf32 falls back to fp32 on devices without TF32 (V100, T4, MI250)."""
-    flops = _peaks.peak(name, precision, device="cuda").flops
+    # the table by name and the precision as given: math_precision already resolved TF32
+    flops = _peaks.gpu_peak(name, precision).flops
     if flops is None and precision == "tf32":
-        flops = _peaks.peak(name, "fp32", device="cuda").flops
+        flops = _peaks.gpu_peak(name, "fp32").flops
     return flops
 
 
