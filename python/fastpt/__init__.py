@@ -15,8 +15,6 @@ from ._info import info  # noqa: E402
 from .assemble import build, from_hf, list_configs, load_config, to_hf  # noqa: E402
 from .models import PretrainModel  # noqa: E402
 from .models.patch_hf import patch_hf, unpatch_hf  # noqa: E402
-from .train import pretrain  # noqa: E402
 
 __all__ = ["__version__", "ops", "nn", "data", "models", "objectives", "assemble", "info", "BackendError",
-           "patch_hf", "unpatch_hf", "build", "from_hf", "to_hf", "list_configs", "load_config", "PretrainModel",
-           "pretrain"]
+           "patch_hf", "unpatch_hf", "build", "from_hf", "to_hf", "list_configs", "load_config", "PretrainModel"]

@@ -6,6 +6,15 @@ import platform
 from . import _dispatch, _native
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastpt")
+    except PackageNotFoundError:  # a source tree that was never installed (as fastpt.__version__)
+        return "0.0.0+unknown"
+
+
 def info() -> dict:
     """A report of this installation.
 
@@ -15,8 +24,6 @@ def info() -> dict:
     picks for typical inputs, or the refusals when none can).
     """
     import torch
-
-    import fastpt
 
     try:
         import triton
@@ -34,7 +41,7 @@ def info() -> dict:
             except _dispatch.BackendError as exc:
                 ops[name][dev] = str(exc)
     return {
-        "version": fastpt.__version__,
+        "version": _version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 try:
-    from fastpt import _C  # noqa: F401
+    from . import _C  # noqa: F401
     LOAD_ERROR: str | None = None
 except ImportError as exc:  # a source checkout that was never built
     _C = None

@@ -86,11 +86,11 @@ def _show(tok, ids: torch.Tensor, n: int = 48) -> str:
 
 def run_demo(*, batch: int = 256, seq_len: int = 512, vocab_size: int = 8000, seed: int = 0) -> dict:
     """Run the demo and print what it does; returns the measured throughputs (tokens/s)."""
-    import fastpt
+    from fastpt._info import info as fastpt_info
     from fastpt.data.corpus import python_docs_corpus
     from fastpt.ops import mlm_mask, random_masking, span_corrupt, ul2_denoise
 
-    info = fastpt.info()
+    info = fastpt_info()
     usable = [b for b, why in info["backends"].items() if why is None]
     print(f"fastpt {info['version']} | torch {info['torch']} | usable backends: {', '.join(usable)}")
 

@@ -53,7 +53,7 @@ def backbone_config(size: str, *, dropout: float | None = None) -> dict:
     one, else BERT's published sizes; ``dropout`` (when given) sets hidden and attention dropout."""
     cfg = None
     try:
-        from fastpt import assemble
+        import fastpt.assemble as assemble
 
         if size in assemble.list_configs():
             cfg = dict(assemble.load_config(size)["backbone"])
@@ -104,7 +104,7 @@ def build_fastpt(size: str, cfg: dict, *, device: str = "cpu"):
     """``(loss_fn(batch) -> loss, parameters, how)`` for fastpt's MLM model with backbone ``cfg``."""
     objective_cfg = dict(mask_token_id=MASK_ID, special_token_ids=[0, CLS_ID, SEP_ID])
     try:
-        from fastpt import assemble  # the config-driven builder, when present
+        import fastpt.assemble as assemble  # the config-driven builder, when present
     except ImportError:
         assemble = None
     if assemble is not None:

@@ -245,7 +245,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
     ``triton``, ``transformers``, ``fastpt``, ``cuda`` (torch's CUDA version), ``driver``,
     ``commit``, ``date`` (UTC, ISO), ``loadavg_1m``.
     """
-    import fastpt
+    from .._info import _version as fastpt_version
 
     dev = torch.device(device).type
     fields = cpu_fields()
@@ -258,7 +258,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
     return dict(
         device=dev, device_name=gpu or cpu, cpu=cpu, simd=_simd(set(fields.get("flags", "").split())), cores=cores,
         torch_threads=torch.get_num_threads(), python=platform.python_version(), torch=torch.__version__,
-        triton=_version("triton"), transformers=_version("transformers"), fastpt=fastpt.__version__,
+        triton=_version("triton"), transformers=_version("transformers"), fastpt=fastpt_version(),
         cuda=torch.version.cuda if dev == "cuda" else None, driver=_nvidia_driver() if dev == "cuda" else None,
         commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         loadavg_1m=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,

@@ -3,7 +3,7 @@
     t = normalize(W_t pool(text_tower(input_ids)))      i = normalize(W_i pool(vision_tower(pixel_values)))
     loss = (CE(s * i t^T, diag) + CE(s * t i^T, diag)) / 2,   s = min(exp(logit_scale), 100) learnable
 
-through ``fastpt.ops.clip_loss``, which never materialises the N x N similarity matrix. The
+through ``fastpt.clip_loss``, which never materialises the N x N similarity matrix. The
 backbone is a two-tower module with attributes ``text`` (a ``TextEncoder``) and ``vision`` (a
 ``VisionEncoder``), e.g. ``nn.ModuleDict({"text": ..., "vision": ...})``.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from ..ops import clip_loss
 from .base import (Objective, ObjectiveOutput, check_ids, check_images, choice, encode_text, pool, positive, require,
                    top1_accuracy)
 from .simclr import gather_default, vision_tokens
@@ -105,7 +105,7 @@ class CLIP(Objective):
     def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
         require(batch, self.needs, "CLIP.forward")
         t, i, vh = self.embed(backbone, batch)
-        loss = ops.clip_loss(i, t, self.logit_scale, gather=gather_default(self.gather))
+        loss = clip_loss(i, t, self.logit_scale, gather=gather_default(self.gather))
         metrics = {"loss": loss.detach(), "logit_scale": self.logit_scale.detach().exp().clamp(max=100)}
         if self.log_accuracy:
             tn, im = F.normalize(t.detach(), dim=1), F.normalize(i.detach(), dim=1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
+from ..ops import linear_cross_entropy
 from ..models.heads import LMHead
 from .base import (Objective, ObjectiveOutput, check_ids, check_seed, encode_text, head_accuracy, positive, require,
                    seeded, want_logits)
@@ -126,7 +126,7 @@ class CausalLM(Objective):
             hs, ys = h[:, :-1], labels[:, 1:]
         sel = ys != -100
         hm, y = hs[sel], ys[sel]
-        loss = ops.linear_cross_entropy(hm, self.head.weight, y, bias=self.head.bias)
+        loss = linear_cross_entropy(hm, self.head.weight, y, bias=self.head.bias)
         metrics = {"lm_loss": loss.detach()}
         if self.log_accuracy:
             metrics["lm_accuracy"] = head_accuracy(hm.detach(), self.head.weight, self.head.bias, y)

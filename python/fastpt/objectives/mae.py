@@ -1,6 +1,6 @@
 """Masked autoencoder (He et al., 2021): encode the visible patches, reconstruct the masked ones.
 
-    ids_keep, mask, ids_restore = fastpt.ops.random_masking(B, L, mask_ratio=0.75, seed=seed)
+    ids_keep, mask, ids_restore = fastpt.random_masking(B, L, mask_ratio=0.75, seed=seed)
     latent = backbone(pixel_values, ids_keep=ids_keep)        # (B, 1 + K, D): visible patches only
     pred = decoder(latent, ids_restore)                       # (B, L, p * p * C)
     target = patchify(pixel_values), normalised per patch     # norm_pix_loss
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
+from ..ops import random_masking
 from ..models.vision import mae_decoder, patchify
 from .base import Objective, ObjectiveOutput, check_images, check_seed, choice, positive, require
 from .simclr import vision_tokens
@@ -70,7 +70,7 @@ class MAE(Objective):
         require(batch, self.needs, "MAE.prepare")
         px = check_images("pixel_values", batch["pixel_values"])
         grid = self.grid_size or self.decoder.grid_size
-        ids_keep, mask, ids_restore = ops.random_masking(px.shape[0], self.num_patches, mask_ratio=self.mask_ratio,
+        ids_keep, mask, ids_restore = random_masking(px.shape[0], self.num_patches, mask_ratio=self.mask_ratio,
                                                          seed=seed, device=px.device, mode=self.mask_mode,
                                                          grid=grid if self.mask_mode == "block" else None)
         return {**batch, "ids_keep": ids_keep, "mask": mask, "ids_restore": ids_restore}

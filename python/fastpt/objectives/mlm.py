@@ -1,6 +1,6 @@
 """Masked language modelling (BERT), RoBERTa's dynamic masking, optional whole-word masking.
 
-``prepare`` masks a fresh 15% of the tokens of every batch it sees (``fastpt.ops.mlm_mask``, 80%
+``prepare`` masks a fresh 15% of the tokens of every batch it sees (``fastpt.mlm_mask``, 80%
 mask token / 10% random / 10% unchanged), so the masks change every epoch as in RoBERTa; with
 ``whole_word_masking`` the batch's ``word_ids`` make all pieces of a word selected together.
 The loss runs the head only on the masked rows, without materialising the (T, V) logits::
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
+from ..ops import linear_cross_entropy, mlm_mask
 from ..models.heads import MLMHead
 from .base import (Objective, ObjectiveOutput, check_ids, check_seed, encode_text, fraction, head_accuracy, positive,
                    require, want_logits)
@@ -86,7 +86,7 @@ class MLM(Objective):
         if self.whole_word_masking:
             require(batch, ("word_ids",), "MLM.prepare (whole_word_masking=True)")
             word_ids = batch["word_ids"]
-        masked, labels = ops.mlm_mask(ids, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+        masked, labels = mlm_mask(ids, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
                                       mask_prob=self.mask_prob, replace_prob=self.replace_prob,
                                       random_prob=self.random_prob,
                                       special_tokens_mask=batch.get("special_tokens_mask"),
@@ -114,7 +114,7 @@ class MLM(Objective):
         sel = labels != -100
         hm, y = self.head.transform(h[sel]), labels[sel]
         head = self.head
-        loss = ops.linear_cross_entropy(hm, head.weight, y, bias=head.bias)
+        loss = linear_cross_entropy(hm, head.weight, y, bias=head.bias)
         metrics = {"mlm_loss": loss.detach()}
         if self.log_accuracy:
             metrics["mlm_accuracy"] = head_accuracy(hm, head.weight, head.bias, y)

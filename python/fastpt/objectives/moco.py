@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from ..ops import info_nce
 from .base import (Objective, ObjectiveOutput, check_images, choice, cosine_schedule, ema_update, fraction,
                    frozen_copy, mlp, pool, positive, require, seeded, top1_accuracy)
 from .simclr import ViewAugment, gather_default, vision_tokens
@@ -98,7 +98,7 @@ class MoCoV3(Objective):
             hm = self.momentum_backbone(views).last_hidden_state
             k1, k2 = (self.momentum_projector(f) for f in pool(hm, self.pooling).chunk(2))
         gather = gather_default(self.gather)
-        ctr = [ops.info_nce(q, k, temperature=self.temperature, normalize=True, gather=gather) * (2 * self.temperature)
+        ctr = [info_nce(q, k, temperature=self.temperature, normalize=True, gather=gather) * (2 * self.temperature)
                for q, k in ((q1, k2), (q2, k1))]
         loss = ctr[0] + ctr[1]
         metrics = {"loss": loss.detach()}

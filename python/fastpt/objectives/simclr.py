@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from ..ops import nt_xent
 from .base import (Objective, ObjectiveOutput, check_images, choice, fraction, mlp, pool, positive, require, seeded,
                    top1_accuracy)
 
@@ -167,7 +167,7 @@ class SimCLR(Objective):
             raise ValueError(f"views: expected 2B rows (two views per image), got {views.shape[0]}")
         h, z = self.embed(backbone, views)
         z1, z2 = z.chunk(2)
-        loss = ops.nt_xent(z1, z2, temperature=self.temperature, gather=gather_default(self.gather))
+        loss = nt_xent(z1, z2, temperature=self.temperature, gather=gather_default(self.gather))
         metrics = {"loss": loss.detach()}
         if self.log_accuracy:
             zn = F.normalize(z.detach(), dim=1)

@@ -1,7 +1,7 @@
 """T5 span corruption and UL2's mixture of denoisers on an ``EncoderDecoder`` backbone.
 
-``prepare`` turns raw rows into encoder inputs and decoder targets with ``fastpt.ops.span_corrupt``
-(T5: 15% noise, mean span 3, one sentinel per span) or ``fastpt.ops.ul2_denoise`` (one R / X / S
+``prepare`` turns raw rows into encoder inputs and decoder targets with ``fastpt.span_corrupt``
+(T5: 15% noise, mean span 3, one sentinel per span) or ``fastpt.ul2_denoise`` (one R / X / S
 denoiser per row, optionally a [NLU] / [NLG] / [S2S] paradigm token first), then builds the
 teacher-forcing decoder input (targets shifted right after ``decoder_start_id``)::
 
@@ -10,14 +10,14 @@ teacher-forcing decoder input (targets shifted right after ``decoder_start_id``)
     decoder  START <s0> c d <s1> g h        -> decoder_input_ids, decoder_attention_mask
 
 The LM head (tied to ``backbone.shared`` by default) runs only on target rows through
-``fastpt.ops.linear_cross_entropy``.
+``fastpt.linear_cross_entropy``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .. import ops
+from ..ops import Denoiser, UL2_DENOISERS, linear_cross_entropy, span_corrupt, span_corrupt_lengths, ul2_denoise
 from ..models.heads import LMHead
 from .base import (Objective, ObjectiveOutput, check_ids, check_seed, fraction, head_accuracy, positive, require,
                    want_logits)
@@ -84,7 +84,7 @@ class _Seq2SeqLM(Objective):
         h, labels = out.last_hidden_state, batch["labels"]
         sel = labels != -100
         hm, y = h[sel], labels[sel]
-        loss, lse = ops.linear_cross_entropy(hm, self.head.weight, y, bias=self.head.bias, return_lse=True)
+        loss, lse = linear_cross_entropy(hm, self.head.weight, y, bias=self.head.bias, return_lse=True)
         metrics = {"loss": loss.detach()}
         if self.log_accuracy:
             metrics["accuracy"] = head_accuracy(hm.detach(), self.head.weight, self.head.bias, y)
@@ -134,9 +134,9 @@ class T5SpanCorruption(_Seq2SeqLM):
         """Span-corrupt every row (a pure function of the ids and ``seed``)."""
         ids, seqlens = self._raw(batch, seed, "T5SpanCorruption.prepare")
         rates = dict(noise_density=self.noise_density, mean_span_len=self.mean_span_len)
-        inputs, targets = ops.span_corrupt(ids, seqlens, sentinel_start_id=self.sentinel_start_id, eos_id=self.eos_id,
+        inputs, targets = span_corrupt(ids, seqlens, sentinel_start_id=self.sentinel_start_id, eos_id=self.eos_id,
                                            pad_id=self.pad_id, seed=seed, **rates)
-        in_len, tgt_len = ops.span_corrupt_lengths(seqlens, **rates)
+        in_len, tgt_len = span_corrupt_lengths(seqlens, **rates)
         return seq2seq_batch(inputs, targets, in_len, tgt_len, self.decoder_start_id)
 
 
@@ -147,7 +147,7 @@ class UL2(_Seq2SeqLM):
         hidden_size, vocab_size, sentinel_start_id, eos_id, pad_id, decoder_start_id,
         tie_word_embeddings, return_logits, log_accuracy: as ``T5SpanCorruption``.
         denoisers: ``(mode, mean_span_len, noise_density)`` triples (S: ``("S", None, None)``);
-            default the paper's seven (``fastpt.ops.UL2_DENOISERS``).
+            default the paper's seven (``fastpt.UL2_DENOISERS``).
         weights: one non-negative weight per denoiser (None: uniform).
         mode_token_ids: paradigm token per mode, e.g. ``{"R": 5, "X": 6, "S": 7}`` ([NLU], [NLG],
             [S2S]), prepended to each row's inputs; None: no paradigm tokens.
@@ -158,7 +158,7 @@ class UL2(_Seq2SeqLM):
     """
 
     def __init__(self, *, hidden_size: int, vocab_size: int,
-                 denoisers: tuple[tuple[str, float | None, float | None], ...] = ops.UL2_DENOISERS,
+                 denoisers: tuple[tuple[str, float | None, float | None], ...] = UL2_DENOISERS,
                  weights: tuple[float, ...] | None = None, mode_token_ids: dict | None = None,
                  sentinel_start_id: int | None = None, eos_id: int = 1, pad_id: int = 0,
                  decoder_start_id: int | None = None, tie_word_embeddings: bool = True, return_logits: bool = False,
@@ -166,7 +166,7 @@ class UL2(_Seq2SeqLM):
         super().__init__(hidden_size, vocab_size, sentinel_start_id, eos_id, pad_id, decoder_start_id,
                          tie_word_embeddings, return_logits, log_accuracy)
         try:
-            self.denoisers = tuple(ops.Denoiser(*d) for d in denoisers)
+            self.denoisers = tuple(Denoiser(*d) for d in denoisers)
         except TypeError:
             raise TypeError(f"denoisers: expected (mode, mean_span_len, noise_density) triples, "
                             f"got {denoisers!r}") from None
@@ -177,7 +177,7 @@ class UL2(_Seq2SeqLM):
         self._denoise(torch.full((1, 4), eos_id, dtype=torch.int64), None, 0)
 
     def _denoise(self, ids, seqlens, seed):
-        return ops.ul2_denoise(ids, seqlens, sentinel_start_id=self.sentinel_start_id, eos_id=self.eos_id,
+        return ul2_denoise(ids, seqlens, sentinel_start_id=self.sentinel_start_id, eos_id=self.eos_id,
                                pad_id=self.pad_id, mode_token_ids=self.mode_token_ids, denoisers=self.denoisers,
                                weights=self.weights, seed=seed)
 

@@ -115,7 +115,7 @@ def load_backbone(path: str | os.PathLike, *, from_scratch: bool = False, seed: 
     ``from_scratch``: the same architecture with fresh random weights (drawn from ``seed``): the
     baseline pre-training has to beat. Raises FileNotFoundError / ValueError naming the path.
     """
-    from .. import assemble
+    import fastpt.assemble as assemble
     from ..models.model import FORMAT, PretrainModel
 
     d = resolve_checkpoint(path)
@@ -140,7 +140,7 @@ def fresh_like(backbone: nn.Module, seed: int = 0) -> nn.Module:
     """A new backbone of the same architecture (rebuilt from its ``.config``, the builder's
     arguments) with random weights drawn from ``seed``. Raises ValueError for a backbone whose
     ``.config`` names no known builder."""
-    from .. import assemble
+    import fastpt.assemble as assemble
 
     with _seeded(seed, "cpu"):
         return assemble.build({"backbone": dict(getattr(backbone, "config", {}) or {})}).backbone
@@ -629,7 +629,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _backbones(args, vocab_size: int | None) -> list[tuple[str, nn.Module]]:
     """(row name, backbone) pairs the command evaluates."""
-    from .. import assemble
+    import fastpt.assemble as assemble
 
     if args.model is None and args.config is None:
         raise ValueError("give --model DIR, or --config NAME --from-scratch")
