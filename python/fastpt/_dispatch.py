@@ -58,6 +58,29 @@ def triton_device_refusal(device) -> str | None:
     return None
 
 
+def kernel_dtype_refusal(dtype) -> str | None:
+    """Why the fused kernels (every backend but the reference) refuse ``dtype``, or None."""
+    import torch
+
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"supports float32, float16 and bfloat16, got {dtype} (float64 runs on the reference backend)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """Multiprocessors of a CUDA ``device`` (its index, or the current device when it has none)."""
+    import torch
+
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def native_cpu_unavailable() -> str | None:
     return _native.cpu_unavailable()
 

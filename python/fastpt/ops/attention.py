@@ -588,6 +588,9 @@ def _run_kernel(name: str):
     return run
 
 
+_run_cpu_kernel = _run_kernel("cpu")
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 
@@ -600,7 +603,7 @@ def _cpu_supports(q4, dropout_p, **_):
 def _cpu_run(q4, k4, v4, docs, scale, dropout_p, dropout_key, **kw):
     if dropout_p > 0:
         return _grouped_dropout_attention(q4, k4, v4, docs, scale, dropout_p, dropout_key), None
-    return _run_kernel("cpu")(q4, k4, v4, docs, scale, dropout_p, dropout_key, **kw)
+    return _run_cpu_kernel(q4, k4, v4, docs, scale, dropout_p, dropout_key, **kw)
 
 
 def _grouped_dropout_attention(q4, k4, v4, docs, scale, p, key):
@@ -679,13 +682,6 @@ def _sdpa_run(q4, k4, v4, scale, rows, **_):
     return out.transpose(1, 2).contiguous(), None
 
 
-def _triton_device(device):
-    why = _dispatch.triton_device_refusal(device)
-    if why is not None:
-        return why
-    return None
-
-
 def _probe(device):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 16, h, 32, generator=g).to(device) for h in (4, 2, 2))
@@ -702,7 +698,7 @@ def _probe(device):
 OP = _dispatch.Op("attention", [
     _dispatch.Backend("cpu", _cpu_unavailable, _cpu_supports, _cpu_run),  # torch's kernel, not _C
     _dispatch.backend("sdpa", _sdpa_supports, _sdpa_run),
-    _dispatch.backend("triton", _module_supports("attention_triton", _triton_device), _run_kernel("triton")),
+    _dispatch.backend("triton", _module_supports("attention_triton", _dispatch.triton_device_refusal), _run_kernel("triton")),
     _dispatch.backend("cuda", _module_supports("attention_cuda", _dispatch.device_is("cuda")), _run_kernel("cuda")),
     _dispatch.backend("reference", lambda **_: None, _run_reference),
 ], probe=_probe)

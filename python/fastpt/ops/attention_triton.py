@@ -60,7 +60,6 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 if triton is not None:
     from ._rng import mix32_tl as _mix32, signed32 as _signed32  # the one Triton copy of the hash
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 MAX_GRID_DOCS = 65535  # CUDA's limit on grid dims 1 and 2; more docs are launched in chunks
 LOG2E = 1.4426950408889634
@@ -469,11 +468,6 @@ def _launcher(kind: str, block_d: int, fp32: bool):
     return _tuned(kind, block_d, fp32), {}
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _gqa_split(group: int, key_blocks: int, docs: int, kv_heads: int, device: torch.device) -> int:
     """Programs per GQA group in the dk/dv kernel: the smallest divisor of ``group`` that gives
     about two programs per SM. More programs fill the GPU on long single sequences with few kv
@@ -483,7 +477,7 @@ def _gqa_split(group: int, key_blocks: int, docs: int, kv_heads: int, device: to
         if group % split:
             raise ValueError(f"INTERPRET_GQA_SPLIT={split} does not divide the GQA group size {group}")
         return split
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = 2 * _dispatch.sm_count(device)
     base = key_blocks * docs * kv_heads
     for s in range(1, group + 1):
         if group % s == 0 and base * s >= target:
@@ -501,8 +495,9 @@ def supports(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, dropout_p: fl
     why = _dispatch.triton_device_refusal(q4.device)
     if why is not None:
         return why
-    if q4.dtype not in FLOAT_DTYPES:
-        return f"supports float32, float16 and bfloat16, got {q4.dtype} (float64 runs on the reference backend)"
+    why = _dispatch.kernel_dtype_refusal(q4.dtype)
+    if why is not None:
+        return why
     if k4.dtype != q4.dtype or v4.dtype != q4.dtype:
         return f"needs q, k, v of one dtype, got {q4.dtype}, {k4.dtype}, {v4.dtype}"
     if not (q4.shape[-1] == k4.shape[-1] == v4.shape[-1]):

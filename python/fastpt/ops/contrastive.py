@@ -69,7 +69,6 @@ from . import contrastive_blas as _blas
 from . import contrastive_triton as _triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
 
 # Instruction set forced on the C++ kernels: 0 = widest the CPU supports (tests set 1, 2, 3).
@@ -306,9 +305,7 @@ def _cpu_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric,
 def _cpu_supports(q, **_):
     if q.device.type != "cpu":
         return f"needs cpu tensors, got {q.device.type}"
-    if q.dtype not in KERNEL_DTYPES:
-        return f"supports float32, float16 and bfloat16, got {q.dtype} (float64 runs on the reference backend)"
-    return None
+    return _dispatch.kernel_dtype_refusal(q.dtype)
 
 
 def _triton_forward(q, k, queue, scale, symmetric, self_offset):
@@ -334,9 +331,7 @@ def _cuda_unavailable() -> str | None:
 def _cuda_supports(q, **_):
     if q.device.type != "cuda":
         return f"needs cuda tensors, got {q.device.type}"
-    if q.dtype not in KERNEL_DTYPES:
-        return f"supports float32, float16 and bfloat16, got {q.dtype} (float64 runs on the reference backend)"
-    return None
+    return _dispatch.kernel_dtype_refusal(q.dtype)
 
 
 def _cuda_run(entry, q, p, scale, backward):
@@ -387,8 +382,9 @@ def _cuda_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric
 def _blas_supports(q, **_):
     if q.device.type != "cuda":
         return f"needs cuda tensors, got {q.device.type} (the cpu backend serves CPU tensors)"
-    if q.dtype not in KERNEL_DTYPES:
-        return f"supports float32, float16 and bfloat16, got {q.dtype} (float64 runs on the reference backend)"
+    why = _dispatch.kernel_dtype_refusal(q.dtype)
+    if why is not None:
+        return why
     if q.dtype != torch.float32 and "out_dtype" not in (torch.mm.__doc__ or ""):
         return f"fp16 / bf16 products with float32 output need torch >= 2.8 (torch.mm out_dtype), this is {torch.__version__}"
     return None

@@ -23,7 +23,6 @@ so that fp16 dS does not underflow when the loss is a mean over a large batch.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -34,8 +33,6 @@ try:  # Triton is optional: a GPU backend, or the CPU interpreter in tests.
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 if triton is not None:
@@ -209,11 +206,6 @@ if triton is not None:
             _add_product(out, ds, q_ptr, rows, N, cols, M, D, True, BD, UPCAST)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _config(q: torch.Tensor) -> tuple[int, int, int, int, int]:
     """(BN, BM, BD, num_warps, target number of programs) for these inputs.
 
@@ -224,7 +216,7 @@ def _config(q: torch.Tensor) -> tuple[int, int, int, int, int]:
     """
     if q.device.type != "cuda":
         return 32, 32, 64, 4, 4
-    target = 2 * _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    target = 2 * _dispatch.sm_count(q.device)
     if q.dtype == torch.float32:
         return 32, 64, 32, 4, target
     return 64, 64, 64, 4, target
@@ -254,9 +246,7 @@ def supports(q: torch.Tensor) -> str | None:
     why = _dispatch.triton_device_refusal(q.device)
     if why is not None:
         return why
-    if q.dtype not in FLOAT_DTYPES:
-        return f"supports float32, float16 and bfloat16, got {q.dtype} (float64 runs on the reference backend)"
-    return None
+    return _dispatch.kernel_dtype_refusal(q.dtype)
 
 
 def forward(q, k, queue, scale, symmetric, self_offset):
