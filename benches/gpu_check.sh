@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (Python 3.12, torch, triton, nvcc, pybind11,
 # scikit-build-core, pytest-xdist there; no network). Builds fastpt with CUDA, runs the GPU tests
-# (CUDA and Triton backends against the references), then `fastpt bench --suite all --device cuda`
+# (first those listed in benches/gpu_tests_first.txt, then every CUDA and Triton backend test
+# against the references), then `fastpt bench --suite all --device cuda`
 # (every op and the bert-base MLM step, each against its baselines in the same run), and writes
 # under $OUT (default ./gpu-out) at most 8 files: summary.txt, tests.txt, failures.txt (only if a
 # test failed), bench.log, bench-cuda.{csv,json,md,png}. The tests have their own time limit
@@ -41,8 +42,21 @@ if [[ " $PHASES " == *" tests "* ]]; then
   # happens, so a run cut short by its time limit still says what failed
   tests="tests/ops tests/nn tests/test_dispatch.py"
   [ -f tests/models/test_patch_hf.py ] && tests="$tests tests/models/test_patch_hf.py"
-  FASTPT_FAILURE_LOG="$out/failures.txt" FASTPT_TRITON_AUTOTUNE=0 timeout "${TEST_BUDGET:-240}" python3 -m pytest $tests -k "cuda or triton" \
-    -n "${TEST_PROCS:-14}" -v -p no:cacheprovider --timeout 150 -rfE --tb=short > "$out/tests.txt" 2>&1
+  gpu_pytest() {  # budget, then pytest arguments; output appended to tests.txt
+    local budget=$1; shift
+    FASTPT_FAILURE_LOG="$out/failures.txt" FASTPT_TRITON_AUTOTUNE=0 timeout "$budget" python3 -m pytest "$@" \
+      -v -p no:cacheprovider --timeout 150 -rfE --tb=short >> "$out/tests.txt" 2>&1
+  }
+  : > "$out/tests.txt"
+  # first the tests the last GPU run failed (benches/gpu_tests_first.txt): their tracebacks come early
+  first=$(grep -v '^#' benches/gpu_tests_first.txt 2>/dev/null | while read -r id; do [ -f "${id%%::*}" ] && echo "$id"; done)
+  if [ -n "$first" ]; then
+    # shellcheck disable=SC2086
+    gpu_pytest "${FIRST_BUDGET:-60}" $first -n 8
+    log "GPU tests that failed last time, rc=$?: $(tail -1 "$out/tests.txt")"
+  fi
+  # shellcheck disable=SC2086
+  gpu_pytest "${TEST_BUDGET:-150}" $tests -k "cuda or triton" -n "${TEST_PROCS:-14}"
   log "GPU tests rc=$?: $(tail -1 "$out/tests.txt")"
   grep -E "(FAILED|ERROR) tests" "$out/tests.txt" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | cut -c1-200 | head -50
 fi

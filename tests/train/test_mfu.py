@@ -58,3 +58,16 @@ def test_mfu_value_and_precision_mapping():
         assert mfu.math_precision("fp32") == "tf32"
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, want", [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")])
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, avx512_bf16, amx, want):
+    """precision "auto" trains in bf16 on a CPU that multiplies bf16 natively, in fp32 elsewhere;
+    an explicit precision is kept as given."""
+    from fastpt.train.recipe import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert resolve_precision("auto", torch.device("cpu")) == want
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"

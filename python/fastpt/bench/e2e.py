@@ -5,7 +5,8 @@ Both sides get the same model size (the BERT family of Turc et al.: bert-tiny L2
 bert-base L12/H768, vocabulary 30522, 512 positions, dropout 0.1 on hidden states and attention
 probabilities), the same batches (random word ids between ``[CLS]`` and ``[SEP]``, masked once by
 ``fastpt.ops.mlm_mask`` before timing: identical ``input_ids`` and ``labels`` for both), the same
-precision (float32 on the CPU, bfloat16 autocast over float32 weights on CUDA), the same
+precision (float32, and bfloat16 autocast over float32 weights where the CPU has native bf16
+products, on the CPU; bfloat16 autocast on CUDA), the same
 optimizer (``torch.optim.AdamW``, lr 1e-4, weight decay 0.01; ``fused=True`` on CUDA) and tied
 input/output embeddings. Timed steps alternate between the two models (fastpt, transformers,
 fastpt, ...) so that a disturbance on a shared machine hits both alike.
@@ -31,7 +32,7 @@ import itertools
 import torch
 
 from .harness import Timing, peak_memory, time_fn
-from .peaks import dtype_name
+from .peaks import dtype_name, native_bf16
 from .report import make_row
 
 __all__ = ["BERT_SIZES", "backbone_config", "mlm_flops_per_token", "make_batches", "build_fastpt", "build_transformers",
@@ -145,12 +146,12 @@ def build_transformers(size: str, cfg: dict, *, device: str = "cpu"):
 
 
 def train_step(loss_fn, params, batches: list[dict], device: str, dtype: torch.dtype):
-    """A no-argument training step over ``batches`` in turn: forward (autocast to ``dtype`` on
-    CUDA when it is not float32), backward, AdamW, zero_grad."""
+    """A no-argument training step over ``batches`` in turn: forward (autocast to ``dtype`` when it
+    is not float32), backward, AdamW, zero_grad."""
     cuda = device == "cuda"
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **({"fused": True} if cuda else {}))
     cycle = itertools.cycle(batches)
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if cuda and dtype != torch.float32 else (
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=dtype)) if dtype != torch.float32 else (
         contextlib.nullcontext)
 
     def step():
@@ -164,17 +165,24 @@ def train_step(loss_fn, params, batches: list[dict], device: str, dtype: torch.d
 
 
 def bench_e2e(ctx, *, size: str | None = None, batch: int | None = None, seq: int | None = None,
-              dropout: float | None = None) -> list[dict]:
+              dropout: float | None = None, dtypes: list[torch.dtype] | None = None) -> list[dict]:
     """tokens/s of fastpt vs transformers on one BERT MLM step; rows for ``report``.
 
-    Defaults: bert-tiny, 32 x 128, float32 on the CPU; bert-base, 32 x 512, bf16 autocast on CUDA
-    (``ctx.quick``: bert-tiny 8 x 64, few steps).
+    Defaults: bert-base, 32 x 512, bf16 autocast on CUDA; bert-tiny, 32 x 128 on the CPU, in float32
+    and, where the CPU multiplies bf16 natively (``peaks.native_bf16``), again under bf16 autocast
+    (``ctx.quick``: bert-tiny 8 x 64, float32, few steps).
     """
+    if dtypes is None:
+        dtypes = [torch.bfloat16] if ctx.cuda else [torch.float32] + (
+            [torch.bfloat16] if not ctx.quick and native_bf16("cpu") else [])
+    return [row for dtype in dtypes for row in _bench_e2e(ctx, size, batch, seq, dropout, dtype)]
+
+
+def _bench_e2e(ctx, size, batch, seq, dropout, dtype) -> list[dict]:
     cuda = ctx.cuda
     size = size or ("bert-tiny" if ctx.quick or not cuda else "bert-base")
     batch = batch or (8 if ctx.quick else 32)
     seq = seq or (64 if ctx.quick else 512 if cuda else 128)
-    dtype = torch.bfloat16 if cuda else torch.float32
     warmup, repeats = (1, 2) if ctx.quick else ((3, 10) if cuda else (2, 6))
     tokens = batch * seq
     cfg = backbone_config(size, dropout=dropout)
@@ -208,6 +216,6 @@ def bench_e2e(ctx, *, size: str | None = None, batch: int | None = None, seq: in
         rows.append(make_row(**common, provider=name, timing=timings[name], mem_bytes=mem, flops=flops, units=tokens,
                              unit="tokens", peak=p, note=note))
         r = rows[-1]
-        ctx.log(f"e2e {size} {batch}x{seq} {name:<13} {r['time_ms']:9.1f} ms/step  {r['rate']:10,.0f} tokens/s"
+        ctx.log(f"e2e {size} {batch}x{seq} {dtype_name(dtype)} {name:<13} {r['time_ms']:9.1f} ms/step  {r['rate']:10,.0f} tokens/s"
                 + (f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""))
     return rows

