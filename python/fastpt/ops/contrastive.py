@@ -575,10 +575,19 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _class_mean_logit(anchors, anchor_cls, cands, cand_cls, n_cls, scale, acc):
-    """s * anchor_i . mean of the candidates of its class (the SupCon positive term), (rows,)."""
-    sums = torch.zeros(n_cls, cands.shape[1], dtype=acc, device=cands.device).index_add(0, cand_cls, cands.to(acc))
+    """s * anchor_i . mean of the candidates of its class (the SupCon positive term), (rows,).
+
+    Bit-reproducible forward and backward on both devices: on CUDA ``index_add`` and
+    ``index_select``'s backward add with float atomics, so the class sums go through
+    ``index_put(accumulate=True)`` and advanced indexing (both sort the indices and add in order);
+    on the CPU, where those two are the parallel ones, through ``index_add`` / ``index_select``."""
+    zeros = torch.zeros(n_cls, cands.shape[1], dtype=acc, device=cands.device)
+    if cands.device.type == "cuda":
+        per_anchor = zeros.index_put((cand_cls,), cands.to(acc), accumulate=True)[anchor_cls]
+    else:
+        per_anchor = zeros.index_add(0, cand_cls, cands.to(acc)).index_select(0, anchor_cls)
     count = torch.bincount(cand_cls, minlength=n_cls).to(acc)
-    return scale * (anchors.to(acc) * sums[anchor_cls]).sum(1) / count[anchor_cls]
+    return scale * (anchors.to(acc) * per_anchor).sum(1) / count[anchor_cls]
 
 
 def _loss(q, k, queue, scale, labels, *, symmetric, normalize, gather, group, backend):
