@@ -206,3 +206,17 @@ def test_patch_twice_unpatch_and_options():
     patch_hf(ours, loss=False)  # attention only: the options replace the previous patch
     assert ours.config._attn_implementation == "fastpt" and "forward" not in ours.__dict__
     assert ours.train()(**inputs, labels=labels).logits is not None
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_fused_loss_forward_passes_backbone_arguments_through(arch):
+    """The fused-loss forwards name only input_ids, labels and the loss options: any other keyword
+    (the cache's name changed within transformers 5) reaches the backbone, and the output carries
+    the backbone's fields (hidden states here) as HF's would."""
+    ref, ours = _pair(arch)
+    inputs, labels, valid = _batch(arch)
+    want = ref.train()(**inputs, labels=labels, output_hidden_states=True)
+    got = ours.train()(**inputs, labels=labels, output_hidden_states=True)
+    assert got.logits is None and len(got.hidden_states) == len(want.hidden_states)
+    torch.testing.assert_close(got.hidden_states[-1][valid], want.hidden_states[-1][valid], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)

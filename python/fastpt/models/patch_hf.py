@@ -176,34 +176,40 @@ def _mlm_head(model, hidden):
     return head.layer_norm(F.gelu(head.dense(hidden))), head.decoder
 
 
-def _masked_lm_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                       inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
-                       **kwargs):
+# The two forwards below name only what they use (input_ids, labels and the loss options) and pass
+# every other argument through by keyword, so they follow the backbone's signature in any
+# transformers 5.x (the cache argument is ``cache`` in 5.24 and was ``past_key_values`` before; the
+# GPT-2 loss test failed on a GPU machine with 5.17 while it passed here with 5.24, with forwards
+# that spelled the 5.24 signature out). Positional arguments past input_ids are left to HF's own
+# forward, which alone knows their order.
+
+
+def _output(cls, out, **fields):
+    """``cls`` (a transformers ModelOutput) from ``fields`` plus the backbone output's fields it has."""
+    known = set(cls.__dataclass_fields__)
+    return cls(**fields, **{k: v for k, v in out.items() if k in known and k not in fields})
+
+
+def _masked_lm_forward(self, input_ids=None, *args, labels=None, **kwargs):
     from transformers.modeling_outputs import MaskedLMOutput
-    args = dict(attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
-                inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=encoder_attention_mask)
-    if labels is None or not self.training:
-        return type(self).forward(self, input_ids, labels=labels, **args, **kwargs)
-    out = getattr(self, self.base_model_prefix)(input_ids, **args, return_dict=True, **kwargs)
+    if labels is None or not self.training or args:
+        return type(self).forward(self, input_ids, *args, labels=labels, **kwargs)
+    kwargs.pop("return_dict", None)
+    out = getattr(self, self.base_model_prefix)(input_ids, return_dict=True, **kwargs)
     hidden, targets = _active(out[0], labels)
     hidden, decoder = _mlm_head(self, hidden)
     loss = linear_cross_entropy(hidden, decoder.weight, targets, bias=decoder.bias)
-    return MaskedLMOutput(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions)
+    return _output(MaskedLMOutput, out, loss=loss, logits=None)
 
 
-def _causal_lm_forward(self, input_ids=None, cache=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                       inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
-                       use_cache=None, logits_to_keep=0, **kwargs):
+def _causal_lm_forward(self, input_ids=None, *args, labels=None, logits_to_keep=0, **kwargs):
     from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
-    args = dict(cache=cache, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
-                inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=encoder_attention_mask, use_cache=use_cache)
-    if labels is None or not self.training or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
-        return type(self).forward(self, input_ids, labels=labels, logits_to_keep=logits_to_keep, **args, **kwargs)
+    if labels is None or not self.training or args or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        return type(self).forward(self, input_ids, *args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
-    out = self.transformer(input_ids, **args, return_dict=True, **kwargs)
+    kwargs.pop("return_dict", None)
+    out = self.transformer(input_ids, return_dict=True, **kwargs)
     if shift_labels is None:  # as transformers' ForCausalLMLoss: tokens < n predict n
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
     hidden, targets = _active(out.last_hidden_state, shift_labels)
@@ -213,8 +219,7 @@ def _causal_lm_forward(self, input_ids=None, cache=None, attention_mask=None, to
     else:
         loss = linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, reduction="sum")
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
-    return CausalLMOutputWithCrossAttentions(loss=loss, logits=None, cache=out.cache, hidden_states=out.hidden_states,
-                                             attentions=out.attentions, cross_attentions=out.cross_attentions)
+    return _output(CausalLMOutputWithCrossAttentions, out, loss=loss, logits=None)
 
 
 _LOSS_FORWARDS = {"BertForMaskedLM": _masked_lm_forward, "RobertaForMaskedLM": _masked_lm_forward,
