@@ -50,6 +50,7 @@ from ..data.tasks import (BUILTIN_TASKS, PYTHON_DOCS_TOPICS, builtin_text_task, 
 from ..models import TextEncoder, VisionEncoder
 from ..objectives.base import pool
 from .probes import classification_metrics, knn_predict, linear_probe, standardize  # noqa: F401
+from .recipe import resolve_precision
 
 PROBES = ("linear", "knn", "both")
 POOLINGS = ("mean", "first", "last")
@@ -189,10 +190,12 @@ def _device_of(module: nn.Module, device) -> torch.device:
 
 
 def _autocast(device: torch.device, precision: str):
+    if precision == "auto":  # as the recipe's: bf16 where the device multiplies it natively
+        precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext()
     if precision not in ("bf16", "fp16"):
-        raise ValueError(f"precision: expected 'fp32', 'bf16' or 'fp16', got {precision!r}")
+        raise ValueError(f"precision: expected 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
@@ -282,7 +285,8 @@ def evaluate_text(backbone: nn.Module, tokenizer, train_path, test_path=None, *,
         pooling: "mean" over valid tokens, "first" token ([CLS]) or "last" valid token (causal LMs).
         epochs, batch_size, lr (encoder), head_lr, weight_decay, warmup_ratio (linear warmup, then
             linear decay to 0), dropout (before the head), max_len (tokens, truncated): fine-tuning.
-        device: default the backbone's. precision: "fp32", "bf16" or "fp16" autocast.
+        device: default the backbone's. precision: "fp32", "bf16" or "fp16" autocast, or "auto"
+            (the recipe's choice: bf16 where the device multiplies it natively).
         log: called with a progress line per epoch (e.g. ``print``).
 
     Returns a dict: accuracy, macro_f1, majority (accuracy of always answering the most frequent
@@ -595,7 +599,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="also evaluate --model's architecture from scratch (same data and seed): two rows")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
-    common.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    common.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="autocast precision (default auto: bf16 where the device multiplies it natively)")
     common.add_argument("--batch-size", type=int, default=None, help="default 32 (text), 256 (vision features)")
     common.add_argument("--out", metavar="JSON", help="write the results here")
 
