@@ -14,6 +14,8 @@ void bind_random_masking(py::module_& m);
 void bind_span_corrupt(py::module_& m);
 void bind_contrastive(py::module_& m);
 void bind_attention(py::module_& m);
+void bind_dropout(py::module_& m);
+void bind_cross_entropy(py::module_& m);
 }  // namespace fastpt
 
 namespace py = pybind11;
@@ -47,4 +49,6 @@ PYBIND11_MODULE(_C, m) {
   fastpt::bind_span_corrupt(m);
   fastpt::bind_contrastive(m);
   fastpt::bind_attention(m);
+  fastpt::bind_dropout(m);
+  fastpt::bind_cross_entropy(m);
 }

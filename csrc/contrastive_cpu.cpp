@@ -34,106 +34,23 @@
 
 #include "common.h"
 #include "contrastive.h"
+#include "convert.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace fastpt {
 namespace {
 
-// The vector helpers below take and return AVX / AVX-512 vectors from functions
-// compiled for the baseline ISA; they are always inlined into the per-ISA entry
-// points, so the ABI note GCC prints for them concerns calls that never happen.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-#if defined(__GNUC__)
-#define FASTPT_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define FASTPT_ALWAYS_INLINE inline
-#endif
+using namespace simd;  // NOLINT: the vector helpers of simd.h
 
-constexpr int64_t kBN = 96;    // queries per tile: a multiple of every MR below
-constexpr int64_t kBM = 192;   // keys per tile: a multiple of every NR and MR below
+constexpr int64_t kBN = 96;    // queries per tile: a multiple of the MR of every ISA in simd.h
+constexpr int64_t kBM = 192;   // keys per tile: a multiple of every NR and MR there
 constexpr int64_t kDPad = 32;  // feature dim padded to a multiple of the widest NR
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// --------------------------------------------------------------------------- ISA descriptions
-
-// W floats per vector, micro-tile of MR rows x NV vectors (NR = W * NV columns).
-// MR * NV accumulators + NV loads + 1 broadcast fit the register file of each ISA.
-template <int W_, int MR_, int NV_>
-struct Isa {
-  static constexpr int W = W_, MR = MR_, NV = NV_, NR = W_ * NV_;
-  typedef float V __attribute__((vector_size(W_ * sizeof(float))));
-  typedef int32_t VI __attribute__((vector_size(W_ * sizeof(int32_t))));
-};
-using IsaBase = Isa<4, 4, 2>;     // SSE2 / NEON: 8 accumulators of 16 registers
-using IsaAvx2 = Isa<8, 6, 2>;     // 12 of 16 ymm
-using IsaAvx512 = Isa<16, 8, 2>;  // 16 of 32 zmm
 static_assert(kBN % 8 == 0 && kBN % 6 == 0 && kBM % 32 == 0 && kBM % 6 == 0 && kDPad % 32 == 0, "tile sizes");
-
-template <class V>
-FASTPT_ALWAYS_INLINE V vload(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <class V>
-FASTPT_ALWAYS_INLINE void vstore(float* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-template <class V>
-FASTPT_ALWAYS_INLINE V splat(float x) {
-  return V{} + x;
-}
-template <class I>
-FASTPT_ALWAYS_INLINE typename I::V vselect(typename I::VI mask, typename I::V a, typename I::V b) {
-  using VI = typename I::VI;
-  using V = typename I::V;
-  return (V)(((VI)a & mask) | ((VI)b & ~mask));
-}
-
-// exp(x) in float32 (Cephes polynomial, ~1 ulp). x < -87.34 (including -inf)
-// flushes to 0, NaN stays NaN; callers only pass x <= 0 (or NaN).
-template <class I>
-FASTPT_ALWAYS_INLINE typename I::V vexp(typename I::V x) {
-  using V = typename I::V;
-  using VI = typename I::VI;
-  const VI is_nan = x != x;
-  const VI under = x < splat<V>(-87.33654f);
-  V xc = vselect<I>(x > splat<V>(-87.33654f), x, splat<V>(-87.33654f));  // NaN -> bound: no UB below
-  xc = vselect<I>(xc < splat<V>(88.0f), xc, splat<V>(88.0f));
-  const V fx = xc * 1.44269504088896341f + 0.5f;
-  V t = __builtin_convertvector(__builtin_convertvector(fx, VI), V);
-  t = t + __builtin_convertvector((VI)(t > fx), V);  // truncation -> floor (true is -1)
-  const VI n = __builtin_convertvector(t, VI);
-  xc = xc - t * 0.693359375f;
-  xc = xc + t * 2.12194440e-4f;
-  V y = splat<V>(1.9875691500e-4f);
-  y = y * xc + 1.3981999507e-3f;
-  y = y * xc + 8.3334519073e-3f;
-  y = y * xc + 4.1665795894e-2f;
-  y = y * xc + 1.6666665459e-1f;
-  y = y * xc + 5.0000001201e-1f;
-  y = y * (xc * xc) + xc + 1.0f;
-  y = y * (V)((n + 127) << 23);
-  y = vselect<I>(under, V{}, y);
-  return vselect<I>(is_nan, x, y);
-}
-
-template <class I>
-FASTPT_ALWAYS_INLINE float hmax(typename I::V v) {
-  float m = v[0];
-  for (int l = 1; l < I::W; ++l) m = v[l] > m ? v[l] : m;
-  return m;
-}
-template <class I>
-FASTPT_ALWAYS_INLINE float hsum(typename I::V v) {
-  float s = 0.0f;
-  for (int l = 0; l < I::W; ++l) s += v[l];
-  return s;
-}
 
 // c[r * c_r + 0 .. NR) (+)= sum_p a[r * a_r + p * a_p] * b[p * b_p + 0 .. NR), r < MR.
 // The MR x NR accumulators stay in registers for the whole p loop.
@@ -166,48 +83,18 @@ FASTPT_ALWAYS_INLINE void micro(int64_t P, const float* a, int64_t a_r, int64_t 
 
 // --------------------------------------------------------------------------- packed operands
 
-float half_to_float(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
-  if (e == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal half: normalise
-      e = 113;
-      while ((mant & 0x400u) == 0) {
-        mant <<= 1;
-        --e;
-      }
-      bits = sign | (e << 23) | ((mant & 0x3ffu) << 13);
-    }
-  } else if (e == 31) {
-    bits = sign | 0x7f800000u | (mant << 13);
-  } else {
-    bits = sign | ((e + 112) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 // One row of `d` elements of `dtype` at `src` -> fp32 `dst`.
 void load_row(uintptr_t src, int dtype, int64_t row, int64_t d, float* dst) {
   switch (dtype) {
     case kFloat32:
       std::memcpy(dst, ptr<const float>(src) + row * d, sizeof(float) * d);
       break;
-    case kBFloat16: {
-      const uint16_t* s = ptr<const uint16_t>(src) + row * d;
-      for (int64_t x = 0; x < d; ++x) {
-        const uint32_t bits = static_cast<uint32_t>(s[x]) << 16;
-        std::memcpy(dst + x, &bits, 4);
-      }
+    case kBFloat16:
+      widen<kBFloat16>(ptr<const uint16_t>(src) + row * d, dst, d);
       break;
-    }
-    case kFloat16: {
-      const uint16_t* s = ptr<const uint16_t>(src) + row * d;
-      for (int64_t x = 0; x < d; ++x) dst[x] = half_to_float(s[x]);
+    case kFloat16:
+      widen<kFloat16>(ptr<const uint16_t>(src) + row * d, dst, d);
       break;
-    }
     default:
       throw std::invalid_argument("contrastive: dtype code must be float32, float16 or bfloat16, got " +
                                   std::to_string(dtype));
@@ -409,10 +296,7 @@ using BwdFn = void (*)(const Ctx&, Worker&, int64_t, float*);
 void fwd_base(const Ctx& c, Worker& w, int64_t item, float* pm, float* ps) { fwd_item<IsaBase>(c, w, item, pm, ps); }
 void bwd_base(const Ctx& c, Worker& w, int64_t item, float* dq) { bwd_item<IsaBase>(c, w, item, dq); }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTPT_X86_ISAS 1
-#define FASTPT_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define FASTPT_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#if defined(FASTPT_X86_ISAS)
 FASTPT_TARGET_AVX2 void fwd_avx2(const Ctx& c, Worker& w, int64_t item, float* pm, float* ps) {
   fwd_item<IsaAvx2>(c, w, item, pm, ps);
 }
@@ -426,17 +310,6 @@ FASTPT_TARGET_AVX512 void bwd_avx512(const Ctx& c, Worker& w, int64_t item, floa
   bwd_item<IsaAvx512>(c, w, item, dq);
 }
 #endif
-
-int best_isa() {
-#if defined(FASTPT_X86_ISAS)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq"))
-    return 3;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
-#endif
-  return 1;
-}
 
 struct Kernels {
   FwdFn fwd;

@@ -496,3 +496,18 @@ def test_autocast_runs_in_the_autocast_dtype(device, backend):
     assert q.grad.dtype == torch.float32
     want = attention(*(x.detach().bfloat16() for x in (q, k, v)), causal=True, backend=backend)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_cpu_dropout_under_autocast_is_the_plain_call():
+    """Inside torch.autocast (bf16 training on the CPU) the cpu backend's dropout path keeps its own
+    float32 math: the same bits as the call outside autocast. Rows of different shapes make the
+    grouped path gather documents by index (the case that met autocast's bf16 einsum)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 40, 2, 16, generator=g).bfloat16() for _ in range(3))
+    seqlens = torch.tensor([17, 40, 17])
+    out = [attention(*(x.detach().requires_grad_() for x in (q, k, v)), seqlens=seqlens, dropout_p=0.2, seed=7,
+                     backend="cpu") for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = attention(q, k, v, seqlens=seqlens, dropout_p=0.2, seed=7, backend="cpu")
+    assert inside.dtype == torch.bfloat16
+    torch.testing.assert_close(inside, out[0], rtol=0, atol=0)

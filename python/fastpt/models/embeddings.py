@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.dropout import Dropout
 from .layers import check_choice, check_int, check_prob, document_positions, make_norm
 
 TEXT_POSITIONS = ("learned", "sinusoidal", "none")
@@ -70,7 +71,7 @@ class TextEmbedding(nn.Module):
         self.position_embeddings = nn.Embedding(max_positions, embed_dim) if position == "learned" else None
         self.token_type_embeddings = nn.Embedding(type_vocab_size, embed_dim) if type_vocab_size else None
         self.norm = make_norm(norm, embed_dim, eps, name="norm") if norm is not None else None
-        self.dropout = nn.Dropout(check_prob("dropout", dropout))
+        self.dropout = Dropout(check_prob("dropout", dropout))
         self.projection = nn.Linear(embed_dim, dim) if embed_dim != dim else None
 
     def position_ids(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,7 +183,7 @@ class PatchEmbedding(nn.Module):
             self.position_embeddings = nn.Parameter(torch.zeros(1, n, dim))
         else:
             self.register_buffer("position_embeddings", sincos_2d(dim, self.grid_size, cls_token), persistent=False)
-        self.dropout = nn.Dropout(check_prob("dropout", dropout))
+        self.dropout = Dropout(check_prob("dropout", dropout))
         self.dynamic_size = bool(dynamic_size)
 
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:

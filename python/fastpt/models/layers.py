@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.attention import MultiheadSelfAttention
+from ..nn.dropout import Dropout
+from ..ops import _rng
 from ..ops.attention import attention
 
 ACTIVATIONS = {
@@ -119,7 +121,7 @@ class FeedForward(nn.Module):
         self.activation, self.gated = activation, activation in GLU_ACTIVATIONS
         self.fc1 = nn.Linear(dim, hidden * (2 if self.gated else 1), bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
-        self.dropout = nn.Dropout(check_prob("dropout", dropout))
+        self.dropout = Dropout(check_prob("dropout", dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
@@ -205,12 +207,6 @@ def dense_attention_mask(batch: int, seq: int, device, *, causal: bool = False, 
     return allowed, valid
 
 
-def _dropout_seed() -> int:
-    # drawn from torch's default generator, so torch.manual_seed reproduces attention dropout
-    # (and activation checkpointing, which restores that generator, replays the same mask)
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
 # ----------------------------------------------------------------------------- attention
 
 
@@ -274,7 +270,7 @@ class SelfAttention(MultiheadSelfAttention):
                               cu_seqlens=cu_seqlens)
         else:
             out = attention(q, k, v, causal=causal, prefix_lens=prefix_lens, seqlens=seqlens, cu_seqlens=cu_seqlens,
-                            max_seqlen=max_seqlen, dropout_p=p, seed=_dropout_seed() if p > 0 else 0,
+                            max_seqlen=max_seqlen, dropout_p=p, seed=_rng.draw_seed() if p > 0 else 0,
                             backend=self.backend)
         return self.out_proj(out.flatten(-2))
 
@@ -358,7 +354,7 @@ class TransformerLayer(nn.Module):
         self.attn, self.mlp, self.norm1, self.norm2 = attn, mlp, norm1, norm2
         self.cross_attn, self.cross_norm = cross_attn, cross_norm
         self.pre_norm = pre_norm
-        self.dropout = nn.Dropout(check_prob("dropout", dropout))
+        self.dropout = Dropout(check_prob("dropout", dropout))
 
     def forward(self, x: torch.Tensor, *, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, **attn_kwargs) -> torch.Tensor:

@@ -45,6 +45,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ..ops import _rng
 from ..ops.attention import attention
 from ..ops.linear_cross_entropy import linear_cross_entropy
 
@@ -145,7 +146,7 @@ def fastpt_attention_forward(module, query, key, value, attention_mask, scaling=
         return _original_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                    **kwargs)
     causal, seqlens = plan
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
+    seed = _rng.draw_seed() if dropout else 0
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
                     seqlens=seqlens, dropout_p=float(dropout), scale=scaling, seed=seed)
     return out, None

@@ -15,15 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import _rng
 from ..ops.attention import attention, sdpa
+from .dropout import Dropout
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
-
-
-def _dropout_seed() -> int:
-    """A fresh dropout seed from torch's default generator: ``torch.manual_seed`` makes training
-    with attention dropout reproducible, as it does for ``nn.Dropout``."""
-    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def padding_to_seqlens(valid: torch.Tensor, name: str) -> torch.Tensor:
@@ -127,7 +123,7 @@ class MultiheadSelfAttention(nn.Module):
             seqlens = padding_to_seqlens(attention_mask, "attention_mask")
         q, k, v = self.project(x)
         p = self.dropout if self.training else 0.0
-        seed = _dropout_seed() if p > 0 else 0
+        seed = _rng.draw_seed() if p > 0 else 0
         if attn_mask is not None:
             out = self._general(q, k, v, attn_mask, seqlens, causal, p, seed, cu_seqlens, prefix_lens)
         else:
@@ -196,12 +192,12 @@ class TransformerEncoderLayer(nn.Module):
         self.self_attn = MultiheadSelfAttention(d_model, nhead, num_kv_heads, bias=bias, dropout=dropout,
                                                 backend=backend, **kw)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **kw)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **kw)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **kw)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **kw)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.activation = activation
 
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,

@@ -49,6 +49,7 @@ STREAM_SPAN_KEEP = 6
 STREAM_UL2_DENOISER = 7
 STREAM_UL2_SPLIT = 8
 STREAM_ATTN_DROPOUT = 9
+STREAM_DROPOUT = 10
 
 
 def mix32_int(x: int) -> int:
@@ -82,6 +83,12 @@ def check_seed(seed) -> int:
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed: expected 0 <= seed < 2**64, got {seed}")
     return seed
+
+
+def draw_seed() -> int:
+    """A fresh seed from torch's default CPU generator: ``torch.manual_seed`` reproduces it, and a
+    checkpoint that restores torch's RNG state replays it (as ``nn.Dropout``'s masks would be)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def stream_key(seed: int, stream: int) -> int:

@@ -1,0 +1,112 @@
+"""fastpt.nn.Dropout: a drop-in torch.nn.Dropout on fastpt's counter-based dropout (CPU)."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastpt import _native
+from fastpt.nn import Dropout
+from fastpt.ops import dropout
+
+NATIVE = pytest.mark.skipif(_native.cpu_unavailable() is not None, reason="fastpt._C is not built")
+
+
+def _x(n=100_000, seed=0):
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) + 0.5  # never 0
+
+
+def test_drop_in():
+    d = Dropout(0.1)
+    assert isinstance(d, nn.Dropout) and repr(d) == repr(nn.Dropout(0.1)) == "Dropout(p=0.1, inplace=False)"
+    assert d.state_dict() == {} and list(d.parameters()) == []
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_train_and_eval_statistics(p):
+    """Training: drop rate p within 5 binomial sigmas, as nn.Dropout; kept values scaled by 1 / (1 - p).
+    Eval: the input itself."""
+    x, n = _x(), 100_000
+    d, ref = Dropout(p), nn.Dropout(p)
+    for module in (d, ref):
+        out = module(x)
+        dropped = int((out == 0).sum())
+        assert abs(dropped - n * p) <= 5 * math.sqrt(n * p * (1 - p)), (module, dropped)
+        torch.testing.assert_close(out[out != 0], x[out != 0] / (1 - p), rtol=1e-6, atol=0)
+        assert abs(out.mean().item() - x.mean().item()) < 0.01
+    d.eval()
+    assert d(x) is x
+
+
+@NATIVE
+def test_uses_fastpt_on_cpu():
+    torch.manual_seed(3)
+    out = Dropout(0.3)(_x())
+    torch.manual_seed(3)
+    assert torch.equal(out, dropout(_x(), 0.3))
+
+
+def test_manual_seed_reproduces():
+    d = Dropout(0.5)
+    torch.manual_seed(0)
+    a, b = d(_x()), d(_x())
+    torch.manual_seed(0)
+    assert torch.equal(a, d(_x())) and torch.equal(b, d(_x())) and not torch.equal(a, b)
+
+
+def test_gradient_is_the_mask():
+    x = _x(5000).requires_grad_()
+    g = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    out = Dropout(0.25)(x)
+    out.backward(g)
+    assert torch.equal(x.grad, torch.where(out != 0, g * (1 / 0.75), 0.0))
+
+
+def test_inplace_and_edge_probabilities():
+    x = _x(1000)
+    y = x.clone()
+    out = Dropout(0.5, inplace=True)(y)
+    assert out.data_ptr() == y.data_ptr() and (y == 0).any() and torch.equal(out, y)
+    assert torch.equal(Dropout(0.0)(x), x)
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))
+    half = Dropout(0.5)(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and (half == 0).any()
+
+
+def test_torch_compile_has_no_graph_break():
+    """Under torch.compile the module is F.dropout (Inductor fuses it; a host seed would break the graph)."""
+    model = nn.Sequential(nn.Linear(8, 8), Dropout(0.5))
+    x = torch.randn(4, 8)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        assert torch._dynamo.explain(model)(x).graph_break_count == 0
+    assert out.shape == (4, 8)
+
+
+def test_other_devices_use_torch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(F, "dropout", lambda *a, **k: calls.append(a) or a[0])
+    x = torch.empty(3, 4, device="meta")
+    assert Dropout(0.5)(x) is x and len(calls) == 1
+
+
+def test_activation_checkpointing_replays_the_mask():
+    """checkpoint() restores torch's RNG state for the recompute: the seed, hence the mask, repeats."""
+    lin, d = nn.Linear(64, 64), Dropout(0.5)
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ckpt in (False, True):
+        lin.zero_grad()
+        torch.manual_seed(1)
+        f = lambda x: torch.tanh(d(lin(x)))  # noqa: E731
+        out = checkpoint(f, x, use_reentrant=False) if ckpt else f(x)
+        out.sum().backward()
+        grads.append(lin.weight.grad.clone())
+    assert torch.equal(*grads)

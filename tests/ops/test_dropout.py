@@ -1,0 +1,249 @@
+"""dropout: bit-identical on every backend, the documented mask, right rate, exact gradients."""
+import importlib
+import math
+import warnings
+
+import pytest
+import torch
+
+import fastpt
+from fastpt import _native
+from fastpt.ops import _rng, dropout
+from tests.helpers import backend_grid
+
+drop = importlib.import_module("fastpt.ops.dropout")  # the module (the package exports the function)
+attn = importlib.import_module("fastpt.ops.attention")
+
+GRID = backend_grid("dropout")
+NATIVE = pytest.mark.skipif(_native.cpu_unavailable() is not None, reason="fastpt._C is not built")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t):
+    """The raw bits, so that equality is exact (NaN == NaN, -0 != +0)."""
+    return t.contiguous().view(INT_VIEW[t.element_size()])
+
+
+def _binomial_ok(k, n, p, sigmas=5.0):
+    return abs(k - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (17,), (1000,), (65537,), (3, 65536 + 5), (7, 203, 3)])
+def test_backends_bit_identical(device, backend, dtype, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))).to(device, dtype)
+    out = dropout(x, 0.3, seed=2**40 + 7, backend=backend)
+    ref = dropout(x, 0.3, seed=2**40 + 7, backend="reference")
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(_bits(out), _bits(ref))
+
+
+@NATIVE
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [1e-7, 0.1, 1 / 3])
+def test_every_half_value(dtype, p):
+    """All 65536 bit patterns (subnormals, overflow to inf, NaN): the C++ conversions round as torch does."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    out, ref = dropout(x, p, seed=1, backend="cpu"), dropout(x, p, seed=1, backend="reference")
+    same = (_bits(out) == _bits(ref)) | (out.isnan() & ref.isnan())
+    assert same.all(), x[~same][:5]
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_mask_is_the_contract(device, backend):
+    """Element i is kept iff bits(key, i // 65536, i % 65536) >> 8 >= threshold24(p), computed here
+    with the scalar hash; kept ones are exactly x * float32(1 / (1 - p))."""
+    n, p, seed = 2 * 65536 + 300, 0.4, 1234
+    x = (torch.rand(n, generator=torch.Generator().manual_seed(0)) + 0.5).to(device)
+    out = dropout(x, p, seed=seed, backend=backend).cpu()
+    key, thr = _rng.stream_key(seed, _rng.STREAM_DROPOUT), _rng.threshold24(p)
+    scale = torch.tensor(1 / (1 - p), dtype=torch.float32)
+    for i in list(range(40)) + list(range(65530, 65545)) + list(range(n - 40, n)):
+        kept = (_rng.mix32_int(_rng.mix32_int(key ^ (i >> 16)) ^ (i & 0xFFFF)) >> 8) >= thr
+        assert out[i].item() == ((x[i].cpu() * scale).item() if kept else 0.0), i
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_rate_and_scale(device, backend, p):
+    n = 200_003
+    x = (torch.rand(n, generator=torch.Generator().manual_seed(3)) + 0.5).to(device)  # never 0
+    out = dropout(x, p, seed=11, backend=backend)
+    kept = out != 0
+    assert _binomial_ok(int((~kept).sum()), n, p)
+    assert torch.equal(out[kept], x[kept] * (1 / (1 - p)))
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_seeds(device, backend):
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(1)).to(device)
+    a = dropout(x, 0.5, seed=7, backend=backend)
+    assert torch.equal(a, dropout(x, 0.5, seed=7, backend=backend))
+    differ = ((a == 0) != (dropout(x, 0.5, seed=8, backend=backend) == 0)).float().mean().item()
+    assert 0.4 < differ < 0.6  # independent masks disagree on 2 p (1 - p) of the elements
+    # seed=None: drawn from torch's default generator, so torch.manual_seed reproduces it
+    torch.manual_seed(5)
+    b = dropout(x, 0.5, backend=backend)
+    c = dropout(x, 0.5, backend=backend)
+    torch.manual_seed(5)
+    assert torch.equal(b, dropout(x, 0.5, backend=backend)) and not torch.equal(b, c)
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_noncontiguous_and_leading_dims(device, backend):
+    """The mask follows the logical (row-major) order, whatever the strides."""
+    x = torch.randn(300, 257, generator=torch.Generator().manual_seed(2)).to(device)
+    t = x.t()  # a transposed view
+    out = dropout(t, 0.25, seed=3, backend=backend)
+    assert out.shape == t.shape and torch.equal(out, dropout(t.contiguous(), 0.25, seed=3, backend=backend))
+    flat = dropout(x.reshape(-1), 0.25, seed=3, backend=backend)
+    assert torch.equal(dropout(x, 0.25, seed=3, backend=backend).reshape(-1), flat)
+    assert torch.equal(dropout(x[:, ::2], 0.25, seed=3, backend=backend),
+                       dropout(x[:, ::2].contiguous(), 0.25, seed=3, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_gradcheck(device, backend):
+    """With a fixed seed the mask is a constant: the gradient is exact (float64; the reference with
+    plain autograd, cpu through the custom op's registered backward)."""
+    x = torch.randn(7, 13, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+    assert torch.autograd.gradcheck(lambda x: dropout(x, 0.4, seed=3, backend=backend), (x.requires_grad_(),))
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_is_the_same_masked_scaling(device, backend, dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 70001, generator=g).to(device, dtype).requires_grad_()
+    up = torch.randn(3, 70001, generator=g).to(device, dtype)
+    out = dropout(x, 0.35, seed=9, backend=backend)
+    out.backward(up)
+    assert torch.equal(_bits(x.grad), _bits(dropout(up, 0.35, seed=9, backend="reference")))
+    x2 = x.detach().clone().requires_grad_()
+    dropout(x2, 0.35, seed=9, backend="reference").backward(up)
+    assert torch.equal(_bits(x.grad), _bits(x2.grad))
+    # a broadcast upstream gradient (stride 0) is served too
+    x3 = x.detach().clone().requires_grad_()
+    dropout(x3, 0.35, seed=9, backend=backend).sum().backward()
+    assert torch.equal(x3.grad, dropout(torch.ones_like(x3), 0.35, seed=9, backend="reference"))
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_identity_cases(device, backend):
+    x = torch.randn(4, 5, device=device)
+    assert dropout(x, 0.0, seed=1, backend=backend) is x
+    assert dropout(x, 0.7, training=False, backend=backend) is x
+    empty = torch.empty(0, 3, device=device)
+    assert dropout(empty, 0.5, backend=backend) is empty
+    state = torch.get_rng_state()
+    dropout(x, 0.0, backend=backend)  # no seed drawn when nothing is dropped
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(x=[1.0]), TypeError, "x: expected a torch.Tensor"),
+    (dict(x=torch.ones(3, dtype=torch.int64)), TypeError, "x: expected a floating-point tensor"),
+    (dict(p=1.0), ValueError, "p: expected a probability in \\[0, 1\\)"),
+    (dict(p=-0.1), ValueError, "p: expected a probability"),
+    (dict(p=float("nan")), ValueError, "p: expected a probability"),
+    (dict(p="half"), TypeError, "p: expected a float"),
+    (dict(seed=-1), ValueError, "seed: expected 0 <= seed < 2\\*\\*64"),
+    (dict(seed=2**64), ValueError, "seed"),
+    (dict(seed=1.5), TypeError, "seed: expected an int"),
+    (dict(backend="gpu"), ValueError, "backend: expected one of"),
+    (dict(backend="triton"), fastpt.BackendError, "does not implement"),
+])
+def test_bad_arguments(kwargs, err, match):
+    args = dict(x=torch.randn(4), p=0.5, seed=0) | kwargs
+    with pytest.raises(err, match=match):
+        dropout(args.pop("x"), args.pop("p"), **args)
+
+
+@NATIVE
+def test_native_checks_sizes():
+    """The C++ entry points re-check what they index and raise instead of crashing."""
+    C = _native._C
+    x, out = torch.randn(8), torch.empty(8)
+    with pytest.raises(ValueError, match="dtype code"):
+        C.dropout_cpu(x.data_ptr(), out.data_ptr(), 8, _native.dtype_code(torch.int32), 0, 100, 2.0, 1)
+    with pytest.raises(ValueError, match="overlap"):
+        C.dropout_cpu(x.data_ptr(), x.data_ptr() + 4, 4, _native.dtype_code(torch.float32), 0, 100, 2.0, 1)
+    with pytest.raises(ValueError, match="threshold24"):
+        C.dropout_cpu(x.data_ptr(), out.data_ptr(), 8, _native.dtype_code(torch.float32), 0, (1 << 24) + 1, 2.0, 1)
+    with pytest.raises(ValueError, match="negative"):
+        C.dropout_cpu(x.data_ptr(), out.data_ptr(), -1, _native.dtype_code(torch.float32), 0, 100, 2.0, 1)
+    with pytest.raises(ValueError, match="null"):
+        C.dropout_cpu(0, out.data_ptr(), 8, _native.dtype_code(torch.float32), 0, 100, 2.0, 1)
+    probs, pout, docs = torch.rand(2, 3, 4, 4), torch.empty(2, 3, 4, 4), torch.tensor([0, 2**31])
+    with pytest.raises(ValueError, match="doc_ids\\[1\\]"):  # 2**31 * 3 heads does not fit 32 bits
+        C.attention_dropout_cpu(probs.data_ptr(), pout.data_ptr(), docs.data_ptr(), 2, 3, 4,
+                                _native.dtype_code(torch.float32), 0, 100, 2.0, 1)
+    with pytest.raises(ValueError, match="negative shape"):
+        C.attention_dropout_cpu(probs.data_ptr(), pout.data_ptr(), docs.data_ptr(), 2, -3, 4,
+                                _native.dtype_code(torch.float32), 0, 100, 2.0, 1)
+
+
+@NATIVE
+def test_custom_op_registration():
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 37, dtype=dtype, requires_grad=True)
+        torch.library.opcheck(drop._dropout_op, (x, _rng.stream_key(3, _rng.STREAM_DROPOUT), 0.3))
+
+
+@NATIVE
+def test_torch_compile_full_graph():
+    def step(x):
+        return (dropout(x, 0.3, seed=5) * 2).sum()
+
+    x = torch.randn(6, 1001, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    eager = step(x)
+    eager.backward()
+    want, x.grad = x.grad, None
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # dynamo's note on the lru_cache in _dispatch
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(x)  # raises on a graph break
+        compiled.backward()
+        assert torch._dynamo.explain(step)(x).graph_break_count == 0
+    assert torch.equal(compiled, eager) and torch.equal(x.grad, want)
+
+
+# ----------------------------------------------------------------------------- attention probabilities
+
+
+@NATIVE
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 4, 37), (2, 3, 130)])
+def test_attention_dropout_is_the_torch_formula(dtype, shape):
+    """The C++ kernel reproduces ops/attention.py's torch formula bit for bit, forward and backward."""
+    n, h, length = shape
+    g = torch.Generator().manual_seed(n * length)
+    probs = torch.rand(n, h, length, length, generator=g).to(dtype).requires_grad_()
+    up = torch.randn(n, h, length, length, generator=g).to(dtype)
+    doc = torch.tensor([5, 0, 9])[:n]
+    key = _rng.stream_key(7, _rng.STREAM_ATTN_DROPOUT)
+    out = drop.attention_dropout(probs, doc, h, key, 0.3)
+    (grad,) = torch.autograd.grad(out, probs, up)
+    want = attn._drop_probs_torch(probs, doc, key, 0.3)
+    (want_grad,) = torch.autograd.grad(want, probs, up)
+    assert out.dtype == dtype and torch.equal(out, want.to(dtype)) and torch.equal(grad, want_grad)
+
+
+@NATIVE
+def test_attention_dropout_matches_dropout_keep():
+    """Documents numbered as in the docs table: the mask is dropout_keep's (the reference's)."""
+    s, h, p, key = 23, 2, 0.4, _rng.stream_key(3, _rng.STREAM_ATTN_DROPOUT)
+    docs = torch.tensor([[0, 0, s, s], [1, 0, s, s]], dtype=torch.int32)
+    keep = attn.dropout_keep(docs, h, s, key, p)  # (B, H, S, S)
+    out = drop.attention_dropout(torch.ones(2, h, s, s), torch.tensor([0, 1]), h, key, p)
+    assert torch.equal(out != 0, keep)
+
+
+@NATIVE
+def test_attention_dropout_gradcheck():
+    probs = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    key = _rng.stream_key(2, _rng.STREAM_ATTN_DROPOUT)
+    assert torch.autograd.gradcheck(lambda t: drop.attention_dropout(t, torch.tensor([1, 4]), 3, key, 0.3),
+                                    (probs.requires_grad_(),))
