@@ -424,3 +424,54 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(device, backend):
     torch.testing.assert_close(loss, want)
     for g, x in zip(got, bf16):
         torch.testing.assert_close(g, x.grad.float())
+
+
+def _isas():
+    from fastpt import _native
+    if _native.cpu_unavailable() is not None:
+        return []
+    best = {"avx512": 3, "avx2": 2}.get(_native._C.contrastive_cpu_isa(), 1)  # the ISAs simd.h built for
+    return list(range(1, best + 1))
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("smoothing, z_coef", [(0.0, 0.0), (0.2, 1e-3)])
+def test_native_chunk_step_matches_torch_ops(isa, dtype, smoothing, z_coef):
+    """csrc/cross_entropy_cpu.cpp on every instruction set this CPU runs against the torch-op step:
+    loss and lse to fp32 rounding, the in-place gradient to one rounding of its dtype; a NaN row
+    stays NaN, other rows are untouched by it; odd widths exercise the vector tails."""
+    from fastpt import _native
+    g = torch.Generator().manual_seed(isa)
+    for rows, cols in ((5, 1), (7, 17), (33, 1003)):
+        z = (torch.randn(rows, cols, generator=g) * 3).to(dtype)
+        z[min(3, rows - 1), cols // 2] = float("nan")
+        y = torch.randint(0, cols, (rows,), generator=g)
+        scale = torch.rand(rows, generator=g) + 0.5
+        want_z = z.clone()
+        want = lce._ce_chunk_torch(want_z, y, scale, smoothing, z_coef, True)
+        got_z = z.clone()
+        loss, lse = torch.empty(rows), torch.empty(rows)
+        p = _native._C.CEChunkParams()
+        p.z, p.rows, p.cols, p.ld, p.dtype = got_z.data_ptr(), rows, cols, cols, _native.dtype_code(dtype)
+        p.target, p.grad_scale, p.loss, p.lse = y.data_ptr(), scale.data_ptr(), loss.data_ptr(), lse.data_ptr()
+        p.smoothing, p.z_coef, p.isa = smoothing, z_coef, isa
+        _native._C.ce_chunk_cpu(p, 2)
+        for name, a, b in (("loss", loss, want[0]), ("lse", lse, want[1])):
+            torch.testing.assert_close(a, b.float(), rtol=2e-6, atol=2e-6, equal_nan=True, msg=name)
+        tol = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+        torch.testing.assert_close(got_z.float(), want_z.float(), rtol=tol, atol=tol, equal_nan=True)
+        nan_row = min(3, rows - 1)
+        assert torch.isnan(loss[nan_row]) and torch.isfinite(torch.cat([loss[:nan_row], loss[nan_row + 1:]])).all()
+
+
+def test_native_chunk_step_checks_targets():
+    from fastpt import _native
+    if _native.cpu_unavailable() is not None:
+        pytest.skip(_native.cpu_unavailable())
+    z, y, out = torch.randn(2, 5), torch.tensor([1, 5]), torch.empty(2)
+    p = _native._C.CEChunkParams()
+    p.z, p.rows, p.cols, p.ld, p.dtype = z.data_ptr(), 2, 5, 5, _native.dtype_code(z.dtype)
+    p.target, p.loss, p.lse = y.data_ptr(), out.data_ptr(), out.data_ptr()
+    with pytest.raises(ValueError, match=r"target 5 of row 1 outside \[0, 5\)"):
+        _native._C.ce_chunk_cpu(p, 1)
