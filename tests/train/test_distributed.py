@@ -1,5 +1,7 @@
 """Data parallelism on 2 CPU processes (gloo, launched by torchrun): DDP and FSDP2 give the loss of one
 process on the combined batch, with gradient accumulation (no all-reduce on micro-steps)."""
+import os
+import signal
 import subprocess
 import sys
 
@@ -37,9 +39,17 @@ def torchrun(root, cfg, *args):
     config.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(root / "runner.py"), "--config", str(config), *args]
-    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+    # its own process group: on a timeout (or an interrupted pytest) the workers go with torchrun
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def final_params(run_dir, step=4):
