@@ -233,3 +233,12 @@ def test_e2e_flops_per_token_and_config():
     base = dict(num_layers=12, hidden_size=768, intermediate_size=3072, vocab_size=30522)
     expected = 6 * 12 * (4 * 768**2 + 2 * 768 * 3072) + 12 * 12 * 768 * 128 + 0.15 * 6 * (768**2 + 768 * 30522)
     assert e2e.mlm_flops_per_token(base, 128) == pytest.approx(expected)
+
+
+def test_dropout_bench_times_fastpt_against_torch_on_the_cpu():
+    from fastpt.bench.kernels import Context, bench_dropout
+
+    rows = bench_dropout(Context(device="cpu", quick=True, log=lambda s: None, machine={"device_name": "t"}))
+    assert {(r["provider"], r["status"]) for r in rows} == {("torch", "ok"), ("fastpt", "ok")}
+    assert {(r["dtype"], r["mode"]) for r in rows} == {(d, m) for d in ("fp32", "bf16") for m in ("fwd", "fwd+bwd")}
+    assert all(r["baseline"] == "torch" and r["time_ms"] > 0 for r in rows)

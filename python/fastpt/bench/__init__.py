@@ -28,7 +28,7 @@ from .report import add_ratios, make_row, markdown, write_results
 __all__ = ["bench_main", "run", "time_fn", "peak_memory", "machine_info", "Timing", "peak", "peak_flops", "Peak",
            "make_row", "add_ratios", "markdown", "write_results"]
 
-OPS = ("masking", "cross_entropy", "contrastive", "attention")  # cheapest first: a cut-short run keeps most
+OPS = ("masking", "dropout", "cross_entropy", "contrastive", "attention")  # cheapest first: a cut-short run keeps most
 
 
 def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/results", quick: bool = False,

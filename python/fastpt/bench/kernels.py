@@ -8,6 +8,7 @@
   take the mask), FlexAttention with a block mask (CUDA), and eager softmax(QK^T)V.
 * ``contrastive``: InfoNCE and CLIP forward + backward against eager matmul + cross-entropy (and
   the PyPI package inf-cl on CUDA in fp32 when importable).
+* ``dropout``: hidden-state dropout forward and forward + backward against ``F.dropout``.
 * ``cross_entropy``: fused linear cross-entropy forward + backward against eager
   ``F.cross_entropy(F.linear(h, w), y)`` (the baseline), the same on the labelled rows only, and
   liger-kernel on CUDA when importable.
@@ -36,7 +37,7 @@ from .peaks import Peak, dtype_name, peak
 from .report import make_row
 
 __all__ = ["Context", "measure", "SUITES", "run_kernels", "bench_masking", "bench_attention", "bench_contrastive",
-           "bench_cross_entropy", "bert_tokenizer", "mlm_inputs", "torch_mlm", "torch_mae", "AttentionCase",
+           "bench_cross_entropy", "bench_dropout", "bert_tokenizer", "mlm_inputs", "torch_mlm", "torch_mae", "AttentionCase",
            "contrastive_inputs", "eager_info_nce", "eager_clip", "ce_inputs", "ce_contenders", "backend_refusal"]
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "int64"}
@@ -577,8 +578,52 @@ def bench_cross_entropy(ctx: Context) -> list[dict]:
     return rows
 
 
-SUITES = {"masking": bench_masking, "attention": bench_attention, "contrastive": bench_contrastive,
-          "cross_entropy": bench_cross_entropy}
+# ----------------------------------------------------------------------------- dropout
+
+DROPOUT_P = 0.1
+
+
+def bench_dropout(ctx: Context) -> list[dict]:
+    """Hidden-state dropout (p = 0.1), forward and forward + backward, against ``F.dropout``.
+
+    On the CPU ``fastpt`` is ``fastpt.ops.dropout`` (the C++ counter-based kernel, seed drawn per
+    call as ``fastpt.nn.Dropout`` does). Every call starts 0.25 s after the previous one: torch's
+    CPU dropout leaves MKL's threads spinning for up to 200 ms (MKL's block time), which on a
+    small machine slows whatever runs next by up to 10x (benches/results/dropout-cpu.md). On CUDA
+    ``fastpt.nn.Dropout`` is torch's dropout (no GPU kernel yet): only the baseline runs.
+    """
+    import time
+
+    from fastpt.ops import dropout
+
+    rows = []
+    shapes = [(1024, 256)] if ctx.quick else [(4096, 256), (4096, 1024)]
+    for shape in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(shape, device=ctx.device, dtype=dtype)
+            for mode in ("fwd", "fwd+bwd"):
+                grad = mode == "fwd+bwd"
+                leaf = x.detach().requires_grad_(grad)
+
+                def call(fn, leaf=leaf, grad=grad):
+                    y = fn(leaf)
+                    if grad:
+                        y.backward(torch.ones_like(y))
+                        leaf.grad = None
+                    return y
+
+                providers = {"torch": functools.partial(call, lambda t: F.dropout(t, DROPOUT_P, True)),
+                             "fastpt": functools.partial(call, lambda t: dropout(t, DROPOUT_P)) if not ctx.cuda else
+                             "fastpt.nn.Dropout runs torch's dropout on CUDA (no GPU kernel yet)"}
+                rows += measure(ctx, op="dropout", case=f"{shape[0]}x{shape[1]}", mode=mode, shape=shape, dtype=dtype,
+                                baseline="torch", providers=providers, units=x.numel(), unit="elements",
+                                setup=None if ctx.cuda else (lambda: time.sleep(0.05 if ctx.quick else 0.25)),
+                                repeats=None if ctx.cuda else (2 if ctx.quick else 7))
+    return rows
+
+
+SUITES = {"masking": bench_masking, "dropout": bench_dropout, "attention": bench_attention,
+          "contrastive": bench_contrastive, "cross_entropy": bench_cross_entropy}
 
 
 def run_kernels(ctx: Context, ops=None, on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
