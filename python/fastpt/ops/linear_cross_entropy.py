@@ -125,7 +125,7 @@ def _prepare(hidden, weight, labels, bias, ignore_index, reduction, label_smooth
 def _check_label_range(active_labels: torch.Tensor, v: int, ignore_index: int) -> None:
     if active_labels.numel() == 0:
         return
-    lo, hi = (int(x) for x in torch.aminmax(active_labels))
+    lo, hi = torch.stack(torch.aminmax(active_labels)).tolist()  # one device sync for both
     if lo < 0 or hi >= v:
         raise ValueError(f"labels: expected class ids in [0, V={v}) or ignore_index={ignore_index}, "
                          f"found {lo if lo < 0 else hi}")
