@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,19 @@ def init(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist:
 
 
 def cleanup(d: Dist) -> None:
+    """Destroy the process group this run created, once its worker threads are idle.
+
+    gloo's worker thread frees a finished collective's work object (and the Python-owned tensors
+    it holds, which needs the GIL) just after the caller's wait returns. If the group's last
+    reference (DDP's Reducer holds one) goes away while that thread waits for the GIL, the group's
+    destructor joins it with the GIL held: a deadlock at exit (a 2-process CPU run hung after its
+    final checkpoint's barrier: main thread in ~ProcessGroupGloo -> thread::join, gloo thread in
+    ~AsyncGatherWork -> gil_scoped_acquire). A last barrier, then a sleep that releases the GIL,
+    lets the thread finish first."""
     if d.owns_group and dist.is_initialized():
+        if d.enabled and dist.get_backend() == "gloo":
+            dist.barrier()
+            time.sleep(0.05)
         dist.destroy_process_group()
         d.owns_group = False
 
