@@ -296,6 +296,98 @@ def test_dropout_matches_reference(device, backend):
         torch.testing.assert_close(a.cpu(), b, rtol=2e-4, atol=2e-4, msg=name)
 
 
+def _packed_rows(n_rows, s, per_row, g):
+    """cu_seqlens of ``n_rows`` rows of ``s`` tokens handed in as one packed row (what the data
+    pipeline's pack mode collates): ``per_row`` documents of random lengths per row, none crossing
+    a row, some empty."""
+    cu = [0]
+    for b in range(n_rows):
+        cuts = sorted(torch.randint(0, s + 1, (per_row - 1,), generator=g).tolist())
+        cu += [b * s + c for c in cuts] + [(b + 1) * s]
+    return torch.tensor(cu, dtype=torch.int32)
+
+
+def _paths_case(mask, dtype):
+    """Normal-form inputs of one layout (GQA 4 / 2 heads, head dim 40) for the two dropout paths."""
+    g = torch.Generator().manual_seed(len(mask))
+    kw = dict(causal=False, prefix_lens=None, seqlens=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.3,
+              scale=None, seed=21, deterministic=False)
+    if mask.startswith("rows"):  # 5 rows of 24 tokens, 3 documents each
+        kw["cu_seqlens"] = _packed_rows(5, 24, 3, g)
+        lead, lengths = (120,), kw["cu_seqlens"].diff()
+    else:
+        lead = (3, 40)
+        kw["seqlens"] = lengths = torch.tensor([40, 17, 0]) if mask.startswith("padded") else torch.tensor([40] * 3)
+    if mask.endswith("causal"):
+        kw["causal"] = True
+    if mask.endswith("prefix"):
+        kw["prefix_lens"] = (torch.rand(lengths.shape, generator=g) * (lengths + 1)).long().clamp(max=lengths)
+    q, k, v = (torch.randn(*lead, n, 40, generator=g).to(dtype) for n in (4, 2, 2))
+    inputs, _ = attn._prepare(q, k, v, **kw)
+    return inputs, kw
+
+
+@pytest.mark.parametrize("mask", ["rows", "rows-causal", "rows-prefix", "padded", "padded-prefix", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_dense_and_grouped_paths_match_the_reference(mask, dtype):
+    """The cpu backend's two dropout paths (dense over windows of the rows, or per group of equal
+    documents) compute the reference's products in another grouping: forward and every gradient
+    agree with it to float32 rounding (one bfloat16 rounding of the result for bfloat16 inputs).
+    NaN in the padding changes nothing on the dense path, which reads whole rows."""
+    inputs, kw = _paths_case(mask, dtype)
+    q4, k4, v4, docs, scale, key = (inputs[n] for n in ("q4", "k4", "v4", "docs", "scale", "dropout_key"))
+    width = attn._shortest_window(docs.tolist(), q4.shape[1])
+    if mask.startswith("rows"):
+        assert width < q4.shape[1]  # the dense path runs on windows of the packed row, not on all of it
+    runs = dict(reference=lambda *x: attn.reference(*x, docs, scale=scale, dropout_p=0.3, dropout_key=key)[0],
+                grouped=lambda *x: attn._grouped_dropout_attention(*x, docs, scale, 0.3, key),
+                dense=lambda *x: attn._dense_dropout_attention(*x, docs, scale, 0.3, key, width))
+    pad = (attn._row_layout(docs, *q4.shape[:2])[0] < 0)[..., None, None]
+    runs["dense-poisoned"] = lambda *x: runs["dense"](*(t.masked_fill(pad, float("nan")) for t in x))
+    got = {}
+    for name, run in runs.items():
+        leaves = [x.detach().clone().requires_grad_() for x in (q4, k4, v4)]
+        out = run(*leaves)
+        out.backward(_grad_out(out).to(dtype))
+        got[name] = [out.detach()] + [x.grad for x in leaves]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    for path in ("grouped", "dense"):
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got[path], got["reference"]):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, **tol, msg=f"{path} {name}")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got["dense-poisoned"], got["dense"]):  # NaN padding unread
+        assert torch.equal(a, b) and not a.masked_select(pad.expand_as(a)).any(), name
+    if kw["cu_seqlens"] is not None:  # the public call runs the path the cost model picks, bit for bit
+        picked = "dense" if attn._dense_window(docs.tolist(), *q4.shape[:2]) else "grouped"
+        assert torch.equal(attention(q4[0], k4[0], v4[0], **{**kw, "backend": "cpu"}), got[picked][0][0])
+
+
+def test_dropout_dense_path_without_native(monkeypatch):
+    """Without fastpt._C the dense path's dropout is the torch formula: the same bits."""
+    inputs, _ = _paths_case("rows-prefix", torch.float32)
+    args = [inputs[n] for n in ("q4", "k4", "v4", "docs", "scale")] + [0.3, inputs["dropout_key"], 24]
+    got = []
+    for unavailable in (None, "fastpt._C is not built"):
+        monkeypatch.setattr(attn._native, "cpu_unavailable", lambda: unavailable)
+        leaves = [x.detach().clone().requires_grad_() for x in args[:3]]
+        out = attn._dense_dropout_attention(*leaves, *args[3:])
+        out.backward(_grad_out(out).float())
+        got.append([out] + [x.grad for x in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*got))
+
+
+def test_dropout_path_choice():
+    """Dense windows for the README demo (32 rows of 128 tokens, ~2 documents each, packed into
+    one 4096-token row), the grouped path for long rows of many short documents."""
+    g = torch.Generator().manual_seed(0)
+    for n_rows, s, per_row, want in ((32, 128, 2, 128), (2, 2048, 30, None)):
+        cu = _packed_rows(n_rows, s, per_row, g)
+        rows = [[0, a, b - a, b - a] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        assert attn._dense_window(rows, 1, n_rows * s) == want, (n_rows, s, per_row)
+    assert attn._dense_window([[0, 0, 0, 0]], 1, 16) is None  # no document: the grouped path's zeros
+    assert attn._dense_window([[b, 0, 64, 64] for b in range(8)], 8, 64) is None  # one group: a tie
+
+
 # ----------------------------------------------------------------------------- bad input and refusals
 
 

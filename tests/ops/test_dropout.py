@@ -247,3 +247,96 @@ def test_attention_dropout_gradcheck():
     key = _rng.stream_key(2, _rng.STREAM_ATTN_DROPOUT)
     assert torch.autograd.gradcheck(lambda t: drop.attention_dropout(t, torch.tensor([1, 4]), 3, key, 0.3),
                                     (probs.requires_grad_(),))
+
+
+def _rows_layout(b, s, g):
+    """doc / local (B, S) int64 of rows cut into documents of random lengths (index n over all
+    rows, as in the attention's docs table) with right padding (-1)."""
+    doc, local, n = torch.full((b, s), -1), torch.zeros(b, s, dtype=torch.int64), 0
+    for r in range(b):
+        cuts = sorted(torch.randint(0, s + 1, (3,), generator=g).tolist())  # the last piece is padding
+        for a, e in zip([0] + cuts[:-1], cuts):
+            doc[r, a:e], local[r, a:e], n = n + 5, torch.arange(e - a), n + 1
+    return doc, local
+
+
+@NATIVE
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 4, 37), (2, 3, 130)])
+def test_attention_dropout_rows_is_the_torch_formula(dtype, shape):
+    """The whole-row C++ kernel reproduces its torch formula bit for bit, forward and backward."""
+    b, h, s = shape
+    g = torch.Generator().manual_seed(b * s)
+    probs = torch.rand(b, h, s, s, generator=g).to(dtype).requires_grad_()
+    up = torch.randn(b, h, s, s, generator=g).to(dtype)
+    doc, local = _rows_layout(b, s, g)
+    key = _rng.stream_key(7, _rng.STREAM_ATTN_DROPOUT)
+    out = drop.attention_dropout_rows(probs, doc, local, key, 0.3)
+    (grad,) = torch.autograd.grad(out, probs, up)
+    want = drop.attention_dropout_rows_torch(probs, doc, local, key, 0.3)
+    (want_grad,) = torch.autograd.grad(want, probs, up)
+    assert out.dtype == want.dtype == dtype
+    assert torch.equal(_bits(out), _bits(want)) and torch.equal(_bits(grad), _bits(want_grad))
+
+
+@NATIVE
+def test_attention_dropout_rows_is_attention_dropout_per_document():
+    """Each document's block of a row is what the per-document kernel makes of it; the rest is 0."""
+    b, h, s = 3, 2, 45
+    g = torch.Generator().manual_seed(4)
+    probs = torch.rand(b, h, s, s, generator=g)
+    doc, local = _rows_layout(b, s, g)
+    key = _rng.stream_key(5, _rng.STREAM_ATTN_DROPOUT)
+    out = drop.attention_dropout_rows(probs, doc, local, key, 0.4)
+    seen = torch.zeros(b, 1, s, s, dtype=torch.bool)
+    for r in range(b):
+        for d in doc[r].unique().tolist():
+            if d < 0:
+                continue
+            at = (doc[r] == d).nonzero()[:, 0]
+            a, e = int(at[0]), int(at[-1]) + 1
+            block = drop.attention_dropout(probs[r:r + 1, :, a:e, a:e], torch.tensor([d]), h, key, 0.4)
+            assert torch.equal(out[r:r + 1, :, a:e, a:e], block)
+            seen[r, :, a:e, a:e] = True
+    assert not out.masked_select(~seen.expand_as(out)).any()
+
+
+@NATIVE
+def test_attention_dropout_rows_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(2, 3, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    doc, local = _rows_layout(2, 6, g)
+    key = _rng.stream_key(2, _rng.STREAM_ATTN_DROPOUT)
+    assert torch.autograd.gradcheck(lambda t: drop.attention_dropout_rows(t, doc, local, key, 0.3), (probs,))
+
+
+@NATIVE
+def test_attention_dropout_rows_rejects_bad_input():
+    """Shapes are checked in Python, values and sizes again in C++: ValueError, never a crash."""
+    C, f32 = _native._C, _native.dtype_code(torch.float32)
+    probs, out = torch.rand(2, 3, 4, 4), torch.empty(2, 3, 4, 4)
+    doc, local = torch.zeros(2, 4, dtype=torch.int64), torch.arange(4).repeat(2, 1)
+    with pytest.raises(ValueError, match="doc, local"):
+        drop.attention_dropout_rows(probs, doc[:, :3], local, 0, 0.3)
+    with pytest.raises(ValueError, match="doc, local"):
+        drop.attention_dropout_rows(probs[..., :3], doc, local, 0, 0.3)
+
+    def call(doc=doc, local=local, batch=2, heads=3, length=4, dtype=f32, out=out):
+        C.attention_dropout_rows_cpu(probs.data_ptr(), out.data_ptr(), doc.data_ptr(), local.data_ptr(), batch,
+                                     heads, length, dtype, 0, 100, 2.0, 1)
+
+    call()  # the valid call these variants break
+    with pytest.raises(ValueError, match="negative shape"):
+        call(heads=-3)
+    with pytest.raises(ValueError, match=r"doc\[1, 2\] = -2"):
+        call(doc=doc.index_put((torch.tensor(1), torch.tensor(2)), torch.tensor(-2)))
+    with pytest.raises(ValueError, match=r"doc\[0, 0\] = 2147483648"):  # 2**31 * 3 heads does not fit 32 bits
+        call(doc=doc.index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(2**31)))
+    with pytest.raises(ValueError, match=r"local\[0, 3\] = 4 outside"):
+        call(local=local + 1)
+    with pytest.raises(ValueError, match="dtype code"):
+        call(dtype=_native.dtype_code(torch.int32))
+    with pytest.raises(ValueError, match="overlap"):
+        call(out=probs)
+    with pytest.raises(ValueError, match="null"):
+        call(doc=torch.empty(0, dtype=torch.int64))
