@@ -22,6 +22,7 @@ from fastpt.ops import _rng, attention, sdpa
 from tests.helpers import backend_grid
 
 attn = importlib.import_module("fastpt.ops.attention")  # the module (the package exports the function)
+attn_cpu = importlib.import_module("fastpt.ops.attention_cpu")
 GRID = backend_grid("attention")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (S, D, H, Hk): every odd length, head dims 40 / 64 / 80 / 128, GQA ratios 1 and 4
@@ -336,13 +337,13 @@ def test_dropout_dense_and_grouped_paths_match_the_reference(mask, dtype):
     NaN in the padding changes nothing on the dense path, which reads whole rows."""
     inputs, kw = _paths_case(mask, dtype)
     q4, k4, v4, docs, scale, key = (inputs[n] for n in ("q4", "k4", "v4", "docs", "scale", "dropout_key"))
-    width = attn._shortest_window(docs.tolist(), q4.shape[1])
+    width = attn_cpu._shortest_window(docs.tolist(), q4.shape[1])
     if mask.startswith("rows"):
         assert width < q4.shape[1]  # the dense path runs on windows of the packed row, not on all of it
     runs = dict(reference=lambda *x: attn.reference(*x, docs, scale=scale, dropout_p=0.3, dropout_key=key)[0],
-                grouped=lambda *x: attn._grouped_dropout_attention(*x, docs, scale, 0.3, key),
-                dense=lambda *x: attn._dense_dropout_attention(*x, docs, scale, 0.3, key, width))
-    pad = (attn._row_layout(docs, *q4.shape[:2])[0] < 0)[..., None, None]
+                grouped=lambda *x: attn_cpu._grouped_dropout_attention(*x, docs, scale, 0.3, key),
+                dense=lambda *x: attn_cpu._dense_dropout_attention(*x, docs, scale, 0.3, key, width))
+    pad = (attn_cpu._row_layout(docs, *q4.shape[:2])[0] < 0)[..., None, None]
     runs["dense-poisoned"] = lambda *x: runs["dense"](*(t.masked_fill(pad, float("nan")) for t in x))
     got = {}
     for name, run in runs.items():
@@ -358,7 +359,7 @@ def test_dropout_dense_and_grouped_paths_match_the_reference(mask, dtype):
     for name, a, b in zip(("out", "dq", "dk", "dv"), got["dense-poisoned"], got["dense"]):  # NaN padding unread
         assert torch.equal(a, b) and not a.masked_select(pad.expand_as(a)).any(), name
     if kw["cu_seqlens"] is not None:  # the public call runs the path the cost model picks, bit for bit
-        picked = "dense" if attn._dense_window(docs.tolist(), *q4.shape[:2]) else "grouped"
+        picked = "dense" if attn_cpu._dense_window(docs.tolist(), *q4.shape[:2]) else "grouped"
         assert torch.equal(attention(q4[0], k4[0], v4[0], **{**kw, "backend": "cpu"}), got[picked][0][0])
 
 
@@ -368,9 +369,9 @@ def test_dropout_dense_path_without_native(monkeypatch):
     args = [inputs[n] for n in ("q4", "k4", "v4", "docs", "scale")] + [0.3, inputs["dropout_key"], 24]
     got = []
     for unavailable in (None, "fastpt._C is not built"):
-        monkeypatch.setattr(attn._native, "cpu_unavailable", lambda: unavailable)
+        monkeypatch.setattr(attn_cpu._native, "cpu_unavailable", lambda: unavailable)
         leaves = [x.detach().clone().requires_grad_() for x in args[:3]]
-        out = attn._dense_dropout_attention(*leaves, *args[3:])
+        out = attn_cpu._dense_dropout_attention(*leaves, *args[3:])
         out.backward(_grad_out(out).float())
         got.append([out] + [x.grad for x in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*got))
@@ -383,9 +384,9 @@ def test_dropout_path_choice():
     for n_rows, s, per_row, want in ((32, 128, 2, 128), (2, 2048, 30, None)):
         cu = _packed_rows(n_rows, s, per_row, g)
         rows = [[0, a, b - a, b - a] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
-        assert attn._dense_window(rows, 1, n_rows * s) == want, (n_rows, s, per_row)
-    assert attn._dense_window([[0, 0, 0, 0]], 1, 16) is None  # no document: the grouped path's zeros
-    assert attn._dense_window([[b, 0, 64, 64] for b in range(8)], 8, 64) is None  # one group: a tie
+        assert attn_cpu._dense_window(rows, 1, n_rows * s) == want, (n_rows, s, per_row)
+    assert attn_cpu._dense_window([[0, 0, 0, 0]], 1, 16) is None  # no document: the grouped path's zeros
+    assert attn_cpu._dense_window([[b, 0, 64, 64] for b in range(8)], 8, 64) is None  # one group: a tie
 
 
 # ----------------------------------------------------------------------------- bad input and refusals
