@@ -75,6 +75,9 @@ def test_flops_per_token_follows_palm():
         model.flops_per_token()
     shared = tiny_text(share_layers=True, num_layers=3)  # ALBERT: a shared layer counts once per use
     assert PretrainModel(shared).flops_per_token(s) == 6 * 3 * per_layer + 12 * 3 * d * s
+    mlm = PretrainModel(backbone, MLM.from_backbone(backbone, mask_token_id=3, mask_prob=0.2))
+    head = d * d + V * d  # the MLM transform and the tied decoder run on the masked 20% only
+    assert mlm.flops_per_token(s) == pytest.approx(6 * (layers * per_layer + 0.2 * head) + 12 * layers * d * s)
     image = vit(image_size=8, patch_size=4, in_channels=1, hidden_size=16, num_layers=1, num_heads=2)
     conv = 16 * 16  # 4 x 4 x 1 patch -> 16
     assert PretrainModel(image).flops_per_token() == 6 * (conv + 4 * 16 * 16 + 2 * 16 * 64) + 12 * 16 * 5

@@ -133,14 +133,17 @@ class PretrainModel(nn.Module):
         backbone's 2-D weights (fused q/k/v, projections, MLPs; ALBERT's shared layer once per
         use) and patch convolutions, not the embedding tables (lookups), plus the objective's
         trainable 2-D weights (heads, projectors, the MAE decoder; the vocabulary matrix of a tied
-        head included). The second term is attention's score and value products. ``seq_len``:
+        head included), times the share of tokens they run on where the objective says so
+        (``head_token_fraction``: MLM's head sees only the masked ``mask_prob`` of the tokens, as the
+        bench's count does). The second term is attention's score and value products. ``seq_len``:
         tokens per text sequence (required for text backbones); a vision stack uses its own patch
-        count (+ cls). An estimate: it does not model MLM's head running on the masked 15% only,
-        MAE's encoder seeing 25% of the patches, or the forward-only teacher passes.
+        count (+ cls). An estimate: it does not model MAE's encoder seeing 25% of the patches, or
+        the forward-only teacher passes.
         """
         n = _matmul_params(self.backbone)
         if self.objective is not None:
-            n += sum(p.numel() for p in self.objective.parameters() if p.requires_grad and p.dim() >= 2)
+            share = float(getattr(self.objective, "head_token_fraction", 1.0))
+            n += share * sum(p.numel() for p in self.objective.parameters() if p.requires_grad and p.dim() >= 2)
         attn = 0
         for layers, width, tokens in _stacks(self.backbone):
             if tokens is None:
