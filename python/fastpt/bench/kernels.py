@@ -587,13 +587,11 @@ def bench_dropout(ctx: Context) -> list[dict]:
     """Hidden-state dropout (p = 0.1), forward and forward + backward, against ``F.dropout``.
 
     On the CPU ``fastpt`` is ``fastpt.ops.dropout`` (the C++ counter-based kernel, seed drawn per
-    call as ``fastpt.nn.Dropout`` does). Every call starts 0.25 s after the previous one: torch's
-    CPU dropout leaves MKL's threads spinning for up to 200 ms (MKL's block time), which on a
-    small machine slows whatever runs next by up to 10x (benches/results/dropout-cpu.md). On CUDA
+    call as ``fastpt.nn.Dropout`` does). Its calls follow torch's in each round, while MKL's threads
+    may still spin after torch's CPU dropout (up to 200 ms): that can only slow fastpt's figures.
+    (Spacing the calls by a sleep instead measured both sides cold and noisier.) On CUDA
     ``fastpt.nn.Dropout`` is torch's dropout (no GPU kernel yet): only the baseline runs.
     """
-    import time
-
     from fastpt.ops import dropout
 
     rows = []
@@ -617,7 +615,6 @@ def bench_dropout(ctx: Context) -> list[dict]:
                              "fastpt.nn.Dropout runs torch's dropout on CUDA (no GPU kernel yet)"}
                 rows += measure(ctx, op="dropout", case=f"{shape[0]}x{shape[1]}", mode=mode, shape=shape, dtype=dtype,
                                 baseline="torch", providers=providers, units=x.numel(), unit="elements",
-                                setup=None if ctx.cuda else (lambda: time.sleep(0.05 if ctx.quick else 0.25)),
                                 repeats=None if ctx.cuda else (2 if ctx.quick else 7))
     return rows
 
