@@ -26,6 +26,13 @@ def _bits(t):
     return t.contiguous().view(INT_VIEW[t.element_size()])
 
 
+def _skip_refused(backend, x):
+    """Skip where the backend declines these inputs (triton takes no float64)."""
+    why = drop.OP.backends[backend].supports(x=x, key=0, p=0.5)
+    if why is not None:
+        pytest.skip(f"{backend}: {why}")
+
+
 def _binomial_ok(k, n, p, sigmas=5.0):
     return abs(k - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
 
@@ -35,6 +42,7 @@ def _binomial_ok(k, n, p, sigmas=5.0):
 @pytest.mark.parametrize("shape", [(1,), (17,), (1000,), (65537,), (3, 65536 + 5), (7, 203, 3)])
 def test_backends_bit_identical(device, backend, dtype, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))).to(device, dtype)
+    _skip_refused(backend, x)
     out = dropout(x, 0.3, seed=2**40 + 7, backend=backend)
     ref = dropout(x, 0.3, seed=2**40 + 7, backend="reference")
     assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
@@ -110,6 +118,7 @@ def test_gradcheck(device, backend):
     """With a fixed seed the mask is a constant: the gradient is exact (float64; the reference with
     plain autograd, cpu through the custom op's registered backward)."""
     x = torch.randn(7, 13, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+    _skip_refused(backend, x)  # triton: no float64; test_triton_* check its gradient bit for bit
     assert torch.autograd.gradcheck(lambda x: dropout(x, 0.4, seed=3, backend=backend), (x.requires_grad_(),))
 
 
@@ -118,6 +127,7 @@ def test_gradcheck(device, backend):
 def test_gradient_is_the_same_masked_scaling(device, backend, dtype):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 70001, generator=g).to(device, dtype).requires_grad_()
+    _skip_refused(backend, x)
     up = torch.randn(3, 70001, generator=g).to(device, dtype)
     out = dropout(x, 0.35, seed=9, backend=backend)
     out.backward(up)
@@ -154,7 +164,7 @@ def test_identity_cases(device, backend):
     (dict(seed=2**64), ValueError, "seed"),
     (dict(seed=1.5), TypeError, "seed: expected an int"),
     (dict(backend="gpu"), ValueError, "backend: expected one of"),
-    (dict(backend="triton"), fastpt.BackendError, "does not implement"),
+    (dict(backend="cuda"), fastpt.BackendError, "does not implement"),
 ])
 def test_bad_arguments(kwargs, err, match):
     args = dict(x=torch.randn(4), p=0.5, seed=0) | kwargs
@@ -209,6 +219,80 @@ def test_torch_compile_full_graph():
         compiled.backward()
         assert torch._dynamo.explain(step)(x).graph_break_count == 0
     assert torch.equal(compiled, eager) and torch.equal(x.grad, want)
+
+
+# ----------------------------------------------------------------------------- triton
+
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU through TRITON_INTERPRET=1
+TRITON = pytest.mark.skipif(
+    drop.OP.backends["triton"].available() is not None
+    or drop.OP.backends["triton"].supports(**drop.OP.probe(TRITON_DEVICE)) is not None,
+    reason="Triton cannot run here (no CUDA device and TRITON_INTERPRET is not set)")
+HALF = [torch.float16, torch.bfloat16]
+
+
+@TRITON
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (17,), (1000,), (65537,), (3, 65536 + 5)])
+def test_triton_bit_identical_forward_backward(dtype, shape):
+    """The kernel is the reference bit for bit, forward and (same mask, recomputed) backward."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g).to(TRITON_DEVICE, dtype)
+    up = torch.randn(shape, generator=g).to(TRITON_DEVICE, dtype)
+    xt, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = dropout(xt, 0.3, seed=2**40 + 7, backend="triton")
+    ref = dropout(xr, 0.3, seed=2**40 + 7, backend="reference")
+    assert out.dtype == dtype and out.is_contiguous() and torch.equal(_bits(out), _bits(ref))
+    out.backward(up)
+    ref.backward(up)
+    assert torch.equal(_bits(xt.grad), _bits(xr.grad))
+
+
+@TRITON
+@pytest.mark.filterwarnings("ignore:.*encountered in multiply:RuntimeWarning")  # numpy under the interpreter
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("p", [0.1, 1 / 3])
+def test_triton_every_half_value(dtype, p):
+    """All 65536 bit patterns (subnormals, overflow to inf, NaN): rounded as torch rounds, +0 where dropped."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).to(TRITON_DEVICE)
+    out, ref = dropout(x, p, seed=1, backend="triton"), dropout(x, p, seed=1, backend="reference")
+    same = (_bits(out) == _bits(ref)) | (out.isnan() & ref.isnan())
+    assert same.all(), x[~same][:5]
+
+
+@TRITON
+def test_triton_int64_offsets_are_the_same_mask():
+    """The BIG (int64 offsets) variant, taken from 2**31 elements on, computes what the int32 one does."""
+    dt = importlib.import_module("fastpt.ops.dropout_triton")
+    x = torch.randn(3 * 65536 + 11, generator=torch.Generator().manual_seed(5)).to(TRITON_DEVICE)
+    key, thr, scale = _rng.stream_key(9, _rng.STREAM_DROPOUT), _rng.threshold24(0.25), 1 / 0.75
+    out = torch.empty_like(x)
+    block = dt.GPU_BLOCK if x.is_cuda else dt.INTERPRET_BLOCK
+    grid = (math.ceil(x.numel() / block),)
+    dt._dropout_kernel[grid](x, out, x.numel(), _rng.signed32(key), thr, scale, BLOCK=block, BIG=True)
+    assert torch.equal(out, dt.run(x, key, thr, scale))
+    assert torch.equal(out, dropout(x, 0.25, seed=9, backend="reference"))
+
+
+def test_dispatch_order():
+    """CPU tensors go to the C++ kernel before Triton (which takes them under TRITON_INTERPRET=1);
+    CUDA tensors to Triton before the reference; float64 never to Triton."""
+    cpu = "cpu" if _native.cpu_unavailable() is None else None
+    for dtype in DTYPES:
+        x = torch.randn(8, dtype=dtype)
+        assert cpu is None or drop.OP.select(x=x, key=0, p=0.5).name == "cpu"
+    assert "float64" in drop.OP.backends["triton"].supports(x=torch.randn(8, dtype=torch.float64), key=0, p=0.5)
+    if torch.cuda.is_available() and drop.OP.backends["triton"].available() is None:
+        for dtype, want in [(torch.float32, "triton"), (torch.bfloat16, "triton"), (torch.float64, "reference")]:
+            assert drop.OP.select(x=torch.randn(8, device="cuda", dtype=dtype), key=0, p=0.5).name == want
+
+
+@TRITON
+def test_triton_custom_op_registration():
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 37, dtype=dtype, device=TRITON_DEVICE, requires_grad=True)
+        torch.library.opcheck(drop._dropout_triton_op, (x, _rng.stream_key(3, _rng.STREAM_DROPOUT), 0.3))
 
 
 # ----------------------------------------------------------------------------- attention probabilities

@@ -586,13 +586,17 @@ DROPOUT_P = 0.1
 def bench_dropout(ctx: Context) -> list[dict]:
     """Hidden-state dropout (p = 0.1), forward and forward + backward, against ``F.dropout``.
 
-    On the CPU ``fastpt`` is ``fastpt.ops.dropout`` (the C++ counter-based kernel, seed drawn per
-    call as ``fastpt.nn.Dropout`` does). Its calls follow torch's in each round, while MKL's threads
-    may still spin after torch's CPU dropout (up to 200 ms): that can only slow fastpt's figures.
-    (Spacing the calls by a sleep instead measured both sides cold and noisier.) On CUDA
-    ``fastpt.nn.Dropout`` is torch's dropout (no GPU kernel yet): only the baseline runs.
+    ``fastpt`` is ``fastpt.ops.dropout`` with a seed drawn per call as ``fastpt.nn.Dropout`` does:
+    the C++ counter-based kernel on the CPU, the Triton kernel (``ops/dropout_triton.py``) on CUDA.
+    The harness also reports each provider's peak extra memory: fastpt stores no mask for the
+    backward (it recomputes it), torch's CUDA dropout keeps a bool mask. On the CPU fastpt's calls
+    follow torch's in each round, while MKL's threads may still spin after torch's CPU dropout (up
+    to 200 ms): that can only slow fastpt's figures. (Spacing the calls by a sleep instead measured
+    both sides cold and noisier.) On CUDA ``fastpt.nn.Dropout`` still runs torch's dropout, until
+    this bench shows the Triton kernel at least as fast.
     """
     from fastpt.ops import dropout
+    from fastpt.ops.dropout import OP
 
     rows = []
     shapes = [(1024, 256)] if ctx.quick else [(4096, 256), (4096, 1024)]
@@ -611,11 +615,12 @@ def bench_dropout(ctx: Context) -> list[dict]:
                     return y
 
                 providers = {"torch": functools.partial(call, lambda t: F.dropout(t, DROPOUT_P, True)),
-                             "fastpt": functools.partial(call, lambda t: dropout(t, DROPOUT_P)) if not ctx.cuda else
-                             "fastpt.nn.Dropout runs torch's dropout on CUDA (no GPU kernel yet)"}
+                             "fastpt": functools.partial(call, lambda t: dropout(t, DROPOUT_P))}
                 rows += measure(ctx, op="dropout", case=f"{shape[0]}x{shape[1]}", mode=mode, shape=shape, dtype=dtype,
                                 baseline="torch", providers=providers, units=x.numel(), unit="elements",
-                                repeats=None if ctx.cuda else (2 if ctx.quick else 7))
+                                repeats=None if ctx.cuda else (2 if ctx.quick else 7),
+                                notes={"fastpt": f"{OP.select(x=x, key=0, p=DROPOUT_P).name} backend"} if ctx.cuda
+                                else None)
     return rows
 
 

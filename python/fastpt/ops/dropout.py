@@ -17,9 +17,13 @@ Backends, in the order ``backend=None`` tries them:
 * ``cpu``: ``csrc/dropout_cpu.cpp`` through ``fastpt._C`` (one vectorised pass, fastpt's thread
   pool), inside the ``fastpt::dropout`` custom op (fake and autograd registered), so
   ``torch.compile`` traces it without a graph break.
+* ``triton``: ``ops/dropout_triton.py``, one elementwise kernel (float32, float16, bfloat16 on
+  CUDA, or on any device under ``TRITON_INTERPRET=1``), inside the ``fastpt::dropout_triton``
+  custom op (fake and autograd registered); what CUDA tensors get. Bit-identical to the others.
+  Not measured on a GPU yet (``fastpt bench --ops dropout`` times it against ``F.dropout``), so
+  ``fastpt.nn.Dropout`` keeps torch's fused CUDA dropout there.
 * ``reference``: the formula above in PyTorch int64 arithmetic with plain autograd (any device,
-  any float dtype); bit-identical to ``cpu``. Also what CUDA tensors get: a GPU kernel is not
-  written yet (``fastpt.nn.Dropout`` keeps torch's fused CUDA dropout there).
+  any float dtype); bit-identical to ``cpu``. What float64 CUDA tensors get.
 
 The same file holds the attention-probability dropout of the CPU attention backend, the mask of
 ``ops/attention.py``'s ``dropout_keep`` on dense probabilities, since it is the same kernel with
@@ -119,8 +123,41 @@ def _probe(device):
     return dict(x=torch.randn(4, 8, device=device), key=_rng.stream_key(0, _rng.STREAM_DROPOUT), p=0.5)
 
 
+# ----------------------------------------------------------------------------- triton (ops/dropout_triton.py)
+
+
+def _triton_run(x: torch.Tensor, key: int, p: float) -> torch.Tensor:
+    from . import dropout_triton
+
+    return dropout_triton.run(x, key, _rng.threshold24(p), _scale(p))
+
+
+@torch.library.custom_op("fastpt::dropout_triton", mutates_args=())
+def _dropout_triton_op(x: torch.Tensor, key: int, p: float) -> torch.Tensor:
+    """``_dropout_op`` through the Triton kernel (forward, and the backward on the gradient)."""
+    return _triton_run(x, key, p)
+
+
+@_dropout_triton_op.register_fake
+def _dropout_triton_fake(x, key, p):
+    return x.new_empty(x.shape)
+
+
+def _triton_backward(ctx, grad):
+    return _dropout_triton_op(grad, ctx.key, ctx.p), None, None
+
+
+_dropout_triton_op.register_autograd(_triton_backward, setup_context=_setup_context)
+
+
+def _triton_supports(x, **_):
+    return _dispatch.triton_device_refusal(x.device) or _dispatch.kernel_dtype_refusal(x.dtype)
+
+
+# cpu before triton: under TRITON_INTERPRET=1 (the tests) Triton accepts CPU tensors too.
 OP = _dispatch.Op("dropout", [
     _dispatch.backend("cpu", _cpu_supports, lambda x, key, p: _dropout_op(x, key, p)),
+    _dispatch.backend("triton", _triton_supports, lambda x, key, p: _dropout_triton_op(x, key, p)),
     _dispatch.backend("reference", lambda **_: None, reference),
 ], probe=_probe)
 
@@ -248,8 +285,9 @@ def dropout(x: torch.Tensor, p: float = 0.5, *, training: bool = True, seed: int
         seed: int in ``[0, 2**64)``; the mask is a pure function of ``(seed, element index)``.
             None draws one from torch's default generator (``torch.manual_seed`` reproduces it;
             this costs a host read, so pass an int under ``torch.compile(fullgraph=True)``).
-        backend: None (``cpu`` for CPU tensors when fastpt._C is built, else ``reference``),
-            "cpu" or "reference"; both give bit-identical results.
+        backend: None (``cpu`` for CPU tensors when fastpt._C is built, ``triton`` for CUDA
+            tensors but float64, else ``reference``), "cpu", "triton" or "reference"; all give
+            bit-identical results.
 
     Returns:
         A new contiguous tensor shaped like ``x``, in its dtype; differentiable (the gradient is
