@@ -6,6 +6,11 @@ import torch
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the ops' math: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def index_tensor(name: str, t, *, ndim_min: int = 1) -> torch.Tensor:
     """An int32/int64 tensor with at least ``ndim_min`` dims."""
     if not isinstance(t, torch.Tensor):

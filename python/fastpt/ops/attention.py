@@ -52,16 +52,13 @@ import torch.nn.functional as F
 
 from .. import _dispatch
 from . import _rng, _validate
+from ._validate import acc_dtype as _acc_dtype
 from . import attention_cpu as _cpu
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Head dims the reference and cpu backends serve; the triton and cuda kernels declare their own
 # limits through their supports().
 MAX_HEAD_DIM = 256
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- validation

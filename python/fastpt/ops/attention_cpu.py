@@ -17,11 +17,8 @@ import torch
 
 from .. import _native
 from . import _rng
+from ._validate import acc_dtype as _acc_dtype
 from .dropout import attention_dropout, attention_dropout_rows
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- torch's flash kernel, per document group

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from .. import _dispatch, _native
 from . import _validate
+from ._validate import acc_dtype as _acc_dtype
 from . import contrastive_blas as _blas
 from . import contrastive_triton as _triton
 
@@ -73,10 +74,6 @@ MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
 
 # Instruction set forced on the C++ kernels: 0 = widest the CPU supports (tests set 1, 2, 3).
 _CPU_ISA = 0
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- validation

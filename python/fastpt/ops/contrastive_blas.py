@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import acc_dtype
+
 CHUNK_BYTES = 256 * 2**20  # one chunk's float32 scores; the backward holds about three of these
 
 
@@ -64,7 +66,7 @@ def forward(q, k, queue, scale, symmetric, self_offset, *, chunk_bytes: int = CH
     keys = _keys(k, queue)
     keys_t = keys.T  # a view: BLAS takes the transposed operand as it is
     rows = chunk_rows(n, keys.shape[0], chunk_bytes)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     row = torch.empty(n, device=q.device, dtype=acc)
     col = torch.full((m,), float("-inf"), device=q.device, dtype=acc) if symmetric else torch.empty(0, device=q.device,
                                                                                                   dtype=acc)
@@ -87,7 +89,7 @@ def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self
     keys = _keys(k, queue)
     keys_t = keys.T
     rows = chunk_rows(n, keys.shape[0], chunk_bytes)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     half = q.dtype in (torch.float16, torch.bfloat16)
     g_row = g_row.to(acc)
     g_col = g_col.to(acc) if symmetric else None

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _dispatch, _native
+from ._validate import acc_dtype as _acc_dtype
 
 try:  # Triton is optional: a GPU backend, or the CPU interpreter in tests.
     import triton
@@ -68,10 +69,6 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # half inputs is a widening pass over V x D: at D = 768, V = 30522 (319 MLM rows, bf16) two
 # chunks of a 32 MiB budget took 160 ms fwd+bwd, one chunk of 64 MiB 85 ms (2-core Zen 5).
 CHUNK_BYTES = {"cpu": 128 << 20, "triton": 64 << 20}
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _prepare(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss):
