@@ -200,7 +200,7 @@ def test_native_checks_sizes():
 def test_custom_op_registration():
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(5, 37, dtype=dtype, requires_grad=True)
-        torch.library.opcheck(drop._dropout_op, (x, _rng.stream_key(3, _rng.STREAM_DROPOUT), 0.3))
+        torch.library.opcheck(drop._dropout_op, (x, _rng.stream_key(3, _rng.STREAM_DROPOUT), 0.3, "cpu"))
 
 
 @NATIVE
@@ -292,7 +292,7 @@ def test_dispatch_order():
 def test_triton_custom_op_registration():
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(5, 37, dtype=dtype, device=TRITON_DEVICE, requires_grad=True)
-        torch.library.opcheck(drop._dropout_triton_op, (x, _rng.stream_key(3, _rng.STREAM_DROPOUT), 0.3))
+        torch.library.opcheck(drop._dropout_op, (x, _rng.stream_key(3, _rng.STREAM_DROPOUT), 0.3, "triton"))
 
 
 # ----------------------------------------------------------------------------- attention probabilities

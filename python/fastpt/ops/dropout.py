@@ -15,13 +15,14 @@ float32 (float64) and rounded once to the input dtype; dropped elements are exac
 Backends, in the order ``backend=None`` tries them:
 
 * ``cpu``: ``csrc/dropout_cpu.cpp`` through ``fastpt._C`` (one vectorised pass, fastpt's thread
-  pool), inside the ``fastpt::dropout`` custom op (fake and autograd registered), so
-  ``torch.compile`` traces it without a graph break.
+  pool).
 * ``triton``: ``ops/dropout_triton.py``, one elementwise kernel (float32, float16, bfloat16 on
-  CUDA, or on any device under ``TRITON_INTERPRET=1``), inside the ``fastpt::dropout_triton``
-  custom op (fake and autograd registered); what CUDA tensors get. Bit-identical to the others.
-  Not measured on a GPU yet (``fastpt bench --ops dropout`` times it against ``F.dropout``), so
-  ``fastpt.nn.Dropout`` keeps torch's fused CUDA dropout there.
+  CUDA, or on any device under ``TRITON_INTERPRET=1``); what CUDA tensors get. Bit-identical to
+  the others. Not measured on a GPU yet (``fastpt bench --ops dropout`` times it against
+  ``F.dropout``), so ``fastpt.nn.Dropout`` keeps torch's fused CUDA dropout there.
+
+  Both run inside the ``fastpt::dropout`` custom op (the backend an argument; fake and autograd
+  registered), so ``torch.compile`` traces them without a graph break.
 * ``reference``: the formula above in PyTorch int64 arithmetic with plain autograd (any device,
   any float dtype); bit-identical to ``cpu``. What float64 CUDA tensors get.
 
@@ -43,6 +44,7 @@ import torch
 
 from .. import _dispatch, _native
 from . import _rng, _validate
+from ._validate import acc_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COL_BITS = 16  # the flat tensor as rows of 2**16 columns (csrc/dropout_cpu.cpp: kColBits)
@@ -89,28 +91,6 @@ def _native_dropout(x: torch.Tensor, key: int, p: float) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("fastpt::dropout", mutates_args=())
-def _dropout_op(x: torch.Tensor, key: int, p: float) -> torch.Tensor:
-    """Masked scaling of ``x`` (forward, and the backward on the gradient); contiguous output."""
-    return _native_dropout(x, key, p)
-
-
-@_dropout_op.register_fake
-def _dropout_fake(x, key, p):
-    return x.new_empty(x.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    _, ctx.key, ctx.p = inputs
-
-
-def _backward(ctx, grad):
-    return _dropout_op(grad, ctx.key, ctx.p), None, None  # self-adjoint: the same mask and scale
-
-
-_dropout_op.register_autograd(_backward, setup_context=_setup_context)
-
-
 def _cpu_supports(x, **_):
     if x.device.type != "cpu":
         return f"needs cpu tensors, got {x.device.type}"
@@ -132,22 +112,31 @@ def _triton_run(x: torch.Tensor, key: int, p: float) -> torch.Tensor:
     return dropout_triton.run(x, key, _rng.threshold24(p), _scale(p))
 
 
-@torch.library.custom_op("fastpt::dropout_triton", mutates_args=())
-def _dropout_triton_op(x: torch.Tensor, key: int, p: float) -> torch.Tensor:
-    """``_dropout_op`` through the Triton kernel (forward, and the backward on the gradient)."""
-    return _triton_run(x, key, p)
+_KERNELS = {"cpu": _native_dropout, "triton": _triton_run}
 
 
-@_dropout_triton_op.register_fake
-def _dropout_triton_fake(x, key, p):
+@torch.library.custom_op("fastpt::dropout", mutates_args=())
+def _dropout_op(x: torch.Tensor, key: int, p: float, backend: str) -> torch.Tensor:
+    """Masked scaling of ``x`` by ``backend``'s kernel (forward, and the backward on the gradient);
+    contiguous output."""
+    return _KERNELS[backend](x, key, p)
+
+
+@_dropout_op.register_fake
+def _dropout_fake(x, key, p, backend):
     return x.new_empty(x.shape)
 
 
-def _triton_backward(ctx, grad):
-    return _dropout_triton_op(grad, ctx.key, ctx.p), None, None
+def _setup_context(ctx, inputs, output):
+    _, ctx.key, ctx.p, ctx.backend = inputs
 
 
-_dropout_triton_op.register_autograd(_triton_backward, setup_context=_setup_context)
+def _backward(ctx, grad):
+    # self-adjoint: the same mask and scale on the gradient
+    return _dropout_op(grad, ctx.key, ctx.p, ctx.backend), None, None, None
+
+
+_dropout_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton_supports(x, **_):
@@ -156,8 +145,8 @@ def _triton_supports(x, **_):
 
 # cpu before triton: under TRITON_INTERPRET=1 (the tests) Triton accepts CPU tensors too.
 OP = _dispatch.Op("dropout", [
-    _dispatch.backend("cpu", _cpu_supports, lambda x, key, p: _dropout_op(x, key, p)),
-    _dispatch.backend("triton", _triton_supports, lambda x, key, p: _dropout_triton_op(x, key, p)),
+    _dispatch.backend("cpu", _cpu_supports, lambda x, key, p: _dropout_op(x, key, p, "cpu")),
+    _dispatch.backend("triton", _triton_supports, lambda x, key, p: _dropout_op(x, key, p, "triton")),
     _dispatch.backend("reference", lambda **_: None, reference),
 ], probe=_probe)
 
@@ -175,17 +164,17 @@ def _native_attention_dropout(probs, doc_ids, heads, key, p):
     return out
 
 
-class _AttentionDropout(torch.autograd.Function):
-    """Self-adjoint: the backward applies the same masked scaling to the gradient."""
+class _SelfAdjoint(torch.autograd.Function):
+    """``kernel(probs, *args)``, a masked scaling: its backward is the same kernel on the gradient."""
 
     @staticmethod
-    def forward(ctx, probs, doc_ids, heads, key, p):
-        ctx.args = (doc_ids, heads, key, p)
-        return _native_attention_dropout(probs, doc_ids, heads, key, p)
+    def forward(ctx, kernel, probs, *args):
+        ctx.kernel, ctx.args = kernel, args
+        return kernel(probs, *args)
 
     @staticmethod
     def backward(ctx, grad):
-        return (_native_attention_dropout(grad, *ctx.args),) + (None,) * 4
+        return (None, ctx.kernel(grad, *ctx.args)) + (None,) * len(ctx.args)
 
 
 def attention_dropout(probs: torch.Tensor, doc_ids: torch.Tensor, heads: int, key: int, p: float) -> torch.Tensor:
@@ -199,7 +188,8 @@ def attention_dropout(probs: torch.Tensor, doc_ids: torch.Tensor, heads: int, ke
     entries are scaled by ``1 / (1 - p)`` (in float32, float64 for float64). Returns a new
     contiguous tensor of probs' dtype; differentiable in probs. Needs ``fastpt._C``.
     """
-    return _AttentionDropout.apply(probs, doc_ids.to(torch.int64).contiguous(), heads, key, p)
+    doc_ids = doc_ids.to(torch.int64).contiguous()
+    return _SelfAdjoint.apply(_native_attention_dropout, probs, doc_ids, heads, key, p)
 
 
 def _native_rows_dropout(probs, doc, local, key, p):
@@ -212,19 +202,6 @@ def _native_rows_dropout(probs, doc, local, key, p):
     return out
 
 
-class _AttentionDropoutRows(torch.autograd.Function):
-    """Self-adjoint: the backward applies the same masked scaling to the gradient."""
-
-    @staticmethod
-    def forward(ctx, probs, doc, local, key, p):
-        ctx.args = (doc, local, key, p)
-        return _native_rows_dropout(probs, doc, local, key, p)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (_native_rows_dropout(grad, *ctx.args),) + (None,) * 4
-
-
 def attention_dropout_rows_torch(probs, doc, local, key, p):
     """``attention_dropout_rows`` in torch int64 arithmetic with plain autograd (any device): the
     formula the C++ kernel reproduces bit for bit, and what builds without fastpt._C run."""
@@ -234,8 +211,8 @@ def attention_dropout_rows_torch(probs, doc, local, key, p):
     r = _rng.mix32(_rng.mix32(rk ^ local[:, None, :])[..., None] ^ local[:, None, None, :])  # (B, H, S, S)
     same = (doc[:, :, None] == doc[:, None, :]) & (doc >= 0)[:, :, None]  # (B, S, S)
     keep = ((r >> 8) >= _rng.threshold24(p)) & same[:, None]
-    acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
-    return torch.where(keep, probs.to(acc) * _scale(p), 0.0).to(probs.dtype)  # +0 where dropped, as in C++
+    # +0 where dropped, as in C++
+    return torch.where(keep, probs.to(acc_dtype(probs.dtype)) * _scale(p), 0.0).to(probs.dtype)
 
 
 def attention_dropout_rows(probs: torch.Tensor, doc: torch.Tensor, local: torch.Tensor, key: int,
@@ -265,7 +242,7 @@ def attention_dropout_rows(probs: torch.Tensor, doc: torch.Tensor, local: torch.
                          f"{tuple(probs.shape)}, {tuple(doc.shape)}, {tuple(local.shape)}")
     doc, local = (x.to(torch.int64).contiguous() for x in (doc, local))
     if probs.device.type == "cpu" and _native.cpu_unavailable() is None:
-        return _AttentionDropoutRows.apply(probs, doc, local, key, p)
+        return _SelfAdjoint.apply(_native_rows_dropout, probs, doc, local, key, p)
     return attention_dropout_rows_torch(probs, doc, local, key, p)
 
 
