@@ -160,7 +160,8 @@ def test_reference_is_torch_cross_entropy(reduction, smoothing):
 def test_many_chunks(device, backend, dtype, monkeypatch):
     """Chunks of 7 rows give the single-chunk result (within the rule) for both reductions."""
     shape = (97, 17, 1000, 0.3)
-    monkeypatch.setitem(lce.CHUNK_BYTES, backend, 7 * 1000 * 4)
+    per_logit = dtype.itemsize if backend == "cpu" else 4  # the CPU budget counts logits in their dtype
+    monkeypatch.setitem(lce.CHUNK_BYTES, backend, 7 * 1000 * per_logit)
     for reduction in ("mean", "none"):
         ref, plain = _truth(shape, dtype, reduction, device=device)
         _assert_rule(_run(backend, _data(*shape), dtype, device, reduction=reduction), ref, plain)
@@ -475,3 +476,52 @@ def test_native_chunk_step_checks_targets():
     p.target, p.loss, p.lse = y.data_ptr(), out.data_ptr(), out.data_ptr()
     with pytest.raises(ValueError, match=r"target 5 of row 1 outside \[0, 5\)"):
         _native._C.ce_chunk_cpu(p, 1)
+
+
+@pytest.mark.skipif("cpu" not in [b for _, b in GRID], reason="the native CPU backend is not built")
+def test_cpu_scratch_reused_across_calls_shapes_dtypes_and_threads():
+    """The CPU path keeps one chunk buffer per thread: calls of every shape and dtype after one
+    another, under inference mode, and from two threads at once all give the fresh-buffer result."""
+    import threading
+
+    fastpt.ops.empty_cache()
+    cases = [(_data(97, 17, 1000, 0.3, seed=s), dt) for s, dt in
+             ((0, torch.float32), (1, torch.bfloat16), (3, torch.float16), (2, torch.float32))]
+    cases.append((_data(5, 17, 33, 0.0, seed=4), torch.float32))  # smaller than the kept buffer
+    want = []
+    for data, dt in cases:
+        fastpt.ops.empty_cache()
+        want.append(_run("cpu", data, dt))
+    for (data, dt), w in zip(cases, want):  # reusing (and re-sizing) one buffer changes nothing
+        for o, r, name in zip(_run("cpu", data, dt), w, NAMES):
+            torch.testing.assert_close(o, r, rtol=0, atol=0, msg=name)
+    kept = lce._SCRATCH.logits  # float32, from cases[3]: the 5 x 33 call after it used it as it was
+    assert kept is not None and kept.dtype == torch.float32 and kept.numel() > 5 * 33
+    _run("cpu", *cases[0])
+    assert lce._SCRATCH.logits.data_ptr() == kept.data_ptr()
+    h, wt, b, y = (x.float() if x.is_floating_point() else x for x in cases[0][0])
+    with torch.inference_mode():
+        inf = linear_cross_entropy(h, wt, y, bias=b, backend="cpu")
+    again = linear_cross_entropy(h, wt, y, bias=b, backend="cpu")  # after an inference-mode buffer
+    torch.testing.assert_close(inf, again, rtol=0, atol=0)
+    torch.testing.assert_close(again.double(), want[0][0], rtol=0, atol=0)
+
+    got, errors = {}, []
+
+    def worker(i):
+        try:
+            for _ in range(3):
+                got[i] = _run("cpu", *cases[i])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in (0, 1):
+        for o, r, name in zip(got[i], want[i], NAMES):
+            torch.testing.assert_close(o, r, rtol=0, atol=0, msg=name)
+    fastpt.ops.empty_cache()
+    assert lce._SCRATCH.logits is None

@@ -137,6 +137,14 @@ def cpu_memory_note() -> str | None:
     return None if _libc() is not None else "not glibc: CPU peak memory is an upper bound"
 
 
+def _empty_fastpt_cache() -> None:
+    try:
+        from fastpt.ops import empty_cache
+    except ImportError:  # the harness without fastpt's ops (it times other libraries too)
+        return
+    empty_cache()
+
+
 def peak_memory(fn: Callable[[], object], *, device: str | torch.device = "cpu",
                 setup: Callable[[], object] | None = None) -> int | None:
     """Bytes of peak memory that one call of ``fn()`` adds above what is held before it.
@@ -145,11 +153,13 @@ def peak_memory(fn: Callable[[], object], *, device: str | torch.device = "cpu",
     allocated bytes before the call. CPU: the resident set's high-water mark (``VmHWM``) minus
     the resident set before the call, with glibc's mmap threshold pinned at 128 KiB during the
     call (restored to 32 MiB, glibc's dynamic maximum, afterwards). ``setup`` runs first,
-    outside the measurement. Returns None where the CPU measurement is unavailable
-    (:func:`cpu_memory_note` says why).
+    outside the measurement; then ``fastpt.ops.empty_cache()``, so that a scratch buffer fastpt
+    keeps between calls is counted in the call that allocates it again. Returns None where the
+    CPU measurement is unavailable (:func:`cpu_memory_note` says why).
     """
     if setup is not None:
         setup()
+    _empty_fastpt_cache()  # buffers fastpt keeps between calls count as the call's memory
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

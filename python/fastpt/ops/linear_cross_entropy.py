@@ -5,7 +5,9 @@ batch with 15% masked tokens costs 15% of the dense head. The active rows are pr
 chunks of ``C`` rows; per chunk the logits ``(C, V)`` are one GEMM, the loss, log-sum-exp and
 the gradient of the logits are computed in place in that buffer, and two more GEMMs turn it into
 the chunk's rows of ``grad_hidden`` and its contribution to ``grad_weight``. Peak memory is
-``O(C * V)`` on top of the gradients themselves, instead of several ``(T, V)`` buffers.
+``O(C * V)`` on top of the gradients themselves, instead of several ``(T, V)`` buffers. On the
+CPU that one chunk buffer is kept per thread between calls (``fastpt.ops.empty_cache()`` frees it):
+a fresh one costs a page fault per 4 KiB page its GEMM first writes.
 
 Forward and backward happen in the same call (as in Liger-Kernel's fused linear cross-entropy)
 when any input requires grad. This is what makes the op memory-cheap: what autograd keeps
@@ -45,6 +47,7 @@ autograd formula), so ``torch.compile`` traces through them without graph breaks
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -62,13 +65,40 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Working-set budget for one chunk of logits (bytes of the fp32 (C, V) buffer). Large enough
+# Working-set budget for one chunk of logits (bytes of the (C, V) buffer: in the inputs' dtype on
+# the CPU, counted as float32 for Triton). Large enough
 # that each chunk's GEMM has hundreds of rows (efficient on BLAS and cuBLAS), small enough to
 # stay far below the (T, V) logits of a real batch. Tests shrink it to force many chunks.
 # CPU: every chunk after the first adds a (V, D) product into the fp32 weight gradient, which for
 # half inputs is a widening pass over V x D: at D = 768, V = 30522 (319 MLM rows, bf16) two
 # chunks of a 32 MiB budget took 160 ms fwd+bwd, one chunk of 64 MiB 85 ms (2-core Zen 5).
 CHUNK_BYTES = {"cpu": 128 << 20, "triton": 64 << 20}
+
+# CPU: the chunk's logits go into a buffer each thread keeps between calls (at most one chunk,
+# CHUNK_BYTES of float32 / float64 logits). A fresh tensor that size is a fresh mmap from glibc:
+# the GEMM then pays a page fault per 4 KiB page it first writes (~1 us each here), which made a
+# (2048, 128) x (128, 50257) bf16 logits GEMM run at 300 GFLOP/s instead of 830 (2-core Zen 5).
+# ``empty_cache()`` gives the buffers back.
+_SCRATCH = threading.local()
+
+
+def _logits_out(kind: str, rows: int, v: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """A (rows, v) buffer for one chunk's logits: this thread's kept buffer on the CPU, else None
+    (a fresh tensor from the device's caching allocator)."""
+    if kind != "cpu" or device.type != "cpu":
+        return None
+    need = rows * v
+    buf = getattr(_SCRATCH, "logits", None)
+    inference = torch.is_inference_mode_enabled()
+    if buf is None or buf.dtype != dtype or buf.numel() < need or buf.is_inference() != inference:
+        _SCRATCH.logits = None  # free the old one before allocating its successor
+        buf = _SCRATCH.logits = torch.empty(need, dtype=dtype)
+    return buf[:need].view(rows, v)
+
+
+def empty_cache() -> None:
+    """Free the chunk buffer the CPU path keeps in the calling thread between calls."""
+    _SCRATCH.logits = None
 
 
 def _prepare(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss):
@@ -345,13 +375,19 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
     low = hidden.dtype in (torch.float16, torch.bfloat16)
     gw = gw_part = None  # (V, D): the weight gradient; a half-precision chunk product
     ce = _CE_CHUNK[kind]
-    step = max(1, CHUNK_BYTES[kind] // (v * 4))
+    # cpu: the budget counts the logits in their own dtype (the C++ step works on them in place);
+    # triton: in float32, as the interpreter's bf16 path goes through a float32 copy
+    step = max(1, CHUNK_BYTES[kind] // (v * (hidden.dtype.itemsize if kind == "cpu" else 4)))
     several = a > step
     for s in range(0, a, step):
         idx = active[s:s + step]
         y = y_all[s:s + step]
         hc = hidden.index_select(0, idx)
-        z = hc @ wt if bias is None else torch.addmm(bias, hc, wt)
+        out = _logits_out(kind, idx.numel(), v, hidden.dtype, hidden.device)
+        if bias is None:
+            z = torch.mm(hc, wt) if out is None else torch.mm(hc, wt, out=out)
+        else:
+            z = torch.addmm(bias, hc, wt) if out is None else torch.addmm(bias, hc, wt, out=out)
         loss, lse = ce(z, y, scale_all[s:s + step] if grads else None, smoothing, z_coef, grads)
         losses.index_copy_(0, idx, loss.to(acc))
         lses.index_copy_(0, idx, lse.to(acc))
@@ -368,7 +404,7 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
                     gw = gw_part.float() if gw is None else gw.add_(gw_part)
             if need_b:
                 gb.add_(z.sum(0, dtype=acc))
-        del z, hc  # before the next chunk's GEMM allocates: one (C, V) buffer alive, not two
+        del z, hc, out  # before the next chunk's GEMM allocates: one (C, V) buffer alive, not two
     del gw_part  # before the cast below allocates the weight-dtype gradient
     if need_w:
         gw = torch.zeros_like(weight) if gw is None else gw.to(weight.dtype)
