@@ -333,8 +333,9 @@ def _paths_case(mask, dtype):
 def test_dropout_dense_and_grouped_paths_match_the_reference(mask, dtype):
     """The cpu backend's two dropout paths (dense over windows of the rows, or per group of equal
     documents) compute the reference's products in another grouping: forward and every gradient
-    agree with it to float32 rounding (one bfloat16 rounding of the result for bfloat16 inputs).
-    NaN in the padding changes nothing on the dense path, which reads whole rows."""
+    agree with it to float32 rounding for float32 inputs; for bfloat16 inputs (products in
+    bfloat16) they keep the FlashAttention rule against the float64 reference with the same
+    dropout mask. NaN in the padding changes nothing on the dense path, which reads whole rows."""
     inputs, kw = _paths_case(mask, dtype)
     q4, k4, v4, docs, scale, key = (inputs[n] for n in ("q4", "k4", "v4", "docs", "scale", "dropout_key"))
     width = attn_cpu._shortest_window(docs.tolist(), q4.shape[1])
@@ -345,17 +346,24 @@ def test_dropout_dense_and_grouped_paths_match_the_reference(mask, dtype):
                 dense=lambda *x: attn_cpu._dense_dropout_attention(*x, docs, scale, 0.3, key, width))
     pad = (attn_cpu._row_layout(docs, *q4.shape[:2])[0] < 0)[..., None, None]
     runs["dense-poisoned"] = lambda *x: runs["dense"](*(t.masked_fill(pad, float("nan")) for t in x))
+    if dtype != torch.float32:  # the rule's truth and its same-dtype baseline, with the same mask
+        runs["truth"] = lambda *x: attn.reference(*(t.double() for t in x), docs, scale=scale, dropout_p=0.3,
+                                                  dropout_key=key)[0]
+        runs["plain"] = lambda *x: attn.reference(*x, docs, scale=scale, dropout_p=0.3, dropout_key=key,
+                                                  compute_dtype=dtype)[0]
     got = {}
     for name, run in runs.items():
         leaves = [x.detach().clone().requires_grad_() for x in (q4, k4, v4)]
         out = run(*leaves)
-        out.backward(_grad_out(out).to(dtype))
+        out.backward(_grad_out(out).to(dtype).to(out.dtype))
         got[name] = [out.detach()] + [x.grad for x in leaves]
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
     for path in ("grouped", "dense"):
         for name, a, b in zip(("out", "dq", "dk", "dv"), got[path], got["reference"]):
             assert a.dtype == dtype
-            torch.testing.assert_close(a, b, **tol, msg=f"{path} {name}")
+            if dtype == torch.float32:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{path} {name}")
+        if dtype != torch.float32:
+            _assert_rule([x.double() for x in got[path]], got["truth"], [x.double() for x in got["plain"]], dtype)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got["dense-poisoned"], got["dense"]):  # NaN padding unread
         assert torch.equal(a, b) and not a.masked_select(pad.expand_as(a)).any(), name
     if kw["cu_seqlens"] is not None:  # the public call runs the path the cost model picks, bit for bit

@@ -7,7 +7,8 @@ probabilities), the same batches (random word ids between ``[CLS]`` and ``[SEP]`
 ``fastpt.ops.mlm_mask`` before timing: identical ``input_ids`` and ``labels`` for both), the same
 precision (float32, and bfloat16 autocast over float32 weights where the CPU has native bf16
 products, on the CPU; bfloat16 autocast on CUDA), the same
-optimizer (``torch.optim.AdamW``, lr 1e-4, weight decay 0.01; ``fused=True`` on CUDA) and tied
+optimizer (``torch.optim.AdamW``, lr 1e-4, weight decay 0.01, ``fused=True`` as ``fastpt pretrain``
+uses it on CUDA and the CPU) and tied
 input/output embeddings. Timed steps alternate between the two models (fastpt, transformers,
 fastpt, ...) so that a disturbance on a shared machine hits both alike.
 
@@ -148,8 +149,7 @@ def build_transformers(size: str, cfg: dict, *, device: str = "cpu"):
 def train_step(loss_fn, params, batches: list[dict], device: str, dtype: torch.dtype):
     """A no-argument training step over ``batches`` in turn: forward (autocast to ``dtype`` when it
     is not float32), backward, AdamW, zero_grad."""
-    cuda = device == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **({"fused": True} if cuda else {}))
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
     cycle = itertools.cycle(batches)
     autocast = (lambda: torch.autocast(torch.device(device).type, dtype=dtype)) if dtype != torch.float32 else (
         contextlib.nullcontext)
