@@ -1,11 +1,12 @@
-"""End to end: tokens/s of a BERT MLM training step (forward + backward + AdamW), fastpt against
-transformers' BertForMaskedLM (``attn_implementation="sdpa"``), same config, same batches, same
-precision, one run.
+"""End to end: tokens/s of a training step (forward + backward + AdamW), fastpt against transformers,
+same config, same batches, same precision, one run: a BERT MLM step against BertForMaskedLM and a
+GPT-2 causal-LM step against GPT2LMHeadModel (both ``attn_implementation="sdpa"``).
 
-CPU: bert-tiny (2 layers, 128 wide, vocabulary 30522), batch 32 x 128, float32. CUDA (when
-present): bert-base, batch 32 x 512, bfloat16 autocast. The models, batches and FLOP count are
-``fastpt.bench.e2e``'s (the same code ``fastpt bench --suite e2e`` runs; that one alternates the
-two models' timed steps, this one times them one after the other as pytest-benchmark does).
+CPU: bert-tiny (2 layers, 128 wide, vocabulary 30522), batch 32 x 128, and gpt2-mini (4 layers,
+256 wide, vocabulary 50257), batch 16 x 128, float32. CUDA (when present): bert-base, batch
+32 x 512, and gpt2-small, batch 16 x 1024, bfloat16 autocast. The models, batches and FLOP counts
+are ``fastpt.bench.e2e``'s (the same code ``fastpt bench --suite e2e`` runs; that one alternates
+the two models' timed steps, this one times them one after the other as pytest-benchmark does).
 
 Run::
 
@@ -24,28 +25,26 @@ from fastpt.bench import e2e, harness, peaks
 pytest.importorskip("transformers")
 
 GRID = [("cpu", "bert-tiny", 32, 128)]
+GPT_GRID = [("cpu", "gpt2-mini", 16, 128)]
 if torch.cuda.is_available():
     GRID.append(("cuda", "bert-base", 32, 512))
+    GPT_GRID.append(("cuda", "gpt2-small", 16, 1024))
 RESULTS: dict[tuple, dict] = {}
 
 
-@pytest.mark.parametrize("provider", ["fastpt", "transformers"])
-@pytest.mark.parametrize("device,size,batch,seq", GRID, ids=[f"{d}-{s}-{b}x{n}" for d, s, b, n in GRID])
-def test_mlm_train_step(benchmark, device, size, batch, seq, provider):
+def _bench(benchmark, device, size, batch, seq, provider, *, objective, cfg, build, batches, flops_per_token):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cfg = e2e.backbone_config(size)
-    build = e2e.build_fastpt if provider == "fastpt" else e2e.build_transformers
     torch.manual_seed(0)
     loss_fn, params, how = build(size, cfg, device=device)
-    step = e2e.train_step(loss_fn, params, e2e.make_batches(4, batch, seq, device), device, dtype)
+    step = e2e.train_step(loss_fn, params, batches, device, dtype)
 
     def timed():
         step()
         harness.synchronize(device)
 
     tokens = batch * seq
-    flops = e2e.mlm_flops_per_token(cfg, seq) * tokens
-    benchmark.group = f"e2e {device} {size} {batch}x{seq}"
+    flops = flops_per_token * tokens
+    benchmark.group = f"e2e {device} {size} {objective} {batch}x{seq}"
     benchmark.extra_info.update(harness.machine(), provider=provider, built_with=how, tokens=tokens, flops=flops,
                                 dtype=str(dtype), dropout=cfg["dropout"])
     benchmark.pedantic(timed, rounds=5 if device == "cpu" else 10, iterations=1, warmup_rounds=2)
@@ -53,9 +52,28 @@ def test_mlm_train_step(benchmark, device, size, batch, seq, provider):
         return
     median = benchmark.stats.stats.median
     peak = peaks.peak(torch.cuda.get_device_name() if device == "cuda" else None, dtype, device=device)
-    RESULTS[(device, size, batch, seq, provider)] = dict(s=median, tokens_per_s=tokens / median,
-                                                         mfu=peak.mfu(flops / median))
+    RESULTS[(device, f"{size} {objective}", batch, seq, provider)] = dict(s=median, tokens_per_s=tokens / median,
+                                                                           mfu=peak.mfu(flops / median))
     benchmark.extra_info.update(tokens_per_s=tokens / median, mfu=peak.mfu(flops / median), peak=peak.note)
+
+
+@pytest.mark.parametrize("provider", ["fastpt", "transformers"])
+@pytest.mark.parametrize("device,size,batch,seq", GRID, ids=[f"{d}-{s}-{b}x{n}" for d, s, b, n in GRID])
+def test_mlm_train_step(benchmark, device, size, batch, seq, provider):
+    cfg = e2e.backbone_config(size)
+    _bench(benchmark, device, size, batch, seq, provider, objective="MLM", cfg=cfg,
+           build=e2e.build_fastpt if provider == "fastpt" else e2e.build_transformers,
+           batches=e2e.make_batches(4, batch, seq, device), flops_per_token=e2e.mlm_flops_per_token(cfg, seq))
+
+
+@pytest.mark.parametrize("provider", ["fastpt", "transformers"])
+@pytest.mark.parametrize("device,size,batch,seq", GPT_GRID, ids=[f"{d}-{s}-{b}x{n}" for d, s, b, n in GPT_GRID])
+def test_clm_train_step(benchmark, device, size, batch, seq, provider):
+    cfg = e2e.gpt2_backbone_config(size)
+    _bench(benchmark, device, size, batch, seq, provider, objective="CLM", cfg=cfg,
+           build=e2e.build_fastpt_gpt2 if provider == "fastpt" else e2e.build_transformers_gpt2,
+           batches=e2e.make_clm_batches(4, batch, seq, device, vocab_size=cfg["vocab_size"]),
+           flops_per_token=e2e.clm_flops_per_token(cfg, seq))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,11 +82,11 @@ def summary():
     yield
     if not RESULTS:
         return
-    print(f"\n\nBERT MLM train step ({harness.machine()})")
-    print(f"{'device/model/batch':<32}{'provider':<14}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}{'vs transformers':>17}")
-    for (device, size, batch, seq, provider), r in RESULTS.items():
-        base = RESULTS.get((device, size, batch, seq, "transformers"))
+    print(f"\n\nBERT MLM / GPT-2 CLM train step ({harness.machine()})")
+    print(f"{'device/model/batch':<36}{'provider':<14}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}{'vs transformers':>17}")
+    for (device, model, batch, seq, provider), r in RESULTS.items():
+        base = RESULTS.get((device, model, batch, seq, "transformers"))
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         speed = f"{base['s'] / r['s']:.2f}x" if base else "-"
-        print(f"{f'{device}/{size}/{batch}x{seq}':<32}{provider:<14}{r['s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
+        print(f"{f'{device}/{model}/{batch}x{seq}':<36}{provider:<14}{r['s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
               f"{mfu:>8}{speed:>17}")

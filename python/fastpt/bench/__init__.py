@@ -6,7 +6,9 @@
   contrastive, cross_entropy), fastpt against torch eager, torch SDPA and its backends,
   FlexAttention, transformers' collator, liger-kernel and inf-cl where importable.
 * ``e2e`` (:mod:`fastpt.bench.e2e`): tokens/s of a BERT MLM training step, fastpt against
-  transformers' BertForMaskedLM (bert-tiny 32 x 128 on the CPU, bert-base on CUDA).
+  transformers' BertForMaskedLM (bert-tiny 32 x 128 on the CPU, bert-base 32 x 512 on CUDA), and
+  of a GPT-2 causal-LM step against GPT2LMHeadModel (gpt2-mini 16 x 128 on the CPU, gpt2-small
+  16 x 1024 on CUDA); ``--model`` picks one of them and its size.
 
 One harness (:mod:`~fastpt.bench.harness`: warm-up, median of repeats, CUDA events, peak
 memory, machine and versions), peaks looked up per device (:mod:`~fastpt.bench.peaks`), and
@@ -29,6 +31,8 @@ __all__ = ["bench_main", "run", "time_fn", "peak_memory", "machine_info", "Timin
            "make_row", "add_ratios", "markdown", "write_results"]
 
 OPS = ("masking", "dropout", "cross_entropy", "contrastive", "attention")  # cheapest first: a cut-short run keeps most
+E2E_MODELS = ("bert-tiny", "bert-mini", "bert-small", "bert-medium", "bert-base",
+              "gpt2-tiny", "gpt2-mini", "gpt2-small", "gpt2-medium")  # e2e.BERT_SIZES, e2e.GPT2_SIZES
 
 
 def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/results", quick: bool = False,
@@ -65,7 +69,15 @@ def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/r
                       peaks={k: p.note for k, p in ctx.peaks.items()})
 
     if suite in ("e2e", "all"):
-        flush(e2e.bench_e2e(ctx, size=model, batch=batch, seq=seq, dropout=dropout))
+        if model is None:
+            which = {}
+        elif model in e2e.GPT2_SIZES:
+            which = dict(models=("gpt2",), gpt_size=model)
+        elif model in e2e.BERT_SIZES:
+            which = dict(models=("bert",), size=model)
+        else:
+            raise ValueError(f"model: expected one of {E2E_MODELS}, got {model!r}")
+        flush(e2e.bench_e2e(ctx, batch=batch, seq=seq, dropout=dropout, **which))
     if suite in ("kernels", "all"):
         for op in ops or OPS:
             kernels.run_kernels(ctx, [op], on_rows=flush)
@@ -86,10 +98,12 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
     parser.add_argument("--ops", default=None, help=f"comma-separated op benches (default all: {','.join(OPS)})")
     parser.add_argument("--name", default=None, help="file stem (default bench-<device>[-quick])")
-    parser.add_argument("--model", choices=("bert-tiny", "bert-mini", "bert-small", "bert-medium", "bert-base"),
-                        default=None, help="e2e model (default bert-tiny on cpu, bert-base on cuda)")
-    parser.add_argument("--batch", type=int, default=None, help="e2e batch size (default 32)")
-    parser.add_argument("--seq", type=int, default=None, help="e2e sequence length (default 128 cpu, 512 cuda)")
+    parser.add_argument("--model", choices=E2E_MODELS, default=None,
+                        help="e2e: only this model (default both pairs: bert-tiny and gpt2-mini on cpu, "
+                             "bert-base and gpt2-small on cuda)")
+    parser.add_argument("--batch", type=int, default=None, help="e2e batch size (default 32 BERT, 16 GPT-2)")
+    parser.add_argument("--seq", type=int, default=None,
+                        help="e2e sequence length (default 128 on cpu; 512 BERT, 1024 GPT-2 on cuda)")
     parser.add_argument("--dropout", type=float, default=None,
                         help="e2e hidden and attention dropout (default: the model config's, 0.1 for BERT)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")

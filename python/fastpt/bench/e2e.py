@@ -1,29 +1,47 @@
-"""End to end: tokens/s of one BERT MLM training step (forward + backward + AdamW), fastpt against
-transformers' ``BertForMaskedLM`` with ``attn_implementation="sdpa"``, measured in one run.
+"""End to end: tokens/s of one training step (forward + backward + AdamW), fastpt against
+transformers, measured in one run, for two pairs: a BERT MLM step against ``BertForMaskedLM`` and a
+GPT-2 causal-LM step against ``GPT2LMHeadModel``, both transformers models with
+``attn_implementation="sdpa"``.
 
-Both sides get the same model size (the BERT family of Turc et al.: bert-tiny L2/H128 ...
-bert-base L12/H768, vocabulary 30522, 512 positions, dropout 0.1 on hidden states and attention
-probabilities), the same batches (random word ids between ``[CLS]`` and ``[SEP]``, masked once by
-``fastpt.ops.mlm_mask`` before timing: identical ``input_ids`` and ``labels`` for both), the same
-precision (float32, and bfloat16 autocast over float32 weights where the CPU has native bf16
-products, on the CPU; bfloat16 autocast on CUDA), the same
-optimizer (``torch.optim.AdamW``, lr 1e-4, weight decay 0.01, ``fused=True`` as ``fastpt pretrain``
-uses it on CUDA and the CPU) and tied
-input/output embeddings. Timed steps alternate between the two models (fastpt, transformers,
-fastpt, ...) so that a disturbance on a shared machine hits both alike.
+Both sides of a pair get the same model size, the same batches, the same precision (float32, and
+bfloat16 autocast over float32 weights where the CPU has native bf16 products, on the CPU;
+bfloat16 autocast on CUDA), the same optimizer (``torch.optim.AdamW``, lr 1e-4, weight decay 0.01,
+``fused=True`` as ``fastpt pretrain`` uses it on CUDA and the CPU) and tied input/output
+embeddings. Timed steps alternate between the two models (fastpt, transformers, fastpt, ...) so
+that a disturbance on a shared machine hits both alike (``_time_pair``, shared by both pairs).
 
-The sizes come from the fastpt zoo config of that name (``fastpt/configs/bert-tiny.yaml`` ...) when
-``fastpt.assemble`` has one, and transformers' ``BertConfig`` is written from the same dict. The
-fastpt side is ``fastpt.assemble.build`` on it (else ``fastpt.models.text_encoder`` +
-``fastpt.objectives.MLM`` directly: the same modules). Its MLM
-head runs only on the masked rows, through the fused linear cross-entropy; transformers' runs
-the head on every token.
+**BERT MLM.** The BERT family of Turc et al.: bert-tiny L2/H128 ... bert-base L12/H768,
+vocabulary 30522, 512 positions, dropout 0.1 on hidden states and attention probabilities.
+Batches: random word ids between ``[CLS]`` and ``[SEP]``, masked once by ``fastpt.ops.mlm_mask``
+before timing (identical ``input_ids`` and ``labels`` for both). The sizes come from the fastpt
+zoo config of that name (``fastpt/configs/bert-tiny.yaml`` ...) when ``fastpt.assemble`` has one,
+and transformers' ``BertConfig`` is written from the same dict. The fastpt side is
+``fastpt.assemble.build`` on it (else ``fastpt.models.text_encoder`` + ``fastpt.objectives.MLM``
+directly: the same modules). Its MLM head runs only on the masked rows, through the fused linear
+cross-entropy; transformers' runs the head on every token.
 
-MFU counts the FLOPs the objective needs, per token: ``6 * (L * (4 D^2 + 2 D I))`` for the
-encoder's matrix products, ``12 * L * D * S`` for attention scores and context, and
+MFU of the MLM step counts the FLOPs the objective needs, per token: ``6 * (L * (4 D^2 + 2 D I))``
+for the encoder's matrix products, ``12 * L * D * S`` for attention scores and context, and
 ``mask_prob * 6 * (D^2 + D V)`` for the MLM head on the masked share of tokens (PaLM's appendix B
 convention, the head restricted to the tokens that have a label). The same count is used for
 both sides, so transformers' head on unlabelled tokens is work it does but is not credited with.
+
+**GPT-2 causal LM.** The fastpt side is ``fastpt.assemble.build("gpt2-small", backbone=...)``
+(pre-norm, ``gelu_tanh``, learned positions up to 1024, vocabulary 50257, LM head tied to the
+token embedding, dropout 0.1 on hidden states, attention probabilities and embeddings; objective
+``clm``) with the sizes of ``GPT2_SIZES`` (gpt2-mini: 4 layers, 256 wide, 4 heads on the CPU;
+gpt2-small: 12 x 768 on CUDA). transformers' ``GPT2Config`` is written from the same dict
+(``gelu_new``, ``layer_norm_epsilon`` = ``norm_eps``, resid / attn / embd dropout from the
+config, ``use_cache=False`` as for training); a fastpt config that is not GPT-2-like is refused.
+Batches: random token ids, ``labels = input_ids`` (no padding; both sides shift inside and
+predict ``S - 1`` tokens per row). fastpt's head goes through the fused linear cross-entropy (no
+``(B, S, V)`` logits); transformers' materialises the logits.
+
+MFU of the CLM step counts, per token: ``6 * (L * (4 D^2 + 2 D I))`` for the decoder's matrix
+products, ``12 * L * D * S`` for attention scores and context, the causal mask counted in full
+as PaLM's appendix B does (the work a causal kernel skips is still credited: the figure is
+comparable with PaLM's and nanoGPT's MFU, and about twice the useful attention FLOPs), and
+``6 * D * V`` for the LM head on every token.
 """
 from __future__ import annotations
 
@@ -36,8 +54,9 @@ from .harness import Timing, peak_memory, time_fn
 from .peaks import dtype_name, native_bf16
 from .report import make_row
 
-__all__ = ["BERT_SIZES", "backbone_config", "mlm_flops_per_token", "make_batches", "build_fastpt", "build_transformers",
-           "train_step", "bench_e2e"]
+__all__ = ["BERT_SIZES", "GPT2_SIZES", "backbone_config", "gpt2_backbone_config", "mlm_flops_per_token",
+           "clm_flops_per_token", "make_batches", "make_clm_batches", "build_fastpt", "build_transformers",
+           "build_fastpt_gpt2", "build_transformers_gpt2", "gpt2_config", "train_step", "bench_e2e"]
 
 # name: (layers, hidden, heads, intermediate); vocabulary 30522, 512 positions, 2 token types
 BERT_SIZES = {
@@ -48,6 +67,14 @@ BERT_SIZES = {
     "bert-base": (12, 768, 12, 3072),
 }
 VOCAB, MASK_ID, CLS_ID, SEP_ID, MASK_PROB = 30522, 103, 101, 102, 0.15
+# name: (layers, hidden, heads, intermediate); the rest (vocabulary 50257, 1024 positions, ...) is
+# fastpt/configs/gpt2-small.yaml's
+GPT2_SIZES = {
+    "gpt2-tiny": (2, 128, 2, 512),
+    "gpt2-mini": (4, 256, 4, 1024),
+    "gpt2-small": (12, 768, 12, 3072),
+    "gpt2-medium": (24, 1024, 16, 4096),
+}
 
 
 def backbone_config(size: str, *, dropout: float | None = None) -> dict:
@@ -81,6 +108,36 @@ def mlm_flops_per_token(cfg: dict, seq_len: int, *, mask_prob: float = MASK_PROB
     return encoder + attention + head
 
 
+def gpt2_backbone_config(size: str = "gpt2-mini", *, dropout: float | None = None, **overrides) -> dict:
+    """The ``text_encoder`` arguments of a GPT-2 of ``size`` (``GPT2_SIZES``, or any zoo config
+    name): fastpt/configs/gpt2-small.yaml's backbone with that depth and width; ``dropout`` (when
+    given) sets hidden, attention and embedding dropout; ``overrides`` set any other argument
+    (``vocab_size=1000`` ...)."""
+    import fastpt.assemble as assemble
+
+    if size in GPT2_SIZES:
+        layers, d, heads, inter = GPT2_SIZES[size]
+        cfg = dict(assemble.load_config("gpt2-small")["backbone"])
+        cfg.update(num_layers=layers, hidden_size=d, num_heads=heads, intermediate_size=inter)
+    elif size in assemble.list_configs():
+        cfg = dict(assemble.load_config(size)["backbone"])
+    else:
+        raise ValueError(f"size: expected one of {sorted(GPT2_SIZES)} or a zoo config, got {size!r}")
+    if dropout is not None:
+        cfg.update(dropout=dropout, attention_dropout=dropout, embedding_dropout=None)
+    cfg.update(overrides)
+    return cfg
+
+
+def clm_flops_per_token(cfg: dict, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token of a GPT causal-LM step (module docstring: the
+    causal attention counted in full, the head on every token); ``cfg``: the ``text_encoder``
+    arguments."""
+    layers, d, vocab = cfg["num_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    inter = cfg.get("intermediate_size") or 4 * d
+    return 6 * layers * (4 * d * d + 2 * d * inter) + 12 * layers * d * seq_len + 6 * d * vocab
+
+
 def make_batches(n: int, batch: int, seq: int, device: str, *, seed: int = 0) -> list[dict]:
     """``n`` MLM batches ``{"input_ids", "attention_mask", "labels"}`` (B, S) on ``device``: random
     word ids between [CLS] and [SEP], 15% masked (80/10/10) by ``fastpt.ops.mlm_mask``."""
@@ -95,6 +152,17 @@ def make_batches(n: int, batch: int, seq: int, device: str, *, seed: int = 0) ->
                                   special_token_ids=[0, CLS_ID, SEP_ID, MASK_ID], seed=seed + i)
         out.append({k: v.to(device) for k, v in dict(input_ids=masked, attention_mask=torch.ones_like(ids),
                                                         labels=labels).items()})
+    return out
+
+
+def make_clm_batches(n: int, batch: int, seq: int, device: str, *, vocab_size: int, seed: int = 0) -> list[dict]:
+    """``n`` causal-LM batches ``{"input_ids", "labels"}`` (B, S) on ``device``: random token ids in
+    ``[0, vocab_size)``, ``labels`` equal to them (no padding; the models shift inside)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab_size, (batch, seq), generator=g)
+        out.append(dict(input_ids=ids.to(device), labels=ids.clone().to(device)))
     return out
 
 
@@ -146,6 +214,76 @@ def build_transformers(size: str, cfg: dict, *, device: str = "cpu"):
     return (lambda batch: model(**batch).loss), _unique(model.parameters()), "transformers.BertForMaskedLM (sdpa)"
 
 
+# what GPT2LMHeadModel is, in text_encoder's arguments (None: "the same as num_heads / hidden_size")
+GPT2_LIKE = dict(pre_norm=True, causal=True, position="learned", position_offset=0, norm="layernorm",
+                 activation="gelu_tanh", embedding_norm=False, final_norm=True, type_vocab_size=0, bias=True,
+                 num_kv_heads=None, embed_dim=None, share_layers=False)
+
+
+def _gpt2_differences(cfg: dict) -> dict:
+    """``{key: (value, GPT-2's)}`` for each ``text_encoder`` argument of ``cfg`` (defaults filled
+    in) that GPT2LMHeadModel cannot express."""
+    import inspect
+
+    from fastpt.models import text_encoder
+
+    full = {k: p.default for k, p in inspect.signature(text_encoder).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+    full.update({k: v for k, v in cfg.items() if k != "builder"})
+    if full["embedding_norm"] is None:
+        full["embedding_norm"] = not full["pre_norm"]
+    if full["final_norm"] is None:
+        full["final_norm"] = bool(full["pre_norm"])
+    if full["num_kv_heads"] == full.get("num_heads"):
+        full["num_kv_heads"] = None
+    if full["embed_dim"] == full.get("hidden_size"):
+        full["embed_dim"] = None
+    return {k: (full[k], v) for k, v in GPT2_LIKE.items() if full[k] != v}
+
+
+def gpt2_config(cfg: dict, *, size: str = "model"):
+    """transformers' ``GPT2Config`` with the sizes, dropout and epsilon of the fastpt backbone
+    ``cfg`` (``text_encoder`` arguments). Raises ValueError naming each argument GPT-2 cannot
+    express (``size`` labels the message)."""
+    from transformers import GPT2Config
+
+    differs = _gpt2_differences(cfg)
+    if differs:
+        what = ", ".join(f"{k}={got!r} (GPT-2: {want!r})" for k, (got, want) in differs.items())
+        raise ValueError(f"{size}: not a GPT-2 architecture ({what}); transformers' GPT2LMHeadModel cannot match it")
+    d, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    dropout = cfg.get("dropout", 0.1)
+    embd = cfg.get("embedding_dropout")
+    return GPT2Config(vocab_size=vocab, n_positions=cfg.get("max_positions", 1024), n_embd=d,
+                      n_layer=cfg["num_layers"], n_head=cfg["num_heads"],
+                      n_inner=cfg.get("intermediate_size") or 4 * d, activation_function="gelu_new",
+                      layer_norm_epsilon=cfg.get("norm_eps", 1e-5), resid_pdrop=dropout,
+                      embd_pdrop=dropout if embd is None else embd, attn_pdrop=cfg.get("attention_dropout", 0.1),
+                      initializer_range=cfg.get("initializer_range", 0.02), bos_token_id=vocab - 1,
+                      eos_token_id=vocab - 1, tie_word_embeddings=True, use_cache=False)
+
+
+def build_fastpt_gpt2(size: str, cfg: dict, *, device: str = "cpu"):
+    """``(loss_fn(batch) -> loss, parameters, how)`` for fastpt's GPT-2 causal LM:
+    ``fastpt.assemble.build("gpt2-small", backbone=cfg)`` (objective ``clm``, tied head)."""
+    import fastpt.assemble as assemble
+
+    model = assemble.build("gpt2-small", name=size, backbone=cfg).to(device)
+    return (lambda batch: model(**batch).loss), _unique(model.parameters()), "fastpt.assemble.build (gpt2-small, clm)"
+
+
+def build_transformers_gpt2(size: str, cfg: dict, *, device: str = "cpu"):
+    """``(loss_fn(batch) -> loss, parameters, how)`` for transformers' GPT2LMHeadModel (sdpa
+    attention) with ``gpt2_config(cfg)``; ValueError for a config that is not GPT-2-like."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel._from_config(gpt2_config(cfg, size=size), attn_implementation="sdpa").to(device)
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != "sdpa":
+        raise RuntimeError(f"GPT2LMHeadModel: asked for sdpa attention, got {impl!r}")
+    return (lambda batch: model(**batch).loss), _unique(model.parameters()), "transformers.GPT2LMHeadModel (sdpa)"
+
+
 def train_step(loss_fn, params, batches: list[dict], device: str, dtype: torch.dtype):
     """A no-argument training step over ``batches`` in turn: forward (autocast to ``dtype`` when it
     is not float32), backward, AdamW, zero_grad."""
@@ -164,38 +302,85 @@ def train_step(loss_fn, params, batches: list[dict], device: str, dtype: torch.d
     return step
 
 
-def bench_e2e(ctx, *, size: str | None = None, batch: int | None = None, seq: int | None = None,
-              dropout: float | None = None, dtypes: list[torch.dtype] | None = None) -> list[dict]:
-    """tokens/s of fastpt vs transformers on one BERT MLM step; rows for ``report``.
+MODELS = ("bert", "gpt2")
 
-    Defaults: bert-base, 32 x 512, bf16 autocast on CUDA; bert-tiny, 32 x 128 on the CPU, in float32
-    and, where the CPU multiplies bf16 natively (``peaks.native_bf16``), again under bf16 autocast
-    (``ctx.quick``: bert-tiny 8 x 64, float32, few steps).
+
+def bench_e2e(ctx, *, size: str | None = None, batch: int | None = None, seq: int | None = None,
+              dropout: float | None = None, dtypes: list[torch.dtype] | None = None, gpt_size: str | None = None,
+              models=MODELS) -> list[dict]:
+    """tokens/s of fastpt vs transformers on one BERT MLM step and one GPT-2 causal-LM step; rows
+    for ``report`` (BERT's first, then GPT-2's; within each, one pair per dtype).
+
+    ``size``: the BERT size, ``gpt_size``: the GPT-2 one (``GPT2_SIZES``); ``batch``, ``seq``,
+    ``dropout`` (when given) apply to both; ``models``: which pairs ("bert", "gpt2").
+    Defaults: bert-base, 32 x 512 and gpt2-small, 16 x 1024, bf16 autocast on CUDA; bert-tiny,
+    32 x 128 and gpt2-mini, 16 x 128 on the CPU, in float32 and, where the CPU multiplies bf16
+    natively (``peaks.native_bf16``), again under bf16 autocast (``ctx.quick``: bert-tiny and
+    gpt2-tiny at 8 x 64, float32, few steps).
     """
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        raise ValueError(f"models: unknown {bad}; expected some of {list(MODELS)}")
     if dtypes is None:
         dtypes = [torch.bfloat16] if ctx.cuda else [torch.float32] + (
             [torch.bfloat16] if not ctx.quick and native_bf16("cpu") else [])
-    return [row for dtype in dtypes for row in _bench_e2e(ctx, size, batch, seq, dropout, dtype)]
+    rows = []
+    if "bert" in models:
+        rows += [row for dtype in dtypes for row in _bench_e2e(ctx, size, batch, seq, dropout, dtype)]
+    if "gpt2" in models:
+        rows += [row for dtype in dtypes for row in _bench_gpt2(ctx, gpt_size, batch, seq, dropout, dtype)]
+    return rows
 
 
 def _bench_e2e(ctx, size, batch, seq, dropout, dtype) -> list[dict]:
+    """The BERT MLM pair."""
     cuda = ctx.cuda
     size = size or ("bert-tiny" if ctx.quick or not cuda else "bert-base")
     batch = batch or (8 if ctx.quick else 32)
     seq = seq or (64 if ctx.quick else 512 if cuda else 128)
-    warmup, repeats = (1, 2) if ctx.quick else ((3, 10) if cuda else (2, 6))
-    tokens = batch * seq
     cfg = backbone_config(size, dropout=dropout)
-    flops = mlm_flops_per_token(cfg, seq) * tokens
+    note = (f"same config and batches, {dtype_name(dtype)}, AdamW, dropout {cfg['dropout']} / "
+            f"{cfg['attention_dropout']} (hidden / attention); MFU counts the "
+            f"FLOPs the objective needs (head on the {MASK_PROB:.0%} masked tokens)")
+    sides = {"fastpt": lambda: build_fastpt(size, cfg, device=ctx.device),
+             "transformers": lambda: build_transformers(size, cfg, device=ctx.device)}
+    return _time_pair(ctx, sides, make_batches(4, batch, seq, ctx.device), op=f"{size} MLM train step", size=size,
+                      batch=batch, seq=seq, dtype=dtype, flops=mlm_flops_per_token(cfg, seq) * batch * seq, note=note)
+
+
+def _bench_gpt2(ctx, size, batch, seq, dropout, dtype) -> list[dict]:
+    """The GPT-2 causal-LM pair."""
+    cuda = ctx.cuda
+    size = size or ("gpt2-tiny" if ctx.quick else "gpt2-small" if cuda else "gpt2-mini")
+    batch = batch or (8 if ctx.quick else 16)
+    seq = seq or (64 if ctx.quick else 1024 if cuda else 128)
+    cfg = gpt2_backbone_config(size, dropout=dropout)
+    embd = cfg["dropout"] if cfg.get("embedding_dropout") is None else cfg["embedding_dropout"]
+    note = (f"same config and batches (labels = input_ids), {dtype_name(dtype)}, AdamW, dropout {cfg['dropout']} / "
+            f"{cfg['attention_dropout']} / {embd} (hidden / attention / embedding); MFU counts the LM head on every "
+            f"token and causal attention in full (PaLM)")
+    sides = {"fastpt": lambda: build_fastpt_gpt2(size, cfg, device=ctx.device),
+             "transformers": lambda: build_transformers_gpt2(size, cfg, device=ctx.device)}
+    batches = make_clm_batches(4, batch, seq, ctx.device, vocab_size=cfg["vocab_size"])
+    return _time_pair(ctx, sides, batches, op=f"{size} CLM train step", size=size, batch=batch, seq=seq, dtype=dtype,
+                      flops=clm_flops_per_token(cfg, seq) * batch * seq, note=note)
+
+
+def _time_pair(ctx, sides: dict, batches: list[dict], *, op: str, size: str, batch: int, seq: int,
+               dtype: torch.dtype, flops: float, note: str) -> list[dict]:
+    """Build each side (``sides``: provider -> ``() -> (loss_fn, params, how)``; "transformers" is
+    the baseline), warm it up, time the training steps alternately, one row per side. A side that
+    fails to build or run gets an error row and the other is still measured."""
+    warmup, repeats = (1, 2) if ctx.quick else ((3, 10) if ctx.cuda else (2, 6))
+    tokens = batch * seq
     p = ctx.peak(dtype)
-    batches = make_batches(4, batch, seq, ctx.device)
-    common = dict(suite="e2e", op=f"{size} MLM train step", case=f"{size} B{batch} S{seq}", mode="fwd+bwd+AdamW",
+    common = dict(suite="e2e", op=op, case=f"{size} B{batch} S{seq}", mode="fwd+bwd+AdamW",
                   shape=(batch, seq), dtype=dtype_name(dtype), baseline="transformers")
     steps, hows, rows = {}, {}, []
-    for name, build in (("fastpt", build_fastpt), ("transformers", build_transformers)):
+    for name, build in sides.items():
         try:
             torch.manual_seed(0)
-            loss_fn, params, hows[name] = build(size, cfg, device=ctx.device)
+            loss_fn, params, hows[name] = build()
             steps[name] = train_step(loss_fn, params, batches, ctx.device, dtype)
             time_fn(steps[name], device=ctx.device, warmup=warmup - 1, repeats=1)  # warm-up (compiles, allocator)
         except Exception as exc:  # noqa: BLE001 - report the side that failed, measure the other
@@ -210,11 +395,8 @@ def _bench_e2e(ctx, size, batch, seq, dropout, dtype) -> list[dict]:
             timings[name].times += time_fn(step, device=ctx.device, warmup=0, repeats=1).times
     for name, step in steps.items():
         mem = peak_memory(step, device=ctx.device)
-        note = (f"{hows[name]}; same config and batches, {dtype_name(dtype)}, AdamW, dropout {cfg['dropout']} / "
-                f"{cfg['attention_dropout']} (hidden / attention); MFU counts the "
-                f"FLOPs the objective needs (head on the {MASK_PROB:.0%} masked tokens)")
         rows.append(make_row(**common, provider=name, timing=timings[name], mem_bytes=mem, flops=flops, units=tokens,
-                             unit="tokens", peak=p, note=note))
+                             unit="tokens", peak=p, note=f"{hows[name]}; {note}"))
         r = rows[-1]
         ctx.log(f"e2e {size} {batch}x{seq} {dtype_name(dtype)} {name:<13} {r['time_ms']:9.1f} ms/step  {r['rate']:10,.0f} tokens/s"
                 + (f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""))

@@ -1,0 +1,117 @@
+"""fastpt.bench.e2e's GPT-2 pair: the builders agree with each other, refuse what GPT-2 cannot be, and
+the bench loop yields a row per side for both models. Tiny sizes: seconds, no real benchmarking."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastpt.bench import e2e, report
+from fastpt.bench.kernels import Context
+
+pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=512, num_layers=2, hidden_size=64, num_heads=2, intermediate_size=256)
+
+
+def test_gpt2_flops_per_token_counts_causal_attention_in_full_and_the_head_on_every_token():
+    cfg = e2e.gpt2_backbone_config("gpt2-small")
+    assert (cfg["num_layers"], cfg["hidden_size"], cfg["vocab_size"], cfg["activation"]) == (12, 768, 50257,
+                                                                                              "gelu_tanh")
+    expected = 6 * 12 * (4 * 768**2 + 2 * 768 * 3072) + 12 * 12 * 768 * 1024 + 6 * 768 * 50257
+    assert e2e.clm_flops_per_token(cfg, 1024) == pytest.approx(expected)
+    mini = e2e.gpt2_backbone_config("gpt2-mini", dropout=0.0)
+    assert (mini["num_layers"], mini["hidden_size"], mini["num_heads"], mini["intermediate_size"]) == (4, 256, 4, 1024)
+    assert (mini["dropout"], mini["attention_dropout"]) == (0.0, 0.0) and mini["pre_norm"] and mini["causal"]
+    with pytest.raises(ValueError, match="gpt2-mini"):
+        e2e.gpt2_backbone_config("gpt2-nonsense")
+
+
+def test_gpt2_builders_train_with_finite_loss_and_the_same_parameters():
+    cfg = e2e.gpt2_backbone_config("gpt2-mini", **TINY)
+    batches = e2e.make_clm_batches(2, 2, 16, "cpu", vocab_size=TINY["vocab_size"])
+    assert torch.equal(batches[0]["input_ids"], batches[0]["labels"])
+    counts = {}
+    for name, build in (("fastpt", e2e.build_fastpt_gpt2), ("transformers", e2e.build_transformers_gpt2)):
+        torch.manual_seed(0)
+        loss_fn, params, how = build("tiny", cfg)
+        counts[name] = sum(p.numel() for p in params)  # tied head counted once (_unique)
+        loss = loss_fn(batches[0])
+        assert math.isfinite(loss.item()) and abs(loss.item() - math.log(TINY["vocab_size"])) < 1.0, (how, loss)
+        e2e.train_step(loss_fn, params, batches, "cpu", torch.float32)()  # one full step runs
+    d, v, inter, layers = TINY["hidden_size"], TINY["vocab_size"], TINY["intermediate_size"], TINY["num_layers"]
+    per_layer = 4 * d * d + 4 * d + 2 * d * inter + inter + d + 4 * d  # attention, MLP, two LayerNorms
+    assert counts["fastpt"] == counts["transformers"] == v * d + 1024 * d + layers * per_layer + 2 * d
+
+
+def test_gpt2_config_matches_fastpt_exactly_on_the_same_weights(tmp_path):
+    """fastpt's own converter writes the fastpt model as GPT-2 weights; transformers' model built
+    from ``gpt2_config`` takes them and gives the same loss (dropout off)."""
+    import fastpt.assemble as assemble
+    from safetensors.torch import load_file
+    from transformers import GPT2LMHeadModel
+
+    cfg = e2e.gpt2_backbone_config("gpt2-mini", dropout=0.0, **TINY)
+    torch.manual_seed(0)
+    ours = assemble.build("gpt2-small", backbone=cfg).eval()
+    assemble.to_hf(ours, tmp_path)
+    theirs = GPT2LMHeadModel._from_config(e2e.gpt2_config(cfg), attn_implementation="sdpa").eval()
+    missing, unexpected = theirs.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected  # the tied head is the embedding
+    assert theirs.lm_head.weight.data_ptr() == theirs.transformer.wte.weight.data_ptr()
+    batch = e2e.make_clm_batches(1, 2, 24, "cpu", vocab_size=TINY["vocab_size"], seed=3)[0]
+    with torch.no_grad():
+        assert ours(**batch).loss.item() == pytest.approx(theirs(**batch).loss.item(), rel=1e-5, abs=1e-5)
+
+
+def test_gpt2_refuses_a_config_it_cannot_express_naming_the_keys():
+    bert = e2e.backbone_config("bert-tiny")
+    with pytest.raises(ValueError, match="not a GPT-2 architecture") as exc:
+        e2e.build_transformers_gpt2("bert-tiny", bert)
+    for key in ("pre_norm", "causal", "activation", "embedding_norm", "final_norm", "type_vocab_size"):
+        assert key in str(exc.value)
+    rotary = e2e.gpt2_backbone_config("gpt2-mini", position="rotary", norm="rmsnorm", **TINY)
+    with pytest.raises(ValueError) as exc:
+        e2e.gpt2_config(rotary, size="rotary-gpt")
+    msg = str(exc.value)
+    assert "rotary-gpt" in msg and "position='rotary'" in msg and "norm='rmsnorm'" in msg and "pre_norm" not in msg
+    # and the BERT builder refuses a GPT-2
+    with pytest.raises(ValueError, match="not a BERT architecture"):
+        e2e.build_transformers("gpt2-mini", e2e.gpt2_backbone_config("gpt2-mini", **TINY))
+
+
+def test_bench_e2e_times_bert_then_gpt2_and_the_report_renders(monkeypatch, tmp_path):
+    real = e2e.gpt2_backbone_config
+    monkeypatch.setattr(e2e, "gpt2_backbone_config", lambda size, dropout=None: real(size, dropout=dropout, **TINY))
+    logs = []
+    ctx = Context(device="cpu", quick=True, log=logs.append, machine={"device_name": "t"})
+    rows = report.add_ratios(e2e.bench_e2e(ctx, batch=2, seq=16))
+    assert [(r["op"], r["provider"], r["status"]) for r in rows] == [
+        ("bert-tiny MLM train step", "fastpt", "ok"), ("bert-tiny MLM train step", "transformers", "ok"),
+        ("gpt2-tiny CLM train step", "fastpt", "ok"), ("gpt2-tiny CLM train step", "transformers", "ok")]
+    gpt = rows[2:]
+    assert all(r["rate"] > 0 and r["rate_unit"] == "tokens/s" and r["case"] == "gpt2-tiny B2 S16" for r in gpt)
+    assert gpt[1]["ratio"] == pytest.approx(1.0) and gpt[0]["ratio"] > 0
+    assert "GPT2LMHeadModel" in gpt[1]["note"] and "causal attention in full" in gpt[0]["note"]
+    assert gpt[0]["tflops"] == pytest.approx(e2e.clm_flops_per_token(real("gpt2-tiny", **TINY), 16) * 32
+                                             / (gpt[0]["time_ms"] / 1e3) / 1e12)
+    md = report.markdown(rows, machine={"device": "cpu", "device_name": "t"})
+    assert "## bert-tiny MLM train step (end to end)" in md and "## gpt2-tiny CLM train step (end to end)" in md
+    paths = report.write_results(rows, tmp_path, "e2e")
+    assert {"e2e.csv", "e2e.json", "e2e.md"} <= {p.name for p in paths}
+    assert e2e.bench_e2e(ctx, models=()) == []
+    with pytest.raises(ValueError, match="models"):
+        e2e.bench_e2e(ctx, models=("t5",))
+
+
+def test_cli_model_names_are_the_bench_sizes(tmp_path):
+    """``fastpt bench --model`` offers exactly the BERT and GPT-2 sizes, and runs only that pair."""
+    import fastpt.bench as bench
+
+    assert set(bench.E2E_MODELS) == set(e2e.BERT_SIZES) | set(e2e.GPT2_SIZES)
+    rows = bench.run(suite="e2e", device="cpu", out=tmp_path, quick=True, model="gpt2-tiny", batch=2, seq=16,
+                     log=lambda s: None)
+    assert rows and all(r["op"].startswith("gpt2-tiny") for r in rows)
+    with pytest.raises(ValueError, match="model"):
+        bench.run(suite="e2e", device="cpu", out=tmp_path, quick=True, model="t5-small", log=lambda s: None)
