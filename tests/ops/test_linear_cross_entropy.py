@@ -158,10 +158,12 @@ def test_reference_is_torch_cross_entropy(reduction, smoothing):
 @pytest.mark.parametrize("device,backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_many_chunks(device, backend, dtype, monkeypatch):
-    """Chunks of 7 rows give the single-chunk result (within the rule) for both reductions."""
+    """Chunks of 7 rows (and, on the CPU, grad_weight in slices of 301 vocabulary rows) give the
+    single-chunk result (within the rule) for both reductions."""
     shape = (97, 17, 1000, 0.3)
     per_logit = dtype.itemsize if backend == "cpu" else 4  # the CPU budget counts logits in their dtype
     monkeypatch.setitem(lce.CHUNK_BYTES, backend, 7 * 1000 * per_logit)
+    monkeypatch.setattr(lce, "GW_BLOCK", 301)
     for reduction in ("mean", "none"):
         ref, plain = _truth(shape, dtype, reduction, device=device)
         _assert_rule(_run(backend, _data(*shape), dtype, device, reduction=reduction), ref, plain)
