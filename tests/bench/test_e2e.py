@@ -115,3 +115,23 @@ def test_cli_model_names_are_the_bench_sizes(tmp_path):
     assert rows and all(r["op"].startswith("gpt2-tiny") for r in rows)
     with pytest.raises(ValueError, match="model"):
         bench.run(suite="e2e", device="cpu", out=tmp_path, quick=True, model="t5-small", log=lambda s: None)
+
+
+def test_cpu_pairs_are_timed_under_both_malloc_settings(monkeypatch):
+    """A full (not quick) CPU run times each pair with glibc's malloc as it comes and again with
+    freed memory kept (fastpt pretrain's setting): one row group per setting, each with its own
+    baseline; malloc is as it was afterwards."""
+    from fastpt import _cpu_malloc
+
+    if _cpu_malloc.refusal() is not None:
+        pytest.skip(_cpu_malloc.refusal())
+    ctx = Context(device="cpu", quick=False, log=lambda s: None)
+    monkeypatch.setitem(e2e.GPT2_SIZES, "gpt2-micro", (1, 32, 2, 64))
+    rows = e2e.bench_e2e(ctx, models=("gpt2",), gpt_size="gpt2-micro", batch=2, seq=8, dtypes=[torch.float32])
+    report.add_ratios(rows)
+    cases = [r["case"] for r in rows]
+    assert cases == ["gpt2-micro B2 S8"] * 2 + ["gpt2-micro B2 S8" + e2e.MALLOC_KEPT_CASE] * 2
+    assert [r["provider"] for r in rows] == ["fastpt", "transformers"] * 2
+    assert all(r["ratio"] is not None and r["ratio"] > 0 for r in rows)
+    assert "as it comes" in rows[0]["note"] and "keeps freed memory" in rows[2]["note"]
+    assert not _cpu_malloc.is_tuned()

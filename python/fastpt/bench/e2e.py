@@ -50,6 +50,7 @@ import itertools
 
 import torch
 
+from .. import _cpu_malloc
 from .harness import Timing, peak_memory, time_fn
 from .peaks import dtype_name, native_bf16
 from .report import make_row
@@ -366,6 +367,22 @@ def _bench_gpt2(ctx, size, batch, seq, dropout, dtype) -> list[dict]:
                       flops=clm_flops_per_token(cfg, seq) * batch * seq, note=note)
 
 
+# CPU: each pair is timed under glibc's malloc as it comes and again with freed memory kept for
+# reuse (fastpt._cpu_malloc, what fastpt pretrain sets on the CPU): both sides under the same
+# setting in each row group. Peak memory is measured once, under glibc's own behaviour.
+MALLOC_KEPT_CASE = ", malloc keeps freed memory"
+MALLOC_NOTES = {False: "glibc malloc as it comes (large blocks mmapped and unmapped every step)",
+                True: "glibc malloc keeps freed memory for reuse (M_MMAP_MAX 0; as fastpt pretrain on the CPU)"}
+
+
+def _malloc_settings(ctx) -> list:
+    """[False, True] on the CPU (both allocator settings), [None] (as it is) on CUDA, in quick
+    runs, and where ``fastpt._cpu_malloc`` cannot act (not glibc, FASTPT_CPU_MALLOC=default)."""
+    if ctx.cuda or ctx.quick or _cpu_malloc.refusal() is not None:
+        return [None]
+    return [False, True]
+
+
 def _time_pair(ctx, sides: dict, batches: list[dict], *, op: str, size: str, batch: int, seq: int,
                dtype: torch.dtype, flops: float, note: str) -> list[dict]:
     """Build each side (``sides``: provider -> ``() -> (loss_fn, params, how)``; "transformers" is
@@ -389,15 +406,23 @@ def _time_pair(ctx, sides: dict, batches: list[dict], *, op: str, size: str, bat
                                  f"{msg[0][:200] if msg else ''}"))
             ctx.log(f"e2e {name}: {rows[-1]['status']}")
             steps.pop(name, None)
-    timings = {name: Timing() for name in steps}
-    for _ in range(repeats):  # alternate: a disturbance on a shared machine hits both sides alike
-        for name, step in steps.items():
-            timings[name].times += time_fn(step, device=ctx.device, warmup=0, repeats=1).times
-    for name, step in steps.items():
-        mem = peak_memory(step, device=ctx.device)
-        rows.append(make_row(**common, provider=name, timing=timings[name], mem_bytes=mem, flops=flops, units=tokens,
-                             unit="tokens", peak=p, note=f"{hows[name]}; {note}"))
-        r = rows[-1]
-        ctx.log(f"e2e {size} {batch}x{seq} {dtype_name(dtype)} {name:<13} {r['time_ms']:9.1f} ms/step  {r['rate']:10,.0f} tokens/s"
-                + (f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""))
+    mems = {name: peak_memory(step, device=ctx.device) for name, step in steps.items()}
+    for keep in _malloc_settings(ctx):
+        timings = {name: Timing() for name in steps}
+        with contextlib.nullcontext() if keep is None else _cpu_malloc.tuned(keep):
+            if keep is not None:
+                for step in steps.values():
+                    step()  # one step under this allocator before timing
+            for _ in range(repeats):  # alternate: a disturbance on a shared machine hits both sides alike
+                for name, step in steps.items():
+                    timings[name].times += time_fn(step, device=ctx.device, warmup=0, repeats=1).times
+        case = common["case"] + (MALLOC_KEPT_CASE if keep else "")
+        how_malloc = "" if keep is None else f"; {MALLOC_NOTES[keep]}"
+        for name in steps:
+            rows.append(make_row(**{**common, "case": case}, provider=name, timing=timings[name], mem_bytes=mems[name],
+                                 flops=flops, units=tokens, unit="tokens", peak=p,
+                                 note=f"{hows[name]}; {note}{how_malloc}"))
+            r = rows[-1]
+            ctx.log(f"e2e {case} {dtype_name(dtype)} {name:<13} {r['time_ms']:9.1f} ms/step  {r['rate']:10,.0f} tokens/s"
+                    + (f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""))
     return rows

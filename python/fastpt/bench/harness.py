@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import functools
 import gc
@@ -27,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .. import _cpu_malloc
 
 __all__ = ["Timing", "time_fn", "peak_memory", "cpu_memory_note", "machine_info", "machine", "git_commit",
            "cpu_fields", "synchronize"]
@@ -105,18 +106,8 @@ def time_fn(fn: Callable[[], object], *, device: str | torch.device = "cpu", war
 
 # ----------------------------------------------------------------------------- memory
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
-# glibc's dynamic mmap threshold never grows past 32 MiB on 64-bit: the steady state of a process
-# that allocates and frees tensors; restored after each CPU memory measurement
-_STEADY_MMAP_THRESHOLD = 32 << 20
-
-
-@functools.lru_cache(maxsize=None)
 def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return None
+    return _cpu_malloc._libc()
 
 
 def _status_bytes(field_name: str) -> int:
@@ -152,7 +143,8 @@ def peak_memory(fn: Callable[[], object], *, device: str | torch.device = "cpu",
     CUDA: ``torch.cuda.max_memory_allocated`` (torch's allocator, all streams) minus the
     allocated bytes before the call. CPU: the resident set's high-water mark (``VmHWM``) minus
     the resident set before the call, with glibc's mmap threshold pinned at 128 KiB during the
-    call (restored to 32 MiB, glibc's dynamic maximum, afterwards). ``setup`` runs first,
+    call (restored to 32 MiB, glibc's dynamic maximum, afterwards) and ``fastpt._cpu_malloc``'s
+    tuning off during it (on again after, when it was). ``setup`` runs first,
     outside the measurement; then ``fastpt.ops.empty_cache()``, so that a scratch buffer fastpt
     keeps between calls is counted in the call that allocates it again. Returns None where the
     CPU measurement is unavailable (:func:`cpu_memory_note` says why).
@@ -173,18 +165,19 @@ def peak_memory(fn: Callable[[], object], *, device: str | torch.device = "cpu",
     if note is not None and "upper bound" not in note:
         return None
     libc = _libc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-        libc.malloc_trim(0)
-    try:
-        base = _status_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        fn()
-        return max(0, _status_bytes("VmHWM") - base)
-    finally:
+    with _cpu_malloc.tuned(False):  # memory kept for reuse would hide the call's allocations
         if libc is not None:
-            libc.mallopt(M_MMAP_THRESHOLD, _STEADY_MMAP_THRESHOLD)
+            libc.mallopt(_cpu_malloc.M_MMAP_THRESHOLD, 128 * 1024)
+            libc.malloc_trim(0)
+        try:
+            base = _status_bytes("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+            fn()
+            return max(0, _status_bytes("VmHWM") - base)
+        finally:
+            if libc is not None:
+                libc.mallopt(_cpu_malloc.M_MMAP_THRESHOLD, _cpu_malloc.DEFAULTS[_cpu_malloc.M_MMAP_THRESHOLD])
 
 
 # ----------------------------------------------------------------------------- machine

@@ -45,6 +45,7 @@ from .mfu import peak_flops
 from ..bench import peaks as _peaks
 from .schedule import lr_at
 
+from .. import _cpu_malloc
 from ..assemble import build, from_hf, load_config
 from ..models.model import PretrainModel
 
@@ -108,6 +109,11 @@ class PretrainRecipe:
         self.precision = resolve_precision(t["precision"], self.device)
         if self.device.type == "cuda" and self.precision == "fp32":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls, as every GPU recipe does
+        if self.device.type == "cpu":  # freed blocks kept for the next step: no page faults on them
+            self._malloc_was = _cpu_malloc.is_tuned()
+            why = _cpu_malloc.tune()
+            self.log(f"pretrain: cpu: {_cpu_malloc.describe()}"
+                     + (f" ({why})" if why else f"; {_cpu_malloc.ENV}=default leaves it as it comes"))
         self.out = Path(cfg["output"]["dir"] or Path("runs") / model_name(cfg))
         self.ckpt_dir = self.out / "checkpoints"
         resume_from = self._setup_run_dir()
@@ -517,6 +523,8 @@ class PretrainRecipe:
             self.logger.bar.close()
         if hasattr(self, "dist"):
             distributed.cleanup(self.dist)
+        if getattr(self, "_malloc_was", True) is False:
+            _cpu_malloc.restore()  # the process's malloc as it was before the run
 
 
 def model_config(model) -> dict:
