@@ -72,20 +72,25 @@ FASTPT_ALWAYS_INLINE void ce_rows(const CEChunkParams& p, int64_t r0, int64_t r1
   const int64_t* target = ptr<const int64_t>(p.target);
   const float* grad_scale = ptr<const float>(p.grad_scale);
   const bool grad = grad_scale != nullptr;
-  std::vector<float> buf(D == kFloat32 ? 0 : p.cols);
+  const bool biased = p.bias != 0;
+  const bool copy = D != kFloat32 || biased;  // the row goes through a float32 buffer
+  std::vector<float> buf(copy ? p.cols : 0), b(biased ? p.cols : 0);
+  if (biased) widen<D>(ptr<const S>(p.bias), b.data(), p.cols);
+  const float* __restrict__ bv = b.data();
   for (int64_t r = r0; r < r1; ++r) {
     S* row = ptr<S>(p.z) + r * p.ld;
     float* x = reinterpret_cast<float*>(row);
-    if constexpr (D != kFloat32) {
-      widen<D>(row, buf.data(), p.cols);
+    if (copy) {
       x = buf.data();
+      widen<D>(row, x, p.cols);
+      if (biased) {
+        for (int64_t j = 0; j < p.cols; ++j) x[j] += bv[j];
+      }
     }
     const Row out = ce_row<I>(x, p.cols, target[r], grad ? grad_scale[r] : 0.0f, p.smoothing, p.z_coef, grad);
     ptr<float>(p.loss)[r] = out.loss;
     ptr<float>(p.lse)[r] = out.lse;
-    if constexpr (D != kFloat32) {
-      if (grad) narrow<D>(x, row, p.cols);
-    }
+    if (copy && grad) narrow<D>(x, row, p.cols);
   }
 }
 
@@ -146,6 +151,7 @@ void bind_cross_entropy(py::module_& m) {
       .def_readwrite("cols", &CEChunkParams::cols)
       .def_readwrite("ld", &CEChunkParams::ld)
       .def_readwrite("dtype", &CEChunkParams::dtype)
+      .def_readwrite("bias", &CEChunkParams::bias)
       .def_readwrite("target", &CEChunkParams::target)
       .def_readwrite("grad_scale", &CEChunkParams::grad_scale)
       .def_readwrite("loss", &CEChunkParams::loss)

@@ -468,6 +468,39 @@ def test_native_chunk_step_matches_torch_ops(isa, dtype, smoothing, z_coef):
         assert torch.isnan(loss[nan_row]) and torch.isfinite(torch.cat([loss[:nan_row], loss[nan_row + 1:]])).all()
 
 
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_native_chunk_step_adds_the_bias(isa, dtype):
+    """With a bias the C++ step works on ``z + bias`` (added in fp32 as each row is read): loss,
+    lse and gradient as the torch step on the fp32 sum; without a gradient z is left as it was."""
+    from fastpt import _native
+    g = torch.Generator().manual_seed(10 + isa)
+    for rows, cols in ((5, 1), (33, 1003)):
+        z = (torch.randn(rows, cols, generator=g) * 3).to(dtype)
+        b = (torch.randn(cols, generator=g) * 2).to(dtype)
+        y = torch.randint(0, cols, (rows,), generator=g)
+        scale = torch.rand(rows, generator=g) + 0.5
+        zb = z.float() + b.float()
+        want = lce._ce_chunk_torch(zb, y, scale, 0.1, 1e-3, True)  # zb now holds the gradient
+        for grad in (True, False):
+            got_z = z.clone()
+            loss, lse = torch.empty(rows), torch.empty(rows)
+            p = _native._C.CEChunkParams()
+            p.z, p.rows, p.cols, p.ld, p.dtype = got_z.data_ptr(), rows, cols, cols, _native.dtype_code(dtype)
+            p.target, p.loss, p.lse, p.bias = y.data_ptr(), loss.data_ptr(), lse.data_ptr(), b.data_ptr()
+            if grad:
+                p.grad_scale = scale.data_ptr()
+            p.smoothing, p.z_coef, p.isa = 0.1, 1e-3, isa
+            _native._C.ce_chunk_cpu(p, 2)
+            for name, a, w in (("loss", loss, want[0]), ("lse", lse, want[1])):
+                torch.testing.assert_close(a, w, rtol=2e-6, atol=2e-6, msg=name)
+            if grad:
+                tol = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+                torch.testing.assert_close(got_z.float(), zb.to(dtype).float(), rtol=tol, atol=tol)
+            else:
+                assert torch.equal(got_z, z)
+
+
 def test_native_chunk_step_checks_targets():
     from fastpt import _native
     if _native.cpu_unavailable() is not None:
