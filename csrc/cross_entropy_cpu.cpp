@@ -41,25 +41,32 @@ FASTPT_ALWAYS_INLINE Row ce_row(float* x, int64_t n, int64_t y, float scale, flo
   float m = hmax<I>(mv);
   for (int64_t j = full; j < n; ++j) m = x[j] > m ? x[j] : m;
   const float shift = m == kNegInf ? 0.0f : m;  // an all -inf row: lse = -inf, not NaN
+  const float zy = x[y];
+  // With grad, x keeps exp(x - shift) for the gradient pass (x is a buffer or the row the gradient
+  // overwrites): one exp per logit instead of two.
   V sv = V{}, zv = V{};
   for (int64_t j = 0; j < full; j += W) {
     const V v = vload<V>(x + j);
-    sv += vexp<I>(v - shift);
+    const V e = vexp<I>(v - shift);
+    sv += e;
     zv += v;
+    if (grad) vstore<V>(x + j, e);
   }
   float s = hsum<I>(sv), zsum = hsum<I>(zv);
   for (int64_t j = full; j < n; ++j) {
-    s += std::exp(x[j] - shift);
+    const float e = std::exp(x[j] - shift);
+    s += e;
     zsum += x[j];
+    if (grad) x[j] = e;
   }
   const float lse = shift + std::log(s);
-  const float zy = x[y];
   Row r{lse - (1.0f - eps) * zy + c * lse * lse, lse};
   if (eps != 0.0f) r.loss -= eps * zsum / static_cast<float>(n);
-  if (grad) {
-    const float a = scale * (1.0f + 2.0f * c * lse), flat = scale * eps / static_cast<float>(n);
-    for (int64_t j = 0; j < full; j += W) vstore<V>(x + j, vexp<I>(vload<V>(x + j) - lse) * a - flat);
-    for (int64_t j = full; j < n; ++j) x[j] = std::exp(x[j] - lse) * a - flat;
+  if (grad) {  // softmax = exp(x - shift) / s
+    const float a = scale * (1.0f + 2.0f * c * lse) / s, flat = scale * eps / static_cast<float>(n);
+    const V av = splat<V>(a), fv = splat<V>(flat);
+    for (int64_t j = 0; j < full; j += W) vstore<V>(x + j, vload<V>(x + j) * av - fv);
+    for (int64_t j = full; j < n; ++j) x[j] = x[j] * a - flat;
     x[y] -= scale * (1.0f - eps);
   }
   return r;
