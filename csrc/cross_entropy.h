@@ -14,7 +14,10 @@
 // 4-5 ms slower per 620 x 30522 chunk than one writing it); z keeps the bias-free
 // values unless it is overwritten by the gradient (which is the same either way). All
 // math in float32; one read of the row to compute the statistics and, for the
-// gradient, one more read (from cache) and one write. Plain data, pointers as integers.
+// gradient, one more read (from cache) and one write. With grad_bias, the float32
+// gradient's column sums (before rounding) are added to it: per-chunk partial sums
+// combined in a fixed order, so the result does not depend on thread timing. Plain
+// data, pointers as integers.
 #pragma once
 #include <cstdint>
 
@@ -27,6 +30,7 @@ struct CEChunkParams {
   uintptr_t bias = 0;        // (cols,) of z's dtype added to every row, or 0
   uintptr_t target = 0;      // (rows,) int64 class ids in [0, cols)
   uintptr_t grad_scale = 0;  // (rows,) float32, or 0: statistics only, z untouched
+  uintptr_t grad_bias = 0;   // (cols,) float32: += the column sums of the gradient (with grad_scale), or 0
   uintptr_t loss = 0;        // (rows,) float32 out
   uintptr_t lse = 0;         // (rows,) float32 out
   float smoothing = 0.0f, z_coef = 0.0f;

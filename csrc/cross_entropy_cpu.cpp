@@ -74,7 +74,7 @@ FASTPT_ALWAYS_INLINE Row ce_row(float* x, int64_t n, int64_t y, float scale, flo
 
 // Rows [r0, r1) of the chunk on instruction set I.
 template <class I, int D>
-FASTPT_ALWAYS_INLINE void ce_rows(const CEChunkParams& p, int64_t r0, int64_t r1) {
+FASTPT_ALWAYS_INLINE void ce_rows(const CEChunkParams& p, int64_t r0, int64_t r1, float* __restrict__ gb) {
   using S = typename Elem<D>::S;
   const int64_t* target = ptr<const int64_t>(p.target);
   const float* grad_scale = ptr<const float>(p.grad_scale);
@@ -97,26 +97,31 @@ FASTPT_ALWAYS_INLINE void ce_rows(const CEChunkParams& p, int64_t r0, int64_t r1
     const Row out = ce_row<I>(x, p.cols, target[r], grad ? grad_scale[r] : 0.0f, p.smoothing, p.z_coef, grad);
     ptr<float>(p.loss)[r] = out.loss;
     ptr<float>(p.lse)[r] = out.lse;
+    if (grad && gb != nullptr) {
+      for (int64_t j = 0; j < p.cols; ++j) gb[j] += x[j];
+    }
     if (copy && grad) narrow<D>(x, row, p.cols);
   }
 }
 
 template <class I>
-FASTPT_ALWAYS_INLINE void ce_rows_any(const CEChunkParams& p, int64_t r0, int64_t r1) {
+FASTPT_ALWAYS_INLINE void ce_rows_any(const CEChunkParams& p, int64_t r0, int64_t r1, float* gb) {
   switch (p.dtype) {
-    case kFloat32: ce_rows<I, kFloat32>(p, r0, r1); break;
-    case kFloat16: ce_rows<I, kFloat16>(p, r0, r1); break;
-    default: ce_rows<I, kBFloat16>(p, r0, r1); break;
+    case kFloat32: ce_rows<I, kFloat32>(p, r0, r1, gb); break;
+    case kFloat16: ce_rows<I, kFloat16>(p, r0, r1, gb); break;
+    default: ce_rows<I, kBFloat16>(p, r0, r1, gb); break;
   }
 }
 
-using RowsFn = void (*)(const CEChunkParams&, int64_t, int64_t);
+using RowsFn = void (*)(const CEChunkParams&, int64_t, int64_t, float*);
 
-void rows_base(const CEChunkParams& p, int64_t r0, int64_t r1) { ce_rows_any<IsaBase>(p, r0, r1); }
+void rows_base(const CEChunkParams& p, int64_t r0, int64_t r1, float* gb) { ce_rows_any<IsaBase>(p, r0, r1, gb); }
 #if defined(FASTPT_X86_ISAS)
-FASTPT_TARGET_AVX2 void rows_avx2(const CEChunkParams& p, int64_t r0, int64_t r1) { ce_rows_any<IsaAvx2>(p, r0, r1); }
-FASTPT_TARGET_AVX512 void rows_avx512(const CEChunkParams& p, int64_t r0, int64_t r1) {
-  ce_rows_any<IsaAvx512>(p, r0, r1);
+FASTPT_TARGET_AVX2 void rows_avx2(const CEChunkParams& p, int64_t r0, int64_t r1, float* gb) {
+  ce_rows_any<IsaAvx2>(p, r0, r1, gb);
+}
+FASTPT_TARGET_AVX512 void rows_avx512(const CEChunkParams& p, int64_t r0, int64_t r1, float* gb) {
+  ce_rows_any<IsaAvx512>(p, r0, r1, gb);
 }
 #endif
 
@@ -147,7 +152,20 @@ void ce_chunk_cpu(const CEChunkParams& p, int num_threads) {
   const RowsFn rows = rows_for(p.isa);
   // ~64K logits per task: a few tens of microseconds between pool hand-offs
   const int64_t grain = std::max<int64_t>(1, 65536 / p.cols);
-  parallel_for(p.rows, grain, num_threads, [&](int64_t r0, int64_t r1) { rows(p, r0, r1); });
+  if (p.grad_bias == 0 || p.grad_scale == 0) {
+    parallel_for(p.rows, grain, num_threads, [&](int64_t r0, int64_t r1) { rows(p, r0, r1, nullptr); });
+    return;
+  }
+  // the gradient's column sums: one partial per chunk (at most 4 per thread), added in chunk order
+  const int64_t chunks = parallel_chunks(p.rows, grain, num_threads);
+  std::vector<float> partial(static_cast<size_t>(chunks * p.cols), 0.0f);
+  parallel_for_chunks(p.rows, grain, num_threads,
+                      [&](int64_t c, int64_t r0, int64_t r1) { rows(p, r0, r1, partial.data() + c * p.cols); });
+  float* gb = ptr<float>(p.grad_bias);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* part = partial.data() + c * p.cols;
+    for (int64_t j = 0; j < p.cols; ++j) gb[j] += part[j];
+  }
 }
 
 void bind_cross_entropy(py::module_& m) {
@@ -161,6 +179,7 @@ void bind_cross_entropy(py::module_& m) {
       .def_readwrite("bias", &CEChunkParams::bias)
       .def_readwrite("target", &CEChunkParams::target)
       .def_readwrite("grad_scale", &CEChunkParams::grad_scale)
+      .def_readwrite("grad_bias", &CEChunkParams::grad_bias)
       .def_readwrite("loss", &CEChunkParams::loss)
       .def_readwrite("lse", &CEChunkParams::lse)
       .def_readwrite("smoothing", &CEChunkParams::smoothing)

@@ -104,24 +104,38 @@ class ThreadPool {
   uint64_t generation_ = 0;
 };
 
+// How parallel_for cuts [0, n): at most 4 chunks per thread, each of at least `grain` items
+// (one chunk when a single thread would run them all). Depends on n, grain and threads only.
+inline int64_t parallel_chunks(int64_t n, int64_t grain, int threads) {
+  if (n <= 0) return 0;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t chunks = std::min<int64_t>((n + grain - 1) / grain, std::max(1, threads) * 4);
+  return std::min<int64_t>(threads, chunks) <= 1 ? 1 : chunks;
+}
+
+// Calls fn(chunk, begin, end) for the parallel_chunks(n, grain, threads) contiguous chunks of
+// [0, n), handed out dynamically to up to `threads` threads. The chunk index lets a caller
+// keep per-chunk partial results and combine them in a fixed order (deterministic sums).
+template <typename F>
+void parallel_for_chunks(int64_t n, int64_t grain, int threads, F&& fn) {
+  const int64_t chunks = parallel_chunks(n, grain, threads);
+  if (chunks == 0) return;
+  if (chunks == 1) {
+    fn(int64_t{0}, int64_t{0}, n);
+    return;
+  }
+  const int64_t step = (n + chunks - 1) / chunks;
+  ThreadPool::run(chunks, static_cast<int>(std::min<int64_t>(threads, chunks)), [&](int64_t c) {
+    const int64_t b = c * step, e = std::min(n, b + step);
+    if (b < e) fn(c, b, e);
+  });
+}
+
 // Calls fn(begin, end) over [0, n) in chunks of at least `grain` items, on up to
 // `threads` threads. Chunks are contiguous and handed out dynamically.
 template <typename F>
 void parallel_for(int64_t n, int64_t grain, int threads, F&& fn) {
-  if (n <= 0) return;
-  grain = std::max<int64_t>(grain, 1);
-  const int64_t max_chunks = (n + grain - 1) / grain;
-  const int64_t chunks = std::min<int64_t>(max_chunks, std::max(1, threads) * 4);
-  const int use = static_cast<int>(std::min<int64_t>(threads, chunks));
-  if (use <= 1) {
-    fn(int64_t{0}, n);
-    return;
-  }
-  const int64_t step = (n + chunks - 1) / chunks;
-  ThreadPool::run(chunks, use, [&](int64_t c) {
-    const int64_t b = c * step, e = std::min(n, b + step);
-    if (b < e) fn(b, e);
-  });
+  parallel_for_chunks(n, grain, threads, [&](int64_t, int64_t b, int64_t e) { fn(b, e); });
 }
 
 }  // namespace fastpt

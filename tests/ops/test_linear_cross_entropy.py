@@ -472,7 +472,8 @@ def test_native_chunk_step_matches_torch_ops(isa, dtype, smoothing, z_coef):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_native_chunk_step_adds_the_bias(isa, dtype):
     """With a bias the C++ step works on ``z + bias`` (added in fp32 as each row is read): loss,
-    lse and gradient as the torch step on the fp32 sum; without a gradient z is left as it was."""
+    lse and gradient as the torch step on the fp32 sum; without a gradient z is left as it was.
+    With grad_bias it adds the fp32 gradient's column sums to it, the same bits on every run."""
     from fastpt import _native
     g = torch.Generator().manual_seed(10 + isa)
     for rows, cols in ((5, 1), (33, 1003)):
@@ -488,8 +489,10 @@ def test_native_chunk_step_adds_the_bias(isa, dtype):
             p = _native._C.CEChunkParams()
             p.z, p.rows, p.cols, p.ld, p.dtype = got_z.data_ptr(), rows, cols, cols, _native.dtype_code(dtype)
             p.target, p.loss, p.lse, p.bias = y.data_ptr(), loss.data_ptr(), lse.data_ptr(), b.data_ptr()
+            gb = torch.full((cols,), 0.5)
             if grad:
                 p.grad_scale = scale.data_ptr()
+            p.grad_bias = gb.data_ptr()
             p.smoothing, p.z_coef, p.isa = 0.1, 1e-3, isa
             _native._C.ce_chunk_cpu(p, 2)
             for name, a, w in (("loss", loss, want[0]), ("lse", lse, want[1])):
@@ -497,8 +500,13 @@ def test_native_chunk_step_adds_the_bias(isa, dtype):
             if grad:
                 tol = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
                 torch.testing.assert_close(got_z.float(), zb.to(dtype).float(), rtol=tol, atol=tol)
+                torch.testing.assert_close(gb, 0.5 + zb.sum(0), rtol=1e-5, atol=1e-6)
+                again, z2 = torch.full((cols,), 0.5), z.clone()
+                p.z, p.grad_bias = z2.data_ptr(), again.data_ptr()
+                _native._C.ce_chunk_cpu(p, 2)
+                assert torch.equal(again, gb)
             else:
-                assert torch.equal(got_z, z)
+                assert torch.equal(got_z, z) and (gb == 0.5).all()  # no gradient: nothing summed
 
 
 def test_native_chunk_step_checks_targets():
