@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from .. import _cpu_malloc
 from .harness import Timing, machine_info, peak_memory, time_fn
 from .peaks import Peak, peak, peak_flops
 from .report import add_ratios, make_row, markdown, write_results
@@ -68,6 +69,8 @@ def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/r
         write_results(new, out, stem, run_rows=rows, machine=machine,
                       peaks={k: p.note for k, p in ctx.peaks.items()})
 
+    if device == "cpu":  # every CPU suite starts from glibc malloc's own settings, whatever ran before
+        _cpu_malloc.restore()
     if suite in ("e2e", "all"):
         if model is None:
             which = {}
@@ -80,6 +83,8 @@ def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/r
         flush(e2e.bench_e2e(ctx, batch=batch, seq=seq, dropout=dropout, **which))
     if suite in ("kernels", "all"):
         for op in ops or OPS:
+            if device == "cpu":
+                _cpu_malloc.restore()
             kernels.run_kernels(ctx, [op], on_rows=flush)
     return rows
 
