@@ -80,7 +80,8 @@ def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/r
             which = dict(models=("bert",), size=model)
         else:
             raise ValueError(f"model: expected one of {E2E_MODELS}, got {model!r}")
-        flush(e2e.bench_e2e(ctx, batch=batch, seq=seq, dropout=dropout, **which))
+        for pair in which.pop("models", e2e.MODELS):  # written pair by pair: a cut-short run keeps BERT's
+            flush(e2e.bench_e2e(ctx, batch=batch, seq=seq, dropout=dropout, models=(pair,), **which))
     if suite in ("kernels", "all"):
         for op in ops or OPS:
             if device == "cpu":
