@@ -29,10 +29,12 @@ import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt parameter numbers (glibc malloc.h)
 TUNED = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: (1 << 31) - 1}
-# glibc's defaults for what tune() changes: 65536 mmapped blocks at most, trim above 128 KiB; the
-# mmap threshold at 32 MiB, glibc's dynamic maximum on 64-bit (what a process that allocates and
-# frees large tensors settles at; setting any parameter stops glibc from moving it)
-DEFAULTS = {M_MMAP_MAX: 65536, M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_THRESHOLD: 32 << 20}
+# glibc's own behaviour, as a process that allocates and frees large tensors settles into it: at
+# most 65536 mmapped blocks (the default), the mmap threshold at 32 MiB (its dynamic maximum on
+# 64-bit) and the trim threshold at twice that (glibc's dynamic rule). Setting any parameter stops
+# glibc from moving them, so restore() sets that steady state rather than the start-up values
+# (128 KiB each), which would return and re-fault every freed block above 128 KiB.
+DEFAULTS = {M_MMAP_MAX: 65536, M_TRIM_THRESHOLD: 64 << 20, M_MMAP_THRESHOLD: 32 << 20}
 ENV = "FASTPT_CPU_MALLOC"
 
 _state = {"tuned": False}

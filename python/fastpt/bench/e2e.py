@@ -9,6 +9,11 @@ bfloat16 autocast on CUDA), the same optimizer (``torch.optim.AdamW``, lr 1e-4, 
 ``fused=True`` as ``fastpt pretrain`` uses it on CUDA and the CPU) and tied input/output
 embeddings. Timed steps alternate between the two models (fastpt, transformers, fastpt, ...) so
 that a disturbance on a shared machine hits both alike (``_time_pair``, shared by both pairs).
+On the CPU every pair is timed twice: under glibc's malloc as it comes, and with freed memory
+kept for reuse (``fastpt._cpu_malloc``, what ``fastpt pretrain`` sets on the CPU; the case name
+says ", malloc keeps freed memory"), both sides under the same setting each time. transformers
+gains far more from the second (its logits are fresh 100 MiB blocks every step), so that is the
+fair comparison; the first is what a plain PyTorch script gets.
 
 **BERT MLM.** The BERT family of Turc et al.: bert-tiny L2/H128 ... bert-base L12/H768,
 vocabulary 30522, 512 positions, dropout 0.1 on hidden states and attention probabilities.
