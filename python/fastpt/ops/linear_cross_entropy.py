@@ -74,8 +74,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # chunks of a 32 MiB budget took 160 ms fwd+bwd, one chunk of 64 MiB 85 ms (2-core Zen 5).
 CHUNK_BYTES = {"cpu": 128 << 20, "triton": 64 << 20}
 
-# CPU: the chunk's logits go into a buffer each thread keeps between calls (at most one chunk,
-# CHUNK_BYTES of float32 / float64 logits). A fresh tensor that size is a fresh mmap from glibc:
+# CPU: the chunk's logits go into a buffer each thread keeps between calls (one chunk: at most
+# CHUNK_BYTES["cpu"]). A fresh tensor that size is a fresh mmap from glibc:
 # the GEMM then pays a page fault per 4 KiB page it first writes (~1 us each here), which made a
 # (2048, 128) x (128, 50257) bf16 logits GEMM run at 300 GFLOP/s instead of 830 (2-core Zen 5).
 # ``empty_cache()`` gives the buffers back.
