@@ -110,8 +110,9 @@ class PretrainRecipe:
         if self.device.type == "cuda" and self.precision == "fp32":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls, as every GPU recipe does
         if self.device.type == "cpu":  # freed blocks kept for the next step: no page faults on them
-            self._malloc_was = _cpu_malloc.is_tuned()
+            was = _cpu_malloc.is_tuned()
             why = _cpu_malloc.tune()
+            self._restore_malloc = not was and why is None  # only what this run changed is undone
             self.log(f"pretrain: cpu: {_cpu_malloc.describe()}"
                      + (f" ({why})" if why else f"; {_cpu_malloc.ENV}=default leaves it as it comes"))
         self.out = Path(cfg["output"]["dir"] or Path("runs") / model_name(cfg))
@@ -523,7 +524,7 @@ class PretrainRecipe:
             self.logger.bar.close()
         if hasattr(self, "dist"):
             distributed.cleanup(self.dist)
-        if getattr(self, "_malloc_was", True) is False:
+        if getattr(self, "_restore_malloc", False):
             _cpu_malloc.restore()  # the process's malloc as it was before the run
 
 
