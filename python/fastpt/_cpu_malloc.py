@@ -58,7 +58,7 @@ def unavailable() -> str | None:
 
 
 def is_tuned() -> bool:
-    """Whether ``tune()`` is in effect (and not undone by ``restore()`` / ``default()``)."""
+    """Whether ``tune()`` is in effect (and not undone by ``restore()``)."""
     return _state["tuned"]
 
 

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from .. import _cpu_malloc
+from . import e2e
 from .harness import Timing, machine_info, peak_memory, time_fn
 from .peaks import Peak, peak, peak_flops
 from .report import add_ratios, make_row, markdown, write_results
@@ -32,8 +33,7 @@ __all__ = ["bench_main", "run", "time_fn", "peak_memory", "machine_info", "Timin
            "make_row", "add_ratios", "markdown", "write_results"]
 
 OPS = ("masking", "dropout", "cross_entropy", "contrastive", "attention")  # cheapest first: a cut-short run keeps most
-E2E_MODELS = ("bert-tiny", "bert-mini", "bert-small", "bert-medium", "bert-base",
-              "gpt2-tiny", "gpt2-mini", "gpt2-small", "gpt2-medium")  # e2e.BERT_SIZES, e2e.GPT2_SIZES
+E2E_MODELS = (*e2e.BERT_SIZES, *e2e.GPT2_SIZES)
 
 
 def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/results", quick: bool = False,
@@ -45,7 +45,7 @@ def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/r
     """
     import torch
 
-    from . import e2e, kernels
+    from . import kernels
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to torch here")

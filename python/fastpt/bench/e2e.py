@@ -106,12 +106,15 @@ def backbone_config(size: str, *, dropout: float | None = None) -> dict:
 def mlm_flops_per_token(cfg: dict, seq_len: int, *, mask_prob: float = MASK_PROB) -> float:
     """Training FLOPs (forward + backward) per token that a BERT MLM step needs (module docstring);
     ``cfg``: the ``text_encoder`` arguments."""
-    layers, d, vocab = cfg["num_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    d = cfg["hidden_size"]
+    return _stack_flops_per_token(cfg, seq_len) + mask_prob * 6 * (d * d + d * cfg["vocab_size"])
+
+
+def _stack_flops_per_token(cfg: dict, seq_len: int) -> float:
+    """The layers' matrix products ``6 L (4 D^2 + 2 D I)`` and attention ``12 L D S``, per token."""
+    layers, d = cfg["num_layers"], cfg["hidden_size"]
     inter = cfg.get("intermediate_size") or 4 * d
-    encoder = 6 * layers * (4 * d * d + 2 * d * inter)
-    attention = 12 * layers * d * seq_len
-    head = mask_prob * 6 * (d * d + d * vocab)
-    return encoder + attention + head
+    return 6 * layers * (4 * d * d + 2 * d * inter) + 12 * layers * d * seq_len
 
 
 def gpt2_backbone_config(size: str = "gpt2-mini", *, dropout: float | None = None, **overrides) -> dict:
@@ -139,9 +142,7 @@ def clm_flops_per_token(cfg: dict, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token of a GPT causal-LM step (module docstring: the
     causal attention counted in full, the head on every token); ``cfg``: the ``text_encoder``
     arguments."""
-    layers, d, vocab = cfg["num_layers"], cfg["hidden_size"], cfg["vocab_size"]
-    inter = cfg.get("intermediate_size") or 4 * d
-    return 6 * layers * (4 * d * d + 2 * d * inter) + 12 * layers * d * seq_len + 6 * d * vocab
+    return _stack_flops_per_token(cfg, seq_len) + 6 * cfg["hidden_size"] * cfg["vocab_size"]
 
 
 def make_batches(n: int, batch: int, seq: int, device: str, *, seed: int = 0) -> list[dict]:
@@ -213,11 +214,17 @@ def build_transformers(size: str, cfg: dict, *, device: str = "cpu"):
                         hidden_dropout_prob=cfg.get("dropout", 0.1),
                         attention_probs_dropout_prob=cfg.get("attention_dropout", 0.1),
                         pad_token_id=cfg.get("pad_token_id", 0), tie_word_embeddings=True)
-    model = BertForMaskedLM._from_config(config, attn_implementation="sdpa").to(device)
+    return _transformers_side(BertForMaskedLM._from_config(config, attn_implementation="sdpa").to(device))
+
+
+def _transformers_side(model):
+    """``(loss_fn, parameters, how)`` of a transformers model built with sdpa attention, after
+    checking that it runs sdpa."""
+    name = type(model).__name__
     impl = getattr(model.config, "_attn_implementation", None)
     if impl != "sdpa":
-        raise RuntimeError(f"BertForMaskedLM: asked for sdpa attention, got {impl!r}")
-    return (lambda batch: model(**batch).loss), _unique(model.parameters()), "transformers.BertForMaskedLM (sdpa)"
+        raise RuntimeError(f"{name}: asked for sdpa attention, got {impl!r}")
+    return (lambda batch: model(**batch).loss), _unique(model.parameters()), f"transformers.{name} (sdpa)"
 
 
 # what GPT2LMHeadModel is, in text_encoder's arguments (None: "the same as num_heads / hidden_size")
@@ -283,11 +290,8 @@ def build_transformers_gpt2(size: str, cfg: dict, *, device: str = "cpu"):
     attention) with ``gpt2_config(cfg)``; ValueError for a config that is not GPT-2-like."""
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel._from_config(gpt2_config(cfg, size=size), attn_implementation="sdpa").to(device)
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl != "sdpa":
-        raise RuntimeError(f"GPT2LMHeadModel: asked for sdpa attention, got {impl!r}")
-    return (lambda batch: model(**batch).loss), _unique(model.parameters()), "transformers.GPT2LMHeadModel (sdpa)"
+    return _transformers_side(GPT2LMHeadModel._from_config(gpt2_config(cfg, size=size),
+                                                          attn_implementation="sdpa").to(device))
 
 
 def train_step(loss_fn, params, batches: list[dict], device: str, dtype: torch.dtype):

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import _cpu_malloc
+from ..ops import empty_cache
 
 __all__ = ["Timing", "time_fn", "peak_memory", "cpu_memory_note", "machine_info", "machine", "git_commit",
            "cpu_fields", "synchronize"]
@@ -106,10 +107,6 @@ def time_fn(fn: Callable[[], object], *, device: str | torch.device = "cpu", war
 
 # ----------------------------------------------------------------------------- memory
 
-def _libc():
-    return _cpu_malloc._libc()
-
-
 def _status_bytes(field_name: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field_name + ":"))
@@ -125,15 +122,7 @@ def cpu_memory_note() -> str | None:
             f.write("5")
     except OSError as exc:
         return f"/proc/self/clear_refs is not writable ({exc.strerror}): CPU peak memory is not measured"
-    return None if _libc() is not None else "not glibc: CPU peak memory is an upper bound"
-
-
-def _empty_fastpt_cache() -> None:
-    try:
-        from fastpt.ops import empty_cache
-    except ImportError:  # the harness without fastpt's ops (it times other libraries too)
-        return
-    empty_cache()
+    return None if _cpu_malloc.unavailable() is None else "not glibc: CPU peak memory is an upper bound"
 
 
 def peak_memory(fn: Callable[[], object], *, device: str | torch.device = "cpu",
@@ -151,7 +140,7 @@ def peak_memory(fn: Callable[[], object], *, device: str | torch.device = "cpu",
     """
     if setup is not None:
         setup()
-    _empty_fastpt_cache()  # buffers fastpt keeps between calls count as the call's memory
+    empty_cache()  # buffers fastpt keeps between calls count as the call's memory
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -164,11 +153,11 @@ def peak_memory(fn: Callable[[], object], *, device: str | torch.device = "cpu",
     note = cpu_memory_note()
     if note is not None and "upper bound" not in note:
         return None
-    libc = _libc()
-    with _cpu_malloc.tuned(False):  # memory kept for reuse would hide the call's allocations
+    libc = _cpu_malloc._libc()
+    # glibc's own behaviour, free memory trimmed (restore()): kept memory would hide the call's allocations
+    with _cpu_malloc.tuned(False):
         if libc is not None:
             libc.mallopt(_cpu_malloc.M_MMAP_THRESHOLD, 128 * 1024)
-            libc.malloc_trim(0)
         try:
             base = _status_bytes("VmRSS")
             with open("/proc/self/clear_refs", "w") as f:
