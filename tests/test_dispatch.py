@@ -84,3 +84,26 @@ def test_cli_info_json():
 def test_cli_info_text():
     out = subprocess.run([sys.executable, "-m", "fastpt", "info"], capture_output=True, text=True, check=True)
     assert "backends:" in out.stdout and "mlm_mask" in out.stdout
+
+
+def test_availability_traces_under_torch_compile():
+    """Dispatch runs inside ``torch.compile``d code: every backend's ``available()`` must trace
+    in a full graph. torch 2.11's Dynamo failed on an ``lru_cache``d one stored in the Backend
+    field (bound as a method); newer ones only warn, so the warning is an error here."""
+    import warnings
+
+    fastpt.info()  # every op module imported and registered
+    backends = [b for op in _dispatch.OPS.values() for b in op.backends.values()]
+
+    def every_available(x):
+        for b in backends:
+            if b.available() is None:
+                x = x + 1
+        return x
+
+    expected = every_available(torch.zeros(()))
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lru_cache.*")
+        got = torch.compile(every_available, backend="eager", fullgraph=True)(torch.zeros(()))
+    assert got.item() == expected.item()

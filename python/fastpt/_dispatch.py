@@ -37,7 +37,7 @@ class Backend:
     run: Callable
 
 
-@functools.lru_cache(maxsize=None)
+@_native.once
 def triton_unavailable() -> str | None:
     """Why Triton kernels cannot run here (GPU or interpreter), or None."""
     try:

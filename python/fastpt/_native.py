@@ -25,6 +25,22 @@ def cpu_unavailable() -> str | None:
     return LOAD_ERROR
 
 
+def once(probe):
+    """``probe()``'s answer, computed on the first call and kept: a plain cache that
+    ``torch.compile`` traces (dispatch asks the backends' ``available()`` inside compiled code;
+    Dynamo cannot call into ``_C`` there, and torch 2.11's broke on ``functools.lru_cache``)."""
+    box: list = []
+
+    def cached():
+        if not box:
+            box.append(probe())
+        return box[0]
+
+    cached.__doc__, cached.__name__ = probe.__doc__, probe.__name__
+    return cached
+
+
+@once
 def cuda_unavailable() -> str | None:
     """Why the CUDA C++ kernels cannot run here, or None when they can."""
     if _C is None:

@@ -288,8 +288,7 @@ def _compiled_vs_eager(fn, tensors, device):
 
 
 @pytest.mark.parametrize("device,backend", GRID, ids=IDS)
-# Dynamo's note on tracing through the lru_cache of fastpt._dispatch.triton_unavailable (a pure check).
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")  # torch 2.11: a failure
 def test_torch_compile_full_graph(device, backend):
     """The custom op (fake + autograd) lets torch.compile trace the losses without graph breaks."""
     n = 29 if _small(backend) else 70

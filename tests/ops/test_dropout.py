@@ -214,7 +214,7 @@ def test_torch_compile_full_graph():
     want, x.grad = x.grad, None
     torch._dynamo.reset()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # dynamo's note on the lru_cache in _dispatch
+        warnings.filterwarnings("error", message=".*lru_cache.*")  # torch 2.11 fails where newer Dynamo warns
         compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(x)  # raises on a graph break
         compiled.backward()
         assert torch._dynamo.explain(step)(x).graph_break_count == 0

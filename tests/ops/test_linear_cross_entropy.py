@@ -371,7 +371,7 @@ def test_torch_compile_full_graph(device, backend, reduction):
     leaves = [x.detach().requires_grad_() for x in (h, w, b)]
     torch._dynamo.reset()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # dynamo's note on the lru_cache in _dispatch
+        warnings.filterwarnings("error", message=".*lru_cache.*")  # torch 2.11 fails where newer Dynamo warns
         compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*leaves, y)  # raises on a graph break
         compiled.backward()
         explained = torch._dynamo.explain(step)(*leaves, y)
