@@ -68,14 +68,32 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Working-set budget for one chunk of logits (bytes of the (C, V) buffer: in the inputs' dtype on
-# the CPU, counted as float32 for Triton). Large enough
+# Working-set budget for one chunk of logits (bytes of the (C, V) buffer in the inputs' dtype;
+# counted as float32 under the Triton interpreter). Large enough
 # that each chunk's GEMM has hundreds of rows (efficient on BLAS and cuBLAS), small enough to
 # stay far below the (T, V) logits of a real batch. Tests shrink it to force many chunks.
 # CPU: every chunk after the first adds a (V, D) product into the fp32 weight gradient, which for
 # half inputs is a widening pass over V x D: at D = 768, V = 30522 (319 MLM rows, bf16) two
 # chunks of a 32 MiB budget took 160 ms fwd+bwd, one chunk of 64 MiB 85 ms (2-core Zen 5).
+# CUDA: the budget is at least the weight's own size (``chunk_rows``), so a chunk has at least D
+# rows. Each chunk after the first adds its (V, D) product into the fp32 weight gradient (a bf16
+# product, then a widening add: ~5 bytes of traffic per weight element), and every GEMM has the
+# chunk's rows as one side: at 64 MiB a Llama-3 head (T 8192, D 2048, V 128256, bf16) went through
+# in 63 chunks of 130 rows and took 116 ms fwd+bwd against 34 ms for torch eager and 35 ms for
+# Liger-Kernel (H100, benches/results/gpu-h100-2026-11-26); D-row chunks make that 4 chunks of
+# 2048 rows. The logits chunk then never outgrows the weight the caller already holds.
 CHUNK_BYTES = {"cpu": 128 << 20, "triton": 64 << 20}
+
+
+def chunk_rows(kind: str, device_type: str, v: int, d: int, dtype: torch.dtype) -> int:
+    """Active rows per chunk: ``CHUNK_BYTES[kind]`` of logits (in their dtype on the CPU and on CUDA;
+    counted as float32 for the Triton interpreter, whose bf16 path goes through a float32 copy),
+    and on CUDA at least ``d`` rows (a logits chunk up to the size of the weight itself)."""
+    per_logit = 4 if kind == "triton" and device_type != "cuda" else dtype.itemsize
+    rows = CHUNK_BYTES[kind] // (v * per_logit)
+    if device_type == "cuda":
+        rows = max(rows, d)
+    return max(1, rows)
 
 # CPU: the chunk's logits go into a buffer each thread keeps between calls (one chunk: at most
 # CHUNK_BYTES["cpu"]). A fresh tensor that size is a fresh mmap from glibc:
@@ -427,9 +445,7 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
     # (BERT MLM head, 4096 rows 15% active, fwd+bwd: 50.4 -> 44.6 ms at D 128, 154.9 -> 149.4 at
     # 768; 2-core Zen 5). float32 addmm costs nothing extra, so float32 keeps it.
     late_bias = bias is not None and kind == "cpu" and low
-    # cpu: the budget counts the logits in their own dtype (the C++ step works on them in place);
-    # triton: in float32, as the interpreter's bf16 path goes through a float32 copy
-    step = max(1, CHUNK_BYTES[kind] // (v * (hidden.dtype.itemsize if kind == "cpu" else 4)))
+    step = chunk_rows(kind, hidden.device.type, v, d, hidden.dtype)
     several = a > step
     for s in range(0, a, step):
         idx = active[s:s + step]
