@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (Python 3.12, torch, triton, nvcc, pybind11,
-# scikit-build-core, pytest-xdist there; no network). Builds fastpt with CUDA, runs the GPU tests
-# (first those listed in benches/gpu_tests_first.txt, then every CUDA and Triton backend test
-# against the references), then `fastpt bench --suite all --device cuda`
-# (every op and the bert-base MLM step, each against its baselines in the same run), and writes
-# under $OUT (default ./gpu-out) at most 8 files: summary.txt, tests.txt, failures.txt (only if a
-# test failed), bench.log, bench-cuda.{csv,json,md,png}. The tests have their own time limit
-# (TEST_BUDGET); the bench gets what is left of TOTAL_BUDGET (default 470 s, inside the device's
-# 8 minutes) and writes its files after every op, cheapest first, so a run cut short keeps them.
+# scikit-build-core, pytest-xdist there; no network). Builds fastpt with CUDA, then in this order:
+#   e2e      `fastpt bench --suite e2e --device cuda` (bert-base MLM and gpt2-small CLM steps against
+#            transformers) and `python -m fastpt.bench.profile` (where each side's step spends its
+#            time: device-busy share, kernel time by class, top operators) -> bench-cuda-e2e.*,
+#            profile-e2e.txt
+#   tests    the GPU tests: first those in benches/gpu_tests_first.txt, then every CUDA and Triton
+#            backend test against the references -> tests.txt, failures.txt (only if one failed)
+#   kernels  `fastpt bench --suite kernels --device cuda` (every op against its baselines) -> bench-cuda.*
+# writing under $OUT (default ./gpu-out) summary.txt, bench.log and the files above. Each phase has
+# its own time limit (E2E_BUDGET, FIRST_BUDGET, TEST_BUDGET); the kernel bench gets what is left of
+# TOTAL_BUDGET (default 560 s) and writes its files after every op, cheapest first, so a run cut
+# short keeps them. The tests are stopped with SIGINT (pytest-xdist shuts its workers down) and
+# any straggler is killed before the next phase, so no test process shares the GPU with a bench.
 #   device run: bash benches/gpu_check.sh
-#   PHASES="tests" / "benches" select a phase; BENCH_ARGS="--ops attention" (any `fastpt bench`
-#   arguments) narrows the bench for a rerun.
+#   PHASES="e2e", "tests", "kernels" (any subset, space-separated) select phases; KERNEL_OPS (default
+#   cross_entropy,contrastive,attention,dropout,masking: what changed last first) and BENCH_ARGS (any
+#   other `fastpt bench` arguments) shape the kernel bench.
 # Peer baselines (liger-kernel, inf-cl) travel as wheels in .whl/ when present.
 set -uo pipefail
 out="${OUT:-$PWD/gpu-out}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-PHASES="${PHASES:-tests benches}"
+PHASES="${PHASES:-e2e tests kernels}"
 t0=$(date +%s)
-deadline=$(( t0 + ${TOTAL_BUDGET:-470} ))
+deadline=$(( t0 + ${TOTAL_BUDGET:-560} ))
 log() { echo "== [$(( $(date +%s) - t0 )) s] $*" | tee -a "$out/summary.txt"; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -36,6 +42,27 @@ log "build rc=$rc"
 [ $rc -eq 0 ] || { cp /tmp/build.log "$out/build.log"; tail -40 /tmp/build.log; exit $rc; }
 python3 -m fastpt info | tee -a "$out/summary.txt"
 
+bench() {  # budget, then `fastpt bench` arguments (through the module: runs whether or not the CLI has it)
+  local budget=$1; shift
+  timeout --signal=INT --kill-after=15 "$budget" python3 -c \
+    'import sys; from fastpt.bench import bench_main; sys.exit(bench_main(sys.argv[1:]))' --device cuda --out "$out" "$@"
+}
+quiesce() {  # wait until no other process computes on the GPU (a bench must not share it)
+  for _ in $(seq 30); do
+    [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)" ] && return 0
+    sleep 1
+  done
+  log "GPU still has compute processes: $(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader | tr '\n' ' ')"
+}
+
+if [[ " $PHASES " == *" e2e "* ]]; then
+  bench "${E2E_BUDGET:-120}" --suite e2e --name bench-cuda-e2e >> "$out/bench.log" 2>&1
+  log "e2e bench rc=$?: $(grep -E '^e2e' "$out/bench.log" | tr -s ' ' | cut -c1-90 | paste -sd'|')"
+  timeout --signal=INT --kill-after=15 "${PROFILE_BUDGET:-75}" python3 -m fastpt.bench.profile --device cuda \
+    --out "$out/profile-e2e.txt" >> "$out/bench.log" 2>&1
+  log "e2e profile rc=$?: $(grep -E '^(## |wall )' "$out/profile-e2e.txt" 2>/dev/null | cut -c1-110 | paste -sd'|')"
+fi
+
 if [[ " $PHASES " == *" tests "* ]]; then
   # one tuning config per kernel (FASTPT_TRITON_AUTOTUNE=0): the tests check numbers, not speed;
   # 14 processes share the GPU and compile Triton kernels in parallel; -v names each failure as it
@@ -43,38 +70,45 @@ if [[ " $PHASES " == *" tests "* ]]; then
   tests="tests/ops tests/nn tests/test_dispatch.py"
   [ -f tests/models/test_patch_hf.py ] && tests="$tests tests/models/test_patch_hf.py"
   gpu_pytest() {  # budget, then pytest arguments; output appended to tests.txt
+    # its own process group (setsid): SIGINT at the time limit lets pytest-xdist stop its workers,
+    # and whatever is left of the group is killed before the next phase
     local budget=$1; shift
-    FASTPT_FAILURE_LOG="$out/failures.txt" FASTPT_TRITON_AUTOTUNE=0 timeout "$budget" python3 -m pytest "$@" \
-      -v -p no:cacheprovider --timeout 150 -rfE --tb=short >> "$out/tests.txt" 2>&1
+    FASTPT_FAILURE_LOG="$out/failures.txt" FASTPT_TRITON_AUTOTUNE=0 setsid timeout --signal=INT --kill-after=20 \
+      "$budget" python3 -m pytest "$@" -v -p no:cacheprovider --timeout 150 -rfE --tb=short >> "$out/tests.txt" 2>&1 &
+    local pid=$!
+    wait $pid
+    local rc=$?
+    kill -KILL -- -$pid 2>/dev/null
+    return $rc
   }
   : > "$out/tests.txt"
-  # first the tests the last GPU run failed (benches/gpu_tests_first.txt): their tracebacks come early
+  # first benches/gpu_tests_first.txt (node ids or files: what failed last time, what changed blind
+  # since), so their tracebacks come early
   first=$(grep -v '^#' benches/gpu_tests_first.txt 2>/dev/null | while read -r id; do [ -f "${id%%::*}" ] && echo "$id"; done)
   if [ -n "$first" ]; then
     # shellcheck disable=SC2086
-    gpu_pytest "${FIRST_BUDGET:-60}" $first -n 8
+    gpu_pytest "${FIRST_BUDGET:-60}" $first -k "cuda or triton" -n 8
     log "GPU tests that failed last time, rc=$?: $(tail -1 "$out/tests.txt")"
   fi
   # shellcheck disable=SC2086
-  gpu_pytest "${TEST_BUDGET:-150}" $tests -k "cuda or triton" -n "${TEST_PROCS:-14}"
+  gpu_pytest "${TEST_BUDGET:-100}" $tests -k "cuda or triton" -n "${TEST_PROCS:-14}"
   log "GPU tests rc=$?: $(tail -1 "$out/tests.txt")"
   grep -E "(FAILED|ERROR) tests" "$out/tests.txt" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | cut -c1-200 | head -50
 fi
 
-if [[ " $PHASES " == *" benches "* ]]; then
-  # = `fastpt bench --suite all --device cuda --out $out` (called through the module, so it runs
-  # whether or not this checkout's CLI has the subcommand); rows reach the CSV/JSON op by op
+if [[ " $PHASES " == *" kernels "* ]]; then
+  quiesce
   budget=$(( deadline - $(date +%s) ))
   if [ $budget -lt 60 ]; then
-    log "bench skipped: only ${budget} s left of TOTAL_BUDGET"
+    log "kernel bench skipped: only ${budget} s left of TOTAL_BUDGET"
   else
-    log "bench: ${budget} s left"
+    log "kernel bench: ${budget} s left"
     # shellcheck disable=SC2086
-    timeout $budget python3 -c 'import sys; from fastpt.bench import bench_main; sys.exit(bench_main(sys.argv[1:]))' \
-      --suite all --device cuda --out "$out" ${BENCH_ARGS:-} > "$out/bench.log" 2>&1
-    log "bench rc=$? (124: cut by its time limit; the files hold every op finished before)"
-    grep -E "^e2e|FAILED|Error" "$out/bench.log" | cut -c1-160 | head -40
-    ls "$out" | tee -a "$out/summary.txt"
+    bench $budget --suite kernels --ops "${KERNEL_OPS:-cross_entropy,contrastive,attention,dropout,masking}" \
+      ${BENCH_ARGS:-} >> "$out/bench.log" 2>&1
+    log "kernel bench rc=$? (124: cut by its time limit; the files hold every op finished before)"
+    grep -E "FAILED|Error" "$out/bench.log" | cut -c1-160 | head -40
   fi
 fi
+ls "$out" | tee -a "$out/summary.txt"
 log "done"

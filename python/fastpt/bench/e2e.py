@@ -335,15 +335,16 @@ def bench_e2e(ctx, *, size: str | None = None, batch: int | None = None, seq: in
         dtypes = [torch.bfloat16] if ctx.cuda else [torch.float32] + (
             [torch.bfloat16] if not ctx.quick and native_bf16("cpu") else [])
     rows = []
-    if "bert" in models:
-        rows += [row for dtype in dtypes for row in _bench_e2e(ctx, size, batch, seq, dropout, dtype)]
-    if "gpt2" in models:
-        rows += [row for dtype in dtypes for row in _bench_gpt2(ctx, gpt_size, batch, seq, dropout, dtype)]
+    for model in (m for m in MODELS if m in models):  # BERT's rows first
+        for dtype in dtypes:
+            sides, batches, kw = PAIRS[model](ctx, gpt_size if model == "gpt2" else size, batch, seq, dropout, dtype)
+            rows += _time_pair(ctx, sides, batches, **kw)
     return rows
 
 
-def _bench_e2e(ctx, size, batch, seq, dropout, dtype) -> list[dict]:
-    """The BERT MLM pair."""
+def bert_pair(ctx, size=None, batch=None, seq=None, dropout=None, dtype=torch.bfloat16):
+    """``(sides, batches, row keywords)`` of the BERT MLM pair (defaults: ``bench_e2e``'s):
+    sides maps "fastpt" and "transformers" to ``() -> (loss_fn, params, how)``."""
     cuda = ctx.cuda
     size = size or ("bert-tiny" if ctx.quick or not cuda else "bert-base")
     batch = batch or (8 if ctx.quick else 32)
@@ -354,12 +355,13 @@ def _bench_e2e(ctx, size, batch, seq, dropout, dtype) -> list[dict]:
             f"FLOPs the objective needs (head on the {MASK_PROB:.0%} masked tokens)")
     sides = {"fastpt": lambda: build_fastpt(size, cfg, device=ctx.device),
              "transformers": lambda: build_transformers(size, cfg, device=ctx.device)}
-    return _time_pair(ctx, sides, make_batches(4, batch, seq, ctx.device), op=f"{size} MLM train step", size=size,
-                      batch=batch, seq=seq, dtype=dtype, flops=mlm_flops_per_token(cfg, seq) * batch * seq, note=note)
+    return sides, make_batches(4, batch, seq, ctx.device), dict(
+        op=f"{size} MLM train step", size=size, batch=batch, seq=seq, dtype=dtype,
+        flops=mlm_flops_per_token(cfg, seq) * batch * seq, note=note)
 
 
-def _bench_gpt2(ctx, size, batch, seq, dropout, dtype) -> list[dict]:
-    """The GPT-2 causal-LM pair."""
+def gpt2_pair(ctx, size=None, batch=None, seq=None, dropout=None, dtype=torch.bfloat16):
+    """``(sides, batches, row keywords)`` of the GPT-2 causal-LM pair, as ``bert_pair``."""
     cuda = ctx.cuda
     size = size or ("gpt2-tiny" if ctx.quick else "gpt2-small" if cuda else "gpt2-mini")
     batch = batch or (8 if ctx.quick else 16)
@@ -372,8 +374,11 @@ def _bench_gpt2(ctx, size, batch, seq, dropout, dtype) -> list[dict]:
     sides = {"fastpt": lambda: build_fastpt_gpt2(size, cfg, device=ctx.device),
              "transformers": lambda: build_transformers_gpt2(size, cfg, device=ctx.device)}
     batches = make_clm_batches(4, batch, seq, ctx.device, vocab_size=cfg["vocab_size"])
-    return _time_pair(ctx, sides, batches, op=f"{size} CLM train step", size=size, batch=batch, seq=seq, dtype=dtype,
-                      flops=clm_flops_per_token(cfg, seq) * batch * seq, note=note)
+    return sides, batches, dict(op=f"{size} CLM train step", size=size, batch=batch, seq=seq, dtype=dtype,
+                                flops=clm_flops_per_token(cfg, seq) * batch * seq, note=note)
+
+
+PAIRS = {"bert": bert_pair, "gpt2": gpt2_pair}
 
 
 # CPU: each pair is timed under glibc's malloc as it comes and again with freed memory kept for
