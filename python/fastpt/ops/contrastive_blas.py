@@ -1,29 +1,50 @@
 """Contrastive log-sum-exp statistics by chunked matrix products (the ``blas`` backend).
 
 The similarity matrix ``S = scale * q @ [k; queue]^T`` is never held whole: rows go through in
-chunks of ``C`` rows, each chunk's ``(C, M + K)`` scores come from one BLAS product (cuBLAS on a
-GPU, float32 output from fp16 / bf16 operands through ``torch.mm(..., out_dtype=float32)``), their
-row log-sum-exps are taken and the chunk is dropped. The column log-sum-exps (symmetric losses)
-merge across chunks with ``logaddexp``. The backward recomputes each chunk's scores, forms
+chunks of ``C`` rows, each chunk's ``(C, M + K)`` raw scores come from one BLAS product (cuBLAS on
+a GPU, float32 output from fp16 / bf16 operands through ``torch.mm(..., out_dtype=float32)``),
+their row log-sum-exps (and, for symmetric losses, the chunk's column statistics, merged across
+chunks) are taken and the chunk is dropped. The backward recomputes each chunk's scores, forms
 ``dS`` and adds ``dS @ keys`` / ``dS^T @ q_chunk`` with two more products.
 
 Why a backend of plain products beside the tiled kernels: at contrastive sizes (D = 256-1024) the
 work is four large GEMMs, which cuBLAS runs at the chip's matrix rate; the tiled Triton kernel,
 which streams D through registers per tile, measured 5.6x slower than eager on an H200 at
-N = 16384, D = 512 (benches/results/contrastive-gpu.md). The memory stays bounded by the chunk,
-``~3 * C * (M + K) * 4`` bytes (256 MiB by default), not by N.
+N = 16384, D = 512 (benches/results/contrastive-gpu.md).
 
-The same code runs on the CPU (float32 / float64 products; half inputs are upcast there, as
-``aten::mm.dtype`` exists only for CUDA), which is how the CPU tests check it; dispatch offers it
-on CUDA only (the CPU has its own C++ kernel).
+The elementwise work on each chunk (scaling, self-pair masking, log-sum-exps, ``dS`` and its cast
+to the products' dtype) runs in fused Triton kernels (contrastive_blas_triton.py) that read the
+chunk's float32 scores once and write only what comes next: done with separate torch ops it was
+about ten passes over each chunk, and an H100 run (benches/results/gpu-h100-2026-11-26) measured
+the backend at 10.3 ms against eager's 3.3 ms (bf16, N = 16384, D = 512), the products being
+about 0.8 ms each. The fused path serves CUDA tensors whenever Triton is available. Its speed has
+not been measured on a GPU yet: this was a blind change, and the next GPU run's
+``fastpt bench --ops contrastive`` (rows fastpt-blas vs torch-eager) tells.
+
+Memory. ``CHUNK_BYTES`` bounds one chunk's float32 scores: 64 MiB, i.e. 1024 rows at
+M + K = 16384 columns, enough rows for the products to fill the GPU (a multiple of 64 rows
+whenever the chunk is not all of N). The forward holds one chunk; the backward one chunk plus its
+``dS`` in the input dtype (96 MiB for fp16 / bf16; an fp32 ``dS`` overwrites the scores: 64 MiB),
+besides the float32 G_q and G_k it returns and the (M, D) float32 product added into G_k per chunk:
+32 MiB each at N = M = 16384, D = 512, so an estimated ~200 MiB extra peak there against eager's
+1,536 MiB (about 1/8; not measured yet). The issue's goal of 1/20 (77 MiB) is out of reach of the
+chunk size alone: the float32 gradients and the autograd gradients of q and k take more than that.
+
+The pure-torch chunk path (scaled copy, ``torch.logsumexp``, ...) serves CPU tensors, float64 and
+machines without Triton: it is how the CPU tests check the algorithm (half inputs are upcast
+there, as ``aten::mm.dtype`` exists only for CUDA). ``fused=True`` forces the Triton kernels,
+which on CPU tensors needs TRITON_INTERPRET=1 (the tests). Dispatch offers the backend on CUDA only
+(the CPU has its own C++ kernel).
 """
 from __future__ import annotations
 
 import torch
 
+from .. import _dispatch
+from . import contrastive_blas_triton as _kernels
 from ._validate import acc_dtype
 
-CHUNK_BYTES = 256 * 2**20  # one chunk's float32 scores; the backward holds about three of these
+CHUNK_BYTES = 64 * 2**20  # one chunk's float32 scores (see the module docstring for the backward)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,7 +81,21 @@ def _keys(k: torch.Tensor, queue: torch.Tensor | None) -> torch.Tensor:
     return k if queue is None or queue.shape[0] == 0 else torch.cat([k, queue])
 
 
-def forward(q, k, queue, scale, symmetric, self_offset, *, chunk_bytes: int = CHUNK_BYTES):
+def _fused(q: torch.Tensor, fused: bool | None) -> bool:
+    """Whether the chunks' elementwise work runs in the Triton kernels: by default for CUDA tensors
+    where Triton runs; ``fused=True`` forces them (CPU tensors need TRITON_INTERPRET=1), False keeps
+    the torch ops."""
+    why = _dispatch.kernel_dtype_refusal(q.dtype) or _dispatch.triton_unavailable() or \
+        _dispatch.triton_device_refusal(q.device)
+    if fused is None:
+        return q.is_cuda and why is None
+    if fused and why is not None:
+        raise RuntimeError(f"contrastive blas backend: the fused chunk kernels cannot run: {why}")
+    return fused
+
+
+def forward(q, k, queue, scale, symmetric, self_offset, *, chunk_bytes: int = CHUNK_BYTES,
+            fused: bool | None = None):
     """(row_lse (N,), col_lse (M,) or empty) in float32 (float64 for float64 inputs)."""
     n, m = q.shape[0], k.shape[0]
     keys = _keys(k, queue)
@@ -68,6 +103,16 @@ def forward(q, k, queue, scale, symmetric, self_offset, *, chunk_bytes: int = CH
     rows = chunk_rows(n, keys.shape[0], chunk_bytes)
     acc = acc_dtype(q.dtype)
     row = torch.empty(n, device=q.device, dtype=acc)
+    if _fused(q, fused):
+        scale = scale.to(device=q.device, dtype=torch.float32)
+        col_max = torch.full((m if symmetric else 0,), float("-inf"), device=q.device, dtype=acc)
+        col_sum = torch.zeros_like(col_max)
+        for r0 in range(0, n, rows):
+            s = _mm(q[r0:r0 + rows], keys_t)
+            _kernels.row_lse(s, scale, row[r0:r0 + rows], r0, m, self_offset)
+            if symmetric:
+                _kernels.merge_col_lse(s, scale, col_max, col_sum, r0, self_offset)
+        return row, col_max.add_(col_sum.log_())
     col = torch.full((m,), float("-inf"), device=q.device, dtype=acc) if symmetric else torch.empty(0, device=q.device,
                                                                                                   dtype=acc)
     for r0 in range(0, n, rows):
@@ -78,8 +123,17 @@ def forward(q, k, queue, scale, symmetric, self_offset, *, chunk_bytes: int = CH
     return row, col
 
 
+def _dscores(q_c, keys_t, scale, row_lse, g_row, col_lse, g_col, r0, m, self_offset):
+    """The torch ops' dS of rows [r0, r0 + C): g_row * softmax_rows (+ g_col * softmax_cols on key columns)."""
+    s = _scores(q_c, keys_t, scale, r0, m, self_offset)
+    ds = torch.exp(s - row_lse[:, None]).mul_(g_row[:, None])
+    if col_lse is not None:
+        ds[:, :m].add_(torch.exp(s[:, :m].sub_(col_lse[None, :])).mul_(g_col[None, :]))
+    return ds
+
+
 def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset, *,
-             chunk_bytes: int = CHUNK_BYTES):
+             chunk_bytes: int = CHUNK_BYTES, fused: bool | None = None):
     """(G_q (N, D), G_k (M, D)) in float32 (float64), *not* multiplied by scale (see contrastive.py).
 
     ``dS = g_row * softmax_rows(S) (+ g_col * softmax_cols(S) on the first M columns)``; for fp16 /
@@ -101,18 +155,23 @@ def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self
         g_col = g_col / gmax if symmetric else None
     row_lse = row_lse.to(acc)
     col_lse = col_lse.to(acc) if symmetric else None
+    kernels = _fused(q, fused)
+    if kernels:
+        scale = scale.to(device=q.device, dtype=torch.float32)
+        row_lse, g_row = row_lse.contiguous(), g_row.contiguous()
+        col_lse, g_col = (col_lse.contiguous(), g_col.contiguous()) if symmetric else (None, None)
     gq = torch.empty(q.shape, device=q.device, dtype=acc)
     gk = torch.zeros(k.shape, device=q.device, dtype=acc)
     for r0 in range(0, n, rows):
         q_c = q[r0:r0 + rows]
-        s = _scores(q_c, keys_t, scale, r0, m, self_offset)
-        ds = torch.exp(s - row_lse[r0:r0 + rows, None]).mul_(g_row[r0:r0 + rows, None])
-        if symmetric:
-            ds[:, :m].add_(torch.exp(s[:, :m].sub_(col_lse[None, :])).mul_(g_col[None, :]))
-        del s
-        ds_in = ds.to(q.dtype) if half else ds
-        gq[r0:r0 + rows] = _mm(ds_in, keys)
-        gk += _mm(ds_in[:, :m].T, q_c)
+        lse_c, g_c = row_lse[r0:r0 + rows], g_row[r0:r0 + rows]
+        if kernels:  # the float32 scores live only inside this call
+            ds = _kernels.dscores(_mm(q_c, keys_t), scale, lse_c, g_c, col_lse, g_col, r0, m, self_offset, q.dtype)
+        else:
+            ds = _dscores(q_c, keys_t, scale, lse_c, g_c, col_lse, g_col, r0, m, self_offset)
+            ds = ds.to(q.dtype) if half else ds
+        gq[r0:r0 + rows] = _mm(ds, keys)
+        gk += _mm(ds[:, :m].T, q_c)
     if gmax is not None:
         gq.mul_(gmax)
         gk.mul_(gmax)
