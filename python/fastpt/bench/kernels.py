@@ -599,7 +599,10 @@ def bench_dropout(ctx: Context) -> list[dict]:
     from fastpt.ops.dropout import OP
 
     rows = []
-    shapes = [(1024, 256)] if ctx.quick else [(4096, 256), (4096, 1024)]
+    # CUDA: bert-base's hidden and FFN activations at 32 x 512 tokens too; at 1-4M elements both
+    # sides' times are mostly host overhead (the H100 run: 0.03-0.4 ms a call)
+    shapes = [(1024, 256)] if ctx.quick else [(4096, 256), (4096, 1024)] + (
+        [(16384, 768), (16384, 3072)] if ctx.cuda else [])
     for shape in shapes:
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(shape, device=ctx.device, dtype=dtype)
