@@ -151,3 +151,40 @@ def test_encoder_layer_defaults_match_torch():
     ours.load_state_dict(ref.state_dict())
     x = _x(2, 11, 32)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_padding_to_seqlens():
+    """Lengths of a right-padded mask; None for a mask without padding when the caller asks (a
+    model stack: its layers then run the plain mask); a left-padded row is named."""
+    from fastpt.nn.attention import padding_to_seqlens
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    assert padding_to_seqlens(mask, "m").tolist() == [3, 2, 1]
+    assert padding_to_seqlens(mask, "m", none_if_full=True).tolist() == [3, 2, 1]
+    full = torch.ones(2, 3, dtype=torch.long)
+    assert padding_to_seqlens(full, "m").tolist() == [3, 3]
+    assert padding_to_seqlens(full, "m", none_if_full=True) is None
+    with pytest.raises(ValueError, match=r"m: only right padding .* row 2 is not right-padded"):
+        padding_to_seqlens(torch.tensor([[1, 1, 1], [1, 1, 0], [0, 1, 1]]), "m", none_if_full=True)
+    with pytest.raises(ValueError, match=r"m: expected shape \(B, S\)"):
+        padding_to_seqlens(torch.ones(3), "m")
+
+
+def test_encoder_without_padding_runs_the_plain_mask(monkeypatch):
+    """A text encoder given an all-ones attention_mask hands its layers no lengths (the same
+    result as no mask, and torch's SDPA on CUDA without dropout); with padding, the lengths."""
+    import importlib
+
+    from fastpt.models import text_encoder
+    layers_mod = importlib.import_module("fastpt.models.layers")
+    seen = []
+    real = layers_mod.attention
+    monkeypatch.setattr(layers_mod, "attention", lambda *a, **kw: seen.append(kw.get("seqlens")) or real(*a, **kw))
+    torch.manual_seed(0)
+    model = text_encoder(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2).eval()
+    ids = torch.randint(1, 50, (2, 5))
+    plain = model(ids).last_hidden_state
+    ones = model(ids, torch.ones_like(ids)).last_hidden_state
+    torch.testing.assert_close(ones, plain, rtol=0, atol=0)
+    assert seen[2:] == [None, None]
+    model(ids, torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+    assert seen[-1].tolist() == [5, 3]

@@ -455,6 +455,39 @@ def test_bad_input(args, err, match):
         attention(**args)
 
 
+def test_index_checks_run_once_per_tensor(monkeypatch):
+    """The host-side checks of cu_seqlens / seqlens / prefix_lens (a device sync each) run once for
+    the tensors a model hands to every layer: again only for another tensor, an in-place change,
+    other arguments, or after a failed check."""
+    calls = []
+    real = attn._host_values
+    monkeypatch.setattr(attn, "_host_values", lambda *t: calls.append(1) or real(*t))
+    a = _packed()
+    cu = a["cu_seqlens"]
+    for _ in range(3):  # three "layers"
+        attention(**a)
+    assert len(calls) == 1
+    attention(**a, causal=True)  # other arguments: checked again
+    assert len(calls) == 2
+    attention(**(a | dict(cu_seqlens=cu.clone())))  # another tensor, same values
+    assert len(calls) == 3
+    cu[1] = 11  # in place: the version counter moves, the bad value is found
+    with pytest.raises(ValueError, match="non-decreasing"):
+        attention(**a)
+    with pytest.raises(ValueError, match="non-decreasing"):  # a failed check is not remembered
+        attention(**a)
+    assert len(calls) == 5
+    s = _args(seqlens=torch.tensor([8, 5]))
+    attention(**s)
+    attention(**s)
+    assert len(calls) == 6
+    with torch.inference_mode():  # inference tensors have no version counter: checked every time
+        s = _args(seqlens=torch.tensor([8, 5]))
+        attention(**s)
+        attention(**s)
+    assert len(calls) == 8
+
+
 def test_refusals_name_the_reason():
     """A forced backend that cannot serve raises with every backend's reason; the cpu backend
     serves dropout (grouped dense path) and refuses non-CPU tensors."""

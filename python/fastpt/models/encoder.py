@@ -88,7 +88,8 @@ class TextEncoder(nn.Module):
         elif input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape (B, S) (or packed (T,) with cu_seqlens), "
                              f"got {tuple(input_ids.shape)}")
-        seqlens = padding_to_seqlens(attention_mask, "attention_mask") if attention_mask is not None else None
+        seqlens = (padding_to_seqlens(attention_mask, "attention_mask", none_if_full=True)
+                   if attention_mask is not None else None)
         x = self.embeddings(input_ids, token_type_ids=token_type_ids, position_ids=position_ids, cu_seqlens=cu_seqlens)
         shape = x.shape
         if cu_seqlens is not None:

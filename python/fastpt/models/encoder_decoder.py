@@ -76,7 +76,7 @@ class EncoderDecoder(nn.Module):
             raise ValueError(f"decoder_input_ids: expected shape (B, T), got {tuple(decoder_input_ids.shape)}")
         seqlens = None
         if decoder_attention_mask is not None:
-            seqlens = padding_to_seqlens(decoder_attention_mask, "decoder_attention_mask")
+            seqlens = padding_to_seqlens(decoder_attention_mask, "decoder_attention_mask", none_if_full=True)
         y = self.encoder.embeddings(decoder_input_ids)
         y, hidden = run_layers(self, self.decoder_layers, y, output_hidden_states, causal=True, seqlens=seqlens,
                                memory=memory, memory_mask=memory_mask)

@@ -22,9 +22,12 @@ from .dropout import Dropout
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
-def padding_to_seqlens(valid: torch.Tensor, name: str) -> torch.Tensor:
+def padding_to_seqlens(valid: torch.Tensor, name: str, *, none_if_full: bool = False) -> torch.Tensor | None:
     """Row lengths of a right-padded ``(B, S)`` validity mask (True / nonzero = real token).
 
+    With ``none_if_full``, None when no row has padding (what a model stack passes on: its layers
+    then run the plain mask, which on CUDA without dropout is torch's own SDPA, and the attention
+    op has no lengths to read back). One device sync for the checks, none under torch.compile.
     Raises ValueError naming ``name`` when a row is not right-padded (a padding token before a
     real one): the kernels express right padding through lengths, nothing else.
     """
@@ -32,13 +35,15 @@ def padding_to_seqlens(valid: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: expected shape (B, S), got {tuple(valid.shape)}")
     valid = valid != 0
     lengths = valid.sum(1)
-    if not torch.compiler.is_compiling():
-        right = torch.arange(valid.shape[1], device=valid.device)[None, :] < lengths[:, None]
-        bad = (right != valid).any(1).nonzero()
-        if bad.numel():
-            raise ValueError(f"{name}: only right padding is supported (real tokens first, then padding); "
-                             f"row {int(bad[0])} is not right-padded")
-    return lengths
+    if torch.compiler.is_compiling():
+        return lengths
+    right = torch.arange(valid.shape[1], device=valid.device)[None, :] < lengths[:, None]
+    bad_rows, short_rows = torch.stack([(right != valid).any(1).sum(), (lengths < valid.shape[1]).sum()]).tolist()
+    if bad_rows:
+        row = int((right != valid).any(1).nonzero()[0])
+        raise ValueError(f"{name}: only right padding is supported (real tokens first, then padding); "
+                         f"row {row} is not right-padded")
+    return None if none_if_full and not short_rows else lengths
 
 
 class MultiheadSelfAttention(nn.Module):

@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -125,9 +126,53 @@ def _host_values(*tensors) -> list[list[int]]:
     return out
 
 
+# The last call's checked index tensors and result. A model passes the same cu_seqlens / seqlens /
+# prefix_lens tensors to every layer: the checks (and their device sync, which drains the GPU's
+# queue before each layer's attention) then run once per forward, not once per layer. A hit needs
+# the very same live tensor objects (weak references: a freed tensor's successor at the same
+# address is a miss) at the same version counter (an in-place change is a miss) and the same
+# other arguments.
+_LAST_CHECK: list = [None]  # [(key, result)], replaced whole (one assignment)
+
+
 def _check_values(cu, seqlens, prefix, s, t_total, max_seqlen, causal):
     """Value checks that need the host (skipped under torch.compile). Returns (max_len, causal_any)
     where causal_any tells whether some document has causal structure (P < L)."""
+    key = _check_key(cu, seqlens, prefix, s, t_total, max_seqlen, causal)
+    last = _LAST_CHECK[0]
+    if key is not None and last is not None and _same_check(last[0], key):
+        return last[1]
+    result = _check_host_values(cu, seqlens, prefix, s, t_total, max_seqlen, causal)
+    _LAST_CHECK[0] = None if key is None else (key, result)
+    return result
+
+
+def _check_key(cu, seqlens, prefix, s, t_total, max_seqlen, causal):
+    """(weak references and versions of the index tensors, the other arguments), or None when
+    there is nothing to remember (no index tensor) or a tensor has no version counter."""
+    tensors = (cu, seqlens, prefix)
+    if all(t is None for t in tensors):
+        return None
+    try:
+        refs = tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors)
+    except (RuntimeError, TypeError):  # inference tensors track no version
+        return None
+    return refs, (s, t_total, max_seqlen, causal)
+
+
+def _same_check(old, new) -> bool:
+    (old_refs, old_args), (new_refs, new_args) = old, new
+    if old_args != new_args:
+        return False
+    for a, b in zip(old_refs, new_refs):
+        if (a is None) != (b is None):
+            return False
+        if a is not None and (a[0]() is None or a[0]() is not b[0]() or a[1] != b[1]):
+            return False
+    return True
+
+
+def _check_host_values(cu, seqlens, prefix, s, t_total, max_seqlen, causal):
     cu_v, len_v, pre_v = _host_values(cu, seqlens, prefix)
     if cu_v is not None:
         if cu_v[0] != 0:
