@@ -174,6 +174,21 @@ def _prepare(hidden, weight, labels, bias, ignore_index, reduction, label_smooth
     return inputs, labels.shape
 
 
+def _active_rows(labels: torch.Tensor, v: int, ignore_index: int) -> torch.Tensor:
+    """Indices of the rows whose label is not ``ignore_index``, after checking those labels are in
+    ``[0, v)``, with one device sync for the count and both bounds (``nonzero_static`` then needs
+    none; ``nonzero`` plus the range check were two, each draining the GPU's queue)."""
+    mask = labels != ignore_index
+    if labels.numel() == 0:
+        return mask.nonzero().squeeze(1)
+    count, lo, hi = torch.stack([mask.sum(), torch.where(mask, labels, v).min(),
+                                 torch.where(mask, labels, -1).max()]).tolist()
+    if lo < 0 or hi >= v:
+        raise ValueError(f"labels: expected class ids in [0, V={v}) or ignore_index={ignore_index}, "
+                         f"found {lo if lo < 0 else hi}")
+    return torch.nonzero_static(mask, size=count).squeeze(1)
+
+
 def _check_label_range(active_labels: torch.Tensor, v: int, ignore_index: int) -> None:
     if active_labels.numel() == 0:
         return
@@ -415,10 +430,9 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
     n, d = hidden.shape
     v = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    active = (labels != ignore_index).nonzero().squeeze(1)  # host sync: the active row count
+    active = _active_rows(labels, v, ignore_index)
     a = active.numel()
     y_all = labels.index_select(0, active)
-    _check_label_range(y_all, v, ignore_index)
     losses = torch.zeros(n, dtype=acc, device=hidden.device)
     lses = torch.zeros(n, dtype=acc, device=hidden.device)
     grads = grad_scale is not None
