@@ -583,11 +583,13 @@ def test_cpu_scratch_reused_across_calls_shapes_dtypes_and_threads():
 
 def test_chunk_rows():
     """The chunk budget: CHUNK_BYTES of logits in their dtype (float32 under the interpreter); on
-    CUDA at least D rows, so a Llama-3-sized head goes through in a few wide chunks, not dozens of
-    130-row ones (each chunk adds a (V, D) pass over the weight gradient)."""
+    CUDA at least max(D, 2048) rows, so a Llama-3-sized head goes through in a few wide chunks, not
+    dozens of 130-row ones (each chunk adds a (V, D) pass over the weight gradient)."""
     v, d = 128256, 2048
-    assert lce.chunk_rows("triton", "cuda", v, d, torch.bfloat16) == d
-    assert lce.chunk_rows("triton", "cuda", 30522, 768, torch.bfloat16) == (64 << 20) // (30522 * 2)
+    assert lce.chunk_rows("triton", "cuda", v, d, torch.bfloat16) == 2048
+    assert lce.chunk_rows("triton", "cuda", v, 4096, torch.bfloat16) == 4096
+    assert lce.chunk_rows("triton", "cuda", 50257, 768, torch.bfloat16) == 2048
+    assert lce.chunk_rows("triton", "cuda", 1000, 64, torch.bfloat16) == (64 << 20) // (1000 * 2)
     assert lce.chunk_rows("triton", "cpu", 30522, 768, torch.bfloat16) == (64 << 20) // (30522 * 4)
     assert lce.chunk_rows("cpu", "cpu", 30522, 768, torch.bfloat16) == (128 << 20) // (30522 * 2)
     assert lce.chunk_rows("cpu", "cpu", 1 << 40, 8, torch.float32) == 1

@@ -75,25 +75,29 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # CPU: every chunk after the first adds a (V, D) product into the fp32 weight gradient, which for
 # half inputs is a widening pass over V x D: at D = 768, V = 30522 (319 MLM rows, bf16) two
 # chunks of a 32 MiB budget took 160 ms fwd+bwd, one chunk of 64 MiB 85 ms (2-core Zen 5).
-# CUDA: the budget is at least the weight's own size (``chunk_rows``), so a chunk has at least D
-# rows. Each chunk after the first adds its (V, D) product into the fp32 weight gradient (a bf16
-# product, then a widening add: ~5 bytes of traffic per weight element), and every GEMM has the
-# chunk's rows as one side: at 64 MiB a Llama-3 head (T 8192, D 2048, V 128256, bf16) went through
-# in 63 chunks of 130 rows and took 116 ms fwd+bwd against 34 ms for torch eager and 35 ms for
-# Liger-Kernel (H100, benches/results/gpu-h100-2026-11-26); D-row chunks make that 4 chunks of
-# 2048 rows. The logits chunk then never outgrows the weight the caller already holds.
+# CUDA: a chunk has at least max(D, GPU_MIN_ROWS) rows (``chunk_rows``). Each chunk after the
+# first adds its (V, D) product into the fp32 weight gradient (a bf16 product, then a widening add:
+# ~12 bytes of traffic per weight element), against 6 C V D FLOPs of GEMMs per chunk: at H100 rates
+# (~700 TFLOP/s, ~3 TB/s) the adds cost ~470 / C of the GEMM time, 23% at C = 2048 rows. At 64 MiB
+# a Llama-3 head (T 8192, D 2048, V 128256, bf16) went through in 63 chunks of 130 rows and took
+# 116 ms fwd+bwd against 34 ms for torch eager and 35 ms for Liger-Kernel (H100,
+# benches/results/gpu-h100-2026-11-26); now 4 chunks of 2048 rows. The logits chunk is then about
+# the weight's own size (D >= 2048) or 2048 rows (a GPT-2 head: 206 MB), far below the (T, V)
+# logits of the batches that need chunking.
 CHUNK_BYTES = {"cpu": 128 << 20, "triton": 64 << 20}
+GPU_MIN_ROWS = 2048
 
 
 def chunk_rows(kind: str, device_type: str, v: int, d: int, dtype: torch.dtype) -> int:
     """Active rows per chunk: ``CHUNK_BYTES[kind]`` of logits (in their dtype on the CPU and on CUDA;
     counted as float32 for the Triton interpreter, whose bf16 path goes through a float32 copy),
-    and on CUDA at least ``d`` rows (a logits chunk up to the size of the weight itself)."""
+    and on CUDA at least ``max(d, GPU_MIN_ROWS)`` rows."""
     per_logit = 4 if kind == "triton" and device_type != "cuda" else dtype.itemsize
     rows = CHUNK_BYTES[kind] // (v * per_logit)
     if device_type == "cuda":
-        rows = max(rows, d)
+        rows = max(rows, d, GPU_MIN_ROWS)
     return max(1, rows)
+
 
 # CPU: the chunk's logits go into a buffer each thread keeps between calls (one chunk: at most
 # CHUNK_BYTES["cpu"]). A fresh tensor that size is a fresh mmap from glibc:
