@@ -40,6 +40,70 @@ def test_timing_median_and_min_and_bad_repeats():
         harness.time_fn(lambda: None, repeats=0)
 
 
+class _FakeEvent:
+    """torch.cuda.Event on the host clock: lets the CUDA timing path run on a CPU-only machine."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+@pytest.fixture
+def fake_cuda_clock(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+
+def test_calls_per_sample():
+    assert harness.calls_per_sample(1e-3) == 5  # 5 ms of work per sample
+    assert harness.calls_per_sample(2e-3) == 3
+    assert harness.calls_per_sample(5e-3) == 1 and harness.calls_per_sample(0.2) == 1
+    assert harness.calls_per_sample(1e-6) == harness.MAX_BATCH and harness.calls_per_sample(0.0) == harness.MAX_BATCH
+
+
+def test_time_fn_batches_cuda_samples_only(fake_cuda_clock):
+    calls = []
+    t = harness.time_fn(lambda: (calls.append(1), time.sleep(0.002)), device="cuda", warmup=1, repeats=2, batch=4)
+    assert len(calls) == 1 + 2 * 4 and t.repeats == 2  # a sample is 4 calls, reported per call
+    assert 0.002 <= t.min < 0.02
+    calls.clear()
+    harness.time_fn(lambda: calls.append(1), device="cuda", warmup=0, repeats=2, batch=4, setup=lambda: None)
+    assert len(calls) == 2  # with a setup between calls, one call per sample
+    calls.clear()
+    harness.time_fn(lambda: calls.append(1), device="cpu", warmup=0, repeats=2, batch=4)
+    assert len(calls) == 2  # the CPU times single calls
+    with pytest.raises(ValueError, match="batch"):
+        harness.time_fn(lambda: None, device="cuda", batch=0)
+
+
+def test_measure_on_cuda_queues_fast_providers_back_to_back(fake_cuda_clock):
+    """A provider faster than SAMPLE_S is re-timed in batches (its single first call from an idle
+    GPU is dropped), and its row says how many calls a sample holds; a slow one stays single."""
+    calls = {"fast": 0, "slow": 0}
+
+    def work(name, seconds):
+        calls[name] += 1
+        time.sleep(seconds)
+
+    rows = measure(Context(device="cuda", quick=True, log=lambda s: None, machine={"device_name": "t"}), op="toy",
+                   case="c", mode="fwd", shape=(1,), dtype=torch.float32, baseline="slow", memory=False, warmup=1,
+                   repeats=3, providers={"slow": lambda: work("slow", 0.006), "fast": lambda: work("fast", 0.001)})
+    by = {r["provider"]: r for r in rows}
+    n = harness.calls_per_sample(0.001)
+    assert by["fast"]["repeats"] == 3 and "back-to-back calls per timed sample" in by["fast"]["note"]
+    assert calls["fast"] >= 1 + 1 + 3 * 2  # warm-up, the dropped single call, then batches of >= 2
+    assert calls["slow"] == 1 + 3 and "back-to-back" not in by["slow"]["note"]
+    assert 0.001 <= by["fast"]["time_ms"] / 1e3 < 0.006 and n >= 2
+
+
 def test_peak_memory_on_the_cpu_sees_a_tensor_it_allocates():
     if harness.cpu_memory_note() is not None:
         pytest.skip(harness.cpu_memory_note())
