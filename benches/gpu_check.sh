@@ -10,8 +10,8 @@
 #   kernels  `fastpt bench --suite kernels --device cuda` (every op against its baselines) -> bench-cuda.*
 # writing under $OUT (default ./gpu-out) summary.txt, bench.log and the files above. Each phase has
 # its own time limit (E2E_BUDGET, PROFILE_BUDGET, E2E_NODROP_BUDGET, FIRST_BUDGET, TEST_BUDGET); the
-# kernel bench gets what is left of TOTAL_BUDGET (default 570 s: run the device call with a 595 s
-# limit) and writes its files after every op, so a run cut short keeps them; a second call on the
+# kernel bench gets what is left of TOTAL_BUDGET (default 480 s, inside 8 minutes: run the device
+# call with a 500 s limit) and writes its files after every op, so a run cut short keeps them; a
 # still-warm machine (PHASES="kernels" KERNEL_OPS=...) finishes what was cut. The tests are stopped
 # with SIGINT (pytest-xdist shuts its workers down) and any straggler is killed before the next
 # phase, so no test process shares the GPU with a bench.
@@ -26,7 +26,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 PHASES="${PHASES:-e2e tests kernels}"
 t0=$(date +%s)
-deadline=$(( t0 + ${TOTAL_BUDGET:-570} ))
+deadline=$(( t0 + ${TOTAL_BUDGET:-480} ))
 log() { echo "== [$(( $(date +%s) - t0 )) s] $*" | tee -a "$out/summary.txt"; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -58,14 +58,14 @@ quiesce() {  # wait until no other process computes on the GPU (a bench must not
 }
 
 if [[ " $PHASES " == *" e2e "* ]]; then
-  bench "${E2E_BUDGET:-120}" --suite e2e --name bench-cuda-e2e >> "$out/bench.log" 2>&1
+  bench "${E2E_BUDGET:-100}" --suite e2e --name bench-cuda-e2e >> "$out/bench.log" 2>&1
   log "e2e bench rc=$?: $(grep -E '^e2e' "$out/bench.log" | tr -s ' ' | cut -c1-90 | paste -sd'|')"
-  timeout --signal=INT --kill-after=15 "${PROFILE_BUDGET:-75}" python3 -m fastpt.bench.profile --device cuda \
+  timeout --signal=INT --kill-after=15 "${PROFILE_BUDGET:-60}" python3 -m fastpt.bench.profile --device cuda \
     --out "$out/profile-e2e.txt" >> "$out/bench.log" 2>&1
   log "e2e profile rc=$?: $(grep -E '^(## |wall )' "$out/profile-e2e.txt" 2>/dev/null | cut -c1-110 | paste -sd'|')"
   # the same pairs without dropout: attention then runs torch's SDPA on both sides (fastpt's dispatch
   # takes it for plain / causal rows without dropout), which isolates what the dropout attention costs
-  bench "${E2E_NODROP_BUDGET:-90}" --suite e2e --dropout 0 --name bench-cuda-e2e-nodropout >> "$out/bench.log" 2>&1
+  bench "${E2E_NODROP_BUDGET:-60}" --suite e2e --dropout 0 --name bench-cuda-e2e-nodropout >> "$out/bench.log" 2>&1
   log "e2e bench without dropout rc=$?: $(grep -E '^e2e' "$out/bench.log" | tail -4 | tr -s ' ' | cut -c1-90 | paste -sd'|')"
 fi
 
@@ -93,11 +93,11 @@ if [[ " $PHASES " == *" tests "* ]]; then
   first=$(grep -v '^#' benches/gpu_tests_first.txt 2>/dev/null | while read -r id; do [ -f "${id%%::*}" ] && echo "$id"; done)
   if [ -n "$first" ]; then
     # shellcheck disable=SC2086
-    gpu_pytest "${FIRST_BUDGET:-50}" $first -k "cuda or triton" -n 8
+    gpu_pytest "${FIRST_BUDGET:-40}" $first -k "cuda or triton" -n 8
     log "GPU tests that failed last time, rc=$?: $(tail -1 "$out/tests.txt")"
   fi
   # shellcheck disable=SC2086
-  gpu_pytest "${TEST_BUDGET:-80}" $tests -k "cuda or triton" -n "${TEST_PROCS:-14}"
+  gpu_pytest "${TEST_BUDGET:-60}" $tests -k "cuda or triton" -n "${TEST_PROCS:-14}"
   log "GPU tests rc=$?: $(tail -1 "$out/tests.txt")"
   grep -E "(FAILED|ERROR) tests" "$out/tests.txt" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | cut -c1-200 | head -50
 fi
