@@ -12,9 +12,9 @@
 # its own time limit (E2E_BUDGET, PROFILE_BUDGET, E2E_NODROP_BUDGET, FIRST_BUDGET, TEST_BUDGET); the
 # kernel bench gets what is left of TOTAL_BUDGET (default 480 s, inside 8 minutes: run the device
 # call with a 500 s limit) and writes its files after every op, so a run cut short keeps them; a
-# second call on the still-warm machine (PHASES="kernels" KERNEL_OPS=...) finishes what was cut. The tests are stopped
-# with SIGINT (pytest-xdist shuts its workers down) and any straggler is killed before the next
-# phase, so no test process shares the GPU with a bench.
+# second call on the still-warm machine (PHASES="kernels" KERNEL_OPS=...) finishes what was cut.
+# The tests are stopped with SIGINT (pytest-xdist shuts its workers down) and any straggler is
+# killed before the next phase, so no test process shares the GPU with a bench.
 #   device run: bash benches/gpu_check.sh   (carry .whl for the peer baselines)
 #   PHASES="e2e", "tests", "kernels" (any subset, space-separated) select phases; KERNEL_OPS (default
 #   cross_entropy,contrastive,attention,dropout,masking: what changed last first) and BENCH_ARGS (any
