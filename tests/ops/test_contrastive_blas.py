@@ -63,6 +63,11 @@ def test_chunk_rows():
     assert blas.chunk_rows(10**6, 1000, chunk_bytes=4 * 1000 * 700) == 640  # multiples of 64
     assert blas.chunk_rows(10**6, 1000, chunk_bytes=4 * 1000 * 5) == 5
     assert blas.chunk_rows(10, 10**12, chunk_bytes=1) == 1  # never zero rows
+    # CUDA's floor: at N = 1M, 64 MiB of scores would be 16-row chunks
+    assert blas.chunk_rows(2**20, 2**20) == 16
+    assert blas.chunk_rows(2**20, 2**20, min_rows=blas.GPU_MIN_ROWS) == 512
+    assert blas.chunk_rows(16384, 16384, min_rows=blas.GPU_MIN_ROWS) == 1024
+    assert blas.chunk_rows(300, 2**20, min_rows=blas.GPU_MIN_ROWS) == 300
 
 
 def test_dispatch_offers_blas_on_cuda_only():

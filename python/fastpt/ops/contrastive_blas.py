@@ -23,7 +23,8 @@ not been measured on a GPU yet: this was a blind change, and the next GPU run's
 
 Memory. ``CHUNK_BYTES`` bounds one chunk's float32 scores: 64 MiB, i.e. 1024 rows at
 M + K = 16384 columns, enough rows for the products to fill the GPU (a multiple of 64 rows
-whenever the chunk is not all of N). The forward holds one chunk; the backward one chunk plus its
+whenever the chunk is not all of N; on CUDA at least ``GPU_MIN_ROWS``, which only matters past
+N = 32k). The forward holds one chunk; the backward one chunk plus its
 ``dS`` in the input dtype (96 MiB for fp16 / bf16; an fp32 ``dS`` overwrites the scores: 64 MiB),
 besides the float32 G_q and G_k it returns and the (M, D) float32 product added into G_k per chunk:
 32 MiB each at N = M = 16384, D = 512, so an estimated ~200 MiB extra peak there against eager's
@@ -57,12 +58,25 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
-def chunk_rows(n: int, cols: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Rows per chunk: the largest multiple of 64 (or n) whose float32 scores fit chunk_bytes."""
-    rows = max(1, chunk_bytes // (4 * max(cols, 1)))
+# CUDA: every chunk reads all M + K keys again for its products (~4 C FLOPs per key byte over the
+# forward and backward), so below ~300 rows a chunk's products wait on memory at H100 rates (990
+# TFLOP/s against 3.35 TB/s). 64 MiB of scores is 1024 rows at N = 16k but 16 rows at N = 1M (the
+# issue's largest batch: 65,536 chunks re-reading 1 GB of bf16 keys each), so on CUDA a chunk has
+# at least GPU_MIN_ROWS rows: 2 GiB of float32 scores at N = 1M.
+GPU_MIN_ROWS = 512
+
+
+def chunk_rows(n: int, cols: int, chunk_bytes: int = CHUNK_BYTES, min_rows: int = 1) -> int:
+    """Rows per chunk: the largest multiple of 64 (or n) whose float32 scores fit chunk_bytes, and
+    at least ``min_rows`` (``GPU_MIN_ROWS`` for CUDA tensors)."""
+    rows = max(1, chunk_bytes // (4 * max(cols, 1)), min_rows)
     if rows >= n:
         return n
     return max(64, rows // 64 * 64) if rows >= 64 else rows
+
+
+def _min_rows(q: torch.Tensor) -> int:
+    return GPU_MIN_ROWS if q.is_cuda else 1
 
 
 def _scores(q_c: torch.Tensor, keys_t: torch.Tensor, scale: torch.Tensor, r0: int, m: int,
@@ -100,7 +114,7 @@ def forward(q, k, queue, scale, symmetric, self_offset, *, chunk_bytes: int = CH
     n, m = q.shape[0], k.shape[0]
     keys = _keys(k, queue)
     keys_t = keys.T  # a view: BLAS takes the transposed operand as it is
-    rows = chunk_rows(n, keys.shape[0], chunk_bytes)
+    rows = chunk_rows(n, keys.shape[0], chunk_bytes, _min_rows(q))
     acc = acc_dtype(q.dtype)
     row = torch.empty(n, device=q.device, dtype=acc)
     if _fused(q, fused):
@@ -142,7 +156,7 @@ def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self
     n, m = q.shape[0], k.shape[0]
     keys = _keys(k, queue)
     keys_t = keys.T
-    rows = chunk_rows(n, keys.shape[0], chunk_bytes)
+    rows = chunk_rows(n, keys.shape[0], chunk_bytes, _min_rows(q))
     acc = acc_dtype(q.dtype)
     half = q.dtype in (torch.float16, torch.bfloat16)
     g_row = g_row.to(acc)
