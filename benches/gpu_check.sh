@@ -15,7 +15,8 @@
 # second call on the still-warm machine (PHASES="kernels" KERNEL_OPS=...) finishes what was cut.
 # The tests are stopped with SIGINT (pytest-xdist shuts its workers down) and any straggler is
 # killed before the next phase, so no test process shares the GPU with a bench.
-#   device run: bash benches/gpu_check.sh   (carry .whl for the peer baselines)
+#   device run: bash benches/gpu_check.sh   (carry .whl for the peer baselines); SKIP_BUILD=1 on a
+#   second call to a warm machine
 #   PHASES="e2e", "tests", "kernels" (any subset, space-separated) select phases; KERNEL_OPS (default
 #   cross_entropy,contrastive,attention,dropout,masking: what changed last first) and BENCH_ARGS (any
 #   other `fastpt bench` arguments) shape the kernel bench.
@@ -37,11 +38,15 @@ fi
 log "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -1)"
 log "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo '+dirty')  date: $(date -u +%F)"
 log "python $(python3 -c 'import sys,torch,triton;print(sys.version.split()[0],"torch",torch.__version__,"triton",triton.__version__)')"
-CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) FASTPT_CUDA=ON timeout 300 \
-  python3 -m pip install --no-build-isolation --no-deps -q -e . > /tmp/build.log 2>&1
-rc=$?
-log "build rc=$rc"
-[ $rc -eq 0 ] || { cp /tmp/build.log "$out/build.log"; tail -40 /tmp/build.log; exit $rc; }
+if [ "${SKIP_BUILD:-0}" = 1 ]; then  # a second call on a warm machine: the first one built it
+  log "build skipped (SKIP_BUILD=1)"
+else
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) FASTPT_CUDA=ON timeout 300 \
+    python3 -m pip install --no-build-isolation --no-deps -q -e . > /tmp/build.log 2>&1
+  rc=$?
+  log "build rc=$rc"
+  [ $rc -eq 0 ] || { cp /tmp/build.log "$out/build.log"; tail -40 /tmp/build.log; exit $rc; }
+fi
 python3 -m fastpt info | tee -a "$out/summary.txt"
 
 bench() {  # budget, then `fastpt bench` arguments (through the module: runs whether or not the CLI has it)

@@ -1,0 +1,43 @@
+"""benches/gpu_check.sh runs its phases in order and stops cleanly, here without a GPU: a stand-in
+nvidia-smi on PATH, no build (SKIP_BUILD=1), and every `--device cuda` step failing fast with its
+usage error. What it guards: the script only ever runs for real on a lent GPU, in minutes that
+must not go to a shell mistake."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benches" / "gpu_check.sh"
+
+
+def test_syntax():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("setsid") is None,
+                    reason="needs coreutils timeout and util-linux setsid")
+def test_phases_run_in_order_without_a_gpu(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"
+    smi.write_text('#!/bin/sh\ncase "$*" in *query-compute-apps*) exit 0;; *) echo "stand-in GPU, 0, 1 MiB, 1 MHz";; esac\n')
+    smi.chmod(0o755)
+    py = fake / "python3"  # the script calls python3: this interpreter, with fastpt importable
+    py.symlink_to(sys.executable)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(out), SKIP_BUILD="1", PHASES="e2e kernels",
+               E2E_BUDGET="60", PROFILE_BUDGET="60", E2E_NODROP_BUDGET="60", TOTAL_BUDGET="400")
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    summary = (out / "summary.txt").read_text()
+    steps = ["device: stand-in GPU", "build skipped", "e2e bench rc=2", "e2e profile rc=2",
+             "e2e bench without dropout rc=2", "kernel bench:", "kernel bench rc=2", "done"]
+    at = [summary.find(s) for s in steps]
+    assert -1 not in at and at == sorted(at), summary
+    log = (out / "bench.log").read_text()
+    assert "no CUDA device" in log  # each cuda step said why it could not run
