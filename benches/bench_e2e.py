@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from fastpt.bench import e2e, harness, peaks
+from fastpt.bench.kernels import Context
 
 pytest.importorskip("transformers")
 
@@ -32,48 +33,35 @@ if torch.cuda.is_available():
 RESULTS: dict[tuple, dict] = {}
 
 
-def _bench(benchmark, device, size, batch, seq, provider, *, objective, cfg, build, batches, flops_per_token):
+CASES = [("bert", *g) for g in GRID] + [("gpt2", *g) for g in GPT_GRID]
+
+
+@pytest.mark.parametrize("provider", ["fastpt", "transformers"])
+@pytest.mark.parametrize("model,device,size,batch,seq", CASES, ids=[f"{d}-{s}-{b}x{n}" for _, d, s, b, n in CASES])
+def test_train_step(benchmark, model, device, size, batch, seq, provider):
+    """One side of ``fastpt.bench.e2e``'s BERT MLM or GPT-2 CLM pair (its models, batches and FLOPs)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sides, batches, kw = e2e.PAIRS[model](Context(device=device), size, batch, seq, None, dtype)
     torch.manual_seed(0)
-    loss_fn, params, how = build(size, cfg, device=device)
+    loss_fn, params, how = sides[provider]()
     step = e2e.train_step(loss_fn, params, batches, device, dtype)
 
     def timed():
         step()
         harness.synchronize(device)
 
-    tokens = batch * seq
-    flops = flops_per_token * tokens
-    benchmark.group = f"e2e {device} {size} {objective} {batch}x{seq}"
+    tokens, flops = batch * seq, kw["flops"]
+    benchmark.group = f"e2e {device} {kw['op']} {batch}x{seq}"
     benchmark.extra_info.update(harness.machine(), provider=provider, built_with=how, tokens=tokens, flops=flops,
-                                dtype=str(dtype), dropout=cfg["dropout"])
+                                dtype=str(dtype), setup=kw["note"])
     benchmark.pedantic(timed, rounds=5 if device == "cpu" else 10, iterations=1, warmup_rounds=2)
     if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing timed
         return
     median = benchmark.stats.stats.median
     peak = peaks.peak(torch.cuda.get_device_name() if device == "cuda" else None, dtype, device=device)
-    RESULTS[(device, f"{size} {objective}", batch, seq, provider)] = dict(s=median, tokens_per_s=tokens / median,
-                                                                           mfu=peak.mfu(flops / median))
+    RESULTS[(device, kw["op"], batch, seq, provider)] = dict(s=median, tokens_per_s=tokens / median,
+                                                             mfu=peak.mfu(flops / median))
     benchmark.extra_info.update(tokens_per_s=tokens / median, mfu=peak.mfu(flops / median), peak=peak.note)
-
-
-@pytest.mark.parametrize("provider", ["fastpt", "transformers"])
-@pytest.mark.parametrize("device,size,batch,seq", GRID, ids=[f"{d}-{s}-{b}x{n}" for d, s, b, n in GRID])
-def test_mlm_train_step(benchmark, device, size, batch, seq, provider):
-    cfg = e2e.backbone_config(size)
-    _bench(benchmark, device, size, batch, seq, provider, objective="MLM", cfg=cfg,
-           build=e2e.build_fastpt if provider == "fastpt" else e2e.build_transformers,
-           batches=e2e.make_batches(4, batch, seq, device), flops_per_token=e2e.mlm_flops_per_token(cfg, seq))
-
-
-@pytest.mark.parametrize("provider", ["fastpt", "transformers"])
-@pytest.mark.parametrize("device,size,batch,seq", GPT_GRID, ids=[f"{d}-{s}-{b}x{n}" for d, s, b, n in GPT_GRID])
-def test_clm_train_step(benchmark, device, size, batch, seq, provider):
-    cfg = e2e.gpt2_backbone_config(size)
-    _bench(benchmark, device, size, batch, seq, provider, objective="CLM", cfg=cfg,
-           build=e2e.build_fastpt_gpt2 if provider == "fastpt" else e2e.build_transformers_gpt2,
-           batches=e2e.make_clm_batches(4, batch, seq, device, vocab_size=cfg["vocab_size"]),
-           flops_per_token=e2e.clm_flops_per_token(cfg, seq))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,10 +71,10 @@ def summary():
     if not RESULTS:
         return
     print(f"\n\nBERT MLM / GPT-2 CLM train step ({harness.machine()})")
-    print(f"{'device/model/batch':<36}{'provider':<14}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}{'vs transformers':>17}")
+    print(f"{'device/model/batch':<44}{'provider':<14}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}{'vs transformers':>17}")
     for (device, model, batch, seq, provider), r in RESULTS.items():
         base = RESULTS.get((device, model, batch, seq, "transformers"))
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         speed = f"{base['s'] / r['s']:.2f}x" if base else "-"
-        print(f"{f'{device}/{model}/{batch}x{seq}':<36}{provider:<14}{r['s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
+        print(f"{f'{device}/{model}/{batch}x{seq}':<44}{provider:<14}{r['s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
               f"{mfu:>8}{speed:>17}")

@@ -5,6 +5,7 @@ it data pointers, sizes, strides and (for CUDA) the current stream as integers.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 try:
@@ -31,12 +32,12 @@ def once(probe):
     Dynamo cannot call into ``_C`` there, and torch 2.11's broke on ``functools.lru_cache``)."""
     box: list = []
 
+    @functools.wraps(probe)
     def cached():
         if not box:
             box.append(probe())
         return box[0]
 
-    cached.__doc__, cached.__name__ = probe.__doc__, probe.__name__
     return cached
 
 

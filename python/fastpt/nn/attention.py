@@ -38,9 +38,10 @@ def padding_to_seqlens(valid: torch.Tensor, name: str, *, none_if_full: bool = F
     if torch.compiler.is_compiling():
         return lengths
     right = torch.arange(valid.shape[1], device=valid.device)[None, :] < lengths[:, None]
-    bad_rows, short_rows = torch.stack([(right != valid).any(1).sum(), (lengths < valid.shape[1]).sum()]).tolist()
+    bad = (right != valid).any(1)
+    bad_rows, short_rows = torch.stack([bad.sum(), (lengths < valid.shape[1]).sum()]).tolist()
     if bad_rows:
-        row = int((right != valid).any(1).nonzero()[0])
+        row = int(bad.nonzero()[0])
         raise ValueError(f"{name}: only right padding is supported (real tokens first, then padding); "
                          f"row {row} is not right-padded")
     return None if none_if_full and not short_rows else lengths

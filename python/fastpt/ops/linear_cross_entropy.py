@@ -187,9 +187,7 @@ def _active_rows(labels: torch.Tensor, v: int, ignore_index: int) -> torch.Tenso
         return mask.nonzero().squeeze(1)
     count, lo, hi = torch.stack([mask.sum(), torch.where(mask, labels, v).min(),
                                  torch.where(mask, labels, -1).max()]).tolist()
-    if lo < 0 or hi >= v:
-        raise ValueError(f"labels: expected class ids in [0, V={v}) or ignore_index={ignore_index}, "
-                         f"found {lo if lo < 0 else hi}")
+    _label_bounds_check(lo, hi, v, ignore_index)
     return torch.nonzero_static(mask, size=count).squeeze(1)
 
 
@@ -197,6 +195,11 @@ def _check_label_range(active_labels: torch.Tensor, v: int, ignore_index: int) -
     if active_labels.numel() == 0:
         return
     lo, hi = torch.stack(torch.aminmax(active_labels)).tolist()  # one device sync for both
+    _label_bounds_check(lo, hi, v, ignore_index)
+
+
+def _label_bounds_check(lo: int, hi: int, v: int, ignore_index: int) -> None:
+    """ValueError naming labels when the smallest / largest active label is outside [0, v)."""
     if lo < 0 or hi >= v:
         raise ValueError(f"labels: expected class ids in [0, V={v}) or ignore_index={ignore_index}, "
                          f"found {lo if lo < 0 else hi}")
