@@ -178,6 +178,30 @@ def test_attention_dropout_runs_fused_and_follows_manual_seed(fused):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("padding", ["right", "none"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_patched_model_compiles_as_one_graph(arch, padding):
+    """Under torch.compile the patched backbone stays one graph in training with attention dropout,
+    as the unpatched one does: no ContextVar read, no host check of the mask per layer (masked
+    layers keep the model's own attention there), the dropout seed drawn in the graph. In eval
+    mode the compiled patched backbone computes what the unpatched one does. (The fused loss
+    selects the labelled rows, a data-dependent shape: one graph break at the head, by design.)"""
+    ref = _model(arch, dropout=0.1)
+    ours = patch_hf(copy.deepcopy(ref), loss=False)
+    inputs, _, valid = _batch(arch, padding)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours.base_model.train(), backend="aot_eager", fullgraph=True)  # raises on a break
+    hidden = compiled(**inputs).last_hidden_state
+    hidden[valid].square().sum().backward()
+    assert torch.isfinite(hidden[valid]).all()
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+    ours.eval()
+    with torch.no_grad():
+        want = ref.base_model.eval()(**inputs).last_hidden_state
+        got = compiled(**inputs).last_hidden_state
+    torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=1e-5)
+
+
 def test_unknown_architecture_is_an_error():
     model = DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=37, vocab_size=VOCAB))
     with pytest.raises(TypeError, match="DistilBertModel.*BERT, RoBERTa, GPT-2, ViT"):

@@ -546,10 +546,54 @@ def test_custom_op_registration():
     (q, k, v), kw = _case("packed-prefix", (23, 16, 4, 2), seed=4)
     q4, k4, v4 = (x.float()[None].requires_grad_() for x in (q, k, v))
     docs = attn._docs_tensor(1, 23, "cpu", cu=kw["cu_seqlens"], prefix=kw["prefix_lens"])
-    torch.library.opcheck(attn._attention_fwd, (q4, k4, v4, docs, 0.3, 0.0, 0, -1, -1, False, "cpu"))
+    torch.library.opcheck(attn._attention_fwd, (q4, k4, v4, docs, 0.3, 0.0, 0, -1, -1, False, "cpu", None))
     docs = attn._docs_tensor(2, 9, "cpu", causal=True)
     q4, k4 = torch.randn(2, 9, 4, 16, requires_grad=True), torch.randn(2, 9, 1, 16, requires_grad=True)
-    torch.library.opcheck(attn._attention_fwd, (q4, k4, k4, docs, 0.25, 0.0, 0, 9, 1, False, "cpu"))
+    torch.library.opcheck(attn._attention_fwd, (q4, k4, k4, docs, 0.25, 0.0, 0, 9, 1, False, "cpu", None))
+    if attn.OP.backends["triton"].available() is None:  # a traced dropout key (key_t), through a kernel that has dropout
+        key_t = _rng.stream_key_tensor(torch.tensor(5), _rng.STREAM_ATTN_DROPOUT)
+        q4, k4 = torch.randn(2, 9, 2, 16, requires_grad=True), torch.randn(2, 9, 1, 16, requires_grad=True)
+        torch.library.opcheck(attn._attention_fwd, (q4, k4, k4, docs, 0.25, 0.2, 0, 9, 1, False, "triton", key_t))
+
+
+@pytest.mark.parametrize("device,backend", DROPOUT_GRID)
+def test_torch_compile_full_graph_with_dropout(device, backend):
+    """Under torch.compile a seed tensor (what fastpt.nn layers draw there, ``_rng.fresh_seed``) stays
+    in the graph: no graph break, and the same mask as eager code given the seed's value (the cpu
+    backend runs the dense reference math then, so equal to float32 rounding; kernels exactly)."""
+    (q, k, v), kw = _case("packed-prefix", (29, 16, 4, 2), seed=5)
+    q, k, v = (x.float().to(device) for x in (q, k, v))
+    kw = {n: x.to(device) if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
+
+    def step(q, k, v, seed):
+        return attention(q, k, v, dropout_p=0.3, seed=seed, backend=backend, **kw)
+
+    seed = torch.tensor(2**40 + 77)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    eager = step(*leaves, int(seed))
+    eager.backward(torch.ones_like(eager))
+    want = [x.grad for x in leaves]
+    torch._dynamo.reset()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*leaves, seed)  # raises on a break
+    compiled.backward(torch.ones_like(compiled))
+    exact = backend != "cpu"
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled, eager, **tol)
+    for g, x in zip(want, leaves):
+        torch.testing.assert_close(x.grad, g, **tol)
+    assert (eager == 0).any()  # the mask dropped something: the comparison above is not vacuous
+
+
+def test_sdpa_under_torch_compile_draws_its_seed_in_the_graph():
+    """``sdpa(dropout_p > 0)`` without a seed draws one as a tensor under compile (no host read)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 24, 16, generator=g) for _ in range(3))
+    torch._dynamo.reset()
+    fn = lambda q, k, v: sdpa(q, k, v, dropout_p=0.5, is_causal=True)  # noqa: E731
+    assert torch._dynamo.explain(fn)(q, k, v).graph_break_count == 0
+    a, b = (torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k, v) for _ in range(2))
+    assert not torch.equal(a, b)  # a fresh seed each call, not one baked into the graph
 
 
 @pytest.mark.parametrize("device,backend", GRID)

@@ -221,6 +221,33 @@ def test_torch_compile_full_graph():
     assert torch.equal(compiled, eager) and torch.equal(x.grad, want)
 
 
+def test_torch_compile_traced_seeds():
+    """Under torch.compile a tensor seed stays in the graph and gives the mask of its value (the
+    reference formula, bit-identical to the kernels); seed=None draws a fresh one each call."""
+    x = torch.randn(7, 301, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    seed = torch.tensor(2**33 + 5)
+
+    def given(x, seed):
+        return dropout(x, 0.3, seed=seed)
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lru_cache.*")
+        compiled = torch.compile(given, backend="aot_eager", fullgraph=True)(x, seed)
+        assert torch._dynamo.explain(lambda x: dropout(x, 0.3))(x).graph_break_count == 0
+        fresh = torch.compile(lambda x: dropout(x, 0.3), backend="aot_eager", fullgraph=True)
+        a, b = fresh(x), fresh(x)
+    assert torch.equal(compiled, dropout(x, 0.3, seed=int(seed)))
+    compiled.sum().backward()
+    assert torch.equal(x.grad, (compiled != 0) * drop._scale(0.3))
+    assert not torch.equal(a == 0, b == 0)  # not one seed baked into the graph
+    for out in (a, b):
+        assert abs((out == 0).float().mean().item() - 0.3) < 0.03
+    # Dynamo wraps the TypeError under fullgraph; the message still names the argument
+    with pytest.raises(Exception, match="seed: expected an integer or a one-element integer tensor"):
+        torch.compile(given, backend="aot_eager", fullgraph=True)(x, torch.tensor([1.5]))
+
+
 # ----------------------------------------------------------------------------- triton
 
 

@@ -270,7 +270,7 @@ class SelfAttention(MultiheadSelfAttention):
                               cu_seqlens=cu_seqlens)
         else:
             out = attention(q, k, v, causal=causal, prefix_lens=prefix_lens, seqlens=seqlens, cu_seqlens=cu_seqlens,
-                            max_seqlen=max_seqlen, dropout_p=p, seed=_rng.draw_seed() if p > 0 else 0,
+                            max_seqlen=max_seqlen, dropout_p=p, seed=_rng.fresh_seed() if p > 0 else 0,
                             backend=self.backend)
         return self.out_proj(out.flatten(-2))
 

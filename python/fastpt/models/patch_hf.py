@@ -38,13 +38,13 @@ Undo with ``unpatch_hf(model)``; ``patch_hf`` on a patched model re-patches with
 """
 from __future__ import annotations
 
-import functools
 import sys
 import types
 
 import torch
 import torch.nn.functional as F
 
+from .. import _native
 from ..ops import _rng
 from ..ops.attention import attention
 from ..ops.linear_cross_entropy import linear_cross_entropy
@@ -67,10 +67,11 @@ _UNFUSABLE_KWARGS = ("head_mask", "softcap", "sliding_window", "position_bias", 
 # ----------------------------------------------------------------------------- attention
 
 
-@functools.lru_cache(maxsize=None)
+@_native.once
 def _output_collector():
     """transformers 5 records attention weights through this context variable (GPT-2 even drops the
-    ``output_attentions`` kwarg before its layers); imported on first use, not with fastpt."""
+    ``output_attentions`` kwarg before its layers); imported on first use, not with fastpt (and
+    first used by ``patch_hf``, so compiled code only reads the cache)."""
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # pragma: no cover - other transformers versions: the kwarg is all we see
@@ -82,13 +83,25 @@ def _wants_weights(kwargs) -> bool:
     if kwargs.get("output_attentions"):
         return True
     collector = _output_collector()
-    collected = collector.get() if collector is not None else None
+    if collector is None:
+        return False
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace ContextVar.get; under compile transformers' CompileableContextVar keeps
+        # what the compiled model set in a plain attribute, which is what it reads there too.
+        collected = collector.global_var if getattr(collector, "compiling", False) else None
+    else:
+        collected = collector.get()
     return bool(collected) and "attentions" in collected
 
 
 def _right_padding_lengths(mask: torch.Tensor, causal: bool):
     """Row lengths (int32 ``(B,)``) when the boolean ``(B, 1, S, S)`` mask is exactly right padding
-    (and causal when ``causal``), else None. Cached on the mask, which every layer shares."""
+    (and causal when ``causal``), else None. Cached on the mask, which every layer shares.
+
+    Under torch.compile always None (the check reads the mask on the host, a graph break per
+    layer): masked layers keep the model's own attention there, which Dynamo traces."""
+    if torch.compiler.is_compiling():
+        return None
     key = None if mask.is_inference() else (mask._version, causal)  # inference tensors have no version
     cached = getattr(mask, "_fastpt_lengths", None)
     if key is not None and cached is not None and cached[0] == key:
@@ -146,7 +159,7 @@ def fastpt_attention_forward(module, query, key, value, attention_mask, scaling=
         return _original_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                    **kwargs)
     causal, seqlens = plan
-    seed = _rng.draw_seed() if dropout else 0
+    seed = _rng.fresh_seed() if dropout else 0
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
                     seqlens=seqlens, dropout_p=float(dropout), scale=scaling, seed=seed)
     return out, None
@@ -271,6 +284,7 @@ def patch_hf(model, *, attention: bool = True, loss: bool = True):
     original = config._attn_implementation
     if attention:
         _register()
+        _output_collector()  # resolved now, in eager code: compiled layers only read the cache
         model.set_attn_implementation(NAME)
         if config._attn_implementation != NAME:  # transformers only warns when a model refuses
             raise TypeError(f"patch_hf: {type(model).__name__} does not accept a registered attention function")

@@ -37,6 +37,14 @@ class TwoTower(nn.Module):
         self.text.gradient_checkpointing = bool(value)
         self.vision.gradient_checkpointing = bool(value)
 
+    def compile(self, *args, **kwargs) -> None:
+        """``torch.compile`` each tower in place (``nn.Module.compile``'s arguments). Objectives call
+        the towers directly (CLIP encodes text and images separately), never this module's
+        ``forward``, so compiling this module itself, as ``train.compile`` does to a backbone,
+        would compile nothing that runs."""
+        self.text.compile(*args, **kwargs)
+        self.vision.compile(*args, **kwargs)
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, **text_kwargs) -> TwoTowerOutput:
         """input_ids / attention_mask ``(B, S)`` for the text tower (``text_kwargs`` passed on to it),

@@ -129,7 +129,7 @@ class MultiheadSelfAttention(nn.Module):
             seqlens = padding_to_seqlens(attention_mask, "attention_mask")
         q, k, v = self.project(x)
         p = self.dropout if self.training else 0.0
-        seed = _rng.draw_seed() if p > 0 else 0
+        seed = _rng.fresh_seed() if p > 0 else 0
         if attn_mask is not None:
             out = self._general(q, k, v, attn_mask, seqlens, causal, p, seed, cu_seqlens, prefix_lens)
         else:

@@ -91,6 +91,45 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
+def fresh_seed():
+    """A seed for one call of a counter-based op that was given none.
+
+    Eager code gets ``draw_seed()``'s int. Under ``torch.compile`` the host read of ``draw_seed``
+    would break the graph, so the seed stays a 0-d int64 CPU tensor from ``torch.randint``, which
+    the graph computes (Inductor draws it from its own generator, seeded from torch's: reproducible
+    under ``torch.manual_seed``, but not the eager draw); the ops take such a seed as a tensor
+    (``stream_key_tensor``) and read it on the host only inside their custom op (a CPU tensor: no
+    device sync)."""
+    if torch.compiler.is_compiling():
+        return torch.randint(0, 2**62, (), dtype=torch.int64)
+    return draw_seed()
+
+
+def stream_key_tensor(seed: torch.Tensor, stream: int) -> torch.Tensor:
+    """``stream_key`` of a one-element integer tensor seed, in tensor ops (traceable, no host read).
+
+    The seed's 64 bits are read as an unsigned integer (a negative int64 ``s`` is ``s + 2**64``),
+    so for seeds in ``[0, 2**63)`` this equals ``stream_key(int(seed), stream)``. Returns a 0-d
+    int64 tensor on the seed's device holding a value in ``[0, 2**32)``."""
+    s = seed.reshape(()).to(torch.int64)
+    k = mix32_int(((stream + 1) * GOLDEN) & M32)
+    k = mix32(((s >> 32) & M32) ^ k)
+    return mix32(k ^ (s & M32))
+
+
+def is_traced_seed(seed) -> bool:
+    """Whether ``seed`` is a tensor to keep as one (under ``torch.compile``) rather than read."""
+    return isinstance(seed, torch.Tensor) and torch.compiler.is_compiling()
+
+
+def check_tensor_seed(seed: torch.Tensor) -> torch.Tensor:
+    """Type and shape checks of a traced seed (its value cannot be read without a host sync)."""
+    if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+        raise TypeError(f"seed: expected an integer or a one-element integer tensor, got {seed.dtype} "
+                        f"tensor of shape {tuple(seed.shape)}")
+    return seed
+
+
 def stream_key(seed: int, stream: int) -> int:
     """The 32-bit key of one random stream for ``seed`` (computed on the host)."""
     seed = check_seed(seed)

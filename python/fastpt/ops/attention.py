@@ -43,7 +43,6 @@ lse, docs)`` of the forward, FlashAttention-2 style.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 import weakref
@@ -240,7 +239,7 @@ def _prepare(q, k, v, *, causal, prefix_lens, seqlens, cu_seqlens, max_seqlen, d
     dropout_p = _validate.probability("dropout_p", dropout_p)
     if dropout_p >= 1.0:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
-    seed = _rng.check_seed(seed)
+    seed = _rng.check_tensor_seed(seed) if _rng.is_traced_seed(seed) else _rng.check_seed(seed)
     d = q.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(d)
@@ -285,7 +284,13 @@ def _prepare(q, k, v, *, causal, prefix_lens, seqlens, cu_seqlens, max_seqlen, d
     # Kernels take any strides but a unit stride along D (what a fused QKV projection produces).
     q4, k4, v4 = (x if x.stride(-1) == 1 else x.contiguous() for x in (q4, k4, v4))
     docs = _docs_tensor(b_count, s, q.device, cu=cu_seqlens, seqlens=seqlens, prefix=prefix_lens, causal=causal)
-    key = _rng.stream_key(seed, _rng.STREAM_ATTN_DROPOUT) if dropout_p > 0 else 0
+    # An int, or under torch.compile a 0-d tensor computed in the graph (read inside the custom op)
+    if dropout_p == 0:
+        key = 0
+    elif isinstance(seed, torch.Tensor):
+        key = _rng.stream_key_tensor(seed, _rng.STREAM_ATTN_DROPOUT)
+    else:
+        key = _rng.stream_key(seed, _rng.STREAM_ATTN_DROPOUT)
     # rows: "none" / "causal" when every row is one whole sequence under one plain mask (what
     # torch's own SDPA kernels take without a mask tensor), None for any per-row structure
     plain = cu_seqlens is None and seqlens is None and prefix_lens is None
@@ -377,15 +382,28 @@ def _run_reference(q4, k4, v4, docs, scale, dropout_p, dropout_key, **_):
 # ----------------------------------------------------------------------------- kernels: custom ops
 
 
-@functools.lru_cache(maxsize=None)
+_KERNEL_MODULES: dict = {}  # name -> (module, None) or (None, why it cannot be imported)
+
+
 def _kernel_module(name: str):
     """(module, None) or (None, why it cannot be imported). Imported on first use, not at import
     time: the kernel modules may import this one (its reference), and a missing one must only
-    make its backend refuse."""
+    make its backend refuse. A plain dict cache, which torch.compile traces (dispatch asks for it
+    inside compiled code; Dynamo refuses importlib and warns on functools.lru_cache)."""
+    if name not in _KERNEL_MODULES:
+        _import_kernel_module(name)
+    return _KERNEL_MODULES[name]
+
+
+@torch.compiler.assume_constant_result
+def _import_kernel_module(name: str) -> bool:
+    """Import a kernel module into ``_KERNEL_MODULES``; run as plain Python even while Dynamo traces
+    (its result is a constant to the graph), so a first use inside compiled code does not break it."""
     try:
-        return importlib.import_module(f"fastpt.ops.{name}"), None
+        _KERNEL_MODULES[name] = (importlib.import_module(f"fastpt.ops.{name}"), None)
     except ImportError as exc:
-        return None, f"fastpt.ops.{name} is not available ({exc})"
+        _KERNEL_MODULES[name] = (None, f"fastpt.ops.{name} is not available ({exc})")
+    return True
 
 
 def _kernels(backend: str):
@@ -407,11 +425,20 @@ def _resolve(docs: torch.Tensor, max_len: int, causal_any: int) -> tuple[int, bo
     return max_len, bool(causal_any)
 
 
+def _key(dropout_key: int, key_t: torch.Tensor | None) -> int:
+    """The dropout key: ``key_t``'s value when the graph computed it (torch.compile), else the int."""
+    return dropout_key if key_t is None else int(key_t)
+
+
 @torch.library.custom_op("fastpt::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor, scale: float,
                    dropout_p: float, dropout_key: int, max_len: int, causal_any: int, deterministic: bool,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, S, H, D) in q's dtype, lse (B, H, S) float32 / float64), both contiguous."""
+                   backend: str, key_t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, S, H, D) in q's dtype, lse (B, H, S) float32 / float64), both contiguous.
+
+    ``key_t``: the dropout key as a 0-d integer tensor (what a seed drawn under torch.compile
+    becomes), read here on the host; None: ``dropout_key`` is the key."""
+    dropout_key = _key(dropout_key, key_t)
     max_len, causal = _resolve(docs, max_len, causal_any)
     with torch.autocast(q.device.type, enabled=False):
         out, lse = _kernels(backend).forward(q, k, v, docs, scale=scale, dropout_p=dropout_p,
@@ -420,7 +447,8 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torc
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, docs, scale, dropout_p, dropout_key, max_len, causal_any, deterministic, backend):
+def _attention_fwd_fake(q, k, v, docs, scale, dropout_p, dropout_key, max_len, causal_any, deterministic, backend,
+                        key_t):
     b_count, s, h, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b_count, h, s), dtype=_acc_dtype(q.dtype))
 
@@ -428,9 +456,10 @@ def _attention_fwd_fake(q, k, v, docs, scale, dropout_p, dropout_key, max_len, c
 @torch.library.custom_op("fastpt::attention_bwd", mutates_args=())
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, docs: torch.Tensor, scale: float, dropout_p: float, dropout_key: int,
-                   max_len: int, causal_any: int, deterministic: bool,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   max_len: int, causal_any: int, deterministic: bool, backend: str,
+                   key_t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, shaped like q, k, v, in their dtype."""
+    dropout_key = _key(dropout_key, key_t)
     # An upstream gradient may be a broadcast (out.sum().backward() hands in stride-0 ones): give
     # the kernels the unit inner stride and real rows they are promised.
     if dout.stride(-1) != 1 or 0 in dout.stride():
@@ -445,22 +474,22 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, docs, scale, dropout_p, dropout_key, max_len, causal_any,
-                        deterministic, backend):
+                        deterministic, backend, key_t):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, docs, *args = inputs
+    q, k, v, docs, *args, key_t = inputs
     out, lse = output
     ctx.args = args  # scale, dropout_p, dropout_key, max_len, causal_any, deterministic, backend
-    ctx.save_for_backward(q, k, v, out, lse, docs)
+    ctx.save_for_backward(q, k, v, out, lse, docs, key_t)
 
 
 def _backward(ctx, dout, _dlse):
     # lse is an auxiliary output (the public functions never return it): only out has a gradient
-    q, k, v, out, lse, docs = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, docs, *ctx.args)
-    return (dq, dk, dv) + (None,) * 8
+    q, k, v, out, lse, docs, key_t = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, docs, *ctx.args, key_t)
+    return (dq, dk, dv) + (None,) * 9
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -468,8 +497,9 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _run_kernel(name: str):
     def run(q4, k4, v4, docs, scale, dropout_p, dropout_key, max_len, causal_any, deterministic, **_):
-        return _attention_fwd(q4, k4, v4, docs, scale, dropout_p, dropout_key, max_len, causal_any, deterministic,
-                              name)
+        key, key_t = (0, dropout_key) if isinstance(dropout_key, torch.Tensor) else (dropout_key, None)
+        return _attention_fwd(q4, k4, v4, docs, scale, dropout_p, key, max_len, causal_any, deterministic, name,
+                              key_t)
     return run
 
 
@@ -487,6 +517,10 @@ def _cpu_supports(q4, dropout_p, **_):
 
 def _cpu_run(q4, k4, v4, docs, scale, dropout_p, dropout_key, **kw):
     if dropout_p > 0:  # torch's CPU kernel has no counter-based dropout: plain autograd on torch ops
+        if isinstance(dropout_key, torch.Tensor):
+            # A key computed in a torch.compile graph: the grouped path reads the documents on the
+            # host (a graph break per layer); the dense reference traces whole and Inductor fuses it.
+            return _run_reference(q4, k4, v4, docs, scale, dropout_p, dropout_key)
         return _cpu.dropout_attention(q4, k4, v4, docs, scale, dropout_p, dropout_key), None
     return _run_cpu_kernel(q4, k4, v4, docs, scale, dropout_p, dropout_key, **kw)
 
@@ -588,7 +622,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         dropout_p: attention-probability dropout in [0, 1), counter-based: a pure function of
             ``(seed, document, head, query, key)``, identical on every backend that supports it.
         scale: score scale, default ``1 / sqrt(D)``.
-        seed: int in ``[0, 2**64)`` for the dropout mask (change it every step).
+        seed: int in ``[0, 2**64)`` for the dropout mask (change it every step), or a one-element
+            integer tensor: read once on the host in eager code; under ``torch.compile`` (where a
+            host read breaks the graph) its key is computed in the graph and read inside the
+            custom op, and a CPU backend call with dropout runs the dense reference math, which
+            Inductor fuses. ``fastpt.nn`` layers draw it with ``ops._rng.fresh_seed``.
         deterministic: the backward uses no floating-point atomics (kernels that have them).
         backend: None (fastest that fits) or "cpu", "sdpa" (torch's own fused kernels on CUDA,
             plain or causal rows only), "triton", "cuda", "reference".
@@ -637,7 +675,7 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, **kw)
     if dropout_p and seed is None:
-        seed = _rng.draw_seed()
+        seed = _rng.fresh_seed()
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=bool(is_causal),
-                    dropout_p=dropout_p, scale=scale, seed=seed or 0, backend=backend)
+                    dropout_p=dropout_p, scale=scale, seed=0 if seed is None else seed, backend=backend)
     return out.transpose(1, 2)

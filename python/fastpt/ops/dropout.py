@@ -91,7 +91,13 @@ def _native_dropout(x: torch.Tensor, key: int, p: float) -> torch.Tensor:
     return out
 
 
-def _cpu_supports(x, **_):
+TRACED_KEY = ("a seed drawn or given as a tensor under torch.compile goes to the reference formula, which "
+              "Inductor compiles into one fused elementwise kernel (the custom op needs the key on the host)")
+
+
+def _cpu_supports(x, key, **_):
+    if isinstance(key, torch.Tensor):
+        return TRACED_KEY
     if x.device.type != "cpu":
         return f"needs cpu tensors, got {x.device.type}"
     if x.dtype not in FLOAT_DTYPES:
@@ -139,7 +145,9 @@ def _backward(ctx, grad):
 _dropout_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_supports(x, **_):
+def _triton_supports(x, key, **_):
+    if isinstance(key, torch.Tensor):
+        return TRACED_KEY
     return _dispatch.triton_device_refusal(x.device) or _dispatch.kernel_dtype_refusal(x.dtype)
 
 
@@ -260,8 +268,11 @@ def dropout(x: torch.Tensor, p: float = 0.5, *, training: bool = True, seed: int
         training: False returns ``x`` itself, as do ``p == 0`` and an empty ``x`` (no seed is
             drawn then, as torch's dropout draws no random numbers there).
         seed: int in ``[0, 2**64)``; the mask is a pure function of ``(seed, element index)``.
-            None draws one from torch's default generator (``torch.manual_seed`` reproduces it;
-            this costs a host read, so pass an int under ``torch.compile(fullgraph=True)``).
+            None draws one from torch's default generator (``torch.manual_seed`` reproduces it).
+            A one-element integer tensor is read on the host in eager code; under
+            ``torch.compile`` a tensor seed (and None, drawn by ``torch.randint`` in the graph)
+            stays in the graph and the reference formula runs, which Inductor fuses into one
+            kernel with the same mask; no graph break either way.
         backend: None (``cpu`` for CPU tensors when fastpt._C is built, ``triton`` for CUDA
             tensors but float64, else ``reference``), "cpu", "triton" or "reference"; all give
             bit-identical results.
@@ -276,8 +287,14 @@ def dropout(x: torch.Tensor, p: float = 0.5, *, training: bool = True, seed: int
         forced backend cannot serve.
     """
     p = _check(x, p)
-    seed = None if seed is None else _rng.check_seed(seed)
+    if _rng.is_traced_seed(seed):
+        seed = _rng.check_tensor_seed(seed)
+    elif seed is not None:
+        seed = _rng.check_seed(seed)
     if not training or p == 0.0 or x.numel() == 0:
         return x
-    key = _rng.stream_key(_rng.draw_seed() if seed is None else seed, _rng.STREAM_DROPOUT)
-    return OP(backend, x=x, key=key, p=p)
+    if seed is None:
+        seed = _rng.fresh_seed()
+    if isinstance(seed, torch.Tensor):  # under torch.compile: the key stays in the graph
+        return OP(backend, x=x, key=_rng.stream_key_tensor(seed, _rng.STREAM_DROPOUT), p=p)
+    return OP(backend, x=x, key=_rng.stream_key(seed, _rng.STREAM_DROPOUT), p=p)
