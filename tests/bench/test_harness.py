@@ -306,3 +306,16 @@ def test_dropout_bench_times_fastpt_against_torch_on_the_cpu():
     assert {(r["provider"], r["status"]) for r in rows} == {("torch", "ok"), ("fastpt", "ok")}
     assert {(r["dtype"], r["mode"]) for r in rows} == {(d, m) for d in ("fp32", "bf16") for m in ("fwd", "fwd+bwd")}
     assert all(r["baseline"] == "torch" and r["time_ms"] > 0 for r in rows)
+
+
+def test_contrastive_million_case_runs_fastpt_alone(monkeypatch):
+    """The CUDA-only N = 1M InfoNCE row, at a CPU size: fastpt timed with its memory, eager skipped
+    with the memory it would need."""
+    from fastpt.bench import kernels
+
+    monkeypatch.setattr(kernels, "MILLION", (96, 16))
+    rows = kernels._contrastive_million(Context(device="cpu", quick=True, log=lambda s: None,
+                                                machine={"device_name": "t"}))
+    by = {r["provider"]: r for r in rows}
+    assert by["fastpt"]["status"] == "ok" and by["fastpt"]["time_ms"] > 0 and by["fastpt"]["case"] == "info_nce N96 D16"
+    assert by["torch-eager"]["status"].startswith("skipped: its 96 x 96 scores")

@@ -7,7 +7,8 @@
   against torch SDPA (the baseline; on CUDA also forced to flash / efficient / cudnn where they
   take the mask), FlexAttention with a block mask (CUDA), and eager softmax(QK^T)V.
 * ``contrastive``: InfoNCE and CLIP forward + backward against eager matmul + cross-entropy (and
-  the PyPI package inf-cl on CUDA in fp32 when importable).
+  the PyPI package inf-cl on CUDA in fp32 when importable); on CUDA also InfoNCE at N = 1M
+  (fastpt alone: nothing else fits; last, so a cut run keeps the rest).
 * ``dropout``: hidden-state dropout forward and forward + backward against ``F.dropout``.
 * ``cross_entropy``: fused linear cross-entropy forward + backward against eager
   ``F.cross_entropy(F.linear(h, w), y)`` (the baseline), the same on the labelled rows only, and
@@ -519,6 +520,39 @@ def bench_contrastive(ctx: Context) -> list[dict]:
         rows += measure(ctx, op="contrastive", case=f"{loss} N{n} D{d}", mode="fwd+bwd", shape=(n, d), dtype=dtype,
                         baseline="torch-eager", providers=providers, setup=reset, flops=6.0 * n * n * d,
                         units=n, unit="samples", repeats=None if ctx.cuda else (2 if ctx.quick else 3))
+    if ctx.cuda and not ctx.quick:
+        rows += _contrastive_million(ctx)
+    return rows
+
+
+MILLION = (1 << 20, 512)  # issue 4: InfoNCE over N = 1M samples on one GPU
+
+
+def _contrastive_million(ctx: Context) -> list[dict]:
+    """InfoNCE at N = 2**20, D = 512, bf16, forward + backward: fastpt's default backend only.
+
+    No baseline can run it: torch eager's N x N scores alone are 2 TiB in bf16 (4 in float32), and
+    inf-cl (float32 only) would take minutes a call at this N. The row gives the time, the rate and
+    the peak memory of the one call that fits. About 3.3 PFLOP a call: seconds each, so one
+    warm-up and two timed calls; it comes last in the contrastive op, so a cut run keeps the rest."""
+    from fastpt.ops import info_nce
+
+    n, d = MILLION
+    g = torch.Generator(ctx.device).manual_seed(0)  # drawn on the device: 2**30 numbers, seconds on a host
+    q, k = (F.normalize(torch.randn(n, d, device=ctx.device, generator=g), dim=1).to(torch.bfloat16).requires_grad_()
+            for _ in range(2))
+
+    def reset():
+        q.grad = k.grad = None
+
+    providers = {"fastpt": lambda: info_nce(q, k, temperature=TEMPERATURE).backward(),
+                 "torch-eager": f"its {n} x {n} scores alone would need {n * n * 2 / 2**40:.0f} TiB in bf16"}
+    rows = measure(ctx, op="contrastive", case=f"info_nce N{n} D{d}", mode="fwd+bwd", shape=(n, d),
+                   dtype=torch.bfloat16, baseline="torch-eager", providers=providers, setup=reset,
+                   flops=6.0 * n * n * d, units=n, unit="samples", warmup=1, repeats=2)
+    del q, k
+    if ctx.cuda:
+        torch.cuda.empty_cache()
     return rows
 
 
