@@ -5,19 +5,26 @@
 #            transformers), `python -m fastpt.bench.profile` (where each side's step spends its
 #            time: device-busy share, kernel time by class, top operators), then the pairs again
 #            with dropout 0 -> bench-cuda-e2e.*, profile-e2e.txt, bench-cuda-e2e-nodropout.*
+#   e2e-compile  (not in the default PHASES) the same pairs with both sides under torch.compile
+#            (`--suite e2e --compile`: fastpt's backbone, transformers' whole model; each row notes
+#            its compile warm-up seconds and graph breaks) -> bench-cuda-e2e-compile.*
 #   tests    the GPU tests: first those in benches/gpu_tests_first.txt, then every CUDA and Triton
 #            backend test against the references -> tests.txt, failures.txt (only if one failed)
 #   kernels  `fastpt bench --suite kernels --device cuda` (every op against its baselines) -> bench-cuda.*
 # writing under $OUT (default ./gpu-out) summary.txt, bench.log and the files above. Each phase has
-# its own time limit (E2E_BUDGET, PROFILE_BUDGET, E2E_NODROP_BUDGET, FIRST_BUDGET, TEST_BUDGET); the
-# kernel bench gets what is left of TOTAL_BUDGET (default 480 s, inside 8 minutes: run the device
-# call with a 500 s limit) and writes its files after every op, so a run cut short keeps them; a
-# second call on the still-warm machine (PHASES="kernels" KERNEL_OPS=...) finishes what was cut.
+# its own time limit (E2E_BUDGET, PROFILE_BUDGET, E2E_NODROP_BUDGET, E2E_COMPILE_BUDGET (default
+# 240 s: Inductor compiles four models cold), FIRST_BUDGET, TEST_BUDGET); the kernel bench gets
+# what is left of TOTAL_BUDGET (default 480 s, inside 8 minutes: run the device call with a 500 s
+# limit) and writes its files after every op, so a run cut short keeps them; a second call on the
+# still-warm machine (PHASES="kernels" KERNEL_OPS=...) finishes what was cut. The default phases
+# fit that budget without e2e-compile: run it as a second call on the warm machine
+# (PHASES="e2e-compile" SKIP_BUILD=1, a 300 s limit), or add it and raise TOTAL_BUDGET.
 # The tests are stopped with SIGINT (pytest-xdist shuts its workers down) and any straggler is
 # killed before the next phase, so no test process shares the GPU with a bench.
 #   device run: bash benches/gpu_check.sh   (carry .whl for the peer baselines); SKIP_BUILD=1 on a
 #   second call to a warm machine
-#   PHASES="e2e", "tests", "kernels" (any subset, space-separated) select phases; KERNEL_OPS (default
+#   PHASES="e2e", "e2e-compile", "tests", "kernels" (any subset, space-separated; default
+#   "e2e tests kernels"; they run in the order above) select phases; KERNEL_OPS (default
 #   cross_entropy,contrastive,attention,dropout,masking: what changed last first) and BENCH_ARGS (any
 #   other `fastpt bench` arguments) shape the kernel bench.
 # Peer baselines (liger-kernel, inf-cl) travel as wheels in .whl/ when present.
@@ -72,6 +79,14 @@ if [[ " $PHASES " == *" e2e "* ]]; then
   # takes it for plain / causal rows without dropout), which isolates what the dropout attention costs
   bench "${E2E_NODROP_BUDGET:-60}" --suite e2e --dropout 0 --name bench-cuda-e2e-nodropout >> "$out/bench.log" 2>&1
   log "e2e bench without dropout rc=$?: $(grep -E '^e2e' "$out/bench.log" | tail -4 | tr -s ' ' | cut -c1-90 | paste -sd'|')"
+fi
+
+if [[ " $PHASES " == *" e2e-compile "* ]]; then
+  # eager and compiled are separate invocations (--compile runs the compiled case only), each with its
+  # own files; only this run's lines of bench.log go to the summary
+  seen=$(cat "$out/bench.log" 2>/dev/null | wc -l)
+  bench "${E2E_COMPILE_BUDGET:-240}" --suite e2e --compile --name bench-cuda-e2e-compile >> "$out/bench.log" 2>&1
+  log "e2e bench compiled rc=$?: $(tail -n +$(( seen + 1 )) "$out/bench.log" | grep -E '^e2e' | tr -s ' ' | cut -c1-150 | paste -sd'|')"
 fi
 
 if [[ " $PHASES " == *" tests "* ]]; then

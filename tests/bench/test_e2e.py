@@ -3,6 +3,7 @@ the bench loop yields a row per side for both models. Tiny sizes: seconds, no re
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -135,3 +136,70 @@ def test_cpu_pairs_are_timed_under_both_malloc_settings(monkeypatch):
     assert all(r["ratio"] is not None and r["ratio"] > 0 for r in rows)
     assert "as it comes" in rows[0]["note"] and "keeps freed memory" in rows[2]["note"]
     assert not _cpu_malloc.is_tuned()
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",
+    pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(
+        not os.environ.get("FASTPT_SLOW_TESTS"), reason="slow (Inductor compiles C++: ~60 s): FASTPT_SLOW_TESTS=1")]),
+])
+def test_compiled_case_compiles_what_each_training_path_compiles(monkeypatch, backend):
+    """``compile=True``: one case of its own, both sides compiled and warmed up past compilation:
+    fastpt's backbone only (as ``fastpt pretrain``'s train.compile), transformers' whole model (as
+    HF Trainer). The bench compiles with Inductor; here ``aot_eager`` (Dynamo's graphs and the
+    autograd split without code generation: seconds) unless FASTPT_SLOW_TESTS=1 asks for Inductor."""
+    compiled = []
+    real_compile = torch.nn.Module.compile
+
+    def spy(self, *args, **kwargs):
+        assert not args and not kwargs  # the bench compiles with torch.compile's defaults
+        compiled.append(type(self).__name__)
+        return real_compile(self, backend=backend)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", spy)
+    monkeypatch.setattr(e2e, "_COMPILER_STARTED", {})  # as in a fresh process
+    logs = []
+    ctx = Context(device="cpu", quick=True, log=logs.append, machine={"device_name": "t"})
+    rows = report.add_ratios(e2e.bench_e2e(ctx, models=("bert",), batch=2, seq=16, compile=True))
+    case = "bert-tiny B2 S16, torch.compile"
+    assert e2e.COMPILE_CASE == ", torch.compile"
+    assert [(r["provider"], r["status"], r["case"]) for r in rows] == [("fastpt", "ok", case),
+                                                                       ("transformers", "ok", case)]
+    ours, theirs = rows
+    assert compiled == ["TextEncoder", "BertForMaskedLM"]  # fastpt's backbone (not PretrainModel), HF's whole model
+    # what the notes say is compiled is read back from the modules, not echoed from the flag
+    assert "torch.compile: model.backbone (" in ours["note"] and "torch.compile: model (" in theirs["note"]
+    for r in rows:
+        assert r["dynamo_graphs"] >= 1 and r["graph_breaks"] >= 0  # Dynamo compiled during the warm-up
+        assert r["warmup_s"] > 0 and f"compile warm-up {r['warmup_s']:.1f} s over 2 untimed steps" in r["note"]
+        assert "during the timed steps" not in r["note"]  # the warm-up absorbed compilation
+        assert r["rate"] > 0 and r["ratio"] > 0
+    assert theirs["ratio"] == pytest.approx(1.0)  # the baseline: transformers compiled, in the same run
+    row_lines = [line for line in logs if line.startswith(f"e2e {case} ")]
+    assert len(row_lines) == 2 and all("warm-up" in line and "graph breaks" in line for line in row_lines)
+    assert "Dynamo and Inductor started in" in logs[0]  # the compiler's one-time start, before either side
+
+
+def test_cli_compile_flag_reaches_the_e2e_bench_and_names_its_own_files(monkeypatch, tmp_path, capsys):
+    """``fastpt bench --suite e2e --compile``: the compiled case only, written to its own default
+    stem; refused where nothing compiles (``--suite kernels``)."""
+    import fastpt.bench as bench
+
+    calls = []
+
+    def fake(ctx, **kw):
+        calls.append(kw)
+        return [report.make_row(suite="e2e", op="stub", case="c" + e2e.COMPILE_CASE, provider="transformers",
+                                baseline="transformers", shape=(1,), dtype="fp32")]
+
+    monkeypatch.setattr(e2e, "bench_e2e", fake)
+    assert bench.bench_main(["--suite", "e2e", "--compile", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert [c["compile"] for c in calls] == [True, True]  # BERT's pair, then GPT-2's
+    assert (tmp_path / "bench-cpu-quick-compile.json").exists()
+    assert bench.bench_main(["--suite", "e2e", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert [c["compile"] for c in calls[2:]] == [False, False] and (tmp_path / "bench-cpu-quick.json").exists()
+    with pytest.raises(SystemExit) as exc:
+        bench.bench_main(["--suite", "kernels", "--compile", "--device", "cpu"])
+    assert exc.value.code == 2 and "--compile" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="compile"):
+        bench.run(suite="kernels", device="cpu", out=tmp_path, compile=True, log=lambda s: None)

@@ -76,7 +76,7 @@ TRITON = pytest.mark.skipif(
 
 @TRITON
 @pytest.mark.parametrize("name", ["bert-tiny", "gpt2-small"])
-def test_gpu_attention_path_compiles_as_one_graph(name):
+def test_triton_attention_path_compiles_as_one_graph(name):
     """The path a GPU takes: attention forced to the Triton kernels (the interpreter on a CPU), whose
     dropout key comes from a seed drawn inside the graph and is read in the custom op."""
     model = _build(name).to(DEVICE)

@@ -1,6 +1,6 @@
 """``fastpt bench``: every speed claim measured side by side with its baselines, in one run.
 
-    fastpt bench [--suite kernels|e2e|all] [--device cpu|cuda] [--out DIR] [--quick] [--ops a,b]
+    fastpt bench [--suite kernels|e2e|all] [--device cpu|cuda] [--out DIR] [--quick] [--ops a,b] [--compile]
 
 * ``kernels`` (:mod:`fastpt.bench.kernels`): one bench per fused op (masking, attention,
   contrastive, cross_entropy), fastpt against torch eager, torch SDPA and its backends,
@@ -8,7 +8,11 @@
 * ``e2e`` (:mod:`fastpt.bench.e2e`): tokens/s of a BERT MLM training step, fastpt against
   transformers' BertForMaskedLM (bert-tiny 32 x 128 on the CPU, bert-base 32 x 512 on CUDA), and
   of a GPT-2 causal-LM step against GPT2LMHeadModel (gpt2-mini 16 x 128 on the CPU, gpt2-small
-  16 x 1024 on CUDA); ``--model`` picks one of them and its size.
+  16 x 1024 on CUDA); ``--model`` picks one of them and its size. ``--compile`` times the same
+  pairs with both sides under torch.compile instead (fastpt's backbone, as ``fastpt pretrain``'s
+  ``train.compile``; transformers' whole model, as HF Trainer's ``torch_compile``), and only
+  that: run once without it and once with it for both (default file stem
+  ``bench-<device>[-quick]-compile``, so the two runs keep separate files).
 
 One harness (:mod:`~fastpt.bench.harness`: warm-up, median of repeats, CUDA events, peak
 memory, machine and versions), peaks looked up per device (:mod:`~fastpt.bench.peaks`), and
@@ -38,10 +42,12 @@ E2E_MODELS = (*e2e.BERT_SIZES, *e2e.GPT2_SIZES)
 
 def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/results", quick: bool = False,
         ops=None, name: str | None = None, model: str | None = None, batch: int | None = None,
-        seq: int | None = None, dropout: float | None = None, log=print) -> list[dict]:
+        seq: int | None = None, dropout: float | None = None, compile: bool = False, log=print) -> list[dict]:
     """Run the suites and write the results (see the module docstring); returns the rows.
 
     Files are rewritten after every op, so a run stopped by a time limit keeps what it measured.
+    ``compile``: the e2e pairs compiled instead of eager (``e2e.bench_e2e``); ValueError with
+    ``suite="kernels"``, which has nothing it applies to.
     """
     import torch
 
@@ -49,10 +55,12 @@ def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/r
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to torch here")
+    if compile and suite == "kernels":
+        raise ValueError("compile: applies to the e2e suite; --suite kernels has nothing to compile")
     machine = machine_info(device)
     ctx = kernels.Context(device=device, quick=quick, log=log, machine=machine)
     run_id = f"{machine['date']}-{machine['commit'] or 'unknown'}"
-    stem = name or f"bench-{device}" + ("-quick" if quick else "")
+    stem = name or default_stem(device, quick, compile)
     out = Path(out)
     rows: list[dict] = []
     log(f"fastpt bench: {device} ({machine['device_name']}), {machine['cores']} cores, torch {machine['torch']}, "
@@ -81,13 +89,18 @@ def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/r
         else:
             raise ValueError(f"model: expected one of {E2E_MODELS}, got {model!r}")
         for pair in which.pop("models", e2e.MODELS):  # written pair by pair: a cut-short run keeps BERT's
-            flush(e2e.bench_e2e(ctx, batch=batch, seq=seq, dropout=dropout, models=(pair,), **which))
+            flush(e2e.bench_e2e(ctx, batch=batch, seq=seq, dropout=dropout, models=(pair,), compile=compile, **which))
     if suite in ("kernels", "all"):
         for op in ops or OPS:
             if device == "cpu":
                 _cpu_malloc.restore()
             kernels.run_kernels(ctx, [op], on_rows=flush)
     return rows
+
+
+def default_stem(device: str, quick: bool = False, compile: bool = False) -> str:
+    """The results' file stem without ``--name``: ``bench-<device>[-quick][-compile]``."""
+    return f"bench-{device}" + ("-quick" if quick else "") + ("-compile" if compile else "")
 
 
 def bench_main(argv: list[str] | None = None) -> int:
@@ -103,7 +116,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benches/results", help="results directory (default benches/results)")
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
     parser.add_argument("--ops", default=None, help=f"comma-separated op benches (default all: {','.join(OPS)})")
-    parser.add_argument("--name", default=None, help="file stem (default bench-<device>[-quick])")
+    parser.add_argument("--name", default=None, help="file stem (default bench-<device>[-quick][-compile])")
     parser.add_argument("--model", choices=E2E_MODELS, default=None,
                         help="e2e: only this model (default both pairs: bert-tiny and gpt2-mini on cpu, "
                              "bert-base and gpt2-small on cuda)")
@@ -112,8 +125,16 @@ def bench_main(argv: list[str] | None = None) -> int:
                         help="e2e sequence length (default 128 on cpu; 512 BERT, 1024 GPT-2 on cuda)")
     parser.add_argument("--dropout", type=float, default=None,
                         help="e2e hidden and attention dropout (default: the model config's, 0.1 for BERT)")
+    parser.add_argument("--compile", action="store_true",
+                        help="e2e: both sides under torch.compile instead of eager, the compiled case only "
+                             "(fastpt: model.backbone.compile() as fastpt pretrain's train.compile; transformers: "
+                             "model.compile() as HF Trainer's torch_compile; the rows report each side's compile "
+                             "warm-up seconds); run once without it for eager. Default stem "
+                             "bench-<device>[-quick]-compile")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
     args = parser.parse_args(argv)
+    if args.compile and args.suite == "kernels":
+        parser.error("--compile: applies to --suite e2e (or all); the kernel benches have nothing to compile")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
     bad = [o for o in ops or () if o not in OPS]
     if bad:
@@ -124,9 +145,10 @@ def bench_main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(suite=args.suite, device=args.device, out=args.out, quick=args.quick, ops=ops, name=args.name,
-               model=args.model, batch=args.batch, seq=args.seq, dropout=args.dropout, log=lambda s: print(s, flush=True))
+               model=args.model, batch=args.batch, seq=args.seq, dropout=args.dropout, compile=args.compile,
+               log=lambda s: print(s, flush=True))
     failed = [r for r in rows if str(r["status"]).startswith("error")]
-    stem = args.name or f"bench-{args.device}" + ("-quick" if args.quick else "")
+    stem = args.name or default_stem(args.device, args.quick, args.compile)
     print(f"fastpt bench: {len(rows)} rows, {len(failed)} failed; {Path(args.out) / stem}.md")
     for r in failed:
         print(f"  FAILED {r['op']} {r['case']} {r['mode']} {r['provider']}: {r['status']}")

@@ -47,22 +47,43 @@ products, ``12 * L * D * S`` for attention scores and context, the causal mask c
 as PaLM's appendix B does (the work a causal kernel skips is still credited: the figure is
 comparable with PaLM's and nanoGPT's MFU, and about twice the useful attention FLOPs), and
 ``6 * D * V`` for the LM head on every token.
+
+**torch.compile** (``bench_e2e(..., compile=True)``, ``fastpt bench --suite e2e --compile``): each
+pair again, both sides compiled with Inductor's defaults, as a case of its own (", torch.compile"
+in the case name; the baseline is transformers compiled, measured in the same run). Each side
+compiles what its own training path compiles: fastpt the backbone, in place
+(``model.backbone.compile()``, what ``fastpt pretrain`` does with ``train.compile: true``; the
+objective stays eager, since the MLM head runs on a data-dependent number of masked rows through
+the fused linear cross-entropy), transformers its whole model with the head and the loss
+(``model.compile()``, what HF Trainer's ``torch_compile`` does through accelerate). Forward and
+backward of what is compiled go through Inductor; AdamW stays the eager fused one on both sides.
+Dynamo's caches are reset before each compiled pair, so neither side reuses graphs of an earlier
+one (Inductor's on-disk cache may still be warm from an earlier process: a second run on the same
+machine compiles faster), and the compiler's one-time start in the process is paid on a toy graph
+before the first pair (logged), not by whichever side compiles first. Compiled sides get one more
+untimed warm-up step than eager ones (at least 2: Dynamo may compile again on the second call), and
+each row reports the seconds its warm-up took (``warmup_s``; the note: each step's seconds) and the
+graphs and graph breaks Dynamo made for it (``dynamo_graphs``, ``graph_breaks``: a graph break is
+not an error, the code between graphs runs eager). The note says when Dynamo compiled again during
+the timed steps.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 
 import torch
 
 from .. import _cpu_malloc
-from .harness import Timing, peak_memory, time_fn
+from .harness import Timing, peak_memory, synchronize, time_fn
 from .peaks import dtype_name, native_bf16
 from .report import make_row
 
 __all__ = ["BERT_SIZES", "GPT2_SIZES", "backbone_config", "gpt2_backbone_config", "mlm_flops_per_token",
            "clm_flops_per_token", "make_batches", "make_clm_batches", "build_fastpt", "build_transformers",
-           "build_fastpt_gpt2", "build_transformers_gpt2", "gpt2_config", "train_step", "bench_e2e"]
+           "build_fastpt_gpt2", "build_transformers_gpt2", "gpt2_config", "train_step", "bench_e2e",
+           "COMPILE_CASE"]
 
 # name: (layers, hidden, heads, intermediate); vocabulary 30522, 512 positions, 2 token types
 BERT_SIZES = {
@@ -177,8 +198,22 @@ def _unique(params) -> list[torch.nn.Parameter]:
     return list({id(p): p for p in params if p.requires_grad}.values())  # tied weights once
 
 
-def build_fastpt(size: str, cfg: dict, *, device: str = "cpu"):
-    """``(loss_fn(batch) -> loss, parameters, how)`` for fastpt's MLM model with backbone ``cfg``."""
+COMPILE_CASE = ", torch.compile"
+FASTPT_COMPILES = "as fastpt pretrain's train.compile; the objective (head and fused linear cross-entropy) eager"
+HF_COMPILES = "the whole model with its head and loss, as HF Trainer's torch_compile"
+
+
+def _compile(model: torch.nn.Module, part: str | None, why: str) -> str:
+    """Compile ``model.<part>`` (None: ``model`` itself) in place with ``nn.Module.compile``;
+    returns what is compiled as the modules say it (``model.backbone``), and ``why``, for the note."""
+    (model if part is None else getattr(model, part)).compile()
+    names = [n for n, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    return f"torch.compile: {', '.join(f'model.{n}' if n else 'model' for n in names)} ({why})"
+
+
+def build_fastpt(size: str, cfg: dict, *, device: str = "cpu", compile: bool = False):
+    """``(loss_fn(batch) -> loss, parameters, how)`` for fastpt's MLM model with backbone ``cfg``;
+    ``compile``: its backbone compiled in place, as ``fastpt pretrain`` does (module docstring)."""
     objective_cfg = dict(mask_token_id=MASK_ID, special_token_ids=[0, CLS_ID, SEP_ID])
     try:
         import fastpt.assemble as assemble  # the config-driven builder, when present
@@ -187,19 +222,25 @@ def build_fastpt(size: str, cfg: dict, *, device: str = "cpu"):
     if assemble is not None:
         model = assemble.build({"name": size, "backbone": cfg, "objective": {"name": "mlm", **objective_cfg}})
         model = model.to(device)
-        return (lambda batch: model(**batch).loss), _unique(model.parameters()), "fastpt.assemble.build"
+        how = "fastpt.assemble.build" + (f"; {_compile(model, 'backbone', FASTPT_COMPILES)}" if compile else "")
+        return (lambda batch: model(**batch).loss), _unique(model.parameters()), how
     from fastpt.models import text_encoder
     from fastpt.objectives import MLM
 
     backbone = text_encoder(**{k: v for k, v in cfg.items() if k != "builder"}).to(device)
     objective = MLM.from_backbone(backbone, **objective_cfg).to(device)
     params = _unique(itertools.chain(backbone.parameters(), objective.parameters()))
-    return (lambda batch: objective(backbone, batch).loss), params, "fastpt.models.text_encoder + objectives.MLM"
+    how = "fastpt.models.text_encoder + objectives.MLM"
+    if compile:
+        backbone.compile()
+        how += f"; torch.compile: backbone ({FASTPT_COMPILES})"
+    return (lambda batch: objective(backbone, batch).loss), params, how
 
 
-def build_transformers(size: str, cfg: dict, *, device: str = "cpu"):
+def build_transformers(size: str, cfg: dict, *, device: str = "cpu", compile: bool = False):
     """``(loss_fn(batch) -> loss, parameters, how)`` for transformers' BertForMaskedLM (sdpa
-    attention) with the sizes, dropout and epsilon of the fastpt backbone ``cfg``."""
+    attention) with the sizes, dropout and epsilon of the fastpt backbone ``cfg``; ``compile``: the
+    whole model compiled, as HF Trainer does."""
     from transformers import BertConfig, BertForMaskedLM
 
     bert_like = dict(pre_norm=False, position="learned", norm="layernorm", activation="gelu", causal=False)
@@ -214,17 +255,18 @@ def build_transformers(size: str, cfg: dict, *, device: str = "cpu"):
                         hidden_dropout_prob=cfg.get("dropout", 0.1),
                         attention_probs_dropout_prob=cfg.get("attention_dropout", 0.1),
                         pad_token_id=cfg.get("pad_token_id", 0), tie_word_embeddings=True)
-    return _transformers_side(BertForMaskedLM._from_config(config, attn_implementation="sdpa").to(device))
+    return _transformers_side(BertForMaskedLM._from_config(config, attn_implementation="sdpa").to(device), compile)
 
 
-def _transformers_side(model):
+def _transformers_side(model, compile: bool = False):
     """``(loss_fn, parameters, how)`` of a transformers model built with sdpa attention, after
-    checking that it runs sdpa."""
+    checking that it runs sdpa; ``compile``: the whole model compiled in place (``model.compile()``)."""
     name = type(model).__name__
     impl = getattr(model.config, "_attn_implementation", None)
     if impl != "sdpa":
         raise RuntimeError(f"{name}: asked for sdpa attention, got {impl!r}")
-    return (lambda batch: model(**batch).loss), _unique(model.parameters()), f"transformers.{name} (sdpa)"
+    how = f"transformers.{name} (sdpa)" + (f"; {_compile(model, None, HF_COMPILES)}" if compile else "")
+    return (lambda batch: model(**batch).loss), _unique(model.parameters()), how
 
 
 # what GPT2LMHeadModel is, in text_encoder's arguments (None: "the same as num_heads / hidden_size")
@@ -276,22 +318,26 @@ def gpt2_config(cfg: dict, *, size: str = "model"):
                       eos_token_id=vocab - 1, tie_word_embeddings=True, use_cache=False)
 
 
-def build_fastpt_gpt2(size: str, cfg: dict, *, device: str = "cpu"):
+def build_fastpt_gpt2(size: str, cfg: dict, *, device: str = "cpu", compile: bool = False):
     """``(loss_fn(batch) -> loss, parameters, how)`` for fastpt's GPT-2 causal LM:
-    ``fastpt.assemble.build("gpt2-small", backbone=cfg)`` (objective ``clm``, tied head)."""
+    ``fastpt.assemble.build("gpt2-small", backbone=cfg)`` (objective ``clm``, tied head);
+    ``compile``: its backbone compiled in place, as ``fastpt pretrain`` does."""
     import fastpt.assemble as assemble
 
     model = assemble.build("gpt2-small", name=size, backbone=cfg).to(device)
-    return (lambda batch: model(**batch).loss), _unique(model.parameters()), "fastpt.assemble.build (gpt2-small, clm)"
+    how = "fastpt.assemble.build (gpt2-small, clm)" + (
+        f"; {_compile(model, 'backbone', FASTPT_COMPILES)}" if compile else "")
+    return (lambda batch: model(**batch).loss), _unique(model.parameters()), how
 
 
-def build_transformers_gpt2(size: str, cfg: dict, *, device: str = "cpu"):
+def build_transformers_gpt2(size: str, cfg: dict, *, device: str = "cpu", compile: bool = False):
     """``(loss_fn(batch) -> loss, parameters, how)`` for transformers' GPT2LMHeadModel (sdpa
-    attention) with ``gpt2_config(cfg)``; ValueError for a config that is not GPT-2-like."""
+    attention) with ``gpt2_config(cfg)``; ValueError for a config that is not GPT-2-like;
+    ``compile``: the whole model compiled, as HF Trainer does."""
     from transformers import GPT2LMHeadModel
 
     return _transformers_side(GPT2LMHeadModel._from_config(gpt2_config(cfg, size=size),
-                                                          attn_implementation="sdpa").to(device))
+                                                          attn_implementation="sdpa").to(device), compile)
 
 
 def train_step(loss_fn, params, batches: list[dict], device: str, dtype: torch.dtype):
@@ -317,12 +363,14 @@ MODELS = ("bert", "gpt2")
 
 def bench_e2e(ctx, *, size: str | None = None, batch: int | None = None, seq: int | None = None,
               dropout: float | None = None, dtypes: list[torch.dtype] | None = None, gpt_size: str | None = None,
-              models=MODELS) -> list[dict]:
+              models=MODELS, compile: bool = False) -> list[dict]:
     """tokens/s of fastpt vs transformers on one BERT MLM step and one GPT-2 causal-LM step; rows
     for ``report`` (BERT's first, then GPT-2's; within each, one pair per dtype).
 
     ``size``: the BERT size, ``gpt_size``: the GPT-2 one (``GPT2_SIZES``); ``batch``, ``seq``,
-    ``dropout`` (when given) apply to both; ``models``: which pairs ("bert", "gpt2").
+    ``dropout`` (when given) apply to both; ``models``: which pairs ("bert", "gpt2"); ``compile``:
+    both sides under torch.compile instead of eager (module docstring; the case names end in
+    ``COMPILE_CASE``), the compiled case only.
     Defaults: bert-base, 32 x 512 and gpt2-small, 16 x 1024, bf16 autocast on CUDA; bert-tiny,
     32 x 128 and gpt2-mini, 16 x 128 on the CPU, in float32 and, where the CPU multiplies bf16
     natively (``peaks.native_bf16``), again under bf16 autocast (``ctx.quick``: bert-tiny and
@@ -335,16 +383,22 @@ def bench_e2e(ctx, *, size: str | None = None, batch: int | None = None, seq: in
         dtypes = [torch.bfloat16] if ctx.cuda else [torch.float32] + (
             [torch.bfloat16] if not ctx.quick and native_bf16("cpu") else [])
     rows = []
+    if compile and models and ctx.device not in _COMPILER_STARTED:
+        _COMPILER_STARTED[ctx.device] = _start_compiler(ctx.device)
+        ctx.log(f"e2e torch.compile: Dynamo and Inductor started in {_COMPILER_STARTED[ctx.device]:.1f} s "
+                "(a toy graph; counted in neither side's warm-up)")
     for model in (m for m in MODELS if m in models):  # BERT's rows first
         for dtype in dtypes:
-            sides, batches, kw = PAIRS[model](ctx, gpt_size if model == "gpt2" else size, batch, seq, dropout, dtype)
-            rows += _time_pair(ctx, sides, batches, **kw)
+            sides, batches, kw = PAIRS[model](ctx, gpt_size if model == "gpt2" else size, batch, seq, dropout, dtype,
+                                              compile=compile)
+            rows += _time_pair(ctx, sides, batches, compile=compile, **kw)
     return rows
 
 
-def bert_pair(ctx, size=None, batch=None, seq=None, dropout=None, dtype=torch.bfloat16):
+def bert_pair(ctx, size=None, batch=None, seq=None, dropout=None, dtype=torch.bfloat16, *, compile=False):
     """``(sides, batches, row keywords)`` of the BERT MLM pair (defaults: ``bench_e2e``'s):
-    sides maps "fastpt" and "transformers" to ``() -> (loss_fn, params, how)``."""
+    sides maps "fastpt" and "transformers" to ``() -> (loss_fn, params, how)``, each side compiled
+    when ``compile``."""
     cuda = ctx.cuda
     size = size or ("bert-tiny" if ctx.quick or not cuda else "bert-base")
     batch = batch or (8 if ctx.quick else 32)
@@ -353,14 +407,14 @@ def bert_pair(ctx, size=None, batch=None, seq=None, dropout=None, dtype=torch.bf
     note = (f"same config and batches, {dtype_name(dtype)}, AdamW, dropout {cfg['dropout']} / "
             f"{cfg['attention_dropout']} (hidden / attention); MFU counts the "
             f"FLOPs the objective needs (head on the {MASK_PROB:.0%} masked tokens)")
-    sides = {"fastpt": lambda: build_fastpt(size, cfg, device=ctx.device),
-             "transformers": lambda: build_transformers(size, cfg, device=ctx.device)}
+    sides = {"fastpt": lambda: build_fastpt(size, cfg, device=ctx.device, compile=compile),
+             "transformers": lambda: build_transformers(size, cfg, device=ctx.device, compile=compile)}
     return sides, make_batches(4, batch, seq, ctx.device), dict(
         op=f"{size} MLM train step", size=size, batch=batch, seq=seq, dtype=dtype,
         flops=mlm_flops_per_token(cfg, seq) * batch * seq, note=note)
 
 
-def gpt2_pair(ctx, size=None, batch=None, seq=None, dropout=None, dtype=torch.bfloat16):
+def gpt2_pair(ctx, size=None, batch=None, seq=None, dropout=None, dtype=torch.bfloat16, *, compile=False):
     """``(sides, batches, row keywords)`` of the GPT-2 causal-LM pair, as ``bert_pair``."""
     cuda = ctx.cuda
     size = size or ("gpt2-tiny" if ctx.quick else "gpt2-small" if cuda else "gpt2-mini")
@@ -371,8 +425,8 @@ def gpt2_pair(ctx, size=None, batch=None, seq=None, dropout=None, dtype=torch.bf
     note = (f"same config and batches (labels = input_ids), {dtype_name(dtype)}, AdamW, dropout {cfg['dropout']} / "
             f"{cfg['attention_dropout']} / {embd} (hidden / attention / embedding); MFU counts the LM head on every "
             f"token and causal attention in full (PaLM)")
-    sides = {"fastpt": lambda: build_fastpt_gpt2(size, cfg, device=ctx.device),
-             "transformers": lambda: build_transformers_gpt2(size, cfg, device=ctx.device)}
+    sides = {"fastpt": lambda: build_fastpt_gpt2(size, cfg, device=ctx.device, compile=compile),
+             "transformers": lambda: build_transformers_gpt2(size, cfg, device=ctx.device, compile=compile)}
     batches = make_clm_batches(4, batch, seq, ctx.device, vocab_size=cfg["vocab_size"])
     return sides, batches, dict(op=f"{size} CLM train step", size=size, batch=batch, seq=seq, dtype=dtype,
                                 flops=clm_flops_per_token(cfg, seq) * batch * seq, note=note)
@@ -397,23 +451,59 @@ def _malloc_settings(ctx) -> list:
     return [False, True]
 
 
+_COMPILER_STARTED: dict[str, float] = {}  # device -> seconds the first compilation in this process took
+
+
+def _start_compiler(device: str) -> float:
+    """Seconds to compile a toy function and its gradient: what the first compilation in a process
+    pays once (imports, Inductor's compile workers, the C++ or Triton toolchain), paid here so that
+    it lands in neither side's warm-up (else the side compiled first would carry it)."""
+    t0 = time.perf_counter()
+    x = torch.ones(8, device=device, requires_grad=True)
+    torch.compile(lambda t: (t.sin() * 2).sum())(x).backward()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _dynamo_counts() -> tuple[int, int]:
+    """(graphs Dynamo compiled, graph breaks it met) so far in this process: its own counters,
+    which ``torch._dynamo.reset`` does not clear; a bench takes differences."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
 def _time_pair(ctx, sides: dict, batches: list[dict], *, op: str, size: str, batch: int, seq: int,
-               dtype: torch.dtype, flops: float, note: str) -> list[dict]:
+               dtype: torch.dtype, flops: float, note: str, compile: bool = False) -> list[dict]:
     """Build each side (``sides``: provider -> ``() -> (loss_fn, params, how)``; "transformers" is
     the baseline), warm it up, time the training steps alternately, one row per side. A side that
-    fails to build or run gets an error row and the other is still measured."""
+    fails to build or run gets an error row and the other is still measured. ``compile``: the
+    sides build compiled models (the case name says so); one more warm-up step, and Dynamo's
+    graphs and graph breaks counted per side."""
     warmup, repeats = (1, 2) if ctx.quick else ((3, 10) if ctx.cuda else (2, 6))
+    if compile:
+        # Dynamo compiles on the first call and may again on the second (a shape it then marks
+        # dynamic); start each pair from empty caches, so neither side runs an earlier pair's graphs
+        warmup = max(2, warmup + 1)
+        torch._dynamo.reset()
     tokens = batch * seq
     p = ctx.peak(dtype)
-    common = dict(suite="e2e", op=op, case=f"{size} B{batch} S{seq}", mode="fwd+bwd+AdamW",
-                  shape=(batch, seq), dtype=dtype_name(dtype), baseline="transformers")
-    steps, hows, rows = {}, {}, []
+    common = dict(suite="e2e", op=op, case=f"{size} B{batch} S{seq}" + (COMPILE_CASE if compile else ""),
+                  mode="fwd+bwd+AdamW", shape=(batch, seq), dtype=dtype_name(dtype), baseline="transformers")
+    steps, hows, warm, dynamo, rows = {}, {}, {}, {}, []
     for name, build in sides.items():
         try:
             torch.manual_seed(0)
+            before = _dynamo_counts()
             loss_fn, params, hows[name] = build()
             steps[name] = train_step(loss_fn, params, batches, ctx.device, dtype)
-            time_fn(steps[name], device=ctx.device, warmup=warmup - 1, repeats=1)  # warm-up (compiles, allocator)
+            warm[name] = []
+            for _ in range(warmup):  # untimed (compilation, allocator); each step's seconds reported
+                t0 = time.perf_counter()
+                steps[name]()
+                synchronize(ctx.device)
+                warm[name].append(time.perf_counter() - t0)
+            dynamo[name] = tuple(a - b for a, b in zip(_dynamo_counts(), before))
         except Exception as exc:  # noqa: BLE001 - report the side that failed, measure the other
             msg = str(exc).strip().splitlines()
             rows.append(make_row(**common, provider=name, status=f"error: {type(exc).__name__}: "
@@ -421,6 +511,7 @@ def _time_pair(ctx, sides: dict, batches: list[dict], *, op: str, size: str, bat
             ctx.log(f"e2e {name}: {rows[-1]['status']}")
             steps.pop(name, None)
     mems = {name: peak_memory(step, device=ctx.device) for name, step in steps.items()}
+    compiled_before = _dynamo_counts()[0]
     for keep in _malloc_settings(ctx):
         timings = {name: Timing() for name in steps}
         with contextlib.nullcontext() if keep is None else _cpu_malloc.tuned(keep):
@@ -432,11 +523,26 @@ def _time_pair(ctx, sides: dict, batches: list[dict], *, op: str, size: str, bat
                     timings[name].times += time_fn(step, device=ctx.device, warmup=0, repeats=1).times
         case = common["case"] + (MALLOC_KEPT_CASE if keep else "")
         how_malloc = "" if keep is None else f"; {MALLOC_NOTES[keep]}"
+        recompiled = _dynamo_counts()[0] - compiled_before
         for name in steps:
+            how_compile = ""
+            if compile:
+                graphs, breaks = dynamo[name]
+                how_compile = (f"; compile warm-up {sum(warm[name]):.1f} s over {len(warm[name])} untimed steps "
+                               f"({', '.join(f'{t:.2f}' for t in warm[name])} s); Dynamo: {graphs} "
+                               f"graph{'s' * (graphs != 1)}, {breaks} graph break{'s' * (breaks != 1)}")
+                if recompiled:
+                    how_compile += (f"; Dynamo compiled {recompiled} more graph(s) during the timed steps, in their "
+                                    f"times (the warm-up did not absorb compilation)")
             rows.append(make_row(**{**common, "case": case}, provider=name, timing=timings[name], mem_bytes=mems[name],
                                  flops=flops, units=tokens, unit="tokens", peak=p,
-                                 note=f"{hows[name]}; {note}{how_malloc}"))
+                                 note=f"{hows[name]}; {note}{how_malloc}{how_compile}"))
             r = rows[-1]
+            # not report.COLUMNS (the CSV leaves them out); in the JSON rows
+            r["warmup_s"] = sum(warm[name])
+            if compile:
+                r["dynamo_graphs"], r["graph_breaks"] = dynamo[name]
             ctx.log(f"e2e {case} {dtype_name(dtype)} {name:<13} {r['time_ms']:9.1f} ms/step  {r['rate']:10,.0f} tokens/s"
-                    + (f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""))
+                    + (f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "")
+                    + (f"  warm-up {r['warmup_s']:.1f} s, {r['graph_breaks']} graph breaks" if compile else ""))
     return rows
