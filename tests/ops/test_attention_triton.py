@@ -169,11 +169,12 @@ def assert_zero_outside(name, got, inside):
     assert (outside == 0).all(), f"{name}: {int((outside != 0).sum())} nonzero values outside the docs"
 
 
-def check_all(layout, dtype, device, *, heads=4, kv_heads=4, dim=16, seed=0, bhsd=False, dropout_p=0.0, key=0):
+def check_all(layout, dtype, device, *, heads=4, kv_heads=4, dim=16, seed=0, bhsd=False, dropout_p=0.0, key=0,
+              scale=None):
     q4, k4, v4, dout, docs, max_len, causal_any, inside = make_inputs(
         layout, dtype, device, heads=heads, kv_heads=kv_heads, dim=dim, seed=seed, bhsd=bhsd)
     needs_backend(q4, dropout_p)
-    scale = 1.0 / math.sqrt(dim)
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
     got = run_triton(q4, k4, v4, dout, docs, max_len, causal_any, scale, dropout_p, key)
     ref64 = reference_run(q4, k4, v4, docs, dout, scale, torch.float64, dropout_p, key)
     ref_lowp = reference_run(q4, k4, v4, docs, dout, scale, dtype, dropout_p, key)
@@ -210,6 +211,13 @@ def test_long_sequences_on_gpu(layout, dim, heads, kv_heads, dtype, device):
         pytest.skip("too slow for the Triton interpreter")
     check_all(layout, dtype, device, dim=dim, heads=heads, kv_heads=kv_heads, seed=11)
     check_all(layout, dtype, device, dim=dim, heads=heads, kv_heads=kv_heads, seed=12, dropout_p=0.1, key=3)
+
+
+@pytest.mark.parametrize("scale", [-0.7, 0.0, 2.5])
+def test_any_finite_scale(scale, device):
+    """The forward folds a positive scale into one FMA after the row max (max commutes with it);
+    zero and negative scales, where it does not, take the unfolded path. Both against the reference."""
+    check_all("packed_prefix", torch.float32, device, heads=2, kv_heads=1, dim=16, seed=3, scale=scale)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 1])

@@ -8,7 +8,8 @@ attends local key ``j`` iff ``j < L`` and ``j <= max(i, P - 1)``.
 Kernels (FlashAttention-2):
 
 * ``_fwd_kernel``: grid (query blocks of the longest doc, docs, heads). Online softmax in fp32
-  (base-2 exponentials, ``scale * log2(e)`` folded into the scores), ``lse`` in natural log.
+  (base-2 exponentials, ``scale * log2(e)`` applied after the row max, one FMA per score, for a
+  positive scale), ``lse`` in natural log.
 * ``_bwd_delta_kernel``: ``delta_i = sum_d dout_i * out_i`` (fp32), same grid.
 * ``_bwd_dkdv_kernel``: grid (key blocks, docs, kv heads x split). A program owns one key block and
   loops over the query heads of (its share of) the GQA group and, for each, over the query blocks
@@ -125,22 +126,35 @@ if triton is not None:
     def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_k, stride_v, rows, offs_n, offs_d, lo, hi, L, P,
                    qk_scale, row_bits, threshold,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-        """Online-softmax steps over key blocks [lo, hi); MASKED applies the mask rule elementwise."""
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                   FOLD_SCALE: tl.constexpr):
+        """Online-softmax steps over key blocks [lo, hi); MASKED applies the mask rule elementwise.
+
+        FOLD_SCALE (qk_scale > 0, which commutes with the row max): the max is taken over the raw
+        products and each score costs one FMA, ``qk * qk_scale - m``, instead of a multiply and a
+        subtract (the Triton tutorial's form; the softmax's elementwise work, not the GEMMs, limits
+        FlashAttention's forward on Hopper)."""
         for j0 in range(lo, hi, BLOCK_N):
             cols = j0 + offs_n
             col_ok = cols < L
             k = _load_rows(k_base, cols, stride_k, offs_d, col_ok, HEAD_DIM, BLOCK_D, MASKED, UPCAST)
             v = _load_rows(v_base, cols, stride_v, offs_d, col_ok, HEAD_DIM, BLOCK_D, MASKED, UPCAST)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
+            if not FOLD_SCALE:
+                s = s * qk_scale
             if MASKED:
                 # Rows past L are not stored; they keep every key below L so that no row is all -inf.
                 ok = col_ok[None, :]
                 if CAUSAL:
                     ok = ok & (cols[None, :] <= tl.maximum(rows, P - 1)[:, None])
-                s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key 0 is in the first block visited
-            p = tl.math.exp2(s - m_new[:, None])
+                s = tl.where(ok, s, float("-inf"))  # -inf * qk_scale stays -inf when folded (scale > 0)
+            # m_new is finite: key 0 is in the first block visited
+            if FOLD_SCALE:
+                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+                p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
@@ -156,7 +170,8 @@ if triton is not None:
                     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
                     H, G, Sq, doc_base, qk_scale, key, threshold, rescale, LEN_BUCKET,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    FOLD_SCALE: tl.constexpr):
         # Last query blocks first: under a causal mask they are the longest, so the tail of the
         # launch is made of short programs.
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -194,10 +209,10 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, rows, offs_n, offs_d, 0, full, L, P,
                                    qk_scale, row_bits, threshold, False, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                   UPCAST, PREC)
+                                   UPCAST, PREC, FOLD_SCALE)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, rows, offs_n, offs_d, full, hi, L,
                                    P, qk_scale, row_bits, threshold, True, CAUSAL, DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                   UPCAST, PREC)
+                                   UPCAST, PREC, FOLD_SCALE)
         out = acc * (rescale / l_i)[:, None]
         _store_rows(O + b * so_b + h.to(tl.int64) * so_h + s0.to(tl.int64) * so_s, rows, so_s, offs_d, row_ok, out,
                     HEAD_DIM, BLOCK_D)
@@ -581,7 +596,7 @@ def forward(q4, k4, v4, docs, *, scale, dropout_p, dropout_key, max_len, causal_
             *q4.stride()[:3], *k4.stride()[:3], *v4.stride()[:3], *out.stride()[:3],
             h, h // hk, sq, base, float(scale) * LOG2E, key, threshold, rescale, _len_bucket(max_len),
             HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=bool(causal_any), DROPOUT=dropout, UPCAST=upcast,
-            PREC=_prec(q4), **fixed,
+            PREC=_prec(q4), FOLD_SCALE=float(scale) > 0, **fixed,
         )
     return out.to(q4.dtype), lse
 
