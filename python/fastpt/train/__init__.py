@@ -39,10 +39,10 @@ are rejected naming the key and the valid ones; defaults shown)::
       clip_grad: 1.0          # max gradient norm (null: no clipping)
       precision: auto         # auto (bf16 on a CUDA GPU that has it, else fp32) | fp32 | bf16 | fp16
       compile: false          # torch.compile the backbone (one graph in training, dropout included;
-                              # the objective's head stays eager). A GPU gain; on the CPU bert-tiny's
-                              # step is GEMM-bound and measured ~10% slower compiled. Dropout masks
-                              # then come from Inductor's generator (seeded from torch's, which the
-                              # checkpoint saves); the bit-identical --resume test runs eager.
+                              # the objective's head stays eager). For GPUs: on 2 CPU cores fastpt's
+                              # eager step measured 1.04-1.44x faster (e2e-cpu-compile.md). Dropout
+                              # masks then come from Inductor's generator (seeded from torch's, which
+                              # the checkpoint saves); the bit-identical --resume test runs eager.
       activation_checkpointing: false
       seed: 0                 # model init, data order, masks (per step), dropout
       device: auto            # auto | cpu | cuda
