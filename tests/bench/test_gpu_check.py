@@ -31,13 +31,14 @@ def test_phases_run_in_order_without_a_gpu(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(out), SKIP_BUILD="1",
                PHASES="kernels e2e-compile e2e", E2E_BUDGET="60", PROFILE_BUDGET="60", E2E_NODROP_BUDGET="60",
-               E2E_COMPILE_BUDGET="60", TOTAL_BUDGET="400")
+               E2E_COMPILE_BUDGET="60", PROFILE_COMPILE_BUDGET="60", TOTAL_BUDGET="400")
     env.pop("TRITON_INTERPRET", None)
     run = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
     steps = ["device: stand-in GPU", "build skipped", "e2e bench rc=2", "e2e profile rc=2",
-             "e2e bench without dropout rc=2", "e2e bench compiled rc=2", "kernel bench:", "kernel bench rc=2",
+             "e2e bench without dropout rc=2", "e2e bench compiled rc=2", "e2e profile compiled rc=2",
+             "kernel bench:", "kernel bench rc=2",
              "done"]
     at = [summary.find(s) for s in steps]
     assert -1 not in at and at == sorted(at), summary

@@ -37,3 +37,19 @@ def test_bad_arguments_are_named():
         profile.main(["--device", "cpu", "--models", "bert,t5"])
     with pytest.raises(SystemExit):
         profile.main(["--device", "cpu", "--steps", "0"])
+
+
+def test_compiled_case_is_profiled(tmp_path, monkeypatch):
+    """--compile profiles the pairs' torch.compile case: the header and each side's note say so.
+    Compiled with ``aot_eager`` here (graphs without Inductor's code generation: seconds)."""
+    import torch
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: real_compile(self, backend="aot_eager"))
+    out = tmp_path / "profile.txt"
+    argv = ["--device", "cpu", "--quick", "--models", "bert", "--steps", "1", "--compile", "--out", str(out)]
+    assert profile.main(argv) == 0
+    text = out.read_text()
+    assert text.splitlines()[0].endswith(", torch.compile")
+    assert "torch.compile: model.backbone (" in text  # fastpt: its backbone, as train.compile does
+    assert "torch.compile: model (" in text  # transformers: the whole model

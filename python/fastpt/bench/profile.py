@@ -1,10 +1,11 @@
 """Where an end-to-end training step spends its time: ``torch.profiler`` over the e2e pairs.
 
-    python -m fastpt.bench.profile [--device cuda] [--models bert,gpt2] [--steps 2] [--out FILE]
+    python -m fastpt.bench.profile [--device cuda] [--models bert,gpt2] [--steps 2] [--compile] [--out FILE]
 
 Each side of each pair of :mod:`fastpt.bench.e2e` (the same models, batches, precision and
 optimizer as the timed bench) is built, warmed up for three steps, and profiled over ``--steps``
-steps. The report (text, one section per side) gives
+steps; ``--compile`` profiles the pairs' torch.compile case instead (each side compiled as the
+bench's ``--compile`` compiles it; Inductor's kernels are the "triton (inductor)" class). The report (text, one section per side) gives
 
 * the step's wall time and, on CUDA, the device-busy time (the sum of kernel times: one stream)
   and its share of the wall time: a low share means the host (Python, dispatch, launches, syncs)
@@ -110,14 +111,17 @@ def report(name: str, result: dict, cuda: bool) -> str:
 
 
 def profile_pairs(ctx, *, models=e2e.MODELS, steps: int = 2, dtype: torch.dtype | None = None,
-                  log=print) -> str:
-    """The report (text) for every side of each pair in ``models``; a side that fails gets a
-    line saying so and the others still run."""
+                  log=print, compile: bool = False) -> str:
+    """The report (text) for every side of each pair in ``models`` (``compile``: their
+    torch.compile case); a side that fails gets a line saying so and the others still run."""
     dtype = dtype or (torch.bfloat16 if ctx.cuda else torch.float32)
     parts = [f"# e2e profile: {ctx.device} ({ctx.machine.get('device_name', '?')}), torch {torch.__version__}, "
-             f"commit {ctx.machine.get('commit')}; {steps} steps after 3 warm-up steps, {e2e.dtype_name(dtype)}"]
+             f"commit {ctx.machine.get('commit')}; {steps} steps after 3 warm-up steps, {e2e.dtype_name(dtype)}"
+             + (", torch.compile" if compile else "")]
     for model in (m for m in e2e.MODELS if m in models):
-        sides, batches, kw = e2e.PAIRS[model](ctx, dtype=dtype)
+        sides, batches, kw = e2e.PAIRS[model](ctx, dtype=dtype, compile=compile)
+        if compile:
+            torch._dynamo.reset()
         case = f"{kw['size']} B{kw['batch']} S{kw['seq']}"
         for side, build in sides.items():
             name = f"{case} {side}"
@@ -148,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(e2e.MODELS), help="comma-separated: bert, gpt2")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="the small quick-run models (a smoke test)")
+    parser.add_argument("--compile", action="store_true",
+                        help="profile the torch.compile case (each side compiled as `fastpt bench --compile` does)")
     parser.add_argument("--out", default=None, help="write the report here (default: stdout)")
     args = parser.parse_args(argv)
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
@@ -160,7 +166,7 @@ def main(argv=None) -> int:
         parser.error("--device cuda: no CUDA device is visible to torch here")
     ctx = Context(device=args.device, quick=args.quick, log=lambda m: print(m, file=sys.stderr),
                   machine=machine_info(args.device))
-    text = profile_pairs(ctx, models=models, steps=args.steps, log=ctx.log)
+    text = profile_pairs(ctx, models=models, steps=args.steps, log=ctx.log, compile=args.compile)
     if args.out:
         Path(args.out).write_text(text)
     else:
