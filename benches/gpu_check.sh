@@ -5,7 +5,8 @@
 #            transformers), `python -m fastpt.bench.profile` (where each side's step spends its
 #            time: device-busy share, kernel time by class, top operators), then the pairs again
 #            with dropout 0 -> bench-cuda-e2e.*, profile-e2e.txt, bench-cuda-e2e-nodropout.*
-#   e2e-compile  (not in the default PHASES) the same pairs with both sides under torch.compile
+#   e2e-compile  (not in the default PHASES) the BERT pair (E2E_COMPILE_ARGS, default "--model
+#            bert-base"; "" for both pairs) with both sides under torch.compile
 #            (`--suite e2e --compile`: fastpt's backbone, transformers' whole model; each row notes
 #            its compile warm-up seconds and graph breaks), then the BERT pair's compiled step under
 #            the profiler -> bench-cuda-e2e-compile.*, profile-e2e-compile.txt
@@ -14,13 +15,13 @@
 #   kernels  `fastpt bench --suite kernels --device cuda` (every op against its baselines) -> bench-cuda.*
 # writing under $OUT (default ./gpu-out) summary.txt, bench.log and the files above. Each phase has
 # its own time limit (E2E_BUDGET, PROFILE_BUDGET, E2E_NODROP_BUDGET, E2E_COMPILE_BUDGET (default
-# 240 s: Inductor compiles four models cold), PROFILE_COMPILE_BUDGET (90 s), FIRST_BUDGET,
+# 180 s: Inductor compiles two models cold), PROFILE_COMPILE_BUDGET (90 s), FIRST_BUDGET,
 # TEST_BUDGET); the kernel bench gets
 # what is left of TOTAL_BUDGET (default 480 s, inside 8 minutes: run the device call with a 500 s
 # limit) and writes its files after every op, so a run cut short keeps them; a second call on the
 # still-warm machine (PHASES="kernels" KERNEL_OPS=...) finishes what was cut. The default phases
 # fit that budget without e2e-compile: run it as a second call on the warm machine
-# (PHASES="e2e-compile" SKIP_BUILD=1, a 360 s limit), or add it and raise TOTAL_BUDGET.
+# (PHASES="e2e-compile" SKIP_BUILD=1, a 300 s limit), or add it and raise TOTAL_BUDGET.
 # The tests are stopped with SIGINT (pytest-xdist shuts its workers down) and any straggler is
 # killed before the next phase, so no test process shares the GPU with a bench.
 #   device run: bash benches/gpu_check.sh   (carry .whl for the peer baselines); SKIP_BUILD=1 on a
@@ -87,7 +88,9 @@ if [[ " $PHASES " == *" e2e-compile "* ]]; then
   # eager and compiled are separate invocations (--compile runs the compiled case only), each with its
   # own files; only this run's lines of bench.log go to the summary
   seen=$(cat "$out/bench.log" 2>/dev/null | wc -l)
-  bench "${E2E_COMPILE_BUDGET:-240}" --suite e2e --compile --name bench-cuda-e2e-compile >> "$out/bench.log" 2>&1
+  # shellcheck disable=SC2086
+  bench "${E2E_COMPILE_BUDGET:-180}" --suite e2e --compile ${E2E_COMPILE_ARGS---model bert-base} \
+    --name bench-cuda-e2e-compile >> "$out/bench.log" 2>&1
   log "e2e bench compiled rc=$?: $(tail -n +$(( seen + 1 )) "$out/bench.log" | grep -E '^e2e' | tr -s ' ' | cut -c1-150 | paste -sd'|')"
   # where the compiled BERT step spends its time (Inductor's on-disk cache is warm from the bench)
   timeout --signal=INT --kill-after=15 "${PROFILE_COMPILE_BUDGET:-90}" python3 -m fastpt.bench.profile --device cuda \
