@@ -164,8 +164,11 @@ def test_compiled_case_compiles_what_each_training_path_compiles(monkeypatch, ba
     case = "bert-tiny B2 S16, torch.compile"
     assert e2e.COMPILE_CASE == ", torch.compile"
     assert [(r["provider"], r["status"], r["case"]) for r in rows] == [("fastpt", "ok", case),
-                                                                       ("transformers", "ok", case)]
-    ours, theirs = rows
+                                                                       ("transformers", "ok", case),
+                                                                       (e2e.EAGER_SIDE, "ok", case)]
+    ours, theirs, eager = rows
+    assert eager["baseline"] == "transformers" and "not compiled: the eager baseline" in eager["note"]
+    rows = rows[:2]
     assert compiled == ["TextEncoder", "BertForMaskedLM"]  # fastpt's backbone (not PretrainModel), HF's whole model
     # what the notes say is compiled is read back from the modules, not echoed from the flag
     assert "torch.compile: model.backbone (" in ours["note"] and "torch.compile: model (" in theirs["note"]
@@ -176,7 +179,7 @@ def test_compiled_case_compiles_what_each_training_path_compiles(monkeypatch, ba
         assert r["rate"] > 0 and r["ratio"] > 0
     assert theirs["ratio"] == pytest.approx(1.0)  # the baseline: transformers compiled, in the same run
     row_lines = [line for line in logs if line.startswith(f"e2e {case} ")]
-    assert len(row_lines) == 2 and all("warm-up" in line and "graph breaks" in line for line in row_lines)
+    assert len(row_lines) == 3 and all("warm-up" in line and "graph breaks" in line for line in row_lines)
     assert "Dynamo and Inductor started in" in logs[0]  # the compiler's one-time start, before either side
 
 

@@ -10,8 +10,9 @@
   of a GPT-2 causal-LM step against GPT2LMHeadModel (gpt2-mini 16 x 128 on the CPU, gpt2-small
   16 x 1024 on CUDA); ``--model`` picks one of them and its size. ``--compile`` times the same
   pairs with both sides under torch.compile instead (fastpt's backbone, as ``fastpt pretrain``'s
-  ``train.compile``; transformers' whole model, as HF Trainer's ``torch_compile``), and only
-  that: run once without it and once with it for both (default file stem
+  ``train.compile``; transformers' whole model, as HF Trainer's ``torch_compile``; transformers
+  eager timed alongside as ``transformers-eager``), and only that: run once without it and once
+  with it for both (default file stem
   ``bench-<device>[-quick]-compile``, so the two runs keep separate files).
 
 One harness (:mod:`~fastpt.bench.harness`: warm-up, median of repeats, CUDA events, peak
@@ -128,7 +129,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="e2e: both sides under torch.compile instead of eager, the compiled case only "
                              "(fastpt: model.backbone.compile() as fastpt pretrain's train.compile; transformers: "
-                             "model.compile() as HF Trainer's torch_compile; the rows report each side's compile "
+                             "model.compile() as HF Trainer's torch_compile; transformers eager alongside; the rows report each side's compile "
                              "warm-up seconds); run once without it for eager. Default stem "
                              "bench-<device>[-quick]-compile")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")

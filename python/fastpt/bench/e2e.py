@@ -50,7 +50,9 @@ comparable with PaLM's and nanoGPT's MFU, and about twice the useful attention F
 
 **torch.compile** (``bench_e2e(..., compile=True)``, ``fastpt bench --suite e2e --compile``): each
 pair again, both sides compiled with Inductor's defaults, as a case of its own (", torch.compile"
-in the case name; the baseline is transformers compiled, measured in the same run). Each side
+in the case name; the baseline is transformers compiled, measured in the same run; transformers
+eager is timed in the same rounds as a third side, ``transformers-eager``, so that compiled fastpt
+against eager transformers, what issue 6's goal compares, is a same-run ratio too). Each side
 compiles what its own training path compiles: fastpt the backbone, in place
 (``model.backbone.compile()``, what ``fastpt pretrain`` does with ``train.compile: true``; the
 objective stays eager, since the MLM head runs on a data-dependent number of masked rows through
@@ -83,7 +85,7 @@ from .report import make_row
 __all__ = ["BERT_SIZES", "GPT2_SIZES", "backbone_config", "gpt2_backbone_config", "mlm_flops_per_token",
            "clm_flops_per_token", "make_batches", "make_clm_batches", "build_fastpt", "build_transformers",
            "build_fastpt_gpt2", "build_transformers_gpt2", "gpt2_config", "train_step", "bench_e2e",
-           "COMPILE_CASE"]
+           "COMPILE_CASE", "EAGER_SIDE"]
 
 # name: (layers, hidden, heads, intermediate); vocabulary 30522, 512 positions, 2 token types
 BERT_SIZES = {
@@ -199,6 +201,7 @@ def _unique(params) -> list[torch.nn.Parameter]:
 
 
 COMPILE_CASE = ", torch.compile"
+EAGER_SIDE = "transformers-eager"  # in the compiled case: transformers not compiled, same run
 FASTPT_COMPILES = "as fastpt pretrain's train.compile; the objective (head and fused linear cross-entropy) eager"
 HF_COMPILES = "the whole model with its head and loss, as HF Trainer's torch_compile"
 
@@ -409,6 +412,8 @@ def bert_pair(ctx, size=None, batch=None, seq=None, dropout=None, dtype=torch.bf
             f"FLOPs the objective needs (head on the {MASK_PROB:.0%} masked tokens)")
     sides = {"fastpt": lambda: build_fastpt(size, cfg, device=ctx.device, compile=compile),
              "transformers": lambda: build_transformers(size, cfg, device=ctx.device, compile=compile)}
+    if compile:  # the eager baseline in the same run too (issue 6 compares against it)
+        sides[EAGER_SIDE] = lambda: build_transformers(size, cfg, device=ctx.device)
     return sides, make_batches(4, batch, seq, ctx.device), dict(
         op=f"{size} MLM train step", size=size, batch=batch, seq=seq, dtype=dtype,
         flops=mlm_flops_per_token(cfg, seq) * batch * seq, note=note)
@@ -427,6 +432,8 @@ def gpt2_pair(ctx, size=None, batch=None, seq=None, dropout=None, dtype=torch.bf
             f"token and causal attention in full (PaLM)")
     sides = {"fastpt": lambda: build_fastpt_gpt2(size, cfg, device=ctx.device, compile=compile),
              "transformers": lambda: build_transformers_gpt2(size, cfg, device=ctx.device, compile=compile)}
+    if compile:
+        sides[EAGER_SIDE] = lambda: build_transformers_gpt2(size, cfg, device=ctx.device)
     batches = make_clm_batches(4, batch, seq, ctx.device, vocab_size=cfg["vocab_size"])
     return sides, batches, dict(op=f"{size} CLM train step", size=size, batch=batch, seq=seq, dtype=dtype,
                                 flops=clm_flops_per_token(cfg, seq) * batch * seq, note=note)
@@ -526,7 +533,9 @@ def _time_pair(ctx, sides: dict, batches: list[dict], *, op: str, size: str, bat
         recompiled = _dynamo_counts()[0] - compiled_before
         for name in steps:
             how_compile = ""
-            if compile:
+            if compile and name == EAGER_SIDE:
+                how_compile = "; not compiled: the eager baseline, timed in the same rounds as the compiled sides"
+            elif compile:
                 graphs, breaks = dynamo[name]
                 how_compile = (f"; compile warm-up {sum(warm[name]):.1f} s over {len(warm[name])} untimed steps "
                                f"({', '.join(f'{t:.2f}' for t in warm[name])} s); Dynamo: {graphs} "

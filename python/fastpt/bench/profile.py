@@ -124,6 +124,8 @@ def profile_pairs(ctx, *, models=e2e.MODELS, steps: int = 2, dtype: torch.dtype 
             torch._dynamo.reset()
         case = f"{kw['size']} B{kw['batch']} S{kw['seq']}"
         for side, build in sides.items():
+            if side == e2e.EAGER_SIDE:  # the compiled case's eager baseline: the plain profile has it
+                continue
             name = f"{case} {side}"
             try:
                 torch.manual_seed(0)
