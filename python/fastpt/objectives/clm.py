@@ -124,12 +124,15 @@ class CausalLM(Objective):
             hs, ys = h[:-1], labels[1:]
         else:
             hs, ys = h[:, :-1], labels[:, 1:]
-        sel = ys != -100
-        hm, y = hs[sel], ys[sel]
-        loss = linear_cross_entropy(hm, self.head.weight, y, bias=self.head.bias)
+        # Every position, the -100 ones included: the fused loss skips ignored rows itself (one
+        # device sync to count them), where selecting them here would read the mask on the host
+        # in the forward and again in the backward.
+        hs, ys = hs.reshape(-1, hs.shape[-1]), ys.reshape(-1)
+        loss = linear_cross_entropy(hs, self.head.weight, ys, bias=self.head.bias)
         metrics = {"lm_loss": loss.detach()}
         if self.log_accuracy:
-            metrics["lm_accuracy"] = head_accuracy(hm.detach(), self.head.weight, self.head.bias, y)
+            sel = ys != -100
+            metrics["lm_accuracy"] = head_accuracy(hs.detach()[sel], self.head.weight, self.head.bias, ys[sel])
         return loss, metrics
 
 

@@ -116,8 +116,11 @@ class MLM(Objective):
         if labels.shape != h.shape[:-1]:
             raise ValueError(f"labels: expected shape {tuple(h.shape[:-1])} (the token shape), "
                              f"got {tuple(labels.shape)}")
-        sel = labels != -100
-        hm, y = self.head.transform(h[sel]), labels[sel]
+        # One nonzero (a device sync on a GPU) and index_select, whose backward is an index_add:
+        # boolean indexing would read the mask on the host twice here and once more in the backward.
+        rows = (labels.reshape(-1) != -100).nonzero().squeeze(1)
+        hm = self.head.transform(h.reshape(-1, h.shape[-1]).index_select(0, rows))
+        y = labels.reshape(-1).index_select(0, rows)
         head = self.head
         loss = linear_cross_entropy(hm, head.weight, y, bias=head.bias)
         metrics = {"mlm_loss": loss.detach()}
