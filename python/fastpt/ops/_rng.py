@@ -117,13 +117,12 @@ def stream_key_tensor(seed: torch.Tensor, stream: int) -> torch.Tensor:
     return mix32(k ^ (s & M32))
 
 
-def is_traced_seed(seed) -> bool:
-    """Whether ``seed`` is a tensor to keep as one (under ``torch.compile``) rather than read."""
-    return isinstance(seed, torch.Tensor) and torch.compiler.is_compiling()
-
-
-def check_tensor_seed(seed: torch.Tensor) -> torch.Tensor:
-    """Type and shape checks of a traced seed (its value cannot be read without a host sync)."""
+def check_op_seed(seed):
+    """``check_seed`` for ops that also take a seed traced under ``torch.compile``: there a tensor
+    seed stays a tensor (its value cannot be read without a graph break), checked for type and
+    shape only; anywhere else the value is read and checked (``check_seed``)."""
+    if not (isinstance(seed, torch.Tensor) and torch.compiler.is_compiling()):
+        return check_seed(seed)
     if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
         raise TypeError(f"seed: expected an integer or a one-element integer tensor, got {seed.dtype} "
                         f"tensor of shape {tuple(seed.shape)}")

@@ -239,7 +239,7 @@ def _prepare(q, k, v, *, causal, prefix_lens, seqlens, cu_seqlens, max_seqlen, d
     dropout_p = _validate.probability("dropout_p", dropout_p)
     if dropout_p >= 1.0:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
-    seed = _rng.check_tensor_seed(seed) if _rng.is_traced_seed(seed) else _rng.check_seed(seed)
+    seed = _rng.check_op_seed(seed)
     d = q.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(d)

@@ -287,10 +287,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, *, training: bool = True, seed: int
         forced backend cannot serve.
     """
     p = _check(x, p)
-    if _rng.is_traced_seed(seed):
-        seed = _rng.check_tensor_seed(seed)
-    elif seed is not None:
-        seed = _rng.check_seed(seed)
+    seed = None if seed is None else _rng.check_op_seed(seed)
     if not training or p == 0.0 or x.numel() == 0:
         return x
     if seed is None:
