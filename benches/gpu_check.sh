@@ -28,7 +28,8 @@
 #   second call to a warm machine
 #   PHASES="e2e", "e2e-compile", "tests", "kernels" (any subset, space-separated; default
 #   "e2e tests kernels"; they run in the order above) select phases; KERNEL_OPS (default
-#   cross_entropy,contrastive,attention,dropout,masking: what changed last first) and BENCH_ARGS (any
+#   cross_entropy,contrastive,attention,dropout,masking,contrastive_1m: what changed last first, the
+#   seconds-long N = 1M InfoNCE last) and BENCH_ARGS (any
 #   other `fastpt bench` arguments) shape the kernel bench.
 # Peer baselines (liger-kernel, inf-cl) travel as wheels in .whl/ when present.
 set -uo pipefail
@@ -139,7 +140,7 @@ if [[ " $PHASES " == *" kernels "* ]]; then
   else
     log "kernel bench: ${budget} s left"
     # shellcheck disable=SC2086
-    bench $budget --suite kernels --ops "${KERNEL_OPS:-cross_entropy,contrastive,attention,dropout,masking}" \
+    bench $budget --suite kernels --ops "${KERNEL_OPS:-cross_entropy,contrastive,attention,dropout,masking,contrastive_1m}" \
       ${BENCH_ARGS:-} >> "$out/bench.log" 2>&1
     log "kernel bench rc=$? (124: cut by its time limit; the files hold every op finished before)"
     grep -E "FAILED|Error" "$out/bench.log" | cut -c1-160 | head -40

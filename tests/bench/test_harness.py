@@ -319,3 +319,6 @@ def test_contrastive_million_case_runs_fastpt_alone(monkeypatch):
     by = {r["provider"]: r for r in rows}
     assert by["fastpt"]["status"] == "ok" and by["fastpt"]["time_ms"] > 0 and by["fastpt"]["case"] == "info_nce N96 D16"
     assert by["torch-eager"]["status"].startswith("skipped: its 96 x 96 scores")
+    assert kernels.bench_contrastive_million(Context(device="cpu", quick=False, log=lambda s: None,
+                                                     machine={"device_name": "t"})) == []  # CUDA only
+    assert kernels.SUITES["contrastive_1m"] is kernels.bench_contrastive_million
