@@ -1,5 +1,5 @@
-"""train.compile: the compiled backbone trains to the same losses, alone and under DDP and FSDP2 (slow: Inductor compiles C++ on the CPU,
-~30 s on 2 cores; run with FASTPT_SLOW_TESTS=1)."""
+"""train.compile: the compiled backbone trains to the same losses, alone and under DDP and FSDP2
+(slow: Inductor compiles C++ on the CPU, ~30 s on 2 cores; run with FASTPT_SLOW_TESTS=1)."""
 import os
 
 import pytest
