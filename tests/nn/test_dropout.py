@@ -78,16 +78,30 @@ def test_inplace_and_edge_probabilities():
     assert half.dtype == torch.bfloat16 and (half == 0).any()
 
 
-def test_torch_compile_has_no_graph_break():
-    """Under torch.compile the module is F.dropout (Inductor fuses it; a host seed would break the graph)."""
-    model = nn.Sequential(nn.Linear(8, 8), Dropout(0.5))
-    x = torch.randn(4, 8)
+@pytest.mark.skipif(_native.cpu_unavailable() is not None, reason="needs fastpt._C")
+def test_torch_compile_runs_the_cpu_kernel_without_a_graph_break(monkeypatch):
+    """Under torch.compile on the CPU the module still runs fastpt's kernel (its custom op, the seed
+    drawn in the graph), not F.dropout, with no graph break and a fresh mask each call."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("F.dropout was called")
+
+    monkeypatch.setattr(F, "dropout", refuse)
+    model = nn.Sequential(nn.Linear(64, 64), Dropout(0.3))
+    x = torch.randn(40, 64)
     torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        a, b = compiled(x), compiled(x)
         assert torch._dynamo.explain(model)(x).graph_break_count == 0
-    assert out.shape == (4, 8)
+    dense = model[0](x).detach()
+    for out in (a, b):
+        kept = out != 0
+        assert abs(1 - kept.float().mean().item() - 0.3) < 0.05
+        torch.testing.assert_close(out[kept], (dense / 0.7)[kept])
+    assert not torch.equal(a != 0, b != 0)
+    a.sum().backward()  # the self-adjoint backward through the custom op
+    assert model[0].weight.grad is not None
 
 
 def test_other_devices_use_torch(monkeypatch):

@@ -200,7 +200,11 @@ def test_native_checks_sizes():
 def test_custom_op_registration():
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(5, 37, dtype=dtype, requires_grad=True)
-        torch.library.opcheck(drop._dropout_op, (x, _rng.stream_key(3, _rng.STREAM_DROPOUT), 0.3, "cpu"))
+        torch.library.opcheck(drop._dropout_op, (x, _rng.stream_key(3, _rng.STREAM_DROPOUT), 0.3, "cpu", None))
+        # a key traced under torch.compile: a 0-d tensor read inside the op
+        key_t = _rng.stream_key_tensor(torch.tensor(3), _rng.STREAM_DROPOUT)
+        torch.library.opcheck(drop._dropout_op, (x, 0, 0.3, "cpu", key_t))
+        assert torch.equal(drop._dropout_op(x, 0, 0.3, "cpu", key_t), dropout(x, 0.3, seed=3, backend="cpu"))
 
 
 @NATIVE
@@ -319,7 +323,7 @@ def test_dispatch_order():
 def test_triton_custom_op_registration():
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(5, 37, dtype=dtype, device=TRITON_DEVICE, requires_grad=True)
-        torch.library.opcheck(drop._dropout_op, (x, _rng.stream_key(3, _rng.STREAM_DROPOUT), 0.3, "triton"))
+        torch.library.opcheck(drop._dropout_op, (x, _rng.stream_key(3, _rng.STREAM_DROPOUT), 0.3, "triton", None))
 
 
 # ----------------------------------------------------------------------------- attention probabilities

@@ -22,7 +22,9 @@ Backends, in the order ``backend=None`` tries them:
   ``F.dropout``), so ``fastpt.nn.Dropout`` keeps torch's fused CUDA dropout there.
 
   Both run inside the ``fastpt::dropout`` custom op (the backend an argument; fake and autograd
-  registered), so ``torch.compile`` traces them without a graph break.
+  registered), so ``torch.compile`` traces them without a graph break; a seed drawn in the graph
+  reaches it as a 0-d key tensor read inside the op (``key_t``). Under compile ``triton`` refuses
+  such a key and the reference serves, which Inductor fuses into the neighbouring kernels.
 * ``reference``: the formula above in PyTorch int64 arithmetic with plain autograd (any device,
   any float dtype); bit-identical to ``cpu``. What float64 CUDA tensors get.
 
@@ -39,6 +41,8 @@ int64 formula it replaces. The hash is one ``mix32`` per element; the AVX-512 cl
 (half conversions included) measured 2.4x faster than the AVX2 one, single-threaded.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -91,13 +95,11 @@ def _native_dropout(x: torch.Tensor, key: int, p: float) -> torch.Tensor:
     return out
 
 
-TRACED_KEY = ("a seed drawn or given as a tensor under torch.compile goes to the reference formula, which "
-              "Inductor compiles into one fused elementwise kernel (the custom op needs the key on the host)")
+TRACED_KEY = ("a seed drawn or given as a tensor under torch.compile goes to the reference formula on GPUs, "
+              "which Inductor fuses into the neighbouring elementwise kernels")
 
 
-def _cpu_supports(x, key, **_):
-    if isinstance(key, torch.Tensor):
-        return TRACED_KEY
+def _cpu_supports(x, **_):
     if x.device.type != "cpu":
         return f"needs cpu tensors, got {x.device.type}"
     if x.dtype not in FLOAT_DTYPES:
@@ -122,24 +124,36 @@ _KERNELS = {"cpu": _native_dropout, "triton": _triton_run}
 
 
 @torch.library.custom_op("fastpt::dropout", mutates_args=())
-def _dropout_op(x: torch.Tensor, key: int, p: float, backend: str) -> torch.Tensor:
+def _dropout_op(x: torch.Tensor, key: int, p: float, backend: str, key_t: Optional[torch.Tensor]) -> torch.Tensor:
     """Masked scaling of ``x`` by ``backend``'s kernel (forward, and the backward on the gradient);
-    contiguous output."""
-    return _KERNELS[backend](x, key, p)
+    contiguous output. ``key_t``: the key as a 0-d integer CPU tensor (a seed drawn under
+    torch.compile), read here on the host; None: ``key`` is the key."""
+    return _KERNELS[backend](x, key if key_t is None else int(key_t), p)
 
 
 @_dropout_op.register_fake
-def _dropout_fake(x, key, p, backend):
+def _dropout_fake(x, key, p, backend, key_t):
     return x.new_empty(x.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    _, ctx.key, ctx.p, ctx.backend = inputs
+    _, ctx.key, ctx.p, ctx.backend, key_t = inputs
+    ctx.save_for_backward(key_t)
 
 
 def _backward(ctx, grad):
     # self-adjoint: the same mask and scale on the gradient
-    return _dropout_op(grad, ctx.key, ctx.p, ctx.backend), None, None, None
+    (key_t,) = ctx.saved_tensors
+    return _dropout_op(grad, ctx.key, ctx.p, ctx.backend, key_t), None, None, None, None
+
+
+def _run_op(backend: str):
+    """A backend's run: the custom op with the key as an int, or as a tensor traced under compile."""
+    def run(x, key, p):
+        if isinstance(key, torch.Tensor):
+            return _dropout_op(x, 0, p, backend, key)
+        return _dropout_op(x, key, p, backend, None)
+    return run
 
 
 _dropout_op.register_autograd(_backward, setup_context=_setup_context)
@@ -153,8 +167,8 @@ def _triton_supports(x, key, **_):
 
 # cpu before triton: under TRITON_INTERPRET=1 (the tests) Triton accepts CPU tensors too.
 OP = _dispatch.Op("dropout", [
-    _dispatch.backend("cpu", _cpu_supports, lambda x, key, p: _dropout_op(x, key, p, "cpu")),
-    _dispatch.backend("triton", _triton_supports, lambda x, key, p: _dropout_op(x, key, p, "triton")),
+    _dispatch.backend("cpu", _cpu_supports, _run_op("cpu")),
+    _dispatch.backend("triton", _triton_supports, _run_op("triton")),
     _dispatch.backend("reference", lambda **_: None, reference),
 ], probe=_probe)
 
@@ -271,8 +285,9 @@ def dropout(x: torch.Tensor, p: float = 0.5, *, training: bool = True, seed: int
             None draws one from torch's default generator (``torch.manual_seed`` reproduces it).
             A one-element integer tensor is read on the host in eager code; under
             ``torch.compile`` a tensor seed (and None, drawn by ``torch.randint`` in the graph)
-            stays in the graph and the reference formula runs, which Inductor fuses into one
-            kernel with the same mask; no graph break either way.
+            stays in the graph: CPU tensors go to the C++ kernel's custom op, which reads the key
+            inside, other devices to the reference formula, which Inductor fuses with its
+            neighbours; the same mask either way, and no graph break.
         backend: None (``cpu`` for CPU tensors when fastpt._C is built, ``triton`` for CUDA
             tensors but float64, else ``reference``), "cpu", "triton" or "reference"; all give
             bit-identical results.
