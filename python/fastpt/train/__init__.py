@@ -40,7 +40,7 @@ are rejected naming the key and the valid ones; defaults shown)::
       precision: auto         # auto (bf16 on a CUDA GPU that has it, else fp32) | fp32 | bf16 | fp16
       compile: false          # torch.compile the backbone (one graph in training, dropout included;
                               # the objective's head stays eager). For GPUs: on 2 CPU cores fastpt's
-                              # eager step measured 1.05-1.45x faster (e2e-cpu-compile.md). Dropout
+                              # eager step measured 1.02-1.16x faster (e2e-cpu-compile.md). Dropout
                               # masks then come from Inductor's generator (seeded from torch's, which
                               # the checkpoint saves); the bit-identical --resume test runs eager.
       activation_checkpointing: false

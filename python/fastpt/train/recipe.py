@@ -116,7 +116,7 @@ class PretrainRecipe:
             self.log(f"pretrain: cpu: {_cpu_malloc.describe()}"
                      + (f" ({why})" if why else f"; {_cpu_malloc.ENV}=default leaves it as it comes"))
             if t["compile"]:
-                self.log("pretrain: note: train.compile on a CPU measured 1.05-1.45x slower than eager for "
+                self.log("pretrain: note: train.compile on a CPU measured 1.02-1.16x slower than eager for "
                          "fastpt's BERT and GPT-2 steps (2 Zen 5 cores, benches/results/e2e-cpu-compile.md); "
                          "it is meant for GPUs")
         self.out = Path(cfg["output"]["dir"] or Path("runs") / model_name(cfg))
