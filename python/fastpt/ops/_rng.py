@@ -117,6 +117,25 @@ def stream_key_tensor(seed: torch.Tensor, stream: int) -> torch.Tensor:
     return mix32(k ^ (s & M32))
 
 
+def op_key(seed, stream: int):
+    """The key of ``stream`` for an op's checked seed: an int (``stream_key``), or for a seed traced
+    under ``torch.compile`` a 0-d tensor computed in the graph (``stream_key_tensor``)."""
+    if isinstance(seed, torch.Tensor):
+        return stream_key_tensor(seed, stream)
+    return stream_key(seed, stream)
+
+
+def split_key(key) -> tuple[int, torch.Tensor | None]:
+    """``(int key, None)``, or ``(0, key tensor)`` for a traced key: the two arguments of a custom
+    op that takes either (the tensor is read inside it, ``key_value``)."""
+    return (0, key) if isinstance(key, torch.Tensor) else (key, None)
+
+
+def key_value(key: int, key_t: torch.Tensor | None) -> int:
+    """Inside a custom op: the key, read from ``key_t`` (on the host) when the graph computed it."""
+    return key if key_t is None else int(key_t)
+
+
 def check_op_seed(seed):
     """``check_seed`` for ops that also take a seed traced under ``torch.compile``: there a tensor
     seed stays a tensor (its value cannot be read without a graph break), checked for type and

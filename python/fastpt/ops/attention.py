@@ -285,12 +285,7 @@ def _prepare(q, k, v, *, causal, prefix_lens, seqlens, cu_seqlens, max_seqlen, d
     q4, k4, v4 = (x if x.stride(-1) == 1 else x.contiguous() for x in (q4, k4, v4))
     docs = _docs_tensor(b_count, s, q.device, cu=cu_seqlens, seqlens=seqlens, prefix=prefix_lens, causal=causal)
     # An int, or under torch.compile a 0-d tensor computed in the graph (read inside the custom op)
-    if dropout_p == 0:
-        key = 0
-    elif isinstance(seed, torch.Tensor):
-        key = _rng.stream_key_tensor(seed, _rng.STREAM_ATTN_DROPOUT)
-    else:
-        key = _rng.stream_key(seed, _rng.STREAM_ATTN_DROPOUT)
+    key = _rng.op_key(seed, _rng.STREAM_ATTN_DROPOUT) if dropout_p > 0 else 0
     # rows: "none" / "causal" when every row is one whole sequence under one plain mask (what
     # torch's own SDPA kernels take without a mask tensor), None for any per-row structure
     plain = cu_seqlens is None and seqlens is None and prefix_lens is None
@@ -425,11 +420,6 @@ def _resolve(docs: torch.Tensor, max_len: int, causal_any: int) -> tuple[int, bo
     return max_len, bool(causal_any)
 
 
-def _key(dropout_key: int, key_t: torch.Tensor | None) -> int:
-    """The dropout key: ``key_t``'s value when the graph computed it (torch.compile), else the int."""
-    return dropout_key if key_t is None else int(key_t)
-
-
 @torch.library.custom_op("fastpt::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor, scale: float,
                    dropout_p: float, dropout_key: int, max_len: int, causal_any: int, deterministic: bool,
@@ -438,7 +428,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torc
 
     ``key_t``: the dropout key as a 0-d integer tensor (what a seed drawn under torch.compile
     becomes), read here on the host; None: ``dropout_key`` is the key."""
-    dropout_key = _key(dropout_key, key_t)
+    dropout_key = _rng.key_value(dropout_key, key_t)
     max_len, causal = _resolve(docs, max_len, causal_any)
     with torch.autocast(q.device.type, enabled=False):
         out, lse = _kernels(backend).forward(q, k, v, docs, scale=scale, dropout_p=dropout_p,
@@ -459,7 +449,7 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    max_len: int, causal_any: int, deterministic: bool, backend: str,
                    key_t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, shaped like q, k, v, in their dtype."""
-    dropout_key = _key(dropout_key, key_t)
+    dropout_key = _rng.key_value(dropout_key, key_t)
     # An upstream gradient may be a broadcast (out.sum().backward() hands in stride-0 ones): give
     # the kernels the unit inner stride and real rows they are promised.
     if dout.stride(-1) != 1 or 0 in dout.stride():
@@ -497,7 +487,7 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _run_kernel(name: str):
     def run(q4, k4, v4, docs, scale, dropout_p, dropout_key, max_len, causal_any, deterministic, **_):
-        key, key_t = (0, dropout_key) if isinstance(dropout_key, torch.Tensor) else (dropout_key, None)
+        key, key_t = _rng.split_key(dropout_key)
         return _attention_fwd(q4, k4, v4, docs, scale, dropout_p, key, max_len, causal_any, deterministic, name,
                               key_t)
     return run

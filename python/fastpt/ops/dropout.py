@@ -128,7 +128,7 @@ def _dropout_op(x: torch.Tensor, key: int, p: float, backend: str, key_t: Option
     """Masked scaling of ``x`` by ``backend``'s kernel (forward, and the backward on the gradient);
     contiguous output. ``key_t``: the key as a 0-d integer CPU tensor (a seed drawn under
     torch.compile), read here on the host; None: ``key`` is the key."""
-    return _KERNELS[backend](x, key if key_t is None else int(key_t), p)
+    return _KERNELS[backend](x, _rng.key_value(key, key_t), p)
 
 
 @_dropout_op.register_fake
@@ -147,16 +147,15 @@ def _backward(ctx, grad):
     return _dropout_op(grad, ctx.key, ctx.p, ctx.backend, key_t), None, None, None, None
 
 
+_dropout_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _run_op(backend: str):
     """A backend's run: the custom op with the key as an int, or as a tensor traced under compile."""
     def run(x, key, p):
-        if isinstance(key, torch.Tensor):
-            return _dropout_op(x, 0, p, backend, key)
-        return _dropout_op(x, key, p, backend, None)
+        key, key_t = _rng.split_key(key)
+        return _dropout_op(x, key, p, backend, key_t)
     return run
-
-
-_dropout_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton_supports(x, key, **_):
@@ -305,8 +304,5 @@ def dropout(x: torch.Tensor, p: float = 0.5, *, training: bool = True, seed: int
     seed = None if seed is None else _rng.check_op_seed(seed)
     if not training or p == 0.0 or x.numel() == 0:
         return x
-    if seed is None:
-        seed = _rng.fresh_seed()
-    if isinstance(seed, torch.Tensor):  # under torch.compile: the key stays in the graph
-        return OP(backend, x=x, key=_rng.stream_key_tensor(seed, _rng.STREAM_DROPOUT), p=p)
-    return OP(backend, x=x, key=_rng.stream_key(seed, _rng.STREAM_DROPOUT), p=p)
+    key = _rng.op_key(_rng.fresh_seed() if seed is None else seed, _rng.STREAM_DROPOUT)
+    return OP(backend, x=x, key=key, p=p)
