@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from .. import _native
 from ..ops import _rng
 from ..ops.attention import attention
-from ..ops.linear_cross_entropy import linear_cross_entropy
+from ..ops.linear_cross_entropy import labelled_rows, linear_cross_entropy
 
 __all__ = ["patch_hf", "unpatch_hf", "SUPPORTED"]
 
@@ -175,13 +175,6 @@ def _register():
 # ----------------------------------------------------------------------------- losses
 
 
-def _active(hidden, labels):
-    """The rows of ``hidden`` (..., D) whose label is not -100, and those labels."""
-    labels = labels.to(hidden.device).reshape(-1)
-    rows = (labels != -100).nonzero().squeeze(1)
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), labels.index_select(0, rows)
-
-
 def _mlm_head(model, hidden):
     """(transformed rows, decoder Linear) of BERT's ``cls.predictions`` / RoBERTa's ``lm_head``."""
     if hasattr(model, "cls"):
@@ -210,7 +203,7 @@ def _masked_lm_forward(self, input_ids=None, *args, labels=None, **kwargs):
         return type(self).forward(self, input_ids, *args, labels=labels, **kwargs)
     kwargs.pop("return_dict", None)
     out = getattr(self, self.base_model_prefix)(input_ids, return_dict=True, **kwargs)
-    hidden, targets = _active(out[0], labels)
+    hidden, targets = labelled_rows(out[0], labels)
     hidden, decoder = _mlm_head(self, hidden)
     loss = linear_cross_entropy(hidden, decoder.weight, targets, bias=decoder.bias)
     return _output(MaskedLMOutput, out, loss=loss, logits=None)
@@ -226,7 +219,7 @@ def _causal_lm_forward(self, input_ids=None, *args, labels=None, logits_to_keep=
     out = self.transformer(input_ids, return_dict=True, **kwargs)
     if shift_labels is None:  # as transformers' ForCausalLMLoss: tokens < n predict n
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
-    hidden, targets = _active(out.last_hidden_state, shift_labels)
+    hidden, targets = labelled_rows(out.last_hidden_state, shift_labels)
     head = self.lm_head
     if num_items is None:
         loss = linear_cross_entropy(hidden, head.weight, targets, bias=head.bias)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..ops import linear_cross_entropy, mlm_mask
+from ..ops.linear_cross_entropy import labelled_rows
 from ..models.heads import MLMHead
 from .base import (Objective, ObjectiveOutput, check_ids, check_seed, encode_text, fraction, head_accuracy, positive,
                    require, want_logits)
@@ -116,11 +117,8 @@ class MLM(Objective):
         if labels.shape != h.shape[:-1]:
             raise ValueError(f"labels: expected shape {tuple(h.shape[:-1])} (the token shape), "
                              f"got {tuple(labels.shape)}")
-        # One nonzero (a device sync on a GPU) and index_select, whose backward is an index_add:
-        # boolean indexing would read the mask on the host twice here and once more in the backward.
-        rows = (labels.reshape(-1) != -100).nonzero().squeeze(1)
-        hm = self.head.transform(h.reshape(-1, h.shape[-1]).index_select(0, rows))
-        y = labels.reshape(-1).index_select(0, rows)
+        hm, y = labelled_rows(h, labels)
+        hm = self.head.transform(hm)
         head = self.head
         loss = linear_cross_entropy(hm, head.weight, y, bias=head.bias)
         metrics = {"mlm_loss": loss.detach()}

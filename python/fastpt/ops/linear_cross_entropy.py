@@ -644,6 +644,17 @@ OP = _dispatch.Op("linear_cross_entropy", [
 ], probe=_probe)
 
 
+def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+    """``(rows (N, D), their labels (N,))``: the rows of ``hidden`` ``(..., D)`` whose label in
+    ``labels`` ``(...)`` is not ``ignore_index``, for a head that should run on those rows only (the
+    MLM head's transform). One ``nonzero`` (a device sync on a GPU) and ``index_select``, whose
+    backward is an ``index_add``: boolean indexing would read the mask on the host twice here and
+    once more in the backward."""
+    labels = labels.to(hidden.device).reshape(-1)
+    rows = (labels != ignore_index).nonzero().squeeze(1)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), labels.index_select(0, rows)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, z_loss: float = 0.0, return_lse: bool = False,
