@@ -322,3 +322,28 @@ def test_contrastive_million_case_runs_fastpt_alone(monkeypatch):
     assert kernels.bench_contrastive_million(Context(device="cpu", quick=False, log=lambda s: None,
                                                      machine={"device_name": "t"})) == []  # CUDA only
     assert kernels.SUITES["contrastive_1m"] is kernels.bench_contrastive_million
+
+
+def test_attention_case_with_dropout_runs_every_cpu_provider():
+    """A dropout case drops for every contender (fastpt's counter-based mask, torch's SDPA and the
+    eager softmax with F.dropout); the CPU grid runs with every provider ok."""
+    import torch.nn.functional as F
+
+    from fastpt.bench.kernels import AttentionCase, attention_providers, bench_attention
+
+    plain = AttentionCase("none", 33, 2, 2, 16, "cpu", torch.float32)
+    case = AttentionCase("none", 33, 2, 2, 16, "cpu", torch.float32, dropout=0.25)
+    assert case.name == "none S33 D16 p0.25" and plain.name == "none S33 D16"
+    q, k, v = plain.qkv
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    providers = attention_providers(case)
+    assert set(providers) == {"fastpt", "torch-sdpa", "torch-eager"}
+    torch.manual_seed(0)
+    for name, fn in providers.items():
+        got = fn(q, k, v)
+        assert got.shape == want.shape
+        assert not torch.allclose(got, want, atol=1e-3), name  # dropped something
+    torch.testing.assert_close(attention_providers(plain)["fastpt"](q, k, v), want, rtol=1e-5, atol=1e-5)
+    rows = bench_attention(Context(device="cpu", quick=True, log=lambda s: None, machine={"device_name": "t"}))
+    assert {r["case"] for r in rows} == {f"{kind} S256 D64" for kind in ("none", "causal", "packed", "prefix")}
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]

@@ -5,7 +5,9 @@
   algorithm; MAE masking (patches/s) against the plain torch rand + argsort + argsort + gather.
 * ``attention``: none / causal / packed documents / prefix-LM, forward and forward + backward,
   against torch SDPA (the baseline; on CUDA also forced to flash / efficient / cudnn where they
-  take the mask), FlexAttention with a block mask (CUDA), and eager softmax(QK^T)V.
+  take the mask), FlexAttention with a block mask (CUDA), and eager softmax(QK^T)V; on CUDA also
+  BERT-base's attention (32 x 512 tokens, 12 heads of 64) without and with dropout 0.1, the
+  e2e step's own (fastpt's counter-based dropout against torch's in SDPA).
 * ``contrastive``: InfoNCE and CLIP forward + backward against eager matmul + cross-entropy (and
   the PyPI package inf-cl on CUDA in fp32 when importable).
 * ``contrastive_1m`` (CUDA only): InfoNCE at N = 1M, fastpt alone (nothing else fits).
@@ -39,7 +41,7 @@ from .report import make_row
 
 __all__ = ["Context", "measure", "SUITES", "run_kernels", "bench_masking", "bench_attention", "bench_contrastive",
            "bench_cross_entropy", "bench_dropout", "bert_tokenizer", "mlm_inputs", "torch_mlm", "torch_mae", "AttentionCase",
-           "bench_contrastive_million", "contrastive_inputs", "eager_info_nce", "eager_clip", "ce_inputs", "ce_contenders", "backend_refusal"]
+           "attention_cases", "bench_contrastive_million", "contrastive_inputs", "eager_info_nce", "eager_clip", "ce_inputs", "ce_contenders", "backend_refusal"]
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "int64"}
 
@@ -283,10 +285,14 @@ DOC_SHARES = (412, 96, 350, 180, 301, 64, 397, 248)  # 8 unequal documents, in 2
 class AttentionCase:
     """One mask case: inputs ``qkv`` (B, S, H, D) with grad, the fastpt keywords ``kw``, torch's
     equivalent ``torch_kw`` for SDPA, the attended pair count ``pairs`` and a FlexAttention
-    ``mask_mod``. ``kind``: "none", "causal", "packed" (8 unequal documents per row) or "prefix"."""
+    ``mask_mod``. ``kind``: "none", "causal", "packed" (8 unequal documents per row) or "prefix".
+    ``dropout``: attention dropout probability for every provider (fastpt's counter-based mask,
+    torch's own RNG in SDPA and the eager version); FlexAttention has none and is left out."""
 
-    def __init__(self, kind: str, seq: int, batch: int, heads: int, hd: int, device: str, dtype: torch.dtype):
+    def __init__(self, kind: str, seq: int, batch: int, heads: int, hd: int, device: str, dtype: torch.dtype,
+                 dropout: float = 0.0):
         self.kind, self.seq, self.batch, self.heads, self.hd, self.dtype = kind, seq, batch, heads, hd, dtype
+        self.dropout = dropout
         g = torch.Generator().manual_seed(0)
         gd = torch.Generator(device=device).manual_seed(0)  # 100M values: drawn where they live
         self.qkv = [torch.randn(batch, seq, heads, hd, generator=gd, device=device, dtype=dtype).requires_grad_()
@@ -318,6 +324,12 @@ class AttentionCase:
             self.pairs = batch * seq * seq
         else:
             raise ValueError(f"kind: expected one of {ATTN_KINDS}, got {kind!r}")
+        if dropout:
+            self.kw["dropout_p"] = self.torch_kw["dropout_p"] = dropout
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} S{self.seq} D{self.hd}" + (f" p{self.dropout:g}" if self.dropout else "")
 
     def flops(self, mode: str) -> float:
         fwd = 4.0 * self.pairs * self.hd * self.heads
@@ -355,7 +367,8 @@ class AttentionCase:
             s = (q @ k.transpose(-1, -2)).float() * self.hd**-0.5
             if allowed is not None:
                 s = s.masked_fill(~allowed, float("-inf"))
-            return (s.softmax(-1).to(v.dtype) @ v).transpose(1, 2)
+            p = F.dropout(s.softmax(-1), self.dropout) if self.dropout else s.softmax(-1)
+            return (p.to(v.dtype) @ v).transpose(1, 2)
         return run
 
     def flex(self):
@@ -398,7 +411,7 @@ def attention_providers(case: AttentionCase) -> dict:
                 if unmasked or name == "efficient":
                     out[f"sdpa-{name}"] = case.torch_sdpa(b)
         # the masks flex exists for (none/causal have SDPA's own kernels); it compiles per case
-        if case.hd == 128 and case.kind in ("packed", "prefix"):
+        if case.hd == 128 and case.kind in ("packed", "prefix") and not case.dropout:
             try:
                 importlib.import_module("torch.nn.attention.flex_attention")
                 out["flex"] = case.flex()
@@ -408,44 +421,58 @@ def attention_providers(case: AttentionCase) -> dict:
     return out
 
 
-def bench_attention(ctx: Context) -> list[dict]:
-    """Attention forward and forward + backward over the four mask kinds; see the module docstring."""
-    rows = []
-    if ctx.cuda:
-        grid = [(1024 if ctx.quick else 4096, hd) for hd in ((64,) if ctx.quick else (64, 128))]
-    else:
-        grid = [(256 if ctx.quick else 2048, 64)]
-    for seq, hd in grid:
+# BERT-base's attention in the e2e step (issue 6): 32 rows of 512 tokens, 12 heads of 64, with and
+# without its attention dropout of 0.1 (CUDA only)
+BERT_ATTENTION = dict(seq=512, batch=32, heads=12, hd=64, dropouts=(0.0, 0.1))
+
+
+def attention_cases(ctx: Context):
+    """The ``AttentionCase`` grid, one case at a time (each holds its inputs): the four mask kinds
+    at 4,096 tokens and head dims 64 / 128 (16k tokens, 2,048 channels), then on CUDA BERT-base's
+    shape; on the CPU the four kinds at 2,048 tokens, 8 heads of 64, float32."""
+    if not ctx.cuda:
         for kind in ATTN_KINDS:
-            if ctx.cuda:
-                case = AttentionCase(kind, seq, 16384 // seq, 2048 // hd, hd, "cuda", torch.bfloat16)
-            else:
-                case = AttentionCase(kind, seq, 1, 8, hd, "cpu", torch.float32)
-            q, k, v = case.qkv
-            grad = torch.randn_like(q)
-            providers = attention_providers(case)
-            for mode in ATTN_MODES:
-                def wrap(fn, mode=mode):
-                    if isinstance(fn, str):
-                        return fn
-                    if mode == "fwd":
-                        def run():
-                            with torch.no_grad():
-                                fn(q, k, v)
-                    else:
-                        def run():
-                            fn(q, k, v).backward(grad)
-                    return run
+            yield AttentionCase(kind, 256 if ctx.quick else 2048, 1, 8, 64, "cpu", torch.float32)
+        return
+    for hd in (64,) if ctx.quick else (64, 128):
+        seq = 1024 if ctx.quick else 4096
+        for kind in ATTN_KINDS:
+            yield AttentionCase(kind, seq, 16384 // seq, 2048 // hd, hd, "cuda", torch.bfloat16)
+    if not ctx.quick:
+        b = BERT_ATTENTION
+        for p in b["dropouts"]:
+            yield AttentionCase("none", b["seq"], b["batch"], b["heads"], b["hd"], "cuda", torch.bfloat16, dropout=p)
 
-                def reset():
-                    for x in case.qkv:
-                        x.grad = None
 
-                rows += measure(ctx, op="attention", case=f"{kind} S{seq} D{hd}", mode=mode,
-                                shape=(case.batch, seq, case.heads, hd), dtype=case.dtype, baseline="torch-sdpa",
-                                providers={n: wrap(f) for n, f in providers.items()}, setup=reset,
-                                flops=case.flops(mode), units=case.batch * seq, unit="tokens",
-                                repeats=None if ctx.cuda else (2 if ctx.quick else 3))
+def bench_attention(ctx: Context) -> list[dict]:
+    """Attention forward and forward + backward over the four mask kinds; see the module docstring.
+
+    The backward is ``torch.autograd.grad`` of the output (nothing accumulates into ``.grad``), so
+    calls need no reset between them and fast ones are timed in back-to-back batches on CUDA."""
+    rows = []
+    for case in attention_cases(ctx):
+        q, k, v = case.qkv
+        grad = torch.randn_like(q)
+        providers = attention_providers(case)
+        for mode in ATTN_MODES:
+            def wrap(fn, mode=mode):
+                if isinstance(fn, str):
+                    return fn
+                if mode == "fwd":
+                    def run():
+                        with torch.no_grad():
+                            fn(q, k, v)
+                else:
+                    def run():
+                        torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
+                return run
+
+            rows += measure(ctx, op="attention", case=case.name, mode=mode,
+                            shape=(case.batch, case.seq, case.heads, case.hd), dtype=case.dtype,
+                            baseline="torch-sdpa", providers={n: wrap(f) for n, f in providers.items()},
+                            flops=case.flops(mode), units=case.batch * case.seq, unit="tokens",
+                            repeats=None if ctx.cuda else (2 if ctx.quick else 3))
+        del case, q, k, v, grad, providers
     return rows
 
 
