@@ -109,14 +109,9 @@ GPT2_SIZES = {
 def backbone_config(size: str, *, dropout: float | None = None) -> dict:
     """The ``text_encoder`` arguments of ``size``: the zoo's config (``fastpt.assemble``) when it has
     one, else BERT's published sizes; ``dropout`` (when given) sets hidden and attention dropout."""
-    cfg = None
-    try:
-        import fastpt.assemble as assemble
+    import fastpt.assemble as assemble
 
-        if size in assemble.list_configs():
-            cfg = dict(assemble.load_config(size)["backbone"])
-    except ImportError:  # fastpt without the config builder
-        pass
+    cfg = dict(assemble.load_config(size)["backbone"]) if size in assemble.list_configs() else None
     if cfg is None:
         layers, d, heads, inter = BERT_SIZES[size]
         cfg = dict(builder="text_encoder", vocab_size=VOCAB, hidden_size=d, num_layers=layers, num_heads=heads,
@@ -217,27 +212,12 @@ def _compile(model: torch.nn.Module, part: str | None, why: str) -> str:
 def build_fastpt(size: str, cfg: dict, *, device: str = "cpu", compile: bool = False):
     """``(loss_fn(batch) -> loss, parameters, how)`` for fastpt's MLM model with backbone ``cfg``;
     ``compile``: its backbone compiled in place, as ``fastpt pretrain`` does (module docstring)."""
-    objective_cfg = dict(mask_token_id=MASK_ID, special_token_ids=[0, CLS_ID, SEP_ID])
-    try:
-        import fastpt.assemble as assemble  # the config-driven builder, when present
-    except ImportError:
-        assemble = None
-    if assemble is not None:
-        model = assemble.build({"name": size, "backbone": cfg, "objective": {"name": "mlm", **objective_cfg}})
-        model = model.to(device)
-        how = "fastpt.assemble.build" + (f"; {_compile(model, 'backbone', FASTPT_COMPILES)}" if compile else "")
-        return (lambda batch: model(**batch).loss), _unique(model.parameters()), how
-    from fastpt.models import text_encoder
-    from fastpt.objectives import MLM
+    import fastpt.assemble as assemble
 
-    backbone = text_encoder(**{k: v for k, v in cfg.items() if k != "builder"}).to(device)
-    objective = MLM.from_backbone(backbone, **objective_cfg).to(device)
-    params = _unique(itertools.chain(backbone.parameters(), objective.parameters()))
-    how = "fastpt.models.text_encoder + objectives.MLM"
-    if compile:
-        backbone.compile()
-        how += f"; torch.compile: backbone ({FASTPT_COMPILES})"
-    return (lambda batch: objective(backbone, batch).loss), params, how
+    objective_cfg = dict(mask_token_id=MASK_ID, special_token_ids=[0, CLS_ID, SEP_ID])
+    model = assemble.build({"name": size, "backbone": cfg, "objective": {"name": "mlm", **objective_cfg}}).to(device)
+    how = "fastpt.assemble.build" + (f"; {_compile(model, 'backbone', FASTPT_COMPILES)}" if compile else "")
+    return (lambda batch: model(**batch).loss), _unique(model.parameters()), how
 
 
 def build_transformers(size: str, cfg: dict, *, device: str = "cpu", compile: bool = False):
