@@ -445,34 +445,39 @@ def attention_cases(ctx: Context):
 
 
 def bench_attention(ctx: Context) -> list[dict]:
-    """Attention forward and forward + backward over the four mask kinds; see the module docstring.
-
-    The backward is ``torch.autograd.grad`` of the output (nothing accumulates into ``.grad``), so
-    calls need no reset between them and fast ones are timed in back-to-back batches on CUDA."""
+    """Attention forward and forward + backward over the four mask kinds; see the module docstring."""
     rows = []
     for case in attention_cases(ctx):
-        q, k, v = case.qkv
-        grad = torch.randn_like(q)
-        providers = attention_providers(case)
-        for mode in ATTN_MODES:
-            def wrap(fn, mode=mode):
-                if isinstance(fn, str):
-                    return fn
-                if mode == "fwd":
-                    def run():
-                        with torch.no_grad():
-                            fn(q, k, v)
-                else:
-                    def run():
-                        torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
-                return run
+        rows += _attention_rows(ctx, case)
+    return rows
 
-            rows += measure(ctx, op="attention", case=case.name, mode=mode,
-                            shape=(case.batch, case.seq, case.heads, case.hd), dtype=case.dtype,
-                            baseline="torch-sdpa", providers={n: wrap(f) for n, f in providers.items()},
-                            flops=case.flops(mode), units=case.batch * case.seq, unit="tokens",
-                            repeats=None if ctx.cuda else (2 if ctx.quick else 3))
-        del case, q, k, v, grad, providers
+
+def _attention_rows(ctx: Context, case: AttentionCase) -> list[dict]:
+    """Both modes of one case. The backward is ``torch.autograd.grad`` of the output (nothing
+    accumulates into ``.grad``), so calls need no reset between them and fast ones are timed in
+    back-to-back batches on CUDA."""
+    q, k, v = case.qkv
+    grad = torch.randn_like(q)
+    providers = attention_providers(case)
+    rows = []
+    for mode in ATTN_MODES:
+        def wrap(fn, mode=mode):
+            if isinstance(fn, str):
+                return fn
+            if mode == "fwd":
+                def run():
+                    with torch.no_grad():
+                        fn(q, k, v)
+            else:
+                def run():
+                    torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
+            return run
+
+        rows += measure(ctx, op="attention", case=case.name, mode=mode,
+                        shape=(case.batch, case.seq, case.heads, case.hd), dtype=case.dtype,
+                        baseline="torch-sdpa", providers={n: wrap(f) for n, f in providers.items()},
+                        flops=case.flops(mode), units=case.batch * case.seq, unit="tokens",
+                        repeats=None if ctx.cuda else (2 if ctx.quick else 3))
     return rows
 
 
