@@ -137,6 +137,26 @@ def test_project_gradients_match_slices(kv_heads):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+def test_padding_free_masks_run_as_no_mask(monkeypatch):
+    """A mask with no padding becomes no mask at all (on CUDA the plain rows then reach torch's
+    SDPA): the op sees seqlens=None, and the output is the unmasked one."""
+    import fastpt.nn.attention as mod
+
+    m = MultiheadSelfAttention(32, 4).eval()
+    layer = TransformerEncoderLayer(32, 4, 48, dropout=0.0).eval()
+    x = _x(2, 9, 32)
+    seen = []
+    real = mod.attention
+    monkeypatch.setattr(mod, "attention", lambda *a, **kw: seen.append(kw["seqlens"]) or real(*a, **kw))
+    torch.testing.assert_close(m(x, attention_mask=torch.ones(2, 9, dtype=torch.int64)), m(x), rtol=0, atol=0)
+    torch.testing.assert_close(layer(x, src_key_padding_mask=torch.zeros(2, 9, dtype=torch.bool)), layer(x),
+                               rtol=0, atol=0)
+    padded = torch.ones(2, 9, dtype=torch.int64)
+    padded[1, 5:] = 0
+    m(x, attention_mask=padded)
+    assert seen[:4] == [None] * 4 and seen[4].tolist() == [9, 5]
+
+
 def test_self_attention_dropout_only_in_training():
     torch.manual_seed(0)
     m = MultiheadSelfAttention(32, 4, dropout=0.5)

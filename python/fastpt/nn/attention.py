@@ -119,7 +119,9 @@ class MultiheadSelfAttention(nn.Module):
             seqlens: int ``(B,)`` valid lengths of right-padded rows.
             prefix_lens: int ``(B,)`` / ``(N,)``: prefix-LM (bidirectional prefix, causal rest).
             attention_mask: Hugging Face style ``(B, S)``, 1 for tokens and 0 for padding; must be
-                right-padded (turned into ``seqlens``); not together with ``seqlens``.
+                right-padded (turned into ``seqlens``; a mask without padding into no mask, so
+                that on CUDA without dropout the rows reach torch's SDPA); not together with
+                ``seqlens``.
             attn_mask: a general mask in ``F.scaled_dot_product_attention`` semantics (bool True =
                 attend, or additive float), broadcastable to ``(B, H, S, S)``; runs torch's SDPA.
             is_causal: overrides the module's ``causal``.
@@ -131,7 +133,7 @@ class MultiheadSelfAttention(nn.Module):
         if attention_mask is not None:
             if seqlens is not None:
                 raise ValueError("attention_mask: give either attention_mask or seqlens, not both")
-            seqlens = padding_to_seqlens(attention_mask, "attention_mask")
+            seqlens = padding_to_seqlens(attention_mask, "attention_mask", none_if_full=True)
         q, k, v = self.project(x)
         p = self.dropout if self.training else 0.0
         seed = _rng.fresh_seed() if p > 0 else 0
@@ -227,7 +229,7 @@ class TransformerEncoderLayer(nn.Module):
         if src_key_padding_mask is not None:
             pad = src_key_padding_mask
             valid = ~pad if pad.dtype == torch.bool else pad == 0
-            attn["seqlens"] = padding_to_seqlens(valid, "src_key_padding_mask")
+            attn["seqlens"] = padding_to_seqlens(valid, "src_key_padding_mask", none_if_full=True)
         if src_mask is not None and not is_causal:
             attn["attn_mask"] = ~src_mask if src_mask.dtype == torch.bool else src_mask
         x = src
