@@ -34,7 +34,7 @@ def test_yaml_file_and_float_spelling(tmp_path):
     ({**BASE, "train": {"max_steps": 2.5}}, r"train\.max_steps: expected an integer"),
     ({**BASE, "train": {"max_steps": 10, "precision": "fp8"}}, r"train\.precision: expected one of"),
     ({**BASE, "train": {"max_steps": 10, "betas": [0.9]}}, r"train\.betas: expected \[beta1, beta2\]"),
-    ({**BASE, "train": {"max_steps": 10, "compile": "yes"}}, r"train\.compile: expected true or false"),
+    ({**BASE, "train": {"max_steps": 10, "compile": "yes"}}, r"train\.compile: expected true, false or a torch\.compile mode"),
     ({**BASE, "data": {"path": "x", "mode": "packed"}}, r"data\.mode: expected one of \['pack', 'doc'\]"),
     ({**BASE, "data": {"path": "x", "images": "fashion-mnist"}}, r"set exactly one of data\.path"),
     ({**BASE, "data": {}}, r"set exactly one of data\.path"),
@@ -87,3 +87,23 @@ def test_resolved_recipe_round_trips_through_yaml():
 
     cfg = load()
     assert load_recipe(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    """train.compile: a torch.compile mode by name goes to the backbone's compile; true compiles
+    in torch's default mode; false does not compile."""
+    import torch
+
+    from fastpt.train import pretrain
+
+    from .pretrain_helpers import make_shards, recipe, tiny_model
+
+    assert load(overrides=["train.compile=max-autotune"])["train"]["compile"] == "max-autotune"
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: calls.append((type(self).__name__, kw)))
+    shards = make_shards(tmp_path / "shards")
+    for i, mode in enumerate(("max-autotune", True, False)):
+        cfg = recipe(shards, tmp_path / f"run{i}", model=tiny_model(), train={"compile": mode, "max_steps": 1},
+                     output={"save_every": 0, "tensorboard": False, "plot": False, "progress": False})
+        pretrain(cfg, log=lambda m: None)
+    assert [kw for _, kw in calls] == [{"mode": "max-autotune"}, {}]

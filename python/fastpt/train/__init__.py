@@ -39,7 +39,9 @@ are rejected naming the key and the valid ones; defaults shown)::
       clip_grad: 1.0          # max gradient norm (null: no clipping)
       precision: auto         # auto (bf16 on a CUDA GPU that has it, else fp32) | fp32 | bf16 | fp16
       compile: false          # torch.compile the backbone (one graph in training, dropout included;
-                              # the objective's head stays eager). For GPUs: on 2 CPU cores fastpt's
+                              # the objective's head stays eager): true, or a torch.compile mode
+                              # (max-autotune: Inductor tunes its GEMMs and kernels, slower to
+                              # start; reduce-overhead: CUDA graphs). For GPUs: on 2 CPU cores fastpt's
                               # eager step measured 1.02-1.16x faster (e2e-cpu-compile.md). Dropout
                               # masks then come from Inductor's generator (seeded from torch's, which
                               # the checkpoint saves); the bit-identical --resume test runs eager.

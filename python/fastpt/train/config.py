@@ -78,6 +78,16 @@ def _bool(key, v):
     return v
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile(key, v):
+    """false, true (torch.compile's default mode) or one of its modes by name."""
+    if isinstance(v, bool) or v in COMPILE_MODES:
+        return v
+    raise ConfigError(f"{key}: expected true, false or a torch.compile mode {list(COMPILE_MODES)}, got {v!r}")
+
+
 def _path(key, v, none=True):
     if v is None and none:
         return None
@@ -133,7 +143,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "train.min_lr_ratio": lambda k, v: _num(k, v, low=0.0, high=1.0),
     "train.clip_grad": lambda k, v: _num(k, v, low=0.0, low_ok=False, none=True),
     "train.precision": lambda k, v: _choice(k, v, PRECISIONS),
-    "train.compile": _bool,
+    "train.compile": _compile,
     "train.activation_checkpointing": _bool,
     "train.seed": lambda k, v: _num(k, v, integer=True, low=0, high=2**63 - 1),
     "train.device": lambda k, v: _choice(k, v, DEVICES),

@@ -230,8 +230,9 @@ class PretrainRecipe:
                 if hasattr(m, "gradient_checkpointing"):
                     m.gradient_checkpointing = True
         model.to(self.device)
-        if cfg["train"]["compile"]:
-            model.backbone.compile()  # in place: state_dict keys unchanged
+        mode = cfg["train"]["compile"]
+        if mode:  # in place: state_dict keys unchanged
+            model.backbone.compile(**({} if mode is True else {"mode": mode}))
         return model
 
     def _init_from(self, path: Path) -> nn.Module:
