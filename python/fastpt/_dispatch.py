@@ -136,7 +136,9 @@ class Op:
             out[b.name] = b.available() or b.supports(**inputs)
         return out
 
-    def select(self, backend: str | None = None, **inputs) -> Backend:
+    def check_name(self, backend: str | None) -> None:
+        """ValueError naming ``backend`` for an unknown name, BackendError for one this op lacks
+        (what ``select`` raises first; for ops that return early without selecting)."""
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
         if backend is not None and backend not in self.backends:
@@ -144,6 +146,9 @@ class Op:
                 f"{self.name}: backend {backend!r} does not implement this op "
                 f"(implemented: {', '.join(self.backends)})"
             )
+
+    def select(self, backend: str | None = None, **inputs) -> Backend:
+        self.check_name(backend)
         candidates = [self.backends[backend]] if backend else list(self.backends.values())
         for b in candidates:
             if (b.available() or b.supports(**inputs)) is None:

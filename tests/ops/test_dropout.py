@@ -155,7 +155,7 @@ def test_identity_cases(device, backend):
 
 @pytest.mark.parametrize("kwargs,err,match", [
     (dict(x=[1.0]), TypeError, "x: expected a torch.Tensor"),
-    (dict(x=torch.ones(3, dtype=torch.int64)), TypeError, "x: expected a floating-point tensor"),
+    (dict(x=torch.ones(3, dtype=torch.int64)), TypeError, "x: expected a float16, bfloat16, float32 or float64 tensor"),
     (dict(p=1.0), ValueError, "p: expected a probability in \\[0, 1\\)"),
     (dict(p=-0.1), ValueError, "p: expected a probability"),
     (dict(p=float("nan")), ValueError, "p: expected a probability"),

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import _rng
+from ..ops import _rng, _validate
 from ..ops.attention import attention, sdpa
 from .dropout import Dropout
 
@@ -47,6 +47,15 @@ def padding_to_seqlens(valid: torch.Tensor, name: str, *, none_if_full: bool = F
     return None if none_if_full and not short_rows else lengths
 
 
+def _padding_shape(name: str, mask, x: torch.Tensor) -> None:
+    """ValueError naming ``name`` unless it is a ``(B, S)`` tensor for ``x`` of shape (B, S, E)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape (B, S), got {type(mask).__name__}")
+    if x.dim() != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"{name}: expected shape (B, S) = {tuple(x.shape[:2])} (from the input of shape "
+                         f"{tuple(x.shape)}), got {tuple(mask.shape)}")
+
+
 class MultiheadSelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV projection, GQA, and every pre-training mask.
 
@@ -69,15 +78,18 @@ class MultiheadSelfAttention(nn.Module):
                  dropout: float = 0.0, causal: bool = False, head_dim: int | None = None,
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+        embed_dim, num_heads = _validate.positive_int("embed_dim", embed_dim), _validate.positive_int("num_heads", num_heads)
+        num_kv_heads = num_heads if num_kv_heads is None else _validate.positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}")
         if head_dim is None:
             if embed_dim % num_heads:
                 raise ValueError(f"embed_dim: expected a multiple of num_heads={num_heads}, got {embed_dim} "
                                  f"(or give head_dim)")
             head_dim = embed_dim // num_heads
-        if not 0.0 <= dropout < 1.0:
+        head_dim = _validate.positive_int("head_dim", head_dim)
+        dropout = _validate.probability("dropout", dropout)
+        if dropout >= 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
         self.dropout, self.causal, self.backend = dropout, causal, backend
@@ -133,6 +145,7 @@ class MultiheadSelfAttention(nn.Module):
         if attention_mask is not None:
             if seqlens is not None:
                 raise ValueError("attention_mask: give either attention_mask or seqlens, not both")
+            _padding_shape("attention_mask", attention_mask, x)
             seqlens = padding_to_seqlens(attention_mask, "attention_mask", none_if_full=True)
         q, k, v = self.project(x)
         p = self.dropout if self.training else 0.0
@@ -228,6 +241,7 @@ class TransformerEncoderLayer(nn.Module):
         attn = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, prefix_lens=prefix_lens, is_causal=is_causal)
         if src_key_padding_mask is not None:
             pad = src_key_padding_mask
+            _padding_shape("src_key_padding_mask", pad, src)
             valid = ~pad if pad.dtype == torch.bool else pad == 0
             attn["seqlens"] = padding_to_seqlens(valid, "src_key_padding_mask", none_if_full=True)
         if src_mask is not None and not is_causal:

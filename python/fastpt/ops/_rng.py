@@ -75,8 +75,7 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def check_seed(seed) -> int:
     """Validate ``seed`` (an int in ``[0, 2**64)``) and return it as a Python int."""
     if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.dtype.is_floating_point:
-            raise TypeError(f"seed: expected an integer or a one-element integer tensor, got {seed!r}")
+        _check_seed_tensor(seed)
         seed = int(seed.item())
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
@@ -142,10 +141,15 @@ def check_op_seed(seed):
     shape only; anywhere else the value is read and checked (``check_seed``)."""
     if not (isinstance(seed, torch.Tensor) and torch.compiler.is_compiling()):
         return check_seed(seed)
+    _check_seed_tensor(seed)
+    return seed
+
+
+def _check_seed_tensor(seed: torch.Tensor) -> None:
+    """TypeError naming seed unless it is a one-element integer tensor (not bool: True is no seed)."""
     if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
         raise TypeError(f"seed: expected an integer or a one-element integer tensor, got {seed.dtype} "
                         f"tensor of shape {tuple(seed.shape)}")
-    return seed
 
 
 def stream_key(seed: int, stream: int) -> int:

@@ -40,6 +40,8 @@ def mask_tensor(name: str, t, like: torch.Tensor, like_name: str) -> torch.Tenso
 
 
 def probability(name: str, p) -> float:
+    if isinstance(p, (bool, str, bytes)):  # float() would take "0.1" and True
+        raise TypeError(f"{name}: expected a float in [0, 1], got {p!r}")
     try:
         p = float(p)
     except (TypeError, ValueError):
@@ -47,6 +49,16 @@ def probability(name: str, p) -> float:
     if not 0.0 <= p <= 1.0:  # also rejects NaN
         raise ValueError(f"{name}: expected a probability in [0, 1], got {p}")
     return p
+
+
+def flag(name: str, v) -> bool:
+    """A bool (``bool("no")`` is True, so strings and the like are refused, not read); numpy's
+    bool and the SymBool a shape comparison gives under torch.compile pass."""
+    if isinstance(v, (bool, torch.SymBool)):
+        return v
+    if type(v).__name__ == "bool_" and type(v).__module__ == "numpy":
+        return bool(v)
+    raise TypeError(f"{name}: expected True or False, got {v!r}")
 
 
 def positive_int(name: str, v, *, minimum: int = 1) -> int:

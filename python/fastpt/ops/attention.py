@@ -655,6 +655,7 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     default generator (so ``torch.manual_seed`` makes it reproducible). Raises what
     ``attention`` raises.
     """
+    is_causal, enable_gqa = _validate.flag("is_causal", is_causal), _validate.flag("enable_gqa", enable_gqa)
     general = (attn_mask is not None or not isinstance(query, torch.Tensor) or query.dim() != 4
                or not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor)
                or key.dim() != 4 or value.dim() != 4 or key.shape[2] != query.shape[2]

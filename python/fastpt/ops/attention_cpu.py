@@ -100,14 +100,23 @@ def _product_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _flash(q, k, v, causal, scale):
-    """torch's CPU flash kernel on (n, L, H, D) views: out (n, Lq, H, D), lse (n, H, Lq)."""
+    """torch's CPU flash kernel on (n, L, H, D) views: out (n, Lq, H, D), lse (n, H, Lq).
+
+    A negative scale runs as ``(-q, -scale)``, the same scores: the kernel returns NaN for a
+    negative scale under its causal mask (torch 2.13)."""
+    if scale < 0:
+        q, scale = -q, -scale
     out, lse = _FLASH_CPU(_bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale)
     return _bhsd(out), lse
 
 
 def _flash_bwd(dout, q, k, v, out, lse, causal, scale):
-    return tuple(_bhsd(g) for g in _FLASH_CPU_BWD(_bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse, 0.0,
-                                                  causal, scale=scale))
+    flip = scale < 0  # as in _flash; then dq is minus the gradient of -q
+    if flip:
+        q, scale = -q, -scale
+    dq, dk, dv = (_bhsd(g) for g in _FLASH_CPU_BWD(_bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse,
+                                                   0.0, causal, scale=scale))
+    return (-dq if flip else dq), dk, dv
 
 
 def _docs_fwd(q, k, v, prefix, scale):
@@ -150,19 +159,35 @@ def _docs_bwd(dout, q, k, v, out, lse, prefix, scale):
 
 def forward(q4, k4, v4, docs, *, scale, **_):
     b_count, s, h, _ = q4.shape
+    if q4.numel() == 0:  # no token (torch's kernel dies of SIGFPE on a length of 0)
+        return q4.new_zeros(q4.shape), torch.full((b_count, h, s), float("-inf"), dtype=_acc_dtype(q4.dtype))
     groups, kind = _cpu_plan(docs, b_count, s)
     if groups is None:
-        return _docs_fwd(q4, k4, v4, kind, scale)
-    out = q4.new_zeros(q4.shape)
-    lse = torch.full((b_count, h, s), float("-inf"), dtype=_acc_dtype(q4.dtype), device=q4.device)
-    for g in groups:
-        o, lg = _docs_fwd(g.take(q4), g.take(k4), g.take(v4), g.prefix, scale)
-        g.put(out, o)
-        g.put(lse.transpose(1, 2), lg.transpose(1, 2))
-    return out, lse
+        out, lse = _docs_fwd(q4, k4, v4, kind, scale)
+    else:
+        out = q4.new_zeros(q4.shape)
+        lse = torch.full((b_count, h, s), float("-inf"), dtype=_acc_dtype(q4.dtype), device=q4.device)
+        for g in groups:
+            o, lg = _docs_fwd(g.take(q4), g.take(k4), g.take(v4), g.prefix, scale)
+            g.put(out, o)
+            g.put(lse.transpose(1, 2), lg.transpose(1, 2))
+    return _nan_rows(q4, out, lse, groups is None)
+
+
+def _nan_rows(q4, out, lse, whole):
+    """NaN output (and lse) for the query rows holding a NaN, as every other backend gives: torch's
+    CPU kernel returns 0 there. One read of q; padded rows (``whole`` False) keep their 0."""
+    bad = q4.isnan().any(-1)  # (B, S, H)
+    if not bool(bad.any()):
+        return out, lse
+    if not whole:
+        bad = bad & (lse.transpose(1, 2) > float("-inf"))
+    return out.masked_fill(bad[..., None], float("nan")), lse.masked_fill(bad.transpose(1, 2), float("nan"))
 
 
 def backward(dout, q4, k4, v4, out, lse, docs, *, scale, **_):
+    if q4.numel() == 0:
+        return tuple(torch.zeros(x.shape, dtype=x.dtype) for x in (q4, k4, v4))
     if q4.dtype in (torch.float16, torch.bfloat16):
         # torch's CPU kernel keeps its dK / dV partial sums in the half dtype across query blocks:
         # on 1000-token documents that measured 3-4x the error of plain PyTorch in that dtype (the

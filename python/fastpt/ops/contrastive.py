@@ -118,7 +118,11 @@ def _positive_scalar(name: str, value, device, acc) -> tuple[torch.Tensor, float
 
 
 def _scale_from_temperature(temperature, device, acc) -> torch.Tensor:
-    t, _ = _positive_scalar("temperature", temperature, device, acc)
+    t, v = _positive_scalar("temperature", temperature, device, acc)
+    info = torch.finfo(acc)
+    if not math.isnan(v) and not info.tiny <= 1.0 / v <= info.max:  # NaN: traced, not read
+        raise ValueError(f"temperature: expected 1 / temperature in {acc}'s normal range "
+                         f"[{info.tiny:.3g}, {info.max:.3g}] (the math runs in {acc}), got temperature={v:g}")
     return 1.0 / t
 
 
@@ -136,7 +140,9 @@ def _scale_from_logit_scale(logit_scale, device, acc) -> torch.Tensor:
     v = 0.0 if torch.compiler.is_compiling() else float(ls.detach())  # no host read while tracing
     if not math.isfinite(v):
         raise ValueError(f"logit_scale: expected a finite value, got {v}")
-    return ls.exp().clamp(max=MAX_LOGIT_SCALE)
+    # below: exp() of a very negative logit_scale underflows to 0; the smallest normal scale gives
+    # the same loss (uniform logits) and, as the gradient through exp() there, ~0
+    return ls.exp().clamp(min=torch.finfo(acc).tiny, max=MAX_LOGIT_SCALE)
 
 
 def _label_tensor(name: str, t, n: int, device) -> torch.Tensor:
@@ -672,7 +678,8 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, *, temperature=0.07, labels
         raise ValueError(f"key: without labels query i's positive is key i, so N == M is needed; "
                          f"got query {tuple(q.shape)} and key {tuple(k.shape)}")
     scale = _scale_from_temperature(temperature, q.device, _acc_dtype(q.dtype))
-    return _loss(q, k, queue, scale, lab, symmetric=bool(symmetric), normalize=bool(normalize), gather=bool(gather),
+    return _loss(q, k, queue, scale, lab, symmetric=_validate.flag("symmetric", symmetric), normalize=_validate.flag("normalize", normalize),
+                 gather=_validate.flag("gather", gather),
                  group=group, backend=backend)
 
 
@@ -701,6 +708,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature=0.5, normalize: b
         raise ValueError(f"z2: expected shape {tuple(a.shape)} (the shape of z1), got {tuple(b.shape)}")
     acc = _acc_dtype(a.dtype)
     scale = _scale_from_temperature(temperature, a.device, acc)
+    normalize, gather = _validate.flag("normalize", normalize), _validate.flag("gather", gather)
     z = torch.cat([a, b])
     if normalize:
         z = _normalize(z)
@@ -747,5 +755,6 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale, *, l
         raise ValueError(f"text_emb: without labels image i pairs with text i, so equal counts are needed; "
                          f"got image_emb {tuple(img.shape)} and text_emb {tuple(txt.shape)}")
     scale = _scale_from_logit_scale(logit_scale, img.device, _acc_dtype(img.dtype))
-    return _loss(img, txt, None, scale, lab, symmetric=True, normalize=bool(normalize), gather=bool(gather),
+    return _loss(img, txt, None, scale, lab, symmetric=True, normalize=_validate.flag("normalize", normalize),
+                 gather=_validate.flag("gather", gather),
                  group=group, backend=backend)

@@ -58,11 +58,14 @@ def _scale(p: float) -> float:
     return 1.0 / (1.0 - p)
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check(x, p) -> float:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected a float16, bfloat16, float32 or float64 tensor, got dtype {x.dtype}")
     p = _validate.probability("p", p)
     if p >= 1.0:
         raise ValueError(f"p: expected a probability in [0, 1), got {p}")
@@ -296,12 +299,16 @@ def dropout(x: torch.Tensor, p: float = 0.5, *, training: bool = True, seed: int
         the same mask times the same scale, recomputed, never stored).
 
     Raises:
-        TypeError naming ``x`` (not a floating tensor) or ``seed`` (not an int); ValueError naming
-        ``p`` (outside [0, 1)) or ``seed`` (outside [0, 2**64)); ``fastpt.BackendError`` when the
-        forced backend cannot serve.
+        TypeError naming ``x`` (not a float16 / bfloat16 / float32 / float64 tensor), ``seed`` (not
+        an int) or ``training`` (not a bool); ValueError naming ``p`` (outside [0, 1)), ``seed``
+        (outside [0, 2**64)) or ``backend`` (an unknown name, also when nothing is dropped);
+        ``fastpt.BackendError`` when the forced backend cannot serve.
     """
     p = _check(x, p)
     seed = None if seed is None else _rng.check_op_seed(seed)
+    if not isinstance(training, bool):
+        raise TypeError(f"training: expected a bool, got {type(training).__name__}")
+    OP.check_name(backend)
     if not training or p == 0.0 or x.numel() == 0:
         return x
     key = _rng.op_key(_rng.fresh_seed() if seed is None else seed, _rng.STREAM_DROPOUT)

@@ -134,8 +134,8 @@ def _prepare(hidden, weight, labels, bias, ignore_index, reduction, label_smooth
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden: expected float16, bfloat16, float32 or float64, got dtype {hidden.dtype}")
-    if hidden.dim() < 1:
-        raise ValueError(f"hidden: expected shape (..., D), got {tuple(hidden.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"hidden: expected shape (..., D) with D >= 1, got {tuple(hidden.shape)}")
     d = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != d:
         raise ValueError(f"weight: expected shape (V, D={d}) (D from hidden), got {tuple(weight.shape)}")
@@ -163,9 +163,13 @@ def _prepare(hidden, weight, labels, bias, ignore_index, reduction, label_smooth
         raise ValueError(f"labels: expected a tensor on {hidden.device} (the device of hidden), got {labels.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:  # an int64 label value, as the kernels compare it
+        raise ValueError(f"ignore_index: expected an int64 value, got {ignore_index}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     try:
+        if isinstance(label_smoothing, (bool, str, bytes)) or isinstance(z_loss, (bool, str, bytes)):
+            raise TypeError
         label_smoothing, z_loss = float(label_smoothing), float(z_loss)
     except (TypeError, ValueError):
         raise TypeError(f"label_smoothing / z_loss: expected floats, got {label_smoothing!r}, {z_loss!r}") from None

@@ -15,6 +15,7 @@ Randomness is counter-based (``ops/_rng.py``): the result is a pure function of
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -28,6 +29,33 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 MAX_SPECIAL_IDS = 64
+
+
+def _special_ids(special_token_ids) -> list[int]:
+    """``special_token_ids`` as sorted distinct ints: None, an iterable of ints, or an integer tensor
+    of at most one dimension. TypeError / ValueError naming the argument otherwise (a bare int, a
+    string or floats were read as something else before: 0 as "none", "12" as ids 1 and 2)."""
+    if special_token_ids is None:
+        return []
+    name = "special_token_ids"
+    if isinstance(special_token_ids, torch.Tensor):
+        if special_token_ids.dim() > 1 or special_token_ids.dtype not in _validate.INDEX_DTYPES:
+            raise TypeError(f"{name}: expected a 1-d int32 / int64 tensor or a list of ints, got a "
+                            f"{special_token_ids.dtype} tensor of shape {tuple(special_token_ids.shape)}")
+        special_token_ids = special_token_ids.reshape(-1).tolist()
+    elif isinstance(special_token_ids, (str, bytes)) or not hasattr(special_token_ids, "__iter__"):
+        raise TypeError(f"{name}: expected an iterable of ints (e.g. [101, 102]), got {special_token_ids!r}")
+    ids = []
+    for i in special_token_ids:
+        if isinstance(i, torch.Tensor) and i.numel() == 1 and i.dtype in _validate.INDEX_DTYPES:
+            i = int(i)
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):  # ints, numpy ints
+            raise TypeError(f"{name}: expected ints, got {i!r} ({type(i).__name__})")
+        i = int(i)
+        if not -2**63 <= i < 2**63:
+            raise ValueError(f"{name}: expected int64 ids, got {i}")
+        ids.append(i)
+    return sorted(set(ids))
 
 
 def _prepare(input_ids, *, mask_token_id, vocab_size, mask_prob, replace_prob, random_prob,
@@ -61,7 +89,7 @@ def _prepare(input_ids, *, mask_token_id, vocab_size, mask_prob, replace_prob, r
     if word_ids is not None:
         word_ids = _validate.index_tensor("word_ids", word_ids)
         _validate.same_shape_device("word_ids", word_ids, ids, "input_ids")
-    special = torch.tensor(sorted(set(int(i) for i in (special_token_ids or ()))), dtype=torch.int64)
+    special = torch.tensor(_special_ids(special_token_ids), dtype=torch.int64)
     if special.numel() > MAX_SPECIAL_IDS:
         raise ValueError(f"special_token_ids: expected at most {MAX_SPECIAL_IDS} ids, got {special.numel()}")
 

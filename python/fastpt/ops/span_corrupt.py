@@ -80,7 +80,15 @@ def check_seqlens(seqlens, rows: int | None, cols: int | None) -> torch.Tensor:
     if seqlens is None:
         return torch.full((rows,), cols, dtype=torch.int64)
     if not isinstance(seqlens, torch.Tensor):
-        seqlens = torch.as_tensor(seqlens)
+        if isinstance(seqlens, (str, bytes)):
+            raise TypeError(f"seqlens: expected an integer tensor or a sequence of ints, got {seqlens!r}")
+        try:
+            seqlens = torch.as_tensor(seqlens)
+        except (ValueError, OverflowError) as exc:  # torch: "Overflow when unpacking long long"
+            raise ValueError(f"seqlens: expected int64 lengths, got {seqlens!r} ({exc})") from None
+        except (TypeError, RuntimeError) as exc:
+            raise TypeError(f"seqlens: expected an integer tensor or a sequence of ints, got {seqlens!r} "
+                            f"({exc})") from None
     if seqlens.dtype.is_floating_point or seqlens.dtype.is_complex or seqlens.dtype == torch.bool:
         raise TypeError(f"seqlens: expected an integer tensor, got dtype {seqlens.dtype}")
     if seqlens.dim() != 1 or (rows is not None and seqlens.shape[0] != rows):
@@ -131,8 +139,8 @@ def span_corrupt_lengths(seqlens, *, noise_density=0.15, mean_span_len=3.0):
         TypeError / ValueError naming the argument.
     """
     scalar = isinstance(seqlens, int) and not isinstance(seqlens, bool)
-    if scalar and seqlens < 0:
-        raise ValueError(f"seqlens: expected a length >= 0, got {seqlens}")
+    if scalar and not 0 <= seqlens < 2**63:
+        raise ValueError(f"seqlens: expected a length in [0, 2**63), got {seqlens}")
     device = seqlens.device if isinstance(seqlens, torch.Tensor) else torch.device("cpu")
     lengths = torch.as_tensor([seqlens]) if scalar else check_seqlens(seqlens, None, None)
     rows = lengths.shape[0]

@@ -101,6 +101,7 @@ def denoiser_table(weights, n: int) -> torch.Tensor:
             raise ValueError(f"weights: expected one weight per denoiser ({n}), got {w.numel()}")
         if not bool(((w >= 0) & torch.isfinite(w)).all()) or not float(w.sum()) > 0:
             raise ValueError(f"weights: expected finite non-negative weights, not all zero, got {w.tolist()}")
+    w = w / w.max()  # the same mixture; a sum of huge finite weights no longer overflows to inf
     # Rounding the cumulative sum (not each weight) keeps the table ending exactly at the scale.
     return torch.round(torch.cumsum(w, 0) / w.sum() * WEIGHT_SCALE).to(torch.int64)
 
