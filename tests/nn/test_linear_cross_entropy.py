@@ -56,5 +56,9 @@ def test_bad_options_fail_at_construction():
     with pytest.raises(ValueError, match="reduction"):
         LinearCrossEntropyLoss(reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
-        LinearCrossEntropyLoss(label_smoothing=2.0)(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]))
+        LinearCrossEntropyLoss(label_smoothing=2.0)
+    with pytest.raises(ValueError, match="z_loss"):
+        LinearCrossEntropyLoss(z_loss=-1.0)
+    with pytest.raises(TypeError, match="ignore_index"):
+        LinearCrossEntropyLoss(ignore_index=-100.0)
     assert "reduction='sum'" in repr(LinearCrossEntropyLoss(reduction="sum"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.linear_cross_entropy import REDUCTIONS, linear_cross_entropy
+from ..ops.linear_cross_entropy import check_options, linear_cross_entropy
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -28,8 +28,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  z_loss: float = 0.0, backend: str | None = None):
         super().__init__()
-        if reduction not in REDUCTIONS:  # fail at construction, not at the first batch
-            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        check_options(ignore_index, reduction, label_smoothing, z_loss)  # at construction, not the first batch
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing

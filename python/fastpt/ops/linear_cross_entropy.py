@@ -126,6 +126,28 @@ def empty_cache() -> None:
     _SCRATCH.logits = None
 
 
+def check_options(ignore_index, reduction, label_smoothing, z_loss) -> tuple[float, float]:
+    """Validate the scalar options (also what ``nn.LinearCrossEntropyLoss`` checks when built);
+    returns ``(label_smoothing, z_loss)`` as floats. Errors name the option."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:  # an int64 label value, as the kernels compare it
+        raise ValueError(f"ignore_index: expected an int64 value, got {ignore_index}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    try:
+        if isinstance(label_smoothing, (bool, str, bytes)) or isinstance(z_loss, (bool, str, bytes)):
+            raise TypeError
+        label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+    except (TypeError, ValueError):
+        raise TypeError(f"label_smoothing / z_loss: expected floats, got {label_smoothing!r}, {z_loss!r}") from None
+    if not 0.0 <= label_smoothing <= 1.0:  # also rejects NaN
+        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing}")
+    if not 0.0 <= z_loss < math.inf:
+        raise ValueError(f"z_loss: expected a finite float >= 0, got {z_loss}")
+    return label_smoothing, z_loss
+
+
 def _prepare(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss, wide_params=False):
     """Validate the public arguments; return backend inputs (rows flattened) and the labels' shape.
     ``wide_params``: weight and bias may be float32 with half ``hidden`` (autocast's master weights)."""
@@ -161,22 +183,7 @@ def _prepare(hidden, weight, labels, bias, ignore_index, reduction, label_smooth
                          f"got {tuple(labels.shape)}")
     if labels.device != hidden.device:
         raise ValueError(f"labels: expected a tensor on {hidden.device} (the device of hidden), got {labels.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    if not -2**63 <= ignore_index < 2**63:  # an int64 label value, as the kernels compare it
-        raise ValueError(f"ignore_index: expected an int64 value, got {ignore_index}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    try:
-        if isinstance(label_smoothing, (bool, str, bytes)) or isinstance(z_loss, (bool, str, bytes)):
-            raise TypeError
-        label_smoothing, z_loss = float(label_smoothing), float(z_loss)
-    except (TypeError, ValueError):
-        raise TypeError(f"label_smoothing / z_loss: expected floats, got {label_smoothing!r}, {z_loss!r}") from None
-    if not 0.0 <= label_smoothing <= 1.0:  # also rejects NaN
-        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing}")
-    if not 0.0 <= z_loss < math.inf:
-        raise ValueError(f"z_loss: expected a finite float >= 0, got {z_loss}")
+    label_smoothing, z_loss = check_options(ignore_index, reduction, label_smoothing, z_loss)
     inputs = dict(hidden=hidden.reshape(-1, d), weight=weight, bias=bias, labels=labels.reshape(-1).long(),
                   ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
     return inputs, labels.shape
