@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
 import types
 import typing
 import warnings
@@ -75,6 +76,13 @@ NEVER_MASKED = ("cls", "sep", "pad", "bos", "eos")
 FROM_BACKBONE = frozenset(BACKBONE_SIZES) | {"text_hidden_size", "vision_hidden_size", "grid_size", "cls_token"}
 TOWERS = {"text": "text_encoder", "vision": "vit"}
 HF_OBJECTIVES = {"bert": "mlm", "roberta": "mlm", "gpt2": "clm"}  # from_hf(objective="auto")
+# the backbone builders each objective runs on (its forward reads their inputs and attributes)
+OBJECTIVE_BACKBONES = {
+    "mlm": ("text_encoder",), "clm": ("text_encoder",), "prefix_lm": ("text_encoder",), "nsp": ("text_encoder",),
+    "sop": ("text_encoder",), "self_distill": ("text_encoder",), "span": ("encoder_decoder",),
+    "ul2": ("encoder_decoder",), "mae": ("vit",), "simclr": ("vit",), "moco_v3": ("vit",), "dino": ("vit",),
+    "clip": ("two_tower",),
+}
 
 
 # ----------------------------------------------------------------------------- configs
@@ -178,7 +186,7 @@ def _choice(where: str, d, key: str, registry) -> tuple[str, dict]:
     """``d[key]``, checked against ``registry``, and the rest of the mapping ``d`` (its arguments)."""
     _dict(where, d)
     name = d.get(key)
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:  # a list or dict is not even hashable
         raise ValueError(f"{where}.{key}: expected one of {sorted(registry)}, got {name!r}")
     return name, {k: v for k, v in d.items() if k != key}
 
@@ -323,6 +331,7 @@ def _assemble(cfg: dict, backbone=None) -> PretrainModel:
     objective = None
     if cfg.get("objective") is not None:
         o = cfg["objective"]
+        _check_pairing(o["name"], backbone)
         cls = OBJECTIVES[o["name"]]
         kwargs = _fill_ids({k: v for k, v in o.items() if k != "name"}, cls, cfg.get("special_ids") or {})
         cfg["objective"] = {"name": o["name"], **_plain(kwargs)}
@@ -333,6 +342,16 @@ def _assemble(cfg: dict, backbone=None) -> PretrainModel:
         except (TypeError, ValueError) as exc:
             raise _with_context(exc, f"objective ({o['name']})") from exc
     return PretrainModel(backbone, objective, config=cfg)
+
+
+def _check_pairing(objective: str, backbone) -> None:
+    """ValueError naming the objective and the backbone kind it needs when ``backbone`` (built by one
+    of ``BUILDERS``, read from its config) is another kind; a backbone of no known builder is not checked."""
+    builder = (getattr(backbone, "config", None) or {}).get("builder")
+    needs = OBJECTIVE_BACKBONES.get(objective)
+    if needs and builder in BUILDERS and builder not in needs:
+        raise ValueError(f"objective.name: {objective!r} needs a {' or '.join(needs)} backbone, got backbone "
+                         f"builder {builder!r}")
 
 
 def _with_context(exc: Exception, where: str) -> Exception:
@@ -415,8 +434,11 @@ def from_hf(path, *, objective: str | None = "auto", **objective_kwargs) -> Pret
 
     Heads the objective has no place for (e.g. BERT's pooler under MLM) are dropped with a warning.
     The Hugging Face config is kept in ``model.config["hf"]`` for ``to_hf``. Raises
-    FileNotFoundError, ValueError (unsupported model, unknown objective, a token id nobody gives).
+    FileNotFoundError, ValueError (unsupported model, unknown objective, a token id nobody gives, an
+    objective for another backbone kind), TypeError (``path`` not a str or os.PathLike).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"from_hf: path: expected a directory (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
     if (path / CONFIG_FILE).is_file() and not (path / "config.json").is_file():
         if json.loads((path / CONFIG_FILE).read_text()).get("format") == FORMAT:

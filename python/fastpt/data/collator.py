@@ -23,8 +23,9 @@ What differs, on purpose:
 """
 from __future__ import annotations
 
+import array
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -88,8 +89,15 @@ class MLMCollator:
             random_replace_prob > 1``, a tokenizer without mask token when ``mlm=True``,
             ``whole_word_mask`` without ``mlm``, an unknown ``return_tensors``, a bad
             ``pad_to_multiple_of`` or seed; at call time for an empty batch, examples of different
-            lengths with a tokenizer that has no pad token, ``word_ids`` / ``offset_mapping`` that do
-            not match ``input_ids``, or ids outside ``[0, len(tokenizer))``.
+            lengths with a tokenizer that has no pad token, ``word_ids`` / ``offset_mapping`` /
+            ``attention_mask`` / ``token_type_ids`` / ``special_tokens_mask`` that do not match
+            ``input_ids`` (or are given for only some examples), an example without ``input_ids``, ids
+            that are not 1-d (a ``(1, L)`` tensor, nested lists), or ids outside ``[0, len(tokenizer))``.
+        TypeError: at construction for a tokenizer that is None (or lacks ``pad_token_id``); at call
+            time for ``features`` that is not a list of examples (None, a dict of columns, one flat
+            list of ids), dict and non-dict examples mixed, or ids / ``word_ids`` that are not integers
+            (strings, floats: they are never truncated). All are checked before anything reaches
+            ``tokenizer.pad``, and each message names the argument or key.
     """
 
     tokenizer: object
@@ -110,12 +118,22 @@ class MLMCollator:
 
     def __post_init__(self):
         tok = self.tokenizer
+        if tok is None or not hasattr(tok, "pad_token_id"):
+            raise TypeError(
+                "tokenizer: expected a Hugging Face tokenizer (with pad_token_id, all_special_ids, padding_side, "
+                f"and mask_token_id and len() for mlm=True), got {_describe(tok)}"
+            )
         if self.mlm:
             if getattr(tok, "mask_token_id", None) is None:
                 raise ValueError(
                     "tokenizer: has no mask token, which masked language modelling needs; "
                     "pass mlm=False for causal language modelling"
                 )
+            try:
+                len(tok)
+            except TypeError:
+                raise TypeError(f"tokenizer: needs len() (the vocabulary size) for mlm=True, "
+                                f"got {_describe(tok)}") from None
             self.mlm_probability = _probability("mlm_probability", self.mlm_probability)
         elif self.whole_word_mask:
             raise ValueError("whole_word_mask: needs mlm=True")
@@ -149,19 +167,19 @@ class MLMCollator:
 
     def __call__(self, features, return_tensors: str | None = None):
         return_tensors = _check_return_tensors(return_tensors or self.return_tensors)
-        if len(features) == 0:
-            raise ValueError("features: expected at least one example, got an empty batch")
+        features = _examples(features)  # checked up front: nothing malformed reaches tokenizer.pad
         if isinstance(features[0], Mapping):
-            features = list(features)
+            ids = _check_dict_examples(features)
             word_ids = self._pop_ragged(features, "word_ids", fill=-1)
             offsets = self._pop_ragged(features, "offset_mapping", fill=0)
-            batch = self._pad_fast(features)
+            batch = self._pad_fast(features, ids)
             if batch is None:  # unusual keys or value types: let the tokenizer do exactly what HF does
                 batch = dict(_tokenizer_pad(self.tokenizer, features, self.pad_to_multiple_of))
             batch = _batch_encoding(batch)
         else:
+            ids = _check_ids(features, "input_ids")
             word_ids = offsets = None
-            batch = {"input_ids": self._collate_ids(features)}
+            batch = {"input_ids": self._collate_ids(features, ids)}
 
         special_tokens_mask = batch.pop("special_tokens_mask", None)
         if self.mlm:
@@ -233,9 +251,10 @@ class MLMCollator:
 
     # ------------------------------------------------------------------ padding
 
-    def _pad_fast(self, features) -> dict | None:
+    def _pad_fast(self, features, ids: torch.Tensor | None = None) -> dict | None:
         """``tokenizer.pad(features, return_tensors="pt")`` for examples made only of the standard
-        keys holding integer lists / arrays / 1-D tensors; None for anything else."""
+        keys holding integer lists / arrays / 1-D tensors; None for anything else. ``ids``: the
+        examples' input_ids already concatenated (from :func:`_check_ids`), if they were lists."""
         tok = self.tokenizer
         keys = list(features[0].keys())
         if "input_ids" not in keys or any(k not in _PADDABLE for k in keys):
@@ -253,7 +272,7 @@ class MLMCollator:
             column = [f[k] for f in features]
             if k != "input_ids" and [len(v) for v in column] != lengths:
                 return None
-            flat[k] = _concat_ints(column)
+            flat[k] = ids if k == "input_ids" and ids is not None else _concat_ints(column)
             if flat[k] is None:
                 return None
         valid, length = self._layout(lengths)
@@ -283,35 +302,48 @@ class MLMCollator:
         valid = pos >= length - lens if self.tokenizer.padding_side == "left" else pos < lens
         return valid, length
 
-    def _collate_ids(self, examples) -> torch.Tensor:
-        """Hugging Face's ``_torch_collate_batch``: lists become int64, tensors keep their dtype."""
-        if isinstance(examples[0], torch.Tensor):
-            flat = torch.cat([e.reshape(-1) for e in examples]).to(examples[0].dtype)
+    def _collate_ids(self, examples, flat: torch.Tensor | None = None) -> torch.Tensor:
+        """Hugging Face's ``_torch_collate_batch``: lists become int64, tensors keep their dtype.
+
+        ``flat``: the examples already concatenated (from :func:`_check_ids`, when all are lists)."""
+        if flat is not None:
+            pass
+        elif isinstance(examples[0], torch.Tensor):
+            dtype = examples[0].dtype
+            flat = torch.cat([e.reshape(-1) if isinstance(e, torch.Tensor) else torch.as_tensor(e, dtype=dtype)
+                              for e in examples]).to(dtype)
         else:
             flat = _concat_ints(examples)
-            if flat is None:
-                flat = torch.tensor(list(chain.from_iterable(examples)), dtype=torch.int64)
+            if flat is None:  # numpy / 0-d tensor scalars, or lists mixed with arrays and tensors
+                flat = torch.cat([torch.as_tensor(e, dtype=torch.int64).reshape(-1) for e in examples])
         lengths = [len(e) for e in examples]
         valid, length = self._layout(lengths)
         return _place(flat, valid, len(examples), length, self.tokenizer.pad_token_id)
 
     def _pop_ragged(self, features, key: str, fill: int) -> torch.Tensor | None:
         """Remove ``key`` from every example and pad it like input_ids: ``(B, L)`` or ``(B, L, 2)``."""
-        if key not in features[0]:
+        present = [key in f for f in features]
+        if not any(present):
             return None
+        if not all(present):
+            raise ValueError(f"{key}: example {present.index(True)} has it but example {present.index(False)} "
+                             f"does not; give {key} for every example or for none")
         lengths = [len(f["input_ids"]) for f in features]
         values = []
         for i, f in enumerate(features):
             f = dict(f)
             v = f.pop(key)
             features[i] = f
+            if not (isinstance(v, (list, tuple)) or isinstance(v, (np.ndarray, torch.Tensor)) and v.ndim >= 1):
+                what = "None or an integer word index" if key == "word_ids" else "an integer (start, end) pair"
+                raise TypeError(f"{key}: example {i} is {_describe(v)}; expected a list with {what} per token")
             if len(v) != lengths[i]:
                 raise ValueError(f"{key}: example {i} has {len(v)} entries for {lengths[i]} input_ids")
             values.append(v)
         if key == "word_ids":
-            flat = torch.tensor([-1 if w is None else int(w) for w in chain.from_iterable(values)], dtype=torch.int64)
+            flat = _word_id_list(values)
         else:
-            flat = torch.from_numpy(np.concatenate([np.asarray(v, dtype=np.int64).reshape(-1, 2) for v in values]))
+            flat = torch.from_numpy(np.concatenate([_offset_pairs(v, i) for i, v in enumerate(values)]))
         valid, length = self._layout(lengths)
         return _place(flat, valid, len(features), length, fill)
 
@@ -393,6 +425,186 @@ def _check_return_tensors(rt) -> str:
     return rt
 
 
+_EXPECTED = ("a list of examples, each a dict with 1-d integer input_ids (a list, numpy array or tensor of "
+             "token ids) or itself a 1-d sequence of integer ids")
+
+
+def _describe(v) -> str:
+    """A short description of ``v`` for error messages."""
+    if v is None:
+        return "None"
+    name = type(v).__name__
+    a = "an" if name[:1].lower() in "aeiou" else "a"
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dim()}-d {v.dtype} tensor"
+    if isinstance(v, np.ndarray):
+        return f"a {v.ndim}-d {v.dtype} numpy array"
+    if isinstance(v, (str, bytes)):
+        return f"{a} {name} {v[:24]!r}"
+    if isinstance(v, (bool, int, float, np.generic)):
+        return f"{a} {name} ({v!r})"
+    if isinstance(v, (list, tuple)) and len(v) and isinstance(v[0], (list, tuple)):
+        return f"{a} {name} of {type(v[0]).__name__}s"
+    return f"{a} {name}"
+
+
+def _int_dtype(dtype) -> bool:
+    """True for integer tensor / array dtypes (not bool, float or complex)."""
+    if isinstance(dtype, torch.dtype):
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    return np.dtype(dtype).kind in "iu"
+
+
+def _is_int_type(t: type) -> bool:
+    """Python / numpy integer scalar types (bools are not ids)."""
+    return issubclass(t, (int, np.integer)) and not issubclass(t, bool)
+
+
+def _is_int_scalar(x) -> bool:
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return x.ndim == 0 and _int_dtype(x.dtype)
+    return _is_int_type(type(x))
+
+
+def _examples(features) -> list:
+    """``features`` as a non-empty list of examples, all dicts or all non-dicts; TypeError / ValueError naming it."""
+    if isinstance(features, (torch.Tensor, np.ndarray)):
+        if features.ndim != 2:  # a (batch, length) array is a batch of rows, as Hugging Face takes it
+            raise TypeError(f"features: expected {_EXPECTED}, or a 2-d (batch, length) array of ids; "
+                            f"got {_describe(features)}")
+        features = list(features)
+    elif isinstance(features, Sequence) and not isinstance(features, (str, bytes)):
+        features = list(features)
+    else:
+        hint = ("; this looks like an already collated batch of columns, pass one dict per example instead"
+                if isinstance(features, Mapping) else "")
+        raise TypeError(f"features: expected {_EXPECTED}; got {_describe(features)}{hint}")
+    if not features:
+        raise ValueError("features: expected at least one example, got an empty batch")
+    first = features[0]
+    if _is_int_scalar(first):
+        raise TypeError(f"features: example 0 is {_describe(first)}: a single example's flat list of ids? "
+                        f"expected {_EXPECTED}; wrap one example in a list ([ids])")
+    is_dict = isinstance(first, Mapping)
+    for i, f in enumerate(features):
+        if isinstance(f, Mapping) != is_dict:
+            raise TypeError(f"features: example {i} is {_describe(f)} but example 0 is {_describe(first)}; "
+                            f"expected {_EXPECTED}, all in the same form")
+    return features
+
+
+def _check_ids(values, what: str) -> torch.Tensor | None:
+    """Check that every value is 1-d integer ids (a list / tuple of ints, a 1-d integer array or tensor);
+    TypeError / ValueError naming ``what`` and the example otherwise.
+
+    Lists are checked while they are converted (``array.fromlist`` accepts integers only, and is as fast
+    as the ``np.fromiter`` it replaces): returns all values concatenated into an int64 tensor when every
+    value is a list / tuple, else None."""
+    buf, all_lists = array.array("q"), True
+    for i, v in enumerate(values):
+        if isinstance(v, (list, tuple)):
+            try:
+                buf.fromlist(v) if type(v) is list else buf.extend(v)
+            except (TypeError, OverflowError):
+                _check_int_list(v, i, what)
+                raise
+        elif isinstance(v, (torch.Tensor, np.ndarray)):
+            all_lists = False
+            if v.ndim != 1:
+                raise ValueError(f"{what}: example {i} is {_describe(v)}; expected 1-d integer ids, one row per "
+                                 f"example (not a (1, length) batch)")
+            if not _int_dtype(v.dtype):
+                raise TypeError(f"{what}: example {i} is {_describe(v)}; expected integer token ids "
+                                f"(float ids are not rounded; convert them to integers first)")
+        else:
+            hint = "; tokenize the text first" if isinstance(v, (str, bytes)) else ""
+            raise TypeError(f"{what}: example {i} is {_describe(v)}; expected 1-d integer ids (a list, numpy "
+                            f"array or tensor){hint}")
+    return torch.from_numpy(np.frombuffer(buf, dtype=np.int64)) if all_lists else None
+
+
+def _check_int_list(v, i: int, what: str) -> None:
+    """Name the first entry of list ``v`` (example ``i``) that is not an integer id; ValueError / TypeError."""
+    for j, x in enumerate(v):
+        if not _is_int_scalar(x):
+            if isinstance(x, (list, tuple, torch.Tensor, np.ndarray)):
+                hint = "; nested one level too deep? each example's ids must be 1-d"
+            elif isinstance(x, (str, bytes)):
+                hint = "; tokenize the text first"
+            else:
+                hint = ""
+            raise TypeError(f"{what}: example {i} holds {_describe(x)} at position {j}; expected 1-d integer "
+                            f"token ids{hint}")
+        if not -(2**63) <= int(x) < 2**63:
+            raise ValueError(f"{what}: example {i} holds {int(x)} at position {j}, outside int64")
+
+
+def _check_dict_examples(features) -> torch.Tensor | None:
+    """Dict examples: each has 1-d integer input_ids, and the standard per-token keys match their length.
+    Returns :func:`_check_ids`' concatenated input_ids (None unless all are lists)."""
+    ids = []
+    for i, f in enumerate(features):
+        if "input_ids" not in f:
+            raise ValueError(f"input_ids: example {i} has none (keys {list(f.keys())[:8]}); expected every "
+                             f"example to be a dict with 1-d integer input_ids")
+        ids.append(f["input_ids"])
+    flat = _check_ids(ids, "input_ids")
+    for k in _PADDABLE[1:]:
+        for i, f in enumerate(features):
+            if k not in f:
+                continue
+            v, n = f[k], len(ids[i])
+            if isinstance(v, (torch.Tensor, np.ndarray)):
+                ok = v.ndim == 1
+            else:
+                ok = isinstance(v, (list, tuple)) and not (
+                    len(v) and isinstance(v[0], (list, tuple, str, bytes, Mapping, torch.Tensor, np.ndarray))
+                    and not _is_int_scalar(v[0]))
+            if not ok:
+                raise TypeError(f"{k}: example {i} is {_describe(v)}; expected a 1-d list / array / tensor with "
+                                f"one entry per input_id")
+            if len(v) != n:
+                raise ValueError(f"{k}: example {i} has {len(v)} entries for {n} input_ids; expected one per "
+                                 f"input_id")
+    return flat
+
+
+def _word_id_list(values) -> torch.Tensor:
+    """word_ids of all examples concatenated, None (special tokens) as -1; TypeError naming word_ids otherwise."""
+    rows = []
+    for i, v in enumerate(values):
+        if isinstance(v, (torch.Tensor, np.ndarray)):
+            if not _int_dtype(v.dtype):
+                raise TypeError(f"word_ids: example {i} is {_describe(v)}; expected integer word indices")
+            v = v.tolist()
+        rows.append(v)
+    buf = array.array("q")
+    try:  # integers only (not floats, strings, ...): checked by the conversion itself
+        buf.fromlist([-1 if w is None else w for w in chain.from_iterable(rows)])
+    except (TypeError, OverflowError):
+        for i, v in enumerate(rows):
+            for j, w in enumerate(v):
+                if w is not None and not (_is_int_scalar(w) and -(2**63) <= int(w) < 2**63):
+                    raise TypeError(f"word_ids: example {i} holds {_describe(w)} at position {j}; expected None "
+                                    f"(special token) or an integer word index per token") from None
+        raise
+    return torch.from_numpy(np.frombuffer(buf, dtype=np.int64))
+
+
+def _offset_pairs(v, i: int) -> np.ndarray:
+    """One example's offset_mapping as an (n, 2) int64 array; ValueError naming offset_mapping otherwise."""
+    if len(v) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    try:
+        a = np.asarray(v)
+    except (TypeError, ValueError, RuntimeError):
+        a = None
+    if a is None or a.ndim != 2 or a.shape[1] != 2 or not _int_dtype(a.dtype):
+        raise ValueError(f"offset_mapping: example {i} is not {len(v)} integer (start, end) pairs, one per "
+                         f"input_id (got {_describe(v) if a is None else _describe(a)})")
+    return a.astype(np.int64, copy=False)
+
+
 def _concat_ints(column) -> torch.Tensor | None:
     """All examples' values of one key, concatenated into a flat int64 tensor; None if not plain ints."""
     first = column[0]
@@ -407,7 +619,7 @@ def _concat_ints(column) -> torch.Tensor | None:
         return torch.from_numpy(np.concatenate(column).astype(np.int64, copy=False))
     if isinstance(first, (list, tuple)):
         sample = next((v[0] for v in column if len(v)), 0)
-        if type(sample) is not int:  # bools / floats: tokenizer.pad keeps their dtype
+        if not _is_int_type(type(sample)):  # bools / floats: tokenizer.pad keeps their dtype
             return None
         total = sum(len(v) for v in column)
         # np.fromiter over the chained lists is ~8x faster than torch.tensor on the nested lists.

@@ -30,6 +30,26 @@ def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack([angles.sin(), angles.cos()], -1).flatten(-2)[..., :dim]
 
 
+def _id_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected an int64 (or int32) tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected an int64 (or int32) tensor, got dtype {t.dtype}")
+
+
+def _ids_in_tables(tables) -> None:
+    """ValueError naming the first ``(name, ids, size name, rows)`` whose ids fall outside ``[0, rows)``: one
+    host read for every table's smallest and largest id (torch's embedding raised an unnamed
+    IndexError on the CPU, and a device-side assert, which ends the process's CUDA use, on a GPU)."""
+    tables = [row for row in tables if row[1].numel()]
+    if not tables:
+        return
+    bounds = torch.stack([torch.stack(torch.aminmax(t.to(torch.int64))) for _, t, _, _ in tables]).tolist()
+    for (name, _, size, rows), (lo, hi) in zip(tables, bounds):
+        if lo < 0 or hi >= rows:
+            raise ValueError(f"{name}: expected ids in [0, {size}={rows}), found {lo if lo < 0 else hi}")
+
+
 class TextEmbedding(nn.Module):
     """Token + position + segment embedding, then norm and dropout, then (ALBERT) a projection.
 
@@ -61,6 +81,9 @@ class TextEmbedding(nn.Module):
         check_choice("position", position, TEXT_POSITIONS)
         check_int("type_vocab_size", type_vocab_size, 0)
         check_int("position_offset", position_offset, 0)
+        if position == "learned" and position_offset >= max_positions:
+            raise ValueError(f"position_offset: expected < max_positions={max_positions} (the first position's "
+                             f"row of the table), got {position_offset}")
         embed_dim = dim if embed_dim is None else check_int("embed_dim", embed_dim)
         if pad_token_id is not None and not 0 <= check_int("pad_token_id", pad_token_id, 0) < vocab_size:
             raise ValueError(f"pad_token_id: expected an id in [0, vocab_size={vocab_size}), got {pad_token_id}")
@@ -90,21 +113,38 @@ class TextEmbedding(nn.Module):
         """input_ids long ``(B, S)`` or packed ``(T,)`` (with ``cu_seqlens`` int32 ``(N + 1,)`` the
         positions restart per document); token_type_ids / position_ids shaped like input_ids.
         Returns ``(..., D)`` in the parameters' dtype. Raises ValueError naming the argument for
-        token types without a segment table or positions past ``max_positions``."""
+        token types without a segment table or positions past ``max_positions``, and for ids that are
+        not integer tensors shaped like input_ids or that fall outside their table (one host read
+        for all of them, skipped under torch.compile)."""
+        _id_tensor("input_ids", input_ids)
+        for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+            if t is not None:
+                _id_tensor(name, t)
+                if t.shape != input_ids.shape:
+                    raise ValueError(f"{name}: expected the shape of input_ids {tuple(input_ids.shape)}, "
+                                     f"got {tuple(t.shape)}")
+        if token_type_ids is not None and self.token_type_embeddings is None:
+            raise ValueError("token_type_ids: this embedding has no segment table (type_vocab_size=0)")
+        if self.position != "none" and position_ids is None:
+            if (self.position == "learned" and cu_seqlens is None
+                    and input_ids.shape[-1] + self.position_offset > self.max_positions):
+                raise ValueError(f"input_ids: {input_ids.shape[-1]} tokens (+ position_offset "
+                                 f"{self.position_offset}) exceed max_positions={self.max_positions}")
+            position_ids = self.position_ids(input_ids, cu_seqlens)
+        if not torch.compiler.is_compiling():
+            tables = [("input_ids", input_ids, "vocab_size", self.vocab_size)]
+            if token_type_ids is not None:
+                tables.append(("token_type_ids", token_type_ids, "type_vocab_size",
+                               self.token_type_embeddings.num_embeddings))
+            if self.position == "learned":  # defaults too: a packed document longer than the table
+                tables.append(("position_ids", position_ids, "max_positions", self.max_positions))
+            _ids_in_tables(tables)
         x = self.word_embeddings(input_ids)
         if self.position != "none":
-            if position_ids is None:
-                if (self.position == "learned" and cu_seqlens is None
-                        and input_ids.shape[-1] + self.position_offset > self.max_positions):
-                    raise ValueError(f"input_ids: {input_ids.shape[-1]} tokens (+ position_offset "
-                                     f"{self.position_offset}) exceed max_positions={self.max_positions}")
-                position_ids = self.position_ids(input_ids, cu_seqlens)
             if self.position == "learned":
                 x = x + self.position_embeddings(position_ids)
             else:
                 x = x + sinusoidal_table(position_ids, self.embed_dim).to(x.dtype)
-        if token_type_ids is not None and self.token_type_embeddings is None:
-            raise ValueError("token_type_ids: this embedding has no segment table (type_vocab_size=0)")
         if self.token_type_embeddings is not None:
             if token_type_ids is None:  # segment 0, as Hugging Face's buffered zeros
                 x = x + self.token_type_embeddings.weight[0]
@@ -142,7 +182,7 @@ def _pair(name, value) -> tuple[int, int]:
         value = (value, value)
     if not (isinstance(value, (tuple, list)) and len(value) == 2):
         raise ValueError(f"{name}: expected an int or a pair (height, width), got {value!r}")
-    return tuple(check_int(name, int(v)) for v in value)
+    return tuple(check_int(name, v) for v in value)  # ints: 8.5 is no size
 
 
 class PatchEmbedding(nn.Module):
@@ -187,11 +227,22 @@ class PatchEmbedding(nn.Module):
         self.dynamic_size = bool(dynamic_size)
 
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch tokens before positions: ``(B, C, H, W)`` -> ``(B, L, D)``, row-major patch order."""
+        """Patch tokens before positions: ``(B, C, H, W)`` -> ``(B, L, D)``, row-major patch order.
+        Floating-point pixels of another dtype are cast to the projection's (as Hugging Face's ViT
+        does); integer pixels are refused (normalise them to floats first)."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values: expected a float torch.Tensor (B, C, H, W), got {type(pixel_values).__name__}")
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values: expected floating-point pixels (normalised images), got dtype "
+                            f"{pixel_values.dtype}")
         shape = tuple(pixel_values.shape)
         if pixel_values.dim() != 4 or shape[1] != self.in_channels:
             raise ValueError(f"pixel_values: expected shape (B, {self.in_channels}, H, W), got {shape}")
+        pixel_values = pixel_values.to(self.projection.weight.dtype)  # autocast still picks the conv's dtype
         if self.dynamic_size:
+            if shape[2] < self.patch_size[0] or shape[3] < self.patch_size[1]:
+                raise ValueError(f"pixel_values: a {shape[2]}x{shape[3]} image holds no "
+                                 f"{self.patch_size[0]}x{self.patch_size[1]} patch")
             if shape[2] % self.patch_size[0] or shape[3] % self.patch_size[1]:
                 raise ValueError(f"pixel_values: a {shape[2]}x{shape[3]} image does not tile into "
                                  f"{self.patch_size[0]}x{self.patch_size[1]} patches")
@@ -226,8 +277,11 @@ class PatchEmbedding(nn.Module):
         n_cls = int(self.cls_token is not None)
         x = x + pos[:, n_cls:]
         if ids_keep is not None:
+            _id_tensor("ids_keep", ids_keep)
             if ids_keep.dim() != 2 or ids_keep.shape[0] != x.shape[0]:
                 raise ValueError(f"ids_keep: expected shape ({x.shape[0]}, K), got {tuple(ids_keep.shape)}")
+            if not torch.compiler.is_compiling():
+                _ids_in_tables([("ids_keep", ids_keep, "the patch count", x.shape[1])])
             x = torch.gather(x, 1, ids_keep.to(torch.int64)[..., None].expand(-1, -1, x.shape[-1]))
         if self.cls_token is not None:
             cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)

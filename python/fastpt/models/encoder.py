@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..nn.attention import padding_to_seqlens
+from ..nn.attention import check_padding_mask, padding_to_seqlens
+from ..ops.attention import check_mask_args
 from .embeddings import TEXT_POSITIONS, TextEmbedding
 from .layers import (ACTIVATIONS, GLU_ACTIVATIONS, NORMS, CrossAttention, FeedForward, SelfAttention,
                      TransformerLayer, check_choice, check_heads, check_int, check_positive, check_prob, init_weights,
@@ -80,6 +81,8 @@ class TextEncoder(nn.Module):
         Returns ``BackboneOutput``: last_hidden_state ``(B, S, D)`` (shaped like input_ids plus D
         when packed). States at padded positions carry no meaning.
         """
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids: expected a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if cu_seqlens is not None:
             if attention_mask is not None:
                 raise ValueError("attention_mask: not with cu_seqlens (packed documents have no padding)")
@@ -88,8 +91,14 @@ class TextEncoder(nn.Module):
         elif input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape (B, S) (or packed (T,) with cu_seqlens), "
                              f"got {tuple(input_ids.shape)}")
+        if attention_mask is not None:
+            check_padding_mask("attention_mask", attention_mask, input_ids)
         seqlens = (padding_to_seqlens(attention_mask, "attention_mask", none_if_full=True)
                    if attention_mask is not None else None)
+        if cu_seqlens is not None or prefix_lens is not None:  # before the embeddings index by position
+            check_mask_args((input_ids.numel(),) if cu_seqlens is not None else input_ids.shape, input_ids.device,
+                            causal=self.causal if causal is None else bool(causal), prefix_lens=prefix_lens,
+                            seqlens=seqlens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         x = self.embeddings(input_ids, token_type_ids=token_type_ids, position_ids=position_ids, cu_seqlens=cu_seqlens)
         shape = x.shape
         if cu_seqlens is not None:

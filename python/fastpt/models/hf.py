@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import re
 import shutil
 import sys
@@ -293,27 +294,66 @@ def _safetensors():
     return st
 
 
+def _as_path(path, where: str) -> Path:
+    """``path`` as a Path; TypeError naming it (not pathlib's "expected str, bytes or os.PathLike") otherwise."""
+    try:
+        return Path(path)
+    except TypeError:
+        raise TypeError(f"{where}: path: expected a directory (str or os.PathLike), got {type(path).__name__}") \
+            from None
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, its SafetensorError (neither ValueError nor OSError) as a
+    ValueError naming the file."""
+    st = _safetensors()
+    from safetensors import SafetensorError
+    try:
+        return st.load_file(str(file))
+    except SafetensorError as exc:
+        raise ValueError(f"{file}: not a valid safetensors file (truncated or corrupt): {exc}") from exc
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, a sharded safetensors index, or (fallback) pytorch_model.bin."""
-    st = _safetensors()
+    _safetensors()
     if (path / "model.safetensors").exists():
-        return st.load_file(str(path / "model.safetensors"))
+        return _load_safetensors(path / "model.safetensors")
     if (path / "model.safetensors.index.json").exists():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
+        index = _read_config(path, "model.safetensors.index.json")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{path / 'model.safetensors.index.json'}: expected a \"weight_map\" object of "
+                             f"weight name -> shard file, got {weight_map!r:.80}")
         sd = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            sd.update(st.load_file(str(path / shard)))
+        for shard in sorted(set(weight_map.values())):
+            sd.update(_load_safetensors(path / shard))
         return sd
     if (path / "pytorch_model.bin").exists():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        file = path / "pytorch_model.bin"
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+            raise ValueError(f"{file}: not a valid PyTorch checkpoint (truncated or corrupt, or not a plain "
+                             f"state dict of tensors; torch.load raised {type(exc).__name__})") from exc
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+            raise ValueError(f"{file}: expected a state dict (weight name -> tensor), got {type(sd).__name__}")
+        return sd
     raise FileNotFoundError(f"path: no model.safetensors (or index, or pytorch_model.bin) in {path}")
 
 
 def _read_config(path: Path, name: str) -> dict:
+    """A JSON object file of the directory; FileNotFoundError / ValueError naming the file."""
     file = path / name
     if not file.exists():
         raise FileNotFoundError(f"path: no {name} in {path}")
-    return json.loads(file.read_text())
+    try:
+        cfg = json.loads(file.read_text())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{file}: not valid JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file}: expected a JSON object, got a {type(cfg).__name__}")
+    return cfg
 
 
 def _named(backbone: nn.Module, heads: dict) -> dict[str, torch.Tensor]:
@@ -426,14 +466,19 @@ def from_hf(path, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict[
             "heads": {name: head_spec}, "hf_config": the config.json dict}``.
 
     Raises FileNotFoundError (no config.json / weights), ValueError (an unsupported model_type or
-    option, missing or mis-shaped weights; the message names it).
+    option, a missing config.json key, a corrupt config.json / weights file, missing or mis-shaped
+    weights; the message names it), TypeError (``path`` not a str or os.PathLike).
     """
-    path = Path(path)
+    path = _as_path(path, "from_hf")
     cfg = _read_config(path, "config.json")
     arch = cfg.get("model_type")
     if arch not in ARCHS:
         raise ValueError(f"config.json: model_type={arch!r} is not supported (expected one of {list(ARCHS)})")
-    builder, kwargs = _backbone_kwargs(arch, cfg)
+    try:
+        builder, kwargs = _backbone_kwargs(arch, cfg)
+    except KeyError as exc:
+        raise ValueError(f"{path / 'config.json'}: no {exc.args[0]!r} (required for model_type "
+                         f"{arch!r})") from None
     backbone = BUILDERS[builder](**kwargs)
     sd = _normalise(arch, _read_weights(path))
     heads = build_heads(_hf_heads(arch, cfg, sd, backbone), backbone)
@@ -537,7 +582,7 @@ def save_fastpt(path, backbone: nn.Module, heads: dict | None = None, *, hf_conf
 
 def load_fastpt(path, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict[str, nn.Module], dict]:
     """Read ``save_fastpt``'s directory: ``(backbone, heads, config)`` as ``from_hf`` returns them."""
-    path = Path(path)
+    path = _as_path(path, "load_fastpt")
     config = _read_config(path, "fastpt_config.json")
     if config.get("format") != "fastpt":
         raise ValueError(f"path: {path / 'fastpt_config.json'} is not a fastpt config (format != 'fastpt')")

@@ -57,8 +57,9 @@ def check_prob(name: str, value) -> float:
 
 
 def check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    """``value`` as a float if it is a finite number > 0 (inf and NaN are refused), else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name}: expected a finite positive number, got {value!r}")
     return float(value)
 
 

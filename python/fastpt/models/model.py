@@ -92,12 +92,29 @@ class PretrainModel(nn.Module):
                            metrics=out.metrics)
 
     def _encode(self, batch: dict):
-        if batch.get("input_ids") is None and batch.get("pixel_values") is not None:
-            return self.backbone(batch["pixel_values"])
-        if batch.get("input_ids") is None:
+        from .encoder_decoder import EncoderDecoder
+        from .two_tower import TwoTower
+        from .vision import VisionEncoder
+
+        backbone = self.backbone
+        if isinstance(backbone, TwoTower):
+            raise ValueError("PretrainModel.forward: a two_tower backbone has no single last_hidden_state without "
+                             "an objective: call model.backbone(input_ids=..., pixel_values=...) for a "
+                             "TwoTowerOutput, or build it with an objective (clip)")
+        if batch.get("input_ids") is None and batch.get("pixel_values") is None:
             raise KeyError(f"PretrainModel.forward: batch has neither input_ids nor pixel_values (has {sorted(batch)})")
+        if isinstance(backbone, VisionEncoder):
+            if batch.get("pixel_values") is None:
+                raise ValueError("pixel_values: a vision backbone encodes images (B, C, H, W); the batch has "
+                                 "input_ids instead")
+            return backbone(batch["pixel_values"])
+        if batch.get("input_ids") is None:
+            raise ValueError(f"pixel_values: a {type(backbone).__name__} backbone encodes token ids; give input_ids")
+        if isinstance(backbone, EncoderDecoder):
+            return backbone(batch["input_ids"], batch.get("attention_mask"), batch.get("decoder_input_ids"),
+                            batch.get("decoder_attention_mask"))
         extra = {k: batch[k] for k in _TEXT_KEYS if batch.get(k) is not None}
-        return self.backbone(batch["input_ids"], batch.get("attention_mask"), **extra)
+        return backbone(batch["input_ids"], batch.get("attention_mask"), **extra)
 
     def on_step_end(self, step: int) -> None:
         """After each optimizer step: the objective's EMA teachers / momentum encoders / schedules."""

@@ -263,6 +263,9 @@ def patch_hf(model, *, attention: bool = True, loss: bool = True):
         TypeError naming the model class and the supported architectures when ``model`` is not a
         transformers model of a supported type (never a silent no-op).
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"patch_hf: model: expected a transformers model (torch.nn.Module), got "
+                        f"{type(model).__name__}; supported: {SUPPORTED}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in _ATTENTION or not hasattr(model, "set_attn_implementation"):
@@ -295,7 +298,11 @@ def patch_hf(model, *, attention: bool = True, loss: bool = True):
 
 def unpatch_hf(model):
     """Undo ``patch_hf``: the original attention implementation and forward. Returns ``model``;
-    a model that is not patched is returned unchanged."""
+    a model that is not patched is returned unchanged. Raises TypeError when ``model`` is not a
+    torch.nn.Module."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"unpatch_hf: model: expected a transformers model (torch.nn.Module), got "
+                        f"{type(model).__name__}")
     state = model.__dict__.pop("_fastpt_patch", None)
     if state is None:
         return model

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .embeddings import PATCH_POSITIONS, PatchEmbedding, _pair, sincos_2d
+from .embeddings import PATCH_POSITIONS, PatchEmbedding, _id_tensor, _ids_in_tables, _pair, sincos_2d
 from .encoder import check_stack, make_layers, run_layers
 from .layers import check_choice, check_int, check_positive, check_prob, init_weights, make_norm
 from .outputs import BackboneOutput
@@ -126,12 +126,15 @@ class MAEDecoder(nn.Module):
         ``(B, L)`` (from ``fastpt.ops.random_masking``) -> pixel predictions ``(B, L, ph * pw * C)`` in
         ``patchify``'s layout, for every patch in the original order."""
         n_cls = int(self.cls_token)
+        _id_tensor("ids_restore", ids_restore)
         if ids_restore.dim() != 2 or ids_restore.shape != (latent.shape[0], self.num_patches):
             raise ValueError(f"ids_restore: expected shape ({latent.shape[0]}, {self.num_patches}), "
                              f"got {tuple(ids_restore.shape)}")
         if latent.dim() != 3 or not n_cls <= latent.shape[1] - n_cls <= self.num_patches:
             raise ValueError(f"latent: expected shape (B, {n_cls} + K, D) with K <= {self.num_patches}, "
                              f"got {tuple(latent.shape)}")
+        if not torch.compiler.is_compiling():
+            _ids_in_tables([("ids_restore", ids_restore, "num_patches", self.num_patches)])
         x = self.decoder_embed(latent)
         cls, x = x.split((n_cls, x.shape[1] - n_cls), 1)  # backward: one cat, not two zero-filled slices
         b, k, d = x.shape

@@ -47,11 +47,12 @@ def padding_to_seqlens(valid: torch.Tensor, name: str, *, none_if_full: bool = F
     return None if none_if_full and not short_rows else lengths
 
 
-def _padding_shape(name: str, mask, x: torch.Tensor) -> None:
-    """ValueError naming ``name`` unless it is a ``(B, S)`` tensor for ``x`` of shape (B, S, E)."""
+def check_padding_mask(name: str, mask, x: torch.Tensor) -> None:
+    """TypeError / ValueError naming ``name`` unless it is a ``(B, S)`` tensor for ``x`` of shape
+    (B, S) (token ids) or (B, S, E) (states)."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape (B, S), got {type(mask).__name__}")
-    if x.dim() != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
+    if x.dim() not in (2, 3) or tuple(mask.shape) != tuple(x.shape[:2]):
         raise ValueError(f"{name}: expected shape (B, S) = {tuple(x.shape[:2])} (from the input of shape "
                          f"{tuple(x.shape)}), got {tuple(mask.shape)}")
 
@@ -145,7 +146,7 @@ class MultiheadSelfAttention(nn.Module):
         if attention_mask is not None:
             if seqlens is not None:
                 raise ValueError("attention_mask: give either attention_mask or seqlens, not both")
-            _padding_shape("attention_mask", attention_mask, x)
+            check_padding_mask("attention_mask", attention_mask, x)
             seqlens = padding_to_seqlens(attention_mask, "attention_mask", none_if_full=True)
         q, k, v = self.project(x)
         p = self.dropout if self.training else 0.0
@@ -241,7 +242,7 @@ class TransformerEncoderLayer(nn.Module):
         attn = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, prefix_lens=prefix_lens, is_causal=is_causal)
         if src_key_padding_mask is not None:
             pad = src_key_padding_mask
-            _padding_shape("src_key_padding_mask", pad, src)
+            check_padding_mask("src_key_padding_mask", pad, src)
             valid = ~pad if pad.dtype == torch.bool else pad == 0
             attn["seqlens"] = padding_to_seqlens(valid, "src_key_padding_mask", none_if_full=True)
         if src_mask is not None and not is_causal:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.attention import padding_to_seqlens
 from ..ops._rng import check_seed  # the masking ops' seed check; the objectives import it from here
 
 # Backbone attributes that ``from_backbone`` copies into constructor arguments of the same name.
@@ -148,14 +149,47 @@ def check_ids(name: str, t, ndim=(2,)) -> torch.Tensor:
     return t
 
 
-def check_images(name: str, t) -> torch.Tensor:
-    """A floating ``(B, C, H, W)`` tensor."""
+def check_images(name: str, t, *, min_batch: int = 0) -> torch.Tensor:
+    """A floating ``(B, C, H, W)`` tensor with ``B >= min_batch``."""
     if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
         got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise TypeError(f"{name}: expected a float tensor (B, C, H, W), got {got}")
     if t.dim() != 4:
         raise ValueError(f"{name}: expected shape (B, C, H, W), got {tuple(t.shape)}")
+    if t.shape[0] < min_batch:
+        raise ValueError(f"{name}: expected at least {min_batch} image(s) (B >= {min_batch}), got shape "
+                         f"{tuple(t.shape)}")
     return t
+
+
+def check_id_range(name: str, t: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``t`` (an id tensor) if every id lies in ``[0, vocab_size)``, else ValueError naming ``name``
+    (one device sync)."""
+    bad = (t < 0) | (t >= vocab_size)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: expected ids in [0, vocab_size={vocab_size}), found {int(t[bad][0])}")
+    return t
+
+
+def check_token_id(name: str, v, vocab_size: int | None = None) -> int:
+    """A token id: an int >= 0, and ``< vocab_size`` when the vocabulary size is known."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (vocab_size is not None and v >= vocab_size):
+        where = f"in [0, vocab_size={vocab_size})" if vocab_size is not None else ">= 0"
+        raise ValueError(f"{name}: expected a token id {where}, got {v!r}")
+    return v
+
+
+def row_lengths(name: str, mask, ids: torch.Tensor) -> torch.Tensor:
+    """Valid length of each row (int64 ``(B,)`` on the host) of a right-padded ``mask`` for ``ids (B, S)``;
+    every row full when ``mask`` is None. TypeError / ValueError naming ``name`` for a mask of another
+    shape or one that is not right padding (what the length-based kernels express)."""
+    if mask is None:
+        return torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape {tuple(ids.shape)}, got {type(mask).__name__}")
+    if mask.shape != ids.shape:
+        raise ValueError(f"{name}: expected the shape of input_ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
+    return padding_to_seqlens(mask, name).to("cpu", torch.int64)
 
 
 def positive(name: str, v, *, integer: bool = False, allow_zero: bool = False):
@@ -243,6 +277,8 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, num_layers: int = 2, norm
     norm: "batch" (BatchNorm1d), "layer" or None. last_norm: an affine-free BatchNorm after the
     last layer (MoCo v3's projector).
     """
+    for name, v in (("num_layers", num_layers), ("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
+        positive(name, v, integer=True)
     act = {"relu": nn.ReLU, "gelu": nn.GELU}[activation]
     layers, dim = [], in_dim
     for _ in range(num_layers - 1):

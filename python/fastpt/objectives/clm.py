@@ -17,6 +17,8 @@ from torch import nn
 
 from ..ops import linear_cross_entropy
 from ..models.heads import LMHead
+from ..nn.attention import check_padding_mask
+from ..ops.attention import check_mask_args
 from .base import (Objective, ObjectiveOutput, check_ids, check_seed, encode_text, head_accuracy, positive, require,
                    seeded, want_logits)
 
@@ -52,9 +54,16 @@ def lm_labels(input_ids: torch.Tensor, attention_mask=None, cu_seqlens=None, pre
 
 
 def text_ids(batch: dict) -> torch.Tensor:
-    """``input_ids``: ``(B, S)``, or packed ``(T,)`` / ``(1, T)`` with ``cu_seqlens``."""
+    """``input_ids``: ``(B, S)``, or packed ``(T,)`` / ``(1, T)`` with ``cu_seqlens``; the batch's
+    attention_mask, cu_seqlens and prefix_lens checked against it (the labels index by them)."""
     packed = batch.get("cu_seqlens") is not None
-    return check_ids("input_ids", batch["input_ids"], ndim=(1, 2) if packed else (2,))
+    ids = check_ids("input_ids", batch["input_ids"], ndim=(1, 2) if packed else (2,))
+    if batch.get("attention_mask") is not None:
+        check_padding_mask("attention_mask", batch["attention_mask"], ids)
+    if packed or batch.get("prefix_lens") is not None:
+        check_mask_args((ids.numel(),) if packed else ids.shape, ids.device, causal=True,
+                        prefix_lens=batch.get("prefix_lens"), cu_seqlens=batch.get("cu_seqlens"))
+    return ids
 
 
 class CausalLM(Objective):
@@ -105,7 +114,7 @@ class CausalLM(Objective):
         self._ensure_attached(backbone)
         labels = batch.get("labels")
         if labels is None:
-            labels = lm_labels(batch["input_ids"], batch.get("attention_mask"), batch.get("cu_seqlens"))
+            labels = lm_labels(text_ids(batch), batch.get("attention_mask"), batch.get("cu_seqlens"))
         h = encode_text(backbone, batch, causal=True).last_hidden_state
         loss, metrics = self.loss_from_hidden(h, labels, batch.get("cu_seqlens"))
         logits = self.head(h) if want_logits(batch, self.return_logits) else None

@@ -18,7 +18,7 @@ from torch import nn
 
 from .base import (Objective, ObjectiveOutput, check_images, choice, cosine_schedule, ema_update, fraction,
                    frozen_copy, mlp, pool, positive, require, seeded)
-from .simclr import ViewAugment, vision_tokens
+from .simclr import ViewAugment, fit_crop_sizes, vision_tokens
 
 
 class DINOHead(nn.Module):
@@ -32,6 +32,7 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, *, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  num_layers: int = 3, norm_last_layer: bool = True):
         super().__init__()
+        positive("out_dim", out_dim, integer=True)
         self.mlp = mlp(in_dim, hidden_dim, bottleneck_dim, num_layers=num_layers, norm=None, activation="gelu")
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
@@ -85,6 +86,9 @@ class DINO(Objective):
         super().__init__()
         positive("hidden_size", hidden_size, integer=True)
         positive("out_dim", out_dim, integer=True)
+        for name, v in (("head_hidden_dim", head_hidden_dim), ("bottleneck_dim", bottleneck_dim),
+                        ("head_layers", head_layers)):
+            positive(name, v, integer=True)
         self.student_temp = positive("student_temp", student_temp)
         self.teacher_temp = positive("teacher_temp", teacher_temp)
         self.warmup_teacher_temp = positive("warmup_teacher_temp", warmup_teacher_temp)
@@ -114,18 +118,9 @@ class DINO(Objective):
         """Make the teacher backbone: a frozen copy of ``backbone`` (once). Crop sizes other than the
         backbone's image size turn on its patch embedding's ``dynamic_size`` (position table resized
         bicubically per crop size, as DINO's ``interpolate_pos_encoding``); they must tile into patches."""
-        embed = getattr(backbone, "patch_embed", None)
-        fixed = getattr(embed, "image_size", None)
-        for name, aug in (("global_crop_size", self.global_augment), ("local_crop_size", self.local_augment)):
-            if fixed is None or aug.size is None or (aug.size, aug.size) == tuple(fixed):
-                continue
-            if not hasattr(embed, "dynamic_size"):
-                raise ValueError(f"{name}: the backbone takes {tuple(fixed)} images only (fixed position "
-                                 f"embeddings), got {aug.size}; use None (the input size) or {fixed[0]}")
-            if any(aug.size % p for p in embed.patch_size):
-                raise ValueError(f"{name}: {aug.size} does not tile into the backbone's "
-                                 f"{embed.patch_size[0]}x{embed.patch_size[1]} patches")
-            embed.dynamic_size = True  # set before the teacher copy, which inherits it
+        # set before the teacher copy, which inherits it
+        fit_crop_sizes(backbone, [("global_crop_size", self.global_augment.size),
+                                  ("local_crop_size", self.local_augment.size)])
         if self.teacher_backbone is None:
             self.teacher_backbone = frozen_copy(backbone)
         self._attached = True
@@ -133,7 +128,7 @@ class DINO(Objective):
     def prepare(self, batch: dict, *, seed: int) -> dict:
         """Multi-crop: 2 global crops and ``num_local_crops`` local crops of every image."""
         require(batch, self.needs, "DINO.prepare")
-        px = check_images("pixel_values", batch["pixel_values"])
+        px = check_images("pixel_values", batch["pixel_values"], min_batch=1)
         g = seeded(seed)
         out = {**batch, "global_crops": torch.cat([self.global_augment(px, g) for _ in range(2)])}
         if self.num_local_crops:

@@ -126,6 +126,10 @@ class SelfDistillation(Objective):
         inputs = batch
         if self.distill_inputs == "clean":
             require(batch, ("clean_input_ids",), "SelfDistillation.forward (distill_inputs='clean')")
+            clean, ids = batch["clean_input_ids"], batch["input_ids"]
+            if not isinstance(clean, torch.Tensor) or clean.shape != ids.shape:
+                raise ValueError(f"clean_input_ids: expected the shape of input_ids {tuple(ids.shape)}, got "
+                                 f"{tuple(getattr(clean, 'shape', ()))}")
             inputs = {**batch, "input_ids": batch["clean_input_ids"]}
             s_states = self._states(encode_text(backbone, inputs, output_hidden_states=True), "student")
         else:

@@ -88,6 +88,9 @@ class MAE(Objective):
         px = check_images("pixel_values", batch["pixel_values"])
         latent = backbone(px, ids_keep=batch["ids_keep"]).last_hidden_state
         pred = self.decoder(latent, batch["ids_restore"])
+        if not isinstance(batch["mask"], torch.Tensor) or batch["mask"].shape != pred.shape[:2]:
+            raise ValueError(f"mask: expected shape {tuple(pred.shape[:2])} (B, L: one flag per patch), got "
+                             f"{tuple(getattr(batch['mask'], 'shape', ()))}")
         mask = batch["mask"].to(torch.float32)
         per_patch = (pred.float() - self.target(px)).pow(2).mean(-1)
         loss = (per_patch * mask).sum() / mask.sum().clamp(min=1)

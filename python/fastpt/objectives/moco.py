@@ -17,7 +17,7 @@ from torch import nn
 from ..ops import info_nce
 from .base import (Objective, ObjectiveOutput, check_images, choice, cosine_schedule, ema_update, fraction,
                    frozen_copy, mlp, pool, positive, require, seeded, top1_accuracy)
-from .simclr import ViewAugment, gather_default, vision_tokens
+from .simclr import ViewAugment, fit_crop_sizes, gather_default, vision_tokens
 
 
 class MoCoV3(Objective):
@@ -31,12 +31,15 @@ class MoCoV3(Objective):
         base_momentum, final_momentum, total_steps: momentum schedule (see the module docstring).
         pooling: "first" (CLS token) or "mean".
         crop_size, crop_scale, flip_prob, jitter_prob, brightness, contrast, saturation,
-        grayscale_prob: the two views' augmentation (``ViewAugment``).
+        grayscale_prob: the two views' augmentation (``ViewAugment``); a ``crop_size`` other than a
+            ViT's image size turns on its ``patch_embed.dynamic_size`` (``attach``) and must tile into
+            its patches.
         gather: all-gather keys across ranks (None: when torch.distributed runs with > 1 rank).
         log_accuracy: report the top-1 accuracy of q1 finding k2 among the batch's keys.
         patch_size: the backbone's patch size, for ``tokens_in``.
 
     Batch: raw ``{"pixel_values": (B, C, H, W)}``; ``prepare`` adds ``"views"`` ``(2B, C, h, w)``.
+    Training needs B >= 2 (the BatchNorm layers normalise over the images of a view).
     """
 
     needs = ("pixel_values",)
@@ -50,6 +53,9 @@ class MoCoV3(Objective):
                  patch_size: int | None = None):
         super().__init__()
         positive("hidden_size", hidden_size, integer=True)
+        for name, v in (("proj_dim", proj_dim), ("proj_hidden_dim", proj_hidden_dim), ("proj_layers", proj_layers),
+                        ("pred_hidden_dim", pred_hidden_dim)):
+            positive(name, v, integer=True)
         self.temperature = positive("temperature", temperature)
         self.base_momentum = fraction("base_momentum", base_momentum)
         self.final_momentum = fraction("final_momentum", final_momentum)
@@ -67,7 +73,10 @@ class MoCoV3(Objective):
         self.gather, self.log_accuracy, self.patch_size = gather, log_accuracy, patch_size
 
     def attach(self, backbone: nn.Module) -> None:
-        """Make the momentum backbone: a frozen copy of ``backbone`` (once)."""
+        """Make the momentum backbone: a frozen copy of ``backbone`` (once), after checking ``crop_size``
+        against a ViT backbone (``fit_crop_sizes``: another size than its image size turns on
+        ``patch_embed.dynamic_size``, and must tile into patches)."""
+        fit_crop_sizes(backbone, [("crop_size", self.augment.size)])
         if self.momentum_backbone is None:
             self.momentum_backbone = frozen_copy(backbone)
         self._attached = True
@@ -75,7 +84,7 @@ class MoCoV3(Objective):
     def prepare(self, batch: dict, *, seed: int) -> dict:
         """Two augmented views of every image -> ``batch["views"]`` ``(2B, C, h, w)``."""
         require(batch, self.needs, "MoCoV3.prepare")
-        px = check_images("pixel_values", batch["pixel_values"])
+        px = check_images("pixel_values", batch["pixel_values"], min_batch=1)
         g = seeded(seed)
         return {**batch, "views": torch.cat([self.augment(px, g), self.augment(px, g)])}
 
@@ -89,6 +98,10 @@ class MoCoV3(Objective):
         views = check_images("views", batch["views"])
         if views.shape[0] % 2:
             raise ValueError(f"views: expected 2B rows (two views per image), got {views.shape[0]}")
+        if self.training and views.shape[0] < 4:
+            raise ValueError(f"views: MoCo v3 trains on batches of at least 2 images (its projector and predictor "
+                             f"BatchNorm normalises over the images of a view), got {views.shape[0] // 2} "
+                             f"(pixel_values of batch size {views.shape[0] // 2})")
         self._ensure_attached(backbone)
         h = backbone(views).last_hidden_state
         f1, f2 = pool(h, self.pooling).chunk(2)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.heads import Pooler
-from .base import Objective, ObjectiveOutput, check_ids, check_seed, encode_text, positive, require, seeded
+from .base import (Objective, ObjectiveOutput, check_ids, check_seed, check_token_id, encode_text, positive, require,
+                   row_lengths, seeded)
 from .mlm import MLM
 
 
@@ -58,9 +59,11 @@ class _SentencePair(Objective):
                  tie_word_embeddings: bool = True, log_accuracy: bool = False):
         super().__init__()
         positive("hidden_size", hidden_size, integer=True)
+        if vocab_size is not None:
+            positive("vocab_size", vocab_size, integer=True)
+        # the ids prepare writes into the rows: inside the backbone's vocabulary when it is known
         for name, v in (("cls_token_id", cls_token_id), ("sep_token_id", sep_token_id), ("pad_token_id", pad_token_id)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}: expected a token id >= 0, got {v!r}")
+            check_token_id(name, v, vocab_size)
         self.cls_token_id, self.sep_token_id, self.pad_token_id = cls_token_id, sep_token_id, pad_token_id
         self.pooler = Pooler(hidden_size)
         self.classifier = nn.Linear(hidden_size, 2)
@@ -79,6 +82,19 @@ class _SentencePair(Objective):
             self.mlm.attach(backbone)
         self._attached = True
 
+    def _check_labels(self, labels, input_ids) -> torch.Tensor:
+        """The pair labels as int64 ``(B,)``: an integer tensor, one label per row of ``input_ids``,
+        each 0, 1 or -100 (ignored); TypeError / ValueError naming the key otherwise."""
+        key = self.label_key
+        labels = check_ids(key, labels, ndim=(1,))
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and labels.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{key}: expected shape ({input_ids.shape[0]},) (one label per row of input_ids), "
+                             f"got {tuple(labels.shape)}")
+        bad = (labels != 0) & (labels != 1) & (labels != -100)
+        if bool(bad.any()):
+            raise ValueError(f"{key}: expected labels 0, 1 or -100 (ignored), found {int(labels[bad][0])}")
+        return labels.long()
+
     def _pairs(self, lengths, cut, flip, g) -> tuple[tuple, torch.Tensor]:
         """Segments ``(a_row, a_start, a_len, b_row, b_start, b_len)`` (int64 (B,), CPU) and the labels."""
         raise NotImplementedError
@@ -89,8 +105,7 @@ class _SentencePair(Objective):
         where = f"{type(self).__name__}.prepare"
         require(batch, self.needs, where)
         ids = check_ids("input_ids", batch["input_ids"])
-        mask = batch.get("attention_mask")
-        lengths = mask.long().sum(1).cpu() if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
+        lengths = row_lengths("attention_mask", batch.get("attention_mask"), ids)
         g = seeded(seed)
         cut = torch.where(lengths < 2, lengths,
                           1 + (torch.rand(len(lengths), generator=g, dtype=torch.float64) * (lengths - 1)).long())
@@ -107,14 +122,17 @@ class _SentencePair(Objective):
         """Pair classification loss (+ MLM loss) from one backbone pass (run ``prepare`` first)."""
         keys = ("input_ids", self.label_key) + (("labels",) if self.mlm is not None else ())
         require(batch, keys, f"{type(self).__name__}.forward (run prepare first)")
+        target = self._check_labels(batch[self.label_key], batch["input_ids"])
         self._ensure_attached(backbone)
         h = encode_text(backbone, batch).last_hidden_state
         logits = self.classifier(self.pooler(h))
-        target = batch[self.label_key].long()
-        pair_loss = F.cross_entropy(logits.float(), target)
+        # mean over the labelled rows; 0 (not NaN) when every label is -100, as the token losses
+        valid = target != -100
+        n = valid.sum().clamp(min=1)
+        pair_loss = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum") / n
         name = self.label_key.split("_label")[0]
-        metrics = {f"{name}_loss": pair_loss.detach(),
-                   f"{name}_accuracy": (logits.detach().argmax(-1) == target).float().mean()}
+        hits = (logits.detach().argmax(-1) == target) & valid
+        metrics = {f"{name}_loss": pair_loss.detach(), f"{name}_accuracy": hits.sum() / n}
         loss = pair_loss
         if self.mlm is not None:
             mlm_loss, mlm_metrics = self.mlm.loss_from_hidden(h, batch["labels"])

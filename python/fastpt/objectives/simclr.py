@@ -102,6 +102,28 @@ class ViewAugment:
         return x.to(dt)
 
 
+def fit_crop_sizes(backbone: nn.Module, sizes) -> None:
+    """Check view sides ``sizes`` (``(argument name, side or None)`` pairs) against a ViT backbone.
+
+    A side other than the backbone's fixed image size turns on its patch embedding's ``dynamic_size``
+    (position table resized per view size, as DINO's ``interpolate_pos_encoding``); it must tile
+    into the patches. Call it before copying the backbone (teacher / momentum copies inherit the
+    flag). A backbone without ``patch_embed.image_size`` is not checked. ValueError naming the argument.
+    """
+    embed = getattr(backbone, "patch_embed", None)
+    fixed = getattr(embed, "image_size", None)
+    for name, size in sizes:
+        if fixed is None or size is None or (size, size) == tuple(fixed):
+            continue
+        if not hasattr(embed, "dynamic_size"):
+            raise ValueError(f"{name}: the backbone takes {tuple(fixed)} images only (fixed position "
+                             f"embeddings), got {size}; use None (the input size) or {fixed[0]}")
+        if any(size % p for p in embed.patch_size):
+            raise ValueError(f"{name}: {size} does not tile into the backbone's "
+                             f"{embed.patch_size[0]}x{embed.patch_size[1]} patches")
+        embed.dynamic_size = True
+
+
 def gather_default(gather: bool | None) -> bool:
     """``gather=None``: all-gather negatives when torch.distributed runs with more than one rank."""
     if gather is not None:
@@ -119,7 +141,9 @@ class SimCLR(Objective):
         proj_dim, proj_hidden_dim, proj_layers: projection MLP (Linear-BN-ReLU ... Linear).
         temperature: NT-Xent temperature.
         pooling: "first" (CLS token) or "mean" over the backbone's output tokens.
-        crop_size: side of the views (None: the input's size); crop_scale: crop area range.
+        crop_size: side of the views (None: the input's size); crop_scale: crop area range. A side
+            other than a ViT's image size turns on its ``patch_embed.dynamic_size`` (``attach``) and
+            must tile into its patches.
         flip_prob, jitter_prob, brightness, contrast, saturation, grayscale_prob: see ``ViewAugment``.
         gather: all-gather negatives across ranks (None: when torch.distributed runs with > 1 rank).
         log_accuracy: report the top-1 accuracy of finding the other view (one extra (2N)^2 D pass).
@@ -139,6 +163,8 @@ class SimCLR(Objective):
                  patch_size: int | None = None):
         super().__init__()
         positive("hidden_size", hidden_size, integer=True)
+        for name, v in (("proj_dim", proj_dim), ("proj_hidden_dim", proj_hidden_dim), ("proj_layers", proj_layers)):
+            positive(name, v, integer=True)
         self.temperature = positive("temperature", temperature)
         self.pooling = choice("pooling", pooling, ("first", "mean"))
         self.augment = ViewAugment(size=crop_size, scale=crop_scale, flip_prob=flip_prob, jitter_prob=jitter_prob,
@@ -147,10 +173,16 @@ class SimCLR(Objective):
         self.projector = mlp(hidden_size, proj_hidden_dim, proj_dim, num_layers=proj_layers)
         self.gather, self.log_accuracy, self.patch_size = gather, log_accuracy, patch_size
 
+    def attach(self, backbone: nn.Module) -> None:
+        """Check ``crop_size`` against a ViT backbone (``fit_crop_sizes``: another size than its image
+        size turns on ``patch_embed.dynamic_size``, and must tile into patches)."""
+        fit_crop_sizes(backbone, [("crop_size", self.augment.size)])
+        self._attached = True
+
     def prepare(self, batch: dict, *, seed: int) -> dict:
         """Two augmented views of every image -> ``batch["views"]`` ``(2B, C, h, w)``."""
         require(batch, self.needs, "SimCLR.prepare")
-        px = check_images("pixel_values", batch["pixel_values"])
+        px = check_images("pixel_values", batch["pixel_values"], min_batch=1)
         g = seeded(seed)
         return {**batch, "views": torch.cat([self.augment(px, g), self.augment(px, g)])}
 
@@ -165,6 +197,7 @@ class SimCLR(Objective):
         views = check_images("views", batch["views"])
         if views.shape[0] % 2:
             raise ValueError(f"views: expected 2B rows (two views per image), got {views.shape[0]}")
+        self._ensure_attached(backbone)
         h, z = self.embed(backbone, views)
         z1, z2 = z.chunk(2)
         loss = nt_xent(z1, z2, temperature=self.temperature, gather=gather_default(self.gather))

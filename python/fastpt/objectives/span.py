@@ -19,8 +19,8 @@ from torch import nn
 
 from ..ops import Denoiser, UL2_DENOISERS, linear_cross_entropy, span_corrupt, span_corrupt_lengths, ul2_denoise
 from ..models.heads import LMHead
-from .base import (Objective, ObjectiveOutput, check_ids, check_seed, fraction, head_accuracy, positive, require,
-                   want_logits)
+from .base import (Objective, ObjectiveOutput, check_id_range, check_ids, check_seed, check_token_id, fraction,
+                   head_accuracy, positive, require, row_lengths, want_logits)
 
 SEQ2SEQ_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
 
@@ -53,8 +53,7 @@ class _Seq2SeqLM(Objective):
                    eos_id=eos_id, pad_id=pad_id,
                    decoder_start_id=pad_id if decoder_start_id is None else decoder_start_id)
         for name, v in ids.items():
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
-                raise ValueError(f"{name}: expected an id in [0, vocab_size={vocab_size}), got {v!r}")
+            check_token_id(name, v, vocab_size)
         self.sentinel_start_id, self.eos_id, self.pad_id = ids["sentinel_start_id"], eos_id, pad_id
         self.decoder_start_id = ids["decoder_start_id"]
         self.tie_word_embeddings = bool(tie_word_embeddings)
@@ -70,14 +69,28 @@ class _Seq2SeqLM(Objective):
     def _raw(self, batch: dict, seed: int, where: str):
         check_seed(seed)
         require(batch, self.needs, where)
-        ids = check_ids("input_ids", batch["input_ids"])
-        mask = batch.get("attention_mask")
-        seqlens = mask.long().sum(1).cpu() if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
-        return ids, seqlens
+        ids = check_id_range("input_ids", check_ids("input_ids", batch["input_ids"]), self.vocab_size)
+        return ids, row_lengths("attention_mask", batch.get("attention_mask"), ids)
+
+    def _check_batch(self, batch: dict) -> None:
+        """The decoder tensors fit each other and the encoder rows (before the backbone runs)."""
+        enc = batch["input_ids"]
+        dec = check_ids("decoder_input_ids", batch["decoder_input_ids"])
+        if isinstance(enc, torch.Tensor) and enc.dim() == 2 and dec.shape[0] != enc.shape[0]:
+            raise ValueError(f"decoder_input_ids: expected {enc.shape[0]} rows (those of input_ids), "
+                             f"got shape {tuple(dec.shape)}")
+        for key in ("decoder_attention_mask", "labels"):
+            t = batch[key]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{key}: expected a torch.Tensor of shape {tuple(dec.shape)}, got {type(t).__name__}")
+            if t.shape != dec.shape:
+                raise ValueError(f"{key}: expected the shape of decoder_input_ids {tuple(dec.shape)}, "
+                                 f"got {tuple(t.shape)}")
 
     def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
         """Teacher-forced decoder loss on the target tokens (run ``prepare`` first, or pass ``SEQ2SEQ_KEYS``)."""
         require(batch, SEQ2SEQ_KEYS, f"{type(self).__name__}.forward (run prepare first)")
+        self._check_batch(batch)
         self._ensure_attached(backbone)
         out = backbone(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
                        batch["decoder_attention_mask"])
@@ -175,6 +188,8 @@ class UL2(_Seq2SeqLM):
         self.modes = sorted({d.mode for d in self.denoisers})
         # Validate everything (denoisers, weights, mode tokens) once, on a one-row dummy batch.
         self._denoise(torch.full((1, 4), eos_id, dtype=torch.int64), None, 0)
+        for mode, v in (self.mode_token_ids or {}).items():  # written into the inputs: inside the vocabulary
+            check_token_id(f"mode_token_ids[{mode!r}]", v, vocab_size)
 
     def _denoise(self, ids, seqlens, seed):
         return ul2_denoise(ids, seqlens, sentinel_start_id=self.sentinel_start_id, eos_id=self.eos_id,
@@ -187,6 +202,20 @@ class UL2(_Seq2SeqLM):
         out = self._denoise(ids, seqlens, seed)
         prepared = seq2seq_batch(out.inputs, out.targets, out.input_lengths, out.target_lengths, self.decoder_start_id)
         return {**prepared, "denoiser": out.denoiser}
+
+    def _check_batch(self, batch: dict) -> None:
+        super()._check_batch(batch)
+        d = batch.get("denoiser")
+        if d is None:
+            return
+        rows = batch["labels"].shape[0]
+        d = check_ids("denoiser", d, ndim=(1,))
+        if d.shape[0] != rows:
+            raise ValueError(f"denoiser: expected shape ({rows},) (one denoiser index per row), got {tuple(d.shape)}")
+        bad = (d < 0) | (d >= len(self.denoisers))
+        if bool(bad.any()):
+            raise ValueError(f"denoiser: expected indices into the {len(self.denoisers)} denoisers "
+                             f"[0, {len(self.denoisers)}), found {int(d[bad][0])}")
 
     def _extra_metrics(self, batch, sel, hm, y, lse) -> dict:
         if batch.get("denoiser") is None:

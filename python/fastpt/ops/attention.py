@@ -228,6 +228,51 @@ def _docs_tensor(b_count, s, device, *, cu=None, seqlens=None, prefix=None, caus
     return torch.stack([rows, s0, lengths, p], 1)
 
 
+def check_mask_args(shape, device, *, causal: bool = False, prefix_lens=None, seqlens=None, cu_seqlens=None,
+                    max_seqlen=None) -> None:
+    """The checks ``attention`` makes of its mask arguments, for a model to make before its layers
+    run (its embeddings index tables by position, which bad ``cu_seqlens`` would send out of
+    range first). ``shape``: the token grid, ``(B, S)`` or packed ``(T,)`` (with ``cu_seqlens``).
+    The host values are remembered as ``attention`` remembers them, so the layers' calls with the
+    same tensors and ``causal`` sync no more. Raises what ``attention`` raises, naming the argument."""
+    _mask_args(cu_seqlens is not None, tuple(shape), device, causal=bool(causal), prefix_lens=prefix_lens,
+               seqlens=seqlens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+
+def _mask_args(packed, shape, device, *, causal, prefix_lens, seqlens, cu_seqlens, max_seqlen):
+    """Validate the mask arguments for q of ``shape`` ((B, S, ...) or packed (T, ...)); returns
+    ``(b_count, s, max_len, causal_any)``."""
+    if max_seqlen is not None:
+        max_seqlen = _validate.positive_int("max_seqlen", max_seqlen, minimum=0)
+    if packed:
+        if cu_seqlens is None:
+            raise ValueError(f"cu_seqlens: required for packed input of shape (T, ...) {tuple(shape)}")
+        if seqlens is not None:
+            raise ValueError("seqlens: only for (B, S, H, D) inputs; packed documents are given by cu_seqlens")
+        _index_arg("cu_seqlens", cu_seqlens, device, int32_only=True)
+        if cu_seqlens.shape[0] < 1:
+            raise ValueError("cu_seqlens: expected shape (N + 1,) with N >= 0, got an empty tensor")
+        n_docs = cu_seqlens.shape[0] - 1
+        b_count, s = 1, shape[0]
+    else:
+        if cu_seqlens is not None:
+            raise ValueError(f"cu_seqlens: only with packed (T, H, D) inputs, got q of shape {tuple(shape)}")
+        b_count, s = shape[0], shape[1]
+        n_docs = b_count
+        if seqlens is not None:
+            _index_arg("seqlens", seqlens, device, b_count)
+    if prefix_lens is not None:
+        _index_arg("prefix_lens", prefix_lens, device, n_docs)
+
+    if torch.compiler.is_compiling():
+        # The value checks need the host; under tracing the kernels resolve what they need at run time.
+        max_len = s if cu_seqlens is None else (-1 if max_seqlen is None else max_seqlen)
+        causal_any = -1 if prefix_lens is not None else int(causal)
+    else:
+        max_len, causal_any = _check_values(cu_seqlens, seqlens, prefix_lens, s, s, max_seqlen, causal)
+    return b_count, s, max_len, causal_any
+
+
 def _prepare(q, k, v, *, causal, prefix_lens, seqlens, cu_seqlens, max_seqlen, dropout_p, scale, seed,
              deterministic):
     """Validate the public arguments; return the backends' inputs and whether q was packed."""
@@ -250,35 +295,8 @@ def _prepare(q, k, v, *, causal, prefix_lens, seqlens, cu_seqlens, max_seqlen, d
             raise TypeError(f"scale: expected a float or None, got {scale!r}") from None
         if not math.isfinite(scale):
             raise ValueError(f"scale: expected a finite float, got {scale}")
-    if max_seqlen is not None:
-        max_seqlen = _validate.positive_int("max_seqlen", max_seqlen, minimum=0)
-
-    if packed:
-        if cu_seqlens is None:
-            raise ValueError(f"cu_seqlens: required for packed q of shape (T, H, D) {tuple(q.shape)}")
-        if seqlens is not None:
-            raise ValueError("seqlens: only for (B, S, H, D) inputs; packed documents are given by cu_seqlens")
-        _index_arg("cu_seqlens", cu_seqlens, q.device, int32_only=True)
-        if cu_seqlens.shape[0] < 1:
-            raise ValueError("cu_seqlens: expected shape (N + 1,) with N >= 0, got an empty tensor")
-        n_docs = cu_seqlens.shape[0] - 1
-        b_count, s = 1, q.shape[0]
-    else:
-        if cu_seqlens is not None:
-            raise ValueError(f"cu_seqlens: only with packed (T, H, D) inputs, got q of shape {tuple(q.shape)}")
-        b_count, s = q.shape[0], q.shape[1]
-        n_docs = b_count
-        if seqlens is not None:
-            _index_arg("seqlens", seqlens, q.device, b_count)
-    if prefix_lens is not None:
-        _index_arg("prefix_lens", prefix_lens, q.device, n_docs)
-
-    if torch.compiler.is_compiling():
-        # The value checks need the host; under tracing the kernels resolve what they need at run time.
-        max_len = s if cu_seqlens is None else (-1 if max_seqlen is None else max_seqlen)
-        causal_any = -1 if prefix_lens is not None else int(causal)
-    else:
-        max_len, causal_any = _check_values(cu_seqlens, seqlens, prefix_lens, s, s, max_seqlen, causal)
+    b_count, s, max_len, causal_any = _mask_args(packed, q.shape, q.device, causal=causal, prefix_lens=prefix_lens,
+                                                 seqlens=seqlens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     q4, k4, v4 = (x.unsqueeze(0) if packed else x for x in (q, k, v))
     # Kernels take any strides but a unit stride along D (what a fused QKV projection produces).
