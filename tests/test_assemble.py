@@ -284,7 +284,7 @@ def test_from_hf_train_to_hf_matches_transformers(tmp_path):
 
 def test_from_hf_objective_choices(tmp_path):
     transformers, _ = _hf_bert(tmp_path)
-    with pytest.raises(ValueError, match=r"objective\.mask_token_id: required .*special_ids"):
+    with pytest.raises(ValueError, match=r"objective\.mask_token_id: required .*pass mask_token_id=<id> to from_hf"):
         asm.from_hf(tmp_path / "hf")  # no tokenizer files and config.json has no mask id
     model = asm.from_hf(tmp_path / "hf", mask_token_id=3, mask_prob=0.3)
     assert model.objective.mask_prob == 0.3 and model.objective.special_token_ids == (0,)  # config.json's pad

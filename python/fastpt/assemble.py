@@ -318,7 +318,7 @@ def _set_vocab(backbone: dict, vocab_size) -> None:
         backbone["vocab_size"] = vocab_size
 
 
-def _assemble(cfg: dict, backbone=None) -> PretrainModel:
+def _assemble(cfg: dict, backbone=None, *, caller: str = "build") -> PretrainModel:
     """The model of a validated config (``backbone``: an already built one, e.g. from a checkpoint)."""
     if backbone is None:
         b = cfg["backbone"]
@@ -333,7 +333,7 @@ def _assemble(cfg: dict, backbone=None) -> PretrainModel:
         o = cfg["objective"]
         _check_pairing(o["name"], backbone)
         cls = OBJECTIVES[o["name"]]
-        kwargs = _fill_ids({k: v for k, v in o.items() if k != "name"}, cls, cfg.get("special_ids") or {})
+        kwargs = _fill_ids({k: v for k, v in o.items() if k != "name"}, cls, cfg.get("special_ids") or {}, caller)
         cfg["objective"] = {"name": o["name"], **_plain(kwargs)}
         hints = _hints(cls.__init__)
         kwargs = {k: _as_tuples(v) if _wants_tuple(hints.get(k)) else v for k, v in kwargs.items()}
@@ -359,9 +359,9 @@ def _with_context(exc: Exception, where: str) -> Exception:
     return (TypeError if isinstance(exc, TypeError) else ValueError)(f"{where}: {exc}")
 
 
-def _fill_ids(kwargs: dict, cls, ids: dict) -> dict:
+def _fill_ids(kwargs: dict, cls, ids: dict, caller: str = "build") -> dict:
     """Fill the token-id arguments that are null, or required and absent, from ``ids``; raise for a
-    required one nobody gives."""
+    required one nobody gives (the hint says how to give it to ``caller``: build or from_hf)."""
     params = _parameters(cls.__init__)
     for role, names in ROLE_ARGS.items():
         for name in names:
@@ -374,7 +374,8 @@ def _fill_ids(kwargs: dict, cls, ids: dict) -> dict:
         if (required and kwargs.get(name) is None) or (name in kwargs and kwargs[name] is None
                                                         and p.default is not None and _is_id_arg(name)):
             role = next((r for r, ns in ROLE_ARGS.items() if name in ns), None)
-            hint = f" or pass special_ids={{'{role}': id}} to build" if role else ""
+            hint = "" if not role else (f" or pass special_ids={{'{role}': id}} to build" if caller == "build"
+                                        else f" or pass {name}=<id> to from_hf")
             raise ValueError(f"objective.{name}: required by {cls.__name__} and not set: give it in the config{hint}")
     return kwargs
 
@@ -464,7 +465,7 @@ def from_hf(path, *, objective: str | None = "auto", **objective_kwargs) -> Pret
     if ids:
         cfg["special_ids"] = ids
     validate(cfg)
-    model = _assemble(cfg, backbone)
+    model = _assemble(cfg, backbone, caller="from_hf")
     if model.objective is not None:
         model.objective.load_heads(heads)
         unused = sorted(set(heads) - set(model.objective.heads()))
