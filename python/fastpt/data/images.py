@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .shards import MANIFEST, verify_file, sha256_file, write_json_atomic
+from .shards import MANIFEST, CorruptShardError, check_int, verify_file, sha256_file, write_json_atomic
 
 FORMAT, VERSION = "fastpt-images", 1
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -142,12 +142,23 @@ def _read_pnm(path: Path) -> np.ndarray:
     return pixels.reshape(h, w, c).transpose(2, 0, 1).copy()
 
 
+def check_image_args(channels: int | None, size: int | None, size_name: str = "size") -> None:
+    """Raise TypeError / ValueError naming the argument unless ``channels`` is None, 1 or 3 and
+    ``size`` is None or a positive int."""
+    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
+        raise ValueError(f"channels must be 1 (grey), 3 (RGB) or None (the images' own), got {channels!r}")
+    if size is not None:
+        check_int(size_name, size, 1)
+
+
 def load_image(path: str | os.PathLike, *, channels: int | None = None, size: int | None = None) -> np.ndarray:
     """One image as uint8 (C, H, W); ``channels`` 1 (grey) or 3 (RGB) converts, ``size`` resizes
     to size x size (bicubic, Pillow). PGM/PPM load without Pillow.
 
-    Raises ImportError (Pillow needed and missing), ValueError / OSError (unreadable).
+    Raises ImportError (Pillow needed and missing), ValueError / OSError (unreadable), TypeError /
+    ValueError naming ``channels`` / ``size`` for a value outside the above.
     """
+    check_image_args(channels, size)
     path = Path(path)
     if path.suffix.lower() in PNM_SUFFIXES and size is None:
         img = _read_pnm(path)
@@ -176,6 +187,7 @@ class ImageFolder(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, *, channels: int | None = None, size: int | None = None):
+        check_image_args(channels, size)
         self.files, self.labels, self.classes = list_image_folder(root)
         self.channels, self.size = channels, size
 
@@ -217,8 +229,9 @@ def preprocess_images(source: str | os.PathLike, out_dir: str | os.PathLike, *, 
     ``image_size`` are given; unreadable images and images of another size are counted
     (``stats.bad``) and skipped, never fatal. Returns the manifest.
     Raises ValueError (out_dir holds another dataset, without ``overwrite``; no readable image),
-    FileNotFoundError.
+    FileNotFoundError, TypeError / ValueError naming ``image_size`` / ``channels`` (checked first).
     """
+    check_image_args(channels, image_size, "image_size")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).exists() and not overwrite:
@@ -295,11 +308,25 @@ def open_image_dataset(path: str | os.PathLike, *, verify: bool = True) -> Array
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise FileNotFoundError(f"{mpath}: no manifest; is {root} the output of fastpt preprocess --images?")
-    manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptShardError(f"{mpath}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise CorruptShardError(f"{mpath}: not a JSON object (got {type(manifest).__name__})")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION or not manifest.get("complete"):
         raise ValueError(f"{mpath}: not a finished fastpt image dataset (format {manifest.get('format')!r})")
-    files = {k: verify_file(root, v["file"], size=v["bytes"], sha256=v["sha256"] if verify else None)
-             for k, v in manifest["files"].items()}
+    records = manifest.get("files")
+    for k in ("images", "labels"):
+        v = records.get(k) if isinstance(records, dict) else None
+        if not (isinstance(v, dict) and isinstance(v.get("file"), str) and isinstance(v.get("sha256"), str)
+                and isinstance(v.get("bytes"), int) and not isinstance(v.get("bytes"), bool)):
+            raise CorruptShardError(f"{mpath}: files.{k} must be a record {{file, sha256, bytes}}, got {v!r} "
+                                    "(damaged or edited manifest; rerun fastpt preprocess --images)")
+    if not isinstance(manifest.get("classes", []), list):
+        raise CorruptShardError(f"{mpath}: classes must be a list, got {manifest['classes']!r}")
+    files = {k: verify_file(root, records[k]["file"], size=records[k]["bytes"],
+                            sha256=records[k]["sha256"] if verify else None) for k in ("images", "labels")}
     images = np.load(files["images"], mmap_mode="r")
     labels = np.load(files["labels"], mmap_mode="r")
-    return ArrayImageDataset(images, labels, manifest["classes"])
+    return ArrayImageDataset(images, labels, manifest.get("classes", []))

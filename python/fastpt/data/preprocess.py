@@ -14,7 +14,11 @@ worker count. A shard closes at the first document boundary after ``--shard-toke
 tokens; after each one the manifest (``complete: false``) records the shards, the input
 position after the shard's last record and the counts so far, written atomically. Running
 the same command again after an interruption continues from there and produces
-byte-identical shards; a finished directory is left as it is.
+byte-identical shards; a finished directory is left as it is. Before resuming (or reporting
+a finished directory) the manifest's fields, the resume position and the committed shards'
+sizes are checked: damage is an error naming the file (``--overwrite`` rebuilds). While a run
+writes, it holds ``LOCK_FILE`` in the output directory (a ``flock``; the file holds its pid):
+a second run into the same directory refuses instead of deleting the first one's open files.
 
 Bad input is counted, never fatal (``stats.bad`` in the manifest, the summary line):
 ``invalid_utf8`` (decoded with U+FFFD replacement and kept, or skipped with
@@ -23,7 +27,8 @@ Bad input is counted, never fatal (``stats.bad`` in the manifest, the summary li
 cut at whitespace where possible, or skipped with ``--giant skip``), ``oversize`` (a
 record over the reader's hard limit of max(64 MiB, 4 * max_chars) bytes: skipped
 without being held in memory), ``invalid_json`` / ``missing_text`` (JSONL lines), and
-``no_tokens`` (texts the tokenizer maps to nothing).
+``no_tokens`` (texts the tokenizer maps to nothing). A ``.gz`` input that does not decompress
+(truncated, not gzip) is an error naming it, as an unreadable file is.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +50,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .shards import FORMAT, MANIFEST, TOKENIZER_FILE, VERSION, ShardWriter, dtype_for_vocab, sha256_file, \
-    write_json_atomic
+from .shards import FORMAT, MANIFEST, TOKENIZER_FILE, VERSION, CorruptShardError, ShardWriter, dtype_for_vocab, \
+    sha256_file, write_json_atomic
 
 BAD_KINDS = ("invalid_utf8", "empty", "giant", "oversize", "invalid_json", "missing_text", "no_tokens")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CHUNK_BYTES, CHUNK_RECORDS = 1 << 20, 2048
+LOCK_FILE = ".fastpt-preprocess.lock"  # in the output directory while a run writes there
 
 
 def _python_docs(stdlib: bool) -> Callable[[], list[str]]:
@@ -140,36 +147,45 @@ def read_records(sources: Sequence[Source], docs: str, cap: int, start: tuple[in
         mode = "line" if src.fmt == "jsonl" else docs
         if mode == "file" and off > 0:
             continue  # the file was finished before the interruption
-        with _open(src.path) as f:
-            f.seek(off)
-            disk = _disk_pos(f, off)
-            if mode == "file":
-                data = f.read(cap + 1)
-                end = off + len(data)
-                yield (data if len(data) <= cap else None), (i, max(end, 1)), _disk_pos(f, end) - disk
-            elif mode == "line":
-                for line, off in _lines(f, off, cap):
-                    now = _disk_pos(f, off)
-                    yield line, (i, off), now - disk
-                    disk = now
-            else:  # blank-line separated: a document is a run of non-blank lines
-                buf, size, over, doc_end = [], 0, False, off
-                for line, off in _lines(f, off, cap):
-                    if line is not None and not line.strip():
-                        if buf or over:
-                            now = _disk_pos(f, doc_end)
-                            yield (None if over else b"\n".join(buf)), (i, doc_end), now - disk
-                            disk = now
-                        buf, size, over = [], 0, False
-                        continue
-                    doc_end = off
-                    if line is None or over or size + len(line) > cap:
-                        buf, over = [], True
-                    else:
-                        buf.append(line)
-                        size += len(line) + 1
-                if buf or over:
-                    yield (None if over else b"\n".join(buf)), (i, doc_end), _disk_pos(f, doc_end) - disk
+        try:
+            yield from _file_records(src, i, off, mode, cap)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a truncated or damaged .gz
+            raise ValueError(f"input {src.path}: damaged gzip data ({exc}); repair, remove or rename the file") \
+                from exc
+
+
+def _file_records(src: Source, i: int, off: int, mode: str, cap: int):
+    """read_records for one file from byte offset ``off``."""
+    with _open(src.path) as f:
+        f.seek(off)
+        disk = _disk_pos(f, off)
+        if mode == "file":
+            data = f.read(cap + 1)
+            end = off + len(data)
+            yield (data if len(data) <= cap else None), (i, max(end, 1)), _disk_pos(f, end) - disk
+        elif mode == "line":
+            for line, off in _lines(f, off, cap):
+                now = _disk_pos(f, off)
+                yield line, (i, off), now - disk
+                disk = now
+        else:  # blank-line separated: a document is a run of non-blank lines
+            buf, size, over, doc_end = [], 0, False, off
+            for line, off in _lines(f, off, cap):
+                if line is not None and not line.strip():
+                    if buf or over:
+                        now = _disk_pos(f, doc_end)
+                        yield (None if over else b"\n".join(buf)), (i, doc_end), now - disk
+                        disk = now
+                    buf, size, over = [], 0, False
+                    continue
+                doc_end = off
+                if line is None or over or size + len(line) > cap:
+                    buf, over = [], True
+                else:
+                    buf.append(line)
+                    size += len(line) + 1
+            if buf or over:
+                yield (None if over else b"\n".join(buf)), (i, doc_end), _disk_pos(f, doc_end) - disk
 
 
 def _chunks(records, cap_bytes: int = CHUNK_BYTES, cap_records: int = CHUNK_RECORDS):
@@ -252,6 +268,7 @@ def _init_worker(tokenizer_json: str, opts: TextOptions, jsonl_flags: tuple[bool
 
     _WORKER.update(tok=Tokenizer.from_str(tokenizer_json), opts=opts, jsonl=jsonl_flags)
     if watch:
+        _close_inherited_locks()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process cleans up
         threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
@@ -325,19 +342,160 @@ def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
-    """The manifest to resume from (None for a fresh start); clears our files with ``overwrite``."""
-    mpath = out / MANIFEST
+def _make_out_dir(out: Path) -> None:
+    """Create the output directory; ValueError naming it when that is impossible."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads(mpath.read_text(encoding="utf-8")) if mpath.is_file() else None
-    if manifest is not None and manifest.get("format") == FORMAT and manifest.get("fingerprint") == fingerprint \
-            and not overwrite:
-        return manifest
-    ours = [f for f in out.iterdir() if f.name.startswith("shard-") or f.name in (MANIFEST, TOKENIZER_FILE)
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"output {out}: cannot create the directory, {blocker} is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"output {out}: cannot create the directory ({exc.strerror or exc})") from exc
+
+
+_HELD_LOCKS: dict[str, int] = {}  # lock path -> fd, in this process
+
+
+def _lock_out_dir(out: Path) -> str | None:
+    """Take ``out/LOCK_FILE`` (an exclusive ``flock``, holding our pid) for the run; ValueError naming
+    ``out`` while another run holds it. The kernel drops the lock with its process, so the file a
+    killed run leaves behind is simply taken over. Returns the lock path (None where there is no flock)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock
+        return None
+    path = str(out / LOCK_FILE)
+    if path in _HELD_LOCKS:
+        raise ValueError(f"output {out} is in use by another fastpt preprocess run in this process")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(f"output {out} is in use by another fastpt preprocess run (pid {holder}, lock file "
+                             f"{path}); wait for it to finish or choose another directory") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:  # released (and removed) by its holder meanwhile
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD_LOCKS[path] = fd
+    return path
+
+
+def _unlock_out_dir(path: str | None) -> None:
+    if path is not None and path in _HELD_LOCKS:
+        Path(path).unlink(missing_ok=True)  # while still holding it: a waiting run reopens the new file
+        os.close(_HELD_LOCKS.pop(path))
+
+
+def _close_inherited_locks() -> None:
+    """In a forked worker: drop the inherited lock descriptors, so that only the main process holds
+    the lock (a killed main process must release it at once, not when its workers notice)."""
+    for fd in _HELD_LOCKS.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_manifest(out: Path, manifest: dict, options: dict, run: "_Run") -> None:
+    """Check a matching manifest before it is resumed or reported complete: its fields, the resume
+    position, the committed shards' sizes and the tokenizer. Raises ValueError naming manifest.json,
+    CorruptShardError naming a shard / the tokenizer."""
+    mpath = out / MANIFEST
+
+    def bad(what: str):
+        raise ValueError(f"{mpath}: {what}; the output cannot be resumed or reused: pass --overwrite to rebuild it")
+
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        bad("'shards' is not a list")
+    for k, s in enumerate(shards):
+        if not isinstance(s, dict) or (s.get("bin"), s.get("idx")) != ShardWriter.names(k) or \
+                not _is_int(s.get("docs"), 1) or not _is_int(s.get("tokens")):
+            bad(f"shard record {k} is malformed")
+    if manifest.get("dtype") not in ("uint16", "uint32"):
+        bad(f"dtype {manifest.get('dtype')!r} is not uint16 or uint32")
+    if manifest.get("options") != options:
+        bad("'options' do not match the run's fingerprint")
+    tok = manifest.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("sha256"), str):
+        bad("'tokenizer' has no sha256")
+    complete = manifest.get("complete")
+    if complete not in (True, False):
+        bad(f"'complete' is {complete!r}, not true or false")
+    stats = manifest.get("stats")
+    if not complete:
+        if not isinstance(stats, dict) or not all(_is_int(stats.get(k)) for k in _STAT_KEYS) or \
+                not isinstance(stats.get("bad"), dict) or not all(_is_int(stats["bad"].get(k)) for k in BAD_KINDS):
+            bad("'stats' is missing or malformed")
+        if stats["docs"] != sum(s["docs"] for s in shards) or stats["tokens"] != sum(s["tokens"] for s in shards):
+            bad("'stats' do not add up to the committed shards")
+        resume = manifest.get("resume")
+        pos = resume.get("position") if isinstance(resume, dict) else None
+        if not isinstance(pos, list) or len(pos) != 2 or not all(_is_int(v) for v in pos):
+            bad(f"'resume.position' is {pos!r}, not a position in the inputs")
+        i, off = pos
+        sources = run.sources
+        if i < len(sources):
+            src = sources[i]
+            limit = src.size if src.fmt == "corpus" else None if src.path.endswith(".gz") else max(src.size, 1)
+        else:
+            limit = 0 if i == len(sources) else -1
+        if limit is not None and off > limit:
+            bad(f"resume position {pos} is past the end of the inputs")
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for s in shards:  # sizes only: a sha256 of every committed shard would read them all again
+        for name, size in ((s["bin"], s["tokens"] * itemsize), (s["idx"], (s["docs"] + 1) * 8)):
+            path = out / name
+            actual = path.stat().st_size if path.is_file() else None
+            if actual != size:
+                raise CorruptShardError(
+                    f"{path}: {'missing' if actual is None else f'{actual:,} bytes'}, {mpath.name} records {size:,} "
+                    "(deleted, truncated or overwritten); pass --overwrite to rebuild the output")
+    if complete:
+        path = out / TOKENIZER_FILE
+        if not path.is_file() or sha256_file(path) != tok["sha256"]:
+            raise CorruptShardError(f"{path}: {'missing' if not path.is_file() else 'sha256 differs from'} "
+                                    f"{mpath.name}; pass --overwrite to rebuild the output")
+
+
+_STAT_KEYS = ("records", "docs", "tokens", "max_doc_tokens", "giant_pieces")
+
+
+def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, options: dict, run: "_Run") -> dict | None:
+    """The manifest to resume from (None for a fresh start); clears our files with ``overwrite``.
+    ``out`` exists (``_make_out_dir``) and is locked."""
+    mpath = out / MANIFEST
+    manifest = None
+    if mpath.is_file() and not overwrite:
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{mpath}: not valid JSON ({exc}); pass --overwrite to rebuild the output") from exc
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{mpath}: not a JSON object; pass --overwrite to rebuild the output")
+        if manifest.get("format") == FORMAT and manifest.get("fingerprint") == fingerprint:
+            _check_manifest(out, manifest, options, run)
+            return manifest
+    entries = [f for f in out.iterdir() if f.name != LOCK_FILE]
+    ours = [f for f in entries if f.name.startswith("shard-") or f.name in (MANIFEST, TOKENIZER_FILE)
             or f.name.endswith(".tmp")]
-    if not overwrite and (manifest is not None or len(ours) < len(list(out.iterdir()))):
+    if not overwrite and (manifest is not None or len(ours) < len(entries)):
         raise ValueError(f"output {out} is not empty and holds no resumable run of this command "
                          "(different inputs or options); pass --overwrite or choose another directory")
     for f in ours:  # --overwrite, or leftovers of a run interrupted before its first manifest
@@ -491,10 +649,10 @@ def preprocess_text(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
     called after each shard is committed (tests interrupt a run by raising there).
     Resumes an interrupted run of the same inputs and options found in ``out_dir``; a
     finished one is returned as it is. ``log`` gets the progress notes and the summary line.
-    Raises ValueError (bad arguments; ``out_dir`` holding something else), FileNotFoundError.
+    Raises ValueError (bad arguments; ``out_dir`` holding something else, or in use by another
+    run; a damaged manifest), CorruptShardError (a committed shard missing or truncated),
+    FileNotFoundError.
     """
-    from .tokenizer import special_token_ids
-
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if (corpus is None) == (not inputs):
@@ -507,6 +665,12 @@ def preprocess_text(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     if max_chars <= 0 or shard_tokens <= 0:
         raise ValueError("max_chars and shard_tokens must be positive")
+    if train_tokenizer is not None:
+        from .tokenizer import check_train_args
+
+        check_train_args(vocab_size=vocab_size, min_frequency=min_frequency, sentinels=sentinels)
+        if train_docs is not None and not _is_int(train_docs, 1):
+            raise ValueError(f"train_docs must be a positive number of documents (or None for all), got {train_docs!r}")
     if corpus is not None and corpus not in CORPORA:
         raise ValueError(f"corpus {corpus!r}: choose one of {sorted(CORPORA)}")
     t0 = time.perf_counter()
@@ -526,7 +690,23 @@ def preprocess_text(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
                "shard_tokens": shard_tokens, "tokenizer": tok_spec, "corpus": corpus}
     inputs_fp = _fingerprint([[s.path, s.fmt, s.size, s.mtime_ns] for s in sources])
     fingerprint = _fingerprint([options, inputs_fp])
-    manifest = _prepare_out_dir(out, fingerprint, overwrite)
+    _make_out_dir(out)
+    lock = _lock_out_dir(out)
+    try:
+        return _run_locked(run, out, options, inputs_fp, fingerprint, overwrite, tokenizer, train_tokenizer,
+                           train_args, tok_spec, workers, progress, on_shard, log, t0)
+    finally:
+        _unlock_out_dir(lock)
+
+
+def _run_locked(run: _Run, out: Path, options: dict, inputs_fp: str, fingerprint: str, overwrite: bool,
+                tokenizer, train_tokenizer: str | None, train_args: dict, tok_spec: dict, workers: int | None,
+                progress: bool, on_shard, log, t0: float) -> dict:
+    """preprocess_text once ``out`` exists and is locked."""
+    from .tokenizer import special_token_ids
+
+    sources = run.sources
+    manifest = _prepare_out_dir(out, fingerprint, overwrite, options, run)
     if manifest is not None and manifest.get("complete"):
         if log:
             log(f"preprocess: {out} is already complete (same inputs and options); nothing to do")
@@ -624,7 +804,7 @@ def run_args(args: argparse.Namespace) -> int:
                         max_chars=args.max_chars, giant=args.giant, bad_utf8=args.bad_utf8,
                         shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite,
                         progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, OSError, ImportError) as exc:  # OSError: unreadable input, disk full... (names the file)
         print(f"fastpt preprocess: error: {exc}", file=sys.stderr)
         return 1
     return 0

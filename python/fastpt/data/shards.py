@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -67,6 +68,91 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int when it is an integer (not a bool) in [low, high]; else TypeError /
+    ValueError naming ``name``."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name}={value} outside [{'-inf' if low is None else low}, "
+                         f"{'inf' if high is None else high}]")
+    return value
+
+
+def check_offsets(path: Path, offsets: np.ndarray, tokens: int) -> None:
+    """Raise CorruptShardError naming ``path`` unless ``offsets`` (an .idx table) starts at 0, ends at
+    ``tokens`` and never goes backwards. O(docs): 8 bytes read per document."""
+    if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != tokens or np.any(np.diff(offsets) < 0):
+        raise CorruptShardError(f"{path}: not a valid document offset table (offsets must rise from 0 to "
+                                f"the shard's {tokens} tokens; rerun fastpt preprocess)")
+
+
+def check_manifest_schema(mpath: Path, manifest: Any) -> None:
+    """Check the types of the keys ``read_manifest`` and ``ShardDataset`` use.
+
+    Raises CorruptShardError naming ``mpath`` and the key (the manifest was edited or damaged).
+    """
+    def bad(key: str, want: str, got: Any = KeyError) -> CorruptShardError:
+        what = "missing" if got is KeyError else f"{got!r}"
+        return CorruptShardError(f"{mpath}: {key} must be {want}, got {what} (damaged or edited manifest; "
+                                 "rerun fastpt preprocess)")
+
+    if not isinstance(manifest, dict):
+        raise CorruptShardError(f"{mpath}: not a JSON object (got {type(manifest).__name__}); "
+                                "damaged or edited manifest, rerun fastpt preprocess")
+    vocab = manifest.get("vocab_size", KeyError)
+    if not _is_int(vocab) or vocab <= 0:
+        raise bad("vocab_size", "a positive integer", vocab)
+    dt = manifest.get("dtype", KeyError)
+    try:
+        dtype = np.dtype(dt) if isinstance(dt, str) else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind != "u" or dtype.itemsize not in (2, 4):
+        raise bad("dtype", "'uint16' or 'uint32'", dt)
+    if vocab - 1 > np.iinfo(dtype).max:
+        raise CorruptShardError(f"{mpath}: dtype {dt} cannot hold the ids of vocab_size={vocab}")
+    for key in ("num_docs", "num_tokens"):
+        v = manifest.get(key, KeyError)
+        if not _is_int(v) or v < 0:
+            raise bad(key, "a non-negative integer", v)
+    shards = manifest.get("shards", KeyError)
+    if not isinstance(shards, list):
+        raise bad("shards", "a list of shard records", shards)
+    for i, rec in enumerate(shards):
+        if not isinstance(rec, dict):
+            raise bad(f"shards[{i}]", "a shard record (object)", rec)
+        for key in ("bin", "idx", "bin_sha256", "idx_sha256"):
+            v = rec.get(key, KeyError)
+            if not isinstance(v, str) or not v:
+                raise bad(f"shards[{i}].{key}", "a non-empty string", v)
+        for key in ("docs", "tokens"):
+            v = rec.get(key, KeyError)
+            if not _is_int(v) or v < 0:
+                raise bad(f"shards[{i}].{key}", "a non-negative integer", v)
+    special = manifest.get("special_tokens", {})
+    if not isinstance(special, dict):
+        raise bad("special_tokens", "an object of token name -> id", special)
+    for name, tid in special.items():
+        if not _is_int(tid):
+            raise bad(f"special_tokens.{name}", "an integer token id", tid)
+        if not 0 <= tid < vocab:
+            raise CorruptShardError(f"{mpath}: special_tokens.{name}={tid} outside the vocabulary "
+                                    f"[0, vocab_size={vocab})")
+    tok = manifest.get("tokenizer")
+    if tok is not None:
+        if not isinstance(tok, dict):
+            raise bad("tokenizer", "null or an object", tok)
+        for key in ("file", "sha256"):
+            if tok.get(key) is not None and not isinstance(tok[key], str):
+                raise bad(f"tokenizer.{key}", "a string or null", tok[key])
 
 
 def verify_file(root: Path, name: str, *, size: int | None, sha256: str | None) -> Path:
@@ -195,11 +281,13 @@ def write_shards(out_dir: str | os.PathLike, docs, *, vocab_size: int, shard_tok
 def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict:
     """Load and validate ``path/manifest.json`` of a text shard directory.
 
-    Always checks the format, version, completeness, and that every listed file exists with
-    the size its counts imply; with ``verify`` also the sha256 of every shard and of the
-    tokenizer file, and that each .idx is a valid offset table.
+    Always checks the format, version, completeness, the types of the keys (special token ids
+    inside the vocabulary), and that every listed file exists with the size its counts imply;
+    with ``verify`` also the sha256 of every shard and of the tokenizer file, and that each .idx
+    is a valid offset table (without it ``ShardDataset`` checks each table when it first opens it).
     Raises FileNotFoundError (no manifest), ValueError (not a finished fastpt shard dir),
-    CorruptShardError (a file that does not match, named in the message).
+    CorruptShardError (a file that does not match, or a key missing / of the wrong type, named
+    in the message).
     """
     root = Path(path)
     mpath = root / MANIFEST
@@ -209,12 +297,16 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptShardError(f"{mpath}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise CorruptShardError(f"{mpath}: not a JSON object (got {type(manifest).__name__}); "
+                                "damaged or edited manifest, rerun fastpt preprocess")
     if manifest.get("format") != FORMAT or manifest.get("kind") != "text":
         raise ValueError(f"{mpath}: not a fastpt text shard manifest (format={manifest.get('format')!r})")
     if manifest.get("version") != VERSION:
         raise ValueError(f"{mpath}: format version {manifest.get('version')}, this fastpt reads {VERSION}")
     if not manifest.get("complete"):
         raise ValueError(f"{mpath}: preprocessing did not finish; rerun the same fastpt preprocess command to resume")
+    check_manifest_schema(mpath, manifest)
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
     shards = manifest["shards"]
     if sum(s["docs"] for s in shards) != manifest["num_docs"] or \
@@ -227,9 +319,7 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict:
         verify_file(root, s["bin"], size=s["tokens"] * dtype.itemsize, sha256=s["bin_sha256"] if verify else None)
         idx_path = verify_file(root, s["idx"], size=(s["docs"] + 1) * 8, sha256=s["idx_sha256"] if verify else None)
         if verify:
-            offsets = np.memmap(idx_path, dtype="<i8", mode="r")
-            if offsets[0] != 0 or offsets[-1] != s["tokens"] or np.any(np.diff(offsets) < 0):
-                raise CorruptShardError(f"{idx_path}: not a valid document offset table")
+            check_offsets(idx_path, np.memmap(idx_path, dtype="<i8", mode="r"), s["tokens"])
     return manifest
 
 
@@ -280,7 +370,8 @@ class ShardDataset:
     workers would each hold their own position).
 
     Raises FileNotFoundError / ValueError / CorruptShardError from ``read_manifest`` on
-    open, ValueError for a seq_len too small or a corpus with no full window.
+    open, ValueError for a seq_len too small or a corpus with no full window, TypeError /
+    ValueError naming seq_len, seed, rank, world_size or num_epochs when it is not an int in range.
     """
 
     def __init__(self, path: str | os.PathLike, seq_len: int, *, mode: str = "pack", seed: int = 0,
@@ -288,12 +379,17 @@ class ShardDataset:
                  num_epochs: int | None = None, verify: bool = True):
         if mode not in ("pack", "doc"):
             raise ValueError(f"mode must be 'pack' or 'doc', got {mode!r}")
+        seq_len, seed = check_int("seq_len", seq_len, 1), check_int("seed", seed, 0)
+        world_size, rank = check_int("world_size", world_size), check_int("rank", rank)  # range: below
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
-        self.path, self.seq_len, self.mode, self.seed = Path(path), int(seq_len), mode, int(seed)
+        if num_epochs is not None:
+            num_epochs = check_int("num_epochs", num_epochs, 1)
+        self.path, self.seq_len, self.mode, self.seed = Path(path), seq_len, mode, seed
         self.rank, self.world_size, self.shuffle, self.num_epochs = rank, world_size, shuffle, num_epochs
         self.manifest = read_manifest(self.path, verify=verify)
         self.special_ids = {k: int(v) for k, v in self.manifest.get("special_tokens", {}).items()}
+        self._verified = verify  # read_manifest checked every .idx table; else _shard checks each on first use
         self.prefix, self.suffix = resolve_special(add_special, self.special_ids)
         self.pad_id = self.special_ids.get("pad", 0)
         n_special = len(self.prefix) + len(self.suffix)
@@ -350,7 +446,13 @@ class ShardDataset:
             yield out
 
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """``collate`` of each next ``batch_size`` samples (see ``collate`` for the keys)."""
+        """``collate`` of each next ``batch_size`` samples (see ``collate`` for the keys).
+
+        Raises TypeError / ValueError (now, not on the first ``next``) unless batch_size >= 1.
+        """
+        return self._batches(check_int("batch_size", batch_size, 1))
+
+    def _batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         while self.num_epochs is None or self.consumed + batch_size <= self.num_epochs * len(self):
             out = collate([self.sample(self.consumed + b) for b in range(batch_size)])
             self.consumed += batch_size
@@ -367,12 +469,18 @@ class ShardDataset:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by ``state_dict``; raises ValueError if it was saved for other
-        data, seq_len, mode, seed, separators or world size (the samples would differ)."""
+        data, seq_len, mode, seed, separators or world size (the samples would differ), TypeError /
+        ValueError for a state that is not a dict or whose ``consumed`` is not a non-negative int."""
+        if not isinstance(state, dict):
+            raise TypeError(f"load_state_dict: state must be a dict from state_dict(), got {type(state).__name__}")
+        if "consumed" not in state:
+            raise ValueError("load_state_dict: state has no 'consumed' (the position); not from state_dict()")
+        consumed = check_int("load_state_dict: state['consumed']", state["consumed"], 0)
         mine = self.state_dict()
         for key in ("seed", "seq_len", "mode", "world_size", "shuffle", "special", "data"):
             if json.dumps(state.get(key)) != json.dumps(mine[key]):  # JSON: tuples and lists compare equal
                 raise ValueError(f"load_state_dict: saved {key}={state.get(key)!r}, this dataset has {mine[key]!r}")
-        self.consumed = int(state["consumed"])
+        self.consumed = consumed
 
     # -- sample assembly ------------------------------------------------------------------
     def _locate(self, doc: int) -> tuple[int, int]:
@@ -383,8 +491,10 @@ class ShardDataset:
         """(tokens, offsets) memmaps of one shard."""
         if shard not in self._maps:
             s = self.manifest["shards"][shard]
-            self._maps[shard] = (np.memmap(self.path / s["bin"], dtype=self._dtype, mode="r"),
-                                 np.memmap(self.path / s["idx"], dtype="<i8", mode="r"))
+            offsets = np.memmap(self.path / s["idx"], dtype="<i8", mode="r")
+            if not self._verified:  # O(docs of the shard), once
+                check_offsets(self.path / s["idx"], offsets, s["tokens"])
+            self._maps[shard] = (np.memmap(self.path / s["bin"], dtype=self._dtype, mode="r"), offsets)
         return self._maps[shard]
 
     def _doc_tokens(self, shard: int, local: int) -> np.ndarray:
@@ -405,7 +515,11 @@ class ShardDataset:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def window(self, i: int) -> dict[str, torch.Tensor]:
-        """Packed window ``i``: stream positions [i * seq_len, (i + 1) * seq_len)."""
+        """Packed window ``i``: stream positions [i * seq_len, (i + 1) * seq_len).
+
+        Raises IndexError unless 0 <= i < num_samples."""
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"window {i} outside [0, num_samples={self.num_samples})")
         L, ns = self.seq_len, self._n_special
         pos = i * L
         shard = int(np.searchsorted(self._stream_start, pos, side="right")) - 1
@@ -430,7 +544,9 @@ class ShardDataset:
         return {"input_ids": torch.from_numpy(out), "cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
 
     def document(self, d: int) -> dict[str, torch.Tensor]:
-        """Document ``d`` (global index) as one padded row."""
+        """Document ``d`` (global index) as one padded row. Raises IndexError unless 0 <= d < num_docs."""
+        if not 0 <= d < self.num_docs:
+            raise IndexError(f"document {d} outside [0, num_docs={self.num_docs})")
         shard, local = self._locate(d)
         ids = self._doc_tokens(shard, local)
         body = ids[: self.seq_len - self._n_special].astype(np.int64)

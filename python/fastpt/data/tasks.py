@@ -43,7 +43,7 @@ def read_rows(path: str | os.PathLike) -> list[tuple[int, str, str]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")  # a BOM is no label
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason})") from None
             if not line.strip() or line.startswith("#"):

@@ -14,6 +14,9 @@ from typing import Iterable, Iterator, Sequence
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BPE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids 0..4
 KINDS = ("wordpiece", "bpe")
+# the largest vocabulary train_tokenizer accepts: ids must fit the uint32 shards, and the
+# tokenizers trainers allocate in proportion to vocab_size (1e9 aborts the process out of memory)
+MAX_VOCAB = 1 << 24
 
 # the names each role goes by in common tokenizers, most specific first
 _ROLE_TOKENS = {
@@ -135,12 +138,14 @@ def train_tokenizer(docs: Iterable[str], kind: str = "wordpiece", vocab_size: in
     ``<extra_id_0..N-1>`` take the highest ids, ``<extra_id_0>`` the very highest.
     The total vocabulary is at most ``vocab_size`` (sentinels included). Deterministic for
     the same documents and arguments.
-    Raises ValueError for an unknown kind or a vocab_size too small for the specials.
+    Raises ValueError for an unknown kind, a vocab_size too small for the specials or over
+    ``MAX_VOCAB``, a negative min_frequency / num_sentinels, or documents without any text.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    check_train_args(vocab_size=vocab_size, min_frequency=min_frequency, num_sentinels=num_sentinels)
     specials = (WORDPIECE_SPECIALS if kind == "wordpiece" else BPE_SPECIALS) + list(extra_special_tokens)
     budget = vocab_size - num_sentinels
     if kind == "bpe" and budget < 256 + len(specials):
@@ -149,6 +154,8 @@ def train_tokenizer(docs: Iterable[str], kind: str = "wordpiece", vocab_size: in
     if budget <= len(specials):
         raise ValueError(f"vocab_size={vocab_size} leaves no room beside {len(specials)} specials "
                          f"and {num_sentinels} sentinels")
+    seen = [0]  # documents with text: training on none gives a tokenizer of only the specials
+    docs = _count_text(docs, seen)
     if kind == "wordpiece":
         tok = _bert_like(None, lowercase=lowercase)
         tok.model = models.WordPiece(_train_wordpiece(docs, tok, budget, specials, min_frequency, show_progress),
@@ -164,10 +171,30 @@ def train_tokenizer(docs: Iterable[str], kind: str = "wordpiece", vocab_size: in
                                       show_progress=show_progress)
         first, last = "<s>", "</s>"
         tok.train_from_iterator(_batched(docs, 1000), trainer=trainer)
+    if not seen[0]:
+        raise ValueError("no text to train the tokenizer on: the documents are all empty or blank")
     if num_sentinels:
         tok.add_special_tokens([f"<extra_id_{i}>" for i in reversed(range(num_sentinels))])
     _set_template(tok, first, last)
     return tok
+
+
+def check_train_args(**values) -> None:
+    """Raise ValueError naming the first bad training argument: ``vocab_size`` (1..MAX_VOCAB),
+    ``min_frequency`` and ``num_sentinels`` / ``sentinels`` (integers >= 0)."""
+    for name, value in values.items():
+        low = 1 if name == "vocab_size" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if name == "vocab_size" and value > MAX_VOCAB:
+            raise ValueError(f"vocab_size={value:,} is over the limit of {MAX_VOCAB:,} (2**24) tokens")
+
+
+def _count_text(docs: Iterable[str], seen: list[int]) -> Iterator[str]:
+    for doc in docs:
+        if isinstance(doc, str) and doc.strip():
+            seen[0] += 1
+        yield doc
 
 
 class _Continuation(dict):

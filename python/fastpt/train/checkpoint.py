@@ -176,19 +176,56 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(f"{mpath}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise CorruptCheckpointError(f"{mpath}: not a fastpt checkpoint manifest (a JSON {type(manifest).__name__}, "
+                                     "expected an object)")
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise CorruptCheckpointError(f"{mpath}: not a fastpt checkpoint manifest")
     if manifest.get("version") != VERSION:
         raise CorruptCheckpointError(f"{mpath}: format version {manifest.get('version')}, this fastpt reads {VERSION}")
     for name, rec in manifest["files"].items():
+        if not isinstance(rec, dict) or not _is_int(rec.get("bytes")) or not isinstance(rec.get("sha256"), str):
+            raise CorruptCheckpointError(f"{mpath}: files.{name}: expected {{bytes: integer, sha256: string}}, "
+                                         f"got {rec!r} (damaged or edited)")
         p = path / name
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise CorruptCheckpointError(f"{mpath}: files.{name}: not a file name of the checkpoint directory")
         if not p.is_file():
             raise CorruptCheckpointError(f"{p}: missing (listed in {mpath})")
         if p.stat().st_size != rec["bytes"]:
             raise CorruptCheckpointError(f"{p}: {p.stat().st_size} bytes, {MANIFEST} says {rec['bytes']} (truncated)")
         if sha256_file(p) != rec["sha256"]:
             raise CorruptCheckpointError(f"{p}: sha256 differs from {MANIFEST} (corrupt)")
+    _check_step(path, manifest)
     return manifest
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_step(path: Path, manifest: dict) -> None:
+    """The step in the directory name (``step-N``), in ``checkpoint.json`` and in ``trainer_state.json``
+    must agree: a renamed or edited checkpoint would otherwise resume at another step than its name says."""
+    mpath = path / MANIFEST
+    step = manifest.get("step")
+    if not _is_int(step) or step < 0:
+        raise CorruptCheckpointError(f"{mpath}: step: expected a non-negative integer, got {step!r}")
+    m = NAME.match(path.name)
+    if m and int(m.group(1)) != step:
+        raise CorruptCheckpointError(f"{path}: the directory name says step {int(m.group(1))}, {MANIFEST} says "
+                                     f"step {step} (renamed or edited checkpoint)")
+    spath = path / STATE
+    if spath.is_file():
+        try:
+            state = json.loads(spath.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptCheckpointError(f"{spath}: not valid JSON ({exc})") from exc
+        if not isinstance(state, dict):
+            raise CorruptCheckpointError(f"{spath}: expected a JSON object, got a {type(state).__name__}")
+        if state.get("step") != step or not _is_int(state.get("step")):
+            raise CorruptCheckpointError(f"{spath}: step {state.get('step')!r}, {mpath} says step {step} "
+                                         "(edited checkpoint)")
 
 
 def checkpoints_dir(path: str | os.PathLike) -> Path:

@@ -294,9 +294,16 @@ def evaluate_text(backbone: nn.Module, tokenizer, train_path, test_path=None, *,
     train_loss (last epoch's mean), seconds, and the settings.
 
     Raises FileNotFoundError / ValueError naming the file and line (malformed line, a test label
-    absent from the training file), ValueError when token ids exceed the model's vocabulary.
+    absent from the training file), ValueError when token ids exceed the model's vocabulary, and
+    ValueError naming the argument for max_len / batch_size / epochs < 1 or lr / head_lr <= 0.
     """
     start = time.perf_counter()
+    for name, v in (("max_len", max_len), ("batch_size", batch_size)) + (() if freeze else (("epochs", epochs),)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+    for name, v in () if freeze else (("lr", lr), ("head_lr", head_lr)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name}: expected a number > 0, got {v!r}")
     encoder = _find(backbone, TextEncoder, "evaluate_text")
     device = _device_of(encoder, device)
     train_labels, train_texts = read_labelled(train_path)
@@ -584,6 +591,54 @@ def evaluate_vision(backbone: nn.Module, data, test=None, *, probe: str = "both"
 # ----------------------------------------------------------------------------- CLI
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
+
+
+def _check_out(path: str) -> Path:
+    """``--out``: fail before the evaluation, not after it, when the JSON cannot be written there."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory; give a file name")
+    for p in out.parents:
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise ValueError(f"--out {out}: {p} is not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ValueError(f"--out {out}: {p} is not writable")
+            break
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastpt eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -601,7 +656,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     common.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast precision (default auto: bf16 where the device multiplies it natively)")
-    common.add_argument("--batch-size", type=int, default=None, help="default 32 (text), 256 (vision features)")
+    common.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="default 32 (text), 256 (vision features)")
     common.add_argument("--out", metavar="JSON", help="write the results here")
 
     t = sub.add_parser("text", parents=[common], help="fine-tune a classifier on label<TAB>text lines")
@@ -611,24 +667,24 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or model dir (default: the model's)")
     t.add_argument("--freeze", action="store_true", help="linear probe on a frozen encoder instead of fine-tuning")
     t.add_argument("--pooling", choices=POOLINGS, default="mean")
-    t.add_argument("--epochs", type=int, default=3)
-    t.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate (default 1e-4)")
-    t.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (default 1e-3)")
-    t.add_argument("--max-len", type=int, default=128, help="tokens per example (default 128)")
-    t.add_argument("--test-fraction", type=float, default=0.2)
+    t.add_argument("--epochs", type=_positive_int, default=3)
+    t.add_argument("--lr", type=_positive_float, default=1e-4, help="encoder learning rate (default 1e-4)")
+    t.add_argument("--head-lr", type=_positive_float, default=1e-3, help="head learning rate (default 1e-3)")
+    t.add_argument("--max-len", type=_positive_int, default=128, help="tokens per example (default 128)")
+    t.add_argument("--test-fraction", type=_fraction, default=0.2)
 
     v = sub.add_parser("vision", parents=[common], help="linear probe and kNN of a frozen image encoder")
     v.add_argument("--data", required=True, help="fashion-mnist, an image folder or a preprocessed image dir")
     v.add_argument("--test-data", metavar="DIR",
                    help="test images (default: the data's test split or a held-out share)")
     v.add_argument("--probe", choices=PROBES, default="both")
-    v.add_argument("--k", type=int, default=20)
-    v.add_argument("--temperature", type=float, default=0.07)
+    v.add_argument("--k", type=_positive_int, default=20)
+    v.add_argument("--temperature", type=_positive_float, default=0.07)
     v.add_argument("--l2", type=float, default=1e-4, help="linear probe weight decay (default 1e-4)")
     v.add_argument("--pooling", choices=("auto", "first", "mean"), default="auto")
-    v.add_argument("--train-limit", type=int, help="use a random subset of this many training images")
-    v.add_argument("--test-limit", type=int, help="use a random subset of this many test images")
-    v.add_argument("--test-fraction", type=float, default=0.2)
+    v.add_argument("--train-limit", type=_positive_int, help="use a random subset of this many training images")
+    v.add_argument("--test-limit", type=_positive_int, help="use a random subset of this many test images")
+    v.add_argument("--test-fraction", type=_fraction, default=0.2)
     return parser
 
 
@@ -676,6 +732,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  progress on stderr, results on stdout
     try:
+        out = _check_out(args.out) if args.out else None
         if args.kind == "text":
             from ..data.tokenizer import load_tokenizer
 
@@ -721,10 +778,14 @@ def eval_main(argv: list[str] | None = None) -> int:
         print(f"fastpt eval: error: {exc}", file=sys.stderr)
         return 1
     print(_table(rows, columns))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out, json.dumps({"kind": args.kind, "results": {n: r for n, r in rows}}, indent=2) + "\n")
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out, json.dumps({"kind": args.kind, "results": {n: r for n, r in rows}}, indent=2)
+                              + "\n")
+        except OSError as exc:
+            print(f"fastpt eval: error: --out {out}: {exc}", file=sys.stderr)
+            return 1
         print(f"fastpt eval: wrote {out}")
     return 0
 

@@ -47,6 +47,7 @@ from .schedule import lr_at
 
 from .. import _cpu_malloc
 from ..assemble import build, from_hf, load_config
+from ..models.embeddings import TextEmbedding
 from ..models.model import PretrainModel
 
 # Objectives that read packed documents (one (1, T) row with cu_seqlens); the others get rows.
@@ -176,9 +177,30 @@ class PretrainRecipe:
             found = ckpt.latest_checkpoint(self.ckpt_dir, warn=lambda m: self._print(f"pretrain: warning: {m}"))
             if found is None:
                 self._print(f"pretrain: --resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._write_config()
+        self._check_output_dir()
+        try:
+            self._write_config()
+        except OSError as exc:
+            raise ConfigError(f"output.dir: cannot write {self.out / 'config.yaml'}: {exc}") from exc
         return str(found) if found else None
+
+    def _check_output_dir(self) -> None:
+        """Create output.dir and make sure its checkpoints/ can be created: a file in the way would
+        otherwise fail only at the first save, after the training it was to keep."""
+        try:
+            for p in [self.out, *self.out.parents]:
+                if p.exists() or p.is_symlink():
+                    if not p.is_dir():
+                        what = "is" if p == self.out else f"is under {p}, which is"
+                        raise ConfigError(f"output.dir: {self.out} {what} not a directory (a file or a broken "
+                                          "link); choose another output.dir")
+                    break
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"output.dir: cannot create {self.out}: {exc}") from exc
+        if (self.ckpt_dir.exists() or self.ckpt_dir.is_symlink()) and not self.ckpt_dir.is_dir():
+            raise ConfigError(f"output.dir: {self.ckpt_dir} is not a directory (a file or a broken link); "
+                              "checkpoints could not be saved there (remove it or choose another output.dir)")
 
     def _write_config(self) -> None:
         path = self.out / "config.yaml"
@@ -190,13 +212,28 @@ class PretrainRecipe:
         tmp.replace(path)
 
     def _setup_data(self):
+        """The batch stream; the data readers' errors (a path that is not a shard directory, a
+        seq_len longer than the corpus, separators the tokenizer lacks, ...) become ConfigErrors
+        naming the recipe key, with the reader's own message."""
         d, t, r = self.cfg["data"], self.cfg["train"], self.dist
         if d["path"] is not None:
-            return TextStream(d["path"], d["seq_len"], mode=d["mode"], seed=t["seed"], rank=r.rank,
-                              world_size=r.world_size, add_special=d["add_special"], shuffle=d["shuffle"],
-                              verify=d["verify"])
-        return ImageStream(d["images"], image_size=d["image_size"], seed=t["seed"], rank=r.rank,
-                           world_size=r.world_size, shuffle=d["shuffle"])
+            path = Path(d["path"])
+            if not path.exists():
+                raise ConfigError(f"data.path: {path} does not exist (expected a `fastpt preprocess` shard directory)")
+            if not path.is_dir():
+                raise ConfigError(f"data.path: {path} is a file, not a `fastpt preprocess` shard directory")
+            try:
+                return TextStream(d["path"], d["seq_len"], mode=d["mode"], seed=t["seed"], rank=r.rank,
+                                  world_size=r.world_size, add_special=d["add_special"], shuffle=d["shuffle"],
+                                  verify=d["verify"])
+            except (OSError, ValueError, TypeError) as exc:
+                raise ConfigError(f"{_data_key(exc)}: {exc}") from exc
+        try:
+            return ImageStream(d["images"], image_size=d["image_size"], seed=t["seed"], rank=r.rank,
+                               world_size=r.world_size, shuffle=d["shuffle"])
+        except (OSError, ValueError, TypeError) as exc:
+            msg = str(exc)
+            raise ConfigError(msg if msg.startswith("data.images") else f"data.images: {msg}") from exc
 
     def _model_config(self) -> dict:
         """The build config, with a momentum objective's ``total_steps`` defaulting to the run's length."""
@@ -283,6 +320,7 @@ class PretrainRecipe:
             if self.data.vocab_size > bb.vocab_size:
                 raise ConfigError(f"data.path: the shards use a vocabulary of {self.data.vocab_size} ids, the model "
                                   f"has {bb.vocab_size}; preprocess with the model's tokenizer")
+            self._check_positions(model)
             return
         c, h, w = self.data.image_shape
         size = bb.config.get("image_size")
@@ -292,6 +330,18 @@ class PretrainRecipe:
                               f"expects {bb.in_channels}x{size[0]}x{size[1]}: set the model's size, e.g. --set "
                               f"model.backbone.image_size={h} --set model.backbone.in_channels={c} --set "
                               f"model.backbone.patch_size=4, or resize with data.image_size")
+
+    def _check_positions(self, model: nn.Module) -> None:
+        """data.seq_len must fit a learned position table: a doc-mode row is seq_len positions, and a
+        packed window restarts positions per document but one document piece can fill the window."""
+        seq_len = self.data.seq_len
+        for m in model.modules():
+            if isinstance(m, TextEmbedding) and m.position == "learned":
+                if seq_len + m.position_offset > m.max_positions:
+                    offset = f" + position_offset {m.position_offset}" if m.position_offset else ""
+                    raise ConfigError(f"data.seq_len: {seq_len}{offset} exceeds the model's max_positions="
+                                      f"{m.max_positions} (its learned position table); lower data.seq_len to "
+                                      f"{m.max_positions - m.position_offset} or less")
 
     def _setup_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; weight decay on matrices only (not biases, norms); torch's fused kernel on CUDA and
@@ -539,6 +589,16 @@ def model_config(model) -> dict:
         return load_config(model)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise ConfigError(f"model: {exc}") from exc
+
+
+def _data_key(exc: BaseException) -> str:
+    """The recipe key a text data error is about (``ShardDataset``'s messages name its argument)."""
+    msg = str(exc)
+    if "add_special" in msg:
+        return "data.add_special"
+    if "seq_len" in msg:
+        return "data.seq_len"
+    return "data.path"
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
