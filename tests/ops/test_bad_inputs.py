@@ -623,3 +623,10 @@ def test_flags_and_numbers_are_not_read_from_other_types(call, name):
     """``bool("no")`` is True and ``float("0.1")`` is 0.1: a flag or a number given as a string
     (or None) is refused naming the argument, never read as something else."""
     _raises_naming(TypeError, name, call)
+
+
+def test_sdpa_errors_name_its_own_arguments():
+    """sdpa's errors name query / key / value (its parameters, as in torch), not attention's q / k / v."""
+    q = torch.randn(2, 4, 8, 16)
+    _raises_naming(TypeError, "^query:", lambda: sdpa(q.to(torch.int64), q, q))
+    _raises_naming((TypeError, ValueError), "^key:", lambda: sdpa(q, q.double(), q))

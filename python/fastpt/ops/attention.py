@@ -685,6 +685,13 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
                                               is_causal=is_causal, scale=scale, **kw)
     if dropout_p and seed is None:
         seed = _rng.fresh_seed()
-    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=bool(is_causal),
-                    dropout_p=dropout_p, scale=scale, seed=0 if seed is None else seed, backend=backend)
+    try:
+        out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=bool(is_causal),
+                        dropout_p=dropout_p, scale=scale, seed=0 if seed is None else seed, backend=backend)
+    except (TypeError, ValueError) as exc:  # name sdpa's own arguments, as torch's errors do
+        msg = str(exc)
+        for short, name in (("q", "query"), ("k", "key"), ("v", "value")):
+            if msg.startswith(f"{short}:"):
+                raise type(exc)(name + msg[len(short):]) from exc
+        raise
     return out.transpose(1, 2)
