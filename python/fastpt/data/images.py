@@ -19,7 +19,6 @@ Preprocessed directory::
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import struct
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .shards import MANIFEST, CorruptShardError, check_int, verify_file, sha256_file, write_json_atomic
+from .shards import (MANIFEST, CorruptShardError, check_int, read_json_object, sha256_file, verify_file,
+                     write_json_atomic)
 
 FORMAT, VERSION = "fastpt-images", 1
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -308,12 +308,7 @@ def open_image_dataset(path: str | os.PathLike, *, verify: bool = True) -> Array
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise FileNotFoundError(f"{mpath}: no manifest; is {root} the output of fastpt preprocess --images?")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptShardError(f"{mpath}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise CorruptShardError(f"{mpath}: not a JSON object (got {type(manifest).__name__})")
+    manifest = read_json_object(mpath, CorruptShardError)
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION or not manifest.get("complete"):
         raise ValueError(f"{mpath}: not a finished fastpt image dataset (format {manifest.get('format')!r})")
     records = manifest.get("files")

@@ -51,7 +51,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .shards import FORMAT, MANIFEST, TOKENIZER_FILE, VERSION, CorruptShardError, ShardWriter, dtype_for_vocab, \
-    sha256_file, write_json_atomic
+    read_json_object, sha256_file, write_json_atomic
 
 BAD_KINDS = ("invalid_utf8", "empty", "giant", "oversize", "invalid_json", "missing_text", "no_tokens")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -483,12 +483,7 @@ def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, options: dict
     mpath = out / MANIFEST
     manifest = None
     if mpath.is_file() and not overwrite:
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-            raise ValueError(f"{mpath}: not valid JSON ({exc}); pass --overwrite to rebuild the output") from exc
-        if not isinstance(manifest, dict):
-            raise ValueError(f"{mpath}: not a JSON object; pass --overwrite to rebuild the output")
+        manifest = read_json_object(mpath, ValueError, "; pass --overwrite to rebuild the output")
         if manifest.get("format") == FORMAT and manifest.get("fingerprint") == fingerprint:
             _check_manifest(out, manifest, options, run)
             return manifest

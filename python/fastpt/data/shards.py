@@ -70,6 +70,19 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_json_object(path: str | os.PathLike, error: type[Exception] = ValueError, hint: str = "") -> dict:
+    """The JSON object in the file ``path``; ``error`` naming the file when it is not UTF-8 JSON or
+    holds something other than an object (``hint``: what to do about it, appended to the message)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc}){hint}") from exc
+    if not isinstance(obj, dict):
+        raise error(f"{path}: not a JSON object (got a {type(obj).__name__}){hint}")
+    return obj
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -293,13 +306,7 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict:
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise FileNotFoundError(f"{mpath}: no manifest; is {root} the output of fastpt preprocess?")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptShardError(f"{mpath}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise CorruptShardError(f"{mpath}: not a JSON object (got {type(manifest).__name__}); "
-                                "damaged or edited manifest, rerun fastpt preprocess")
+    manifest = read_json_object(mpath, CorruptShardError, "; damaged or edited manifest, rerun fastpt preprocess")
     if manifest.get("format") != FORMAT or manifest.get("kind") != "text":
         raise ValueError(f"{mpath}: not a fastpt text shard manifest (format={manifest.get('format')!r})")
     if manifest.get("version") != VERSION:

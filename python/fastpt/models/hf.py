@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.shards import read_json_object
 from .encoder import TextEncoder, text_encoder
 from .encoder_decoder import encoder_decoder
 from .heads import LMHead, MLMHead, Pooler
@@ -347,13 +348,7 @@ def _read_config(path: Path, name: str) -> dict:
     file = path / name
     if not file.exists():
         raise FileNotFoundError(f"path: no {name} in {path}")
-    try:
-        cfg = json.loads(file.read_text())
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{file}: not valid JSON: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{file}: expected a JSON object, got a {type(cfg).__name__}")
-    return cfg
+    return read_json_object(file)
 
 
 def _named(backbone: nn.Module, heads: dict) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.shards import sha256_file
+from ..data.shards import read_json_object, sha256_file
 
 FORMAT, VERSION = "fastpt-checkpoint", 1
 MANIFEST = "checkpoint.json"
@@ -172,13 +172,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise CorruptCheckpointError(f"{mpath}: missing (the save did not finish)")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{mpath}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise CorruptCheckpointError(f"{mpath}: not a fastpt checkpoint manifest (a JSON {type(manifest).__name__}, "
-                                     "expected an object)")
+    manifest = read_json_object(mpath, CorruptCheckpointError)
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise CorruptCheckpointError(f"{mpath}: not a fastpt checkpoint manifest")
     if manifest.get("version") != VERSION:
@@ -217,12 +211,7 @@ def _check_step(path: Path, manifest: dict) -> None:
                                      f"step {step} (renamed or edited checkpoint)")
     spath = path / STATE
     if spath.is_file():
-        try:
-            state = json.loads(spath.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(f"{spath}: not valid JSON ({exc})") from exc
-        if not isinstance(state, dict):
-            raise CorruptCheckpointError(f"{spath}: expected a JSON object, got a {type(state).__name__}")
+        state = read_json_object(spath, CorruptCheckpointError)
         if state.get("step") != step or not _is_int(state.get("step")):
             raise CorruptCheckpointError(f"{spath}: step {state.get('step')!r}, {mpath} says step {step} "
                                          "(edited checkpoint)")
