@@ -51,7 +51,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .shards import FORMAT, MANIFEST, TOKENIZER_FILE, VERSION, CorruptShardError, ShardWriter, dtype_for_vocab, \
-    read_json_object, sha256_file, write_json_atomic
+    nearest_existing, read_json_object, sha256_file, write_json_atomic
 
 BAD_KINDS = ("invalid_utf8", "empty", "giant", "oversize", "invalid_json", "missing_text", "no_tokens")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -344,10 +344,10 @@ def _fingerprint(obj) -> str:
 
 def _make_out_dir(out: Path) -> None:
     """Create the output directory; ValueError naming it when that is impossible."""
-    if out.exists() and not out.is_dir():
+    blocker = nearest_existing(out)
+    if blocker == out and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a directory")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
+    if blocker is not None and not blocker.is_dir():
         raise ValueError(f"output {out}: cannot create the directory, {blocker} is a file")
     try:
         out.mkdir(parents=True, exist_ok=True)

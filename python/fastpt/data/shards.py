@@ -70,6 +70,15 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def nearest_existing(path: str | os.PathLike) -> Path | None:
+    """``path`` itself or its nearest ancestor that exists (a broken link counts): what decides whether
+    ``path`` is, or can become, a directory; None when nothing up to the root exists."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists() or p.is_symlink():
+            return p
+    return None
+
+
 def read_json_object(path: str | os.PathLike, error: type[Exception] = ValueError, hint: str = "") -> dict:
     """The JSON object in the file ``path``; ``error`` naming the file when it is not UTF-8 JSON or
     holds something other than an object (``hint``: what to do about it, appended to the message)."""

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # The labelled-task and probe names stay importable from here (re-exported; they lived here first).
+from ..data.shards import nearest_existing
 from ..data.tasks import (BUILTIN_TASKS, PYTHON_DOCS_TOPICS, builtin_text_task, read_labelled,  # noqa: F401
                           read_rows, stratified_split, write_text_atomic)
 from ..models import TextEncoder, VisionEncoder
@@ -591,37 +592,23 @@ def evaluate_vision(backbone: nn.Module, data, test=None, *, probe: str = "both"
 # ----------------------------------------------------------------------------- CLI
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the option in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _arg_type(convert, ok, expected: str):
+    """An argparse type: ``convert(text)`` if ``ok`` of it, else an error saying ``expected`` (argparse
+    names the option)."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    """argparse type: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
-    return value
+_positive_int = _arg_type(int, lambda v: v >= 1, "an integer >= 1")
+_positive_float = _arg_type(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+_fraction = _arg_type(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
 
 
 def _check_out(path: str) -> Path:
@@ -629,13 +616,11 @@ def _check_out(path: str) -> Path:
     out = Path(path)
     if out.is_dir():
         raise ValueError(f"--out {out}: is a directory; give a file name")
-    for p in out.parents:
-        if p.exists() or p.is_symlink():
-            if not p.is_dir():
-                raise ValueError(f"--out {out}: {p} is not a directory")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise ValueError(f"--out {out}: {p} is not writable")
-            break
+    p = nearest_existing(out.parent)
+    if p is not None and not p.is_dir():
+        raise ValueError(f"--out {out}: {p} is not a directory")
+    if p is not None and not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {p} is not writable")
     return out
 
 

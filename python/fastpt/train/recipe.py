@@ -47,6 +47,7 @@ from .schedule import lr_at
 
 from .. import _cpu_malloc
 from ..assemble import build, from_hf, load_config
+from ..data.shards import nearest_existing
 from ..models.embeddings import TextEmbedding
 from ..models.model import PretrainModel
 
@@ -187,14 +188,12 @@ class PretrainRecipe:
     def _check_output_dir(self) -> None:
         """Create output.dir and make sure its checkpoints/ can be created: a file in the way would
         otherwise fail only at the first save, after the training it was to keep."""
+        p = nearest_existing(self.out)
+        if p is not None and not p.is_dir():
+            what = "is" if p == self.out else f"is under {p}, which is"
+            raise ConfigError(f"output.dir: {self.out} {what} not a directory (a file or a broken link); choose "
+                              "another output.dir")
         try:
-            for p in [self.out, *self.out.parents]:
-                if p.exists() or p.is_symlink():
-                    if not p.is_dir():
-                        what = "is" if p == self.out else f"is under {p}, which is"
-                        raise ConfigError(f"output.dir: {self.out} {what} not a directory (a file or a broken "
-                                          "link); choose another output.dir")
-                    break
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"output.dir: cannot create {self.out}: {exc}") from exc
