@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.dropout import Dropout
+from ..ops import _validate
 from .layers import check_choice, check_int, check_prob, document_positions, make_norm
 
 TEXT_POSITIONS = ("learned", "sinusoidal", "none")
@@ -28,26 +29,6 @@ def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
     inv = torch.exp(torch.arange(half, device=positions.device, dtype=torch.float32) * (-2.0 * math.log(10000.0) / dim))
     angles = positions.to(torch.float32)[..., None] * inv
     return torch.stack([angles.sin(), angles.cos()], -1).flatten(-2)[..., :dim]
-
-
-def _id_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected an int64 (or int32) tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name}: expected an int64 (or int32) tensor, got dtype {t.dtype}")
-
-
-def _ids_in_tables(tables) -> None:
-    """ValueError naming the first ``(name, ids, size name, rows)`` whose ids fall outside ``[0, rows)``: one
-    host read for every table's smallest and largest id (torch's embedding raised an unnamed
-    IndexError on the CPU, and a device-side assert, which ends the process's CUDA use, on a GPU)."""
-    tables = [row for row in tables if row[1].numel()]
-    if not tables:
-        return
-    bounds = torch.stack([torch.stack(torch.aminmax(t.to(torch.int64))) for _, t, _, _ in tables]).tolist()
-    for (name, _, size, rows), (lo, hi) in zip(tables, bounds):
-        if lo < 0 or hi >= rows:
-            raise ValueError(f"{name}: expected ids in [0, {size}={rows}), found {lo if lo < 0 else hi}")
 
 
 class TextEmbedding(nn.Module):
@@ -116,10 +97,10 @@ class TextEmbedding(nn.Module):
         token types without a segment table or positions past ``max_positions``, and for ids that are
         not integer tensors shaped like input_ids or that fall outside their table (one host read
         for all of them, skipped under torch.compile)."""
-        _id_tensor("input_ids", input_ids)
+        _validate.index_tensor("input_ids", input_ids, ndim_min=0)
         for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
             if t is not None:
-                _id_tensor(name, t)
+                _validate.index_tensor(name, t, ndim_min=0)
                 if t.shape != input_ids.shape:
                     raise ValueError(f"{name}: expected the shape of input_ids {tuple(input_ids.shape)}, "
                                      f"got {tuple(t.shape)}")
@@ -138,7 +119,7 @@ class TextEmbedding(nn.Module):
                                self.token_type_embeddings.num_embeddings))
             if self.position == "learned":  # defaults too: a packed document longer than the table
                 tables.append(("position_ids", position_ids, "max_positions", self.max_positions))
-            _ids_in_tables(tables)
+            _validate.ids_in_ranges(tables)  # torch's lookup: an unnamed IndexError on a CPU, a device assert on a GPU
         x = self.word_embeddings(input_ids)
         if self.position != "none":
             if self.position == "learned":
@@ -277,11 +258,11 @@ class PatchEmbedding(nn.Module):
         n_cls = int(self.cls_token is not None)
         x = x + pos[:, n_cls:]
         if ids_keep is not None:
-            _id_tensor("ids_keep", ids_keep)
+            _validate.index_tensor("ids_keep", ids_keep, ndim_min=0)
             if ids_keep.dim() != 2 or ids_keep.shape[0] != x.shape[0]:
                 raise ValueError(f"ids_keep: expected shape ({x.shape[0]}, K), got {tuple(ids_keep.shape)}")
             if not torch.compiler.is_compiling():
-                _ids_in_tables([("ids_keep", ids_keep, "the patch count", x.shape[1])])
+                _validate.ids_in_ranges([("ids_keep", ids_keep, "the patch count", x.shape[1])])
             x = torch.gather(x, 1, ids_keep.to(torch.int64)[..., None].expand(-1, -1, x.shape[-1]))
         if self.cls_token is not None:
             cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..nn.attention import check_padding_mask, padding_to_seqlens
-from .embeddings import TextEmbedding, _id_tensor, _ids_in_tables
+from ..ops import _validate
+from .embeddings import TextEmbedding
 from .encoder import POSITIONS, TextEncoder, check_stack, make_layers, run_layers
 from .layers import check_choice, check_int, check_prob, init_weights, make_norm
 from .outputs import BackboneOutput
@@ -72,12 +73,12 @@ class EncoderDecoder(nn.Module):
         """decoder_input_ids ``(B, T)`` over memory ``(B, S, D)`` (memory_mask ``(B, S)``, any padding) ->
         (decoder states ``(B, T, D)``, hidden states or None). Self-attention is causal; the
         decoder_attention_mask must be right padding."""
-        _id_tensor("decoder_input_ids", decoder_input_ids)
+        _validate.index_tensor("decoder_input_ids", decoder_input_ids, ndim_min=0)
         if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != memory.shape[0]:
             raise ValueError(f"decoder_input_ids: expected shape (B, T) with B = {memory.shape[0]} (the encoder's "
                              f"batch), got {tuple(decoder_input_ids.shape)}")
         if not torch.compiler.is_compiling():
-            _ids_in_tables([("decoder_input_ids", decoder_input_ids, "vocab_size", self.encoder.vocab_size)])
+            _validate.ids_in_ranges([("decoder_input_ids", decoder_input_ids, "vocab_size", self.encoder.vocab_size)])
         seqlens = None
         if decoder_attention_mask is not None:
             check_padding_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)

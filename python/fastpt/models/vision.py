@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .embeddings import PATCH_POSITIONS, PatchEmbedding, _id_tensor, _ids_in_tables, _pair, sincos_2d
+from ..ops import _validate
+from .embeddings import PATCH_POSITIONS, PatchEmbedding, _pair, sincos_2d
 from .encoder import check_stack, make_layers, run_layers
 from .layers import check_choice, check_int, check_positive, check_prob, init_weights, make_norm
 from .outputs import BackboneOutput
@@ -126,7 +127,7 @@ class MAEDecoder(nn.Module):
         ``(B, L)`` (from ``fastpt.ops.random_masking``) -> pixel predictions ``(B, L, ph * pw * C)`` in
         ``patchify``'s layout, for every patch in the original order."""
         n_cls = int(self.cls_token)
-        _id_tensor("ids_restore", ids_restore)
+        _validate.index_tensor("ids_restore", ids_restore, ndim_min=0)
         if ids_restore.dim() != 2 or ids_restore.shape != (latent.shape[0], self.num_patches):
             raise ValueError(f"ids_restore: expected shape ({latent.shape[0]}, {self.num_patches}), "
                              f"got {tuple(ids_restore.shape)}")
@@ -134,7 +135,7 @@ class MAEDecoder(nn.Module):
             raise ValueError(f"latent: expected shape (B, {n_cls} + K, D) with K <= {self.num_patches}, "
                              f"got {tuple(latent.shape)}")
         if not torch.compiler.is_compiling():
-            _ids_in_tables([("ids_restore", ids_restore, "num_patches", self.num_patches)])
+            _validate.ids_in_ranges([("ids_restore", ids_restore, "num_patches", self.num_patches)])
         x = self.decoder_embed(latent)
         cls, x = x.split((n_cls, x.shape[1] - n_cls), 1)  # backward: one cat, not two zero-filled slices
         b, k, d = x.shape

@@ -162,15 +162,6 @@ def check_images(name: str, t, *, min_batch: int = 0) -> torch.Tensor:
     return t
 
 
-def check_id_range(name: str, t: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``t`` (an id tensor) if every id lies in ``[0, vocab_size)``, else ValueError naming ``name``
-    (one device sync)."""
-    bad = (t < 0) | (t >= vocab_size)
-    if bool(bad.any()):
-        raise ValueError(f"{name}: expected ids in [0, vocab_size={vocab_size}), found {int(t[bad][0])}")
-    return t
-
-
 def check_token_id(name: str, v, vocab_size: int | None = None) -> int:
     """A token id: an int >= 0, and ``< vocab_size`` when the vocabulary size is known."""
     if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (vocab_size is not None and v >= vocab_size):

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import Denoiser, UL2_DENOISERS, linear_cross_entropy, span_corrupt, span_corrupt_lengths, ul2_denoise
+from ..ops import Denoiser, UL2_DENOISERS, _validate, linear_cross_entropy, span_corrupt, span_corrupt_lengths, ul2_denoise
 from ..models.heads import LMHead
-from .base import (Objective, ObjectiveOutput, check_id_range, check_ids, check_seed, check_token_id, fraction,
+from .base import (Objective, ObjectiveOutput, check_ids, check_seed, check_token_id, fraction,
                    head_accuracy, positive, require, row_lengths, want_logits)
 
 SEQ2SEQ_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
@@ -69,7 +69,8 @@ class _Seq2SeqLM(Objective):
     def _raw(self, batch: dict, seed: int, where: str):
         check_seed(seed)
         require(batch, self.needs, where)
-        ids = check_id_range("input_ids", check_ids("input_ids", batch["input_ids"]), self.vocab_size)
+        ids = check_ids("input_ids", batch["input_ids"])
+        _validate.ids_in_range("input_ids", ids, self.vocab_size, "vocab_size")
         return ids, row_lengths("attention_mask", batch.get("attention_mask"), ids)
 
     def _check_batch(self, batch: dict) -> None:

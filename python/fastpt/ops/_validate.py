@@ -74,10 +74,16 @@ def positive_int(name: str, v, *, minimum: int = 1) -> int:
 
 def ids_in_range(name: str, t: torch.Tensor, high: int, high_name: str) -> None:
     """Every id in ``[0, high)``."""
-    if t.numel() == 0:
+    ids_in_ranges([(name, t, high_name, high)])
+
+
+def ids_in_ranges(tables) -> None:
+    """ValueError naming the first ``(name, ids, size name, size)`` whose ids fall outside
+    ``[0, size)``: one host read for every tensor's smallest and largest id."""
+    tables = [row for row in tables if row[1].numel()]
+    if not tables:
         return
-    lo, hi = torch.aminmax(t)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= high:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"{name}: ids must lie in [0, {high_name}={high}), found {bad}")
+    bounds = torch.stack([torch.stack(torch.aminmax(t.to(torch.int64))) for _, t, _, _ in tables]).tolist()
+    for (name, _, size_name, size), (lo, hi) in zip(tables, bounds):
+        if lo < 0 or hi >= size:
+            raise ValueError(f"{name}: expected ids in [0, {size_name}={size}), found {lo if lo < 0 else hi}")
