@@ -212,7 +212,8 @@ class PatchEmbedding(nn.Module):
         Floating-point pixels of another dtype are cast to the projection's (as Hugging Face's ViT
         does); integer pixels are refused (normalise them to floats first)."""
         if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values: expected a float torch.Tensor (B, C, H, W), got {type(pixel_values).__name__}")
+            raise TypeError(f"pixel_values: expected a float torch.Tensor (B, C, H, W), "
+                            f"got {type(pixel_values).__name__}")
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values: expected floating-point pixels (normalised images), got dtype "
                             f"{pixel_values.dtype}")

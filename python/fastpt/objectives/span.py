@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import Denoiser, UL2_DENOISERS, _validate, linear_cross_entropy, span_corrupt, span_corrupt_lengths, ul2_denoise
+from ..ops import (Denoiser, UL2_DENOISERS, _validate, linear_cross_entropy, span_corrupt, span_corrupt_lengths,
+                   ul2_denoise)
 from ..models.heads import LMHead
 from .base import (Objective, ObjectiveOutput, check_ids, check_seed, check_token_id, fraction,
                    head_accuracy, positive, require, row_lengths, want_logits)
