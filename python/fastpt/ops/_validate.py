@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the ops compute in
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -52,10 +52,10 @@ import torch.nn.functional as F
 
 from .. import _dispatch
 from . import _rng, _validate
+from ._validate import FLOAT_DTYPES
 from ._validate import acc_dtype as _acc_dtype
 from . import attention_cpu as _cpu
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Head dims the reference and cpu backends serve; the triton and cuda kernels declare their own
 # limits through their supports().
 MAX_HEAD_DIM = 256

@@ -65,11 +65,11 @@ import torch.nn.functional as F
 
 from .. import _dispatch, _native
 from . import _validate
+from ._validate import FLOAT_DTYPES
 from ._validate import acc_dtype as _acc_dtype
 from . import contrastive_blas as _blas
 from . import contrastive_triton as _triton
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
 
 # Instruction set forced on the C++ kernels: 0 = widest the CPU supports (tests set 1, 2, 3).

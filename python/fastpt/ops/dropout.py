@@ -48,17 +48,13 @@ import torch
 
 from .. import _dispatch, _native
 from . import _rng, _validate
-from ._validate import acc_dtype
+from ._validate import FLOAT_DTYPES, acc_dtype
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COL_BITS = 16  # the flat tensor as rows of 2**16 columns (csrc/dropout_cpu.cpp: kColBits)
 
 
 def _scale(p: float) -> float:
     return 1.0 / (1.0 - p)
-
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check(x, p) -> float:

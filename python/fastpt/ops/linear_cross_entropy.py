@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _dispatch, _native
+from ._validate import FLOAT_DTYPES
 from ._validate import acc_dtype as _acc_dtype
 
 try:  # Triton is optional: a GPU backend, or the CPU interpreter in tests.
@@ -66,7 +67,6 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 REDUCTIONS = ("mean", "sum", "none")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Working-set budget for one chunk of logits (bytes of the (C, V) buffer in the inputs' dtype;
 # counted as float32 under the Triton interpreter). Large enough
