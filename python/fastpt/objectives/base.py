@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.attention import padding_to_seqlens
+from ..nn.attention import check_padding_mask, padding_to_seqlens
 from ..ops._rng import check_seed  # the masking ops' seed check; the objectives import it from here
 
 # Backbone attributes that ``from_backbone`` copies into constructor arguments of the same name.
@@ -176,10 +176,7 @@ def row_lengths(name: str, mask, ids: torch.Tensor) -> torch.Tensor:
     shape or one that is not right padding (what the length-based kernels express)."""
     if mask is None:
         return torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64)
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor of shape {tuple(ids.shape)}, got {type(mask).__name__}")
-    if mask.shape != ids.shape:
-        raise ValueError(f"{name}: expected the shape of input_ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
+    check_padding_mask(name, mask, ids)
     return padding_to_seqlens(mask, name).to("cpu", torch.int64)
 
 
