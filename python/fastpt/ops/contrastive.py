@@ -406,6 +406,9 @@ def _blas_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric
 # benches/results/contrastive-gpu.md): the tiled Triton kernel ran 5.6x (bf16) / 8x (fp32) slower
 # than eager matmul + cross_entropy, the CUDA wmma kernel 21x; four chunked cuBLAS products do
 # the same work at the matrix units' rate in bounded memory. Triton and cuda serve on request.
+# The Triton backward measured there added every tile's product into float32 rows in global memory;
+# it now keeps them on chip (contrastive_triton.py), unmeasured: the kernel bench's fastpt-triton
+# rows decide whether it takes blas's place (it is the one that holds no chunk of scores).
 OP = _dispatch.Op("contrastive", [
     _dispatch.backend("cpu", _cpu_supports, _cpu_forward),
     _dispatch.backend("blas", _blas_supports, _blas_forward),

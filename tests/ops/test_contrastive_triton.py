@@ -1,0 +1,168 @@
+"""The tiled Triton contrastive kernels in each tile layout, against float64 statistics and gradients.
+
+``test_contrastive.py`` runs the public ops on the default tiles. Here ``contrastive_triton.config``
+is replaced so that every layout runs on the same inputs: resident and chunked score tiles, one
+and several accumulator slices of D, split and unsplit streamed sides, and the backward's two
+orientations (G_q: queries' rows against keys then queue; G_k: keys' rows against queries), with
+the symmetric column term and the self-pair exclusion. The kernels' outputs are the raw statistics
+and ``dS @ values`` products (``contrastive.py`` adds the positives and the scale), compared with
+the same float64 formula: the FlashAttention rule, as in the op tests, against the float32 formula.
+"""
+import pytest
+import torch
+
+from fastpt import _native
+
+triton = pytest.importorskip("triton")
+from fastpt.ops import contrastive_triton as ct  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not _native.triton_interpreting(),
+                                reason="Triton on the CPU needs TRITON_INTERPRET=1")
+
+# (rows, cols, bd, do, resident, target): tiles of 16 / 32 so that the small inputs cross edges
+LAYOUTS = {
+    "resident_one_slice": (32, 16, 64, None, True, 1),
+    "resident_two_slices": (16, 32, 64, 16, True, 1),
+    "chunked_one_slice": (32, 32, 16, None, False, 1),
+    "chunked_three_slices_split": (16, 16, 16, 16, False, 64),
+}
+
+
+def _layout(name):
+    rows, cols, bd, do, resident, target = LAYOUTS[name]
+
+    def config(q, d, kind):
+        dp = ct._pow2(d)
+        return ct.Config(rows, cols, bd, dp, dp if kind == "fwd" or do is None else do, resident, 4, 1, target)
+    return config
+
+
+def _expected(q, k, queue, scale, symmetric, self_offset, g_row, g_col):
+    """Row / column log-sum-exps and (G_q, G_k) of the kernels' contract, in float64."""
+    q, k = q.double(), k.double()
+    keys = k if queue is None else torch.cat([k, queue.double()])
+    s = scale * q @ keys.T
+    m = k.shape[0]
+    if self_offset >= 0:
+        i = torch.arange(q.shape[0])
+        ok = i + self_offset < m
+        s[i[ok], i[ok] + self_offset] = float("-inf")
+    row = s.logsumexp(1)
+    ds = torch.exp(s - row[:, None]) * g_row.double()[:, None]
+    col = None
+    if symmetric:
+        col = s[:, :m].logsumexp(0)
+        ds[:, :m] += torch.exp(s[:, :m] - col[None, :]) * g_col.double()[None, :]
+    return row, col, ds @ keys, ds[:, :m].T @ q
+
+
+def _close(name, got, want, rel):
+    err = (got.double().cpu() - want).abs().max().item()
+    assert err <= rel * max(1.0, want.abs().max().item()), f"{name}: error {err:.3e}"
+
+
+CASES = {  # (N, M, K queue rows, D, symmetric, self_offset)
+    "info_nce": (37, 29, 0, 40, False, -1),
+    "symmetric": (29, 37, 0, 24, True, -1),
+    "queue": (21, 19, 35, 33, False, -1),
+    "nt_xent": (38, 38, 0, 17, False, 19),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_layouts_agree_with_float64(monkeypatch, layout, case):
+    monkeypatch.setattr(ct, "config", _layout(layout))
+    n, m, kq, d, symmetric, self_offset = CASES[case]
+    g = torch.Generator().manual_seed(len(case) * 7 + len(layout))
+    q, k = (torch.nn.functional.normalize(torch.randn(r, d, generator=g), dim=1) for r in (n, m))
+    queue = torch.nn.functional.normalize(torch.randn(kq, d, generator=g), dim=1) if kq else None
+    g_row, g_col = torch.rand(n, generator=g), torch.rand(m, generator=g)
+    scale = torch.tensor(1 / 0.07)
+    want = _expected(q, k, queue, scale.item(), symmetric, self_offset, g_row, g_col)
+    dev = dict(device=DEVICE)
+    args = [q.to(**dev), k.to(**dev), queue.to(**dev) if queue is not None else None, scale.to(**dev)]
+    row, col = ct.forward(*args, symmetric, self_offset)
+    _close("row_lse", row, want[0], 1e-5)
+    if symmetric:
+        _close("col_lse", col, want[1], 1e-5)
+    # the backward takes the float64 statistics rounded to float32, as the op hands it its own
+    f32 = dict(device=DEVICE, dtype=torch.float32)
+    gq, gk = ct.backward(*args, want[0].to(**f32), want[1].to(**f32) if symmetric else torch.empty(0, **f32),
+                         g_row.to(**f32), g_col.to(**f32) if symmetric else None, symmetric, self_offset)
+    assert gq.shape == q.shape and gk.shape == k.shape
+    _close("grad_q", gq, want[2], 1e-4)
+    _close("grad_k", gk, want[3], 1e-4)
+
+
+def test_layouts_give_identical_statistics(monkeypatch):
+    """Resident and chunked score tiles round every score alike in float32 with one feature chunk, so
+    the log-sum-exps agree bit for bit; with several chunks they agree to float32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(33, 24, generator=g).to(DEVICE), torch.randn(41, 24, generator=g).to(DEVICE)
+    scale = torch.tensor(3.0, device=DEVICE)
+    outs = {}
+    for name in ("resident_one_slice", "chunked_one_slice"):
+        monkeypatch.setattr(ct, "config", _layout(name))
+        outs[name] = ct.forward(q, k, None, scale, True, -1)
+    for a, b in zip(*outs.values()):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+def test_out_of_resources_falls_back_to_chunked_tiles(monkeypatch):
+    """A GPU whose shared memory cannot hold the resident tiles (Triton raises OutOfResources at
+    compile time) gets the chunked layout, for this call and the next ones with such inputs."""
+    q = torch.zeros(8, 64)
+    monkeypatch.setattr(ct, "config", lambda q, d, kind: ct.Config(64, 64, 64, 64, 64, True, 8, 2, 4))
+    monkeypatch.setattr(ct, "_REFUSED", set())
+    seen = []
+
+    def run(cfg):
+        seen.append(cfg.resident)
+        if cfg.resident:
+            raise triton.runtime.errors.OutOfResources(229376, 232448, "shared memory")
+        return "ran"
+
+    assert ct._run(run, q, 64, "bwd") == "ran"
+    assert ct._run(run, q, 64, "bwd") == "ran"
+    assert seen == [True, False, False]
+    assert ct._run(run, q, 64, "fwd") == "ran"  # another kernel: its own try
+    assert seen[3:] == [True, False]
+
+
+def test_out_of_resources_of_chunked_tiles_is_raised(monkeypatch):
+    monkeypatch.setattr(ct, "config", lambda q, d, kind: ct.Config(64, 64, 64, 64, 64, False, 8, 2, 4))
+
+    def run(cfg):
+        raise triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        ct._run(run, torch.zeros(8, 64), 64, "bwd")
+
+
+@pytest.mark.parametrize("dtype,d,resident,rows,do", [
+    (torch.bfloat16, 128, True, 128, 128), (torch.float16, 256, True, 128, 256), (torch.bfloat16, 512, True, 64, 512),
+    (torch.bfloat16, 768, False, 64, 512), (torch.float32, 512, False, 64, 512), (torch.float32, 64, False, 64, 64)])
+def test_gpu_config_rule(monkeypatch, dtype, d, resident, rows, do):
+    """The GPU tiles as the docstring of ``config`` states them (an H100's 227 KiB of shared memory)."""
+    class FakeCuda:
+        type, index = "cuda", 0
+
+    class Fake:
+        device = FakeCuda()
+
+        def __init__(self):
+            self.dtype = dtype
+
+        def element_size(self):
+            return torch.empty(0, dtype=dtype).element_size()
+
+    monkeypatch.setattr(ct._dispatch, "sm_count", lambda device: 132)
+    monkeypatch.setattr(ct, "_smem_limit", lambda device: 227 * 1024)
+    cfg = ct.config(Fake(), d, "bwd")
+    assert (cfg.resident, cfg.rows, cfg.do, cfg.target) == (resident, rows, do, 264)
+    assert cfg.do * cfg.rows <= 128 * 256  # a float32 accumulator of at most 128 registers a thread at 8 warps
+    monkeypatch.setattr(ct, "_smem_limit", lambda device: 99 * 1024)  # e.g. an RTX card: no resident 512
+    if d == 512 and dtype != torch.float32:
+        assert not ct.config(Fake(), d, "bwd").resident
