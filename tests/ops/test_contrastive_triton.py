@@ -32,7 +32,7 @@ LAYOUTS = {
 def _layout(name):
     rows, cols, bd, do, resident, target = LAYOUTS[name]
 
-    def config(q, d, kind):
+    def config(dtype, d, kind, *, sms, smem=0):
         dp = ct._pow2(d)
         return ct.Config(rows, cols, bd, dp, dp if kind == "fwd" or do is None else do, resident, 4, 1, target)
     return config
@@ -110,12 +110,16 @@ def test_layouts_give_identical_statistics(monkeypatch):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
 
 
-def test_out_of_resources_falls_back_to_chunked_tiles(monkeypatch):
-    """A GPU whose shared memory cannot hold the resident tiles (Triton raises OutOfResources at
-    compile time) gets the chunked layout, for this call and the next ones with such inputs."""
-    q = torch.zeros(8, 64)
-    monkeypatch.setattr(ct, "config", lambda q, d, kind: ct.Config(64, 64, 64, 64, 64, True, 8, 2, 4))
-    monkeypatch.setattr(ct, "_REFUSED", set())
+RESIDENT_CFG = ct.Config(64, 64, 64, 64, 64, True, 8, 2, 4)
+CHUNKED_CFG = ct.Config(64, 64, 64, 64, 64, False, 8, 3, 4)
+
+
+def test_out_of_resources_skips_to_the_next_candidate(monkeypatch):
+    """A GPU whose shared memory cannot hold a candidate's tiles (Triton raises OutOfResources at compile
+    time) runs the next one, for this call and the next ones of the shape class."""
+    monkeypatch.setattr(ct, "_device_candidates", lambda *a: [RESIDENT_CFG, CHUNKED_CFG])
+    monkeypatch.setattr(ct, "_tuning_allowed", lambda q: False)
+    monkeypatch.setattr(ct, "_TUNED", {})
     seen = []
 
     def run(cfg):
@@ -124,45 +128,61 @@ def test_out_of_resources_falls_back_to_chunked_tiles(monkeypatch):
             raise triton.runtime.errors.OutOfResources(229376, 232448, "shared memory")
         return "ran"
 
-    assert ct._run(run, q, 64, "bwd") == "ran"
-    assert ct._run(run, q, 64, "bwd") == "ran"
+    q = torch.zeros(8, 64)
+    assert ct._run(run, q, 64, "grad_q") == "ran"
+    assert ct._run(run, q, 64, "grad_q") == "ran"
     assert seen == [True, False, False]
-    assert ct._run(run, q, 64, "fwd") == "ran"  # another kernel: its own try
+    assert ct._run(run, q, 64, "grad_k") == "ran"  # another kernel: its own try
     assert seen[3:] == [True, False]
 
 
-def test_out_of_resources_of_chunked_tiles_is_raised(monkeypatch):
-    monkeypatch.setattr(ct, "config", lambda q, d, kind: ct.Config(64, 64, 64, 64, 64, False, 8, 2, 4))
+def test_out_of_resources_of_the_last_candidate_is_raised(monkeypatch):
+    monkeypatch.setattr(ct, "_device_candidates", lambda *a: [CHUNKED_CFG])
 
     def run(cfg):
         raise triton.runtime.errors.OutOfResources(1, 0, "shared memory")
 
     with pytest.raises(triton.runtime.errors.OutOfResources):
-        ct._run(run, torch.zeros(8, 64), 64, "bwd")
+        ct._run(run, torch.zeros(8, 64), 64, "grad_q")
 
 
-@pytest.mark.parametrize("dtype,d,resident,rows,do", [
-    (torch.bfloat16, 128, True, 128, 128), (torch.float16, 256, True, 128, 256), (torch.bfloat16, 512, True, 64, 512),
-    (torch.bfloat16, 768, False, 64, 512), (torch.float32, 512, False, 64, 512), (torch.float32, 64, False, 64, 64)])
-def test_gpu_config_rule(monkeypatch, dtype, d, resident, rows, do):
-    """The GPU tiles as the docstring of ``config`` states them (an H100's 227 KiB of shared memory)."""
-    class FakeCuda:
-        type, index = "cuda", 0
+def test_tuning_keeps_the_fastest_candidate_per_shape_class(monkeypatch):
+    slow, fast, refused = CHUNKED_CFG, CHUNKED_CFG._replace(rows=32), RESIDENT_CFG
+    monkeypatch.setattr(ct, "_device_candidates", lambda *a: [slow, refused, fast])
+    monkeypatch.setattr(ct, "_tuning_allowed", lambda q: True)
+    monkeypatch.setattr(ct, "_TUNED", {})
+    timed = []
 
-    class Fake:
-        device = FakeCuda()
+    def fake_time(run, cfg):
+        timed.append(cfg)
+        if cfg.resident:
+            raise triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+        return 2.0 if cfg is slow else 1.0
 
-        def __init__(self):
-            self.dtype = dtype
+    monkeypatch.setattr(ct, "_time", fake_time)
+    ran = []
+    q = torch.zeros(8, 64)
+    assert ct._run(lambda cfg: ran.append(cfg) or cfg.rows, q, 64, "fwd", (False, 1024)) == 32
+    assert timed == [slow, refused, fast] and ran == [fast]
+    assert ct._run(lambda cfg: cfg.rows, q, 64, "fwd", (False, 1024)) == 32 and len(timed) == 3  # cached
+    ct._run(lambda cfg: cfg.rows, q, 64, "fwd", (False, 4096))  # another size class: timed again
+    assert len(timed) == 6
 
-        def element_size(self):
-            return torch.empty(0, dtype=dtype).element_size()
 
-    monkeypatch.setattr(ct._dispatch, "sm_count", lambda device: 132)
-    monkeypatch.setattr(ct, "_smem_limit", lambda device: 227 * 1024)
-    cfg = ct.config(Fake(), d, "bwd")
-    assert (cfg.resident, cfg.rows, cfg.do, cfg.target) == (resident, rows, do, 264)
-    assert cfg.do * cfg.rows <= 128 * 256  # a float32 accumulator of at most 128 registers a thread at 8 warps
-    monkeypatch.setattr(ct, "_smem_limit", lambda device: 99 * 1024)  # e.g. an RTX card: no resident 512
-    if d == 512 and dtype != torch.float32:
-        assert not ct.config(Fake(), d, "bwd").resident
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d", [16, 40, 128, 200, 512, 768, 2048])
+@pytest.mark.parametrize("kind", ct.KINDS)
+def test_gpu_candidates_fit_and_cover_d(dtype, d, kind):
+    """Every GPU candidate (an H100: 132 SMs, 227 KiB of shared memory a program) fits its shared
+    memory estimate, holds at most 32K float32 accumulator values (128 registers a thread at 8 warps),
+    and its slices cover D; an RTX card's 99 KiB keeps at least one candidate."""
+    for smem in (227 * 1024, 99 * 1024):
+        cands = ct.candidates(dtype, d, kind, sms=132, smem=smem)
+        assert cands and all(c.target == 264 for c in cands)
+        for c in cands:
+            assert c.dp >= d and c.do <= c.dp and (kind == "fwd") <= (c.do == c.dp)
+            assert ct._smem_need(c, torch.empty(0, dtype=dtype).element_size()) + ct.SMEM_MARGIN <= smem
+            assert kind == "fwd" or c.rows * c.do <= 128 * 256 or not c.resident and c.rows * c.do <= 64 * 512
+            assert not (c.resident and c.dp > 512)
+    with pytest.raises(ValueError, match="kind"):
+        ct.candidates(dtype, d, "bwd", sms=132)

@@ -35,6 +35,7 @@ first so that fp16 dS does not underflow when the loss is a mean over a large ba
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -255,6 +256,35 @@ class Config(NamedTuple):
 # thresholds low enough that the tests' feature sizes (17 ... 128) take both tile kinds and several slices.
 INTERPRET_TILE, INTERPRET_BD, INTERPRET_RESIDENT_DP, INTERPRET_DO = 32, 64, 64, 64
 SMEM_MARGIN = 8 * 1024  # bytes Triton may use beside the operand tiles (layout conversions, barriers)
+R, C = True, False  # resident / chunked score tiles
+
+# GPU candidates for fp16 / bf16, (rows, cols, warps, resident, accumulator slice or None for all of
+# D), per D rounded up to a power of two (at least 128) and kernel. Each compiles for sm_90a spilling
+# at most 24 bytes a thread (``python -m fastpt.bench.aot --all-candidates``, Triton 3.8, table in
+# benches/results/triton-sm90.md), picked from a sweep of tiles, warps and slices: the resident
+# 128-row tiles first picked by reasoning spilled 0.1-1 KiB a thread at D = 128, and every resident
+# tile of 64 rows or more at D = 512 spilled 1-2 KiB (the rows' own tile in registers beside a
+# 64 x 512 accumulator). Which is fastest is measured on the
+# GPU at the first call of each shape class (``_run``), as the attention kernels' autotuner does.
+HALF_CANDIDATES = {
+    128: {"fwd": [(128, 64, 8, R, None), (128, 32, 8, R, None), (64, 64, 8, R, None)],
+          "grad_q": [(64, 64, 8, R, None), (128, 32, 8, R, None), (64, 32, 8, R, None)],
+          "grad_k": [(64, 64, 8, R, None), (128, 32, 8, R, None), (64, 32, 8, R, None)]},
+    256: {"fwd": [(128, 64, 8, R, None), (64, 64, 8, R, None), (128, 32, 8, R, None)],
+          "grad_q": [(64, 64, 8, R, None), (64, 32, 8, R, None), (128, 64, 8, R, 128)],
+          "grad_k": [(64, 64, 8, R, None), (64, 32, 8, R, None), (128, 32, 8, R, 128)]},
+    512: {"fwd": [(64, 64, 8, R, None), (64, 32, 8, R, None), (64, 64, 8, C, None)],
+          "grad_q": [(64, 64, 8, C, 256), (32, 32, 8, R, None), (64, 32, 8, C, 256)],
+          "grad_k": [(64, 32, 8, R, None), (64, 64, 8, C, 256), (32, 32, 8, R, None)]},
+    1024: {"fwd": [(64, 64, 8, C, None), (64, 32, 8, C, None)],
+           "grad_q": [(64, 64, 8, C, 256), (64, 32, 8, C, 256), (32, 32, 8, C, 512)],
+           "grad_k": [(64, 64, 8, C, 256), (64, 32, 8, C, 256), (32, 32, 8, C, 512)]},
+}
+# fp32 ("ieee" products on the FMA units, no tensor cores): feature chunks of 32, no spills at D = 512.
+FP32_CANDIDATES = {"fwd": [(32, 64, 4, C, None), (64, 32, 8, C, None), (32, 64, 8, C, None)],
+                   "grad_q": [(64, 32, 8, C, 128), (32, 32, 8, C, 256), (32, 64, 8, C, 128)],
+                   "grad_k": [(64, 32, 8, C, 128), (32, 32, 8, C, 256), (32, 64, 8, C, 128)]}
+KINDS = ("fwd", "grad_q", "grad_k")
 
 
 def _pow2(d: int) -> int:
@@ -270,62 +300,107 @@ def _smem_limit(device: torch.device) -> int:
         return 99 * 1024
 
 
-def _resident_fits(q: torch.Tensor, rows: int, cols: int, dp: int, stages: int) -> bool:
-    """Whether the program's rows plus ``stages`` buffered streamed tiles fit in shared memory."""
-    need = (rows + stages * cols) * dp * q.element_size()
-    return need + SMEM_MARGIN <= _smem_limit(q.device)
+def _smem_need(cfg: "Config", elsize: int) -> int:
+    """Operand tiles in shared memory: the rows' tile (resident) plus ``stages`` streamed tiles."""
+    if cfg.resident:
+        return (cfg.rows + cfg.stages * cfg.cols) * cfg.dp * elsize
+    return cfg.stages * (cfg.rows + cfg.cols) * cfg.bd * elsize
 
 
-def config(q: torch.Tensor, d: int, kind: str) -> Config:
-    """Tiles for ``kind`` ("fwd" or "bwd") on inputs like ``q`` with D = d.
-
-    GPU, chosen by reasoning (no GPU was at hand when these were written; the kernel bench measures
-    them): fp16 / bf16 with D <= 512 take resident tiles as in FlashAttention's forward at that head
-    dimension (rows 128 up to D = 256, 64 above), when they fit in the device's shared memory; fp32
-    (no tensor cores for "ieee" products) and larger D stream feature chunks. A backward accumulator
-    holds at most 32K float32 values (128 registers a thread over 8 warps): slices of 512 features
-    at 64 rows. 2 programs per SM.
-    """
+def candidates(dtype: torch.dtype, d: int, kind: str, *, sms: int | None, smem: int = 0) -> list[Config]:
+    """Launch configs to try, best guess first, for ``kind`` ("fwd", "grad_q", "grad_k") on ``dtype``
+    inputs with D = d, on a GPU with ``sms`` multiprocessors and ``smem`` bytes of shared memory a
+    program (``sms`` None: the interpreter, one config). Configs whose tiles do not fit ``smem`` are
+    left out (all of them: a small chunked one)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     dp = _pow2(d)
-    if q.device.type != "cuda":
+    if sms is None:
         resident = dp <= INTERPRET_RESIDENT_DP
         do = dp if kind == "fwd" else min(dp, INTERPRET_DO)
-        return Config(INTERPRET_TILE, INTERPRET_TILE, INTERPRET_BD, dp, do, resident, 4, 1, 4)
-    target = 2 * _dispatch.sm_count(q.device)
-    half = q.dtype != torch.float32
-    if half and dp <= 512:
-        rows, warps = (128, 8) if dp <= 256 else (64, 8 if kind == "bwd" else 4)
-        stages = 3 if dp <= 128 else 2
-        if _resident_fits(q, rows, 64, dp, stages):
-            return Config(rows, 64, 64, dp, dp, True, warps, stages, target)
-    cols, bd = (64, 64) if half else (32, 32)
-    if kind == "fwd":
-        return Config(64 if half else 32, 64, bd, dp, dp, False, 4, 3, target)
-    return Config(64, cols, bd, dp, min(dp, 512), False, 8, 3, target)
+        return [Config(INTERPRET_TILE, INTERPRET_TILE, INTERPRET_BD, dp, do, resident, 4, 1, 4)]
+    half = dtype != torch.float32
+    table = HALF_CANDIDATES[min(max(dp, 128), 1024)][kind] if half else FP32_CANDIDATES[kind]
+    bd = 64 if half else 32
+    elsize = torch.empty(0, dtype=dtype).element_size()
+    out = []
+    for rows, cols, warps, resident, do in table:
+        stages = (3 if dp <= 128 else 2) if resident else 3
+        do = dp if do is None or kind == "fwd" else min(do, dp)
+        cfg = Config(rows, cols, bd, dp, do, resident and dp <= 512, warps, stages, 2 * sms)
+        if _smem_need(cfg, elsize) + SMEM_MARGIN <= smem:
+            out.append(cfg)
+    return out or [Config(32, 32, 32, dp, dp if kind == "fwd" else min(dp, 128), False, 4, 2, 2 * sms)]
 
 
-_REFUSED: set = set()  # (device, dtype, dp, kind) whose resident tiles Triton could not fit
+def config(dtype: torch.dtype, d: int, kind: str, *, sms: int | None, smem: int = 0) -> Config:
+    """The first of ``candidates``: what runs when tuning is off or cannot run."""
+    return candidates(dtype, d, kind, sms=sms, smem=smem)[0]
 
 
-def _chunked_config(cfg: Config) -> Config:
-    """The same tiles with scores in feature chunks: shared memory for one chunk of each operand."""
-    return cfg._replace(resident=False, bd=min(cfg.bd, 64), stages=3)
+_TUNED: dict = {}  # (device, dtype, dp, kind, symmetric, queue, size bucket) -> the Config that ran best
 
 
-def _run(run, q: torch.Tensor, d: int, kind: str):
-    """``run(config)``; if Triton finds that resident tiles need more shared memory than the device has
-    (its own needs beyond the estimate), again with chunked tiles, remembered for such inputs."""
-    cfg = config(q, d, kind)
-    key = (str(q.device), q.dtype, cfg.dp, kind)
-    if cfg.resident and key in _REFUSED:
-        cfg = _chunked_config(cfg)
-    try:
+def _tuning_allowed(q: torch.Tensor) -> bool:
+    """Time the candidates on this call? Not on the CPU, not while a CUDA graph is being captured (no
+    synchronisation allowed), not with FASTPT_TRITON_AUTOTUNE=0 (as the attention kernels)."""
+    return (q.is_cuda and os.environ.get("FASTPT_TRITON_AUTOTUNE", "1") != "0"
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _time(run, cfg: Config, reps: int = 3) -> float:
+    run(cfg)  # compiles, and warms the caches
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        run(cfg)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _device_candidates(q: torch.Tensor, d: int, kind: str) -> list[Config]:
+    if q.device.type != "cuda":
+        return [config(q.dtype, d, kind, sms=None)]
+    return candidates(q.dtype, d, kind, sms=_dispatch.sm_count(q.device), smem=_smem_limit(q.device))
+
+
+def _run(run, q: torch.Tensor, d: int, kind: str, key: tuple = ()):
+    """``run(config)`` with the config that measured fastest for this shape class (``key``: what
+    else the kernel's speed depends on), timing every candidate at the first such call. A candidate
+    Triton cannot fit on the device (OutOfResources at compile time: its own shared memory needs
+    beyond the estimate) is skipped. Results do not depend on the config beyond float32 rounding of
+    the order of sums (every launch overwrites its outputs)."""
+    full_key = (str(q.device), q.dtype, _pow2(d), kind) + tuple(key)
+    cfg = _TUNED.get(full_key)
+    if cfg is not None:
         return run(cfg)
-    except triton.runtime.errors.OutOfResources:
-        if not cfg.resident:
-            raise
-        _REFUSED.add(key)
-        return run(_chunked_config(cfg))
+    cands = _device_candidates(q, d, kind)
+    if len(cands) > 1 and _tuning_allowed(q):
+        times = {}
+        for c in cands:
+            try:
+                times[c] = _time(run, c)
+            except triton.runtime.errors.OutOfResources:
+                continue
+        if times:
+            _TUNED[full_key] = min(times, key=times.get)
+            return run(_TUNED[full_key])
+    for i, c in enumerate(cands):
+        try:
+            out = run(c)
+        except triton.runtime.errors.OutOfResources:
+            if i == len(cands) - 1:
+                raise
+            continue
+        if len(cands) > 1:  # a choice was made: remember it
+            _TUNED[full_key] = c
+        return out
+
+
+def _bucket(n: int) -> int:
+    """Size class of a tuning key: the power of two >= n, from 1024 to 2**20."""
+    return min(max(triton.next_power_of_2(max(n, 1)), 1024), 1 << 20)
 
 
 def _upcast(q: torch.Tensor) -> bool:
@@ -381,7 +456,7 @@ def forward(q, k, queue, scale, symmetric, self_offset):
         )
         return row_m, row_s, col_m, col_s
 
-    row_m, row_s, col_m, col_s = _run(run, q, d, "fwd")
+    row_m, row_s, col_m, col_s = _run(run, q, d, "fwd", (symmetric, kq > 0, _bucket(n), _bucket(m + kq)))
     row = merge_lse(row_m, row_s)
     col = merge_lse(col_m, col_s) if symmetric else torch.empty(0, **f32)
     return row, col
@@ -405,7 +480,7 @@ def _gradient(a, b, queue, scale, row_lse, col_lse, g_row, g_col, *, trans, symm
         )
         return out[0] if splits == 1 else out.sum(0)
 
-    return _run(run, a, d, "bwd")
+    return _run(run, a, d, "grad_k" if trans else "grad_q", (symmetric, kq > 0, _bucket(n_a), _bucket(n_b + kq)))
 
 
 def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset):
