@@ -16,7 +16,9 @@ path) ``triton.jit`` hands out interpreter functions, which cannot be compiled.
 
 Kernel specs mirror the launches in ``ops/*.py``: the same configs (each module's own config
 function where it has one, evaluated for an H100: 132 SMs, 227 KiB of shared memory a program),
-the argument types of a bf16 (or fp32) call, 32-bit integer sizes.
+the argument types of a bf16 (or fp32) call, 32-bit integer sizes. Every Triton kernel of the
+package is in one of the sets: attention, contrastive (tiled), contrastive_blas (the chunk kernels),
+others (linear cross-entropy, dropout, MLM and MAE masking).
 """
 from __future__ import annotations
 
@@ -175,9 +177,62 @@ def _contrastive_specs(arch: int, all_candidates: bool) -> list[Spec]:
     return specs
 
 
+def _blas_chunk_specs() -> list[Spec]:
+    """The blas contrastive backend's chunk kernels at N = 16384 (1024-row chunks of float32 scores)."""
+    from ..ops import contrastive_blas_triton as cb
+
+    rows, cols = 1024, 16384
+    f32 = {n: "*fp32" for n in ("S", "scale_ptr", "ROW_LSE", "COL_MAX", "COL_SUM", "G_ROW", "COL_LSE", "G_COL")}
+    specs = []
+    br, bn, w = cb._blocks(rows, cols, cb.ROW_BLOCK_N)
+    specs.append(Spec("contrastive_blas", "row_lse", "fp32 scores", cb._row_lse_kernel, f32,
+                      dict(EXCL=True, BLOCK_R=br, BLOCK_N=bn), w, 3))
+    br, bc, w = cb._blocks(rows, cols, cb.COL_BLOCK_C)
+    specs.append(Spec("contrastive_blas", "col_lse", "fp32 scores", cb._col_lse_kernel, f32,
+                      dict(EXCL=True, BLOCK_R=br, BLOCK_C=bc), w, 3))
+    br, bn, w = cb._blocks(rows, cols, cb.DS_BLOCK_N)
+    for ds in ("bf16", "fp32"):
+        specs.append(Spec("contrastive_blas", "dscores", f"dS {ds}, symmetric", cb._dscores_kernel,
+                          dict(f32, DS=f"*{ds}"), dict(SYM=True, EXCL=True, BLOCK_R=br, BLOCK_N=bn), w, 3))
+    return specs
+
+
+def _small_kernel_specs() -> list[Spec]:
+    """Linear cross-entropy's chunk kernel (GPT-2's vocabulary), dropout, MLM masking, MAE masking: the
+    launches of ops/*.py on a GPU."""
+    import importlib
+
+    # fastpt.ops exports functions named like these modules: import the modules themselves
+    dt, lce, mm, rm = (importlib.import_module(f"fastpt.ops.{m}") for m in (
+        "dropout_triton", "linear_cross_entropy", "mlm_mask", "random_masking"))
+
+    block_v = min(triton_next_pow2(50257), 4096)
+    specs = [Spec("linear_cross_entropy", "ce_chunk", f"bf16 logits, V 50257, {grad}", lce._ce_chunk_kernel,
+                  dict(z_ptr="*bf16", g_ptr="*bf16", y_ptr="*i64", scale_ptr="*fp32", loss_ptr="*fp32",
+                       lse_ptr="*fp32", smoothing="fp32", z_coef="fp32"),
+                  dict(WRITE_GRAD=grad == "gradient", SMOOTH=True, BLOCK_M=1, BLOCK_V=block_v),
+                  8 if block_v >= 2048 else 4, 3) for grad in ("gradient", "loss only")]
+    specs.append(Spec("dropout", "dropout", "bf16", dt._dropout_kernel, dict(X="*bf16", OUT="*bf16", scale="fp32"),
+                      dict(BLOCK=dt.GPU_BLOCK, BIG=False), dt.GPU_WARPS, 3))
+    specs.append(Spec("mlm_mask", "mlm", "int64 ids, 512 columns", mm._mlm_kernel,
+                      {n: "*i64" for n in ("ids_ptr", "out_ptr", "labels_ptr", "words_ptr", "special_ptr")} |
+                      dict(blocked_ptr="*i8"), dict(HAS_BLOCKED=True, HAS_WORDS=True, BLOCK=512), 4, 3))
+    specs.append(Spec("random_masking", "random_masking", "196 patches", rm._random_masking_kernel,
+                      dict(keep_ptr="*i64", mask_ptr="*u8", restore_ptr="*i64"), dict(BLOCK=256), 4, 3))
+    return specs
+
+
+def triton_next_pow2(n: int) -> int:
+    import triton
+
+    return triton.next_power_of_2(n)
+
+
 SPEC_SETS: dict[str, Callable[..., list[Spec]]] = {
     "attention": lambda arch, all_candidates: _attention_specs(all_candidates),
     "contrastive": _contrastive_specs,
+    "contrastive_blas": lambda arch, all_candidates: _blas_chunk_specs(),
+    "others": lambda arch, all_candidates: _small_kernel_specs(),
 }
 
 

@@ -393,8 +393,8 @@ def _run(run, q: torch.Tensor, d: int, kind: str, key: tuple = ()):
             if i == len(cands) - 1:
                 raise
             continue
-        if len(cands) > 1:  # a choice was made: remember it
-            _TUNED[full_key] = c
+        if i > 0:  # candidates were skipped: remember the one that fits (an untimed first one is not
+            _TUNED[full_key] = c  # kept: under CUDA-graph capture, a later eager call still times them)
         return out
 
 
