@@ -186,3 +186,38 @@ def test_gpu_candidates_fit_and_cover_d(dtype, d, kind):
             assert not (c.resident and c.dp > 512)
     with pytest.raises(ValueError, match="kind"):
         ct.candidates(dtype, d, "bwd", sms=132)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_timing_runs_cover_a_few_rows_and_the_result_is_the_full_call(monkeypatch, symmetric):
+    """Tuning times each candidate on at most TUNE_ROWS output rows (N = 1M would otherwise run the
+    whole loss several times per candidate); the call's own result is the full one, by the winner."""
+    layouts = [_layout("chunked_one_slice")(torch.float32, 24, kind, sms=None) for kind in ("fwd",)]
+    cands = [layouts[0], layouts[0]._replace(rows=16)]
+    monkeypatch.setattr(ct, "_device_candidates", lambda q, d, kind: [c._replace(
+        do=c.dp if kind == "fwd" else c.do) for c in cands])
+    monkeypatch.setattr(ct, "_tuning_allowed", lambda q: True)
+    monkeypatch.setattr(ct, "_TUNED", {})
+    monkeypatch.setattr(ct, "TUNE_ROWS", 8)
+    shapes = []
+
+    def fake_time(run, cfg):
+        out = run(cfg, ct.TUNE_ROWS)
+        shapes.append(tuple(out[0].shape) if isinstance(out, tuple) else tuple(out.shape))
+        return float(cfg.rows)  # the 16-row candidate wins
+
+    monkeypatch.setattr(ct, "_time", fake_time)
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(37, 24, generator=g).to(DEVICE), torch.randn(29, 24, generator=g).to(DEVICE)
+    scale = torch.tensor(2.0, device=DEVICE)
+    row, col = ct.forward(q, k, None, scale, symmetric, -1)
+    assert [s[-1] for s in shapes] == [8, 8]  # (splits, rows) partial statistics of 8 rows
+    want = _expected(q.cpu(), k.cpu(), None, 2.0, symmetric, -1, torch.ones(37), torch.ones(29))
+    _close("row_lse", row, want[0], 1e-5)
+    gq, gk = ct.backward(q, k, None, scale, row, col if symmetric else torch.empty(0, device=DEVICE),
+                         torch.ones(37, device=DEVICE), torch.ones(29, device=DEVICE) if symmetric else None,
+                         symmetric, -1)
+    assert shapes[2:] == [(8, 24), (8, 24), (8, 24), (8, 24)]  # G_q then G_k timing runs: 8 rows each
+    _close("grad_q", gq, want[2], 1e-4)
+    _close("grad_k", gk, want[3], 1e-4)
+    assert {key[3] for key in ct._TUNED} == set(ct.KINDS) and all(c.rows == 16 for c in ct._TUNED.values())

@@ -348,12 +348,17 @@ def _tuning_allowed(q: torch.Tensor) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
+TUNE_ROWS = 16384  # output rows of a timing run: tuning at N = 1M costs what it costs at 16k
+
+
 def _time(run, cfg: Config, reps: int = 3) -> float:
-    run(cfg)  # compiles, and warms the caches
+    """Milliseconds of ``run(cfg, TUNE_ROWS)``: at most TUNE_ROWS output rows against the whole streamed
+    side (each program's work as in the real call, fewer programs); its outputs are discarded."""
+    run(cfg, TUNE_ROWS)  # compiles, and warms the caches
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
-        run(cfg)
+        run(cfg, TUNE_ROWS)
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
@@ -438,19 +443,20 @@ def forward(q, k, queue, scale, symmetric, self_offset):
     kq = queue.shape[0] if queue is not None else 0
     f32 = dict(device=q.device, dtype=torch.float32)
 
-    def run(cfg: Config):
-        n_rb, n_cb = triton.cdiv(n, cfg.rows), triton.cdiv(m, cfg.cols) + triton.cdiv(kq, cfg.cols)
+    def run(cfg: Config, limit: int | None = None):  # limit: rows of a timing run (``_time``)
+        n_run = n if limit is None else min(n, limit)
+        n_rb, n_cb = triton.cdiv(n_run, cfg.rows), triton.cdiv(m, cfg.cols) + triton.cdiv(kq, cfg.cols)
         if symmetric:  # balance the two kinds of partial statistics: P_r * P_c ~ target
             p_r = max(1, min(n_rb, int(cfg.target ** 0.5)))
             p_c = max(1, min(n_cb, cfg.target // p_r))
         else:
             p_r = n_rb
             p_c = _split(n_cb, p_r, cfg.target)
-        row_m, row_s = torch.empty(p_c, n, **f32), torch.empty(p_c, n, **f32)
+        row_m, row_s = torch.empty(p_c, n_run, **f32), torch.empty(p_c, n_run, **f32)
         col_m = torch.empty(p_r if symmetric else 1, m if symmetric else 1, **f32)
         col_s = torch.empty_like(col_m)
         _fwd_kernel[(p_r, p_c)](
-            q, k, queue if queue is not None else k, scale, row_m, row_s, col_m, col_s, n, m, kq, d,
+            q, k, queue if queue is not None else k, scale, row_m, row_s, col_m, col_s, n_run, m, kq, d,
             max(self_offset, 0), SYM=symmetric, EXCL=self_offset >= 0, RESIDENT=cfg.resident, BN=cfg.rows,
             BM=cfg.cols, BD=cfg.bd, DP=cfg.dp, UPCAST=_upcast(q), num_warps=cfg.warps, num_stages=cfg.stages,
         )
@@ -468,12 +474,13 @@ def _gradient(a, b, queue, scale, row_lse, col_lse, g_row, g_col, *, trans, symm
     n_b = b.shape[0]
     kq = queue.shape[0] if queue is not None else 0
 
-    def run(cfg: Config):
-        n_ab, slices = triton.cdiv(n_a, cfg.rows), triton.cdiv(d, cfg.do)
+    def run(cfg: Config, limit: int | None = None):  # limit: rows of a timing run (``_time``)
+        n_run = n_a if limit is None else min(n_a, limit)
+        n_ab, slices = triton.cdiv(n_run, cfg.rows), triton.cdiv(d, cfg.do)
         splits = _split(triton.cdiv(n_b, cfg.cols) + triton.cdiv(kq, cfg.cols), n_ab * slices, cfg.target)
-        out = torch.empty(splits, n_a, d, device=a.device, dtype=torch.float32)
+        out = torch.empty(splits, n_run, d, device=a.device, dtype=torch.float32)
         _bwd_kernel[(n_ab, slices, splits)](
-            a, b, queue if queue is not None else b, scale, row_lse, col_lse, g_row, g_col, out, n_a, n_b, kq, d,
+            a, b, queue if queue is not None else b, scale, row_lse, col_lse, g_row, g_col, out, n_run, n_b, kq, d,
             max(self_offset, 0), TRANS=trans, SYM=symmetric, EXCL=self_offset >= 0, RESIDENT=cfg.resident,
             REUSE=cfg.resident and cfg.do == cfg.dp, BA=cfg.rows, BB=cfg.cols, BD=cfg.bd, DP=cfg.dp, DO=cfg.do,
             UPCAST=_upcast(a), num_warps=cfg.warps, num_stages=cfg.stages,
