@@ -48,6 +48,7 @@ class Spec:
     constexprs: dict
     num_warps: int
     num_stages: int
+    divisible: tuple = ()  # integer arguments that are multiples of 16 in a typical launch
 
 
 @dataclasses.dataclass
@@ -59,6 +60,7 @@ class Resources:
     regs: int | None = None
     local_bytes: int | None = None  # stack frame per thread: spilled registers
     spill_stores: int | None = None  # STL instructions in the SASS
+    loop_instructions: int | None = None  # SASS instructions of the longest loop body (one iteration)
     shared_bytes: int | None = None
     wgmma: int | None = None
     error: str | None = None
@@ -92,6 +94,17 @@ def _signature(fn, types: dict, constexprs: dict) -> dict:
     return sig
 
 
+def _attrs(spec: Spec) -> dict:
+    """What Triton's launcher tells the compiler about a real call's arguments: pointers 16-byte
+    aligned (every torch allocation, and views at multiples of 8 half elements), and the integers
+    ``spec.divisible`` multiples of 16 (strides of (B, S, H, 64) tensors, power-of-two sizes). Without
+    it the compiler cannot vectorise a load (one 16-bit load per element), and the resources are not
+    those of the kernels that run."""
+    sig = _signature(spec.fn, spec.types, spec.constexprs)
+    return {(i,): [["tt.divisibility", 16]] for i, p in enumerate(spec.fn.params)
+            if sig[p.name] != "constexpr" and (sig[p.name].startswith("*") or p.name in spec.divisible)}
+
+
 def compile_spec(spec: Spec, arch: int = 90) -> Resources:
     """Compile one launch for ``sm_<arch>`` and read its resources from the cubin."""
     import triton
@@ -102,7 +115,7 @@ def compile_spec(spec: Spec, arch: int = 90) -> Resources:
     res = Resources(spec.op, spec.kernel, spec.case, f"{cfg}, warps={spec.num_warps}, stages={spec.num_stages}")
     try:
         src = ASTSource(fn=spec.fn, signature=_signature(spec.fn, spec.types, spec.constexprs),
-                        constexprs=spec.constexprs)
+                        constexprs=spec.constexprs, attrs=_attrs(spec))
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
     except Exception as e:  # noqa: BLE001 - reported per kernel: the point of this module
@@ -117,12 +130,32 @@ def compile_spec(spec: Spec, arch: int = 90) -> Resources:
     finally:
         os.unlink(f.name)
     res.spill_stores = len(re.findall(r"\bSTL(\.\w+)*\s", sass))
+    res.loop_instructions = max(_loop_lengths(sass), default=0)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
     if m:  # a Triton kernel's stack frame holds its spilled registers (it has no local arrays)
         res.regs, res.local_bytes = int(m.group(1)), int(m.group(2))
         res.shared_bytes = int(m.group(3)) + int(k.metadata.shared)
     res.wgmma = k.asm["ptx"].count("wgmma.mma_async")
     return res
+
+
+def _loop_lengths(sass: str) -> list[int]:
+    """Instruction counts of the loops in a SASS listing: a branch back to an earlier address closes
+    a loop whose body runs from that address to the branch. For a kernel whose time is one inner
+    loop, the longest is the per-iteration instruction count each warp issues."""
+    addrs, texts = [], []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            addrs.append(int(m.group(1), 16))
+            texts.append(m.group(2))
+    index = {a: i for i, a in enumerate(addrs)}
+    out = []
+    for i, (a, t) in enumerate(zip(addrs, texts)):
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", t)
+        if target and int(target.group(1), 16) < a and int(target.group(1), 16) in index:
+            out.append(i - index[int(target.group(1), 16)] + 1)
+    return out
 
 
 # ----------------------------------------------------------------------------- kernel specs
@@ -135,6 +168,8 @@ def _attention_specs(all_candidates: bool) -> list[Spec]:
     ptr = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     types = dict(ptr, LSE="*fp32", DELTA="*fp32", DOCS="*i32", qk_scale="fp32", scale="fp32", rescale="fp32")
     kernels = {"fwd": at._fwd_kernel, "dkdv": at._bwd_dkdv_kernel, "dq": at._bwd_dq_kernel}
+    strides = tuple(f"s{t}_{x}" for t in ("q", "k", "v", "o", "d", "dq", "dk", "dv") for x in "bsh")
+    div = strides + ("Sq", "LEN_BUCKET")
     for hd in (64, 128):
         for kind, fn in kernels.items():
             cands = at._configs(kind, hd, False)
@@ -145,9 +180,9 @@ def _attention_specs(all_candidates: bool) -> list[Spec]:
                     if kind == "fwd":
                         c["FOLD_SCALE"] = True
                     specs.append(Spec("attention", kind, f"bf16 hd{hd}" + (" dropout" if dropout else ""), fn, types,
-                                      c, warps, stages))
+                                      c, warps, stages, div))
         specs.append(Spec("attention", "delta", f"bf16 hd{hd}", at._bwd_delta_kernel, types,
-                          dict(HEAD_DIM=hd, BLOCK_D=hd, BLOCK_M=64), 4, 3))
+                          dict(HEAD_DIM=hd, BLOCK_D=hd, BLOCK_M=64), 4, 3, div))
     return specs
 
 
@@ -167,13 +202,15 @@ def _contrastive_specs(arch: int, all_candidates: bool) -> list[Spec]:
                     types = dict(q_ptr=el, k_ptr=el, queue_ptr=el, **{n: "*fp32" for n in (
                         "scale_ptr", "row_m_ptr", "row_s_ptr", "col_m_ptr", "col_s_ptr")})
                     specs.append(Spec("contrastive", kind, case, ct._fwd_kernel, types,
-                                      dict(common, SYM=True, BN=cfg.rows, BM=cfg.cols), cfg.warps, cfg.stages))
+                                      dict(common, SYM=True, BN=cfg.rows, BM=cfg.cols), cfg.warps, cfg.stages,
+                                      ("N", "M", "D")))
                     continue
                 types = dict(a_ptr=el, b_ptr=el, queue_ptr=el, **{n: "*fp32" for n in (
                     "scale_ptr", "row_lse_ptr", "col_lse_ptr", "g_row_ptr", "g_col_ptr", "out_ptr")})
                 c = dict(common, TRANS=kind == "grad_k", SYM=True, REUSE=cfg.resident and cfg.do == cfg.dp,
                          BA=cfg.rows, BB=cfg.cols, DO=cfg.do)
-                specs.append(Spec("contrastive", kind, case, ct._bwd_kernel, types, c, cfg.warps, cfg.stages))
+                specs.append(Spec("contrastive", kind, case, ct._bwd_kernel, types, c, cfg.warps, cfg.stages,
+                                  ("n_a", "n_b", "D")))
     return specs
 
 
@@ -182,18 +219,19 @@ def _blas_chunk_specs() -> list[Spec]:
     from ..ops import contrastive_blas_triton as cb
 
     rows, cols = 1024, 16384
+    DIV = ("stride", "ds_stride", "n_rows", "n_cols", "r0", "m")  # noqa: N806 - sizes of N = 16384
     f32 = {n: "*fp32" for n in ("S", "scale_ptr", "ROW_LSE", "COL_MAX", "COL_SUM", "G_ROW", "COL_LSE", "G_COL")}
     specs = []
     br, bn, w = cb._blocks(rows, cols, cb.ROW_BLOCK_N)
     specs.append(Spec("contrastive_blas", "row_lse", "fp32 scores", cb._row_lse_kernel, f32,
-                      dict(EXCL=True, BLOCK_R=br, BLOCK_N=bn), w, 3))
+                      dict(EXCL=True, BLOCK_R=br, BLOCK_N=bn), w, 3, DIV))
     br, bc, w = cb._blocks(rows, cols, cb.COL_BLOCK_C)
     specs.append(Spec("contrastive_blas", "col_lse", "fp32 scores", cb._col_lse_kernel, f32,
-                      dict(EXCL=True, BLOCK_R=br, BLOCK_C=bc), w, 3))
+                      dict(EXCL=True, BLOCK_R=br, BLOCK_C=bc), w, 3, DIV))
     br, bn, w = cb._blocks(rows, cols, cb.DS_BLOCK_N)
     for ds in ("bf16", "fp32"):
         specs.append(Spec("contrastive_blas", "dscores", f"dS {ds}, symmetric", cb._dscores_kernel,
-                          dict(f32, DS=f"*{ds}"), dict(SYM=True, EXCL=True, BLOCK_R=br, BLOCK_N=bn), w, 3))
+                          dict(f32, DS=f"*{ds}"), dict(SYM=True, EXCL=True, BLOCK_R=br, BLOCK_N=bn), w, 3, DIV))
     return specs
 
 
@@ -213,10 +251,10 @@ def _small_kernel_specs() -> list[Spec]:
                   dict(WRITE_GRAD=grad == "gradient", SMOOTH=True, BLOCK_M=1, BLOCK_V=block_v),
                   8 if block_v >= 2048 else 4, 3) for grad in ("gradient", "loss only")]
     specs.append(Spec("dropout", "dropout", "bf16", dt._dropout_kernel, dict(X="*bf16", OUT="*bf16", scale="fp32"),
-                      dict(BLOCK=dt.GPU_BLOCK, BIG=False), dt.GPU_WARPS, 3))
+                      dict(BLOCK=dt.GPU_BLOCK, BIG=False), dt.GPU_WARPS, 3, ("n",)))
     specs.append(Spec("mlm_mask", "mlm", "int64 ids, 512 columns", mm._mlm_kernel,
                       {n: "*i64" for n in ("ids_ptr", "out_ptr", "labels_ptr", "words_ptr", "special_ptr")} |
-                      dict(blocked_ptr="*i8"), dict(HAS_BLOCKED=True, HAS_WORDS=True, BLOCK=512), 4, 3))
+                      dict(blocked_ptr="*i8"), dict(HAS_BLOCKED=True, HAS_WORDS=True, BLOCK=512), 4, 3, ("cols",)))
     specs.append(Spec("random_masking", "random_masking", "196 patches", rm._random_masking_kernel,
                       dict(keep_ptr="*i64", mask_ptr="*u8", restore_ptr="*i64"), dict(BLOCK=256), 4, 3))
     return specs
@@ -250,15 +288,15 @@ def check(arch: int = 90, ops=None) -> list[Resources]:
 
 
 def table(rows: list[Resources], arch: int) -> str:
-    lines = [f"| op | kernel | case | config | registers | stack (spill) bytes | STL | shared KiB | wgmma |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| op | kernel | case | config | registers | stack (spill) bytes | STL | shared KiB | wgmma "
+             "| loop instructions |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.op} | {r.kernel} | {r.case} | {r.config} | **failed: {r.error}** | | | | |")
+            lines.append(f"| {r.op} | {r.kernel} | {r.case} | {r.config} | **failed: {r.error}** | | | | | |")
             continue
         lines.append(f"| {r.op} | {r.kernel} | {r.case} | {r.config} | {r.regs} | "
                      f"{'**' + str(r.local_bytes) + '**' if r.local_bytes else 0} | {r.spill_stores} | {r.shared_bytes / 1024:.1f} | "
-                     f"{r.wgmma} |")
+                     f"{r.wgmma} | {r.loop_instructions} |")
     return "\n".join(lines)
 
 
@@ -279,7 +317,7 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"{r.op:12s} {r.kernel:6s} {r.case:24s} {r.config:60s} "
               + (f"FAILED {r.error}" if r.error else f"regs {r.regs:3d} stack {r.local_bytes:6d} STL {r.spill_stores:4d} "
-                 f"shared {r.shared_bytes / 1024:6.1f} KiB wgmma {r.wgmma}"), flush=True)
+                 f"shared {r.shared_bytes / 1024:6.1f} KiB wgmma {r.wgmma} loop {r.loop_instructions}"), flush=True)
     text = table(rows, args.arch)
     if args.out:
         with open(args.out, "w") as f:

@@ -425,20 +425,17 @@ if triton is not None:
 def _configs(kind: str, block_d: int, fp32: bool) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for an H100 / H200.
 
-    fp16 / bf16 (tensor cores): the FlashAttention-2 Triton tutorial's Hopper picks are 128 x 64
-    tiles at head dim <= 128 (a 128-row Q tile amortises each K/V load over more rows). The dk/dv
-    kernel holds two (BLOCK_N, D) fp32 accumulators, so its key tile is the large one and the
-    streamed query tile the small one; the dq kernel the reverse. At head dim 256 the shared memory
-    (Q 64 KiB at 128 rows, K + V 64 KiB per stage at 64 keys) only fits 64-row Q tiles with 2 stages.
-
-    Head dims 64 and 128 keep only candidates that compile for sm_90a without spilling registers
-    (``python -m fastpt.bench.aot --ops attention --all-candidates``, Triton 3.8; table in
-    benches/results/triton-sm90.md). The earlier picks by reasoning spilled 0.8-1.6 KiB a thread
-    in every dk/dv candidate at head dim 128 and in three of four at 64 (4 warps holding the
-    accumulators), and up to 256 bytes in the dq and forward kernels. With 8 warps at head dim 128
-    only 16- and 32-row query tiles leave the dk/dv accumulators their registers; one larger
-    spilling tile stays for the autotuner to compare. fp32 ("ieee", FMA units, no tensor cores):
-    smaller tiles, as registers hold fp32 operands. For dkdv the pair is (inner query tile, key tile).
+    fp16 / bf16 (tensor cores) at head dims 64 and 128: picked offline from a sweep of tiles x warps x
+    stages compiled for sm_90a as Triton's launcher compiles them (16-byte aligned pointers, strides
+    divisible by 16), with and without dropout: the candidates with the fewest SASS instructions per
+    score element (main-loop instructions x warps / tile area) among those that spill at most 88
+    bytes a thread (``python -m fastpt.bench.aot --all-candidates``, Triton 3.8, table in
+    benches/results/triton-sm90.md); the autotuner measures them on the GPU. The dk/dv kernel holds
+    two (BLOCK_N, D) fp32 accumulators, so its key tile is the large one and the streamed query tile
+    the small one; the dq kernel the reverse. At head dim 256 (not swept) the shared memory (Q 64 KiB
+    at 128 rows, K + V 64 KiB per stage at 64 keys) only fits 64-row Q tiles with 2 stages. fp32
+    ("ieee", FMA units, no tensor cores): smaller tiles, as registers hold fp32 operands. For dkdv the
+    pair is (inner query tile, key tile).
     """
     if fp32:
         if block_d <= 64:
@@ -448,21 +445,21 @@ def _configs(kind: str, block_d: int, fp32: bool) -> list[tuple[int, int, int, i
         return [(32, 32, 4, 1), (32, 32, 8, 2), (16, 32, 4, 2)]
     if kind == "fwd":
         if block_d <= 64:
-            return [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
+            return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2)]
         if block_d <= 128:
-            return [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2)]
+            return [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
         return [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]
     if kind == "dkdv":  # (query tile streamed, key tile owned)
         if block_d <= 64:
-            return [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3)]
+            return [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 3)]
         if block_d <= 128:
-            return [(16, 64, 8, 3), (32, 64, 8, 3), (16, 64, 8, 2), (32, 128, 8, 2)]
+            return [(32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (16, 128, 8, 3)]
         return [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]
     # dq: (query tile owned, key tile streamed)
     if block_d <= 64:
-        return [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+        return [(128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 4, 3), (128, 64, 8, 3)]
     if block_d <= 128:
-        return [(128, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 3), (64, 32, 8, 2)]
+        return [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2)]
     return [(64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)]
 
 

@@ -259,31 +259,32 @@ SMEM_MARGIN = 8 * 1024  # bytes Triton may use beside the operand tiles (layout 
 R, C = True, False  # resident / chunked score tiles
 
 # GPU candidates for fp16 / bf16, (rows, cols, warps, resident, accumulator slice or None for all of
-# D), per D rounded up to a power of two (at least 128) and kernel. Each compiles for sm_90a spilling
-# at most 24 bytes a thread (``python -m fastpt.bench.aot --all-candidates``, Triton 3.8, table in
-# benches/results/triton-sm90.md), picked from a sweep of tiles, warps and slices: the resident
-# 128-row tiles first picked by reasoning spilled 0.1-1 KiB a thread at D = 128, and every resident
-# tile of 64 rows or more at D = 512 spilled 1-2 KiB (the rows' own tile in registers beside a
-# 64 x 512 accumulator). Which is fastest is measured on the
-# GPU at the first call of each shape class (``_run``), as the attention kernels' autotuner does.
+# D), per D rounded up to a power of two (at least 128) and kernel. Picked offline from a sweep of
+# tiles, warps, residency and slices compiled for sm_90a as Triton's launcher compiles them (16-byte
+# aligned pointers, sizes divisible by 16): the three with the fewest SASS instructions per score
+# element of the whole problem (main-loop instructions x warps x slices / tile area) among those that
+# spill at most 32 bytes a thread (``python -m fastpt.bench.aot --all-candidates``, Triton 3.8, table
+# in benches/results/triton-sm90.md). At D = 512 feature chunks with one 512-wide slice beat resident
+# tiles (which hold the rows' 64 x 512 tile in registers beside the accumulator). Which is fastest is
+# measured on the GPU at the first call of each shape class (``_run``).
 HALF_CANDIDATES = {
-    128: {"fwd": [(128, 64, 8, R, None), (128, 32, 8, R, None), (64, 64, 8, R, None)],
-          "grad_q": [(64, 64, 8, R, None), (128, 32, 8, R, None), (64, 32, 8, R, None)],
-          "grad_k": [(64, 64, 8, R, None), (128, 32, 8, R, None), (64, 32, 8, R, None)]},
-    256: {"fwd": [(128, 64, 8, R, None), (64, 64, 8, R, None), (128, 32, 8, R, None)],
-          "grad_q": [(64, 64, 8, R, None), (64, 32, 8, R, None), (128, 64, 8, R, 128)],
-          "grad_k": [(64, 64, 8, R, None), (64, 32, 8, R, None), (128, 32, 8, R, 128)]},
-    512: {"fwd": [(64, 64, 8, R, None), (64, 32, 8, R, None), (64, 64, 8, C, None)],
-          "grad_q": [(64, 64, 8, C, 256), (32, 32, 8, R, None), (64, 32, 8, C, 256)],
-          "grad_k": [(64, 32, 8, R, None), (64, 64, 8, C, 256), (32, 32, 8, R, None)]},
-    1024: {"fwd": [(64, 64, 8, C, None), (64, 32, 8, C, None)],
-           "grad_q": [(64, 64, 8, C, 256), (64, 32, 8, C, 256), (32, 32, 8, C, 512)],
-           "grad_k": [(64, 64, 8, C, 256), (64, 32, 8, C, 256), (32, 32, 8, C, 512)]},
+    128: {"fwd": [(128, 64, 4, R, None), (128, 64, 4, C, None), (128, 32, 4, R, None)],
+          "grad_q": [(128, 32, 8, R, None), (64, 32, 4, R, None), (128, 64, 8, R, None)],
+          "grad_k": [(64, 64, 4, R, None), (128, 32, 8, R, None), (64, 32, 4, R, None)]},
+    256: {"fwd": [(128, 64, 4, C, None), (128, 32, 4, C, None), (128, 64, 8, R, None)],
+          "grad_q": [(128, 64, 8, R, None), (128, 32, 8, R, None), (64, 32, 4, R, None)],
+          "grad_k": [(64, 64, 4, R, None), (128, 32, 8, R, None), (128, 32, 8, C, None)]},
+    512: {"fwd": [(64, 64, 4, C, None), (64, 64, 8, C, None), (32, 64, 4, C, None)],
+          "grad_q": [(64, 64, 8, C, None), (64, 32, 8, C, None), (128, 32, 8, C, 256)],
+          "grad_k": [(64, 64, 8, C, None), (128, 32, 8, C, 256), (64, 32, 8, R, None)]},
+    1024: {"fwd": [(64, 64, 4, C, None), (64, 64, 8, C, None)],
+           "grad_q": [(64, 64, 8, C, 512), (64, 32, 8, C, 512), (128, 32, 8, C, 256)],
+           "grad_k": [(64, 64, 8, C, 512), (64, 32, 8, C, 512), (128, 32, 8, C, 256)]},
 }
 # fp32 ("ieee" products on the FMA units, no tensor cores): feature chunks of 32, no spills at D = 512.
 FP32_CANDIDATES = {"fwd": [(32, 64, 4, C, None), (64, 32, 8, C, None), (32, 64, 8, C, None)],
-                   "grad_q": [(64, 32, 8, C, 128), (32, 32, 8, C, 256), (32, 64, 8, C, 128)],
-                   "grad_k": [(64, 32, 8, C, 128), (32, 32, 8, C, 256), (32, 64, 8, C, 128)]}
+                   "grad_q": [(64, 32, 8, C, 256), (32, 64, 8, C, 256), (32, 32, 8, C, 256)],
+                   "grad_k": [(64, 32, 8, C, 256), (32, 64, 8, C, 256), (32, 32, 8, C, 256)]}
 KINDS = ("fwd", "grad_q", "grad_k")
 
 
@@ -325,7 +326,7 @@ def candidates(dtype: torch.dtype, d: int, kind: str, *, sms: int | None, smem: 
     elsize = torch.empty(0, dtype=dtype).element_size()
     out = []
     for rows, cols, warps, resident, do in table:
-        stages = (3 if dp <= 128 else 2) if resident else 3
+        stages = 2 if half else 3  # as swept
         do = dp if do is None or kind == "fwd" else min(do, dp)
         cfg = Config(rows, cols, bd, dp, do, resident and dp <= 512, warps, stages, 2 * sms)
         if _smem_need(cfg, elsize) + SMEM_MARGIN <= smem:
