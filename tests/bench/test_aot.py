@@ -41,7 +41,8 @@ def test_every_default_launch_compiles_for_hopper(tmp_path):
     assert "failed" not in table
     for op, kernel in [("attention", "fwd"), ("attention", "dkdv"), ("attention", "dq"), ("attention", "delta"),
                        ("contrastive", "fwd"), ("contrastive", "grad_q"), ("contrastive", "grad_k"),
-                       ("contrastive_blas", "row_lse"), ("contrastive_blas", "col_lse"), ("contrastive_blas", "dscores"),
+                       ("contrastive_blas", "row_lse"), ("contrastive_blas", "col_lse"),
+                       ("contrastive_blas", "dscores"),
                        ("linear_cross_entropy", "ce_chunk"), ("dropout", "dropout"), ("mlm_mask", "mlm"),
                        ("random_masking", "random_masking")]:
         assert f"| {op} | {kernel} |" in table, (op, kernel)

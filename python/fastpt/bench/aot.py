@@ -60,7 +60,8 @@ class Resources:
     regs: int | None = None
     local_bytes: int | None = None  # stack frame per thread: spilled registers
     spill_stores: int | None = None  # STL instructions in the SASS
-    loop_instructions: int | None = None  # SASS instructions of the longest loop body (one iteration)
+    loop_instructions: int | None = None  # SASS instructions of the longest loop body
+    loop_exps: int | None = None  # MUFU.EX2 (exp2) in that body: about one per score element a thread handles
     shared_bytes: int | None = None
     wgmma: int | None = None
     error: str | None = None
@@ -130,7 +131,9 @@ def compile_spec(spec: Spec, arch: int = 90) -> Resources:
     finally:
         os.unlink(f.name)
     res.spill_stores = len(re.findall(r"\bSTL(\.\w+)*\s", sass))
-    res.loop_instructions = max(_loop_lengths(sass), default=0)
+    loops = _loops(sass)
+    if loops:
+        res.loop_instructions, res.loop_exps = max(loops)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
     if m:  # a Triton kernel's stack frame holds its spilled registers (it has no local arrays)
         res.regs, res.local_bytes = int(m.group(1)), int(m.group(2))
@@ -139,10 +142,11 @@ def compile_spec(spec: Spec, arch: int = 90) -> Resources:
     return res
 
 
-def _loop_lengths(sass: str) -> list[int]:
-    """Instruction counts of the loops in a SASS listing: a branch back to an earlier address closes
-    a loop whose body runs from that address to the branch. For a kernel whose time is one inner
-    loop, the longest is the per-iteration instruction count each warp issues."""
+def _loops(sass: str) -> list[tuple[int, int]]:
+    """(instructions, exp2 instructions) of each loop in a SASS listing: a branch back to an earlier
+    address closes a loop whose body runs from that address to the branch. The compiler may unroll a
+    loop (two iterations in one body), so compare kernels by instructions per exp2, which for an
+    attention or contrastive tile loop is the instructions a thread issues per score element."""
     addrs, texts = [], []
     for line in sass.splitlines():
         m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
@@ -154,7 +158,8 @@ def _loop_lengths(sass: str) -> list[int]:
     for i, (a, t) in enumerate(zip(addrs, texts)):
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", t)
         if target and int(target.group(1), 16) < a and int(target.group(1), 16) in index:
-            out.append(i - index[int(target.group(1), 16)] + 1)
+            body = texts[index[int(target.group(1), 16)]:i + 1]
+            out.append((len(body), sum("MUFU.EX2" in x for x in body)))
     return out
 
 
@@ -287,16 +292,21 @@ def check(arch: int = 90, ops=None) -> list[Resources]:
     return [r for r in map(lambda s: compile_spec(s, arch), specs(arch, False, ops)) if r.error]
 
 
+def per_exp(r: Resources) -> str:
+    """Main-loop instructions per exp2, i.e. per score element a thread handles ("" without exp2)."""
+    return f"{r.loop_instructions / r.loop_exps:.1f}" if r.loop_exps else ""
+
+
 def table(rows: list[Resources], arch: int) -> str:
     lines = [f"| op | kernel | case | config | registers | stack (spill) bytes | STL | shared KiB | wgmma "
-             "| loop instructions |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| loop instructions | per exp2 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.op} | {r.kernel} | {r.case} | {r.config} | **failed: {r.error}** | | | | | |")
+            lines.append(f"| {r.op} | {r.kernel} | {r.case} | {r.config} | **failed: {r.error}** | | | | | | |")
             continue
-        lines.append(f"| {r.op} | {r.kernel} | {r.case} | {r.config} | {r.regs} | "
-                     f"{'**' + str(r.local_bytes) + '**' if r.local_bytes else 0} | {r.spill_stores} | {r.shared_bytes / 1024:.1f} | "
-                     f"{r.wgmma} | {r.loop_instructions} |")
+        stack = f"**{r.local_bytes}**" if r.local_bytes else "0"
+        lines.append(f"| {r.op} | {r.kernel} | {r.case} | {r.config} | {r.regs} | {stack} | {r.spill_stores} | "
+                     f"{r.shared_bytes / 1024:.1f} | {r.wgmma} | {r.loop_instructions} | {per_exp(r)} |")
     return "\n".join(lines)
 
 
@@ -316,8 +326,10 @@ def main(argv=None) -> int:
         r = compile_spec(spec, args.arch)
         rows.append(r)
         print(f"{r.op:12s} {r.kernel:6s} {r.case:24s} {r.config:60s} "
-              + (f"FAILED {r.error}" if r.error else f"regs {r.regs:3d} stack {r.local_bytes:6d} STL {r.spill_stores:4d} "
-                 f"shared {r.shared_bytes / 1024:6.1f} KiB wgmma {r.wgmma} loop {r.loop_instructions}"), flush=True)
+              + (f"FAILED {r.error}" if r.error else f"regs {r.regs:3d} stack {r.local_bytes:6d} "
+                 f"STL {r.spill_stores:4d} shared {r.shared_bytes / 1024:6.1f} KiB wgmma {r.wgmma} "
+                 f"loop {r.loop_instructions} "
+                 f"per-exp {per_exp(r) or '-'}"), flush=True)
     text = table(rows, args.arch)
     if args.out:
         with open(args.out, "w") as f:

@@ -428,8 +428,8 @@ def _configs(kind: str, block_d: int, fp32: bool) -> list[tuple[int, int, int, i
     fp16 / bf16 (tensor cores) at head dims 64 and 128: picked offline from a sweep of tiles x warps x
     stages compiled for sm_90a as Triton's launcher compiles them (16-byte aligned pointers, strides
     divisible by 16), with and without dropout: the candidates with the fewest SASS instructions per
-    score element (main-loop instructions x warps / tile area) among those that spill at most 88
-    bytes a thread (``python -m fastpt.bench.aot --all-candidates``, Triton 3.8, table in
+    score element (main-loop instructions per exp2) among those that spill at most 88 bytes a
+    thread (``python -m fastpt.bench.aot --all-candidates``, Triton 3.8, table in
     benches/results/triton-sm90.md); the autotuner measures them on the GPU. The dk/dv kernel holds
     two (BLOCK_N, D) fp32 accumulators, so its key tile is the large one and the streamed query tile
     the small one; the dq kernel the reverse. At head dim 256 (not swept) the shared memory (Q 64 KiB
@@ -445,21 +445,21 @@ def _configs(kind: str, block_d: int, fp32: bool) -> list[tuple[int, int, int, i
         return [(32, 32, 4, 1), (32, 32, 8, 2), (16, 32, 4, 2)]
     if kind == "fwd":
         if block_d <= 64:
-            return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2)]
+            return [(128, 64, 4, 3), (64, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2)]
         if block_d <= 128:
-            return [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
+            return [(128, 64, 8, 3), (64, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 3)]
         return [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]
     if kind == "dkdv":  # (query tile streamed, key tile owned)
         if block_d <= 64:
-            return [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 3)]
+            return [(32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 8, 2)]
         if block_d <= 128:
-            return [(32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (16, 128, 8, 3)]
+            return [(32, 128, 8, 2), (32, 64, 8, 2), (16, 128, 8, 2), (32, 64, 8, 3)]
         return [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]
     # dq: (query tile owned, key tile streamed)
     if block_d <= 64:
-        return [(128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 4, 3), (128, 64, 8, 3)]
+        return [(128, 128, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 128, 4, 3)]
     if block_d <= 128:
-        return [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2)]
+        return [(128, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 3), (64, 128, 8, 3)]
     return [(64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)]
 
 

@@ -262,10 +262,10 @@ R, C = True, False  # resident / chunked score tiles
 # D), per D rounded up to a power of two (at least 128) and kernel. Picked offline from a sweep of
 # tiles, warps, residency and slices compiled for sm_90a as Triton's launcher compiles them (16-byte
 # aligned pointers, sizes divisible by 16): the three with the fewest SASS instructions per score
-# element of the whole problem (main-loop instructions x warps x slices / tile area) among those that
-# spill at most 32 bytes a thread (``python -m fastpt.bench.aot --all-candidates``, Triton 3.8, table
-# in benches/results/triton-sm90.md). At D = 512 feature chunks with one 512-wide slice beat resident
-# tiles (which hold the rows' 64 x 512 tile in registers beside the accumulator). Which is fastest is
+# element of the whole problem (main-loop instructions per exp2, times the slices of D that each
+# recompute the scores) among those that spill at most 32 bytes a thread (``python -m fastpt.bench.aot
+# --all-candidates``, Triton 3.8, table in benches/results/triton-sm90.md). At D = 512 one 512-wide
+# slice wins over two 256-wide ones (each recomputes the scores). Which is fastest is
 # measured on the GPU at the first call of each shape class (``_run``).
 HALF_CANDIDATES = {
     128: {"fwd": [(128, 64, 4, R, None), (128, 64, 4, C, None), (128, 32, 4, R, None)],
@@ -275,8 +275,8 @@ HALF_CANDIDATES = {
           "grad_q": [(128, 64, 8, R, None), (128, 32, 8, R, None), (64, 32, 4, R, None)],
           "grad_k": [(64, 64, 4, R, None), (128, 32, 8, R, None), (128, 32, 8, C, None)]},
     512: {"fwd": [(64, 64, 4, C, None), (64, 64, 8, C, None), (32, 64, 4, C, None)],
-          "grad_q": [(64, 64, 8, C, None), (64, 32, 8, C, None), (128, 32, 8, C, 256)],
-          "grad_k": [(64, 64, 8, C, None), (128, 32, 8, C, 256), (64, 32, 8, R, None)]},
+          "grad_q": [(64, 64, 8, C, None), (64, 32, 8, R, None), (64, 32, 8, C, None)],
+          "grad_k": [(64, 64, 8, C, None), (32, 64, 8, R, None), (32, 32, 8, R, None)]},
     1024: {"fwd": [(64, 64, 4, C, None), (64, 64, 8, C, None)],
            "grad_q": [(64, 64, 8, C, 512), (64, 32, 8, C, 512), (128, 32, 8, C, 256)],
            "grad_k": [(64, 64, 8, C, 512), (64, 32, 8, C, 512), (128, 32, 8, C, 256)]},
