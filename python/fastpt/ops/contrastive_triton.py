@@ -96,6 +96,16 @@ if triton is not None:
         return new, s * tl.exp(m - safe) + tl.sum(p, axis=AXIS)
 
     @triton.jit
+    def _split_blocks(n_main, K, BLOCK: tl.constexpr, AXIS: tl.constexpr):
+        """(blocks of the main streamed side, this program's first block, one past its last): the
+        streamed blocks (the main side's, then the queue's K rows) split evenly along grid AXIS."""
+        split = tl.program_id(AXIS)
+        n_split = tl.num_programs(AXIS)
+        n_main_b = tl.cdiv(n_main, BLOCK)
+        n_all = n_main_b + tl.cdiv(K, BLOCK)
+        return n_main_b, split * n_all // n_split, (split + 1) * n_all // n_split
+
+    @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, queue_ptr, scale_ptr, row_m_ptr, row_s_ptr, col_m_ptr, col_s_ptr,
                     N, M, K, D, self_offset,
                     SYM: tl.constexpr, EXCL: tl.constexpr, RESIDENT: tl.constexpr, BN: tl.constexpr,
@@ -103,11 +113,7 @@ if triton is not None:
         pid_r = tl.program_id(0)
         n_r = tl.num_programs(0)
         split = tl.program_id(1)
-        n_split = tl.num_programs(1)
-        n_kb = tl.cdiv(M, BM)
-        n_b = n_kb + tl.cdiv(K, BM)
-        b0 = split * n_b // n_split
-        b1 = (split + 1) * n_b // n_split
+        n_kb, b0, b1 = _split_blocks(M, K, BM, 1)
         scale = tl.load(scale_ptr)
         dp = tl.arange(0, DP)
         for rb in range(pid_r, tl.cdiv(N, BN), n_r):
@@ -208,11 +214,7 @@ if triton is not None:
         ab = tl.program_id(0)
         d_out = tl.program_id(1) * DO + tl.arange(0, DO)
         split = tl.program_id(2)
-        n_split = tl.num_programs(2)
-        n_bb = tl.cdiv(n_b, BB)
-        n_all = n_bb + tl.cdiv(K, BB)
-        b0 = split * n_all // n_split
-        b1 = (split + 1) * n_all // n_split
+        n_bb, b0, b1 = _split_blocks(n_b, K, BB, 2)
         scale = tl.load(scale_ptr)
         rows = ab * BA + tl.arange(0, BA)
         dp = tl.arange(0, DP)
