@@ -347,3 +347,19 @@ def test_attention_case_with_dropout_runs_every_cpu_provider():
     rows = bench_attention(Context(device="cpu", quick=True, log=lambda s: None, machine={"device_name": "t"}))
     assert {r["case"] for r in rows} == {f"{kind} S256 D64" for kind in ("none", "causal", "packed", "prefix")}
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
+
+
+def test_tuning_choices_are_written_when_there_are_some(monkeypatch, tmp_path):
+    """``fastpt bench`` records which Triton candidates won on the GPU (``<stem>-tuning.json``); nothing
+    is written where nothing was tuned (every CPU run)."""
+    import json
+
+    import fastpt.bench as bench
+
+    monkeypatch.setattr(bench, "tuning_choices", lambda: [])
+    assert bench.write_tuning(tmp_path, "bench-cuda") is None and not list(tmp_path.iterdir())
+    pick = dict(op="attention", kernel="dkdv", block_d=64, fp32=False, key=["64", "False", "True", "512"],
+                config=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2), candidates=4)
+    monkeypatch.setattr(bench, "tuning_choices", lambda: [pick])
+    path = bench.write_tuning(tmp_path, "bench-cuda")
+    assert path == tmp_path / "bench-cuda-tuning.json" and json.loads(path.read_text()) == [pick]

@@ -345,3 +345,15 @@ def test_supports_explains_refusals(monkeypatch):
     assert "dropout_p" in at.supports(q, q, q, 1.5)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "cuda" in at.supports(q.cpu(), q.cpu(), q.cpu(), 0.0)
+
+
+def test_tuning_choices_report_the_autotuners_picks(monkeypatch):
+    class Tuner:  # what tuning_choices reads of triton.autotune's Autotuner
+        configs = [triton.Config(dict(BLOCK_M=32, BLOCK_N=128), num_warps=8, num_stages=2)] * 4
+        cache = {(64, False, True, 512, "torch.bfloat16"): configs[0]}
+
+    monkeypatch.setattr(at, "_TUNERS", {("dkdv", 64, False): Tuner()})
+    (got,) = at.tuning_choices()
+    assert got == dict(op="attention", kernel="dkdv", block_d=64, fp32=False,
+                       key=["64", "False", "True", "512", "torch.bfloat16"],
+                       config=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2), candidates=4)

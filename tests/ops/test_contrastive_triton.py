@@ -221,3 +221,11 @@ def test_timing_runs_cover_a_few_rows_and_the_result_is_the_full_call(monkeypatc
     _close("grad_q", gq, want[2], 1e-4)
     _close("grad_k", gk, want[3], 1e-4)
     assert {key[3] for key in ct._TUNED} == set(ct.KINDS) and all(c.rows == 16 for c in ct._TUNED.values())
+
+
+def test_tuning_choices_name_each_shape_class_and_config(monkeypatch):
+    cfg = ct.Config(64, 32, 64, 512, 512, False, 8, 2, 264)
+    monkeypatch.setattr(ct, "_TUNED", {("cuda:0", torch.bfloat16, 512, "grad_k", True, False, 16384, 16384): cfg})
+    (got,) = ct.tuning_choices()
+    assert got == dict(op="contrastive", kernel="grad_k", device="cuda:0", dtype="bfloat16", dp=512,
+                       key=["True", "False", "16384", "16384"], config=cfg._asdict())

@@ -24,6 +24,7 @@ Every speed-up is a ratio against a baseline measured in the same run on the sam
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -91,12 +92,37 @@ def run(*, suite: str = "all", device: str = "cpu", out: str | Path = "benches/r
             raise ValueError(f"model: expected one of {E2E_MODELS}, got {model!r}")
         for pair in which.pop("models", e2e.MODELS):  # written pair by pair: a cut-short run keeps BERT's
             flush(e2e.bench_e2e(ctx, batch=batch, seq=seq, dropout=dropout, models=(pair,), compile=compile, **which))
+            write_tuning(out, stem)  # the attention kernels a training step tuned
     if suite in ("kernels", "all"):
         for op in ops or OPS:
             if device == "cpu":
                 _cpu_malloc.restore()
             kernels.run_kernels(ctx, [op], on_rows=flush)
+            write_tuning(out, stem)
     return rows
+
+
+def tuning_choices() -> list[dict]:
+    """The launch configs the Triton kernels' tuners picked in this process (attention's autotuner,
+    the contrastive kernels' first-call timing): which candidates win on this GPU, for the next
+    pruning of the candidate lists (they are picked offline by ``fastpt.bench.aot``)."""
+    from ..ops import attention_triton, contrastive_triton
+
+    if attention_triton.triton is None:
+        return []
+    return attention_triton.tuning_choices() + contrastive_triton.tuning_choices()
+
+
+def write_tuning(out: str | Path, stem: str) -> Path | None:
+    """``<out>/<stem>-tuning.json`` with ``tuning_choices()`` (rewritten as they grow); None, and
+    nothing written, when nothing was tuned (the CPU, or FASTPT_TRITON_AUTOTUNE=0 with one candidate)."""
+    choices = tuning_choices()
+    if not choices:
+        return None
+    path = Path(out) / f"{stem}-tuning.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(choices, indent=1) + "\n")
+    return path
 
 
 def default_stem(device: str, quick: bool = False, compile: bool = False) -> str:

@@ -44,7 +44,6 @@ first (reasoned) config: seconds instead of minutes of compilation at start-up (
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -463,18 +462,36 @@ def _configs(kind: str, block_d: int, fp32: bool) -> list[tuple[int, int, int, i
     return [(64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)]
 
 
-@functools.lru_cache(maxsize=None)
+_TUNERS: dict = {}  # (kind, block_d, fp32) -> the autotuned launcher, built at first use
+
+
 def _tuned(kind: str, block_d: int, fp32: bool):
     """The autotuned launcher of one kernel for one head-dim class (GPU only).
 
     Every kernel overwrites its outputs (no accumulation across launches), so the autotuner's
     repeated benchmark runs leave correct results. Tuning is keyed by head dim, mask structure,
     dropout and a power-of-two bucket of the longest doc; the autotuner adds the dtypes."""
-    candidates = _configs(kind, block_d, fp32)
-    if os.environ.get("FASTPT_TRITON_AUTOTUNE", "1") == "0":
-        candidates = candidates[:1]
-    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in candidates]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "DROPOUT", "LEN_BUCKET"])(_KERNELS[kind])
+    key = (kind, block_d, fp32)
+    if key not in _TUNERS:
+        candidates = _configs(kind, block_d, fp32)
+        if os.environ.get("FASTPT_TRITON_AUTOTUNE", "1") == "0":
+            candidates = candidates[:1]
+        configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in candidates]
+        _TUNERS[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "DROPOUT", "LEN_BUCKET"])(
+            _KERNELS[kind])
+    return _TUNERS[key]
+
+
+def tuning_choices() -> list[dict]:
+    """What the autotuner picked so far in this process: one dict per kernel, head-dim class and
+    tuning key (head dim, causal, dropout, length bucket, then the dtypes Triton adds)."""
+    out = []
+    for (kind, block_d, fp32), tuner in _TUNERS.items():
+        for key, cfg in dict(getattr(tuner, "cache", {})).items():
+            kw = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            out.append(dict(op="attention", kernel=kind, block_d=block_d, fp32=fp32,
+                            key=[str(k) for k in key], config=kw, candidates=len(tuner.configs)))
+    return out
 
 
 def _launcher(kind: str, block_d: int, fp32: bool):

@@ -406,6 +406,12 @@ def _run(run, q: torch.Tensor, d: int, kind: str, key: tuple = ()):
         return out
 
 
+def tuning_choices() -> list[dict]:
+    """What the first-call timing picked so far in this process: one dict per shape class."""
+    return [dict(op="contrastive", kernel=key[3], device=key[0], dtype=str(key[1]).replace("torch.", ""), dp=key[2],
+                 key=[str(k) for k in key[4:]], config=cfg._asdict()) for key, cfg in _TUNED.items()]
+
+
 def _bucket(n: int) -> int:
     """Size class of a tuning key: the power of two >= n, from 1024 to 2**20."""
     return min(max(triton.next_power_of_2(max(n, 1)), 1024), 1 << 20)
