@@ -13,7 +13,8 @@
 #   tests    the GPU tests: first those in benches/gpu_tests_first.txt, then every CUDA and Triton
 #            backend test against the references -> tests.txt, failures.txt (only if one failed)
 #   kernels  `fastpt bench --suite kernels --device cuda` (every op against its baselines) -> bench-cuda.*
-# writing under $OUT (default ./gpu-out) summary.txt, bench.log and the files above. Each phase has
+# writing under $OUT (default ./gpu-out) summary.txt, bench.log and the files above (each bench also
+# writes <stem>-tuning.json: which Triton candidates its tuners picked on this GPU). Each phase has
 # its own time limit (E2E_BUDGET, PROFILE_BUDGET, E2E_NODROP_BUDGET, E2E_COMPILE_BUDGET (default
 # 180 s: Inductor compiles two models cold), PROFILE_COMPILE_BUDGET (90 s), FIRST_BUDGET,
 # TEST_BUDGET); the kernel bench gets
