@@ -20,9 +20,11 @@ Two ways to take a tile's products (``RESIDENT``):
 * resident: the program's own rows are loaded once, whole (rows, DP) with DP the power of two >= D,
   and each streamed tile is loaded once (cols, DP) and serves both the score product and, when one
   slice covers D, the gradient product: per tile the chip reads (cols x D) elements for
-  ~4 x rows x cols x D FLOPs. For fp16 / bf16 with D <= 512 (the contrastive sizes), where the
-  tiles fit in shared memory.
+  ~4 x rows x cols x D FLOPs. fp16 / bf16 with D <= 512, when the tiles fit in shared memory.
 * chunked: scores in BD-wide feature chunks, both operands streamed from L2 (any D, float32).
+
+Which tiles run is measured: each shape class times a short list of candidates of both kinds at its
+first call on the GPU (``candidates``, ``_run``).
 
 Why not the previous layout (one kernel per gradient, adding each tile's product into the float32
 output in global memory): it read and wrote a (rows, D) float32 block per tile, ~16 GB per
