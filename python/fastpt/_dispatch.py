@@ -8,6 +8,7 @@ and its reason. Nothing is patched at import time.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,6 +66,26 @@ def kernel_dtype_refusal(dtype) -> str | None:
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"supports float32, float16 and bfloat16, got {dtype} (float64 runs on the reference backend)"
     return None
+
+
+def dot_width(d: int) -> int:
+    """The width a Triton tile of ``d`` features takes: the power of two >= d, at least 16 (tl.dot's
+    smallest K)."""
+    return max(16, 1 << max(d - 1, 0).bit_length())
+
+
+def interpreter_upcast(t) -> bool:
+    """Whether the Triton kernels take ``t``'s operands as fp32: bf16 under the interpreter (a CPU
+    tensor), whose Triton 3.8 multiplies bfloat16 blocks as raw integers (exact: they are bf16 values)."""
+    import torch
+
+    return t.device.type != "cuda" and t.dtype == torch.bfloat16
+
+
+def triton_autotune() -> bool:
+    """Whether the Triton kernels time their candidate configs (default); FASTPT_TRITON_AUTOTUNE=0 runs
+    each kernel's first candidate (seconds instead of minutes of compiling, e.g. in the GPU tests)."""
+    return os.environ.get("FASTPT_TRITON_AUTOTUNE", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)

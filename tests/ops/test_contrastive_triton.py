@@ -33,7 +33,7 @@ def _layout(name):
     rows, cols, bd, do, resident, target = LAYOUTS[name]
 
     def config(dtype, d, kind, *, sms, smem=0):
-        dp = ct._pow2(d)
+        dp = ct._dispatch.dot_width(d)
         return ct.Config(rows, cols, bd, dp, dp if kind == "fwd" or do is None else do, resident, 4, 1, target)
     return config
 

@@ -44,7 +44,6 @@ first (reasoned) config: seconds instead of minutes of compilation at start-up (
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -474,7 +473,7 @@ def _tuned(kind: str, block_d: int, fp32: bool):
     key = (kind, block_d, fp32)
     if key not in _TUNERS:
         candidates = _configs(kind, block_d, fp32)
-        if os.environ.get("FASTPT_TRITON_AUTOTUNE", "1") == "0":
+        if not _dispatch.triton_autotune():
             candidates = candidates[:1]
         configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in candidates]
         _TUNERS[key] = triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "DROPOUT", "LEN_BUCKET"])(
@@ -557,16 +556,8 @@ def _dropout_args(dropout_p: float, dropout_key: int | None) -> tuple[bool, int,
     return True, _signed32(int(dropout_key) & _rng.M32), _rng.threshold24(dropout_p), rescale
 
 
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
-
-
 def _len_bucket(max_len: int) -> int:
     return min(max(triton.next_power_of_2(max(int(max_len), 1)), 128), 16384)
-
-
-def _upcast(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda" and t.dtype == torch.bfloat16
 
 
 def _doc_chunks(n_docs: int):
@@ -577,7 +568,7 @@ def _doc_chunks(n_docs: int):
 def _prec(t: torch.Tensor) -> str:
     """fp32 operands (also bf16 upcast under the interpreter) multiply in full fp32; the string
     is ignored for fp16 / bf16 operands, whose products are exact in the fp32 accumulator."""
-    return "ieee" if t.dtype == torch.float32 or _upcast(t) else "tf32"
+    return "ieee" if t.dtype == torch.float32 or _dispatch.interpreter_upcast(t) else "tf32"
 
 
 def forward(q4, k4, v4, docs, *, scale, dropout_p, dropout_key, max_len, causal_any):
@@ -597,14 +588,14 @@ def forward(q4, k4, v4, docs, *, scale, dropout_p, dropout_key, max_len, causal_
     """
     bq, sq, h, d = q4.shape
     hk = k4.shape[2]
-    upcast = _upcast(q4)
+    upcast = _dispatch.interpreter_upcast(q4)
     out = torch.zeros(q4.shape, device=q4.device, dtype=torch.float32 if upcast else q4.dtype)
     lse = torch.empty((bq, h, sq), device=q4.device, dtype=torch.float32)
     n_docs = docs.shape[0]
     if n_docs == 0 or max_len <= 0 or h == 0 or d == 0:
         return out.to(q4.dtype), lse
     dropout, key, threshold, rescale = _dropout_args(dropout_p, dropout_key)
-    block_d = _block_d(d)
+    block_d = _dispatch.dot_width(d)
     kernel, fixed = _launcher("fwd", block_d, q4.dtype == torch.float32)
     docs = docs.contiguous()
     for base, count in _doc_chunks(n_docs):
@@ -636,7 +627,7 @@ def backward(dout, q4, k4, v4, out, lse, docs, *, scale, dropout_p, dropout_key,
     bq, sq, h, d = q4.shape
     bk, sk, hk, _ = k4.shape
     group = h // hk
-    upcast = _upcast(q4)
+    upcast = _dispatch.interpreter_upcast(q4)
     acc_dtype = torch.float32 if upcast else q4.dtype
     dq = torch.zeros(q4.shape, device=q4.device, dtype=acc_dtype)
     n_docs = docs.shape[0]
@@ -645,7 +636,7 @@ def backward(dout, q4, k4, v4, out, lse, docs, *, scale, dropout_p, dropout_key,
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dropout, key, threshold, rescale = _dropout_args(dropout_p, dropout_key)
-    block_d = _block_d(d)
+    block_d = _dispatch.dot_width(d)
     fp32 = q4.dtype == torch.float32
     docs = docs.contiguous()
     common = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=bool(causal_any), DROPOUT=dropout, UPCAST=upcast,

@@ -37,7 +37,6 @@ first so that fp16 dS does not underflow when the loss is a mean over a large ba
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -292,10 +291,6 @@ FP32_CANDIDATES = {"fwd": [(32, 64, 4, C, None), (64, 32, 8, C, None), (32, 64, 
 KINDS = ("fwd", "grad_q", "grad_k")
 
 
-def _pow2(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
 def _smem_limit(device: torch.device) -> int:
     """Shared memory one program may use on ``device`` (bytes; 99 KiB when the driver cannot say)."""
     try:
@@ -319,18 +314,17 @@ def candidates(dtype: torch.dtype, d: int, kind: str, *, sms: int | None, smem: 
     left out (all of them: a small chunked one)."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-    dp = _pow2(d)
+    dp = _dispatch.dot_width(d)
     if sms is None:
         resident = dp <= INTERPRET_RESIDENT_DP
         do = dp if kind == "fwd" else min(dp, INTERPRET_DO)
         return [Config(INTERPRET_TILE, INTERPRET_TILE, INTERPRET_BD, dp, do, resident, 4, 1, 4)]
     half = dtype != torch.float32
     table = HALF_CANDIDATES[min(max(dp, 128), 1024)][kind] if half else FP32_CANDIDATES[kind]
-    bd = 64 if half else 32
+    bd, stages = (64, 2) if half else (32, 3)  # stages as swept
     elsize = torch.empty(0, dtype=dtype).element_size()
     out = []
     for rows, cols, warps, resident, do in table:
-        stages = 2 if half else 3  # as swept
         do = dp if do is None or kind == "fwd" else min(do, dp)
         cfg = Config(rows, cols, bd, dp, do, resident and dp <= 512, warps, stages, 2 * sms)
         if _smem_need(cfg, elsize) + SMEM_MARGIN <= smem:
@@ -349,8 +343,7 @@ _TUNED: dict = {}  # (device, dtype, dp, kind, symmetric, queue, size bucket) ->
 def _tuning_allowed(q: torch.Tensor) -> bool:
     """Time the candidates on this call? Not on the CPU, not while a CUDA graph is being captured (no
     synchronisation allowed), not with FASTPT_TRITON_AUTOTUNE=0 (as the attention kernels)."""
-    return (q.is_cuda and os.environ.get("FASTPT_TRITON_AUTOTUNE", "1") != "0"
-            and not torch.cuda.is_current_stream_capturing())
+    return q.is_cuda and _dispatch.triton_autotune() and not torch.cuda.is_current_stream_capturing()
 
 
 TUNE_ROWS = 16384  # output rows of a timing run: tuning at N = 1M costs what it costs at 16k
@@ -381,7 +374,7 @@ def _run(run, q: torch.Tensor, d: int, kind: str, key: tuple = ()):
     Triton cannot fit on the device (OutOfResources at compile time: its own shared memory needs
     beyond the estimate) is skipped. Results do not depend on the config beyond float32 rounding of
     the order of sums (every launch overwrites its outputs)."""
-    full_key = (str(q.device), q.dtype, _pow2(d), kind) + tuple(key)
+    full_key = (str(q.device), q.dtype, _dispatch.dot_width(d), kind) + tuple(key)
     cfg = _TUNED.get(full_key)
     if cfg is not None:
         return run(cfg)
@@ -417,10 +410,6 @@ def tuning_choices() -> list[dict]:
 def _bucket(n: int) -> int:
     """Size class of a tuning key: the power of two >= n, from 1024 to 2**20."""
     return min(max(triton.next_power_of_2(max(n, 1)), 1024), 1 << 20)
-
-
-def _upcast(q: torch.Tensor) -> bool:
-    return q.device.type != "cuda" and q.dtype == torch.bfloat16
 
 
 def _split(blocks: int, other_programs: int, target: int) -> int:
@@ -469,7 +458,8 @@ def forward(q, k, queue, scale, symmetric, self_offset):
         _fwd_kernel[(p_r, p_c)](
             q, k, queue if queue is not None else k, scale, row_m, row_s, col_m, col_s, n_run, m, kq, d,
             max(self_offset, 0), SYM=symmetric, EXCL=self_offset >= 0, RESIDENT=cfg.resident, BN=cfg.rows,
-            BM=cfg.cols, BD=cfg.bd, DP=cfg.dp, UPCAST=_upcast(q), num_warps=cfg.warps, num_stages=cfg.stages,
+            BM=cfg.cols, BD=cfg.bd, DP=cfg.dp, UPCAST=_dispatch.interpreter_upcast(q), num_warps=cfg.warps,
+            num_stages=cfg.stages,
         )
         return row_m, row_s, col_m, col_s
 
@@ -494,7 +484,7 @@ def _gradient(a, b, queue, scale, row_lse, col_lse, g_row, g_col, *, trans, symm
             a, b, queue if queue is not None else b, scale, row_lse, col_lse, g_row, g_col, out, n_run, n_b, kq, d,
             max(self_offset, 0), TRANS=trans, SYM=symmetric, EXCL=self_offset >= 0, RESIDENT=cfg.resident,
             REUSE=cfg.resident and cfg.do == cfg.dp, BA=cfg.rows, BB=cfg.cols, BD=cfg.bd, DP=cfg.dp, DO=cfg.do,
-            UPCAST=_upcast(a), num_warps=cfg.warps, num_stages=cfg.stages,
+            UPCAST=_dispatch.interpreter_upcast(a), num_warps=cfg.warps, num_stages=cfg.stages,
         )
         return out[0] if splits == 1 else out.sum(0)
 
