@@ -187,7 +187,7 @@ def _attention_specs(all_candidates: bool) -> list[Spec]:
                     specs.append(Spec("attention", kind, f"bf16 hd{hd}" + (" dropout" if dropout else ""), fn, types,
                                       c, warps, stages, div))
         specs.append(Spec("attention", "delta", f"bf16 hd{hd}", at._bwd_delta_kernel, types,
-                          dict(HEAD_DIM=hd, BLOCK_D=hd, BLOCK_M=64), 4, 3, div))
+                          dict(HEAD_DIM=hd, BLOCK_D=hd, BLOCK_M=at.DELTA_BLOCK), 4, 3, div))
     return specs
 
 
@@ -249,26 +249,22 @@ def _small_kernel_specs() -> list[Spec]:
     dt, lce, mm, rm = (importlib.import_module(f"fastpt.ops.{m}") for m in (
         "dropout_triton", "linear_cross_entropy", "mlm_mask", "random_masking"))
 
-    block_v = min(triton_next_pow2(50257), 4096)
+    block_m, block_v, warps = lce.gpu_tiles(50257)
     specs = [Spec("linear_cross_entropy", "ce_chunk", f"bf16 logits, V 50257, {grad}", lce._ce_chunk_kernel,
                   dict(z_ptr="*bf16", g_ptr="*bf16", y_ptr="*i64", scale_ptr="*fp32", loss_ptr="*fp32",
                        lse_ptr="*fp32", smoothing="fp32", z_coef="fp32"),
-                  dict(WRITE_GRAD=grad == "gradient", SMOOTH=True, BLOCK_M=1, BLOCK_V=block_v),
-                  8 if block_v >= 2048 else 4, 3) for grad in ("gradient", "loss only")]
+                  dict(WRITE_GRAD=grad == "gradient", SMOOTH=True, BLOCK_M=block_m, BLOCK_V=block_v), warps, 3)
+             for grad in ("gradient", "loss only")]
     specs.append(Spec("dropout", "dropout", "bf16", dt._dropout_kernel, dict(X="*bf16", OUT="*bf16", scale="fp32"),
                       dict(BLOCK=dt.GPU_BLOCK, BIG=False), dt.GPU_WARPS, 3, ("n",)))
     specs.append(Spec("mlm_mask", "mlm", "int64 ids, 512 columns", mm._mlm_kernel,
                       {n: "*i64" for n in ("ids_ptr", "out_ptr", "labels_ptr", "words_ptr", "special_ptr")} |
-                      dict(blocked_ptr="*i8"), dict(HAS_BLOCKED=True, HAS_WORDS=True, BLOCK=512), 4, 3, ("cols",)))
+                      dict(blocked_ptr="*i8"), dict(HAS_BLOCKED=True, HAS_WORDS=True, BLOCK=mm.gpu_block(512)),
+                      4, 3, ("cols",)))
+    block, warps = rm.gpu_tiles(196)
     specs.append(Spec("random_masking", "random_masking", "196 patches", rm._random_masking_kernel,
-                      dict(keep_ptr="*i64", mask_ptr="*u8", restore_ptr="*i64"), dict(BLOCK=256), 4, 3))
+                      dict(keep_ptr="*i64", mask_ptr="*u8", restore_ptr="*i64"), dict(BLOCK=block), warps, 3))
     return specs
-
-
-def triton_next_pow2(n: int) -> int:
-    import triton
-
-    return triton.next_power_of_2(n)
 
 
 SPEC_SETS: dict[str, Callable[..., list[Spec]]] = {
@@ -298,7 +294,7 @@ def per_exp(r: Resources) -> str:
 
 
 def table(rows: list[Resources], arch: int) -> str:
-    lines = [f"| op | kernel | case | config | registers | stack (spill) bytes | STL | shared KiB | wgmma "
+    lines = ["| op | kernel | case | config | registers | stack (spill) bytes | STL | shared KiB | wgmma "
              "| loop instructions | per exp2 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:

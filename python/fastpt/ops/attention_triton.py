@@ -73,6 +73,7 @@ INTERPRET_BLOCKS = {
     "dq": dict(BLOCK_M=16, BLOCK_N=16),
 }
 INTERPRET_GQA_SPLIT = 1  # how many programs share one GQA group's heads in the dk/dv kernel
+DELTA_BLOCK = 64  # query rows per program of the backward's rowsum(dO * O) kernel on a GPU
 
 
 if triton is not None:
@@ -643,7 +644,7 @@ def backward(dout, q4, k4, v4, out, lse, docs, *, scale, dropout_p, dropout_key,
                   PREC=_prec(q4))
 
     delta = torch.empty((bq, h, sq), device=q4.device, dtype=torch.float32)
-    delta_block = 16 if _native.triton_interpreting() else 64
+    delta_block = 16 if _native.triton_interpreting() else DELTA_BLOCK
     for base, count in _doc_chunks(n_docs):
         _bwd_delta_kernel[(triton.cdiv(max_len, delta_block), count, h)](
             out, dout, delta, docs, *out.stride()[:3], *dout.stride()[:3], h, sq, base,

@@ -336,6 +336,14 @@ if triton is not None:
                 tl.store(gbase + c[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)
 
 
+def gpu_tiles(v: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_V, num_warps) of the chunk kernel on a GPU for V classes: one row per program,
+    the row streamed in 4K-wide tiles (as in Triton's softmax tutorial), so thousands of programs fill
+    the SMs; not autotuned (no GPU was at hand to tune on)."""
+    block_v = min(triton.next_power_of_2(v), 4096)
+    return 1, block_v, 8 if block_v >= 2048 else 4
+
+
 def _ce_chunk_triton(z, y, scale, smoothing, z_coef, write_grad):
     """Same contract as ``_ce_chunk_torch``, one Triton launch."""
     c, v = z.shape
@@ -348,10 +356,7 @@ def _ce_chunk_triton(z, y, scale, smoothing, z_coef, write_grad):
         block_m = max(1, min(triton.next_power_of_2(c), (1 << 18) // block_v))
         warps = 4
     else:
-        # one row per program, the row streamed in 4K-wide tiles (as in Triton's softmax tutorial):
-        # thousands of programs fill the SMs; not autotuned (no GPU was at hand to tune on).
-        block_m, block_v = 1, min(triton.next_power_of_2(v), 4096)
-        warps = 8 if block_v >= 2048 else 4
+        block_m, block_v, warps = gpu_tiles(v)
     scale = loss if scale is None else scale.float()  # never read without WRITE_GRAD
     # Triton 3.8's interpreter truncates fp32 -> bf16 stores (the GPU rounds to nearest even), so
     # under it the gradient goes through an fp32 buffer and torch rounds it; on GPU it is in place.

@@ -226,13 +226,18 @@ if triton is not None:
         tl.store(labels_ptr + offs, tl.where(selected, tok.to(tl.int64), -100), mask=inside)
 
 
+def gpu_block(cols: int) -> int:
+    """Columns of a row each Triton program takes (grid: rows x blocks of columns)."""
+    return min(1024, triton.next_power_of_2(cols))
+
+
 def _run_triton(ids, blocked, word_ids, special_ids, keys, thresholds, mask_token_id, vocab_size):
     masked = torch.empty_like(ids)
     labels = torch.empty(ids.shape, dtype=torch.int64, device=ids.device)
     rows, cols = ids.shape
     if rows == 0 or cols == 0:
         return masked, labels
-    block = min(1024, triton.next_power_of_2(cols))
+    block = gpu_block(cols)
     grid = (rows, triton.cdiv(cols, block))
     _mlm_kernel[grid](
         ids, masked, labels, blocked if blocked is not None else ids, word_ids if word_ids is not None else ids,

@@ -294,12 +294,17 @@ if triton is not None:
         tl.store(keep_ptr + row.to(tl.int64) * K + kept_before, pos.to(tl.int64), mask=keep & inside)
 
 
+def gpu_tiles(num_patches: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the Triton kernel: one program per row, the whole row in one block."""
+    block = max(16, triton.next_power_of_2(num_patches))
+    return block, 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
 def _run_triton(rows, num_patches, keep, key, device, block=None):
     ids_keep, mask, ids_restore = outs = _outputs(rows, num_patches, keep, device)
     if rows == 0:
         return outs
-    block_size = max(16, triton.next_power_of_2(num_patches))
-    num_warps = 4 if block_size <= 1024 else (8 if block_size <= 4096 else 16)
+    block_size, num_warps = gpu_tiles(num_patches)
     _random_masking_kernel[(rows,)](ids_keep, mask.view(torch.uint8), ids_restore, num_patches, keep,
                                     _signed32(key), BLOCK=block_size, num_warps=num_warps)
     return outs
