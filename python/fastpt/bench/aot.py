@@ -201,20 +201,18 @@ def _contrastive_specs(arch: int, all_candidates: bool) -> list[Spec]:
         for kind in ct.KINDS:
             cands = ct.candidates(dtype, d, kind, sms=H100_SMS, smem=SMEM.get(arch, 99 * 1024))
             for cfg in (cands if all_candidates else cands[:1]):
-                common = dict(EXCL=False, RESIDENT=cfg.resident, BD=cfg.bd, DP=cfg.dp, UPCAST=False)
+                launch = cfg.launch(kind, symmetric=True, excl=False, upcast=False)
+                warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
                 case = f"{name} D{d} symmetric, {'resident' if cfg.resident else 'chunked'}"
                 if kind == "fwd":
                     types = dict(q_ptr=el, k_ptr=el, queue_ptr=el, **{n: "*fp32" for n in (
                         "scale_ptr", "row_m_ptr", "row_s_ptr", "col_m_ptr", "col_s_ptr")})
-                    specs.append(Spec("contrastive", kind, case, ct._fwd_kernel, types,
-                                      dict(common, SYM=True, BN=cfg.rows, BM=cfg.cols), cfg.warps, cfg.stages,
+                    specs.append(Spec("contrastive", kind, case, ct._fwd_kernel, types, launch, warps, stages,
                                       ("N", "M", "D")))
                     continue
                 types = dict(a_ptr=el, b_ptr=el, queue_ptr=el, **{n: "*fp32" for n in (
                     "scale_ptr", "row_lse_ptr", "col_lse_ptr", "g_row_ptr", "g_col_ptr", "out_ptr")})
-                c = dict(common, TRANS=kind == "grad_k", SYM=True, REUSE=cfg.resident and cfg.do == cfg.dp,
-                         BA=cfg.rows, BB=cfg.cols, DO=cfg.do)
-                specs.append(Spec("contrastive", kind, case, ct._bwd_kernel, types, c, cfg.warps, cfg.stages,
+                specs.append(Spec("contrastive", kind, case, ct._bwd_kernel, types, launch, warps, stages,
                                   ("n_a", "n_b", "D")))
     return specs
 
@@ -293,7 +291,7 @@ def per_exp(r: Resources) -> str:
     return f"{r.loop_instructions / r.loop_exps:.1f}" if r.loop_exps else ""
 
 
-def table(rows: list[Resources], arch: int) -> str:
+def table(rows: list[Resources]) -> str:
     lines = ["| op | kernel | case | config | registers | stack (spill) bytes | STL | shared KiB | wgmma "
              "| loop instructions | per exp2 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -326,7 +324,7 @@ def main(argv=None) -> int:
                  f"STL {r.spill_stores:4d} shared {r.shared_bytes / 1024:6.1f} KiB wgmma {r.wgmma} "
                  f"loop {r.loop_instructions} "
                  f"per-exp {per_exp(r) or '-'}"), flush=True)
-    text = table(rows, args.arch)
+    text = table(rows)
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"# Triton kernels compiled for sm_{args.arch} (no GPU: compile-time resources)\n\n{text}\n")

@@ -254,6 +254,16 @@ class Config(NamedTuple):
     stages: int
     target: int
 
+    def launch(self, kind: str, *, symmetric: bool, excl: bool, upcast: bool) -> dict:
+        """The keyword arguments of ``kind``'s kernel launch ("fwd", "grad_q", "grad_k") with these
+        tiles: constexprs, num_warps and num_stages (also what ``fastpt.bench.aot`` compiles)."""
+        kw = dict(SYM=symmetric, EXCL=excl, RESIDENT=self.resident, BD=self.bd, DP=self.dp, UPCAST=upcast,
+                  num_warps=self.warps, num_stages=self.stages)
+        if kind == "fwd":
+            return dict(kw, BN=self.rows, BM=self.cols)
+        return dict(kw, TRANS=kind == "grad_k", REUSE=self.resident and self.do == self.dp, BA=self.rows,
+                    BB=self.cols, DO=self.do)
+
 
 # Under the interpreter every program step costs milliseconds whatever its size: large-ish tiles, and
 # thresholds low enough that the tests' feature sizes (17 ... 128) take both tile kinds and several slices.
@@ -457,9 +467,8 @@ def forward(q, k, queue, scale, symmetric, self_offset):
         col_s = torch.empty_like(col_m)
         _fwd_kernel[(p_r, p_c)](
             q, k, queue if queue is not None else k, scale, row_m, row_s, col_m, col_s, n_run, m, kq, d,
-            max(self_offset, 0), SYM=symmetric, EXCL=self_offset >= 0, RESIDENT=cfg.resident, BN=cfg.rows,
-            BM=cfg.cols, BD=cfg.bd, DP=cfg.dp, UPCAST=_dispatch.interpreter_upcast(q), num_warps=cfg.warps,
-            num_stages=cfg.stages,
+            max(self_offset, 0),
+            **cfg.launch("fwd", symmetric=symmetric, excl=self_offset >= 0, upcast=_dispatch.interpreter_upcast(q)),
         )
         return row_m, row_s, col_m, col_s
 
@@ -474,6 +483,7 @@ def _gradient(a, b, queue, scale, row_lse, col_lse, g_row, g_col, *, trans, symm
     n_a, d = a.shape
     n_b = b.shape[0]
     kq = queue.shape[0] if queue is not None else 0
+    kind = "grad_k" if trans else "grad_q"
 
     def run(cfg: Config, limit: int | None = None):  # limit: rows of a timing run (``_time``)
         n_run = n_a if limit is None else min(n_a, limit)
@@ -482,13 +492,12 @@ def _gradient(a, b, queue, scale, row_lse, col_lse, g_row, g_col, *, trans, symm
         out = torch.empty(splits, n_run, d, device=a.device, dtype=torch.float32)
         _bwd_kernel[(n_ab, slices, splits)](
             a, b, queue if queue is not None else b, scale, row_lse, col_lse, g_row, g_col, out, n_run, n_b, kq, d,
-            max(self_offset, 0), TRANS=trans, SYM=symmetric, EXCL=self_offset >= 0, RESIDENT=cfg.resident,
-            REUSE=cfg.resident and cfg.do == cfg.dp, BA=cfg.rows, BB=cfg.cols, BD=cfg.bd, DP=cfg.dp, DO=cfg.do,
-            UPCAST=_dispatch.interpreter_upcast(a), num_warps=cfg.warps, num_stages=cfg.stages,
+            max(self_offset, 0),
+            **cfg.launch(kind, symmetric=symmetric, excl=self_offset >= 0, upcast=_dispatch.interpreter_upcast(a)),
         )
         return out[0] if splits == 1 else out.sum(0)
 
-    return _run(run, a, d, "grad_k" if trans else "grad_q", (symmetric, kq > 0, _bucket(n_a), _bucket(n_b + kq)))
+    return _run(run, a, d, kind, (symmetric, kq > 0, _bucket(n_a), _bucket(n_b + kq)))
 
 
 def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset):
