@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastpt
 import fastpt.nn
@@ -385,3 +386,28 @@ def test_modules_match_the_functions():
     loss.backward()
     assert loss.item() == pytest.approx(clip_loss_reference(q, k, clip.logit_scale.detach()).item(), rel=1e-5)
     assert clip.logit_scale.grad is not None and clip.logit_scale.grad.item() != 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_normalize_matches_f_normalize_in_row_chunks(monkeypatch, dtype):
+    """The losses' ``normalize=True`` (chunked, keeping no float32 copy of the embeddings for the
+    backward) against F.normalize in the accumulation dtype: values and gradients, with a zero row
+    and one below F.normalize's eps (whose norm gets no gradient)."""
+    monkeypatch.setattr(contrastive, "CHUNK_ELEMENTS", 5 * 24)  # 5 rows a chunk: 61 rows are 13 chunks
+    x = _rand((61, 24), 90)
+    x[4] = 0.0
+    x[9] *= 1e-14
+    g = _rand((61, 24), 91)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    got_x, want_x = (x.to(dtype).requires_grad_() for _ in range(2))
+    got = contrastive._normalize(got_x)
+    want = F.normalize(want_x.to(acc), dim=1).to(dtype)
+    got.backward(g.to(dtype))
+    want.backward(g.to(dtype))
+    assert got.dtype == dtype and got_x.grad.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # (g - y (y . g)) cancels: elementwise relative errors are meaningless; compare with each row's largest
+    # value (row 9's gradient is g / eps, ~1e12)
+    eps = 0.0 if dtype == torch.float64 else torch.finfo(dtype).eps
+    atol = 2 * eps * want_x.grad.double().abs().amax(1, keepdim=True)
+    assert ((got_x.grad.double() - want_x.grad.double()).abs() <= atol).all()

@@ -4,9 +4,10 @@
 is replaced so that every layout runs on the same inputs: resident and chunked score tiles, one
 and several accumulator slices of D, split and unsplit streamed sides, and the backward's two
 orientations (G_q: queries' rows against keys then queue; G_k: keys' rows against queries), with
-the symmetric column term and the self-pair exclusion. The kernels' outputs are the raw statistics
-and ``dS @ values`` products (``contrastive.py`` adds the positives and the scale), compared with
-the same float64 formula: the FlashAttention rule, as in the op tests, against the float32 formula.
+the symmetric column term, the self-pair exclusion and the positives' gradients (one positive per
+query, shifted, wrapped and offset as NT-Xent and gathered keys place them). The kernels' outputs are
+the raw statistics and the finished gradients (scale * (dS @ values)) with the scale's gradient,
+compared with the same float64 formula.
 """
 import pytest
 import torch
@@ -38,8 +39,9 @@ def _layout(name):
     return config
 
 
-def _expected(q, k, queue, scale, symmetric, self_offset, g_row, g_col):
-    """Row / column log-sum-exps and (G_q, G_k) of the kernels' contract, in float64."""
+def _expected(q, k, queue, scale, symmetric, self_offset, g_row, g_col, pos=None, g_pos=None):
+    """Row / column log-sum-exps, the gradients (scale * G_q, scale * G_k) of the kernels' contract and
+    the scale's gradient, in float64; positives ``pos`` (a ``Positives``) get ``g_pos`` added to dS."""
     q, k = q.double(), k.double()
     keys = k if queue is None else torch.cat([k, queue.double()])
     s = scale * q @ keys.T
@@ -54,7 +56,10 @@ def _expected(q, k, queue, scale, symmetric, self_offset, g_row, g_col):
     if symmetric:
         col = s[:, :m].logsumexp(0)
         ds[:, :m] += torch.exp(s[:, :m] - col[None, :]) * g_col.double()[None, :]
-    return row, col, ds @ keys, ds[:, :m].T @ q
+    if pos is not None:
+        ds[torch.arange(q.shape[0]), pos.targets(q.shape[0], "cpu")] += g_pos.double()
+    gq = ds @ keys
+    return row, col, scale * gq, scale * (ds[:, :m].T @ q), (q * gq).sum()
 
 
 def _close(name, got, want, rel):
@@ -62,11 +67,11 @@ def _close(name, got, want, rel):
     assert err <= rel * max(1.0, want.abs().max().item()), f"{name}: error {err:.3e}"
 
 
-CASES = {  # (N, M, K queue rows, D, symmetric, self_offset)
-    "info_nce": (37, 29, 0, 40, False, -1),
-    "symmetric": (29, 37, 0, 24, True, -1),
-    "queue": (21, 19, 35, 33, False, -1),
-    "nt_xent": (38, 38, 0, 17, False, 19),
+CASES = {  # (N, M, K queue rows, D, symmetric, self_offset, positives (shift, wrap, base) or None)
+    "info_nce": (37, 29, 0, 40, False, -1, (0, 29, 0)),  # wrap < N: queries i and i + 29 share a key
+    "symmetric": (29, 37, 0, 24, True, -1, (0, 29, 5)),  # base: a rank's offset in gathered keys
+    "queue": (21, 19, 35, 33, False, -1, None),
+    "nt_xent": (38, 38, 0, 17, False, 0, (19, 38, 0)),  # view i's positive is view (i + 19) mod 38
 }
 
 
@@ -74,13 +79,14 @@ CASES = {  # (N, M, K queue rows, D, symmetric, self_offset)
 @pytest.mark.parametrize("case", list(CASES))
 def test_layouts_agree_with_float64(monkeypatch, layout, case):
     monkeypatch.setattr(ct, "config", _layout(layout))
-    n, m, kq, d, symmetric, self_offset = CASES[case]
+    n, m, kq, d, symmetric, self_offset, pos = CASES[case]
+    pos = ct.Positives(*pos) if pos is not None else None
     g = torch.Generator().manual_seed(len(case) * 7 + len(layout))
     q, k = (torch.nn.functional.normalize(torch.randn(r, d, generator=g), dim=1) for r in (n, m))
     queue = torch.nn.functional.normalize(torch.randn(kq, d, generator=g), dim=1) if kq else None
-    g_row, g_col = torch.rand(n, generator=g), torch.rand(m, generator=g)
+    g_row, g_col, g_pos = torch.rand(n, generator=g), torch.rand(m, generator=g), -2 * torch.rand(n, generator=g)
     scale = torch.tensor(1 / 0.07)
-    want = _expected(q, k, queue, scale.item(), symmetric, self_offset, g_row, g_col)
+    want = _expected(q, k, queue, scale.item(), symmetric, self_offset, g_row, g_col, pos, g_pos)
     dev = dict(device=DEVICE)
     args = [q.to(**dev), k.to(**dev), queue.to(**dev) if queue is not None else None, scale.to(**dev)]
     row, col = ct.forward(*args, symmetric, self_offset)
@@ -89,11 +95,13 @@ def test_layouts_agree_with_float64(monkeypatch, layout, case):
         _close("col_lse", col, want[1], 1e-5)
     # the backward takes the float64 statistics rounded to float32, as the op hands it its own
     f32 = dict(device=DEVICE, dtype=torch.float32)
-    gq, gk = ct.backward(*args, want[0].to(**f32), want[1].to(**f32) if symmetric else torch.empty(0, **f32),
-                         g_row.to(**f32), g_col.to(**f32) if symmetric else None, symmetric, self_offset)
+    gq, gk, g_scale = ct.backward(*args, want[0].to(**f32), want[1].to(**f32) if symmetric else torch.empty(0, **f32),
+                                  g_row.to(**f32), g_col.to(**f32) if symmetric else None, symmetric, self_offset,
+                                  g_pos=g_pos.to(**f32) if pos else None, pos=pos, need_scale=True)
     assert gq.shape == q.shape and gk.shape == k.shape
     _close("grad_q", gq, want[2], 1e-4)
     _close("grad_k", gk, want[3], 1e-4)
+    _close("grad_scale", g_scale, want[4], 1e-5)
 
 
 def test_layouts_give_identical_statistics(monkeypatch):
@@ -214,9 +222,9 @@ def test_timing_runs_cover_a_few_rows_and_the_result_is_the_full_call(monkeypatc
     assert [s[-1] for s in shapes] == [8, 8]  # (splits, rows) partial statistics of 8 rows
     want = _expected(q.cpu(), k.cpu(), None, 2.0, symmetric, -1, torch.ones(37), torch.ones(29))
     _close("row_lse", row, want[0], 1e-5)
-    gq, gk = ct.backward(q, k, None, scale, row, col if symmetric else torch.empty(0, device=DEVICE),
-                         torch.ones(37, device=DEVICE), torch.ones(29, device=DEVICE) if symmetric else None,
-                         symmetric, -1)
+    gq, gk, _ = ct.backward(q, k, None, scale, row, col if symmetric else torch.empty(0, device=DEVICE),
+                            torch.ones(37, device=DEVICE), torch.ones(29, device=DEVICE) if symmetric else None,
+                            symmetric, -1)
     assert shapes[2:] == [(8, 24), (8, 24), (8, 24), (8, 24)]  # G_q then G_k timing runs: 8 rows each
     _close("grad_q", gq, want[2], 1e-4)
     _close("grad_k", gk, want[3], 1e-4)
@@ -229,3 +237,43 @@ def test_tuning_choices_name_each_shape_class_and_config(monkeypatch):
     (got,) = ct.tuning_choices()
     assert got == dict(op="contrastive", kernel="grad_k", device="cuda:0", dtype="bfloat16", dp=512,
                        key=["True", "False", "16384", "16384"], config=cfg._asdict())
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """(dtype, numel) of every tensor the torch ops under it return."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.seen.append((t.dtype, t.numel()))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_backward_holds_no_float32_copy_of_the_embeddings(dtype):
+    """The backward writes the finished gradients (positives added, times the scale) in the inputs'
+    dtype from the kernels: besides them only O(N) float32 statistics are allocated (the memory goal of
+    issue 4 needs this: float32 (N, D) gradients alone would be twice the bf16 ones)."""
+    n, d = 160, 48  # 5 row blocks x 1 slice: enough programs, so the streamed side is not split
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(DEVICE, dtype) for _ in range(2))
+    scale = torch.tensor(1 / 0.07, device=DEVICE)
+    row, col = ct.forward(q, k, None, scale, True, -1)
+    g_row = torch.full((n,), 0.5 / n, device=DEVICE)
+    pos = ct.Positives(0, n, 0)
+    with _Allocations() as allocs:
+        gq, gk, g_scale = ct.backward(q, k, None, scale, row, col, g_row, g_row, True, -1, g_pos=-2 * g_row, pos=pos,
+                                      need_scale=True)
+    assert gq.dtype == gk.dtype == dtype and g_scale.dtype == torch.float32
+    wide = [numel for dt, numel in allocs.seen if dt in (torch.float32, torch.float64)]
+    assert max(wide) <= 4 * n, f"float32 allocations of {sorted(wide)[-3:]} elements for N={n}, D={d}"
+    want = _expected(q.cpu().double(), k.cpu().double(), None, 1 / 0.07, True, -1, g_row.cpu(), g_row.cpu(), pos,
+                     -2 * g_row.cpu())
+    _close("grad_q", gq, want[2], 2e-2)
+    _close("grad_k", gk, want[3], 2e-2)
+    _close("grad_scale", g_scale, want[4], 1e-4)

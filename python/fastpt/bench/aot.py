@@ -201,7 +201,8 @@ def _contrastive_specs(arch: int, all_candidates: bool) -> list[Spec]:
         for kind in ct.KINDS:
             cands = ct.candidates(dtype, d, kind, sms=H100_SMS, smem=SMEM.get(arch, 99 * 1024))
             for cfg in (cands if all_candidates else cands[:1]):
-                launch = cfg.launch(kind, symmetric=True, excl=False, upcast=False)
+                # CLIP's launches: symmetric, positives in the kernel, the scale's gradient in G_q's
+                launch = cfg.launch(kind, symmetric=True, excl=False, upcast=False, pos=True, gscale=kind == "grad_q")
                 warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
                 case = f"{name} D{d} symmetric, {'resident' if cfg.resident else 'chunked'}"
                 if kind == "fwd":
@@ -210,8 +211,9 @@ def _contrastive_specs(arch: int, all_candidates: bool) -> list[Spec]:
                     specs.append(Spec("contrastive", kind, case, ct._fwd_kernel, types, launch, warps, stages,
                                       ("N", "M", "D")))
                     continue
-                types = dict(a_ptr=el, b_ptr=el, queue_ptr=el, **{n: "*fp32" for n in (
-                    "scale_ptr", "row_lse_ptr", "col_lse_ptr", "g_row_ptr", "g_col_ptr", "out_ptr")})
+                types = dict(a_ptr=el, b_ptr=el, queue_ptr=el, out_ptr=el, **{n: "*fp32" for n in (
+                    "scale_ptr", "row_lse_ptr", "col_lse_ptr", "g_row_ptr", "g_col_ptr", "g_pos_ptr", "out_scale_ptr",
+                    "g_scale_ptr")})
                 specs.append(Spec("contrastive", kind, case, ct._bwd_kernel, types, launch, warps, stages,
                                   ("n_a", "n_b", "D")))
     return specs

@@ -12,13 +12,20 @@ This is supervised-contrastive loss ("L_out" of Khosla et al.) with keys as the 
 positives stay in its denominator, queue rows are never positives, the key->query direction
 (CLIP) ignores the queue. With unique labels it is plain InfoNCE / cross-entropy.
 
-How it is computed. The positive term needs only per-class sums of keys: ``mean_{j in P(i)} S[i, j]
-= s * q^_i . (sum of keys of i's class) / |P(i)|``, O((N + M) * D) work done with torch ops (so
-autograd differentiates it). The log-sum-exp terms are the op ``contrastive``: tiled kernels walk
-(query block x key block) tiles of S with an online max / sum per row (and per column when
-symmetric, in the same pass), keeping O(N + M) statistics; the backward recomputes each tile to
-produce ``dS @ keys`` and ``dS^T @ queries`` (and ``d loss / d s``). Memory is O((N + M + K) * D)
-in every backend but ``reference``, which materialises S (it is the fallback for float64).
+How it is computed. The log-sum-exp terms are the op ``contrastive``: tiled kernels walk (query
+block x key block) tiles of S with an online max / sum per row (and per column when symmetric, in
+the same pass), keeping O(N + M) statistics; the backward recomputes each tile to produce
+``dS @ keys`` and ``dS^T @ queries`` (and ``d loss / d s``). With one positive per row (no labels;
+NT-Xent's other view) the op also returns the positives' scores, and its backward adds their
+gradient to dS: the Triton kernels do it in float32 before dS is rounded for the tensor cores (the
+positive's term nearly cancels the softmax's once the views agree), multiply by the scale and write
+the gradients in the inputs' dtype, so a bf16 fwd + bwd allocates the two bf16 gradients and O(N)
+float32 statistics, nothing else of size N x D. The other backends return float32 products that a
+chunked torch epilogue finishes. With labels the positive term needs only per-class sums of keys:
+``mean_{j in P(i)} S[i, j] = s * q^_i . (sum of keys of i's class) / |P(i)|``, O((N + M) * D) work
+done with torch ops (so autograd differentiates it). ``normalize=True`` normalises in row chunks and
+keeps only the inputs and their norms for the backward. Memory is O((N + M + K) * D) in every backend
+but ``reference``, which materialises S (it is the fallback for float64).
 
 Backends of ``contrastive``: ``cpu`` (csrc/contrastive_cpu.cpp: register-blocked fp32 GEMM tiles,
 AVX-512 / AVX2 / baseline chosen at run time, fp16 / bf16 converted to padded fp32 copies while
@@ -315,10 +322,13 @@ def _triton_forward(q, k, queue, scale, symmetric, self_offset):
     return _triton.forward(q, k, queue, scale.to(device=q.device, dtype=torch.float32), symmetric, self_offset)
 
 
-def _triton_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset):
+def _triton_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, g_pos, symmetric, self_offset, pos,
+                     need_scale):
+    """Fused: the kernels add the positives, multiply by the scale and write the input dtype."""
     f32 = dict(device=q.device, dtype=torch.float32)
     return _triton.backward(q, k, queue, scale.to(**f32), row_lse, col_lse, g_row.to(**f32),
-                            g_col.to(**f32) if symmetric else None, symmetric, self_offset)
+                            g_col.to(**f32) if symmetric else None, symmetric, self_offset,
+                            g_pos=g_pos.to(**f32) if pos is not None else None, pos=pos, need_scale=need_scale)
 
 
 @torch.compiler.assume_constant_result
@@ -408,7 +418,8 @@ def _blas_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric
 # the same work at the matrix units' rate in bounded memory. Triton and cuda serve on request.
 # The Triton backward measured there added every tile's product into float32 rows in global memory;
 # it now keeps them on chip (contrastive_triton.py), unmeasured: the kernel bench's fastpt-triton
-# rows decide whether it takes blas's place (it is the one that holds no chunk of scores).
+# rows decide whether it takes blas's place (it is the one that holds no chunk of scores and, since it
+# writes bf16 gradients itself, no float32 (N, D) buffer either).
 OP = _dispatch.Op("contrastive", [
     _dispatch.backend("cpu", _cpu_supports, _cpu_forward),
     _dispatch.backend("blas", _blas_supports, _blas_forward),
@@ -417,59 +428,120 @@ OP = _dispatch.Op("contrastive", [
     _dispatch.backend("reference", lambda **_: None, _ref_forward),
 ], probe=lambda device: dict(q=torch.zeros(4, 8, device=device), k=torch.zeros(4, 8, device=device), queue=None,
                              scale=torch.ones((), device=device), symmetric=False, self_offset=-1))
-_BACKWARD = {"cpu": _cpu_backward, "blas": _blas_backward, "triton": _triton_backward, "cuda": _cuda_backward, "reference": _ref_backward}
+# Backward entries: float32 (G_q, G_k) before the positives and the scale (finished by ``_finish``), or
+# (in _FUSED_BACKWARD) the finished gradients.
+_BACKWARD = {"cpu": _cpu_backward, "blas": _blas_backward, "cuda": _cuda_backward, "reference": _ref_backward}
+_FUSED_BACKWARD = {"triton": _triton_backward}
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
 
 
+CHUNK_ELEMENTS = 1 << 20  # of the row chunks below: 4 MiB of float32
+
+
+def _row_chunks(x: torch.Tensor) -> list[slice]:
+    """Row ranges of ~CHUNK_ELEMENTS for the O(N * D) float32 work done in torch (normalisation, positives,
+    the non-fused epilogue), so that no (N, D) float32 copy is held; one range under torch.compile
+    (Inductor fuses the upcasts into its kernels)."""
+    n, d = x.shape
+    step = n if torch.compiler.is_compiling() else max(1, CHUNK_ELEMENTS // max(d, 1))
+    return [slice(r, r + step) for r in range(0, n, step)]
+
+
+def _positives(pos_shift: int, pos_wrap: int, pos_base: int) -> Optional[_triton.Positives]:
+    return _triton.Positives(pos_shift, pos_wrap, pos_base) if pos_wrap > 0 else None
+
+
+def _pos_scores(q, k, targets, scale):
+    """(N,) scale * q_i . k[targets[i]] in the accumulation dtype: the positives' scores."""
+    acc = _acc_dtype(q.dtype)
+    out = torch.empty(q.shape[0], dtype=acc, device=q.device)
+    for rows in _row_chunks(q):
+        out[rows] = (q[rows].to(acc) * k[targets[rows]].to(acc)).sum(1)
+    return out * scale.to(acc)
+
+
+def _finish(q, k, scale, gq, gk, g_pos, targets, need_scale):
+    """The non-fused backends' epilogue: float32 (or float64) G_q, G_k (modified in place) plus the
+    positives' terms, the scale's gradient sum(q * G_q), then G * scale in the inputs' dtypes."""
+    acc = gq.dtype
+    g_scale = torch.zeros((), dtype=acc, device=q.device)
+    for rows in _row_chunks(q):
+        if targets is not None:
+            t, g = targets[rows], g_pos[rows, None].to(acc)
+            gq[rows] += g * k[t].to(acc)
+            gk.index_put_((t,), g * q[rows].to(acc), accumulate=True)  # sorted, deterministic on CUDA
+        if need_scale:
+            g_scale += (q[rows].to(acc) * gq[rows]).sum()
+    s = scale.to(acc)
+    return gq.mul_(s).to(q.dtype), gk.mul_(s).to(k.dtype), g_scale.to(scale.dtype)
+
+
 @torch.library.custom_op("fastpt::contrastive_lse", mutates_args=())
 def _lse_op(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor], scale: torch.Tensor, backend: str,
-            symmetric: bool, self_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row_lse (N,), col_lse (M,) or (0,)) of S = scale * q @ [k; queue]^T through one backend."""
-    return OP.backends[backend].run(q=q, k=k, queue=queue, scale=scale, symmetric=symmetric,
-                                    self_offset=self_offset)
+            symmetric: bool, self_offset: int, pos_shift: int = 0, pos_wrap: int = 0,
+            pos_base: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_lse (N,), col_lse (M,) or (0,), pos (N,) or (0,)) of S = scale * q @ [k; queue]^T through one
+    backend; pos[i] = S[i, (i + pos_shift) % pos_wrap + pos_base], the positives' scores (pos_wrap > 0)."""
+    row, col = OP.backends[backend].run(q=q, k=k, queue=queue, scale=scale, symmetric=symmetric,
+                                        self_offset=self_offset)
+    pos = _positives(pos_shift, pos_wrap, pos_base)
+    if pos is None:
+        return row, col, row.new_empty(0)
+    return row, col, _pos_scores(q, k, pos.targets(q.shape[0], q.device), scale).to(row.dtype)
 
 
 @_lse_op.register_fake
-def _lse_fake(q, k, queue, scale, backend, symmetric, self_offset):
+def _lse_fake(q, k, queue, scale, backend, symmetric, self_offset, pos_shift=0, pos_wrap=0, pos_base=0):
     acc = _acc_dtype(q.dtype)  # every kernel backend returns float32 statistics; float64 runs on the reference
-    return q.new_empty(q.shape[0], dtype=acc), q.new_empty(k.shape[0] if symmetric else 0, dtype=acc)
+    return (q.new_empty(q.shape[0], dtype=acc), q.new_empty(k.shape[0] if symmetric else 0, dtype=acc),
+            q.new_empty(q.shape[0] if pos_wrap > 0 else 0, dtype=acc))
 
 
 @torch.library.custom_op("fastpt::contrastive_lse_backward", mutates_args=())
 def _lse_backward_op(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor], scale: torch.Tensor,
                      row_lse: torch.Tensor, col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor,
-                     backend: str, symmetric: bool, self_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G_q = dS @ [k; queue], G_k = dS[:, :M]^T @ q), not multiplied by scale."""
-    return _BACKWARD[backend](q, k, queue, scale, row_lse, col_lse, g_row, g_col if symmetric else None, symmetric,
-                              self_offset)
+                     g_pos: torch.Tensor, backend: str, symmetric: bool, self_offset: int, pos_shift: int,
+                     pos_wrap: int, pos_base: int, need_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_k in the inputs' dtypes, d loss / d scale (0 unless need_scale)) of
+    sum(g_row * row_lse) + sum(g_col * col_lse) + sum(g_pos * pos)."""
+    pos = _positives(pos_shift, pos_wrap, pos_base)
+    if backend in _FUSED_BACKWARD:
+        gq, gk, g_scale = _FUSED_BACKWARD[backend](q, k, queue, scale, row_lse, col_lse, g_row,
+                                                   g_col if symmetric else None, g_pos, symmetric, self_offset, pos,
+                                                   need_scale)
+        return gq, gk, (g_scale if need_scale else torch.zeros((), device=q.device)).to(scale.dtype)
+    gq, gk = _BACKWARD[backend](q, k, queue, scale, row_lse, col_lse, g_row, g_col if symmetric else None, symmetric,
+                                self_offset)
+    targets = pos.targets(q.shape[0], q.device) if pos is not None else None
+    return _finish(q, k, scale, gq, gk, g_pos, targets, need_scale)
 
 
 @_lse_backward_op.register_fake
-def _lse_backward_fake(q, k, queue, scale, row_lse, col_lse, g_row, g_col, backend, symmetric, self_offset):
-    acc = _acc_dtype(q.dtype)
-    return q.new_empty(q.shape, dtype=acc), k.new_empty(k.shape, dtype=acc)
+def _lse_backward_fake(q, k, queue, scale, row_lse, col_lse, g_row, g_col, g_pos, backend, symmetric, self_offset,
+                       pos_shift, pos_wrap, pos_base, need_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), scale.new_empty(())
 
 
 def _lse_setup_context(ctx, inputs, output):
-    q, k, queue, scale, backend, symmetric, self_offset = inputs
-    ctx.save_for_backward(q, k, queue, scale, *output)
-    ctx.config = (backend, symmetric, self_offset)
+    q, k, queue, scale, backend, symmetric, self_offset, pos_shift, pos_wrap, pos_base = inputs
+    ctx.save_for_backward(q, k, queue, scale, output[0], output[1])
+    ctx.config = (backend, symmetric, self_offset, pos_shift, pos_wrap, pos_base)
+    ctx.n_pos = output[2].shape[0]
 
 
-def _lse_backward(ctx, g_row, g_col):
+def _lse_backward(ctx, g_row, g_col, g_pos):
     q, k, queue, scale, row, col = ctx.saved_tensors
-    backend, symmetric, self_offset = ctx.config
+    backend, symmetric, self_offset, pos_shift, pos_wrap, pos_base = ctx.config
     g_row = torch.zeros_like(row) if g_row is None else g_row.contiguous()
     g_col = torch.zeros_like(col) if g_col is None else g_col.contiguous()
-    gq, gk = _lse_backward_op(q, k, queue, scale, row, col, g_row, g_col, backend, symmetric, self_offset)
+    g_pos = row.new_zeros(ctx.n_pos) if g_pos is None else g_pos.contiguous()
     need = ctx.needs_input_grad
-    # d loss / d scale = sum_ij dS_ij (q_i . k_j) = sum_i q_i . G_q[i]
-    g_scale = (q.to(gq.dtype) * gq).sum().to(scale.dtype) if need[3] else None
-    s = scale.to(gq.dtype)
-    return ((gq * s).to(q.dtype) if need[0] else None, (gk * s).to(k.dtype) if need[1] else None,
-            None, g_scale, None, None, None)
+    gq, gk, g_scale = _lse_backward_op(q, k, queue, scale, row, col, g_row, g_col, g_pos, backend, symmetric,
+                                       self_offset, pos_shift, pos_wrap, pos_base, need[3])
+    return (gq if need[0] else None, gk if need[1] else None, None, g_scale if need[3] else None,
+            None, None, None, None, None, None)
 
 
 _lse_op.register_autograd(_lse_backward, setup_context=_lse_setup_context)
@@ -576,8 +648,42 @@ def _global_value(share: torch.Tensor, group) -> torch.Tensor:
 # ----------------------------------------------------------------------------- assembly
 
 
+NORM_EPS = 1e-12  # F.normalize's
+
+
+class _Normalize(torch.autograd.Function):
+    """``F.normalize(x.float(), dim=1).to(x.dtype)`` row chunk by row chunk: autograd keeps x and the (N,)
+    norms instead of float32 copies of x (2 x 32 MiB at N = 16384, D = 512), and the backward recomputes
+    the unit vectors. Not twice differentiable (neither is the contrastive op)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        acc = _acc_dtype(x.dtype)
+        den = torch.empty(x.shape[0], 1, dtype=acc, device=x.device)
+        y = torch.empty_like(x)
+        for rows in _row_chunks(x):
+            xf = x[rows].to(acc)
+            den[rows] = torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp_min(NORM_EPS)
+            y[rows] = (xf / den[rows]).to(x.dtype)
+        ctx.save_for_backward(x, den)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, den = ctx.saved_tensors
+        dx = torch.empty_like(x)
+        for rows in _row_chunks(x):
+            xf, gf = x[rows].to(den.dtype), g[rows].to(den.dtype)
+            y = xf / den[rows]
+            # d(x / max(|x|, eps)) = (g - y (y . g)) / |x|, or g / eps where eps holds (no norm gradient)
+            free = torch.linalg.vector_norm(xf, dim=1, keepdim=True) >= NORM_EPS
+            dx[rows] = (torch.where(free, gf - y * (y * gf).sum(1, keepdim=True), gf) / den[rows]).to(x.dtype)
+        return dx
+
+
 def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.to(_acc_dtype(x.dtype)), dim=1).to(x.dtype)
+    return _Normalize.apply(x)
 
 
 def _class_mean_logit(anchors, anchor_cls, cands, cand_cls, n_cls, scale, acc):
@@ -616,9 +722,9 @@ def _loss(q, k, queue, scale, labels, *, symmetric, normalize, gather, group, ba
         n_tot, m_tot = sum(n_sizes), sum(m_sizes)
     else:
         group, k_all, k_off, n_tot, m_tot = None, k, 0, n, m
+    pos_wrap = 0
     if labels is None:
-        pos_row = scale * (q.to(acc) * k.to(acc)).sum(1)  # query i and key i: the same pair both ways
-        pos_col = pos_row
+        pos_wrap = n  # query i's positive is key i (k_off + i of the gathered keys), scored by the op
     else:
         ql, kl = labels
         kl_all = _gather_rows(kl, m_sizes, group) if gather else kl
@@ -631,7 +737,9 @@ def _loss(q, k, queue, scale, labels, *, symmetric, normalize, gather, group, ba
             _require_positives(kl, ql_all, "key")
             q_all = _AllGather.apply(q, n_sizes, group) if gather else q
             pos_col = _class_mean_logit(k, cls(kl), q_all, cls(ql_all), classes.numel(), scale, acc)
-    row_lse, col_lse = _lse_op(q, k_all, queue, scale, name, symmetric, -1)
+    row_lse, col_lse, pos = _lse_op(q, k_all, queue, scale, name, symmetric, -1, 0, pos_wrap, k_off)
+    if labels is None:
+        pos_row = pos_col = pos.to(acc)  # query i and key i: the same pair both ways
     if symmetric and gather:  # this rank's rows x all keys: merge the column statistics of every rank
         col_lse = _AllReduceLSE.apply(col_lse, group)
     loss = (row_lse.to(acc) - pos_row).sum() / n_tot
@@ -726,9 +834,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature=0.5, normalize: b
         off, total = sum(sizes[: dist.get_rank(group)]), sum(sizes)
     else:
         group, z_all, off, total = None, z, 0, 2 * n
-    row_lse, _ = _lse_op(z, z_all, None, scale, name, False, off)
-    pos = scale * (z[:n].to(acc) * z[n:].to(acc)).sum(1)
-    loss = (row_lse.to(acc).sum() - 2 * pos.sum()) / total
+    # view i's positive is view (i + n) mod 2n, column off + that of the gathered views
+    row_lse, _, pos = _lse_op(z, z_all, None, scale, name, False, off, n, 2 * n, off)
+    loss = (row_lse.to(acc).sum() - pos.to(acc).sum()) / total
     return _global_value(loss, group) if gather else loss
 
 

@@ -14,6 +14,10 @@ Two kernels, neither of which holds more than one (rows, columns) tile of the si
   ``dS @ values`` and stores its slice once. No atomics (deterministic), nothing read back from
   global memory. The streamed side is split only when there are too few output blocks to fill the
   GPU (small N, e.g. MoCo against a long queue); the (splits, rows, D) partials are then small.
+  The kernel finishes the gradient: each query's positive (``Positives``) gets its gradient added to
+  dS in float32, the accumulator is multiplied by the scale and stored in the inputs' dtype (float32
+  partials only when the streamed side is split), and G_q's programs also sum ``dS * q.k`` for the
+  scale's gradient. So a bf16 backward allocates its two bf16 gradients and O(N) statistics.
 
 Two ways to take a tile's products (``RESIDENT``):
 
@@ -153,16 +157,22 @@ if triton is not None:
             tl.store(row_s_ptr + out, s_i, mask=rows < N)
 
     @triton.jit
-    def _bwd_tile(a_ptr, a_t, b_ptr, rows, cols, n_a, n_b, D, scale, self_offset, dp, d_out,
-                  row_lse_ptr, g_row_ptr, col_lse_ptr, g_col_ptr, acc,
-                  TRANS: tl.constexpr, SYM: tl.constexpr, EXCL: tl.constexpr, RESIDENT: tl.constexpr,
-                  REUSE: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr,
-                  DO: tl.constexpr, UPCAST: tl.constexpr):
-        """acc + dS @ b[cols, d_out] for one tile: rows of the output (a) against streamed b rows.
+    def _bwd_tile(a_ptr, a_t, b_ptr, r0, c0, n_a, n_b, D, scale, self_offset, dp, d_out,
+                  row_lse_ptr, g_row_ptr, col_lse_ptr, g_col_ptr, g_pos_ptr, pos_shift, pos_wrap, pos_base, acc, gs,
+                  TRANS: tl.constexpr, SYM: tl.constexpr, EXCL: tl.constexpr, POS: tl.constexpr,
+                  GSCALE: tl.constexpr, RESIDENT: tl.constexpr, REUSE: tl.constexpr, BA: tl.constexpr,
+                  BB: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, DO: tl.constexpr, UPCAST: tl.constexpr):
+        """(acc + dS @ b[cols, d_out], gs + row sums of dS * raw scores) for one tile: rows r0 ... of the
+        output (a) against streamed b rows c0 ...; gs (GSCALE) is a (BA,) float32 accumulator (a (BA, BB)
+        one spilled at D = 256).
 
         TRANS False: a = queries, b = keys (or queue), the tile is S[rows, cols]. TRANS True: a =
         keys, b = queries, the tile is S^T (row i of S is column i here), so the row statistics are
-        indexed by cols and the column statistics by rows."""
+        indexed by cols and the column statistics by rows. POS: query i's positive, key
+        ``(i + pos_shift) % pos_wrap + pos_base``, gets ``g_pos[i]`` added to its dS (in float32, before
+        dS is rounded for the product: the positive's term nearly cancels the softmax's there)."""
+        rows = r0 + tl.arange(0, BA)
+        cols = c0 + tl.arange(0, BB)
         # The products run in the forward's orientation (queries as the left operand), then S^T is a
         # transpose: every score is then rounded exactly as the one its log-sum-exp was taken from.
         if RESIDENT:
@@ -197,21 +207,66 @@ if triton is not None:
                 g_c = tl.load(g_col_ptr + cols, mask=cols < n_b, other=0.0)
                 ds += tl.exp(tile - lse_c[None, :]) * g_c[None, :]
         ds = tl.where(tile == float("-inf"), 0.0, ds)
+        if POS:
+            ds = _add_positives(ds, rows, cols, r0, c0, n_a, n_b, g_pos_ptr, pos_shift, pos_wrap, pos_base,
+                                TRANS, BA, BB)
+        if GSCALE:  # d loss / d scale = sum dS * (q . k)
+            gs += tl.sum(ds * raw, axis=1)
         if REUSE:  # resident with one slice covering D: the tile just loaded is the product's operand
             vals = b_t
         else:
             vals = _load(b_ptr, cols, n_b, d_out, D)
-        return _mm(ds.to(vals.dtype), vals, acc, UPCAST)
+        return _mm(ds.to(vals.dtype), vals, acc, UPCAST), gs
 
     @triton.jit
-    def _bwd_kernel(a_ptr, b_ptr, queue_ptr, scale_ptr, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, out_ptr,
-                    n_a, n_b, K, D, self_offset,
-                    TRANS: tl.constexpr, SYM: tl.constexpr, EXCL: tl.constexpr, RESIDENT: tl.constexpr,
-                    REUSE: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr,
-                    DO: tl.constexpr, UPCAST: tl.constexpr):
-        """out[split, rows, slice] = sum over this split's streamed blocks of dS @ values (see the
-        module docstring); the queue (K rows, TRANS False only) follows the keys, without the
-        symmetric column term or the self exclusion."""
+    def _target(i, pos_shift, pos_wrap, pos_base):
+        """Key index of query i's positive: (i + shift) % wrap + base, for i + shift < 2 * wrap."""
+        t = i + pos_shift
+        return tl.where(t >= pos_wrap, t - pos_wrap, t) + pos_base
+
+    @triton.jit
+    def _pos_hit(q0, q1, k0, k1, pos_shift, pos_wrap, pos_base):
+        """Whether a query in [q0, q1] may have its positive in keys [k0, k1] (scalars; conservative
+        where the targets wrap around)."""
+        t0 = _target(q0, pos_shift, pos_wrap, pos_base)
+        t1 = _target(q1, pos_shift, pos_wrap, pos_base)
+        straight = (t1 >= t0) & (q1 - q0 < pos_wrap)
+        lo = tl.where(straight, t0, pos_base)
+        hi = tl.where(straight, t1, pos_base + pos_wrap - 1)
+        return (q0 <= q1) & (hi >= k0) & (lo <= k1)
+
+    @triton.jit
+    def _add_positives(ds, rows, cols, r0, c0, n_a, n_b, g_pos_ptr, pos_shift, pos_wrap, pos_base,
+                       TRANS: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr):
+        """ds + g_pos[i] at each (query i, its positive key) of the tile (see ``_bwd_tile``); r0 / c0:
+        the tile's first row / column. Tiles without a positive (all but ~1 / (tiles per row) of them)
+        skip the elementwise work on a scalar test."""
+        if TRANS:  # rows: keys, cols: queries
+            hit = _pos_hit(c0, tl.minimum(c0 + BB, n_b) - 1, r0, r0 + BA - 1, pos_shift, pos_wrap, pos_base)
+        else:
+            hit = _pos_hit(r0, tl.minimum(r0 + BA, n_a) - 1, c0, c0 + BB - 1, pos_shift, pos_wrap, pos_base)
+        if hit:
+            if TRANS:
+                target = _target(cols, pos_shift, pos_wrap, pos_base)
+                g = tl.load(g_pos_ptr + cols, mask=cols < n_b, other=0.0)
+                ds = ds + tl.where((rows[:, None] == target[None, :]) & (cols < n_b)[None, :], g[None, :], 0.0)
+            else:
+                target = _target(rows, pos_shift, pos_wrap, pos_base)
+                g = tl.load(g_pos_ptr + rows, mask=rows < n_a, other=0.0)
+                ds = ds + tl.where((cols[None, :] == target[:, None]) & (rows < n_a)[:, None], g[:, None], 0.0)
+        return ds
+
+    @triton.jit
+    def _bwd_kernel(a_ptr, b_ptr, queue_ptr, scale_ptr, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, g_pos_ptr,
+                    out_scale_ptr, out_ptr, g_scale_ptr, n_a, n_b, K, D, self_offset, pos_shift, pos_wrap, pos_base,
+                    TRANS: tl.constexpr, SYM: tl.constexpr, EXCL: tl.constexpr, POS: tl.constexpr,
+                    GSCALE: tl.constexpr, RESIDENT: tl.constexpr, REUSE: tl.constexpr, BA: tl.constexpr,
+                    BB: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, DO: tl.constexpr, UPCAST: tl.constexpr):
+        """out[split, rows, slice] = out_scale * (sum over this split's streamed blocks of dS @ values),
+        stored in out's dtype (see the module docstring); the queue (K rows, TRANS False only) follows
+        the keys, without the symmetric column term, the self exclusion or positives. GSCALE: one
+        float32 partial of sum(dS * q.k) over the program's tiles into g_scale (the scale's gradient),
+        from the first slice of D."""
         ab = tl.program_id(0)
         d_out = tl.program_id(1) * DO + tl.arange(0, DO)
         split = tl.program_id(2)
@@ -224,19 +279,26 @@ if triton is not None:
         else:
             a_t = scale  # unused: the chunked tiles read a from memory
         acc = tl.zeros((BA, DO), tl.float32)
+        if GSCALE:
+            gs = tl.zeros((BA,), tl.float32)
+        else:
+            gs = scale  # unused
         for b in range(b0, tl.minimum(b1, n_bb)):
-            cols = b * BB + tl.arange(0, BB)
-            acc = _bwd_tile(a_ptr, a_t, b_ptr, rows, cols, n_a, n_b, D, scale, self_offset, dp, d_out,
-                            row_lse_ptr, g_row_ptr, col_lse_ptr, g_col_ptr, acc,
-                            TRANS, SYM, EXCL, RESIDENT, REUSE, BA, BB, BD, DP, DO, UPCAST)
+            acc, gs = _bwd_tile(a_ptr, a_t, b_ptr, ab * BA, b * BB, n_a, n_b, D, scale, self_offset, dp, d_out,
+                                row_lse_ptr, g_row_ptr, col_lse_ptr, g_col_ptr, g_pos_ptr, pos_shift, pos_wrap,
+                                pos_base, acc, gs, TRANS, SYM, EXCL, POS, GSCALE, RESIDENT, REUSE, BA, BB, BD, DP, DO,
+                                UPCAST)
         for b in range(tl.maximum(b0, n_bb), b1):
-            cols = (b - n_bb) * BB + tl.arange(0, BB)
-            acc = _bwd_tile(a_ptr, a_t, queue_ptr, rows, cols, n_a, K, D, scale, 0, dp, d_out,
-                            row_lse_ptr, g_row_ptr, col_lse_ptr, g_col_ptr, acc,
-                            False, False, False, RESIDENT, REUSE, BA, BB, BD, DP, DO, UPCAST)
+            acc, gs = _bwd_tile(a_ptr, a_t, queue_ptr, ab * BA, (b - n_bb) * BB, n_a, K, D, scale, 0, dp, d_out,
+                                row_lse_ptr, g_row_ptr, col_lse_ptr, g_col_ptr, g_pos_ptr, 0, 1, 0, acc, gs,
+                                False, False, False, False, GSCALE, RESIDENT, REUSE, BA, BB, BD, DP, DO, UPCAST)
+        if GSCALE:  # every slice of D recomputes the same scores: the first one reports them
+            part = tl.where(tl.program_id(1) == 0, tl.sum(gs, axis=0), 0.0)
+            tl.store(g_scale_ptr + (split * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + ab, part)
+        inside = (rows < n_a)[:, None] & (d_out < D)[None, :]
         out = out_ptr + split.to(tl.int64) * n_a * D
-        tl.store(out + rows.to(tl.int64)[:, None] * D + d_out[None, :], acc,
-                 mask=(rows < n_a)[:, None] & (d_out < D)[None, :])
+        tl.store(out + rows.to(tl.int64)[:, None] * D + d_out[None, :],
+                 (acc * tl.load(out_scale_ptr)).to(out_ptr.dtype.element_ty), mask=inside)
 
 
 class Config(NamedTuple):
@@ -254,15 +316,17 @@ class Config(NamedTuple):
     stages: int
     target: int
 
-    def launch(self, kind: str, *, symmetric: bool, excl: bool, upcast: bool) -> dict:
+    def launch(self, kind: str, *, symmetric: bool, excl: bool, upcast: bool, pos: bool = False,
+               gscale: bool = False) -> dict:
         """The keyword arguments of ``kind``'s kernel launch ("fwd", "grad_q", "grad_k") with these
-        tiles: constexprs, num_warps and num_stages (also what ``fastpt.bench.aot`` compiles)."""
+        tiles: constexprs, num_warps and num_stages (also what ``fastpt.bench.aot`` compiles). pos /
+        gscale (backward only): positives' gradients added in the kernel / the scale's gradient taken."""
         kw = dict(SYM=symmetric, EXCL=excl, RESIDENT=self.resident, BD=self.bd, DP=self.dp, UPCAST=upcast,
                   num_warps=self.warps, num_stages=self.stages)
         if kind == "fwd":
             return dict(kw, BN=self.rows, BM=self.cols)
-        return dict(kw, TRANS=kind == "grad_k", REUSE=self.resident and self.do == self.dp, BA=self.rows,
-                    BB=self.cols, DO=self.do)
+        return dict(kw, TRANS=kind == "grad_k", POS=pos, GSCALE=gscale, REUSE=self.resident and self.do == self.dp,
+                    BA=self.rows, BB=self.cols, DO=self.do)
 
 
 # Under the interpreter every program step costs milliseconds whatever its size: large-ish tiles, and
@@ -478,39 +542,73 @@ def forward(q, k, queue, scale, symmetric, self_offset):
     return row, col
 
 
-def _gradient(a, b, queue, scale, row_lse, col_lse, g_row, g_col, *, trans, symmetric, self_offset):
-    """G_q (trans False: a = q, b = k, queue) or G_k (trans True: a = k, b = q), float32 (n_a, D)."""
+class Positives(NamedTuple):
+    """Query i's positive is key ``(i + shift) % wrap + base`` (InfoNCE / CLIP: shift 0, wrap N, base the
+    rank's offset in the gathered keys; NT-Xent: shift N, wrap 2N), for i < rows."""
+    shift: int
+    wrap: int
+    base: int
+
+    def targets(self, rows: int, device) -> torch.Tensor:
+        return (torch.arange(rows, device=device) + self.shift) % self.wrap + self.base
+
+
+def _gradient(a, b, queue, scale, row_lse, col_lse, g_row, g_col, g_pos, out_scale, *, trans, symmetric,
+              self_offset, pos: Positives | None, need_scale: bool):
+    """(G, g_scale part or None): G = out_scale * G_q (trans False: a = q, b = k, queue) or G_k (trans
+    True: a = k, b = q) in a's dtype, with the positives' g_pos added to dS; g_scale part = sum(a * G_q)
+    before out_scale (need_scale, trans False)."""
     n_a, d = a.shape
     n_b = b.shape[0]
     kq = queue.shape[0] if queue is not None else 0
     kind = "grad_k" if trans else "grad_q"
+    gscale = need_scale and not trans
+    f32 = dict(device=a.device, dtype=torch.float32)
+    shift, wrap, base = pos if pos is not None else (0, 1, 0)
 
     def run(cfg: Config, limit: int | None = None):  # limit: rows of a timing run (``_time``)
         n_run = n_a if limit is None else min(n_a, limit)
         n_ab, slices = triton.cdiv(n_run, cfg.rows), triton.cdiv(d, cfg.do)
         splits = _split(triton.cdiv(n_b, cfg.cols) + triton.cdiv(kq, cfg.cols), n_ab * slices, cfg.target)
-        out = torch.empty(splits, n_run, d, device=a.device, dtype=torch.float32)
+        # One split writes the gradient in its final dtype; several write float32 partials, summed here.
+        out = (torch.empty(n_run, d, device=a.device, dtype=a.dtype) if splits == 1
+               else torch.empty(splits, n_run, d, **f32))
+        part = torch.empty(splits * slices * n_ab if gscale else 1, **f32)
         _bwd_kernel[(n_ab, slices, splits)](
-            a, b, queue if queue is not None else b, scale, row_lse, col_lse, g_row, g_col, out, n_run, n_b, kq, d,
-            max(self_offset, 0),
-            **cfg.launch(kind, symmetric=symmetric, excl=self_offset >= 0, upcast=_dispatch.interpreter_upcast(a)),
+            a, b, queue if queue is not None else b, scale, row_lse, col_lse, g_row, g_col, g_pos, out_scale, out,
+            part, n_run, n_b, kq, d, max(self_offset, 0), shift, wrap, base,
+            **cfg.launch(kind, symmetric=symmetric, excl=self_offset >= 0, upcast=_dispatch.interpreter_upcast(a),
+                         pos=pos is not None, gscale=gscale),
         )
-        return out[0] if splits == 1 else out.sum(0)
+        return (out if splits == 1 else out.sum(0).to(a.dtype)), (part.sum() if gscale else None)
 
     return _run(run, a, d, kind, (symmetric, kq > 0, _bucket(n_a), _bucket(n_b + kq)))
 
 
-def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset):
-    """(G_q (N, D), G_k (M, D)) in fp32, *not* multiplied by scale (see contrastive.py)."""
+def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset, *, g_pos=None,
+             pos: Positives | None = None, need_scale: bool = False):
+    """(grad_q (N, D) in q's dtype, grad_k (M, D) in k's dtype, d loss / d scale or None): the
+    gradients of ``sum(g_row * row_lse) + sum(g_col * col_lse) + sum(g_pos * S[i, positive of i])``
+    (see contrastive.py), multiplied by scale, in the kernels (no float32 (N, D) buffer when the
+    streamed side is not split). The scale's gradient is taken only with ``need_scale``."""
+    if (g_pos is None) != (pos is None):
+        raise ValueError("g_pos and pos: give both or neither")
+    if pos is not None and not (0 <= pos.shift and q.shape[0] + pos.shift <= 2 * pos.wrap
+                                and pos.base + pos.wrap <= k.shape[0]):
+        raise ValueError(f"pos: expected shift >= 0, N + shift <= 2 * wrap and base + wrap <= M, got {pos} "
+                         f"with N={q.shape[0]}, M={k.shape[0]}")
     # Incoming gradients scaled to max |g| = 1 so that dS stays representable in fp16.
-    gmax = g_row.abs().max()
-    if symmetric:
-        gmax = torch.maximum(gmax, g_col.abs().max())
+    grads = [g_row] + ([g_col] if symmetric else []) + ([g_pos] if pos is not None else [])
+    gmax = torch.stack([g.abs().max() for g in grads if g.numel()] or [torch.ones((), device=q.device)]).max()
     gmax = torch.where(gmax > 0, gmax, torch.ones_like(gmax))
     g_row = (g_row / gmax).contiguous()
     g_col = (g_col / gmax).contiguous() if symmetric else g_row
+    g_pos = (g_pos / gmax).contiguous() if pos is not None else g_row
     col_lse = col_lse if symmetric else row_lse
-    kw = dict(symmetric=symmetric, self_offset=self_offset)
-    gq = _gradient(q, k, queue, scale, row_lse, col_lse, g_row, g_col, trans=False, **kw)
-    gk = _gradient(k, q, None, scale, row_lse, col_lse, g_row, g_col, trans=True, **kw)
-    return gq.mul_(gmax), gk.mul_(gmax)
+    out_scale = (scale * gmax).reshape(1).contiguous()
+    kw = dict(symmetric=symmetric, self_offset=self_offset, pos=pos)
+    gq, part = _gradient(q, k, queue, scale, row_lse, col_lse, g_row, g_col, g_pos, out_scale, trans=False,
+                         need_scale=need_scale, **kw)
+    gk, _ = _gradient(k, q, None, scale, row_lse, col_lse, g_row, g_col, g_pos, out_scale, trans=True,
+                      need_scale=False, **kw)
+    return gq, gk, (part * gmax if need_scale else None)
