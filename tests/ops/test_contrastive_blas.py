@@ -156,6 +156,17 @@ def test_fused_kernels_match_torch_path(device, blocks, layout, symmetric, dtype
     _assert_rule("G_q", gq, gq64, gq_t)
     _assert_rule("G_k", gk, gk64, gk_t)
 
+    # one positive per query (NT-Xent's other view; key i % m otherwise), its gradient added to dS
+    t = (torch.arange(n) + (n // 2 if nt_xent else 0)) % (n if nt_xent else m)
+    g_pos = -2 * torch.rand(n, generator=torch.Generator().manual_seed(n))
+    pos = dict(targets=t.to(device), g_pos=g_pos.float().to(device))
+    gq, gk = blas.backward(*args, fused=True, **run, **pos)
+    gq_t, gk_t = blas.backward(*args, fused=False, **run, **pos)
+    gq64 = gq64 + g_pos.double().to(device)[:, None] * k64[t.to(device)]
+    gk64 = gk64.index_add(0, t.to(device), g_pos.double().to(device)[:, None] * q64)
+    _assert_rule("G_q with positives", gq, gq64, gq_t)
+    _assert_rule("G_k with positives", gk, gk64, gk_t)
+
 
 def test_fused_choice():
     q = torch.zeros(4, 8)

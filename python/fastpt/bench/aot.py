@@ -225,7 +225,8 @@ def _blas_chunk_specs() -> list[Spec]:
 
     rows, cols = 1024, 16384
     DIV = ("stride", "ds_stride", "n_rows", "n_cols", "r0", "m")  # noqa: N806 - sizes of N = 16384
-    f32 = {n: "*fp32" for n in ("S", "scale_ptr", "ROW_LSE", "COL_MAX", "COL_SUM", "G_ROW", "COL_LSE", "G_COL")}
+    f32 = {n: "*fp32" for n in ("S", "scale_ptr", "ROW_LSE", "COL_MAX", "COL_SUM", "G_ROW", "COL_LSE", "G_COL",
+                                "G_POS")}
     specs = []
     br, bn, w = cb._blocks(rows, cols, cb.ROW_BLOCK_N)
     specs.append(Spec("contrastive_blas", "row_lse", "fp32 scores", cb._row_lse_kernel, f32,
@@ -234,9 +235,10 @@ def _blas_chunk_specs() -> list[Spec]:
     specs.append(Spec("contrastive_blas", "col_lse", "fp32 scores", cb._col_lse_kernel, f32,
                       dict(EXCL=True, BLOCK_R=br, BLOCK_C=bc), w, 3, DIV))
     br, bn, w = cb._blocks(rows, cols, cb.DS_BLOCK_N)
-    for ds in ("bf16", "fp32"):
-        specs.append(Spec("contrastive_blas", "dscores", f"dS {ds}, symmetric", cb._dscores_kernel,
-                          dict(f32, DS=f"*{ds}"), dict(SYM=True, EXCL=True, BLOCK_R=br, BLOCK_N=bn), w, 3, DIV))
+    for ds in ("bf16", "fp32"):  # CLIP's chunks: symmetric, with positives (NT-Xent's exclusion too)
+        specs.append(Spec("contrastive_blas", "dscores", f"dS {ds}, symmetric, positives", cb._dscores_kernel,
+                          dict(f32, DS=f"*{ds}", TARGETS="*i64"), dict(SYM=True, EXCL=True, POS=True, BLOCK_R=br,
+                                                                        BLOCK_N=bn), w, 3, DIV))
     return specs
 
 

@@ -407,9 +407,10 @@ def _blas_forward(q, k, queue, scale, symmetric, self_offset):
     return _blas.forward(q, k, queue, scale.to(device=q.device, dtype=torch.float32), symmetric, self_offset)
 
 
-def _blas_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset):
+def _blas_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset, targets=None,
+                   g_pos=None):
     return _blas.backward(q, k, queue, scale.to(device=q.device, dtype=torch.float32), row_lse, col_lse, g_row,
-                          g_col, symmetric, self_offset)
+                          g_col, symmetric, self_offset, targets=targets, g_pos=g_pos)
 
 
 # GPU priority: blas, triton, cuda. Measured on an H200 (2026-11-26, N = 16384, D = 512,
@@ -432,6 +433,9 @@ OP = _dispatch.Op("contrastive", [
 # (in _FUSED_BACKWARD) the finished gradients.
 _BACKWARD = {"cpu": _cpu_backward, "blas": _blas_backward, "cuda": _cuda_backward, "reference": _ref_backward}
 _FUSED_BACKWARD = {"triton": _triton_backward}
+# Backends that add the positives' gradient to dS themselves (before rounding it for the products);
+# ``_finish`` adds them for the others, in float32 after their float32 (or float64) products.
+_POSITIVES_IN_DS = {"blas"}
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
@@ -512,9 +516,13 @@ def _lse_backward_op(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Ten
                                                    g_col if symmetric else None, g_pos, symmetric, self_offset, pos,
                                                    need_scale)
         return gq, gk, (g_scale if need_scale else torch.zeros((), device=q.device)).to(scale.dtype)
-    gq, gk = _BACKWARD[backend](q, k, queue, scale, row_lse, col_lse, g_row, g_col if symmetric else None, symmetric,
-                                self_offset)
     targets = pos.targets(q.shape[0], q.device) if pos is not None else None
+    args = (q, k, queue, scale, row_lse, col_lse, g_row, g_col if symmetric else None, symmetric, self_offset)
+    if backend in _POSITIVES_IN_DS and targets is not None:
+        gq, gk = _BACKWARD[backend](*args, targets=targets, g_pos=g_pos)
+        targets = None
+    else:
+        gq, gk = _BACKWARD[backend](*args)
     return _finish(q, k, scale, gq, gk, g_pos, targets, need_scale)
 
 

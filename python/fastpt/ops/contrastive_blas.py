@@ -5,7 +5,8 @@ chunks of ``C`` rows, each chunk's ``(C, M + K)`` raw scores come from one BLAS 
 a GPU, float32 output from fp16 / bf16 operands through ``torch.mm(..., out_dtype=float32)``),
 their row log-sum-exps (and, for symmetric losses, the chunk's column statistics, merged across
 chunks) are taken and the chunk is dropped. The backward recomputes each chunk's scores, forms
-``dS`` and adds ``dS @ keys`` / ``dS^T @ q_chunk`` with two more products.
+``dS`` (with the positives' gradient added in float32, before fp16 / bf16 rounding) and adds
+``dS @ keys`` / ``dS^T @ q_chunk`` with two more products.
 
 Why a backend of plain products beside the tiled kernels: at contrastive sizes (D = 256-1024) the
 work is four large GEMMs, which cuBLAS runs at the chip's matrix rate; the tiled Triton kernel,
@@ -30,6 +31,8 @@ besides the float32 G_q and G_k it returns and the (M, D) float32 product added 
 32 MiB each at N = M = 16384, D = 512, so an estimated ~200 MiB extra peak there against eager's
 1,536 MiB (about 1/8; not measured yet). The issue's goal of 1/20 (77 MiB) is out of reach of the
 chunk size alone: the float32 gradients and the autograd gradients of q and k take more than that.
+The tiled Triton backend, which writes bf16 gradients from its kernels, holds ~32 MiB there
+(benches/results/contrastive-memory-model.md).
 
 The pure-torch chunk path (scaled copy, ``torch.logsumexp``, ...) serves CPU tensors, float64 and
 machines without Triton: it is how the CPU tests check the algorithm (half inputs are upcast
@@ -147,12 +150,16 @@ def _dscores(q_c, keys_t, scale, row_lse, g_row, col_lse, g_col, r0, m, self_off
 
 
 def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset, *,
-             chunk_bytes: int = CHUNK_BYTES, fused: bool | None = None):
+             chunk_bytes: int = CHUNK_BYTES, fused: bool | None = None, targets=None, g_pos=None):
     """(G_q (N, D), G_k (M, D)) in float32 (float64), *not* multiplied by scale (see contrastive.py).
 
-    ``dS = g_row * softmax_rows(S) (+ g_col * softmax_cols(S) on the first M columns)``; for fp16 /
-    bf16 inputs dS is rounded to the input dtype for the products, after scaling the incoming
-    gradients to a maximum of 1 so that it stays representable (as in the tiled kernels)."""
+    ``dS = g_row * softmax_rows(S) (+ g_col * softmax_cols(S) on the first M columns)``, plus
+    ``g_pos[i]`` at ``(i, targets[i])`` (the positives' gradient) when ``targets`` (N,) is given; for
+    fp16 / bf16 inputs dS is rounded to the input dtype for the products, after scaling the incoming
+    gradients to a maximum of 1 so that it stays representable (as in the tiled kernels). The positives
+    are added before that rounding: where the views agree their term nearly cancels the softmax's."""
+    if (targets is None) != (g_pos is None):
+        raise ValueError("targets and g_pos: give both or neither")
     n, m = q.shape[0], k.shape[0]
     keys = _keys(k, queue)
     keys_t = keys.T
@@ -161,12 +168,14 @@ def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self
     half = q.dtype in (torch.float16, torch.bfloat16)
     g_row = g_row.to(acc)
     g_col = g_col.to(acc) if symmetric else None
+    g_pos = g_pos.to(acc) if targets is not None else None
     gmax = None
     if half:
-        gmax = g_row.abs().amax() if not symmetric else torch.maximum(g_row.abs().amax(), g_col.abs().amax())
+        gmax = torch.stack([g.abs().amax() for g in (g_row, g_col, g_pos) if g is not None and g.numel()]).amax()
         gmax = torch.where(gmax > 0, gmax, torch.ones_like(gmax))
         g_row = g_row / gmax
         g_col = g_col / gmax if symmetric else None
+        g_pos = g_pos / gmax if targets is not None else None
     row_lse = row_lse.to(acc)
     col_lse = col_lse.to(acc) if symmetric else None
     kernels = _fused(q, fused)
@@ -174,15 +183,21 @@ def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self
         scale = scale.to(device=q.device, dtype=torch.float32)
         row_lse, g_row = row_lse.contiguous(), g_row.contiguous()
         col_lse, g_col = (col_lse.contiguous(), g_col.contiguous()) if symmetric else (None, None)
+        if targets is not None:
+            targets, g_pos = targets.contiguous(), g_pos.contiguous()
     gq = torch.empty(q.shape, device=q.device, dtype=acc)
     gk = torch.zeros(k.shape, device=q.device, dtype=acc)
     for r0 in range(0, n, rows):
         q_c = q[r0:r0 + rows]
         lse_c, g_c = row_lse[r0:r0 + rows], g_row[r0:r0 + rows]
+        t_c, gp_c = (targets[r0:r0 + rows], g_pos[r0:r0 + rows]) if targets is not None else (None, None)
         if kernels:  # the float32 scores live only inside this call
-            ds = _kernels.dscores(_mm(q_c, keys_t), scale, lse_c, g_c, col_lse, g_col, r0, m, self_offset, q.dtype)
+            ds = _kernels.dscores(_mm(q_c, keys_t), scale, lse_c, g_c, col_lse, g_col, r0, m, self_offset, q.dtype,
+                                  t_c, gp_c)
         else:
             ds = _dscores(q_c, keys_t, scale, lse_c, g_c, col_lse, g_col, r0, m, self_offset)
+            if t_c is not None:
+                ds.index_put_((torch.arange(ds.shape[0], device=ds.device), t_c), gp_c, accumulate=True)
             ds = ds.to(q.dtype) if half else ds
         gq[r0:r0 + rows] = _mm(ds, keys)
         gk += _mm(ds[:, :m].T, q_c)

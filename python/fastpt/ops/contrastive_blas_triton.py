@@ -99,9 +99,10 @@ if triton is not None:
         tl.store(COL_SUM + cols, sm, mask=c_ok)
 
     @triton.jit
-    def _dscores_kernel(S, stride, scale_ptr, ROW_LSE, G_ROW, COL_LSE, G_COL, DS, ds_stride,
+    def _dscores_kernel(S, stride, scale_ptr, ROW_LSE, G_ROW, COL_LSE, G_COL, TARGETS, G_POS, DS, ds_stride,
                         n_rows, n_cols, r0, m, self_offset,
-                        SYM: tl.constexpr, EXCL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                        SYM: tl.constexpr, EXCL: tl.constexpr, POS: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n_rows
@@ -118,6 +119,10 @@ if triton is not None:
             ds += tl.where(key[None, :], tl.exp(x - lse_c[None, :]) * g_c[None, :], 0.0)
         if EXCL:
             ds = tl.where(_excluded(rows, cols, r0, m, self_offset), 0.0, ds)
+        if POS:  # the positive's gradient, in float32 before the rounding (it nearly cancels the softmax's)
+            t = tl.load(TARGETS + rows, mask=r_ok, other=-1)
+            g_p = tl.load(G_POS + rows, mask=r_ok, other=0.0)
+            ds += tl.where(cols[None, :] == t[:, None], g_p[:, None], 0.0)
         tl.store(DS + r64 * ds_stride + cols[None, :], ds.to(DS.dtype.element_ty), mask=ok)
 
 
@@ -164,10 +169,11 @@ def merge_col_lse(s: torch.Tensor, scale: torch.Tensor, col_max: torch.Tensor, c
 
 def dscores(s: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor, g_row: torch.Tensor,
             col_lse: torch.Tensor | None, g_col: torch.Tensor | None, r0: int, m: int, self_offset: int,
-            dtype: torch.dtype) -> torch.Tensor:
+            dtype: torch.dtype, targets: torch.Tensor | None = None, g_pos: torch.Tensor | None = None) -> torch.Tensor:
     """dS of the chunk in ``dtype``: g_row * softmax_row (+ g_col * softmax_col on the first m columns),
-    self pairs 0. row_lse / g_row: this chunk's (C,) float32; col_lse / g_col: (m,) float32 or None
-    (not symmetric). A float32 dS overwrites s (each element is read before it is written, by the
+    self pairs 0, plus g_pos[i] at (i, targets[i]) when targets is given. row_lse / g_row / g_pos /
+    targets: this chunk's (C,) float32 (targets int64 column indices); col_lse / g_col: (m,) float32 or
+    None (not symmetric). A float32 dS overwrites s (each element is read before it is written, by the
     same program); a half one is a new (C, cols) tensor."""
     n_rows, n_cols = s.shape
     if dtype == torch.float32:
@@ -180,8 +186,9 @@ def dscores(s: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor, g_row: 
     with _on(s.device):
         _dscores_kernel[(triton.cdiv(n_rows, br), triton.cdiv(n_cols, bn))](
             s, s.stride(0), scale, row_lse, g_row, col_lse if symmetric else row_lse, g_col if symmetric else g_row,
+            targets if targets is not None else row_lse, g_pos if targets is not None else row_lse,
             buf, buf.stride(0), n_rows, n_cols, r0, m, max(self_offset, 0),
-            SYM=symmetric, EXCL=self_offset >= 0, BLOCK_R=br, BLOCK_N=bn, num_warps=warps,
+            SYM=symmetric, EXCL=self_offset >= 0, POS=targets is not None, BLOCK_R=br, BLOCK_N=bn, num_warps=warps,
         )
     if buf is not out:
         out.copy_(buf)
