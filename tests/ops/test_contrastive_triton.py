@@ -277,3 +277,24 @@ def test_fused_backward_holds_no_float32_copy_of_the_embeddings(dtype):
     _close("grad_q", gq, want[2], 2e-2)
     _close("grad_k", gk, want[3], 2e-2)
     _close("grad_scale", g_scale, want[4], 1e-4)
+
+
+def test_positives_keep_bf16_gradients_accurate_when_views_agree():
+    """As the blas backend's test: with the views agreeing (softmax of the positive ~ 0.9999) the positive's
+    gradient cancels the softmax's; the kernels add it to dS in float32 before the bf16 rounding, so the
+    bf16 gradients keep a few percent of relative accuracy (added after the products: above 100%)."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 96, 64
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    k = torch.nn.functional.normalize(q + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    q, k = q.bfloat16().double(), k.bfloat16().double()  # the inputs the kernel sees, exactly
+    g_row = torch.full((n,), 0.5 / n)
+    pos = ct.Positives(0, n, 0)
+    want = _expected(q, k, None, 20.0, True, -1, g_row, g_row, pos, -2 * g_row)
+    assert torch.exp(20.0 * (q * k).sum(1) - want[0]).mean() > 0.999
+    dev = dict(device=DEVICE)
+    gq, gk, _ = ct.backward(q.bfloat16().to(**dev), k.bfloat16().to(**dev), None, torch.tensor(20.0, **dev),
+                            want[0].float().to(**dev), want[1].float().to(**dev), g_row.to(**dev), g_row.to(**dev), True,
+                            -1, g_pos=-2 * g_row.to(**dev), pos=pos)
+    for got, ref in ((gq, want[2]), (gk, want[3])):
+        assert (got.double().cpu() - ref).abs().max() < 0.1 * ref.abs().max()
