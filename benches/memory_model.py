@@ -12,11 +12,14 @@ bf16 (N, D) tensor, with the largest tensors alive at that peak: it shows which 
 N x D or N x N, which is what the GPU bench's memory ratios at N = 16384 follow.
 
 ``--chunk`` sets ``contrastive.CHUNK_ELEMENTS`` (the row chunks of the torch-side O(N * D) work) so
-that a small N takes several chunks, as N = 16384 does with the default 2**20.
+that a small N takes several chunks, as N = 16384 does with the default 2**20. The ``blas`` backend
+(dispatched on CUDA only) is run here on CPU tensors with its fused Triton chunk kernels, its score
+chunks scaled with N: N / 16 rows, as its 64 MiB chunks are at N = 16384.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import traceback
@@ -28,6 +31,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
+
+
+MODE = None  # the LiveTensors mode of the running case
 
 
 class LiveTensors(TorchDispatchMode):
@@ -84,20 +90,40 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=16384, help="contrastive.CHUNK_ELEMENTS for the run")
     args = ap.parse_args()
-    from fastpt.ops import clip_loss, contrastive, info_nce
+    from fastpt.ops import clip_loss, contrastive, contrastive_blas, info_nce
 
     contrastive.CHUNK_ELEMENTS = args.chunk
     n, d = args.n, args.d
+    # blas on CPU tensors, as on CUDA: fused chunk kernels, chunks of N / 16 rows
+    contrastive.OP.backends["blas"] = dataclasses.replace(contrastive.OP.backends["blas"], available=lambda: None,
+                                                         supports=lambda **_: None)
+    contrastive_blas.CHUNK_BYTES = 4 * n * max(1, n // 16)
+    fused = contrastive_blas._fused
+    contrastive_blas._fused = lambda q, f: True if f is None else fused(q, f)
+    mm = contrastive_blas._mm
+
+    def cuda_like_mm(a, b):
+        """On CUDA a half product writes float32 directly (torch.mm out_dtype); the CPU upcasts both
+        operands first. Only the product is counted."""
+        from torch.utils._python_dispatch import _disable_current_modes
+        with _disable_current_modes():
+            out = mm(a, b)
+        if MODE is not None:
+            MODE._add(out)
+        return out
+    contrastive_blas._mm = cuda_like_mm
     t = 0.07
     cases = {
         "torch eager InfoNCE (cross_entropy(q @ k.T / t))": lambda q, k, s: F.cross_entropy(q @ k.T / t, torch.arange(n)),
         "fastpt info_nce, triton": lambda q, k, s: info_nce(q, k, temperature=t, backend="triton"),
         "fastpt info_nce, cpu (chunked torch epilogue)": lambda q, k, s: info_nce(q, k, temperature=t, backend="cpu"),
+        "fastpt info_nce, blas (chunks of N / 16 rows)": lambda q, k, s: info_nce(q, k, temperature=t, backend="blas"),
         "torch eager CLIP (normalize=False)": lambda q, k, s: (lambda lg: (F.cross_entropy(lg, torch.arange(n))
                                                                           + F.cross_entropy(lg.T, torch.arange(n))) / 2)(
             s.exp().clamp(max=100) * q @ k.T),
         "fastpt clip_loss normalize=False, triton": lambda q, k, s: clip_loss(q, k, s, normalize=False, backend="triton"),
         "fastpt clip_loss normalize=True, triton": lambda q, k, s: clip_loss(q, k, s, backend="triton"),
+        "fastpt clip_loss normalize=False, blas": lambda q, k, s: clip_loss(q, k, s, normalize=False, backend="blas"),
     }
     unit = n * d * 2
     print(f"N = {n}, D = {d}, bf16; unit = one bf16 (N, D) tensor = {unit / 2**20:.3f} MiB; "
@@ -108,8 +134,11 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         q, k = (F.normalize(torch.randn(n, d, generator=g), dim=1).bfloat16().requires_grad_() for _ in range(2))
         s = torch.tensor(math.log(1 / t), requires_grad=True)
+        global MODE
         with LiveTensors([q, k, s]) as mode:
+            MODE = mode
             fn(q, k, s).backward()
+        MODE = None
         top = ", ".join(f"{dt} {tuple(shape)}" for dt, shape, nb in mode.at_peak if nb >= unit // 8)
         print(f"| {name} | {mode.peak / 2**20:.2f} | {mode.peak / unit:.2f} | {top} |")
 

@@ -69,9 +69,10 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 GPU_MIN_ROWS = 512
 
 
-def chunk_rows(n: int, cols: int, chunk_bytes: int = CHUNK_BYTES, min_rows: int = 1) -> int:
-    """Rows per chunk: the largest multiple of 64 (or n) whose float32 scores fit chunk_bytes, and
-    at least ``min_rows`` (``GPU_MIN_ROWS`` for CUDA tensors)."""
+def chunk_rows(n: int, cols: int, chunk_bytes: int | None = None, min_rows: int = 1) -> int:
+    """Rows per chunk: the largest multiple of 64 (or n) whose float32 scores fit chunk_bytes (default
+    ``CHUNK_BYTES``, read at the call), and at least ``min_rows`` (``GPU_MIN_ROWS`` for CUDA tensors)."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     rows = max(1, chunk_bytes // (4 * max(cols, 1)), min_rows)
     if rows >= n:
         return n
@@ -111,7 +112,7 @@ def _fused(q: torch.Tensor, fused: bool | None) -> bool:
     return fused
 
 
-def forward(q, k, queue, scale, symmetric, self_offset, *, chunk_bytes: int = CHUNK_BYTES,
+def forward(q, k, queue, scale, symmetric, self_offset, *, chunk_bytes: int | None = None,
             fused: bool | None = None):
     """(row_lse (N,), col_lse (M,) or empty) in float32 (float64 for float64 inputs)."""
     n, m = q.shape[0], k.shape[0]
@@ -150,7 +151,7 @@ def _dscores(q_c, keys_t, scale, row_lse, g_row, col_lse, g_col, r0, m, self_off
 
 
 def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset, *,
-             chunk_bytes: int = CHUNK_BYTES, fused: bool | None = None, targets=None, g_pos=None):
+             chunk_bytes: int | None = None, fused: bool | None = None, targets=None, g_pos=None):
     """(G_q (N, D), G_k (M, D)) in float32 (float64), *not* multiplied by scale (see contrastive.py).
 
     ``dS = g_row * softmax_rows(S) (+ g_col * softmax_cols(S) on the first M columns)``, plus
