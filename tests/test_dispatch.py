@@ -107,3 +107,21 @@ def test_availability_traces_under_torch_compile():
         warnings.filterwarnings("error", message=".*lru_cache.*")
         got = torch.compile(every_available, backend="eager", fullgraph=True)(torch.zeros(()))
     assert got.item() == expected.item()
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_addmm_f32_accumulates_half_products_in_float32_or_declines(device):
+    """CUDA: out += a @ b summed by the GEMM in float32 (the half product is never rounded); elsewhere
+    (and for float32 operands) it declines and leaves out untouched, so the caller adds the product."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(37, 29, generator=g), torch.randn(29, 45, generator=g)
+    out = torch.randn(37, 45, generator=g).to(device)
+    before = out.clone()
+    ah, bh = a.to(device, torch.bfloat16), b.t().contiguous().to(device, torch.bfloat16).t()  # a transposed view
+    done = _dispatch.addmm_f32_(out, ah, bh)
+    if device == "cuda" and not done:
+        pytest.skip(f"torch {torch.__version__}: out_dtype addmm missing or failed its check (callers add the product)")
+    assert done == (device == "cuda")
+    want = before + ah.double() @ bh.double() if done else before
+    torch.testing.assert_close(out.double(), want.double(), rtol=1e-5, atol=1e-5)
+    assert not _dispatch.addmm_f32_(out, a.to(device), b.to(device))  # float32 operands: not this path

@@ -102,6 +102,45 @@ def sm_count(device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+_ADDMM_F32: dict = {}  # CUDA device index -> whether torch's out_dtype addmm accumulates in place correctly
+
+
+def _addmm_f32_works(device) -> bool:
+    """Try ``torch.addmm(c, a, b, out_dtype=float32, out=c)`` once per device on a small bf16 product
+    (one synchronisation): torch 2.8 and 2.9 had it but mishandled ``out`` (pytorch#154086, fixed by
+    #167931). Not tried, and not used, while a CUDA graph is being captured before the first try."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ADDMM_F32:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            a, b = (torch.randn(s, device=device, generator=g).to(torch.bfloat16) for s in ((64, 32), (48, 32)))
+            c = torch.randn(64, 48, device=device, generator=g)
+            want = c + a.float() @ b.float().t()
+            torch.addmm(c, a, b.t(), out_dtype=torch.float32, out=c)
+            _ADDMM_F32[index] = bool(torch.allclose(c, want, rtol=1e-4, atol=1e-4))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_F32[index] = False
+    return _ADDMM_F32[index]
+
+
+def addmm_f32_(out, a, b) -> bool:
+    """``out += a @ b`` for fp16 / bf16 ``a``, ``b`` and a float32 ``out``, summed by one cuBLAS GEMM
+    into ``out`` (beta = 1): no half-precision product to round, allocate and add in a second pass.
+    Returns False, doing nothing, where that is not available (not CUDA, other dtypes, a torch whose
+    out_dtype addmm is missing or fails its one-time check); the caller then adds the product itself."""
+    import torch
+
+    if not (out.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype
+            and out.dtype == torch.float32 and _addmm_f32_works(out.device)):
+        return False
+    torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    return True
+
+
 def native_cpu_unavailable() -> str | None:
     return _native.cpu_unavailable()
 

@@ -201,7 +201,8 @@ def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self
                 ds.index_put_((torch.arange(ds.shape[0], device=ds.device), t_c), gp_c, accumulate=True)
             ds = ds.to(q.dtype) if half else ds
         gq[r0:r0 + rows] = _mm(ds, keys)
-        gk += _mm(ds[:, :m].T, q_c)
+        if not _dispatch.addmm_f32_(gk, ds[:, :m].T, q_c):  # CUDA half: summed by the GEMM itself
+            gk += _mm(ds[:, :m].T, q_c)
     if gmax is not None:
         gq.mul_(gmax)
         gk.mul_(gmax)

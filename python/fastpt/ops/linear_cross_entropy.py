@@ -22,7 +22,9 @@ formed ahead of time; that case recomputes the logits chunk by chunk in backward
 
 Numerics (both fused backends): the GEMMs run in the input dtype with fp32 accumulation (BLAS /
 cuBLAS), softmax, loss and log-sum-exp in fp32 (fp64 for fp64 inputs), and ``grad_weight`` is
-summed over chunks in fp32 before the final cast. The logits of half inputs are rounded to the
+summed over chunks in fp32 before the final cast: on CUDA each half-precision chunk GEMM adds into
+the fp32 buffer itself (``torch.addmm(..., out_dtype=float32, out=buffer)``, where torch has it),
+elsewhere each chunk's product is rounded to the input dtype and then added. The logits of half inputs are rounded to the
 input dtype once, exactly as in ``F.linear`` + ``F.cross_entropy`` run in that dtype.
 
 Backends: ``triton`` (CUDA; CPU under TRITON_INTERPRET=1) runs the per-chunk softmax / loss /
@@ -506,8 +508,11 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
                 elif not low:
                     _zt_h(kind, z, hc, out=gw, add=True)
                 else:  # half inputs over several chunks: the chunk products are summed in fp32
-                    gw_part = _zt_h(kind, z, hc, out=gw_part)
-                    gw = gw_part.float() if gw is None else gw.add_(gw_part)
+                    if gw is None and kind != "cpu":
+                        gw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
+                    if gw is None or not _dispatch.addmm_f32_(gw, z.t(), hc):  # CUDA: summed by the GEMM
+                        gw_part = _zt_h(kind, z, hc, out=gw_part)
+                        gw = gw_part.float() if gw is None else gw.add_(gw_part)
             if need_b and kind != "cpu":  # the CPU step summed its gradient's columns into gb
                 gb.add_(z.sum(0, dtype=acc))
         del z, hc, out  # before the next chunk's GEMM allocates: one (C, V) buffer alive, not two
