@@ -118,6 +118,8 @@ def main() -> None:
         "fastpt info_nce, triton": lambda q, k, s: info_nce(q, k, temperature=t, backend="triton"),
         "fastpt info_nce, cpu (chunked torch epilogue)": lambda q, k, s: info_nce(q, k, temperature=t, backend="cpu"),
         "fastpt info_nce, blas (chunks of N / 16 rows)": lambda q, k, s: info_nce(q, k, temperature=t, backend="blas"),
+        "fastpt info_nce with labels (SupCon, 16 classes), triton": lambda q, k, s: info_nce(
+            q, k, temperature=t, labels=torch.arange(n) % 16, backend="triton"),
         "torch eager CLIP (normalize=False)": lambda q, k, s: (lambda lg: (F.cross_entropy(lg, torch.arange(n))
                                                                           + F.cross_entropy(lg.T, torch.arange(n))) / 2)(
             s.exp().clamp(max=100) * q @ k.T),

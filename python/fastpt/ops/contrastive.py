@@ -694,20 +694,64 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return _Normalize.apply(x)
 
 
-def _class_mean_logit(anchors, anchor_cls, cands, cand_cls, n_cls, scale, acc):
-    """s * anchor_i . mean of the candidates of its class (the SupCon positive term), (rows,).
+def _class_sums(x, cls, n_cls, acc, weight=None):
+    """(n_cls, D) sums of x's rows (times ``weight`` (rows,) when given) by class, in ``acc``, row chunk
+    by row chunk. Bit-reproducible on both devices: on CUDA ``index_add`` adds with float atomics, so
+    the sums go through ``index_put(accumulate=True)`` (it sorts the indices and adds in order); on the
+    CPU, where that one is the parallel one, through ``index_add``."""
+    out = torch.zeros(n_cls, x.shape[1], dtype=acc, device=x.device)
+    for rows in _row_chunks(x):
+        xs = x[rows].to(acc) if weight is None else x[rows].to(acc) * weight[rows, None]
+        if x.is_cuda:
+            out.index_put_((cls[rows],), xs, accumulate=True)
+        else:
+            out.index_add_(0, cls[rows], xs)
+    return out
 
-    Bit-reproducible forward and backward on both devices: on CUDA ``index_add`` and
-    ``index_select``'s backward add with float atomics, so the class sums go through
-    ``index_put(accumulate=True)`` and advanced indexing (both sort the indices and add in order);
-    on the CPU, where those two are the parallel ones, through ``index_add`` / ``index_select``."""
-    zeros = torch.zeros(n_cls, cands.shape[1], dtype=acc, device=cands.device)
-    if cands.device.type == "cuda":
-        per_anchor = zeros.index_put((cand_cls,), cands.to(acc), accumulate=True)[anchor_cls]
-    else:
-        per_anchor = zeros.index_add(0, cand_cls, cands.to(acc)).index_select(0, anchor_cls)
-    count = torch.bincount(cand_cls, minlength=n_cls).to(acc)
-    return scale * (anchors.to(acc) * per_anchor).sum(1) / count[anchor_cls]
+
+class _ClassMeanLogit(torch.autograd.Function):
+    """s * anchor_i . (mean of the candidates of anchor i's class): the SupCon positive term, (rows,).
+
+    Autograd keeps the inputs, the (classes, D) class means and the (rows,) dot products; the (rows, D)
+    float32 work runs in row chunks (no float32 copy of the embeddings is held). Not twice
+    differentiable (neither is the contrastive op)."""
+
+    @staticmethod
+    def forward(ctx, anchors, anchor_cls, cands, cand_cls, n_cls, scale):
+        acc = scale.dtype
+        count = torch.bincount(cand_cls, minlength=n_cls).to(acc).clamp_min_(1)  # 0: a class no anchor uses
+        mean = _class_sums(cands, cand_cls, n_cls, acc).div_(count[:, None])
+        dots = torch.empty(anchors.shape[0], dtype=acc, device=anchors.device)
+        for rows in _row_chunks(anchors):
+            dots[rows] = (anchors[rows].to(acc) * mean[anchor_cls[rows]]).sum(1)
+        ctx.save_for_backward(anchors, anchor_cls, cands, cand_cls, scale, mean, count, dots)
+        ctx.n_cls = n_cls
+        return scale * dots
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        anchors, anchor_cls, cands, cand_cls, scale, mean, count, dots = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gs = g.to(mean.dtype) * scale  # d loss / d dots
+        g_anchors = g_cands = g_scale = None
+        if need[0]:
+            g_anchors = torch.empty_like(anchors)
+            for rows in _row_chunks(anchors):
+                g_anchors[rows] = (gs[rows, None] * mean[anchor_cls[rows]]).to(anchors.dtype)
+        if need[2]:  # candidate j gets the sum over its class's anchors of gs_i * anchor_i, / count
+            per_class = _class_sums(anchors, anchor_cls, ctx.n_cls, mean.dtype, gs).div_(count[:, None])
+            g_cands = torch.empty_like(cands)
+            for rows in _row_chunks(cands):
+                g_cands[rows] = per_class[cand_cls[rows]].to(cands.dtype)
+        if need[5]:
+            g_scale = (g.to(mean.dtype) * dots).sum().to(scale.dtype)
+        return g_anchors, None, g_cands, None, None, g_scale
+
+
+def _class_mean_logit(anchors, anchor_cls, cands, cand_cls, n_cls, scale, acc):
+    """s * anchor_i . mean of the candidates of its class (the SupCon positive term), (rows,)."""
+    return _ClassMeanLogit.apply(anchors, anchor_cls, cands, cand_cls, n_cls, scale.to(acc))
 
 
 def _loss(q, k, queue, scale, labels, *, symmetric, normalize, gather, group, backend):
