@@ -12,6 +12,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def grad_unit(*grads: torch.Tensor | None) -> torch.Tensor:
+    """The largest |g| over the given gradients (Nones and empty ones skipped), 1 where that is 0: the
+    contrastive backwards divide their incoming gradients by it so that dS stays representable when
+    rounded to fp16, and multiply it back at the end. A 0-dim device tensor: no host sync."""
+    maxima = [g.abs().amax() for g in grads if g is not None and g.numel()]
+    gmax = torch.stack(maxima).amax() if maxima else torch.ones(())
+    return torch.where(gmax > 0, gmax, torch.ones_like(gmax))
+
+
 def index_tensor(name: str, t, *, ndim_min: int = 1) -> torch.Tensor:
     """An int32/int64 tensor with at least ``ndim_min`` dims."""
     if not isinstance(t, torch.Tensor):

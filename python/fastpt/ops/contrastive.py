@@ -377,8 +377,7 @@ def _cuda_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric
     if q.dtype != torch.float32:
         # fp16 / bf16 round dS to the input dtype for the tensor-core product: scale the incoming
         # gradients to a maximum of 1 so that dS = g * softmax stays representable (as for Triton).
-        gmax = g_row.abs().amax() if not symmetric else torch.maximum(g_row.abs().amax(), g_col.abs().amax())
-        gmax = torch.where(gmax > 0, gmax, torch.ones_like(gmax))
+        gmax = _validate.grad_unit(g_row, g_col)
         g_row = g_row / gmax
         g_col = g_col / gmax if symmetric else None
     g_row, row_lse = g_row.contiguous(), row_lse.to(**f32).contiguous()

@@ -46,7 +46,7 @@ import torch
 
 from .. import _dispatch
 from . import contrastive_blas_triton as _kernels
-from ._validate import acc_dtype
+from ._validate import acc_dtype, grad_unit
 
 CHUNK_BYTES = 64 * 2**20  # one chunk's float32 scores (see the module docstring for the backward)
 
@@ -172,8 +172,7 @@ def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self
     g_pos = g_pos.to(acc) if targets is not None else None
     gmax = None
     if half:
-        gmax = torch.stack([g.abs().amax() for g in (g_row, g_col, g_pos) if g is not None and g.numel()]).amax()
-        gmax = torch.where(gmax > 0, gmax, torch.ones_like(gmax))
+        gmax = grad_unit(g_row, g_col, g_pos)
         g_row = g_row / gmax
         g_col = g_col / gmax if symmetric else None
         g_pos = g_pos / gmax if targets is not None else None

@@ -46,6 +46,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _dispatch
+from ._validate import grad_unit
 
 try:  # Triton is optional: a GPU backend, or the CPU interpreter in tests.
     import triton
@@ -598,9 +599,7 @@ def backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self
         raise ValueError(f"pos: expected shift >= 0, N + shift <= 2 * wrap and base + wrap <= M, got {pos} "
                          f"with N={q.shape[0]}, M={k.shape[0]}")
     # Incoming gradients scaled to max |g| = 1 so that dS stays representable in fp16.
-    grads = [g_row] + ([g_col] if symmetric else []) + ([g_pos] if pos is not None else [])
-    gmax = torch.stack([g.abs().max() for g in grads if g.numel()] or [torch.ones((), device=q.device)]).max()
-    gmax = torch.where(gmax > 0, gmax, torch.ones_like(gmax))
+    gmax = grad_unit(g_row, g_col if symmetric else None, g_pos).to(q.device)
     g_row = (g_row / gmax).contiguous()
     g_col = (g_col / gmax).contiguous() if symmetric else g_row
     g_pos = (g_pos / gmax).contiguous() if pos is not None else g_row

@@ -508,7 +508,7 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
                 elif not low:
                     _zt_h(kind, z, hc, out=gw, add=True)
                 else:  # half inputs over several chunks: the chunk products are summed in fp32
-                    if gw is None and kind != "cpu":
+                    if gw is None and hidden.is_cuda:  # where addmm_f32_ can sum into it
                         gw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
                     if gw is None or not _dispatch.addmm_f32_(gw, z.t(), hc):  # CUDA: summed by the GEMM
                         gw_part = _zt_h(kind, z, hc, out=gw_part)
