@@ -37,6 +37,10 @@ struct ContrastiveParams {
   uintptr_t grad_col = 0;  // (m,) dLoss / d col_lse, when symmetric
   uintptr_t grad_q = 0;    // (n, d) float32 out
   uintptr_t grad_k = 0;    // (m, d) float32 out
+  // CUDA only, optional: the positives' gradient added to dS in float32, before dS is rounded for
+  // the tensor cores: dS[i, (i + pos_shift) % pos_wrap + pos_base] += grad_pos[i] (pos_wrap > 0).
+  uintptr_t grad_pos = 0;  // (n,) float32
+  int64_t pos_shift = 0, pos_wrap = 0, pos_base = 0;
   // CUDA only. The scale is read on the device from a float32 scalar, so that a
   // learnable temperature / logit_scale costs no host synchronisation per call.
   uintptr_t scale_ptr = 0;

@@ -424,6 +424,8 @@ static void contrastive_forward_cpu(const ContrastiveParams& p, int num_threads)
 static void contrastive_backward_cpu(const ContrastiveParams& p, int num_threads) {
   check(p);
   require(p.grad_row && (!p.symmetric || p.grad_col) && p.grad_q && p.grad_k, "contrastive: null gradient pointer");
+  require(!p.grad_pos && p.pos_wrap == 0,
+          "contrastive: grad_pos is for the CUDA kernels (the CPU ones leave the positives to the caller)");
   const Kernels kern = kernels_for(p.isa);
   const int threads = std::max(1, num_threads);
   Ctx c(p);
@@ -495,6 +497,10 @@ void bind_contrastive(py::module_& m) {
       .def_readwrite("grad_col", &ContrastiveParams::grad_col)
       .def_readwrite("grad_q", &ContrastiveParams::grad_q)
       .def_readwrite("grad_k", &ContrastiveParams::grad_k)
+      .def_readwrite("grad_pos", &ContrastiveParams::grad_pos)
+      .def_readwrite("pos_shift", &ContrastiveParams::pos_shift)
+      .def_readwrite("pos_wrap", &ContrastiveParams::pos_wrap)
+      .def_readwrite("pos_base", &ContrastiveParams::pos_base)
       .def_readwrite("scale_ptr", &ContrastiveParams::scale_ptr)
       .def_readwrite("workspace", &ContrastiveParams::workspace)
       .def_readwrite("workspace_bytes", &ContrastiveParams::workspace_bytes);

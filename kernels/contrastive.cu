@@ -87,6 +87,8 @@ struct Problem {
   int64_t n, m, kq, d;     // queries, keys, queue rows, features
   int64_t n_rb, n_kb, n_b; // row blocks, key blocks, key + queue blocks
   int64_t self_offset;
+  const float* g_pos;  // (n,) positives' gradient, or null: dS[i, (i + pos_shift) % pos_wrap + pos_base] += g_pos[i]
+  int64_t pos_shift, pos_wrap, pos_base;
   bool sym, excl;
   bool vec;  // every operand 16-byte aligned and d a multiple of one 16-byte vector
 };
@@ -153,6 +155,8 @@ struct BwdSmem {
   alignas(32) float s[kBN][kLdS];  // S, then dS (fp32)
   std::conditional_t<std::is_same<T, float>::value, NoExtra, HalfBwdExtra<T>> x;
   float lse_r[kBN], g_r[kBN];  // this tile's row statistics and incoming gradients
+  float g_p[kBN];              // its rows' positives' gradients (0 without positives)
+  int64_t t_p[kBN];            // and the key column of each row's positive (-1 without)
   float lse_c[kBM], g_c[kBM];  // its key columns' (zero weight off the keys)
 };
 
@@ -392,8 +396,10 @@ __global__ void merge_lse_kernel(const float* __restrict__ m, const float* __res
 // --------------------------------------------------------------------------- backward
 
 // S tile -> dS = g_row exp(S - row_lse) (+ g_col exp(S - col_lse) on key columns),
-// 0 outside the matrix and on excluded entries; fp32 in place, and rounded to T
-// for the tensor-core products.
+// 0 outside the matrix and on excluded entries, plus g_pos at each row's positive
+// (added in fp32: where the views agree it nearly cancels the softmax term, and
+// rounding first would lose the difference); fp32 in place, and rounded to T for
+// the tensor-core products.
 template <typename T>
 __device__ __forceinline__ void ds_tile(const Problem& P, BwdSmem<T>& sm, const ColBlock& cb, int64_t r0, int nrow,
                                         float scale) {
@@ -406,12 +412,25 @@ __device__ __forceinline__ void ds_tile(const Problem& P, BwdSmem<T>& sm, const 
       ds = expf(x - sm.lse_r[i]) * sm.g_r[i];
       if (col_term) ds += expf(x - sm.lse_c[j]) * sm.g_c[j];
     }
+    if (cb.key && i < nrow && j < cb.ncol && cb.c0 + j == sm.t_p[i]) ds += sm.g_p[i];
     if constexpr (std::is_same<T, float>::value) {
       sm.s[i][j] = ds;
     } else {
       sm.x.dh[i][j] = from_float<T>(ds);
     }
   }
+}
+
+// Row t of the tile starting at r0: its statistics, incoming gradient and positive.
+template <typename T>
+__device__ __forceinline__ void load_rows(const Problem& P, BwdSmem<T>& sm, const float* __restrict__ row_lse,
+                                          const float* __restrict__ g_row, int64_t r0, int nrow, int t) {
+  const bool on = t < nrow;
+  sm.lse_r[t] = on ? row_lse[r0 + t] : 0.f;
+  sm.g_r[t] = on ? g_row[r0 + t] : 0.f;
+  const bool pos = on && P.g_pos != nullptr;
+  sm.g_p[t] = pos ? P.g_pos[r0 + t] : 0.f;
+  sm.t_p[t] = pos ? (r0 + t + P.pos_shift) % P.pos_wrap + P.pos_base : -1;
 }
 
 // out[(o0 + o) * d + f] += sum_p dS'[o][p] * src[p0 + p][f] over the 64 p of the
@@ -512,10 +531,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int nrow = static_cast<int>(imin(kBN, P.n - r0));
   float* out = dq + split * P.n * P.d;  // this split's partial (the output itself when P_c = 1)
   const float scale = *P.scale;
-  if (t < kBN) {
-    sm.lse_r[t] = t < nrow ? row_lse[r0 + t] : 0.f;
-    sm.g_r[t] = t < nrow ? g_row[r0 + t] : 0.f;
-  }
+  if (t < kBN) load_rows(P, sm, row_lse, g_row, r0, nrow, t);
   for (int64_t b = b0; b < b1; ++b) {
     const ColBlock cb = col_block(P, b);
     // Read by ds_tile after score_tile's barriers; the previous tile's readers
@@ -556,10 +572,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int64_t rb = rb0; rb < rb1; ++rb) {
     const int64_t r0 = rb * kBN;
     const int nrow = static_cast<int>(imin(kBN, P.n - r0));
-    if (t < kBN) {
-      sm.lse_r[t] = t < nrow ? row_lse[r0 + t] : 0.f;
-      sm.g_r[t] = t < nrow ? g_row[r0 + t] : 0.f;
-    }
+    if (t < kBN) load_rows(P, sm, row_lse, g_row, r0, nrow, t);
     score_tile<T>(P, sm.ops, sm.s, P.q, P.n, r0, cb.src, cb.rows, cb.c0);
     __syncthreads();
     ds_tile<T>(P, sm, cb, r0, nrow, scale);
@@ -623,6 +636,9 @@ const char* fill_target(K kernel, int smem, int64_t* target) {
 const char* make_plan(const ContrastiveParams& p, bool backward, Plan* plan) {
   if (p.n < 1 || p.m < 1 || p.d < 1 || p.n_queue < 0 || p.n > INT32_MAX || p.m + p.n_queue > INT32_MAX)
     return "contrastive: need 1 <= n, m and d, 0 <= n_queue, and n, m + n_queue < 2^31";
+  if (backward && p.grad_pos &&
+      (p.pos_wrap < 1 || p.pos_shift < 0 || p.pos_base < 0 || p.pos_base + p.pos_wrap > p.m))
+    return "contrastive: positives need pos_wrap >= 1, pos_shift >= 0 and keys [pos_base, pos_base + pos_wrap) within m";
   Problem& P = plan->P;
   P.q = p.q, P.k = p.k, P.queue = p.queue;
   P.scale = reinterpret_cast<const float*>(p.scale_ptr);
@@ -630,6 +646,8 @@ const char* make_plan(const ContrastiveParams& p, bool backward, Plan* plan) {
   P.n_rb = ceil_div(p.n, kBN), P.n_kb = ceil_div(p.m, kBM), P.n_b = P.n_kb + ceil_div(p.n_queue, kBM);
   P.self_offset = p.exclude_self ? p.self_offset : 0;
   P.sym = p.symmetric, P.excl = p.exclude_self;
+  P.g_pos = backward && p.grad_pos ? reinterpret_cast<const float*>(p.grad_pos) : nullptr;
+  P.pos_shift = p.pos_shift, P.pos_wrap = p.pos_wrap, P.pos_base = p.pos_base;
   const int64_t vec_elems = p.dtype == kFloat32 ? 4 : 8;
   P.vec = p.d % vec_elems == 0 && aligned16(p.q) && aligned16(p.k) && (p.n_queue == 0 || aligned16(p.queue));
   int64_t target = 1;

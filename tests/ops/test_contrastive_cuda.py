@@ -205,3 +205,33 @@ def test_default_backend_on_cuda_prefers_blas():
     """Dispatch order (see contrastive.OP, measured on an H200): chunked cuBLAS products first."""
     probe = contrastive.OP.probe("cuda")
     assert contrastive.OP.select(None, **probe).name == "blas"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [256, 333])
+def test_positives_keep_half_gradients_accurate_when_views_agree(dtype, n):
+    """Once the two views agree (softmax of the positive ~ 0.9999) the positive's gradient cancels the
+    softmax's to ~1e-4 of either: the kernels add it to dS in float32, before dS is rounded for the
+    tensor cores. Added after the products (as before), blas measured a relative error above 1 here
+    (test_contrastive_blas's twin); 333 rows wrap the positives across tiles (shift 77)."""
+    g = torch.Generator().manual_seed(0)
+    d = 64
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    k = torch.nn.functional.normalize(q + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    shift = 0 if n == 256 else 77
+    k = torch.roll(k, shift, 0)  # query i's positive is key (i + shift) % n
+    q, k = q.to(dtype).double(), k.to(dtype).double()  # the inputs the kernel sees, exactly
+    scale = torch.tensor(1 / 0.05, dtype=torch.float64)
+    row, col = contrastive._ref_forward(q, k, None, scale, True, -1)
+    g_row = torch.full((n,), 0.5 / n, dtype=torch.float64)
+    targets = (torch.arange(n) + shift) % n
+    gq64, gk64 = contrastive._ref_backward(q, k, None, scale, row, col, g_row, g_row, True, -1)
+    gq64 = gq64 - 2 * g_row[:, None] * k[targets]
+    gk64 = gk64.index_add(0, targets, -2 * g_row[:, None] * q)
+    assert torch.exp(scale * (q * k[targets]).sum(1) - row).mean() > 0.999
+    qc, kc = q.to("cuda", dtype), k.to("cuda", dtype)
+    gq, gk = contrastive._cuda_backward(qc, kc, None, scale.float().cuda(), row.float().cuda(), col.float().cuda(),
+                                        g_row.float().cuda(), g_row.float().cuda(), True, -1,
+                                        pos=contrastive._positives(shift, n, 0), g_pos=-2 * g_row.float().cuda())
+    for got, want in ((gq, gq64), (gk, gk64)):
+        assert (got.cpu().double() - want).abs().max() < 0.1 * want.abs().max()

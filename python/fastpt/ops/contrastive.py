@@ -369,17 +369,20 @@ def _cuda_forward(q, k, queue, scale, symmetric, self_offset):
     return row, col
 
 
-def _cuda_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset):
+def _cuda_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset, pos=None,
+                   g_pos=None):
     f32 = dict(device=q.device, dtype=torch.float32)
     g_row = g_row.to(**f32)
     g_col = g_col.to(**f32) if symmetric else None
+    g_pos = g_pos.to(**f32) if pos is not None else None
     gmax = None
     if q.dtype != torch.float32:
         # fp16 / bf16 round dS to the input dtype for the tensor-core product: scale the incoming
         # gradients to a maximum of 1 so that dS = g * softmax stays representable (as for Triton).
-        gmax = _validate.grad_unit(g_row, g_col)
+        gmax = _validate.grad_unit(g_row, g_col, g_pos)
         g_row = g_row / gmax
         g_col = g_col / gmax if symmetric else None
+        g_pos = g_pos / gmax if pos is not None else None
     g_row, row_lse = g_row.contiguous(), row_lse.to(**f32).contiguous()
     gq, gk = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32)
     p = _params(q, k, queue, symmetric, self_offset)
@@ -387,6 +390,9 @@ def _cuda_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric
     if symmetric:
         g_col, col_lse = g_col.contiguous(), col_lse.to(**f32).contiguous()
         p.col_lse, p.grad_col = col_lse.data_ptr(), g_col.data_ptr()
+    if pos is not None:  # added to dS in the kernels, before its rounding
+        g_pos = g_pos.contiguous()
+        p.grad_pos, p.pos_shift, p.pos_wrap, p.pos_base = g_pos.data_ptr(), pos.shift, pos.wrap, pos.base
     _cuda_run(_native._C.contrastive_backward_cuda, q, p, scale, True)
     return (gq, gk) if gmax is None else (gq * gmax, gk * gmax)
 
@@ -406,8 +412,9 @@ def _blas_forward(q, k, queue, scale, symmetric, self_offset):
     return _blas.forward(q, k, queue, scale.to(device=q.device, dtype=torch.float32), symmetric, self_offset)
 
 
-def _blas_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset, targets=None,
+def _blas_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric, self_offset, pos=None,
                    g_pos=None):
+    targets = pos.targets(q.shape[0], q.device) if pos is not None else None
     return _blas.backward(q, k, queue, scale.to(device=q.device, dtype=torch.float32), row_lse, col_lse, g_row,
                           g_col, symmetric, self_offset, targets=targets, g_pos=g_pos)
 
@@ -432,9 +439,10 @@ OP = _dispatch.Op("contrastive", [
 # (in _FUSED_BACKWARD) the finished gradients.
 _BACKWARD = {"cpu": _cpu_backward, "blas": _blas_backward, "cuda": _cuda_backward, "reference": _ref_backward}
 _FUSED_BACKWARD = {"triton": _triton_backward}
-# Backends that add the positives' gradient to dS themselves (before rounding it for the products);
-# ``_finish`` adds them for the others, in float32 after their float32 (or float64) products.
-_POSITIVES_IN_DS = {"blas"}
+# Backends that add the positives' gradient to dS themselves (given ``pos`` and ``g_pos``), before
+# rounding it for fp16 / bf16 products; ``_finish`` adds them for the others (the CPU kernel and the
+# reference, whose products are float32 / float64), in float32 after their products.
+_POSITIVES_IN_DS = {"blas", "cuda"}
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
@@ -515,13 +523,13 @@ def _lse_backward_op(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Ten
                                                    g_col if symmetric else None, g_pos, symmetric, self_offset, pos,
                                                    need_scale)
         return gq, gk, (g_scale if need_scale else torch.zeros((), device=q.device)).to(scale.dtype)
-    targets = pos.targets(q.shape[0], q.device) if pos is not None else None
     args = (q, k, queue, scale, row_lse, col_lse, g_row, g_col if symmetric else None, symmetric, self_offset)
-    if backend in _POSITIVES_IN_DS and targets is not None:
-        gq, gk = _BACKWARD[backend](*args, targets=targets, g_pos=g_pos)
-        targets = None
+    if backend in _POSITIVES_IN_DS and pos is not None:
+        gq, gk = _BACKWARD[backend](*args, pos=pos, g_pos=g_pos)
+        pos = None
     else:
         gq, gk = _BACKWARD[backend](*args)
+    targets = pos.targets(q.shape[0], q.device) if pos is not None else None
     return _finish(q, k, scale, gq, gk, g_pos, targets, need_scale)
 
 
