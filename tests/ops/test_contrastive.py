@@ -243,6 +243,12 @@ def test_cpu_kernels_write_every_output():
                                                    self_offset)
         torch.testing.assert_close(gq, ref_gq, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(gk, ref_gk, rtol=1e-4, atol=1e-5)
+    # The positives' gradient in dS is the CUDA kernels' (their products round dS to fp16 / bf16); the CPU
+    # kernel refuses it rather than ignore it.
+    g_pos = torch.randn(101)
+    p.grad_pos, p.pos_wrap = g_pos.data_ptr(), 77
+    with pytest.raises(ValueError, match="grad_pos is for the CUDA kernels"):
+        C.contrastive_backward_cpu(p, 2)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="fastpt._C not built")
