@@ -64,6 +64,8 @@ def test_overrides_merge_nested_dicts():
 def test_errors_name_the_key_and_list_the_choices(tmp_path):
     with pytest.raises(ValueError, match="'bert-bas' is neither a zoo name .*bert-base.*vit-mae-tiny"):
         asm.load_config("bert-bas")
+    with pytest.raises(FileNotFoundError, match="nope.yaml' is neither a zoo name"):  # meant as a path
+        asm.load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(ValueError, match=r"backbone\.hidden_sise: unknown argument of builder 'text_encoder'; "
                                          r"valid keys: vocab_size, hidden_size"):
         asm.load_config("bert-base", backbone={"hidden_sise": 3})

@@ -137,7 +137,10 @@ def _read(config) -> dict:
         if path.is_dir() and (path / CONFIG_FILE).is_file():
             return read_checkpoint_config(path)["model"]
         if not path.is_file():
-            raise ValueError(f"config: {str(config)!r} is neither a zoo name ({', '.join(names)}) nor a file")
+            msg = f"config: {str(config)!r} is neither a zoo name ({', '.join(names)}) nor a file"
+            if path.suffix in (".yaml", ".yml", ".json") or len(path.parts) > 1:  # meant as a path
+                raise FileNotFoundError(msg)
+            raise ValueError(msg)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

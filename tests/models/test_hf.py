@@ -107,6 +107,30 @@ def test_gpt2_untied_head_round_trip(tmp_path):
     _round_trip(model, backbone, heads, config, tmp_path / "back")
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_untied_mlm_head_uses_the_decoder_bias(arch, tmp_path):
+    """tie_word_embeddings=False: transformers 5 unties decoder.bias from the head's ``bias`` too, and
+    the forward adds decoder.bias. It is read (not the unused ``bias``) and written back under both names."""
+    torch.manual_seed(0)
+    cls, config_cls = ((transformers.RobertaForMaskedLM, transformers.RobertaConfig) if arch == "roberta"
+                       else (transformers.BertForMaskedLM, transformers.BertConfig))
+    model = _eager(cls(config_cls(**TEXT, tie_word_embeddings=False)))
+    head = model.lm_head if arch == "roberta" else model.cls.predictions
+    with torch.no_grad():
+        head.decoder.bias.normal_()  # as after training: no longer the (unused) head.bias
+    backbone, heads, config = from_hf(_save(model, tmp_path / "hf"))
+    backbone.eval()
+    assert heads["mlm"].weight is not backbone.embeddings.word_embeddings.weight
+    ids, mask = _batch(model.config.pad_token_id)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask)
+        _assert_close(heads["mlm"](backbone(ids, mask).last_hidden_state), ref.logits, mask.bool())
+    to_hf(backbone, heads, tmp_path / "back", hf_config=config["hf_config"])
+    back = _eager(cls.from_pretrained(tmp_path / "back"))
+    with torch.no_grad():
+        _assert_close(back(input_ids=ids, attention_mask=mask).logits, ref.logits, mask.bool())
+
+
 @pytest.mark.parametrize("qkv_bias", [True, False])
 def test_vit_parity_and_round_trip(qkv_bias, tmp_path):
     torch.manual_seed(0)
@@ -198,6 +222,9 @@ def test_errors_name_the_problem(tmp_path):
     swiglu = text_encoder(vocab_size=50, hidden_size=24, num_layers=1, num_heads=3, activation="swiglu")
     with pytest.raises(ValueError, match="activation='swiglu'"):
         to_hf(swiglu, {}, tmp_path / "out")
+    bert = text_encoder(vocab_size=50, hidden_size=24, num_layers=1, num_heads=3, norm_eps=1e-5)
+    with pytest.raises(ValueError, match="MLM head LayerNorm eps 1e-12 other than the backbone's norm_eps 1e-05"):
+        to_hf(bert, {"mlm": MLMHead(24, 50, layer_norm_eps=1e-12)}, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- the real checkpoint

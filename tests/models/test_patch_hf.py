@@ -233,6 +233,29 @@ def test_patch_twice_unpatch_and_options():
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_patched_model_pickles(arch, tmp_path):
+    """pickle / torch.save of a whole patched model load back patched (the patched forward pickles as
+    the model and the forward's name; a bound method pickled as getattr(model, its name) and failed to
+    load), with the forward's own signature for inspect (Trainer reads it)."""
+    import inspect
+    import pickle
+
+    ref, ours = _pair(arch)
+    inputs, labels, _ = _batch(arch)
+    for back in (pickle.loads(pickle.dumps(ours)), _torch_save_load(ours, tmp_path / "m.pt")):
+        assert "forward" in back.__dict__ and back.forward.__self__ is back
+        assert "labels" in inspect.signature(back.forward).parameters
+        loss = back.train()(**inputs, labels=labels).loss
+        torch.testing.assert_close(loss, ref.train()(**inputs, labels=labels).loss, rtol=1e-5, atol=1e-6)
+        assert back.train()(**inputs, labels=labels).logits is None  # the fused loss forward
+
+
+def _torch_save_load(model, path):
+    torch.save(model, path)
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_fused_loss_forward_passes_backbone_arguments_through(arch):
     """The fused-loss forwards name only input_ids, labels and the loss options: any other keyword
     (the cache's name changed within transformers 5) reaches the backbone, and the output carries

@@ -114,7 +114,30 @@ def test_bad_inputs_name_the_argument():
         obj.prepare(text_batch(), seed=-1)
     with pytest.raises(KeyError, match="input_ids"):
         obj.prepare({"attention_mask": torch.ones(2, 3)}, seed=0)
-    with pytest.raises(KeyError, match="labels"):
-        obj(backbone, text_batch())
+    with pytest.raises(KeyError, match="input_ids"):
+        obj(backbone, {"attention_mask": torch.ones(2, 3)})
     with pytest.raises(ValueError, match="labels"):
         obj(backbone, {**text_batch(), "labels": torch.zeros(3, 5, dtype=torch.long)})
+
+
+def test_without_labels_gives_every_positions_logits():
+    """As BertForMaskedLM without labels: no loss, the head's logits at every position (inference)."""
+    backbone, obj = make()
+    batch = text_batch()
+    out = obj(backbone, batch)
+    h = backbone(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+    logits = F.linear(obj.head.layer_norm(F.gelu(obj.head.dense(h))), backbone.embeddings.word_embeddings.weight,
+                      obj.head.bias)
+    assert out.loss is None and out.metrics == {}
+    torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.last_hidden_state, h)
+
+
+def test_head_layer_norm_eps_follows_the_backbone():
+    """The head's LayerNorm eps defaults to the backbone's norm_eps (RoBERTa: 1e-5 in both, one
+    layer_norm_eps in its config); an explicit one is kept."""
+    backbone = text_encoder(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                            max_positions=64, norm_eps=1e-5)
+    for tie in (True, False):
+        assert MLM.from_backbone(backbone, mask_token_id=3, tie_word_embeddings=tie).head.layer_norm.eps == 1e-5
+    assert MLM.from_backbone(backbone, mask_token_id=3, layer_norm_eps=1e-7).head.layer_norm.eps == 1e-7

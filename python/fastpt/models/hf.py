@@ -154,6 +154,9 @@ def _hf_config(arch: str, kw: dict, heads: dict, backbone: nn.Module) -> dict:
     if mlm is not None:
         want = kw.get("activation", "gelu") if arch == "bert" else "gelu"
         _need(arch, mlm.activation == want, f"an MLM head activation {mlm.activation!r} (its MLM head uses {want!r})")
+        eps = kw.get("norm_eps", 1e-12)
+        _need(arch, mlm.layer_norm.eps == eps, f"an MLM head LayerNorm eps {mlm.layer_norm.eps!r} other than the "
+                                               f"backbone's norm_eps {eps!r} (its config has one layer_norm_eps)")
     name = {"bert": "Bert", "roberta": "Roberta"}[arch]
     if mlm is not None and "nsp" in heads and arch == "bert":
         architecture = "BertForPreTraining"
@@ -218,7 +221,9 @@ def _rules(arch: str, num_layers: int) -> list[tuple[tuple[str, ...], str, str]]
         head = "cls.predictions" if arch == "bert" else "lm_head"
         add(f"{head}.transform.dense" if arch == "bert" else f"{head}.dense", "heads.mlm.dense")
         add(f"{head}.transform.LayerNorm" if arch == "bert" else f"{head}.layer_norm", "heads.mlm.layer_norm")
-        r.append(((f"{head}.bias",), "heads.mlm.bias", "copy"))
+        # The output bias: transformers < 5 ties decoder.bias to bias in code; 5.x ties them with the embedding
+        # (tie_word_embeddings) and otherwise uses decoder.bias alone. Read decoder.bias when present, write both.
+        r.append(((f"{head}.decoder.bias", f"{head}.bias"), "heads.mlm.bias", "any"))
         r.append(((f"{head}.decoder.weight",), "heads.mlm.weight", "copy"))  # untied heads only
         add("cls.seq_relationship", "heads.nsp")
     elif arch == "gpt2":
@@ -421,7 +426,7 @@ def _hf_heads(arch: str, cfg: dict, sd: dict, backbone: nn.Module) -> dict:
     specs = {}
     if arch in ("bert", "roberta"):
         mlm = "cls.predictions.bias" if arch == "bert" else "lm_head.bias"
-        if mlm in sd:
+        if mlm in sd or f"{mlm[:-4]}decoder.bias" in sd:
             act = backbone.config["activation"] if arch == "bert" else "gelu"  # RobertaLMHead: always gelu
             specs["mlm"] = dict(type="mlm", activation=act, layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
                                 tied=tied or f"{mlm[:-4]}decoder.weight" not in sd)
@@ -482,11 +487,12 @@ def from_hf(path, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict[
     for hf_keys, ours, op in _rules(arch, kwargs["num_layers"]):
         if ours not in named or _tied_head_weight(ours, heads, backbone):
             continue
-        if not all(k in sd for k in hf_keys):
+        present = [k for k in hf_keys if k in sd]
+        if not present or (op != "any" and len(present) < len(hf_keys)):
             continue  # reported below as the model tensor nobody filled
-        ts = [sd[k] for k in hf_keys]
+        ts = [sd[k] for k in present]  # "any": the first name the checkpoint holds (to_hf writes them all)
         values[ours] = torch.cat(ts, 0) if op == "cat" else ts[0].t() if op == "T" else ts[0]
-        used.update(hf_keys)
+        used.update(present)
     _load_into(named, values, f"from_hf({path})")
     unused = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
     if unused:
@@ -541,7 +547,7 @@ def to_hf(backbone: nn.Module, heads: dict | None, path, *, arch: str | None = N
         if ours not in named or _tied_head_weight(ours, heads, backbone):
             continue
         t = named[ours].detach()
-        parts = t.chunk(3, 0) if op == "cat" else [t.t() if op == "T" else t]
+        parts = t.chunk(3, 0) if op == "cat" else [t] * len(hf_keys) if op == "any" else [t.t() if op == "T" else t]
         for k, part in zip(hf_keys, parts):
             if wrapped and not k.startswith(_TOP_LEVEL):
                 k = _BASE_PREFIX[arch] + k

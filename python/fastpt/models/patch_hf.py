@@ -231,6 +231,26 @@ def _causal_lm_forward(self, input_ids=None, *args, labels=None, logits_to_keep=
 
 _LOSS_FORWARDS = {"BertForMaskedLM": _masked_lm_forward, "RobertaForMaskedLM": _masked_lm_forward,
                   "GPT2LMHeadModel": _causal_lm_forward}
+_FORWARDS_BY_NAME = {f.__name__: f for f in _LOSS_FORWARDS.values()}
+
+
+class _PatchedForward:
+    """A patched model's ``forward``: one of the forwards above behind transformers' ``can_return_tuple``,
+    bound to the model. An object rather than a ``types.MethodType`` so that the model pickles (a bound
+    method pickles as ``getattr(model, its name)``, which no model has): it pickles as the model and the
+    forward's name. ``__wrapped__`` (the bound method) gives ``inspect.signature`` the forward's own."""
+
+    def __init__(self, model, name: str):
+        from transformers.utils.generic import can_return_tuple
+        self._name = name
+        self.__wrapped__ = types.MethodType(can_return_tuple(_FORWARDS_BY_NAME[name]), model)
+        self.__self__, self.__func__ = model, self.__wrapped__.__func__
+
+    def __call__(self, *args, **kwargs):
+        return self.__wrapped__(*args, **kwargs)
+
+    def __reduce__(self):
+        return _PatchedForward, (self.__self__, self._name)
 
 
 def _loss_forward(model):
@@ -290,8 +310,7 @@ def patch_hf(model, *, attention: bool = True, loss: bool = True):
             m._fastpt_attn = (fallback, fusable)
     forward = _loss_forward(model) if loss else None
     if forward is not None:
-        from transformers.utils.generic import can_return_tuple
-        model.forward = types.MethodType(can_return_tuple(forward), model)
+        model.forward = _PatchedForward(model, forward.__name__)
     model._fastpt_patch = {"attn_implementation": original, "attention": attention, "loss": forward is not None}
     return model
 

@@ -30,7 +30,8 @@ class MLM(Objective):
         whole_word_masking: select whole words (the batch must carry ``word_ids``).
         tie_word_embeddings: the head's output matrix is the backbone's word embedding (set by ``attach``;
             with ALBERT's factorised ``(V, E)`` embedding the head's transform maps D -> E).
-        activation, layer_norm_eps: the head's transform (dense + activation + LayerNorm).
+        activation, layer_norm_eps: the head's transform (dense + activation + LayerNorm); layer_norm_eps
+            None: the backbone's ``norm_eps`` (as BERT's and RoBERTa's heads), 1e-12 without one.
         return_logits: also return the full ``(B, S, V)`` logits (a batch's ``return_logits`` overrides).
         log_accuracy: report the masked-token accuracy (one extra no-grad pass over the masked rows).
 
@@ -47,7 +48,7 @@ class MLM(Objective):
     def __init__(self, *, hidden_size: int, vocab_size: int, mask_token_id: int, mask_prob: float = 0.15,
                  replace_prob: float = 0.8, random_prob: float = 0.1, special_token_ids: tuple[int, ...] = (),
                  whole_word_masking: bool = False, tie_word_embeddings: bool = True, activation: str = "gelu",
-                 layer_norm_eps: float = 1e-12, return_logits: bool = False, log_accuracy: bool = False):
+                 layer_norm_eps: float | None = None, return_logits: bool = False, log_accuracy: bool = False):
         super().__init__()
         self.hidden_size = positive("hidden_size", hidden_size, integer=True)
         self.vocab_size = positive("vocab_size", vocab_size, integer=True)
@@ -63,12 +64,17 @@ class MLM(Objective):
         self.whole_word_masking = bool(whole_word_masking)
         self.tie_word_embeddings = bool(tie_word_embeddings)
         self.return_logits, self.log_accuracy = bool(return_logits), bool(log_accuracy)
-        self._head_args = dict(activation=activation, layer_norm_eps=layer_norm_eps)
+        self._eps_from_backbone = layer_norm_eps is None
+        self._head_args = dict(activation=activation, layer_norm_eps=1e-12 if layer_norm_eps is None else layer_norm_eps)
         self.head = MLMHead(hidden_size, vocab_size, **self._head_args)
 
     def attach(self, backbone: nn.Module) -> None:
         """Tie the head's output matrix to ``backbone.embeddings.word_embeddings`` (when asked). A
         factorised ``(V, E)`` table (ALBERT) gets ALBERT's head: the transform maps D -> E."""
+        if self._eps_from_backbone and not self._attached:
+            eps = (getattr(backbone, "config", None) or {}).get("norm_eps")
+            if eps is not None:
+                self._head_args["layer_norm_eps"] = self.head.layer_norm.eps = float(eps)
         if self.tie_word_embeddings and not self._attached:
             # A fresh head around the shared matrix (attach runs once, right after construction).
             weight = backbone.embeddings.word_embeddings.weight
@@ -101,10 +107,13 @@ class MLM(Objective):
         return self.mask_prob
 
     def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
-        """Encode the masked ids and score the masked rows (run ``prepare`` first, or pass ``labels``)."""
-        require(batch, ("input_ids", "labels"), "MLM.forward (run prepare first, or pass labels)")
+        """Encode the masked ids and score the masked rows (run ``prepare`` first, or pass ``labels``).
+        Without ``labels``: no loss, the logits of every position (the head on all rows)."""
+        require(batch, ("input_ids",), "MLM.forward")
         self._ensure_attached(backbone)
         h = encode_text(backbone, batch).last_hidden_state
+        if batch.get("labels") is None:  # inference, as BertForMaskedLM without labels: every position's logits
+            return ObjectiveOutput(None, {}, self.head(h), h)
         loss, metrics = self.loss_from_hidden(h, batch["labels"])
         logits = self.head(h) if want_logits(batch, self.return_logits) else None
         return ObjectiveOutput(loss, metrics, logits, h)
