@@ -65,6 +65,25 @@ def test_encoder_layer_trains_and_rejects_what_it_cannot_do():
         layer(x, src_key_padding_mask=left)
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32], ids=str)
+def test_encoder_layer_per_head_src_mask(dtype):
+    """torch's 3-D src_mask (B * nhead, S, S): one mask per row and head, as torch's layer takes it;
+    a wrong leading size names src_mask."""
+    ref, ours = _pair(False)
+    b, s, h = 2, 13, 4
+    x = _x(b, s, 64)
+    mask = _x(b * h, s, s, seed=2) > 0.4  # torch bool masks: True = not allowed
+    mask[:, torch.arange(s), torch.arange(s)] = False
+    if dtype != torch.bool:
+        mask = torch.zeros(mask.shape).masked_fill(mask, float("-inf"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, src_mask=mask), ref(x, src_mask=mask), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"src_mask: a 3-D mask is \(batch \* nhead, S, S\) = \(8, S, S\)"):
+        ours(x, src_mask=mask[:3])
+    with pytest.raises(ValueError, match="attn_mask: expected a shape broadcastable to"):
+        ours.self_attn(x, attn_mask=torch.ones(3, 1, s, s, dtype=torch.bool))
+
+
 def test_self_attention_equals_torch_multihead_attention():
     torch.manual_seed(0)
     ref = torch.nn.MultiheadAttention(48, 6, batch_first=True).eval()

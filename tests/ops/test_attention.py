@@ -371,6 +371,36 @@ def test_dropout_dense_and_grouped_paths_match_the_reference(mask, dtype):
         assert torch.equal(attention(q4[0], k4[0], v4[0], **{**kw, "backend": "cpu"}), got[picked][0][0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_dropout_output_is_contiguous_and_attached(dtype):
+    """Both CPU dropout paths return the contiguous (B, S, H, D) every backend returns (the dense one
+    came back strided for float32 / bfloat16: Tensor.to(same dtype, memory_format=...) is a no-op), and
+    a batch with no token in any document stays in the graph with zero gradients (as the reference)."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(4, 64, 4, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    for seqlens in (torch.tensor([64, 3, 0, 50]), torch.tensor([0, 0, 0, 0])):
+        out = attention(q, k, v, seqlens=seqlens, dropout_p=0.1, seed=3, backend="cpu")
+        assert out.is_contiguous() and out.view(4, 64, 64) is not None
+        assert out.requires_grad
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+        if not seqlens.any():
+            assert not out.any() and all(not x.any() for x in grads)
+
+
+def test_cpu_dropout_with_an_int_seed_compiles_as_one_graph():
+    """An int seed under torch.compile(fullgraph=True): the cpu backend traces the dense reference
+    instead of reading the documents on the host (a data-dependent guard that failed the compile)."""
+    (q, k, v), kw = _case("packed-prefix", (29, 16, 4, 2), seed=5)
+    q, k, v = (x.float() for x in (q, k, v))
+
+    def step(q, k, v):
+        return attention(q, k, v, dropout_p=0.3, seed=77, backend="cpu", **kw)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(compiled, step(q, k, v), rtol=1e-5, atol=1e-6)
+
+
 def test_dropout_dense_path_without_native(monkeypatch):
     """Without fastpt._C the dense path's dropout is the torch formula: the same bits."""
     inputs, _ = _paths_case("rows-prefix", torch.float32)

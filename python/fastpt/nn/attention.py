@@ -172,6 +172,12 @@ class MultiheadSelfAttention(nn.Module):
             mask = attn_mask.to(q.dtype)
         else:
             raise TypeError(f"attn_mask: expected a bool or float tensor, got dtype {attn_mask.dtype}")
+        b, h = q.shape[0], q.shape[2]
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (b, h, s, s))
+        except RuntimeError:
+            raise ValueError(f"attn_mask: expected a shape broadcastable to (B, H, S, S) = {(b, h, s, s)}, got "
+                             f"{tuple(attn_mask.shape)}") from None
         valid = None
         if seqlens is not None:
             valid = torch.arange(s, device=q.device)[None, :] < seqlens.to(q.device)[:, None]  # (B, S)
@@ -233,7 +239,8 @@ class TransformerEncoderLayer(nn.Module):
                 prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
         """``src`` ``(B, S, E)`` (or packed ``(T, E)`` with ``cu_seqlens``) -> the same shape.
 
-        src_mask: torch semantics, ``(S, S)`` bool (True = not allowed) or additive float; with
+        src_mask: torch semantics, ``(S, S)`` or ``(B * nhead, S, S)``, bool (True = not allowed) or
+            additive float; with
             ``is_causal=True`` it is taken to be the causal mask (as torch's hint says) and the
             kernels' causal mask is used instead of it.
         src_key_padding_mask: ``(B, S)`` bool (True = padding) or additive float (-inf = padding),
@@ -246,6 +253,14 @@ class TransformerEncoderLayer(nn.Module):
             valid = ~pad if pad.dtype == torch.bool else pad == 0
             attn["seqlens"] = padding_to_seqlens(valid, "src_key_padding_mask", none_if_full=True)
         if src_mask is not None and not is_causal:
+            if src_mask.dim() == 3 and src.dim() == 3:  # torch's per-head form (B * nhead, S, S)
+                b, h = src.shape[0], self.self_attn.num_heads
+                if src_mask.shape[0] != b * h:
+                    raise ValueError(f"src_mask: a 3-D mask is (batch * nhead, S, S) = ({b * h}, S, S), got "
+                                     f"{tuple(src_mask.shape)}")
+                src_mask = src_mask.unflatten(0, (b, h))
+            elif src_mask.dim() != 2:
+                raise ValueError(f"src_mask: expected (S, S) or (batch * nhead, S, S), got {tuple(src_mask.shape)}")
             attn["attn_mask"] = ~src_mask if src_mask.dtype == torch.bool else src_mask
         x = src
         if self.norm_first:

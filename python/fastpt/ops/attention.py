@@ -525,9 +525,10 @@ def _cpu_supports(q4, dropout_p, **_):
 
 def _cpu_run(q4, k4, v4, docs, scale, dropout_p, dropout_key, **kw):
     if dropout_p > 0:  # torch's CPU kernel has no counter-based dropout: plain autograd on torch ops
-        if isinstance(dropout_key, torch.Tensor):
-            # A key computed in a torch.compile graph: the grouped path reads the documents on the
-            # host (a graph break per layer); the dense reference traces whole and Inductor fuses it.
+        if isinstance(dropout_key, torch.Tensor) or torch.compiler.is_compiling():
+            # Under torch.compile (a key computed in the graph, or an int): the grouped path reads the
+            # documents on the host (a graph break per layer); the dense reference traces whole and
+            # Inductor fuses it.
             return _run_reference(q4, k4, v4, docs, scale, dropout_p, dropout_key)
         return _cpu.dropout_attention(q4, k4, v4, docs, scale, dropout_p, dropout_key), None
     return _run_cpu_kernel(q4, k4, v4, docs, scale, dropout_p, dropout_key, **kw)

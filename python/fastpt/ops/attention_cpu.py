@@ -289,7 +289,7 @@ def _dense_dropout_attention(q4, k4, v4, docs, scale, p, key, width):
     cd, md = _acc_dtype(q4.dtype), _product_dtype(q4.dtype)
     doc, local, reach = (x.reshape(rows, width) for x in _row_layout(docs, b_count, s))
 
-    def heads_first(x):  # (B, S, Hx, D) -> contiguous (rows, Hx, W, D): batched matmuls without copies
+    def heads_first(x):  # (B, S, Hx, D) -> (rows, Hx, W, D): a contiguous copy in another dtype, else a view
         return x.reshape(rows, width, -1, d).transpose(1, 2).to(md, memory_format=torch.contiguous_format)
 
     q, k, v = heads_first(q4) * scale, heads_first(k4), heads_first(v4)
@@ -302,7 +302,13 @@ def _dense_dropout_attention(q4, k4, v4, docs, scale, p, key, width):
     # in place: the product's backward does not read its output, and adding a constant needs none
     probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).add_(bias), dim=-1, dtype=cd)
     out = torch.matmul(attention_dropout_rows(probs, doc, local, key, p).to(md), v)  # (rows, H, W, D)
-    return out.transpose(1, 2).to(q4.dtype, memory_format=torch.contiguous_format).reshape(q4.shape)
+    return _contiguous_as(out.transpose(1, 2), q4.dtype).reshape(q4.shape)
+
+
+def _contiguous_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, contiguous, in one copy at most (``Tensor.to(dtype, memory_format=...)`` returns
+    ``x`` itself, strides and all, when the dtype already matches)."""
+    return x.contiguous() if x.dtype == dtype else x.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _grouped_dropout_attention(q4, k4, v4, docs, scale, p, key):
@@ -319,6 +325,8 @@ def _grouped_dropout_attention(q4, k4, v4, docs, scale, p, key):
         if length > 0:
             members.setdefault((length, _mask_kind(length, pre)), []).append(i)
     out = q4.new_zeros(q4.shape, dtype=md)  # padding outside every document stays 0
+    if not members:  # no token in any document: zeros that still reach q, k, v (zero gradients, as the reference)
+        out = out + sum(torch.where(torch.zeros((), dtype=torch.bool, device=x.device), x, 0).sum() for x in (q4, k4, v4))
     for (length, pre), idx in members.items():
         g = _Group(length, pre, [(rows[i][0], rows[i][1]) for i in idx], q4.device)
         q, k, v = (g.take(x).to(md) for x in (q4, k4, v4))  # (n, L, H(k), D)
