@@ -147,3 +147,25 @@ def test_cli_fashion_mnist(tmp_path, capsys):
     ds = open_image_dataset(tmp_path / "fm")
     x, y = load_fashion_mnist("test")
     assert np.array_equal(ds.images, x) and np.array_equal(ds.labels, y)
+
+
+def test_folder_classes_need_images_and_loose_images_beside_them_are_an_error(tmp_path):
+    """A subfolder without images is no class (5 loose images and an empty folder: an unlabelled set);
+    images directly in the root beside class folders would be neither labelled nor a set of their own:
+    an error naming them, not a silent drop."""
+    grey = np.arange(30, dtype=np.uint8).reshape(5, 6)
+    for i in range(5):
+        _write_pnm(tmp_path / f"{i}.pgm", grey)
+    (tmp_path / "empty").mkdir()
+    files, labels, classes = list_image_folder(tmp_path)
+    assert len(files) == 5 and labels == [-1] * 5 and classes == []
+    (tmp_path / "extra").mkdir()
+    _write_pnm(tmp_path / "extra" / "x.pgm", grey)
+    with pytest.raises(ValueError, match=r"5 images directly in it \(e.g. 0.pgm\) beside the class folders \['extra'\]"):
+        list_image_folder(tmp_path)
+
+
+def test_fashion_mnist_refuses_resizing_options(tmp_path):
+    """image_size / channels apply to image folders: fashion-mnist would have ignored them silently."""
+    with pytest.raises(ValueError, match="image_size: applies to image folders"):
+        preprocess_images("fashion-mnist", tmp_path / "fm", image_size=32, progress=False, log=None)

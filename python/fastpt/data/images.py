@@ -92,9 +92,10 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
 def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
     """Image files under ``root`` (sorted), their labels and the class names.
 
-    With class subfolders (``root/<class>/...``, recursive) labels index the sorted class
-    names; images directly in ``root`` with no subfolders get label -1 (unlabelled).
-    Raises FileNotFoundError when there is no image.
+    With class subfolders (``root/<class>/...``, recursive; folders holding no image are not classes)
+    labels index the sorted class names; images directly in ``root`` with no class folder get label -1
+    (unlabelled). Raises FileNotFoundError when there is no image, ValueError for images directly in
+    ``root`` beside class folders (neither labelled nor a set of their own).
     """
     root = Path(root)
     if not root.is_dir():
@@ -106,14 +107,19 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], l
                        and not any(p.startswith(".") for p in f.relative_to(root).parts)),
                       key=lambda f: f.relative_to(root).as_posix())
 
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = {d.name: images(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    classes = sorted(name for name, fs in found.items() if fs)  # folders without images are no class
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = images(root / name)
-        files += found
-        labels += [label] * len(found)
+        files += found[name]
+        labels += [label] * len(found[name])
+    loose = [f for f in images(root) if f.parent == root]
+    if classes and loose:
+        raise ValueError(f"image folder {root}: {len(loose)} images directly in it (e.g. {loose[0].name}) beside "
+                         f"the class folders {classes[:5]}{' ...' if len(classes) > 5 else ''}: move them into a "
+                         f"class folder, or the class folders out for one unlabelled set")
     if not classes:
-        files = images(root)
+        files = loose
         labels = [-1] * len(files)
     if not files:
         raise FileNotFoundError(f"image folder {root}: no images ({', '.join(suffixes)})")
@@ -238,6 +244,9 @@ def preprocess_images(source: str | os.PathLike, out_dir: str | os.PathLike, *, 
         raise ValueError(f"output {out} already holds a dataset; pass --overwrite to replace it")
     bad = {"unreadable": 0, "size_mismatch": 0}
     if str(source) == "fashion-mnist":
+        if image_size is not None or channels is not None:
+            raise ValueError(f"{'image_size' if image_size is not None else 'channels'}: applies to image folders; "
+                             f"fashion-mnist is stored as it comes (1 x 28 x 28)")
         images, labels = load_fashion_mnist(split)
         classes, desc = FASHION_MNIST_CLASSES, f"fashion-mnist:{split}"
         _save_npy(out / "images.npy", images)
