@@ -663,6 +663,85 @@ def test_preprocess_cli_bad_argument_values(tmp_path, corpus):
     _assert_clean_error(r.returncode, r.stderr, "min")
 
 
+def test_preprocess_cli_options_that_would_be_ignored_or_crash(tmp_path, corpus, tok_file, capsys):
+    """Training options without --train-tokenizer were ignored; --workers 0 accepted; a huge
+    --max-chars (to turn splitting off) raised MemoryError / OverflowError from the reader."""
+    out = str(tmp_path / "out")
+    for extra, name in ((["--vocab-size", "500"], "--vocab-size: only with --train-tokenizer"),
+                        (["--cased"], "--cased: only with --train-tokenizer"),
+                        (["--workers", "0"], "workers"),
+                        (["--max-chars", "100000000000"], "max_chars: expected an integer in [1,"),
+                        (["--max-chars", "99999999999999999999"], "max_chars")):
+        rc, err = _cli(preprocess_main, [str(corpus), out, "--tokenizer", str(tok_file), "--no-progress", *extra],
+                       capsys)
+        _assert_clean_error(rc, err, name)
+
+
+def test_lone_surrogates_in_jsonl_are_invalid_utf8(tmp_path, tok_file):
+    """A JSON escape of half a UTF-16 pair ("\\ud83d") decodes to a lone surrogate, which no tokenizer
+    can encode: the run died on that record, resume after resume. It is invalid UTF-8: replaced (U+FFFD)
+    or skipped with --bad-utf8 skip, and counted."""
+    path = tmp_path / "sur.jsonl"
+    path.write_text('{"text": "river stone"}\n{"text": "broken \\ud83d cloud"}\n{"text": "forest"}\n')
+    for bad, docs in (("replace", 3), ("skip", 2)):
+        m = preprocess_text([path], tmp_path / bad, tokenizer=tok_file, bad_utf8=bad, workers=1, **NOLOG)
+        assert m["num_docs"] == docs and m["stats"]["bad"]["invalid_utf8"] == 1
+    m = preprocess_text([path], tmp_path / "trained", train_tokenizer="bpe", vocab_size=300, workers=1, **NOLOG)
+    assert m["num_docs"] == 3
+
+
+def test_vocabulary_with_gaps_sizes_the_dtype_by_its_largest_id(tmp_path):
+    """A vocabulary of 101 entries whose largest id is 70000 needs uint32: counted by entries it was
+    stored as uint16 and 70000 wrapped to 4464, silently."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(100)} | {"far": 70000}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tok.json"))
+    (tmp_path / "in.txt").write_text("w5 far w6\n")
+    m = preprocess_text([tmp_path / "in.txt"], tmp_path / "out", tokenizer=tmp_path / "tok.json", workers=1, **NOLOG)
+    assert m["dtype"] == "uint32" and m["vocab_size"] == 70001
+    ds = ShardDataset(tmp_path / "out", 8, mode="doc", shuffle=False, add_special="none")
+    assert ds.document(0)["input_ids"][:3].tolist() == [5, 70000, 6]
+    from fastpt.data.shards import ShardWriter
+
+    with pytest.raises(ValueError, match="token id 70000 does not fit the shards' uint16"):
+        ShardWriter(tmp_path / "w", np.dtype("<u2"), 100).add(np.array([1, 70000], dtype=np.uint32))
+
+
+def test_output_directory_files_the_run_did_not_write_are_kept(tmp_path, corpus, tok_file):
+    """Only the run's own files (shard-N.bin/.idx, manifest.json, tokenizer.json and their .tmp) count as
+    leftovers: a directory holding the user's notes.tmp was emptied, and a --tokenizer inside the output
+    directory was deleted before it was read."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.tmp").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        preprocess_text([corpus], out, tokenizer=tok_file, **NOLOG)
+    assert (out / "notes.tmp").read_text() == "mine"
+    inside = tmp_path / "out2"
+    inside.mkdir()
+    (inside / "tokenizer.json").write_bytes(tok_file.read_bytes())
+    with pytest.raises(ValueError, match="tokenizer: .* is inside the output directory"):
+        preprocess_text([corpus], inside, tokenizer=inside / "tokenizer.json", **NOLOG)
+    assert (inside / "tokenizer.json").read_bytes() == tok_file.read_bytes()
+
+
+def test_output_directory_inside_an_input_folder_is_not_read(tmp_path, tok_file):
+    """``fastpt preprocess corpus corpus/out``: the run's own manifest and tokenizer were read back as
+    corpus text on a rerun (and the rerun of a finished run found different inputs)."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.TXT").write_text("\n".join(_docs(50)) + "\n")
+    (tmp_path / "corpus" / "b.JSONL").write_text('{"text": "river stone"}\n')  # any letter case is JSONL
+    out = tmp_path / "corpus" / "out"
+    first = preprocess_text([tmp_path / "corpus"], out, tokenizer=tok_file, **NOLOG)
+    assert first["num_docs"] == 51
+    again = preprocess_text([tmp_path / "corpus"], out, tokenizer=tok_file, **NOLOG)  # already complete
+    assert again["fingerprint"] == first["fingerprint"]
+    assert preprocess_text([tmp_path / "corpus"], out, tokenizer=tok_file, overwrite=True, **NOLOG)["num_docs"] == 51
+
+
 # ============================================================================ eval text
 
 

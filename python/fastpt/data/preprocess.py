@@ -38,6 +38,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -55,6 +56,10 @@ from .shards import FORMAT, MANIFEST, TOKENIZER_FILE, VERSION, CorruptShardError
 
 BAD_KINDS = ("invalid_utf8", "empty", "giant", "oversize", "invalid_json", "missing_text", "no_tokens")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+MAX_CHARS_LIMIT = 1 << 30  # --max-chars: the reader holds up to 4 bytes per character of one record
+# The files a run writes in its output directory (and their .tmp forms): all it ever deletes there.
+_OURS = re.compile(r"(shard-\d+\.(bin|idx)|manifest\.json|tokenizer\.json)(\.tmp)?")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 CHUNK_BYTES, CHUNK_RECORDS = 1 << 20, 2048
 LOCK_FILE = ".fastpt-preprocess.lock"  # in the output directory while a run writes there
 
@@ -80,17 +85,25 @@ class Source:
     mtime_ns: int = 0
 
 
-def find_inputs(paths: Sequence[str | os.PathLike], fmt: str = "auto") -> list[Source]:
-    """Files named by ``paths``, folders expanded recursively in sorted order (dot-files skipped).
+def _is_gz(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(".gz")
 
-    ``fmt`` "auto" reads ``.jsonl/.json/.ndjson`` (optionally ``.gz``) as JSONL, the rest as text.
-    Raises FileNotFoundError for a missing path or when no file is found.
+
+def find_inputs(paths: Sequence[str | os.PathLike], fmt: str = "auto",
+                exclude: str | os.PathLike | None = None) -> list[Source]:
+    """Files named by ``paths``, folders expanded recursively in sorted order (dot-files and the
+    folder ``exclude``, the run's output directory, skipped).
+
+    ``fmt`` "auto" reads ``.jsonl/.json/.ndjson`` (optionally ``.gz``; any letter case) as JSONL, the
+    rest as text. Raises FileNotFoundError for a missing path or when no file is found.
     """
+    skip = Path(exclude).resolve() if exclude is not None else None
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             files.extend(sorted((f for f in p.rglob("*") if f.is_file() and
-                                 not any(part.startswith(".") for part in f.relative_to(p).parts)),
+                                 not any(part.startswith(".") for part in f.relative_to(p).parts) and
+                                 (skip is None or not f.resolve().is_relative_to(skip))),
                                 key=lambda f: f.relative_to(p).as_posix()))
         elif p.is_file():
             files.append(p)
@@ -100,7 +113,7 @@ def find_inputs(paths: Sequence[str | os.PathLike], fmt: str = "auto") -> list[S
         raise FileNotFoundError(f"no input files in {', '.join(map(str, paths))}")
     out = []
     for f in files:
-        name = f.name[:-3] if f.name.endswith(".gz") else f.name
+        name = f.name.lower().removesuffix(".gz")
         kind = fmt if fmt != "auto" else "jsonl" if name.endswith(JSONL_SUFFIXES) else "text"
         st = f.stat()
         out.append(Source(str(f.resolve()), kind, st.st_size, st.st_mtime_ns))
@@ -109,7 +122,7 @@ def find_inputs(paths: Sequence[str | os.PathLike], fmt: str = "auto") -> list[S
 
 # -- reading: records with resume positions -------------------------------------------------
 def _open(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return gzip.open(path, "rb") if _is_gz(path) else open(path, "rb")
 
 
 def _disk_pos(f, off: int) -> int:
@@ -127,6 +140,16 @@ def _lines(f, off: int, cap: int) -> Iterator[tuple[bytes | None, int]]:
             yield None, off
         else:
             yield line.rstrip(b"\r\n"), off
+
+
+def _read_capped(f, cap: int, block: int = 1 << 22) -> bytes:
+    """The rest of ``f``, or its first ``cap + 1`` bytes when longer; in blocks (``f.read(n)`` sets
+    aside n bytes first, whatever the file's size)."""
+    parts, size = [], 0
+    while size <= cap and (part := f.read(min(block, cap + 1 - size))):
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
 
 
 def read_records(sources: Sequence[Source], docs: str, cap: int, start: tuple[int, int] = (0, 0),
@@ -157,10 +180,10 @@ def read_records(sources: Sequence[Source], docs: str, cap: int, start: tuple[in
 def _file_records(src: Source, i: int, off: int, mode: str, cap: int):
     """read_records for one file from byte offset ``off``."""
     with _open(src.path) as f:
+        disk = _disk_pos(f, off)  # before the seek: a .gz resume counts the bytes its seek decompresses
         f.seek(off)
-        disk = _disk_pos(f, off)
         if mode == "file":
-            data = f.read(cap + 1)
+            data = _read_capped(f, cap)
             end = off + len(data)
             yield (data if len(data) <= cap else None), (i, max(end, 1)), _disk_pos(f, end) - disk
         elif mode == "line":
@@ -252,6 +275,11 @@ def record_texts(payload: bytes | str | None, jsonl: bool, opts: TextOptions) ->
         text = obj.get(opts.text_key) if isinstance(obj, dict) else None
         if not isinstance(text, str):
             return [], kinds + ["missing_text"]
+        if _SURROGATE.search(text):  # a JSON escape of half a UTF-16 pair ("\\ud83d"): no UTF-8 for it
+            kinds.append("invalid_utf8")
+            if opts.bad_utf8 == "skip":
+                return [], kinds
+            text = _SURROGATE.sub("\ufffd", text)
     if not text.strip():
         return [], kinds + ["empty"]
     if len(text) > opts.max_chars:
@@ -488,8 +516,7 @@ def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, options: dict
             _check_manifest(out, manifest, options, run)
             return manifest
     entries = [f for f in out.iterdir() if f.name != LOCK_FILE]
-    ours = [f for f in entries if f.name.startswith("shard-") or f.name in (MANIFEST, TOKENIZER_FILE)
-            or f.name.endswith(".tmp")]
+    ours = [f for f in entries if _OURS.fullmatch(f.name)]
     if not overwrite and (manifest is not None or len(ours) < len(entries)):
         raise ValueError(f"output {out} is not empty and holds no resumable run of this command "
                          "(different inputs or options); pass --overwrite or choose another directory")
@@ -570,14 +597,17 @@ def _stream_to_shards(run: _Run, out: Path, manifest: dict, tok, *, workers: int
     start = tuple(manifest["resume"]["position"])
     done = len(manifest["shards"])
     for f in out.iterdir():  # an interrupted run's partial shard, or shards past the last commit
-        if f.name.endswith(".tmp") or (f.name.startswith("shard-") and int(f.name[6:].split(".")[0]) >= done):
+        if _OURS.fullmatch(f.name) and (f.name.endswith(".tmp") or (f.name.startswith("shard-") and
+                                                                    int(f.name[6:].split(".")[0]) >= done)):
             f.unlink()
     stats = manifest["stats"]
     writer = ShardWriter(out, np.dtype(manifest["dtype"]).newbyteorder("<"), manifest["options"]["shard_tokens"],
                          start_index=done)
     sources = run.sources
     total = sum(s.size for s in sources)
-    units_done = sum(s.size for s in sources[:start[0]]) + (start[1] if start[0] < len(sources) else 0)
+    # the current input's offset is in its progress units, except for .gz (the reader counts those)
+    units_done = sum(s.size for s in sources[:start[0]]) + \
+        (start[1] if start[0] < len(sources) and not _is_gz(sources[start[0]].path) else 0)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=min(units_done, total), unit="doc" if run.corpus_docs is not None else "B",
@@ -658,8 +688,12 @@ def preprocess_text(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
                                  ("giant", giant, ("split", "skip")), ("bad_utf8", bad_utf8, ("replace", "skip"))):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    if max_chars <= 0 or shard_tokens <= 0:
-        raise ValueError("max_chars and shard_tokens must be positive")
+    if not _is_int(max_chars, 1) or max_chars > MAX_CHARS_LIMIT:
+        raise ValueError(f"max_chars: expected an integer in [1, {MAX_CHARS_LIMIT:,}], got {max_chars!r}")
+    if not _is_int(shard_tokens, 1):
+        raise ValueError(f"shard_tokens: expected a positive integer, got {shard_tokens!r}")
+    if workers is not None and not _is_int(workers, 1):
+        raise ValueError(f"workers: expected a positive number of tokenizer processes, got {workers!r}")
     if train_tokenizer is not None:
         from .tokenizer import check_train_args
 
@@ -674,11 +708,14 @@ def preprocess_text(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
         corpus_docs = CORPORA[corpus]()
         sources = [Source(f"corpus:{corpus}", "corpus", len(corpus_docs))]
     else:
-        corpus_docs, sources = None, find_inputs(inputs, fmt)
+        corpus_docs, sources = None, find_inputs(inputs, fmt, exclude=out_dir)
     run = _Run(sources, corpus_docs, docs, TextOptions(text_key, max_chars, giant, bad_utf8),
                cap=max(64 << 20, 4 * max_chars))
     train_args = {"train": train_tokenizer, "vocab_size": vocab_size, "min_frequency": min_frequency,
                   "lowercase": lowercase, "sentinels": sentinels, "train_docs": train_docs}
+    if tokenizer is not None and Path(tokenizer).resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"tokenizer: {tokenizer} is inside the output directory {out}, where the run writes its own "
+                         f"{TOKENIZER_FILE}; keep the input tokenizer elsewhere")
     tok_spec = train_args if train_tokenizer else \
         {"source": str(Path(tokenizer).resolve()), "source_sha256": _path_sha(Path(tokenizer))}
     options = {"docs": docs, "text_key": text_key, "max_chars": max_chars, "giant": giant, "bad_utf8": bad_utf8,
@@ -709,7 +746,8 @@ def _run_locked(run: _Run, out: Path, options: dict, inputs_fp: str, fingerprint
 
     tok, reused = _get_tokenizer(run, out, manifest, tokenizer, train_tokenizer, train_args, progress, log)
     if not reused:  # a fresh start
-        vocab = tok.get_vocab_size(with_added_tokens=True)
+        # max id + 1, not the number of entries: a vocabulary may have gaps
+        vocab = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         model_dir = Path(tokenizer) if tokenizer is not None and Path(tokenizer).is_dir() else None
         manifest = {"format": FORMAT, "version": VERSION, "kind": "text", "complete": False,
                     "dtype": dtype_for_vocab(vocab).name, "byteorder": "little", "vocab_size": vocab,
@@ -763,10 +801,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", help="a tokenizers JSON file or a Hugging Face model directory")
     g.add_argument("--train-tokenizer", choices=("wordpiece", "bpe"), help="train a tokenizer on the corpus")
-    g.add_argument("--vocab-size", type=int, default=8000, help="vocabulary to train (default 8000)")
-    g.add_argument("--min-frequency", type=int, default=2, help="training: minimum pair frequency (default 2)")
-    g.add_argument("--cased", action="store_true", help="WordPiece training: keep case (default lowercases)")
-    g.add_argument("--sentinels", type=int, default=0, help="training: add N T5 sentinels <extra_id_i>")
+    # The training options default to None so that one given without --train-tokenizer is an error, not ignored.
+    g.add_argument("--vocab-size", type=int, help="vocabulary to train (default 8000)")
+    g.add_argument("--min-frequency", type=int, help="training: minimum pair frequency (default 2)")
+    g.add_argument("--cased", action="store_true", default=None,
+                   help="WordPiece training: keep case (default lowercases)")
+    g.add_argument("--sentinels", type=int, help="training: add N T5 sentinels <extra_id_i> (default 0)")
     g.add_argument("--train-docs", type=int, help="training: read at most N documents")
     g = p.add_argument_group("output")
     g.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard (default 50M)")
@@ -778,6 +818,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     g.add_argument("--split", choices=("train", "test"), default="train", help="fashion-mnist split (default train)")
     g.add_argument("--image-size", type=int, help="resize folder images to SIZE x SIZE (needs Pillow)")
     return p
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def run_args(args: argparse.Namespace) -> int:
@@ -792,9 +836,15 @@ def run_args(args: argparse.Namespace) -> int:
             preprocess_images(args.images, out, split=args.split, image_size=args.image_size,
                               overwrite=args.overwrite, progress=not args.no_progress)
             return 0
+        training = {"--vocab-size": args.vocab_size, "--min-frequency": args.min_frequency,
+                    "--sentinels": args.sentinels, "--train-docs": args.train_docs, "--cased": args.cased}
+        given = [flag for flag, value in training.items() if value is not None]
+        if given and not args.train_tokenizer:
+            raise ValueError(f"{', '.join(given)}: only with --train-tokenizer (a --tokenizer is used as it is)")
         preprocess_text(inputs, out, corpus=args.corpus, tokenizer=args.tokenizer,
-                        train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size,
-                        min_frequency=args.min_frequency, lowercase=not args.cased, sentinels=args.sentinels,
+                        train_tokenizer=args.train_tokenizer, vocab_size=_or(args.vocab_size, 8000),
+                        min_frequency=_or(args.min_frequency, 2), lowercase=not args.cased,
+                        sentinels=_or(args.sentinels, 0),
                         train_docs=args.train_docs, fmt=args.fmt, docs=args.docs, text_key=args.text_key,
                         max_chars=args.max_chars, giant=args.giant, bad_utf8=args.bad_utf8,
                         shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite,

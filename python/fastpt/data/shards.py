@@ -222,7 +222,9 @@ class ShardWriter:
         self._hashes[k].update(data)
 
     def add(self, ids: np.ndarray) -> None:
-        """Append one document's token ids (1-D, values must fit the shard dtype)."""
+        """Append one document's token ids (1-D, values must fit the shard dtype: ValueError otherwise)."""
+        if len(ids) and ids.dtype.itemsize > self.dtype.itemsize and int(ids.max()) > np.iinfo(self.dtype).max:
+            raise ValueError(f"ids: token id {int(ids.max())} does not fit the shards' {self.dtype.name}")
         if self._files is None:
             self._files = tuple(open(self.out_dir / (name + ".tmp"), "wb") for name in self.names(self.index))
             self._hashes = (hashlib.sha256(), hashlib.sha256())

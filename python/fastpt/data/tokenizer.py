@@ -136,7 +136,8 @@ def train_tokenizer(docs: Iterable[str], kind: str = "wordpiece", vocab_size: in
     <s> <pad> </s> <unk> <mask> at ids 0..4, post-processor ``<s> $A </s>``.
     ``extra_special_tokens`` follow the specials; ``num_sentinels`` T5 sentinels
     ``<extra_id_0..N-1>`` take the highest ids, ``<extra_id_0>`` the very highest.
-    The total vocabulary is at most ``vocab_size`` (sentinels included). Deterministic for
+    The total vocabulary is at most ``vocab_size`` (sentinels included), or, for a tiny ``vocab_size``, the
+    special tokens plus the corpus's alphabet (every character is kept). Deterministic for
     the same documents and arguments.
     Raises ValueError for an unknown kind, a vocab_size too small for the specials or over
     ``MAX_VOCAB``, a negative min_frequency / num_sentinels, or documents without any text.
