@@ -126,6 +126,26 @@ def test_resume_continues_the_same_trajectory(shards, tmp_path):
     assert losses(tmp_path / "one") == losses(tmp_path / "two")
 
 
+def test_resume_mid_logging_window(shards, tmp_path):
+    """log_every 4, save_every 3: the checkpoint at step 6 falls inside the window of steps 5-8. Its
+    sums are saved with the checkpoint, so the resumed run's step-8 row averages steps 5-8 as the
+    uninterrupted run's does (it averaged 7-8 only), and the summary's first loss is step 4's row."""
+    import shutil
+
+    cfg = recipe(shards, tmp_path / "full", model=tiny_model(dropout=0.1), train={"max_steps": 12},
+                 output={**QUIET, "save_every": 3, "log_every": 4, "keep_last": 10})
+    first = pretrain(cfg, log=lambda m: None)
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for step in (9, 12):  # as if killed after step 6's checkpoint
+        shutil.rmtree(tmp_path / "cut" / "checkpoints" / f"step-{step:08d}")
+    (tmp_path / "cut" / "summary.json").unlink()
+    lines = []
+    again = pretrain({**cfg, "output": {**cfg["output"], "dir": str(tmp_path / "cut")}}, resume=True, log=lines.append)
+    assert any("resumed from" in m and "step 6" in m for m in lines)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full") and len(losses(tmp_path / "full")) == 3
+    assert again["first_loss"] == first["first_loss"] and again["steps_this_run"] == 6
+
+
 def test_init_from_fastpt_run(shards, tmp_path):
     pretrain(recipe(shards, tmp_path / "a", output=QUIET), log=lambda m: None)
     cfg = recipe(shards, tmp_path / "b", train={"max_steps": 1, "lr": 1e-12, "warmup_steps": 0}, output=QUIET)
@@ -154,6 +174,31 @@ def test_init_from_hugging_face_dir(shards, tmp_path):
     b = params(tmp_path / "run", 2)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(b[k], v, rtol=0, atol=1e-9, msg=k)
+
+
+def test_init_from_refuses_shards_of_another_tokenizer(shards, tmp_path):
+    """Continued pre-training on shards whose special ids are not the model's (another tokenizer) would
+    mask with a word and mask real separators, silently: an error naming both."""
+    from fastpt.assemble import build, to_hf
+
+    to_hf(build(tiny_model("mlm"), special_ids={"mask": 90, "pad": 0, "cls": 2, "sep": 3}), tmp_path / "hf")
+    cfg = recipe(shards, tmp_path / "run", model={"backbone": tiny_model()["backbone"],
+                                                  "objective": {"name": "mlm", "mask_token_id": 90}}, output=QUIET)
+    cfg["init_from"] = str(tmp_path / "hf")
+    with pytest.raises(ConfigError, match=r"special token ids differ from the model's \(mask 4 vs 90"):
+        pretrain(cfg, log=lambda m: None)
+
+
+def test_max_tokens_in_doc_mode_sizes_the_schedule_by_real_tokens(shards, tmp_path):
+    """doc mode pads rows: a schedule sized by seq_len-token rows ended long before the run (which counts
+    real tokens) and the rest trained at the floor lr. Sized by the documents' mean length, the decay spans
+    the run."""
+    cfg = recipe(shards, tmp_path / "doc", data={"mode": "doc", "seq_len": 64},
+                 train={"max_steps": None, "max_tokens": 1500, "warmup_steps": 0}, output=QUIET)
+    summary = pretrain(cfg, log=lambda m: None)
+    rows = read_metrics(tmp_path / "doc" / "metrics.csv")
+    assert rows[-1]["step"] == summary["steps"] > 8
+    assert all(a["lr"] > b["lr"] for a, b in zip(rows, rows[1:-2]))  # still decaying at the end, not at its floor
 
 
 def test_errors_are_clear(shards, tmp_path):

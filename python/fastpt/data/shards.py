@@ -431,6 +431,18 @@ class ShardDataset:
         self.consumed = 0
         self._perm_epoch, self._perm = -1, None
 
+    def mean_sample_tokens(self) -> float:
+        """Tokens (special tokens included) of an average sample: ``seq_len`` when packing; with
+        ``mode="doc"`` the mean over documents of ``min(length + specials, seq_len)`` (one pass over the
+        shards' offset tables). What a run that stops at a token count takes per row."""
+        if self.mode == "pack":
+            return float(self.seq_len)
+        total = 0
+        for shard in range(len(self.manifest["shards"])):
+            lengths = np.diff(np.asarray(self._shard(shard)[1], dtype=np.int64)) + self._n_special
+            total += int(np.minimum(lengths, self.seq_len).sum())
+        return total / max(self.num_docs, 1)
+
     # -- order and position ---------------------------------------------------------------
     def __len__(self) -> int:
         """Samples per epoch on this rank."""

@@ -181,12 +181,16 @@ def summary_line(s: dict) -> str:
     from .mfu import format_mfu
 
     unit = s.get("unit", "tokens")
-    loss = "" if s.get("first_loss") is None else f", loss {s['first_loss']:.4g} -> {s['final_loss']:.4g}"
+    loss = "" if None in (s.get("first_loss"), s.get("final_loss")) else \
+        f", loss {s['first_loss']:.4g} -> {s['final_loss']:.4g}"
     where = f"; loss curve {s['plot']}" if s.get("plot") else f"; metrics {s.get('metrics_csv')}"
     ckpt = f"; checkpoint {s['checkpoint']}" if s.get("checkpoint") else ""
     rate = s.get("tokens_per_s") or 0.0
     images = f", {human(s['samples_per_s'])} images/s" if unit == "patches" and s.get("samples_per_s") else ""
-    return (f"pretrain: {s['steps']} steps, {human(s['tokens'])} {unit} in {duration(s['train_time_s'])} "
+    steps = f"{s['steps']} steps, {human(s['tokens'])} {unit}"
+    if s.get("steps_this_run") is not None and s["steps_this_run"] != s["steps"]:  # resumed: time and rate are ours
+        steps += f"; resumed at step {s['steps'] - s['steps_this_run']}, {s['steps_this_run']} steps"
+    return (f"pretrain: {steps} in {duration(s['train_time_s'])} "
             f"({human(rate)} {unit}/s{images}, MFU {format_mfu(s.get('mfu'))}){loss}{where}{ckpt}")
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import math
 import os
 import random
@@ -50,6 +51,7 @@ from ..assemble import build, from_hf, load_config
 from ..data.shards import nearest_existing
 from ..models.embeddings import TextEmbedding
 from ..models.model import PretrainModel
+from ..models.vision import vit
 
 # Objectives that read packed documents (one (1, T) row with cu_seqlens); the others get rows.
 PACKED_OBJECTIVES = (MLM, CausalLM, SelfDistillation)
@@ -239,9 +241,20 @@ class PretrainRecipe:
         mcfg = model_config(self.cfg["model"])
         obj = mcfg.get("objective") or {}
         t = self.cfg["train"]
-        if obj.get("name") in ("moco_v3", "dino") and obj.get("total_steps") is None and t["max_steps"]:
-            mcfg["objective"] = {**obj, "total_steps": t["max_steps"]}
+        if obj.get("name") in ("moco_v3", "dino") and obj.get("total_steps") is None:
+            steps = self._total_steps(per_row=self._patches_per_image(mcfg))  # max_steps, or from max_tokens
+            if steps:
+                mcfg["objective"] = {**obj, "total_steps": steps}
         return mcfg
+
+    def _patches_per_image(self, mcfg: dict) -> int | None:
+        """Patches per image of the ViT ``mcfg`` builds, on this run's images (None for text)."""
+        if isinstance(self.data, TextStream):
+            return None
+        patch = mcfg["backbone"].get("patch_size", inspect.signature(vit).parameters["patch_size"].default)
+        ph, pw = patch if isinstance(patch, (list, tuple)) else (patch, patch)
+        _, h, w = self.data.image_shape
+        return (h // ph) * (w // pw)
 
     def _setup_model(self, resume_from: Path | None) -> nn.Module:
         """Build from the recipe, start from ``init_from``, or load the checkpoint being resumed."""
@@ -303,6 +316,22 @@ class PretrainRecipe:
         raise ConfigError(f"init_from: {path} holds neither fastpt_config.json (a fastpt model or checkpoint), "
                           "checkpoints/ (a fastpt run) nor config.json (a Hugging Face model)")
 
+    def _check_special_ids(self, model: nn.Module) -> None:
+        """The shards' special token ids must be the model's (continued pre-training, init_from): shards of
+        another tokenizer would train with the wrong mask id and mask real separators, silently."""
+        mine = dict((model.config or {}).get("special_ids") or {})
+        mask = getattr(model.objective, "mask_token_id", None)
+        if mask is not None:
+            mine["mask"] = mask
+        theirs = self.data.special_ids
+        differ = {role: (theirs[role], mine[role]) for role in sorted(set(theirs) & set(mine))
+                  if int(theirs[role]) != int(mine[role])}
+        if differ:
+            pairs = ", ".join(f"{role} {a} vs {b}" for role, (a, b) in differ.items())
+            raise ConfigError(f"data.path: the shards' special token ids differ from the model's ({pairs}; shards vs "
+                              f"model): they were made with another tokenizer; preprocess with the model's "
+                              f"(fastpt preprocess ... --tokenizer <its directory>)")
+
     def _check_model_data(self, model: nn.Module) -> None:
         text = isinstance(self.data, TextStream)
         if model.objective is None:
@@ -319,6 +348,7 @@ class PretrainRecipe:
             if self.data.vocab_size > bb.vocab_size:
                 raise ConfigError(f"data.path: the shards use a vocabulary of {self.data.vocab_size} ids, the model "
                                   f"has {bb.vocab_size}; preprocess with the model's tokenizer")
+            self._check_special_ids(model)
             self._check_positions(model)
             return
         c, h, w = self.data.image_shape
@@ -378,19 +408,25 @@ class PretrainRecipe:
             raise ConfigError(f"--resume: the data changed since {path}: {exc}") from exc
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.resumed_window = (state.get("log_window") or {}).get(str(self.dist.rank))
+        self.resumed_first_loss, self.resumed_final_loss = state.get("first_loss"), state.get("final_loss")
         self.last_saved = self.step
         prefix = f"rank{self.dist.rank}."
         ckpt.set_rng_state({k[len(prefix):]: v for k, v in saved["rng"].items() if k.startswith(prefix)},
                            state["rng"][str(self.dist.rank)])
         self.log(f"pretrain: resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
 
-    def _total_steps(self) -> int | None:
-        """The schedule's length: max_steps, else max_tokens over the tokens of one full step."""
+    def _total_steps(self, per_row: float | None = None) -> int | None:
+        """The schedule's length: max_steps, else max_tokens over the tokens of one step: rows of
+        ``per_row`` tokens (default: the data's mean sample, which for ``data.mode: doc`` counts each
+        document's own tokens as the run does, not seq_len; patches per image for images)."""
         t = self.cfg["train"]
         if t["max_steps"] is not None:
             return t["max_steps"]
         if t["max_tokens"] is not None:
-            per_row = self.data.seq_len if isinstance(self.data, TextStream) else self.model.backbone.num_patches
+            if per_row is None:
+                per_row = (self.data.dataset.mean_sample_tokens() if isinstance(self.data, TextStream)
+                           else self.model.backbone.num_patches)
             per_step = t["batch_size"] * t["grad_accum"] * self.dist.world_size * per_row
             return math.ceil(t["max_tokens"] / per_step)
         return None
@@ -416,10 +452,17 @@ class PretrainRecipe:
         self.wrapped.train()
         self.t_start = now()
         self.start_step, self.start_tokens = self.step, self.tokens
-        self.first_loss = self.final_loss = None
+        # of the whole run (a resumed one included): the first and the last logged window
+        self.first_loss = getattr(self, "resumed_first_loss", None)
+        self.final_loss = getattr(self, "resumed_final_loss", None)
         self.t_first = self.tokens_first = None  # after the first step: steady-state throughput excludes it
-        loss_sum = torch.zeros(2, device=self.device)  # (sum of micro-batch losses, micro-batches)
-        metric_sums: dict[str, list] = {}
+        # The open logging window's sums (saved with a checkpoint: a resumed run's next row averages the same
+        # micro-batches as an uninterrupted one's when log_every does not divide save_every).
+        window = getattr(self, "resumed_window", None) or {"loss": [0.0, 0.0], "metrics": {}}
+        loss_sum = torch.tensor(window["loss"], dtype=torch.float32, device=self.device)  # (sum of losses, count)
+        metric_sums: dict[str, list] = {k: [torch.tensor(v, dtype=torch.float32, device=self.device), n]
+                                        for k, (v, n) in window["metrics"].items()}
+        self.window = (loss_sum, metric_sums)
         t_log, tokens_log = now(), self.tokens
         while not self.done():
             step = self.step
@@ -520,13 +563,19 @@ class PretrainRecipe:
             optim_sd = self.optimizer.state_dict()
             write_model = self.model.save_pretrained
         tensors, plain = ckpt.rng_state()
-        gathered = distributed.gather_object((tensors, plain), self.dist)
+        loss_sum, metric_sums = getattr(self, "window", (None, {}))
+        window = {"loss": [float(x) for x in loss_sum.tolist()] if loss_sum is not None else [0.0, 0.0],
+                  "metrics": {k: [float(v), int(n)] for k, (v, n) in metric_sums.items()}}
+        gathered = distributed.gather_object((tensors, plain, window), self.dist)
         path = None
         if self.dist.is_main:
-            rng_tensors = {f"rank{r}.{k}": v for r, (ts, _) in enumerate(gathered) for k, v in ts.items()}
+            rng_tensors = {f"rank{r}.{k}": v for r, (ts, _, _) in enumerate(gathered) for k, v in ts.items()}
             state = {"tokens": self.tokens, "elapsed_s": self._elapsed(), "world_size": self.dist.world_size,
                      "data": self.data.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                     "rng": {str(r): p for r, (_, p) in enumerate(gathered)},
+                     "rng": {str(r): p for r, (_, p, _) in enumerate(gathered)},
+                     "log_window": {str(r): w for r, (_, _, w) in enumerate(gathered)},
+                     "first_loss": getattr(self, "first_loss", None),
+                     "final_loss": getattr(self, "final_loss", None),
                      "optimizer_format": "fsdp_full" if self.cfg["train"]["fsdp"] else "torch",
                      "recipe": self.cfg}
             path = ckpt.save_checkpoint(self.ckpt_dir, self.step, write_model=write_model, optimizer_state=optim_sd,
