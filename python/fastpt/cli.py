@@ -49,10 +49,23 @@ def _preprocess(argv):
     return preprocess_main(argv)
 
 
+def _checkpoint_format(cfg) -> str | None:
+    """The ``format`` of a fastpt_config.json, or None when it is not a readable JSON object (the
+    backbone path of models.hf then reports what is wrong with it)."""
+    import json
+
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
 def _convert(argv):
     """A training checkpoint (``PretrainModel.save_pretrained``: objective heads, teachers) goes
-    through ``fastpt.to_hf``; the backbone + heads format of ``--from-hf`` through models.hf."""
-    import json
+    through ``fastpt.to_hf``; the backbone + heads format of ``--from-hf`` through models.hf.
+    Errors (a checkpoint Hugging Face cannot express: an encoder-decoder, a ViT without a cls token,
+    a factorised embedding ...) end as ``fastpt convert: error:`` and status 1, as in convert_main."""
     from pathlib import Path
 
     if "--to-hf" in argv:
@@ -60,14 +73,18 @@ def _convert(argv):
         src = Path(argv[i + 1]) if i + 1 < len(argv) else None
         rest = argv[:i] + argv[i + 2:]
         cfg = src / "fastpt_config.json" if src is not None else None
-        if cfg is not None and cfg.is_file() and json.loads(cfg.read_text()).get("format") == "fastpt-pretrain":
+        if cfg is not None and cfg.is_file() and _checkpoint_format(cfg) == "fastpt-pretrain":
             if len(rest) != 1 or rest[0].startswith("-"):
                 print("fastpt convert: error: --to-hf DIR OUT takes one OUT directory (options --dtype/--arch apply "
                       "to the backbone format only)", file=sys.stderr)
                 return 2
             import fastpt
 
-            out = fastpt.to_hf(fastpt.PretrainModel.from_pretrained(src), rest[0])
+            try:
+                out = fastpt.to_hf(fastpt.PretrainModel.from_pretrained(src), rest[0])
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                print(f"fastpt convert: error: --to-hf {src}: {exc}", file=sys.stderr)
+                return 1
             print(f"wrote a Hugging Face checkpoint to {out}")
             return 0
     from .models.hf import convert_main
@@ -100,6 +117,8 @@ def _bench(argv):
 
 
 def _configs(argv):
+    """List the zoo, or print one config; a name that is neither a zoo config nor a valid config file
+    ends as ``fastpt configs: error:`` and status 1 (load_config's message names what is wrong)."""
     import fastpt
 
     parser = argparse.ArgumentParser(prog="fastpt configs", description="list the model zoo (shipped YAML configs)")
@@ -108,7 +127,12 @@ def _configs(argv):
     if args.name:
         import yaml
 
-        print(yaml.safe_dump(fastpt.load_config(args.name), sort_keys=False))
+        try:
+            cfg = fastpt.load_config(args.name)
+        except (OSError, ValueError, TypeError) as exc:
+            print(f"fastpt configs: error: {exc}", file=sys.stderr)
+            return 1
+        print(yaml.safe_dump(cfg, sort_keys=False))
         return 0
     for name in fastpt.list_configs():
         cfg = fastpt.load_config(name)

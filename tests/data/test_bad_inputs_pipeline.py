@@ -841,3 +841,76 @@ def test_image_dataset_with_a_corrupt_manifest(tmp_path, image_folder):
     (tmp_path / "out" / "manifest.json").write_text("{broken")
     with pytest.raises(ValueError, match="manifest.json"):
         open_image_dataset(tmp_path / "out")
+
+
+# ============================================================================ pretrain: image folders
+
+
+def _pnm(path, h, w, channels=1, seed=0):
+    """A binary PGM (1 channel) / PPM (3) of random pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, h * w * channels, dtype=np.uint8)
+    path.write_bytes(b"%s\n%d %d\n255\n" % (b"P5" if channels == 1 else b"P6", w, h) + pixels.tobytes())
+
+
+@pytest.fixture()
+def mixed_folder(tmp_path):
+    """Classes a and b of 3 images each: grey 8x8 and 12x12, and one 8x8 RGB image among them."""
+    for k, c in enumerate("ab"):
+        for i in range(3):
+            _pnm(tmp_path / "mixed" / c / f"{i}.{'ppm' if (k, i) == (0, 1) else 'pgm'}", 12 if i == 2 else 8,
+                 12 if i == 2 else 8, 3 if (k, i) == (0, 1) else 1, seed=3 * k + i)
+    return tmp_path / "mixed"
+
+
+def _image_recipe(folder, out, **data):
+    return {"model": {"backbone": {"builder": "vit", "image_size": 8, "patch_size": 4, "in_channels": 1,
+                                   "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
+                      "objective": {"name": "mae", "decoder_hidden_size": 16, "decoder_layers": 1,
+                                    "decoder_heads": 2}},
+            "data": {"images": str(folder), **data},
+            "train": {"batch_size": 4, "max_steps": 1, "lr": 1e-3, "precision": "fp32"},
+            "output": {"dir": str(out), "log_every": 1, **QUIET}}
+
+
+def test_image_folder_resized_on_load_with_an_exact_resume(mixed_folder):
+    """With data.image_size, torch.stack of the decoded images came before the resize: 'stack expects
+    each tensor to be equal size'. Folder images are now read at that size (and the first image's
+    channels); the sample order and the resumed position stay exact."""
+    pytest.importorskip("PIL")
+    from fastpt.train.data import ImageStream
+
+    stream = ImageStream(str(mixed_folder), image_size=8, seed=3)
+    assert stream.image_shape == (1, 8, 8)
+    it = stream.batches(4)
+    first = next(it)["pixel_values"]
+    state = stream.state_dict()
+    rest = [next(it)["pixel_values"] for _ in range(2)]  # across the epoch boundary (6 images)
+    assert first.shape == (4, 1, 8, 8) and first.min() >= -1 and first.max() <= 1
+    again = ImageStream(str(mixed_folder), image_size=8, seed=3)
+    assert torch.equal(next(again.batches(4))["pixel_values"], first)
+    resumed = ImageStream(str(mixed_folder), image_size=8, seed=3)
+    resumed.load_state_dict(state)
+    it = resumed.batches(4)
+    assert all(torch.equal(next(it)["pixel_values"], x) for x in rest)
+    assert pretrain(_image_recipe(mixed_folder, mixed_folder.parent / "run", image_size=8),
+                    log=lambda m: None)["steps"] == 1
+
+
+def test_image_folder_sizes_and_unreadable_files_fail_before_training(mixed_folder, tmp_path, capsys):
+    """Without data.image_size mixed sizes failed at the first batch holding two sizes, and an
+    unreadable file (PIL.UnidentifiedImageError) at the batch reading it: mid-run, as a traceback."""
+    pytest.importorskip("PIL")
+    from fastpt.train import pretrain_main
+
+    with pytest.raises(ConfigError, match=r"data\.images: .*differ in size.*data\.image_size"):
+        pretrain(_image_recipe(mixed_folder, tmp_path / "sizes"), log=lambda m: None)
+    (mixed_folder / "b" / "zz_broken.png").write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match=r"data\.images: 1 of 7 images .*zz_broken\.png"):
+        pretrain(_image_recipe(mixed_folder, tmp_path / "broken", image_size=8), log=lambda m: None)
+    import yaml
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(_image_recipe(mixed_folder, tmp_path / "cli", image_size=8)))
+    rc, err = _cli(pretrain_main, ["--config", str(tmp_path / "r.yaml")], capsys)
+    _assert_clean_error(rc, err, "zz_broken.png", "data.images")
+    assert not (tmp_path / "cli" / "checkpoints").exists() or not any((tmp_path / "cli" / "checkpoints").iterdir())

@@ -454,3 +454,24 @@ def test_cli_vision_on_a_folder(tmp_path, capsys):
     assert res[str(tmp_path / "vit")]["linear"]["accuracy"] == 1.0 and len(res) == 2
     assert eval_main(["vision", "--model", str(tmp_path / "vit"), "--data", str(tmp_path / "nowhere")]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_vision_too_few_images_to_split(tmp_path, capsys):
+    """One image per class held out nothing: RuntimeError 'max(): Expected reduction dim ...' from
+    num_classes over the empty test side. Now a ValueError naming the data and what it needs."""
+    x, y = _prototype_images(4)  # one image in each of 4 classes
+    for i, (img, label) in enumerate(zip(x, y)):
+        _write_pgm(tmp_path / "one" / f"class{label}" / f"{i}.pgm", img[0])
+    with pytest.raises(ValueError, match=r"one.*at least 2 images"):
+        evaluate_vision(_vit(), tmp_path / "one")
+    with pytest.raises(ValueError, match="no test images"):
+        evaluate_vision(_vit(), (x, y), (x[:0], y[:0]))
+    with pytest.raises(ValueError, match="no training images"):
+        evaluate_vision(_vit(), (x[:0], y[:0]), (x, y))
+    from fastpt.assemble import build
+
+    build({"backbone": {"builder": "vit", "image_size": 16, "patch_size": 4, "in_channels": 1, "hidden_size": 32,
+                        "num_layers": 1, "num_heads": 2, "intermediate_size": 48}}).save_pretrained(tmp_path / "vit")
+    rc = eval_main(["vision", "--model", str(tmp_path / "vit"), "--data", str(tmp_path / "one"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "fastpt eval: error:" in err and str(tmp_path / "one") in err and "Traceback" not in err

@@ -48,3 +48,19 @@ def test_resize_and_size_mismatch(tmp_path):
     assert summary["tokens"] == 8 * 16
     with pytest.raises(ConfigError, match=r"the images are 1x28x28 .* the model expects 1x16x16"):
         run(tmp_path / "bad", "mae", backbone=vit(image_size=16, patch_size=4), steps=1)
+
+
+def test_momentum_horizon_follows_max_tokens(tmp_path):
+    """DINO's teacher momentum anneals over the run's length: from max_steps, or (it stayed None, the
+    momentum constant) from max_tokens over the patches of a step: 8 images x 16 patches."""
+    from fastpt.models.model import PretrainModel
+
+    cfg = {"model": {"backbone": vit(), "objective": {"name": "dino", "out_dim": 32, "head_hidden_dim": 32,
+                                                      "bottleneck_dim": 16}},
+           "data": {"images": "fashion-mnist"},
+           "train": {"batch_size": 8, "max_steps": None, "max_tokens": 3 * 8 * 16, "lr": 1e-3},
+           "output": {"dir": str(tmp_path / "dino"), "save_every": 0, "log_every": 1, "tensorboard": False,
+                      "plot": False, "progress": False}}
+    assert pretrain(cfg, log=lambda m: None)["steps"] == 3
+    model = PretrainModel.from_pretrained(tmp_path / "dino" / "checkpoints" / "step-00000003")
+    assert model.config["objective"]["total_steps"] == 3

@@ -44,26 +44,68 @@ class TextStream:
         self.dataset.load_state_dict(state)
 
 
-def open_images(source: str):
-    """"fashion-mnist", a directory written by ``fastpt preprocess --images`` or an image folder."""
+def open_images(source: str, *, image_size: int | None = None):
+    """"fashion-mnist", a directory written by ``fastpt preprocess --images`` or an image folder
+    (``open_image_folder``: read at ``image_size`` when given)."""
     if source == "fashion-mnist":
         return image_data.fashion_mnist("train")
     p = Path(source)
     if (p / "manifest.json").is_file():
         return image_data.open_image_dataset(p)
     if p.is_dir():
-        return image_data.ImageFolder(p)
+        return open_image_folder(p, image_size=image_size)
     raise FileNotFoundError(f"data.images: {source} is neither 'fashion-mnist' nor a directory")
+
+
+def open_image_folder(root, *, image_size: int | None = None) -> image_data.ImageFolder:
+    """An image folder for training, every image decoded once here: what would otherwise stop a run
+    mid-way (a file that cannot be read, sizes that cannot be stacked into one batch) is a ValueError
+    naming the file and the recipe key before the first step, and the folder's samples (the sorted
+    file list, so the order and resume position) stay fixed for the run.
+
+    Images take the first image's channels (as ``fastpt preprocess --images``); with
+    ``image_size`` they are resized to it on load (bicubic, as ``preprocess --image-size`` and
+    ``fastpt eval vision``), without it they must share one size. An unreadable image is an
+    error, as in ``fastpt eval vision``: skipping it would train on other samples than the folder
+    lists, unreported (``fastpt preprocess --images`` skips and counts them in its manifest). The
+    check costs one decoding pass over the folder; for large folders preprocess once and train
+    on its memory-mapped output.
+    """
+    folder = image_data.ImageFolder(root, size=image_size)
+    bad, sizes = [], {}  # (file, error); (h, w) -> first file of that size
+    for path in folder.files:
+        try:
+            img = image_data.load_image(path, channels=folder.channels, size=image_size)
+        except ImportError as exc:  # Pillow missing: a setup problem, not the data's
+            raise ValueError(f"data.images: {exc}") from exc
+        except (OSError, ValueError, SyntaxError) as exc:  # what Pillow / the PGM reader raise for a bad file
+            bad.append((path, exc))
+            continue
+        if folder.channels is None:
+            folder.channels = img.shape[0]  # the rest converted to the first image's channels
+        sizes.setdefault(tuple(img.shape[1:]), path)
+    if bad:
+        shown = "; ".join(f"{f}: {exc}" for f, exc in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        raise ValueError(f"data.images: {len(bad)} of {len(folder.files)} images in {root} cannot be read ({shown}); "
+                         "remove them, or train on the output of `fastpt preprocess --images`, which skips and "
+                         "counts unreadable images")
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w} ({f})" for (h, w), f in list(sizes.items())[:3])
+        h = next(iter(sizes))[0]
+        raise ValueError(f"data.images: the images in {root} differ in size: {shown}{' ...' if len(sizes) > 3 else ''};"
+                         f" set data.image_size to resize them on load, e.g. --set data.image_size={h}")
+    return folder
 
 
 class ImageStream:
     """Batches ``{"pixel_values": float32 (B, C, H, W) in [-1, 1]}`` of an image
-    dataset (``open_images``), resized to ``image_size`` when given. Position: samples consumed
-    by this rank (as ``ShardDataset``)."""
+    dataset (``open_images``), resized to ``image_size`` when given (folder images on load, since
+    they may differ in size; array datasets by batch). Position: samples consumed by this rank
+    (as ``ShardDataset``)."""
 
     def __init__(self, source: str, *, image_size: int | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True):
-        self.dataset = open_images(source)
+        self.dataset = open_images(source, image_size=image_size)
         self.n = len(self.dataset)
         if self.n == 0:
             raise ValueError(f"data.images: {source} holds no image")

@@ -517,6 +517,11 @@ def load_images(data, split: str = "train", *, channels: int | None = None, size
     return x, np.asarray(folder.labels, dtype=np.int64), folder.classes
 
 
+def _where(data) -> str:
+    """How an error names ``data``: its path or name, else what kind of object it is."""
+    return str(data) if isinstance(data, (str, os.PathLike)) else f"images ({type(data).__name__})"
+
+
 def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     if limit is None or limit >= n:
         return np.arange(n)
@@ -540,8 +545,8 @@ def evaluate_vision(backbone: nn.Module, data, test=None, *, probe: str = "both"
         batch_size, pooling, device, precision: feature extraction (``extract_features``).
 
     Returns a dict: ``linear`` / ``knn`` -> {accuracy, macro_f1}, n_train, n_test, num_classes,
-    feature_dim, pooling, seconds and the settings. Raises ValueError for a bad probe name or
-    unlabelled data.
+    feature_dim, pooling, seconds and the settings. Raises ValueError for a bad probe name,
+    unlabelled data, or no image on one side (a held-out split needs a class of 2 images or more).
     """
     if probe not in PROBES:
         raise ValueError(f"probe: expected one of {PROBES}, got {probe!r}")
@@ -557,6 +562,10 @@ def evaluate_vision(backbone: nn.Module, data, test=None, *, probe: str = "both"
         x_test, y_test, _ = load_images(data if test is None else test, "test", **opts)
     else:
         tr, te = stratified_split(y_train.tolist(), test_fraction, seed)
+        if len(y_train) and not te:  # stratified_split holds out one of a class only from 2 images up
+            raise ValueError(f"{_where(data)}: too few images to hold out a test set: every class has 1 image, "
+                             f"and a class needs at least 2 images to give one to the test side (test_fraction "
+                             f"{test_fraction:g}); add images, or pass test images (--test-data / test=)")
         x_test, y_test = x_train[te], y_train[te]
         x_train, y_train = x_train[tr], y_train[tr]
     if (y_train < 0).any() or (y_test < 0).any():
@@ -564,6 +573,11 @@ def evaluate_vision(backbone: nn.Module, data, test=None, *, probe: str = "both"
     keep_train, keep_test = _subset(len(y_train), train_limit, seed), _subset(len(y_test), test_limit, seed + 1)
     x_train, y_train = x_train[keep_train], torch.from_numpy(np.asarray(y_train[keep_train]))
     x_test, y_test = x_test[keep_test], torch.from_numpy(np.asarray(y_test[keep_test]))
+    # num_classes and the probes reduce over both sides: an empty one failed deep inside torch (max())
+    for side, ys, src in (("training", y_train, data), ("test", y_test, data if test is None else test)):
+        if not len(ys):
+            raise ValueError(f"{_where(src)}: no {side} images (the probes need at least one labelled image "
+                             "on each side)")
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     t0 = time.perf_counter()
     f_train = extract_features(encoder, x_train, batch_size, pooling=pooling, device=device, precision=precision)
