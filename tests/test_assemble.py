@@ -130,6 +130,9 @@ def test_special_ids_fill_the_objective():
                    backbone={"hidden_size": 16, "num_heads": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
                              "intermediate_size": 16})
     assert (t5.objective.pad_id, t5.objective.eos_id, t5.objective.sentinel_start_id) == (2, 3, 49)
+    # the zoo's own tokenizer: T5's <extra_id_0> (32099 of 32128), not vocab_size - 1 (an id T5 does not have)
+    assert asm.build("t5-small").objective.sentinel_start_id == 32099
+    assert asm.build("ul2-small").objective.sentinel_start_id == 32099
     albert = asm.build("albert-base", vocab_size=60, special_ids={"pad": 0, "cls": 5, "sep": 6, "mask": 7},
                        backbone={"hidden_size": 32, "num_heads": 4, "num_layers": 2, "intermediate_size": 32})
     sop = albert.objective

@@ -61,7 +61,7 @@ from .objectives.base import BACKBONE_SIZES
 
 ZOO = Path(__file__).parent / "configs"
 SECTIONS = ("name", "description", "backbone", "objective", "special_ids", "defaults", "hf")
-SPECIAL_ROLES = ("cls", "sep", "pad", "mask", "eos", "bos", "unk")
+SPECIAL_ROLES = ("cls", "sep", "pad", "mask", "eos", "bos", "unk", "sentinel")
 # Training defaults a config may carry: the recipe's data.seq_len / mode / image_size and train.* keys
 # (kept equal to fastpt.train.config.MODEL_DEFAULTS, which validates their values; a test checks).
 DEFAULT_KEYS = ("seq_len", "mode", "image_size", "batch_size", "grad_accum", "max_steps", "max_tokens", "max_time_s",
@@ -70,7 +70,7 @@ DEFAULT_KEYS = ("seq_len", "mode", "image_size", "batch_size", "grad_accum", "ma
                 "find_unused_parameters", "peak_tflops")
 # objective arguments filled from each special-token role
 ROLE_ARGS = {"mask": ("mask_token_id",), "cls": ("cls_token_id",), "sep": ("sep_token_id",),
-             "pad": ("pad_token_id", "pad_id"), "eos": ("eos_id",)}
+             "pad": ("pad_token_id", "pad_id"), "eos": ("eos_id",), "sentinel": ("sentinel_start_id",)}
 NEVER_MASKED = ("cls", "sep", "pad", "bos", "eos")
 # objective arguments ``from_backbone`` reads from the backbone
 FROM_BACKBONE = frozenset(BACKBONE_SIZES) | {"text_hidden_size", "vision_hidden_size", "grid_size", "cls_token"}
@@ -293,8 +293,10 @@ def build(config, *, vocab_size: int | None = None, special_ids: dict | None = N
     Args:
         config: zoo name, YAML path, ``save_pretrained`` directory or dict (``load_config``).
         vocab_size: overrides the (text) backbone's vocabulary size (a tokenizer's size).
-        special_ids: the tokenizer's ``{cls, sep, pad, mask, eos, bos, unk}`` ids (a subset), used
-            for the objective's token-id arguments the config leaves null (module docstring).
+        special_ids: the tokenizer's ``{cls, sep, pad, mask, eos, bos, unk, sentinel}`` ids (a subset),
+            used for the objective's token-id arguments the config leaves null (module docstring). The
+            config's ``sentinel`` (its published tokenizer's ``<extra_id_0>``) is not mixed into another
+            tokenizer's ids: without one of its own, span corruption counts down from vocab_size - 1.
         overrides: config sections merged in recursively, e.g. ``backbone={"image_size": 28,
             "in_channels": 1, "patch_size": 4}``, ``objective={"mask_ratio": 0.6}``.
 
@@ -304,7 +306,10 @@ def build(config, *, vocab_size: int | None = None, special_ids: dict | None = N
     cfg = load_config(config, **overrides)
     if vocab_size is not None:
         _set_vocab(cfg["backbone"], vocab_size)
-    ids = {**_validate_ids(cfg.get("special_ids"), "special_ids"), **_validate_ids(special_ids, "special_ids")}
+    given = _validate_ids(special_ids, "special_ids")
+    ids = {**_validate_ids(cfg.get("special_ids"), "special_ids"), **given}
+    if special_ids is not None and "sentinel" not in given:
+        ids.pop("sentinel", None)
     if ids:
         cfg["special_ids"] = ids
     return _assemble(cfg)

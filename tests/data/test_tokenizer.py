@@ -30,6 +30,7 @@ def test_training_is_deterministic(kind):
     assert a.get_vocab_size() <= size
     top = a.get_vocab_size() - 1
     assert a.id_to_token(top) == "<extra_id_0>" and a.id_to_token(top - 2) == "<extra_id_2>"
+    assert special_token_ids(a)["sentinel"] == top  # what the span objectives count down from
     text = "gamma delta preprocessing windows"
     assert a.encode(text).ids == b.encode(text).ids
 

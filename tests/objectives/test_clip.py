@@ -67,3 +67,20 @@ def test_bad_inputs_name_the_argument():
         obj.prepare({**text_batch(3, 7), "pixel_values": images(2)}, seed=0)
     with pytest.raises(KeyError, match="pixel_values"):
         obj.prepare(text_batch(3, 7), seed=0)
+
+
+def test_logit_scale_is_clamped_after_each_step_and_can_come_back():
+    """Past ln 100 the loss's clamp has zero gradient: a logit_scale an optimizer step carried there stayed
+    for good. on_step_end clamps the parameter to [0, ln 100] (open_clip's rule), where the gradient is live."""
+    backbone, obj = make(init_logit_scale=math.log(100) + 0.5)
+    obj(backbone, pairs()).loss.backward()
+    assert float(obj.logit_scale.grad) == 0.0  # the dead zone
+    obj.on_step_end(backbone, 0)
+    assert float(obj.logit_scale) == pytest.approx(math.log(100)) and float(obj.logit_scale.exp()) <= 100
+    obj.logit_scale.grad = None
+    obj(backbone, pairs()).loss.backward()
+    assert float(obj.logit_scale.grad) != 0.0
+    with torch.no_grad():
+        obj.logit_scale.fill_(-1.0)
+    obj.on_step_end(backbone, 1)
+    assert float(obj.logit_scale) == 0.0

@@ -201,6 +201,34 @@ def test_max_tokens_in_doc_mode_sizes_the_schedule_by_real_tokens(shards, tmp_pa
     assert all(a["lr"] > b["lr"] for a, b in zip(rows, rows[1:-2]))  # still decaying at the end, not at its floor
 
 
+def test_span_corruption_takes_its_sentinels_from_the_shards(tmp_path):
+    """T5 span corruption writes sentinels counting down from the tokenizer's <extra_id_0> (the shards'
+    special_ids "sentinel"); shards of a tokenizer without sentinels are refused (the fallback, vocab_size
+    - 1, would be an ordinary token of the text)."""
+    import numpy as np
+
+    from fastpt.assemble import load_config
+    from fastpt.data.shards import write_shards
+
+    from .pretrain_helpers import SPECIALS, VOCAB
+
+    model = load_config("t5-small")
+    model["backbone"].update(hidden_size=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                             intermediate_size=16)
+    model["backbone"].pop("max_positions", None)
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(6, VOCAB - 1, size=int(rng.integers(5, 40))) for _ in range(100)]
+    for name, extra in (("plain", {}), ("t5", {"eos": 5, "sentinel": VOCAB - 1})):
+        write_shards(tmp_path / name, docs, vocab_size=VOCAB, special_tokens={**SPECIALS, **extra})
+    cfg = recipe(tmp_path / "plain", tmp_path / "run", model=model, train={"max_steps": 2}, output=QUIET)
+    with pytest.raises(ConfigError, match=r"no T5 sentinel tokens .* --sentinels"):
+        pretrain(cfg, log=lambda m: None)
+    cfg = recipe(tmp_path / "t5", tmp_path / "run", model=model, train={"max_steps": 2}, output=QUIET)
+    assert pretrain(cfg, log=lambda m: None)["steps"] == 2
+    trained = PretrainModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step-00000002")
+    assert (trained.objective.sentinel_start_id, trained.objective.eos_id) == (VOCAB - 1, 5)
+
+
 def test_errors_are_clear(shards, tmp_path):
     from fastpt.assemble import build
 

@@ -27,6 +27,7 @@ _ROLE_TOKENS = {
     "unk": ["[UNK]", "<unk>"],
     "eos": ["[EOS]", "</s>", "<|endoftext|>", "<eos>"],
     "bos": ["[BOS]", "<s>", "<|endoftext|>", "<bos>"],
+    "sentinel": ["<extra_id_0>"],  # T5's first sentinel; the next ones count down from it
 }
 
 
@@ -100,7 +101,8 @@ def _read_json(path: Path) -> dict:
 
 def special_token_ids(tok, model_dir: str | Path | None = None) -> dict[str, int]:
     """Ids of the special-token roles the tokenizer has: a subset of
-    ``{"cls", "sep", "pad", "mask", "unk", "eos", "bos"}``.
+    ``{"cls", "sep", "pad", "mask", "unk", "eos", "bos", "sentinel"}`` (sentinel: ``<extra_id_0>``, the
+    first T5 sentinel).
 
     A HF model directory's ``special_tokens_map.json`` / ``tokenizer_config.json`` names
     the tokens first (``cls_token``...); roles they leave out are found by common names

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import clip_loss
+from ..ops.contrastive import MAX_LOGIT_SCALE
 from .base import (Objective, ObjectiveOutput, check_ids, check_images, choice, encode_text, pool, positive, require,
                    top1_accuracy)
 from .simclr import gather_default, vision_tokens
@@ -113,6 +114,28 @@ class CLIP(Objective):
             metrics["text_to_image_accuracy"] = top1_accuracy(tn, im)
         return ObjectiveOutput(loss, metrics, None, vh)
 
+    def on_step_end(self, backbone: nn.Module, step: int) -> None:
+        """Clamp a learned ``logit_scale`` to [0, ln 100] after each optimizer step, as open_clip does: the
+        loss's clamp of exp(logit_scale) at 100 has zero gradient above it, so a parameter an optimizer
+        step carried past ln 100 would stay there for good (it could never come back down). The top is
+        the largest value of the parameter's dtype whose exp() is still <= 100, where the gradient lives."""
+        if isinstance(self.logit_scale, nn.Parameter):
+            with torch.no_grad():
+                self.logit_scale.clamp_(0.0, _top_logit_scale(self.logit_scale.dtype))
+
     def tokens_in(self, batch: dict) -> int:
         """Text tokens plus image patches."""
         return int(batch["attention_mask"].sum()) + vision_tokens(batch["pixel_values"], self.patch_size)
+
+
+_TOP_LOGIT_SCALE: dict = {}
+
+
+def _top_logit_scale(dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value x with exp(x) <= MAX_LOGIT_SCALE in that dtype (ln 100 rounded may exceed it)."""
+    if dtype not in _TOP_LOGIT_SCALE:
+        x = torch.tensor(math.log(MAX_LOGIT_SCALE), dtype=dtype)
+        while float(x.exp()) > MAX_LOGIT_SCALE:
+            x = torch.nextafter(x, torch.zeros((), dtype=dtype))
+        _TOP_LOGIT_SCALE[dtype] = float(x)
+    return _TOP_LOGIT_SCALE[dtype]

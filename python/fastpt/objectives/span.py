@@ -124,7 +124,9 @@ class T5SpanCorruption(_Seq2SeqLM):
     Args:
         hidden_size, vocab_size: the backbone's width D and vocabulary V.
         noise_density, mean_span_len: fraction of tokens corrupted and mean span length.
-        sentinel_start_id: first sentinel id, the next spans count down (None: ``vocab_size - 1``).
+        sentinel_start_id: first sentinel id (``<extra_id_0>``), the next spans count down (None:
+            ``vocab_size - 1``, where ``fastpt preprocess --sentinels`` puts it; ``build`` fills it from the
+            tokenizer's ``special_ids["sentinel"]``: T5's is 32099 of 32128).
         eos_id, pad_id: EOS appended to inputs and targets, padding (T5: 1 and 0).
         decoder_start_id: first decoder input id (None: ``pad_id``, as T5).
         tie_word_embeddings: the LM head's matrix is ``backbone.shared`` (set by ``attach``).

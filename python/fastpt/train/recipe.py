@@ -332,6 +332,19 @@ class PretrainRecipe:
                               f"model): they were made with another tokenizer; preprocess with the model's "
                               f"(fastpt preprocess ... --tokenizer <its directory>)")
 
+    def _check_sentinels(self, model: nn.Module) -> None:
+        """Span corruption / UL2 on shards whose tokenizer has no ``<extra_id_0>``: its default first
+        sentinel (vocab_size - 1) would be an ordinary token of the text. Unless the model's config sets
+        sentinel_start_id itself."""
+        sentinel = getattr(model.objective, "sentinel_start_id", None)
+        explicit = ((model.config or {}).get("objective") or {}).get("sentinel_start_id") is not None \
+            and "sentinel" not in ((model.config or {}).get("special_ids") or {})
+        if sentinel is not None and "sentinel" not in self.data.special_ids and not explicit:
+            raise ConfigError(f"data.path: the shards' tokenizer has no T5 sentinel tokens (<extra_id_0> ...), which "
+                              f"{type(model.objective).__name__} writes in place of the spans it removes; preprocess "
+                              f"with --train-tokenizer ... --sentinels 100 (or a T5 tokenizer), or set "
+                              f"model.objective.sentinel_start_id")
+
     def _check_model_data(self, model: nn.Module) -> None:
         text = isinstance(self.data, TextStream)
         if model.objective is None:
@@ -349,6 +362,7 @@ class PretrainRecipe:
                 raise ConfigError(f"data.path: the shards use a vocabulary of {self.data.vocab_size} ids, the model "
                                   f"has {bb.vocab_size}; preprocess with the model's tokenizer")
             self._check_special_ids(model)
+            self._check_sentinels(model)
             self._check_positions(model)
             return
         c, h, w = self.data.image_shape
