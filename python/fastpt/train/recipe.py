@@ -525,7 +525,8 @@ class PretrainRecipe:
                        "grad_norm": float(_local(grad_norm)), "tokens_per_s": rate,
                        "mfu": compute_mfu(self.flops_per_token, rate, self.peak, self.dist.world_size),
                        "elapsed_s": self.elapsed_before + t_now - self.t_start}
-                row.update({k: float(s / n) for k, (s, n) in sorted(metric_sums.items())})
+                for k, v in self._mean_metrics(metric_sums).items():
+                    row.setdefault(k, v)  # an objective's own "loss" metric is the loss above, averaged the same
                 self.logger.log(row)
                 self.first_loss = loss_value if self.first_loss is None else self.first_loss
                 self.final_loss = loss_value
@@ -599,9 +600,26 @@ class PretrainRecipe:
         distributed.barrier(self.dist)
         return path
 
+    def _mean_metrics(self, metric_sums: dict) -> dict:
+        """The objective's metrics averaged over the window's micro-steps and every rank (rank 0 gets them;
+        a gather of plain numbers, so ranks whose metric names differ cannot deadlock a collective)."""
+        local = {k: (float(s), n) for k, (s, n) in metric_sums.items()}
+        gathered = distributed.gather_object(local, self.dist) if self.dist.enabled else [local]
+        if gathered is None:  # not rank 0: nothing to log
+            return {}
+        total: dict[str, list] = {}
+        for part in gathered:
+            for k, (s, n) in part.items():
+                acc = total.setdefault(k, [0.0, 0])
+                acc[0], acc[1] = acc[0] + s, acc[1] + n
+        return {k: s / n for k, (s, n) in sorted(total.items())}
+
     def _shadow(self, model_sd: dict) -> nn.Module:
-        """A CPU copy of the model holding the gathered FSDP weights, for ``save_pretrained``."""
-        shadow = build(self.model.config)
+        """A CPU copy of the model holding the gathered FSDP weights, for ``save_pretrained``; built under
+        a forked RNG: building draws initial weights from the global generator, which would move the
+        run's dropout stream, so a run would depend on when it saved (and a resume would not match)."""
+        with torch.random.fork_rng(devices=[]):
+            shadow = build(self.model.config)
         shadow.load_state_dict(model_sd)
         return shadow
 
