@@ -308,8 +308,9 @@ def build(config, *, vocab_size: int | None = None, special_ids: dict | None = N
         _set_vocab(cfg["backbone"], vocab_size)
     given = _validate_ids(special_ids, "special_ids")
     ids = {**_validate_ids(cfg.get("special_ids"), "special_ids"), **given}
-    if special_ids is not None and "sentinel" not in given:
-        ids.pop("sentinel", None)
+    if "sentinel" not in given and (special_ids is not None or (vocab_size is not None
+                                                                and ids.get("sentinel", -1) >= vocab_size)):
+        ids.pop("sentinel", None)  # the config's tokenizer's sentinel, not this vocabulary's
     if ids:
         cfg["special_ids"] = ids
     return _assemble(cfg)

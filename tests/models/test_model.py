@@ -83,6 +83,28 @@ def test_flops_per_token_follows_palm():
     assert PretrainModel(image).flops_per_token() == 6 * (conv + 4 * 16 * 16 + 2 * 16 * 64) + 12 * 16 * 5
 
 
+def test_flops_per_token_weights_what_a_counted_token_runs_through():
+    """The objective's weights (Objective.flops_weights): SimCLR's two views and pooled projector, MAE's
+    encoder on the visible patches, T5's encoder / decoder shares of a raw token (they were charged the
+    whole model per raw token: 2.4x over for t5-small; SimCLR 2x under, CLIP 1.8x over)."""
+    from fastpt.objectives import MAE, SimCLR
+
+    image = vit(image_size=8, patch_size=4, in_channels=1, hidden_size=16, num_layers=1, num_heads=2)
+    bare = PretrainModel(image).flops_per_token()
+    simclr = SimCLR.from_backbone(image, proj_dim=8, proj_hidden_dim=8)
+    heads = sum(p.numel() for p in simclr.parameters() if p.requires_grad and p.dim() == 2)
+    assert PretrainModel(image, simclr).flops_per_token() == pytest.approx(2 * bare + 6 * heads * 2 / 4)
+    mae = MAE.from_backbone(image, decoder_hidden_size=8, decoder_layers=1, decoder_heads=2, mask_ratio=0.75)
+    heads = sum(p.numel() for p in mae.parameters() if p.requires_grad and p.dim() == 2)  # not its mask token
+    assert PretrainModel(image, mae).flops_per_token() == pytest.approx(0.25 * bare + 6 * heads)
+    t5 = fastpt.assemble.build("t5-small", vocab_size=V, backbone={"hidden_size": 16, "num_heads": 2,
+                                                                    "num_encoder_layers": 1, "num_decoder_layers": 1,
+                                                                    "intermediate_size": 16})
+    enc, dec = 1 - 0.15 + 0.15 / 3, 0.15 + 0.15 / 3
+    assert t5.objective.flops_weights(t5.backbone, 64) == pytest.approx({"encoder": enc, "decoder": dec, "heads": dec})
+    assert t5.flops_per_token(64) < 0.6 * PretrainModel(t5.backbone).flops_per_token(64)
+
+
 def test_a_model_without_config_cannot_be_saved(tmp_path):
     with pytest.raises(ValueError, match="build config"):
         PretrainModel(tiny_text()).save_pretrained(tmp_path)

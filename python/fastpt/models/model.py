@@ -142,33 +142,39 @@ class PretrainModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward), for MFU, as in PaLM's appendix B:
+        """Training FLOPs per token counted by ``tokens_in`` (forward + backward), for MFU, as in
+        PaLM's appendix B, part by part:
 
-            6 * N + 12 * sum over transformer stacks of (layers * width * tokens per sequence)
+            sum over the backbone's parts of w_part * (6 * N_part + 12 * layers * width * tokens per sequence)
+            + w_heads * 6 * N_heads
 
-        N counts the weight elements of every matrix product a token passes through: the
-        backbone's 2-D weights (fused q/k/v, projections, MLPs; ALBERT's shared layer once per
-        use) and patch convolutions, not the embedding tables (lookups), plus the objective's
-        trainable 2-D weights (heads, projectors, the MAE decoder; the vocabulary matrix of a tied
-        head included), times the share of tokens they run on where the objective says so
-        (``head_token_fraction``: MLM's head sees only the masked ``mask_prob`` of the tokens, as the
-        bench's count does). The second term is attention's score and value products. ``seq_len``:
-        tokens per text sequence (required for text backbones); a vision stack uses its own patch
-        count (+ cls). An estimate: it does not model MAE's encoder seeing 25% of the patches, or
-        the forward-only teacher passes.
+        N counts the weight elements of every matrix product a token passes through: the part's 2-D
+        weights (fused q/k/v, projections, MLPs; ALBERT's shared layer once per use) and patch
+        convolutions, not the embedding tables (lookups); N_heads the objective's trainable 2-D weights
+        (heads, projectors, the MAE decoder; the vocabulary matrix of a tied head included). The second
+        term is attention's score and value products. The weights w are the objective's
+        (``Objective.flops_weights``): the passes a counted token makes through each part, e.g. MLM's
+        head on the masked ``mask_prob`` of the tokens, T5's encoder / decoder on their shares of a
+        corrupted row, SimCLR's two views, MAE's encoder on the visible patches, a teacher's
+        forward-only pass as 1/3, pooled heads once per image. ``seq_len``: tokens per text sequence
+        (required for text backbones); a vision stack uses its own patch count (+ cls). An estimate:
+        augmented views cost by their area, and attention keeps the unsplit sequence length.
         """
-        n = _matmul_params(self.backbone)
+        weights = self.objective.flops_weights(self.backbone, seq_len) if self.objective is not None else {}
+        total = 0.0
+        for part, module, stacks in _parts(self.backbone):
+            attn = 0
+            for layers, width, tokens in stacks:
+                if tokens is None:
+                    if seq_len is None:
+                        raise ValueError("seq_len: required for a text backbone (tokens per sequence)")
+                    tokens = seq_len
+                attn += layers * width * tokens
+            w = weights.get(part, weights.get("backbone", 1.0))
+            total += w * (6 * _matmul_params(module) + 12 * attn)
         if self.objective is not None:
-            share = float(getattr(self.objective, "head_token_fraction", 1.0))
-            n += share * sum(p.numel() for p in self.objective.parameters() if p.requires_grad and p.dim() >= 2)
-        attn = 0
-        for layers, width, tokens in _stacks(self.backbone):
-            if tokens is None:
-                if seq_len is None:
-                    raise ValueError("seq_len: required for a text backbone (tokens per sequence)")
-                tokens = seq_len
-            attn += layers * width * tokens
-        return float(6 * n + 12 * attn)
+            total += weights.get("heads", 1.0) * 6 * _matmul_params(self.objective, trainable=True)
+        return float(total)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -260,16 +266,42 @@ def _atomic_write(dest: Path, write: Callable[[Path], object]) -> None:
             tmp.unlink()
 
 
-def _matmul_params(module: nn.Module) -> int:
-    """Weight elements of the matrix products in ``module``, a shared submodule once per use."""
+def _matmul_params(module: nn.Module, trainable: bool = False) -> int:
+    """Weight elements of the matrix products in ``module``, a shared submodule once per use (only those
+    that require grad with ``trainable``: not a frozen teacher's): 2-D weights and patch convolutions, not
+    embedding tables, mask tokens or position tables (lookups and additions)."""
     n = 0
     for _, m in module.named_modules(remove_duplicate=False):
         if isinstance(m, nn.Embedding):
             continue
         for p in m.parameters(recurse=False):
+            if trainable and not p.requires_grad:
+                continue
             if p.dim() == 2 or (isinstance(m, nn.Conv2d) and p is m.weight):
                 n += p.numel()
     return n
+
+
+class _Rest(nn.Module):
+    """An encoder-decoder's modules outside its encoder (the decoder, its norms), for ``_matmul_params``."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.parts = nn.ModuleList(m for name, m in backbone.named_children() if name != "encoder")
+
+
+def _parts(backbone: nn.Module):
+    """(name, module, its stacks) for ``flops_per_token``: an encoder-decoder's "encoder" and "decoder",
+    two towers' "text" and "vision", else the whole "backbone"."""
+    if isinstance(getattr(backbone, "text", None), nn.Module) and isinstance(getattr(backbone, "vision", None),
+                                                                            nn.Module):
+        yield "text", backbone.text, list(_stacks(backbone.text))
+        yield "vision", backbone.vision, list(_stacks(backbone.vision))
+    elif hasattr(backbone, "decoder_layers"):
+        yield "encoder", backbone.encoder, [(len(backbone.encoder.layers), backbone.hidden_size, None)]
+        yield "decoder", _Rest(backbone), [(len(backbone.decoder_layers), backbone.hidden_size, None)]
+    else:
+        yield "backbone", backbone, list(_stacks(backbone))
 
 
 def _stacks(backbone: nn.Module):

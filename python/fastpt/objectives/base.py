@@ -106,11 +106,34 @@ class Objective(nn.Module):
     def on_step_end(self, backbone: nn.Module, step: int) -> None:
         """Called after each optimizer step (EMA teachers, schedules). No-op here."""
 
+    def flops_weights(self, backbone: nn.Module, seq_len: int | None) -> dict[str, float]:
+        """What one token counted by ``tokens_in`` runs through, for ``PretrainModel.flops_per_token``:
+        training passes (forward + backward = 1, forward only = 1/3) through each part of the backbone
+        ("backbone"; an encoder-decoder's "encoder" / "decoder"; two towers' "text" / "vision") and, as
+        "heads", through the objective's trainable matrices. Default: the backbone once, the heads on
+        ``head_token_fraction`` of the tokens (1 unless an objective says otherwise)."""
+        return {"backbone": 1.0, "heads": float(getattr(self, "head_token_fraction", 1.0))}
+
     def tokens_in(self, batch: dict) -> int:
         """Tokens in ``batch``: the attention mask's sum, else the number of input ids."""
         if batch.get("attention_mask") is not None:
             return int(batch["attention_mask"].sum())
         return int(batch["input_ids"].numel())
+
+
+def view_area(backbone: nn.Module, size: int | None) -> float:
+    """Patches of a ``size`` x ``size`` crop over the patches of the backbone's own image size (1 for None):
+    what an augmented view costs against a raw image, which ``tokens_in`` counts."""
+    image = (getattr(backbone, "config", None) or {}).get("image_size")
+    if not size or not image:
+        return 1.0
+    h, w = image if isinstance(image, (list, tuple)) else (image, image)
+    return size * size / (h * w)
+
+
+def per_image_tokens(backbone: nn.Module) -> int:
+    """Patches of one image at the backbone's size: how many counted tokens share one pooled head pass."""
+    return max(1, int(getattr(backbone, "num_patches", 1)))
 
 
 def _has_submodule(module: nn.Module, path: str) -> bool:

@@ -17,8 +17,8 @@ from torch import nn
 
 from ..ops import clip_loss
 from ..ops.contrastive import MAX_LOGIT_SCALE
-from .base import (Objective, ObjectiveOutput, check_ids, check_images, choice, encode_text, pool, positive, require,
-                   top1_accuracy)
+from .base import (Objective, ObjectiveOutput, check_ids, check_images, choice, encode_text, per_image_tokens, pool,
+                   positive, require, top1_accuracy)
 from .simclr import gather_default, vision_tokens
 
 
@@ -122,6 +122,13 @@ class CLIP(Objective):
         if isinstance(self.logit_scale, nn.Parameter):
             with torch.no_grad():
                 self.logit_scale.clamp_(0.0, _top_logit_scale(self.logit_scale.dtype))
+
+    def flops_weights(self, backbone: nn.Module, seq_len: int | None) -> dict[str, float]:
+        """A counted token is a text token (text tower) or a patch (vision tower), ``seq_len`` of the one per
+        ``num_patches`` of the other; the projections once per pair each (pooled)."""
+        text, vision = towers(backbone)
+        t, p = float(seq_len or 0), float(per_image_tokens(vision))
+        return {"text": t / (t + p), "vision": p / (t + p), "heads": 2 / (t + p)}
 
     def tokens_in(self, batch: dict) -> int:
         """Text tokens plus image patches."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (Objective, ObjectiveOutput, check_images, choice, cosine_schedule, ema_update, fraction,
-                   frozen_copy, mlp, pool, positive, require, seeded)
+                   frozen_copy, mlp, per_image_tokens, pool, positive, require, seeded, view_area)
 from .simclr import ViewAugment, fit_crop_sizes, vision_tokens
 
 
@@ -200,6 +200,13 @@ class DINO(Objective):
         ema_update(self.teacher_backbone, backbone, m)
         ema_update(self.teacher_head, self.head, m)
         self.steps_done.fill_(step + 1)
+
+    def flops_weights(self, backbone: nn.Module, seq_len: int | None) -> dict[str, float]:
+        """The student on 2 global and ``num_local_crops`` local crops (by their area), the teacher on the 2
+        global crops (forward: 1/3); the head once per crop (pooled).""" 
+        glob = 2 * view_area(backbone, self.global_augment.size)
+        local = self.num_local_crops * view_area(backbone, self.local_augment.size)
+        return {"backbone": glob + local + glob / 3, "heads": (2 + self.num_local_crops) / per_image_tokens(backbone)}
 
     def tokens_in(self, batch: dict) -> int:
         return vision_tokens(batch["pixel_values"], self.patch_size)

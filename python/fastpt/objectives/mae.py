@@ -96,6 +96,10 @@ class MAE(Objective):
         loss = (per_patch * mask).sum() / mask.sum().clamp(min=1)
         return ObjectiveOutput(loss, {"loss": loss.detach()}, pred, latent)
 
+    def flops_weights(self, backbone: nn.Module, seq_len: int | None) -> dict[str, float]:
+        """The encoder on the visible patches only; the decoder (the heads) on every patch."""
+        return {"backbone": 1.0 - self.mask_ratio, "heads": 1.0}
+
     def tokens_in(self, batch: dict) -> int:
         """Patches of the input images (visible and removed)."""
         return vision_tokens(batch["pixel_values"], self.patch_size)

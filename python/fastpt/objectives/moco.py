@@ -16,7 +16,7 @@ from torch import nn
 
 from ..ops import info_nce
 from .base import (Objective, ObjectiveOutput, check_images, choice, cosine_schedule, ema_update, fraction,
-                   frozen_copy, mlp, pool, positive, require, seeded, top1_accuracy)
+                   frozen_copy, mlp, per_image_tokens, pool, positive, require, seeded, top1_accuracy, view_area)
 from .simclr import ViewAugment, fit_crop_sizes, gather_default, vision_tokens
 
 
@@ -125,6 +125,12 @@ class MoCoV3(Objective):
         m = self.momentum(step)
         ema_update(self.momentum_backbone, backbone, m)
         ema_update(self.momentum_projector, self.projector, m)
+
+    def flops_weights(self, backbone: nn.Module, seq_len: int | None) -> dict[str, float]:
+        """Two views through the backbone (forward + backward) and the momentum encoder (forward: 1/3);
+        projector and predictor once per view (pooled)."""
+        return {"backbone": 2 * view_area(backbone, self.augment.size) * (1 + 1 / 3),
+                "heads": 2 / per_image_tokens(backbone)}
 
     def tokens_in(self, batch: dict) -> int:
         return vision_tokens(batch["pixel_values"], self.patch_size)

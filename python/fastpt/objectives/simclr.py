@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import nt_xent
-from .base import (Objective, ObjectiveOutput, check_images, choice, fraction, mlp, pool, positive, require, seeded,
-                   top1_accuracy)
+from .base import (Objective, ObjectiveOutput, check_images, choice, fraction, mlp, per_image_tokens, pool, positive,
+                   require, seeded, top1_accuracy, view_area)
 
 # ITU-R 601 luma weights for 3-channel images; other channel counts use the plain channel mean.
 RGB_LUMA = (0.299, 0.587, 0.114)
@@ -206,6 +206,10 @@ class SimCLR(Objective):
             zn = F.normalize(z.detach(), dim=1)
             metrics["accuracy"] = top1_accuracy(zn, zn, target_offset=z1.shape[0], exclude_self=True)
         return ObjectiveOutput(loss, metrics, None, h[: z1.shape[0]])
+
+    def flops_weights(self, backbone: nn.Module, seq_len: int | None) -> dict[str, float]:
+        """Two views of every counted image through the backbone; the projector once per view (pooled)."""
+        return {"backbone": 2 * view_area(backbone, self.augment.size), "heads": 2 / per_image_tokens(backbone)}
 
     def tokens_in(self, batch: dict) -> int:
         """Patches of the input images (images when ``patch_size`` is unknown)."""

@@ -110,6 +110,18 @@ class _Seq2SeqLM(Objective):
     def _extra_metrics(self, batch, sel, hm, y, lse) -> dict:
         return {}
 
+    def _shares(self) -> tuple[float, float]:
+        """(encoder, decoder) tokens per raw token: span corruption at noise density d, mean span m keeps
+        1 - d of the row plus a sentinel per span (d / m) for the encoder, the d noise plus as many
+        sentinels for the decoder."""
+        d, m = self.noise_density, self.mean_span_len
+        return 1 - d + d / m, d + d / m
+
+    def flops_weights(self, backbone: nn.Module, seq_len: int | None) -> dict[str, float]:
+        """The encoder and the decoder (with the LM head) on their shares of a raw token (``_shares``)."""
+        enc, dec = self._shares()
+        return {"encoder": enc, "decoder": dec, "heads": dec}
+
     def tokens_in(self, batch: dict) -> int:
         """Encoder plus decoder tokens of a prepared batch (the raw batch's tokens before ``prepare``)."""
         n = super().tokens_in(batch)
@@ -194,6 +206,21 @@ class UL2(_Seq2SeqLM):
         self._denoise(torch.full((1, 4), eos_id, dtype=torch.int64), None, 0)
         for mode, v in (self.mode_token_ids or {}).items():  # written into the inputs: inside the vocabulary
             check_token_id(f"mode_token_ids[{mode!r}]", v, vocab_size)
+
+    def _shares(self) -> tuple[float, float]:
+        """(encoder, decoder) tokens per raw token, averaged over the mixture (by its weights): R / X rows as
+        span corruption, S rows split at a uniform point (half and half on average)."""
+        weights = self.weights or (1.0,) * len(self.denoisers)
+        enc = dec = 0.0
+        for den, w in zip(self.denoisers, weights):
+            if den.mode == "S":
+                e, d = 0.5, 0.5
+            else:
+                nd, m = den.noise_density, den.mean_span_len
+                e, d = 1 - nd + nd / m, nd + nd / m
+            enc, dec = enc + w * e, dec + w * d
+        total = sum(weights)
+        return enc / total, dec / total
 
     def _denoise(self, ids, seqlens, seed):
         return ul2_denoise(ids, seqlens, sentinel_start_id=self.sentinel_start_id, eos_id=self.eos_id,
