@@ -319,6 +319,16 @@ def test_from_hf_objective_choices(tmp_path):
         asm.to_hf(model.backbone, tmp_path / "x")
 
 
+def test_to_hf_writes_the_special_ids_from_hf_reads_back(tmp_path):
+    """A pre-trained model exported without tokenizer files (a checkpoint holds none) loads back with its
+    own MLM mask id: to_hf writes <role>_token_id into config.json (from_hf needed mask_token_id= before)."""
+    ids = {"mask": 4, "pad": 0, "cls": 1, "sep": 2, "unk": 3}
+    model = asm.build("bert-tiny", vocab_size=60, special_ids=ids, backbone={"num_layers": 1})
+    asm.to_hf(model, tmp_path / "hf")
+    back = asm.from_hf(tmp_path / "hf")
+    assert back.objective.mask_token_id == 4 and back.config["special_ids"] == ids
+
+
 def test_defaults_keys_are_the_recipes():
     recipe = pytest.importorskip("fastpt.train.config")
     assert set(asm.DEFAULT_KEYS) == set(recipe.MODEL_DEFAULTS)

@@ -308,8 +308,9 @@ def build(config, *, vocab_size: int | None = None, special_ids: dict | None = N
         _set_vocab(cfg["backbone"], vocab_size)
     given = _validate_ids(special_ids, "special_ids")
     ids = {**_validate_ids(cfg.get("special_ids"), "special_ids"), **given}
-    if "sentinel" not in given and (special_ids is not None or (vocab_size is not None
-                                                                and ids.get("sentinel", -1) >= vocab_size)):
+    vocab = (cfg.get("backbone") or {}).get("vocab_size")
+    if "sentinel" not in given and (special_ids is not None or (isinstance(vocab, int)
+                                                                and ids.get("sentinel", -1) >= vocab)):
         ids.pop("sentinel", None)  # the config's tokenizer's sentinel, not this vocabulary's
     if ids:
         cfg["special_ids"] = ids
@@ -519,14 +520,22 @@ def to_hf(model: PretrainModel, path) -> Path:
     """Write ``model`` as a Hugging Face directory (config.json + model.safetensors) that
     transformers loads: BERT / RoBERTa (``*ForMaskedLM`` with an MLM objective), GPT-2
     (``GPT2LMHeadModel`` with a causal LM), ViT. The architecture and untouched config.json keys
-    come from ``model.config["hf"]`` when the model came from ``from_hf``, else are inferred.
-    Tokenizer files are not written (``fastpt convert`` copies them). Returns the directory.
+    come from ``model.config["hf"]`` when the model came from ``from_hf``, else are inferred; the
+    special token ids go in as ``<role>_token_id`` (``mask_token_id`` ...), so ``from_hf`` reads them back
+    without tokenizer files. Tokenizer files are not written (``fastpt convert`` copies them). Returns
+    the directory.
     Raises TypeError (not a PretrainModel), ValueError (what the architecture cannot express)."""
     if not isinstance(model, PretrainModel):
         raise TypeError(f"model: expected a PretrainModel, got {type(model).__name__}")
     hf = model.config.get("hf") or {}
     heads = model.objective.heads() if model.objective is not None else {}
-    return _backbone_to_hf(model.backbone, heads, path, arch=hf.get("arch"), hf_config=hf.get("hf_config"))
+    # the special ids as config.json's <role>_token_id (what _hf_special_ids reads back): without tokenizer
+    # files beside it, from_hf / init_from could not tell the MLM its mask id
+    ids = dict(model.config.get("special_ids") or {})
+    if getattr(model.objective, "mask_token_id", None) is not None:
+        ids["mask"] = model.objective.mask_token_id
+    hf_config = {**(hf.get("hf_config") or {}), **{f"{role}_token_id": int(v) for role, v in sorted(ids.items())}}
+    return _backbone_to_hf(model.backbone, heads, path, arch=hf.get("arch"), hf_config=hf_config)
 
 
 __all__ = ["build", "load_config", "list_configs", "from_hf", "to_hf", "validate", "merge", "FORMAT"]

@@ -48,8 +48,10 @@ def test_loss_matches_reference_and_center_moves():
 def test_teacher_temperature_warmup():
     backbone, obj = make(warmup_teacher_temp=0.02, teacher_temp=0.06, warmup_teacher_temp_steps=4)
     assert obj.current_teacher_temp() == pytest.approx(0.02)
-    obj.on_step_end(backbone, 1)  # two steps done
-    assert obj.current_teacher_temp() == pytest.approx(0.04)
+    obj.on_step_end(backbone, 1)  # two steps done: DINO's np.linspace(0.02, 0.06, 4)[2]
+    assert obj.current_teacher_temp() == pytest.approx(0.02 + 0.04 * 2 / 3)
+    obj.on_step_end(backbone, 2)  # the warm-up's last step is the final temperature, as in DINO
+    assert obj.current_teacher_temp() == pytest.approx(0.06)
     obj.on_step_end(backbone, 9)
     assert obj.current_teacher_temp() == pytest.approx(0.06)
     assert "steps_done" in obj.state_dict()  # the schedule resumes from a checkpoint

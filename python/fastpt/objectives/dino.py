@@ -136,11 +136,14 @@ class DINO(Objective):
         return out
 
     def current_teacher_temp(self) -> float:
-        """Teacher temperature at the current step (after the linear warm-up)."""
+        """Teacher temperature at the current step: DINO's ``np.linspace(warmup_teacher_temp, teacher_temp,
+        n)`` over the first n steps (reaching teacher_temp at step n - 1), then teacher_temp."""
         n, step = self.warmup_teacher_temp_steps, int(self.steps_done)
         if step >= n:
             return self.teacher_temp
-        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * step / n
+        if n == 1:
+            return self.warmup_teacher_temp
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * step / (n - 1)
 
     def momentum(self, step: int) -> float:
         """The teacher's EMA momentum after optimizer step ``step``."""
