@@ -138,6 +138,32 @@ def test_cpu_pairs_are_timed_under_both_malloc_settings(monkeypatch):
     assert not _cpu_malloc.is_tuned()
 
 
+@pytest.mark.parametrize("fail_at", [1, 2, 3])  # warm-up, the memory step, the timed steps
+def test_a_side_that_fails_at_any_stage_gets_an_error_row_and_the_other_is_measured(fail_at):
+    """A side failing after its warm-up (in the memory step or the timed rounds) crashed the whole
+    suite and wrote nothing; now it gets an error row naming the stage, as a build failure did."""
+    calls = {"n": 0}
+
+    def flaky():
+        loss_fn, params, how = good()
+
+        def fn(batch):
+            calls["n"] += 1
+            if calls["n"] >= fail_at:
+                raise RuntimeError(f"injected at call {calls['n']}")
+            return loss_fn(batch)
+        return fn, params, how
+
+    model = torch.nn.Linear(4, 1)
+    good = lambda: (lambda batch: model(batch["x"]).sum(), list(model.parameters()), "linear")  # noqa: E731
+    ctx = Context(device="cpu", quick=True, log=lambda s: None)
+    rows = e2e._time_pair(ctx, {"fastpt": flaky, "transformers": good}, [{"x": torch.randn(2, 4)}], op="t",
+                          size="s", batch=2, seq=2, dtype=torch.float32, flops=1.0, note="")
+    by = {r["provider"]: r for r in rows}
+    assert by["fastpt"]["status"].startswith("error (") and "injected" in by["fastpt"]["status"]
+    assert by["transformers"].get("time_ms") and not str(by["transformers"].get("status", "")).startswith("error")
+
+
 @pytest.mark.parametrize("backend", [
     "aot_eager",
     pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(

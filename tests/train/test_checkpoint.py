@@ -84,6 +84,50 @@ def test_partial_save_is_ignored_and_cleaned(tmp_path):
     assert ckpt.clean_partial(tmp_path) == [torn] and not torn.exists()
 
 
+def test_keep_last_never_prunes_the_new_checkpoint_for_newer_stale_ones(tmp_path):
+    """A resume that fell back past a corrupt newest checkpoint (step 9) saves steps 7, 8: keep_last counts
+    only checkpoints older than the one just written (it deleted 6 and 7, keeping the corrupt 9)."""
+    for step in (6, 9):
+        save(tmp_path, step)
+    save(tmp_path, 7, keep_last=1)
+    assert [s for s, _ in ckpt.find_checkpoints(tmp_path)] == [7, 9]
+    save(tmp_path, 8, keep_last=2)
+    assert [s for s, _ in ckpt.find_checkpoints(tmp_path)] == [7, 8, 9]
+
+
+def test_a_failed_write_removes_its_partial_directory_and_names_the_checkpoint(tmp_path):
+    """A full disk while saving: CheckpointWriteError (an OSError) naming the checkpoint, no .tmp-* left
+    to fill the disk, the earlier checkpoints intact."""
+    save(tmp_path, 1)
+
+    def full(d):
+        (d / "model.pt").write_bytes(b"part")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"checkpoint .*step-00000002: could not be written .*No space"):
+        ckpt.save_checkpoint(tmp_path, 2, write_model=full, optimizer_state=None, trainer_state={}, rng_tensors={})
+    assert not list(tmp_path.glob(".tmp-*")) and ckpt.latest_checkpoint(tmp_path).name == "step-00000001"
+
+
+@pytest.mark.parametrize("complete_new", [True, False])
+def test_a_kill_between_the_renames_of_a_replaced_checkpoint_loses_neither(tmp_path, complete_new):
+    """Replacing step 5 renames the old one aside, then the new one into place; killed in between,
+    both carried .tmp-* names and clean_partial deleted both. The complete new one is put in place, or
+    else the old one back."""
+    import shutil
+
+    old = save(tmp_path, 5)
+    os_rename_target = tmp_path / ".tmp-old-step-00000005-77"
+    new = tmp_path / ".tmp-step-00000005-77"
+    shutil.copytree(old, new)
+    if not complete_new:
+        (new / "checkpoint.json").unlink()  # killed before its manifest: not complete
+    old.rename(os_rename_target)
+    ckpt.clean_partial(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000005"]
+    ckpt.verify_checkpoint(tmp_path / "step-00000005")
+
+
 def test_run_directory_is_accepted(tmp_path):
     save(tmp_path / "checkpoints", 3)
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003"

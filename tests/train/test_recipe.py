@@ -159,6 +159,21 @@ def test_init_from_fastpt_run(shards, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-9, msg=k)
 
 
+def test_init_from_a_damaged_checkpoint_directory_is_refused(shards, tmp_path):
+    """init_from naming one checkpoint (not the run directory) verifies it as --resume does: a flipped byte
+    was trained on silently."""
+    pretrain(recipe(shards, tmp_path / "a", output=QUIET), log=lambda m: None)
+    step = tmp_path / "a" / "checkpoints" / "step-00000006"
+    weights = step / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    cfg = recipe(shards, tmp_path / "b", train={"max_steps": 1}, output=QUIET)
+    cfg["init_from"], cfg["model"] = str(step), None
+    with pytest.raises(ConfigError, match=r"init_from: .*model.safetensors"):
+        pretrain(cfg, log=lambda m: None)
+
+
 def test_init_from_hugging_face_dir(shards, tmp_path):
     from fastpt.assemble import build, to_hf
 

@@ -478,6 +478,15 @@ def _time_pair(ctx, sides: dict, batches: list[dict], *, op: str, size: str, bat
     common = dict(suite="e2e", op=op, case=f"{size} B{batch} S{seq}" + (COMPILE_CASE if compile else ""),
                   mode="fwd+bwd+AdamW", shape=(batch, seq), dtype=dtype_name(dtype), baseline="transformers")
     steps, hows, warm, dynamo, rows = {}, {}, {}, {}, []
+
+    def fail(name: str, exc: Exception, stage: str) -> None:
+        """An error row for a side that failed (the other is still measured); it leaves the rounds."""
+        msg = str(exc).strip().splitlines()
+        rows.append(make_row(**common, provider=name, status=f"error ({stage}): {type(exc).__name__}: "
+                             f"{msg[0][:200] if msg else ''}"))
+        ctx.log(f"e2e {name}: {rows[-1]['status']}")
+        steps.pop(name, None)
+
     for name, build in sides.items():
         try:
             torch.manual_seed(0)
@@ -492,22 +501,28 @@ def _time_pair(ctx, sides: dict, batches: list[dict], *, op: str, size: str, bat
                 warm[name].append(time.perf_counter() - t0)
             dynamo[name] = tuple(a - b for a, b in zip(_dynamo_counts(), before))
         except Exception as exc:  # noqa: BLE001 - report the side that failed, measure the other
-            msg = str(exc).strip().splitlines()
-            rows.append(make_row(**common, provider=name, status=f"error: {type(exc).__name__}: "
-                                 f"{msg[0][:200] if msg else ''}"))
-            ctx.log(f"e2e {name}: {rows[-1]['status']}")
-            steps.pop(name, None)
-    mems = {name: peak_memory(step, device=ctx.device) for name, step in steps.items()}
+            fail(name, exc, "build / warm-up")
+    mems = {}
+    for name, step in list(steps.items()):
+        try:
+            mems[name] = peak_memory(step, device=ctx.device)
+        except Exception as exc:  # noqa: BLE001
+            fail(name, exc, "memory step")
     compiled_before = _dynamo_counts()[0]
     for keep in _malloc_settings(ctx):
         timings = {name: Timing() for name in steps}
         with contextlib.nullcontext() if keep is None else _cpu_malloc.tuned(keep):
-            if keep is not None:
-                for step in steps.values():
+            for name, step in list(steps.items()) if keep is not None else ():
+                try:
                     step()  # one step under this allocator before timing
+                except Exception as exc:  # noqa: BLE001
+                    fail(name, exc, "allocator step")
             for _ in range(repeats):  # alternate: a disturbance on a shared machine hits both sides alike
-                for name, step in steps.items():
-                    timings[name].times += time_fn(step, device=ctx.device, warmup=0, repeats=1).times
+                for name, step in list(steps.items()):
+                    try:
+                        timings[name].times += time_fn(step, device=ctx.device, warmup=0, repeats=1).times
+                    except Exception as exc:  # noqa: BLE001
+                        fail(name, exc, "timed steps")
         case = common["case"] + (MALLOC_KEPT_CASE if keep else "")
         how_malloc = "" if keep is None else f"; {MALLOC_NOTES[keep]}"
         recompiled = _dynamo_counts()[0] - compiled_before

@@ -191,7 +191,9 @@ class PretrainModel(nn.Module):
             if id(t) in seen:  # tied / shared: stored once, under its first name
                 continue
             seen.add(id(t))
-            tensors[key] = t.detach().to("cpu").contiguous()
+            # a submodule replaced by torch.compile(...) names its weights "<name>._orig_mod.<...>": the
+            # rebuilt model has them under "<name>.<...>"
+            tensors[key.replace("._orig_mod.", ".").removeprefix("_orig_mod.")] = t.detach().to("cpu").contiguous()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.config}

@@ -41,6 +41,10 @@ RNG = "rng.safetensors"
 NAME = re.compile(r"^step-(\d{8,})$")
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only directory ...): names it."""
+
+
 class CorruptCheckpointError(ValueError):
     """A checkpoint whose files do not match its ``checkpoint.json`` (the message names the file)."""
 
@@ -106,6 +110,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, write_model: Callable
         trainer_state: JSON-serialisable state (step, tokens, data position, RNG, ...).
         rng_tensors: name -> tensor (generator states), stored as safetensors.
     Returns the checkpoint directory. An existing checkpoint of the same step is replaced.
+    ``keep_last`` prunes only checkpoints older than this one (never this one, nor newer ones an
+    earlier run left: a resume that fell back past a corrupt newest checkpoint must not lose the new
+    ones to it). Raises CheckpointWriteError (an OSError) naming the checkpoint when it cannot be
+    written (a full disk ...); the partial directory is removed and earlier checkpoints stay.
     """
     from safetensors.torch import save_file
 
@@ -114,20 +122,29 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, write_model: Callable
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_model(tmp)
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / OPTIMIZER)
-    save_file({k: v.detach().cpu().contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG))
-    _write_json(tmp / STATE, {**trainer_state, "step": step})
-    files = {}
-    for p in sorted(tmp.iterdir()):
-        if p.is_file():
-            _fsync(p)
-            files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": files})
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
+    try:
+        tmp.mkdir()
+        write_model(tmp)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER)
+        save_file({k: v.detach().cpu().contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG))
+        _write_json(tmp / STATE, {**trainer_state, "step": step})
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            if p.is_file():
+                _fsync(p)
+                files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": files})
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
+    except (OSError, RuntimeError, ValueError) as exc:  # torch.save / safetensors report ENOSPC their own ways
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"; {shutil.disk_usage(root).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = ""
+        raise CheckpointWriteError(f"checkpoint {final}: could not be written ({type(exc).__name__}: {exc}){free}; "
+                                   f"the earlier checkpoints are intact") from exc
     trash = None
     if final.exists():  # a torn or older save of this step: replace it, the rename stays atomic
         trash = root / f".tmp-old-{final.name}-{os.getpid()}"
@@ -137,15 +154,31 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, write_model: Callable
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
     if keep_last:
-        for _, old in find_checkpoints(root)[:-keep_last]:
+        older = [p for s, p in find_checkpoints(root) if s < step]
+        for old in older[:max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+_TMP = re.compile(r"\.tmp-(old-)?(step-\d+)-\d+")
+
+
 def clean_partial(root: str | os.PathLike) -> list[Path]:
-    """Remove ``.tmp-*`` directories that an interrupted save left in ``root``; returns them."""
+    """Remove the ``.tmp-*`` directories an interrupted save left in ``root``; returns them. A save that
+    replaces a checkpoint of the same step renames the old one aside, then the new one into place: killed
+    between the two, neither has its name. The new one, complete (its manifest is written last), is put
+    in place, else the old one back; verification on load judges them as any checkpoint."""
     root = Path(root)
-    gone = [p for p in root.glob(".tmp-*") if p.is_dir()] if root.is_dir() else []
+    leftovers = sorted(p for p in root.glob(".tmp-*") if p.is_dir()) if root.is_dir() else []
+    for new_first in (True, False):
+        for p in leftovers:
+            m = _TMP.fullmatch(p.name)
+            final = root / m.group(2) if m else None
+            if final is None or final.exists() or not p.exists() or bool(m.group(1)) == new_first:
+                continue
+            if not new_first or (p / MANIFEST).is_file():
+                os.rename(p, final)
+    gone = [p for p in leftovers if p.exists()]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone

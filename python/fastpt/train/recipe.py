@@ -294,6 +294,11 @@ class PretrainRecipe:
                 raise ConfigError(f"init_from: {path} is a run directory without checkpoints")
             path = latest
         if is_model_dir(path):
+            if (path / ckpt.MANIFEST).is_file():  # a checkpoint: the same check as --resume's
+                try:
+                    ckpt.verify_checkpoint(path)
+                except ckpt.CorruptCheckpointError as exc:
+                    raise ConfigError(f"init_from: {exc}") from exc
             if self.cfg["model"] is not None:
                 self.log(f"pretrain: init_from {path}: model and objective come from its fastpt_config.json; "
                          "the recipe's model: is not used")
@@ -726,7 +731,7 @@ def pretrain_main(argv: list[str] | None = None) -> int:
             print(to_yaml(load_recipe(args.config, args.overrides, resolve_model=model_config)), end="")
             return 0
         pretrain(args.config, resume=args.resume, overrides=args.overrides)
-    except (ConfigError, ckpt.CorruptCheckpointError) as exc:
+    except (ConfigError, ckpt.CorruptCheckpointError, ckpt.CheckpointWriteError) as exc:
         print(f"fastpt pretrain: error: {exc}", file=sys.stderr)
         return 2
     return 0
