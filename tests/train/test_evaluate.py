@@ -277,6 +277,22 @@ def test_vision_on_image_folders(tmp_path):
         evaluate_vision(_vit(), tmp_path / "unlabelled")
 
 
+def test_vision_test_folder_of_some_classes_is_scored_by_class_name(tmp_path):
+    """A test folder holding only class "c" numbered it 0 (its own first class) and scored it against the
+    training's "a": accuracy near 0, silently. Labels now go by name; a class training never saw is an error."""
+    x, y = _prototype_images(64)
+    names = ["a", "b", "c", "d"]
+    for i, (img, label) in enumerate(zip(x, y)):
+        _write_pgm(tmp_path / "train" / names[label] / f"{i:03d}.pgm", img[0])
+        if names[label] == "c":
+            _write_pgm(tmp_path / "only_c" / "c" / f"{i:03d}.pgm", img[0])
+    r = evaluate_vision(_vit(), tmp_path / "train", tmp_path / "only_c", probe="linear")
+    assert r["n_test"] == 16 and r["linear"]["accuracy"] >= 0.9
+    _write_pgm(tmp_path / "only_c" / "zebra" / "z.pgm", x[0, 0])
+    with pytest.raises(ValueError, match=r"test classes \['zebra'\] are not among the training classes"):
+        evaluate_vision(_vit(), tmp_path / "train", tmp_path / "only_c", probe="linear")
+
+
 def test_fashion_mnist_subset():
     from fastpt.data.images import find_fashion_mnist
 

@@ -146,6 +146,26 @@ def test_resume_mid_logging_window(shards, tmp_path):
     assert again["first_loss"] == first["first_loss"] and again["steps_this_run"] == 6
 
 
+def test_checkpoints_carry_the_shards_tokenizer(tmp_path, monkeypatch):
+    """Every checkpoint holds the shards' tokenizer.json (verified with the rest): fastpt eval and convert
+    find it there from any directory (eval looked for the recipe's data.path relative to the current one,
+    and could pick another run's tokenizer)."""
+    import shutil
+
+    from fastpt.data.tokenizer import train_tokenizer
+    from fastpt.train import checkpoint as ckpt
+    from fastpt.train.evaluate import find_tokenizer
+
+    shards = make_shards(tmp_path / "shards")
+    train_tokenizer(iter(["river stone cloud"] * 20), "wordpiece", 40).save(str(shards / "tokenizer.json"))
+    pretrain(recipe(shards, tmp_path / "run", train={"max_steps": 3}, output=QUIET), log=lambda m: None)
+    step = tmp_path / "run" / "checkpoints" / "step-00000003"
+    assert "tokenizer.json" in ckpt.verify_checkpoint(step)["files"]
+    shutil.rmtree(shards)
+    monkeypatch.chdir(tmp_path / "run")
+    assert find_tokenizer(step) is not None
+
+
 def test_init_from_fastpt_run(shards, tmp_path):
     pretrain(recipe(shards, tmp_path / "a", output=QUIET), log=lambda m: None)
     cfg = recipe(shards, tmp_path / "b", train={"max_steps": 1, "lr": 1e-12, "warmup_steps": 0}, output=QUIET)

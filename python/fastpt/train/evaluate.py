@@ -148,6 +148,22 @@ def fresh_like(backbone: nn.Module, seed: int = 0) -> nn.Module:
         return assemble.build({"backbone": dict(getattr(backbone, "config", {}) or {})}).backbone
 
 
+def _labels_by_name(labels, names, train_names, where) -> np.ndarray:
+    """Test labels numbered by the training classes: a test folder numbers its own sorted classes (one of
+    only some classes scored against the wrong ids, silently); a class training never saw is an error."""
+    labels = np.asarray(labels)
+    names, train_names = list(names or []), list(train_names or [])
+    if not names or not train_names or names == train_names:
+        return labels
+    index = {c: i for i, c in enumerate(train_names)}
+    unknown = [c for c in names if c not in index]
+    if unknown:
+        raise ValueError(f"{_where(where)}: test classes {unknown} are not among the training classes "
+                         f"{train_names}")
+    remap = np.asarray([index[c] for c in names], dtype=np.int64)
+    return np.where(labels >= 0, remap[np.clip(labels, 0, None)], labels)
+
+
 def find_tokenizer(model_path: str | os.PathLike):
     """The tokenizer saved with a model: in its checkpoint directory, else in a parent up to
     ``model_path`` (a pretrain output dir), else in the shard directory the run trained on
@@ -559,7 +575,8 @@ def evaluate_vision(backbone: nn.Module, data, test=None, *, probe: str = "both"
     split_dir = isinstance(data, (str, os.PathLike)) and \
         (str(data) == "fashion-mnist" or (Path(data) / "test").is_dir())
     if test is not None or split_dir:
-        x_test, y_test, _ = load_images(data if test is None else test, "test", **opts)
+        x_test, y_test, test_classes = load_images(data if test is None else test, "test", **opts)
+        y_test = _labels_by_name(y_test, test_classes, classes, data if test is None else test)
     else:
         tr, te = stratified_split(y_train.tolist(), test_fraction, seed)
         if len(y_train) and not te:  # stratified_split holds out one of a class only from 2 images up
@@ -598,7 +615,7 @@ def evaluate_vision(backbone: nn.Module, data, test=None, *, probe: str = "both"
         pred = knn_predict(f_train.to(dev), y_train, f_test.to(dev), k=k, temperature=temperature,
                            num_classes=num_classes)
         result["knn"] = classification_metrics(pred, y_test)
-        result.update(k=k, temperature=temperature)
+        result.update(k=min(k, len(y_train)), temperature=temperature)  # the k used: at most the training images
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
@@ -738,7 +755,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             if args.task:
                 if args.train or args.test:
                     raise ValueError("--task replaces --train/--test: give one or the other")
-                train_path, test_path = builtin_text_task(args.task, seed=args.seed)
+                train_path, test_path = builtin_text_task(args.task, seed=args.seed, test_fraction=args.test_fraction)
                 log(f"eval text: task {args.task}: {train_path} / {test_path}")
             elif args.train:
                 train_path, test_path = args.train, args.test

@@ -28,6 +28,7 @@ import inspect
 import math
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from .schedule import lr_at
 
 from .. import _cpu_malloc
 from ..assemble import build, from_hf, load_config
-from ..data.shards import nearest_existing
+from ..data.shards import TOKENIZER_FILE, nearest_existing
 from ..models.embeddings import TextEmbedding
 from ..models.model import PretrainModel
 from ..models.vision import vit
@@ -578,10 +579,16 @@ class PretrainRecipe:
             return self.ckpt_dir / ckpt.checkpoint_name(self.step)
         if self.cfg["train"]["fsdp"]:
             model_sd, optim_sd = distributed.full_state_dicts(self.wrapped, self.optimizer)
-            write_model = lambda d: self._shadow(model_sd).save_pretrained(d)  # noqa: E731
+            save_model = lambda d: self._shadow(model_sd).save_pretrained(d)  # noqa: E731
         else:
             optim_sd = self.optimizer.state_dict()
-            write_model = self.model.save_pretrained
+            save_model = self.model.save_pretrained
+
+        def write_model(d: Path) -> None:
+            save_model(d)
+            tok = self._tokenizer_file()
+            if tok is not None:  # the checkpoint is self-contained: eval / convert --to-hf find its tokenizer
+                shutil.copyfile(tok, d / tok.name)
         tensors, plain = ckpt.rng_state()
         loss_sum, metric_sums = getattr(self, "window", (None, {}))
         window = {"loss": [float(x) for x in loss_sum.tolist()] if loss_sum is not None else [0.0, 0.0],
@@ -604,6 +611,13 @@ class PretrainRecipe:
         self.last_saved = self.step
         distributed.barrier(self.dist)
         return path
+
+    def _tokenizer_file(self) -> Path | None:
+        """The shards' tokenizer.json (text runs), copied into every checkpoint."""
+        if not isinstance(self.data, TextStream):
+            return None
+        path = Path(self.cfg["data"]["path"]) / TOKENIZER_FILE
+        return path if path.is_file() else None
 
     def _mean_metrics(self, metric_sums: dict) -> dict:
         """The objective's metrics averaged over the window's micro-steps and every rank (rank 0 gets them;
