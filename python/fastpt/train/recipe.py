@@ -141,6 +141,8 @@ class PretrainRecipe:
                                        enabled=self.precision in ("bf16", "fp16"))
         if resume_from is not None:
             self._load_training_state(resume_from)
+            if self.dist.is_main:  # after the checks of the resume (world size, data): a refused one changes nothing
+                self._save_config()
 
         self.total_steps = self._total_steps()
         seq = self.data.seq_len if isinstance(self.data, TextStream) else getattr(self.model.backbone, "num_patches", 0)
@@ -182,11 +184,15 @@ class PretrainRecipe:
             if found is None:
                 self._print(f"pretrain: --resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
         self._check_output_dir()
+        if found is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
+            self._save_config()
+        return str(found) if found else None
+
+    def _save_config(self) -> None:
         try:
             self._write_config()
         except OSError as exc:
             raise ConfigError(f"output.dir: cannot write {self.out / 'config.yaml'}: {exc}") from exc
-        return str(found) if found else None
 
     def _check_output_dir(self) -> None:
         """Create output.dir and make sure its checkpoints/ can be created: a file in the way would
