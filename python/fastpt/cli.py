@@ -166,19 +166,37 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--json", action="store_true", help="print the report as JSON")
     p_demo = sub.add_parser("demo-masking", help="masking throughput on a built-in corpus (the Python documentation) "
                                                  "against Hugging Face's collator and torch")
-    p_demo.add_argument("--batch", type=int, default=256, help="rows per batch (default 256)")
-    p_demo.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
-    p_demo.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary to train (default 8000)")
-    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--batch", type=int, default=256, help="rows per batch, >= 1 (default 256)")
+    p_demo.add_argument("--seq-len", type=int, default=512, help="tokens per row, >= 3 (default 512)")
+    p_demo.add_argument("--vocab-size", type=int, default=8000,
+                        help="WordPiece vocabulary to train, >= 109: 8 specials + 100 T5 sentinels + 1 (default 8000)")
+    p_demo.add_argument("--seed", type=int, default=0, help="0 .. 2**63-1 (default 0)")
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)  # listed here; parsed by its own entry
     args = parser.parse_args(argv)
     if args.command == "info":
         _print_info(args.json)
     elif args.command == "demo-masking":
-        from .demo import run_demo
+        return _demo_masking(args)
+    return 0
 
+
+def _demo_masking(args) -> int:
+    """``fastpt demo-masking``: a bad flag (named, with its valid range) ends as ``fastpt demo-masking:
+    error:`` and status 2 before the corpus is built; an error of a step as status 1."""
+    from .demo import MaskingDemoError, check_args, run_demo
+
+    prog = "fastpt demo-masking"
+    try:
+        check_args(batch=args.batch, seq_len=args.seq_len, vocab_size=args.vocab_size, seed=args.seed)
+    except MaskingDemoError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         run_demo(batch=args.batch, seq_len=args.seq_len, vocab_size=args.vocab_size, seed=args.seed)
+    except (ValueError, OSError) as exc:  # e.g. a --seq-len longer than the whole corpus
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,6 +16,31 @@ import torch
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 UL2_MODE_TOKENS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}  # the UL2 paper's paradigm tokens
 NUM_SENTINELS = 100
+MAX_BATCH_TOKENS = 2**24  # batch x seq_len: the timed tensors and the collator's Python lists stay a few GB
+MAX_SEED = 2**63 - 1
+
+
+class MaskingDemoError(ValueError):
+    """A bad ``fastpt demo-masking`` argument; the message names the flag and its valid range."""
+
+
+def check_args(*, batch: int, seq_len: int, vocab_size: int, seed: int) -> None:
+    """Raise MaskingDemoError naming the first bad flag, before the corpus and tokenizer are built."""
+    from fastpt.data.tokenizer import MAX_VOCAB
+
+    # pack_rows writes [CLS] body [SEP]: a row needs one token of text beside them
+    # the tokenizer trainer gets vocab_size - NUM_SENTINELS ids, which must leave room beside its specials
+    low_vocab = NUM_SENTINELS + len(SPECIALS) + len(UL2_MODE_TOKENS) + 1
+    for flag, value, low, high in (("--batch", batch, 1, MAX_BATCH_TOKENS), ("--seq-len", seq_len, 3, MAX_BATCH_TOKENS),
+                                   ("--vocab-size", vocab_size, low_vocab, MAX_VOCAB), ("--seed", seed, 0, MAX_SEED)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            why = {"--seq-len": " ([CLS], at least one token, [SEP])",
+                   "--vocab-size": f" (room for {len(SPECIALS) + len(UL2_MODE_TOKENS)} special tokens, "
+                                   f"{NUM_SENTINELS} T5 sentinels and one more)"}.get(flag, "")
+            raise MaskingDemoError(f"{flag}: expected an integer in [{low}, {high}]{why}, got {value!r}")
+    if batch * seq_len > MAX_BATCH_TOKENS:
+        raise MaskingDemoError(f"--batch x --seq-len: {batch} x {seq_len} = {batch * seq_len:,} tokens per batch, over "
+                               f"the demo's limit of {MAX_BATCH_TOKENS:,}; lower --batch or --seq-len")
 
 
 def _timeit(fn, repeats: int = 5) -> float:
@@ -66,7 +91,8 @@ def pack_rows(tok, docs: list[str], seq_len: int, rows: int) -> tuple[torch.Tens
     body = seq_len - 2
     n = min(rows, len(stream) // body)
     if n == 0:
-        raise ValueError(f"seq_len: the corpus has {len(stream)} tokens, too few for one row of {seq_len}")
+        raise MaskingDemoError(f"--seq-len: the corpus has {len(stream):,} tokens, too few for one row of {seq_len}; "
+                               f"lower --seq-len to {len(stream) + 2} or less")
     ids = torch.tensor(stream[: n * body], dtype=torch.int64).view(n, body)
     starts = ~torch.tensor(cont[: n * body], dtype=torch.bool).view(n, body)
     starts[:, 0] = True
@@ -85,7 +111,10 @@ def _show(tok, ids: torch.Tensor, n: int = 48) -> str:
 
 
 def run_demo(*, batch: int = 256, seq_len: int = 512, vocab_size: int = 8000, seed: int = 0) -> dict:
-    """Run the demo and print what it does; returns the measured throughputs (tokens/s)."""
+    """Run the demo and print what it does; returns the measured throughputs (tokens/s).
+
+    Raises MaskingDemoError (a ValueError naming the flag) for a bad argument, before any work."""
+    check_args(batch=batch, seq_len=seq_len, vocab_size=vocab_size, seed=seed)
     from fastpt._info import info as fastpt_info
     from fastpt.data.corpus import python_docs_corpus
     from fastpt.ops import mlm_mask, random_masking, span_corrupt, ul2_denoise
