@@ -53,3 +53,35 @@ def test_kill9_then_resume_is_bit_identical(tmp_path):
     got, want = losses(run_dir), losses(ref_dir)
     assert len(want) == 80 and got == want  # every step's loss, as text: bit-identical
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigint_writes_a_checkpoint_and_resume_continues_bit_identically(tmp_path):
+    """Ctrl-C (SIGINT) ends the run after the step in progress with its final checkpoint (exit status 130);
+    --resume continues from that step and writes the trajectory of an uninterrupted run, bit for bit."""
+    shards = make_shards(tmp_path / "shards")
+    cfg = recipe(shards, tmp_path / "unused", model=tiny_model(dropout=0.1),
+                 train={"max_steps": 100000, "schedule": "constant", "warmup_steps": 0},
+                 output={"save_every": 0, "log_every": 1, "tensorboard": False, "plot": False, "progress": False})
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    victim = start(config, run_dir)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.csv").exists() or len(losses(run_dir)) < 3:
+        assert victim.poll() is None, victim.stderr.read()
+        assert time.monotonic() < deadline, "no progress within 120 s"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGINT)
+    assert victim.wait(timeout=120) == 130
+    err = victim.stderr.read()
+    assert "stopped by SIGINT at step" in err and "--resume" in err, err
+    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")]
+    assert len(steps) == 1 and steps[0] == len(losses(run_dir)) >= 3
+    n = steps[0] + 3
+    done = run_cli(["--config", str(config), "--resume", "--set", f"output.dir={run_dir}",
+                    "--set", f"train.max_steps={n}"], timeout=300)
+    assert done.returncode == 0, done.stderr
+    ref = run_cli(["--config", str(config), "--set", f"output.dir={tmp_path / 'ref'}", "--set", f"train.max_steps={n}"],
+                  timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    assert losses(run_dir) == losses(tmp_path / "ref") and len(losses(run_dir)) == n

@@ -67,7 +67,7 @@ same data position, masks, RNG states and schedule.
 """
 from .checkpoint import CorruptCheckpointError, latest_checkpoint
 from .config import DEFAULTS, ConfigError, load_recipe
-from .recipe import PretrainRecipe, pretrain, pretrain_main
+from .recipe import Interrupted, PretrainRecipe, pretrain, pretrain_main
 
-__all__ = ["pretrain", "pretrain_main", "PretrainRecipe", "load_recipe", "DEFAULTS", "ConfigError",
+__all__ = ["pretrain", "pretrain_main", "PretrainRecipe", "Interrupted", "load_recipe", "DEFAULTS", "ConfigError",
            "CorruptCheckpointError", "latest_checkpoint"]

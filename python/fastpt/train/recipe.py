@@ -29,7 +29,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -478,6 +480,7 @@ class PretrainRecipe:
         self.wrapped.train()
         self.t_start = now()
         self.start_step, self.start_tokens = self.step, self.tokens
+        self._install_stop_handlers()
         # of the whole run (a resumed one included): the first and the last logged window
         self.first_loss = getattr(self, "resumed_first_loss", None)
         self.final_loss = getattr(self, "resumed_final_loss", None)
@@ -527,7 +530,9 @@ class PretrainRecipe:
 
             if self.step % out["log_every"] == 0 or self.done():
                 t_now = now()
-                mean_loss = distributed.all_reduce(loss_sum.clone(), self.dist)
+                stop = float(getattr(self, "stop_signal", None) is not None)
+                mean_loss = distributed.all_reduce(torch.cat([loss_sum, loss_sum.new_tensor([stop])]), self.dist)
+                self._stop_agreed = bool(mean_loss[2] > 0)
                 loss_value = float(mean_loss[0] / mean_loss[1])
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"pretrain: the loss is {loss_value} at step {self.step}; lower train.lr, "
@@ -563,11 +568,46 @@ class PretrainRecipe:
         self._time_up = bool(box[1])
         return int(box[0])
 
+    # ------------------------------------------------------------------ SIGINT / SIGTERM
+    def _install_stop_handlers(self) -> None:
+        """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) end the run at a step boundary with the
+        final checkpoint written, then ``pretrain`` raises ``Interrupted``: ``--resume`` continues from that
+        step. A second Ctrl-C interrupts at once (no checkpoint). One process stops after the step in
+        progress; several ranks agree at the next logging step (the loss all-reduce carries the request),
+        so that every rank stops at the same step."""
+        self.stop_signal, self._stop_agreed, self._old_handlers = None, False, {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set there
+
+        def request(signum, frame):
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            self._print(f"pretrain: {signal.Signals(signum).name}: stopping at the "
+                        f"{'end of this step' if not self.dist.enabled else 'next logging step'} with a checkpoint "
+                        f"(Ctrl-C again to stop at once, without one)")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[sig] = signal.signal(sig, request)
+
+    def _restore_stop_handlers(self) -> None:
+        for sig, old in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, old)
+        self._old_handlers = {}
+
+    def _stop_now(self) -> bool:
+        if self.dist.enabled:  # every rank stops at the same step: agreed in the logging all-reduce
+            return getattr(self, "_stop_agreed", False)
+        return getattr(self, "stop_signal", None) is not None
+
     def _elapsed(self) -> float:
         return self.elapsed_before + now() - self.t_start
 
     def done(self) -> bool:
         t = self.cfg["train"]
+        if self._stop_now():
+            return True
         if t["max_steps"] is not None and self.step >= t["max_steps"]:
             return True
         if t["max_tokens"] is not None and self.tokens >= t["max_tokens"]:
@@ -670,6 +710,7 @@ class PretrainRecipe:
             "mfu": compute_mfu(self.flops_per_token, rate, self.peak, self.dist.world_size),
             "peak": self.peak_desc, "flops_per_token": self.flops_per_token, "first_loss": self.first_loss,
             "final_loss": self.final_loss, "checkpoint": str(path or self.ckpt_dir / ckpt.checkpoint_name(self.step)),
+            "stopped_by": signal.Signals(self.stop_signal).name if getattr(self, "stop_signal", None) else None,
             "device": str(self.device), "world_size": self.dist.world_size, "precision": self.precision,
             "parameters": sum(p.numel() for p in self.params),
             "peak_memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda"
@@ -680,6 +721,7 @@ class PretrainRecipe:
 
     # ================================================================== cleanup
     def cleanup(self) -> None:
+        self._restore_stop_handlers()
         if hasattr(self, "logger") and self.logger.bar is not None:
             self.logger.bar.close()
         if hasattr(self, "dist"):
@@ -725,9 +767,21 @@ def pretrain(config: dict | str | os.PathLike, *, resume: bool = False, override
     try:
         recipe.setup()
         recipe.train()
-        return recipe.finish()
+        summary = recipe.finish()
     finally:
         recipe.cleanup()
+    stopped = getattr(recipe, "stop_signal", None)
+    if stopped is not None:  # the final checkpoint is written: tell the caller the run did not end on its own
+        raise Interrupted(stopped, summary)
+    return summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """``pretrain`` stopped by SIGINT / SIGTERM after writing its final checkpoint (``summary`` says which)."""
+
+    def __init__(self, signum: int, summary: dict):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {summary['steps']}")
+        self.signum, self.summary = signum, summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -751,6 +805,10 @@ def pretrain_main(argv: list[str] | None = None) -> int:
             print(to_yaml(load_recipe(args.config, args.overrides, resolve_model=model_config)), end="")
             return 0
         pretrain(args.config, resume=args.resume, overrides=args.overrides)
+    except Interrupted as exc:
+        print(f"fastpt pretrain: {exc}; checkpoint {exc.summary['checkpoint']}: rerun with --resume to continue",
+              file=sys.stderr)
+        return 128 + exc.signum
     except (ConfigError, ckpt.CorruptCheckpointError, ckpt.CheckpointWriteError) as exc:
         print(f"fastpt pretrain: error: {exc}", file=sys.stderr)
         return 2
