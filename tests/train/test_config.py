@@ -80,6 +80,10 @@ def test_zoo_model_defaults_and_model_overrides():
     cfg = load(overrides=["model.backbone.num_layers=2", "train.warmup_steps=0"], resolve_model=load_config)
     assert isinstance(cfg["model"], dict) and cfg["model"]["backbone"]["num_layers"] == 2
     assert cfg["model"]["backbone"]["hidden_size"] == 256
+    # --set model=X goes first whatever its place: the model.* edits apply to X (they were dropped)
+    cfg = load(overrides=["model.backbone.num_layers=1", "model=bert-tiny", "train.warmup_steps=0"],
+               resolve_model=load_config)
+    assert cfg["model"]["backbone"]["num_layers"] == 1 and cfg["model"]["backbone"]["hidden_size"] == 128
 
 
 def test_resolved_recipe_round_trips_through_yaml():

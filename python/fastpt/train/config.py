@@ -238,7 +238,8 @@ def load_recipe(config: dict | str | Path, overrides: Sequence[str] = (), *, mod
 
     Args:
         config: a dict or a YAML path.
-        overrides: ``"a.b=v"`` strings (``--set``), applied before validation.
+        overrides: ``"a.b=v"`` strings (``--set``), applied in order before validation, except that a
+            whole ``model=X`` goes first (``model.*`` edits then apply to X).
         model_defaults: the model config's ``defaults:`` block (keys in ``MODEL_DEFAULTS``);
             None: read through ``resolve_model`` when given.
         resolve_model: turns ``model`` (zoo name / path / dict) into the model config dict
@@ -250,8 +251,11 @@ def load_recipe(config: dict | str | Path, overrides: Sequence[str] = (), *, mod
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping or a YAML path, got {type(raw).__name__}")
     raw = _fix_floats(raw)
-    for item in overrides:
-        parts, value = parse_override(item)
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    # a whole-model override (--set model=X) first, whatever its place: the --set model.* edits apply to X
+    # (after them it replaced the model and dropped them silently)
+    parsed.sort(key=lambda p: p[1] != ["model"])
+    for item, parts, value in parsed:
         if parts[0] == "model" and len(parts) > 1 and not isinstance(raw.get("model"), dict):
             if raw.get("model") is None or resolve_model is None:
                 raise ConfigError(f"--set {item}: model is not set; set model: first")
