@@ -162,16 +162,13 @@ class PretrainModel(nn.Module):
         """
         weights = self.objective.flops_weights(self.backbone, seq_len) if self.objective is not None else {}
         total = 0.0
-        for part, module, stacks in _parts(self.backbone):
-            attn = 0
-            for layers, width, tokens in stacks:
-                if tokens is None:
-                    if seq_len is None:
-                        raise ValueError("seq_len: required for a text backbone (tokens per sequence)")
-                    tokens = seq_len
-                attn += layers * width * tokens
+        for part, module, (layers, width, tokens) in _parts(self.backbone):
+            if tokens is None:
+                if seq_len is None:
+                    raise ValueError("seq_len: required for a text backbone (tokens per sequence)")
+                tokens = seq_len
             w = weights.get(part, weights.get("backbone", 1.0))
-            total += w * (6 * _matmul_params(module) + 12 * attn)
+            total += w * (6 * _matmul_params(module) + 12 * layers * width * tokens)
         if self.objective is not None:
             total += weights.get("heads", 1.0) * 6 * _matmul_params(self.objective, trainable=True)
         return float(total)
@@ -293,29 +290,23 @@ class _Rest(nn.Module):
 
 
 def _parts(backbone: nn.Module):
-    """(name, module, its stacks) for ``flops_per_token``: an encoder-decoder's "encoder" and "decoder",
-    two towers' "text" and "vision", else the whole "backbone"."""
+    """(name, module, its stack: (layers, width, tokens per sequence or None for text)) for
+    ``flops_per_token``: an encoder-decoder's "encoder" and "decoder", two towers' "text" and "vision",
+    else the whole "backbone"."""
     if isinstance(getattr(backbone, "text", None), nn.Module) and isinstance(getattr(backbone, "vision", None),
                                                                             nn.Module):
-        yield "text", backbone.text, list(_stacks(backbone.text))
-        yield "vision", backbone.vision, list(_stacks(backbone.vision))
+        yield "text", backbone.text, _stack(backbone.text)
+        yield "vision", backbone.vision, _stack(backbone.vision)
     elif hasattr(backbone, "decoder_layers"):
-        yield "encoder", backbone.encoder, [(len(backbone.encoder.layers), backbone.hidden_size, None)]
-        yield "decoder", _Rest(backbone), [(len(backbone.decoder_layers), backbone.hidden_size, None)]
+        yield "encoder", backbone.encoder, (len(backbone.encoder.layers), backbone.hidden_size, None)
+        yield "decoder", _Rest(backbone), (len(backbone.decoder_layers), backbone.hidden_size, None)
     else:
-        yield "backbone", backbone, list(_stacks(backbone))
+        yield "backbone", backbone, _stack(backbone)
 
 
-def _stacks(backbone: nn.Module):
-    """(layers, width, tokens per sequence or None for text) of each transformer stack."""
-    if isinstance(getattr(backbone, "text", None), nn.Module) and isinstance(getattr(backbone, "vision", None),
-                                                                            nn.Module):
-        yield from _stacks(backbone.text)
-        yield from _stacks(backbone.vision)
-    elif hasattr(backbone, "decoder_layers"):
-        yield len(backbone.encoder.layers) + len(backbone.decoder_layers), backbone.hidden_size, None
-    elif hasattr(backbone, "patch_embed"):
-        cls = int(getattr(backbone.patch_embed, "cls_token", None) is not None)
-        yield len(backbone.layers), backbone.hidden_size, backbone.num_patches + cls
-    else:
-        yield len(backbone.layers), backbone.hidden_size, None
+def _stack(encoder: nn.Module) -> tuple[int, int, int | None]:
+    """(layers, width, tokens per sequence: a ViT's patches (+ cls), None for text) of one encoder."""
+    if hasattr(encoder, "patch_embed"):
+        cls = int(getattr(encoder.patch_embed, "cls_token", None) is not None)
+        return len(encoder.layers), encoder.hidden_size, encoder.num_patches + cls
+    return len(encoder.layers), encoder.hidden_size, None

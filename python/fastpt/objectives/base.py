@@ -110,9 +110,8 @@ class Objective(nn.Module):
         """What one token counted by ``tokens_in`` runs through, for ``PretrainModel.flops_per_token``:
         training passes (forward + backward = 1, forward only = 1/3) through each part of the backbone
         ("backbone"; an encoder-decoder's "encoder" / "decoder"; two towers' "text" / "vision") and, as
-        "heads", through the objective's trainable matrices. Default: the backbone once, the heads on
-        ``head_token_fraction`` of the tokens (1 unless an objective says otherwise)."""
-        return {"backbone": 1.0, "heads": float(getattr(self, "head_token_fraction", 1.0))}
+        "heads", through the objective's trainable matrices. Default: both once."""
+        return {"backbone": 1.0, "heads": 1.0}
 
     def tokens_in(self, batch: dict) -> int:
         """Tokens in ``batch``: the attention mask's sum, else the number of input ids."""

@@ -101,10 +101,9 @@ class MLM(Objective):
                                       attention_mask=batch.get("attention_mask"), word_ids=word_ids, seed=seed)
         return {**batch, "input_ids": masked, "labels": labels}
 
-    @property
-    def head_token_fraction(self) -> float:
-        """The share of tokens the head runs on (the masked ones): for ``PretrainModel.flops_per_token``."""
-        return self.mask_prob
+    def flops_weights(self, backbone: nn.Module, seq_len: int | None) -> dict[str, float]:
+        """The backbone on every token, the head on the masked ``mask_prob`` of them."""
+        return {"backbone": 1.0, "heads": self.mask_prob}
 
     def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
         """Encode the masked ids and score the masked rows (run ``prepare`` first, or pass ``labels``).
