@@ -84,6 +84,29 @@ def test_encoder_layer_per_head_src_mask(dtype):
         ours.self_attn(x, attn_mask=torch.ones(3, 1, s, s, dtype=torch.bool))
 
 
+def test_encoder_layer_stacks_in_torch_encoder_and_takes_unbatched_input():
+    """torch.nn.TransformerEncoder reads layers[0].self_attn.batch_first (it raised AttributeError), and
+    torch's layer takes an unbatched (S, E) src with an (S,) padding mask."""
+    ref, ours = _pair(False)
+    x = _x(2, 13, 64)
+    pad = torch.zeros(2, 13, dtype=torch.bool)
+    pad[1, 9:] = True
+    ref_stack = torch.nn.TransformerEncoder(ref, 2, enable_nested_tensor=False).eval()
+    ours_stack = torch.nn.TransformerEncoder(ours, 2, enable_nested_tensor=False).eval()
+    with torch.no_grad():
+        want, got = ref_stack(x, src_key_padding_mask=pad), ours_stack(x, src_key_padding_mask=pad)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1, :9], want[1, :9], rtol=1e-5, atol=1e-5)
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(13)
+        torch.testing.assert_close(ours_stack(x, mask=causal, is_causal=True), ref_stack(x, mask=causal, is_causal=True),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x[1]), ref(x[1]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x[1], src_key_padding_mask=pad[1])[:9],
+                                   ref(x[1], src_key_padding_mask=pad[1])[:9], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"src_key_padding_mask: an unbatched src \(S, E\) takes an \(S,\) mask"):
+        ours(x[1], src_key_padding_mask=pad)
+
+
 def test_self_attention_equals_torch_multihead_attention():
     torch.manual_seed(0)
     ref = torch.nn.MultiheadAttention(48, 6, batch_first=True).eval()

@@ -654,6 +654,10 @@ def test_sdpa_falls_back_to_torch_for_general_masks():
                                rtol=0, atol=0)
     with pytest.raises(RuntimeError):  # torch's own error: fewer kv heads without enable_gqa
         sdpa(q, k[:, :2], v[:, :2])
+    # what the kernels cannot do goes to torch too: head dims over 256, dropout_p = 1 (zeros)
+    q3, k3, v3 = (torch.randn(1, 2, 5, 300) for _ in range(3))
+    torch.testing.assert_close(sdpa(q3, k3, v3), F.scaled_dot_product_attention(q3, k3, v3), rtol=0, atol=0)
+    assert torch.equal(sdpa(q, k, v, dropout_p=1.0), F.scaled_dot_product_attention(q, k, v, dropout_p=1.0))
 
 
 @pytest.mark.parametrize("device,backend", GRID)

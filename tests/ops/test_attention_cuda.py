@@ -293,17 +293,24 @@ def _public_attention():
 
 
 @pytest.mark.skipif(_public_attention() is None, reason="fastpt.ops.attention not present yet")
-@pytest.mark.parametrize("case", ["causal", "seqlens", "cu_seqlens_prefix", "gqa"])
+@pytest.mark.parametrize("case", ["causal", "seqlens", "cu_seqlens_prefix", "gqa", "max_seqlen_over_tokens",
+                                  "tiny_dropout"])
 def test_public_api_cuda_matches_reference_backend(case):
     attention = _public_attention()
     gen = torch.Generator().manual_seed(21)
     dtype = torch.bfloat16
     kw = {}
-    if case == "cu_seqlens_prefix":
+    if case in ("cu_seqlens_prefix", "max_seqlen_over_tokens"):
+        # max_seqlen is an upper bound: 4096 over 300 tokens (the CUDA kernel refused it with an internal error)
         T, H, D = 300, 4, 64
         shape_q = shape_k = (T, H, D)
-        kw = dict(cu_seqlens=torch.tensor([0, 100, 101, 260, 300], dtype=torch.int32, device="cuda"), max_seqlen=159,
+        kw = dict(cu_seqlens=torch.tensor([0, 100, 101, 260, 300], dtype=torch.int32, device="cuda"),
+                  max_seqlen=159 if case == "cu_seqlens_prefix" else 4096,
                   prefix_lens=torch.tensor([30, 1, 0, 40], dtype=torch.int32, device="cuda"))
+    elif case == "tiny_dropout":  # a rate that drops nothing (under 2^-25): forward and backward agree on no dropout
+        B, S, H, D = 2, 77, 4, 64
+        shape_q = shape_k = (B, S, H, D)
+        kw = dict(dropout_p=1e-9, causal=True)
     else:
         B, S, H, D = 2, 203, 4, 128
         shape_q = (B, S, H, D)

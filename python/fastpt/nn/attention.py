@@ -75,6 +75,8 @@ class MultiheadSelfAttention(nn.Module):
     (``Linear(H D, E)``), named and laid out as in ``torch.nn.MultiheadAttention``.
     """
 
+    batch_first = True  # (B, S, E), as torch.nn.MultiheadAttention(batch_first=True); torch's TransformerEncoder reads it
+
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, bias: bool = True,
                  dropout: float = 0.0, causal: bool = False, head_dim: int | None = None,
                  backend: str | None = None, device=None, dtype=None):
@@ -237,7 +239,8 @@ class TransformerEncoderLayer(nn.Module):
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False, *,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """``src`` ``(B, S, E)`` (or packed ``(T, E)`` with ``cu_seqlens``) -> the same shape.
+        """``src`` ``(B, S, E)``, unbatched ``(S, E)`` (as torch), or packed ``(T, E)`` with ``cu_seqlens``
+        -> the same shape.
 
         src_mask: torch semantics, ``(S, S)`` or ``(B * nhead, S, S)``, bool (True = not allowed) or
             additive float; with
@@ -246,6 +249,13 @@ class TransformerEncoderLayer(nn.Module):
         src_key_padding_mask: ``(B, S)`` bool (True = padding) or additive float (-inf = padding),
             right-padded.
         """
+        if isinstance(src, torch.Tensor) and src.dim() == 2 and cu_seqlens is None:  # torch's unbatched (S, E)
+            if src_key_padding_mask is not None and src_key_padding_mask.dim() != 1:
+                raise ValueError(f"src_key_padding_mask: an unbatched src (S, E) takes an (S,) mask, got "
+                                 f"{tuple(src_key_padding_mask.shape)}")
+            return self.forward(src[None], src_mask,
+                                None if src_key_padding_mask is None else src_key_padding_mask[None], is_causal,
+                                prefix_lens=prefix_lens)[0]
         attn = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, prefix_lens=prefix_lens, is_causal=is_causal)
         if src_key_padding_mask is not None:
             pad = src_key_padding_mask

@@ -669,7 +669,9 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     as in torch). The kernels get ``transpose(1, 2)`` views, never copies, and the output is
     returned as a ``(B, H, S, D)`` view. What the kernels do not express falls back to torch's
     SDPA unchanged: a general ``attn_mask``, inputs that are not 4-D, query and key lengths or
-    head dims that differ, or ``Hk != H`` without ``enable_gqa`` (torch then raises its error).
+    head dims that differ, head dims over 256, ``dropout_p`` outside [0, 1) (torch gives zeros for
+    1 and raises its own error for the rest), or ``Hk != H`` without ``enable_gqa`` (torch then raises
+    its error).
     Dropout uses the counter-based RNG with ``seed``; when None, a seed is drawn from torch's
     default generator (so ``torch.manual_seed`` makes it reproducible). Raises what
     ``attention`` raises.
@@ -679,7 +681,9 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
                or not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor)
                or key.dim() != 4 or value.dim() != 4 or key.shape[2] != query.shape[2]
                or value.shape != key.shape or key.shape[3] != query.shape[3] or key.shape[0] != query.shape[0]
-               or (key.shape[1] != query.shape[1] and not enable_gqa))
+               or (key.shape[1] != query.shape[1] and not enable_gqa)
+               or query.shape[3] > MAX_HEAD_DIM
+               or (isinstance(dropout_p, (int, float)) and not 0.0 <= dropout_p < 1.0))
     if general:
         kw = dict(enable_gqa=True) if enable_gqa else {}
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,

@@ -126,10 +126,12 @@ def _params(q, k, v, out, lse, docs, *, scale, dropout_p, dropout_key, max_len, 
     p.B, p.Sq, p.H, p.D = q.shape
     p.Sk, p.Hk = k.shape[1], k.shape[2]
     p.num_docs = docs.shape[0]
-    p.max_len = int(max_len)
+    # max_seqlen is an upper bound (FlashAttention's meaning): the kernel refuses one past the sequence
+    p.max_len = min(int(max_len), p.Sq, p.Sk)
     p.scale = float(scale)
-    if dropout_p > 0.0:
-        p.dropout_threshold24 = _rng.threshold24(dropout_p)
+    threshold = _rng.threshold24(dropout_p) if dropout_p > 0.0 else 0
+    if threshold:  # a rate under 2^-25 drops nothing: no dropout (the backward would skip keep_scale)
+        p.dropout_threshold24 = threshold
         p.dropout_key = int(dropout_key) & 0xFFFFFFFF
         p.keep_scale = 1.0 / (1.0 - float(dropout_p))
     p.dtype = _DTYPE_CODES[q.dtype]
