@@ -488,7 +488,9 @@ def test_bad_input(args, err, match):
 def test_index_checks_run_once_per_tensor(monkeypatch):
     """The host-side checks of cu_seqlens / seqlens / prefix_lens (a device sync each) run once for
     the tensors a model hands to every layer: again only for another tensor, an in-place change,
-    other arguments, or after a failed check."""
+    other arguments, or after a failed check. (Index tensors on the CPU are checked on every call:
+    the mechanism is for device tensors, tested here on CPU ones.)"""
+    monkeypatch.setattr(attn, "_REMEMBER_CPU", True)
     calls = []
     real = attn._host_values
     monkeypatch.setattr(attn, "_host_values", lambda *t: calls.append(1) or real(*t))
@@ -658,6 +660,34 @@ def test_sdpa_falls_back_to_torch_for_general_masks():
     q3, k3, v3 = (torch.randn(1, 2, 5, 300) for _ in range(3))
     torch.testing.assert_close(sdpa(q3, k3, v3), F.scaled_dot_product_attention(q3, k3, v3), rtol=0, atol=0)
     assert torch.equal(sdpa(q, k, v, dropout_p=1.0), F.scaled_dot_product_attention(q, k, v, dropout_p=1.0))
+
+
+def test_index_tensors_on_the_cpu_are_checked_every_call():
+    """A cu_seqlens buffer refilled through numpy keeps its version counter: the checks remembered
+    from the last call went stale (an offset that does not end at T passed; outputs zeroed)."""
+    q, k, v = (torch.randn(64, 2, 16) for _ in range(3))
+    cu = torch.tensor([0, 16, 32, 48, 64], dtype=torch.int32)
+    attention(q, k, v, cu_seqlens=cu, backend="cpu")
+    cu.numpy()[:] = [0, 8, 16, 24, 40]
+    with pytest.raises(ValueError, match="cu_seqlens: expected the last offset to equal T=64"):
+        attention(q, k, v, cu_seqlens=cu, backend="cpu")
+
+
+@pytest.mark.parametrize("scale", [-0.7, 0.0])
+@pytest.mark.parametrize("mask", ["causal", "prefix", "packed-prefix"])
+def test_zero_and_negative_scale_on_cpu(mask, scale):
+    """torch's CPU flash kernel returns NaN for a zero or negative scale under its causal mask; the cpu
+    backend runs them as equivalent positive-scale calls (zero: uniform attention, dq = 0)."""
+    (q, k, v), kw = _case(mask, (17, 16, 2, 1), seed=4)
+    grads = {}
+    for backend in ("cpu", "reference"):
+        x = [t.float().clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*x, scale=scale, backend=backend, **kw)
+        out.backward(torch.ones_like(out))
+        grads[backend] = [out.detach()] + [t.grad for t in x]
+        assert all(torch.isfinite(g).all() for g in grads[backend]), backend
+    for name, got, want in zip(("out", "dq", "dk", "dv"), grads["cpu"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("device,backend", GRID)

@@ -239,7 +239,7 @@ ATTN_BAD = [
     (lambda: sdpa(torch.randn(2, 3, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16), enable_gqa=True),
      ValueError, "heads"),
     (lambda: sdpa(*(torch.randn(2, 4, 8, 16) for _ in range(3)), dropout_p=0.5, seed=-3), ValueError, "seed"),
-    (lambda: sdpa(*(torch.randn(2, 4, 8, 16) for _ in range(3)), dropout_p=1.0), ValueError, "dropout_p"),
+    (lambda: sdpa(*(torch.randn(2, 4, 8, 16) for _ in range(3)), dropout_p=1.5), ValueError, "dropout_p"),
     (lambda: sdpa(*(torch.randn(2, 4, 8, 16) for _ in range(3)), backend="gpu"), ValueError, "backend"),
 ]
 

@@ -593,3 +593,18 @@ def test_chunk_rows():
     assert lce.chunk_rows("triton", "cpu", 30522, 768, torch.bfloat16) == (64 << 20) // (30522 * 4)
     assert lce.chunk_rows("cpu", "cpu", 30522, 768, torch.bfloat16) == (128 << 20) // (30522 * 2)
     assert lce.chunk_rows("cpu", "cpu", 1 << 40, 8, torch.float32) == 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("device,backend", [g for g in GRID if g[1] != "reference"])
+def test_double_backward_is_refused(device, backend, reduction):
+    """A gradient of the fused backends' gradients (create_graph=True, e.g. a gradient penalty) raised
+    nothing and left hidden.grad None: the stored gradients are op outputs autograd walked back into."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(7, 5, generator=g).to(device).requires_grad_()
+    w = torch.randn(11, 5, generator=g).to(device)
+    y = torch.randint(0, 11, (7,), generator=g).to(device)
+    grad, = torch.autograd.grad(linear_cross_entropy(h, w, y, reduction=reduction, backend=backend).sum(), h,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="linear_cross_entropy: the fused backends have no double backward"):
+        (grad ** 2).sum().backward()

@@ -130,8 +130,11 @@ def _host_values(*tensors) -> list[list[int]]:
 # queue before each layer's attention) then run once per forward, not once per layer. A hit needs
 # the very same live tensor objects (weak references: a freed tensor's successor at the same
 # address is a miss) at the same version counter (an in-place change is a miss) and the same
-# other arguments.
+# other arguments. Writes that bypass the version counter (through .numpy(), .data, DLPack) are
+# invisible to it: index tensors on the CPU, whose checks need no sync, are therefore checked on
+# every call; a device tensor refilled that way must be a new tensor (or bumped with an in-place op).
 _LAST_CHECK: list = [None]  # [(key, result)], replaced whole (one assignment)
+_REMEMBER_CPU = False  # remember the checks of CPU index tensors too (tests of the mechanism, on a machine without GPU)
 
 
 def _check_values(cu, seqlens, prefix, s, t_total, max_seqlen, causal):
@@ -150,7 +153,7 @@ def _check_key(cu, seqlens, prefix, s, t_total, max_seqlen, causal):
     """(weak references and versions of the index tensors, the other arguments), or None when
     there is nothing to remember (no index tensor) or a tensor has no version counter."""
     tensors = (cu, seqlens, prefix)
-    if all(t is None for t in tensors):
+    if all(t is None or (t.device.type == "cpu" and not _REMEMBER_CPU) for t in tensors):
         return None
     try:
         refs = tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors)
@@ -669,9 +672,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     as in torch). The kernels get ``transpose(1, 2)`` views, never copies, and the output is
     returned as a ``(B, H, S, D)`` view. What the kernels do not express falls back to torch's
     SDPA unchanged: a general ``attn_mask``, inputs that are not 4-D, query and key lengths or
-    head dims that differ, head dims over 256, ``dropout_p`` outside [0, 1) (torch gives zeros for
-    1 and raises its own error for the rest), or ``Hk != H`` without ``enable_gqa`` (torch then raises
-    its error).
+    head dims that differ, head dims over 256, ``dropout_p=1`` (zeros), or ``Hk != H`` without
+    ``enable_gqa`` (torch then raises its error).
     Dropout uses the counter-based RNG with ``seed``; when None, a seed is drawn from torch's
     default generator (so ``torch.manual_seed`` makes it reproducible). Raises what
     ``attention`` raises.
@@ -683,7 +685,7 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
                or value.shape != key.shape or key.shape[3] != query.shape[3] or key.shape[0] != query.shape[0]
                or (key.shape[1] != query.shape[1] and not enable_gqa)
                or query.shape[3] > MAX_HEAD_DIM
-               or (isinstance(dropout_p, (int, float)) and not 0.0 <= dropout_p < 1.0))
+               or (isinstance(dropout_p, (int, float)) and dropout_p == 1.0))
     if general:
         kw = dict(enable_gqa=True) if enable_gqa else {}
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,

@@ -103,20 +103,25 @@ def _flash(q, k, v, causal, scale):
     """torch's CPU flash kernel on (n, L, H, D) views: out (n, Lq, H, D), lse (n, H, Lq).
 
     A negative scale runs as ``(-q, -scale)``, the same scores: the kernel returns NaN for a
-    negative scale under its causal mask (torch 2.13)."""
+    negative scale under its causal mask (torch 2.13), and for a zero one, which runs as
+    ``(0 * q, 1)`` (all scores 0)."""
     if scale < 0:
         q, scale = -q, -scale
+    elif scale == 0:
+        q, scale = torch.zeros_like(q), 1.0
     out, lse = _FLASH_CPU(_bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale)
     return _bhsd(out), lse
 
 
 def _flash_bwd(dout, q, k, v, out, lse, causal, scale):
-    flip = scale < 0  # as in _flash; then dq is minus the gradient of -q
+    flip, zero = scale < 0, scale == 0  # as in _flash; then dq is minus the gradient of -q, or 0
     if flip:
         q, scale = -q, -scale
+    elif zero:
+        q, scale = torch.zeros_like(q), 1.0
     dq, dk, dv = (_bhsd(g) for g in _FLASH_CPU_BWD(_bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse,
                                                    0.0, causal, scale=scale))
-    return (-dq if flip else dq), dk, dv
+    return (-dq if flip else torch.zeros_like(dq) if zero else dq), dk, dv
 
 
 def _docs_fwd(q, k, v, prefix, scale):

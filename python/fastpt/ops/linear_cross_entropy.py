@@ -599,6 +599,8 @@ def _backward(ctx, g_loss, g_lse, g_gh, g_gw, g_gb):
     # lse and the stored gradients are auxiliary outputs: only the loss carries a gradient
     need_h, need_w, need_b = ctx.need
     if g_loss is None:  # the loss itself was not used
+        if any(g is not None for g in (g_gh, g_gw, g_gb)):  # a gradient of the gradients: double backward
+            _no_double_backward()
         return (None,) * 12
     if ctx.reduction == "none":
         hidden, weight, bias, labels = ctx.saved_tensors
@@ -616,7 +618,13 @@ def _backward(ctx, g_loss, g_lse, g_gh, g_gw, g_gb):
     return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 9
 
 
+def _no_double_backward(*_):
+    raise RuntimeError("linear_cross_entropy: the fused backends have no double backward (create_graph=True through "
+                       "their gradients, e.g. a gradient penalty); use backend='reference'")
+
+
 _lce_op.register_autograd(_backward, setup_context=_setup_context)
+_lce_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def _fused(kind):
