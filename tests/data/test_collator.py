@@ -224,6 +224,81 @@ def test_special_tokens_mask_replaces_special_ids_like_hf(tok):
     assert torch.equal(batch["labels"] != -100, stm == 0)
 
 
+def _padded_ids(tok, examples):
+    """The padded input_ids of ``examples`` (what the masked batch holds where nothing was selected)."""
+    ids = MLMCollator(tok, mlm=False)(examples)["labels"]
+    return torch.where(ids == -100, torch.full_like(ids, tok.pad_token_id), ids)
+
+
+def test_more_than_64_special_tokens_never_masked():
+    """A tokenizer with more than 64 special ids (many added special tokens) made every call raise:
+    the collator passed them all to mlm_mask, which took at most 64."""
+    tok = _make_tokenizer()
+    tags = [f"<tag_{i}>" for i in range(70)]
+    tok.add_special_tokens({"additional_special_tokens": tags})
+    assert len(tok.all_special_ids) > 64
+    texts = [t + " " + " ".join(random.Random(i).sample(tags, 3)) for i, t in enumerate(_texts(16, seed=14))]
+    examples = [{"input_ids": x} for x in tok(texts)["input_ids"]]
+    ids = _padded_ids(tok, examples)
+    special = torch.isin(ids, torch.tensor(tok.all_special_ids))
+    assert torch.isin(ids, torch.tensor(tok.convert_tokens_to_ids(tags))).sum() == 48
+    for wwm in (False, True):
+        batch = MLMCollator(tok, mlm_probability=1.0, whole_word_mask=wwm, seed=0)(examples)
+        assert torch.equal(batch["labels"] != -100, ~special), wwm
+
+
+def test_special_tokens_added_after_construction_are_never_masked():
+    """The collator read the tokenizer's special ids once, at construction: a special token added
+    afterwards was selected and labelled (Hugging Face reads them at every call)."""
+    tok = _make_tokenizer()
+    colls = [MLMCollator(tok, mlm_probability=1.0, whole_word_mask=wwm, seed=0) for wwm in (False, True)]
+    w5, w10 = tok.convert_tokens_to_ids(["w5", "w10"])
+    for c in colls:
+        assert c([[tok.cls_token_id, w5, w10, tok.sep_token_id]])["labels"].tolist() == [[-100, w5, w10, -100]]
+    tok.add_special_tokens({"additional_special_tokens": ["<ent>"]})  # a new id
+    ent = tok.convert_tokens_to_ids("<ent>")
+    for c in colls:
+        labels = c([[tok.cls_token_id, ent, w10, ent, tok.sep_token_id]])["labels"]
+        assert labels.tolist() == [[-100, -100, w10, -100, -100]]
+    tok.add_special_tokens({"additional_special_tokens": ["<ent>", "w5"]})  # an existing id made special
+    assert w5 in tok.all_special_ids and len(tok) == ent + 1
+    for c in colls:
+        assert c([[tok.cls_token_id, w5, w10, tok.sep_token_id]])["labels"].tolist() == [[-100, -100, w10, -100]]
+
+
+def test_whole_word_tokens_added_after_first_call_start_words():
+    """The WordPiece "##" table was built on the first whole-word call and never grown: a token added
+    to the tokenizer afterwards was looked up as the table's last entry (a "##" piece) and tied to
+    the word before it."""
+    tok = _make_tokenizer()
+    coll = MLMCollator(tok, whole_word_mask=True, mlm_probability=0.5, seed=0)
+    coll([[tok.cls_token_id, 7, tok.sep_token_id]])
+    tok.add_tokens(["newword"])
+    new = tok.convert_tokens_to_ids("newword")
+    n = 400
+    sel = coll([[tok.cls_token_id, 7, new, tok.sep_token_id]] * n)["labels"][:, 1:3] != -100
+    assert abs(int((sel[:, 0] != sel[:, 1]).sum()) - n / 2) <= _binomial_bound(n, 0.5)
+
+
+def test_torch_mask_tokens_takes_lists_like_hf(tok):
+    """torch_mask_tokens refused a list special_tokens_mask (TypeError), which Hugging Face's method
+    converts; the whole-word path needed tensors for it and for offset_mapping too."""
+    enc = tok(_texts(8, seed=15), padding=True, return_special_tokens_mask=True, return_offsets_mapping=True)
+    ids = torch.tensor(enc["input_ids"])
+    stm, offsets = enc["special_tokens_mask"], enc["offset_mapping"]
+    assert isinstance(stm, list) and isinstance(offsets, list)
+    assert DataCollatorForLanguageModeling(tok).torch_mask_tokens(ids.clone(), stm)[1].shape == ids.shape
+    for wwm in (False, True):
+        expect = MLMCollator(tok, whole_word_mask=wwm, mlm_probability=0.5, seed=1).torch_mask_tokens(
+            ids, torch.tensor(stm), torch.tensor(offsets) if wwm else None)
+        for form in (list, np.array):
+            out = MLMCollator(tok, whole_word_mask=wwm, mlm_probability=0.5, seed=1).torch_mask_tokens(
+                ids, form(stm), form(offsets) if wwm else None)
+            assert torch.equal(out[0], expect[0]) and torch.equal(out[1], expect[1]), (wwm, form)
+    with pytest.raises(ValueError, match="special_tokens_mask"):
+        MLMCollator(tok, seed=0).torch_mask_tokens(ids, [[0, 1], [0]])
+
+
 # ------------------------------------------------------------------ seeds
 
 def test_seed_reproducible_and_every_call_differs(tok):

@@ -65,6 +65,42 @@ def test_whole_word_masking_selects_words_together():
         obj.prepare(text_batch(), seed=0)
 
 
+def test_whole_word_masking_restarting_word_ids_are_separate_words():
+    """mlm_mask ties every token of a row that shares a word id: word ids restarting per packed document
+    or per sequence of a pair (as Encoding.word_ids() gives them) tied words of different documents
+    together. Each run of equal ids is a word now; ids numbered 0, 1, ... per row mean what they did."""
+    from fastpt.ops import mlm_mask
+
+    _, obj = make(whole_word_masking=True)
+    ids = torch.randint(5, VOCAB, (3, 16), generator=torch.Generator().manual_seed(1))
+    doc = torch.arange(8) // 2  # 4 words of 2 pieces
+    packed = {"input_ids": ids, "word_ids": torch.cat([doc, doc]).expand(3, -1).contiguous(),
+              "cu_seqlens": torch.arange(0, 49, 8, dtype=torch.int32)}
+    pair = torch.tensor([-1, 0, 0, 1, 1, 2, 2, -1, 0, 0, 1, 1, 2, 2, 3, -1]).expand(3, -1).contiguous()
+    single = {"input_ids": ids[0], "word_ids": torch.zeros(16, dtype=torch.int64),  # one word per document
+              "cu_seqlens": torch.tensor([0, 8, 16], dtype=torch.int32)}
+    agree = {"packed": 0, "pair": 0, "single": 0}
+    seeds = 150
+    for seed in range(seeds):
+        sel = obj.prepare(packed, seed=seed)["labels"] != -100
+        assert torch.equal(sel[:, 0::2], sel[:, 1::2])  # pieces of a word together
+        agree["packed"] += int((sel[:, :8] == sel[:, 8:]).sum()) // 2  # per word
+        sel = obj.prepare({"input_ids": ids, "word_ids": pair}, seed=seed)["labels"] != -100
+        agree["pair"] += int((sel[:, 1:7] == sel[:, 8:14]).sum()) // 2
+        sel = obj.prepare(single, seed=seed)["labels"] != -100
+        assert torch.equal(sel[:8], sel[:1].expand(8)) and torch.equal(sel[8:], sel[8:9].expand(8))
+        agree["single"] += int(sel[0] == sel[8])
+    p_agree = 0.3**2 + 0.7**2  # two independent words
+    for name, n in (("packed", seeds * 3 * 4), ("pair", seeds * 3 * 3), ("single", seeds)):
+        assert abs(agree[name] - n * p_agree) <= 5 * (n * p_agree * (1 - p_agree)) ** 0.5 + 1, (name, agree[name], n)
+    numbered = (torch.arange(16) // 3).expand(3, -1).contiguous()
+    numbered[:, 0] = -1
+    direct = mlm_mask(ids, mask_token_id=3, vocab_size=VOCAB, mask_prob=0.3, special_token_ids=SPECIAL,
+                      word_ids=numbered, seed=9)
+    out = obj.prepare({"input_ids": ids, "word_ids": numbered}, seed=9)
+    assert torch.equal(out["input_ids"], direct[0]) and torch.equal(out["labels"], direct[1])
+
+
 def test_gradients_reach_backbone_and_tied_head():
     backbone, obj = make()
     assert obj.head.weight is backbone.embeddings.word_embeddings.weight

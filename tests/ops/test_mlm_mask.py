@@ -122,6 +122,42 @@ def test_whole_word_masking_selects_words_together():
     assert _binomial_ok(int(sel[..., 0].sum()), 128 * 100, 0.15)
 
 
+@pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_more_special_ids_than_the_kernels_compare(device, backend, dtype):
+    """More than 64 special ids (a tokenizer with many added special tokens) raised ValueError; they
+    are folded into the blocked mask instead, with the same result on every backend."""
+    ids = _batch(5, 301, dtype, device, gen_seed=21)
+    special = list(range(0, V, V // 100))  # 101 ids
+    ids[:, ::7] = torch.tensor(special[:43], dtype=dtype, device=device)
+    ref = mlm_mask(ids, mask_token_id=MASK, vocab_size=V, mask_prob=1.0, special_token_ids=special, seed=3,
+                   backend="reference")
+    out = mlm_mask(ids, mask_token_id=MASK, vocab_size=V, mask_prob=1.0, special_token_ids=special, seed=3,
+                   backend=backend)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    blocked = torch.isin(ids, torch.tensor(special, device=device))
+    assert torch.equal(out[1] == -100, blocked)  # mask_prob=1: everything else is selected
+    stm = torch.zeros_like(ids, dtype=torch.bool)
+    stm[:, 1] = True  # combines with a given special_tokens_mask
+    out = mlm_mask(ids, mask_token_id=MASK, vocab_size=V, mask_prob=1.0, special_token_ids=special,
+                   special_tokens_mask=stm, seed=3, backend=backend)
+    assert torch.equal(out[1] == -100, blocked | stm)
+
+
+@pytest.mark.parametrize("device,backend", GRID)
+def test_special_ids_outside_the_id_dtype_block_nothing(device, backend):
+    """The cpu backend narrowed special ids to int32 for int32 ids, so 2**32 + 3 blocked token 3
+    (the other backends compare in int64 and block nothing)."""
+    ids = torch.tensor([[3, 4, 3, 5, 3, 6]], dtype=torch.int32, device=device)
+    for special in ([2**32 + 3], [2**32 + 3, 2**31, -2**31 - 1, 4], list(range(2**32, 2**32 + 20)) + [4]):
+        ref = mlm_mask(ids, mask_token_id=MASK, vocab_size=V, mask_prob=1.0, special_token_ids=special,
+                       backend="reference")
+        out = mlm_mask(ids, mask_token_id=MASK, vocab_size=V, mask_prob=1.0, special_token_ids=special,
+                       backend=backend)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), special
+        assert torch.equal(out[1] == -100, ids == (4 if 4 in special else -1)), special
+
+
 def test_seed_determinism():
     ids = _batch(16, 128)
     a = mlm_mask(ids, mask_token_id=MASK, vocab_size=V, seed=42)

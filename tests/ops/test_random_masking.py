@@ -226,6 +226,21 @@ def test_bad_inputs_name_the_argument(args, kwargs, exc, name):
         random_masking(*args, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(mask_ratio="0.5"), "mask_ratio"),
+    (dict(mask_ratio=b"0.5"), "mask_ratio"),
+    (dict(mask_ratio=False), "mask_ratio"),
+    (dict(mask_ratio=True), "mask_ratio"),
+    (dict(mode="block", grid=(4, 4), min_aspect="0.5"), "min_aspect"),
+    (dict(mode="block", grid=(4, 4), min_aspect=True), "min_aspect"),
+])
+def test_strings_and_bools_are_not_ratios(kwargs, name):
+    """float() took mask_ratio="0.5" and mask_ratio=False (and the same for min_aspect), so a
+    wrong type gave masks instead of the TypeError the docstring promises."""
+    with pytest.raises(TypeError, match=name):
+        random_masking(2, 16, **kwargs)
+
+
 def test_forced_backend_refusals_list_reasons():
     block = dict(mode="block", grid=(4, 4))
     with pytest.raises(BackendError, match="triton: .*random") as err:

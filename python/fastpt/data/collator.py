@@ -153,10 +153,7 @@ class MLMCollator:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**64):
             raise ValueError(f"seed: expected None or an int in [0, 2**64), got {self.seed!r}")
-        ids = set(int(i) for i in getattr(tok, "all_special_ids", ()))
-        if getattr(tok, "pad_token_id", None) is not None:
-            ids.add(int(tok.pad_token_id))
-        self._special_ids = sorted(ids)
+        self._special_key, self._special_list = None, []  # see _special_ids
         self._continuation = None  # WordPiece "##" table, built on first whole-word call
         self._pid = os.getpid()
         # Shared with DataLoader workers (fork or spawn): counts how many processes have served
@@ -203,12 +200,18 @@ class MLMCollator:
         """Mask a padded ``(B, L)`` id tensor; returns ``(masked_ids, labels)`` (labels int64, -100 unmasked).
 
         Special tokens are ``special_tokens_mask`` ``(B, L)`` (nonzero = never mask) when given, as in
-        Hugging Face's collator, else the tokenizer's ``all_special_ids``; padding is never masked
-        either way. With ``whole_word_mask``, words come from ``word_ids`` ``(B, L)`` (``< 0`` = not a
-        word), else ``offset_mapping`` ``(B, L, 2)``, else WordPiece ``##`` pieces. Unlike Hugging
-        Face's method it returns new tensors and leaves ``inputs`` alone. Advances the seed counter.
-        Raises ValueError / TypeError from :func:`fastpt.ops.mlm_mask` for bad ids or shapes.
+        Hugging Face's collator, else the tokenizer's current ``all_special_ids``; padding is never
+        masked either way. With ``whole_word_mask``, words come from ``word_ids`` ``(B, L)`` (``< 0`` =
+        not a word), else ``offset_mapping`` ``(B, L, 2)``, else WordPiece ``##`` pieces.
+        ``special_tokens_mask`` and ``offset_mapping`` may be tensors, arrays or nested lists. Unlike
+        Hugging Face's method it returns new tensors and leaves ``inputs`` alone. Advances the seed counter.
+        Raises ValueError / TypeError from :func:`fastpt.ops.mlm_mask` for bad ids or shapes, and
+        ValueError naming ``special_tokens_mask`` / ``offset_mapping`` for a value that is no array.
         """
+        # As Hugging Face's method: a list (of lists) or array is converted, not refused.
+        device = inputs.device
+        special_tokens_mask = _as_tensor("special_tokens_mask", special_tokens_mask, torch.bool, "(B, L)", device)
+        offset_mapping = _as_tensor("offset_mapping", offset_mapping, torch.int64, "(B, L, 2)", device)
         words = self._word_ids(inputs, special_tokens_mask, word_ids, offset_mapping) if self.whole_word_mask else None
         if special_tokens_mask is not None:
             pad = self.tokenizer.pad_token_id
@@ -223,6 +226,19 @@ class MLMCollator:
             random_prob=self.random_replace_prob, special_tokens_mask=special_tokens_mask,
             special_token_ids=special_ids, word_ids=words, seed=self._next_seed(), backend=self.backend,
         )
+
+    @property
+    def _special_ids(self) -> list[int]:
+        """The tokenizer's ``all_special_ids`` and pad id, sorted: read at call time, as Hugging Face
+        does, so special tokens added after construction are never masked (re-sorted only on change)."""
+        tok = self.tokenizer
+        key = (tuple(getattr(tok, "all_special_ids", ())), getattr(tok, "pad_token_id", None))
+        if key != self._special_key:
+            ids = {int(i) for i in key[0]}
+            if key[1] is not None:
+                ids.add(int(key[1]))
+            self._special_key, self._special_list = key, sorted(ids)
+        return self._special_list
 
     # ------------------------------------------------------------------ seeds
 
@@ -361,7 +377,7 @@ class MLMCollator:
             if self.tokenizer.pad_token_id is not None:
                 special = special | (ids == self.tokenizer.pad_token_id)
         else:
-            special = torch.isin(ids, torch.tensor(self._special_ids, dtype=ids.dtype, device=ids.device))
+            special = torch.isin(ids, torch.tensor(self._special_ids, dtype=torch.int64, device=ids.device))
         prev_special = torch.ones_like(special)
         prev_special[:, 1:] = special[:, :-1]
         if word_ids is not None:
@@ -386,8 +402,9 @@ class MLMCollator:
         return torch.where(inside & (words >= 0), words, torch.full_like(words, -1))
 
     def _continuation_table(self, device) -> torch.Tensor:
-        """Bool per vocabulary id: the token is a WordPiece continuation (``##...``)."""
-        if self._continuation is None:
+        """Bool per vocabulary id: the token is a WordPiece continuation (``##...``); rebuilt when
+        tokens were added to the tokenizer since."""
+        if self._continuation is None or len(self._continuation) != len(self.tokenizer):
             tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
             cont = [t is not None and t.startswith("##") for t in tokens]
             if not any(cont):
@@ -417,6 +434,16 @@ def _probability(name: str, p) -> float:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{name}: expected a probability in [0, 1], got {p}")
     return p
+
+
+def _as_tensor(name: str, v, dtype: torch.dtype, shape: str, device) -> torch.Tensor | None:
+    """``v`` (None, a tensor, an array or nested lists) as a tensor on ``device``; tensors pass unchanged."""
+    if v is None or isinstance(v, torch.Tensor):
+        return v
+    try:
+        return torch.as_tensor(np.asarray(v), dtype=dtype, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: expected a {shape} tensor, array or nested list, got {_describe(v)}") from None
 
 
 def _check_return_tensors(rt) -> str:

@@ -19,6 +19,29 @@ from .base import (Objective, ObjectiveOutput, check_ids, check_seed, encode_tex
                    require, want_logits)
 
 
+def _word_runs(word_ids, ids: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """``word_ids`` renumbered per row so that each run of equal ids ``>= 0`` is its own word (-1 elsewhere).
+
+    ``mlm_mask`` ties every token of a row sharing a word id; word ids that restart (the second
+    sequence of a pair, each document of a packed row) would tie unrelated words. A new word starts
+    where the id changes and at each document start in ``cu_seqlens`` (over the flattened tokens).
+    Ids already numbered 0, 1, ... in order per row come back unchanged."""
+    w = check_ids("word_ids", word_ids, ndim=(ids.dim(),))
+    if w.shape != ids.shape:
+        raise ValueError(f"word_ids: expected the shape of input_ids {tuple(ids.shape)}, got {tuple(w.shape)}")
+    w = w.reshape(-1, w.shape[-1])
+    prev = torch.full_like(w, -1)
+    prev[:, 1:] = w[:, :-1]
+    inside = w >= 0
+    start = (w != prev) & inside
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and not cu_seqlens.dtype.is_floating_point:
+        starts = cu_seqlens[:-1].to(device=w.device, dtype=torch.int64)
+        starts = starts[(starts >= 0) & (starts < w.numel())]
+        start.view(-1)[starts] |= inside.view(-1)[starts]
+    runs = torch.cumsum(start, dim=-1) - 1
+    return torch.where(inside, runs, torch.full_like(runs, -1)).reshape(ids.shape)
+
+
 class MLM(Objective):
     """BERT / RoBERTa masked-language-model objective on a ``TextEncoder``.
 
@@ -26,8 +49,10 @@ class MLM(Objective):
         hidden_size, vocab_size: the backbone's width D and vocabulary V.
         mask_token_id: id written at 80% (``replace_prob``) of the selected positions.
         mask_prob, replace_prob, random_prob: selection rate and the 80/10/10 split.
-        special_token_ids: ids never masked (CLS, SEP, PAD, ...; at most 64).
-        whole_word_masking: select whole words (the batch must carry ``word_ids``).
+        special_token_ids: ids never masked (CLS, SEP, PAD, ...).
+        whole_word_masking: select whole words (the batch must carry ``word_ids``: a word is a run of
+            consecutive tokens with the same id ``>= 0``, so ``Encoding.word_ids()`` that restart per
+            sequence of a pair or per packed document, ``None`` / -1 on special tokens, work as given).
         tie_word_embeddings: the head's output matrix is the backbone's word embedding (set by ``attach``;
             with ALBERT's factorised ``(V, E)`` embedding the head's transform maps D -> E).
         activation, layer_norm_eps: the head's transform (dense + activation + LayerNorm); layer_norm_eps
@@ -92,7 +117,7 @@ class MLM(Objective):
         word_ids = None
         if self.whole_word_masking:
             require(batch, ("word_ids",), "MLM.prepare (whole_word_masking=True)")
-            word_ids = batch["word_ids"]
+            word_ids = _word_runs(batch["word_ids"], ids, batch.get("cu_seqlens"))
         masked, labels = mlm_mask(ids, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
                                       mask_prob=self.mask_prob, replace_prob=self.replace_prob,
                                       random_prob=self.random_prob,

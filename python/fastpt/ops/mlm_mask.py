@@ -5,9 +5,14 @@ A token is *selected* with probability ``mask_prob`` unless it is blocked
 token with probability ``replace_prob``, a uniformly random id in
 ``[0, vocab_size)`` with probability ``random_prob``, and stays itself
 otherwise; ``labels`` holds the original id where selected and -100 elsewhere.
-With ``word_ids`` (whole-word masking) the selection is drawn once per word, so
-all pieces of a word are selected together; the 80/10/10 choice stays per token,
-as in Hugging Face's whole-word collator.
+With ``word_ids`` (whole-word masking) the selection is drawn once per word id
+and row, so all tokens of a row that share a word id are selected together,
+wherever they are: the ids must be unique per row (raw ``Encoding.word_ids()``
+restart at 0 in the second sequence of a pair and in each packed document, and
+tie unrelated words; ``MLMCollator`` and the ``MLM`` objective renumber them).
+The 80/10/10 choice stays per token, as in the original BERT whole-word masking
+(Hugging Face's 5.x collator instead replaces every selected token of a word by
+the mask token).
 
 Randomness is counter-based (``ops/_rng.py``): the result is a pure function of
 ``(seed, row, position)`` and identical on every backend and device.
@@ -28,7 +33,7 @@ try:  # Triton is optional: a GPU backend, or the CPU interpreter in tests.
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
-MAX_SPECIAL_IDS = 64
+MAX_SPECIAL_IDS = 64  # the kernels compare with at most this many ids; longer lists are folded into ``blocked``
 
 
 def _special_ids(special_token_ids) -> list[int]:
@@ -89,9 +94,15 @@ def _prepare(input_ids, *, mask_token_id, vocab_size, mask_prob, replace_prob, r
     if word_ids is not None:
         word_ids = _validate.index_tensor("word_ids", word_ids)
         _validate.same_shape_device("word_ids", word_ids, ids, "input_ids")
-    special = torch.tensor(_special_ids(special_token_ids), dtype=torch.int64)
-    if special.numel() > MAX_SPECIAL_IDS:
-        raise ValueError(f"special_token_ids: expected at most {MAX_SPECIAL_IDS} ids, got {special.numel()}")
+    # An id no token of this dtype can equal blocks nothing; dropped here because the cpu kernel
+    # compares in the id dtype (2**32 + 3 would block 3 in an int32 row), the others in int64.
+    info = torch.iinfo(ids.dtype)
+    special = torch.tensor([i for i in _special_ids(special_token_ids) if info.min <= i <= info.max],
+                           dtype=torch.int64, device=ids.device)
+    if special.numel() > MAX_SPECIAL_IDS:  # rare (many added special tokens): one isin pass instead
+        m = torch.isin(ids, special)
+        blocked = m if blocked is None else blocked | m
+        special = special[:0]
 
     shape = ids.shape
     rows = math.prod(shape[:-1])
@@ -100,7 +111,7 @@ def _prepare(input_ids, *, mask_token_id, vocab_size, mask_prob, replace_prob, r
         ids=flat(ids),
         blocked=flat(blocked),
         word_ids=flat(word_ids),
-        special_ids=special.to(ids.device),
+        special_ids=special,
         keys=tuple(_rng.stream_key(seed, s) for s in (_rng.STREAM_MLM_SELECT, _rng.STREAM_MLM_ACTION, _rng.STREAM_MLM_TOKEN)),
         thresholds=(_rng.threshold24(mask_prob), _rng.threshold24(replace_prob), _rng.threshold24(replace_prob + random_prob)),
         mask_token_id=mask_token_id,
@@ -286,9 +297,12 @@ def mlm_mask(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, ma
         replace_prob, random_prob: fractions of selected tokens replaced by the mask token / a random id
             (the rest keep their id). Default 80/10/10.
         special_tokens_mask: optional bool/int ``(..., S)``; nonzero marks tokens never to mask.
-        special_token_ids: optional iterable of ids (at most 64) never to mask, e.g. CLS, SEP, PAD.
+        special_token_ids: optional iterable of ids never to mask, e.g. CLS, SEP, PAD (any number; ids outside
+            the range of the ``input_ids`` dtype match no token).
         attention_mask: optional ``(..., S)``; 0 marks padding, never masked.
-        word_ids: optional int ``(..., S)`` word index per token for whole-word masking; ``< 0`` never masked.
+        word_ids: optional int ``(..., S)`` word id per token for whole-word masking; ``< 0`` never masked.
+            All tokens of a row with the same id are one word (selected together, wherever they are), so
+            the ids must be unique per row, not restart per sequence of a pair or per packed document.
         seed: int in ``[0, 2**64)``; the masks are a pure function of (seed, row, position).
         backend: None (fastest that fits) or one of "cuda", "cpu", "triton", "reference".
 

@@ -94,6 +94,8 @@ def _prepare(batch, num_patches, *, mask_ratio, seed, device, mode, grid, min_bl
     if num_patches >= 2**31:
         raise ValueError(f"num_patches: expected < 2**31, got {num_patches}")
     try:
+        if isinstance(mask_ratio, (bool, str, bytes)):  # float() would take "0.5" and False
+            raise TypeError
         mask_ratio = float(mask_ratio)
     except (TypeError, ValueError):
         raise TypeError(f"mask_ratio: expected a float in [0, 1), got {mask_ratio!r}") from None
@@ -111,6 +113,8 @@ def _prepare(batch, num_patches, *, mask_ratio, seed, device, mode, grid, min_bl
             raise ValueError(f"grid: height * width must equal num_patches={num_patches}, got {grid}")
     min_block_patches = _validate.positive_int("min_block_patches", min_block_patches)
     try:
+        if isinstance(min_aspect, (bool, str, bytes)):  # float() would take "0.5" and True
+            raise TypeError
         min_aspect = float(min_aspect)
     except (TypeError, ValueError):
         raise TypeError(f"min_aspect: expected a float in (0, 1], got {min_aspect!r}") from None
