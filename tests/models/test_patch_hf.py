@@ -228,7 +228,7 @@ def test_patch_twice_unpatch_and_options():
     patch_hf(ours, attention=False)  # loss only
     assert ours.config._attn_implementation == "sdpa" and "forward" in ours.__dict__
     patch_hf(ours, loss=False)  # attention only: the options replace the previous patch
-    assert ours.config._attn_implementation == "fastpt" and "forward" not in ours.__dict__
+    assert ours.config._attn_implementation == "fastpt"  # the forward is HF's, behind the padding check
     assert ours.train()(**inputs, labels=labels).logits is not None
 
 
@@ -236,7 +236,7 @@ def test_patch_twice_unpatch_and_options():
 def test_patched_model_pickles(arch, tmp_path):
     """pickle / torch.save of a whole patched model load back patched (the patched forward pickles as
     the model and the forward's name; a bound method pickled as getattr(model, its name) and failed to
-    load), with the forward's own signature for inspect (Trainer reads it)."""
+    load), with HF's forward signature for inspect (Trainer reads it)."""
     import inspect
     import pickle
 
@@ -244,7 +244,7 @@ def test_patched_model_pickles(arch, tmp_path):
     inputs, labels, _ = _batch(arch)
     for back in (pickle.loads(pickle.dumps(ours)), _torch_save_load(ours, tmp_path / "m.pt")):
         assert "forward" in back.__dict__ and back.forward.__self__ is back
-        assert "labels" in inspect.signature(back.forward).parameters
+        assert inspect.signature(back.forward) == inspect.signature(ref.forward)
         loss = back.train()(**inputs, labels=labels).loss
         torch.testing.assert_close(loss, ref.train()(**inputs, labels=labels).loss, rtol=1e-5, atol=1e-6)
         assert back.train()(**inputs, labels=labels).logits is None  # the fused loss forward
@@ -267,3 +267,151 @@ def test_fused_loss_forward_passes_backbone_arguments_through(arch):
     assert got.logits is None and len(got.hidden_states) == len(want.hidden_states)
     torch.testing.assert_close(got.hidden_states[-1][valid], want.hidden_states[-1][valid], rtol=0, atol=1e-5)
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["output_attentions", "config_output_attentions", "head_mask"])
+@pytest.mark.parametrize("arch", ["gpt2", "bert-decoder"])
+def test_eager_fallback_without_padding_is_causal(arch, case, fused):
+    """A causal model whose original attention is eager, falling back without padding: the mask
+    builder ("sdpa"'s) gives None there and left causality to SDPA's is_causal, so the eager
+    fallback attended to future tokens."""
+    ref = _model(arch, impl="eager")
+    extra = {"head_mask": torch.ones(2, 4)} if case == "head_mask" else {}
+    if case == "output_attentions":
+        extra = {"output_attentions": True}
+    elif case == "config_output_attentions":
+        ref.config.output_attentions = True
+    ours = patch_hf(copy.deepcopy(ref))
+    inputs, _, _ = _batch("gpt2", "none")
+    with torch.no_grad():
+        want, got = ref.eval()(**inputs, **extra), ours.eval()(**inputs, **extra)
+    assert torch.equal(got.logits, want.logits)
+    if case != "head_mask":
+        assert len(got.attentions) == 2 and all(torch.equal(g, w) for g, w in zip(got.attentions, want.attentions))
+        assert all(a.triu(1).eq(0).all() for a in got.attentions)  # nothing above the diagonal
+    assert fused == []
+
+
+@pytest.mark.parametrize("loss", [True, False])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "gpt2"])
+def test_forward_signature_keeps_trainer_columns(arch, loss):
+    """The patched forward showed (input_ids, *args, labels, **kwargs) to inspect.signature, so Trainer
+    (remove_unused_columns, the default) dropped attention_mask / token_type_ids from every batch.
+    Trainer's own rule (_set_signature_columns_if_needed) and collator; accelerate rebinds __func__."""
+    import inspect
+    import types
+
+    from transformers import default_data_collator
+    from transformers.trainer_utils import RemoveColumnsCollator
+
+    ref = _model(arch)
+    ours = patch_hf(copy.deepcopy(ref), loss=loss)
+    assert "forward" in ours.__dict__
+    inputs, labels, _ = _batch(arch)
+    features = [{"input_ids": inputs["input_ids"][i], "attention_mask": inputs["attention_mask"][i],
+                 "token_type_ids": torch.zeros(S, dtype=torch.long), "position_ids": torch.arange(S),
+                 "labels": labels[i], "text": "a raw column"} for i in range(B)]
+
+    def trainer_batch(model):
+        columns = list(inspect.signature(model.forward).parameters) + ["label", "label_ids", "labels"]
+        return RemoveColumnsCollator(default_data_collator, columns)(features)
+
+    assert sorted(trainer_batch(ours)) == sorted(trainer_batch(ref))
+    assert "attention_mask" in trainer_batch(ours)
+    assert inspect.signature(ours.forward) == inspect.signature(ref.forward)
+    rebound = types.MethodType(ours.forward.__func__, ours)  # accelerate's mixed-precision wrapping
+    assert inspect.signature(rebound) == inspect.signature(ref.forward)
+
+
+@pytest.mark.parametrize("loss", [True, False])
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_loss_reading_padded_positions_is_hf_exactly(arch, loss, fused):
+    """Right padding with labels that are not -100 at padded positions (GPT-2 on labels=input_ids):
+    HF's loss reads outputs there, which the fused attention computes differently (0 attention in
+    padded query rows), so loss and gradients differed. Such a call runs the original attention."""
+    ref = _model(arch, dtype=torch.float64)
+    ours = patch_hf(copy.deepcopy(ref), loss=loss)
+    inputs, _, valid = _batch(arch)
+    labels = inputs["input_ids"].clone()  # labels at padded positions too
+    want = ref.train()(**inputs, labels=labels)
+    got = ours.train()(**inputs, labels=labels)
+    assert (got.logits is None) == loss  # the fused loss still runs, over exact hidden states
+    # HF's causal-LM loss upcasts logits to float32, also from float64: that reference is fp32-accurate
+    tol = 1e-6 if arch == "gpt2" and loss else 1e-10
+    torch.testing.assert_close(got.loss, want.loss.to(got.loss.dtype), rtol=tol, atol=tol)
+    want.loss.backward()
+    got.loss.backward()
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=tol * 10, atol=tol, msg=name)
+    args = (inputs["input_ids"], None, inputs["attention_mask"]) if arch == "gpt2" else inputs.values()
+    with torch.no_grad():  # eval: HF's forward and loss, with the mask passed by position (GPT-2: after the cache)
+        want = ref.eval()(*args, labels=labels).loss
+        got = ours.eval()(*args, labels=labels).loss
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert fused == []
+    labels[~valid] = -100  # the loss reads real positions only: fused again
+    ours.train()(**inputs, labels=labels)
+    assert len(fused) == 2
+
+
+def test_head_dim_over_the_fused_limit_falls_back(fused):
+    """A head dim over fastpt.ops.attention.MAX_HEAD_DIM (256) raised from the fused op; HF's runs."""
+    torch.manual_seed(0)
+    ref = BertForMaskedLM(BertConfig(hidden_size=2 * (PH.MAX_HEAD_DIM + 4), num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=37, vocab_size=VOCAB,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    ours = patch_hf(copy.deepcopy(ref))
+    inputs, _, _ = _batch("bert", "none")
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(**inputs).logits, ref.eval()(**inputs).logits)
+    assert fused == []
+
+
+def test_patched_model_runs_after_loading_in_a_fresh_process(tmp_path):
+    """torch.save of a patched model loaded in another process raised KeyError ('fastpt' is not a
+    valid attention implementation): "fastpt" was registered with transformers only by patch_hf."""
+    import subprocess
+    import sys
+
+    ref, ours = _pair("gpt2")
+    inputs, _, valid = _batch("gpt2")
+    with torch.no_grad():
+        want = ref.eval()(**inputs).logits
+    torch.save({"model": ours.eval(), "backbone": ours.transformer, "inputs": inputs, "valid": valid,
+                "want": want}, tmp_path / "ck.pt")
+    child = f"""
+import torch
+ck = torch.load({str(tmp_path / "ck.pt")!r}, weights_only=False)  # no import of fastpt here
+model, inputs, valid = ck["model"], ck["inputs"], ck["valid"]
+assert model.config._attn_implementation == "fastpt"
+with torch.no_grad():
+    got = model(**inputs).logits
+    hidden = ck["backbone"](**inputs).last_hidden_state
+torch.testing.assert_close(got[valid], ck["want"][valid], rtol=0, atol=1e-5)
+assert torch.isfinite(hidden[valid]).all()
+print("ran")
+"""
+    run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ran" in run.stdout, run.stderr[-2000:]
+
+
+def test_patch_leaves_models_sharing_the_config_alone(tmp_path):
+    """patch_hf wrote _attn_implementation on the config object, which transformers shares among
+    models built from it: a teacher built from the student's config switched to "fastpt" too (and
+    lost its eager attentions), and unpatch_hf switched it back."""
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                        vocab_size=VOCAB, max_position_embeddings=40)
+    config._attn_implementation = "eager"
+    teacher, student = BertForMaskedLM(config).eval(), BertForMaskedLM(config).eval()
+    inputs, _, _ = _batch("bert")
+    patch_hf(student)
+    assert teacher.config is config and config._attn_implementation == "eager"
+    assert len(teacher(**inputs, output_attentions=True).attentions) == 2
+    assert student.config._attn_implementation == "fastpt"
+    assert all(m.config is student.config for m in student.modules() if "config" in m.__dict__)
+    student.save_pretrained(tmp_path)
+    assert "fastpt" not in (tmp_path / "config.json").read_text()
+    assert type(student).from_pretrained(tmp_path).config._attn_implementation != "fastpt"
+    unpatch_hf(student)
+    assert student.config._attn_implementation == "eager" and config._attn_implementation == "eager"
+    assert len(student(**inputs, output_attentions=True).attentions) == 2

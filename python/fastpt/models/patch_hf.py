@@ -9,7 +9,12 @@
   the same name: boolean ``(B, 1, S, S)`` masks, or None when there is no padding) and switches
   the model to it with ``model.set_attn_implementation("fastpt")``. This is the extension point
   transformers documents (``AttentionInterface``): it needs no copy of HF's layer code, so it
-  keeps working when that code changes, and undoing it is restoring one config field.
+  keeps working when that code changes, and undoing it is restoring one config field. That
+  field lives on the config, which transformers shares among every model built from it (a
+  teacher and a student from one config object, a head and its backbone): the patched model
+  and its submodules that held that config first get their own copy of it, so other models
+  keep their attention. Unpickling a patched layer (a whole patched model: ``torch.load``,
+  spawn) registers ``"fastpt"`` again, so it also runs in a fresh process.
   The function receives HF's ``(B, H, S, D)`` q, k, v (transposed views of the projections) and
   hands ``fastpt.ops.attention`` their ``(B, S, H, D)`` views, no copy. It reads the 4-D mask
   HF built rather than the user's 2-D one, because that mask is the ground truth of what HF
@@ -18,12 +23,16 @@
   once per forward (the result is cached on the mask tensor all layers share). Everything else
   runs the model's original attention ("sdpa" or "eager"; "sdpa" for other originals) for that
   call: left padding or any other mask, ``output_attentions=True``, a ``head_mask``, query and
-  key lengths that differ (generation with a cache), cross-attention. Attention dropout in
+  key lengths that differ (generation with a cache), cross-attention, a head dim over
+  ``fastpt.ops.attention.MAX_HEAD_DIM``. Attention dropout in
   training runs in the fused op (counter-based RNG seeded from torch's generator, so
   ``torch.manual_seed`` reproduces it; the masks differ from ``nn.Dropout``'s).
   Padded positions: fastpt outputs 0 attention for padded query rows where HF lets them attend
-  to the real tokens, so hidden states / logits *at padded positions* differ (they are
-  meaningless and no loss reads them); real positions match HF.
+  to the real tokens, so hidden states / logits *at padded positions* differ; real positions
+  match HF. HF's losses read a padded position only where its label is not -100 (GPT-2 trained
+  on ``labels=input_ids`` with right padding): a patched model whose forward takes ``labels``
+  and ``attention_mask`` then runs the original attention for that call, so its loss and
+  gradients are HF's. A loss computed outside the model from padded positions differs.
 * **Loss** (``BertForMaskedLM``, ``RobertaForMaskedLM``, ``GPT2LMHeadModel``): in training mode
   (``model.train()``) a forward with ``labels`` runs the backbone, keeps the rows whose label is
   not -100 (GPT-2: after HF's shift), applies the MLM transform to those rows only and computes
@@ -32,12 +41,17 @@
   runs (full logits, HF's loss), so ``Trainer.evaluate`` and metrics see the usual outputs.
   GPT-2's ``num_items_in_batch`` (gradient accumulation) and ``shift_labels`` are honoured.
   Differences: a batch whose labels are all -100 gets loss 0 (torch: NaN). Hooked by an instance
-  attribute ``model.forward`` (the class is untouched).
+  attribute ``model.forward`` (the class is untouched) that shows HF's forward signature to
+  ``inspect.signature`` (``Trainer`` drops the dataset columns it does not name).
 
 Undo with ``unpatch_hf(model)``; ``patch_hf`` on a patched model re-patches with the new options.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import inspect
 import sys
 import types
 
@@ -46,7 +60,7 @@ import torch.nn.functional as F
 
 from .. import _native
 from ..ops import _rng
-from ..ops.attention import attention
+from ..ops.attention import MAX_HEAD_DIM, attention
 from ..ops.linear_cross_entropy import labelled_rows, linear_cross_entropy
 
 __all__ = ["patch_hf", "unpatch_hf", "SUPPORTED"]
@@ -124,6 +138,8 @@ def _plan(module, query, key, value, mask, kwargs):
         return None
     if query.dim() != 4 or key.shape != query.shape or value.shape != query.shape:
         return None  # a cache (q shorter than k) or cross shapes
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return None
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
     s = query.shape[2]
@@ -143,6 +159,12 @@ def _original_attention(module, query, key, value, mask, **kwargs):
     if fallback != "eager":
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, mask, **kwargs)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    if mask is None and causal and query.shape[2] > 1:
+        # the mask builder registered for "fastpt" is sdpa's: None without padding, leaving causality to
+        # SDPA's is_causal (upper-left aligned, as this tril), which eager attention does not have
+        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
     if mask is not None and mask.dtype == torch.bool:  # what transformers' eager_mask makes of it
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(
             ~mask, torch.finfo(query.dtype).min)
@@ -172,6 +194,82 @@ def _register():
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+class _Registration:
+    """Held by every patched layer (``_fastpt_registration``): unpickling it registers ``"fastpt"`` with
+    transformers, so a patched model loaded in a fresh process (``torch.load``, spawn) runs."""
+
+    def __reduce__(self):
+        return _registration, ()
+
+
+def _registration() -> _Registration:
+    _register()
+    return _REGISTRATION
+
+
+_REGISTRATION = _Registration()
+
+
+# ----------------------------------------------------------------------------- padded positions
+
+
+def _padded_positions(mask):
+    """The positions the ``attention_mask`` argument marks as padding (bool, its shape without the 4-D
+    mask's query axis), or None where the fused attention never runs with that mask."""
+    if not torch.is_tensor(mask):
+        return None
+    if mask.dim() == 4:  # user 4-D masks fuse only when boolean: the keys the last query cannot see
+        return ~mask[:, 0, -1] if mask.dtype == torch.bool else None
+    return mask == 0
+
+
+def _reads_padding(model, args, kwargs) -> bool:
+    """Whether the ``labels`` (or ``shift_labels``) of a call ``model.forward(*args, **kwargs)`` are not
+    -100 at a position its ``attention_mask`` marks as padding: HF's loss then reads an output that the
+    fused attention computes differently (0 attention in padded query rows)."""
+    state = model.__dict__.get("_fastpt_patch")
+    if not (state and state["attention"]) or torch.compiler.is_compiling():
+        return False  # compiled, padded masks keep the original attention (_right_padding_lengths)
+    named = dict(kwargs)
+    if len(args) > 1:  # in HF's positional order (input_ids, attention_mask, ...; GPT-2: the cache second)
+        named.update(zip(list(inspect.signature(type(model).forward).parameters)[1:], args))
+    padded = _padded_positions(named.get("attention_mask"))
+    if padded is None:
+        return False
+    for labels in (named.get("labels"), named.get("shift_labels")):
+        if torch.is_tensor(labels) and labels.shape == padded.shape:
+            if bool(((labels != -100) & padded.to(labels.device)).any()):
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def _unfused(model):
+    """Every patched layer of ``model`` runs its original attention inside the block."""
+    layers = [m for m in model.modules() if "_fastpt_attn" in m.__dict__]
+    plans = [m._fastpt_attn for m in layers]
+    try:
+        for m, (fallback, _) in zip(layers, plans):
+            m._fastpt_attn = (fallback, False)
+        yield
+    finally:
+        for m, plan in zip(layers, plans):
+            m._fastpt_attn = plan
+
+
+def _exact_at_padding(forward):
+    """``forward`` (of a patched model), run with the original attention for a call whose loss reads a
+    padded position. The check lives in the function, not in ``_PatchedForward.__call__``: accelerate
+    rebinds ``model.forward.__func__`` under mixed precision."""
+    @functools.wraps(forward)
+    def checked(self, *args, **kwargs):
+        if _reads_padding(self, args, kwargs):
+            with _unfused(self):
+                return forward(self, *args, **kwargs)
+        return forward(self, *args, **kwargs)
+    return checked
+
+
 # ----------------------------------------------------------------------------- losses
 
 
@@ -197,6 +295,7 @@ def _output(cls, out, **fields):
     return cls(**fields, **{k: v for k, v in out.items() if k in known and k not in fields})
 
 
+@_exact_at_padding
 def _masked_lm_forward(self, input_ids=None, *args, labels=None, **kwargs):
     from transformers.modeling_outputs import MaskedLMOutput
     if labels is None or not self.training or args:
@@ -209,6 +308,7 @@ def _masked_lm_forward(self, input_ids=None, *args, labels=None, **kwargs):
     return _output(MaskedLMOutput, out, loss=loss, logits=None)
 
 
+@_exact_at_padding
 def _causal_lm_forward(self, input_ids=None, *args, labels=None, logits_to_keep=0, **kwargs):
     from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
     if labels is None or not self.training or args or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
@@ -229,22 +329,33 @@ def _causal_lm_forward(self, input_ids=None, *args, labels=None, logits_to_keep=
     return _output(CausalLMOutputWithCrossAttentions, out, loss=loss, logits=None)
 
 
+@_exact_at_padding
+def _labelled_forward(self, *args, **kwargs):
+    """HF's own forward behind the padding check: heads with labels and no fused loss (or ``loss=False``)."""
+    return type(self).forward(self, *args, **kwargs)
+
+
 _LOSS_FORWARDS = {"BertForMaskedLM": _masked_lm_forward, "RobertaForMaskedLM": _masked_lm_forward,
                   "GPT2LMHeadModel": _causal_lm_forward}
-_FORWARDS_BY_NAME = {f.__name__: f for f in _LOSS_FORWARDS.values()}
+_FORWARDS_BY_NAME = {f.__name__: f for f in (_masked_lm_forward, _causal_lm_forward, _labelled_forward)}
 
 
 class _PatchedForward:
     """A patched model's ``forward``: one of the forwards above behind transformers' ``can_return_tuple``,
     bound to the model. An object rather than a ``types.MethodType`` so that the model pickles (a bound
     method pickles as ``getattr(model, its name)``, which no model has): it pickles as the model and the
-    forward's name. ``__wrapped__`` (the bound method) gives ``inspect.signature`` the forward's own."""
+    forward's name. ``inspect.signature`` shows HF's forward (``__signature__``, on ``__func__`` too, which
+    accelerate rebinds): ``Trainer`` keeps only the dataset columns named there (attention_mask, ...);
+    the forwards above take every one of them, by position or keyword."""
 
     def __init__(self, model, name: str):
         from transformers.utils.generic import can_return_tuple
         self._name = name
-        self.__wrapped__ = types.MethodType(can_return_tuple(_FORWARDS_BY_NAME[name]), model)
-        self.__self__, self.__func__ = model, self.__wrapped__.__func__
+        func = can_return_tuple(_FORWARDS_BY_NAME[name])  # a new function per model: it carries the signature
+        func.__signature__ = inspect.signature(type(model).forward)
+        self.__wrapped__ = types.MethodType(func, model)
+        self.__self__, self.__func__ = model, func
+        self.__signature__ = inspect.signature(self.__wrapped__)
 
     def __call__(self, *args, **kwargs):
         return self.__wrapped__(*args, **kwargs)
@@ -262,6 +373,21 @@ def _loss_forward(model):
     return None
 
 
+def _takes_labels(model) -> bool:
+    """Whether ``model``'s forward takes ``labels`` and ``attention_mask`` (its loss may read padding)."""
+    params = inspect.signature(type(model).forward).parameters
+    return "labels" in params and "attention_mask" in params
+
+
+def _own_config(model):
+    """Give ``model`` and its submodules that share its config object a copy of it (only ``model`` is
+    patched, and ``set_attn_implementation`` writes the config)."""
+    shared, own = model.config, copy.deepcopy(model.config)
+    for m in model.modules():
+        if m.__dict__.get("config") is shared:
+            m.config = own
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -277,7 +403,10 @@ def patch_hf(model, *, attention: bool = True, loss: bool = True):
 
     Returns:
         ``model`` itself, patched in place. Patching twice is the same as patching once (a patched
-        model is first unpatched, so new options replace the old ones).
+        model is first unpatched, so new options replace the old ones). With ``attention``, ``model``
+        (and its submodules holding the same config) gets its own copy of ``model.config``, and a
+        forward that takes ``labels`` and ``attention_mask`` runs the original attention for a call
+        whose labels are not -100 at a padded position (see the module docstring).
 
     Raises:
         TypeError naming the model class and the supported architectures when ``model`` is not a
@@ -301,17 +430,21 @@ def patch_hf(model, *, attention: bool = True, loss: bool = True):
     if attention:
         _register()
         _output_collector()  # resolved now, in eager code: compiled layers only read the cache
+        _own_config(model)
         model.set_attn_implementation(NAME)
-        if config._attn_implementation != NAME:  # transformers only warns when a model refuses
+        if model.config._attn_implementation != NAME:  # transformers only warns when a model refuses
             raise TypeError(f"patch_hf: {type(model).__name__} does not accept a registered attention function")
         fallback = original if original in ("eager", "sdpa") else "sdpa"
         for m in layers:
             fusable = type(m).__name__ in self_attn and not getattr(m, "is_cross_attention", False)
             m._fastpt_attn = (fallback, fusable)
+            m._fastpt_registration = _REGISTRATION
     forward = _loss_forward(model) if loss else None
+    if forward is None and attention and _takes_labels(model):
+        forward = _labelled_forward
     if forward is not None:
         model.forward = _PatchedForward(model, forward.__name__)
-    model._fastpt_patch = {"attn_implementation": original, "attention": attention, "loss": forward is not None}
+    model._fastpt_patch = {"attn_implementation": original, "attention": attention, "forward": forward is not None}
     return model
 
 
@@ -329,6 +462,7 @@ def unpatch_hf(model):
         model.set_attn_implementation(state["attn_implementation"])
         for m in model.modules():
             m.__dict__.pop("_fastpt_attn", None)
-    if state["loss"]:
+            m.__dict__.pop("_fastpt_registration", None)
+    if state["forward"]:
         model.__dict__.pop("forward", None)
     return model
