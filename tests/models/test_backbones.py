@@ -117,6 +117,30 @@ def test_encoder_decoder():
         model(ids, mask)
 
 
+@pytest.mark.parametrize("zoo", ["t5-small", "ul2-small"])
+def test_decoder_start_row_learns(zoo, tmp_path):
+    """The shared embedding had padding_idx = pad_token_id = 0, T5's decoder start token: the first decoder
+    input of every row was a zero vector that never got a gradient through the lookup (HF's T5 has no
+    padding_idx). It now starts random and learns; a checkpoint of the old layout still loads."""
+    torch.manual_seed(0)
+    over = dict(vocab_size=100, hidden_size=32, num_heads=4, intermediate_size=64, num_encoder_layers=1,
+                num_decoder_layers=1)
+    model = fastpt.build(zoo, backbone=over, objective={"tie_word_embeddings": False},
+                         special_ids={"pad": 0, "eos": 1})
+    start = model.objective.decoder_start_id
+    assert start == model.backbone.config["pad_token_id"] == 0 and model.backbone.shared.padding_idx is None
+    assert model.backbone.shared.weight[start].abs().sum() > 0
+    batch = model.prepare({"input_ids": _ids(4, 20, low=2, high=90)}, seed=0)
+    assert (batch["decoder_input_ids"][:, 0] == start).all()
+    model(**batch).loss.backward()  # untied head: the row's gradient can only come from the decoder input
+    assert model.backbone.shared.weight.grad[start].abs().sum() > 0
+    with torch.no_grad():
+        model.backbone.shared.weight[start].zero_()  # as an old checkpoint holds it
+    model.save_pretrained(tmp_path)
+    back = fastpt.PretrainModel.from_pretrained(tmp_path)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def test_vision_encoder_and_mae_decoder():
     torch.manual_seed(0)
     enc = vit(image_size=(24, 16), patch_size=8, in_channels=10, hidden_size=32, num_layers=2, num_heads=4,

@@ -49,6 +49,68 @@ def test_forward_delegates_to_the_objective():
     assert len(ids) == len(set(ids)) and id(backbone.embeddings.word_embeddings.weight) in ids
 
 
+def test_forward_without_objective_passes_the_backbone_arguments_on():
+    """forward routed only token_type_ids / position_ids / prefix_lens / cu_seqlens to the backbone and dropped
+    the rest: causal=True gave bidirectional states, output_hidden_states=True no hidden states, a misspelt
+    key (token_typ_ids=) or labels were ignored without a word."""
+    backbone = tiny_text().eval()
+    model = PretrainModel(backbone).eval()
+    b = batch()
+    with torch.no_grad():
+        want = backbone(b["input_ids"], b["attention_mask"], causal=True, output_hidden_states=True)
+        got = model(**b, causal=True, output_hidden_states=True)
+        assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+        assert len(got.hidden_states) == 3 and all(map(torch.equal, got.hidden_states, want.hidden_states))
+        assert model(**b).hidden_states is None
+        assert not torch.equal(model(**b).last_hidden_state, want.last_hidden_state)  # causal did change them
+        # the raw batch's annotations (collators, the packed collate's max_seqlen) are taken, and encode nothing
+        plain = model(**b).last_hidden_state
+        noted = model(**b, special_tokens_mask=torch.zeros_like(b["input_ids"]), word_ids=b["input_ids"])
+        assert torch.equal(noted.last_hidden_state, plain)
+    with pytest.raises(TypeError, match="token_typ_ids.*token_type_ids"):
+        model(**b, token_typ_ids=torch.ones_like(b["input_ids"]))
+    with pytest.raises(TypeError, match="labels.*objective"):
+        model(**b, labels=b["input_ids"])
+    image = vit(image_size=8, patch_size=4, in_channels=1, hidden_size=16, num_layers=2, num_heads=2)
+    px = torch.randn(2, 1, 8, 8)
+    out = PretrainModel(image)(pixel_values=px, output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and torch.equal(out.last_hidden_state, image(px).last_hidden_state)
+    with pytest.raises(TypeError, match="ids_kep"):
+        PretrainModel(image)(pixel_values=px, ids_kep=torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_forward_with_objective_refuses_keys_nothing_reads():
+    """With an objective, a key neither its forward nor its prepare uses (a typo, a backbone argument such as
+    causal that the objective does not pass on) was dropped without a word: TypeError naming it."""
+    backbone = tiny_text()
+    model = PretrainModel(backbone, MLM.from_backbone(backbone, mask_token_id=3, special_token_ids=(0,)))
+    prepared = model.prepare(batch(), seed=0)
+    assert torch.isfinite(model(**prepared).loss)
+    with pytest.raises(TypeError, match="bogus_key.*MLM"):
+        model(**prepared, bogus_key=1)
+    for key in ("causal", "output_hidden_states"):
+        with pytest.raises(TypeError, match=f"{key}: the MLM objective runs the backbone itself.*model.backbone"):
+            model(**prepared, **{key: True})
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm", "prefix_lm", "self_distill"])
+def test_forward_takes_every_key_of_a_packed_pipeline_batch(objective):
+    """The recipe's pack-mode batches (input_ids, cu_seqlens, max_seqlen, position_ids; Recipe.to_device makes
+    the rows one) go through prepare and forward (the key check must not refuse what fastpt's pipeline yields)."""
+    from fastpt.data.shards import collate
+
+    model = fastpt.assemble.build({"backbone": {"builder": "text_encoder", "vocab_size": V, "hidden_size": 16,
+                                                "num_layers": 1, "num_heads": 2, "max_positions": 32},
+                                   "objective": {"name": objective}, "special_ids": {"mask": 3, "pad": 0}})
+    g = torch.Generator().manual_seed(0)
+    samples = [{"input_ids": torch.randint(4, V, (12,), generator=g), "cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+               for cu in ([0, 5, 12], [0, 12])]
+    raw = collate(samples)
+    assert {"cu_seqlens", "max_seqlen", "position_ids"} <= raw.keys()
+    raw.update(input_ids=raw["input_ids"].reshape(1, -1), position_ids=raw["position_ids"].reshape(1, -1))  # as recipe
+    assert torch.isfinite(model(**model.prepare(raw, seed=1)).loss)
+
+
 def test_on_step_end_moves_the_momentum_encoder_and_frozen_copies_are_not_trainable():
     torch.manual_seed(0)
     backbone = vit(image_size=8, patch_size=4, in_channels=1, hidden_size=16, num_layers=1, num_heads=2)

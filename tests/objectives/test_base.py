@@ -32,6 +32,67 @@ def test_from_backbone_reads_sizes():
                           "attention_mask": torch.tensor([[1, 1, 0, 0, 0], [1] * 5])}) == 7
 
 
+def test_sizes_given_must_be_the_backbones():
+    """from_backbone filled a size only when it was not given and never compared a given one: an untied head of
+    vocab_size 60 on a 50-token backbone softmaxed over ids that do not exist; a hidden_size, patch_size or
+    in_channels of another value died deep in forward with a raw shape error."""
+    from fastpt.objectives import CausalLM
+    from fastpt.models.vision import vit
+
+    backbone = tiny_text(vocab_size=50)
+    for cls in (MLM, CausalLM):
+        kw = dict(mask_token_id=3) if cls is MLM else {}
+        with pytest.raises(ValueError, match=r"objective\.vocab_size: 60 .*backbone's vocab_size 50"):
+            cls.from_backbone(backbone, vocab_size=60, tie_word_embeddings=False, **kw)
+        with pytest.raises(ValueError, match=r"objective\.hidden_size: 48 .*backbone's hidden_size 32"):
+            cls.from_backbone(backbone, hidden_size=48, **kw)
+        assert cls.from_backbone(backbone, vocab_size=50, hidden_size=32, **kw).vocab_size == 50  # equal: fine
+    image = vit(image_size=16, patch_size=4, in_channels=1, hidden_size=32, num_layers=1, num_heads=4)
+    small = dict(proj_dim=8, proj_hidden_dim=8)
+    for key, value in (("patch_size", 8), ("in_channels", 3), ("hidden_size", 16), ("num_patches", 4)):
+        with pytest.raises(ValueError, match=f"objective\\.{key}: {value} .*backbone's {key}"):
+            OBJECTIVES["mae"].from_backbone(image, decoder_hidden_size=8, decoder_layers=1, decoder_heads=2,
+                                            **{key: value})
+    with pytest.raises(ValueError, match=r"objective\.hidden_size: 16 .*backbone's hidden_size 32"):
+        OBJECTIVES["simclr"].from_backbone(image, hidden_size=16, **small)
+    assert OBJECTIVES["simclr"].from_backbone(image, patch_size=[4, 4], **small).patch_size == [4, 4]  # (4, 4) is 4
+
+
+@pytest.mark.parametrize("name, key, kw", [
+    ("simclr", "pooling", dict(proj_dim=8, proj_hidden_dim=8)),
+    ("moco_v3", "pooling", dict(proj_dim=8, proj_hidden_dim=8, pred_hidden_dim=8)),
+    ("dino", "pooling", dict(out_dim=8, head_hidden_dim=8, bottleneck_dim=8, num_local_crops=0)),
+    ("clip", "vision_pooling", dict(embed_dim=8)),
+])
+def test_first_pooling_needs_a_cls_token(name, key, kw):
+    """pooling "first" (the default: "CLS token") on a ViT built with cls_token=False pooled the top-left
+    patch's state without a word: ValueError naming the key and suggesting "mean"."""
+    from fastpt.models.vision import vit
+
+    def backbone(cls_token):
+        torch.manual_seed(0)
+        v = vit(image_size=8, patch_size=4, in_channels=1, hidden_size=16, num_layers=1, num_heads=2,
+                cls_token=cls_token)
+        return nn.ModuleDict({"text": tiny_text(hidden_size=16), "vision": v}) if name == "clip" else v
+
+    with pytest.raises(ValueError, match=f"objective\\.{key}: 'first' pools the cls token.*{key}: mean"):
+        OBJECTIVES[name].from_backbone(backbone(False), **kw)
+    OBJECTIVES[name].from_backbone(backbone(False), **kw, **{key: "mean"})
+    OBJECTIVES[name].from_backbone(backbone(True), **kw)  # "first" with a cls token
+
+
+def test_clip_sizes_given_must_be_the_towers():
+    """CLIP's from_backbone took a given text / vision width or patch size over the towers' (setdefault)."""
+    from fastpt.models.vision import vit
+
+    towers = nn.ModuleDict({"text": tiny_text(hidden_size=16),
+                            "vision": vit(image_size=8, patch_size=4, in_channels=1, hidden_size=24, num_layers=1,
+                                          num_heads=2)})
+    for key, value, theirs in (("text_hidden_size", 32, 16), ("vision_hidden_size", 16, 24), ("patch_size", 2, 4)):
+        with pytest.raises(ValueError, match=f"objective\\.{key}: {value} .*backbone's {key} {theirs}"):
+            OBJECTIVES["clip"].from_backbone(towers, embed_dim=8, **{key: value})
+
+
 def test_output_defaults():
     out = ObjectiveOutput(torch.tensor(1.0))
     assert out.metrics == {} and out.logits is None and out.last_hidden_state is None

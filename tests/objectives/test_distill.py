@@ -87,3 +87,53 @@ def test_bad_inputs_name_the_argument(tmp_path):
     obj = SelfDistillation.from_backbone(backbone, layers=(7,), **MLM_ARGS)
     with pytest.raises(ValueError, match="layers"):
         obj(backbone, obj.prepare(text_batch(), seed=0))
+
+
+def _build_model(backbone: dict, objective: dict):
+    import fastpt
+
+    return fastpt.build({"backbone": backbone, "objective": objective})
+
+
+SHARED = dict(builder="text_encoder", vocab_size=VOCAB, hidden_size=32, num_layers=3, num_heads=4,
+              intermediate_size=48, embed_dim=16, share_layers=True, dropout=0.0, attention_dropout=0.0)
+
+
+def test_teacher_from_a_share_layers_checkpoint(tmp_path):
+    """load_teacher did a strict load_state_dict, while save_pretrained stores ALBERT's shared layer once
+    (layers.0): a share_layers teacher failed with 'Missing key(s): layers.1...'."""
+    torch.manual_seed(1)
+    teacher = _build_model(SHARED, {"name": "mlm", "mask_token_id": 3})
+    teacher.save_pretrained(tmp_path / "teacher")
+    torch.manual_seed(0)
+    student = _build_model(SHARED, {"name": "self_distill", "teacher_path": str(tmp_path / "teacher"), **MLM_ARGS})
+    got, want = student.objective.teacher.state_dict(), teacher.backbone.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert student.objective.teacher.layers[2] is student.objective.teacher.layers[0]  # still one shared layer
+    with pytest.raises(ValueError, match="teacher_path.*no place for.*extra"):
+        student.objective.load_teacher({**want, "extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="teacher_path.*no weights for"):
+        student.objective.load_teacher({k: v for k, v in want.items() if "layers" not in k})
+
+
+def test_saved_student_loads_without_its_teacher_path(tmp_path):
+    """attach re-read teacher_path while from_pretrained rebuilt the student, although the checkpoint holds every
+    objective.teacher.* tensor: once the teacher directory was gone, the checkpoint no longer loaded."""
+    import shutil
+
+    from fastpt.models import PretrainModel
+
+    bb = {**SHARED, "share_layers": False, "embed_dim": None}
+    torch.manual_seed(1)
+    _build_model(bb, {"name": "mlm", "mask_token_id": 3}).save_pretrained(tmp_path / "teacher")
+    torch.manual_seed(0)
+    student = _build_model(bb, {"name": "self_distill", "teacher_path": str(tmp_path / "teacher"), **MLM_ARGS})
+    student.save_pretrained(tmp_path / "student")
+    shutil.rmtree(tmp_path / "teacher")
+    back = PretrainModel.from_pretrained(tmp_path / "student")
+    want = student.state_dict()
+    assert back.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in back.state_dict().items())
+    assert back.config["objective"]["teacher_path"] == str(tmp_path / "teacher")  # the record is kept
+    with pytest.raises(FileNotFoundError, match="teacher_path"):  # a fresh build still needs the teacher
+        _build_model(bb, {"name": "self_distill", "teacher_path": str(tmp_path / "teacher"), **MLM_ARGS})

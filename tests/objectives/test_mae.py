@@ -78,3 +78,17 @@ def test_bad_inputs_name_the_argument():
         obj.prepare({"pixel_values": torch.ones(3, 16, 16)}, seed=0)
     with pytest.raises(KeyError, match="ids_keep"):
         obj(backbone, {"pixel_values": images()})
+
+
+def test_grid_size_and_cls_token_given_must_be_the_backbones():
+    """MAE took a config's grid_size / cls_token over the backbone's (setdefault): grid_size [2, 8] on a 4x4
+    patch grid trained with the position table of another grid, and block masking would use it too."""
+    import fastpt
+
+    vb = dict(builder="vit", image_size=16, patch_size=4, in_channels=3, hidden_size=32, num_layers=1, num_heads=4)
+    with pytest.raises(ValueError, match=r"objective\.grid_size: \(2, 8\) .*backbone's grid_size \(4, 4\)"):
+        fastpt.build({"backbone": vb, "objective": {"name": "mae", "grid_size": [2, 8], **DECODER}})
+    with pytest.raises(ValueError, match=r"objective\.cls_token: False .*backbone's cls_token True"):
+        make(cls_token=False)
+    backbone, obj = make(grid_size=[4, 4], cls_token=True)  # the backbone's own: fine
+    assert obj.grid_size == (4, 4)

@@ -2,6 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastpt
+
 from fastpt.objectives import NSP, SOP
 
 from . import VOCAB, text_batch, tiny_text, train, with_grad
@@ -32,7 +34,7 @@ def test_pairs_are_built_from_the_rows(cls):
     batch = obj.prepare(raw, seed=4)
     label = batch[obj.label_key]
     assert 0 < int(label.sum()) < 8  # both classes present
-    rows = [r[m.bool()].tolist() for r, m in zip(raw["input_ids"], raw["attention_mask"])]
+    rows = [r[m.bool()].tolist()[:13 - 3] for r, m in zip(raw["input_ids"], raw["attention_mask"])]
     for i in range(8):
         a, b = segments(batch["input_ids"][i], batch["token_type_ids"][i], batch["attention_mask"][i])
         assert a and b
@@ -86,3 +88,35 @@ def test_bad_inputs_name_the_argument():
         obj(backbone, text_batch())
     with pytest.raises(ValueError, match="input_ids"):
         obj.prepare({"input_ids": torch.ones(4, dtype=torch.long)}, seed=0)
+
+
+@pytest.mark.parametrize("objective", ["sop", "nsp"])
+def test_pairs_fit_a_row_of_max_positions(objective):
+    """prepare wrapped a row of S tokens as [CLS] A [SEP] B [SEP] (S + 3 wide), so the albert-base zoo
+    recipe (seq_len 512 == max_positions) died at step 1: now a row keeps its first S - 3 tokens."""
+    s = 16
+    model = fastpt.build("albert-base", objective={"name": objective},
+                         backbone=dict(vocab_size=VOCAB, hidden_size=32, num_heads=4, intermediate_size=64,
+                                       num_layers=1, max_positions=s))
+    raw = text_batch(4, s, low=10, seed=3)
+    batch = model.prepare(raw, seed=0)
+    assert batch["input_ids"].shape[1] == s
+    if objective == "sop":  # full rows stay full, short rows uncut (NSP's random B may be shorter)
+        assert batch["attention_mask"].sum(1).tolist() == [s, s - 5 + 3, s, s]
+    assert torch.isfinite(model(**batch).loss)
+
+
+@pytest.mark.parametrize("cls", [NSP, SOP])
+def test_flops_weights_count_the_pair_head_per_row_and_the_mlm_head_per_masked_token(cls):
+    """The default weights counted the MLM head (vocabulary matrix included) on every token and the
+    pooler / classifier once per token: the head runs on the mask_prob of the tokens, the pair head once per row."""
+    from fastpt.models.model import _matmul_params
+
+    backbone, obj = make(cls, mask_token_id=MASK, mask_prob=0.2)
+    pair = _matmul_params(obj.pooler) + _matmul_params(obj.classifier)
+    mlm = _matmul_params(obj.mlm, trainable=True)
+    w = obj.flops_weights(backbone, 64)
+    assert w["backbone"] == 1.0
+    assert w["heads"] * (pair + mlm) == pytest.approx(0.2 * mlm + pair / 64)
+    _, alone = make(cls)
+    assert alone.flops_weights(backbone, 64)["heads"] == pytest.approx(1 / 64)

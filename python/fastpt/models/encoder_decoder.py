@@ -121,8 +121,11 @@ def encoder_decoder(*, vocab_size: int, hidden_size: int = 512, num_encoder_laye
         activation: "gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu" (T5 v1.1: "geglu").
         norm: "rmsnorm" (T5) or "layernorm"; norm_eps. pre_norm: pre-norm residuals (T5).
         position: "rotary" (default), "alibi", "learned", "sinusoidal" or "none".
-        max_positions, rotary_base, pad_token_id, bias, dropout, attention_dropout,
-        initializer_range, gradient_checkpointing: as ``text_encoder``.
+        max_positions, rotary_base, bias, dropout, attention_dropout, initializer_range,
+            gradient_checkpointing: as ``text_encoder``.
+        pad_token_id: the padding id, recorded in the config; unlike ``text_encoder``'s, its embedding
+            row is an ordinary one (as in T5, whose decoder starts from the pad id: that row is the
+            decoder's first input and learns).
 
     Returns an ``EncoderDecoder`` whose ``.config`` is ``{"builder": "encoder_decoder", **arguments}``.
     Raises ValueError / TypeError naming the argument and the valid choices.
@@ -137,9 +140,12 @@ def encoder_decoder(*, vocab_size: int, hidden_size: int = 512, num_encoder_laye
                                     layers_name="num_encoder_layers")
     check_choice("position", position, POSITIONS)
     attention_position = position if position in ("rotary", "alibi") else None
+    # No padding_idx (as T5's shared embedding): the pad id is T5's decoder start token, so its row is the
+    # decoder's first input on every row and must start random and learn through the lookup.
     embeddings = TextEmbedding(vocab_size, hidden_size, max_positions, "none" if attention_position else position, 0,
-                               None, None if pre_norm else norm, norm_eps, check_prob("dropout", dropout),
-                               pad_token_id)
+                               None, None if pre_norm else norm, norm_eps, check_prob("dropout", dropout), None)
+    if pad_token_id is not None and not 0 <= check_int("pad_token_id", pad_token_id, 0) < vocab_size:
+        raise ValueError(f"pad_token_id: expected an id in [0, vocab_size={vocab_size}), got {pad_token_id}")
     shape = dict(hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
                  intermediate_size=intermediate_size, activation=activation, norm=norm, norm_eps=norm_eps,
                  pre_norm=pre_norm, bias=bias, dropout=dropout, attention_dropout=attention_dropout,

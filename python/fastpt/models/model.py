@@ -6,6 +6,7 @@ pre-training recipe trains::
     model = fastpt.build("bert-mini", special_ids=ids)         # backbone + MLM objective
     batch = model.prepare(raw_batch, seed=step)                 # masks / views / crops, on the device
     out = model(**batch)                                        # ModelOutput(loss, logits, last_hidden_state, metrics)
+                                                                # (a key nothing reads: TypeError naming it)
     out.loss.backward(); optimizer.step(); model.on_step_end(step)
     model.save_pretrained("ckpt"); model = PretrainModel.from_pretrained("ckpt")
 
@@ -17,10 +18,14 @@ Checkpoint directory (``save_pretrained``):
     their buffers (DINO's center, step counters) are saved like any other state, so a round trip
     is exact. Each file is written to a temporary name and moved into place (``os.replace``).
     ``from_pretrained`` rebuilds the model from the config (through the builder ``fastpt.assemble``
-    registers as ``PretrainModel.builder``: models/ does not import assemble) and loads every tensor.
+    registers as ``PretrainModel.builder``: models/ does not import assemble) and loads every tensor;
+    while it builds, ``restoring_checkpoint()`` is True, so nothing is read from outside the checkpoint
+    (self_distill's ``teacher_path``: the teacher comes from the saved ``objective.teacher.*``).
 """
 from __future__ import annotations
 
+import contextvars
+import inspect
 import json
 import os
 from pathlib import Path
@@ -36,8 +41,18 @@ FORMAT = "fastpt-pretrain"
 FORMAT_VERSION = 1
 CONFIG_FILE = "fastpt_config.json"
 WEIGHTS_FILE = "model.safetensors"
-# Optional text-batch keys a backbone takes when there is no objective to route them.
-_TEXT_KEYS = ("token_type_ids", "position_ids", "prefix_lens", "cu_seqlens")
+# Annotations of a raw text batch (collators, tokenizers) that a model without objective takes and encodes
+# nothing of (objectives.base.TEXT_NOTES; models/ does not import objectives/).
+_NOTES = ("special_tokens_mask", "word_ids", "max_seqlen")
+# Set while from_pretrained rebuilds a model whose every tensor it loads next (restoring_checkpoint()).
+_RESTORING = contextvars.ContextVar("fastpt_restoring_checkpoint", default=False)
+
+
+def restoring_checkpoint() -> bool:
+    """True while ``PretrainModel.from_pretrained`` builds the model it then fills from the checkpoint: an
+    objective's ``attach`` skips reading weights from elsewhere (self_distill's ``teacher_path``), which the
+    checkpoint holds (and the source may be gone)."""
+    return _RESTORING.get()
 
 
 class PretrainModel(nn.Module):
@@ -79,20 +94,60 @@ class PretrainModel(nn.Module):
                 **batch) -> ModelOutput:
         """Run the objective on a prepared batch: ``model(**model.prepare(raw, seed=s))`` or
         ``model(input_ids, attention_mask, labels=...)``; any other batch key by name
-        (``pixel_values``, ``return_logits=True``, ...). Returns ``ModelOutput`` (``loss`` None
-        without objective)."""
+        (``pixel_values``, ``return_logits=True``, ...). Without objective the keys are the backbone's
+        own arguments (``token_type_ids``, ``cu_seqlens``, ``causal``, ``output_hidden_states`` ...),
+        passed on to it. Returns ``ModelOutput`` (``loss`` None without objective; ``hidden_states``
+        with ``output_hidden_states=True`` without objective).
+
+        Raises TypeError naming every key that nothing on the path reads (``batch_keys()``): a misspelt
+        key, or a backbone argument (``causal``, ``output_hidden_states``) given to a model whose
+        objective runs the backbone itself (call ``model.backbone(...)`` for those).
+        """
+        self._check_keys(batch)
         if input_ids is not None:
             batch["input_ids"] = input_ids
         if attention_mask is not None:
             batch["attention_mask"] = attention_mask
         if self.objective is None:
-            return ModelOutput(last_hidden_state=self._encode(batch).last_hidden_state)
+            out = self._encode(batch)
+            return ModelOutput(last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states)
         out = self.objective(self.backbone, batch)
         return ModelOutput(loss=out.loss, logits=out.logits, last_hidden_state=out.last_hidden_state,
                            metrics=out.metrics)
 
+    def batch_keys(self) -> frozenset[str] | None:
+        """The batch keys ``forward`` takes: the objective's ``batch_keys`` (what its forward reads and its
+        prepare keeps of a raw batch), or without objective the backbone's ``forward`` arguments plus the
+        raw-batch annotations nothing encodes (``special_tokens_mask``, ``word_ids``, ``max_seqlen`` when
+        the backbone does not take it). None when unknown (an objective without ``batch_keys``, a backbone
+        whose forward takes ``**kwargs``): then every key is passed on unchecked."""
+        if self.objective is not None:
+            keys = getattr(self.objective, "batch_keys", None)
+            return None if keys is None else frozenset(keys) | {"input_ids", "attention_mask"}
+        params = _forward_params(self.backbone)
+        return None if params is None else frozenset(params) | frozenset(_NOTES)
+
+    def _check_keys(self, batch: dict) -> None:
+        """TypeError naming the keys of ``batch`` outside ``batch_keys()``."""
+        allowed = self.batch_keys()
+        unknown = [k for k in batch if allowed is not None and k not in allowed]
+        if not unknown:
+            return
+        if self.objective is not None:
+            what = f"the {type(self.objective).__name__} objective"
+            own = [k for k in unknown if k in (_forward_params(self.backbone) or ())]
+            if own:
+                raise TypeError(f"{', '.join(own)}: {what} runs the backbone itself and does not take "
+                                f"{'this argument' if len(own) == 1 else 'these arguments'}; call "
+                                f"model.backbone(..., {own[0]}=...) for the backbone's output")
+        else:
+            what = f"a {type(getattr(self.backbone, '_orig_mod', self.backbone)).__name__} backbone without objective"
+        hint = ("; labels need an objective (this model has none: build it with one for a loss)"
+                if self.objective is None and "labels" in unknown else "")
+        raise TypeError(f"{', '.join(unknown)}: unknown batch key{'s' if len(unknown) > 1 else ''} for {what}; it "
+                        f"takes {', '.join(sorted(allowed))}{hint}")
+
     def _encode(self, batch: dict):
-        from .encoder_decoder import EncoderDecoder
         from .two_tower import TwoTower
         from .vision import VisionEncoder
 
@@ -103,17 +158,18 @@ class PretrainModel(nn.Module):
                              "TwoTowerOutput, or build it with an objective (clip)")
         if batch.get("input_ids") is None and batch.get("pixel_values") is None:
             raise KeyError(f"PretrainModel.forward: batch has neither input_ids nor pixel_values (has {sorted(batch)})")
+        # the backbone's keyword arguments in the batch (checked by _check_keys), annotations left out
+        params = _forward_params(backbone)
+        extra = {k: v for k, v in batch.items() if v is not None and k not in ("input_ids", "attention_mask",
+                                                                              "pixel_values")
+                 and (k in params if params is not None else k not in _NOTES)}
         if isinstance(backbone, VisionEncoder):
             if batch.get("pixel_values") is None:
                 raise ValueError("pixel_values: a vision backbone encodes images (B, C, H, W); the batch has "
                                  "input_ids instead")
-            return backbone(batch["pixel_values"])
+            return backbone(batch["pixel_values"], **extra)
         if batch.get("input_ids") is None:
             raise ValueError(f"pixel_values: a {type(backbone).__name__} backbone encodes token ids; give input_ids")
-        if isinstance(backbone, EncoderDecoder):
-            return backbone(batch["input_ids"], batch.get("attention_mask"), batch.get("decoder_input_ids"),
-                            batch.get("decoder_attention_mask"))
-        extra = {k: batch[k] for k in _TEXT_KEYS if batch.get(k) is not None}
         return backbone(batch["input_ids"], batch.get("attention_mask"), **extra)
 
     def on_step_end(self, step: int) -> None:
@@ -216,7 +272,11 @@ class PretrainModel(nn.Module):
         if cls.builder is None:
             raise RuntimeError("PretrainModel.from_pretrained: no builder registered; import fastpt.assemble "
                                "(import fastpt does) before loading")
-        model = cls.builder(meta["model"])
+        token = _RESTORING.set(True)
+        try:
+            model = cls.builder(meta["model"])
+        finally:
+            _RESTORING.reset(token)
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"path: no {WEIGHTS_FILE} in {path}")
@@ -263,6 +323,16 @@ def _atomic_write(dest: Path, write: Callable[[Path], object]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _forward_params(module: nn.Module) -> tuple[str, ...] | None:
+    """Names ``module.forward`` takes by keyword (a ``torch.compile`` wrapper's: the wrapped module's); None
+    when it also takes ``**kwargs``."""
+    module = getattr(module, "_orig_mod", module)
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def _matmul_params(module: nn.Module, trainable: bool = False) -> int:

@@ -46,9 +46,12 @@ class ModelOutput:
         logits: head logits when the objective computed them (e.g. ``return_logits=True``), else None.
         last_hidden_state: the backbone's states for the (first) input, e.g. ``(B, S, D)``.
         metrics: name -> detached 0-dim tensor (loss parts, accuracies, temperatures ...).
+        hidden_states: a model without objective called with ``output_hidden_states=True``: the
+            backbone's ``(embeddings, layer 1, ..., layer N)`` (``BackboneOutput.hidden_states``); else None.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     metrics: dict = field(default_factory=dict)
+    hidden_states: tuple[torch.Tensor, ...] | None = None

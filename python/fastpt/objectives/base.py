@@ -32,6 +32,12 @@ from ..ops._rng import check_seed  # the masking ops' seed check; the objectives
 BACKBONE_SIZES = ("hidden_size", "vocab_size", "num_patches", "patch_size", "in_channels")
 # Optional text-batch keys passed through to a TextEncoder when present.
 TEXT_KEYS = ("token_type_ids", "position_ids", "prefix_lens", "cu_seqlens")
+# Annotations a raw text batch may carry (fastpt's collators, Hugging Face tokenizers), read by prepare (MLM's
+# special tokens, whole-word masking) or kept by it, encoded by nothing: max_seqlen, the packed collate's
+# longest document, is a hint the backbone does without (it finds the longest document itself).
+TEXT_NOTES = ("special_tokens_mask", "word_ids", "max_seqlen")
+# The keys of a text objective's batch: encode_text's inputs, the annotations, the token labels.
+TEXT_BATCH = ("input_ids", "attention_mask", *TEXT_KEYS, *TEXT_NOTES, "labels")
 
 
 @dataclass
@@ -53,10 +59,14 @@ class ObjectiveOutput:
 class Objective(nn.Module):
     """Base of the objectives: defaults for ``prepare``, ``attach``, ``on_step_end``, ``tokens_in``.
 
-    Subclasses set ``needs`` (batch keys ``prepare`` reads) and implement ``forward(backbone, batch)``.
+    Subclasses set ``needs`` (batch keys ``prepare`` reads), ``batch_keys`` (every key a prepared batch
+    may hold: what ``forward`` reads and what ``prepare`` keeps of a raw batch; ``PretrainModel.forward``
+    refuses any other key, naming it) and implement ``forward(backbone, batch)``.
     """
 
     needs: tuple[str, ...] = ()
+    # Default: a text objective's (MLM, CLM, prefix-LM): encode_text's inputs, labels, return_logits.
+    batch_keys: tuple[str, ...] = TEXT_BATCH + ("return_logits",)
     # Heads shared with Hugging Face checkpoints: fastpt.models.from_hf's head name -> submodule path.
     hf_heads: dict[str, str] = {}
 
@@ -67,11 +77,13 @@ class Objective(nn.Module):
     @classmethod
     def from_backbone(cls, backbone: nn.Module, **kwargs):
         """Build with the sizes (``hidden_size``, ``vocab_size``, ``patch_size`` ...) read from
-        ``backbone`` where the constructor takes them and ``kwargs`` does not, then ``attach``."""
+        ``backbone`` where the constructor takes them and ``kwargs`` does not, then ``attach``.
+        A size ``kwargs`` gives must be the backbone's: ValueError naming ``objective.<size>`` otherwise
+        (``check_backbone_size``)."""
         params = inspect.signature(cls.__init__).parameters
         for name in BACKBONE_SIZES:
-            if name in params and name not in kwargs and hasattr(backbone, name):
-                kwargs[name] = getattr(backbone, name)
+            if name in params and hasattr(backbone, name):
+                check_backbone_size(name, kwargs, getattr(backbone, name))
         obj = cls(**kwargs)
         obj.attach(backbone)
         return obj
@@ -144,6 +156,34 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+def check_backbone_size(name: str, kwargs: dict, value) -> None:
+    """Fill ``kwargs[name]`` with the backbone's ``value`` when absent; else it must equal it (a side ``p``
+    standing for ``(p, p)``, a list for a tuple; None on either side is not compared): ValueError naming
+    ``objective.<name>`` and both values otherwise (a head or position table of another size trains on
+    ids or patches that do not exist, or fails deep inside forward)."""
+    if name not in kwargs:
+        kwargs[name] = value
+        return
+    given = kwargs[name]
+    if given is None or value is None:
+        return
+    a, b = (tuple(v) if isinstance(v, (list, tuple)) else v for v in (given, value))
+    if isinstance(a, tuple) != isinstance(b, tuple):  # a square side against a pair
+        a, b = (v if isinstance(v, tuple) else (v, v) for v in (a, b))
+    if a != b:
+        raise ValueError(f"objective.{name}: {given!r} does not match the backbone's {name} {value!r} (leave it "
+                         f"out: it is read from the backbone)")
+
+
+def check_first_pooling(name: str, pooling: str, backbone: nn.Module) -> None:
+    """``pooling == "first"`` reads the cls token: ValueError naming ``objective.<name>`` when ``backbone``
+    is a ViT (it has a ``patch_embed``) built without one, whose first token is the top-left patch."""
+    embed = getattr(backbone, "patch_embed", None)
+    if pooling == "first" and embed is not None and getattr(embed, "cls_token", None) is None:
+        raise ValueError(f"objective.{name}: 'first' pools the cls token, and the ViT backbone has none "
+                         f"(cls_token: false; its first token is a patch): use {name}: mean")
 
 
 def require(batch, keys, where: str) -> None:

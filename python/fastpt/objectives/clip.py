@@ -17,8 +17,8 @@ from torch import nn
 
 from ..ops import clip_loss
 from ..ops.contrastive import MAX_LOGIT_SCALE
-from .base import (Objective, ObjectiveOutput, check_ids, check_images, choice, encode_text, per_image_tokens, pool,
-                   positive, require, top1_accuracy)
+from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_backbone_size, check_first_pooling, check_ids,
+                   check_images, choice, encode_text, per_image_tokens, pool, positive, require, top1_accuracy)
 from .simclr import gather_default, vision_tokens
 
 
@@ -40,7 +40,7 @@ class CLIP(Objective):
         init_logit_scale: initial ``logit_scale`` (log of the inverse temperature; CLIP: log(1 / 0.07)).
         learn_logit_scale: train ``logit_scale`` (else a fixed buffer).
         text_pooling: "last" (last valid token: CLIP's EOT with a causal text tower), "first" (CLS) or "mean".
-        vision_pooling: "first" (CLS token) or "mean".
+        vision_pooling: "first" (CLS token; ValueError at ``attach`` for a vision tower without one) or "mean".
         gather: all-gather negatives across ranks (None: when torch.distributed runs with > 1 rank).
         log_accuracy: image -> text and text -> image top-1 accuracy in the batch.
         patch_size: the vision tower's patch size, for ``tokens_in`` (``from_backbone`` reads it).
@@ -51,6 +51,7 @@ class CLIP(Objective):
     """
 
     needs = ("input_ids", "attention_mask", "pixel_values")
+    batch_keys = tuple(k for k in TEXT_BATCH if k != "labels") + ("pixel_values",)
 
     def __init__(self, *, text_hidden_size: int, vision_hidden_size: int, embed_dim: int = 512,
                  init_logit_scale: float = math.log(1 / 0.07), learn_logit_scale: bool = True,
@@ -76,14 +77,20 @@ class CLIP(Objective):
 
     @classmethod
     def from_backbone(cls, backbone: nn.Module, **kwargs):
-        """Build with the towers' widths (and the vision patch size) read from ``backbone``."""
+        """Build with the towers' widths (and the vision patch size) read from ``backbone``; given ones must
+        be the towers' (ValueError naming ``objective.<size>``)."""
         text, vision = towers(backbone)
-        kwargs.setdefault("text_hidden_size", text.hidden_size)
-        kwargs.setdefault("vision_hidden_size", vision.hidden_size)
-        kwargs.setdefault("patch_size", getattr(vision, "patch_size", None))
+        check_backbone_size("text_hidden_size", kwargs, text.hidden_size)
+        check_backbone_size("vision_hidden_size", kwargs, vision.hidden_size)
+        check_backbone_size("patch_size", kwargs, getattr(vision, "patch_size", None))
         obj = cls(**kwargs)
         obj.attach(backbone)
         return obj
+
+    def attach(self, backbone: nn.Module) -> None:
+        """Check that "first" vision pooling has a cls token to pool (``check_first_pooling``)."""
+        check_first_pooling("vision_pooling", self.vision_pooling, towers(backbone)[1])
+        self._attached = True
 
     def prepare(self, batch: dict, *, seed: int) -> dict:
         """Checks the keys and shapes (CLIP draws nothing at random)."""
@@ -105,6 +112,7 @@ class CLIP(Objective):
 
     def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
         require(batch, self.needs, "CLIP.forward")
+        self._ensure_attached(backbone)
         t, i, vh = self.embed(backbone, batch)
         loss = clip_loss(i, t, self.logit_scale, gather=gather_default(self.gather))
         metrics = {"loss": loss.detach(), "logit_scale": self.logit_scale.detach().exp().clamp(max=100)}

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (Objective, ObjectiveOutput, check_images, choice, cosine_schedule, ema_update, fraction,
-                   frozen_copy, mlp, per_image_tokens, pool, positive, require, seeded, view_area)
+from .base import (Objective, ObjectiveOutput, check_first_pooling, check_images, choice, cosine_schedule, ema_update,
+                   fraction, frozen_copy, mlp, per_image_tokens, pool, positive, require, seeded, view_area)
 from .simclr import ViewAugment, fit_crop_sizes, vision_tokens
 
 
@@ -63,7 +63,7 @@ class DINO(Objective):
             table (``attach`` turns on ``patch_embed.dynamic_size``); sizes must tile into patches.
         global_crop_scale, local_crop_scale: crop area ranges.
         flip_prob, jitter_prob, brightness, contrast, saturation, grayscale_prob: ``ViewAugment``.
-        pooling: "first" (CLS token) or "mean".
+        pooling: "first" (CLS token; ValueError at ``attach`` for a ViT without one) or "mean".
         patch_size: the backbone's patch size, for ``tokens_in``.
 
     Batch: raw ``{"pixel_values": (B, C, H, W)}``; ``prepare`` adds ``"global_crops"`` ``(2B, C, G, G)``
@@ -71,6 +71,7 @@ class DINO(Objective):
     """
 
     needs = ("pixel_values",)
+    batch_keys = ("pixel_values", "global_crops", "local_crops")
 
     def __init__(self, *, hidden_size: int, out_dim: int = 65536, head_hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, head_layers: int = 3, norm_last_layer: bool = True,
@@ -117,7 +118,9 @@ class DINO(Objective):
     def attach(self, backbone: nn.Module) -> None:
         """Make the teacher backbone: a frozen copy of ``backbone`` (once). Crop sizes other than the
         backbone's image size turn on its patch embedding's ``dynamic_size`` (position table resized
-        bicubically per crop size, as DINO's ``interpolate_pos_encoding``); they must tile into patches."""
+        bicubically per crop size, as DINO's ``interpolate_pos_encoding``); they must tile into patches.
+        "first" pooling needs a cls token (``check_first_pooling``)."""
+        check_first_pooling("pooling", self.pooling, backbone)
         # set before the teacher copy, which inherits it
         fit_crop_sizes(backbone, [("global_crop_size", self.global_augment.size),
                                   ("local_crop_size", self.local_augment.size)])

@@ -17,7 +17,9 @@ import os
 import torch
 from torch import nn
 
-from .base import Objective, ObjectiveOutput, choice, encode_text, frozen_copy, positive, require
+from ..models.hf import _load_into
+from ..models.model import restoring_checkpoint
+from .base import TEXT_BATCH, Objective, ObjectiveOutput, choice, encode_text, frozen_copy, positive, require
 from .mlm import MLM
 
 
@@ -52,13 +54,15 @@ class SelfDistillation(Objective):
         distill_inputs: "masked" or "clean" (see the module docstring).
         teacher_path: teacher weights (``.safetensors`` file or checkpoint directory) loaded by
             ``attach`` into a copy of the backbone; None: the teacher is a copy of the backbone as
-            it is at ``attach`` (load one later with ``load_teacher``).
+            it is at ``attach`` (load one later with ``load_teacher``). A saved student restores its
+            teacher from its own checkpoint (``objective.teacher.*``), not from this path.
 
     Batch: as ``MLM``. ``prepare`` also keeps ``clean_input_ids`` for "clean" distillation.
     The teacher stays in eval mode (no dropout) and never receives gradients.
     """
 
     needs = ("input_ids",)
+    batch_keys = TEXT_BATCH + ("clean_input_ids",)
     hf_heads = {"mlm": "mlm.head"}
 
     def __init__(self, *, hidden_size: int, vocab_size: int, mask_token_id: int, alpha: float = 1.0,
@@ -81,19 +85,29 @@ class SelfDistillation(Objective):
         self.teacher: nn.Module | None = None
 
     def attach(self, backbone: nn.Module) -> None:
-        """Tie the MLM head; make the teacher (a frozen copy of ``backbone``, loaded from ``teacher_path``)."""
+        """Tie the MLM head; make the teacher (a frozen copy of ``backbone``, loaded from ``teacher_path``,
+        except while ``PretrainModel.from_pretrained`` rebuilds a checkpoint that holds the teacher's weights)."""
         self.mlm.attach(backbone)
         if self.teacher is None:
             self.teacher = frozen_copy(backbone).eval()
-            if self.teacher_path is not None:
+            if self.teacher_path is not None and not restoring_checkpoint():
                 self.load_teacher(self.teacher_path)
         self._attached = True
 
     def load_teacher(self, source) -> None:
-        """Load teacher weights from a state dict, ``.safetensors`` file or checkpoint directory (strict)."""
+        """Load teacher weights from a state dict, ``.safetensors`` file or checkpoint directory: every
+        tensor of the teacher, shared (ALBERT's ``share_layers``) and tied ones from their one stored copy,
+        as ``save_pretrained`` writes them. ValueError naming ``teacher_path`` for a tensor missing, left
+        over or of another shape."""
         if self.teacher is None:
             raise RuntimeError("load_teacher: attach(backbone) first (the teacher is a copy of the backbone)")
-        self.teacher.load_state_dict(load_state(source))
+        state = load_state(source)
+        named = self.teacher.state_dict(keep_vars=True)
+        unexpected = sorted(k for k in state if k not in named)
+        if unexpected:
+            raise ValueError(f"teacher_path: tensors the backbone has no place for: {unexpected[:8]}"
+                             f"{' ...' if len(unexpected) > 8 else ''}")
+        _load_into(named, state, "teacher_path")
 
     def train(self, mode: bool = True):
         super().train(mode)

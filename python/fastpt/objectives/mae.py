@@ -15,7 +15,8 @@ from torch import nn
 
 from ..ops import random_masking
 from ..models.vision import mae_decoder, patchify
-from .base import Objective, ObjectiveOutput, check_images, check_seed, choice, positive, require
+from .base import (Objective, ObjectiveOutput, check_backbone_size, check_images, check_seed, choice, positive,
+                   require)
 from .simclr import vision_tokens
 
 
@@ -38,6 +39,7 @@ class MAE(Objective):
     """
 
     needs = ("pixel_values",)
+    batch_keys = ("pixel_values", "ids_keep", "mask", "ids_restore")
 
     def __init__(self, *, hidden_size: int, num_patches: int, patch_size: int, in_channels: int = 3,
                  grid_size: tuple[int, int] | None = None, cls_token: bool = True, mask_ratio: float = 0.75,
@@ -59,9 +61,10 @@ class MAE(Objective):
 
     @classmethod
     def from_backbone(cls, backbone: nn.Module, **kwargs):
-        """As ``Objective.from_backbone``, also reading ``grid_size`` and whether there is a cls token."""
-        kwargs.setdefault("grid_size", tuple(backbone.grid_size))
-        kwargs.setdefault("cls_token", getattr(backbone.patch_embed, "cls_token", None) is not None)
+        """As ``Objective.from_backbone``, also reading ``grid_size`` and whether there is a cls token
+        (given ones must be the backbone's: ValueError naming ``objective.grid_size`` / ``objective.cls_token``)."""
+        check_backbone_size("grid_size", kwargs, tuple(backbone.grid_size))
+        check_backbone_size("cls_token", kwargs, getattr(backbone.patch_embed, "cls_token", None) is not None)
         return super().from_backbone(backbone, **kwargs)
 
     def prepare(self, batch: dict, *, seed: int) -> dict:

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import info_nce
-from .base import (Objective, ObjectiveOutput, check_images, choice, cosine_schedule, ema_update, fraction,
-                   frozen_copy, mlp, per_image_tokens, pool, positive, require, seeded, top1_accuracy, view_area)
+from .base import (Objective, ObjectiveOutput, check_first_pooling, check_images, choice, cosine_schedule, ema_update,
+                   fraction, frozen_copy, mlp, per_image_tokens, pool, positive, require, seeded, top1_accuracy,
+                   view_area)
 from .simclr import ViewAugment, fit_crop_sizes, gather_default, vision_tokens
 
 
@@ -29,7 +30,7 @@ class MoCoV3(Objective):
         pred_hidden_dim: predictor MLP hidden width (2 layers, BN + ReLU).
         temperature: InfoNCE temperature (0.2 for ViT in the paper).
         base_momentum, final_momentum, total_steps: momentum schedule (see the module docstring).
-        pooling: "first" (CLS token) or "mean".
+        pooling: "first" (CLS token; ValueError at ``attach`` for a ViT without one) or "mean".
         crop_size, crop_scale, flip_prob, jitter_prob, brightness, contrast, saturation,
         grayscale_prob: the two views' augmentation (``ViewAugment``); a ``crop_size`` other than a
             ViT's image size turns on its ``patch_embed.dynamic_size`` (``attach``) and must tile into
@@ -43,6 +44,7 @@ class MoCoV3(Objective):
     """
 
     needs = ("pixel_values",)
+    batch_keys = ("pixel_values", "views")
 
     def __init__(self, *, hidden_size: int, proj_dim: int = 256, proj_hidden_dim: int = 4096, proj_layers: int = 3,
                  pred_hidden_dim: int = 4096, temperature: float = 0.2, base_momentum: float = 0.99,
@@ -75,7 +77,9 @@ class MoCoV3(Objective):
     def attach(self, backbone: nn.Module) -> None:
         """Make the momentum backbone: a frozen copy of ``backbone`` (once), after checking ``crop_size``
         against a ViT backbone (``fit_crop_sizes``: another size than its image size turns on
-        ``patch_embed.dynamic_size``, and must tile into patches)."""
+        ``patch_embed.dynamic_size``, and must tile into patches), and that "first" pooling has a cls token
+        to pool (``check_first_pooling``)."""
+        check_first_pooling("pooling", self.pooling, backbone)
         fit_crop_sizes(backbone, [("crop_size", self.augment.size)])
         if self.momentum_backbone is None:
             self.momentum_backbone = frozen_copy(backbone)

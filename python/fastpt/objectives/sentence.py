@@ -2,7 +2,10 @@
 prediction (SOP), each optionally with MLM on the same pass (BERT / ALBERT pre-training).
 
 ``prepare`` builds the pairs from a batch of raw segments (one document chunk per row, no special
-tokens): each row is cut at a random point into A and B, then
+tokens): each row keeps at most its first ``S - 3`` tokens (``S`` the batch's width), so a pair and
+its three special tokens fit in ``S`` positions (BERT's ``create_pretraining_data``: ``max_seq_length -
+3``; rows of ``seq_len == max_positions`` stay inside the position table), and is cut at a random point
+into A and B, then
 
 - NSP: half the rows keep ``[CLS] A [SEP] B [SEP]`` (label 0, "B follows A"); the others replace
   B by the tail of another row of the batch, truncated to B's length (label 1, "B is random"),
@@ -19,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.heads import Pooler
-from .base import (Objective, ObjectiveOutput, check_ids, check_seed, check_token_id, encode_text, positive, require,
-                   row_lengths, seeded)
+from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_ids, check_seed, check_token_id, encode_text,
+                   positive, require, row_lengths, seeded)
 from .mlm import MLM
 
 
@@ -105,7 +108,8 @@ class _SentencePair(Objective):
         where = f"{type(self).__name__}.prepare"
         require(batch, self.needs, where)
         ids = check_ids("input_ids", batch["input_ids"])
-        lengths = row_lengths("attention_mask", batch.get("attention_mask"), ids)
+        # [CLS] A [SEP] B [SEP] must fit the row's S positions: keep at most S - 3 tokens of each row
+        lengths = row_lengths("attention_mask", batch.get("attention_mask"), ids).clamp(max=max(ids.shape[1] - 3, 0))
         g = seeded(seed)
         cut = torch.where(lengths < 2, lengths,
                           1 + (torch.rand(len(lengths), generator=g, dtype=torch.float64) * (lengths - 1)).long())
@@ -140,6 +144,16 @@ class _SentencePair(Objective):
             metrics.update(mlm_metrics)
         return ObjectiveOutput(loss, metrics, logits, h)
 
+    def flops_weights(self, backbone: nn.Module, seq_len: int | None) -> dict[str, float]:
+        """The backbone on every token; the pooler and pair classifier once per row of ``seq_len`` tokens,
+        the MLM head on the masked ``mask_prob`` of them (one weight for all the heads, by their sizes)."""
+        from ..models.model import _matmul_params
+
+        pair = _matmul_params(self.pooler, trainable=True) + _matmul_params(self.classifier, trainable=True)
+        mlm = _matmul_params(self.mlm, trainable=True) if self.mlm is not None else 0
+        per_token = (self.mlm.mask_prob * mlm if self.mlm is not None else 0.0) + (pair / seq_len if seq_len else 0.0)
+        return {"backbone": 1.0, "heads": per_token / max(pair + mlm, 1)}
+
 
 class NSP(_SentencePair):
     """BERT's next-sentence prediction (+ MLM when ``mask_token_id`` is given).
@@ -153,11 +167,13 @@ class NSP(_SentencePair):
 
     Batch: raw ``{"input_ids" (B, S), "attention_mask" (B, S) optional}`` (rows from different
     documents, no special tokens); ``prepare`` returns input_ids, attention_mask, token_type_ids,
-    special_tokens_mask, ``next_sentence_label`` (B,) and, with MLM, labels. Needs B >= 2 for
+    special_tokens_mask, ``next_sentence_label`` (B,) and, with MLM, labels, at most S wide (a row's
+    tokens past S - 3 are dropped to make room for [CLS] and the two [SEP]). Needs B >= 2 for
     random pairs (with B == 1 every pair is a true continuation).
     """
 
     label_key = "next_sentence_label"
+    batch_keys = TEXT_BATCH + (label_key,)
     hf_heads = {"pooler": "pooler", "nsp": "classifier", "mlm": "mlm.head"}
 
     def _pairs(self, lengths, cut, flip, g):
@@ -180,6 +196,7 @@ class SOP(_SentencePair):
     """
 
     label_key = "sentence_order_label"
+    batch_keys = TEXT_BATCH + (label_key,)
 
     def _pairs(self, lengths, cut, flip, g):
         rows, zero = torch.arange(len(lengths)), torch.zeros_like(cut)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import nt_xent
-from .base import (Objective, ObjectiveOutput, check_images, choice, fraction, mlp, per_image_tokens, pool, positive,
-                   require, seeded, top1_accuracy, view_area)
+from .base import (Objective, ObjectiveOutput, check_first_pooling, check_images, choice, fraction, mlp,
+                   per_image_tokens, pool, positive, require, seeded, top1_accuracy, view_area)
 
 # ITU-R 601 luma weights for 3-channel images; other channel counts use the plain channel mean.
 RGB_LUMA = (0.299, 0.587, 0.114)
@@ -140,7 +140,8 @@ class SimCLR(Objective):
         hidden_size: the backbone's width ``D``.
         proj_dim, proj_hidden_dim, proj_layers: projection MLP (Linear-BN-ReLU ... Linear).
         temperature: NT-Xent temperature.
-        pooling: "first" (CLS token) or "mean" over the backbone's output tokens.
+        pooling: "first" (CLS token; ValueError at ``attach`` for a ViT without one) or "mean" over the
+            backbone's output tokens.
         crop_size: side of the views (None: the input's size); crop_scale: crop area range. A side
             other than a ViT's image size turns on its ``patch_embed.dynamic_size`` (``attach``) and
             must tile into its patches.
@@ -154,6 +155,7 @@ class SimCLR(Objective):
     """
 
     needs = ("pixel_values",)
+    batch_keys = ("pixel_values", "views")
 
     def __init__(self, *, hidden_size: int, proj_dim: int = 128, proj_hidden_dim: int = 2048, proj_layers: int = 2,
                  temperature: float = 0.5, pooling: str = "first", crop_size: int | None = None,
@@ -175,7 +177,9 @@ class SimCLR(Objective):
 
     def attach(self, backbone: nn.Module) -> None:
         """Check ``crop_size`` against a ViT backbone (``fit_crop_sizes``: another size than its image
-        size turns on ``patch_embed.dynamic_size``, and must tile into patches)."""
+        size turns on ``patch_embed.dynamic_size``, and must tile into patches) and that "first" pooling
+        has a cls token to pool (``check_first_pooling``)."""
+        check_first_pooling("pooling", self.pooling, backbone)
         fit_crop_sizes(backbone, [("crop_size", self.augment.size)])
         self._attached = True
 

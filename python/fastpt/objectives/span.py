@@ -44,6 +44,7 @@ class _Seq2SeqLM(Objective):
     """Shared head, attach and loss of the encoder-decoder objectives."""
 
     needs = ("input_ids",)
+    batch_keys = SEQ2SEQ_KEYS + ("return_logits",)
 
     def __init__(self, hidden_size, vocab_size, sentinel_start_id, eos_id, pad_id, decoder_start_id,
                  tie_word_embeddings, return_logits, log_accuracy):
@@ -185,6 +186,8 @@ class UL2(_Seq2SeqLM):
     ``denoisers``). Metrics add ``loss_<mode>``, the target-token loss of the rows of each mode
     present in the batch.
     """
+
+    batch_keys = _Seq2SeqLM.batch_keys + ("denoiser",)
 
     def __init__(self, *, hidden_size: int, vocab_size: int,
                  denoisers: tuple[tuple[str, float | None, float | None], ...] = UL2_DENOISERS,

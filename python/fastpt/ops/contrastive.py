@@ -867,7 +867,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature=0.5, normalize: b
         gather, group, backend: as in :func:`info_nce` (with gather, every rank's views are negatives).
 
     Returns:
-        0-dim loss, float32 (float64 for float64 inputs). For N = 1 there are no negatives: loss 0.
+        0-dim loss, float32 (float64 for float64 inputs). For N = 1 there are no negatives: loss 0 (to rounding).
 
     Raises:
         TypeError / ValueError naming the argument (as in :func:`info_nce`), ``BackendError``, RuntimeError.
