@@ -5,6 +5,7 @@ import torch.nn.functional as F
 import fastpt
 
 from fastpt.objectives import NSP, SOP
+from fastpt.objectives.sentence import longest_pieces
 
 from . import VOCAB, text_batch, tiny_text, train, with_grad
 
@@ -49,6 +50,39 @@ def test_pairs_are_built_from_the_rows(cls):
     again, other = obj.prepare(raw, seed=4), obj.prepare(raw, seed=5)
     assert all(torch.equal(again[k], batch[k]) for k in batch)
     assert not torch.equal(other["input_ids"], batch["input_ids"])
+
+
+def test_longest_pieces_of_packed_rows():
+    ids = torch.zeros(3, 10, dtype=torch.long)
+    # documents over the 30 tokens: [0, 4) [4, 13) crosses row 0's end, [13, 30) crosses row 1's
+    cu = torch.tensor([0, 4, 13, 30], dtype=torch.int32)
+    lengths, starts = longest_pieces(cu, ids)
+    assert lengths.tolist() == [6, 7, 10] and starts.tolist() == [4, 3, 0]
+    lengths, starts = longest_pieces(torch.tensor([0, 5, 10, 15, 20, 30]), ids)  # ties: the first piece
+    assert lengths.tolist() == [5, 5, 10] and starts.tolist() == [0, 0, 0]
+    for bad in (torch.tensor([0, 4, 29]), torch.tensor([1, 30]), torch.tensor([0, 20, 10, 30]), torch.tensor([0.0, 30])):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            longest_pieces(bad, ids)
+
+
+@pytest.mark.parametrize("cls", [NSP, SOP])
+def test_packed_rows_give_pairs_from_one_document(cls):
+    """With cu_seqlens (the recipe's packed rows), A and B come from one document's piece of the row:
+    every document here is one repeated token, so a pair's tokens must all be one id (true pairs)."""
+    _, obj = make(cls)
+    b, s = 6, 16
+    lengths = torch.tensor([3, 9, 7, 12, 2, 5, 14, 8, 11, 9, 16])  # 96 tokens in all
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    ids = torch.repeat_interleave(torch.arange(10, 10 + len(lengths)), lengths).view(b, s)
+    batch = obj.prepare({"input_ids": ids, "cu_seqlens": cu.int()}, seed=3)
+    label = batch[obj.label_key]
+    want, _ = longest_pieces(cu, ids)
+    for i in range(b):
+        a, bb = segments(batch["input_ids"][i], batch["token_type_ids"][i], batch["attention_mask"][i])
+        if label[i] == 0 or cls is SOP:
+            assert len(a) + len(bb) == min(int(want[i]), s - 3) and len(set(a + bb)) == 1, (i, a, bb)
+        else:  # NSP's random B: another row's piece, no longer than this row's B
+            assert len(set(a)) == 1 and len(set(bb)) == 1 and len(a) + len(bb) <= min(int(want[i]), s - 3)
 
 
 @pytest.mark.parametrize("cls", [NSP, SOP])

@@ -8,7 +8,7 @@ import yaml
 
 from fastpt import _cpu_malloc
 from fastpt.models.model import PretrainModel
-from fastpt.train import ConfigError, pretrain, pretrain_main
+from fastpt.train import ConfigError, load_recipe, pretrain, pretrain_main
 from fastpt.train.logging import read_metrics
 
 from .pretrain_helpers import losses, make_shards, recipe, tiny_model
@@ -295,3 +295,32 @@ def test_cli(shards, tmp_path, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["train"]["seed"] == 3
     assert pretrain_main(["--config", str(path), "--set", "train.lrr=1"]) == 2
     assert "train.lrr: unknown key (did you mean 'lr'?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["pack", "doc"])
+def test_sentence_pairs_come_from_one_document_without_separators(tmp_path, mode):
+    """SOP / NSP write [CLS] A [SEP] B [SEP] themselves: with data.add_special auto the recipe read the
+    documents wrapped in [CLS] / [SEP] (nested separators in every pair, which also gave away SOP's
+    order), and packed rows gave segments straddling two documents. Every document here is one repeated
+    token: a pair in order holds one id besides its 3 special tokens."""
+    from fastpt.train.recipe import PretrainRecipe
+    from fastpt.data.shards import write_shards
+
+    docs = [[5 + i % 90] * (4 + (7 * i) % 23) for i in range(120)]
+    shards = tmp_path / "same"
+    write_shards(shards, docs, vocab_size=97, special_tokens={"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
+    cfg = recipe(shards, tmp_path / "run", model=tiny_model("sop"), data={"mode": mode},
+                 train={"max_steps": 2}, output={**QUIET, "save_every": 0})
+    run = PretrainRecipe(load_recipe(cfg), log=lambda m: None)
+    run.setup()
+    raw = next(run.data.batches(8))
+    batch = run.model.prepare(run.to_device(raw), seed=1)
+    ids, mask, label = batch["input_ids"], batch["attention_mask"].bool(), batch["sentence_order_label"]
+    for row, m in zip(ids, mask):
+        tokens = row[m].tolist()
+        assert tokens.count(2) == 1 and tokens.count(3) == 2, tokens  # only the pair's own separators
+        assert len(set(t for t in tokens if t not in (2, 3))) == 1, tokens  # one document
+    assert pretrain(cfg, log=lambda m: None)["steps"] == 2
+    with pytest.raises(ConfigError, match="data.add_special: the sop objective writes its own"):
+        pretrain(recipe(shards, tmp_path / "bad", model=tiny_model("sop"), data={"add_special": "cls_sep"},
+                        train={"max_steps": 1}, output=QUIET), log=lambda m: None)

@@ -2,7 +2,9 @@
 prediction (SOP), each optionally with MLM on the same pass (BERT / ALBERT pre-training).
 
 ``prepare`` builds the pairs from a batch of raw segments (one document chunk per row, no special
-tokens): each row keeps at most its first ``S - 3`` tokens (``S`` the batch's width), so a pair and
+tokens; or packed rows with ``cu_seqlens``, the recipe's ``data.mode: pack``, where each row's longest
+document piece is its segment, so that A and B never straddle two documents): each row keeps at most
+its first ``S - 3`` tokens (``S`` the batch's width), so a pair and
 its three special tokens fit in ``S`` positions (BERT's ``create_pretraining_data``: ``max_seq_length -
 3``; rows of ``seq_len == max_positions`` stay inside the position table), and is cut at a random point
 into A and B, then
@@ -48,6 +50,32 @@ def build_pairs(ids: torch.Tensor, a_row, a_start, a_len, b_row, b_start, b_len,
     attention = p <= la + lb + 2
     return dict(input_ids=out, attention_mask=attention.long(), token_type_ids=((p >= la + 2) & attention).long(),
                 special_tokens_mask=special & attention)
+
+
+def longest_pieces(cu_seqlens, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The longest document piece of each row of packed ``ids (B, S)``: ``(lengths, starts)``, int64 ``(B,)``
+    on the host, starts within the row (the first of equally long pieces). ``cu_seqlens`` are document
+    offsets over the ``B * S`` tokens (the recipe's packed batches); a document crossing a row's end is
+    cut there. ValueError naming cu_seqlens when it is not such offsets."""
+    b, s = ids.shape
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() \
+            or cu_seqlens.dtype == torch.bool:
+        raise ValueError("cu_seqlens: expected a 1-D integer tensor of document offsets over the B * S tokens "
+                         "of input_ids")
+    cu = cu_seqlens.to("cpu", torch.int64)
+    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != b * s or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to B * S = {b * s}, got "
+                         f"{cu.tolist()[:8]}{' ...' if cu.numel() > 8 else ''}")
+    bounds = torch.unique(torch.cat([cu, torch.arange(0, b * s + 1, max(s, 1))]))  # sorted, row ends added
+    starts, lens = bounds[:-1], bounds[1:] - bounds[:-1]
+    rows = starts // max(s, 1)
+    order = torch.sort(rows * (s + 1) + (s - lens), stable=True).indices  # per row: longest, then first
+    first = torch.ones(len(order), dtype=torch.bool)
+    first[1:] = rows[order][1:] != rows[order][:-1]
+    chosen = order[first]
+    lengths, offsets = torch.zeros(b, dtype=torch.int64), torch.zeros(b, dtype=torch.int64)
+    lengths[rows[chosen]], offsets[rows[chosen]] = lens[chosen], starts[chosen] - rows[chosen] * s
+    return lengths, offsets
 
 
 class _SentencePair(Objective):
@@ -108,13 +136,19 @@ class _SentencePair(Objective):
         where = f"{type(self).__name__}.prepare"
         require(batch, self.needs, where)
         ids = check_ids("input_ids", batch["input_ids"])
+        if batch.get("cu_seqlens") is not None:  # packed rows: the pair comes from one document's piece
+            lengths, offset = longest_pieces(batch["cu_seqlens"], ids)
+        else:
+            lengths = row_lengths("attention_mask", batch.get("attention_mask"), ids)
+            offset = torch.zeros_like(lengths)
         # [CLS] A [SEP] B [SEP] must fit the row's S positions: keep at most S - 3 tokens of each row
-        lengths = row_lengths("attention_mask", batch.get("attention_mask"), ids).clamp(max=max(ids.shape[1] - 3, 0))
+        lengths = lengths.clamp(max=max(ids.shape[1] - 3, 0))
         g = seeded(seed)
         cut = torch.where(lengths < 2, lengths,
                           1 + (torch.rand(len(lengths), generator=g, dtype=torch.float64) * (lengths - 1)).long())
         flip = (torch.rand(len(lengths), generator=g) < 0.5) & (cut < lengths) & (cut > 0)
-        parts, label = self._pairs(lengths, cut, flip, g)
+        (a_row, a_start, a_len, b_row, b_start, b_len), label = self._pairs(lengths, cut, flip, g)
+        parts = (a_row, a_start + offset[a_row], a_len, b_row, b_start + offset[b_row], b_len)
         pairs = build_pairs(ids, *(t.to(ids.device) for t in parts), cls_id=self.cls_token_id,
                             sep_id=self.sep_token_id, pad_id=self.pad_token_id)
         pairs[self.label_key] = label.to(ids.device)
@@ -166,7 +200,8 @@ class NSP(_SentencePair):
         log_accuracy: the MLM part's masked-token accuracy (the pair accuracy is always reported).
 
     Batch: raw ``{"input_ids" (B, S), "attention_mask" (B, S) optional}`` (rows from different
-    documents, no special tokens); ``prepare`` returns input_ids, attention_mask, token_type_ids,
+    documents, no special tokens), or packed rows with ``cu_seqlens`` (document offsets over the B * S
+    tokens: each row's longest document piece is used); ``prepare`` returns input_ids, attention_mask, token_type_ids,
     special_tokens_mask, ``next_sentence_label`` (B,) and, with MLM, labels, at most S wide (a row's
     tokens past S - 3 are dropped to make room for [CLS] and the two [SEP]). Needs B >= 2 for
     random pairs (with B == 1 every pair is a true continuation).

@@ -19,7 +19,8 @@ are rejected naming the key and the valid ones; defaults shown)::
       images: null            # fashion-mnist | image folder | `fastpt preprocess --images` output
       seq_len: 128            # tokens per row, cut at run time from the shards
       mode: pack              # pack: documents back to back (cu_seqlens); doc: one padded document per row
-      add_special: auto       # separators around each document: auto | cls_sep | eos | none
+      add_special: auto       # separators around each document: auto | cls_sep | eos | none (auto: none
+                              # for nsp / sop, which write their own around pairs cut from one document)
       shuffle: true
       verify: true            # check the shard checksums on open
       image_size: null        # resize images to this side (null: as stored)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..objectives import MLM, CausalLM, SelfDistillation
+from ..objectives import MLM, NSP, SOP, CausalLM, SelfDistillation
 from . import checkpoint as ckpt
 from . import distributed
 from .config import ConfigError, load_recipe, to_yaml
@@ -58,6 +58,9 @@ from ..models.vision import vit
 
 # Objectives that read packed documents (one (1, T) row with cu_seqlens); the others get rows.
 PACKED_OBJECTIVES = (MLM, CausalLM, SelfDistillation)
+# objectives that write their own [CLS] / [SEP] around pairs cut from one document (per packed row: its longest
+# document piece, found from cu_seqlens): the documents come without separators
+PAIR_OBJECTIVES = (NSP, SOP)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -133,6 +136,7 @@ class PretrainRecipe:
 
         self.data = self._setup_data()
         self.model = self._setup_model(resume_from)
+        self._pairs_without_separators()
         seed_everything(step_seed(t["seed"], 0, 0, self.dist.rank))  # per-rank dropout streams
         self.wrapped = distributed.wrap(self.model, self.dist, fsdp=t["fsdp"],
                                         find_unused_parameters=t["find_unused_parameters"])
@@ -221,7 +225,7 @@ class PretrainRecipe:
         tmp.write_text(text)
         tmp.replace(path)
 
-    def _setup_data(self):
+    def _setup_data(self, *, add_special: str | None = None, verify: bool | None = None):
         """The batch stream; the data readers' errors (a path that is not a shard directory, a
         seq_len longer than the corpus, separators the tokenizer lacks, ...) become ConfigErrors
         naming the recipe key, with the reader's own message."""
@@ -234,8 +238,9 @@ class PretrainRecipe:
                 raise ConfigError(f"data.path: {path} is a file, not a `fastpt preprocess` shard directory")
             try:
                 return TextStream(d["path"], d["seq_len"], mode=d["mode"], seed=t["seed"], rank=r.rank,
-                                  world_size=r.world_size, add_special=d["add_special"], shuffle=d["shuffle"],
-                                  verify=d["verify"])
+                                  world_size=r.world_size, shuffle=d["shuffle"],
+                                  add_special=d["add_special"] if add_special is None else add_special,
+                                  verify=d["verify"] if verify is None else verify)
             except (OSError, ValueError, TypeError) as exc:
                 raise ConfigError(f"{_data_key(exc)}: {exc}") from exc
         try:
@@ -244,6 +249,21 @@ class PretrainRecipe:
         except (OSError, ValueError, TypeError) as exc:
             msg = str(exc)
             raise ConfigError(msg if msg.startswith("data.images") else f"data.images: {msg}") from exc
+
+    def _pairs_without_separators(self) -> None:
+        """NSP / SOP write [CLS] A [SEP] B [SEP] themselves: their documents come without the separators that
+        ``data.add_special: auto`` would wrap them in (the pairs held nested [CLS] / [SEP] tokens, which also
+        gave away the order SOP predicts); one set explicitly is refused."""
+        d = self.cfg["data"]
+        if not (isinstance(self.data, TextStream) and isinstance(self.model.objective, PAIR_OBJECTIVES)):
+            return
+        if not (self.data.dataset.prefix or self.data.dataset.suffix):
+            return
+        name = type(self.model.objective).__name__.lower()
+        if d["add_special"] != "auto":
+            raise ConfigError(f"data.add_special: the {name} objective writes its own [CLS] / [SEP] around each "
+                              f"pair; use auto or none (got {d['add_special']!r})")
+        self.data = self._setup_data(add_special="none", verify=False)  # checked when first opened
 
     def _model_config(self) -> dict:
         """The build config, with a momentum objective's ``total_steps`` defaulting to the run's length."""
@@ -468,6 +488,8 @@ class PretrainRecipe:
             if isinstance(self.model.objective, PACKED_OBJECTIVES):
                 batch["input_ids"] = batch["input_ids"].reshape(1, -1)
                 batch["position_ids"] = batch["position_ids"].reshape(1, -1)
+            elif isinstance(self.model.objective, PAIR_OBJECTIVES):
+                batch = {"input_ids": batch["input_ids"], "cu_seqlens": batch["cu_seqlens"]}
             else:
                 batch = {"input_ids": batch["input_ids"]}
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
