@@ -13,16 +13,17 @@
 #   tests    the GPU tests: first those in benches/gpu_tests_first.txt, then every CUDA and Triton
 #            backend test against the references -> tests.txt, failures.txt (only if one failed)
 #   kernels  `fastpt bench --suite kernels --device cuda` (every op against its baselines) -> bench-cuda.*
-# writing under $OUT (default ./gpu-out) summary.txt, bench.log and the files above (each bench also
-# writes <stem>-tuning.json: which Triton candidates its tuners picked on this GPU). Each phase has
-# its own time limit (E2E_BUDGET, PROFILE_BUDGET, E2E_NODROP_BUDGET, E2E_COMPILE_BUDGET (default
-# 180 s: Inductor compiles two models cold), PROFILE_COMPILE_BUDGET (90 s), FIRST_BUDGET,
-# TEST_BUDGET); the kernel bench gets
-# what is left of TOTAL_BUDGET (default 480 s, inside 8 minutes: run the device call with a 500 s
-# limit) and writes its files after every op, so a run cut short keeps them; a second call on the
-# still-warm machine (PHASES="kernels" KERNEL_OPS=...) finishes what was cut. The default phases
-# fit that budget without e2e-compile: run it as a second call on the warm machine
-# (PHASES="e2e-compile" SKIP_BUILD=1, a 300 s limit), or add it and raise TOTAL_BUDGET.
+# writing into GPU_WORK (default /tmp/gpu-check) summary.txt, bench.log and the files above (each bench
+# also writes <stem>-tuning.json: which Triton candidates its tuners picked on this GPU), packed into
+# $OUT/results.tgz (default ./gpu-out) beside a copy of summary.txt. Each phase has its own time
+# limit (E2E_BUDGET, PROFILE_BUDGET, E2E_NODROP_BUDGET, E2E_COMPILE_BUDGET (default 180 s: Inductor
+# compiles two models cold), PROFILE_COMPILE_BUDGET (90 s), FIRST_BUDGET, TEST_BUDGET), cut to what is
+# left of TOTAL_BUDGET (default 480 s, inside 8 minutes: run the device call with a 500 s limit; a
+# phase with under 15 s left is skipped); the kernel bench gets the rest and writes its files after
+# every op, so a run cut short keeps them; a second call on the still-warm machine (PHASES="kernels"
+# KERNEL_OPS=...) finishes what was cut. The default phases fit that budget without e2e-compile: run
+# it as a second call on the warm machine (PHASES="e2e-compile" SKIP_BUILD=1 TOTAL_BUDGET=280, a
+# 300 s limit), or add it and raise TOTAL_BUDGET.
 # The tests are stopped with SIGINT (pytest-xdist shuts its workers down) and any straggler is
 # killed before the next phase, so no test process shares the GPU with a bench.
 #   device run: bash benches/gpu_check.sh   (carry .whl for the peer baselines); SKIP_BUILD=1 on a
@@ -34,13 +35,29 @@
 #   other `fastpt bench` arguments) shape the kernel bench.
 # Peer baselines (liger-kernel, inf-cl) travel as wheels in .whl/ when present.
 set -uo pipefail
+# The device returns at most 8 files from $OUT: every phase writes into a work folder, packed into
+# $OUT/results.tgz (with a copy of summary.txt beside it) every 15 s and at exit, so a run killed at its
+# limit still returns what it had written by then. A second call on a warm machine adds to the same folder.
 out="${OUT:-$PWD/gpu-out}"
-mkdir -p "$out"
+work="${GPU_WORK:-/tmp/gpu-check}"
+mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1
 PHASES="${PHASES:-e2e tests kernels}"
 t0=$(date +%s)
 deadline=$(( t0 + ${TOTAL_BUDGET:-480} ))
-log() { echo "== [$(( $(date +%s) - t0 )) s] $*" | tee -a "$out/summary.txt"; }
+log() { echo "== [$(( $(date +%s) - t0 )) s] $*" | tee -a "$work/summary.txt"; }
+pack() {
+  tar czf "$out/results.tgz.part" -C "$work" . 2>/dev/null && mv -f "$out/results.tgz.part" "$out/results.tgz"
+  cp -f "$work/summary.txt" "$out/summary.txt" 2>/dev/null
+  return 0
+}
+( while sleep 15; do pack; done ) &
+packer=$!
+trap 'kill $packer 2>/dev/null; pack' EXIT
+left() {  # a phase's budget: its own ($1), or less when TOTAL_BUDGET runs out first (minus $2 s kept for later)
+  local rest=$(( deadline - $(date +%s) - ${2:-0} - 20 ))  # 20 s: the kill grace after a time limit
+  echo $(( $1 < rest ? $1 : rest ))
+}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -57,14 +74,15 @@ else
     python3 -m pip install --no-build-isolation --no-deps -q -e . > /tmp/build.log 2>&1
   rc=$?
   log "build rc=$rc"
-  [ $rc -eq 0 ] || { cp /tmp/build.log "$out/build.log"; tail -40 /tmp/build.log; exit $rc; }
+  [ $rc -eq 0 ] || { cp /tmp/build.log "$work/build.log"; tail -40 /tmp/build.log; exit $rc; }
 fi
-python3 -m fastpt info | tee -a "$out/summary.txt"
+python3 -m fastpt info | tee -a "$work/summary.txt"
 
 bench() {  # budget, then `fastpt bench` arguments (through the module: runs whether or not the CLI has it)
   local budget=$1; shift
+  [ "$budget" -ge 15 ] || { log "skipped (${budget} s left of TOTAL_BUDGET): fastpt bench $*"; return 125; }
   timeout --signal=INT --kill-after=15 "$budget" python3 -c \
-    'import sys; from fastpt.bench import bench_main; sys.exit(bench_main(sys.argv[1:]))' --device cuda --out "$out" "$@"
+    'import sys; from fastpt.bench import bench_main; sys.exit(bench_main(sys.argv[1:]))' --device cuda --out "$work" "$@"
 }
 quiesce() {  # wait until no other process computes on the GPU (a bench must not share it)
   for _ in $(seq 30); do
@@ -75,29 +93,31 @@ quiesce() {  # wait until no other process computes on the GPU (a bench must not
 }
 
 if [[ " $PHASES " == *" e2e "* ]]; then
-  bench "${E2E_BUDGET:-100}" --suite e2e --name bench-cuda-e2e >> "$out/bench.log" 2>&1
-  log "e2e bench rc=$?: $(grep -E '^e2e' "$out/bench.log" | tr -s ' ' | cut -c1-90 | paste -sd'|')"
-  timeout --signal=INT --kill-after=15 "${PROFILE_BUDGET:-60}" python3 -m fastpt.bench.profile --device cuda \
-    --out "$out/profile-e2e.txt" >> "$out/bench.log" 2>&1
-  log "e2e profile rc=$?: $(grep -E '^(## |wall )' "$out/profile-e2e.txt" 2>/dev/null | cut -c1-110 | paste -sd'|')"
+  bench "$(left "${E2E_BUDGET:-100}")" --suite e2e --name bench-cuda-e2e >> "$work/bench.log" 2>&1
+  log "e2e bench rc=$?: $(grep -E '^e2e' "$work/bench.log" | tr -s ' ' | cut -c1-90 | paste -sd'|')"
+  profile_budget=$(left "${PROFILE_BUDGET:-60}"); [ "$profile_budget" -ge 15 ] || profile_budget=1
+  timeout --signal=INT --kill-after=15 "$profile_budget" python3 -m fastpt.bench.profile --device cuda \
+    --out "$work/profile-e2e.txt" >> "$work/bench.log" 2>&1
+  log "e2e profile rc=$?: $(grep -E '^(## |wall )' "$work/profile-e2e.txt" 2>/dev/null | cut -c1-110 | paste -sd'|')"
   # the same pairs without dropout: attention then runs torch's SDPA on both sides (fastpt's dispatch
   # takes it for plain / causal rows without dropout), which isolates what the dropout attention costs
-  bench "${E2E_NODROP_BUDGET:-60}" --suite e2e --dropout 0 --name bench-cuda-e2e-nodropout >> "$out/bench.log" 2>&1
-  log "e2e bench without dropout rc=$?: $(grep -E '^e2e' "$out/bench.log" | tail -4 | tr -s ' ' | cut -c1-90 | paste -sd'|')"
+  bench "$(left "${E2E_NODROP_BUDGET:-60}")" --suite e2e --dropout 0 --name bench-cuda-e2e-nodropout >> "$work/bench.log" 2>&1
+  log "e2e bench without dropout rc=$?: $(grep -E '^e2e' "$work/bench.log" | tail -4 | tr -s ' ' | cut -c1-90 | paste -sd'|')"
 fi
 
 if [[ " $PHASES " == *" e2e-compile "* ]]; then
   # eager and compiled are separate invocations (--compile runs the compiled case only), each with its
   # own files; only this run's lines of bench.log go to the summary
-  seen=$(cat "$out/bench.log" 2>/dev/null | wc -l)
+  seen=$(cat "$work/bench.log" 2>/dev/null | wc -l)
   # shellcheck disable=SC2086
-  bench "${E2E_COMPILE_BUDGET:-180}" --suite e2e --compile ${E2E_COMPILE_ARGS---model bert-base} \
-    --name bench-cuda-e2e-compile >> "$out/bench.log" 2>&1
-  log "e2e bench compiled rc=$?: $(tail -n +$(( seen + 1 )) "$out/bench.log" | grep -E '^e2e' | tr -s ' ' | cut -c1-150 | paste -sd'|')"
+  bench "$(left "${E2E_COMPILE_BUDGET:-180}")" --suite e2e --compile ${E2E_COMPILE_ARGS---model bert-base} \
+    --name bench-cuda-e2e-compile >> "$work/bench.log" 2>&1
+  log "e2e bench compiled rc=$?: $(tail -n +$(( seen + 1 )) "$work/bench.log" | grep -E '^e2e' | tr -s ' ' | cut -c1-150 | paste -sd'|')"
   # where the compiled BERT step spends its time (Inductor's on-disk cache is warm from the bench)
-  timeout --signal=INT --kill-after=15 "${PROFILE_COMPILE_BUDGET:-90}" python3 -m fastpt.bench.profile --device cuda \
-    --compile --models bert --out "$out/profile-e2e-compile.txt" >> "$out/bench.log" 2>&1
-  log "e2e profile compiled rc=$?: $(grep -E '^(## |wall )' "$out/profile-e2e-compile.txt" 2>/dev/null | cut -c1-110 | paste -sd'|')"
+  profile_budget=$(left "${PROFILE_COMPILE_BUDGET:-90}"); [ "$profile_budget" -ge 15 ] || profile_budget=1
+  timeout --signal=INT --kill-after=15 "$profile_budget" python3 -m fastpt.bench.profile --device cuda \
+    --compile --models bert --out "$work/profile-e2e-compile.txt" >> "$work/bench.log" 2>&1
+  log "e2e profile compiled rc=$?: $(grep -E '^(## |wall )' "$work/profile-e2e-compile.txt" 2>/dev/null | cut -c1-110 | paste -sd'|')"
 fi
 
 if [[ " $PHASES " == *" tests "* ]]; then
@@ -110,42 +130,43 @@ if [[ " $PHASES " == *" tests "* ]]; then
     # its own process group (setsid): SIGINT at the time limit lets pytest-xdist stop its workers,
     # and whatever is left of the group is killed before the next phase
     local budget=$1; shift
-    FASTPT_FAILURE_LOG="$out/failures.txt" FASTPT_TRITON_AUTOTUNE=0 setsid timeout --signal=INT --kill-after=20 \
-      "$budget" python3 -m pytest "$@" -v -p no:cacheprovider --timeout 150 -rfE --tb=short >> "$out/tests.txt" 2>&1 &
+    [ "$budget" -ge 15 ] || { log "skipped (${budget} s left of TOTAL_BUDGET): pytest $*"; return 125; }
+    FASTPT_FAILURE_LOG="$work/failures.txt" FASTPT_TRITON_AUTOTUNE=0 setsid timeout --signal=INT --kill-after=20 \
+      "$budget" python3 -m pytest "$@" -v -p no:cacheprovider --timeout 150 -rfE --tb=short >> "$work/tests.txt" 2>&1 &
     local pid=$!
     wait $pid
     local rc=$?
     kill -KILL -- -$pid 2>/dev/null
     return $rc
   }
-  : > "$out/tests.txt"
+  : > "$work/tests.txt"
   # first benches/gpu_tests_first.txt (node ids or files: what failed last time, what changed blind
   # since), so their tracebacks come early
   first=$(grep -v '^#' benches/gpu_tests_first.txt 2>/dev/null | while read -r id; do [ -f "${id%%::*}" ] && echo "$id"; done)
   if [ -n "$first" ]; then
     # shellcheck disable=SC2086
-    gpu_pytest "${FIRST_BUDGET:-40}" $first -k "cuda or triton" -n 8
-    log "GPU tests that failed last time, rc=$?: $(tail -1 "$out/tests.txt")"
+    gpu_pytest "$(left "${FIRST_BUDGET:-40}")" $first -k "cuda or triton" -n 8
+    log "GPU tests that failed last time, rc=$?: $(tail -1 "$work/tests.txt")"
   fi
   # shellcheck disable=SC2086
-  gpu_pytest "${TEST_BUDGET:-60}" $tests -k "cuda or triton" -n "${TEST_PROCS:-14}"
-  log "GPU tests rc=$?: $(tail -1 "$out/tests.txt")"
-  grep -E "(FAILED|ERROR) tests" "$out/tests.txt" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | cut -c1-200 | head -50
+  gpu_pytest "$(left "${TEST_BUDGET:-60}")" $tests -k "cuda or triton" -n "${TEST_PROCS:-14}"
+  log "GPU tests rc=$?: $(tail -1 "$work/tests.txt")"
+  grep -E "(FAILED|ERROR) tests" "$work/tests.txt" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | cut -c1-200 | head -50
 fi
 
 if [[ " $PHASES " == *" kernels "* ]]; then
   quiesce
-  budget=$(( deadline - $(date +%s) ))
+  budget=$(( deadline - $(date +%s) - 20 ))
   if [ $budget -lt 60 ]; then
     log "kernel bench skipped: only ${budget} s left of TOTAL_BUDGET"
   else
     log "kernel bench: ${budget} s left"
     # shellcheck disable=SC2086
     bench $budget --suite kernels --ops "${KERNEL_OPS:-cross_entropy,contrastive,attention,dropout,masking,contrastive_1m}" \
-      ${BENCH_ARGS:-} >> "$out/bench.log" 2>&1
+      ${BENCH_ARGS:-} >> "$work/bench.log" 2>&1
     log "kernel bench rc=$? (124: cut by its time limit; the files hold every op finished before)"
-    grep -E "FAILED|Error" "$out/bench.log" | cut -c1-160 | head -40
+    grep -E "FAILED|Error" "$work/bench.log" | cut -c1-160 | head -40
   fi
 fi
-ls "$out" | tee -a "$out/summary.txt"
+ls "$work" | tee -a "$work/summary.txt"
 log "done"

@@ -28,6 +28,7 @@ def pytest_runtest_logreport(report):
     """With FASTPT_FAILURE_LOG set, append each failure's traceback to that file as it happens
     (benches/gpu_check.sh: a test phase cut short by its time limit still leaves every traceback)."""
     path = os.environ.get("FASTPT_FAILURE_LOG")
-    if path and report.failed:
+    # under pytest-xdist the hook runs in the worker and again in the controller: the controller writes
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
         with open(path, "a") as f:
             f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

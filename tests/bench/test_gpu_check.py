@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,8 @@ def test_phases_run_in_order_without_a_gpu(tmp_path):
     smi.chmod(0o755)
     py = fake / "python3"  # the script calls python3: this interpreter, with fastpt importable
     py.symlink_to(sys.executable)
-    out = tmp_path / "out"
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(out), SKIP_BUILD="1",
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(out), GPU_WORK=str(work), SKIP_BUILD="1",
                PHASES="kernels e2e-compile e2e", E2E_BUDGET="60", PROFILE_BUDGET="60", E2E_NODROP_BUDGET="60",
                E2E_COMPILE_BUDGET="60", PROFILE_COMPILE_BUDGET="60", TOTAL_BUDGET="400")
     env.pop("TRITON_INTERPRET", None)
@@ -42,7 +43,33 @@ def test_phases_run_in_order_without_a_gpu(tmp_path):
              "done"]
     at = [summary.find(s) for s in steps]
     assert -1 not in at and at == sorted(at), summary
-    log = (out / "bench.log").read_text()
+    # the device returns at most 8 files from $OUT: everything travels packed in results.tgz
+    assert sorted(p.name for p in out.iterdir()) == ["results.tgz", "summary.txt"]
+    with tarfile.open(out / "results.tgz") as tar:
+        assert {"./bench.log", "./summary.txt"} <= set(tar.getnames())
+        assert tar.extractfile("./summary.txt").read().decode() == summary
+    log = (work / "bench.log").read_text()
     assert "no CUDA device" in log  # each cuda step said why it could not run
     # the four `fastpt bench` calls (e2e, without dropout, compiled, kernels) got past their arguments
     assert log.count("fastpt bench: --device cuda, but no CUDA device") == 4 and "usage: fastpt bench" not in log
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("setsid") is None,
+                    reason="needs coreutils timeout and util-linux setsid")
+def test_phases_fit_what_is_left_of_the_total_budget(tmp_path):
+    """Every phase's limit is cut to what is left of TOTAL_BUDGET (only the kernel bench read it: a slow
+    build ran the fixed-budget phases past the device's limit), and a phase with under 15 s is skipped."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"
+    smi.write_text('#!/bin/sh\ncase "$*" in *query-compute-apps*) exit 0;; *) echo "stand-in GPU";; esac\n')
+    smi.chmod(0o755)
+    (fake / "python3").symlink_to(sys.executable)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(out), GPU_WORK=str(tmp_path / "work"),
+               SKIP_BUILD="1", PHASES="tests kernels", TOTAL_BUDGET="30")
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    summary = (out / "summary.txt").read_text()
+    assert "left of TOTAL_BUDGET): pytest tests/ops" in summary and "kernel bench skipped" in summary, summary

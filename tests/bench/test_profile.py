@@ -53,3 +53,23 @@ def test_compiled_case_is_profiled(tmp_path, monkeypatch):
     assert text.splitlines()[0].endswith(", torch.compile")
     assert "torch.compile: model.backbone (" in text  # fastpt: its backbone, as train.compile does
     assert "torch.compile: model (" in text  # transformers: the whole model
+
+
+def test_a_run_cut_short_keeps_the_sides_done(tmp_path, monkeypatch):
+    """--out is rewritten after every side: the GPU check's time limit cut the profile after one side and
+    left no file at all (it was written once, at the end)."""
+    out = tmp_path / "profile.txt"
+    real = profile.profile_step
+    calls = []
+
+    def second_side_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what SIGINT from `timeout --signal=INT` raises
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(profile, "profile_step", second_side_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        profile.main(["--device", "cpu", "--quick", "--models", "bert", "--steps", "1", "--out", str(out)])
+    text = out.read_text()
+    assert text.count("wall ") == 1 and "B8 S64 fastpt" in text

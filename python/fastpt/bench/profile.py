@@ -111,9 +111,10 @@ def report(name: str, result: dict, cuda: bool) -> str:
 
 
 def profile_pairs(ctx, *, models=e2e.MODELS, steps: int = 2, dtype: torch.dtype | None = None,
-                  log=print, compile: bool = False) -> str:
+                  log=print, compile: bool = False, on_part=None) -> str:
     """The report (text) for every side of each pair in ``models`` (``compile``: their
-    torch.compile case); a side that fails gets a line saying so and the others still run."""
+    torch.compile case); a side that fails gets a line saying so and the others still run.
+    ``on_part`` is called with the report so far after each side."""
     dtype = dtype or (torch.bfloat16 if ctx.cuda else torch.float32)
     parts = [f"# e2e profile: {ctx.device} ({ctx.machine.get('device_name', '?')}), torch {torch.__version__}, "
              f"commit {ctx.machine.get('commit')}; {steps} steps after 3 warm-up steps, {e2e.dtype_name(dtype)}"
@@ -133,10 +134,14 @@ def profile_pairs(ctx, *, models=e2e.MODELS, steps: int = 2, dtype: torch.dtype 
                 step = e2e.train_step(loss_fn, params, batches, ctx.device, dtype)
                 result = profile_step(step, device=ctx.device, steps=steps)
                 parts.append(report(f"{name}: {how}", result, ctx.cuda))
+                if on_part is not None:
+                    on_part("\n".join(parts))
                 log(f"profile {name}: {result['wall_ms']:.1f} ms/step"
                     + (f", device busy {result['busy_ms']:.1f} ms" if ctx.cuda else ""))
             except Exception as exc:  # noqa: BLE001 - one failing side must not hide the others
                 parts.append(f"## {name}\nfailed: {type(exc).__name__}: {exc}\n")
+                if on_part is not None:
+                    on_part("\n".join(parts))
                 log(f"profile {name}: failed: {type(exc).__name__}: {exc}")
             finally:
                 loss_fn = params = step = None
@@ -168,7 +173,9 @@ def main(argv=None) -> int:
         parser.error("--device cuda: no CUDA device is visible to torch here")
     ctx = Context(device=args.device, quick=args.quick, log=lambda m: print(m, file=sys.stderr),
                   machine=machine_info(args.device))
-    text = profile_pairs(ctx, models=models, steps=args.steps, log=ctx.log, compile=args.compile)
+    # with --out the report is rewritten after every side: a run cut by its time limit keeps the sides done
+    write = (lambda text: Path(args.out).write_text(text)) if args.out else None
+    text = profile_pairs(ctx, models=models, steps=args.steps, log=ctx.log, compile=args.compile, on_part=write)
     if args.out:
         Path(args.out).write_text(text)
     else:
