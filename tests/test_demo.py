@@ -125,7 +125,10 @@ def test_interrupted_demo_resumes_from_a_periodic_checkpoint(tmp_path, shards600
     assert f"step {SAVE_EVERY}" in err and "rerun" in err and "Traceback" not in err
     monkeypatch.undo()
     lines = []
-    again = run(out, minutes=2 / 60, evaluate=False, log=lines.append, **TINY)
+    # --minutes counts over resumes: the checkpoint's own training seconds (a loaded machine took over 2 s
+    # to reach it), and 2 s more
+    state = json.loads((out / "pretrain" / "checkpoints" / f"step-{SAVE_EVERY:08d}" / "trainer_state.json").read_text())
+    again = run(out, minutes=(state["elapsed_s"] + 2) / 60, evaluate=False, log=lines.append, **TINY)
     assert any("resumed from" in line and f"step {SAVE_EVERY}," in line for line in lines), lines
     assert again["pretrain"]["steps"] > SAVE_EVERY
 

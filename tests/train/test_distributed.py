@@ -98,3 +98,37 @@ def test_fsdp_checkpoints_do_not_move_the_dropout_stream(tmp_path):
         pretrain(cfg, log=lambda m: None)
         runs.append(losses(tmp_path / f"every{every}"))
     assert runs[0] == runs[1]
+
+
+def test_fsdp_shards_a_layer_shared_across_depths_once(tmp_path):
+    """ALBERT's share_layers puts one module at every depth: fully_shard on each entry raised torch's
+    "already applied" AssertionError for the albert-base zoo model. One process is enough to show it;
+    the FSDP run then trains as the plain one."""
+    shards = make_shards(tmp_path / "shards")
+    model = tiny_model()
+    model["backbone"]["share_layers"] = True
+    runs = []
+    for fsdp in (False, True):
+        cfg = recipe(shards, tmp_path / f"fsdp{fsdp}", model=model, train={"fsdp": fsdp, "max_steps": 3},
+                     output={**QUIET, "save_every": 0})
+        pretrain(cfg, log=lambda m: None)
+        runs.append([float(x) for x in losses(tmp_path / f"fsdp{fsdp}")])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5, abs=1e-6)
+
+
+def test_fsdp_mesh_is_the_recipes_device(monkeypatch):
+    """fully_shard without a mesh builds one on torch's default accelerator: CUDA on any GPU host, also for
+    train.device: cpu (the parameters then moved to cuda:0). The mesh comes from the recipe's device."""
+    from torch.distributed import device_mesh
+
+    from fastpt.train import distributed as fdist
+
+    asked = []
+    real = device_mesh.init_device_mesh
+    monkeypatch.setattr(device_mesh, "init_device_mesh", lambda kind, *a, **k: asked.append(kind) or real(kind, *a, **k))
+    d = fdist.Dist(device=torch.device("cpu"))
+    try:
+        fdist.wrap(torch.nn.Sequential(torch.nn.Linear(3, 3)), d, fsdp=True)
+    finally:
+        fdist.cleanup(d)
+    assert asked == ["cpu"]

@@ -83,26 +83,114 @@ def cleanup(d: Dist) -> None:
         d.owns_group = False
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks; the gradient is summed the same way (each rank's input feeds every rank's output)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics cover the batch of every rank: SimCLR's "global BN", MoCo v3's
+    SyncBatchNorm. With several ranks the mean, then the variance, are summed over them by a differentiable
+    all-reduce, so gradients flow across ranks as through ``torch.nn.SyncBatchNorm`` (which refuses CPU
+    tensors; this runs on gloo and NCCL alike). One process, or eval: plain BatchNorm. Same parameters and
+    buffers as ``nn.BatchNorm1d/2d/3d``, so state dicts are unchanged."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm: expected an input of at least 2 dims (N, C, ...), got {x.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        all_reduce_grad = _AllReduceSum.apply
+        self._check_input_dim(x)
+        c, dims = x.shape[1], [0, *range(2, x.dim())]
+        shape = [1, c] + [1] * (x.dim() - 2)
+        xf = x if x.dtype == torch.float64 else x.float()  # half inputs: float32 statistics
+        total = all_reduce_grad(torch.cat([xf.sum(dims), xf.new_full((1,), x.numel() // max(c, 1))]))
+        n = total[c]
+        mean = total[:c] / n
+        var = all_reduce_grad(((xf - mean.view(shape)) ** 2).sum(dims)) / n  # two passes: no cancellation
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (n / (n - 1)) if float(n) > 1 else var
+                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.detach().to(self.running_var.dtype), alpha=m)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def global_batchnorm(model: nn.Module) -> int:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` of ``model`` by a ``GlobalBatchNorm`` holding the same tensors
+    (in place); returns how many. Without it each rank normalised its own micro-batch: N ranks trained a
+    different model than one process on the combined batch (SimCLR's and MoCo v3's projectors)."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+                new = GlobalBatchNorm(child.num_features, eps=child.eps, momentum=child.momentum,
+                                      affine=child.affine, track_running_stats=child.track_running_stats)
+                for key in ("weight", "bias"):
+                    setattr(new, key, getattr(child, key))
+                for key in ("running_mean", "running_var", "num_batches_tracked"):
+                    setattr(new, key, getattr(child, key))
+                new.train(child.training)
+                setattr(module, name, new)
+                count += 1
+    return count
+
+
 def wrap(model: nn.Module, d: Dist, *, fsdp: bool = False, find_unused_parameters: bool = False) -> nn.Module:
     """The model the training step calls: ``model`` itself (one process), DDP, or FSDP2.
 
-    FSDP2 shards every transformer layer (``.layers`` of the backbone and of any decoder) and
-    then the whole model; frozen teacher copies stay whole. Parameters and gradients then are
-    DTensors: save with ``full_state_dict``.
+    With several ranks every BatchNorm normalises over the whole batch of all ranks (``global_batchnorm``).
+    FSDP2 shards every distinct transformer layer (``.layers`` of the backbone and of any decoder; a layer
+    shared across depths, ALBERT's, once) and then the whole model, on a mesh of ``d.device``'s type;
+    frozen teacher copies stay whole. Parameters and gradients then are DTensors: save with
+    ``full_state_dict``. FSDP2 needs torch >= 2.6 (``torch.distributed.fsdp.fully_shard``).
     """
+    if d.enabled:
+        global_batchnorm(model)
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as exc:
+            from .config import ConfigError
+
+            raise ConfigError(f"train.fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6; this is "
+                               f"torch {torch.__version__}; use DDP (train.fsdp: false)") from exc
+        from torch.distributed.device_mesh import init_device_mesh
 
         if not dist.is_initialized():  # one process: FSDP2 still needs a (one-rank) process group
             dist.init_process_group("gloo" if d.device.type == "cpu" else "nccl", rank=0, world_size=1,
                                     init_method=f"tcp://127.0.0.1:{_free_port()}")
             d.owns_group = True
+        # the recipe's device, not torch's default accelerator (CUDA on any GPU host, also for device: cpu)
+        mesh = init_device_mesh(d.device.type, (dist.get_world_size(),))
+        done: set[int] = set()
         for module in model.modules():
             layers = getattr(module, "layers", None)
             if isinstance(layers, nn.ModuleList) and all(p.requires_grad for p in module.parameters()):
                 for layer in layers:
-                    fully_shard(layer)
-        fully_shard(model)
+                    if id(layer) not in done:  # ALBERT's share_layers: one module at every depth
+                        done.add(id(layer))
+                        fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     if not d.enabled:
         return model

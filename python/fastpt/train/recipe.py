@@ -434,7 +434,10 @@ class PretrainRecipe:
         return torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"], **fast)
 
     def _load_training_state(self, path: Path) -> None:
-        saved = ckpt.load_checkpoint(path, map_location=self.device, verify=False)  # verified when chosen
+        # FSDP: the optimizer state is saved unsharded; loaded onto the GPU it would be whole on every rank (a
+        # model that needs FSDP for its Adam state ran out of memory on --resume): the CPU, then each rank's shard
+        where = "cpu" if self.cfg["train"]["fsdp"] else self.device
+        saved = ckpt.load_checkpoint(path, map_location=where, verify=False)  # verified when chosen
         state = saved["state"]
         if state.get("world_size") != self.dist.world_size:
             raise ConfigError(f"--resume: {path} was saved by {state.get('world_size')} processes, this run has "
