@@ -18,3 +18,20 @@ def usable_backends(op_name: str, device: str = "cpu") -> list[str]:
 def backend_grid(op_name: str) -> list[tuple[str, str]]:
     """Every (device, backend) pair that can run ``op_name`` here."""
     return [(dev, b) for dev in DEVICES for b in usable_backends(op_name, dev)]
+
+
+def spawn_ranks(fn, args: tuple, nprocs: int, timeout_s: float = 180.0) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)``, failing the test (workers killed) when they have not
+    finished within ``timeout_s``: never hang the suite on a stuck collective."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"distributed workers did not finish within {timeout_s:g} s")

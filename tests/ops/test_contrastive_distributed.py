@@ -8,15 +8,13 @@ different numbers of rows, so the padded all-gather is exercised too.
 import datetime
 import os
 import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastpt.ops import clip_loss, info_nce, nt_xent
-from tests.helpers import usable_backends
+from tests.helpers import spawn_ranks, usable_backends
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD = 2
@@ -105,13 +103,7 @@ def _free_port():
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:  # never hang the suite on a stuck collective
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers did not finish within 180 s")
+    spawn_ranks(_worker, (_free_port(), str(out)), WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -2,19 +2,17 @@
 ranks): 2 gloo processes give what one process gives on the combined batch. Each rank normalised its own
 micro-batch before, so SimCLR's and MoCo v3's projectors trained another model on N ranks (SimCLR's "global
 BN", MoCo v3's SyncBatchNorm)."""
-import datetime
 import os
 import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from fastpt.assemble import build
 from fastpt.train import distributed as fdist
+from tests.helpers import spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD, B = 2, 8
@@ -88,13 +86,7 @@ def _free_port():
 
 
 def test_two_ranks_normalise_as_one_process_on_the_combined_batch(tmp_path):
-    ctx = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:  # never hang the suite on a stuck collective
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers did not finish within 180 s")
+    spawn_ranks(_worker, (_free_port(), str(tmp_path)), WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     want = _one_process()
     close = dict(rtol=1e-10, atol=1e-12)
