@@ -92,3 +92,12 @@ def test_grid_size_and_cls_token_given_must_be_the_backbones():
         make(cls_token=False)
     backbone, obj = make(grid_size=[4, 4], cls_token=True)  # the backbone's own: fine
     assert obj.grid_size == (4, 4)
+
+
+def test_a_float64_model_keeps_its_loss_in_float64():
+    """The loss upcasts half precision only (it computed a float64 model's loss in float32: ~1e-8 off)."""
+    backbone, obj = make(norm_pix_loss=True)
+    backbone, obj = backbone.double(), obj.double()
+    px = images(3).double()
+    out = obj(backbone, obj.prepare({"pixel_values": px}, seed=2))
+    assert out.loss.dtype == torch.float64

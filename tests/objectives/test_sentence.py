@@ -154,3 +154,11 @@ def test_flops_weights_count_the_pair_head_per_row_and_the_mlm_head_per_masked_t
     assert w["heads"] * (pair + mlm) == pytest.approx(0.2 * mlm + pair / 64)
     _, alone = make(cls)
     assert alone.flops_weights(backbone, 64)["heads"] == pytest.approx(1 / 64)
+
+
+def test_a_float64_model_keeps_its_pair_loss_in_float64():
+    """The pair loss upcasts half precision only (it computed a float64 model's loss in float32)."""
+    backbone, obj = make(SOP, mask_token_id=MASK)
+    backbone, obj = backbone.double(), obj.double()
+    out = obj(backbone, obj.prepare(text_batch(4, 13, low=10, seed=2), seed=1))
+    assert out.loss.dtype == torch.float64 and out.metrics["sentence_order_loss"].dtype == torch.float64

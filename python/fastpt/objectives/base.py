@@ -242,6 +242,12 @@ def row_lengths(name: str, mask, ids: torch.Tensor) -> torch.Tensor:
     return padding_to_seqlens(mask, name).to("cpu", torch.int64)
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` for a loss's arithmetic: half precision (and integers) as float32, float32 / float64 as they are
+    (a float64 model's losses were computed in float32)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def positive(name: str, v, *, integer: bool = False, allow_zero: bool = False):
     """A finite number > 0 (>= 0 with ``allow_zero``); ints only with ``integer``."""
     ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..models.hf import _load_into
 from ..models.model import restoring_checkpoint
-from .base import TEXT_BATCH, Objective, ObjectiveOutput, choice, encode_text, frozen_copy, positive, require
+from .base import (TEXT_BATCH, Objective, ObjectiveOutput, choice, encode_text, frozen_copy, positive, require,
+                   upcast)
 from .mlm import MLM
 
 
@@ -159,7 +160,7 @@ class SelfDistillation(Objective):
 
 def masked_mse(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Mean squared difference over the valid tokens (``attention_mask`` 1) and the hidden dimension."""
-    diff = (student.float() - teacher.float()).pow(2).mean(-1)
+    diff = (upcast(student) - upcast(teacher)).pow(2).mean(-1)
     if attention_mask is None:
         return diff.mean()
     m = attention_mask.to(diff.dtype)

@@ -16,7 +16,7 @@ from torch import nn
 from ..ops import random_masking
 from ..models.vision import mae_decoder, patchify
 from .base import (Objective, ObjectiveOutput, check_backbone_size, check_images, check_seed, choice, positive,
-                   require)
+                   require, upcast)
 from .simclr import vision_tokens
 
 
@@ -80,7 +80,7 @@ class MAE(Objective):
 
     def target(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Per-patch pixel targets ``(B, L, p * p * C)`` (normalised per patch with ``norm_pix_loss``)."""
-        t = patchify(pixel_values, self.patch_size).float()
+        t = upcast(patchify(pixel_values, self.patch_size))
         if self.norm_pix_loss:
             t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
         return t
@@ -95,7 +95,7 @@ class MAE(Objective):
             raise ValueError(f"mask: expected shape {tuple(pred.shape[:2])} (B, L: one flag per patch), got "
                              f"{tuple(getattr(batch['mask'], 'shape', ()))}")
         mask = batch["mask"].to(torch.float32)
-        per_patch = (pred.float() - self.target(px)).pow(2).mean(-1)
+        per_patch = (upcast(pred) - self.target(px)).pow(2).mean(-1)
         loss = (per_patch * mask).sum() / mask.sum().clamp(min=1)
         return ObjectiveOutput(loss, {"loss": loss.detach()}, pred, latent)
 

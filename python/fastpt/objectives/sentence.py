@@ -25,7 +25,7 @@ from torch import nn
 
 from ..models.heads import Pooler
 from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_ids, check_seed, check_token_id, encode_text,
-                   positive, require, row_lengths, seeded)
+                   positive, require, row_lengths, seeded, upcast)
 from .mlm import MLM
 
 
@@ -167,7 +167,7 @@ class _SentencePair(Objective):
         # mean over the labelled rows; 0 (not NaN) when every label is -100, as the token losses
         valid = target != -100
         n = valid.sum().clamp(min=1)
-        pair_loss = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum") / n
+        pair_loss = F.cross_entropy(upcast(logits), target, ignore_index=-100, reduction="sum") / n
         name = self.label_key.split("_label")[0]
         hits = (logits.detach().argmax(-1) == target) & valid
         metrics = {f"{name}_loss": pair_loss.detach(), f"{name}_accuracy": hits.sum() / n}
