@@ -141,6 +141,73 @@ def test_decoder_start_row_learns(zoo, tmp_path):
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+def _t5_tokens(model, names: dict) -> list[str]:
+    """The order in which ``model``'s forward calls its embeddings ("E"), norms ("N"), attention output
+    projections ("A"), feed-forward input / output projections ("I" / "O") and dropouts with p > 0
+    ("D"), by module name: a map of where each dropout sits."""
+    calls = []
+    for name, mod in model.named_modules():
+        tag = next((t for t, match in names.items() if match(name, mod)), None)
+        if tag is not None:
+            mod.register_forward_pre_hook(lambda m, args, tag=tag: calls.append(tag))
+    return calls
+
+
+@pytest.mark.parametrize("zoo", ["t5-small", "ul2-small"])
+def test_t5_dropout_sites_match_transformers(zoo):
+    """make_layers built the feed-forward without its dropout, so T5's dropout between activation and
+    output projection (T5DenseActDense) was missing, and so was the dropout after each stack's final
+    norm (T5Stack): 9 dropout calls of T5's 19 with 2 + 1 layers. The sites now match HF T5 in train mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = fastpt.build(zoo, backbone=dict(vocab_size=64, hidden_size=32, num_heads=4, intermediate_size=64,
+                                            num_encoder_layers=2, num_decoder_layers=1)).backbone.train()
+    assert model.config["ff_dropout"] == model.config["dropout"] == 0.1
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=1, num_heads=4,
+        dropout_rate=0.1)).train()
+    dropout = lambda n, m: isinstance(m, torch.nn.Dropout) and m.p > 0  # noqa: E731
+    ours = _t5_tokens(model, {
+        "D": dropout, "E": lambda n, m: isinstance(m, torch.nn.Embedding),
+        "N": lambda n, m: n.endswith(("norm", "norm1", "norm2", "cross_norm")),
+        "A": lambda n, m: n.endswith("attn.out_proj"), "I": lambda n, m: n.endswith("mlp.fc1"),
+        "O": lambda n, m: n.endswith("mlp.fc2")})
+    theirs = _t5_tokens(hf, {
+        "D": dropout, "E": lambda n, m: n.endswith("embed_tokens"), "N": lambda n, m: n.endswith("layer_norm"),
+        "A": lambda n, m: n.endswith(("SelfAttention.o", "EncDecAttention.o")),
+        "I": lambda n, m: n.endswith("DenseReluDense.wi"), "O": lambda n, m: n.endswith("DenseReluDense.wo")})
+    ids, dec = _ids(2, 9, high=64), _ids(2, 5, seed=1, high=64)
+    model(ids, None, dec)
+    hf(input_ids=ids, decoder_input_ids=dec)
+    layer = "NAD" + "NIDOD"
+    assert "".join(ours) == "".join(theirs) == "ED" + 2 * layer + "ND" + "ED" + "NADNAD" + "NIDOD" + "ND"
+    # the feed-forward's inner dropout drops activations at its rate (gelu: an exact zero is a drop)
+    model = fastpt.build(zoo, backbone=dict(vocab_size=64, hidden_size=32, num_heads=4, intermediate_size=256,
+                                            num_encoder_layers=1, num_decoder_layers=1, activation="gelu",
+                                            ff_dropout=0.3)).backbone.train()
+    seen = []
+    model.encoder.layers[0].mlp.fc2.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    model(_ids(4, 64, high=64), None, _ids(4, 3, seed=1, high=64))
+    assert abs((seen[0] == 0).float().mean().item() - 0.3) < 0.02
+
+
+def test_ff_dropout_only_in_the_encoder_decoder():
+    """ff_dropout is the encoder-decoder's (T5's): the BERT / GPT-2 / ViT zoo models keep a 0 inner
+    dropout and their state_dict keys; encoder_decoder's default follows ``dropout`` as T5's."""
+    for name in ("bert-tiny", "gpt2-small", "albert-base", "vit-mae-tiny"):
+        with torch.device("meta"):
+            backbone = fastpt.build(name).backbone
+        assert {m.mlp.dropout.p for m in backbone.layers} == {0.0}, name
+        assert not any("dropout" in k for k in backbone.state_dict()), name
+    model = encoder_decoder(vocab_size=50, hidden_size=24, num_encoder_layers=1, num_heads=3, dropout=0.2)
+    assert model.encoder.layers[0].mlp.dropout.p == model.decoder_layers[0].mlp.dropout.p == 0.2
+    assert model.final_dropout.p == 0.2
+    model = encoder_decoder(vocab_size=50, hidden_size=24, num_encoder_layers=1, num_heads=3, ff_dropout=0.0)
+    assert model.encoder.layers[0].mlp.dropout.p == 0.0
+    with pytest.raises(ValueError, match="ff_dropout"):
+        encoder_decoder(vocab_size=50, hidden_size=24, num_encoder_layers=1, num_heads=3, ff_dropout=1.5)
+
+
 def test_vision_encoder_and_mae_decoder():
     torch.manual_seed(0)
     enc = vit(image_size=(24, 16), patch_size=8, in_channels=10, hidden_size=32, num_layers=2, num_heads=4,
@@ -175,6 +242,79 @@ def test_vision_encoder_and_mae_decoder():
         dec(latent, ids_restore[:, :5])
     with pytest.raises(ValueError, match="num_patches"):
         MAEDecoder(6, 8, 10, 32, 16, 1, 2)
+
+
+def test_clip_token_zero_is_an_ordinary_row():
+    """clip-tiny set the text tower's pad_token_id to 0, the embedding's padding_idx: CLIP's token 0 ("!",
+    a real BPE token; CLIP has no padding row) was a frozen zero row that never got a gradient."""
+    torch.manual_seed(0)
+    model = fastpt.build("clip-tiny", backbone=dict(
+        text=dict(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64),
+        vision=dict(image_size=16, patch_size=4, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64)),
+        objective=dict(embed_dim=16))
+    emb = model.backbone.text.embeddings.word_embeddings
+    assert emb.padding_idx is None and emb.weight[0].abs().sum() > 0
+    ids = torch.tensor([[49406, 320, 1125, 0, 49407, 0, 0], [49406, 320, 1929, 0, 0, 49407, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0]])
+    model(input_ids=ids, attention_mask=mask, pixel_values=_x(2, 3, 16, 16)).loss.backward()
+    assert emb.weight.grad[0].abs().sum() > 0
+
+
+def test_vit_embedding_norm_matches_clip_vision_tower():
+    """vit() had no norm between the patch embedding and the first layer, so clip-tiny's vision tower lacked
+    CLIP's ln_pre (HF pre_layrnorm): image embeddings were 1.19 (relative) off HF CLIP's with the same
+    weights. embedding_norm=True adds it (clip-tiny sets it); float64, weights copied by hand."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    d, heads = 32, 4
+    model = fastpt.build("clip-tiny", backbone=dict(vision=dict(image_size=16, patch_size=4, hidden_size=d,
+                                                                num_layers=2, num_heads=heads, intermediate_size=64)),
+                         objective=dict(embed_dim=16)).double().eval()
+    v, proj = model.backbone.vision, model.objective.vision_projection
+    assert v.config["embedding_norm"] and isinstance(v.embedding_norm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        for p in v.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # norms away from the identity, nonzero biases
+        v.patch_embed.projection.bias.zero_()  # CLIP's patch convolution has no bias
+    hf = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        image_size=16, patch_size=4, hidden_size=d, num_hidden_layers=2, num_attention_heads=heads,
+        intermediate_size=64, hidden_act="gelu", layer_norm_eps=v.config["norm_eps"], projection_dim=16)).double()
+    sd = {"visual_projection.weight": proj.weight, "vision_model.embeddings.class_embedding": v.patch_embed.cls_token,
+          "vision_model.embeddings.patch_embedding.weight": v.patch_embed.projection.weight,
+          "vision_model.embeddings.position_embedding.weight": v.patch_embed.position_embeddings[0]}
+    pairs = {"vision_model.pre_layrnorm": v.embedding_norm, "vision_model.post_layernorm": v.final_norm}
+    for i, layer in enumerate(v.layers):
+        p = f"vision_model.encoder.layers.{i}."
+        for j, name in enumerate("qkv"):
+            sd[p + f"self_attn.{name}_proj.weight"] = layer.attn.in_proj_weight[j * d:(j + 1) * d]
+            sd[p + f"self_attn.{name}_proj.bias"] = layer.attn.in_proj_bias[j * d:(j + 1) * d]
+        pairs.update({p + "self_attn.out_proj": layer.attn.out_proj, p + "layer_norm1": layer.norm1,
+                      p + "layer_norm2": layer.norm2, p + "mlp.fc1": layer.mlp.fc1, p + "mlp.fc2": layer.mlp.fc2})
+    for prefix, mod in pairs.items():
+        sd[prefix + ".weight"], sd[prefix + ".bias"] = mod.weight, mod.bias
+    hf.load_state_dict({k: t.detach().reshape(hf.state_dict()[k].shape) for k, t in sd.items()}, strict=True)
+    hf.eval()
+    x = _x(3, 3, 16, 16).double()
+    with torch.no_grad():
+        ours, ref = proj(v(x).last_hidden_state[:, 0]), hf(pixel_values=x).image_embeds
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-12
+
+
+def test_vit_default_has_no_embedding_norm():
+    """embedding_norm defaults to False: a ViT keeps its state_dict keys and its forward
+    (patch embedding -> layers -> final norm); only clip-tiny's vision tower turns it on."""
+    torch.manual_seed(0)
+    enc = vit(image_size=8, patch_size=4, hidden_size=24, num_layers=1, num_heads=3).eval()
+    assert enc.embedding_norm is None and not enc.config["embedding_norm"]
+    assert not any(k.startswith("embedding_norm") for k in enc.state_dict())
+    x = _x(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x).last_hidden_state, enc.final_norm(enc.layers[0](enc.patch_embed(x))))
+    on = vit(image_size=8, patch_size=4, hidden_size=24, num_layers=1, num_heads=3, embedding_norm=True)
+    assert set(on.state_dict()) - set(enc.state_dict()) == {"embedding_norm.weight", "embedding_norm.bias"}
+    for name in ("vit-mae-tiny", "simclr-vit-tiny", "mocov3-vit-tiny", "dino-vit-tiny"):
+        with torch.device("meta"):
+            assert fastpt.build(name).backbone.embedding_norm is None, name
 
 
 def test_heads_and_fused_loss():

@@ -227,6 +227,15 @@ def test_errors_name_the_problem(tmp_path):
         to_hf(bert, {"mlm": MLMHead(24, 50, layer_norm_eps=1e-12)}, tmp_path / "out")
 
 
+def test_to_hf_refuses_a_vit_with_an_embedding_norm(tmp_path):
+    """vit(embedding_norm=True) (CLIP's ln_pre, clip-tiny's vision tower) norms the tokens before the
+    first layer, which Hugging Face's ViT cannot express: exporting it would silently drop the norm."""
+    backbone = vit(image_size=16, patch_size=8, hidden_size=24, num_layers=1, num_heads=3, embedding_norm=True)
+    with pytest.raises(ValueError, match="embedding_norm"):
+        to_hf(backbone, {}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- the real checkpoint
 
 

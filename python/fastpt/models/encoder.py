@@ -118,14 +118,17 @@ class TextEncoder(nn.Module):
 def make_layers(*, num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int | None,
                 intermediate_size: int, activation: str, norm: str, norm_eps: float, pre_norm: bool, bias: bool,
                 dropout: float, attention_dropout: float, attention_position: str | None, rotary_base: float,
-                qkv_bias: bool | None = None, cross_attention: bool = False) -> list[TransformerLayer]:
+                qkv_bias: bool | None = None, cross_attention: bool = False,
+                ff_dropout: float = 0.0) -> list[TransformerLayer]:
     """``num_layers`` transformer layers of one shape (shared by the text, encoder-decoder and vision
-    builders)."""
+    builders). ``dropout`` is the residual-branch dropout; ``ff_dropout`` the feed-forward's inner one
+    (between activation and output projection: T5's; BERT, GPT-2 and ViT have none)."""
     layers = []
     for _ in range(num_layers):
         attn = SelfAttention(hidden_size, num_heads, num_kv_heads, bias=bias, dropout=attention_dropout,
                              position=attention_position, rotary_base=rotary_base, qkv_bias=qkv_bias)
-        mlp = FeedForward(hidden_size, intermediate_size, activation, bias=bias)
+        mlp = FeedForward(hidden_size, intermediate_size, activation, bias=bias,
+                          dropout=check_prob("ff_dropout", ff_dropout))
         cross = dict(cross_attn=None, cross_norm=None)
         if cross_attention:
             cross = dict(cross_attn=CrossAttention(hidden_size, num_heads, bias=bias, dropout=attention_dropout),

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import check_padding_mask, padding_to_seqlens
+from ..nn.dropout import Dropout
 from ..ops import _validate
 from .embeddings import TextEmbedding
 from .encoder import POSITIONS, TextEncoder, check_stack, make_layers, run_layers
@@ -27,14 +28,17 @@ class EncoderDecoder(nn.Module):
         encoder: a ``TextEncoder`` (its embedding also embeds the decoder input).
         decoder_layers: ``TransformerLayer``s with ``cross_attn``.
         decoder_norm: the decoder's final norm, or None.
+        final_dropout: dropout on each stack's output, after its final norm (T5's; the encoder
+            states the decoder attends to, and the decoder states).
         config: the dict it was built from. gradient_checkpointing: for both stacks.
 
     Attributes: hidden_size, vocab_size, shared (the ``nn.Embedding``), encoder, decoder_layers,
-    decoder_norm, config, gradient_checkpointing (setting it sets the encoder's too).
+    decoder_norm, final_dropout (a ``Dropout``), config, gradient_checkpointing (setting it sets the
+    encoder's too).
     """
 
     def __init__(self, encoder: TextEncoder, decoder_layers: Sequence[nn.Module], decoder_norm: nn.Module | None = None,
-                 *, config: dict | None = None, gradient_checkpointing: bool = False):
+                 *, final_dropout: float = 0.0, config: dict | None = None, gradient_checkpointing: bool = False):
         super().__init__()
         for i, layer in enumerate(decoder_layers):
             if getattr(layer, "cross_attn", None) is None:
@@ -42,6 +46,7 @@ class EncoderDecoder(nn.Module):
         self.encoder = encoder
         self.decoder_layers = nn.ModuleList(decoder_layers)
         self.decoder_norm = decoder_norm
+        self.final_dropout = Dropout(check_prob("final_dropout", final_dropout))
         self.config = dict(config or {})
         self.hidden_size, self.vocab_size = encoder.hidden_size, encoder.vocab_size
         self.gradient_checkpointing = gradient_checkpointing
@@ -65,7 +70,7 @@ class EncoderDecoder(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids ``(B, S)``, attention_mask ``(B, S)`` right padding -> encoder states ``(B, S, D)``."""
-        return self.encoder(input_ids, attention_mask, causal=False).last_hidden_state
+        return self.final_dropout(self.encoder(input_ids, attention_mask, causal=False).last_hidden_state)
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None,
                decoder_attention_mask: torch.Tensor | None = None,
@@ -88,7 +93,7 @@ class EncoderDecoder(nn.Module):
                                memory=memory, memory_mask=memory_mask)
         if self.decoder_norm is not None:
             y = self.decoder_norm(y)
-        return y, hidden
+        return self.final_dropout(y), hidden
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None, *,
@@ -110,8 +115,8 @@ def encoder_decoder(*, vocab_size: int, hidden_size: int = 512, num_encoder_laye
                     num_kv_heads: int | None = None, activation: str = "gelu", norm: str = "rmsnorm",
                     norm_eps: float = 1e-6, pre_norm: bool = True, position: str = "rotary", max_positions: int = 512,
                     rotary_base: float = 10000.0, pad_token_id: int | None = 0, bias: bool = False,
-                    dropout: float = 0.1, attention_dropout: float = 0.0, initializer_range: float = 0.02,
-                    gradient_checkpointing: bool = False) -> EncoderDecoder:
+                    dropout: float = 0.1, attention_dropout: float = 0.0, ff_dropout: float | None = None,
+                    initializer_range: float = 0.02, gradient_checkpointing: bool = False) -> EncoderDecoder:
     """Build a T5-style encoder-decoder from flat, typed arguments.
 
     Args:
@@ -122,7 +127,10 @@ def encoder_decoder(*, vocab_size: int, hidden_size: int = 512, num_encoder_laye
         norm: "rmsnorm" (T5) or "layernorm"; norm_eps. pre_norm: pre-norm residuals (T5).
         position: "rotary" (default), "alibi", "learned", "sinusoidal" or "none".
         max_positions, rotary_base, bias, dropout, attention_dropout, initializer_range,
-            gradient_checkpointing: as ``text_encoder``.
+            gradient_checkpointing: as ``text_encoder``. As in T5, ``dropout`` also drops each stack's
+            output after its final norm.
+        ff_dropout: dropout inside the feed-forward, between activation and output projection
+            (T5's ``DenseReluDense`` dropout); default ``dropout``, as T5's single ``dropout_rate``.
         pad_token_id: the padding id, recorded in the config; unlike ``text_encoder``'s, its embedding
             row is an ordinary one (as in T5, whose decoder starts from the pad id: that row is the
             decoder's first input and learns).
@@ -149,9 +157,10 @@ def encoder_decoder(*, vocab_size: int, hidden_size: int = 512, num_encoder_laye
     shape = dict(hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
                  intermediate_size=intermediate_size, activation=activation, norm=norm, norm_eps=norm_eps,
                  pre_norm=pre_norm, bias=bias, dropout=dropout, attention_dropout=attention_dropout,
-                 attention_position=attention_position, rotary_base=rotary_base)
+                 attention_position=attention_position, rotary_base=rotary_base,
+                 ff_dropout=dropout if ff_dropout is None else ff_dropout)
     final = (lambda: make_norm(norm, hidden_size, norm_eps)) if pre_norm else (lambda: None)
     encoder = TextEncoder(embeddings, make_layers(num_layers=num_encoder_layers, **shape), final(), causal=False)
     model = EncoderDecoder(encoder, make_layers(num_layers=num_decoder_layers, cross_attention=True, **shape), final(),
-                           config=config, gradient_checkpointing=gradient_checkpointing)
+                           final_dropout=dropout, config=config, gradient_checkpointing=gradient_checkpointing)
     return init_weights(model, initializer_range)

@@ -118,6 +118,7 @@ def _hf_config(arch: str, kw: dict, heads: dict, backbone: nn.Module) -> dict:
         _need(arch, kw.get("pre_norm", True) and kw.get("final_norm") in (None, True), "post-norm layers")
         _need(arch, kw.get("cls_token", True) and kw.get("position", "learned") == "learned",
               "no cls token or fixed sin-cos positions")
+        _need(arch, not kw.get("embedding_norm"), "a norm of the patch embeddings (embedding_norm, CLIP's ln_pre)")
         image, patch = kw.get("image_size", 224), kw.get("patch_size", 16)
         return dict(model_type="vit", hidden_size=kw["hidden_size"], num_hidden_layers=nl,
                     num_attention_heads=kw["num_heads"], intermediate_size=inter, hidden_act=_ACT_TO_HF[act],

@@ -40,20 +40,26 @@ def _square(p: tuple[int, int]):
 
 
 class VisionEncoder(nn.Module):
-    """Patch embedding -> transformer layers -> final norm (ViT, the MAE / SimCLR / DINO encoder).
+    """Patch embedding -> [embedding norm] -> transformer layers -> final norm (ViT, the MAE / SimCLR /
+    DINO encoder; CLIP's vision tower with the embedding norm).
 
     Args:
         patch_embed: a ``PatchEmbedding``; layers: ``TransformerLayer``s; final_norm: or None.
+        embedding_norm: a norm of the embedded tokens (``[cls;] patches + positions``) before the
+            first layer (CLIP's ``ln_pre``), or None (ViT: no parameters, no state_dict keys).
         config: the dict it was built from. gradient_checkpointing: recompute layers in backward.
 
     Attributes: hidden_size, num_patches, patch_size (int, or (h, w) when not square),
-    in_channels, grid_size, patch_embed, layers, final_norm, config, gradient_checkpointing.
+    in_channels, grid_size, patch_embed, embedding_norm, layers, final_norm, config,
+    gradient_checkpointing.
     """
 
     def __init__(self, patch_embed: PatchEmbedding, layers: Sequence[nn.Module], final_norm: nn.Module | None = None,
-                 *, config: dict | None = None, gradient_checkpointing: bool = False):
+                 *, embedding_norm: nn.Module | None = None, config: dict | None = None,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         self.patch_embed = patch_embed
+        self.embedding_norm = embedding_norm
         self.layers = nn.ModuleList(layers)
         self.final_norm = final_norm
         self.config = dict(config or {})
@@ -68,6 +74,8 @@ class VisionEncoder(nn.Module):
         Returns last_hidden_state ``(B, [1 +] K or L, D)``, the cls token first when there is one.
         Raises ValueError naming pixel_values / ids_keep on a wrong shape."""
         x = self.patch_embed(pixel_values, ids_keep=ids_keep)
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
         x, hidden = run_layers(self, self.layers, x, output_hidden_states)
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -148,9 +156,9 @@ class MAEDecoder(nn.Module):
 
 def vit(*, image_size=224, patch_size=16, in_channels: int = 3, hidden_size: int = 768, num_layers: int = 12,
         num_heads: int = 12, intermediate_size: int | None = None, activation: str = "gelu", norm: str = "layernorm",
-        norm_eps: float = 1e-12, pre_norm: bool = True, final_norm: bool | None = None, cls_token: bool = True,
-        position: str = "learned", qkv_bias: bool = True, bias: bool = True, dropout: float = 0.0,
-        attention_dropout: float = 0.0, initializer_range: float = 0.02,
+        norm_eps: float = 1e-12, pre_norm: bool = True, embedding_norm: bool = False, final_norm: bool | None = None,
+        cls_token: bool = True, position: str = "learned", qkv_bias: bool = True, bias: bool = True,
+        dropout: float = 0.0, attention_dropout: float = 0.0, initializer_range: float = 0.02,
         gradient_checkpointing: bool = False) -> VisionEncoder:
     """Build a ViT from flat, typed arguments.
 
@@ -159,6 +167,8 @@ def vit(*, image_size=224, patch_size=16, in_channels: int = 3, hidden_size: int
         hidden_size, num_layers, num_heads, intermediate_size (default 4 D): the stack.
         activation, norm ("layernorm" / "rmsnorm"), norm_eps (HF ViT 1e-12, MAE / timm 1e-6).
         pre_norm: pre-norm residuals (ViT). final_norm: default ``pre_norm``.
+        embedding_norm: norm the embedded tokens (patches, cls and positions) before the first
+            layer, as CLIP's vision tower (``ln_pre``; HF ``pre_layrnorm``). ViT, MAE, DINO: False.
         cls_token: prepend a cls token. position: "learned" (ViT) or "sincos" (MAE, fixed).
         qkv_bias: biases on q/k/v; bias: on the other linears. dropout, attention_dropout,
         initializer_range, gradient_checkpointing: as ``text_encoder``.
@@ -180,6 +190,7 @@ def vit(*, image_size=224, patch_size=16, in_channels: int = 3, hidden_size: int
                          attention_position=None, rotary_base=10000.0, qkv_bias=qkv_bias)
     final_norm = pre_norm if final_norm is None else final_norm
     model = VisionEncoder(patch_embed, layers, make_norm(norm, hidden_size, norm_eps) if final_norm else None,
+                          embedding_norm=make_norm(norm, hidden_size, norm_eps) if embedding_norm else None,
                           config=config, gradient_checkpointing=gradient_checkpointing)
     return init_weights(model, initializer_range)
 
