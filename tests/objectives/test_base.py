@@ -207,3 +207,22 @@ def test_heads_round_trip_with_hf_names():
         if name != "lm":
             for k, v in module.state_dict().items():
                 assert torch.equal(obj.heads()[name].state_dict()[k], v), (name, k)
+
+
+def test_top1_accuracy_among_gathered_keys():
+    """A rank's rows against every rank's keys (key_offset: where its own keys start) give that rank's part
+    of the accuracy of one process on the combined batch (it searched this rank's keys only)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(12, 5, generator=g), dim=1)
+    k = q + 0.6 * torch.randn(12, 5, generator=g)
+    hits = lambda a, b, **kw: float(top1_accuracy(a, b, **kw)) * a.shape[0]  # noqa: E731
+    whole = hits(q, k)
+    assert hits(q[:5], k, key_offset=0) + hits(q[5:], k, key_offset=5) == pytest.approx(whole)
+    # NT-Xent's layout: each rank holds its first views then its second views, self excluded
+    z = torch.nn.functional.normalize(torch.randn(8, 5, generator=g), dim=1)
+    z = torch.cat([z, z + 0.5 * torch.randn(8, 5, generator=g)])  # views 0..7, then their second views
+    whole = hits(z, z, target_offset=8, exclude_self=True)
+    ranks = [torch.cat([z[r * 4:(r + 1) * 4], z[8 + r * 4: 8 + (r + 1) * 4]]) for r in range(2)]
+    gathered = torch.cat(ranks)
+    parts = [hits(ranks[r], gathered, target_offset=4, exclude_self=True, key_offset=8 * r) for r in range(2)]
+    assert sum(parts) == pytest.approx(whole) and 0 < whole < 16

@@ -84,3 +84,42 @@ def test_logit_scale_is_clamped_after_each_step_and_can_come_back():
         obj.logit_scale.fill_(-1.0)
     obj.on_step_end(backbone, 1)
     assert float(obj.logit_scale) == 0.0
+
+
+def test_logit_scale_has_one_element_and_old_state_dicts_load(tmp_path):
+    """FSDP2 (train.fsdp) refuses 0-dim parameters: logit_scale is (1,) now; a 0-dim one of an older state dict
+    still loads, and the loss, the metric and the clamp read the (1,) one."""
+    backbone, obj = make()
+    assert obj.logit_scale.shape == (1,)
+    out = obj(backbone, pairs())
+    assert out.metrics["logit_scale"].dim() == 0
+    assert float(out.metrics["logit_scale"]) == pytest.approx(1 / 0.07, rel=1e-5)
+    for learn in (True, False):
+        backbone, obj = make(learn_logit_scale=learn)
+        state = obj.state_dict()
+        state["logit_scale"] = torch.tensor(2.5)  # as saved before
+        obj.load_state_dict(state)
+        assert obj.logit_scale.shape == (1,) and float(obj.logit_scale) == 2.5
+        assert isinstance(obj.logit_scale, nn.Parameter) == learn
+    from fastpt.assemble import build
+    from fastpt.models.model import PretrainModel
+
+    text = {"vocab_size": 50, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_positions": 16}
+    vision = {"image_size": 8, "patch_size": 4, "in_channels": 1, "hidden_size": 16, "num_layers": 1, "num_heads": 2}
+    model = build({"backbone": {"builder": "two_tower", "text": text, "vision": vision},
+                   "objective": {"name": "clip", "embed_dim": 8}})
+    with torch.no_grad():
+        model.objective.logit_scale.fill_(1.25)
+    again = PretrainModel.from_pretrained(model.save_pretrained(tmp_path / "clip"))
+    assert again.objective.logit_scale.shape == (1,) and float(again.objective.logit_scale) == 1.25
+    old = {k: (v.reshape(()) if k == "objective.logit_scale" else v) for k, v in model.state_dict().items()}
+    again.load_state_dict(old)
+    assert float(again.objective.logit_scale) == 1.25
+    # a checkpoint written before: its safetensors hold the 0-dim value (from_pretrained checks shapes itself)
+    from safetensors.torch import load_file, save_file
+
+    weights = next((tmp_path / "clip").glob("*.safetensors"))
+    saved = load_file(weights)
+    saved["objective.logit_scale"] = saved["objective.logit_scale"].reshape(())
+    save_file(saved, weights)
+    assert float(PretrainModel.from_pretrained(tmp_path / "clip").objective.logit_scale) == 1.25

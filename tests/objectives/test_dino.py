@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastpt.models.vision import vit
 from fastpt.objectives import DINO, DINOHead
 
 from . import images, tiny_vit, train, with_grad
@@ -37,11 +38,14 @@ def test_loss_matches_reference_and_center_moves():
     teacher = F.softmax((t_out - center) / 0.05, -1).chunk(2)
     terms = [-(teacher[i] * student[v]).sum(-1).mean() for i in range(2) for v in range(4) if v != i]
     torch.testing.assert_close(out.loss, sum(terms) / len(terms), rtol=1e-5, atol=1e-5)
+    assert torch.equal(obj.center, center)  # it moves once per optimizer step
+    obj.on_step_end(backbone, 0)
     torch.testing.assert_close(obj.center, 0.8 * center + 0.2 * t_out.mean(0, keepdim=True))
 
     obj.eval()
     frozen = obj.center.clone()
     obj(backbone, batch)
+    obj.on_step_end(backbone, 1)
     assert torch.equal(obj.center, frozen)  # no center update outside training
 
 
@@ -113,3 +117,58 @@ def test_bad_inputs_name_the_argument():
     batch = obj.prepare({"pixel_values": images(3)}, seed=0)
     with pytest.raises(ValueError, match="local_crops"):
         obj(backbone, {**batch, "local_crops": batch["local_crops"][:4]})
+
+
+def _images(batch, lo, hi, n):
+    """Images lo..hi of a prepared batch of n images (each crop key is blocks of n rows, one per crop)."""
+    return {k: torch.cat([c[lo:hi] for c in v.split(n)]) for k, v in batch.items() if k != "pixel_values"}
+
+
+def test_accumulated_micro_batches_match_one_batch():
+    """The center moved in every training forward: with grad_accum k it took k EMA steps per optimizer step
+    (momentum center_momentum^k) and each micro-batch was centred by the ones before, so 2 x 4 accumulated
+    images trained another model than one batch of 8. It moves once per step (on_step_end), as in DINO."""
+    results = []
+    for micro in (1, 2):
+        backbone, obj = make(center_momentum=0.5)
+        with torch.no_grad():
+            obj.center.normal_()
+        batch = obj.prepare({"pixel_values": images(8)}, seed=1)
+        losses = []
+        for i in range(micro):
+            n = 8 // micro
+            out = obj(backbone, _images(batch, i * n, (i + 1) * n, 8))
+            (out.loss / micro).backward()
+            losses.append(float(out.loss))
+        obj.on_step_end(backbone, 0)
+        grads = [p.grad.clone() for p in list(backbone.parameters()) + list(obj.head.parameters())
+                 if p.grad is not None]
+        results.append((sum(losses) / micro, obj.center.clone(), grads))
+    (loss8, center8, grads8), (loss4, center4, grads4) = results
+    assert loss4 == pytest.approx(loss8, rel=1e-6)
+    torch.testing.assert_close(center4, center8)
+    for a, b in zip(grads4, grads8):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_stays_in_eval_mode():
+    """The teacher (a copy of the backbone) followed model.train() and ran with the student's dropout:
+    stochastic targets, where DINO builds its teacher without dropout. It stays in eval mode now."""
+    from fastpt.assemble import build
+
+    backbone = vit(image_size=16, patch_size=4, in_channels=3, hidden_size=32, num_layers=2, num_heads=4, dropout=0.3)
+    obj = DINO.from_backbone(backbone, **SMALL)
+    assert not obj.teacher_backbone.training and not obj.teacher_head.training
+    obj.train()
+    backbone.train()
+    assert obj.training and obj.head.training and backbone.training
+    assert not obj.teacher_backbone.training and not obj.teacher_head.training
+    crops = obj.prepare({"pixel_values": images(3)}, seed=0)["global_crops"]
+    with torch.no_grad():
+        torch.testing.assert_close(obj.teacher_backbone(crops).last_hidden_state,
+                                   obj.teacher_backbone(crops).last_hidden_state, rtol=0, atol=0)
+        assert not torch.equal(backbone(crops).last_hidden_state, backbone(crops).last_hidden_state)
+    model = build({"backbone": {"builder": "vit", "image_size": 16, "patch_size": 4, "hidden_size": 32,
+                                "num_layers": 1, "num_heads": 4, "dropout": 0.3},
+                   "objective": {"name": "dino", **SMALL}}).train()
+    assert model.backbone.training and not model.objective.teacher_backbone.training

@@ -132,3 +132,47 @@ def test_fsdp_mesh_is_the_recipes_device(monkeypatch):
     finally:
         fdist.cleanup(d)
     assert asked == ["cpu"]
+
+
+def test_fsdp_trains_clip(tmp_path):
+    """CLIP's logit_scale was a 0-dim parameter, which fully_shard refuses: train.fsdp crashed inside torch.
+    One process is enough to show it; the FSDP model trains as the plain one (the clamp of on_step_end
+    included) and its gathered state dict saves and loads."""
+    from fastpt.assemble import build
+    from fastpt.train import distributed as fdist
+
+    text = {"vocab_size": 50, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_positions": 16,
+            "dropout": 0.0, "attention_dropout": 0.0}
+    vision = {"image_size": 8, "patch_size": 4, "in_channels": 1, "hidden_size": 16, "num_layers": 1, "num_heads": 2}
+    config = {"backbone": {"builder": "two_tower", "text": text, "vision": vision},
+              "objective": {"name": "clip", "embed_dim": 8, "init_logit_scale": 4.6}}  # near the ln 100 clamp
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (6, 7), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "pixel_values": torch.randn(6, 1, 8, 8, generator=g)}
+    runs = []
+    for fsdp in (False, True):
+        torch.manual_seed(0)
+        model = build(config).train()
+        d = fdist.Dist(device=torch.device("cpu"))
+        try:
+            wrapped = fdist.wrap(model, d, fsdp=fsdp)
+            opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, foreach=True)
+            losses = []
+            for step in range(3):
+                loss = wrapped(**batch).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                model.on_step_end(step)
+                losses.append(float(loss.detach()))
+            state = fdist.full_state_dicts(wrapped, opt)[0] if fsdp else model.state_dict()
+        finally:
+            fdist.cleanup(d)
+        runs.append(losses)
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+    shadow = build(config)
+    shadow.load_state_dict(state)
+    again = PretrainModel.from_pretrained(shadow.save_pretrained(tmp_path / "clip"))
+    assert again.objective.logit_scale.shape == (1,)
+    assert float(again.objective.logit_scale) == pytest.approx(float(state["objective.logit_scale"]))

@@ -372,6 +372,8 @@ def _load_into(named: dict, values: dict, what: str) -> None:
     with torch.no_grad():
         for key, value in values.items():
             target = named[key]
+            if value.dim() == 0 and tuple(target.shape) == (1,):  # a scalar saved 0-dim (CLIP's logit_scale before
+                value = value.reshape(1)                           # it took shape (1,) for FSDP2)
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"{what}: {key} has shape {tuple(value.shape)}, the model expects "
                                  f"{tuple(target.shape)}")

@@ -353,19 +353,53 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, num_layers: int = 2, norm
 
 @torch.no_grad()
 def top1_accuracy(query: torch.Tensor, key: torch.Tensor, *, target_offset: int = 0, exclude_self: bool = False,
-                  chunk: int = 1024) -> torch.Tensor:
+                  chunk: int = 1024, key_offset: int | None = None) -> torch.Tensor:
     """Fraction of rows ``i`` of ``query (N, D)`` whose most similar row of ``key (M, D)`` is row
     ``(i + target_offset) % M`` (``exclude_self`` drops column ``i``: NT-Xent). Rows are taken
-    ``chunk`` at a time, so at most ``(chunk, M)`` scores exist at once."""
+    ``chunk`` at a time, so at most ``(chunk, M)`` scores exist at once.
+
+    ``key_offset``: ``key`` holds the keys of every rank (``gathered_keys``) and this rank's own N keys are
+    its rows ``key_offset .. key_offset + N``: row i's target is key ``key_offset + (i + target_offset) % N``
+    and its self column ``key_offset + i``, every other rank's key a candidate."""
     n, m = query.shape[0], key.shape[0]
+    base, period = (0, m) if key_offset is None else (key_offset, max(n, 1))
     hits = torch.zeros((), device=query.device)
     for lo in range(0, n, chunk):
         s = query[lo:lo + chunk].float() @ key.float().T
         rows = torch.arange(lo, lo + s.shape[0], device=s.device)
         if exclude_self:
-            s[rows - lo, rows % m] = float("-inf")
-        hits += (s.argmax(1) == (rows + target_offset) % m).sum()
+            s[rows - lo, base + rows % period] = float("-inf")
+        hits += (s.argmax(1) == base + (rows + target_offset) % period).sum()
     return hits / max(n, 1)
+
+
+@torch.no_grad()
+def gathered_keys(key: torch.Tensor, gather: bool) -> tuple[torch.Tensor, int | None]:
+    """``(every rank's rows of key in rank order, this rank's first row in them)`` when ``gather`` and
+    torch.distributed runs with several ranks (no gradient; ranks may hold different counts), else
+    ``(key, None)``: ``top1_accuracy(..., key_offset=)``'s inputs, so a gathered loss's accuracy is found
+    among the candidates of the loss (every rank's), as one process on the combined batch finds it."""
+    dist = torch.distributed
+    if not gather or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return key, None
+    from ..ops.contrastive import _gather_rows, _sizes
+
+    group = dist.group.WORLD
+    sizes = _sizes(key.shape[0], group, key.device)
+    return _gather_rows(key.detach().contiguous(), sizes, group), sum(sizes[: dist.get_rank()])
+
+
+def global_gradient(loss: torch.Tensor, gather: bool) -> torch.Tensor:
+    """A loss of ``fastpt.ops``' contrastive losses with ``gather=True`` (the global batch's value, this
+    rank's share of its gradient: the shares sum over ranks to the global gradient) with its gradient
+    multiplied by the world size, its value unchanged: DDP and FSDP average gradients over ranks, so N
+    ranks then train with the gradient one process computes on the combined batch (else 1/N of it).
+    ``loss`` itself without gather or on one rank."""
+    dist = torch.distributed
+    if not gather or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return loss
+    extra = loss * (dist.get_world_size() - 1)
+    return loss + (extra - extra.detach())  # value: loss + 0 exactly; gradient: world_size x
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ from torch import nn
 from ..ops import clip_loss
 from ..ops.contrastive import MAX_LOGIT_SCALE
 from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_backbone_size, check_first_pooling, check_ids,
-                   check_images, choice, encode_text, per_image_tokens, pool, positive, require, top1_accuracy)
+                   check_images, choice, encode_text, gathered_keys, global_gradient, per_image_tokens, pool, positive,
+                   require, top1_accuracy)
 from .simclr import gather_default, vision_tokens
 
 
@@ -38,11 +39,14 @@ class CLIP(Objective):
         text_hidden_size, vision_hidden_size: widths of the towers (``from_backbone`` reads them).
         embed_dim: shared embedding width (bias-free projections from each tower).
         init_logit_scale: initial ``logit_scale`` (log of the inverse temperature; CLIP: log(1 / 0.07)).
-        learn_logit_scale: train ``logit_scale`` (else a fixed buffer).
+        learn_logit_scale: train ``logit_scale`` (else a fixed buffer). ``logit_scale`` has shape (1,) (FSDP2
+            shards no 0-dim parameter); the 0-dim one of older state dicts loads (``load_state_dict``).
         text_pooling: "last" (last valid token: CLIP's EOT with a causal text tower), "first" (CLS) or "mean".
         vision_pooling: "first" (CLS token; ValueError at ``attach`` for a vision tower without one) or "mean".
-        gather: all-gather negatives across ranks (None: when torch.distributed runs with > 1 rank).
-        log_accuracy: image -> text and text -> image top-1 accuracy in the batch.
+        gather: all-gather negatives across ranks (None: when torch.distributed runs with > 1 rank). The
+            gradient is then world_size x this rank's share of the global batch's (``global_gradient``):
+            averaged by DDP / FSDP, N ranks train as one process on the combined batch.
+        log_accuracy: image -> text and text -> image top-1 accuracy in the batch (every rank's when gathered).
         patch_size: the vision tower's patch size, for ``tokens_in`` (``from_backbone`` reads it).
 
     Batch: ``{"input_ids" (B, S), "attention_mask" (B, S), "pixel_values" (B, C, H, W)}``, pair i =
@@ -68,7 +72,7 @@ class CLIP(Objective):
         self.vision_pooling = choice("vision_pooling", vision_pooling, ("first", "mean"))
         self.text_projection = nn.Linear(text_hidden_size, embed_dim, bias=False)
         self.vision_projection = nn.Linear(vision_hidden_size, embed_dim, bias=False)
-        scale = torch.tensor(float(init_logit_scale))
+        scale = torch.tensor([float(init_logit_scale)])
         if learn_logit_scale:
             self.logit_scale = nn.Parameter(scale)
         else:
@@ -114,13 +118,22 @@ class CLIP(Objective):
         require(batch, self.needs, "CLIP.forward")
         self._ensure_attached(backbone)
         t, i, vh = self.embed(backbone, batch)
-        loss = clip_loss(i, t, self.logit_scale, gather=gather_default(self.gather))
-        metrics = {"loss": loss.detach(), "logit_scale": self.logit_scale.detach().exp().clamp(max=100)}
-        if self.log_accuracy:
+        gather = gather_default(self.gather)
+        loss = global_gradient(clip_loss(i, t, self.logit_scale, gather=gather), gather)
+        scale = self.logit_scale.detach().exp().clamp(max=100).reshape(())
+        metrics = {"loss": loss.detach(), "logit_scale": scale}
+        if self.log_accuracy:  # among every rank's pairs when gathered, as the loss
             tn, im = F.normalize(t.detach(), dim=1), F.normalize(i.detach(), dim=1)
-            metrics["image_to_text_accuracy"] = top1_accuracy(im, tn)
-            metrics["text_to_image_accuracy"] = top1_accuracy(tn, im)
+            texts, offset = gathered_keys(tn, gather)
+            metrics["image_to_text_accuracy"] = top1_accuracy(im, texts, key_offset=offset)
+            metrics["text_to_image_accuracy"] = top1_accuracy(tn, gathered_keys(im, gather)[0], key_offset=offset)
         return ObjectiveOutput(loss, metrics, None, vh)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "logit_scale"
+        if isinstance(state_dict.get(key), torch.Tensor) and state_dict[key].dim() == 0:  # saved before it was (1,)
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def on_step_end(self, backbone: nn.Module, step: int) -> None:
         """Clamp a learned ``logit_scale`` to [0, ln 100] after each optimizer step, as open_clip does: the

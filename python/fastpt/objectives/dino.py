@@ -6,8 +6,12 @@
 
 ``g`` is ``DINOHead`` (MLP -> L2-normalised bottleneck -> weight-normalised linear layer). The
 teacher (backbone + head) is a frozen copy moved by EMA after each optimizer step with the cosine
-momentum schedule; ``center`` is an EMA of the teacher's batch-mean output, updated in each
-training forward (all-reduced across ranks). The teacher temperature warms up linearly from
+momentum schedule; it always runs in eval mode (no dropout: DINO builds it without dropout or
+stochastic depth). ``center`` is an EMA of the teacher's mean output over the optimizer step's
+batch: the training forwards (every micro-batch of a gradient accumulation) add up the teacher's
+outputs and ``on_step_end`` moves the center once, with their mean over every rank (one
+all-reduce), as DINO's ``update_center`` does once per iteration; every micro-batch of a step is
+centred with the same center. The teacher temperature warms up linearly from
 ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_steps``.
 """
 from __future__ import annotations
@@ -109,15 +113,17 @@ class DINO(Objective):
         self.local_augment = ViewAugment(size=local_crop_size, scale=local_crop_scale, **jitter)
         self.head = DINOHead(hidden_size, out_dim, hidden_dim=head_hidden_dim, bottleneck_dim=bottleneck_dim,
                              num_layers=head_layers, norm_last_layer=norm_last_layer)
-        self.teacher_head = frozen_copy(self.head)
+        self.teacher_head = frozen_copy(self.head).eval()
         self.teacher_backbone: nn.Module | None = None
         self.register_buffer("center", torch.zeros(1, out_dim))
+        # this optimizer step's teacher outputs: (sum (1, out_dim), rows), not saved (empty at step boundaries)
+        self._center_pending: tuple[torch.Tensor, int] | None = None
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))
         self.patch_size = patch_size
 
     def attach(self, backbone: nn.Module) -> None:
-        """Make the teacher backbone: a frozen copy of ``backbone`` (once). Crop sizes other than the
-        backbone's image size turn on its patch embedding's ``dynamic_size`` (position table resized
+        """Make the teacher backbone: a frozen copy of ``backbone`` in eval mode (once). Crop sizes other than
+        the backbone's image size turn on its patch embedding's ``dynamic_size`` (position table resized
         bicubically per crop size, as DINO's ``interpolate_pos_encoding``); they must tile into patches.
         "first" pooling needs a cls token (``check_first_pooling``)."""
         check_first_pooling("pooling", self.pooling, backbone)
@@ -125,8 +131,16 @@ class DINO(Objective):
         fit_crop_sizes(backbone, [("global_crop_size", self.global_augment.size),
                                   ("local_crop_size", self.local_augment.size)])
         if self.teacher_backbone is None:
-            self.teacher_backbone = frozen_copy(backbone)
+            self.teacher_backbone = frozen_copy(backbone).eval()
         self._attached = True
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``, except that the teacher (backbone and head) stays in eval mode."""
+        super().train(mode)
+        for teacher in (self.teacher_backbone, self.teacher_head):
+            if teacher is not None:
+                teacher.eval()
+        return self
 
     def prepare(self, batch: dict, *, seed: int) -> dict:
         """Multi-crop: 2 global crops and ``num_local_crops`` local crops of every image."""
@@ -184,24 +198,42 @@ class DINO(Objective):
                     loss = loss - (t * s).sum(-1).mean()
                     terms += 1
         loss = loss / terms
-        if self.training:
-            self._update_center(t_out)
+        if self.training:  # the center moves once per optimizer step (on_step_end)
+            total = t_out.detach().sum(0, keepdim=True, dtype=self._sum_dtype())
+            if self._center_pending is not None:
+                total, rows = total + self._center_pending[0], self._center_pending[1] + t_out.shape[0]
+            else:
+                rows = t_out.shape[0]
+            self._center_pending = (total, rows)
         entropy = -(torch.cat(t_prob) * torch.cat(t_prob).clamp_min(1e-12).log()).sum(-1).mean()
         metrics = {"loss": loss.detach(), "teacher_temp": torch.tensor(temp, device=loss.device), "teacher_entropy": entropy}
         return ObjectiveOutput(loss, metrics, None, h[:b])
 
+    def _sum_dtype(self) -> torch.dtype:
+        """The pending sums' dtype: at least float32 (a half center's sums and row counts would round)."""
+        return torch.promote_types(self.center.dtype, torch.float32)
+
     @torch.no_grad()
-    def _update_center(self, teacher_out: torch.Tensor) -> None:
-        total, n = teacher_out.sum(0, keepdim=True), teacher_out.shape[0]
+    def _update_center(self) -> None:
+        """``center = m center + (1 - m) mean`` of the teacher outputs since the last step, over every rank
+        (one all-reduce, made on every rank: a rank without training forwards adds nothing); no-op when
+        no rank ran one."""
+        pending, self._center_pending = self._center_pending, None
+        total, rows = pending if pending is not None else (self.center.new_zeros(self.center.shape,
+                                                                              dtype=self._sum_dtype()), 0)
         dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total)
-            n *= dist.get_world_size()
-        self.center.mul_(self.center_momentum).add_(total / n, alpha=1 - self.center_momentum)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = torch.cat([total.reshape(-1), total.new_tensor([rows])])
+            dist.all_reduce(box)
+            total, rows = box[:-1].view_as(self.center), float(box[-1])
+        if rows:
+            self.center.mul_(self.center_momentum).add_(total / rows, alpha=1 - self.center_momentum)
 
     def on_step_end(self, backbone: nn.Module, step: int) -> None:
-        """EMA of the teacher backbone and head; advances the temperature schedule."""
+        """After an optimizer step: the center (``_update_center``), the EMA of the teacher backbone and head,
+        the temperature schedule."""
         self._ensure_attached(backbone)
+        self._update_center()
         m = self.momentum(step)
         ema_update(self.teacher_backbone, backbone, m)
         ema_update(self.teacher_head, self.head, m)

@@ -16,8 +16,8 @@ from torch import nn
 
 from ..ops import info_nce
 from .base import (Objective, ObjectiveOutput, check_first_pooling, check_images, choice, cosine_schedule, ema_update,
-                   fraction, frozen_copy, mlp, per_image_tokens, pool, positive, require, seeded, top1_accuracy,
-                   view_area)
+                   fraction, frozen_copy, gathered_keys, global_gradient, mlp, per_image_tokens, pool, positive,
+                   require, seeded, top1_accuracy, view_area)
 from .simclr import ViewAugment, fit_crop_sizes, gather_default, vision_tokens
 
 
@@ -35,8 +35,11 @@ class MoCoV3(Objective):
         grayscale_prob: the two views' augmentation (``ViewAugment``); a ``crop_size`` other than a
             ViT's image size turns on its ``patch_embed.dynamic_size`` (``attach``) and must tile into
             its patches.
-        gather: all-gather keys across ranks (None: when torch.distributed runs with > 1 rank).
-        log_accuracy: report the top-1 accuracy of q1 finding k2 among the batch's keys.
+        gather: all-gather keys across ranks (None: when torch.distributed runs with > 1 rank). The gradient is
+            then world_size x this rank's share of the global batch's (``global_gradient``): averaged by DDP /
+            FSDP, N ranks train as one process on the combined batch.
+        log_accuracy: report the top-1 accuracy of q1 finding k2 among the batch's keys (every rank's when
+            gathered).
         patch_size: the backbone's patch size, for ``tokens_in``.
 
     Batch: raw ``{"pixel_values": (B, C, H, W)}``; ``prepare`` adds ``"views"`` ``(2B, C, h, w)``.
@@ -117,10 +120,11 @@ class MoCoV3(Objective):
         gather = gather_default(self.gather)
         ctr = [info_nce(q, k, temperature=self.temperature, normalize=True, gather=gather) * (2 * self.temperature)
                for q, k in ((q1, k2), (q2, k1))]
-        loss = ctr[0] + ctr[1]
+        loss = global_gradient(ctr[0] + ctr[1], gather)
         metrics = {"loss": loss.detach()}
-        if self.log_accuracy:
-            metrics["accuracy"] = top1_accuracy(F.normalize(q1.detach(), dim=1), F.normalize(k2, dim=1))
+        if self.log_accuracy:  # among every rank's keys when gathered, as the loss
+            keys, offset = gathered_keys(F.normalize(k2, dim=1), gather)
+            metrics["accuracy"] = top1_accuracy(F.normalize(q1.detach(), dim=1), keys, key_offset=offset)
         return ObjectiveOutput(loss, metrics, None, h[: f1.shape[0]])
 
     def on_step_end(self, backbone: nn.Module, step: int) -> None:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import nt_xent
-from .base import (Objective, ObjectiveOutput, check_first_pooling, check_images, choice, fraction, mlp,
-                   per_image_tokens, pool, positive, require, seeded, top1_accuracy, view_area)
+from .base import (Objective, ObjectiveOutput, check_first_pooling, check_images, choice, fraction, gathered_keys,
+                   global_gradient, mlp, per_image_tokens, pool, positive, require, seeded, top1_accuracy, view_area)
 
 # ITU-R 601 luma weights for 3-channel images; other channel counts use the plain channel mean.
 RGB_LUMA = (0.299, 0.587, 0.114)
@@ -146,8 +146,11 @@ class SimCLR(Objective):
             other than a ViT's image size turns on its ``patch_embed.dynamic_size`` (``attach``) and
             must tile into its patches.
         flip_prob, jitter_prob, brightness, contrast, saturation, grayscale_prob: see ``ViewAugment``.
-        gather: all-gather negatives across ranks (None: when torch.distributed runs with > 1 rank).
-        log_accuracy: report the top-1 accuracy of finding the other view (one extra (2N)^2 D pass).
+        gather: all-gather negatives across ranks (None: when torch.distributed runs with > 1 rank). The
+            gradient is then world_size x this rank's share of the global batch's (``global_gradient``):
+            averaged by DDP / FSDP, N ranks train as one process on the combined batch.
+        log_accuracy: report the top-1 accuracy of finding the other view (one extra (2N)^2 D pass; among
+            every rank's views when gathered).
         patch_size: the backbone's patch size, for ``tokens_in`` (None: count images).
 
     Batch: raw ``{"pixel_values": (B, C, H, W) float}``; ``prepare`` adds ``"views"`` ``(2B, C, h, w)``
@@ -204,11 +207,14 @@ class SimCLR(Objective):
         self._ensure_attached(backbone)
         h, z = self.embed(backbone, views)
         z1, z2 = z.chunk(2)
-        loss = nt_xent(z1, z2, temperature=self.temperature, gather=gather_default(self.gather))
+        gather = gather_default(self.gather)
+        loss = global_gradient(nt_xent(z1, z2, temperature=self.temperature, gather=gather), gather)
         metrics = {"loss": loss.detach()}
-        if self.log_accuracy:
+        if self.log_accuracy:  # among every rank's views when gathered, as the loss
             zn = F.normalize(z.detach(), dim=1)
-            metrics["accuracy"] = top1_accuracy(zn, zn, target_offset=z1.shape[0], exclude_self=True)
+            keys, offset = gathered_keys(zn, gather)
+            metrics["accuracy"] = top1_accuracy(zn, keys, target_offset=z1.shape[0], exclude_self=True,
+                                                key_offset=offset)
         return ObjectiveOutput(loss, metrics, None, h[: z1.shape[0]])
 
     def flops_weights(self, backbone: nn.Module, seq_len: int | None) -> dict[str, float]:

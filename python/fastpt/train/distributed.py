@@ -159,10 +159,13 @@ def wrap(model: nn.Module, d: Dist, *, fsdp: bool = False, find_unused_parameter
     """The model the training step calls: ``model`` itself (one process), DDP, or FSDP2.
 
     With several ranks every BatchNorm normalises over the whole batch of all ranks (``global_batchnorm``).
-    FSDP2 shards every distinct transformer layer (``.layers`` of the backbone and of any decoder; a layer
-    shared across depths, ALBERT's, once) and then the whole model, on a mesh of ``d.device``'s type;
-    frozen teacher copies stay whole. Parameters and gradients then are DTensors: save with
-    ``full_state_dict``. FSDP2 needs torch >= 2.6 (``torch.distributed.fsdp.fully_shard``).
+    FSDP2 shards every distinct trainable transformer layer (``.layers`` of the backbone and of any decoder; a
+    layer shared across depths, ALBERT's, once) as its own unit and then the whole model, on a mesh of
+    ``d.device``'s type. Frozen teacher / momentum copies get no units of their own: their parameters are
+    sharded in the root unit with the rest (heads, embeddings), so the whole teacher is all-gathered at the
+    model's forward and kept until its backward ends (no per-layer memory saving for it). Parameters and
+    gradients then are DTensors: save with ``full_state_dict``. FSDP2 needs torch >= 2.6
+    (``torch.distributed.fsdp.fully_shard``).
     """
     if d.enabled:
         global_batchnorm(model)

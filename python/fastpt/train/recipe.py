@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..objectives import MLM, NSP, SOP, CausalLM, SelfDistillation
+from ..objectives import DINO, MLM, NSP, SOP, CausalLM, MoCoV3, SelfDistillation
 from . import checkpoint as ckpt
 from . import distributed
 from .config import ConfigError, load_recipe, to_yaml
@@ -276,6 +276,25 @@ class PretrainRecipe:
                 mcfg["objective"] = {**obj, "total_steps": steps}
         return mcfg
 
+    def _momentum_horizon(self, model: nn.Module) -> None:
+        """A loaded (resumed, init_from) momentum objective's ``total_steps`` is this run's length, as for a fresh
+        build (``_model_config``), unless the recipe's model pins it: the checkpoint's was the run that saved it,
+        and past it the momentum is final (1: the teacher of a longer or continued run froze for good). The
+        same length leaves the model as it was (a resumed run continues bit for bit)."""
+        obj = getattr(model, "objective", None)
+        mine = (model_config(self.cfg["model"]).get("objective") or {}) if self.cfg["model"] is not None else {}
+        if not isinstance(obj, (MoCoV3, DINO)) or mine.get("total_steps") is not None:
+            return
+        mcfg = model.config if (model.config or {}).get("backbone") else None
+        per_row = self._patches_per_image(mcfg) if mcfg else getattr(model.backbone, "num_patches", None)
+        steps = self._total_steps(per_row=per_row)
+        if steps and steps != obj.total_steps:
+            self.log(f"pretrain: objective.total_steps (the momentum schedule's length) {obj.total_steps} -> {steps}, "
+                     f"this run's")
+            obj.total_steps = steps
+            model.config = {**model.config, "objective": {**(model.config.get("objective") or {}),
+                                                          "total_steps": steps}}
+
     def _patches_per_image(self, mcfg: dict) -> int | None:
         """Patches per image of the ViT ``mcfg`` builds, on this run's images (None for text)."""
         if isinstance(self.data, TextStream):
@@ -303,6 +322,8 @@ class PretrainRecipe:
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"model: {exc}") from exc
         self._check_model_data(model)
+        if resume_from is not None or cfg["init_from"] is not None:
+            self._momentum_horizon(model)
         if cfg["train"]["activation_checkpointing"]:
             for m in model.modules():
                 if hasattr(m, "gradient_checkpointing"):
