@@ -11,7 +11,7 @@
 #            its compile warm-up seconds and graph breaks), then the BERT pair's compiled step under
 #            the profiler -> bench-cuda-e2e-compile.*, profile-e2e-compile.txt
 #   tests    the GPU tests: first those in benches/gpu_tests_first.txt, then every CUDA and Triton
-#            backend test against the references -> tests.txt, failures.txt (only if one failed)
+#            backend test against the references -> tests.txt, failures.txt (the tracebacks, empty when none failed)
 #   kernels  `fastpt bench --suite kernels --device cuda` (every op against its baselines) -> bench-cuda.*
 # writing into GPU_WORK (default /tmp/gpu-check) summary.txt, bench.log and the files above (each bench
 # also writes <stem>-tuning.json: which Triton candidates its tuners picked on this GPU), packed into
@@ -46,10 +46,11 @@ PHASES="${PHASES:-e2e tests kernels}"
 t0=$(date +%s)
 deadline=$(( t0 + ${TOTAL_BUDGET:-480} ))
 log() { echo "== [$(( $(date +%s) - t0 )) s] $*" | tee -a "$work/summary.txt"; }
-pack() {
-  tar czf "$out/results.tgz.part" -C "$work" . 2>/dev/null && mv -f "$out/results.tgz.part" "$out/results.tgz"
-  cp -f "$work/summary.txt" "$out/summary.txt" 2>/dev/null
-  return 0
+pack() {  # one at a time (flock): the exit's pack waits for a background one still writing
+  local cmd='tar czf "$1/results.tgz.part" -C "$2" . 2>/dev/null && mv -f "$1/results.tgz.part" "$1/results.tgz";
+             cp -f "$2/summary.txt" "$1/summary.txt" 2>/dev/null; true'
+  if command -v flock >/dev/null; then flock "$work.lock" bash -c "$cmd" pack "$out" "$work"
+  else bash -c "$cmd" pack "$out" "$work"; fi
 }
 ( while sleep 15; do pack; done ) &
 packer=$!
@@ -92,17 +93,26 @@ quiesce() {  # wait until no other process computes on the GPU (a bench must not
   log "GPU still has compute processes: $(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader | tr '\n' ' ')"
 }
 
+new_lines() { tail -n +$(( $1 + 1 )) "$work/bench.log" 2>/dev/null; }  # bench.log past its first $1 lines
+profile() {  # budget, report file, then profile arguments; skipped with under 15 s (no stale report summarised)
+  local budget=$1 report=$2; shift 2
+  rm -f "$report"
+  if [ "$budget" -lt 15 ]; then log "skipped (${budget} s left of TOTAL_BUDGET): profile $*"; return 125; fi
+  timeout --signal=INT --kill-after=15 "$budget" python3 -m fastpt.bench.profile --device cuda --out "$report" "$@" \
+    >> "$work/bench.log" 2>&1
+}
+
 if [[ " $PHASES " == *" e2e "* ]]; then
+  seen=$(cat "$work/bench.log" 2>/dev/null | wc -l)  # a second call adds to bench.log: summarise this call's rows
   bench "$(left "${E2E_BUDGET:-100}")" --suite e2e --name bench-cuda-e2e >> "$work/bench.log" 2>&1
-  log "e2e bench rc=$?: $(grep -E '^e2e' "$work/bench.log" | tr -s ' ' | cut -c1-90 | paste -sd'|')"
-  profile_budget=$(left "${PROFILE_BUDGET:-60}"); [ "$profile_budget" -ge 15 ] || profile_budget=1
-  timeout --signal=INT --kill-after=15 "$profile_budget" python3 -m fastpt.bench.profile --device cuda \
-    --out "$work/profile-e2e.txt" >> "$work/bench.log" 2>&1
+  log "e2e bench rc=$?: $(new_lines "$seen" | grep -E '^e2e' | tr -s ' ' | cut -c1-90 | paste -sd'|')"
+  profile "$(left "${PROFILE_BUDGET:-60}")" "$work/profile-e2e.txt"
   log "e2e profile rc=$?: $(grep -E '^(## |wall )' "$work/profile-e2e.txt" 2>/dev/null | cut -c1-110 | paste -sd'|')"
   # the same pairs without dropout: attention then runs torch's SDPA on both sides (fastpt's dispatch
   # takes it for plain / causal rows without dropout), which isolates what the dropout attention costs
+  seen=$(cat "$work/bench.log" 2>/dev/null | wc -l)
   bench "$(left "${E2E_NODROP_BUDGET:-60}")" --suite e2e --dropout 0 --name bench-cuda-e2e-nodropout >> "$work/bench.log" 2>&1
-  log "e2e bench without dropout rc=$?: $(grep -E '^e2e' "$work/bench.log" | tail -4 | tr -s ' ' | cut -c1-90 | paste -sd'|')"
+  log "e2e bench without dropout rc=$?: $(new_lines "$seen" | grep -E '^e2e' | tr -s ' ' | cut -c1-90 | paste -sd'|')"
 fi
 
 if [[ " $PHASES " == *" e2e-compile "* ]]; then
@@ -112,11 +122,9 @@ if [[ " $PHASES " == *" e2e-compile "* ]]; then
   # shellcheck disable=SC2086
   bench "$(left "${E2E_COMPILE_BUDGET:-180}")" --suite e2e --compile ${E2E_COMPILE_ARGS---model bert-base} \
     --name bench-cuda-e2e-compile >> "$work/bench.log" 2>&1
-  log "e2e bench compiled rc=$?: $(tail -n +$(( seen + 1 )) "$work/bench.log" | grep -E '^e2e' | tr -s ' ' | cut -c1-150 | paste -sd'|')"
+  log "e2e bench compiled rc=$?: $(new_lines "$seen" | grep -E '^e2e' | tr -s ' ' | cut -c1-150 | paste -sd'|')"
   # where the compiled BERT step spends its time (Inductor's on-disk cache is warm from the bench)
-  profile_budget=$(left "${PROFILE_COMPILE_BUDGET:-90}"); [ "$profile_budget" -ge 15 ] || profile_budget=1
-  timeout --signal=INT --kill-after=15 "$profile_budget" python3 -m fastpt.bench.profile --device cuda \
-    --compile --models bert --out "$work/profile-e2e-compile.txt" >> "$work/bench.log" 2>&1
+  profile "$(left "${PROFILE_COMPILE_BUDGET:-90}")" "$work/profile-e2e-compile.txt" --compile --models bert
   log "e2e profile compiled rc=$?: $(grep -E '^(## |wall )' "$work/profile-e2e-compile.txt" 2>/dev/null | cut -c1-110 | paste -sd'|')"
 fi
 
@@ -139,7 +147,7 @@ if [[ " $PHASES " == *" tests "* ]]; then
     kill -KILL -- -$pid 2>/dev/null
     return $rc
   }
-  : > "$work/tests.txt"
+  : > "$work/tests.txt"; : > "$work/failures.txt"  # this call's results only (a warm machine keeps GPU_WORK)
   # first benches/gpu_tests_first.txt (node ids or files: what failed last time, what changed blind
   # since), so their tracebacks come early
   first=$(grep -v '^#' benches/gpu_tests_first.txt 2>/dev/null | while read -r id; do [ -f "${id%%::*}" ] && echo "$id"; done)
@@ -148,8 +156,10 @@ if [[ " $PHASES " == *" tests "* ]]; then
     gpu_pytest "$(left "${FIRST_BUDGET:-40}")" $first -k "cuda or triton" -n 8
     log "GPU tests that failed last time, rc=$?: $(tail -1 "$work/tests.txt")"
   fi
+  # the first ones are not run twice
+  deselect=$(for id in $first; do echo "--deselect $id"; done)
   # shellcheck disable=SC2086
-  gpu_pytest "$(left "${TEST_BUDGET:-60}")" $tests -k "cuda or triton" -n "${TEST_PROCS:-14}"
+  gpu_pytest "$(left "${TEST_BUDGET:-60}")" $tests $deselect -k "cuda or triton" -n "${TEST_PROCS:-14}"
   log "GPU tests rc=$?: $(tail -1 "$work/tests.txt")"
   grep -E "(FAILED|ERROR) tests" "$work/tests.txt" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | cut -c1-200 | head -50
 fi

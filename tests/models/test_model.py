@@ -93,6 +93,31 @@ def test_forward_with_objective_refuses_keys_nothing_reads():
             model(**prepared, **{key: True})
 
 
+def test_objectives_that_pass_raw_keys_through_and_custom_ones_are_not_refused():
+    """SimCLR's prepare keeps a raw image batch's other keys (class labels) and a user's Objective subclass
+    declares no batch_keys: forward took them before the key check and must still (it raised TypeError);
+    only the backbone's mode switches, which these objectives would ignore, are refused."""
+    from fastpt.objectives import Objective, ObjectiveOutput, SimCLR
+
+    torch.manual_seed(0)
+    backbone = vit(image_size=8, patch_size=4, in_channels=1, hidden_size=16, num_layers=1, num_heads=2)
+    model = PretrainModel(backbone, SimCLR.from_backbone(backbone, proj_dim=8, proj_hidden_dim=16))
+    raw = {"pixel_values": torch.randn(4, 1, 8, 8), "labels": torch.arange(4)}
+    assert torch.isfinite(model(**model.prepare(raw, seed=0)).loss)
+    with pytest.raises(TypeError, match="output_hidden_states: the SimCLR objective runs the backbone itself"):
+        model(**model.prepare(raw, seed=0), output_hidden_states=True)
+
+    class MeanPixel(Objective):  # a user's objective: reads pixel_values itself
+        needs = ()
+
+        def forward(self, backbone, batch):
+            h = backbone(batch["pixel_values"]).last_hidden_state
+            return ObjectiveOutput(h.pow(2).mean(), {}, None, h)
+
+    model = PretrainModel(backbone, MeanPixel())
+    assert torch.isfinite(model(pixel_values=torch.randn(2, 1, 8, 8)).loss)
+
+
 @pytest.mark.parametrize("objective", ["mlm", "clm", "prefix_lm", "self_distill"])
 def test_forward_takes_every_key_of_a_packed_pipeline_batch(objective):
     """The recipe's pack-mode batches (input_ids, cu_seqlens, max_seqlen, position_ids; Recipe.to_device makes

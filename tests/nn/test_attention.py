@@ -107,6 +107,22 @@ def test_encoder_layer_stacks_in_torch_encoder_and_takes_unbatched_input():
         ours(x[1], src_key_padding_mask=pad)
 
 
+def test_head_dims_past_the_kernels_run_torchs_attention():
+    """torch's layer takes any head dim; fastpt's raised past the kernels' 256 (nhead=1, d_model=320):
+    plain, padded and causal rows now run torch's SDPA with a dense mask."""
+    ref, ours = _pair(False, d=320, heads=1, ff=64)
+    x = _x(2, 7, 320)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(7)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x, src_key_padding_mask=pad)[1, :5], ref(x, src_key_padding_mask=pad)[1, :5],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x, src_mask=causal, is_causal=True), ref(x, src_mask=causal, is_causal=True),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_self_attention_equals_torch_multihead_attention():
     torch.manual_seed(0)
     ref = torch.nn.MultiheadAttention(48, 6, batch_first=True).eval()

@@ -44,6 +44,8 @@ WEIGHTS_FILE = "model.safetensors"
 # Annotations of a raw text batch (collators, tokenizers) that a model without objective takes and encodes
 # nothing of (objectives.base.TEXT_NOTES; models/ does not import objectives/).
 _NOTES = ("special_tokens_mask", "word_ids", "max_seqlen")
+# backbone arguments that change what it computes: refused where an objective runs the backbone (they were ignored)
+_MODE_SWITCHES = ("causal", "output_hidden_states")
 # Set while from_pretrained rebuilds a model whose every tensor it loads next (restoring_checkpoint()).
 _RESTORING = contextvars.ContextVar("fastpt_restoring_checkpoint", default=False)
 
@@ -128,8 +130,19 @@ class PretrainModel(nn.Module):
         return None if params is None else frozenset(params) | frozenset(_NOTES)
 
     def _check_keys(self, batch: dict) -> None:
-        """TypeError naming the keys of ``batch`` outside ``batch_keys()``."""
+        """TypeError naming the keys of ``batch`` outside ``batch_keys()``; for an objective that declares none
+        (its prepare passes a raw batch's keys through), the backbone's mode switches it would ignore."""
         allowed = self.batch_keys()
+        if allowed is None and self.objective is not None:
+            needs = set(getattr(self.objective, "needs", ()))
+            switches = [k for k in batch if k in _MODE_SWITCHES and k not in needs
+                        and k in (_forward_params(self.backbone) or ())]
+            if switches:
+                these = "this argument" if len(switches) == 1 else "these arguments"
+                raise TypeError(f"{', '.join(switches)}: the {type(self.objective).__name__} objective runs the "
+                                f"backbone itself and does not take {these}; call "
+                                f"model.backbone(..., {switches[0]}=...) for the backbone's output")
+            return
         unknown = [k for k in batch if allowed is not None and k not in allowed]
         if not unknown:
             return

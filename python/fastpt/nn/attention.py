@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import _rng, _validate
-from ..ops.attention import attention, sdpa
+from ..ops.attention import MAX_HEAD_DIM, attention, sdpa
 from .dropout import Dropout
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -153,7 +153,12 @@ class MultiheadSelfAttention(nn.Module):
         q, k, v = self.project(x)
         p = self.dropout if self.training else 0.0
         seed = _rng.fresh_seed() if p > 0 else 0
-        if attn_mask is not None:
+        if attn_mask is None and self.head_dim > MAX_HEAD_DIM and q.dim() == 4 and cu_seqlens is None \
+                and prefix_lens is None:  # past the kernels' head dims: torch's SDPA with a dense mask, as torch's layer
+            s = q.shape[1]
+            dense = torch.ones(s, s, dtype=torch.bool, device=q.device)
+            out = self._general(q, k, v, dense.tril() if causal else dense, seqlens, False, p, seed, None, None)
+        elif attn_mask is not None:
             out = self._general(q, k, v, attn_mask, seqlens, causal, p, seed, cu_seqlens, prefix_lens)
         else:
             out = attention(q, k, v, causal=causal, prefix_lens=prefix_lens, seqlens=seqlens,

@@ -59,14 +59,15 @@ class ObjectiveOutput:
 class Objective(nn.Module):
     """Base of the objectives: defaults for ``prepare``, ``attach``, ``on_step_end``, ``tokens_in``.
 
-    Subclasses set ``needs`` (batch keys ``prepare`` reads), ``batch_keys`` (every key a prepared batch
-    may hold: what ``forward`` reads and what ``prepare`` keeps of a raw batch; ``PretrainModel.forward``
-    refuses any other key, naming it) and implement ``forward(backbone, batch)``.
+    Subclasses set ``needs`` (batch keys ``prepare`` reads), optionally ``batch_keys`` (every key a prepared
+    batch may hold: what ``forward`` reads and what ``prepare`` keeps of a raw batch; ``PretrainModel.forward``
+    then refuses any other key, naming it; None, the default, for objectives whose ``prepare`` passes a raw
+    batch's other keys through: only the backbone's mode switches ``causal`` / ``output_hidden_states``
+    are refused there) and implement ``forward(backbone, batch)``.
     """
 
     needs: tuple[str, ...] = ()
-    # Default: a text objective's (MLM, CLM, prefix-LM): encode_text's inputs, labels, return_logits.
-    batch_keys: tuple[str, ...] = TEXT_BATCH + ("return_logits",)
+    batch_keys: tuple[str, ...] | None = None
     # Heads shared with Hugging Face checkpoints: fastpt.models.from_hf's head name -> submodule path.
     hf_heads: dict[str, str] = {}
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..ops import clip_loss
 from ..ops.contrastive import MAX_LOGIT_SCALE
-from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_backbone_size, check_first_pooling, check_ids,
+from .base import (Objective, ObjectiveOutput, check_backbone_size, check_first_pooling, check_ids,
                    check_images, choice, encode_text, gathered_keys, global_gradient, per_image_tokens, pool, positive,
                    require, top1_accuracy)
 from .simclr import gather_default, vision_tokens
@@ -55,7 +55,6 @@ class CLIP(Objective):
     """
 
     needs = ("input_ids", "attention_mask", "pixel_values")
-    batch_keys = tuple(k for k in TEXT_BATCH if k != "labels") + ("pixel_values",)
 
     def __init__(self, *, text_hidden_size: int, vision_hidden_size: int, embed_dim: int = 512,
                  init_logit_scale: float = math.log(1 / 0.07), learn_logit_scale: bool = True,

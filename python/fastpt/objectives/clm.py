@@ -19,8 +19,8 @@ from ..ops import linear_cross_entropy
 from ..models.heads import LMHead
 from ..nn.attention import check_padding_mask
 from ..ops.attention import check_mask_args
-from .base import (Objective, ObjectiveOutput, check_ids, check_seed, encode_text, head_accuracy, positive, require,
-                   seeded, want_logits)
+from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_ids, check_seed, encode_text, head_accuracy, positive,
+                   require, seeded, want_logits)
 
 
 def token_positions(input_ids: torch.Tensor, attention_mask=None, cu_seqlens=None):
@@ -82,6 +82,7 @@ class CausalLM(Objective):
     """
 
     needs = ("input_ids",)
+    batch_keys = TEXT_BATCH + ("return_logits",)  # encode_text's inputs, labels, return_logits
     hf_heads = {"lm": "head"}
 
     def __init__(self, *, hidden_size: int, vocab_size: int, tie_word_embeddings: bool = True, bias: bool = False,

@@ -75,7 +75,6 @@ class DINO(Objective):
     """
 
     needs = ("pixel_values",)
-    batch_keys = ("pixel_values", "global_crops", "local_crops")
 
     def __init__(self, *, hidden_size: int, out_dim: int = 65536, head_hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, head_layers: int = 3, norm_last_layer: bool = True,

@@ -39,7 +39,6 @@ class MAE(Objective):
     """
 
     needs = ("pixel_values",)
-    batch_keys = ("pixel_values", "ids_keep", "mask", "ids_restore")
 
     def __init__(self, *, hidden_size: int, num_patches: int, patch_size: int, in_channels: int = 3,
                  grid_size: tuple[int, int] | None = None, cls_token: bool = True, mask_ratio: float = 0.75,

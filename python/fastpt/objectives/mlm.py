@@ -15,8 +15,8 @@ from torch import nn
 from ..ops import linear_cross_entropy, mlm_mask
 from ..ops.linear_cross_entropy import labelled_rows
 from ..models.heads import MLMHead
-from .base import (Objective, ObjectiveOutput, check_ids, check_seed, encode_text, fraction, head_accuracy, positive,
-                   require, want_logits)
+from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_ids, check_seed, encode_text, fraction, head_accuracy,
+                   positive, require, want_logits)
 
 
 def _word_runs(word_ids, ids: torch.Tensor, cu_seqlens) -> torch.Tensor:
@@ -68,6 +68,7 @@ class MLM(Objective):
     """
 
     needs = ("input_ids",)
+    batch_keys = TEXT_BATCH + ("return_logits",)  # encode_text's inputs, labels, return_logits
     hf_heads = {"mlm": "head"}
 
     def __init__(self, *, hidden_size: int, vocab_size: int, mask_token_id: int, mask_prob: float = 0.15,

@@ -47,7 +47,6 @@ class MoCoV3(Objective):
     """
 
     needs = ("pixel_values",)
-    batch_keys = ("pixel_values", "views")
 
     def __init__(self, *, hidden_size: int, proj_dim: int = 256, proj_hidden_dim: int = 4096, proj_layers: int = 3,
                  pred_hidden_dim: int = 4096, temperature: float = 0.2, base_momentum: float = 0.99,

@@ -158,7 +158,6 @@ class SimCLR(Objective):
     """
 
     needs = ("pixel_values",)
-    batch_keys = ("pixel_values", "views")
 
     def __init__(self, *, hidden_size: int, proj_dim: int = 128, proj_hidden_dim: int = 2048, proj_layers: int = 2,
                  temperature: float = 0.5, pooling: str = "first", crop_size: int | None = None,
