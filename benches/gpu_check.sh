@@ -154,10 +154,12 @@ if [[ " $PHASES " == *" tests "* ]]; then
   if [ -n "$first" ]; then
     # shellcheck disable=SC2086
     gpu_pytest "$(left "${FIRST_BUDGET:-40}")" $first -k "cuda or triton" -n 8
-    log "GPU tests that failed last time, rc=$?: $(tail -1 "$work/tests.txt")"
+    first_rc=$?
+    log "GPU tests that failed last time, rc=$first_rc: $(tail -1 "$work/tests.txt")"
   fi
-  # the first ones are not run twice
-  deselect=$(for id in $first; do echo "--deselect $id"; done)
+  # the first ones are not run twice, when they all ran (rc 0: passed, 1: some failed; 124: cut by the limit)
+  deselect=""
+  case "${first_rc:-none}" in 0|1) deselect=$(for id in $first; do echo "--deselect $id"; done);; esac
   # shellcheck disable=SC2086
   gpu_pytest "$(left "${TEST_BUDGET:-60}")" $tests $deselect -k "cuda or triton" -n "${TEST_PROCS:-14}"
   log "GPU tests rc=$?: $(tail -1 "$work/tests.txt")"

@@ -123,3 +123,13 @@ def test_logit_scale_has_one_element_and_old_state_dicts_load(tmp_path):
     saved["objective.logit_scale"] = saved["objective.logit_scale"].reshape(())
     save_file(saved, weights)
     assert float(PretrainModel.from_pretrained(tmp_path / "clip").objective.logit_scale) == 1.25
+
+
+def test_labels_are_refused_naming_the_op_that_takes_them():
+    """The objective pairs image i with text i; a labels key (several captions per image) was ignored silently
+    once PretrainModel.forward let pass-through objectives take any key."""
+    backbone, obj = make()
+    batch = pairs()
+    batch["labels"] = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
+    with pytest.raises(TypeError, match="labels: the clip objective pairs image i with text i.*clip_loss"):
+        obj(backbone, batch)

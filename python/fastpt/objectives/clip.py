@@ -115,6 +115,9 @@ class CLIP(Objective):
 
     def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
         require(batch, self.needs, "CLIP.forward")
+        if batch.get("labels") is not None:  # it pairs image i with text i; only the op takes labels
+            raise TypeError("labels: the clip objective pairs image i with text i and takes no labels; for several "
+                            "captions per image call fastpt.ops.clip_loss(image_emb, text_emb, logit_scale, labels=...)")
         self._ensure_attached(backbone)
         t, i, vh = self.embed(backbone, batch)
         gather = gather_default(self.gather)
