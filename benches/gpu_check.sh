@@ -47,7 +47,8 @@ t0=$(date +%s)
 deadline=$(( t0 + ${TOTAL_BUDGET:-480} ))
 log() { echo "== [$(( $(date +%s) - t0 )) s] $*" | tee -a "$work/summary.txt"; }
 pack() {  # one at a time (flock): the exit's pack waits for a background one still writing
-  local cmd='tar czf "$1/results.tgz.part" -C "$2" . 2>/dev/null && mv -f "$1/results.tgz.part" "$1/results.tgz";
+  # GNU tar exits 1 when a file changed as it read it (a log being appended): the archive is whole all the same
+  local cmd='tar czf "$1/results.tgz.part" -C "$2" . 2>/dev/null; [ $? -le 1 ] && mv -f "$1/results.tgz.part" "$1/results.tgz";
              cp -f "$2/summary.txt" "$1/summary.txt" 2>/dev/null; true'
   if command -v flock >/dev/null; then flock "$work.lock" bash -c "$cmd" pack "$out" "$work"
   else bash -c "$cmd" pack "$out" "$work"; fi

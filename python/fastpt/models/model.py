@@ -101,9 +101,11 @@ class PretrainModel(nn.Module):
         passed on to it. Returns ``ModelOutput`` (``loss`` None without objective; ``hidden_states``
         with ``output_hidden_states=True`` without objective).
 
-        Raises TypeError naming every key that nothing on the path reads (``batch_keys()``): a misspelt
-        key, or a backbone argument (``causal``, ``output_hidden_states``) given to a model whose
-        objective runs the backbone itself (call ``model.backbone(...)`` for those).
+        Raises TypeError naming every key that nothing on the path reads (``batch_keys()``: without
+        objective, and for objectives that declare their keys, the text ones) and, for any objective, a
+        backbone mode switch (``causal``, ``output_hidden_states``) it would ignore because it runs the
+        backbone itself (call ``model.backbone(...)`` for those). Objectives whose ``prepare`` passes a
+        raw batch's keys through (SimCLR, MoCo v3, DINO, MAE, CLIP, a user's own) take other keys.
         """
         self._check_keys(batch)
         if input_ids is not None:
