@@ -753,3 +753,15 @@ def test_cpu_dropout_under_autocast_is_the_plain_call():
         inside = attention(q, k, v, seqlens=seqlens, dropout_p=0.2, seed=7, backend="cpu")
     assert inside.dtype == torch.bfloat16
     torch.testing.assert_close(inside, out[0], rtol=0, atol=0)
+
+
+def test_float64_is_left_alone_under_autocast():
+    """torch's autocast leaves float64 alone; attention and sdpa cast it to the autocast dtype (7.7e-3 off)."""
+    q, k, v = (torch.randn(2, 9, 2, 16, dtype=torch.float64) for _ in range(3))
+    want = attention(q, k, v, causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention(q, k, v, causal=True)
+        got_sdpa = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    assert got.dtype == torch.float64 and got_sdpa.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_sdpa.transpose(1, 2), want, rtol=1e-12, atol=1e-12)

@@ -608,3 +608,15 @@ def test_double_backward_is_refused(device, backend, reduction):
                                 create_graph=True)
     with pytest.raises(RuntimeError, match="linear_cross_entropy: the fused backends have no double backward"):
         (grad ** 2).sum().backward()
+
+
+def test_float64_is_left_alone_under_autocast():
+    """torch's autocast leaves float64 alone (F.linear returns float64); the op ran the product in bf16."""
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(11, 7, generator=g, dtype=torch.float64), torch.randn(13, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 13, (11,), generator=g)
+    want = F.cross_entropy(F.linear(h, w), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, y)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -46,6 +46,19 @@ def test_cpu_peak_is_derived_or_na_unless_given(monkeypatch):
     assert mfu.peak_flops("cpu", "bf16")[0] == 0.5e12
 
 
+def test_cpu_fp16_peak_is_the_tables(monkeypatch):
+    """An fp16 run on a CPU was measured against the FP32 peak (2x too small with AVX512_FP16: MFU 2x over)."""
+    from fastpt.bench import peaks
+
+    monkeypatch.delenv("FASTPT_PEAK_TFLOPS", raising=False)
+    asked = []
+    real = peaks.peak
+    monkeypatch.setattr(peaks, "peak", lambda name, dtype, **kw: asked.append(dtype) or real(name, dtype, **kw))
+    mfu.peak_flops("cpu", "fp16")
+    mfu.peak_flops("cpu", "bf16")
+    assert asked == ["fp16", "bf16"]
+
+
 def test_mfu_value_and_precision_mapping():
     assert mfu.mfu(6e9, 1e4, 1e14, world_size=2) == pytest.approx(6e13 / 2e14)
     assert mfu.format_mfu(0.4123) == "41.2%"

@@ -148,7 +148,8 @@ def _cpu_peak(dtype: str, fields: dict, cores: int | None) -> Peak:
         scale, kind = (1024 / per_cycle, "BF16 (AMX)") if "amx_bf16" in flags else (
             (2.0, "BF16 (AVX512_BF16 dot products)") if "avx512_bf16" in flags else (1.0, "BF16 at the FP32 rate"))
     elif dtype == "fp16":
-        scale, kind = (2.0, "FP16 (AVX512_FP16)") if "avx512_fp16" in flags else (1.0, "FP16 at the FP32 rate")
+        scale, kind = (1024 / per_cycle, "FP16 (AMX)") if "amx_fp16" in flags else (
+            (2.0, "FP16 (AVX512_FP16)") if "avx512_fp16" in flags else (1.0, "FP16 at the FP32 rate"))
     if scale is None:
         return Peak(None, f"no CPU peak for dtype {dtype}: MFU n/a")
     # SMT siblings share one core's FMA units

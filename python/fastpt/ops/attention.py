@@ -600,11 +600,16 @@ OP = _dispatch.Op("attention", [
 ], probe=_probe)
 
 
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _autocast(q, k, v):
-    """What torch's SDPA does under autocast: the attention runs in the autocast dtype."""
+    """What torch's SDPA does under autocast: the attention runs in the autocast dtype (float64 is left
+    alone, as autocast leaves it)."""
     if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
         dt = torch.get_autocast_dtype(q.device.type)
-        return tuple(x.to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in (q, k, v))
+        return tuple(x.to(dt) if isinstance(x, torch.Tensor) and x.dtype in _AUTOCAST_ELIGIBLE else x
+                     for x in (q, k, v))
     return q, k, v
 
 

@@ -729,7 +729,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         labels outside ``[0, V)`` that are not ``ignore_index``, a bad reduction, label_smoothing
         outside [0, 1] or a negative z_loss; ``BackendError`` if the forced backend cannot serve.
     """
-    wide = isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)
+    # float64 is left alone under autocast, as torch's autocast leaves it
+    wide = (isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)
+            and hidden.dtype != torch.float64)
     if wide:
         # what F.linear does under autocast: the projection runs in the autocast dtype. float32
         # weight and bias go in as they are: the op casts them and returns their gradients in

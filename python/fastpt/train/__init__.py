@@ -38,7 +38,8 @@ are rejected naming the key and the valid ones; defaults shown)::
       schedule: cosine        # cosine | linear | constant after the warmup
       min_lr_ratio: 0.1       # final lr / peak lr
       clip_grad: 1.0          # max gradient norm (null: no clipping)
-      precision: auto         # auto (bf16 on a CUDA GPU that has it, else fp32) | fp32 | bf16 | fp16
+      precision: auto         # auto (bf16 where the device multiplies it natively: a CUDA GPU with bf16
+                              # tensor cores, a CPU with AVX512_BF16 or AMX; else fp32) | fp32 | bf16 | fp16
       compile: false          # torch.compile the backbone (one graph in training, dropout included;
                               # the objective's head stays eager): true, or a torch.compile mode
                               # (max-autotune: Inductor tunes its GEMMs and kernels, slower to

@@ -413,6 +413,9 @@ def _fine_tune(model: TextClassifier, rows, y, *, pad_id, device, epochs, batch_
         opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
     g = torch.Generator().manual_seed(seed)
     y = y.to(device)
+    # fp16 needs loss scaling, as the pre-training recipe's (small gradients underflowed to 0 without it)
+    fp16 = (resolve_precision(precision, device) if precision == "auto" else precision) == "fp16"
+    scaler = torch.amp.GradScaler(torch.device(device).type) if fp16 else None
     model.train()
     mean_loss = float("nan")
     for epoch in range(epochs):
@@ -423,9 +426,16 @@ def _fine_tune(model: TextClassifier, rows, y, *, pad_id, device, epochs, batch_
                 logits = model(ids, mask)
             loss = F.cross_entropy(logits.float(), y[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
             sched.step()
             total += loss.item() * len(idx)
             count += len(idx)

@@ -55,7 +55,7 @@ def peak_flops(device: torch.device | str, precision: str, *,
         value = float(override)
         return value * 1e12, f"{name} {math}: {value:g} TFLOP/s (given)"
     if torch.device(device).type != "cuda":
-        found = _peaks.peak(None, "bf16" if math == "bf16" else "fp32", device="cpu")
+        found = _peaks.peak(None, math if math in ("bf16", "fp16") else "fp32", device="cpu")
         if found.flops is None:
             return None, f"{name}: {found.note} (set train.peak_tflops to estimate MFU)"
         return found.flops, f"{name}: {found.note}"
