@@ -129,6 +129,37 @@ def test_bad_lines_counted(tmp_path, tok_file):
     assert m["num_docs"] == 3 and m["stats"]["bad"]["giant"] == 1 and m["stats"]["bad"]["invalid_utf8"] == 1
 
 
+def test_split_giant_cuts_at_any_whitespace(tok_file):
+    """Giant documents were cut at " " / "\n" only: tab- or U+3000-separated words were cut in half
+    ("\tcoro" | "utine"), so the pieces' ids differed from the whole text's."""
+    _, tok = tok_file
+    rng = np.random.default_rng(3)
+    for sep in ("\t", "\u3000", "\u00a0", "\r", "\u2003", "\u2028"):
+        text = sep.join(rng.choice(WORDS, size=80))
+        pieces = split_giant(text, 50)
+        assert "".join(pieces) == text and all(len(p) <= 50 for p in pieces)
+        assert all(p.endswith(sep) for p in pieces[:-1]), sep
+        ids = [i for p in pieces for i in tok.encode(p, add_special_tokens=False).ids]
+        assert ids == tok.encode(text, add_special_tokens=False).ids, sep
+
+    def old(text, n):  # the former rule, still right where only " " and "\n" separate words
+        pieces, start = [], 0
+        while len(text) - start > n:
+            hi = start + n
+            cut = max(text.rfind(" ", start + n // 2, hi), text.rfind("\n", start + n // 2, hi))
+            cut = cut + 1 if cut > start else hi
+            pieces.append(text[start:cut])
+            start = cut
+        return pieces + [text[start:]]
+
+    for n in (1, 2, 7, 50):
+        text = "".join(w + rng.choice([" ", "\n", "  "]) for w in rng.choice(WORDS + ["x" * 60], size=200))
+        assert split_giant(text, n) == old(text, n), n
+    assert split_giant("y" * 30, 10) == ["y" * 10] * 3  # no whitespace: mid-word
+    # control characters are whitespace to str.isspace but deleted inside words by BERT: no cut there
+    assert split_giant("river\x0bstone\x1fember " * 8, 40) == ["river\x0bstone\x1fember " * 2] * 4
+
+
 def test_reader_oversize_and_positions(tmp_path):
     (tmp_path / "t.txt").write_bytes(b"short\n" + b"y" * 50 + b"\nlast")
     src = find_inputs([tmp_path / "t.txt"])

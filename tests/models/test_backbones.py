@@ -342,6 +342,29 @@ def test_heads_and_fused_loss():
         MLMHead(40, 97, activation="swiglu")
 
 
+def test_heads_are_bert_initialised():
+    """The heads' dense layers kept torch's nn.Linear default (std ~1/sqrt(3 D), e.g. 0.05 for bert-tiny's
+    MLM head, non-zero bias) instead of BERT's normal(0, initializer_range) and zero bias."""
+    torch.manual_seed(0)
+    mlm = MLMHead(256, 97, initializer_range=0.05)
+    pooler, lm = Pooler(256), LMHead(256, 97, bias=True, initializer_range=0.03)
+    for lin, std in ((mlm.dense, 0.05), (pooler.dense, 0.02)):
+        assert abs(lin.weight.std().item() - std) < 0.1 * std and abs(lin.weight.mean().item()) < 0.1 * std
+        assert torch.equal(lin.bias, torch.zeros(256))
+    assert abs(mlm.weight.std().item() - 0.05) < 0.005 and abs(lm.weight.std().item() - 0.03) < 0.003
+    assert torch.equal(mlm.bias, torch.zeros(97)) and torch.equal(lm.bias, torch.zeros(97))
+    assert torch.equal(mlm.layer_norm.weight, torch.ones(256)) and torch.equal(mlm.layer_norm.bias, torch.zeros(256))
+    emb = torch.nn.Parameter(torch.randn(97, 256))
+    before = emb.detach().clone()
+    assert torch.equal(MLMHead(256, 97, tied_weight=emb).weight, before)  # a tied weight is left alone
+    with pytest.raises(ValueError, match="initializer_range"):
+        Pooler(8, initializer_range=0.0)
+    with torch.device("meta"):
+        fastpt.build("bert-tiny")  # no data to draw: still builds
+    head = fastpt.build("bert-tiny").objective.head  # the zoo's MLM head (tied, recreated by attach)
+    assert abs(head.dense.weight.std().item() - 0.02) < 0.002 and not head.dense.bias.any()
+
+
 @pytest.mark.parametrize("name,kw", [
     ("text_encoder", dict(vocab_size=50, hidden_size=24, num_layers=1, num_heads=3, embed_dim=8)),
     ("encoder_decoder", dict(vocab_size=50, hidden_size=24, num_encoder_layers=1, num_heads=3)),

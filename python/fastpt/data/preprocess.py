@@ -235,13 +235,21 @@ class TextOptions:
     bad_utf8: str = "replace"
 
 
+# str.isspace (" ", "\n", tabs, U+3000, U+00A0...) less the control characters other than \t \n \r:
+# BERT's text cleaning deletes those ("a\x0bb" is one word to it), so they do not separate words
+_SPACE = re.compile(r"[^\S\x0b\x0c\x1c-\x1f\x85]")
+
+
 def split_giant(text: str, max_chars: int) -> list[str]:
-    """Pieces of at most ``max_chars`` characters, cut at the last whitespace in each piece's
-    second half when there is one (else mid-word)."""
+    """Pieces of at most ``max_chars`` characters, cut after the last whitespace character
+    (``str.isspace``, control characters other than tab / newline / carriage return aside) in each
+    piece's second half when there is one (else mid-word)."""
     pieces, start = [], 0
     while len(text) - start > max_chars:
         hi = start + max_chars
-        cut = max(text.rfind(" ", start + max_chars // 2, hi), text.rfind("\n", start + max_chars // 2, hi))
+        lo = start + max_chars // 2
+        found = _SPACE.search(text[lo:hi][::-1])  # the last one: the first of the reversed half
+        cut = hi - found.start() - 1 if found else -1
         cut = cut + 1 if cut > start else hi
         pieces.append(text[start:cut])
         start = cut

@@ -31,14 +31,17 @@ _ROLE_TOKENS = {
 }
 
 
-def _bert_like(vocab: dict[str, int] | str | None, *, lowercase: bool):
-    """A BERT WordPiece pipeline (normalizer, pre-tokenizer, decoder) around ``vocab``."""
+def _bert_like(vocab: dict[str, int] | str | None, *, lowercase: bool, strip_accents: bool | None = None,
+               handle_chinese_chars: bool = True, unk_token: str = "[UNK]"):
+    """A BERT WordPiece pipeline (normalizer, pre-tokenizer, decoder) around ``vocab``, as transformers'
+    ``BertTokenizerFast`` builds it (``strip_accents=None``: strip when lowercasing)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    model = models.WordPiece.from_file(vocab, unk_token="[UNK]") if isinstance(vocab, str) else \
-        models.WordPiece(vocab, unk_token="[UNK]") if vocab else models.WordPiece(unk_token="[UNK]")
+    model = models.WordPiece.from_file(vocab, unk_token=unk_token) if isinstance(vocab, str) else \
+        models.WordPiece(vocab, unk_token=unk_token) if vocab else models.WordPiece(unk_token=unk_token)
     tok = Tokenizer(model)
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=handle_chinese_chars,
+                                                strip_accents=strip_accents, lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     return tok
@@ -57,9 +60,12 @@ def _set_template(tok, first: str, last: str) -> None:
 def load_tokenizer(path: str | Path):
     """Load a tokenizer from a ``tokenizers`` JSON file or a Hugging Face model directory.
 
-    A directory is searched for ``tokenizer.json``, else ``vocab.txt`` (BERT WordPiece;
-    ``do_lower_case`` from ``tokenizer_config.json``, default True), else
-    ``vocab.json`` + ``merges.txt`` (GPT-2 / RoBERTa byte-level BPE).
+    A directory is searched for ``tokenizer.json``, else ``vocab.txt`` (BERT WordPiece built as
+    transformers' ``BertTokenizerFast``: ``do_lower_case`` (default True), ``strip_accents`` (default:
+    as do_lower_case) and ``tokenize_chinese_chars`` (default True) from ``tokenizer_config.json``; the
+    special tokens it and ``special_tokens_map.json`` name (default [UNK] [SEP] [PAD] [CLS] [MASK]) and
+    their ``additional_special_tokens`` registered as special tokens, so that a literal "[SEP]" in the
+    text is one id), else ``vocab.json`` + ``merges.txt`` (GPT-2 / RoBERTa byte-level BPE).
     Raises FileNotFoundError naming what was looked for, ValueError for an unreadable file.
     """
     from tokenizers import Tokenizer
@@ -79,9 +85,7 @@ def load_tokenizer(path: str | Path):
         return load_tokenizer(path / "tokenizer.json")
     config = _read_json(path / "tokenizer_config.json")
     if (path / "vocab.txt").is_file():
-        tok = _bert_like(str(path / "vocab.txt"), lowercase=bool(config.get("do_lower_case", True)))
-        _set_template(tok, "[CLS]", "[SEP]")
-        return tok
+        return _load_vocab_txt(path, config)
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         from tokenizers import decoders, models, pre_tokenizers
 
@@ -90,6 +94,41 @@ def load_tokenizer(path: str | Path):
         tok.decoder = decoders.ByteLevel()
         return tok
     raise FileNotFoundError(f"tokenizer {path}: a directory without tokenizer.json, vocab.txt or vocab.json+merges.txt")
+
+
+_BERT_SPECIALS = {"unk": "[UNK]", "sep": "[SEP]", "pad": "[PAD]", "cls": "[CLS]", "mask": "[MASK]"}
+
+
+def _load_vocab_txt(path: Path, config: dict):
+    """``path/vocab.txt`` as transformers' ``BertTokenizerFast`` loads it (``convert_slow_tokenizer``'s
+    BertConverter, then the special tokens added as non-normalised special tokens)."""
+    from tokenizers import AddedToken
+
+    names = dict(config)
+    names.update(_read_json(path / "special_tokens_map.json"))  # transformers: the map wins
+    # a role set to null has no token (transformers: mask_token=None), an absent one BERT's default
+    specials = {role: _token_text(names[f"{role}_token"]) if f"{role}_token" in names else default
+                for role, default in _BERT_SPECIALS.items()}
+    strip_accents = config.get("strip_accents")
+    tok = _bert_like(str(path / "vocab.txt"), lowercase=bool(config.get("do_lower_case", True)),
+                     strip_accents=None if strip_accents is None else bool(strip_accents),
+                     handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
+                     unk_token=specials["unk"] or "[UNK]")
+    extra = [t for key in ("additional_special_tokens", "extra_special_tokens")  # transformers 4 / 5
+             for t in (names.get(key) if isinstance(names.get(key), list) else [])]
+    tokens = list(specials.values()) + [_token_text(t) for t in extra]
+    tokens = list(dict.fromkeys(t for t in tokens if t))  # once each, in order
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in tokens])
+    _set_template(tok, specials["cls"] or "[CLS]", specials["sep"] or "[SEP]")
+    return tok
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json / special_tokens_map.json write it: a string, or an
+    AddedToken dict with its ``content``; None for anything else."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
 
 def _read_json(path: Path) -> dict:
