@@ -319,6 +319,26 @@ def test_from_hf_objective_choices(tmp_path):
         asm.to_hf(model.backbone, tmp_path / "x")
 
 
+def test_from_hf_warns_about_the_heads_it_initializes(tmp_path):
+    """A checkpoint without the objective's head (a BertModel, such as all-MiniLM-L6-v2, under MLM) got a random
+    MLM head with no notice: only the dropped pooler was reported. transformers reports such weights as newly
+    initialized; from_hf warns naming the head, and not for a checkpoint that has it."""
+    transformers, _ = _hf_bert(tmp_path)
+    torch.manual_seed(0)
+    base = transformers.BertModel(transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=4, intermediate_size=37))
+    base.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asm.from_hf(tmp_path / "base", mask_token_id=3)
+    said = [str(w.message) for w in caught]
+    assert any("no weights for the 'mlm' objective's ['mlm'] head(s): newly initialized" in m for m in said), said
+    assert any("dropped the checkpoint's ['pooler']" in m for m in said), said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        asm.from_hf(tmp_path / "hf", mask_token_id=3)  # BertForMaskedLM: its head is loaded, nothing to say
+
+
 def test_to_hf_writes_the_special_ids_from_hf_reads_back(tmp_path):
     """A pre-trained model exported without tokenizer files (a checkpoint holds none) loads back with its
     own MLM mask id: to_hf writes <role>_token_id into config.json (from_hf needed mask_token_id= before)."""

@@ -33,6 +33,44 @@ def test_convert_to_hf_takes_a_training_checkpoint(tmp_path, capsys):
     assert main(["convert", "--to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2"), "--dtype", "float16"]) == 2
 
 
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
+def test_convert_to_hf_writes_the_checkpoints_tokenizer(tmp_path, capsys, kind):
+    """`fastpt convert --to-hf` of a pretrain checkpoint wrote no tokenizer files although the checkpoint holds
+    the shards' tokenizer.json: transformers then built an empty 5-token tokenizer ([UNK] for every word).
+    It copies tokenizer.json with a tokenizer_config.json naming its special tokens, and takes a run directory
+    (its newest checkpoint) as eval and init_from do."""
+    transformers = pytest.importorskip("transformers")
+    from fastpt.data.tokenizer import special_token_ids, train_tokenizer
+    from fastpt.train import checkpoint as ckpt
+
+    tok = train_tokenizer(iter(["river stone cloud rain", "stone rivers flow over clouds"] * 20), kind,
+                          300 if kind == "bpe" else 60)
+    ids = special_token_ids(tok)
+    model = fastpt.build("bert-tiny", vocab_size=tok.get_vocab_size(), special_ids=ids,
+                         backbone={"num_layers": 1, "max_positions": 48})
+
+    def write_model(d):
+        model.save_pretrained(d)
+        tok.save(str(d / "tokenizer.json"))
+
+    ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", 3, write_model=write_model, optimizer_state=None,
+                         trainer_state={"step": 3}, rng_tensors={})
+    assert main(["convert", "--to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert "step-00000003" in capsys.readouterr().out
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "stone rivers flow over the clouds"
+    assert hf_tok(text)["input_ids"] == tok.encode(text).ids and len(hf_tok) == tok.get_vocab_size()
+    for role in ("cls", "sep", "pad", "mask", "unk"):
+        assert getattr(hf_tok, f"{role}_token_id") == ids[role], role
+    assert hf_tok.model_max_length == 48
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return
+    st = SentenceTransformer(str(tmp_path / "hf"), device="cpu")
+    assert st.tokenizer(text)["input_ids"] == tok.encode(text).ids
+
+
 def _assert_clean_error(rc, err, prefix):
     assert rc not in (0, None) and f"{prefix}: error:" in err and "Traceback" not in err, err[-1000:]
 

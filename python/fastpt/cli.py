@@ -64,6 +64,9 @@ def _checkpoint_format(cfg) -> str | None:
 def _convert(argv):
     """A training checkpoint (``PretrainModel.save_pretrained``: objective heads, teachers) goes
     through ``fastpt.to_hf``; the backbone + heads format of ``--from-hf`` through models.hf.
+    ``--to-hf`` of a pretrain run directory converts its newest checkpoint that verifies. The
+    checkpoint's tokenizer (the shards' tokenizer.json) goes along, with the tokenizer_config.json
+    transformers needs to load it (``models.hf.write_tokenizer_config``).
     Errors (a checkpoint Hugging Face cannot express: an encoder-decoder, a ViT without a cls token,
     a factorised embedding ...) end as ``fastpt convert: error:`` and status 1, as in convert_main."""
     from pathlib import Path
@@ -72,6 +75,20 @@ def _convert(argv):
         i = argv.index("--to-hf")
         src = Path(argv[i + 1]) if i + 1 < len(argv) else None
         rest = argv[:i] + argv[i + 2:]
+        if src is not None and src.is_dir() and not (src / "fastpt_config.json").is_file():
+            from .train.checkpoint import CorruptCheckpointError, checkpoints_dir, find_checkpoints, latest_checkpoint
+
+            if find_checkpoints(checkpoints_dir(src)):  # a pretrain run: its newest checkpoint that verifies
+                def warn(msg: str) -> None:  # a torn newer checkpoint, skipped
+                    print(f"fastpt convert: warning: {msg.replace('resuming from', 'using')}", file=sys.stderr)
+
+                try:
+                    src = latest_checkpoint(src, warn=warn)
+                except CorruptCheckpointError as exc:
+                    print(f"fastpt convert: error: --to-hf {src}: {exc}", file=sys.stderr)
+                    return 1
+                print(f"fastpt convert: {argv[i + 1]} is a run directory: converting its newest checkpoint {src}")
+                argv = argv[:i + 1] + [str(src)] + argv[i + 2:]
         cfg = src / "fastpt_config.json" if src is not None else None
         if cfg is not None and cfg.is_file() and _checkpoint_format(cfg) == "fastpt-pretrain":
             if len(rest) != 1 or rest[0].startswith("-"):
@@ -79,13 +96,22 @@ def _convert(argv):
                       "to the backbone format only)", file=sys.stderr)
                 return 2
             import fastpt
+            from .models.hf import _copy_side_files, write_tokenizer_config
 
             try:
-                out = fastpt.to_hf(fastpt.PretrainModel.from_pretrained(src), rest[0])
+                model = fastpt.PretrainModel.from_pretrained(src)
+                out = fastpt.to_hf(model, rest[0])
+                _copy_side_files(src, out)
+                ids = dict(model.config.get("special_ids") or {})
+                if getattr(model.objective, "mask_token_id", None) is not None:
+                    ids["mask"] = model.objective.mask_token_id
+                write_tokenizer_config(out, ids)
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 print(f"fastpt convert: error: --to-hf {src}: {exc}", file=sys.stderr)
                 return 1
-            print(f"wrote a Hugging Face checkpoint to {out}")
+            tokenizer = "with its tokenizer" if (out / "tokenizer.json").is_file() else \
+                "without tokenizer files (the checkpoint holds none: copy the tokenizer's files there)"
+            print(f"wrote a Hugging Face checkpoint to {out}, {tokenizer}")
             return 0
     from .models.hf import convert_main
 

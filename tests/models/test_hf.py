@@ -306,3 +306,31 @@ def test_convert_cli_round_trip(minilm_dir, tmp_path, capsys):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("hi")["input_ids"][0] == 101
     assert convert_main(["--to-hf", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
     assert "fastpt_config.json" in capsys.readouterr().err
+
+
+def test_convert_to_hf_names_the_special_tokens_of_a_bare_tokenizer_json(tmp_path):
+    """A tokenizer.json without tokenizer_config.json was copied as it was: transformers then took the model
+    type's tokenizer defaults (BERT's [CLS] / [SEP] / [MASK] names: no cls / mask id for a BPE vocabulary, no
+    model_max_length). --to-hf writes the tokenizer_config.json naming its special tokens."""
+    from fastpt.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(iter(["river stone cloud rain", "stone rivers flow over clouds"] * 20), "bpe", 300)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=40)
+    assert cfg.pad_token_id == 0  # BERT's default, which names <s> in this vocabulary: not taken as the pad token
+    _save(transformers.BertModel(cfg), tmp_path / "src")
+    tok.save(str(tmp_path / "src" / "tokenizer.json"))
+    assert convert_main(["--from-hf", str(tmp_path / "src"), str(tmp_path / "fastpt")]) == 0
+    assert convert_main(["--to-hf", str(tmp_path / "fastpt"), str(tmp_path / "hf")]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "stone rivers flow"
+    assert hf_tok(text)["input_ids"] == tok.encode(text).ids
+    assert (hf_tok.cls_token, hf_tok.sep_token, hf_tok.pad_token, hf_tok.mask_token) == ("<s>", "</s>", "<pad>",
+                                                                                          "<mask>")
+    assert (hf_tok.cls_token_id, hf_tok.mask_token_id, hf_tok.model_max_length) == (0, 4, 40)
+    # a tokenizer_config.json of the source (here written by the first export) is copied as it is, never rewritten
+    before = (tmp_path / "hf" / "tokenizer_config.json").read_text()
+    assert convert_main(["--from-hf", str(tmp_path / "hf"), str(tmp_path / "fastpt2")]) == 0
+    assert convert_main(["--to-hf", str(tmp_path / "fastpt2"), str(tmp_path / "hf2")]) == 0
+    assert (tmp_path / "hf2" / "tokenizer_config.json").read_text() == before

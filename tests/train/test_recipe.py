@@ -211,6 +211,32 @@ def test_init_from_hugging_face_dir(shards, tmp_path):
         torch.testing.assert_close(b[k], v, rtol=0, atol=1e-9, msg=k)
 
 
+def test_init_from_a_fastpt_convert_directory_and_a_checkpoint_without_mlm_head(shards, tmp_path):
+    """init_from naming a `fastpt convert --from-hf` output was refused with a pointer to the Python function
+    (fastpt.from_hf), which loads it; the recipe now loads it the same way. A checkpoint without the MLM head
+    (a BertModel) got a random one silently: the log says it is newly initialized."""
+    from fastpt.assemble import build
+    from fastpt.models.hf import convert_main, to_hf
+
+    model = build(tiny_model("mlm"), special_ids={"mask": 4, "pad": 0, "cls": 2, "sep": 3})
+    to_hf(model.backbone, None, tmp_path / "hf", hf_config={"mask_token_id": 4, "cls_token_id": 2,
+                                                            "sep_token_id": 3})  # a BertModel: no MLM head
+    assert convert_main(["--from-hf", str(tmp_path / "hf"), str(tmp_path / "conv")]) == 0
+    for name in ("hf", "conv"):
+        cfg = recipe(shards, tmp_path / f"run-{name}", train={"max_steps": 1, "lr": 1e-12, "warmup_steps": 0},
+                     output=QUIET)
+        cfg["init_from"], cfg["model"] = str(tmp_path / name), None
+        lines = []
+        pretrain(cfg, log=lines.append)
+        assert any(("fastpt convert --from-hf directory" if name == "conv" else "Hugging Face checkpoint") in m
+                   for m in lines), lines
+        assert any(m.startswith("pretrain: warning: init_from: from_hf:") and "['mlm'] head(s): newly initialized"
+                   in m for m in lines), lines
+        b = params(tmp_path / f"run-{name}", 1)
+        for k, v in model.backbone.state_dict().items():
+            torch.testing.assert_close(b[f"backbone.{k}"], v, rtol=0, atol=1e-9, msg=k)
+
+
 def test_init_from_refuses_shards_of_another_tokenizer(shards, tmp_path):
     """Continued pre-training on shards whose special ids are not the model's (another tokenizer) would
     mask with a word and mask real separators, silently: an error naming both."""

@@ -38,6 +38,8 @@ FORMAT_VERSION = 1
 SIDE_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
               "preprocessor_config.json", "generation_config.json")
+# the special-token roles a tokenizer_config.json names (``<role>_token``)
+TOKENIZER_ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                 "relu": "relu", "silu": "silu", "swish": "silu"}
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
@@ -610,6 +612,47 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
+def write_tokenizer_config(path, special_ids: dict | None = None) -> Path | None:
+    """Give a Hugging Face directory's ``tokenizer.json`` the ``tokenizer_config.json`` transformers needs.
+
+    A pretrain checkpoint carries only its shards' ``tokenizer.json``. Beside a config.json and no
+    tokenizer_config.json, ``AutoTokenizer`` builds the model type's tokenizer class from its defaults
+    (transformers 5: an empty 5-token BertTokenizer, [UNK] for every word, or a WordPiece error for a
+    BPE tokenizer.json; 4.x: BertTokenizerFast with its own do_lower_case default). This writes
+    ``tokenizer_class: PreTrainedTokenizerFast`` (tokenizer.json as it is), the special tokens by
+    role (``cls_token`` ... as ``fastpt.data.tokenizer.special_token_ids`` finds them by name;
+    ``special_ids``, role -> id, win where the id is a token of that role's names, or a special token
+    for a role the names miss) and ``model_max_length`` from config.json's positions. Nothing is written when ``path`` has no tokenizer.json or already has a
+    tokenizer_config.json. Returns the file written, or None. Raises ValueError for an unreadable
+    tokenizer.json.
+    """
+    from ..data.tokenizer import _ROLE_TOKENS, load_tokenizer, special_token_ids
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").exists():
+        return None
+    tok = load_tokenizer(path / "tokenizer.json")
+    specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    tokens = {role: tok.id_to_token(tid) for role, tid in special_token_ids(tok).items()}
+    for role, tid in (special_ids or {}).items():
+        token = tok.id_to_token(int(tid)) if role in TOKENIZER_ROLES else None
+        # the model's id wins where it names a token of that role, or a special token for a role the names
+        # miss; not an id of another tokenizer (a zoo config's unk 100, config.json's default pad 0 = <s>)
+        if token is not None and (token in _ROLE_TOKENS[role] or (role not in tokens and token in specials)):
+            tokens[role] = token
+    config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    config.update({f"{role}_token": tokens[role] for role in TOKENIZER_ROLES if role in tokens})
+    hf = read_json_object(path / "config.json", ValueError) if (path / "config.json").is_file() else {}
+    positions = hf.get("n_positions") if hf.get("model_type") == "gpt2" else hf.get("max_position_embeddings")
+    if isinstance(positions, int):
+        if hf.get("model_type") == "roberta":  # positions start after the pad id
+            pad = hf.get("pad_token_id")
+            positions -= (1 if pad is None else pad) + 1
+        config["model_max_length"] = positions
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path / "tokenizer_config.json"
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -618,7 +661,8 @@ def convert_main(argv: list[str] | None = None) -> int:
 
     --from-hf: a Hugging Face directory to fastpt's format (``save_fastpt``); --to-hf: fastpt's
     format to a Hugging Face directory (``to_hf``, architecture from the saved config or
-    inferred, or ``--arch``). Tokenizer / processor files are copied along.
+    inferred, or ``--arch``). Tokenizer / processor files are copied along; --to-hf gives a
+    tokenizer.json without tokenizer_config.json one (``write_tokenizer_config``).
     """
     parser = argparse.ArgumentParser(prog="fastpt convert",
                                      description="Convert checkpoints between Hugging Face and fastpt.")
@@ -645,6 +689,10 @@ def convert_main(argv: list[str] | None = None) -> int:
                         hf_config=config.get("hf_config"))
             src = Path(args.to_hf)
         _copy_side_files(src, out)
+        if args.to_hf:  # a tokenizer.json alone loads as an empty tokenizer of the model type
+            hf = config.get("hf_config") or {}
+            write_tokenizer_config(out, {role: hf[f"{role}_token_id"] for role in TOKENIZER_ROLES
+                                         if isinstance(hf.get(f"{role}_token_id"), int)})
     except (OSError, ValueError, TypeError, KeyError) as exc:
         print(f"fastpt convert: error: {exc}", file=sys.stderr)
         return 1

@@ -12,8 +12,9 @@ are rejected naming the key and the valid ones; defaults shown)::
                               # {backbone: {builder: ...}, objective: {name: ...}} mapping; its
                               # defaults: block (seq_len, batch_size, lr, ...) sits under this recipe
     init_from: null           # continued pre-training: a fastpt model / checkpoint directory, a
-                              # fastpt run directory (its newest good checkpoint) or a Hugging Face
-                              # model directory (config.json + safetensors, fastpt.from_hf)
+                              # fastpt run directory (its newest good checkpoint), a Hugging Face
+                              # model directory (config.json + safetensors, fastpt.from_hf) or a
+                              # `fastpt convert --from-hf` output; heads it lacks start random (logged)
     data:
       path: null              # shard directory written by `fastpt preprocess` (text), or
       images: null            # fashion-mnist | image folder | `fastpt preprocess --images` output

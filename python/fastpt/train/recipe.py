@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
+import json
 import math
 import os
 import random
@@ -32,6 +33,7 @@ import shutil
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +98,16 @@ def model_name(cfg: dict) -> str:
 
 def is_model_dir(path: Path) -> bool:
     return (path / "fastpt_config.json").is_file()
+
+
+def _config_format(path: Path) -> str | None:
+    """``format`` of ``path``'s fastpt_config.json ("fastpt-pretrain": a checkpoint; "fastpt": a ``fastpt
+    convert --from-hf`` output), None when unreadable (``from_pretrained`` then says what is wrong)."""
+    try:
+        data = json.loads((path / "fastpt_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
 
 
 class PretrainRecipe:
@@ -335,7 +347,9 @@ class PretrainRecipe:
         return model
 
     def _init_from(self, path: Path) -> nn.Module:
-        """Continued pre-training: a fastpt model / checkpoint / run directory, or a Hugging Face directory."""
+        """Continued pre-training: a fastpt model / checkpoint / run directory, a Hugging Face directory, or a
+        ``fastpt convert --from-hf`` output (loaded as ``fastpt.from_hf`` loads it). What ``from_hf`` warns
+        about (heads dropped, heads newly initialized) goes to the run's log."""
         if not path.exists():
             raise ConfigError(f"init_from: {path} does not exist")
         if not is_model_dir(path) and (path / "checkpoints").is_dir():
@@ -343,7 +357,8 @@ class PretrainRecipe:
             if latest is None:
                 raise ConfigError(f"init_from: {path} is a run directory without checkpoints")
             path = latest
-        if is_model_dir(path):
+        converted = is_model_dir(path) and _config_format(path) == "fastpt"  # fastpt convert --from-hf
+        if is_model_dir(path) and not converted:
             if (path / ckpt.MANIFEST).is_file():  # a checkpoint: the same check as --resume's
                 try:
                     ckpt.verify_checkpoint(path)
@@ -357,17 +372,23 @@ class PretrainRecipe:
                 return PretrainModel.from_pretrained(path)
             except (ValueError, TypeError, FileNotFoundError) as exc:
                 raise ConfigError(f"init_from: {exc}") from exc
-        if (path / "config.json").is_file():
+        if converted or (path / "config.json").is_file():
             objective, kwargs = "auto", {}
             if self.cfg["model"] is not None:
                 obj = dict(model_config(self.cfg["model"]).get("objective") or {})
                 objective = obj.pop("name", "auto")
                 kwargs = obj
-            self.log(f"pretrain: init_from Hugging Face checkpoint {path} (objective {objective})")
+            what = "fastpt convert --from-hf directory" if converted else "Hugging Face checkpoint"
+            self.log(f"pretrain: init_from {what} {path} (objective {objective})")
             try:
-                return from_hf(path, objective=objective, **kwargs)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    model = from_hf(path, objective=objective, **kwargs)
             except (ValueError, TypeError, FileNotFoundError) as exc:
                 raise ConfigError(f"init_from: {exc}") from exc
+            for w in caught:
+                self.log(f"pretrain: warning: init_from: {w.message}")
+            return model
         raise ConfigError(f"init_from: {path} holds neither fastpt_config.json (a fastpt model or checkpoint), "
                           "checkpoints/ (a fastpt run) nor config.json (a Hugging Face model)")
 
