@@ -101,7 +101,8 @@ LAYOUTS = {
 }
 
 
-# Sizes the interpreter cannot afford: run on a GPU only (S in 113, 203, 1000; head dims 80 to 128).
+# Sizes the interpreter cannot afford: run on a GPU only (S in 113, 203, 1000; head dims 80 to 128, which
+# test_head_dims_over_64 gives the interpreter on short layouts).
 GPU_LAYOUTS = {
     "causal_1000": batch_docs([1000, 1000], [0, 0], 1000),
     "padded_203": batch_docs([203, 113, 1], [203, 113, 1], 203),
@@ -211,6 +212,16 @@ def test_long_sequences_on_gpu(layout, dim, heads, kv_heads, dtype, device):
         pytest.skip("too slow for the Triton interpreter")
     check_all(layout, dtype, device, dim=dim, heads=heads, kv_heads=kv_heads, seed=11)
     check_all(layout, dtype, device, dim=dim, heads=heads, kv_heads=kv_heads, seed=12, dropout_p=0.1, key=3)
+
+
+@pytest.mark.parametrize("dim, layout, dtype, dropout_p", [
+    (80, "packed_prefix", torch.float32, 0.0), (96, "prefix", torch.float16, 0.0),
+    (128, "padded_causal", torch.float32, 0.0), (96, "packed_causal", torch.bfloat16, 0.2),
+    (128, "none", torch.float16, 0.0)], ids=str)
+def test_head_dims_over_64(dim, layout, dtype, dropout_p, device):
+    """Head dims past one 64-wide BLOCK_D on short layouts, so the interpreter runs them too (only the
+    GPU test had D > 64: a store that dropped the columns past 64 passed every CPU run)."""
+    check_all(layout, dtype, device, dim=dim, heads=2, kv_heads=1, seed=13, dropout_p=dropout_p, key=0x51ED270B)
 
 
 @pytest.mark.parametrize("scale", [-0.7, 0.0, 2.5])

@@ -43,9 +43,11 @@ def _to(obj, device, dtype=None):
     return obj
 
 
-def _grads(fn, tensors, dtype, device="cpu"):
-    """Loss and gradients (on the CPU) of fn(*tensors) with the leaves cast to dtype on device."""
-    leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_(True) for t in tensors]
+def _grads(fn, tensors, dtype, device="cpu", scalar_dtype=None):
+    """Loss and gradients (on the CPU) of fn(*tensors) with the leaves cast to dtype on device (0-dim
+    leaves, the temperature or logit_scale, to ``scalar_dtype`` when given)."""
+    leaves = [t.detach().to(device=device, dtype=scalar_dtype if scalar_dtype and t.dim() == 0 else dtype)
+              .requires_grad_(True) for t in tensors]
     loss = fn(*leaves)
     loss.backward()
     return [loss.detach().cpu()] + [leaf.grad.cpu() for leaf in leaves]
@@ -61,10 +63,12 @@ def _assert_rule(name, got, ref64, ref_lowp, unit, ulps=8.0):
     assert err <= 2 * err_lowp + floor, f"{name}: error {err:.3e} > 2 * {err_lowp:.3e} + {floor:.1e}"
 
 
-def _check(kernel_fn, ref_fn, tensors, dtype, names, device="cpu"):
+def _check(kernel_fn, ref_fn, tensors, dtype, names, device="cpu", scalar_dtype=None):
+    """``scalar_dtype``: the dtype of a 0-dim leaf (temperature, logit_scale) in the low-precision runs, float32
+    for a float32 parameter with bf16 embeddings (the reference math stays in ``dtype`` then)."""
     ref64 = _grads(ref_fn, tensors, torch.float64)
-    ref_lowp = _grads(ref_fn, tensors, dtype, device)  # the same math in the kernel's dtype and device
-    got = _grads(kernel_fn, tensors, dtype, device)
+    ref_lowp = _grads(ref_fn, tensors, dtype, device, scalar_dtype)  # the same math in the kernel's dtype and device
+    got = _grads(kernel_fn, tensors, dtype, device, scalar_dtype)
     assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     unit = max(1.0, abs(ref64[0].item()))
     for name, g, r, rl in zip(["loss"] + names, got, ref64, ref_lowp):
@@ -124,11 +128,16 @@ OPTIONS = _options()
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("dtype", LOWP)
 def test_info_nce_options(device, backend, option, dtype):
+    """Loss, embedding gradients and d loss / d temperature of every option, the temperature a float32 tensor
+    (a learnable parameter beside bf16 embeddings). It was a Python float here, so the SupCon positives' share
+    of its gradient (labels) and the queue's went unchecked: a zeroed positive term (45% off) passed."""
     kwargs, n, m = OPTIONS[option]
+    kwargs = dict(kwargs)
+    temp = torch.tensor(kwargs.pop("temperature"), dtype=torch.float64)
     q, k = _rand((n, 24), 10), _rand((m, 24), 11)
-    _check(lambda a, b: info_nce(a, b, backend=backend, **_to(kwargs, a.device, a.dtype)),
-           lambda a, b: info_nce_reference(a, b, **_to(kwargs, a.device, a.dtype)), [q, k], dtype,
-           ["grad_query", "grad_key"], device)
+    _check(lambda a, b, t: info_nce(a, b, temperature=t, backend=backend, **_to(kwargs, a.device, a.dtype)),
+           lambda a, b, t: info_nce_reference(a, b, temperature=t, **_to(kwargs, a.device, a.dtype)), [q, k, temp],
+           dtype, ["grad_query", "grad_key", "grad_temperature"], device, scalar_dtype=torch.float32)
 
 
 def test_queue_gets_no_gradient_and_matters():
@@ -168,6 +177,26 @@ def test_clip_loss(device, backend, dtype):
                [img, txt, ls], dtype, ["grad_image", "grad_text", "grad_logit_scale"], device)
 
 
+@pytest.mark.parametrize("device,backend", GRID, ids=IDS)
+@pytest.mark.parametrize("dtype", LOWP)
+def test_clip_loss_with_labels(device, backend, dtype):
+    """Several captions per image (a labels pair): loss, embedding gradients and d loss / d logit_scale (a
+    float32 parameter) against the materialised SupCon loss at temperature 1 / min(exp(logit_scale), 100).
+    The logit_scale gradient through the positives' term (``_ClassMeanLogit``) was never compared."""
+    n, m, d = 21, 45, 40
+    img_cls = torch.randperm(n, generator=torch.Generator().manual_seed(52))
+    txt_cls = torch.cat([torch.arange(n), torch.randint(0, n, (m - n,), generator=torch.Generator().manual_seed(53))])
+    labels = (img_cls.to(device), txt_cls.to(device))
+    img, txt = _rand((n, d), 54), _rand((m, d), 55)
+    for logit_scale in (math.log(1 / 0.07), math.log(150.0)):  # the second is clamped at 100: no gradient
+        ls = torch.tensor(logit_scale, dtype=torch.float64)
+        _check(lambda a, b, s: clip_loss(a, b, s, labels=labels, backend=backend),
+               lambda a, b, s: info_nce_reference(a, b, temperature=1 / s.exp().clamp(max=100.0), labels=labels,
+                                                  symmetric=True, normalize=True),
+               [img, txt, ls], dtype, ["grad_image", "grad_text", "grad_logit_scale"], device,
+               scalar_dtype=torch.float32)
+
+
 def test_clip_loss_clamped_scale_has_zero_gradient():
     ls = torch.tensor(math.log(150.0), requires_grad=True)
     clip_loss(torch.randn(6, 8), torch.randn(6, 8), ls).backward()
@@ -179,9 +208,12 @@ def test_float16(device, backend):
     n = 29 if _small(backend) else 150
     q, k = _rand((n, 64), 60), _rand((n, 64), 61)
     labels = torch.randint(0, 9, (n,), generator=torch.Generator().manual_seed(62))
-    _check(lambda a, b: info_nce(a, b, labels=labels.to(a.device), symmetric=True, normalize=True, backend=backend),
-           lambda a, b: info_nce_reference(a, b, labels=labels.to(a.device), symmetric=True, normalize=True), [q, k],
-           torch.float16, ["grad_query", "grad_key"], device)
+    temp = torch.tensor(0.1, dtype=torch.float64)  # a float32 parameter
+    _check(lambda a, b, t: info_nce(a, b, temperature=t, labels=labels.to(a.device), symmetric=True, normalize=True,
+                                    backend=backend),
+           lambda a, b, t: info_nce_reference(a, b, temperature=t, labels=labels.to(a.device), symmetric=True,
+                                              normalize=True), [q, k, temp],
+           torch.float16, ["grad_query", "grad_key", "grad_temperature"], device, scalar_dtype=torch.float32)
 
 
 def test_float64_runs_on_reference_and_is_exact():

@@ -155,6 +155,45 @@ def test_reference_is_torch_cross_entropy(reduction, smoothing):
     assert (lse[~keep] == 0).all()
 
 
+@pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_z_loss_is_the_palm_formula(device, backend, reduction):
+    """z_loss as the docstring defines it: each non-ignored row's loss (label smoothing included) gains
+    ``z_loss * logsumexp(logits)**2`` (PaLM), "mean" divides by the non-ignored rows. Checked, with the
+    gradients, against that formula written here (F.linear + logsumexp in float64): every other z_loss
+    check compares with ``lce.reference``, so a definition shared by it and the kernels went unchecked.
+    float64 where the backend takes it (to 1e-10), else float32 under the rule (the formula in float32
+    as the baseline)."""
+    data = _data(97, 17, 33, 0.5, poison=False)
+    y = data[3].to(device)
+    z, smoothing = 0.05, 0.2
+
+    def formula(h, w, b, z=z):
+        logits = F.linear(h, w, b)
+        keep = y != -100
+        rows = F.cross_entropy(logits, y, reduction="none", label_smoothing=smoothing)  # 0 at ignored rows
+        rows = torch.where(keep, rows + z * torch.logsumexp(logits, dim=-1) ** 2, 0.0)
+        return {"none": rows, "sum": rows.sum(), "mean": rows.sum() / keep.sum()}[reduction]
+
+    def grads(fn, dtype, inputs=data):
+        h, w, b = (x.to(device=device, dtype=dtype).requires_grad_() for x in inputs[:3])
+        loss = fn(h, w, b)
+        loss.backward(_grad_out(loss.numel()).to(device, dtype).reshape(loss.shape))
+        return [x.detach().double().cpu() for x in (loss, h.grad, w.grad, b.grad)]
+
+    kernel = lambda h, w, b: linear_cross_entropy(h, w, y, bias=b, reduction=reduction,  # noqa: E731
+                                                  label_smoothing=smoothing, z_loss=z, backend=backend)
+    names = ("loss", "grad_hidden", "grad_weight", "grad_bias")
+    if backend != "triton":  # float64 (Triton's softmax is float32)
+        for name, got, want in zip(names, grads(kernel, torch.float64), grads(formula, torch.float64)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    else:
+        _assert_rule(grads(kernel, torch.float32), grads(formula, torch.float64, _rounded(data, torch.float32)),
+                     grads(formula, torch.float32), names)
+    without_z = grads(lambda h, w, b: formula(h, w, b, z=0.0), torch.float64)[0]
+    assert (grads(formula, torch.float64)[0] - without_z).abs().max() > 0.1  # the z term is not negligible here
+
+
 @pytest.mark.parametrize("device,backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_many_chunks(device, backend, dtype, monkeypatch):
