@@ -115,7 +115,7 @@ def test_interrupted_demo_resumes_from_a_periodic_checkpoint(tmp_path, shards600
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(out, minutes=2, evaluate=False, log=log, **TINY)
+        run(out, minutes=30, evaluate=False, log=log, **TINY)  # stopped at step 120 by log, whatever the load
     saved = sorted(p.name for p in (out / "pretrain" / "checkpoints").iterdir())
     assert saved == [f"step-{SAVE_EVERY:08d}"], saved
     # demo_main says where it can resume from (a KeyboardInterrupt traceback before)

@@ -36,9 +36,10 @@ def _batch(pad_id):
     return ids.masked_fill(mask == 0, pad_id), mask
 
 
-def _assert_close(got, want, valid):
+def _assert_close(got, want, valid, *, relative=False):
     diff = (got - want)[valid].abs().max().item()
-    assert diff <= TOL, diff
+    scale = max(1.0, want[valid].abs().max().item()) if relative else 1.0
+    assert diff <= TOL * scale, (diff, scale)
 
 
 def _round_trip(model, backbone, heads, config, path):
@@ -292,7 +293,8 @@ def test_minilm_matches_transformers_and_exports(minilm_dir, tmp_path):
     with torch.no_grad():
         backbone.eval()
         h = backbone(enc["input_ids"], enc["attention_mask"], token_type_ids=enc["token_type_ids"]).last_hidden_state
-        _assert_close(h, back(**enc).last_hidden_state, enc["attention_mask"].bool())
+        # after training steps the states grow past 1: float32 rounding (and its thread-count dependence) scale
+        _assert_close(h, back(**enc).last_hidden_state, enc["attention_mask"].bool(), relative=True)
 
 
 def test_convert_cli_round_trip(minilm_dir, tmp_path, capsys):
