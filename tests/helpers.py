@@ -35,3 +35,12 @@ def spawn_ranks(fn, args: tuple, nprocs: int, timeout_s: float = 180.0) -> None:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"distributed workers did not finish within {timeout_s:g} s")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

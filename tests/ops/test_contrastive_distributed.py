@@ -7,14 +7,13 @@ different numbers of rows, so the padded all-gather is exercised too.
 """
 import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from fastpt.ops import clip_loss, info_nce, nt_xent
-from tests.helpers import spawn_ranks, usable_backends
+from tests.helpers import free_port, spawn_ranks, usable_backends
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD = 2
@@ -94,16 +93,11 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    spawn_ranks(_worker, (_free_port(), str(out)), WORLD)
+    spawn_ranks(_worker, (free_port(), str(out)), WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -2,7 +2,6 @@
 them) against one process on the combined batch: SimCLR, MoCo v3 and CLIP all-gather their negatives, DINO
 all-reduces its center."""
 import os
-import socket
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.distributed as dist
 
 from fastpt.assemble import build
 from fastpt.train import distributed as fdist
-from tests.helpers import spawn_ranks
+from tests.helpers import free_port, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD, B = 2, 8
@@ -114,16 +113,11 @@ def _worker(rank, port, out_dir):
         fdist.cleanup(d)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
-    spawn_ranks(_worker, (_free_port(), str(out)), WORLD)
+    spawn_ranks(_worker, (free_port(), str(out)), WORLD)
     return _one_process(), [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -3,7 +3,6 @@ ranks): 2 gloo processes give what one process gives on the combined batch. Each
 micro-batch before, so SimCLR's and MoCo v3's projectors trained another model on N ranks (SimCLR's "global
 BN", MoCo v3's SyncBatchNorm)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 from fastpt.assemble import build
 from fastpt.train import distributed as fdist
-from tests.helpers import spawn_ranks
+from tests.helpers import free_port, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD, B = 2, 8
@@ -79,14 +78,9 @@ def _worker(rank, port, out_dir):
         fdist.cleanup(d)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_ranks_normalise_as_one_process_on_the_combined_batch(tmp_path):
-    spawn_ranks(_worker, (_free_port(), str(tmp_path)), WORLD)
+    spawn_ranks(_worker, (free_port(), str(tmp_path)), WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     want = _one_process()
     close = dict(rtol=1e-10, atol=1e-12)
