@@ -25,6 +25,7 @@ Checkpoint directory (``save_pretrained``):
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import json
 import os
@@ -137,30 +138,30 @@ class PretrainModel(nn.Module):
         allowed = self.batch_keys()
         if allowed is None and self.objective is not None:
             needs = set(getattr(self.objective, "needs", ()))
-            switches = [k for k in batch if k in _MODE_SWITCHES and k not in needs
-                        and k in (_forward_params(self.backbone) or ())]
-            if switches:
-                these = "this argument" if len(switches) == 1 else "these arguments"
-                raise TypeError(f"{', '.join(switches)}: the {type(self.objective).__name__} objective runs the "
-                                f"backbone itself and does not take {these}; call "
-                                f"model.backbone(..., {switches[0]}=...) for the backbone's output")
+            self._refuse_backbone_args([k for k in batch if k in _MODE_SWITCHES and k not in needs])
             return
         unknown = [k for k in batch if allowed is not None and k not in allowed]
         if not unknown:
             return
         if self.objective is not None:
             what = f"the {type(self.objective).__name__} objective"
-            own = [k for k in unknown if k in (_forward_params(self.backbone) or ())]
-            if own:
-                raise TypeError(f"{', '.join(own)}: {what} runs the backbone itself and does not take "
-                                f"{'this argument' if len(own) == 1 else 'these arguments'}; call "
-                                f"model.backbone(..., {own[0]}=...) for the backbone's output")
+            self._refuse_backbone_args(unknown)
         else:
             what = f"a {type(getattr(self.backbone, '_orig_mod', self.backbone)).__name__} backbone without objective"
         hint = ("; labels need an objective (this model has none: build it with one for a loss)"
                 if self.objective is None and "labels" in unknown else "")
         raise TypeError(f"{', '.join(unknown)}: unknown batch key{'s' if len(unknown) > 1 else ''} for {what}; it "
                         f"takes {', '.join(sorted(allowed))}{hint}")
+
+    def _refuse_backbone_args(self, keys) -> None:
+        """TypeError naming those of ``keys`` that are the backbone's own arguments, which the objective (it
+        runs the backbone itself) would not pass on."""
+        own = [k for k in keys if k in (_forward_params(self.backbone) or ())]
+        if own:
+            these = "this argument" if len(own) == 1 else "these arguments"
+            raise TypeError(f"{', '.join(own)}: the {type(self.objective).__name__} objective runs the backbone "
+                            f"itself and does not take {these}; call model.backbone(..., {own[0]}=...) for the "
+                            f"backbone's output")
 
     def _encode(self, batch: dict):
         from .two_tower import TwoTower
@@ -342,9 +343,16 @@ def _atomic_write(dest: Path, write: Callable[[Path], object]) -> None:
 
 def _forward_params(module: nn.Module) -> tuple[str, ...] | None:
     """Names ``module.forward`` takes by keyword (a ``torch.compile`` wrapper's: the wrapped module's); None
-    when it also takes ``**kwargs``."""
-    module = getattr(module, "_orig_mod", module)
-    params = inspect.signature(module.forward).parameters.values()
+    when it also takes ``**kwargs``. Read once per forward function: every training step asks."""
+    forward = getattr(module, "_orig_mod", module).forward
+    return _keyword_params(getattr(forward, "__func__", forward))
+
+
+@functools.lru_cache(maxsize=64)
+def _keyword_params(forward) -> tuple[str, ...] | None:
+    params = list(inspect.signature(forward).parameters.values())
+    if params and params[0].name == "self":  # the unbound function of a method
+        params = params[1:]
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))

@@ -374,20 +374,25 @@ def top1_accuracy(query: torch.Tensor, key: torch.Tensor, *, target_offset: int 
     return hits / max(n, 1)
 
 
+def multi_rank() -> bool:
+    """Whether torch.distributed runs with more than one rank."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 @torch.no_grad()
 def gathered_keys(key: torch.Tensor, gather: bool) -> tuple[torch.Tensor, int | None]:
     """``(every rank's rows of key in rank order, this rank's first row in them)`` when ``gather`` and
     torch.distributed runs with several ranks (no gradient; ranks may hold different counts), else
     ``(key, None)``: ``top1_accuracy(..., key_offset=)``'s inputs, so a gathered loss's accuracy is found
     among the candidates of the loss (every rank's), as one process on the combined batch finds it."""
-    dist = torch.distributed
-    if not gather or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not gather or not multi_rank():
         return key, None
     from ..ops.contrastive import _gather_rows, _sizes
 
-    group = dist.group.WORLD
+    group = torch.distributed.group.WORLD
     sizes = _sizes(key.shape[0], group, key.device)
-    return _gather_rows(key.detach().contiguous(), sizes, group), sum(sizes[: dist.get_rank()])
+    return _gather_rows(key.detach().contiguous(), sizes, group), sum(sizes[: torch.distributed.get_rank()])
 
 
 def global_gradient(loss: torch.Tensor, gather: bool) -> torch.Tensor:
@@ -396,10 +401,9 @@ def global_gradient(loss: torch.Tensor, gather: bool) -> torch.Tensor:
     multiplied by the world size, its value unchanged: DDP and FSDP average gradients over ranks, so N
     ranks then train with the gradient one process computes on the combined batch (else 1/N of it).
     ``loss`` itself without gather or on one rank."""
-    dist = torch.distributed
-    if not gather or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not gather or not multi_rank():
         return loss
-    extra = loss * (dist.get_world_size() - 1)
+    extra = loss * (torch.distributed.get_world_size() - 1)
     return loss + (extra - extra.detach())  # value: loss + 0 exactly; gradient: world_size x
 
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (Objective, ObjectiveOutput, check_first_pooling, check_images, choice, cosine_schedule, ema_update,
-                   fraction, frozen_copy, mlp, per_image_tokens, pool, positive, require, seeded, view_area)
+                   fraction, frozen_copy, mlp, multi_rank, per_image_tokens, pool, positive, require, seeded,
+                   view_area)
 from .simclr import ViewAugment, fit_crop_sizes, vision_tokens
 
 
@@ -220,10 +221,9 @@ class DINO(Objective):
         pending, self._center_pending = self._center_pending, None
         total, rows = pending if pending is not None else (self.center.new_zeros(self.center.shape,
                                                                               dtype=self._sum_dtype()), 0)
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if multi_rank():
             box = torch.cat([total.reshape(-1), total.new_tensor([rows])])
-            dist.all_reduce(box)
+            torch.distributed.all_reduce(box)
             total, rows = box[:-1].view_as(self.center), float(box[-1])
         if rows:
             self.center.mul_(self.center_momentum).add_(total / rows, alpha=1 - self.center_momentum)

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..ops import nt_xent
 from .base import (Objective, ObjectiveOutput, check_first_pooling, check_images, choice, fraction, gathered_keys,
-                   global_gradient, mlp, per_image_tokens, pool, positive, require, seeded, top1_accuracy, view_area)
+                   global_gradient, mlp, multi_rank, per_image_tokens, pool, positive, require, seeded, top1_accuracy,
+                   view_area)
 
 # ITU-R 601 luma weights for 3-channel images; other channel counts use the plain channel mean.
 RGB_LUMA = (0.299, 0.587, 0.114)
@@ -126,10 +127,7 @@ def fit_crop_sizes(backbone: nn.Module, sizes) -> None:
 
 def gather_default(gather: bool | None) -> bool:
     """``gather=None``: all-gather negatives when torch.distributed runs with more than one rank."""
-    if gather is not None:
-        return bool(gather)
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return bool(gather) if gather is not None else multi_rank()
 
 
 class SimCLR(Objective):
