@@ -226,3 +226,25 @@ def test_top1_accuracy_among_gathered_keys():
     gathered = torch.cat(ranks)
     parts = [hits(ranks[r], gathered, target_offset=4, exclude_self=True, key_offset=8 * r) for r in range(2)]
     assert sum(parts) == pytest.approx(whole) and 0 < whole < 16
+
+
+@pytest.mark.parametrize("name", ["mlm", "clm", "nsp", "sop"])
+def test_heads_follow_the_backbones_initializer_range(name):
+    """A backbone built with its own initializer_range gets heads initialised with it (BERT inits every
+    Linear of BertForPreTraining with the config's std); the NSP / SOP pair classifier is BERT-initialised
+    too (it kept torch's default Linear init); a weight tied to the embedding is not drawn again."""
+    from fastpt.models import text_encoder
+    kw = {"mlm": dict(mask_token_id=3), "clm": {}}.get(name, dict(cls_token_id=1, sep_token_id=2, mask_token_id=3))
+    for std in (0.02, 0.3):
+        torch.manual_seed(0)
+        backbone = text_encoder(vocab_size=4000, hidden_size=96, num_layers=1, num_heads=2, initializer_range=std)
+        table = backbone.embeddings.word_embeddings.weight.detach().clone()
+        obj = OBJECTIVES[name].from_backbone(backbone, **kw)
+        assert torch.equal(backbone.embeddings.word_embeddings.weight, table)
+        mats = {n: p for n, p in obj.named_parameters() if p.dim() == 2}
+        assert mats
+        for n, p in mats.items():
+            assert abs(p.std().item() / std - 1) < 0.1 or p is backbone.embeddings.word_embeddings.weight, (n, std)
+        for n, p in obj.named_parameters():
+            if p.dim() == 1 and "layer_norm" not in n:
+                assert not p.any(), n  # biases start at 0

@@ -92,3 +92,13 @@ def test_bad_inputs_name_the_argument():
         obj(backbone, text_batch())
     with pytest.raises(TypeError, match="prefix_lens"):
         obj.prepare({**text_batch(), "prefix_lens": torch.ones(3)}, seed=0)
+
+
+def test_labels_drop_exactly_the_padded_positions():
+    """lm_labels reads the mask itself, not a length: a left-padded batch's labels keep its real tokens and
+    ignore its padding (they were [0, 0, 11, -100, -100]: padding as targets, real tokens dropped); the
+    model's forward then refuses left padding by name."""
+    from fastpt.objectives.clm import lm_labels
+    ids = torch.tensor([[0, 0, 11, 12, 13], [11, 12, 13, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert lm_labels(ids, mask).tolist() == [[-100, -100, 11, 12, 13], [11, 12, 13, -100, -100]]

@@ -375,7 +375,10 @@ class TransformerLayer(nn.Module):
         return norm(x + self.dropout(fn(x)))
 
 
-def init_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
+DEFAULT_INIT_STD = 0.02  # BERT's initializer_range: every builder's and head's default
+
+
+def init_weights(module: nn.Module, std: float = DEFAULT_INIT_STD) -> nn.Module:
     """BERT-style initialisation for pre-training from scratch: normal(0, std) weights (Linear, Conv,
     Embedding with its padding row zeroed, the fused q/k/v weight, learned cls / mask tokens and
     position tables), zero biases, unit norms. Returns ``module``."""

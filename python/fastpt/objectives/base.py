@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.layers import DEFAULT_INIT_STD, init_weights
 from ..nn.attention import check_padding_mask, padding_to_seqlens
 from ..ops._rng import check_seed  # the masking ops' seed check; the objectives import it from here
 
@@ -70,6 +71,8 @@ class Objective(nn.Module):
     batch_keys: tuple[str, ...] | None = None
     # Heads shared with Hugging Face checkpoints: fastpt.models.from_hf's head name -> submodule path.
     hf_heads: dict[str, str] = {}
+    # Other BERT-initialised heads (submodule paths) that ``init_heads`` also initialises.
+    other_heads: tuple[str, ...] = ()
 
     def __init__(self):
         super().__init__()
@@ -87,7 +90,28 @@ class Objective(nn.Module):
                 check_backbone_size(name, kwargs, getattr(backbone, name))
         obj = cls(**kwargs)
         obj.attach(backbone)
+        std = (getattr(backbone, "config", None) or {}).get("initializer_range")
+        if std is not None and float(std) != DEFAULT_INIT_STD:
+            obj.init_heads(float(std))
         return obj
+
+    def init_heads(self, std: float) -> None:
+        """Initialise the text heads (``hf_heads`` and ``other_heads``: MLM / LM heads, pooler, pair
+        classifier) as BERT does with ``initializer_range`` ``std``: weights normal(0, std), biases 0,
+        norms 1. A weight tied to the backbone's embedding is left as it is. ``from_backbone`` calls it with
+        the backbone's own ``initializer_range`` when that is not the heads' default 0.02."""
+        std = positive("std", std)
+        with torch.no_grad():
+            for head in [*self.heads().values(), *(self.get_submodule(p) for p in self.other_heads
+                                                    if _has_submodule(self, p))]:
+                for m in head.modules():
+                    if isinstance(m, (nn.Linear, nn.LayerNorm)):
+                        init_weights(m, std)
+                    elif hasattr(m, "tied"):  # MLMHead / LMHead: their own (V, E) matrix and bias
+                        if not m.tied:
+                            m.weight.normal_(0.0, std)
+                        if m.bias is not None:
+                            m.bias.zero_()
 
     def attach(self, backbone: nn.Module) -> None:
         """Tie heads to / copy teachers from ``backbone`` (no-op here). Idempotent."""
@@ -125,6 +149,14 @@ class Objective(nn.Module):
         ("backbone"; an encoder-decoder's "encoder" / "decoder"; two towers' "text" / "vision") and, as
         "heads", through the objective's trainable matrices. Default: both once."""
         return {"backbone": 1.0, "heads": 1.0}
+
+    def loss_weight(self, batch: dict) -> torch.Tensor | None:
+        """How many targets the loss of a prepared ``batch`` is a mean over (a 0-dim integer tensor), or
+        None when every batch weighs the same (a mean over rows or patches of fixed-size batches, or a loss
+        of several parts). The recipe weighs each micro-batch and rank by it, so that ``grad_accum`` and
+        several ranks give the gradient and the loss of one batch holding all of them (a token mean over
+        the whole step), whatever the number of masked / target tokens in each part."""
+        return None
 
     def tokens_in(self, batch: dict) -> int:
         """Tokens in ``batch``: the attention mask's sum, else the number of input ids."""
@@ -328,11 +360,12 @@ def pool(h: torch.Tensor, how: str, attention_mask: torch.Tensor | None = None) 
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, num_layers: int = 2, norm: str | None = "batch",
-        activation: str = "relu", last_norm: bool = False) -> nn.Sequential:
+        activation: str = "relu", last_norm: bool = False, last_bias: bool | None = None) -> nn.Sequential:
     """``num_layers`` Linear layers with norm + activation between them (SimCLR / MoCo v3 / DINO MLPs).
 
     norm: "batch" (BatchNorm1d), "layer" or None. last_norm: an affine-free BatchNorm after the
-    last layer (MoCo v3's projector).
+    last layer (MoCo v3's projector). last_bias: whether the last Linear has a bias (default: not
+    before ``last_norm``; MoCo v3's ``_build_mlp`` has none on any layer, its predictor's last included).
     """
     for name, v in (("num_layers", num_layers), ("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
         positive(name, v, integer=True)
@@ -346,7 +379,7 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, num_layers: int = 2, norm
             layers.append(nn.LayerNorm(hidden_dim))
         layers.append(act())
         dim = hidden_dim
-    layers.append(nn.Linear(dim, out_dim, bias=not last_norm))
+    layers.append(nn.Linear(dim, out_dim, bias=(not last_norm) if last_bias is None else bool(last_bias)))
     if last_norm:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)

@@ -42,15 +42,28 @@ def token_positions(input_ids: torch.Tensor, attention_mask=None, cu_seqlens=Non
 
 
 def lm_labels(input_ids: torch.Tensor, attention_mask=None, cu_seqlens=None, prefix: torch.Tensor | None = None):
-    """Labels aligned with ``input_ids``: the id itself, -100 at padding, at each packed document's
+    """Labels aligned with ``input_ids``: the id itself, -100 at padding (wherever ``attention_mask`` is 0:
+    also right for a left-padded batch, which the model's forward then refuses), at each packed document's
     first token and (prefix-LM) inside the prefix. ``prefix``: per token, its row's prefix length."""
     pos, length = token_positions(input_ids, attention_mask, cu_seqlens)
-    drop = pos >= length
+    drop = pos >= length if attention_mask is None else attention_mask == 0
     if cu_seqlens is not None:
         drop |= pos == 0
     if prefix is not None:
         drop |= pos < prefix
     return input_ids.to(torch.int64).masked_fill(drop, -100)
+
+
+def next_token_targets(labels: torch.Tensor, cu_seqlens=None, packed: bool = False) -> torch.Tensor:
+    """The targets of positions ``0 .. n-2`` for labels aligned with the ids: ``labels[:, 1:]`` per row, or
+    ``labels[1:]`` over one packed stream (``packed``), where a document's first label is never a target."""
+    if not packed:
+        return labels[:, 1:]
+    labels = labels.reshape(-1)
+    if cu_seqlens is not None:
+        labels = labels.clone()
+        labels[cu_seqlens[:-1].to(labels.device, torch.int64).clamp(max=labels.numel() - 1)] = -100
+    return labels[1:]
 
 
 def text_ids(batch: dict) -> torch.Tensor:
@@ -121,19 +134,22 @@ class CausalLM(Objective):
         logits = self.head(h) if want_logits(batch, self.return_logits) else None
         return ObjectiveOutput(loss, metrics, logits, h)
 
+    def loss_weight(self, batch: dict) -> torch.Tensor | None:
+        """The next-token targets the loss averages over (labels not -100 after the shift)."""
+        labels = batch.get("labels")
+        if labels is None:
+            return None
+        cu = batch.get("cu_seqlens")
+        return (next_token_targets(labels, cu, cu is not None or labels.dim() == 1) != -100).sum()
+
     def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor, cu_seqlens=None) -> tuple[torch.Tensor, dict]:
         """Shifted LM loss of ``h`` ``(B, S, D)`` / packed ``(T, D)`` against aligned ``labels``."""
         if labels.shape != h.shape[:-1]:
             raise ValueError(f"labels: expected shape {tuple(h.shape[:-1])} (the token shape), "
                              f"got {tuple(labels.shape)}")
-        if cu_seqlens is not None or h.dim() == 2:  # packed: one stream; a document's first label is never a target
-            h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-            if cu_seqlens is not None:
-                labels = labels.clone()
-                labels[cu_seqlens[:-1].to(labels.device, torch.int64).clamp(max=labels.numel() - 1)] = -100
-            hs, ys = h[:-1], labels[1:]
-        else:
-            hs, ys = h[:, :-1], labels[:, 1:]
+        packed = cu_seqlens is not None or h.dim() == 2
+        hs = h.reshape(-1, h.shape[-1])[:-1] if packed else h[:, :-1]
+        ys = next_token_targets(labels, cu_seqlens, packed)
         # Every position, the -100 ones included: the fused loss skips ignored rows itself (one
         # device sync to count them), where selecting them here would read the mask on the host
         # in the forward and again in the backward.

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..ops import linear_cross_entropy, mlm_mask
 from ..ops.linear_cross_entropy import labelled_rows
+from ..ops.mlm_mask import number_words
 from ..models.heads import MLMHead
 from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_ids, check_seed, encode_text, fraction, head_accuracy,
                    positive, require, want_logits)
@@ -38,8 +39,7 @@ def _word_runs(word_ids, ids: torch.Tensor, cu_seqlens) -> torch.Tensor:
         starts = cu_seqlens[:-1].to(device=w.device, dtype=torch.int64)
         starts = starts[(starts >= 0) & (starts < w.numel())]
         start.view(-1)[starts] |= inside.view(-1)[starts]
-    runs = torch.cumsum(start, dim=-1) - 1
-    return torch.where(inside, runs, torch.full_like(runs, -1)).reshape(ids.shape)
+    return number_words(start, inside).reshape(ids.shape)
 
 
 class MLM(Objective):
@@ -142,6 +142,10 @@ class MLM(Objective):
         loss, metrics = self.loss_from_hidden(h, batch["labels"])
         logits = self.head(h) if want_logits(batch, self.return_logits) else None
         return ObjectiveOutput(loss, metrics, logits, h)
+
+    def loss_weight(self, batch: dict) -> torch.Tensor | None:
+        """The masked tokens the loss averages over."""
+        return None if batch.get("labels") is None else (batch["labels"] != -100).sum()
 
     def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """MLM loss of states ``h`` ``(..., D)`` against ``labels`` ``(...)`` (-100: not masked).

@@ -10,6 +10,8 @@ trained one: ``theta_m = m theta_m + (1 - m) theta``, with ``m`` rising from ``b
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,10 +73,18 @@ class MoCoV3(Objective):
                                    brightness=brightness, contrast=contrast, saturation=saturation,
                                    grayscale_prob=grayscale_prob)
         self.projector = mlp(hidden_size, proj_hidden_dim, proj_dim, num_layers=proj_layers, last_norm=True)
-        self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, num_layers=2)
+        self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, last_bias=False)  # as _build_mlp
         self.momentum_projector = frozen_copy(self.projector)
         self.momentum_backbone: nn.Module | None = None
         self.gather, self.log_accuracy, self.patch_size = gather, log_accuracy, patch_size
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "predictor.3.bias"
+        if key in state_dict:  # saved before the predictor's last layer lost its bias (MoCo v3 has none)
+            bias = state_dict.pop(key)
+            warnings.warn(f"MoCoV3: the checkpoint's predictor has a last-layer bias (norm {float(bias.norm()):.3g}), "
+                          "which MoCo v3's predictor does not have; it is dropped", stacklevel=2)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def attach(self, backbone: nn.Module) -> None:
         """Make the momentum backbone: a frozen copy of ``backbone`` (once), after checking ``crop_size``

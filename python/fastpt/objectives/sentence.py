@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.heads import Pooler
+from ..models.layers import init_weights
 from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_ids, check_seed, check_token_id, encode_text,
                    positive, require, row_lengths, seeded, upcast)
 from .mlm import MLM
@@ -82,6 +83,7 @@ class _SentencePair(Objective):
     needs = ("input_ids",)
     label_key = ""
     hf_heads = {"pooler": "pooler", "mlm": "mlm.head"}
+    other_heads = ("classifier",)  # SOP's (ALBERT's checkpoints keep theirs out of fastpt's conversion)
 
     # NSP and SOP share this signature (assemble reads it as their config schema); see NSP's docstring.
     def __init__(self, *, hidden_size: int, cls_token_id: int, sep_token_id: int, pad_token_id: int = 0,
@@ -97,7 +99,7 @@ class _SentencePair(Objective):
             check_token_id(name, v, vocab_size)
         self.cls_token_id, self.sep_token_id, self.pad_token_id = cls_token_id, sep_token_id, pad_token_id
         self.pooler = Pooler(hidden_size)
-        self.classifier = nn.Linear(hidden_size, 2)
+        self.classifier = init_weights(nn.Linear(hidden_size, 2))  # BERT's: normal(0, 0.02), bias 0
         self.mlm = None
         if mask_token_id is not None:
             if vocab_size is None:

@@ -111,6 +111,10 @@ class _Seq2SeqLM(Objective):
     def _extra_metrics(self, batch, sel, hm, y, lse) -> dict:
         return {}
 
+    def loss_weight(self, batch: dict) -> torch.Tensor | None:
+        """The target tokens the loss averages over."""
+        return None if batch.get("labels") is None else (batch["labels"] != -100).sum()
+
     def _shares(self) -> tuple[float, float]:
         """(encoder, decoder) tokens per raw token: span corruption at noise density d, mean span m keeps
         1 - d of the row plus a sentinel per span (d / m) for the encoder, the d noise plus as many

@@ -36,6 +36,18 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 MAX_SPECIAL_IDS = 64  # the kernels compare with at most this many ids; longer lists are folded into ``blocked``
 
 
+def number_words(word_start: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Word index per token for ``mlm_mask(word_ids=...)``: a new word begins at every position where
+    ``word_start`` and ``inside`` are both true, runs are numbered 0, 1, ... along the last dimension,
+    and tokens outside words (``inside`` false: special tokens, padding) get -1. Tokens inside a word
+    before the row's first start also get -1 (no word has begun). The collator and the MLM objective
+    both renumber their word ids with it, so ids that restart (pairs, packed documents) never tie two
+    words together."""
+    inside = inside.bool()
+    words = torch.cumsum((word_start.bool() & inside).to(torch.int64), dim=-1) - 1
+    return torch.where(inside & (words >= 0), words, torch.full_like(words, -1))
+
+
 def _special_ids(special_token_ids) -> list[int]:
     """``special_token_ids`` as sorted distinct ints: None, an iterable of ints, or an integer tensor
     of at most one dimension. TypeError / ValueError naming the argument otherwise (a bare int, a

@@ -27,7 +27,8 @@ are rejected naming the key and the valid ones; defaults shown)::
       image_size: null        # resize images to this side (null: as stored)
     train:
       batch_size: 32          # rows per device per micro-step
-      grad_accum: 1           # micro-steps per optimizer step (gradients all-reduced on the last only)
+      grad_accum: 1           # micro-steps per optimizer step (gradients all-reduced on the last only; token-mean
+                              # losses weigh each micro-batch by its targets: the loss of one big batch)
       max_steps: null         # stop after this many optimizer steps ...
       max_tokens: null        # ... or this many tokens (patches for images), over all ranks ...
       max_time_s: null        # ... or this many seconds of training (over resumes), whichever first
@@ -36,7 +37,8 @@ are rejected naming the key and the valid ones; defaults shown)::
       betas: [0.9, 0.999]
       eps: 1.0e-8
       warmup_steps: 0         # linear warmup
-      schedule: cosine        # cosine | linear | constant after the warmup
+      schedule: cosine        # cosine | linear | constant after the warmup; it decays over the run to the
+                              # first of max_steps and max_tokens (converted to steps) it reaches
       min_lr_ratio: 0.1       # final lr / peak lr
       clip_grad: 1.0          # max gradient norm (null: no clipping)
       precision: auto         # auto (bf16 where the device multiplies it natively: a CUDA GPU with bf16

@@ -12,13 +12,19 @@ One optimizer step::
     for micro in range(grad_accum):
         batch = model.prepare(next(data), seed=step_seed(seed, step, micro, rank))   # masks, views
         with no_sync unless last micro, autocast(bf16 / fp16):
-            loss = model(**batch).loss / grad_accum
+            loss = model(**batch).loss / grad_accum       # or x its share of the step's targets (below)
         scaler.scale(loss).backward()
     clip_grad_norm_(params, clip_grad); optimizer.step(); model.on_step_end(step)
 
+Objectives whose loss is a mean over a varying number of targets (MLM's masked tokens, CLM's and T5's
+target tokens: ``Objective.loss_weight``) prepare the step's micro-batches first and weigh each one's
+loss by its share of the targets of the whole step on every rank (one all-reduce of a count), so that
+``grad_accum`` and several ranks give the gradient and the loss of one batch holding them all (the
+token mean, not the mean of per-micro-batch means); the others scale by ``1 / grad_accum``.
+
 Everything random is a function of the recipe's seed, the step and the checkpointed RNG
-states, so ``--resume`` after a kill continues bit for bit on the CPU. Loss and metrics are
-averaged over micro-steps and ranks (each micro-batch and rank weighs the same).
+states, so ``--resume`` after a kill continues bit for bit on the CPU. The logged loss and the
+objective's metrics are the same weighted means over the window's micro-steps and ranks.
 """
 from __future__ import annotations
 
@@ -510,19 +516,21 @@ class PretrainRecipe:
         self.log(f"pretrain: resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
 
     def _total_steps(self, per_row: float | None = None) -> int | None:
-        """The schedule's length: max_steps, else max_tokens over the tokens of one step: rows of
-        ``per_row`` tokens (default: the data's mean sample, which for ``data.mode: doc`` counts each
-        document's own tokens as the run does, not seq_len; patches per image for images)."""
+        """The schedule's length: the first limit the run reaches of max_steps and max_tokens over the
+        tokens of one step: rows of ``per_row`` tokens (default: the data's mean sample, which for
+        ``data.mode: doc`` counts each document's own tokens as the run does, not seq_len; patches per
+        image for images). With both set, the schedule decays by the one that stops the run."""
         t = self.cfg["train"]
+        steps = []
         if t["max_steps"] is not None:
-            return t["max_steps"]
+            steps.append(t["max_steps"])
         if t["max_tokens"] is not None:
             if per_row is None:
                 per_row = (self.data.dataset.mean_sample_tokens() if isinstance(self.data, TextStream)
                            else self.model.backbone.num_patches)
             per_step = t["batch_size"] * t["grad_accum"] * self.dist.world_size * per_row
-            return math.ceil(t["max_tokens"] / per_step)
-        return None
+            steps.append(math.ceil(t["max_tokens"] / per_step))
+        return min(steps) if steps else None
 
     # ================================================================== train
     def to_device(self, raw: dict) -> dict:
@@ -566,19 +574,23 @@ class PretrainRecipe:
                        schedule=t["schedule"], min_lr_ratio=t["min_lr_ratio"])
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            local_tokens = 0
+            local_tokens, pending, weighted = 0, [], False
             for micro in range(accum):
                 raw = next(batches)
                 local_tokens += self.model.tokens_in(raw)
-                batch = self.model.prepare(self.to_device(raw), seed=step_seed(seed, step, micro, rank))
-                with distributed.sync_gradients(self.wrapped, micro == accum - 1), self.autocast:
-                    output = self.wrapped(**batch)
-                    loss = output.loss / accum
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-                loss_sum += torch.stack([output.loss.detach().float(), loss_sum.new_ones(())])
-                for k, v in (output.metrics or {}).items():
-                    s = metric_sums.setdefault(k, [0.0, 0])
-                    s[0], s[1] = s[0] + v.detach().float(), s[1] + 1
+                pending.append(self.model.prepare(self.to_device(raw), seed=step_seed(seed, step, micro, rank)))
+                if micro == 0:
+                    weighted = self.model.objective.loss_weight(pending[0]) is not None
+                if not weighted:  # every micro-batch weighs the same: run it now
+                    self._micro_step(pending.pop(), micro, 1.0 / accum, None, metric_sums)
+            if weighted:  # a mean over targets: weigh each micro-batch by its targets over the whole step's
+                counts = torch.stack([self.model.objective.loss_weight(b) for b in pending]).to(self.device,
+                                                                                              torch.float32)
+                total = distributed.all_reduce(counts.sum(), self.dist).clamp(min=1.0)
+                for micro, batch in enumerate(pending):
+                    self._micro_step(batch, micro, counts[micro] * self.dist.world_size / total, counts[micro],
+                                     metric_sums)
+            del pending
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t["clip_grad"] if t["clip_grad"] else math.inf)
@@ -600,8 +612,9 @@ class PretrainRecipe:
                 stop = float(getattr(self, "stop_signal", None) is not None)
                 mean_loss = distributed.all_reduce(torch.cat([loss_sum, loss_sum.new_tensor([stop])]), self.dist)
                 self._stop_agreed = bool(mean_loss[2] > 0)
-                loss_value = float(mean_loss[0] / mean_loss[1])
-                if not math.isfinite(loss_value):
+                # a window whose micro-batches had no targets at all (MLM on a few tiny documents) logs NaN
+                loss_value = float(mean_loss[0] / mean_loss[1]) if float(mean_loss[1]) > 0 else math.nan
+                if not math.isfinite(loss_value) and float(mean_loss[1]) > 0:
                     raise FloatingPointError(f"pretrain: the loss is {loss_value} at step {self.step}; lower train.lr, "
                                              "raise train.warmup_steps or use precision bf16 instead of fp16")
                 rate = (self.tokens - tokens_log) / max(t_now - t_log, 1e-9)
@@ -620,6 +633,24 @@ class PretrainRecipe:
             if out["save_every"] and self.step % out["save_every"] == 0:
                 self.save()
         self.t_end = now()
+
+    def _micro_step(self, batch: dict, micro: int, factor, count, metric_sums: dict) -> None:
+        """Forward and backward of one prepared micro-batch, its loss scaled by ``factor``: ``1 / grad_accum``,
+        or (an objective with ``loss_weight``) its ``count`` targets times the world size over the targets of
+        the whole step on every rank, so that the ranks' averaged, accumulated gradient is the gradient of
+        the token mean over the step's combined batch. The window's sums of the loss and of the objective's
+        metrics (loss parts, accuracies over the same targets) are weighted alike."""
+        accum = self.cfg["train"]["grad_accum"]
+        loss_sum = self.window[0]
+        with distributed.sync_gradients(self.wrapped, micro == accum - 1), self.autocast:
+            output = self.wrapped(**batch)
+            loss = output.loss * factor
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        weight = loss_sum.new_ones(()) if count is None else count  # no targets (loss 0): adds nothing
+        loss_sum += torch.stack([output.loss.detach().float() * weight, weight])
+        for k, v in (output.metrics or {}).items():
+            s = metric_sums.setdefault(k, [0.0, 0.0])
+            s[0], s[1] = s[0] + v.detach().float() * weight, s[1] + weight
 
     def _global_tokens(self, local: int) -> int:
         """This step's tokens over all ranks; also carries the time-limit decision of rank 0."""
@@ -705,7 +736,7 @@ class PretrainRecipe:
         tensors, plain = ckpt.rng_state()
         loss_sum, metric_sums = getattr(self, "window", (None, {}))
         window = {"loss": [float(x) for x in loss_sum.tolist()] if loss_sum is not None else [0.0, 0.0],
-                  "metrics": {k: [float(v), int(n)] for k, (v, n) in metric_sums.items()}}
+                  "metrics": {k: [float(v), float(n)] for k, (v, n) in metric_sums.items()}}
         gathered = distributed.gather_object((tensors, plain, window), self.dist)
         path = None
         if self.dist.is_main:
@@ -735,7 +766,7 @@ class PretrainRecipe:
     def _mean_metrics(self, metric_sums: dict) -> dict:
         """The objective's metrics averaged over the window's micro-steps and every rank (rank 0 gets them;
         a gather of plain numbers, so ranks whose metric names differ cannot deadlock a collective)."""
-        local = {k: (float(s), n) for k, (s, n) in metric_sums.items()}
+        local = {k: (float(s), float(n)) for k, (s, n) in metric_sums.items()}
         gathered = distributed.gather_object(local, self.dist) if self.dist.enabled else [local]
         if gathered is None:  # not rank 0: nothing to log
             return {}
@@ -744,7 +775,7 @@ class PretrainRecipe:
             for k, (s, n) in part.items():
                 acc = total.setdefault(k, [0.0, 0])
                 acc[0], acc[1] = acc[0] + s, acc[1] + n
-        return {k: s / n for k, (s, n) in sorted(total.items())}
+        return {k: s / n for k, (s, n) in sorted(total.items()) if n > 0}
 
     def _shadow(self, model_sd: dict) -> nn.Module:
         """A CPU copy of the model holding the gathered FSDP weights, for ``save_pretrained``; built under
