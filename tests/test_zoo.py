@@ -118,3 +118,25 @@ def test_real_size_matches_transformers(name, hf_class, hf_config):
         assert model.num_parameters() == expected  # the same composition, to the parameter
     else:
         assert expected - model.num_parameters() == 197 * 768 + 197 * 512
+
+
+def test_t5_small_rows_become_t5s_512_inputs_and_114_targets():
+    """T5 trains on 512 encoder inputs and 114 targets, made from 568 raw tokens (random_spans_helper(512));
+    t5-small's seq_len is that raw length (it was 512: 462 inputs, 104 targets)."""
+    from fastpt.ops.span_corrupt import span_corrupt_lengths
+    cfg = asm.load_config("t5-small")
+    obj = cfg["objective"]
+    assert span_corrupt_lengths(cfg["defaults"]["seq_len"], noise_density=obj["noise_density"],
+                                mean_span_len=obj["mean_span_len"]) == (512, 114)
+
+
+@pytest.mark.parametrize("name", ["vit-mae-tiny", "vit-mae-base"])
+def test_mae_recipe_defaults_are_the_papers(name):
+    """MAE (main_pretrain.py): cosine decay to min_lr 0, no gradient clipping. The configs resolved to
+    the recipe's min_lr_ratio 0.1 and clip_grad 1.0 while their descriptions claimed the paper's recipe."""
+    from fastpt.train.config import load_recipe
+
+    recipe = load_recipe({"model": name, "data": {"images": "fashion-mnist"}, "train": {"max_steps": 10 ** 6}},
+                         resolve_model=asm.load_config)
+    assert recipe["train"]["min_lr_ratio"] == 0.0 and recipe["train"]["clip_grad"] is None
+    assert recipe["train"]["schedule"] == "cosine" and recipe["train"]["betas"] == [0.9, 0.95]

@@ -1,6 +1,7 @@
 """span_corrupt: identical on every backend, T5's layout and counts, the right span statistics."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,11 +35,13 @@ def _binomial_ok(k, n, p, sigmas=6.0):
 
 
 def _t5_counts(L, density, mean):
-    """T5's rule in plain Python (round half to even, as tf.round), independent of the library."""
+    """T5's random_spans_noise_mask rule in numpy float32 (tf.cast(length, tf.float32) * noise_density, then
+    tf.round: half to even), independent of the library."""
     if L < 2:
         return 0, 0
-    noise = min(max(round(L * density), 1), L - 1)
-    spans = min(max(round(noise / mean), 1), noise, L - noise)
+    f32 = np.float32
+    noise = min(max(int(np.round(f32(L) * f32(density))), 1), L - 1)
+    spans = min(max(int(np.round(f32(noise) / f32(mean))), 1), noise, L - noise)
     return noise, spans
 
 
@@ -124,6 +127,20 @@ def test_lengths_match_t5_helper():
             span_corrupt_lengths(bad)
     with pytest.raises(ValueError, match="noise_density"):
         span_corrupt_lengths(lens, noise_density=[0.1, 0.2])
+
+
+def test_counts_round_in_float32_as_t5():
+    """Where float64 and T5's float32 round apart (L = 90 at 35% noise: 31.4999... vs 31.5 -> 32), the
+    counts are T5's; the whole grid of lengths and rates agrees with the float32 rule (24 cases differed)."""
+    from fastpt.ops.span_corrupt import span_counts
+    f64 = lambda v: torch.full((1,), v, dtype=torch.float64)  # noqa: E731
+    assert [int(x) for x in span_counts(torch.tensor([90]), f64(0.35), f64(3.0))] == [32, 11]
+    lens = torch.arange(0, 600)
+    for density in (0.15, 0.25, 0.35, 0.5, 0.8):
+        for mean in (2.0, 3.0, 8.0, 64.0):
+            noise, spans = span_counts(lens, f64(density).expand(600), f64(mean).expand(600))
+            want = [_t5_counts(L, density, mean) for L in lens.tolist()]
+            assert list(zip(noise.tolist(), spans.tolist())) == want, (density, mean)
 
 
 def test_statistics_noise_and_span_lengths():

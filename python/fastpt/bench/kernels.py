@@ -58,6 +58,8 @@ class Context:
     log: Callable[[str], None] = print
     machine: dict = field(default_factory=dict)
     peaks: dict = field(default_factory=dict)  # dtype name -> Peak, filled as rows ask
+    # gets each group's rows as ``measure`` finishes it (``run_kernels(on_rows=...)``): a cut keeps them
+    on_rows: Callable[[list[dict]], None] | None = None
 
     @property
     def cuda(self) -> bool:
@@ -149,7 +151,10 @@ def measure(ctx: Context, *, op: str, case: str, mode: str, shape, dtype: torch.
         rows[name] = row(name, timing=timing, mem_bytes=mem, flops=flops, units=units, unit=unit, peak=p)
         ctx.log(f"{op:<14} {case:<24} {mode:<8} {name:<16} {timing.median * 1e3:10.3f} ms"
                 + (f" {mem / 2**20:9.1f} MiB" if mem is not None else ""))
-    return [rows[name] for name in providers]
+    result = [rows[name] for name in providers]
+    if ctx.on_rows is not None:
+        ctx.on_rows(result)
+    return result
 
 
 def backend_refusal(module: str, backend: str, device: str, **inputs) -> str | None:
@@ -722,13 +727,16 @@ SUITES = {"masking": bench_masking, "dropout": bench_dropout, "attention": bench
 
 def run_kernels(ctx: Context, ops=None, on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Run the op benches named in ``ops`` (default all, cheapest first); ``on_rows`` gets each
-    op's rows as soon as they exist (so a run cut short keeps what it measured)."""
-    rows = []
+    group's rows (one case and mode: the baseline and its contenders) as soon as they exist, so a run
+    cut short keeps every case it finished, also inside an op."""
     for name in ops or SUITES:
         if name not in SUITES:
             raise ValueError(f"ops: unknown op bench {name!r}; expected some of {list(SUITES)}")
-        got = SUITES[name](ctx)
-        if on_rows is not None:
-            on_rows(got)
-        rows += got
+    rows, outer = [], ctx.on_rows
+    ctx.on_rows = on_rows
+    try:
+        for name in ops or SUITES:
+            rows += SUITES[name](ctx)
+    finally:
+        ctx.on_rows = outer
     return rows

@@ -10,8 +10,8 @@ list each sentinel followed by the tokens it replaced::
     inputs   a b <s0> e f <s1> EOS    (sentinels count down: s0 = sentinel_start_id, s1 = s0 - 1)
     targets  <s0> c d <s1> g h EOS
 
-How many tokens and spans are noise is decided on the host in float64, the same
-for every backend (T5's rule, with ``round`` half to even as ``tf.round``)::
+How many tokens and spans are noise is decided on the host in float32 as T5 does it, the
+same for every backend (T5's rule, with ``round`` half to even as ``tf.round``)::
 
     num_noise = clamp(round(L * noise_density), 1, L - 1)
     num_spans = min(max(1, round(num_noise / mean_span_len)), num_noise, L - num_noise)
@@ -105,17 +105,20 @@ def check_seqlens(seqlens, rows: int | None, cols: int | None) -> torch.Tensor:
 
 
 def span_counts(lengths: torch.Tensor, noise_density: torch.Tensor, mean_span_len: torch.Tensor):
-    """Noise tokens and noise spans per row (T5's rule, float64 on the host).
+    """Noise tokens and noise spans per row: T5's ``random_spans_noise_mask`` rule, in float32 as T5
+    computes it (``round(float32(L) * density)``, then ``round(float32(noise) / mean_span_len)``, rounding
+    half to even), so the counts are T5's also where float64 would round the other way (L = 90,
+    density 0.35: 31.5 in float32, 31.4999... in float64).
 
     Args:
         lengths: int64 ``(B,)`` valid lengths; noise_density, mean_span_len: float64 ``(B,)``.
     Returns:
         ``(num_noise, num_spans)``, int64 ``(B,)``; both 0 where ``lengths < 2``.
     """
-    L = lengths.to(torch.float64)
-    noise = torch.round(L * noise_density).clamp(min=1.0)
+    L = lengths.to(torch.float32)
+    noise = torch.round(L * noise_density.to(torch.float32)).clamp(min=1.0)
     noise = torch.minimum(noise, L - 1)
-    spans = torch.round(noise / mean_span_len).clamp(min=1.0)
+    spans = torch.round(noise / mean_span_len.to(torch.float32)).clamp(min=1.0)
     spans = torch.minimum(spans, torch.minimum(noise, L - noise))
     short = lengths < 2
     noise, spans = noise.to(torch.int64), spans.to(torch.int64)
