@@ -119,6 +119,68 @@ def test_png_without_pillow_is_a_clear_error(tmp_path, monkeypatch):
         load_image(tmp_path / "x.png")
 
 
+def _pnm_bytes(magic, samples, maxval, width):
+    """A P5 / P6 file of ``samples`` (row-major, interleaved RGB for P6), 2-byte big-endian above maxval 255."""
+    c = 1 if magic == b"P5" else 3
+    body = np.asarray(samples, dtype=">u2" if maxval > 255 else np.uint8).tobytes()
+    return magic + b"\n%d %d\n%d\n" % (width, len(samples) // (width * c), maxval) + body
+
+
+def _pillow_pnm(v, maxval, grey):
+    """Pillow's PNM decoder (PpmDecoder.decode) then 16-bit grey -> 8 bit as load_image scales it."""
+    if grey and maxval > 255:  # Pillow's mode I: round(v / maxval * 65535), then v * 255 / 65535 rounded
+        return round(min(65535, round(v / maxval * 65535)) * 255 / 65535)
+    return min(255, round(v / maxval * 255))
+
+
+@pytest.mark.parametrize("magic", [b"P5", b"P6"])
+@pytest.mark.parametrize("maxval", [1, 15, 200, 255, 256, 4095, 65535])
+def test_pnm_maxval_is_rescaled_as_pillow_does(tmp_path, magic, maxval):
+    """PGM/PPM with maxval < 255 were read unscaled (a 4-bit PGM came out 0..15: near black) and
+    16-bit ones refused, while Pillow (the resize / eval path) stretches them to 0..255."""
+    c = 1 if magic == b"P5" else 3
+    samples = np.linspace(0, maxval, 6 * 6 * c).round().astype(np.int64)  # a ramp over the levels, square image
+    if maxval < 255:
+        samples[-1] = maxval + 1  # above maxval: Pillow caps it at white
+    path = tmp_path / ("x.pgm" if c == 1 else "x.ppm")
+    path.write_bytes(_pnm_bytes(magic, samples.tolist(), maxval, 6))
+    want = np.array([_pillow_pnm(int(v), maxval, c == 1) for v in samples], dtype=np.uint8)
+    img = load_image(path)  # without Pillow
+    assert img.dtype == np.uint8 and img.shape == (c, 6, 6)
+    assert np.array_equal(img, want.reshape(6, 6, c).transpose(2, 0, 1))
+    assert img.max() == 255
+    pytest.importorskip("PIL")
+    assert np.array_equal(load_image(path, size=6), img)  # Pillow's path (same size: no resampling) agrees
+
+
+def test_bad_pnm_headers_name_the_file(tmp_path):
+    for name, data in (("zero.pgm", b"P5\n2 1\n0\n\x00\x00"), ("big.pgm", b"P5\n2 1\n70000\n" + bytes(8)),
+                       ("short.pgm", b"P5\n4 4\n255\n" + bytes(5)), ("plain.pgm", b"P2\n1 1\n255\n0\n")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=name):
+            load_image(tmp_path / name)
+
+
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    """Pillow's convert("L") clips 16-bit grey (I;16) at 255: a 0..65535 ramp came out 0 or 255."""
+    Image = pytest.importorskip("PIL.Image")
+    ramp = np.linspace(0, 65535, 7 * 7).round().astype(np.uint16).reshape(7, 7)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    with Image.open(tmp_path / "ramp.png") as im:
+        assert im.mode == "I;16"
+    want = np.array([round(int(v) * 255 / 65535) for v in ramp.ravel()], dtype=np.uint8).reshape(1, 7, 7)
+    assert np.array_equal(load_image(tmp_path / "ramp.png"), want)
+    assert np.array_equal(load_image(tmp_path / "ramp.png", channels=3), np.repeat(want, 3, 0))
+    assert np.array_equal(load_image(tmp_path / "ramp.png", size=7), want)
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "wide.tif")  # Pillow mode I (32-bit ints)
+    with Image.open(tmp_path / "wide.tif") as im:
+        assert im.mode == "I"
+    assert np.array_equal(load_image(tmp_path / "wide.tif"), want)  # values within 16 bit: the same convention
+    Image.fromarray(np.array([[0, 70000]], dtype=np.int32)).save(tmp_path / "over.tif")
+    with pytest.raises(ValueError, match=r"over\.tif.*mode I.*70000"):
+        load_image(tmp_path / "over.tif")
+
+
 def test_preprocess_folder_round_trip_and_checksums(tmp_path, image_folder):
     root, rgb, grey = image_folder
     out = tmp_path / "out"

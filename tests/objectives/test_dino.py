@@ -88,6 +88,19 @@ def test_head_is_weight_normalised():
     assert DINOHead(32, 24, norm_last_layer=False).weight_g.requires_grad
 
 
+def test_head_init_matches_dino():
+    # DINO builds last_layer after self.apply(_init_weights): nn.Linear's kaiming_uniform(a=sqrt(5)), i.e.
+    # uniform in +-1/sqrt(bottleneck_dim), rows sqrt(1/3) ~ 0.577 long (trunc_normal(0.02): 0.02 * sqrt(256) = 0.32)
+    torch.manual_seed(0)
+    head = DINOHead(32, 512, hidden_dim=64, bottleneck_dim=256)
+    rows = head.weight_v.detach().norm(dim=1)
+    assert abs(rows.mean().item() - (1 / 3) ** 0.5) < 0.01 and rows.std().item() < 0.03
+    assert head.weight_v.abs().max().item() <= 256 ** -0.5
+    assert torch.equal(head.weight_g, torch.ones(512, 1))
+    mlp = [m for m in head.mlp.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(abs(m.weight.std().item() - 0.02) < 0.002 and not m.bias.any() for m in mlp)
+
+
 def test_training_reduces_loss():
     backbone, obj = make(base_momentum=0.9)
     losses = train(obj, backbone, obj.prepare({"pixel_values": images(4)}, seed=0), steps=10)

@@ -33,6 +33,60 @@ def test_augment_is_deterministic_per_seed():
     torch.testing.assert_close(half.float(), a, rtol=1e-4, atol=1e-4)  # same draws whatever the dtype
 
 
+JITTER = dict(IDENTITY, jitter_prob=1.0, brightness=0.0, contrast=0.0, saturation=0.0)
+LUMA = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64).view(1, 3, 1, 1)
+
+
+def torchvision_blend(x01, out01, anchor):
+    """Check ``out01 == clamp(anchor + f * (x01 - anchor), 0, 1)`` (torchvision's ``_blend`` on
+    [0, 1] pixels) for one factor ``f`` per image, read off the pixels the clamp left alone; returns f."""
+    factors = []
+    for x, out, a in zip(x01, out01, anchor.expand_as(x01)):
+        free = (out > 1e-3) & (out < 1 - 1e-3) & ((x - a).abs() > 0.1)
+        f = ((out - a)[free] / (x - a)[free]).median()
+        torch.testing.assert_close(out, (a + f * (x - a)).clamp(0, 1), rtol=0, atol=2e-5)
+        factors.append(float(f))
+    return torch.tensor(factors)
+
+
+def test_jitter_matches_torchvision_color_jitter_in_minus_one_one():
+    # pixels as ImageStream feeds them (u8 / 127.5 - 1); torchvision's ColorJitter works on u8 / 255
+    u8 = torch.randint(0, 256, (16, 3, 7, 7), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    u8[:, :, 0, :3] = torch.tensor([0, 255, 128], dtype=torch.uint8)  # black, white and mid-grey everywhere
+    x01 = u8.double() / 255
+    x = x01 * 2 - 1
+
+    def view01(**kw):
+        return (ViewAugment(**{**JITTER, **kw})(x, seeded(0)) + 1) / 2
+
+    # brightness: blend with black (0), not with mid-grey: black stays black, white saturates at 1
+    f = torchvision_blend(x01, view01(brightness=0.4), torch.zeros(1, 1, 1, 1, dtype=torch.float64))
+    assert f.min() >= 0.6 - 1e-6 and f.max() <= 1.4 + 1e-6 and (f > 1.05).any() and (f < 0.95).any()
+    # contrast: blend with the image's mean grayscale value, clamped
+    mean = (x01 * LUMA).sum(1, keepdim=True).mean((1, 2, 3), keepdim=True)
+    f = torchvision_blend(x01, view01(contrast=0.4), mean)
+    assert (f > 1.05).any() and (f < 0.95).any()
+    # saturation: blend with the per-pixel grayscale, clamped
+    f = torchvision_blend(x01, view01(saturation=0.4), (x01 * LUMA).sum(1, keepdim=True))
+    assert (f > 1.05).any() and (f < 0.95).any()
+    # one channel: saturation is the identity (torchvision returns 1-channel images unchanged)
+    torch.testing.assert_close(ViewAugment(**{**JITTER, "saturation": 0.4})(x[:, :1], seeded(0)), x[:, :1])
+
+
+def test_value_range_moves_black_and_white():
+    # the same views of the same picture stored as [0, 1] or [-1, 1] pixels
+    x01 = images(8, 3, 16, seed=2)
+    kw = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_prob=1.0, brightness=0.8, contrast=0.8, saturation=0.8)
+    a = ViewAugment(**kw, value_range=(0.0, 1.0))(x01, seeded(5))
+    b = ViewAugment(**kw)(x01 * 2 - 1, seeded(5))
+    torch.testing.assert_close(a, (b + 1) / 2, rtol=0, atol=1e-5)
+    assert a.min() == 0 and a.max() == 1  # clamped to the range at both ends
+    with pytest.raises(ValueError, match="value_range"):
+        ViewAugment(value_range=(1.0, -1.0))
+    with pytest.raises(ValueError, match="value_range"):
+        ViewAugment(value_range=(0.0,))
+
+
 def make(**kw):
     backbone = tiny_vit()
     return backbone, SimCLR.from_backbone(backbone, **{**SMALL, **kw})
@@ -56,7 +110,7 @@ def test_loss_matches_reference_nt_xent():
 
 def test_gradients_and_training():
     backbone, obj = make()
-    batch = obj.prepare({"pixel_values": images(6)}, seed=0)
+    batch = obj.prepare({"pixel_values": images(6) * 2 - 1}, seed=0)  # ImageStream's range, [-1, 1]
     obj(backbone, batch).loss.backward()
     assert {"0.patch_embed.cls_token", "1.projector.0.weight", "1.projector.3.weight"} <= with_grad(backbone, obj)
     backbone, obj = make()

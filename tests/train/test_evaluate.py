@@ -494,6 +494,68 @@ def test_cli_vision_on_a_folder(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+VIT16 = {"builder": "vit", "image_size": 16, "patch_size": 4, "in_channels": 1, "hidden_size": 32, "num_layers": 2,
+         "num_heads": 2, "intermediate_size": 48}
+
+
+def _two_backbone_checkpoint(path, objective):
+    """A saved model whose objective keeps a second backbone, made to differ from the trained one."""
+    from fastpt.assemble import build
+
+    torch.manual_seed(0)
+    model = build({"backbone": VIT16, "objective": objective})
+    second = getattr(model.objective, "teacher_backbone", None) or model.objective.momentum_backbone
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(path)
+    return model.backbone, second
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_dino_evaluates_the_teacher_moco_the_online_encoder(tmp_path, capsys):
+    """DINO's eval_knn.py / eval_linear.py evaluate the EMA teacher (--checkpoint_key teacher), MoCo v3's
+    main_lincls.py the base (online) encoder. load_backbone returned the student for both."""
+    from fastpt.train.evaluate import load_backbone
+
+    student, teacher = _two_backbone_checkpoint(tmp_path / "dino", {"name": "dino", "out_dim": 24,
+                                                                    "head_hidden_dim": 16, "bottleneck_dim": 8})
+    assert not _same(student, teacher)
+    assert _same(load_backbone(tmp_path / "dino"), teacher)
+    assert _same(load_backbone(tmp_path / "dino", weights="teacher"), teacher)
+    assert _same(load_backbone(tmp_path / "dino", weights="student"), student)
+    online, momentum = _two_backbone_checkpoint(tmp_path / "moco", {"name": "moco_v3", "proj_dim": 8,
+                                                                    "proj_hidden_dim": 16})
+    assert _same(load_backbone(tmp_path / "moco"), online)
+    assert _same(load_backbone(tmp_path / "moco", weights="teacher"), momentum)
+    from fastpt.assemble import build
+
+    build({"backbone": VIT16}).save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="teacher.*plain"):
+        load_backbone(tmp_path / "plain", weights="teacher")
+    with pytest.raises(ValueError, match="weights"):
+        load_backbone(tmp_path / "dino", weights="ema")
+    with pytest.raises(ValueError, match="weights"):
+        load_backbone(tmp_path / "dino", from_scratch=True, weights="teacher")
+    # the CLI says which weights it evaluated, in the table and the JSON
+    x, y = _prototype_images(24)
+    for i, (img, label) in enumerate(zip(x, y)):
+        _write_pgm(tmp_path / "imgs" / f"class{label}" / f"{i}.pgm", img[0])
+    common = ["--data", str(tmp_path / "imgs"), "--k", "3", "--probe", "knn", "--device", "cpu"]
+    for args, want in (([], {"teacher", "random"}), (["--weights", "student"], {"student", "random"})):
+        out = tmp_path / f"{want}.json"
+        assert eval_main(["vision", "--model", str(tmp_path / "dino"), *args, "--baseline", *common,
+                          "--out", str(out)]) == 0
+        assert "weights" in capsys.readouterr().out
+        assert {r["weights"] for r in json.loads(out.read_text())["results"].values()} == want
+    assert eval_main(["vision", "--model", str(tmp_path / "dino"), "--from-scratch", "--weights", "teacher",
+                      *common]) == 1
+    assert "--weights teacher" in capsys.readouterr().err
+
+
 def test_vision_too_few_images_to_split(tmp_path, capsys):
     """One image per class held out nothing: RuntimeError 'max(): Expected reduction dim ...' from
     num_classes over the empty test side. Now a ValueError naming the data and what it needs."""

@@ -3,7 +3,10 @@ array format ``fastpt preprocess --images`` writes.
 
 Every dataset yields ``(image, label)`` with ``image`` a uint8 tensor (C, H, W) and
 ``label`` an int (-1 for unlabelled images). Folder images are read with Pillow when it is
-installed; binary PGM/PPM (P5/P6, 8-bit) are read without it. Fashion-MNIST comes from the
+installed; binary PGM/PPM (P5/P6, 8- or 16-bit) are read without it, scaled to 8 bit as Pillow
+scales them (``_read_pnm``), so both paths give the same pixels. 16-bit greyscale (Pillow modes
+``I;16`` / ``I``: 16-bit PNG, TIFF, PGM) is scaled to 8 bit, ``round(v * 255 / 65535)``, not
+clipped at 255 as Pillow's ``convert("L")`` does. Fashion-MNIST comes from the
 Debian package ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``), which
 installs the gzipped IDX files under ``/usr/share/datasets/fashion-mnist``.
 
@@ -126,7 +129,25 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], l
     return files, labels, classes
 
 
+def _scale_16_to_8(values: np.ndarray) -> np.ndarray:
+    """16-bit samples (0..65535) -> uint8, ``round(v * 255 / 65535)`` (never a tie: 65535 = 255 * 257)."""
+    return np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+
+
+def _pnm_scale(values: np.ndarray, maxval: int, out_max: int) -> np.ndarray:
+    """Pillow's PNM decoder: ``min(out_max, round(v / maxval * out_max))`` (round half to even, as Python's)."""
+    return np.minimum(out_max, np.round(values.astype(np.float64) / maxval * out_max))
+
+
 def _read_pnm(path: Path) -> np.ndarray:
+    """A binary PGM (P5) / PPM (P6) as uint8 (C, H, W), without Pillow; the same pixels Pillow gives.
+
+    Samples are scaled to 8 bit as Pillow's PNM decoder does: ``round(v / maxval * 255)`` (capped at
+    255) for maxval other than 255 (fewer levels, e.g. 15, stretched to 0..255) and for 16-bit PPM
+    (maxval 256..65535, two big-endian bytes a sample); 16-bit PGM goes as Pillow's mode ``I``,
+    ``round(v / maxval * 65535)``, then to 8 bit as every 16-bit grey image (``_scale_16_to_8``).
+    Raises ValueError naming the file for another format, a maxval outside 1..65535 or missing data.
+    """
     data = path.read_bytes()
     fields, pos = [], 0
     while len(fields) < 4:  # magic, width, height, maxval separated by whitespace and comments
@@ -141,10 +162,20 @@ def _read_pnm(path: Path) -> np.ndarray:
         fields.append(data[pos:end])
         pos = end
     magic, w, h, maxval = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
-    if magic not in (b"P5", b"P6") or maxval > 255:
-        raise ValueError(f"{path}: only binary 8-bit PGM (P5) / PPM (P6) are read without Pillow")
+    if magic not in (b"P5", b"P6"):
+        raise ValueError(f"{path}: only binary PGM (P5) / PPM (P6) are read without Pillow, got {magic!r}")
+    if not 0 < maxval <= 65535:
+        raise ValueError(f"{path}: PNM maxval must be in 1..65535, got {maxval}")
     c = 1 if magic == b"P5" else 3
-    pixels = np.frombuffer(data[pos + 1:pos + 1 + w * h * c], dtype=np.uint8)
+    dtype = np.dtype(">u2" if maxval > 255 else np.uint8)
+    count = w * h * c
+    pixels = np.frombuffer(data[pos + 1:pos + 1 + count * dtype.itemsize], dtype=dtype)
+    if pixels.size != count:
+        raise ValueError(f"{path}: {pixels.size} samples, the header says {w} x {h} x {c} (truncated file)")
+    if maxval > 255 and c == 1:
+        pixels = _scale_16_to_8(pixels if maxval == 65535 else _pnm_scale(pixels, maxval, 65535))
+    elif maxval != 255:
+        pixels = _pnm_scale(pixels, maxval, 255).astype(np.uint8)
     return pixels.reshape(h, w, c).transpose(2, 0, 1).copy()
 
 
@@ -159,10 +190,12 @@ def check_image_args(channels: int | None, size: int | None, size_name: str = "s
 
 def load_image(path: str | os.PathLike, *, channels: int | None = None, size: int | None = None) -> np.ndarray:
     """One image as uint8 (C, H, W); ``channels`` 1 (grey) or 3 (RGB) converts, ``size`` resizes
-    to size x size (bicubic, Pillow). PGM/PPM load without Pillow.
+    to size x size (bicubic, Pillow). PGM/PPM load without Pillow. 16-bit grey images (Pillow modes
+    ``I;16*``, and ``I`` with values in 0..65535) are scaled to 8 bit, ``round(v * 255 / 65535)``.
 
-    Raises ImportError (Pillow needed and missing), ValueError / OSError (unreadable), TypeError /
-    ValueError naming ``channels`` / ``size`` for a value outside the above.
+    Raises ImportError (Pillow needed and missing), ValueError / OSError (unreadable; a mode ``I``
+    image with values outside 0..65535, naming the file), TypeError / ValueError naming
+    ``channels`` / ``size`` for a value outside the above.
     """
     check_image_args(channels, size)
     path = Path(path)
@@ -178,7 +211,14 @@ def load_image(path: str | os.PathLike, *, channels: int | None = None, size: in
         raise ImportError(f"{path}: reading {path.suffix or 'this'} images (or resizing) needs Pillow: "
                           "pip install pillow (PGM/PPM files load without it)") from exc
     with Image.open(path) as im:
-        mode = {1: "L", 3: "RGB", None: "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"}[channels]
+        if im.mode == "I" or im.mode.startswith("I;16"):
+            # Pillow's convert("L") clips these at 255 (a 16-bit image turns nearly binary): scale instead
+            values = np.asarray(im)
+            if im.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+                raise ValueError(f"{path}: Pillow mode I (32-bit integer) pixels span {values.min()}..{values.max()}; "
+                                 f"only 16-bit values (0..65535) are scaled to 8 bit")
+            im = Image.fromarray(_scale_16_to_8(values))
+        mode = {1: "L", 3: "RGB", None: "L" if im.mode in ("L", "1") else "RGB"}[channels]
         im = im.convert(mode)
         if size is not None:
             im = im.resize((size, size), Image.BICUBIC)

@@ -16,6 +16,8 @@ centred with the same center. The teacher temperature warms up linearly from
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,13 @@ class DINOHead(nn.Module):
     MLP (``num_layers`` Linear + GELU, no norm) to ``bottleneck_dim``, L2 normalisation, then a
     bias-free weight-normalised linear layer ``g * v / ||v||`` (row-wise). With ``norm_last_layer``
     the gains ``g`` stay fixed at 1 (DINO's default for ViT).
+
+    Initialisation as DINO's ``DINOHead``: the MLP's Linear layers trunc_normal(0.02) with zero
+    biases (its ``self.apply(_init_weights)``); the last layer is built after that, so ``v`` keeps
+    ``nn.Linear``'s default init (kaiming_uniform, ``a = sqrt(5)``: uniform in
+    ``+-1 / sqrt(bottleneck_dim)``, rows about ``sqrt(1/3)`` long) and ``g`` is filled with 1. The
+    length of ``v``'s rows sets the step size of their direction (the gradient through
+    ``v / ||v||`` scales as ``1 / ||v||``).
     """
 
     def __init__(self, in_dim: int, out_dim: int, *, hidden_dim: int = 2048, bottleneck_dim: int = 256,
@@ -44,7 +53,7 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.weight_v = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default, as DINO's last_layer
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +76,8 @@ class DINO(Objective):
             224 / 96: a ViT (``PatchEmbedding``) then runs each crop size on its own resized position
             table (``attach`` turns on ``patch_embed.dynamic_size``); sizes must tile into patches.
         global_crop_scale, local_crop_scale: crop area ranges.
-        flip_prob, jitter_prob, brightness, contrast, saturation, grayscale_prob: ``ViewAugment``.
+        flip_prob, jitter_prob, brightness, contrast, saturation, grayscale_prob, value_range:
+            ``ViewAugment`` (``value_range``: the inputs' black and white, ``(-1, 1)`` from ``ImageStream``).
         pooling: "first" (CLS token; ValueError at ``attach`` for a ViT without one) or "mean".
         patch_size: the backbone's patch size, for ``tokens_in``.
 
@@ -87,7 +97,7 @@ class DINO(Objective):
                  local_crop_scale: tuple[float, float] = (0.05, 0.4),
                  flip_prob: float = 0.5, jitter_prob: float = 0.8, brightness: float = 0.4, contrast: float = 0.4,
                  saturation: float = 0.2, grayscale_prob: float = 0.2, pooling: str = "first",
-                 patch_size: int | None = None):
+                 patch_size: int | None = None, value_range: tuple[float, float] = (-1.0, 1.0)):
         super().__init__()
         positive("hidden_size", hidden_size, integer=True)
         positive("out_dim", out_dim, integer=True)
@@ -108,7 +118,7 @@ class DINO(Objective):
         self.num_local_crops = positive("num_local_crops", num_local_crops, integer=True, allow_zero=True)
         self.pooling = choice("pooling", pooling, ("first", "mean"))
         jitter = dict(flip_prob=flip_prob, jitter_prob=jitter_prob, brightness=brightness, contrast=contrast,
-                      saturation=saturation, grayscale_prob=grayscale_prob)
+                      saturation=saturation, grayscale_prob=grayscale_prob, value_range=value_range)
         self.global_augment = ViewAugment(size=global_crop_size, scale=global_crop_scale, **jitter)
         self.local_augment = ViewAugment(size=local_crop_size, scale=local_crop_scale, **jitter)
         self.head = DINOHead(hidden_size, out_dim, hidden_dim=head_hidden_dim, bottleneck_dim=bottleneck_dim,

@@ -7,7 +7,14 @@ random grayscale (luma for RGB, the channel mean otherwise). Gaussian blur and s
 not applied. Crops that would leave the image are clamped to it (torchvision retries instead),
 and bilinear sampling reflects at the border. Every random number is drawn from a CPU
 ``torch.Generator`` seeded with ``seed``, so a batch's views are a pure function of (pixels, seed)
-on any device. Values are not clamped: inputs may be normalised or not in [0, 1].
+on any device.
+
+The jitter follows torchvision's ``ColorJitter`` on pixels whose black is ``lo`` and white ``hi``
+of ``value_range`` (default ``(-1, 1)``, what ``fastpt.train.data.ImageStream`` yields; torchvision
+works on ``[0, 1]``): brightness scales towards black, ``lo + f (x - lo)``; contrast blends with the
+image's mean grayscale value, ``m + f (x - m)``; saturation blends with the per-pixel grayscale,
+``y + f (x - y)``; each result is clamped to ``value_range`` as torchvision clamps to ``[0, 1]``.
+Unlike torchvision the three are applied in that fixed order, not a random permutation.
 MoCo v3 and DINO reuse ``ViewAugment``.
 """
 from __future__ import annotations
@@ -50,11 +57,15 @@ class ViewAugment:
         jitter_prob: probability of colour jitter; brightness, contrast, saturation: its strengths
             (factors uniform in ``[1 - s, 1 + s]``).
         grayscale_prob: probability of replacing all channels by the luma.
+        value_range: ``(black, white)`` pixel values of the inputs, which should lie in it:
+            brightness scales towards ``black`` and the colour steps clamp to the range, as
+            torchvision does for ``(0, 1)`` (a pixel outside it is clamped too). The default
+            ``(-1, 1)`` is what ``ImageStream`` produces (``x / 127.5 - 1``).
     """
 
     def __init__(self, *, size: int | None = None, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5,
                  jitter_prob: float = 0.8, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
-                 grayscale_prob: float = 0.2):
+                 grayscale_prob: float = 0.2, value_range=(-1.0, 1.0)):
         if size is not None:
             positive("size", size, integer=True)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
@@ -67,6 +78,10 @@ class ViewAugment:
         self.strength = tuple(fraction(n, v) for n, v in
                               (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)))
         self.grayscale_prob = fraction("grayscale_prob", grayscale_prob)
+        if (len(value_range) != 2 or not all(math.isfinite(v) for v in value_range)
+                or not value_range[0] < value_range[1]):
+            raise ValueError(f"value_range: expected finite (black, white) with black < white, got {value_range!r}")
+        self.value_range = tuple(map(float, value_range))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One random view of each image: ``(B, C, H, W)`` -> ``(B, C, size, size)``, same dtype/device."""
@@ -94,11 +109,14 @@ class ViewAugment:
         x = F.grid_sample(work, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         shape = (b, 1, 1, 1)
         bright, contrast, sat = (f.to(dev, work.dtype).view(shape) for f in factors)
-        x = x * bright
+        lo, hi = self.value_range
+        # torchvision's adjust_brightness / _contrast / _saturation: blend with black, the mean
+        # grayscale value, the per-pixel grayscale; clamp to the value range after each.
+        x = ((x - lo) * bright + lo).clamp(lo, hi)
         mean = grayscale(x).mean((1, 2, 3), keepdim=True)
-        x = (x - mean) * contrast + mean
+        x = ((x - mean) * contrast + mean).clamp(lo, hi)
         luma = grayscale(x)
-        x = (x - luma) * sat + luma
+        x = ((x - luma) * sat + luma).clamp(lo, hi)
         x = torch.where(gray.to(dev).view(shape), grayscale(x).expand_as(x), x)
         return x.to(dt)
 
@@ -143,7 +161,8 @@ class SimCLR(Objective):
         crop_size: side of the views (None: the input's size); crop_scale: crop area range. A side
             other than a ViT's image size turns on its ``patch_embed.dynamic_size`` (``attach``) and
             must tile into its patches.
-        flip_prob, jitter_prob, brightness, contrast, saturation, grayscale_prob: see ``ViewAugment``.
+        flip_prob, jitter_prob, brightness, contrast, saturation, grayscale_prob, value_range: see
+            ``ViewAugment`` (``value_range``: the inputs' black and white, ``(-1, 1)`` from ``ImageStream``).
         gather: all-gather negatives across ranks (None: when torch.distributed runs with > 1 rank). The
             gradient is then world_size x this rank's share of the global batch's (``global_gradient``):
             averaged by DDP / FSDP, N ranks train as one process on the combined batch.
@@ -162,7 +181,7 @@ class SimCLR(Objective):
                  crop_scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5, jitter_prob: float = 0.8,
                  brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
                  grayscale_prob: float = 0.2, gather: bool | None = None, log_accuracy: bool = True,
-                 patch_size: int | None = None):
+                 patch_size: int | None = None, value_range: tuple[float, float] = (-1.0, 1.0)):
         super().__init__()
         positive("hidden_size", hidden_size, integer=True)
         for name, v in (("proj_dim", proj_dim), ("proj_hidden_dim", proj_hidden_dim), ("proj_layers", proj_layers)):
@@ -171,7 +190,7 @@ class SimCLR(Objective):
         self.pooling = choice("pooling", pooling, ("first", "mean"))
         self.augment = ViewAugment(size=crop_size, scale=crop_scale, flip_prob=flip_prob, jitter_prob=jitter_prob,
                                    brightness=brightness, contrast=contrast, saturation=saturation,
-                                   grayscale_prob=grayscale_prob)
+                                   grayscale_prob=grayscale_prob, value_range=value_range)
         self.projector = mlp(hidden_size, proj_hidden_dim, proj_dim, num_layers=proj_layers)
         self.gather, self.log_accuracy, self.patch_size = gather, log_accuracy, patch_size
 

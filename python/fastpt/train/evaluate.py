@@ -13,6 +13,12 @@ logistic regression on standardised features, full-batch L-BFGS) and a weighted 
 ``fastpt.train.probes``), on fashion-mnist, an image folder (``root/<class>/*.png``;
 ``root/train`` + ``root/test`` when split) or the output of ``fastpt preprocess --images``.
 
+Which weights: objectives that keep a second copy of the backbone are evaluated as their reference
+evaluates them (``select_weights``): DINO's EMA teacher (DINO's eval_knn.py / eval_linear.py default to
+``--checkpoint_key teacher``, and the paper reports the teacher), MoCo v3's base (online) encoder,
+not the momentum one (its main_lincls.py loads ``base_encoder``). ``--weights teacher|student``
+picks one; the result says which (``weights``).
+
 The baseline that shows pre-training helps is the same architecture with random weights:
 ``load_backbone(dir, from_scratch=True)`` / ``fastpt eval ... --from-scratch`` (or ``--baseline``
 for both rows from one command, same data, same seed).
@@ -23,6 +29,7 @@ left as it was); the backbone given to ``evaluate_text`` is copied, never traine
     fastpt eval text --model runs/bert-mini --task python-docs-topics --baseline
     fastpt eval text --model DIR --train train.tsv [--test test.tsv] [--freeze]
     fastpt eval vision --model runs/mae --data fashion-mnist --train-limit 10000 [--probe knn]
+    fastpt eval vision --model runs/dino --data fashion-mnist [--weights student]
 """
 from __future__ import annotations
 
@@ -54,6 +61,7 @@ from .probes import classification_metrics, knn_predict, linear_probe, standardi
 from .recipe import resolve_precision
 
 PROBES = ("linear", "knn", "both")
+WEIGHTS = ("auto", "teacher", "student")
 POOLINGS = ("mean", "first", "last")
 CHECKPOINT_FILES = ("fastpt_config.json", "model.safetensors")
 
@@ -109,33 +117,81 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return max(found, key=order)
 
 
-def load_backbone(path: str | os.PathLike, *, from_scratch: bool = False, seed: int = 0) -> nn.Module:
+def select_weights(model: nn.Module, weights: str = "auto", *, where: str = "model") -> tuple[nn.Module, str]:
+    """The backbone of ``model`` (a ``PretrainModel``) to evaluate, and which it is: "teacher",
+    "student", or "backbone" when the objective keeps no second copy of it.
+
+    Second copies: DINO's EMA teacher (``teacher_backbone``), MoCo v3's momentum encoder
+    (``momentum_backbone``), self-distillation's frozen teacher (``teacher``). ``weights="auto"``
+    picks what the method's reference evaluates: DINO's teacher (eval_knn.py / eval_linear.py
+    ``--checkpoint_key teacher``; the paper's numbers are the teacher's), MoCo v3's base (online)
+    encoder (main_lincls.py loads ``base_encoder``), the distilled student. "teacher" / "student"
+    force one. Raises ValueError naming ``weights`` and ``where`` for an unknown choice, or
+    "teacher" when the objective keeps none.
+    """
+    from ..objectives import DINO, MoCoV3, SelfDistillation
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
+    objective = getattr(model, "objective", None)
+    teacher, default = None, "student"
+    if isinstance(objective, DINO):
+        teacher, default = objective.teacher_backbone, "teacher"
+    elif isinstance(objective, MoCoV3):
+        teacher = objective.momentum_backbone
+    elif isinstance(objective, SelfDistillation):
+        teacher = objective.teacher
+    if teacher is None:
+        if weights == "teacher":
+            raise ValueError(f"weights: teacher: {where} has no teacher backbone (its objective, "
+                             f"{type(objective).__name__ if objective is not None else 'none'}, keeps no EMA / "
+                             f"momentum / distillation copy); use student or auto")
+        return model.backbone, "backbone"
+    which = default if weights == "auto" else weights
+    return (teacher if which == "teacher" else model.backbone), which
+
+
+def load_backbone(path: str | os.PathLike, *, from_scratch: bool = False, seed: int = 0,
+                  weights: str = "auto") -> nn.Module:
     """The backbone of a checkpoint (see ``resolve_checkpoint``): a ``PretrainModel.save_pretrained``
     directory (what pretrain checkpoints hold), or what ``fastpt.assemble.from_hf`` reads (a Hugging
     Face directory, a ``fastpt convert`` output; its heads are not needed and dropped silently).
 
+    ``weights``: "auto", "teacher" or "student", for objectives that keep a second copy of the
+    backbone (``select_weights``: "auto" is DINO's EMA teacher, MoCo v3's online encoder).
     ``from_scratch``: the same architecture with fresh random weights (drawn from ``seed``): the
-    baseline pre-training has to beat. Raises FileNotFoundError / ValueError naming the path.
+    baseline pre-training has to beat (``weights`` other than "auto" is then a ValueError).
+    Raises FileNotFoundError / ValueError naming the path.
     """
+    return _load_backbone(path, from_scratch=from_scratch, seed=seed, weights=weights)[0]
+
+
+def _load_backbone(path, *, from_scratch: bool, seed: int, weights: str) -> tuple[nn.Module, str]:
+    """``load_backbone`` and which weights it returned (``select_weights``; "random" from scratch)."""
     import fastpt.assemble as assemble
     from ..models.model import FORMAT, PretrainModel
 
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
+    if from_scratch and weights != "auto":
+        raise ValueError(f"weights: {weights}: a from-scratch backbone has random weights, no teacher or "
+                         f"student; leave weights at auto")
     d = resolve_checkpoint(path)
     config = {}
     if (d / "fastpt_config.json").is_file():
         config = json.loads((d / "fastpt_config.json").read_text(encoding="utf-8"))
     if config.get("format") == FORMAT:
         if not from_scratch:
-            return PretrainModel.from_pretrained(d).backbone
+            return select_weights(PretrainModel.from_pretrained(d), weights, where=str(d))
         with _seeded(seed, "cpu"):
-            return assemble.build(d, objective=None).backbone
+            return assemble.build(d, objective=None).backbone, "random"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="from_hf: dropped")
         model = assemble.from_hf(d, objective=None)
     if not from_scratch:
-        return model.backbone
+        return select_weights(model, weights, where=str(d))
     with _seeded(seed, "cpu"):
-        return assemble.build(model.config, objective=None).backbone
+        return assemble.build(model.config, objective=None).backbone, "random"
 
 
 def fresh_like(backbone: nn.Module, seed: int = 0) -> nn.Module:
@@ -678,6 +734,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="random weights, same architecture: the baseline pre-training must beat")
     src.add_argument("--baseline", action="store_true",
                      help="also evaluate --model's architecture from scratch (same data and seed): two rows")
+    src.add_argument("--weights", choices=WEIGHTS, default="auto",
+                     help="for objectives that keep a second backbone: auto (what the method's reference "
+                          "evaluates: DINO's EMA teacher, MoCo v3's online encoder), teacher or student")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     common.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -714,8 +773,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _backbones(args, vocab_size: int | None) -> list[tuple[str, nn.Module]]:
-    """(row name, backbone) pairs the command evaluates."""
+def _backbones(args, vocab_size: int | None) -> list[tuple[str, nn.Module, str]]:
+    """(row name, backbone, which weights: ``select_weights``'s or "random") triples the command evaluates."""
     import fastpt.assemble as assemble
 
     if args.model is None and args.config is None:
@@ -723,15 +782,21 @@ def _backbones(args, vocab_size: int | None) -> list[tuple[str, nn.Module]]:
     if args.model is None:
         if not args.from_scratch:
             raise ValueError(f"--config {args.config}: a config has no trained weights; add --from-scratch")
+        if args.weights != "auto":
+            raise ValueError(f"--weights {args.weights}: --config --from-scratch has random weights; drop --weights")
         with _seeded(args.seed, "cpu"):  # objective=None: only the backbone is wanted, no token ids needed
             model = assemble.build(args.config, vocab_size=vocab_size, objective=None)
-        return [(f"{args.config} (scratch)", model.backbone)]
+        return [(f"{args.config} (scratch)", model.backbone, "random")]
     name = str(args.model)
     if args.from_scratch:
-        return [(f"{name} (scratch)", load_backbone(args.model, from_scratch=True, seed=args.seed))]
-    rows = [(name, load_backbone(args.model))]
+        if args.weights != "auto":
+            raise ValueError(f"--weights {args.weights}: --from-scratch has random weights; drop --weights "
+                             f"(or use --baseline for both rows)")
+        return [(f"{name} (scratch)", *_load_backbone(args.model, from_scratch=True, seed=args.seed, weights="auto"))]
+    rows = [(name, *_load_backbone(args.model, from_scratch=False, seed=0, weights=args.weights))]
     if args.baseline:
-        rows.append((f"{name} (scratch)", load_backbone(args.model, from_scratch=True, seed=args.seed)))
+        rows.append((f"{name} (scratch)",
+                     *_load_backbone(args.model, from_scratch=True, seed=args.seed, weights="auto")))
     return rows
 
 
@@ -777,27 +842,27 @@ def eval_main(argv: list[str] | None = None) -> int:
                 raise ValueError("no tokenizer: --model has no tokenizer.json (or vocab.txt) beside its checkpoint; "
                                  "pass --tokenizer PATH")
             rows = []
-            for name, backbone in _backbones(args, tok.get_vocab_size()):
-                log(f"eval text: {name}")
+            for name, backbone, weights in _backbones(args, tok.get_vocab_size()):
+                log(f"eval text: {name} ({weights} weights)")
                 r = evaluate_text(backbone.to(device), tok, train_path, test_path, freeze=args.freeze,
                                   pooling=args.pooling, epochs=args.epochs, batch_size=args.batch_size or 32,
                                   lr=args.lr, head_lr=args.head_lr, max_len=args.max_len,
                                   test_fraction=args.test_fraction, seed=args.seed, device=device,
                                   precision=args.precision, log=log)
-                rows.append((name, r))
+                rows.append((name, {**r, "weights": weights}))
             columns = [("mode", "mode"), ("n_train", "n_train"), ("n_test", "n_test"), ("accuracy", "accuracy"),
                        ("macro_f1", "macro_f1"), ("majority", "majority"), ("seconds", "seconds")]
         else:
             rows = []
-            for name, backbone in _backbones(args, None):
-                log(f"eval vision: {name}")
+            for name, backbone, weights in _backbones(args, None):
+                log(f"eval vision: {name} ({weights} weights)")
                 r = evaluate_vision(backbone.to(device), args.data, args.test_data, probe=args.probe, k=args.k,
                                     temperature=args.temperature, l2=args.l2, train_limit=args.train_limit,
                                     test_limit=args.test_limit, test_fraction=args.test_fraction,
                                     batch_size=args.batch_size or 256, pooling=args.pooling, seed=args.seed,
                                     device=device, precision=args.precision, log=log)
-                rows.append((name, r))
-            columns = [("n_train", "n_train"), ("n_test", "n_test")]
+                rows.append((name, {**r, "weights": weights}))
+            columns = [("weights", "weights"), ("n_train", "n_train"), ("n_test", "n_test")]
             columns += [(f"{p} acc", f"{p}.accuracy") for p in ("linear", "knn") if args.probe in (p, "both")]
             columns += [("seconds", "seconds")]
     except (OSError, ValueError, TypeError, KeyError) as exc:
