@@ -1,6 +1,8 @@
 """The pre-training recipe in one process: outputs, gradient accumulation, precision, activation
 checkpointing, stop conditions, continued pre-training (init_from), the CLI, errors."""
+import copy
 import json
+import re
 
 import pytest
 import torch
@@ -226,6 +228,50 @@ def test_init_from_fastpt_run(shards, tmp_path):
     a, b = params(tmp_path / "a", 6), params(tmp_path / "b", 1)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-9, msg=k)
+
+
+def test_init_from_a_fastpt_run_takes_the_recipes_objective(shards, tmp_path):
+    """init_from an MLM run with a CLM recipe trains CLM on the loaded backbone (it trained the checkpoint's
+    MLM, bidirectional, and only logged that the recipe's model was not used); the loaded backbone weights
+    are the checkpoint's; a recipe whose backbone is another architecture is refused by name."""
+    pretrain(recipe(shards, tmp_path / "a", model=tiny_model("mlm"), output=QUIET), log=lambda m: None)
+    cfg = recipe(shards, tmp_path / "b", model=tiny_model("clm"), train={"max_steps": 1, "lr": 1e-12,
+                                                                         "warmup_steps": 0}, output=QUIET)
+    cfg["init_from"] = str(tmp_path / "a")
+    lines = []
+    pretrain(cfg, log=lines.append)
+    assert any("its mlm objective is replaced by the recipe's clm" in m and "not used: ['mlm']" in m for m in lines)
+    model = PretrainModel.from_pretrained(tmp_path / "b" / "checkpoints" / "step-00000001")
+    assert type(model.objective).__name__ == "CausalLM" and model.backbone.causal
+    a, b = params(tmp_path / "a", 6), params(tmp_path / "b", 1)
+    for k in a:
+        if k.startswith("backbone."):
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-9, msg=k)
+    wide = tiny_model("clm")
+    wide["backbone"]["hidden_size"] = 48
+    cfg = recipe(shards, tmp_path / "c", model=wide, output=QUIET)
+    cfg["init_from"] = str(tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"backbone differs from init_from .*backbone.hidden_size 48 vs 32"):
+        pretrain(cfg, log=lambda m: None)
+
+
+def test_resume_refuses_a_changed_model(shards, tmp_path):
+    """--resume rebuilt the checkpoint's model whatever the recipe's model: said (hidden size, objective) and
+    wrote the ignored model into config.yaml; now a changed model is refused by key, other changes (lr,
+    max_steps) still resume."""
+    cfg = recipe(shards, tmp_path / "run", model=tiny_model("mlm"), train={"max_steps": 2},
+                 output={**QUIET, "save_every": 2})
+    pretrain(cfg, log=lambda m: None)
+    for key, value, shown in (("hidden_size", 48, "backbone.hidden_size 48 vs 32"),
+                              ("mask_prob", 0.3, "objective.mask_prob 0.3 vs 0.15")):
+        bad = copy.deepcopy(cfg)
+        bad["model"]["backbone" if key == "hidden_size" else "objective"][key] = value
+        bad["train"]["max_steps"] = 4
+        with pytest.raises(ConfigError, match=rf"recipe's model differs .*{re.escape(shown)}"):
+            pretrain(bad, resume=True, log=lambda m: None)
+    ok = copy.deepcopy(cfg)
+    ok["train"].update(max_steps=3, lr=5e-4)
+    assert pretrain(ok, resume=True, log=lambda m: None)["steps"] == 3
 
 
 def test_init_from_a_damaged_checkpoint_directory_is_refused(shards, tmp_path):

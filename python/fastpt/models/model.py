@@ -297,6 +297,8 @@ class PretrainModel(nn.Module):
         if not weights.is_file():
             raise FileNotFoundError(f"path: no {WEIGHTS_FILE} in {path}")
         values = _safetensors().load_file(str(weights))
+        if hasattr(getattr(model, "objective", None), "upgrade_state"):
+            model.objective.upgrade_state(values, "objective.")  # an older fastpt's layout
         named = model.state_dict(keep_vars=True)
         unexpected = sorted(k for k in values if k not in named)
         if unexpected:

@@ -150,6 +150,10 @@ class Objective(nn.Module):
         "heads", through the objective's trainable matrices. Default: both once."""
         return {"backbone": 1.0, "heads": 1.0}
 
+    def upgrade_state(self, state: dict, prefix: str = "") -> None:
+        """Rename / drop, in place, the tensors of ``state`` (keys under ``prefix``) that an older fastpt saved
+        for this objective in another layout (``from_pretrained`` and ``load_state_dict`` call it). No-op here."""
+
     def loss_weight(self, batch: dict) -> torch.Tensor | None:
         """How many targets the loss of a prepared ``batch`` is a mean over (a 0-dim integer tensor), or
         None when every batch weighs the same (a mean over rows or patches of fixed-size batches, or a loss

@@ -78,12 +78,17 @@ class MoCoV3(Objective):
         self.momentum_backbone: nn.Module | None = None
         self.gather, self.log_accuracy, self.patch_size = gather, log_accuracy, patch_size
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def upgrade_state(self, state: dict, prefix: str = "") -> None:
+        """Checkpoints saved before the predictor's last layer lost its bias (MoCo v3 has none): the bias is
+        dropped, with a warning. In place."""
         key = prefix + "predictor.3.bias"
-        if key in state_dict:  # saved before the predictor's last layer lost its bias (MoCo v3 has none)
-            bias = state_dict.pop(key)
+        if key in state:
+            bias = state.pop(key)
             warnings.warn(f"MoCoV3: the checkpoint's predictor has a last-layer bias (norm {float(bias.norm()):.3g}), "
-                          "which MoCo v3's predictor does not have; it is dropped", stacklevel=2)
+                          "which MoCo v3's predictor does not have; it is dropped", stacklevel=3)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.upgrade_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def attach(self, backbone: nn.Module) -> None:

@@ -14,7 +14,10 @@ are rejected naming the key and the valid ones; defaults shown)::
     init_from: null           # continued pre-training: a fastpt model / checkpoint directory, a
                               # fastpt run directory (its newest good checkpoint), a Hugging Face
                               # model directory (config.json + safetensors, fastpt.from_hf) or a
-                              # `fastpt convert --from-hf` output; heads it lacks start random (logged)
+                              # `fastpt convert --from-hf` output; with a model: the recipe's objective
+                              # on the loaded backbone (which must be the recipe's backbone), heads it
+                              # lacks start random (logged); without one, all of the loaded model.
+                              # --resume continues the checkpoint's model: a changed model: is refused
     data:
       path: null              # shard directory written by `fastpt preprocess` (text), or
       images: null            # fashion-mnist | image folder | `fastpt preprocess --images` output

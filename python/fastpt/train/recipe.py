@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..objectives import DINO, MLM, NSP, SOP, CausalLM, MoCoV3, SelfDistillation
+from ..models import BUILDERS
+from ..objectives import DINO, MLM, NSP, OBJECTIVES, SOP, CausalLM, MoCoV3, SelfDistillation
 from . import checkpoint as ckpt
 from . import distributed
 from .config import ConfigError, load_recipe, to_yaml
@@ -58,6 +59,7 @@ from ..bench import peaks as _peaks
 from .schedule import lr_at
 
 from .. import _cpu_malloc
+from ..assemble import _assemble as assemble_model
 from ..assemble import build, from_hf, load_config
 from ..data.shards import TOKENIZER_FILE, nearest_existing
 from ..models.embeddings import TextEmbedding
@@ -327,6 +329,13 @@ class PretrainRecipe:
         cfg, text = self.cfg, isinstance(self.data, TextStream)
         if resume_from is not None:
             model = PretrainModel.from_pretrained(resume_from)
+            if cfg["model"] is not None and cfg["init_from"] is None:
+                differ = self._recipe_model_differs(model, ("backbone", "objective"))
+                if differ:
+                    raise ConfigError(f"model: the recipe's model differs from the one {resume_from} holds "
+                                      f"({'; '.join(differ)}; recipe vs checkpoint): --resume continues the "
+                                      f"checkpoint's model; restore the recipe's model:, or start a new run "
+                                      f"(another output.dir) with init_from: {resume_from}")
         elif cfg["init_from"] is not None:
             model = self._init_from(Path(cfg["init_from"]))
         else:
@@ -352,6 +361,71 @@ class PretrainRecipe:
             model.backbone.compile(**({} if mode is True else {"mode": mode}))
         return model
 
+    def _recipe_model_differs(self, model: nn.Module, sections: tuple[str, ...], ignore: tuple[str, ...] = ()
+                              ) -> list[str]:
+        """The ``sections`` keys ("backbone.hidden_size 64 vs 32", "objective.name ...") where the model the
+        recipe builds on this data (on the meta device: no weights) differs from ``model``'s build config.
+        Keys only one side has (an older fastpt's config) and the run-length ``total_steps`` / the
+        ``gradient_checkpointing`` switch (the recipe sets them on the loaded model) are not compared."""
+        kwargs = (dict(vocab_size=self.data.vocab_size, special_ids=self.data.special_ids)
+                  if isinstance(self.data, TextStream) else {})
+        try:
+            with torch.device("meta"):
+                mine = build(self._model_config(), **kwargs).config
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"model: {exc}") from exc
+        theirs, out = model.config or {}, []
+        for section in sections:
+            a, b = mine.get(section), theirs.get(section)
+            if (a is None) != (b is None):
+                out.append(f"{section} {'none' if a is None else a.get('name', a.get('builder'))} vs "
+                           f"{'none' if b is None else b.get('name', b.get('builder'))}")
+                continue
+            a, b = _with_defaults(section, a), _with_defaults(section, b)  # a config holds the keys it was given
+            for key in sorted(set(a or {}) & set(b or {}) - {"total_steps", "gradient_checkpointing", *ignore}):
+                if json.dumps(a[key], sort_keys=True) != json.dumps(b[key], sort_keys=True):
+                    out.append(f"{section}.{key} {a[key]!r} vs {b[key]!r}")
+        return out
+
+    def _with_recipe_objective(self, model: nn.Module, path: Path) -> nn.Module:
+        """init_from a fastpt model whose objective is not the recipe's (MLM -> CLM, MLM -> NSP): the recipe's
+        objective on the loaded backbone (built as ``from_hf`` builds it: teachers copy the loaded weights),
+        with the heads both have (by their Hugging Face names: the MLM head, the pooler) copied over. The
+        backbone must be the recipe's (ConfigError naming the keys otherwise), but for its default mask
+        (``causal``: MLM -> CLM), which the recipe's sets."""
+        # the vocabulary: _check_model_data names the shards' and the model's sizes
+        differ = self._recipe_model_differs(model, ("backbone",), ignore=("causal", "vocab_size"))
+        if differ:
+            raise ConfigError(f"model: the recipe's backbone differs from init_from {path}'s ({'; '.join(differ)}; "
+                              "recipe vs init_from): continued pre-training keeps the loaded architecture; make "
+                              "the recipe's backbone the checkpoint's (or leave model: out to take all of it)")
+        if not self._recipe_model_differs(model, ("objective",)):
+            return model
+        kwargs = (dict(vocab_size=self.data.vocab_size, special_ids=self.data.special_ids)
+                  if isinstance(self.data, TextStream) else {})
+        with torch.device("meta"):
+            cfg = build(self._model_config(), **kwargs).config
+        if "causal" in cfg["backbone"] and hasattr(model.backbone, "causal"):
+            model.backbone.causal = bool(cfg["backbone"]["causal"])
+            model.backbone.config = {**model.backbone.config, "causal": model.backbone.causal}
+        cfg = {**cfg, "backbone": {**model.config["backbone"], **({"causal": model.backbone.causal}
+                                                                 if hasattr(model.backbone, "causal") else {})}}
+        try:
+            fresh = assemble_model(cfg, model.backbone)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"model: {exc}") from exc
+        old_heads = model.objective.heads() if model.objective is not None else {}
+        new_heads = fresh.objective.heads() if fresh.objective is not None else {}
+        fresh.objective.load_heads({k: v for k, v in old_heads.items() if k in new_heads})
+        was = (model.config.get("objective") or {}).get("name")
+        self.log(f"pretrain: init_from {path}: its {was} objective is replaced by the recipe's "
+                 f"{cfg['objective']['name']}; heads loaded: {sorted(set(old_heads) & set(new_heads)) or 'none'}, "
+                 f"new (initialised, or tied to the loaded embedding): "
+                 f"{sorted(set(new_heads) - set(old_heads)) or 'none'}"
+                 + (f", not used: {sorted(set(old_heads) - set(new_heads))}" if set(old_heads) - set(new_heads)
+                    else ""))
+        return fresh
+
     def _init_from(self, path: Path) -> nn.Module:
         """Continued pre-training: a fastpt model / checkpoint / run directory, a Hugging Face directory, or a
         ``fastpt convert --from-hf`` output (loaded as ``fastpt.from_hf`` loads it). What ``from_hf`` warns
@@ -370,14 +444,12 @@ class PretrainRecipe:
                     ckpt.verify_checkpoint(path)
                 except ckpt.CorruptCheckpointError as exc:
                     raise ConfigError(f"init_from: {exc}") from exc
-            if self.cfg["model"] is not None:
-                self.log(f"pretrain: init_from {path}: model and objective come from its fastpt_config.json; "
-                         "the recipe's model: is not used")
             self.log(f"pretrain: init_from fastpt model {path}")
             try:
-                return PretrainModel.from_pretrained(path)
+                model = PretrainModel.from_pretrained(path)
             except (ValueError, TypeError, FileNotFoundError) as exc:
                 raise ConfigError(f"init_from: {exc}") from exc
+            return model if self.cfg["model"] is None else self._with_recipe_objective(model, path)
         if converted or (path / "config.json").is_file():
             objective, kwargs = "auto", {}
             if self.cfg["model"] is not None:
@@ -498,7 +570,12 @@ class PretrainRecipe:
             if self.cfg["train"]["fsdp"]:
                 distributed.load_full_optimizer_state(self.wrapped, self.optimizer, saved["optimizer"])
             else:
-                self.optimizer.load_state_dict(saved["optimizer"])
+                try:
+                    self.optimizer.load_state_dict(saved["optimizer"])
+                except ValueError as exc:
+                    raise ConfigError(f"--resume: the optimizer state in {path} does not fit the model's parameters "
+                                      f"({exc}); a checkpoint of an older fastpt's layout continues as a new run "
+                                      f"with init_from: {path} (and another output.dir)") from exc
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         try:
@@ -826,6 +903,19 @@ class PretrainRecipe:
             distributed.cleanup(self.dist)
         if getattr(self, "_restore_malloc", False):
             _cpu_malloc.restore()  # the process's malloc as it was before the run
+
+
+def _with_defaults(section: str, cfg: dict | None) -> dict | None:
+    """A backbone / objective build config with the builder's / objective's defaults for the keys it lacks."""
+    if not cfg:
+        return cfg
+    fn = (BUILDERS.get(cfg.get("builder")) if section == "backbone"
+          else getattr(OBJECTIVES.get(cfg.get("name")), "__init__", None))
+    if fn is None:
+        return cfg
+    defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**json.loads(json.dumps(defaults, default=str)), **cfg}
 
 
 def model_config(model) -> dict:
