@@ -286,3 +286,65 @@ def test_encoder_without_padding_runs_the_plain_mask(monkeypatch):
     assert seen[2:] == [None, None]
     model(ids, torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
     assert seen[-1].tolist() == [5, 3]
+
+
+@pytest.mark.parametrize("module", ["layer", "self_attention"])
+def test_left_padding_raises_under_torch_compile(module):
+    """Compiled, a left-padded mask went through as right padding (padding_to_seqlens skipped its check
+    there: 0.61 off torch at the real tokens). The check now runs inside the graph (torch._assert_async:
+    no graph break, no host read), and a right-padded mask compiles whole and matches eager code."""
+    torch.manual_seed(0)
+    layer = TransformerEncoderLayer(16, 4, 32, dropout=0.0).eval()
+    x = _x(2, 6, 16)
+    left = torch.tensor([[True, True, False, False, False, False], [False] * 6])  # True = padding
+    right = left.flip(1)
+    if module == "layer":
+        fn, kw, name = layer, lambda pad: dict(src_key_padding_mask=pad), "src_key_padding_mask"
+    else:
+        fn, kw, name = layer.self_attn, lambda pad: dict(attention_mask=(~pad).long()), "attention_mask"
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, **kw(right)), fn(x, **kw(right)), rtol=1e-6, atol=1e-6)
+        with pytest.raises(RuntimeError, match=f"{name}: only right padding is supported"):
+            compiled(x, **kw(left))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_layer_padded_positions(norm_first):
+    """What the docstring says of padded positions: the attention output there is out_proj's bias and
+    the rest of the layer runs on it (torch's padded queries attend to the real tokens instead)."""
+    ref, ours = _pair(norm_first)
+    x = _x(2, 7, 64)
+    pad = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])
+    with torch.no_grad():
+        got = ours(x, src_key_padding_mask=pad)
+        xp = x[pad]
+        attn = ours.self_attn.out_proj.bias.expand_as(xp)
+        if norm_first:
+            h = xp + attn
+            want = h + ours._ff_block(ours.norm2(h))
+        else:
+            h = ours.norm1(xp + attn)
+            want = ours.norm2(h + ours._ff_block(h))
+        torch.testing.assert_close(got[pad], want, rtol=1e-5, atol=1e-5)
+        assert (got[pad] - ref(x, src_key_padding_mask=pad)[pad]).abs().max() > 1e-2  # torch's differ
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_modules_refuse_torch_jit_script_with_a_reason():
+    """torch.jit.script failed deep inside TorchScript (keyword-only forward arguments); the modules
+    now say they are not scriptable and what to use instead."""
+    for module in (TransformerEncoderLayer(16, 4, 32), MultiheadSelfAttention(16, 4)):
+        with pytest.raises(RuntimeError, match=rf"fastpt\.nn\.attention\.{type(module).__name__} is not scriptable"):
+            torch.jit.script(module)
+
+
+def test_forced_backend_is_not_ignored_by_torchs_attention():
+    """A general attn_mask runs torch's SDPA: a module forced onto a fastpt backend raised nothing and
+    ran torch's kernels; now fastpt.BackendError (backend=None runs torch's SDPA as before)."""
+    x = _x(2, 5, 16)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    with pytest.raises(fastpt.BackendError, match="forced backend 'reference' cannot serve these inputs"):
+        MultiheadSelfAttention(16, 4, backend="reference")(x, attn_mask=mask)
+    MultiheadSelfAttention(16, 4)(x, attn_mask=mask)

@@ -124,3 +124,18 @@ def test_activation_checkpointing_replays_the_mask():
         out.sum().backward()
         grads.append(lin.weight.grad.clone())
     assert torch.equal(*grads)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torch_jit_script_compiles_torchs_dropout():
+    """torch.jit.script failed on the fast path's Python (fastpt._native); scripted, the module is
+    torch.nn.Dropout (F.dropout on torch's generator). Eager calls keep fastpt's kernel (test_uses_fastpt_on_cpu)."""
+    d = Dropout(0.5)
+    scripted = torch.jit.script(d)
+    x = _x(1000)
+    torch.manual_seed(4)
+    got = scripted(x)
+    torch.manual_seed(4)
+    assert torch.equal(got, F.dropout(x, 0.5, True))
+    scripted.eval()
+    assert torch.equal(scripted(x), x)

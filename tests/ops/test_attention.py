@@ -781,3 +781,79 @@ def test_float64_is_left_alone_under_autocast():
     assert got.dtype == torch.float64 and got_sdpa.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got_sdpa.transpose(1, 2), want, rtol=1e-12, atol=1e-12)
+
+
+# The host checks of test_bad_input that a torch.compile graph cannot make (they read the values):
+# it makes them itself (torch._assert_async), where they were skipped (bad lengths ran, or failed in
+# an unrelated reshape). RuntimeError naming the argument, no graph break.
+@pytest.mark.parametrize("args,match", [
+    (_args(seqlens=torch.tensor([8, 9])), r"seqlens: expected lengths in \[0, S\]"),
+    (_args(seqlens=torch.tensor([-2, 3])), r"seqlens: expected lengths in \[0, S\]"),
+    (_args(prefix_lens=torch.tensor([8, 9])), "prefix_lens: a prefix is longer than its row"),
+    (_args(seqlens=torch.tensor([8, 3]), prefix_lens=torch.tensor([2, 4])), "longer than its row"),
+    (_args(prefix_lens=torch.tensor([-1, 2])), "prefix_lens: expected lengths >= 0"),
+    (_packed(cu_seqlens=torch.tensor([1, 4, 10], dtype=torch.int32)), r"cu_seqlens\[0\] == 0"),
+    (_packed(cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), "non-decreasing"),
+    (_packed(cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)), "last offset to equal T"),
+    (_packed(prefix_lens=torch.tensor([5, 1])), "longer than its document"),
+    (_packed(max_seqlen=5), "max_seqlen: expected at least the longest document"),
+])
+def test_bad_index_values_raise_under_torch_compile(args, match):
+    names = [n for n in ("cu_seqlens", "seqlens", "prefix_lens") if n in args]
+    rest = {n: x for n, x in args.items() if n not in names and n not in "qkv"}
+
+    def step(q, k, v, *index):
+        return attention(q, k, v, **dict(zip(names, index)), **rest)
+
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=match):
+        torch.compile(step, backend="eager", fullgraph=True)(args["q"], args["k"], args["v"],
+                                                             *(args[n] for n in names))
+
+
+def test_graph_checks_keep_sizes_dynamic():
+    """The in-graph checks' messages hold no size: formatting a dynamic S specialised the graph (a
+    recompile per row length). One graph serves S = 9 and 12, and still checks each."""
+    frames = []
+
+    def count(gm, inputs):
+        frames.append(gm)
+        return gm
+
+    fn = torch.compile(lambda x, s: attention(x, x, x, seqlens=s), backend=count, fullgraph=True, dynamic=True)
+    torch._dynamo.reset()
+    fn(torch.randn(3, 9, 2, 8), torch.tensor([9, 4, 0]))
+    fn(torch.randn(3, 12, 2, 8), torch.tensor([12, 4, 0]))
+    with pytest.raises(RuntimeError, match="seqlens: expected lengths"):
+        fn(torch.randn(3, 12, 2, 8), torch.tensor([13, 4, 0]))
+    assert len(frames) == 1
+
+
+def test_sdpa_forced_backend_is_not_ignored_by_the_fallback():
+    """What sdpa hands to torch's SDPA ran there even under a forced (or unknown) backend; a forced
+    one now raises fastpt.BackendError with the reason, an unknown name ValueError."""
+    q = torch.randn(1, 2, 4, 8)
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    for backend in ("reference", "cpu", "sdpa"):
+        with pytest.raises(fastpt.BackendError, match=f"forced backend '{backend}' .*a general attn_mask"):
+            sdpa(q, q, q, attn_mask=mask, backend=backend)
+    with pytest.raises(fastpt.BackendError, match="head dim D=300 over 256"):
+        sdpa(*(torch.randn(1, 2, 4, 300) for _ in range(3)), backend="reference")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        sdpa(q, q, q, attn_mask=mask, backend="bogus")
+    with pytest.raises(fastpt.BackendError, match="does not implement this op"):
+        sdpa(q, q, q, attn_mask=mask, backend="blas")
+    torch.testing.assert_close(sdpa(q, q, q, attn_mask=mask), F.scaled_dot_product_attention(q, q, q, attn_mask=mask),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(sdpa(q, q, q, backend="reference"), F.scaled_dot_product_attention(q, q, q))
+
+
+def test_sdpa_empty_heads_and_head_dim_go_to_torch():
+    """torch returns an empty result for H = 0 or D = 0; sdpa raised a misleading "Hk=0 must divide H=0"."""
+    for shape in [(1, 0, 4, 8), (1, 2, 4, 0), (0, 2, 4, 8)]:
+        x = torch.randn(shape)
+        assert sdpa(x, x, x).shape == F.scaled_dot_product_attention(x, x, x).shape == shape
+    with pytest.raises(ValueError, match=r"q: expected at least one head \(H >= 1\)"):
+        attention(torch.randn(1, 4, 0, 8), torch.randn(1, 4, 0, 8), torch.randn(1, 4, 0, 8))
+    with pytest.raises(ValueError, match=r"k: expected at least one head \(Hk >= 1\)"):
+        attention(torch.randn(1, 4, 2, 8), torch.randn(1, 4, 0, 8), torch.randn(1, 4, 0, 8))

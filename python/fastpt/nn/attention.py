@@ -27,23 +27,26 @@ def padding_to_seqlens(valid: torch.Tensor, name: str, *, none_if_full: bool = F
 
     With ``none_if_full``, None when no row has padding (what a model stack passes on: its layers
     then run the plain mask, which on CUDA without dropout is torch's own SDPA, and the attention
-    op has no lengths to read back). One device sync for the checks, none under torch.compile.
-    Raises ValueError naming ``name`` when a row is not right-padded (a padding token before a
-    real one): the kernels express right padding through lengths, nothing else.
+    op has no lengths to read back). Raises ValueError naming ``name`` when a row is not
+    right-padded (a padding token before a real one): the kernels express right padding through
+    lengths, nothing else. One device sync for the checks in eager code. Under torch.compile
+    (where a host read would break the graph and sync every call) the lengths are always
+    returned, and the same check runs inside the graph (``torch._assert_async``): a left-padded
+    mask then raises RuntimeError naming ``name`` on the CPU, and is a device-side assert on CUDA.
     """
     if valid.dim() != 2:
         raise ValueError(f"{name}: expected shape (B, S), got {tuple(valid.shape)}")
     valid = valid != 0
     lengths = valid.sum(1)
-    if torch.compiler.is_compiling():
-        return lengths
     right = torch.arange(valid.shape[1], device=valid.device)[None, :] < lengths[:, None]
     bad = (right != valid).any(1)
+    message = f"{name}: only right padding is supported (real tokens first, then padding)"
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"{message}; a row is not right-padded")
+        return lengths
     bad_rows, short_rows = torch.stack([bad.sum(), (lengths < valid.shape[1]).sum()]).tolist()
     if bad_rows:
-        row = int(bad.nonzero()[0])
-        raise ValueError(f"{name}: only right padding is supported (real tokens first, then padding); "
-                         f"row {row} is not right-padded")
+        raise ValueError(f"{message}; row {int(bad.nonzero()[0])} is not right-padded")
     return None if none_if_full and not short_rows else lengths
 
 
@@ -55,6 +58,15 @@ def check_padding_mask(name: str, mask, x: torch.Tensor) -> None:
     if x.dim() not in (2, 3) or tuple(mask.shape) != tuple(x.shape[:2]):
         raise ValueError(f"{name}: expected shape (B, S) = {tuple(x.shape[:2])} (from the input of shape "
                          f"{tuple(x.shape)}), got {tuple(mask.shape)}")
+
+
+def _not_scriptable(module: nn.Module):
+    """TorchScript cannot compile the fused attention (Python dispatch over custom ops) nor a forward
+    with keyword-only arguments: say so, instead of TorchScript's error from deep inside."""
+    raise RuntimeError(
+        f"torch.jit.script: {type(module).__module__}.{type(module).__qualname__} is not scriptable (its fused "
+        f"attention is Python dispatch over custom ops, and forward takes keyword-only arguments); use "
+        f"torch.compile, or script torch's module loaded with this one's state_dict (the parameter names match)")
 
 
 class MultiheadSelfAttention(nn.Module):
@@ -69,10 +81,15 @@ class MultiheadSelfAttention(nn.Module):
             default generator on each call).
         causal: default mask kind of ``forward`` (a call may override it with ``is_causal``).
         head_dim: per-head width D when it is not ``E // H``.
-        backend: forced attention backend, or None for the fastest that fits.
+        backend: forced attention backend, or None for the fastest that fits. The calls that run
+            torch's SDPA (a general ``attn_mask``, head dims over 256) then raise
+            ``fastpt.BackendError``: no fastpt backend serves them.
 
     Parameters: ``in_proj_weight`` ``((H + 2 Hk) D, E)``, ``in_proj_bias``, ``out_proj``
     (``Linear(H D, E)``), named and laid out as in ``torch.nn.MultiheadAttention``.
+
+    Not scriptable: ``torch.jit.script`` raises (the fused op is Python dispatch over custom ops,
+    and ``forward`` takes keyword-only arguments); ``torch.compile`` traces it whole.
     """
 
     batch_first = True  # (B, S, E), as torch.nn.MultiheadAttention(batch_first=True); torch's TransformerEncoder reads it
@@ -104,6 +121,10 @@ class MultiheadSelfAttention(nn.Module):
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **kw)
         self.reset_parameters()
+
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script`` before it compiles: a clear error instead of TorchScript's."""
+        _not_scriptable(self)
 
     def reset_parameters(self) -> None:
         # torch.nn.MultiheadAttention's initialisation
@@ -142,7 +163,9 @@ class MultiheadSelfAttention(nn.Module):
             is_causal: overrides the module's ``causal``.
 
         Returns ``(B, S, E)`` / ``(T, E)``; outputs of padded positions are ``out_proj``'s bias.
-        Raises ValueError / TypeError naming the argument (see ``fastpt.ops.attention``).
+        Raises ValueError / TypeError naming the argument (see ``fastpt.ops.attention``); under
+        torch.compile the value checks (right padding, lengths) run in the graph and raise
+        RuntimeError on the CPU, a device-side assert on CUDA.
         """
         causal = self.causal if is_causal is None else bool(is_causal)
         if attention_mask is not None:
@@ -210,6 +233,15 @@ class TransformerEncoderLayer(nn.Module):
     padding; extra keywords ``num_kv_heads`` (GQA), ``backend``, and in ``forward``
     ``cu_seqlens`` / ``max_seqlen`` (packed ``(T, E)`` input) and ``prefix_lens``.
 
+    Outputs at padded positions differ from torch's (those at real tokens match): a padded query
+    attends to nothing here, so its attention output is ``self_attn.out_proj``'s bias (zero without
+    bias) and its output is the rest of the layer (residual, norms, feed-forward) applied to that;
+    torch's padded queries attend to the real tokens of their row. Neither carries meaning (the
+    real tokens never see a padded one); mask them out downstream.
+
+    Not scriptable: ``torch.jit.script`` raises (use ``torch.compile``, or script
+    ``torch.nn.TransformerEncoderLayer`` loaded with this layer's state_dict).
+
     Args:
         d_model, nhead, dim_feedforward, dropout, activation ("relu", "gelu" or a callable),
         layer_norm_eps, batch_first, norm_first, bias, device, dtype: as in torch.
@@ -239,6 +271,10 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout1 = Dropout(dropout)
         self.dropout2 = Dropout(dropout)
         self.activation = activation
+
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script`` before it compiles: a clear error instead of TorchScript's."""
+        _not_scriptable(self)
 
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False, *,

@@ -28,9 +28,19 @@ class Dropout(nn.Dropout):
     kernel is measured against it; under compile Inductor fuses it into its neighbours), ``p`` of
     0 or 1, eval mode and a build without ``fastpt._C``. ``inplace=True`` is honoured by copying
     the result into the input.
+
+    ``torch.jit.script`` compiles it as ``torch.nn.Dropout`` (``F.dropout``, torch's generator):
+    TorchScript cannot call the Python wrapper of the C++ kernel, so the fast path is left out of
+    the scripted module (``torch.jit.unused``).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.dropout(x, self.p, self.training, self.inplace)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu" or not x.is_floating_point()
                 or _native.cpu_unavailable() is not None):
             return F.dropout(x, self.p, self.training, self.inplace)

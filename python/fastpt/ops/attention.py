@@ -85,7 +85,11 @@ def _check_qkv(q, k, v) -> bool:
     if v.shape != k.shape:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     h, hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    if h < 1 or hk < 1 or h % hk:
+    if h < 1:
+        raise ValueError(f"q: expected at least one head (H >= 1), got shape {tuple(q.shape)}")
+    if hk < 1:
+        raise ValueError(f"k: expected at least one head (Hk >= 1), got shape {tuple(k.shape)}")
+    if h % hk:
         raise ValueError(f"k: its number of heads Hk={hk} must divide the H={h} heads of q (GQA/MQA)")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"q: head dim D={d} is not supported (expected 1 <= D <= {MAX_HEAD_DIM})")
@@ -213,6 +217,39 @@ def _check_host_values(cu, seqlens, prefix, s, t_total, max_seqlen, causal):
     return (longest if max_seqlen is None else max_seqlen), int(causal_any)
 
 
+def _check_values_in_graph(cu, seqlens, prefix, s, max_seqlen) -> None:
+    """The checks of ``_check_host_values`` as asserts inside a ``torch.compile`` graph
+    (``torch._assert_async``): no host read, so no graph break and no device sync. A violation
+    raises RuntimeError with the message on CPU tensors; on CUDA it is a device-side assert (the
+    CUDA context is lost, as with an out-of-range index in torch's own kernels). The messages name
+    the argument but hold no value: not the offending one (that would need the host), nor the
+    sizes (formatting a dynamic size specialises the graph to it, a recompile per length)."""
+    lengths, what = None, "row"
+    if cu is not None:
+        c = cu.to(torch.int64)
+        torch._assert_async(c[0] == 0, "cu_seqlens: expected cu_seqlens[0] == 0")
+        lengths = c[1:] - c[:-1]
+        torch._assert_async((lengths >= 0).all(), "cu_seqlens: expected non-decreasing offsets")
+        torch._assert_async(c[-1] == s, "cu_seqlens: expected the last offset to equal T (the tokens of q)")
+        what = "document"
+    elif seqlens is not None:
+        lengths = seqlens.to(torch.int64)
+        torch._assert_async(((lengths >= 0) & (lengths <= s)).all(),
+                            "seqlens: expected lengths in [0, S] (S: the row length of q)")
+    if prefix is not None:
+        p = prefix.to(torch.int64)
+        torch._assert_async((p >= 0).all(), "prefix_lens: expected lengths >= 0")
+        longer = p > s if lengths is None else p.to(lengths.device) > lengths
+        torch._assert_async(~longer.any(), f"prefix_lens: a prefix is longer than its {what}")
+    if max_seqlen is not None:
+        if lengths is None:
+            if max_seqlen < s:
+                raise ValueError("max_seqlen: expected at least the longest row (S, the row length of q)")
+        else:
+            torch._assert_async((lengths <= max_seqlen).all(),
+                                f"max_seqlen: expected at least the longest {what}")
+
+
 def _docs_tensor(b_count, s, device, *, cu=None, seqlens=None, prefix=None, causal=False) -> torch.Tensor:
     """The (N, 4) int32 ``[b, s0, L, P]`` table, built with tensor ops only (traceable, no sync)."""
     if cu is not None:
@@ -268,7 +305,9 @@ def _mask_args(packed, shape, device, *, causal, prefix_lens, seqlens, cu_seqlen
         _index_arg("prefix_lens", prefix_lens, device, n_docs)
 
     if torch.compiler.is_compiling():
-        # The value checks need the host; under tracing the kernels resolve what they need at run time.
+        # The host checks would read the values (a graph break, and a device sync per call): the
+        # graph checks them itself, and the kernels resolve what they need at run time.
+        _check_values_in_graph(cu_seqlens, seqlens, prefix_lens, s, max_seqlen)
         max_len = s if cu_seqlens is None else (-1 if max_seqlen is None else max_seqlen)
         causal_any = -1 if prefix_lens is not None else int(causal)
     else:
@@ -658,7 +697,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         not start at 0, decreases or does not end at T, seqlens outside [0, S], a negative prefix
         or one longer than its row / document, ``max_seqlen`` below the longest document,
         dropout_p outside [0, 1); ``fastpt.BackendError`` when the forced backend cannot serve
-        (with every backend's reason).
+        (with every backend's reason). Under ``torch.compile`` the checks of the values of
+        cu_seqlens / seqlens / prefix_lens (against each other and max_seqlen) run inside the
+        graph instead: RuntimeError naming the argument on CPU tensors, a device-side assert on
+        CUDA (no graph break and no device sync either way).
     """
     q, k, v = _autocast(q, k, v)
     inputs, packed = _prepare(q, k, v, causal=causal, prefix_lens=prefix_lens, seqlens=seqlens,
@@ -666,6 +708,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                               seed=seed, deterministic=deterministic)
     out, _ = OP(backend, **inputs)
     return out[0] if packed else out
+
+
+def _sdpa_fallback(query, key, value, attn_mask, dropout_p, enable_gqa) -> str | None:
+    """Why ``sdpa`` hands these inputs to torch's SDPA unchanged (the kernels do not express them), or None."""
+    if attn_mask is not None:
+        return "a general attn_mask"
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
+        return "inputs that are not 4-D (B, H, S, D) tensors"
+    if (key.shape[0] != query.shape[0] or key.shape[2] != query.shape[2] or key.shape[3] != query.shape[3]
+            or value.shape != key.shape):
+        return (f"key / value of shapes {tuple(key.shape)} / {tuple(value.shape)}, not (B, Hk, S, D) with the "
+                f"B, S and D of query {tuple(query.shape)}")
+    if key.shape[1] != query.shape[1] and not enable_gqa:
+        return f"Hk={key.shape[1]} key heads for H={query.shape[1]} query heads without enable_gqa"
+    if 0 in (query.shape[1], key.shape[1], query.shape[3]):
+        return f"no heads or an empty head dim (query {tuple(query.shape)}, key {tuple(key.shape)})"
+    if query.shape[3] > MAX_HEAD_DIM:
+        return f"head dim D={query.shape[3]} over {MAX_HEAD_DIM}"
+    if isinstance(dropout_p, (int, float)) and dropout_p == 1.0:
+        return "dropout_p=1 (all zeros)"
+    return None
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -678,20 +741,21 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     returned as a ``(B, H, S, D)`` view. What the kernels do not express falls back to torch's
     SDPA unchanged: a general ``attn_mask``, inputs that are not 4-D, query and key lengths or
     head dims that differ, head dims over 256, ``dropout_p=1`` (zeros), or ``Hk != H`` without
-    ``enable_gqa`` (torch then raises its error).
+    ``enable_gqa`` (torch then raises its error), no heads or an empty head dim (torch's empty
+    result). A forced ``backend`` raises ``fastpt.BackendError`` for such inputs (none of fastpt's
+    backends serves them), and an unknown name raises ValueError whatever the inputs.
     Dropout uses the counter-based RNG with ``seed``; when None, a seed is drawn from torch's
     default generator (so ``torch.manual_seed`` makes it reproducible). Raises what
     ``attention`` raises.
     """
     is_causal, enable_gqa = _validate.flag("is_causal", is_causal), _validate.flag("enable_gqa", enable_gqa)
-    general = (attn_mask is not None or not isinstance(query, torch.Tensor) or query.dim() != 4
-               or not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor)
-               or key.dim() != 4 or value.dim() != 4 or key.shape[2] != query.shape[2]
-               or value.shape != key.shape or key.shape[3] != query.shape[3] or key.shape[0] != query.shape[0]
-               or (key.shape[1] != query.shape[1] and not enable_gqa)
-               or query.shape[3] > MAX_HEAD_DIM
-               or (isinstance(dropout_p, (int, float)) and dropout_p == 1.0))
-    if general:
+    OP.check_name(backend)  # also where torch's SDPA runs: a misspelt name is an error either way
+    why = _sdpa_fallback(query, key, value, attn_mask, dropout_p, enable_gqa)
+    if why is not None:
+        if backend is not None:
+            raise _dispatch.BackendError(
+                f"sdpa: forced backend {backend!r} cannot serve these inputs ({why}); sdpa hands them to "
+                f"torch.nn.functional.scaled_dot_product_attention, none of fastpt's backends (backend=None runs it)")
         kw = dict(enable_gqa=True) if enable_gqa else {}
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, **kw)
