@@ -10,7 +10,9 @@ from fastpt.train import checkpoint as ckpt
 
 
 def write_model(d):
-    torch.save({"w": torch.arange(10.0)}, d / "model.pt")
+    """The two files a model directory holds (their content is not read here)."""
+    torch.save({"w": torch.arange(10.0)}, d / "model.safetensors")
+    (d / "fastpt_config.json").write_text("{}")
 
 
 def save(root, step, keep_last=None):
@@ -24,7 +26,8 @@ def test_save_layout_and_load(tmp_path):
     path = save(tmp_path, 7)
     assert path.name == "step-00000007"
     names = {p.name for p in path.iterdir()}
-    assert names == {"model.pt", "optimizer.pt", "rng.safetensors", "trainer_state.json", "checkpoint.json"}
+    assert names == {"model.safetensors", "fastpt_config.json", "optimizer.pt", "rng.safetensors",
+                     "trainer_state.json", "checkpoint.json"}
     manifest = ckpt.verify_checkpoint(path)
     assert manifest["step"] == 7 and set(manifest["files"]) == names - {"checkpoint.json"}
     loaded = ckpt.load_checkpoint(path)
@@ -47,7 +50,7 @@ def test_keep_last_and_replace(tmp_path):
 def test_corrupt_latest_falls_back(tmp_path, damage):
     save(tmp_path, 1)
     newest = save(tmp_path, 2)
-    target = newest / "model.pt"
+    target = newest / "model.safetensors"
     if damage == "truncate":
         target.write_bytes(target.read_bytes()[:-5])
     elif damage == "flip":
@@ -67,6 +70,23 @@ def test_corrupt_latest_falls_back(tmp_path, damage):
     assert "step-00000002 is unusable" in warnings[0] and "step-00000001" in warnings[-1]
 
 
+@pytest.mark.parametrize("edit", ["list_nothing", "drop_model", "drop_optimizer"])
+def test_a_manifest_must_list_what_every_save_writes(tmp_path, edit):
+    """A checkpoint.json that lists no files (or leaves out model.safetensors) verified, and the resume then
+    crashed on the missing file; one that left out optimizer.pt verified and the file loaded unchecked."""
+    save(tmp_path, 1)
+    newest = save(tmp_path, 2)
+    manifest = json.loads((newest / "checkpoint.json").read_text())
+    if edit == "list_nothing":
+        manifest["files"] = {}
+    else:
+        manifest["files"].pop("model.safetensors" if edit == "drop_model" else "optimizer.pt")
+    (newest / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"does not list .*model.safetensors|optimizer.pt: not listed"):
+        ckpt.verify_checkpoint(newest)
+    assert ckpt.latest_checkpoint(tmp_path, warn=lambda m: None).name == "step-00000001"
+
+
 def test_all_corrupt_raises_and_none_is_none(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path / "nothing") is None
     only = save(tmp_path, 5)
@@ -79,7 +99,7 @@ def test_partial_save_is_ignored_and_cleaned(tmp_path):
     save(tmp_path, 1)
     torn = tmp_path / ".tmp-step-00000002-123"
     torn.mkdir()
-    (torn / "model.pt").write_bytes(b"half")
+    (torn / "model.safetensors").write_bytes(b"half")
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000001"
     assert ckpt.clean_partial(tmp_path) == [torn] and not torn.exists()
 
@@ -101,7 +121,7 @@ def test_a_failed_write_removes_its_partial_directory_and_names_the_checkpoint(t
     save(tmp_path, 1)
 
     def full(d):
-        (d / "model.pt").write_bytes(b"part")
+        (d / "model.safetensors").write_bytes(b"part")
         raise OSError(28, "No space left on device")
 
     with pytest.raises(ckpt.CheckpointWriteError, match=r"checkpoint .*step-00000002: could not be written .*No space"):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..data.shards import read_json_object, sha256_file
+from ..models.model import CONFIG_FILE, WEIGHTS_FILE
 
 FORMAT, VERSION = "fastpt-checkpoint", 1
 MANIFEST = "checkpoint.json"
@@ -39,6 +40,7 @@ STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.safetensors"
 NAME = re.compile(r"^step-(\d{8,})$")
+REQUIRED = (WEIGHTS_FILE, CONFIG_FILE, STATE, RNG)  # written by every save
 
 
 class CheckpointWriteError(OSError):
@@ -210,6 +212,15 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         raise CorruptCheckpointError(f"{mpath}: not a fastpt checkpoint manifest")
     if manifest.get("version") != VERSION:
         raise CorruptCheckpointError(f"{mpath}: format version {manifest.get('version')}, this fastpt reads {VERSION}")
+    # every save writes these (optimizer.pt unless saved without one): a manifest that leaves one out, or a
+    # file of the checkpoint's own names beside it that it does not list, is not what the save wrote
+    unlisted = sorted(n for n in REQUIRED if n not in manifest["files"])
+    if unlisted:
+        raise CorruptCheckpointError(f"{mpath}: does not list {', '.join(unlisted)}, which every checkpoint holds "
+                                     "(damaged or edited)")
+    extra = sorted(n for n in (*REQUIRED, OPTIMIZER) if n not in manifest["files"] and (path / n).exists())
+    if extra:
+        raise CorruptCheckpointError(f"{path / extra[0]}: not listed in {mpath} (damaged or edited)")
     for name, rec in manifest["files"].items():
         if not isinstance(rec, dict) or not _is_int(rec.get("bytes")) or not isinstance(rec.get("sha256"), str):
             raise CorruptCheckpointError(f"{mpath}: files.{name}: expected {{bytes: integer, sha256: string}}, "
