@@ -104,3 +104,25 @@ def test_configs_of_an_unknown_name_or_a_recipe_file(tmp_path, capsys):
     err = capsys.readouterr().err
     _assert_clean_error(rc, err, "fastpt configs")
     assert "'model'" in err
+
+
+def test_a_damaged_checkpoint_named_directly_is_refused(tmp_path, capsys):
+    """`fastpt convert --to-hf runs/x/checkpoints/step-N` (the README's form) and eval on a step directory
+    loaded a checkpoint whose weights no longer match its checkpoint.json (exit 0: corrupt weights exported);
+    a run directory was verified. Both now verify a checkpoint named directly."""
+    from fastpt.train import checkpoint as ckpt
+    from fastpt.train.evaluate import resolve_checkpoint
+
+    model = fastpt.build("bert-tiny", vocab_size=97, special_ids={"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4},
+                         backbone={"num_layers": 1, "max_positions": 48})
+    step = ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", 3, write_model=model.save_pretrained,
+                                optimizer_state=None, trainer_state={"step": 3}, rng_tensors={})
+    assert resolve_checkpoint(step) == step
+    weights = step / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0x10  # one bit of a tensor
+    weights.write_bytes(bytes(data))
+    assert main(["convert", "--to-hf", str(step), str(tmp_path / "hf")]) == 1
+    assert "sha256 differs" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    with pytest.raises(ckpt.CorruptCheckpointError, match="sha256 differs"):
+        resolve_checkpoint(step)

@@ -75,6 +75,7 @@ def _convert(argv):
         i = argv.index("--to-hf")
         src = Path(argv[i + 1]) if i + 1 < len(argv) else None
         rest = argv[:i] + argv[i + 2:]
+        verified = False
         if src is not None and src.is_dir() and not (src / "fastpt_config.json").is_file():
             from .train.checkpoint import CorruptCheckpointError, checkpoints_dir, find_checkpoints, latest_checkpoint
 
@@ -87,8 +88,18 @@ def _convert(argv):
                 except CorruptCheckpointError as exc:
                     print(f"fastpt convert: error: --to-hf {src}: {exc}", file=sys.stderr)
                     return 1
+                verified = True
                 print(f"fastpt convert: {argv[i + 1]} is a run directory: converting its newest checkpoint {src}")
                 argv = argv[:i + 1] + [str(src)] + argv[i + 2:]
+        if not verified and src is not None and (src / "checkpoint.json").is_file():  # a checkpoint named directly
+            from .train.checkpoint import CorruptCheckpointError, verify_checkpoint
+
+            try:
+                verify_checkpoint(src)
+            except CorruptCheckpointError as exc:
+                print(f"fastpt convert: error: --to-hf {src}: {exc} (the run directory's newest good checkpoint: "
+                      f"--to-hf {src.parent.parent})", file=sys.stderr)
+                return 1
         cfg = src / "fastpt_config.json" if src is not None else None
         if cfg is not None and cfg.is_file() and _checkpoint_format(cfg) == "fastpt-pretrain":
             if len(rest) != 1 or rest[0].startswith("-"):

@@ -897,6 +897,30 @@ def test_image_folder_resized_on_load_with_an_exact_resume(mixed_folder):
                     log=lambda m: None)["steps"] == 1
 
 
+def test_image_stream_resumes_by_content_not_by_path(mixed_folder, tmp_path, monkeypatch):
+    """The resume check compared the folder's path as a string: a folder regenerated under the same name
+    (other pixels) resumed silently, and the same folder named by a relative path or with a trailing slash
+    was refused. It compares the images' fingerprint (each file's path in the folder and bytes)."""
+    pytest.importorskip("PIL")
+    import shutil
+
+    from fastpt.train.data import ImageStream
+
+    state = ImageStream(str(mixed_folder), image_size=8, seed=3).state_dict()
+    monkeypatch.chdir(mixed_folder.parent)
+    for same in (mixed_folder.name, f"{mixed_folder}/"):
+        ImageStream(same, image_size=8, seed=3).load_state_dict(state)
+    moved = tmp_path / "moved"
+    shutil.copytree(mixed_folder, moved)
+    ImageStream(str(moved), image_size=8, seed=3).load_state_dict(state)  # the same images elsewhere
+    victim = sorted(p for p in moved.rglob("*") if p.is_file())[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"fingerprint.*the images' content changed"):
+        ImageStream(str(moved), image_size=8, seed=3).load_state_dict(state)
+
+
 def test_image_folder_sizes_and_unreadable_files_fail_before_training(mixed_folder, tmp_path, capsys):
     """Without data.image_size mixed sizes failed at the first batch holding two sizes, and an
     unreadable file (PIL.UnidentifiedImageError) at the batch reading it: mid-run, as a traceback."""

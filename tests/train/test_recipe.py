@@ -452,7 +452,33 @@ def test_sentence_pairs_come_from_one_document_without_separators(tmp_path, mode
         tokens = row[m].tolist()
         assert tokens.count(2) == 1 and tokens.count(3) == 2, tokens  # only the pair's own separators
         assert len(set(t for t in tokens if t not in (2, 3))) == 1, tokens  # one document
+    run.cleanup()  # releases output.dir for the run below
     assert pretrain(cfg, log=lambda m: None)["steps"] == 2
     with pytest.raises(ConfigError, match="data.add_special: the sop objective writes its own"):
         pretrain(recipe(shards, tmp_path / "bad", model=tiny_model("sop"), data={"add_special": "cls_sep"},
                         train={"max_steps": 1}, output=QUIET), log=lambda m: None)
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused(shards, tmp_path):
+    """Nothing stopped a second pretrain (a requeued job while the first still ran) in the same output.dir: both
+    wrote the same checkpoints and metrics.csv. The directory is locked for the run; the refusal names the
+    holder's pid, and the lock goes with its process (a killed run's lock file is taken over)."""
+    import subprocess
+    import sys
+
+    from fastpt.train.recipe import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fastpt._lock import lock_dir; "
+                               f"lock_dir({str(out)!r}, {LOCK_FILE!r}, 'x'); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=rf"output.dir: .* in use by another fastpt pretrain run \(pid {holder.pid}"):
+            pretrain(recipe(shards, out, output=QUIET), log=lambda m: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert pretrain(recipe(shards, out, output=QUIET), log=lambda m: None)["steps"] == 6
+    assert not (out / LOCK_FILE).exists()  # released at the end

@@ -9,7 +9,9 @@ together see the samples one process would see with the combined batch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import images as image_data
-from ..data.shards import ShardDataset
+from ..data.shards import ShardDataset, sha256_file
 
 
 class TextStream:
@@ -110,6 +112,7 @@ class ImageStream:
         if self.n == 0:
             raise ValueError(f"data.images: {source} holds no image")
         self.source, self.image_size = str(source), image_size
+        self.fingerprint = _image_fingerprint(source, self.dataset)
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         self.consumed = 0
         self._perm_epoch, self._perm = -1, None
@@ -139,11 +142,45 @@ class ImageStream:
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "world_size": self.world_size, "shuffle": self.shuffle,
-                "source": self.source, "samples": self.n}
+                "source": self.source, "samples": self.n, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        """The position of ``state``, which must be of these images (their fingerprint: the same content
+        under another path resumes, a folder regenerated under the same name does not) with the same
+        seed, rank count and shuffle. A state without a fingerprint (an older fastpt) compares the
+        resolved source path."""
         mine = self.state_dict()
-        for key in ("seed", "world_size", "shuffle", "source", "samples"):
+        keys = ["seed", "world_size", "shuffle", "samples"]
+        if "fingerprint" in state:
+            keys.append("fingerprint")
+        elif _resolved(state.get("source")) != _resolved(self.source):
+            raise ValueError(f"load_state_dict: saved source={state.get('source')!r}, this dataset has "
+                             f"{self.source!r}")
+        for key in keys:
             if json.dumps(state.get(key)) != json.dumps(mine[key]):
-                raise ValueError(f"load_state_dict: saved {key}={state.get(key)!r}, this dataset has {mine[key]!r}")
+                what = " (the images' content changed)" if key == "fingerprint" else ""
+                raise ValueError(f"load_state_dict: saved {key}={state.get(key)!r}, this dataset has "
+                                 f"{mine[key]!r}{what}")
         self.consumed = int(state["consumed"])
+
+
+def _resolved(source) -> str:
+    return source if source in (None, "fashion-mnist") else os.path.realpath(str(source))
+
+
+def _image_fingerprint(source: str, dataset) -> str:
+    """What the images are, not where: Fashion-MNIST's train split by name, a ``fastpt preprocess --images``
+    output by its files' sha256 (from its manifest, verified on open), an image folder by the sha256 of
+    each file's path within it and bytes."""
+    if source == "fashion-mnist":
+        return "fashion-mnist:train"
+    root = Path(source)
+    h = hashlib.sha256()
+    if (root / "manifest.json").is_file():
+        files = json.loads((root / "manifest.json").read_text()).get("files", {})
+        for k in sorted(files):
+            h.update(f"{k}:{files[k].get('sha256')}\n".encode())
+        return h.hexdigest()
+    for f in dataset.files:
+        h.update(f"{Path(f).relative_to(root).as_posix()}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()

@@ -92,14 +92,19 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     torn writes, are skipped).
 
     Raises FileNotFoundError naming the path and what was looked for; CorruptCheckpointError
-    (a ValueError) when a run's checkpoints all fail verification.
+    (a ValueError) when a run's checkpoints all fail verification, or a training checkpoint named
+    itself (its ``checkpoint.json`` beside it) does not match its manifest.
     """
     from .checkpoint import checkpoints_dir, find_checkpoints, latest_checkpoint
+
+    from .checkpoint import MANIFEST, verify_checkpoint
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model {path}: no such directory")
     if _is_checkpoint(path):
+        if (path / MANIFEST).is_file():  # a training checkpoint named directly: verified as --resume verifies it
+            verify_checkpoint(path)
         return path
     if find_checkpoints(checkpoints_dir(path)):  # a pretrain run: its newest checkpoint that verifies
         return latest_checkpoint(path, warn=lambda msg: warnings.warn(msg.replace("resuming from", "using"),

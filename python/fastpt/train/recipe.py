@@ -59,6 +59,7 @@ from ..bench import peaks as _peaks
 from .schedule import lr_at
 
 from .. import _cpu_malloc
+from .._lock import lock_dir, unlock_dir
 from ..assemble import _assemble as assemble_model
 from ..assemble import build, from_hf, load_config
 from ..data.shards import TOKENIZER_FILE, nearest_existing
@@ -200,6 +201,11 @@ class PretrainRecipe:
         return Path(choice) if choice else None
 
     def _pick_checkpoint(self) -> str | None:
+        self._check_output_dir()
+        try:  # one run per output.dir (a requeued job beside the first one wrote the same checkpoints)
+            self._lock = lock_dir(self.out, LOCK_FILE, "fastpt pretrain")
+        except ValueError as exc:
+            raise ConfigError(f"output.dir: {exc}") from exc
         ckpt.clean_partial(self.ckpt_dir)
         if ckpt.find_checkpoints(self.ckpt_dir) and not self.resume:
             raise ConfigError(f"output.dir: {self.out} already holds checkpoints; pass --resume to continue "
@@ -209,7 +215,6 @@ class PretrainRecipe:
             found = ckpt.latest_checkpoint(self.ckpt_dir, warn=lambda m: self._print(f"pretrain: warning: {m}"))
             if found is None:
                 self._print(f"pretrain: --resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
-        self._check_output_dir()
         if found is None:  # a resumed run's config.yaml is rewritten once its checkpoint has loaded
             self._save_config()
         return str(found) if found else None
@@ -897,12 +902,16 @@ class PretrainRecipe:
     # ================================================================== cleanup
     def cleanup(self) -> None:
         self._restore_stop_handlers()
+        unlock_dir(getattr(self, "_lock", None))
         if hasattr(self, "logger") and self.logger.bar is not None:
             self.logger.bar.close()
         if hasattr(self, "dist"):
             distributed.cleanup(self.dist)
         if getattr(self, "_restore_malloc", False):
             _cpu_malloc.restore()  # the process's malloc as it was before the run
+
+
+LOCK_FILE = ".fastpt-pretrain.lock"  # in output.dir while a run trains there (rank 0 holds it)
 
 
 def _with_defaults(section: str, cfg: dict | None) -> dict | None:
