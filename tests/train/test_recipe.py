@@ -271,7 +271,9 @@ def test_resume_refuses_a_changed_model(shards, tmp_path):
             pretrain(bad, resume=True, log=lambda m: None)
     ok = copy.deepcopy(cfg)
     ok["train"].update(max_steps=3, lr=5e-4)
-    assert pretrain(ok, resume=True, log=lambda m: None)["steps"] == 3
+    lines = []
+    assert pretrain(ok, resume=True, log=lines.append)["steps"] == 3
+    assert any("the recipe differs from" in m and "in train.lr, train.max_steps;" in m for m in lines)
 
 
 def test_init_from_a_damaged_checkpoint_directory_is_refused(shards, tmp_path):

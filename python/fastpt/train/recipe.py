@@ -245,7 +245,15 @@ class PretrainRecipe:
         path = self.out / "config.yaml"
         text = to_yaml(self.cfg)
         if path.is_file() and self.resume and path.read_text() != text:
-            self._print(f"pretrain: note: the recipe differs from {path} (the resumed run's); writing the new one")
+            try:
+                import yaml
+
+                changed = _changed_keys(yaml.safe_load(path.read_text()), self.cfg)
+            except Exception:  # noqa: BLE001 - an unreadable old config.yaml: the note without the keys
+                changed = []
+            self._print(f"pretrain: note: the recipe differs from {path} (the resumed run's)"
+                        + (f" in {', '.join(changed[:12])}{' ...' if len(changed) > 12 else ''}" if changed else "")
+                        + "; writing the new one")
         tmp = path.with_name("config.yaml.tmp")
         tmp.write_text(text)
         tmp.replace(path)
@@ -909,6 +917,14 @@ class PretrainRecipe:
             distributed.cleanup(self.dist)
         if getattr(self, "_restore_malloc", False):
             _cpu_malloc.restore()  # the process's malloc as it was before the run
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new), key=str)
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if json.dumps(old, default=str) == json.dumps(new, default=str) else [prefix.rstrip(".")]
 
 
 LOCK_FILE = ".fastpt-pretrain.lock"  # in output.dir while a run trains there (rank 0 holds it)
