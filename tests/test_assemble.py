@@ -370,3 +370,39 @@ def test_from_hf_reads_convert_output_and_points_checkpoints_elsewhere(tmp_path)
         asm.from_hf(tmp_path / "ckpt")
     meta = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
     assert asm.load_config(meta) == model.config  # the file's content, as read, is a config too
+
+
+@pytest.mark.parametrize("objective", ["nsp", "sop", "self_distill"])
+def test_from_hf_gives_every_mlm_objective_the_checkpoints_head(objective, tmp_path):
+    """BERT's own pre-training (MLM + NSP) and the other objectives holding an MLM head built it with the
+    defaults (gelu, tied) instead of the checkpoint's head: a relu checkpoint's logits were off by ~0.2, and an
+    untied checkpoint's decoder was copied over the word embedding (logits off by ~0.4, the embedding changed).
+    The head now takes the checkpoint's activation / eps / tying, and computes transformers' logits."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=37, hidden_act="relu", layer_norm_eps=1e-5,
+                                  tie_word_embeddings=False)
+    hf = transformers.BertForPreTraining(cfg).eval()
+    hf.set_attn_implementation("eager")
+    hf.save_pretrained(tmp_path / "hf")
+    kw = dict(mask_token_id=4) if objective == "self_distill" else dict(cls_token_id=2, sep_token_id=3, mask_token_id=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SOP / self_distill drop the NSP head / pooler
+        model = asm.from_hf(tmp_path / "hf", objective=objective, **kw).eval()
+    head = model.objective.heads()["mlm"]
+    assert (head.activation, head.layer_norm.eps, head.tied) == ("relu", 1e-5, False)
+    assert torch.equal(model.backbone.embeddings.word_embeddings.weight, hf.bert.embeddings.word_embeddings.weight)
+    ids = text_batch()["input_ids"]
+    with torch.no_grad():
+        ref = hf(input_ids=ids)
+        h = model.backbone(ids).last_hidden_state
+        assert (head(h) - ref.prediction_logits).abs().max().item() <= 1e-6
+        if objective == "nsp":
+            nsp = model.objective.classifier(model.objective.pooler(h))
+            assert (nsp - ref.seq_relationship_logits).abs().max().item() <= 1e-6
+    if objective == "nsp":  # and back: BertForPreTraining with the same logits
+        asm.to_hf(model, tmp_path / "out")
+        back = transformers.BertForPreTraining.from_pretrained(tmp_path / "out").eval()
+        with torch.no_grad():
+            assert (back(input_ids=ids).prediction_logits - ref.prediction_logits).abs().max().item() <= 1e-6

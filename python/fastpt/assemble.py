@@ -51,6 +51,7 @@ from pathlib import Path
 
 import yaml
 
+from ._yaml import load as load_yaml
 from .models import BUILDERS, PretrainModel
 from .models import from_hf as _backbone_from_hf
 from .models import load_fastpt as _load_fastpt
@@ -142,7 +143,7 @@ def _read(config) -> dict:
                 raise FileNotFoundError(msg)
             raise ValueError(msg)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ValueError(f"config: {path} is not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
@@ -494,8 +495,11 @@ def from_hf(path, *, objective: str | None = "auto", **objective_kwargs) -> Pret
 
 
 def _head_options(objective: str, heads: dict) -> dict:
-    """Constructor arguments that make the objective's head match the checkpoint's."""
-    if objective in ("mlm", "self_distill") and "mlm" in heads:
+    """Constructor arguments that make the objective's head match the checkpoint's: the MLM head's tying,
+    activation and LayerNorm eps for every objective holding one (MLM, NSP / SOP's MLM part, self-distillation),
+    the LM head's tying and bias for the causal ones. Without them the head would not compute the checkpoint's
+    logits (another activation), and ``load_heads`` refuses an untied head into a tied one."""
+    if objective in ("mlm", "nsp", "sop", "self_distill") and "mlm" in heads:
         head = heads["mlm"]
         out = dict(tie_word_embeddings=head.tied, activation=head.activation, layer_norm_eps=head.layer_norm.eps)
     elif objective in ("clm", "prefix_lm") and "lm" in heads:
@@ -524,7 +528,8 @@ def _hf_special_ids(path: Path, hf_config: dict) -> dict:
 
 def to_hf(model: PretrainModel, path) -> Path:
     """Write ``model`` as a Hugging Face directory (config.json + model.safetensors) that
-    transformers loads: BERT / RoBERTa (``*ForMaskedLM`` with an MLM objective), GPT-2
+    transformers loads: BERT / RoBERTa (``*ForMaskedLM`` with an MLM objective, ``BertForPreTraining`` with
+    NSP and its MLM part, ``BertForNextSentencePrediction`` with NSP alone), GPT-2
     (``GPT2LMHeadModel`` with a causal LM), ViT. The architecture and untouched config.json keys
     come from ``model.config["hf"]`` when the model came from ``from_hf``, else are inferred; the
     special token ids go in as ``<role>_token_id`` (``mask_token_id`` ...), so ``from_hf`` reads them back

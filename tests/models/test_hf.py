@@ -228,6 +228,52 @@ def test_errors_name_the_problem(tmp_path):
         to_hf(bert, {"mlm": MLMHead(24, 50, layer_norm_eps=1e-12)}, tmp_path / "out")
 
 
+def test_to_hf_writes_the_dtype_of_its_tensors(tmp_path):
+    """A float16 checkpoint continued in float32 was exported with float32 tensors under the source's
+    ``dtype: float16``: transformers 5 (dtype="auto") loaded the trained weights rounded to float16 (logits off
+    by ~5e-4). config.json now says the dtype written (both ``dtype`` and the older ``torch_dtype``)."""
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(transformers.BertConfig(**TEXT)).half()
+    backbone, heads, config = from_hf(_save(model, tmp_path / "hf"))
+    assert config["hf_config"]["dtype"] == "float16"
+    assert backbone.embeddings.word_embeddings.weight.dtype == torch.float32
+    with torch.no_grad():
+        backbone.layers[0].mlp.fc1.weight.add_(1e-4)  # an update float16 cannot hold
+    to_hf(backbone, heads, tmp_path / "out", hf_config={**config["hf_config"], "torch_dtype": "float16"})
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["dtype"], written["torch_dtype"]) == ("float32", "float32")
+    back = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out")
+    assert back.dtype == torch.float32
+    assert torch.equal(back.bert.encoder.layer[0].intermediate.dense.weight, backbone.layers[0].mlp.fc1.weight)
+    backbone.to(torch.bfloat16), heads["mlm"].to(torch.bfloat16)  # fastpt convert --to-hf --dtype bfloat16
+    to_hf(backbone, heads, tmp_path / "bf16", hf_config={**config["hf_config"], "dtype": "float32"})
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_nsp_without_mlm_exports_as_bert_for_next_sentence_prediction(tmp_path):
+    """The pooler and NSP head alone (the NSP objective without mask_token_id) were written as BertModel with
+    cls.seq_relationship.* keys, which no class of that name loads: the NSP head was lost. They are written as
+    BertForNextSentencePrediction (bert.* + cls.seq_relationship.*); an NSP head without its pooler is refused."""
+    torch.manual_seed(0)
+    model = _eager(transformers.BertForPreTraining(transformers.BertConfig(**TEXT)))
+    backbone, heads, config = from_hf(_save(model, tmp_path / "hf"))
+    backbone.eval()
+    heads = {k: heads[k] for k in ("pooler", "nsp")}
+    to_hf(backbone, heads, tmp_path / "out", hf_config=config["hf_config"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == \
+        ["BertForNextSentencePrediction"]
+    back = _eager(transformers.BertForNextSentencePrediction.from_pretrained(tmp_path / "out"))
+    assert torch.equal(back.cls.seq_relationship.weight, model.cls.seq_relationship.weight)
+    ids, mask = _batch(0)
+    with torch.no_grad():
+        _assert_close(back(input_ids=ids, attention_mask=mask).logits,
+                      model(input_ids=ids, attention_mask=mask).seq_relationship_logits, slice(None))
+    _, again, _ = from_hf(tmp_path / "out")
+    assert set(again) == {"pooler", "nsp"} and torch.equal(again["nsp"].weight, heads["nsp"].weight)
+    with pytest.raises(ValueError, match="an NSP head without the pooler"):
+        to_hf(backbone, {"nsp": heads["nsp"]}, tmp_path / "no-pooler")
+
+
 def test_to_hf_refuses_a_vit_with_an_embedding_norm(tmp_path):
     """vit(embedding_norm=True) (CLIP's ln_pre, clip-tiny's vision tower) norms the tokens before the
     first layer, which Hugging Face's ViT cannot express: exporting it would silently drop the norm."""

@@ -114,6 +114,7 @@ def test_ema_and_schedule():
 
 
 def test_accuracies_and_pooling():
+    torch.manual_seed(0)  # unseeded, ~1.6% of draws put two of the 7 random 4-d rows within 0.01 of each other
     q = torch.nn.functional.normalize(torch.randn(7, 4), dim=1)
     k = q + 0.01 * torch.randn(7, 4)
     k[3] = -q[3]
@@ -248,3 +249,38 @@ def test_heads_follow_the_backbones_initializer_range(name):
         for n, p in obj.named_parameters():
             if p.dim() == 1 and "layer_norm" not in n:
                 assert not p.any(), n  # biases start at 0
+
+
+@pytest.mark.parametrize("kind", ["mlm", "lm"])
+def test_load_heads_never_writes_into_the_word_embedding(kind):
+    """load_heads copied an untied checkpoint head into a head tied to the backbone's embedding: its decoder
+    overwrote the word embedding, silently (from_hf of an untied BertForPreTraining under NSP). An untied
+    source into a tied head is refused; a tied one leaves the embedding alone; an untied target takes a copy."""
+    from fastpt.models import LMHead, MLMHead
+    from fastpt.objectives import CausalLM
+
+    backbone = tiny_text()
+    table = backbone.embeddings.word_embeddings.weight
+    before = table.detach().clone()
+    v = backbone.vocab_size
+    make = (lambda **kw: MLMHead(32, v, **kw)) if kind == "mlm" else (lambda **kw: LMHead(32, v, bias=True, **kw))
+    build = ((lambda tie: MLM.from_backbone(backbone, mask_token_id=3, tie_word_embeddings=tie)) if kind == "mlm"
+             else (lambda tie: CausalLM.from_backbone(backbone, tie_word_embeddings=tie, bias=True)))
+    untied, other_table = make(), nn.Parameter(torch.randn(v, 32))
+    with torch.no_grad():
+        untied.bias.normal_()
+    with pytest.raises(ValueError, match=rf"heads\.{kind}: .*untied.*tie_word_embeddings=False"):
+        build(True).load_heads({kind: untied})
+    assert torch.equal(table, before)
+    tied = build(True)
+    tied.load_heads({kind: make(tied_weight=other_table)})  # tied elsewhere: the target's embedding stays
+    assert torch.equal(table, before) and tied.heads()[kind].weight is table
+    free = build(False)
+    free.load_heads({kind: untied})
+    assert torch.equal(free.heads()[kind].weight, untied.weight) and torch.equal(free.heads()[kind].bias, untied.bias)
+    free.load_heads({kind: make(tied_weight=table)})  # a tied source: its decoder is its embedding
+    assert torch.equal(free.heads()[kind].weight, table) and free.heads()[kind].weight is not table
+    assert torch.equal(table, before)
+    if kind == "mlm":  # another transform: the same weights would give other logits
+        with pytest.raises(ValueError, match=r"heads\.mlm: the source head's activation is 'relu'.*activation='relu'"):
+            free.load_heads({kind: MLMHead(32, v, activation="relu")})

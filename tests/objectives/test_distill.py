@@ -137,3 +137,12 @@ def test_saved_student_loads_without_its_teacher_path(tmp_path):
     assert back.config["objective"]["teacher_path"] == str(tmp_path / "teacher")  # the record is kept
     with pytest.raises(FileNotFoundError, match="teacher_path"):  # a fresh build still needs the teacher
         _build_model(bb, {"name": "self_distill", "teacher_path": str(tmp_path / "teacher"), **MLM_ARGS})
+
+
+def test_the_mlm_part_takes_the_heads_activation_and_eps(tmp_path):
+    """SelfDistillation built its MLM head with MLM's defaults only: from_hf of a relu / eps 1e-5 BERT gave
+    the student other logits than the checkpoint's. The options reach the head."""
+    _, _, obj = build(tmp_path, activation="relu", layer_norm_eps=1e-5)
+    assert (obj.mlm.head.activation, obj.mlm.head.layer_norm.eps, obj.mlm.head.tied) == ("relu", 1e-5, True)
+    _, _, default = build(tmp_path)
+    assert default.mlm.head.activation == "gelu"

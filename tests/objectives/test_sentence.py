@@ -162,3 +162,17 @@ def test_a_float64_model_keeps_its_pair_loss_in_float64():
     backbone, obj = backbone.double(), obj.double()
     out = obj(backbone, obj.prepare(text_batch(4, 13, low=10, seed=2), seed=1))
     assert out.loss.dtype == torch.float64 and out.metrics["sentence_order_loss"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("cls", [NSP, SOP])
+def test_the_mlm_part_takes_the_heads_activation_and_eps(cls):
+    """NSP / SOP built their MLM head with MLM's defaults only (gelu, the backbone's eps): from_hf of a relu
+    BertForPreTraining computed other logits than the checkpoint's. The options reach the head."""
+    backbone, obj = make(cls, mask_token_id=MASK, activation="relu", layer_norm_eps=1e-5, tie_word_embeddings=False)
+    head = obj.mlm.head
+    assert (head.activation, head.layer_norm.eps, head.tied) == ("relu", 1e-5, False)
+    h = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    want = F.linear(F.layer_norm(F.relu(head.dense(h)), (32,), head.layer_norm.weight, head.layer_norm.bias, 1e-5),
+                    head.weight, head.bias)
+    torch.testing.assert_close(head(h), want)
+    assert make(cls, mask_token_id=MASK)[1].mlm.head.activation == "gelu"  # the default is still BERT's

@@ -26,6 +26,31 @@ def test_yaml_file_and_float_spelling(tmp_path):
     assert cfg["train"]["lr"] == 3e-4 and isinstance(cfg["train"]["eps"], float)
 
 
+def test_a_key_given_twice_is_refused_and_quoted_numbers_stay_strings(tmp_path):
+    """PyYAML keeps the last of two equal keys: a recipe with two train: blocks trained with the second alone
+    (batch 8, lr 3e-4 became the zoo's 256 and 1e-4), and a model YAML with two backbone: blocks built the
+    second. Both are refused naming the key and its lines. --set turned a quoted '2024' into 2024.0 (a run
+    directory could not be named so); a model YAML's 1e-1 was the string '1e-1' (refused as not a float)."""
+    from fastpt.assemble import load_config
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: bert-mini\ndata: {path: shards}\ntrain: {max_steps: 5, batch_size: 8}\n"
+                    "output: {}\ntrain: {max_steps: 5}\n")
+    with pytest.raises(ConfigError, match=r"(?s)config: .*duplicate key 'train' \(first on line 3.*line 5"):
+        load_recipe(path)
+    model = tmp_path / "m.yaml"
+    model.write_text("backbone: {builder: text_encoder, hidden_size: 64}\nobjective: {name: mlm}\n"
+                     "backbone: {builder: text_encoder, hidden_size: 32}\n")
+    with pytest.raises(ValueError, match="duplicate key 'backbone'"):
+        load_config(str(model))
+    model.write_text("backbone: {builder: text_encoder, vocab_size: 50, hidden_size: 32, num_layers: 1, "
+                     "num_heads: 2}\nobjective: {name: mlm, mask_prob: 1e-1}\n")
+    assert load_config(str(model))["objective"]["mask_prob"] == 0.1
+    assert parse_override("output.dir='2024'") == (["output", "dir"], "2024")
+    assert load(overrides=["output.dir='1e3'"])["output"]["dir"] == "1e3"
+    assert parse_override("train.lr=1E-4") == (["train", "lr"], 1e-4)
+
+
 @pytest.mark.parametrize("cfg, match", [
     ({**BASE, "trian": {}}, r"trian: unknown key \(did you mean 'train'\?\); valid keys: model, init_from"),
     ({**BASE, "train": {"max_steps": 10, "lrr": 1}}, r"train\.lrr: unknown key \(did you mean 'lr'\?\)"),

@@ -255,6 +255,24 @@ def test_init_from_a_fastpt_run_takes_the_recipes_objective(shards, tmp_path):
         pretrain(cfg, log=lambda m: None)
 
 
+def test_init_from_keeps_the_loaded_heads_options(shards, tmp_path):
+    """An MLM run with an untied head continued under an NSP recipe (whose MLM part ties by default): the NSP
+    objective takes the loaded head untied, with its matrix, and the word embedding stays the checkpoint's
+    (loading the untied head into a tied one would have written the decoder over the embedding)."""
+    pretrain(recipe(shards, tmp_path / "a", model=tiny_model("mlm", tie_word_embeddings=False), output=QUIET),
+             log=lambda m: None)
+    model = tiny_model("nsp", cls_token_id=2, sep_token_id=3, mask_token_id=4)
+    cfg = recipe(shards, tmp_path / "b", model=model, train={"max_steps": 1, "lr": 1e-12, "warmup_steps": 0},
+                 output=QUIET)
+    cfg["init_from"] = str(tmp_path / "a")
+    pretrain(cfg, log=lambda m: None)
+    a, b = params(tmp_path / "a", 6), params(tmp_path / "b", 1)
+    emb = "backbone.embeddings.word_embeddings.weight"
+    torch.testing.assert_close(b[emb], a[emb], rtol=0, atol=1e-9)
+    torch.testing.assert_close(b["objective.mlm.head.weight"], a["objective.head.weight"], rtol=0, atol=1e-9)
+    assert not torch.equal(b["objective.mlm.head.weight"], b[emb])
+
+
 def test_resume_refuses_a_changed_model(shards, tmp_path):
     """--resume rebuilt the checkpoint's model whatever the recipe's model: said (hidden size, objective) and
     wrote the ignored model into config.yaml; now a changed model is refused by key, other changes (lr,

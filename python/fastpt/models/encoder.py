@@ -70,7 +70,8 @@ class TextEncoder(nn.Module):
         Args:
             input_ids: long ``(B, S)``; packed documents: ``(T,)`` or ``(1, T)`` with ``cu_seqlens``.
             attention_mask: ``(B, S)`` 1 = token, 0 = padding; must be right padding (it becomes
-                the fused op's ``seqlens``), else ValueError naming attention_mask.
+                the fused op's ``seqlens``), else ValueError naming attention_mask (RuntimeError
+                under torch.compile, where the check runs inside the graph).
             token_type_ids, position_ids: shaped like input_ids (defaults: segment 0; positions
                 0.. per row, or per document when packed, plus the embedding's offset).
             prefix_lens: int ``(B,)`` (``(N,)`` packed): bidirectional prefix, causal after (prefix-LM).

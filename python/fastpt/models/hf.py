@@ -161,8 +161,12 @@ def _hf_config(arch: str, kw: dict, heads: dict, backbone: nn.Module) -> dict:
         _need(arch, mlm.layer_norm.eps == eps, f"an MLM head LayerNorm eps {mlm.layer_norm.eps!r} other than the "
                                                f"backbone's norm_eps {eps!r} (its config has one layer_norm_eps)")
     name = {"bert": "Bert", "roberta": "Roberta"}[arch]
+    if "nsp" in heads:  # BertForPreTraining / BertForNextSentencePrediction: the NSP classifier reads the pooler
+        _need(arch, "pooler" in heads, "an NSP head without the pooler it classifies")
     if mlm is not None and "nsp" in heads and arch == "bert":
         architecture = "BertForPreTraining"
+    elif "nsp" in heads and arch == "bert":  # NSP alone: bert.* + cls.seq_relationship.*
+        architecture = "BertForNextSentencePrediction"
     else:
         architecture = f"{name}ForMaskedLM" if mlm is not None else f"{name}Model"
     drop = kw.get("dropout", 0.1)
@@ -526,10 +530,14 @@ def to_hf(backbone: nn.Module, heads: dict | None, path, *, arch: str | None = N
             fastpt does not model (token ids, tokenizer class, ...) are kept, structural ones
             overwritten.
 
-    The architecture written: BertForPreTraining (mlm + nsp), Bert/RobertaForMaskedLM (mlm),
-    GPT2LMHeadModel (lm), else the base model. Tied head weights are not written (transformers
-    ties them on load). Returns the directory. Raises ValueError naming what the Hugging Face
-    architecture cannot express (e.g. rotary positions, RMSNorm, GLU).
+    The architecture written: BertForPreTraining (mlm + nsp), BertForNextSentencePrediction (nsp
+    alone), Bert/RobertaForMaskedLM (mlm), GPT2LMHeadModel (lm), else the base model (an "nsp" head
+    needs the "pooler" it classifies). Tied head weights are not written (transformers ties them on
+    load). config.json's ``dtype`` (and the older ``torch_dtype``) is the dtype of the tensors written,
+    not ``hf_config``'s: transformers 5 loads a checkpoint in that dtype by default, so a float16 source
+    trained and written in float32 is not rounded back to float16 on load. Returns the directory.
+    Raises ValueError naming what the Hugging Face architecture cannot express (e.g. rotary positions,
+    RMSNorm, GLU).
     """
     heads = dict(heads or {})
     arch = infer_arch(backbone) if arch is None else arch
@@ -543,7 +551,8 @@ def to_hf(backbone: nn.Module, heads: dict | None, path, *, arch: str | None = N
         if name not in allowed[arch]:
             raise ValueError(f"heads: {arch} has no place for a {name!r} head (expected some of {allowed[arch]})")
     new = _hf_config(arch, kw, heads, backbone)
-    cfg = {k: v for k, v in (hf_config or {}).items() if k not in ("architectures", "_name_or_path")}
+    cfg = {k: v for k, v in (hf_config or {}).items()
+           if k not in ("architectures", "_name_or_path", "dtype", "torch_dtype")}
     cfg.update(new)
     wrapped = new["architectures"][0] not in ("BertModel", "RobertaModel", "GPT2Model", "ViTModel")
     named = _named(backbone, heads)
@@ -557,11 +566,23 @@ def to_hf(backbone: nn.Module, heads: dict | None, path, *, arch: str | None = N
             if wrapped and not k.startswith(_TOP_LEVEL):
                 k = _BASE_PREFIX[arch] + k
             out[k] = part.contiguous().clone()
+    dtype = _written_dtype(out.values())
+    if dtype is not None:  # transformers 5 loads in config.json's dtype by default (dtype="auto"); 4.x: torch_dtype
+        cfg["dtype"] = cfg["torch_dtype"] = dtype
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _safetensors().save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _written_dtype(tensors) -> str | None:
+    """config.json's ``dtype`` for the tensors written: their floating dtype ("float32", "bfloat16" ...), float32
+    when they mix several (a wider one than any of them would round none), None without floating tensors."""
+    kinds = {t.dtype for t in tensors if t.is_floating_point()}
+    if not kinds:
+        return None
+    return str(kinds.pop() if len(kinds) == 1 else torch.float32).removeprefix("torch.")
 
 
 def save_fastpt(path, backbone: nn.Module, heads: dict | None = None, *, hf_config: dict | None = None,

@@ -128,11 +128,38 @@ class Objective(nn.Module):
 
     def load_heads(self, heads: dict) -> None:
         """Copy the weights of ``from_hf``'s heads (e.g. {"mlm": MLMHead}) into this objective's;
-        heads this objective does not have are ignored."""
+        heads this objective does not have are ignored.
+
+        A vocabulary head tied to the word embedding (``tied``: MLM / LM heads) never has its output matrix
+        written: that matrix is the backbone's embedding, which the backbone's own weights set. A tied
+        source into an untied head copies the matrix (the source's decoder is its embedding: the same
+        logits); an untied source into a tied head raises ValueError naming the head (copying would
+        overwrite the word embedding with the decoder, dropping it would change the logits): build the
+        objective with ``tie_word_embeddings=False``, as ``from_hf`` does from the checkpoint's head. So is an
+        MLM head whose transform has another ``activation`` than the target's (the same weights would compute
+        other logits)."""
         for name, module in heads.items():
             path = self.hf_heads.get(name)
-            if path is not None and _has_submodule(self, path):
-                self.get_submodule(path).load_state_dict(module.state_dict())
+            if path is None or not _has_submodule(self, path):
+                continue
+            target, state = self.get_submodule(path), module.state_dict()
+            act, want = getattr(module, "activation", None), getattr(target, "activation", None)
+            if act != want and isinstance(act, str) and isinstance(want, str):
+                raise ValueError(f"heads.{name}: the source head's activation is {act!r}, this objective's "
+                                 f"{want!r}: build the objective with activation={act!r}")
+            source_tied, target_tied = getattr(module, "tied", None), getattr(target, "tied", None)
+            if target_tied and not source_tied:
+                raise ValueError(f"heads.{name}: the source head has its own (untied) output matrix but this "
+                                 f"objective's is tied to the word embedding (loading it would overwrite the "
+                                 f"embedding): build the objective with tie_word_embeddings=False")
+            if target_tied:
+                state.pop("weight", None)  # the embedding, which the backbone's weights set
+                missing, unexpected = target.load_state_dict(state, strict=False)
+                if unexpected or set(missing) - {"weight"}:
+                    raise ValueError(f"heads.{name}: the source head does not match this objective's (missing "
+                                     f"{sorted(set(missing) - {'weight'})}, unexpected {sorted(unexpected)})")
+            else:
+                target.load_state_dict(state)
 
     def prepare(self, batch: dict, *, seed: int) -> dict:
         """Model inputs from a raw batch (default: the batch's keys checked, a shallow copy)."""

@@ -48,7 +48,9 @@ class SelfDistillation(Objective):
 
     Args:
         hidden_size, vocab_size, mask_token_id, mask_prob, replace_prob, random_prob,
-        special_token_ids, whole_word_masking, tie_word_embeddings, log_accuracy: the MLM part (``MLM``).
+        special_token_ids, whole_word_masking, tie_word_embeddings, activation, layer_norm_eps,
+        log_accuracy: the MLM part (``MLM``; ``from_hf``, and ``init_from`` a Hugging Face checkpoint, set
+        the head's tying, activation and layer_norm_eps to the checkpoint's).
         alpha: weight of the distillation term.
         layers: indices into the backbone's ``hidden_states`` (0: embeddings, i: after layer i,
             -1: the last layer) whose states are matched.
@@ -70,12 +72,14 @@ class SelfDistillation(Objective):
                  layers: tuple[int, ...] = (-1,), distill_inputs: str = "masked", teacher_path: str | None = None,
                  mask_prob: float = 0.15, replace_prob: float = 0.8, random_prob: float = 0.1,
                  special_token_ids: tuple[int, ...] = (), whole_word_masking: bool = False,
-                 tie_word_embeddings: bool = True, log_accuracy: bool = False):
+                 tie_word_embeddings: bool = True, activation: str = "gelu", layer_norm_eps: float | None = None,
+                 log_accuracy: bool = False):
         super().__init__()
         self.mlm = MLM(hidden_size=hidden_size, vocab_size=vocab_size, mask_token_id=mask_token_id,
                        mask_prob=mask_prob, replace_prob=replace_prob, random_prob=random_prob,
                        special_token_ids=special_token_ids, whole_word_masking=whole_word_masking,
-                       tie_word_embeddings=tie_word_embeddings, log_accuracy=log_accuracy)
+                       tie_word_embeddings=tie_word_embeddings, activation=activation,
+                       layer_norm_eps=layer_norm_eps, log_accuracy=log_accuracy)
         self.alpha = positive("alpha", alpha, allow_zero=True)
         if isinstance(layers, int) or not layers or not all(isinstance(i, int) and not isinstance(i, bool)
                                                             for i in layers):

@@ -89,7 +89,8 @@ class _SentencePair(Objective):
     def __init__(self, *, hidden_size: int, cls_token_id: int, sep_token_id: int, pad_token_id: int = 0,
                  vocab_size: int | None = None, mask_token_id: int | None = None, mask_prob: float = 0.15,
                  replace_prob: float = 0.8, random_prob: float = 0.1, special_token_ids: tuple[int, ...] = (),
-                 tie_word_embeddings: bool = True, log_accuracy: bool = False):
+                 tie_word_embeddings: bool = True, activation: str = "gelu", layer_norm_eps: float | None = None,
+                 log_accuracy: bool = False):
         super().__init__()
         positive("hidden_size", hidden_size, integer=True)
         if vocab_size is not None:
@@ -108,7 +109,7 @@ class _SentencePair(Objective):
             self.mlm = MLM(hidden_size=hidden_size, vocab_size=vocab_size, mask_token_id=mask_token_id,
                            mask_prob=mask_prob, replace_prob=replace_prob, random_prob=random_prob,
                            special_token_ids=tuple(sorted(set(specials))), tie_word_embeddings=tie_word_embeddings,
-                           log_accuracy=log_accuracy)
+                           activation=activation, layer_norm_eps=layer_norm_eps, log_accuracy=log_accuracy)
 
     def attach(self, backbone: nn.Module) -> None:
         if self.mlm is not None:
@@ -198,7 +199,9 @@ class NSP(_SentencePair):
         hidden_size: the backbone's width D. vocab_size: V (needed for MLM).
         cls_token_id, sep_token_id, pad_token_id: the special tokens written around the pairs.
         mask_token_id: enables MLM on the pairs (None: the pair loss alone); mask_prob,
-            replace_prob, random_prob, special_token_ids, tie_word_embeddings: the MLM part's.
+            replace_prob, random_prob, special_token_ids, tie_word_embeddings, activation, layer_norm_eps:
+            the MLM part's (``MLM``: its head's tying and transform; ``from_hf``, and ``init_from`` a
+            Hugging Face checkpoint, set them to the checkpoint's head).
         log_accuracy: the MLM part's masked-token accuracy (the pair accuracy is always reported).
 
     Batch: raw ``{"input_ids" (B, S), "attention_mask" (B, S) optional}`` (rows from different

@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from .._yaml import load as load_yaml
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 MODES = ("pack", "doc")
@@ -176,7 +178,7 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config: {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {p} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -186,16 +188,15 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003); the value is parsed as YAML (numbers, bools, lists)."""
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003); the value is parsed as YAML (numbers, bools, lists;
+    ``1e-4`` is a float, a quoted ``'2024'`` a string: ``fastpt._yaml``)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and _looks_float(value):
-        value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
     return key.strip().split("."), value
 
 
@@ -222,7 +223,8 @@ def apply_override(cfg: dict, parts: list[str], value: Any) -> None:
 
 
 def _fix_floats(node):
-    """YAML 1.1 reads ``1e-4`` (no dot) as a string: turn such strings back into floats."""
+    """Strings that are floats (``"1e-4"``) in a recipe given as a Python dict, as floats (a YAML file's
+    unquoted ``1e-4`` is one already: ``fastpt._yaml``)."""
     if isinstance(node, dict):
         return {k: _fix_floats(v) for k, v in node.items()}
     if isinstance(node, list):
@@ -250,7 +252,7 @@ def load_recipe(config: dict | str | Path, overrides: Sequence[str] = (), *, mod
     raw = read_yaml(config) if isinstance(config, (str, Path)) else copy.deepcopy(config)
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping or a YAML path, got {type(raw).__name__}")
-    raw = _fix_floats(raw)
+    raw = raw if isinstance(config, (str, Path)) else _fix_floats(raw)
     parsed = [(item, *parse_override(item)) for item in overrides]
     # a whole-model override (--set model=X) first, whatever its place: the --set model.* edits apply to X
     # (after them it replaced the model and dropped them silently)

@@ -61,6 +61,7 @@ from .schedule import lr_at
 from .. import _cpu_malloc
 from .._lock import lock_dir, unlock_dir
 from ..assemble import _assemble as assemble_model
+from ..assemble import _head_options as head_options
 from ..assemble import build, from_hf, load_config
 from ..data.shards import TOKENIZER_FILE, nearest_existing
 from ..models.embeddings import TextEmbedding
@@ -423,13 +424,15 @@ class PretrainRecipe:
             model.backbone.config = {**model.backbone.config, "causal": model.backbone.causal}
         cfg = {**cfg, "backbone": {**model.config["backbone"], **({"causal": model.backbone.causal}
                                                                  if hasattr(model.backbone, "causal") else {})}}
+        old_heads = model.objective.heads() if model.objective is not None else {}
+        # the loaded heads' own options (tying, activation, eps) unless the recipe sets them, as from_hf does
+        cfg["objective"] = {**head_options(cfg["objective"]["name"], old_heads), **cfg["objective"]}
         try:
             fresh = assemble_model(cfg, model.backbone)
+            new_heads = fresh.objective.heads() if fresh.objective is not None else {}
+            fresh.objective.load_heads({k: v for k, v in old_heads.items() if k in new_heads})
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"model: {exc}") from exc
-        old_heads = model.objective.heads() if model.objective is not None else {}
-        new_heads = fresh.objective.heads() if fresh.objective is not None else {}
-        fresh.objective.load_heads({k: v for k, v in old_heads.items() if k in new_heads})
+            raise ConfigError(f"model: init_from {path}: {exc}") from exc
         was = (model.config.get("objective") or {}).get("name")
         self.log(f"pretrain: init_from {path}: its {was} objective is replaced by the recipe's "
                  f"{cfg['objective']['name']}; heads loaded: {sorted(set(old_heads) & set(new_heads)) or 'none'}, "
