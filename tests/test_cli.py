@@ -126,3 +126,55 @@ def test_a_damaged_checkpoint_named_directly_is_refused(tmp_path, capsys):
     assert "sha256 differs" in capsys.readouterr().err and not (tmp_path / "hf").exists()
     with pytest.raises(ckpt.CorruptCheckpointError, match="sha256 differs"):
         resolve_checkpoint(step)
+
+
+def _tokenized_checkpoint(root, kind):
+    from fastpt.data.tokenizer import special_token_ids, train_tokenizer
+    from fastpt.train import checkpoint as ckpt
+
+    tok = train_tokenizer(iter(["river stone cloud rain", "stone rivers flow over clouds"] * 20), kind,
+                          300 if kind == "bpe" else 60)
+    model = fastpt.build("bert-tiny", vocab_size=tok.get_vocab_size(), special_ids=special_token_ids(tok),
+                         backbone={"num_layers": 1, "max_positions": 48})
+
+    def write_model(d):
+        model.save_pretrained(d)
+        tok.save(str(d / "tokenizer.json"))
+
+    return ckpt.save_checkpoint(root / "checkpoints", 1, write_model=write_model, optimizer_state=None,
+                                trainer_state={"step": 1}, rng_tensors={}), tok
+
+
+def test_convert_refuses_out_in_the_source_and_replaces_a_stale_tokenizer_config(tmp_path, capsys):
+    """convert with OUT = the source directory overwrote the source's weights before failing (--to-hf) or
+    replaced a Hugging Face checkpoint's weights by fastpt's (--from-hf, exit 0); both are refused before
+    anything is written. A second --to-hf into the same OUT kept the first tokenizer's tokenizer_config.json
+    beside the new tokenizer.json ([MASK] added past the model's vocabulary)."""
+    transformers = pytest.importorskip("transformers")
+    step, _ = _tokenized_checkpoint(tmp_path / "a", "wordpiece")
+    before = (step / "model.safetensors").read_bytes()
+    assert main(["convert", "--to-hf", str(step), str(step)]) == 1
+    assert "is the --to-hf directory" in capsys.readouterr().err
+    assert (step / "model.safetensors").read_bytes() == before and not (step / "config.json").exists()
+    assert main(["convert", "--to-hf", str(step), str(tmp_path / "hf")]) == 0
+    hf_before = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "hf" / "sub")]) == 1
+    assert "inside the --from-hf directory" in capsys.readouterr().err
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == hf_before
+    step_b, tok_b = _tokenized_checkpoint(tmp_path / "b", "bpe")
+    assert main(["convert", "--to-hf", str(step_b), str(tmp_path / "hf")]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert len(hf_tok) == tok_b.get_vocab_size()  # no special token added past the vocabulary
+    assert hf_tok("river stone")["input_ids"] == tok_b.encode("river stone").ids
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`fastpt configs t5-small | true` printed a BrokenPipeError traceback, status 1."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "fastpt", "configs", "t5-small"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the command writes
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err, err

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -107,9 +108,10 @@ def _convert(argv):
                       "to the backbone format only)", file=sys.stderr)
                 return 2
             import fastpt
-            from .models.hf import _copy_side_files, write_tokenizer_config
+            from .models.hf import _copy_side_files, check_out_dir, write_tokenizer_config
 
             try:
+                check_out_dir(src, rest[0], "--to-hf")
                 model = fastpt.PretrainModel.from_pretrained(src)
                 out = fastpt.to_hf(model, rest[0])
                 _copy_side_files(src, out)
@@ -193,6 +195,19 @@ DELEGATED = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``fastpt`` command. Output piped into a reader that stops early (``fastpt configs | head``) ends
+    quietly with status 141, as a command killed by SIGPIPE does (it was a BrokenPipeError traceback)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        try:  # Python flushes stdout at exit: point it at devnull, or that flush raises again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:
         return int(DELEGATED[argv[0]][0](argv[1:]) or 0)

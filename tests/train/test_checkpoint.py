@@ -129,6 +129,22 @@ def test_a_failed_write_removes_its_partial_directory_and_names_the_checkpoint(t
     assert not list(tmp_path.glob(".tmp-*")) and ckpt.latest_checkpoint(tmp_path).name == "step-00000001"
 
 
+def test_an_error_of_any_exception_class_is_a_checkpoint_write_error(tmp_path):
+    """safetensors reports a full disk as SafetensorError, an Exception outside (OSError, RuntimeError,
+    ValueError): the save ended in a traceback and left its .tmp directory on the full disk. A first save
+    says there is no earlier checkpoint (it said they were intact)."""
+    class SafetensorLike(Exception):
+        pass
+
+    def full(d):
+        (d / "model.safetensors").write_bytes(b"part")
+        raise SafetensorLike("No space left on device (os error 28)")
+
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"SafetensorLike: No space.*no earlier checkpoint exists"):
+        ckpt.save_checkpoint(tmp_path, 1, write_model=full, optimizer_state=None, trainer_state={}, rng_tensors={})
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
 @pytest.mark.parametrize("complete_new", [True, False])
 def test_a_kill_between_the_renames_of_a_replaced_checkpoint_loses_neither(tmp_path, complete_new):
     """Replacing step 5 renames the old one aside, then the new one into place; killed in between,

@@ -502,3 +502,13 @@ def test_a_second_run_into_the_same_output_dir_is_refused(shards, tmp_path):
         holder.wait()
     assert pretrain(recipe(shards, out, output=QUIET), log=lambda m: None)["steps"] == 6
     assert not (out / LOCK_FILE).exists()  # released at the end
+
+
+def test_the_shards_vocabulary_replacing_the_configs_is_logged(shards, tmp_path):
+    """The model is built for the shards' vocabulary whatever backbone.vocab_size says (the zoo's 30522 for
+    a trained tokenizer); a config's own size was replaced without a word."""
+    model = tiny_model()
+    model["backbone"]["vocab_size"] = 128
+    lines = []
+    pretrain(recipe(shards, tmp_path / "run", model=model, train={"max_steps": 1}, output=QUIET), log=lines.append)
+    assert any("model.backbone.vocab_size 128 -> 97, the shards' tokenizer's" in m for m in lines)

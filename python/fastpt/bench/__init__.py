@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from .. import _cpu_malloc
+from .._args import arg_type, positive_int
 from . import e2e
 from .harness import Timing, machine_info, peak_memory, time_fn
 from .peaks import Peak, peak, peak_flops
@@ -147,10 +148,11 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=E2E_MODELS, default=None,
                         help="e2e: only this model (default both pairs: bert-tiny and gpt2-mini on cpu, "
                              "bert-base and gpt2-small on cuda)")
-    parser.add_argument("--batch", type=int, default=None, help="e2e batch size (default 32 BERT, 16 GPT-2)")
-    parser.add_argument("--seq", type=int, default=None,
+    parser.add_argument("--batch", type=positive_int, default=None, help="e2e batch size (default 32 BERT, 16 GPT-2)")
+    parser.add_argument("--seq", type=positive_int, default=None,
                         help="e2e sequence length (default 128 on cpu; 512 BERT, 1024 GPT-2 on cuda)")
-    parser.add_argument("--dropout", type=float, default=None,
+    parser.add_argument("--dropout", type=arg_type(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+                        default=None,
                         help="e2e hidden and attention dropout (default: the model config's, 0.1 for BERT)")
     parser.add_argument("--compile", action="store_true",
                         help="e2e: both sides under torch.compile instead of eager, the compiled case only "
@@ -158,8 +160,10 @@ def bench_main(argv: list[str] | None = None) -> int:
                              "model.compile() as HF Trainer's torch_compile; transformers eager alongside; the rows report each side's compile "
                              "warm-up seconds); run once without it for eager. Default stem "
                              "bench-<device>[-quick]-compile")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before running")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads before running")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out: {args.out} is a file; expected a results directory")
     if args.compile and args.suite == "kernels":
         parser.error("--compile: applies to --suite e2e (or all); the kernel benches have nothing to compile")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None

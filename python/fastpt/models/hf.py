@@ -627,10 +627,29 @@ def load_fastpt(path, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, d
     return backbone, heads, config
 
 
+TOKENIZER_FILES = SIDE_FILES[:9]  # the tokenizer's files among SIDE_FILES
+
+
 def _copy_side_files(src: Path, dst: Path) -> None:
+    """Copy ``src``'s tokenizer / processor files into ``dst``. When ``src`` brings a tokenizer, tokenizer files
+    ``dst`` holds from an earlier conversion and ``src`` lacks are removed: a stale tokenizer_config.json kept
+    another tokenizer's special tokens beside the new tokenizer.json (ids past the model's vocabulary)."""
+    if any((src / name).is_file() for name in TOKENIZER_FILES):
+        for name in TOKENIZER_FILES:
+            if not (src / name).is_file() and (dst / name).is_file():
+                (dst / name).unlink()
     for name in SIDE_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
+
+
+def check_out_dir(src, out, flag: str) -> None:
+    """ValueError when OUT is the source directory or inside it: the conversion writes its model.safetensors
+    and config.json there (the source's weights were overwritten before the error)."""
+    s, o = Path(src).resolve(), Path(out).resolve()
+    if o == s or s in o.parents:
+        raise ValueError(f"OUT: {out} is {'the' if o == s else 'inside the'} {flag} directory {src}; the conversion "
+                         "would overwrite its files: choose another OUT")
 
 
 def write_tokenizer_config(path, special_ids: dict | None = None) -> Path | None:
@@ -696,6 +715,7 @@ def convert_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dtype = _DTYPES.get(args.dtype)
     try:
+        check_out_dir(args.from_hf or args.to_hf, args.out, "--from-hf" if args.from_hf else "--to-hf")
         if args.from_hf:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

@@ -139,14 +139,18 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, write_model: Callable
         _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": step, "files": files})
         _fsync(tmp / MANIFEST)
         _fsync(tmp)
-    except (OSError, RuntimeError, ValueError) as exc:  # torch.save / safetensors report ENOSPC their own ways
+    except Exception as exc:  # noqa: BLE001 - torch.save (RuntimeError) and safetensors (SafetensorError, an
+        # Exception of its own) report a full disk their own ways: each is this save's failure
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            free = f"; {shutil.disk_usage(root).free / 2**20:,.0f} MiB free there"
+            usage = shutil.disk_usage(root)
+            full = " (the disk looks full)" if usage.free < max(64 << 20, usage.total // 100) else ""
+            free = f"; {usage.free / 2**20:,.0f} MiB free there once the partial save was removed{full}"
         except OSError:
             free = ""
+        earlier = "the earlier checkpoints are intact" if find_checkpoints(root) else "no earlier checkpoint exists"
         raise CheckpointWriteError(f"checkpoint {final}: could not be written ({type(exc).__name__}: {exc}){free}; "
-                                   f"the earlier checkpoints are intact") from exc
+                                   f"{earlier}") from exc
     trash = None
     if final.exists():  # a torn or older save of this step: replace it, the rename stays atomic
         trash = root / f".tmp-old-{final.name}-{os.getpid()}"

@@ -52,6 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 
 # The labelled-task and probe names stay importable from here (re-exported; they lived here first).
+from .._args import arg_type as _arg_type
+from .._args import positive_float as _positive_float
+from .._args import positive_int as _positive_int
 from ..data.shards import nearest_existing
 from ..data.tasks import (BUILTIN_TASKS, PYTHON_DOCS_TOPICS, builtin_text_task, read_labelled,  # noqa: F401
                           read_rows, stratified_split, write_text_atomic)
@@ -694,22 +697,6 @@ def evaluate_vision(backbone: nn.Module, data, test=None, *, probe: str = "both"
 # ----------------------------------------------------------------------------- CLI
 
 
-def _arg_type(convert, ok, expected: str):
-    """An argparse type: ``convert(text)`` if ``ok`` of it, else an error saying ``expected`` (argparse
-    names the option)."""
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
-        return value
-    return parse
-
-
-_positive_int = _arg_type(int, lambda v: v >= 1, "an integer >= 1")
-_positive_float = _arg_type(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 _fraction = _arg_type(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
 
 

@@ -358,6 +358,10 @@ class PretrainRecipe:
                 raise ConfigError(f"model: a {mcfg['backbone']['builder']} backbone does not train on "
                                   f"{'text shards (data.path)' if text else 'images (data.images)'}")
             kwargs = dict(vocab_size=self.data.vocab_size, special_ids=self.data.special_ids) if text else {}
+            given = (mcfg["backbone"].get("text") or mcfg["backbone"]).get("vocab_size") if text else None
+            if given is not None and given != self.data.vocab_size:
+                self.log(f"pretrain: model.backbone.vocab_size {given} -> {self.data.vocab_size}, the shards' "
+                         "tokenizer's (the model is built for the data's vocabulary)")
             try:
                 model = build(mcfg, **kwargs)
             except (ValueError, TypeError) as exc:
