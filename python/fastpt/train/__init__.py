@@ -6,7 +6,9 @@ fastpt pretrain --config X.yaml`` (DDP; ``train.fsdp: true`` shards with FSDP2).
 
 Recipe YAML (every key optional except ``model`` (or ``init_from``), ``data.path`` or
 ``data.images``, and one of ``train.max_steps`` / ``max_tokens`` / ``max_time_s``; unknown keys
-are rejected naming the key and the valid ones; defaults shown)::
+are rejected naming the key and the valid ones, and so is a key given twice; relative paths (model
+YAML, data.path, data.images, init_from, output.dir) are read from the current directory, not the
+recipe file's; defaults shown)::
 
     model: bert-mini          # zoo name (fastpt.list_configs()), model YAML path, or an inline
                               # {backbone: {builder: ...}, objective: {name: ...}} mapping; its
