@@ -568,8 +568,9 @@ def test_unusable_output_dir_fails_before_training(shards, tmp_path, case):
 
 
 def _save(root, step):
-    def write_model(d):
+    def write_model(d):  # the two files of a model directory (not read here)
         (d / "fastpt_config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(b"weights")
 
     return ckpt.save_checkpoint(root, step, write_model=write_model, optimizer_state=None,
                                 trainer_state={"tokens": 0}, rng_tensors={"cpu": torch.zeros(1)})

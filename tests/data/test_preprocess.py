@@ -1,11 +1,17 @@
-"""fastpt preprocess: text -> shards gives exactly the tokenizer's ids, for every input kind;
-bad lines counted; interrupted runs (an exception, a kill -9) resume to byte-identical output."""
+"""fastpt preprocess: text -> shards gives exactly the tokenizer's ids, for every input kind (\r, \r\n
+and \n line ends; linked folders); bad lines counted; interrupted runs (an exception, a kill -9, a full
+disk, a killed worker) end in an error line and resume to byte-identical output; giant records are
+encoded in bounded batches."""
 import gzip
+import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +20,7 @@ pytest.importorskip("tokenizers")
 
 from fastpt.data.preprocess import (find_inputs, preprocess_main, preprocess_text, read_records,  # noqa: E402
                                     split_giant)
+from fastpt.data import preprocess as P  # noqa: E402
 from fastpt.data.shards import ShardDataset  # noqa: E402
 from fastpt.data.tokenizer import train_tokenizer  # noqa: E402
 
@@ -251,3 +258,244 @@ def test_cli_builtin_corpus(tmp_path, capsys):
     assert preprocess_main(["--corpus", "python-topics", str(tmp_path / "in"), str(tmp_path / "x"),
                             "--train-tokenizer", "bpe"]) == 1
     assert "not both" in capsys.readouterr().err
+
+
+# -- interrupted runs, full disks and killed workers end in an error line and resume exactly -----
+def test_interrupted_run_over_an_upper_case_gz_resumes(tmp_path, corpus, tok_file):
+    """The resume check bounded a ``.GZ`` input's position (decompressed bytes) by its compressed size:
+    the test for ".gz" there was case-sensitive, and the run refused to resume ("past the end")."""
+    folder, _ = corpus
+    (tmp_path / "gz").mkdir()
+    with gzip.open(tmp_path / "gz" / "A.TXT.GZ", "wb") as f:
+        f.write((folder / "a.txt").read_bytes())
+    kw = dict(tokenizer=tok_file[0], shard_tokens=3000, workers=1, progress=False, log=None)
+
+    def crash(index, record):
+        if index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_text([tmp_path / "gz"], tmp_path / "cut", on_shard=crash, **kw)
+    position = json.loads((tmp_path / "cut" / "manifest.json").read_text())["resume"]["position"][1]
+    assert position > (tmp_path / "gz" / "A.TXT.GZ").stat().st_size  # what the old check refused
+    preprocess_text([tmp_path / "gz"], tmp_path / "cut", **kw)
+    preprocess_text([tmp_path / "gz"], tmp_path / "full", **kw)
+    assert _files(tmp_path / "cut") == _files(tmp_path / "full")
+
+
+def _cli_args(inputs, out, tok_path, *extra):
+    return [*map(str, inputs), str(out), "--tokenizer", str(tok_path), "--no-progress", *extra]
+
+
+def _error_line(rc, err, *names):
+    assert rc == 1 and "Traceback" not in err and err.startswith("fastpt preprocess: error: "), err[-2000:]
+    for name in names:
+        assert name in err, err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (every write fails with ENOSPC)")
+def test_disk_full_while_writing_a_shard(tmp_path, corpus, tok_file, capsys, monkeypatch):
+    """ENOSPC while writing a shard: an error line naming the file, the open shard's .tmp files
+    removed (they used to stay, holding the space), and the same command resumes once there is room."""
+    from fastpt.data import shards
+
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):  # a .bin.tmp is created, but its data never fits
+        if str(path).endswith(".bin.tmp"):
+            real_open(path, "wb").close()
+            path = "/dev/full"
+        return real_open(path, mode, *args, **kwargs)
+
+    folder, _ = corpus
+    argv = _cli_args([folder], tmp_path / "out", tok_file[0], "--shard-tokens", "300", "--workers", "1")
+    monkeypatch.setattr(shards, "open", full_disk, raising=False)
+    _error_line(preprocess_main(argv), capsys.readouterr().err, "No space left on device", "shard-00000.bin.tmp")
+    assert not [f.name for f in (tmp_path / "out").iterdir() if f.name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert preprocess_main(argv) == 0
+    preprocess_text([folder], tmp_path / "full", tokenizer=tok_file[0], shard_tokens=300, workers=1, progress=False,
+                    log=None)
+    assert _files(tmp_path / "out") == _files(tmp_path / "full")
+
+
+class _TokenizerOnAFullDisk:
+    """A tokenizer whose save fails the way ``tokenizers`` reports ENOSPC: a bare Exception."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def save(self, path, pretty=True):
+        with open(path, "w") as f:
+            f.write("{")
+        raise Exception("No space left on device (os error 28)")
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_tokenizer_save_failure_is_an_error_line(tmp_path, corpus, tok_file, capsys, monkeypatch):
+    """A bare Exception from tokenizers' save used to escape as a traceback (leaving tokenizer.json.tmp)."""
+    from fastpt.data import tokenizer
+
+    load = tokenizer.load_tokenizer
+    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda path: _TokenizerOnAFullDisk(load(path)))
+    rc = preprocess_main(_cli_args([corpus[0]], tmp_path / "out", tok_file[0], "--workers", "1"))
+    _error_line(rc, capsys.readouterr().err, "[Errno 28] No space left on device", "tokenizer.json.tmp")
+    assert not (tmp_path / "out" / "tokenizer.json.tmp").exists()
+    # the message format this relies on, from a real failed save
+    with pytest.raises(Exception, match=r"\(os error 2\)$") as info:
+        tok_file[1].save(str(tmp_path / "no-such-dir" / "t.json"))
+    exc = P._tokenizers_os_error(info.value, tmp_path / "t.json")
+    assert isinstance(exc, FileNotFoundError) and exc.filename == str(tmp_path / "t.json")
+
+
+_ORIGINAL_TOKENIZE_CHUNK = P._tokenize_chunk
+_KILL_MARKER = b"river KILL-THIS-WORKER"
+
+
+def _tokenize_chunk_or_die(payloads, source_ids):
+    """_tokenize_chunk, except that the worker given the marker line dies as under the OOM killer."""
+    if _KILL_MARKER in payloads:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _ORIGINAL_TOKENIZE_CHUNK(payloads, source_ids)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forked workers inherit the patched function")
+def test_killed_worker_is_an_error_line_and_the_run_resumes(tmp_path, tok_file, capsys, monkeypatch):
+    """A worker killed mid-run used to end the command with a BrokenProcessPool traceback."""
+    rng = np.random.default_rng(3)
+    lines = [_doc(rng) for _ in range(5000)]
+    lines[4500] = _KILL_MARKER.decode()  # in the third chunk of 2048 records
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    argv = _cli_args([tmp_path / "t.txt"], tmp_path / "out", tok_file[0], "--shard-tokens", "2000", "--workers", "2")
+    monkeypatch.setattr(P, "_tokenize_chunk", _tokenize_chunk_or_die)
+    _error_line(preprocess_main(argv), capsys.readouterr().err, "tokenizer worker process died",
+                "rerun the same command")
+    monkeypatch.undo()
+    assert preprocess_main(argv) == 0
+    preprocess_text([tmp_path / "t.txt"], tmp_path / "full", tokenizer=tok_file[0], shard_tokens=2000, workers=1,
+                    progress=False, log=None)
+    assert _files(tmp_path / "out") == _files(tmp_path / "full")
+
+
+# -- memory: a giant record is encoded in bounded batches, with the same ids ----------------------
+def test_giant_record_is_encoded_in_bounded_batches(monkeypatch):
+    """One encode_batch over a whole chunk kept every piece's Encoding alive (~38 bytes per byte of
+    text: 1.9 GB for a 50 MB line); batches now hold at most ENCODE_BATCH_CHARS characters."""
+    calls = []
+
+    class Spy:
+        def encode_batch(self, texts, add_special_tokens):
+            calls.append([len(t) for t in texts])
+            return [SimpleNamespace(ids=[len(t) % 1000, ord(t[0])]) for t in texts]
+
+    opts = P.TextOptions(max_chars=200_000)
+    monkeypatch.setattr(P, "_WORKER", {"tok": Spy(), "opts": opts, "jsonl": (False,)})
+    giant = "orbit " * 500_000  # 3 MB: 15 pieces
+    ids, lens, per_record, _ = P._tokenize_chunk([b"river stone", giant.encode(), b"ember"], [0, 0, 0])
+    pieces = ["river stone", *split_giant(giant, 200_000), "ember"]
+    assert per_record.tolist() == [1, len(pieces) - 2, 1] and lens.tolist() == [2] * len(pieces)
+    assert ids.tolist() == [v for t in pieces for v in (len(t) % 1000, ord(t[0]))]
+    assert sum(map(len, calls)) == len(pieces) and len(calls) > 1
+    assert all(sum(c) <= P.ENCODE_BATCH_CHARS or len(c) == 1 for c in calls), calls
+
+
+def test_giant_line_shards_do_not_depend_on_the_encode_batch(tmp_path, tok_file, monkeypatch):
+    path, tok = tok_file
+    rng = np.random.default_rng(4)
+    giant = " ".join(_doc(rng, 40, 41) for _ in range(200))
+    (tmp_path / "t.txt").write_text("\n".join([_doc(rng), giant, _doc(rng), giant[:5000]]) + "\n")
+    kw = dict(tokenizer=path, max_chars=1000, shard_tokens=2000, workers=1, progress=False, log=None)
+    for name, batch in (("one", 1 << 30), ("small", 2500)):  # one batch per chunk (the old way); 2-3 pieces
+        monkeypatch.setattr(P, "ENCODE_BATCH_CHARS", batch, raising=False)
+        m = preprocess_text([tmp_path / "t.txt"], tmp_path / name, **kw)
+    assert _files(tmp_path / "one") == _files(tmp_path / "small")
+    docs = [p for d in (tmp_path / "t.txt").read_text().splitlines() for p in split_giant(d, 1000)]
+    assert m["stats"]["bad"]["giant"] == 2 and _rows(tmp_path / "small") == [
+        tok.encode(d, add_special_tokens=False).ids for d in docs]
+
+
+# -- universal newlines ---------------------------------------------------------------------------
+@pytest.mark.parametrize("eol", ["\r", "\r\n", "\n"], ids=["cr", "crlf", "lf"])
+def test_a_lone_cr_ends_a_line(tmp_path, tok_file, eol):
+    """Old Mac OS files (\\r line ends) were read as one document."""
+    path, tok = tok_file
+    (tmp_path / "t.txt").write_bytes(eol.join(["river stone", "cloud forest", "", "lantern", ""]).encode())
+    kw = dict(tokenizer=path, workers=1, progress=False, log=None)
+    m = preprocess_text([tmp_path / "t.txt"], tmp_path / "line", **kw)
+    ids = [tok.encode(d, add_special_tokens=False).ids for d in ("river stone", "cloud forest", "lantern")]
+    assert _rows(tmp_path / "line") == ids and m["stats"]["bad"]["empty"] == 1
+    preprocess_text([tmp_path / "t.txt"], tmp_path / "blank", docs="blank", **kw)
+    assert _rows(tmp_path / "blank") == [tok.encode("river stone\ncloud forest", add_special_tokens=False).ids, ids[2]]
+
+
+def test_jsonl_lines_end_at_lf_only(tmp_path, tok_file):
+    """A raw \\r inside a JSONL line is JSON whitespace, not a line break."""
+    (tmp_path / "t.jsonl").write_bytes(b'{"text":\r"river stone"}\r\n{"text": "cloud"}\r\r\n')
+    m = preprocess_text([tmp_path / "t.jsonl"], tmp_path / "out", tokenizer=tok_file[0], workers=1, progress=False,
+                        log=None)
+    assert m["num_docs"] == 2 and not any(m["stats"]["bad"].values())
+
+
+def test_universal_newline_reader_across_read_blocks():
+    """Lines and offsets as re.split on \\r\\n|\\r|\\n gives them, for any read block size (a \\r\\n split
+    across two reads is one break); reading on from any offset gives the remaining lines."""
+    rng = np.random.default_rng(5)
+    for _ in range(400):
+        data = bytes(rng.choice(list(b"ab\r\n"), size=int(rng.integers(0, 24))))
+        cap, block = int(rng.integers(0, 6)), int(rng.integers(1, 5))
+        want, off, parts = [], 0, re.split(rb"(\r\n|\r|\n)", data)
+        for line, eol in zip(parts[::2], parts[1::2] + [b""]):
+            if line or eol:
+                off += len(line) + len(eol)
+                want.append((None if len(line) > cap else line, off))
+        got = list(P._lines(io.BytesIO(data), 0, cap, True, block))
+        assert got == want, (data, cap, block)
+        for k, (_, start) in enumerate(got):
+            f = io.BytesIO(data)
+            f.seek(start)
+            assert list(P._lines(f, start, cap, True, block)) == got[k + 1:], (data, start)
+
+
+def test_interrupted_run_over_a_cr_file_resumes_byte_identical(tmp_path, tok_file, monkeypatch):
+    """Resume positions stay exact byte offsets with \\r and \\r\\n line ends, also where a \\r\\n
+    straddles two reads (7-byte reads here)."""
+    path, tok = tok_file
+    rng = np.random.default_rng(6)
+    docs = [_doc(rng) for _ in range(300)]
+    eols = rng.choice(["\r", "\r\n", "\r\r\n"], size=len(docs))  # \r\r\n: a line, then an empty one
+    (tmp_path / "t.txt").write_bytes("".join(d + e for d, e in zip(docs, eols)).encode())
+    monkeypatch.setattr(P, "READ_BLOCK", 7, raising=False)
+    kw = dict(tokenizer=path, shard_tokens=300, workers=1, progress=False, log=None)
+    full = preprocess_text([tmp_path / "t.txt"], tmp_path / "full", **kw)
+    assert _rows(tmp_path / "full") == [tok.encode(d, add_special_tokens=False).ids for d in docs]
+    assert full["stats"]["bad"]["empty"] == sum(e == "\r\r\n" for e in eols)
+
+    def crash(index, record):
+        if index == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_text([tmp_path / "t.txt"], tmp_path / "cut", on_shard=crash, **kw)
+    assert preprocess_text([tmp_path / "t.txt"], tmp_path / "cut", **kw) == full
+    assert _files(tmp_path / "cut") == _files(tmp_path / "full")
+
+
+# -- folders --------------------------------------------------------------------------------------
+def test_linked_folders_are_followed_each_read_once(tmp_path, tok_file):
+    """A linked folder inside an input folder was skipped without a word (linked files were read)."""
+    path, tok = tok_file
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("river stone\n")
+    (tmp_path / "in" / "sub" / "b.txt").write_text("cloud forest\n")
+    (tmp_path / "elsewhere" / "c.txt").write_text("lantern copper\n")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "in" / "linked")  # followed
+    os.symlink(tmp_path / "in" / "sub", tmp_path / "in" / "again")  # sub is read once, as sub/
+    os.symlink(tmp_path / "in", tmp_path / "in" / "sub" / "up")  # a loop
+    sources = find_inputs([tmp_path / "in"])
+    assert [s.path for s in sources] == [str(tmp_path / p) for p in ("in/a.txt", "elsewhere/c.txt", "in/sub/b.txt")]
+    preprocess_text([tmp_path / "in"], tmp_path / "out", tokenizer=path, workers=1, progress=False, log=None)
+    assert _rows(tmp_path / "out") == [tok.encode(d, add_special_tokens=False).ids
+                                       for d in ("river stone", "lantern copper", "cloud forest")]

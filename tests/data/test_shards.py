@@ -1,12 +1,16 @@
 """The shard format and ShardDataset: exact windows and document boundaries for odd sequence
-lengths, doc rows, seeded order, rank sharding, exact resume, corruption detection."""
+lengths, doc rows, seeded order, rank sharding, exact resume, corruption detection; a full disk
+while writing (named, nothing left behind)."""
+import errno
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from fastpt.data.shards import CorruptShardError, ShardDataset, collate, dtype_for_vocab, read_manifest, write_shards
+from fastpt.data.shards import (CorruptShardError, ShardDataset, ShardWriter, collate, dtype_for_vocab, read_manifest,
+                                write_json_atomic, write_shards)
 
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4, "eos": 5}
 VOCAB = 97
@@ -174,3 +178,28 @@ def test_seq_len_longer_than_corpus(tmp_path):
     with pytest.raises(ValueError, match="fewer than one window"):
         ShardDataset(tmp_path, 6)
     assert ShardDataset(tmp_path, 5).window(0)["input_ids"].tolist() == [2, 7, 8, 9, 3]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (every write fails with ENOSPC)")
+def test_writer_on_a_full_disk_names_the_file_and_abort_removes_it(tmp_path):
+    """A write failing with ENOSPC used to raise a bare "[Errno 28] No space left on device", and abort()
+    closed the files first (which flushes, and failed again) so the .tmp files stayed on the full disk."""
+    os.symlink("/dev/full", tmp_path / "shard-00000.bin.tmp")  # the .bin's writes fail, as on a full disk
+    writer = ShardWriter(tmp_path, np.dtype("<u2"), 10**9)
+    with pytest.raises(OSError, match="shard-00000.bin.tmp") as info:
+        for _ in range(20):  # 40 KB: more than the 8 KiB write buffer holds
+            writer.add(np.arange(1000))
+    assert info.value.errno == errno.ENOSPC
+    writer.abort()  # closing flushes the buffered rest and fails again: abort must not raise
+    assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (every write fails with ENOSPC)")
+def test_write_json_atomic_on_a_full_disk(tmp_path):
+    (tmp_path / "m.json").write_text('{"old": 1}')
+    os.symlink("/dev/full", tmp_path / "m.json.tmp")
+    with pytest.raises(OSError, match="m.json.tmp") as info:
+        write_json_atomic(tmp_path / "m.json", {"new": 2})
+    assert info.value.errno == errno.ENOSPC
+    assert json.loads((tmp_path / "m.json").read_text()) == {"old": 1}
+    assert not os.path.lexists(tmp_path / "m.json.tmp")

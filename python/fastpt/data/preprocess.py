@@ -2,7 +2,10 @@
 
 Inputs: text files (one document per line, blank-line separated documents, or one per
 file), JSONL with a text field, folders of such files (recursive, sorted, dot-files
-skipped, ``.gz`` read transparently), or a built-in corpus (``--corpus python-docs``).
+skipped, links to files and folders followed, ``.gz`` read transparently), or a built-in
+corpus (``--corpus python-docs``). Text files take universal newlines: ``\\n``, ``\\r\\n`` and a
+lone ``\\r`` (old Mac OS) each end a line, as in Python's ``open`` and the HF datasets text
+loader; JSONL lines end at ``\\n``.
 The tokenizer is loaded (a ``tokenizers`` JSON file or a HF model directory) or trained on
 the corpus (WordPiece / byte-level BPE) and saved beside the shards; the format is in
 ``shards.py``.
@@ -61,6 +64,8 @@ MAX_CHARS_LIMIT = 1 << 30  # --max-chars: the reader holds up to 4 bytes per cha
 _OURS = re.compile(r"(shard-\d+\.(bin|idx)|manifest\.json|tokenizer\.json)(\.tmp)?")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 CHUNK_BYTES, CHUNK_RECORDS = 1 << 20, 2048
+ENCODE_BATCH_CHARS = 1 << 20  # text per encode_batch call (see _encode)
+READ_BLOCK = 1 << 20  # bytes per read of a text / JSONL file (see _lines)
 LOCK_FILE = ".fastpt-preprocess.lock"  # in the output directory while a run writes there
 
 
@@ -89,10 +94,43 @@ def _is_gz(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(".gz")
 
 
+def _folder_files(root: Path, skip: Path | None) -> list[Path]:
+    """The files under ``root``, recursively, sorted by their path relative to it.
+
+    Dot-files and dot-folders are skipped, and so is anything that resolves into ``skip``. Links
+    are followed, to files and to folders alike (``Path.rglob`` before Python 3.13 does not enter a
+    linked folder, which dropped its files without a word). Each folder is read once, however
+    often it is reached (a loop such as ``sub/up -> ..``, two links to one folder): at its own
+    path when that lies in the tree, else through the first link met (links are entered after
+    the tree, breadth first in name order). Folders that cannot be listed are skipped, as
+    ``rglob`` does.
+    """
+    seen: set[Path] = set()
+    files: list[Path] = []
+    tree, links = deque([root]), deque()
+    while tree or links:
+        folder = tree.popleft() if tree else links.popleft()
+        real = folder.resolve()
+        if real in seen or (skip is not None and real.is_relative_to(skip)):
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(e for e in folder.iterdir() if not e.name.startswith("."))
+        except PermissionError:
+            continue
+        for e in entries:
+            if e.is_dir():
+                (links if e.is_symlink() else tree).append(e)
+            elif e.is_file() and (skip is None or not e.resolve().is_relative_to(skip)):
+                files.append(e)
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
 def find_inputs(paths: Sequence[str | os.PathLike], fmt: str = "auto",
                 exclude: str | os.PathLike | None = None) -> list[Source]:
     """Files named by ``paths``, folders expanded recursively in sorted order (dot-files and the
-    folder ``exclude``, the run's output directory, skipped).
+    folder ``exclude``, the run's output directory, skipped; linked files and folders followed, each
+    folder read once: see ``_folder_files``).
 
     ``fmt`` "auto" reads ``.jsonl/.json/.ndjson`` (optionally ``.gz``; any letter case) as JSONL, the
     rest as text. Raises FileNotFoundError for a missing path or when no file is found.
@@ -101,10 +139,7 @@ def find_inputs(paths: Sequence[str | os.PathLike], fmt: str = "auto",
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted((f for f in p.rglob("*") if f.is_file() and
-                                 not any(part.startswith(".") for part in f.relative_to(p).parts) and
-                                 (skip is None or not f.resolve().is_relative_to(skip))),
-                                key=lambda f: f.relative_to(p).as_posix()))
+            files.extend(_folder_files(p, skip))
         elif p.is_file():
             files.append(p)
         else:
@@ -129,17 +164,59 @@ def _disk_pos(f, off: int) -> int:
     return f.fileobj.tell() if isinstance(f, gzip.GzipFile) else off
 
 
-def _lines(f, off: int, cap: int) -> Iterator[tuple[bytes | None, int]]:
-    """(line without EOL or None for a line over ``cap`` bytes, offset after it); bounded memory."""
-    while line := f.readline(cap + 1):
-        off += len(line)
-        if len(line) > cap and not line.endswith(b"\n"):
-            while line and not line.endswith(b"\n"):  # skip the rest of the oversize line
-                line = f.readline(1 << 20)
-                off += len(line)
-            yield None, off
+def _lines(f, off: int, cap: int, cr: bool = True, block: int | None = None) -> Iterator[tuple[bytes | None, int]]:
+    """(line without its line break, or None for a line over ``cap`` bytes; the offset after the break).
+
+    ``cr`` (text files): ``\\n``, ``\\r\\n`` and a lone ``\\r`` each end a line (universal newlines, as
+    Python's ``open`` and HF datasets' text loader read them; old Mac OS files end lines with ``\\r``
+    only). Without it (JSONL) only ``\\n`` does, and trailing ``\\r`` are dropped: a raw ``\\r`` in a
+    JSON text is whitespace between tokens. A ``\\r\\n`` split across two reads is one break, so an
+    offset never falls between its two bytes and a resumed run reads exactly the same lines.
+    Reads ``block`` (default ``READ_BLOCK``) bytes at a time; memory: a line of up to ``cap`` bytes
+    plus a block.
+    """
+    block = block or READ_BLOCK
+    buf, pos, base, eof = b"", 0, off, False  # base: the file offset of buf[0]
+    parts, size, over = [], 0, False  # the current line's bytes before buf[pos:] (dropped once over cap)
+    next_cr = -1  # the first \r in buf at or after pos (len(buf): none); -1: not searched since buf changed
+    while True:
+        start = buf.find(b"\n", pos)  # bytes.find: a regex search made the reader 5x slower
+        end = start + 1
+        if cr:
+            if next_cr < pos:
+                next_cr = buf.find(b"\r", pos)
+                next_cr = len(buf) if next_cr < 0 else next_cr
+            if next_cr < len(buf) and (start < 0 or next_cr < start):
+                if next_cr + 1 == len(buf) and not eof:  # a \r ends the block: is the next byte \n?
+                    more = f.read(block)
+                    if more:
+                        base, buf, pos, next_cr = base + pos, buf[pos:] + more, 0, -1
+                    eof = not more
+                    continue
+                start = next_cr
+                end = start + 2 if buf[start + 1:start + 2] == b"\n" else start + 1
+        if start < 0:
+            size += len(buf) - pos
+            if size > cap:
+                over, parts = True, []
+            elif pos < len(buf):
+                parts.append(buf[pos:])
+            more = b"" if eof else f.read(block)
+            if not more:
+                if size:  # a last line without a line break
+                    yield (None if over else b"".join(parts).rstrip(b"\r")), base + len(buf)
+                return
+            base, buf, pos, next_cr = base + len(buf), more, 0, -1
+            continue
+        size += start - pos
+        if over or size > cap:
+            line = None
         else:
-            yield line.rstrip(b"\r\n"), off
+            line = b"".join(parts) + buf[pos:start] if parts else buf[pos:start]
+            if not cr:
+                line = line.rstrip(b"\r")
+        yield line, base + end
+        parts, size, over, pos = [], 0, False, end
 
 
 def _read_capped(f, cap: int, block: int = 1 << 22) -> bytes:
@@ -171,14 +248,14 @@ def read_records(sources: Sequence[Source], docs: str, cap: int, start: tuple[in
         if mode == "file" and off > 0:
             continue  # the file was finished before the interruption
         try:
-            yield from _file_records(src, i, off, mode, cap)
+            yield from _file_records(src, i, off, mode, cap, cr=src.fmt != "jsonl")
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a truncated or damaged .gz
             raise ValueError(f"input {src.path}: damaged gzip data ({exc}); repair, remove or rename the file") \
                 from exc
 
 
-def _file_records(src: Source, i: int, off: int, mode: str, cap: int):
-    """read_records for one file from byte offset ``off``."""
+def _file_records(src: Source, i: int, off: int, mode: str, cap: int, cr: bool):
+    """read_records for one file from byte offset ``off`` (``cr``: a lone \\r ends a line, see ``_lines``)."""
     with _open(src.path) as f:
         disk = _disk_pos(f, off)  # before the seek: a .gz resume counts the bytes its seek decompresses
         f.seek(off)
@@ -187,13 +264,13 @@ def _file_records(src: Source, i: int, off: int, mode: str, cap: int):
             end = off + len(data)
             yield (data if len(data) <= cap else None), (i, max(end, 1)), _disk_pos(f, end) - disk
         elif mode == "line":
-            for line, off in _lines(f, off, cap):
+            for line, off in _lines(f, off, cap, cr):
                 now = _disk_pos(f, off)
                 yield line, (i, off), now - disk
                 disk = now
         else:  # blank-line separated: a document is a run of non-blank lines
             buf, size, over, doc_end = [], 0, False, off
-            for line, off in _lines(f, off, cap):
+            for line, off in _lines(f, off, cap, cr):
                 if line is not None and not line.strip():
                     if buf or over:
                         now = _disk_pos(f, doc_end)
@@ -317,6 +394,31 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
+def _encode(tok, texts: list[str], batch_chars: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids uint32 (T,), lengths int64 (len(texts),))`` of ``texts`` encoded without special tokens.
+
+    In batches of at most ``batch_chars`` (default ``ENCODE_BATCH_CHARS``) characters, or one longer
+    text, each turned into numpy before the next is encoded: an ``Encoding`` holds ids, type ids,
+    tokens, offsets, masks and word ids, so one ``encode_batch`` over a chunk holding a 50 MB record
+    (its giant pieces) raised the peak memory by 1.9 GB, 38 bytes per byte of text (0.4 GB in
+    batches). Texts are encoded independently: the ids do not depend on the batching.
+    """
+    batch_chars = batch_chars or ENCODE_BATCH_CHARS
+    ids, lo = [], 0
+    while lo < len(texts):
+        hi, size = lo, 0
+        while hi < len(texts) and (hi == lo or size + len(texts[hi]) <= batch_chars):
+            size += len(texts[hi])
+            hi += 1
+        # no loop variable: it would keep the last Encoding alive while the next batch is encoded
+        encs = tok.encode_batch(texts[lo:hi], add_special_tokens=False)
+        ids.extend([np.asarray(e.ids, dtype=np.uint32) for e in encs])
+        del encs
+        lo = hi
+    lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return (np.concatenate(ids) if ids else np.zeros(0, np.uint32)), lens
+
+
 def _tokenize_chunk(payloads: list, source_ids: list[int]):
     """Tokenize one chunk: ``(ids uint32 (T,), piece lengths (P,), pieces per record (R,), {record: kinds})``."""
     opts, jsonl = _WORKER["opts"], _WORKER["jsonl"]
@@ -327,9 +429,7 @@ def _tokenize_chunk(payloads: list, source_ids: list[int]):
         owner.extend([r] * len(pieces))
         if kinds:
             events[r] = kinds
-    encs = _WORKER["tok"].encode_batch(texts, add_special_tokens=False) if texts else []
-    lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
-    ids = np.concatenate([np.asarray(e.ids, dtype=np.uint32) for e in encs]) if encs else np.zeros(0, np.uint32)
+    ids, lens = _encode(_WORKER["tok"], texts)
     per_record = np.zeros(len(payloads), dtype=np.int64)
     kept = np.zeros(len(payloads), dtype=np.int64)
     for r, n in zip(owner, lens):
@@ -340,27 +440,40 @@ def _tokenize_chunk(payloads: list, source_ids: list[int]):
     return ids, lens, per_record, events
 
 
+class WorkerDiedError(RuntimeError):
+    """A tokenizer worker process died (killed: the kernel's out-of-memory killer, kill -9)."""
+
+
+_WORKER_DIED = ("a tokenizer worker process died (killed, out of memory?); the shards committed so far are kept: "
+                "rerun the same command to resume (with fewer --workers or a smaller --max-chars if memory is short)")
+
+
 def _ordered_results(chunks, workers: int, initargs):
-    """Yield (chunk, result) in input order; at most 2 chunks per worker in flight."""
+    """Yield (chunk, result) in input order; at most 2 chunks per worker in flight. Raises
+    WorkerDiedError when a worker process dies (``BrokenProcessPool``, whose traceback says nothing
+    about what to do)."""
     if workers <= 1:
         _init_worker(*initargs)
         for chunk in chunks:
             yield chunk, _tokenize_chunk(chunk[0], chunk[3])
         return
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; no fork-after-rayon warning
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else "spawn"
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                                initializer=_init_worker, initargs=(*initargs, True))
-    pool.submit(int).result()  # start the workers now, while the variable is set
-    if saved is None:
-        os.environ.pop("TOKENIZERS_PARALLELISM")
-    else:
-        os.environ["TOKENIZERS_PARALLELISM"] = saved
     pending: deque = deque()
     try:
+        try:
+            pool.submit(int).result()  # start the workers now, while the variable is set
+        finally:
+            if saved is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM")
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
         for chunk in chunks:
             pending.append((chunk, pool.submit(_tokenize_chunk, chunk[0], chunk[3])))
             if len(pending) >= 2 * workers:
@@ -369,6 +482,8 @@ def _ordered_results(chunks, workers: int, initargs):
         while pending:
             done, fut = pending.popleft()
             yield done, fut.result()
+    except BrokenProcessPool as exc:
+        raise WorkerDiedError(_WORKER_DIED) from exc
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -489,7 +604,8 @@ def _check_manifest(out: Path, manifest: dict, options: dict, run: "_Run") -> No
         sources = run.sources
         if i < len(sources):
             src = sources[i]
-            limit = src.size if src.fmt == "corpus" else None if src.path.endswith(".gz") else max(src.size, 1)
+            # a .gz position counts decompressed bytes: no bound from the file's size
+            limit = src.size if src.fmt == "corpus" else None if _is_gz(src.path) else max(src.size, 1)
         else:
             limit = 0 if i == len(sources) else -1
         if limit is not None and off > limit:
@@ -594,9 +710,23 @@ def _get_tokenizer(run: _Run, out: Path, manifest: dict | None, tokenizer, train
                     lowercase=train_args["lowercase"], num_sentinels=train_args["sentinels"], show_progress=progress)
     else:
         tok = load_tokenizer(tokenizer)
-    tok.save(str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
+    tmp = out / (TOKENIZER_FILE + ".tmp")
+    try:
+        tok.save(str(tmp))
+    except Exception as exc:  # noqa: BLE001 -- tokenizers raises a bare Exception for an I/O error
+        tmp.unlink(missing_ok=True)
+        raise _tokenizers_os_error(exc, tmp) from exc
+    os.replace(tmp, path)
     return tok, False
+
+
+def _tokenizers_os_error(exc: Exception, path: Path) -> OSError:
+    """The OSError naming ``path`` for an error of the Rust ``tokenizers`` library, which reports a
+    failed write as a bare ``Exception("No space left on device (os error 28)")``."""
+    m = re.fullmatch(r"(.*) \(os error (\d+)\)", str(exc), re.S)
+    if m:
+        return OSError(int(m.group(2)), m.group(1), str(path))
+    return OSError(f"{path}: cannot write the tokenizer ({exc})")
 
 
 def _stream_to_shards(run: _Run, out: Path, manifest: dict, tok, *, workers: int, progress: bool,
@@ -684,7 +814,9 @@ def preprocess_text(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
     finished one is returned as it is. ``log`` gets the progress notes and the summary line.
     Raises ValueError (bad arguments; ``out_dir`` holding something else, or in use by another
     run; a damaged manifest), CorruptShardError (a committed shard missing or truncated),
-    FileNotFoundError.
+    FileNotFoundError, OSError naming the file (an unreadable input; a full disk: the open
+    shard's ``.tmp`` files are removed), WorkerDiedError (a tokenizer process was killed). After
+    the last two the committed shards stay, and the same call resumes.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -799,7 +931,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     g.add_argument("--format", dest="fmt", choices=("auto", "text", "jsonl"), default="auto",
                    help="input format (auto: .jsonl/.json/.ndjson[.gz] are JSONL, the rest text)")
     g.add_argument("--docs", choices=("line", "blank", "file"), default="line",
-                   help="text files: one document per line (default), blank-line separated, or one per file")
+                   help="text files: one document per line (default), blank-line separated, or one per file "
+                        "(a line ends at \\n, \\r\\n or a lone \\r)")
     g.add_argument("--text-key", default="text", help="JSONL field holding the text (default: text)")
     g.add_argument("--max-chars", type=int, default=1_000_000, help="documents longer than this are giant")
     g.add_argument("--giant", choices=("split", "skip"), default="split",
@@ -857,7 +990,8 @@ def run_args(args: argparse.Namespace) -> int:
                         max_chars=args.max_chars, giant=args.giant, bad_utf8=args.bad_utf8,
                         shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite,
                         progress=not args.no_progress)
-    except (ValueError, OSError, ImportError) as exc:  # OSError: unreadable input, disk full... (names the file)
+    # OSError: unreadable input, disk full (the error names the file); WorkerDiedError: a worker was killed
+    except (ValueError, OSError, ImportError, WorkerDiedError) as exc:
         print(f"fastpt preprocess: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -58,15 +58,37 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def named_os_error(exc: OSError, path: str | os.PathLike) -> OSError:
+    """``exc`` naming ``path``: a failed ``write`` / ``flush`` / ``fsync`` (disk full, quota, I/O error)
+    raises an OSError without a file name ("[Errno 28] No space left on device"), which tells a user
+    of the command line nothing about where. Returns ``exc`` itself when it names a file already."""
+    if exc.filename is not None:
+        return exc
+    if exc.errno is None:
+        return OSError(f"{path}: {exc}")
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` so that readers see the old or the new file, never half of one."""
+    """Write ``obj`` as JSON to ``path`` so that readers see the old or the new file, never half of one.
+
+    Raises OSError naming the ``.tmp`` file when it cannot be written (disk full...); the ``.tmp`` is
+    removed then and ``path`` is left as it was.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. a directory in the way: the error about writing is the one to report
+            pass
+        raise named_os_error(exc, tmp) from exc
     os.replace(tmp, path)
 
 
@@ -200,7 +222,9 @@ class ShardWriter:
     open shard once it holds at least ``shard_tokens`` tokens (call it only at a point
     where the caller can record a resume position); ``close()`` closes a non-empty open
     shard: fsync, rename the ``.tmp`` files into place, and return the shard's manifest
-    record ``{"bin", "idx", "docs", "tokens", "bin_sha256", "idx_sha256"}``.
+    record ``{"bin", "idx", "docs", "tokens", "bin_sha256", "idx_sha256"}``; ``abort()`` drops the
+    open shard's ``.tmp`` files (also after a failed write). A failed write, flush or fsync (disk full)
+    raises OSError naming the ``.tmp`` file.
     Memory: O(1); tokens and offsets stream to the ``.tmp`` files, hashed on the way.
     """
 
@@ -217,8 +241,14 @@ class ShardWriter:
     def names(index: int) -> tuple[str, str]:
         return f"shard-{index:05d}.bin", f"shard-{index:05d}.idx"
 
+    def _tmp(self, k: int) -> Path:
+        return self.out_dir / (self.names(self.index)[k] + ".tmp")
+
     def _write(self, k: int, data: bytes) -> None:
-        self._files[k].write(data)
+        try:
+            self._files[k].write(data)
+        except OSError as exc:
+            raise named_os_error(exc, self._tmp(k)) from exc
         self._hashes[k].update(data)
 
     def add(self, ids: np.ndarray) -> None:
@@ -226,7 +256,16 @@ class ShardWriter:
         if len(ids) and ids.dtype.itemsize > self.dtype.itemsize and int(ids.max()) > np.iinfo(self.dtype).max:
             raise ValueError(f"ids: token id {int(ids.max())} does not fit the shards' {self.dtype.name}")
         if self._files is None:
-            self._files = tuple(open(self.out_dir / (name + ".tmp"), "wb") for name in self.names(self.index))
+            files: list = []
+            try:
+                for k in range(2):
+                    files.append(open(self._tmp(k), "wb"))
+            except OSError:  # the .bin opened, the .idx did not: leave nothing behind
+                for f in files:
+                    f.close()
+                self._tmp(0).unlink(missing_ok=True)
+                raise
+            self._files = tuple(files)
             self._hashes = (hashlib.sha256(), hashlib.sha256())
             self._write(1, np.zeros(1, "<i8").tobytes())
         self._write(0, np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
@@ -241,10 +280,13 @@ class ShardWriter:
         if self._files is None:
             return None
         names = self.names(self.index)
-        for f in self._files:
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+        for k, f in enumerate(self._files):
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            except OSError as exc:
+                raise named_os_error(exc, self._tmp(k)) from exc
         for name in names:
             os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
         record = {"bin": names[0], "idx": names[1], "docs": self._docs, "tokens": self._tokens,
@@ -254,11 +296,17 @@ class ShardWriter:
         return record
 
     def abort(self) -> None:
-        """Drop the open shard (its .tmp files); closed shards stay."""
+        """Drop the open shard (its .tmp files); closed shards stay. Never raises for the open
+        files: after a failed write on a full disk, closing flushes the buffered rest and fails
+        again, and the .tmp files must go all the same (they hold the space the user needs)."""
         if self._files is not None:
-            for f, name in zip(self._files, self.names(self.index)):
-                f.close()
-                (self.out_dir / (name + ".tmp")).unlink(missing_ok=True)
+            for f in self._files:
+                try:
+                    f.close()  # the file is closed even when the final flush raises
+                except OSError:
+                    pass
+            for k in range(2):
+                self._tmp(k).unlink(missing_ok=True)
             self._files, self._hashes, self._docs, self._tokens = None, None, 0, 0
 
 
