@@ -499,3 +499,25 @@ def test_linked_folders_are_followed_each_read_once(tmp_path, tok_file):
     preprocess_text([tmp_path / "in"], tmp_path / "out", tokenizer=path, workers=1, progress=False, log=None)
     assert _rows(tmp_path / "out") == [tok.encode(d, add_special_tokens=False).ids
                                        for d in ("river stone", "lantern copper", "cloud forest")]
+
+
+def test_a_second_run_into_the_same_output_is_refused(tmp_path, corpus, tok_file):
+    """One preprocess run per output directory (fastpt._lock, shared with pretrain): another process holding
+    it is named by pid; once it is gone (its lock goes with it) the directory is free."""
+    folder, _ = corpus
+    path, _ = tok_file
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from fastpt._lock import lock_dir; "
+                               f"lock_dir({str(out)!r}, {P.LOCK_FILE!r}, 'x'); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=rf"output .*out is in use by another fastpt preprocess run \(pid "
+                                             rf"{holder.pid}"):
+            preprocess_text([folder], out, tokenizer=path, shard_tokens=500, workers=1, progress=False, log=None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert preprocess_text([folder], out, tokenizer=path, shard_tokens=500, workers=1, progress=False,
+                           log=None)["num_docs"] > 0

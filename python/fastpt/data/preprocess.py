@@ -54,6 +54,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .._lock import close_inherited, lock_dir, unlock_dir
 from .shards import FORMAT, MANIFEST, TOKENIZER_FILE, VERSION, CorruptShardError, ShardWriter, dtype_for_vocab, \
     nearest_existing, read_json_object, sha256_file, write_json_atomic
 
@@ -506,57 +507,16 @@ def _make_out_dir(out: Path) -> None:
         raise ValueError(f"output {out}: cannot create the directory ({exc.strerror or exc})") from exc
 
 
-_HELD_LOCKS: dict[str, int] = {}  # lock path -> fd, in this process
-
-
 def _lock_out_dir(out: Path) -> str | None:
-    """Take ``out/LOCK_FILE`` (an exclusive ``flock``, holding our pid) for the run; ValueError naming
-    ``out`` while another run holds it. The kernel drops the lock with its process, so the file a
-    killed run leaves behind is simply taken over. Returns the lock path (None where there is no flock)."""
+    """Take ``out/LOCK_FILE`` for the run (``fastpt._lock``: an exclusive ``flock`` holding our pid); ValueError
+    naming ``out`` and the holder's pid while another run holds it. Returns the lock path (None without flock)."""
     try:
-        import fcntl
-    except ImportError:  # no flock (Windows): no lock
-        return None
-    path = str(out / LOCK_FILE)
-    if path in _HELD_LOCKS:
-        raise ValueError(f"output {out} is in use by another fastpt preprocess run in this process")
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise ValueError(f"output {out} is in use by another fastpt preprocess run (pid {holder}, lock file "
-                             f"{path}); wait for it to finish or choose another directory") from None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:  # released (and removed) by its holder meanwhile
-            same = False
-        if same:
-            break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _HELD_LOCKS[path] = fd
-    return path
+        return lock_dir(out, LOCK_FILE, "fastpt preprocess")
+    except ValueError as exc:
+        raise ValueError(f"output {exc}") from None
 
 
-def _unlock_out_dir(path: str | None) -> None:
-    if path is not None and path in _HELD_LOCKS:
-        Path(path).unlink(missing_ok=True)  # while still holding it: a waiting run reopens the new file
-        os.close(_HELD_LOCKS.pop(path))
-
-
-def _close_inherited_locks() -> None:
-    """In a forked worker: drop the inherited lock descriptors, so that only the main process holds
-    the lock (a killed main process must release it at once, not when its workers notice)."""
-    for fd in _HELD_LOCKS.values():
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD_LOCKS.clear()
+_unlock_out_dir, _close_inherited_locks = unlock_dir, close_inherited
 
 
 def _is_int(value, low: int = 0) -> bool:
