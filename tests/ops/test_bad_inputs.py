@@ -231,7 +231,7 @@ ATTN_BAD = [
     (lambda: attention(*_qkv(), causal=torch.tensor(True)), TypeError, "causal"),
     (lambda: attention(*_qkv(), scale=1j), TypeError, "scale"),
     (lambda: attention(*_qkv(), scale=torch.ones(2)), TypeError, "scale"),
-    (lambda: attention(*_qkv(h=0, hk=0)), ValueError, "heads"),
+    (lambda: attention(*_qkv(h=0, hk=0)), ValueError, r"q: expected at least one head"),
     (lambda: attention(torch.randn(1, 2, 8, 4, 16), torch.randn(1, 2, 8, 2, 16), torch.randn(1, 2, 8, 2, 16)),
      ValueError, "q: expected shape"),
     (lambda: attention(*_qkv(dtype=torch.float64), backend="triton"), fastpt.BackendError, "float64"),
