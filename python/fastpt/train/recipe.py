@@ -671,26 +671,31 @@ class PretrainRecipe:
                        schedule=t["schedule"], min_lr_ratio=t["min_lr_ratio"])
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            local_tokens, pending, weighted = 0, [], False
+            local_tokens, pending, counts = 0, [], []
             for micro in range(accum):
                 raw = next(batches)
                 local_tokens += self.model.tokens_in(raw)
-                pending.append(self.model.prepare(self.to_device(raw), seed=step_seed(seed, step, micro, rank)))
-                if micro == 0:
-                    weighted = self.model.objective.loss_weight(pending[0]) is not None
-                if not weighted:  # every micro-batch weighs the same: run it now
-                    self._micro_step(pending.pop(), micro, 1.0 / accum, None, metric_sums)
-            if weighted:  # a mean over targets: weigh each micro-batch by its targets over the whole step's
-                counts = torch.stack([self.model.objective.loss_weight(b) for b in pending]).to(self.device,
-                                                                                              torch.float32)
-                total = distributed.all_reduce(counts.sum(), self.dist).clamp(min=1.0)
+                batch = self.model.prepare(self.to_device(raw), seed=step_seed(seed, step, micro, rank))
+                count = self.model.objective.loss_weight(batch)
+                if count is None:  # every micro-batch weighs the same: run it now
+                    self._micro_step(batch, micro, 1.0 / accum, None, metric_sums)
+                else:
+                    pending.append(batch)
+                    counts.append(count)
+            if pending:  # a mean over targets: weigh each micro-batch by its targets over the whole step's
+                counts = torch.stack(counts).to(self.device, torch.float32)
+                single = accum == 1 and not self.dist.enabled  # the factor is 1: no arithmetic for it
+                total = None if single else distributed.all_reduce(counts.sum(), self.dist).clamp(min=1.0)
                 for micro, batch in enumerate(pending):
-                    self._micro_step(batch, micro, counts[micro] * self.dist.world_size / total, counts[micro],
-                                     metric_sums)
-            del pending
+                    factor = 1.0 if single else counts[micro] * self.dist.world_size / total
+                    self._micro_step(batch, micro, factor, counts[micro], metric_sums)
+            del pending, counts
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t["clip_grad"] if t["clip_grad"] else math.inf)
+            if t["clip_grad"]:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t["clip_grad"])
+            else:  # the norm for the log only: clip_grad_norm_ with inf multiplied every gradient by 1
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             if self.scaler:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -708,15 +713,18 @@ class PretrainRecipe:
                 t_now = now()
                 stop = float(getattr(self, "stop_signal", None) is not None)
                 mean_loss = distributed.all_reduce(torch.cat([loss_sum, loss_sum.new_tensor([stop])]), self.dist)
-                self._stop_agreed = bool(mean_loss[2] > 0)
+                # one device read for the row: the loss sums, the stop flag and the gradient norm
+                total, count, stop, norm = torch.cat([mean_loss, _local(grad_norm).detach().float().reshape(1)
+                                                      .to(mean_loss.device)]).tolist()
+                self._stop_agreed = stop > 0
                 # a window whose micro-batches had no targets at all (MLM on a few tiny documents) logs NaN
-                loss_value = float(mean_loss[0] / mean_loss[1]) if float(mean_loss[1]) > 0 else math.nan
-                if not math.isfinite(loss_value) and float(mean_loss[1]) > 0:
+                loss_value = total / count if count > 0 else math.nan
+                if not math.isfinite(loss_value) and count > 0:
                     raise FloatingPointError(f"pretrain: the loss is {loss_value} at step {self.step}; lower train.lr, "
                                              "raise train.warmup_steps or use precision bf16 instead of fp16")
                 rate = (self.tokens - tokens_log) / max(t_now - t_log, 1e-9)
                 row = {"step": self.step, "tokens": self.tokens, "loss": loss_value, "lr": lr,
-                       "grad_norm": float(_local(grad_norm)), "tokens_per_s": rate,
+                       "grad_norm": norm, "tokens_per_s": rate,
                        "mfu": compute_mfu(self.flops_per_token, rate, self.peak, self.dist.world_size),
                        "elapsed_s": self.elapsed_before + t_now - self.t_start}
                 for k, v in self._mean_metrics(metric_sums).items():
@@ -863,7 +871,10 @@ class PretrainRecipe:
     def _mean_metrics(self, metric_sums: dict) -> dict:
         """The objective's metrics averaged over the window's micro-steps and every rank (rank 0 gets them;
         a gather of plain numbers, so ranks whose metric names differ cannot deadlock a collective)."""
-        local = {k: (float(s), float(n)) for k, (s, n) in metric_sums.items()}
+        keys = list(metric_sums)
+        flat = (torch.stack([torch.as_tensor(x, dtype=torch.float32, device=self.device).reshape(())
+                             for k in keys for x in metric_sums[k]]).tolist() if keys else [])  # one device read
+        local = {k: (flat[2 * i], flat[2 * i + 1]) for i, k in enumerate(keys)}
         gathered = distributed.gather_object(local, self.dist) if self.dist.enabled else [local]
         if gathered is None:  # not rank 0: nothing to log
             return {}
