@@ -4,7 +4,7 @@
   forward + backward: ``torch.nn.functional.dropout`` vs ``fastpt.ops.dropout`` (seed drawn per
   call, as ``fastpt.nn.Dropout`` does); ``x * 2`` as the floor of a one-pass out-of-place op;
 * attention dropout: ``fastpt.ops.attention(q, k, v, dropout_p=0.1)`` forward + backward at
-  (B, S, H, D) = (32, 128, 4, 64), the old torch-int64 mask (``attention._drop_probs_torch``) vs
+  (B, S, H, D) = (32, 128, 4, 64), the old torch-int64 mask (``attention_cpu._drop_probs_torch``) vs
   the C++ kernel;
 * one bert-mini MLM training step (32 x 128, bf16 autocast, AdamW): torch's ``nn.Dropout`` + the
   old attention mask vs ``fastpt.nn.Dropout`` + the kernel.
@@ -26,7 +26,7 @@ from torch import nn
 import fastpt
 from fastpt.bench.harness import machine_info
 
-attn = importlib.import_module("fastpt.ops.attention")
+attn = importlib.import_module("fastpt.ops.attention_cpu")  # where the dropout mask of the CPU path lives
 
 
 def paired(fns: dict, rounds: int = 11, inner: int = 5, settle_s: float = 0.25) -> dict:

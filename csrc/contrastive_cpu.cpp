@@ -63,7 +63,7 @@ FASTPT_ALWAYS_INLINE void micro(int64_t P, const float* a, int64_t a_r, int64_t 
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? vload<V>(c + r * c_r + v * W) : V{};
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
   for (int64_t p = 0; p < P; ++p) {
     V bv[NV];
 #pragma GCC unroll 4
@@ -75,10 +75,15 @@ FASTPT_ALWAYS_INLINE void micro(int64_t P, const float* a, int64_t a_r, int64_t 
       for (int v = 0; v < NV; ++v) acc[r][v] += x * bv[v];
     }
   }
+  // The tile's partial sum (at most kBM / kBN terms) is added to c once: a two-level sum, whose
+  // rounding error grows with the tile and the tile count, not with all the columns (or rows)
+  // one accumulator would otherwise run through (8,000 queue columns on one thread: 4x the
+  // error of a blocked matmul).
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vstore<V>(c + r * c_r + v * W, acc[r][v]);
+    for (int v = 0; v < NV; ++v)
+      vstore<V>(c + r * c_r + v * W, accumulate ? vload<V>(c + r * c_r + v * W) + acc[r][v] : acc[r][v]);
 }
 
 // --------------------------------------------------------------------------- packed operands

@@ -140,3 +140,14 @@ def test_mae_recipe_defaults_are_the_papers(name):
                          resolve_model=asm.load_config)
     assert recipe["train"]["min_lr_ratio"] == 0.0 and recipe["train"]["clip_grad"] is None
     assert recipe["train"]["schedule"] == "cosine" and recipe["train"]["betas"] == [0.9, 0.95]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_builds_on_the_meta_device(name):
+    """The recipe builds the recipe's model on the meta device to compare it with a resumed checkpoint's
+    (no weights allocated); ul2-small's constructor dry run called nonzero on meta tensors and failed."""
+    kw = {"vocab_size": 60000} if name not in ("vit-mae-tiny", "vit-mae-base", "simclr-vit-tiny", "mocov3-vit-tiny",
+                                              "dino-vit-tiny", "clip-tiny") else {}
+    with torch.device("meta"):
+        model = asm.build(name, **kw)
+    assert all(p.device.type == "meta" for p in model.parameters())

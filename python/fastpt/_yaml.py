@@ -32,13 +32,14 @@ def _mapping(loader: Loader, node: yaml.MappingNode, deep: bool = False):
             continue
         key = loader.construct_object(key_node, deep=True)
         try:
-            first = seen.setdefault(key, key_node.start_mark.line)
+            first = seen.get(key)
         except TypeError:  # an unhashable key: PyYAML's own error follows
             continue
-        if first != key_node.start_mark.line:
+        if first is not None:  # also within one line: {lr: 1.0, lr: 2.0}
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {first + 1}; PyYAML would keep only the last)",
-                key_node.start_mark)
+                None, None, f"duplicate key {key!r} (first on line {first.line + 1}, column {first.column + 1}; "
+                            "PyYAML would keep only the last)", key_node.start_mark)
+        seen[key] = key_node.start_mark
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 

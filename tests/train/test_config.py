@@ -38,6 +38,9 @@ def test_a_key_given_twice_is_refused_and_quoted_numbers_stay_strings(tmp_path):
                     "output: {}\ntrain: {max_steps: 5}\n")
     with pytest.raises(ConfigError, match=r"(?s)config: .*duplicate key 'train' \(first on line 3.*line 5"):
         load_recipe(path)
+    path.write_text("model: bert-mini\ndata: {path: shards}\ntrain: {max_steps: 5, lr: 1.0e-4, lr: 5.0}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' \(first on line 3, column 23"):  # within one line
+        load_recipe(path)
     model = tmp_path / "m.yaml"
     model.write_text("backbone: {builder: text_encoder, hidden_size: 64}\nobjective: {name: mlm}\n"
                      "backbone: {builder: text_encoder, hidden_size: 32}\n")

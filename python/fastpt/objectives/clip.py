@@ -3,7 +3,7 @@
     t = normalize(W_t pool(text_tower(input_ids)))      i = normalize(W_i pool(vision_tower(pixel_values)))
     loss = (CE(s * i t^T, diag) + CE(s * t i^T, diag)) / 2,   s = min(exp(logit_scale), 100) learnable
 
-through ``fastpt.clip_loss``, which never materialises the N x N similarity matrix. The
+through ``fastpt.ops.clip_loss``, which never materialises the N x N similarity matrix. The
 backbone is a two-tower module with attributes ``text`` (a ``TextEncoder``) and ``vision`` (a
 ``VisionEncoder``), e.g. ``nn.ModuleDict({"text": ..., "vision": ...})``.
 """

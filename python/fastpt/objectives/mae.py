@@ -1,6 +1,6 @@
 """Masked autoencoder (He et al., 2021): encode the visible patches, reconstruct the masked ones.
 
-    ids_keep, mask, ids_restore = fastpt.random_masking(B, L, mask_ratio=0.75, seed=seed)
+    ids_keep, mask, ids_restore = fastpt.ops.random_masking(B, L, mask_ratio=0.75, seed=seed)
     latent = backbone(pixel_values, ids_keep=ids_keep)        # (B, 1 + K, D): visible patches only
     pred = decoder(latent, ids_restore)                       # (B, L, p * p * C)
     target = patchify(pixel_values), normalised per patch     # norm_pix_loss

@@ -1,6 +1,6 @@
 """Masked language modelling (BERT), RoBERTa's dynamic masking, optional whole-word masking.
 
-``prepare`` masks a fresh 15% of the tokens of every batch it sees (``fastpt.mlm_mask``, 80%
+``prepare`` masks a fresh 15% of the tokens of every batch it sees (``fastpt.ops.mlm_mask``, 80%
 mask token / 10% random / 10% unchanged), so the masks change every epoch as in RoBERTa; with
 ``whole_word_masking`` the batch's ``word_ids`` make all pieces of a word selected together.
 The loss runs the head only on the masked rows, without materialising the (T, V) logits::

@@ -1,7 +1,7 @@
 """T5 span corruption and UL2's mixture of denoisers on an ``EncoderDecoder`` backbone.
 
-``prepare`` turns raw rows into encoder inputs and decoder targets with ``fastpt.span_corrupt``
-(T5: 15% noise, mean span 3, one sentinel per span) or ``fastpt.ul2_denoise`` (one R / X / S
+``prepare`` turns raw rows into encoder inputs and decoder targets with ``fastpt.ops.span_corrupt``
+(T5: 15% noise, mean span 3, one sentinel per span) or ``fastpt.ops.ul2_denoise`` (one R / X / S
 denoiser per row, optionally a [NLU] / [NLG] / [S2S] paradigm token first), then builds the
 teacher-forcing decoder input (targets shifted right after ``decoder_start_id``)::
 
@@ -10,7 +10,7 @@ teacher-forcing decoder input (targets shifted right after ``decoder_start_id``)
     decoder  START <s0> c d <s1> g h        -> decoder_input_ids, decoder_attention_mask
 
 The LM head (tied to ``backbone.shared`` by default) runs only on target rows through
-``fastpt.linear_cross_entropy``.
+``fastpt.ops.linear_cross_entropy``.
 """
 from __future__ import annotations
 
@@ -210,7 +210,8 @@ class UL2(_Seq2SeqLM):
         self.mode_token_ids = None if mode_token_ids is None else dict(mode_token_ids)
         self.modes = sorted({d.mode for d in self.denoisers})
         # Validate everything (denoisers, weights, mode tokens) once, on a one-row dummy batch.
-        self._denoise(torch.full((1, 4), eos_id, dtype=torch.int64), None, 0)
+        with torch.device("cpu"):  # data, not parameters: also when a meta / CUDA device is the default
+            self._denoise(torch.full((1, 4), eos_id, dtype=torch.int64), None, 0)
         for mode, v in (self.mode_token_ids or {}).items():  # written into the inputs: inside the vocabulary
             check_token_id(f"mode_token_ids[{mode!r}]", v, vocab_size)
 
