@@ -177,6 +177,49 @@ def test_resume_continues_the_same_trajectory(shards, tmp_path):
     assert losses(tmp_path / "one") == losses(tmp_path / "two")
 
 
+@pytest.mark.parametrize("mode", ["pack", "doc"])
+def test_prefetched_batches_train_and_resume_as_without(shards, tmp_path, mode):
+    """data.prefetch makes batches ahead on a thread: the run is the one without it, and a checkpoint holds
+    the position after the batches trained on, not after those made ahead (a resumed run with prefetch
+    matches an uninterrupted one without)."""
+    base = dict(model=tiny_model(dropout=0.1), output={**QUIET, "save_every": 3})
+    pretrain(recipe(shards, tmp_path / "plain", data={"mode": mode, "prefetch": 0},
+                    train={"max_steps": 6, "schedule": "constant", "grad_accum": 2}, **base), log=lambda m: None)
+    for steps, resume in ((3, False), (6, True)):
+        pretrain(recipe(shards, tmp_path / "ahead", data={"mode": mode, "prefetch": 3},
+                        train={"max_steps": steps, "schedule": "constant", "grad_accum": 2}, **base),
+                 resume=resume, log=lambda m: None)
+    assert losses(tmp_path / "plain") == losses(tmp_path / "ahead")
+    state = json.loads((tmp_path / "ahead" / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
+    assert state["data"]["consumed"] == 3 * 2 * 3  # 3 steps of 2 micro-batches of 3 rows
+
+
+def test_prefetcher_hands_on_errors_and_stops():
+    from fastpt.train.data import Prefetcher
+
+    class Stream:
+        def __init__(self):
+            self.n = 0
+
+        def batches(self, size):
+            while True:
+                self.n += 1
+                if self.n == 3:
+                    raise ValueError("shard 7 is corrupt")
+                yield {"x": torch.full((size,), self.n)}
+
+        def state_dict(self):
+            return {"consumed": self.n}
+
+    p = Prefetcher(Stream(), 2, 4)
+    assert next(p)["x"].tolist() == [1, 1] and p.state_dict() == {"consumed": 1}
+    assert next(p)["x"].tolist() == [2, 2] and p.state_dict() == {"consumed": 2}
+    with pytest.raises(ValueError, match="shard 7 is corrupt"):
+        next(p)
+    p.close()
+    assert not p._thread.is_alive()
+
+
 def test_resume_mid_logging_window(shards, tmp_path):
     """log_every 4, save_every 3: the checkpoint at step 6 falls inside the window of steps 5-8. Its
     sums are saved with the checkpoint, so the resumed run's step-8 row averages steps 5-8 as the

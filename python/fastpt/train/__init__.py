@@ -30,6 +30,8 @@ recipe file's; defaults shown)::
       shuffle: true
       verify: true            # check the shard checksums on open
       image_size: null        # resize images to this side (null: as stored)
+      prefetch: null          # batches made ahead on a background thread, pinned on CUDA (null: 2 on a
+                              # GPU, 0 on a CPU, whose cores run the step); resumes exactly either way
     train:
       batch_size: 32          # rows per device per micro-step
       grad_accum: 1           # micro-steps per optimizer step (gradients all-reduced on the last only; token-mean

@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "init_from": None,
     "data": {
         "path": None, "images": None, "seq_len": 128, "mode": "pack", "add_special": "auto", "shuffle": True,
-        "verify": True, "image_size": None,
+        "verify": True, "image_size": None, "prefetch": None,
     },
     "train": {
         "batch_size": 32, "grad_accum": 1, "max_steps": None, "max_tokens": None, "max_time_s": None,
@@ -131,6 +131,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "data.shuffle": _bool,
     "data.verify": _bool,
     "data.image_size": pos_int(none=True),
+    "data.prefetch": lambda k, v: _num(k, v, integer=True, low=0, none=True),
     "train.batch_size": pos_int(),
     "train.grad_accum": pos_int(),
     "train.max_steps": pos_int(none=True),

@@ -51,7 +51,7 @@ from ..objectives import DINO, MLM, NSP, OBJECTIVES, SOP, CausalLM, MoCoV3, Self
 from . import checkpoint as ckpt
 from . import distributed
 from .config import ConfigError, load_recipe, to_yaml
-from .data import ImageStream, TextStream
+from .data import ImageStream, Prefetcher, TextStream
 from .logging import RunLogger, now
 from .mfu import mfu as compute_mfu
 from .mfu import peak_flops
@@ -648,7 +648,11 @@ class PretrainRecipe:
     def train(self) -> None:
         t, out = self.cfg["train"], self.cfg["output"]
         accum, rank, seed = t["grad_accum"], self.dist.rank, t["seed"]
-        batches = self.data.batches(t["batch_size"])
+        depth = self.cfg["data"]["prefetch"]
+        if depth is None:  # made ahead on a thread where a GPU runs the step (a CPU's cores run it themselves)
+            depth = 2 if self.device.type == "cuda" else 0
+        self._batches = batches = (Prefetcher(self.data, t["batch_size"], depth, pin=self.device.type == "cuda")
+                                   if depth else self.data.batches(t["batch_size"]))
         self.wrapped.train()
         self.t_start = now()
         self.start_step, self.start_tokens = self.step, self.tokens
@@ -847,7 +851,7 @@ class PretrainRecipe:
         if self.dist.is_main:
             rng_tensors = {f"rank{r}.{k}": v for r, (ts, _, _) in enumerate(gathered) for k, v in ts.items()}
             state = {"tokens": self.tokens, "elapsed_s": self._elapsed(), "world_size": self.dist.world_size,
-                     "data": self.data.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                     "data": self._data_state(), "scaler": self.scaler.state_dict() if self.scaler else None,
                      "rng": {str(r): p for r, (_, p, _) in enumerate(gathered)},
                      "log_window": {str(r): w for r, (_, _, w) in enumerate(gathered)},
                      "first_loss": getattr(self, "first_loss", None),
@@ -860,6 +864,11 @@ class PretrainRecipe:
         self.last_saved = self.step
         distributed.barrier(self.dist)
         return path
+
+    def _data_state(self) -> dict:
+        """The data position after the batches trained on (a prefetcher's, not after the ones it made ahead)."""
+        batches = getattr(self, "_batches", None)
+        return batches.state_dict() if isinstance(batches, Prefetcher) else self.data.state_dict()
 
     def _tokenizer_file(self) -> Path | None:
         """The shards' tokenizer.json (text runs), copied into every checkpoint."""
@@ -928,6 +937,8 @@ class PretrainRecipe:
     # ================================================================== cleanup
     def cleanup(self) -> None:
         self._restore_stop_handlers()
+        if isinstance(getattr(self, "_batches", None), Prefetcher):
+            self._batches.close()
         unlock_dir(getattr(self, "_lock", None))
         if hasattr(self, "logger") and self.logger.bar is not None:
             self.logger.bar.close()
