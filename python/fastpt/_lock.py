@@ -4,11 +4,13 @@
 a second run into the same place (a scheduler's requeue while the first job still runs, a command
 started twice) is refused with the holder's pid, instead of both writing the same files. The
 kernel drops the lock with its process, so the file a killed run leaves behind is simply taken
-over. Where there is no ``flock`` (Windows) there is no lock.
+over. Where there is no ``flock`` (Windows, or a filesystem that refuses it) there is no lock (with a warning
+for the filesystem).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 _HELD: dict[str, int] = {}  # lock path -> fd, in this process
@@ -30,11 +32,16 @@ def lock_dir(directory: str | os.PathLike, name: str, what: str) -> str | None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # EWOULDBLOCK: another process holds it
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise ValueError(f"{directory} is in use by another {what} run (pid {holder}, lock file {path}); wait "
                              f"for it to finish or choose another directory") from None
+        except OSError as exc:  # no flock on this filesystem (Lustre without -o flock, some FUSE mounts)
+            os.close(fd)
+            warnings.warn(f"{what}: {directory}: cannot lock {path} ({exc.strerror or exc}); running without the "
+                          "one-run-per-directory lock", stacklevel=2)
+            return None
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:  # released (and removed) by its holder meanwhile

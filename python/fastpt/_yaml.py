@@ -17,12 +17,16 @@ class Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` with YAML 1.2 floats and duplicate keys refused (module docstring)."""
 
 
-Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)
-                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$""", re.X),
-    list("-+0123456789."))
+class Dumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes the strings ``Loader`` would read as floats (``"1e3"``): a run's
+    config.yaml reads back as the recipe it was written from."""
+
+
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)
+                     |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$""", re.X)
+for _cls, _base in ((Loader, yaml.SafeLoader), (Dumper, yaml.SafeDumper)):
+    _cls.yaml_implicit_resolvers = {k: list(v) for k, v in _base.yaml_implicit_resolvers.items()}
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
 def _mapping(loader: Loader, node: yaml.MappingNode, deep: bool = False):
@@ -49,3 +53,8 @@ Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 def load(text: str):
     """``text`` parsed with ``Loader``; raises ``yaml.YAMLError`` (with the line) for bad YAML or a key twice."""
     return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader
+
+
+def dump(data, **kwargs) -> str:
+    """``data`` as YAML text (``Dumper``; keyword arguments as ``yaml.dump``'s)."""
+    return yaml.dump(data, Dumper=Dumper, **kwargs)

@@ -428,6 +428,19 @@ def _plain(value):
 PretrainModel.builder = staticmethod(build)  # from_pretrained rebuilds through it (models/ cannot import us)
 
 
+def _upgrade_config(config: dict, tensor_names: tuple) -> dict:
+    """A checkpoint's build config with the options its tensors imply where an older fastpt wrote them in
+    another layout (``Objective.upgrade_config``: MoCo v3's predictor bias)."""
+    obj = config.get("objective") if isinstance(config, dict) else None
+    cls = OBJECTIVES.get(obj.get("name")) if isinstance(obj, dict) else None
+    if cls is None:
+        return config
+    return {**config, "objective": cls.upgrade_config(dict(obj), tensor_names, prefix="objective.")}
+
+
+PretrainModel.config_upgrader = staticmethod(_upgrade_config)
+
+
 # ----------------------------------------------------------------------------- Hugging Face
 
 

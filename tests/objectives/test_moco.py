@@ -94,3 +94,25 @@ def test_predictor_has_no_last_bias_as_moco_v3():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         obj.load_state_dict(obj.state_dict())
+
+
+def test_a_checkpoint_with_the_old_predictor_bias_is_rebuilt_with_it(tmp_path):
+    """A run saved before the predictor lost its last bias resumes exactly: from_pretrained rebuilds its
+    MoCo v3 with predictor_bias=True (the bias loaded, not dropped; its optimizer state then fits)."""
+    from safetensors.torch import load_file, save_file
+
+    import fastpt
+    from fastpt.models.model import PretrainModel
+
+    model = fastpt.build("mocov3-vit-tiny", backbone=dict(image_size=16, patch_size=4, in_channels=1, hidden_size=32,
+                                                           num_layers=1, num_heads=4, intermediate_size=48),
+                         objective=dict(proj_dim=16, proj_hidden_dim=24, pred_hidden_dim=24, crop_size=16))
+    model.save_pretrained(tmp_path)
+    values = load_file(tmp_path / "model.safetensors")
+    values["objective.predictor.3.bias"] = torch.arange(16.0)
+    save_file(values, tmp_path / "model.safetensors")
+    again = PretrainModel.from_pretrained(tmp_path)
+    assert torch.equal(again.objective.predictor[3].bias.detach(), torch.arange(16.0))
+    assert again.config["objective"]["predictor_bias"] is True
+    assert PretrainModel.from_pretrained(tmp_path).objective.predictor[3].bias is not None
+    assert model.objective.predictor[3].bias is None  # a new model: MoCo v3's layout

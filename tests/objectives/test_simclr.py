@@ -135,3 +135,20 @@ def test_bad_inputs_name_the_argument():
         obj(backbone, {"views": images(3)})
     with pytest.raises(KeyError, match="pixel_values"):
         obj.prepare({"images": images()}, seed=0)
+
+
+def test_views_without_jitter_are_not_clamped_and_none_turns_clamping_off():
+    """Clamping to value_range applied to every view, also those the jitter skipped: inputs normalised with
+    a mean and std (beyond [-1, 1]) came out clipped (55% of pixels). Only jittered images are clamped, as in
+    torchvision; value_range=None clamps nothing (brightness then scales around 0)."""
+    from fastpt.objectives.simclr import ViewAugment
+
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2  # beyond [-1, 1]
+    plain = ViewAugment(jitter_prob=0.0, flip_prob=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0), grayscale_prob=0.0)
+    torch.testing.assert_close(plain(x, torch.Generator().manual_seed(1)), x)
+    free = ViewAugment(jitter_prob=1.0, flip_prob=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0), grayscale_prob=0.0,
+                       value_range=None)
+    out = free(x, torch.Generator().manual_seed(1))
+    assert out.abs().max() > 1.5  # nothing clamped
+    jittered = ViewAugment(jitter_prob=1.0, flip_prob=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0), grayscale_prob=0.0)
+    assert jittered(x, torch.Generator().manual_seed(1)).abs().max() <= 1.0

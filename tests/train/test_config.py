@@ -54,6 +54,21 @@ def test_a_key_given_twice_is_refused_and_quoted_numbers_stay_strings(tmp_path):
     assert parse_override("train.lr=1E-4") == (["train", "lr"], 1e-4)
 
 
+def test_quoted_floats_and_the_config_yaml_round_trip(tmp_path):
+    """Recipes that quoted numbers for YAML 1.1 (lr: "1e-4") are still read as numbers where a number is
+    expected; a string that reads as a float (a run directory "1e3") is quoted in a run's config.yaml, so it
+    reads back as the string it was."""
+    from fastpt.train.config import to_yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: bert-mini\ndata: {path: shards}\ntrain: {max_steps: 5, lr: '1e-4', eps: \"1e-6\"}\n"
+                    "output: {dir: '1e3'}\n")
+    cfg = load_recipe(path)
+    assert cfg["train"]["lr"] == 1e-4 and cfg["train"]["eps"] == 1e-6 and cfg["output"]["dir"] == "1e3"
+    (tmp_path / "again.yaml").write_text(to_yaml(cfg))
+    assert load_recipe(tmp_path / "again.yaml") == cfg
+
+
 @pytest.mark.parametrize("cfg, match", [
     ({**BASE, "trian": {}}, r"trian: unknown key \(did you mean 'train'\?\); valid keys: model, init_from"),
     ({**BASE, "train": {"max_steps": 10, "lrr": 1}}, r"train\.lrr: unknown key \(did you mean 'lr'\?\)"),

@@ -575,3 +575,19 @@ def test_vision_too_few_images_to_split(tmp_path, capsys):
     rc = eval_main(["vision", "--model", str(tmp_path / "vit"), "--data", str(tmp_path / "one"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 1 and "fastpt eval: error:" in err and str(tmp_path / "one") in err and "Traceback" not in err
+
+
+def test_the_teacher_to_evaluate_is_a_trainable_copy():
+    """select_weights handed out DINO's frozen EMA teacher itself: eval text fine-tuning trained the head only
+    (still reported as fine-tune), and load_backbone of a DINO run returned a module without gradients."""
+    import fastpt
+    from fastpt.train.evaluate import select_weights
+
+    model = fastpt.build("dino-vit-tiny", backbone=dict(image_size=16, patch_size=4, in_channels=1, hidden_size=32,
+                                                         num_layers=1, num_heads=4, intermediate_size=48),
+                         objective=dict(out_dim=40, head_hidden_dim=24, bottleneck_dim=16, local_crop_size=8,
+                                        num_local_crops=2))
+    teacher, which = select_weights(model)
+    assert which == "teacher" and teacher is not model.objective.teacher_backbone
+    assert all(p.requires_grad for p in teacher.parameters())
+    assert not any(p.requires_grad for p in model.objective.teacher_backbone.parameters())  # the run's own: frozen

@@ -555,3 +555,35 @@ def test_the_shards_vocabulary_replacing_the_configs_is_logged(shards, tmp_path)
     lines = []
     pretrain(recipe(shards, tmp_path / "run", model=model, train={"max_steps": 1}, output=QUIET), log=lines.append)
     assert any("model.backbone.vocab_size 128 -> 97, the shards' tokenizer's" in m for m in lines)
+
+
+def test_resume_of_a_self_distill_run_whose_teacher_path_is_gone(shards, tmp_path):
+    """The resume's model check built the recipe's model, which read self_distill's teacher_path again
+    (FileNotFoundError once the teacher directory was removed; the checkpoint holds the teacher)."""
+    import glob
+    import shutil
+
+    pretrain(recipe(shards, tmp_path / "t", train={"max_steps": 1}, output=QUIET), log=lambda m: None)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(sorted(glob.glob(str(tmp_path / "t" / "checkpoints" / "step-*")))[-1], teacher)
+    cfg = recipe(shards, tmp_path / "d", model=tiny_model("self_distill", teacher_path=str(teacher)),
+                 train={"max_steps": 1}, output=QUIET)
+    pretrain(cfg, log=lambda m: None)
+    shutil.rmtree(teacher)
+    cfg["train"]["max_steps"] = 2
+    assert pretrain(cfg, resume=True, log=lambda m: None)["steps"] == 2
+
+
+def test_a_filesystem_without_flock_runs_without_the_lock(shards, tmp_path, monkeypatch):
+    """Lustre without -o flock (ENOSYS) or some FUSE mounts (EOPNOTSUPP): any flock failure read as 'held by
+    another run (pid ?)', refusing every run; only EWOULDBLOCK means held, others warn and run unlocked."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="cannot lock .*running without"):
+        assert pretrain(recipe(shards, tmp_path / "run", train={"max_steps": 1}, output=QUIET),
+                        log=lambda m: None)["steps"] == 1

@@ -24,6 +24,7 @@ Checkpoint directory (``save_pretrained``):
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -51,6 +52,17 @@ _MODE_SWITCHES = ("causal", "output_hidden_states")
 _RESTORING = contextvars.ContextVar("fastpt_restoring_checkpoint", default=False)
 
 
+@contextlib.contextmanager
+def restoring():
+    """``restoring_checkpoint()`` is True inside: for builds whose weights come from elsewhere (a checkpoint's,
+    or none: a meta-device build that only reads the resolved config)."""
+    token = _RESTORING.set(True)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
+
+
 def restoring_checkpoint() -> bool:
     """True while ``PretrainModel.from_pretrained`` builds the model it then fills from the checkpoint: an
     objective's ``attach`` skips reading weights from elsewhere (self_distill's ``teacher_path``), which the
@@ -73,6 +85,9 @@ class PretrainModel(nn.Module):
     # Callable(config dict) -> PretrainModel used by ``from_pretrained``; fastpt.assemble sets it to
     # its ``build`` (the objectives registry lives above models/ in the layering).
     builder: Callable[[dict], "PretrainModel"] | None = None
+    # (build config, the checkpoint's tensor names) -> build config: options an older fastpt's checkpoint
+    # implies (registered by fastpt.assemble, from the objectives' upgrade_config)
+    config_upgrader: Callable[[dict, tuple], dict] | None = None
 
     def __init__(self, backbone: nn.Module, objective: nn.Module | None = None, *, config: dict | None = None):
         super().__init__()
@@ -288,15 +303,15 @@ class PretrainModel(nn.Module):
         if cls.builder is None:
             raise RuntimeError("PretrainModel.from_pretrained: no builder registered; import fastpt.assemble "
                                "(import fastpt does) before loading")
-        token = _RESTORING.set(True)
-        try:
-            model = cls.builder(meta["model"])
-        finally:
-            _RESTORING.reset(token)
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"path: no {WEIGHTS_FILE} in {path}")
         values = _safetensors().load_file(str(weights))
+        config = meta["model"]
+        if cls.config_upgrader is not None:  # an older fastpt's layout the config does not name (its tensors do)
+            config = cls.config_upgrader(config, tuple(values))
+        with restoring():
+            model = cls.builder(config)
         if hasattr(getattr(model, "objective", None), "upgrade_state"):
             model.objective.upgrade_state(values, "objective.")  # an older fastpt's layout
         named = model.state_dict(keep_vars=True)

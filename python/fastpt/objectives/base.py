@@ -177,6 +177,17 @@ class Objective(nn.Module):
         "heads", through the objective's trainable matrices. Default: both once."""
         return {"backbone": 1.0, "heads": 1.0}
 
+    # constructor options only an older fastpt's checkpoints imply (upgrade_config): a recipe that does not set
+    # one is not told its resumed checkpoint differs
+    legacy_options: tuple[str, ...] = ()
+
+    @classmethod
+    def upgrade_config(cls, config: dict, tensor_names, prefix: str = "") -> dict:
+        """This objective's build ``config`` (name and arguments) with the options a checkpoint's tensors (named
+        under ``prefix``) imply, where an older fastpt saved another layout without naming it in the config.
+        Here: unchanged."""
+        return config
+
     def upgrade_state(self, state: dict, prefix: str = "") -> None:
         """Rename / drop, in place, the tensors of ``state`` (keys under ``prefix``) that an older fastpt saved
         for this objective in another layout (``from_pretrained`` and ``load_state_dict`` call it). No-op here."""

@@ -97,7 +97,7 @@ class DINO(Objective):
                  local_crop_scale: tuple[float, float] = (0.05, 0.4),
                  flip_prob: float = 0.5, jitter_prob: float = 0.8, brightness: float = 0.4, contrast: float = 0.4,
                  saturation: float = 0.2, grayscale_prob: float = 0.2, pooling: str = "first",
-                 patch_size: int | None = None, value_range: tuple[float, float] = (-1.0, 1.0)):
+                 patch_size: int | None = None, value_range: tuple[float, float] | None = (-1.0, 1.0)):
         super().__init__()
         positive("hidden_size", hidden_size, integer=True)
         positive("out_dim", out_dim, integer=True)

@@ -30,6 +30,8 @@ class MoCoV3(Objective):
         hidden_size: the backbone's width ``D``.
         proj_dim, proj_hidden_dim, proj_layers: projector MLP (BN + ReLU, affine-free BN last).
         pred_hidden_dim: predictor MLP hidden width (2 layers, BN + ReLU).
+        predictor_bias: a bias on the predictor's last Linear (MoCo v3 has none; fastpt's checkpoints written
+            before 2026-11-27 have one and are rebuilt with it, so their runs resume exactly).
         temperature: InfoNCE temperature (0.2 for ViT in the paper).
         base_momentum, final_momentum, total_steps: momentum schedule (see the module docstring).
         pooling: "first" (CLS token; ValueError at ``attach`` for a ViT without one) or "mean".
@@ -56,7 +58,7 @@ class MoCoV3(Objective):
                  crop_size: int | None = None, crop_scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5,
                  jitter_prob: float = 0.8, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
                  grayscale_prob: float = 0.2, gather: bool | None = None, log_accuracy: bool = True,
-                 patch_size: int | None = None):
+                 patch_size: int | None = None, predictor_bias: bool = False):
         super().__init__()
         positive("hidden_size", hidden_size, integer=True)
         for name, v in (("proj_dim", proj_dim), ("proj_hidden_dim", proj_hidden_dim), ("proj_layers", proj_layers),
@@ -73,16 +75,27 @@ class MoCoV3(Objective):
                                    brightness=brightness, contrast=contrast, saturation=saturation,
                                    grayscale_prob=grayscale_prob)
         self.projector = mlp(hidden_size, proj_hidden_dim, proj_dim, num_layers=proj_layers, last_norm=True)
-        self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, last_bias=False)  # as _build_mlp
+        # no bias on the last layer, as _build_mlp; predictor_bias: the layout fastpt had before 2026-11-27
+        self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, last_bias=bool(predictor_bias))
         self.momentum_projector = frozen_copy(self.projector)
         self.momentum_backbone: nn.Module | None = None
         self.gather, self.log_accuracy, self.patch_size = gather, log_accuracy, patch_size
 
+    legacy_options = ("predictor_bias",)
+
+    @classmethod
+    def upgrade_config(cls, config: dict, tensor_names, prefix: str = "") -> dict:
+        """A checkpoint saved before the predictor's last layer lost its bias (MoCo v3 has none) holds that bias:
+        it is rebuilt with ``predictor_bias=True``, so that its run resumes exactly (optimizer state included)."""
+        if prefix + "predictor.3.bias" in tensor_names and "predictor_bias" not in config:
+            return {**config, "predictor_bias": True}
+        return config
+
     def upgrade_state(self, state: dict, prefix: str = "") -> None:
-        """Checkpoints saved before the predictor's last layer lost its bias (MoCo v3 has none): the bias is
-        dropped, with a warning. In place."""
+        """An older checkpoint's predictor bias loaded into a predictor without one (``load_state_dict``; a
+        checkpoint directory is rebuilt with it instead: ``upgrade_config``): dropped, with a warning. In place."""
         key = prefix + "predictor.3.bias"
-        if key in state:
+        if key in state and self.predictor[3].bias is None:
             bias = state.pop(key)
             warnings.warn(f"MoCoV3: the checkpoint's predictor has a last-layer bias (norm {float(bias.norm()):.3g}), "
                           "which MoCo v3's predictor does not have; it is dropped", stacklevel=3)

@@ -13,7 +13,7 @@ The jitter follows torchvision's ``ColorJitter`` on pixels whose black is ``lo``
 of ``value_range`` (default ``(-1, 1)``, what ``fastpt.train.data.ImageStream`` yields; torchvision
 works on ``[0, 1]``): brightness scales towards black, ``lo + f (x - lo)``; contrast blends with the
 image's mean grayscale value, ``m + f (x - m)``; saturation blends with the per-pixel grayscale,
-``y + f (x - y)``; each result is clamped to ``value_range`` as torchvision clamps to ``[0, 1]``.
+``y + f (x - y)``; each result of a jittered image is clamped to ``value_range`` as torchvision clamps to ``[0, 1]``.
 Unlike torchvision the three are applied in that fixed order, not a random permutation.
 MoCo v3 and DINO reuse ``ViewAugment``.
 """
@@ -59,8 +59,10 @@ class ViewAugment:
         grayscale_prob: probability of replacing all channels by the luma.
         value_range: ``(black, white)`` pixel values of the inputs, which should lie in it:
             brightness scales towards ``black`` and the colour steps clamp to the range, as
-            torchvision does for ``(0, 1)`` (a pixel outside it is clamped too). The default
-            ``(-1, 1)`` is what ``ImageStream`` produces (``x / 127.5 - 1``).
+            torchvision does for ``(0, 1)`` (a pixel outside it is clamped too; images the jitter
+            skips are left as they are). The default ``(-1, 1)`` is what ``ImageStream`` produces
+            (``x / 127.5 - 1``). None: inputs of no fixed range (normalised with a mean and std):
+            brightness scales around 0 and nothing is clamped.
     """
 
     def __init__(self, *, size: int | None = None, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5,
@@ -78,10 +80,11 @@ class ViewAugment:
         self.strength = tuple(fraction(n, v) for n, v in
                               (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)))
         self.grayscale_prob = fraction("grayscale_prob", grayscale_prob)
-        if (len(value_range) != 2 or not all(math.isfinite(v) for v in value_range)
-                or not value_range[0] < value_range[1]):
-            raise ValueError(f"value_range: expected finite (black, white) with black < white, got {value_range!r}")
-        self.value_range = tuple(map(float, value_range))
+        if value_range is not None and (len(value_range) != 2 or not all(math.isfinite(v) for v in value_range)
+                                        or not value_range[0] < value_range[1]):
+            raise ValueError(f"value_range: expected finite (black, white) with black < white, or None, "
+                             f"got {value_range!r}")
+        self.value_range = None if value_range is None else tuple(map(float, value_range))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One random view of each image: ``(B, C, H, W)`` -> ``(B, C, size, size)``, same dtype/device."""
@@ -109,14 +112,19 @@ class ViewAugment:
         x = F.grid_sample(work, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         shape = (b, 1, 1, 1)
         bright, contrast, sat = (f.to(dev, work.dtype).view(shape) for f in factors)
-        lo, hi = self.value_range
+        lo, hi = self.value_range or (0.0, None)
+        jittered = jitter.to(dev).view(shape)
+
+        def clamp(t):  # only the jittered images, as torchvision clamps inside its adjust_* functions
+            return t if hi is None else torch.where(jittered, t.clamp(lo, hi), t)
+
         # torchvision's adjust_brightness / _contrast / _saturation: blend with black, the mean
         # grayscale value, the per-pixel grayscale; clamp to the value range after each.
-        x = ((x - lo) * bright + lo).clamp(lo, hi)
+        x = clamp((x - lo) * bright + lo)
         mean = grayscale(x).mean((1, 2, 3), keepdim=True)
-        x = ((x - mean) * contrast + mean).clamp(lo, hi)
+        x = clamp((x - mean) * contrast + mean)
         luma = grayscale(x)
-        x = ((x - luma) * sat + luma).clamp(lo, hi)
+        x = clamp((x - luma) * sat + luma)
         x = torch.where(gray.to(dev).view(shape), grayscale(x).expand_as(x), x)
         return x.to(dt)
 
@@ -181,7 +189,7 @@ class SimCLR(Objective):
                  crop_scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5, jitter_prob: float = 0.8,
                  brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
                  grayscale_prob: float = 0.2, gather: bool | None = None, log_accuracy: bool = True,
-                 patch_size: int | None = None, value_range: tuple[float, float] = (-1.0, 1.0)):
+                 patch_size: int | None = None, value_range: tuple[float, float] | None = (-1.0, 1.0)):
         super().__init__()
         positive("hidden_size", hidden_size, integer=True)
         for name, v in (("proj_dim", proj_dim), ("proj_hidden_dim", proj_hidden_dim), ("proj_layers", proj_layers)):

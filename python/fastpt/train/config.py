@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from .._yaml import dump as dump_yaml
 from .._yaml import load as load_yaml
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -57,6 +58,8 @@ class ConfigError(ValueError):
 def _num(key, v, *, integer=False, low=None, low_ok=True, high=None, none=False):
     if v is None and none:
         return None
+    if not integer and isinstance(v, str) and _looks_float(v) and any(c in v.lower() for c in ".e"):
+        v = float(v)  # a quoted float ("1e-4", '0.001'), as recipes wrote them for YAML 1.1's sake
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok or (not integer and not math.isfinite(v)):
         raise ConfigError(f"{key}: expected {'an integer' if integer else 'a number'}"
@@ -333,4 +336,4 @@ def _check_together(cfg: dict) -> None:
 
 def to_yaml(cfg: dict) -> str:
     """The resolved recipe as YAML (the run directory's config.yaml)."""
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+    return dump_yaml(cfg, sort_keys=False, default_flow_style=None)

@@ -156,6 +156,8 @@ def select_weights(model: nn.Module, weights: str = "auto", *, where: str = "mod
                              f"momentum / distillation copy); use student or auto")
         return model.backbone, "backbone"
     which = default if weights == "auto" else weights
+    if which == "teacher":  # a trainable copy: the objective keeps its teacher frozen (no gradients), which
+        teacher = copy.deepcopy(teacher).requires_grad_(True)  # fine-tuning would silently leave as it was
     return (teacher if which == "teacher" else model.backbone), which
 
 

@@ -65,7 +65,7 @@ from ..assemble import _head_options as head_options
 from ..assemble import build, from_hf, load_config
 from ..data.shards import TOKENIZER_FILE, nearest_existing
 from ..models.embeddings import TextEmbedding
-from ..models.model import PretrainModel
+from ..models.model import PretrainModel, restoring
 from ..models.vision import vit
 
 # Objectives that read packed documents (one (1, T) row with cu_seqlens); the others get rows.
@@ -388,7 +388,7 @@ class PretrainRecipe:
         kwargs = (dict(vocab_size=self.data.vocab_size, special_ids=self.data.special_ids)
                   if isinstance(self.data, TextStream) else {})
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), restoring():  # no weights, nor a self_distill teacher_path, read
                 mine = build(self._model_config(), **kwargs).config
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"model: {exc}") from exc
@@ -399,8 +399,11 @@ class PretrainRecipe:
                 out.append(f"{section} {'none' if a is None else a.get('name', a.get('builder'))} vs "
                            f"{'none' if b is None else b.get('name', b.get('builder'))}")
                 continue
+            # options only an older checkpoint implies (MoCo v3's predictor bias) count where the recipe sets them
+            legacy = set(getattr(OBJECTIVES.get((a or {}).get("name")), "legacy_options", ())) - set(a or {})
             a, b = _with_defaults(section, a), _with_defaults(section, b)  # a config holds the keys it was given
-            for key in sorted(set(a or {}) & set(b or {}) - {"total_steps", "gradient_checkpointing", *ignore}):
+            for key in sorted(set(a or {}) & set(b or {}) - {"total_steps", "gradient_checkpointing", *ignore}
+                              - (legacy if section == "objective" else set())):
                 if json.dumps(a[key], sort_keys=True) != json.dumps(b[key], sort_keys=True):
                     out.append(f"{section}.{key} {a[key]!r} vs {b[key]!r}")
         return out
@@ -421,7 +424,7 @@ class PretrainRecipe:
             return model
         kwargs = (dict(vocab_size=self.data.vocab_size, special_ids=self.data.special_ids)
                   if isinstance(self.data, TextStream) else {})
-        with torch.device("meta"):
+        with torch.device("meta"), restoring():  # no weights, nor a self_distill teacher_path, read
             cfg = build(self._model_config(), **kwargs).config
         if "causal" in cfg["backbone"] and hasattr(model.backbone, "causal"):
             model.backbone.causal = bool(cfg["backbone"]["causal"])
