@@ -116,3 +116,28 @@ def test_a_checkpoint_with_the_old_predictor_bias_is_rebuilt_with_it(tmp_path):
     assert again.config["objective"]["predictor_bias"] is True
     assert PretrainModel.from_pretrained(tmp_path).objective.predictor[3].bias is not None
     assert model.objective.predictor[3].bias is None  # a new model: MoCo v3's layout
+
+
+def test_views_take_value_range_as_simclr_and_dino():
+    """MoCo v3 built its ViewAugment without value_range: normalised inputs were always clamped to [-1, 1]."""
+    backbone, obj = make(value_range=None)
+    x = torch.full((2, 3, 16, 16), 2.5)
+    views = obj.prepare({"pixel_values": x}, seed=0)
+    assert max(float(v.max()) for v in views.values() if isinstance(v, torch.Tensor) and v.is_floating_point()) > 2
+
+
+def test_init_from_an_old_layout_keeps_the_rest_of_the_objective():
+    """init_from an older MoCo v3 checkpoint (predictor with a last bias) into a new run: the new run takes
+    MoCo v3's layout, the bias is dropped with a warning, and every other tensor of the objective (projector,
+    predictor, momentum encoder) is the checkpoint's."""
+    from types import SimpleNamespace
+
+    from fastpt.train.recipe import PretrainRecipe
+
+    backbone, old = make(predictor_bias=True)
+    _, new = make()
+    with pytest.warns(UserWarning, match="predictor has a last-layer bias"):
+        assert PretrainRecipe._load_whole_objective(SimpleNamespace(objective=new), SimpleNamespace(objective=old))
+    assert new.predictor[3].bias is None
+    for k, v in new.state_dict().items():
+        assert torch.equal(v, old.state_dict()[k]), k

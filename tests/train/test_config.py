@@ -67,6 +67,7 @@ def test_quoted_floats_and_the_config_yaml_round_trip(tmp_path):
     assert cfg["train"]["lr"] == 1e-4 and cfg["train"]["eps"] == 1e-6 and cfg["output"]["dir"] == "1e3"
     (tmp_path / "again.yaml").write_text(to_yaml(cfg))
     assert load_recipe(tmp_path / "again.yaml") == cfg
+    assert load_recipe(cfg) == cfg  # as a Python dict too (float-like strings of path keys stayed floats)
 
 
 @pytest.mark.parametrize("cfg, match", [

@@ -216,6 +216,8 @@ def test_prefetcher_hands_on_errors_and_stops():
     assert next(p)["x"].tolist() == [2, 2] and p.state_dict() == {"consumed": 2}
     with pytest.raises(ValueError, match="shard 7 is corrupt"):
         next(p)
+    with pytest.raises(ValueError, match="shard 7 is corrupt"):  # again, not a wait on the finished thread
+        next(p)
     p.close()
     assert not p._thread.is_alive()
 

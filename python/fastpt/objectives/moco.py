@@ -30,6 +30,7 @@ class MoCoV3(Objective):
         hidden_size: the backbone's width ``D``.
         proj_dim, proj_hidden_dim, proj_layers: projector MLP (BN + ReLU, affine-free BN last).
         pred_hidden_dim: predictor MLP hidden width (2 layers, BN + ReLU).
+        value_range: the inputs' black and white for the views' jitter (``ViewAugment``; None: unclamped).
         predictor_bias: a bias on the predictor's last Linear (MoCo v3 has none; fastpt's checkpoints written
             before 2026-11-27 have one and are rebuilt with it, so their runs resume exactly).
         temperature: InfoNCE temperature (0.2 for ViT in the paper).
@@ -58,7 +59,8 @@ class MoCoV3(Objective):
                  crop_size: int | None = None, crop_scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5,
                  jitter_prob: float = 0.8, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
                  grayscale_prob: float = 0.2, gather: bool | None = None, log_accuracy: bool = True,
-                 patch_size: int | None = None, predictor_bias: bool = False):
+                 patch_size: int | None = None, predictor_bias: bool = False,
+                 value_range: tuple[float, float] | None = (-1.0, 1.0)):
         super().__init__()
         positive("hidden_size", hidden_size, integer=True)
         for name, v in (("proj_dim", proj_dim), ("proj_hidden_dim", proj_hidden_dim), ("proj_layers", proj_layers),
@@ -73,7 +75,7 @@ class MoCoV3(Objective):
         self.pooling = choice("pooling", pooling, ("first", "mean"))
         self.augment = ViewAugment(size=crop_size, scale=crop_scale, flip_prob=flip_prob, jitter_prob=jitter_prob,
                                    brightness=brightness, contrast=contrast, saturation=saturation,
-                                   grayscale_prob=grayscale_prob)
+                                   grayscale_prob=grayscale_prob, value_range=value_range)
         self.projector = mlp(hidden_size, proj_hidden_dim, proj_dim, num_layers=proj_layers, last_norm=True)
         # no bias on the last layer, as _build_mlp; predictor_bias: the layout fastpt had before 2026-11-27
         self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, last_bias=bool(predictor_bias))

@@ -226,18 +226,6 @@ def apply_override(cfg: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _fix_floats(node):
-    """Strings that are floats (``"1e-4"``) in a recipe given as a Python dict, as floats (a YAML file's
-    unquoted ``1e-4`` is one already: ``fastpt._yaml``)."""
-    if isinstance(node, dict):
-        return {k: _fix_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_floats(v) for v in node]
-    if isinstance(node, str) and _looks_float(node) and any(c in node.lower() for c in ".e"):
-        return float(node)
-    return node
-
-
 def load_recipe(config: dict | str | Path, overrides: Sequence[str] = (), *, model_defaults: dict | None = None,
                 resolve_model: Callable[[Any], dict] | None = None) -> dict:
     """The validated recipe as a plain nested dict (every key present).
@@ -256,7 +244,6 @@ def load_recipe(config: dict | str | Path, overrides: Sequence[str] = (), *, mod
     raw = read_yaml(config) if isinstance(config, (str, Path)) else copy.deepcopy(config)
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping or a YAML path, got {type(raw).__name__}")
-    raw = raw if isinstance(config, (str, Path)) else _fix_floats(raw)
     parsed = [(item, *parse_override(item)) for item in overrides]
     # a whole-model override (--set model=X) first, whatever its place: the --set model.* edits apply to X
     # (after them it replaced the model and dropped them silently)

@@ -207,6 +207,7 @@ class Prefetcher:
         self._state = copy.deepcopy(stream.state_dict())
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._final: BaseException | None = None  # what ended the thread, once handed out
         self._batches = stream.batches(batch_size)
         self._thread = threading.Thread(target=self._run, name="fastpt-prefetch", daemon=True)
         self._thread.start()
@@ -233,8 +234,11 @@ class Prefetcher:
         return self
 
     def __next__(self) -> dict:
+        if self._final is not None:  # the thread has ended: the same end again, not a wait on an empty queue
+            raise self._final
         batch, state = self._queue.get()
         if state is None:
+            self._final = StopIteration() if isinstance(batch, StopIteration) else batch
             raise batch
         self._state = state
         return batch

@@ -344,7 +344,7 @@ class PretrainRecipe:
         if resume_from is not None:
             model = PretrainModel.from_pretrained(resume_from)
             if cfg["model"] is not None and cfg["init_from"] is None:
-                differ = self._recipe_model_differs(model, ("backbone", "objective"))
+                differ = self._recipe_model_differs(model, ("backbone", "objective"), resuming=True)
                 if differ:
                     raise ConfigError(f"model: the recipe's model differs from the one {resume_from} holds "
                                       f"({'; '.join(differ)}; recipe vs checkpoint): --resume continues the "
@@ -379,8 +379,8 @@ class PretrainRecipe:
             model.backbone.compile(**({} if mode is True else {"mode": mode}))
         return model
 
-    def _recipe_model_differs(self, model: nn.Module, sections: tuple[str, ...], ignore: tuple[str, ...] = ()
-                              ) -> list[str]:
+    def _recipe_model_differs(self, model: nn.Module, sections: tuple[str, ...], ignore: tuple[str, ...] = (),
+                              resuming: bool = False) -> list[str]:
         """The ``sections`` keys ("backbone.hidden_size 64 vs 32", "objective.name ...") where the model the
         recipe builds on this data (on the meta device: no weights) differs from ``model``'s build config.
         Keys only one side has (an older fastpt's config) and the run-length ``total_steps`` / the
@@ -400,7 +400,8 @@ class PretrainRecipe:
                            f"{'none' if b is None else b.get('name', b.get('builder'))}")
                 continue
             # options only an older checkpoint implies (MoCo v3's predictor bias) count where the recipe sets them
-            legacy = set(getattr(OBJECTIVES.get((a or {}).get("name")), "legacy_options", ())) - set(a or {})
+            legacy = (set(getattr(OBJECTIVES.get((a or {}).get("name")), "legacy_options", ())) - set(a or {})
+                      if resuming else set())  # a new run (init_from) takes the current layout
             a, b = _with_defaults(section, a), _with_defaults(section, b)  # a config holds the keys it was given
             for key in sorted(set(a or {}) & set(b or {}) - {"total_steps", "gradient_checkpointing", *ignore}
                               - (legacy if section == "objective" else set())):
@@ -434,13 +435,17 @@ class PretrainRecipe:
         old_heads = model.objective.heads() if model.objective is not None else {}
         # the loaded heads' own options (tying, activation, eps) unless the recipe sets them, as from_hf does
         cfg["objective"] = {**head_options(cfg["objective"]["name"], old_heads), **cfg["objective"]}
+        was = (model.config.get("objective") or {}).get("name")
         try:
             fresh = assemble_model(cfg, model.backbone)
+            if was == cfg["objective"]["name"] and self._load_whole_objective(fresh, model):
+                self.log(f"pretrain: init_from {path}: the recipe's {was} options differ from the checkpoint's; "
+                         f"its objective state (heads, teachers) is kept under the recipe's options")
+                return fresh
             new_heads = fresh.objective.heads() if fresh.objective is not None else {}
             fresh.objective.load_heads({k: v for k, v in old_heads.items() if k in new_heads})
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"model: init_from {path}: {exc}") from exc
-        was = (model.config.get("objective") or {}).get("name")
         self.log(f"pretrain: init_from {path}: its {was} objective is replaced by the recipe's "
                  f"{cfg['objective']['name']}; heads loaded: {sorted(set(old_heads) & set(new_heads)) or 'none'}, "
                  f"new (initialised, or tied to the loaded embedding): "
@@ -448,6 +453,21 @@ class PretrainRecipe:
                  + (f", not used: {sorted(set(old_heads) - set(new_heads))}" if set(old_heads) - set(new_heads)
                     else ""))
         return fresh
+
+    @staticmethod
+    def _load_whole_objective(fresh: nn.Module, model: nn.Module) -> bool:
+        """The loaded objective's whole state (heads, projectors, teachers) into the same objective built with
+        the recipe's options, when its tensors fit (an option such as mask_prob changes none; an older layout's
+        tensor is dropped by the objective's ``upgrade_state``, with a warning); False when they do not."""
+        old, new = model.objective.heads(), fresh.objective.heads()
+        if any(getattr(old[k], "tied", None) != getattr(new[k], "tied", None) for k in set(old) & set(new)):
+            return False  # a tied head's matrix is the embedding: load_heads handles what may be copied
+        state = model.objective.state_dict()
+        try:
+            fresh.objective.load_state_dict(state)
+        except RuntimeError:  # missing / unexpected / mis-shaped tensors: another architecture of the objective
+            return False
+        return True
 
     def _init_from(self, path: Path) -> nn.Module:
         """Continued pre-training: a fastpt model / checkpoint / run directory, a Hugging Face directory, or a
