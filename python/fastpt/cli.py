@@ -50,18 +50,6 @@ def _preprocess(argv):
     return preprocess_main(argv)
 
 
-def _checkpoint_format(cfg) -> str | None:
-    """The ``format`` of a fastpt_config.json, or None when it is not a readable JSON object (the
-    backbone path of models.hf then reports what is wrong with it)."""
-    import json
-
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return None
-    return data.get("format") if isinstance(data, dict) else None
-
-
 def _convert(argv):
     """A training checkpoint (``PretrainModel.save_pretrained``: objective heads, teachers) goes
     through ``fastpt.to_hf``; the backbone + heads format of ``--from-hf`` through models.hf.
@@ -76,33 +64,27 @@ def _convert(argv):
         i = argv.index("--to-hf")
         src = Path(argv[i + 1]) if i + 1 < len(argv) else None
         rest = argv[:i] + argv[i + 2:]
-        verified = False
-        if src is not None and src.is_dir() and not (src / "fastpt_config.json").is_file():
-            from .train.checkpoint import CorruptCheckpointError, checkpoints_dir, find_checkpoints, latest_checkpoint
+        if src is not None and src.is_dir():
+            from .models.model import CONFIG_FILE, FORMAT, config_format
+            from .train.checkpoint import (MANIFEST, CorruptCheckpointError, checkpoints_dir, find_checkpoints,
+                                           latest_checkpoint, verify_checkpoint)
 
-            if find_checkpoints(checkpoints_dir(src)):  # a pretrain run: its newest checkpoint that verifies
-                def warn(msg: str) -> None:  # a torn newer checkpoint, skipped
-                    print(f"fastpt convert: warning: {msg.replace('resuming from', 'using')}", file=sys.stderr)
+            def warn(msg: str) -> None:  # a torn newer checkpoint, skipped
+                print(f"fastpt convert: warning: {msg.replace('resuming from', 'using')}", file=sys.stderr)
 
-                try:
-                    src = latest_checkpoint(src, warn=warn)
-                except CorruptCheckpointError as exc:
-                    print(f"fastpt convert: error: --to-hf {src}: {exc}", file=sys.stderr)
-                    return 1
-                verified = True
-                print(f"fastpt convert: {argv[i + 1]} is a run directory: converting its newest checkpoint {src}")
-                argv = argv[:i + 1] + [str(src)] + argv[i + 2:]
-        if not verified and src is not None and (src / "checkpoint.json").is_file():  # a checkpoint named directly
-            from .train.checkpoint import CorruptCheckpointError, verify_checkpoint
-
+            hint = ""
             try:
-                verify_checkpoint(src)
+                if not (src / CONFIG_FILE).is_file() and find_checkpoints(checkpoints_dir(src)):
+                    src = latest_checkpoint(src, warn=warn)  # a pretrain run: its newest checkpoint that verifies
+                    print(f"fastpt convert: {argv[i + 1]} is a run directory: converting its newest checkpoint {src}")
+                    argv = argv[:i + 1] + [str(src)] + argv[i + 2:]
+                elif (src / MANIFEST).is_file():  # a training checkpoint named directly: verified as a run's is
+                    hint = f" (the run directory's newest good checkpoint: --to-hf {src.parent.parent})"
+                    verify_checkpoint(src)
             except CorruptCheckpointError as exc:
-                print(f"fastpt convert: error: --to-hf {src}: {exc} (the run directory's newest good checkpoint: "
-                      f"--to-hf {src.parent.parent})", file=sys.stderr)
+                print(f"fastpt convert: error: --to-hf {src}: {exc}{hint}", file=sys.stderr)
                 return 1
-        cfg = src / "fastpt_config.json" if src is not None else None
-        if cfg is not None and cfg.is_file() and _checkpoint_format(cfg) == "fastpt-pretrain":
+        if src is not None and src.is_dir() and config_format(src) == FORMAT:
             if len(rest) != 1 or rest[0].startswith("-"):
                 print("fastpt convert: error: --to-hf DIR OUT takes one OUT directory (options --dtype/--arch apply "
                       "to the backbone format only)", file=sys.stderr)

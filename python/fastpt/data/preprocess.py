@@ -382,7 +382,7 @@ def _init_worker(tokenizer_json: str, opts: TextOptions, jsonl_flags: tuple[bool
 
     _WORKER.update(tok=Tokenizer.from_str(tokenizer_json), opts=opts, jsonl=jsonl_flags)
     if watch:
-        _close_inherited_locks()
+        close_inherited()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process cleans up
         threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
@@ -515,8 +515,6 @@ def _lock_out_dir(out: Path) -> str | None:
     except ValueError as exc:
         raise ValueError(f"output {exc}") from None
 
-
-_unlock_out_dir, _close_inherited_locks = unlock_dir, close_inherited
 
 
 def _is_int(value, low: int = 0) -> bool:
@@ -828,7 +826,7 @@ def preprocess_text(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
         return _run_locked(run, out, options, inputs_fp, fingerprint, overwrite, tokenizer, train_tokenizer,
                            train_args, tok_spec, workers, progress, on_shard, log, t0)
     finally:
-        _unlock_out_dir(lock)
+        unlock_dir(lock)
 
 
 def _run_locked(run: _Run, out: Path, options: dict, inputs_fp: str, fingerprint: str, overwrite: bool,

@@ -326,6 +326,17 @@ class PretrainModel(nn.Module):
         return model
 
 
+def config_format(path) -> str | None:
+    """The ``format`` of the ``fastpt_config.json`` in directory ``path`` (``FORMAT``, "fastpt-pretrain": a
+    ``save_pretrained`` checkpoint; "fastpt": a ``fastpt convert --from-hf`` output), None when there is none
+    or it is not a readable JSON object (the loader then says what is wrong)."""
+    try:
+        data = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
 def read_checkpoint_config(path) -> dict:
     """``fastpt_config.json`` of a ``save_pretrained`` directory, checked: ``{"format", "format_version",
     "model": build config}``. Raises FileNotFoundError / ValueError naming the file."""

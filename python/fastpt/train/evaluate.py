@@ -98,9 +98,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     (a ValueError) when a run's checkpoints all fail verification, or a training checkpoint named
     itself (its ``checkpoint.json`` beside it) does not match its manifest.
     """
-    from .checkpoint import checkpoints_dir, find_checkpoints, latest_checkpoint
-
-    from .checkpoint import MANIFEST, verify_checkpoint
+    from .checkpoint import MANIFEST, checkpoints_dir, find_checkpoints, latest_checkpoint, verify_checkpoint
 
     path = Path(path)
     if not path.is_dir():

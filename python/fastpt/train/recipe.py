@@ -29,6 +29,7 @@ objective's metrics are the same weighted means over the window's micro-steps an
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import inspect
 import json
@@ -59,13 +60,14 @@ from ..bench import peaks as _peaks
 from .schedule import lr_at
 
 from .. import _cpu_malloc
+from .._yaml import load as load_yaml
 from .._lock import lock_dir, unlock_dir
 from ..assemble import _assemble as assemble_model
 from ..assemble import _head_options as head_options
 from ..assemble import build, from_hf, load_config
 from ..data.shards import TOKENIZER_FILE, nearest_existing
 from ..models.embeddings import TextEmbedding
-from ..models.model import PretrainModel, restoring
+from ..models.model import PretrainModel, config_format, restoring
 from ..models.vision import vit
 
 # Objectives that read packed documents (one (1, T) row with cu_seqlens); the others get rows.
@@ -108,16 +110,6 @@ def model_name(cfg: dict) -> str:
 
 def is_model_dir(path: Path) -> bool:
     return (path / "fastpt_config.json").is_file()
-
-
-def _config_format(path: Path) -> str | None:
-    """``format`` of ``path``'s fastpt_config.json ("fastpt-pretrain": a checkpoint; "fastpt": a ``fastpt
-    convert --from-hf`` output), None when unreadable (``from_pretrained`` then says what is wrong)."""
-    try:
-        data = json.loads((path / "fastpt_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data.get("format") if isinstance(data, dict) else None
 
 
 class PretrainRecipe:
@@ -247,9 +239,7 @@ class PretrainRecipe:
         text = to_yaml(self.cfg)
         if path.is_file() and self.resume and path.read_text() != text:
             try:
-                import yaml
-
-                changed = _changed_keys(yaml.safe_load(path.read_text()), self.cfg)
+                changed = _changed_keys(load_yaml(path.read_text()), self.cfg)
             except Exception:  # noqa: BLE001 - an unreadable old config.yaml: the note without the keys
                 changed = []
             self._print(f"pretrain: note: the recipe differs from {path} (the resumed run's)"
@@ -357,7 +347,7 @@ class PretrainRecipe:
             if text == (mcfg["backbone"]["builder"] == "vit"):
                 raise ConfigError(f"model: a {mcfg['backbone']['builder']} backbone does not train on "
                                   f"{'text shards (data.path)' if text else 'images (data.images)'}")
-            kwargs = dict(vocab_size=self.data.vocab_size, special_ids=self.data.special_ids) if text else {}
+            kwargs = self._data_build_kwargs()
             given = (mcfg["backbone"].get("text") or mcfg["backbone"]).get("vocab_size") if text else None
             if given is not None and given != self.data.vocab_size:
                 self.log(f"pretrain: model.backbone.vocab_size {given} -> {self.data.vocab_size}, the shards' "
@@ -379,20 +369,30 @@ class PretrainRecipe:
             model.backbone.compile(**({} if mode is True else {"mode": mode}))
         return model
 
+    def _data_build_kwargs(self) -> dict:
+        """``build``'s arguments from the data: a text model is built for the shards' vocabulary and ids."""
+        if isinstance(self.data, TextStream):
+            return dict(vocab_size=self.data.vocab_size, special_ids=self.data.special_ids)
+        return {}
+
+    def _recipe_build_config(self) -> dict:
+        """The resolved build config of the model the recipe builds on this data, from a build on the meta device
+        (no weights, nor a self_distill teacher_path, read); a fresh copy each call, built once."""
+        if getattr(self, "_recipe_config", None) is None:
+            try:
+                with torch.device("meta"), restoring():
+                    self._recipe_config = build(self._model_config(), **self._data_build_kwargs()).config
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"model: {exc}") from exc
+        return copy.deepcopy(self._recipe_config)
+
     def _recipe_model_differs(self, model: nn.Module, sections: tuple[str, ...], ignore: tuple[str, ...] = (),
                               resuming: bool = False) -> list[str]:
         """The ``sections`` keys ("backbone.hidden_size 64 vs 32", "objective.name ...") where the model the
         recipe builds on this data (on the meta device: no weights) differs from ``model``'s build config.
         Keys only one side has (an older fastpt's config) and the run-length ``total_steps`` / the
         ``gradient_checkpointing`` switch (the recipe sets them on the loaded model) are not compared."""
-        kwargs = (dict(vocab_size=self.data.vocab_size, special_ids=self.data.special_ids)
-                  if isinstance(self.data, TextStream) else {})
-        try:
-            with torch.device("meta"), restoring():  # no weights, nor a self_distill teacher_path, read
-                mine = build(self._model_config(), **kwargs).config
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"model: {exc}") from exc
-        theirs, out = model.config or {}, []
+        mine, theirs, out = self._recipe_build_config(), model.config or {}, []
         for section in sections:
             a, b = mine.get(section), theirs.get(section)
             if (a is None) != (b is None):
@@ -423,10 +423,7 @@ class PretrainRecipe:
                               "the recipe's backbone the checkpoint's (or leave model: out to take all of it)")
         if not self._recipe_model_differs(model, ("objective",)):
             return model
-        kwargs = (dict(vocab_size=self.data.vocab_size, special_ids=self.data.special_ids)
-                  if isinstance(self.data, TextStream) else {})
-        with torch.device("meta"), restoring():  # no weights, nor a self_distill teacher_path, read
-            cfg = build(self._model_config(), **kwargs).config
+        cfg = self._recipe_build_config()
         if "causal" in cfg["backbone"] and hasattr(model.backbone, "causal"):
             model.backbone.causal = bool(cfg["backbone"]["causal"])
             model.backbone.config = {**model.backbone.config, "causal": model.backbone.causal}
@@ -480,7 +477,7 @@ class PretrainRecipe:
             if latest is None:
                 raise ConfigError(f"init_from: {path} is a run directory without checkpoints")
             path = latest
-        converted = is_model_dir(path) and _config_format(path) == "fastpt"  # fastpt convert --from-hf
+        converted = config_format(path) == "fastpt"  # a fastpt convert --from-hf output
         if is_model_dir(path) and not converted:
             if (path / ckpt.MANIFEST).is_file():  # a checkpoint: the same check as --resume's
                 try:
