@@ -62,7 +62,8 @@ def test_overrides_merge_nested_dicts():
 
 
 def test_errors_name_the_key_and_list_the_choices(tmp_path):
-    with pytest.raises(ValueError, match="'bert-bas' is neither a zoo name .*bert-base.*vit-mae-tiny"):
+    with pytest.raises(ValueError, match="'bert-bas' is neither a zoo name .*bert-base.*vit-mae-tiny.* "
+                                         r"\(did you mean 'bert-base'\?\)"):
         asm.load_config("bert-bas")
     with pytest.raises(FileNotFoundError, match="nope.yaml' is neither a zoo name"):  # meant as a path
         asm.load_config(str(tmp_path / "nope.yaml"))

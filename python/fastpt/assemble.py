@@ -41,6 +41,7 @@ filled ids. ``PretrainModel.save_pretrained`` stores it; ``from_pretrained`` reb
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import json
 import os
@@ -138,7 +139,9 @@ def _read(config) -> dict:
         if path.is_dir() and (path / CONFIG_FILE).is_file():
             return read_checkpoint_config(path)["model"]
         if not path.is_file():
-            msg = f"config: {str(config)!r} is neither a zoo name ({', '.join(names)}) nor a file"
+            close = difflib.get_close_matches(str(config), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            msg = f"config: {str(config)!r} is neither a zoo name ({', '.join(names)}) nor a file{hint}"
             if path.suffix in (".yaml", ".yml", ".json") or len(path.parts) > 1:  # meant as a path
                 raise FileNotFoundError(msg)
             raise ValueError(msg)

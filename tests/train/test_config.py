@@ -155,3 +155,13 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
                      output={"save_every": 0, "tensorboard": False, "plot": False, "progress": False})
         pretrain(cfg, log=lambda m: None)
     assert [kw for _, kw in calls] == [{"mode": "max-autotune"}, {}]
+
+
+def test_a_zoo_name_given_as_the_recipe_says_where_it_goes(tmp_path):
+    # `--config bert-tiny` (or a near miss) names a model, not a recipe: the error says to put it under model:
+    for given in ("bert-tiny", "bert-tinyy"):
+        with pytest.raises(ConfigError, match=rf"config: {given} does not exist \(--config takes a recipe YAML .*"
+                                              r"`model: bert-tiny`\)"):
+            load_recipe(given)
+    with pytest.raises(ConfigError, match=r"does not exist$"):  # a path that names nothing like a model: no hint
+        load_recipe(tmp_path / "nothing.yaml")

@@ -176,11 +176,23 @@ def _unknown(key: str, valid: Sequence[str]) -> ConfigError:
     return ConfigError(f"{key}: unknown key{hint}; valid keys: {', '.join(valid)}")
 
 
+def _zoo_hint(name: str) -> str:
+    """For a missing recipe path that names (or nearly names) a zoo model: where zoo names go."""
+    from ..assemble import list_configs
+
+    names = list_configs()
+    close = [name] if name in names else difflib.get_close_matches(name, names, n=1)
+    if not close:
+        return ""
+    return (f" (--config takes a recipe YAML with model:, data:, train:, output:; the zoo model {close[0]!r} "
+            f"goes under it as `model: {close[0]}`)")
+
+
 def read_yaml(path: str | Path) -> dict:
     """A YAML file as a dict; ConfigError for a missing file, bad YAML or a non-mapping document."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config: {p} does not exist")
+        raise ConfigError(f"config: {p} does not exist{_zoo_hint(str(path))}")
     try:
         data = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
