@@ -269,6 +269,26 @@ def test_many_documents_loop_over_grid_z():
     assert (got[:, 1] - want1).abs().max() < 5e-3
 
 
+@pytest.mark.parametrize("case", ["no_tokens", "no_rows", "empty_documents"])
+def test_empty_inputs_give_empty_or_zero_results(case):
+    # Empty tensors have null data pointers: the kernels' alignment checks refused them (audit 2026-11-27)
+    H, D = 2, 64
+    if case == "no_tokens":  # a packed batch without tokens
+        q = torch.zeros(1, 0, H, D, device="cuda", dtype=torch.float16)
+        docs = torch.zeros(0, 4, dtype=torch.int32, device="cuda")
+    elif case == "no_rows":
+        q = torch.zeros(0, 16, H, D, device="cuda", dtype=torch.float16)
+        docs = torch.zeros(0, 4, dtype=torch.int32, device="cuda")
+    else:  # rows whose documents hold no token (seqlens all 0)
+        q = torch.randn(2, 16, H, D, device="cuda", dtype=torch.float16)
+        docs = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.int32, device="cuda")
+    out, lse = attention_cuda.forward(q, q, q, docs, scale=0.125, causal_any=False)
+    assert out.shape == q.shape and lse.shape == (q.shape[0], H, q.shape[1]) and not out.any()
+    grads = attention_cuda.backward(torch.ones_like(q), q, q, q, out, lse, docs, scale=0.125, causal_any=False)
+    assert all(g.shape == q.shape and not g.any() for g in grads)
+    torch.cuda.synchronize()
+
+
 def test_refusals_name_the_reason():
     x = torch.zeros(1, 8, 2, 64, device="cuda", dtype=torch.float16)
     assert "float16 or bfloat16" in attention_cuda.supports(x.float(), x.float(), x.float(), 0.0)

@@ -148,6 +148,12 @@ def _docs_and_len(docs: torch.Tensor, device, max_len) -> tuple[torch.Tensor, in
     return docs, int(max_len)
 
 
+def _nothing_to_do(q: torch.Tensor, docs: torch.Tensor, max_len: int) -> bool:
+    """No document holds a token (or q holds none): the zero outputs are the answer, as the
+    Triton and CPU backends return them."""
+    return q.numel() == 0 or docs.shape[0] == 0 or max_len <= 0
+
+
 def forward(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, docs: torch.Tensor, *, scale: float,
             dropout_p: float = 0.0, dropout_key: int = 0, max_len: int | None = None,
             causal_any: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,6 +179,8 @@ def forward(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, docs: torch.Te
     # Zeros: the kernels never write rows outside the documents (csrc/attention.h).
     out = torch.zeros((b, sq, h, dk), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    if _nothing_to_do(q, docs, max_len):  # empty tensors have null data pointers, which the kernels refuse
+        return (out if dk == d else out[..., :d]), lse
     p = _params(q, k, v, out, lse, docs, scale=scale, dropout_p=dropout_p, dropout_key=dropout_key,
                 max_len=max_len, causal_any=causal_any)
     with torch.cuda.device(q.device):
@@ -207,6 +215,8 @@ def backward(dout: torch.Tensor, q4: torch.Tensor, k4: torch.Tensor, v4: torch.T
     dq = torch.zeros((b, sq, h, dk_dim), dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape[:3] + (dk_dim,), dtype=q.dtype, device=q.device)
     dv = torch.zeros_like(dk)
+    if _nothing_to_do(q, docs, max_len):
+        return (dq, dk, dv) if dk_dim == d else (dq[..., :d], dk[..., :d], dv[..., :d])
     delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)  # scratch: rowsum(dout * out)
     p = _params(q, k, v, o, lse, docs, scale=scale, dropout_p=dropout_p, dropout_key=dropout_key,
                 max_len=max_len, causal_any=causal_any)
