@@ -260,3 +260,14 @@ def test_default_backend_is_the_fastest_usable():
     usable = [b for dev, b in GRID if dev == "cpu"]
     expected = next(b for b in ("cpu", "triton", "reference") if b in usable)
     assert OP.select(None, **OP.probe("cpu")).name == expected
+
+
+def test_numpy_integers_are_ints():
+    # np.prod(grid) is a numpy integer: accepted as an int (it was refused); bools and floats are not
+    np = pytest.importorskip("numpy")
+    ids_keep, mask, _ = random_masking(np.int64(2), np.prod((3, 3)), mask_ratio=0.5)
+    assert ids_keep.shape == (2, 5) and mask.shape == (2, 9)  # round(4.5) == 4 masked
+    with pytest.raises(TypeError, match="num_patches: expected an int, got bool"):
+        random_masking(2, np.bool_(True))
+    with pytest.raises(TypeError, match="num_patches: expected an int, got float"):
+        random_masking(2, 9.0)

@@ -1,6 +1,8 @@
 """Argument checks shared by the ops. Every error names the argument and what was expected."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -75,6 +77,8 @@ def positive_int(name: str, v, *, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
             v = int(v.item())
+        elif isinstance(v, numbers.Integral) and not isinstance(v, bool):  # numpy integers (numpy bools are no Integral)
+            v = int(v)
         else:
             raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     if v < minimum:

@@ -1,7 +1,10 @@
 """MAE per-sample random patch masking, and BEiT block-wise masking as an option.
 
 Every row masks exactly ``num_masked = round(num_patches * mask_ratio)`` patches and keeps
-``K = num_patches - num_masked``. The outputs are what an MAE encoder/decoder needs::
+``K = num_patches - num_masked``. (MAE's reference keeps ``int(L * (1 - mask_ratio))``; the two
+agree on the usual grids, e.g. 196 and 49 patches at 0.75, and differ by one patch on some others,
+e.g. 49 at 0.6 keeps 20 here and 19 there. Rounding the masked count also spares the float
+artifacts of truncation: ``int(10 * (1 - 0.9))`` is 0.) The outputs are what an MAE encoder/decoder needs::
 
     x_keep = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D))            # encoder input
     full = torch.gather(torch.cat([x_keep, mask_tokens], 1), 1,
