@@ -10,7 +10,9 @@ Nothing is stored for the backward: the gradient is the same masked scaling of `
 mask recomputed from ``(key, i)``. Kept elements are ``x * scale`` with ``scale = 1 / (1 - p)``
 (rounded to float32 for half and float32 inputs, as torch rounds a Python scalar), computed in
 float32 (float64) and rounded once to the input dtype; dropped elements are exactly 0, even where
-``x`` is inf or NaN (torch's ``F.dropout`` multiplies, so it keeps a NaN there).
+``x`` is inf or NaN (torch's ``F.dropout`` multiplies, so it keeps a NaN there). "Bit-identical"
+below holds for every value but a kept NaN, which stays NaN with a payload (and, in bfloat16 on
+the ``cpu`` backend, a sign) that may differ between backends.
 
 Backends, in the order ``backend=None`` tries them:
 
