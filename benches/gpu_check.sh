@@ -16,18 +16,23 @@
 # writing into GPU_WORK (default /tmp/gpu-check) summary.txt, bench.log and the files above (each bench
 # also writes <stem>-tuning.json: which Triton candidates its tuners picked on this GPU), packed into
 # $OUT/results.tgz (default ./gpu-out) beside a copy of summary.txt. Each phase has its own time
-# limit (E2E_BUDGET, PROFILE_BUDGET, E2E_NODROP_BUDGET, E2E_COMPILE_BUDGET (default 180 s: Inductor
-# compiles two models cold), PROFILE_COMPILE_BUDGET (90 s), FIRST_BUDGET, TEST_BUDGET), cut to what is
-# left of TOTAL_BUDGET (default 480 s, inside 8 minutes: run the device call with a 500 s limit; a
-# phase with under 15 s left is skipped); the kernel bench gets the rest and writes its files after
-# every op, so a run cut short keeps them; a second call on the still-warm machine (PHASES="kernels"
-# KERNEL_OPS=...) finishes what was cut. The default phases fit that budget without e2e-compile: run
-# it as a second call on the warm machine (PHASES="e2e-compile" SKIP_BUILD=1 TOTAL_BUDGET=280, a
-# 300 s limit), or add it and raise TOTAL_BUDGET.
+# limit (E2E_BUDGET 100 s, PROFILE_BUDGET 50, E2E_NODROP_BUDGET 45, FIRST_BUDGET 30, TEST_BUDGET 60;
+# E2E_COMPILE_BUDGET 170: Inductor compiles two models cold, PROFILE_COMPILE_BUDGET 50), cut to what is
+# left of TOTAL_BUDGET (default 380 s, the build included; a phase with under 15 s left is skipped); the
+# kernel bench gets the rest (skipped under 60 s) and writes its files after every op, so a run cut
+# short keeps them.
+# The plan fits a session's 900 s of device time (/work/.library/device/README.md), which also pays for
+# the machine's cold start (60-120 s), the transfers and the idle wait before it goes back:
+#   first call, cold:  bash benches/gpu_check.sh, a 400 s limit (TOTAL_BUDGET 380: build ~40 s, e2e
+#                      195 s, tests 90 s; the kernel bench with what phases that end early leave)
+#   second call, warm: PHASES="kernels" SKIP_BUILD=1 TOTAL_BUDGET=240, a 260 s limit (KERNEL_OPS=...
+#                      to pick ops), or PHASES="e2e-compile" SKIP_BUILD=1 TOTAL_BUDGET=240 (compile
+#                      170 s + profile 50 s), then give the machine back
+# 120 + 400 + 260 = 780 s at most, leaving ~120 s for transfers and waits: no time for a third call.
 # The tests are stopped with SIGINT (pytest-xdist shuts its workers down) and any straggler is
 # killed before the next phase, so no test process shares the GPU with a bench.
-#   device run: bash benches/gpu_check.sh   (carry .whl for the peer baselines); SKIP_BUILD=1 on a
-#   second call to a warm machine
+#   device run: bash benches/gpu_check.sh   (carry .whl for the peer baselines); SKIP_BUILD=1 on the
+#   second call to the warm machine
 #   PHASES="e2e", "e2e-compile", "tests", "kernels" (any subset, space-separated; default
 #   "e2e tests kernels"; they run in the order above) select phases; KERNEL_OPS (default
 #   cross_entropy,contrastive,attention,dropout,masking,contrastive_1m: what changed last first, the
@@ -44,7 +49,7 @@ mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1
 PHASES="${PHASES:-e2e tests kernels}"
 t0=$(date +%s)
-deadline=$(( t0 + ${TOTAL_BUDGET:-480} ))
+deadline=$(( t0 + ${TOTAL_BUDGET:-380} ))
 log() { echo "== [$(( $(date +%s) - t0 )) s] $*" | tee -a "$work/summary.txt"; }
 pack() {  # one at a time (flock): the exit's pack waits for a background one still writing
   # GNU tar exits 1 when a file changed as it read it (a log being appended): the archive is whole all the same
@@ -107,12 +112,12 @@ if [[ " $PHASES " == *" e2e "* ]]; then
   seen=$(cat "$work/bench.log" 2>/dev/null | wc -l)  # a second call adds to bench.log: summarise this call's rows
   bench "$(left "${E2E_BUDGET:-100}")" --suite e2e --name bench-cuda-e2e >> "$work/bench.log" 2>&1
   log "e2e bench rc=$?: $(new_lines "$seen" | grep -E '^e2e' | tr -s ' ' | cut -c1-90 | paste -sd'|')"
-  profile "$(left "${PROFILE_BUDGET:-60}")" "$work/profile-e2e.txt"
+  profile "$(left "${PROFILE_BUDGET:-50}")" "$work/profile-e2e.txt"
   log "e2e profile rc=$?: $(grep -E '^(## |wall )' "$work/profile-e2e.txt" 2>/dev/null | cut -c1-110 | paste -sd'|')"
   # the same pairs without dropout: attention then runs torch's SDPA on both sides (fastpt's dispatch
   # takes it for plain / causal rows without dropout), which isolates what the dropout attention costs
   seen=$(cat "$work/bench.log" 2>/dev/null | wc -l)
-  bench "$(left "${E2E_NODROP_BUDGET:-60}")" --suite e2e --dropout 0 --name bench-cuda-e2e-nodropout >> "$work/bench.log" 2>&1
+  bench "$(left "${E2E_NODROP_BUDGET:-45}")" --suite e2e --dropout 0 --name bench-cuda-e2e-nodropout >> "$work/bench.log" 2>&1
   log "e2e bench without dropout rc=$?: $(new_lines "$seen" | grep -E '^e2e' | tr -s ' ' | cut -c1-90 | paste -sd'|')"
 fi
 
@@ -121,11 +126,11 @@ if [[ " $PHASES " == *" e2e-compile "* ]]; then
   # own files; only this run's lines of bench.log go to the summary
   seen=$(cat "$work/bench.log" 2>/dev/null | wc -l)
   # shellcheck disable=SC2086
-  bench "$(left "${E2E_COMPILE_BUDGET:-180}")" --suite e2e --compile ${E2E_COMPILE_ARGS---model bert-base} \
+  bench "$(left "${E2E_COMPILE_BUDGET:-170}")" --suite e2e --compile ${E2E_COMPILE_ARGS---model bert-base} \
     --name bench-cuda-e2e-compile >> "$work/bench.log" 2>&1
   log "e2e bench compiled rc=$?: $(new_lines "$seen" | grep -E '^e2e' | tr -s ' ' | cut -c1-150 | paste -sd'|')"
   # where the compiled BERT step spends its time (Inductor's on-disk cache is warm from the bench)
-  profile "$(left "${PROFILE_COMPILE_BUDGET:-90}")" "$work/profile-e2e-compile.txt" --compile --models bert
+  profile "$(left "${PROFILE_COMPILE_BUDGET:-50}")" "$work/profile-e2e-compile.txt" --compile --models bert
   log "e2e profile compiled rc=$?: $(grep -E '^(## |wall )' "$work/profile-e2e-compile.txt" 2>/dev/null | cut -c1-110 | paste -sd'|')"
 fi
 
@@ -154,7 +159,7 @@ if [[ " $PHASES " == *" tests "* ]]; then
   first=$(grep -v '^#' benches/gpu_tests_first.txt 2>/dev/null | while read -r id; do [ -f "${id%%::*}" ] && echo "$id"; done)
   if [ -n "$first" ]; then
     # shellcheck disable=SC2086
-    gpu_pytest "$(left "${FIRST_BUDGET:-40}")" $first -k "cuda or triton" -n 8
+    gpu_pytest "$(left "${FIRST_BUDGET:-30}")" $first -k "cuda or triton" -n 8
     first_rc=$?
     log "GPU tests that failed last time, rc=$first_rc: $(tail -1 "$work/tests.txt")"
   fi

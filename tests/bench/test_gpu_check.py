@@ -73,3 +73,35 @@ def test_phases_fit_what_is_left_of_the_total_budget(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
     assert "left of TOTAL_BUDGET): pytest tests/ops" in summary and "kernel bench skipped" in summary, summary
+
+
+DEVICE_TIME_S, COLD_START_S, BUILD_S, GRACE_S = 900, 120, 40, 20  # /work/.library/device/README.md; a build took 9-39 s
+
+
+def test_the_planned_calls_and_default_budgets_fit_a_sessions_device_time():
+    """The header planned a 500 s cold call and a 300 s warm one: with a 60-120 s cold start that is more than a
+    session's 900 s of device time. The planned limits, their TOTAL_BUDGETs and the phases' default budgets
+    must fit inside each other."""
+    import re
+
+    text = SCRIPT.read_text()
+    header = text[:text.index("set -uo pipefail")]
+    defaults = {name: int(v) for name, v in re.findall(r"\$\{([A-Z0-9_]+BUDGET):-(\d+)\}", text)}
+    limits = [int(v) for v in re.findall(r"a\s+(?:#\s*)?(\d+) s limit", header)]
+    assert len(limits) == 2, header
+    first, second = limits
+    assert COLD_START_S + first + second <= DEVICE_TIME_S - 60, limits  # a minute for transfers and idle waits
+    assert defaults["TOTAL_BUDGET"] + GRACE_S <= first
+    phases = sum(defaults[k] for k in ("E2E_BUDGET", "PROFILE_BUDGET", "E2E_NODROP_BUDGET", "FIRST_BUDGET",
+                                       "TEST_BUDGET"))
+    assert BUILD_S + phases + GRACE_S <= defaults["TOTAL_BUDGET"]  # the default phases, not cut, on a cold call
+    warm = {int(v) for v in re.findall(r"SKIP_BUILD=1 TOTAL_BUDGET=(\d+)", header)}
+    assert len(warm) == 1, header
+    warm_total = warm.pop()
+    assert warm_total + GRACE_S <= second
+    assert defaults["E2E_COMPILE_BUDGET"] + defaults["PROFILE_COMPILE_BUDGET"] + GRACE_S <= warm_total
+    # the numbers the header quotes are the script's
+    for name in ("E2E_BUDGET", "PROFILE_BUDGET", "E2E_NODROP_BUDGET", "FIRST_BUDGET", "TEST_BUDGET",
+                 "E2E_COMPILE_BUDGET", "PROFILE_COMPILE_BUDGET"):
+        assert re.search(rf"{name} {defaults[name]}\b", header), name
+    assert f"TOTAL_BUDGET (default {defaults['TOTAL_BUDGET']} s" in header

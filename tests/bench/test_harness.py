@@ -183,13 +183,15 @@ INTEL = {"vendor_id": "GenuineIntel", "cpu family": "6", "model": "143", "flags"
 
 
 def test_cpu_peak_is_derived_from_cores_width_and_clock():
-    p = peaks.peak(None, torch.float32, device="cpu", cores=8, cpuinfo=INTEL)  # 8 threads = 4 cores x 2 (SMT)
+    # 8 logical CPUs = 4 cores x 2 (SMT); 8 torch threads still fill only the 4 cores
+    p = peaks.peak(None, torch.float32, device="cpu", cores=8, threads=8, cpuinfo=INTEL)
     assert p.flops == pytest.approx(4 * 64 * 2.0e9)
-    assert "4 cores x 64" in p.note and "2.00 GHz" in p.note
+    assert "4 cores (8 torch threads, 4 usable) x 64" in p.note and "2.00 GHz" in p.note
     amd = {"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "17", "flags": "fma avx2 avx512f",
            "cpu MHz": "3000.0"}
-    assert peaks.peak(None, "fp32", device="cpu", cores=2, cpuinfo=amd).flops == pytest.approx(2 * 32 * 3.0e9)
-    assert peaks.peak(None, "bf16", device="cpu", cores=8, cpuinfo={**INTEL, "flags": "fma avx512f amx_bf16"}
+    assert peaks.peak(None, "fp32", device="cpu", cores=2, threads=2, cpuinfo=amd).flops == pytest.approx(
+        2 * 32 * 3.0e9)
+    assert peaks.peak(None, "bf16", device="cpu", cores=8, threads=8, cpuinfo={**INTEL, "flags": "fma avx512f amx_bf16"}
                       ).flops == pytest.approx(4 * 1024 * 2.0e9)
 
 

@@ -84,3 +84,25 @@ def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, avx512_bf16, amx
     assert resolve_precision("auto", torch.device("cpu")) == want
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+
+
+def test_cpu_peak_follows_torchs_thread_count(monkeypatch):
+    """fastpt pretrain under OMP_NUM_THREADS=1 on a 4-core machine divided by all 4 cores' peak (the affinity's),
+    understating MFU 4x: the recipe's CPU peak counts the cores of torch's threads."""
+    import os
+
+    from fastpt.bench import peaks
+
+    monkeypatch.delenv("FASTPT_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(peaks, "cpu_fields", lambda: {"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "17",
+                                                      "flags": "fma avx2", "cpu MHz": "3000.0"})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, desc = mfu.peak_flops("cpu", "fp32")
+        assert one == pytest.approx(32 * 3.0e9) and "1 core (1 torch thread, 4 usable)" in desc
+        torch.set_num_threads(4)
+        assert mfu.peak_flops("cpu", "fp32")[0] == pytest.approx(4 * one)
+    finally:
+        torch.set_num_threads(old)

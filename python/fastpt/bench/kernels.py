@@ -3,6 +3,11 @@
 * ``masking``: MLM masking (tokens/s) against transformers' ``DataCollatorForLanguageModeling``
   (the baseline), fastpt's ``MLMCollator`` and a vectorised torch version of Hugging Face's
   algorithm; MAE masking (patches/s) against the plain torch rand + argsort + argsort + gather.
+  The two collators run on the CPU from Python lists of the same ids: HF's with
+  ``special_tokens_mask`` lists, as ``run_mlm.py`` prepares them (without them it rebuilds the mask
+  row by row, ~10% slower), fastpt's without (it finds the special tokens by id); ``fastpt``
+  (``mlm_mask``) and the torch version start from a ready id tensor on the device, so their ratio
+  to a collator row also counts the lists-to-tensor work a collator does.
 * ``attention``: none / causal / packed documents / prefix-LM, forward and forward + backward,
   against torch SDPA (the baseline; on CUDA also forced to flash / efficient / cudnn where they
   take the mask), FlexAttention with a block mask (CUDA), and eager softmax(QK^T)V; on CUDA also
@@ -235,6 +240,19 @@ def torch_mae(batch, length, mask_ratio=0.75, generator=None, device="cpu"):
     return ids_keep, mask, ids_restore
 
 
+# what each MLM masking row starts from, on every device: the collators' rows compare with each other,
+# the kernel's ratio to them also counts turning Python lists into a tensor
+_MASKING_NOTES = {
+    "hf-collator": "hf-collator: transformers' DataCollatorForLanguageModeling on the CPU, from Python lists of ids "
+                   "with special_tokens_mask (as run_mlm.py prepares them and a DataLoader runs it)",
+    "fastpt-collator": "fastpt-collator: fastpt.data.MLMCollator on the CPU, from lists of the same ids (no "
+                       "special_tokens_mask: it finds the special tokens by id); against hf-collator: like for like",
+    "torch-vectorised": "torch-vectorised: Hugging Face's algorithm in torch, on a ready (B, L) id tensor on the device",
+    "fastpt": "fastpt: fastpt.ops.mlm_mask on a ready (B, L) id tensor on the device; its ratio to the collator "
+              "rows (from lists) includes their lists-to-tensor work",
+}
+
+
 def bench_masking(ctx: Context) -> list[dict]:
     """MLM masking (tokens/s) and MAE masking (patches/s); see the module docstring."""
     from fastpt.ops import mlm_mask, random_masking
@@ -256,7 +274,9 @@ def bench_masking(ctx: Context) -> list[dict]:
         gen = torch.Generator(device=dev).manual_seed(0)
         providers: dict = {}
         if tok is not None:
-            providers["hf-collator"] = functools.partial(DataCollatorForLanguageModeling(tok, seed=0), data["ids"])
+            # HF's from the lists run_mlm.py prepares: special_tokens_mask spares it rebuilding the mask row by
+            # row in Python; fastpt's finds the special tokens by id
+            providers["hf-collator"] = functools.partial(DataCollatorForLanguageModeling(tok, seed=0), data["ids_stm"])
             providers["fastpt-collator"] = functools.partial(MLMCollator(tok, seed=0), data["ids"])
         else:
             providers["hf-collator"] = providers["fastpt-collator"] = missing
@@ -266,10 +286,7 @@ def bench_masking(ctx: Context) -> list[dict]:
         rows += measure(ctx, op="masking", case=f"mlm {b}x{length}", mode="", shape=(b, length), dtype=torch.int64,
                         baseline="hf-collator" if tok is not None else "torch-vectorised", providers=providers,
                         units=b * length, unit="tokens", memory=False, host_timed=("hf-collator", "fastpt-collator"),
-                        repeats=None if ctx.cuda else (3 if ctx.quick else 10),
-                        notes={"hf-collator": "on the CPU, from lists of ids (as a DataLoader runs it)",
-                               "fastpt-collator": "fastpt.data.MLMCollator on the CPU, from the same lists"}
-                        if ctx.cuda else None)
+                        repeats=None if ctx.cuda else (3 if ctx.quick else 10), notes=_MASKING_NOTES)
     for b, length in [(64, 196)] if ctx.quick else [(256, 196), (64, 1024)]:
         gen = torch.Generator(device=dev).manual_seed(0)
         providers = {"torch-argsort": functools.partial(torch_mae, b, length, generator=gen, device=dev),

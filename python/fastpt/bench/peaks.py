@@ -3,13 +3,16 @@
 GPUs: the vendors' datasheet figures for dense math (sparsity halved away), in TFLOP/s, per
 dtype: ``fp32`` (CUDA cores, or matrix cores where fp32 matrix math exists), ``tf32``, ``bf16``,
 ``fp16``, ``fp8``. Tensor-core figures assume fp32 accumulation. Names are matched by the
-patterns in :data:`GPU_PEAKS`, most specific first (``A100`` before ``A10``, ``L40S`` before
-``L40`` before ``L4``).
+patterns in :data:`GPU_PEAKS`, most specific first (``H800 PCIe`` before ``H800``, ``L40S`` before
+``L40`` before ``L4``), model numbers anchored at word boundaries (``A100`` is not ``RTX A1000``).
 
-CPUs: derived, never a constant: usable physical cores x FLOPs per cycle per core (from the
-vector width and FMA units the CPU's family implies) x clock (the model name's ``@ x.xxGHz``,
-else cpufreq's maximum, else ``cpu MHz`` in ``/proc/cpuinfo``). Where the microarchitecture is
-not known the peak is None and the note says so; a report then prints MFU as ``n/a``.
+CPUs: derived, never a constant: the physical cores the work runs on x FLOPs per cycle per core
+(from the vector width and FMA units the CPU's family implies) x clock (the model name's
+``@ x.xxGHz``, else cpufreq's maximum, else ``cpu MHz`` in ``/proc/cpuinfo``). The cores are the
+process's CPU affinity (SMT siblings counted once), capped at the threads torch computes with
+(``torch.get_num_threads()``: one busy thread fills at most one core), so ``fastpt bench --threads 1``
+or ``OMP_NUM_THREADS=1`` is measured against one core's peak. Where the microarchitecture is not
+known the peak is None and the note says so; a report then prints MFU as ``n/a``.
 """
 from __future__ import annotations
 
@@ -31,9 +34,10 @@ GPU_PEAKS: list[tuple[str, str, dict[str, float]]] = [
     (r"H200", "H200 SXM", dict(fp32=67.0, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9)),
     (r"H100.*NVL", "H100 NVL", dict(fp32=60.0, tf32=417.5, bf16=835.5, fp16=835.5, fp8=1670.5)),
     (r"H100.*PCI", "H100 PCIe", dict(fp32=51.2, tf32=378.0, bf16=756.5, fp16=756.5, fp8=1513.0)),
+    (r"H800.*PCI", "H800 PCIe", dict(fp32=51.2, tf32=378.0, bf16=756.5, fp16=756.5, fp8=1513.0)),
     (r"H100|H800", "H100 SXM", dict(fp32=67.0, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9)),
     (r"B200", "B200", dict(fp32=75.0, tf32=1100.0, bf16=2250.0, fp16=2250.0, fp8=4500.0)),
-    (r"A100|A800", "A100", dict(fp32=19.5, tf32=156.0, bf16=312.0, fp16=312.0)),
+    (r"\bA100\b|\bA800\b", "A100", dict(fp32=19.5, tf32=156.0, bf16=312.0, fp16=312.0)),
     (r"\bA40\b", "A40", dict(fp32=37.4, tf32=74.8, bf16=149.7, fp16=149.7)),
     (r"\bA30\b", "A30", dict(fp32=10.3, tf32=82.0, bf16=165.0, fp16=165.0)),
     (r"\bA10\b", "A10", dict(fp32=31.2, tf32=62.5, bf16=125.0, fp16=125.0)),
@@ -136,7 +140,9 @@ def _cpu_clock_ghz(fields: dict) -> tuple[float | None, str]:
     return None, "no clock found"
 
 
-def _cpu_peak(dtype: str, fields: dict, cores: int | None) -> Peak:
+def _cpu_peak(dtype: str, fields: dict, cores: int | None, threads: int) -> Peak:
+    """The peak of ``threads`` compute threads on ``cores`` logical CPUs (each thread on its own physical
+    core while there are enough; SMT siblings share one core's FMA units)."""
     per_cycle, why = _cpu_flops_per_cycle(fields)
     ghz, clock_src = _cpu_clock_ghz(fields)
     if per_cycle is None or ghz is None or not cores:
@@ -155,10 +161,12 @@ def _cpu_peak(dtype: str, fields: dict, cores: int | None) -> Peak:
     # SMT siblings share one core's FMA units
     siblings, phys = int(fields.get("siblings", "0") or 0), int(fields.get("cpu cores", "0") or 0)
     per_core = max(1, siblings // phys) if siblings and phys else 1
-    physical = math.ceil(cores / per_core)
+    usable = math.ceil(cores / per_core)
+    physical = max(1, min(usable, threads))
     flops = physical * per_cycle * scale * ghz * 1e9
-    return Peak(flops, f"{physical} cores x {per_cycle * scale:g} {kind} FLOP/cycle ({why}) x {ghz:.2f} GHz "
-                       f"({clock_src}) = {flops / 1e12:.3f} TFLOP/s")
+    return Peak(flops, f"{physical} core{'s' * (physical != 1)} ({threads} torch thread{'s' * (threads != 1)}, "
+                       f"{usable} usable) x {per_cycle * scale:g} "
+                       f"{kind} FLOP/cycle ({why}) x {ghz:.2f} GHz ({clock_src}) = {flops / 1e12:.3f} TFLOP/s")
 
 
 def native_bf16(device: torch.device | str) -> bool:
@@ -177,14 +185,16 @@ def native_bf16(device: torch.device | str) -> bool:
 
 
 def peak(device_name: str | None, dtype: torch.dtype | str, *, device: str = "cuda", cores: int | None = None,
-         cpuinfo: dict | None = None) -> Peak:
+         threads: int | None = None, cpuinfo: dict | None = None) -> Peak:
     """The peak dense FLOP/s of ``device_name`` in ``dtype``, with a note on where it came from.
 
     Args:
         device_name: a GPU's name (``torch.cuda.get_device_name()``); ignored for the CPU.
         dtype: a torch dtype or "fp32", "tf32", "bf16", "fp16", "fp8", "fp64".
         device: "cuda" (look the name up in :data:`GPU_PEAKS`) or "cpu" (derive it).
-        cores: CPU cores the work may use (default: this process's CPU affinity).
+        cores: logical CPUs the work may use (default: this process's CPU affinity).
+        threads: threads the work computes with (default: ``torch.get_num_threads()``); the peak counts
+            min(physical cores among ``cores``, ``threads``) cores, and its note says how many threads.
         cpuinfo: ``/proc/cpuinfo`` fields to use instead of this machine's (for tests).
 
     Returns a :class:`Peak`; ``Peak.flops`` is None for an unknown device or dtype (never a guess).
@@ -198,7 +208,9 @@ def peak(device_name: str | None, dtype: torch.dtype | str, *, device: str = "cu
             cores = len(os.sched_getaffinity(0))
         except AttributeError:
             cores = os.cpu_count()
-    return _cpu_peak(name, cpu_fields() if cpuinfo is None else cpuinfo, cores)
+    if threads is None:
+        threads = torch.get_num_threads()
+    return _cpu_peak(name, cpu_fields() if cpuinfo is None else cpuinfo, cores, threads)
 
 
 def peak_flops(device_name: str | None, dtype: torch.dtype | str, *, device: str = "cuda") -> float | None:

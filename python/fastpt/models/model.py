@@ -232,30 +232,32 @@ class PretrainModel(nn.Module):
         """Training FLOPs per token counted by ``tokens_in`` (forward + backward), for MFU, as in
         PaLM's appendix B, part by part:
 
-            sum over the backbone's parts of w_part * (6 * N_part + 12 * layers * width * tokens per sequence)
+            sum over the backbone's parts of w_part * (6 * N_part + 12 * layers * width * keys attended)
             + w_heads * 6 * N_heads
 
         N counts the weight elements of every matrix product a token passes through: the part's 2-D
         weights (fused q/k/v, projections, MLPs; ALBERT's shared layer once per use) and patch
         convolutions, not the embedding tables (lookups); N_heads the objective's trainable 2-D weights
         (heads, projectors, the MAE decoder; the vocabulary matrix of a tied head included). The second
-        term is attention's score and value products. The weights w are the objective's
-        (``Objective.flops_weights``): the passes a counted token makes through each part, e.g. MLM's
-        head on the masked ``mask_prob`` of the tokens, T5's encoder / decoder on their shares of a
-        corrupted row, SimCLR's two views, MAE's encoder on the visible patches, a teacher's
+        term is attention's score and value products over the keys each token attends to. The weights w
+        are the objective's (``Objective.flops_weights``): the passes a counted token makes through each
+        part, e.g. MLM's head on the masked ``mask_prob`` of the tokens, T5's encoder / decoder on their
+        shares of a corrupted row, SimCLR's two views, MAE's encoder on the visible patches, a teacher's
         forward-only pass as 1/3, pooled heads once per image. ``seq_len``: tokens per text sequence
-        (required for text backbones); a vision stack uses its own patch count (+ cls). An estimate:
-        augmented views cost by their area, and attention keeps the unsplit sequence length.
+        (required for text backbones); a vision stack uses its own patch count (+ cls).
+
+        An encoder-decoder counts each side's weights on that side's tokens (Kaplan et al. 2020, PaLM
+        appendix B): its weights w_encoder / w_decoder are each side's tokens per counted token, so the
+        encoder's row is w_encoder * seq_len tokens long and the decoder's w_decoder * seq_len. The
+        encoder attends over its own row; the decoder over its own row (self-attention) plus the encoder's
+        (cross-attention); the decoder's cross-attention K/V projections run on the encoder's tokens and
+        count at w_encoder. An estimate: augmented views cost by their area, causal attention counts its
+        full square (as PaLM does), and a single stack's attention keeps the unsplit sequence length.
         """
         weights = self.objective.flops_weights(self.backbone, seq_len) if self.objective is not None else {}
         total = 0.0
-        for part, module, (layers, width, tokens) in _parts(self.backbone):
-            if tokens is None:
-                if seq_len is None:
-                    raise ValueError("seq_len: required for a text backbone (tokens per sequence)")
-                tokens = seq_len
-            w = weights.get(part, weights.get("backbone", 1.0))
-            total += w * (6 * _matmul_params(module) + 12 * layers * width * tokens)
+        for part, n_matmul, layers, width, keys in _parts(self.backbone, weights, seq_len):
+            total += _weight(weights, part) * (6 * n_matmul + 12 * layers * width * keys)
         if self.objective is not None:
             total += weights.get("heads", 1.0) * 6 * _matmul_params(self.objective, trainable=True)
         return float(total)
@@ -410,19 +412,52 @@ class _Rest(nn.Module):
         self.parts = nn.ModuleList(m for name, m in backbone.named_children() if name != "encoder")
 
 
-def _parts(backbone: nn.Module):
-    """(name, module, its stack: (layers, width, tokens per sequence or None for text)) for
-    ``flops_per_token``: an encoder-decoder's "encoder" and "decoder", two towers' "text" and "vision",
-    else the whole "backbone"."""
+def _weight(weights: dict[str, float], part: str) -> float:
+    """The objective's weight for ``part`` (``Objective.flops_weights``), else its "backbone" weight, else 1."""
+    return weights.get(part, weights.get("backbone", 1.0))
+
+
+def _cross_kv_params(backbone: nn.Module) -> int:
+    """Weight elements of an encoder-decoder's cross-attention K/V projections (``CrossAttention.kv_proj``,
+    or separate ``k_proj`` / ``v_proj``): matrix products on the encoder's tokens, not the decoder's."""
+    n = 0
+    for layer in backbone.decoder_layers:
+        cross = getattr(layer, "cross_attn", None)
+        for name in ("kv_proj", "k_proj", "v_proj"):
+            proj = getattr(cross, name, None)
+            if isinstance(proj, nn.Module):
+                n += _matmul_params(proj)
+    return n
+
+
+def _parts(backbone: nn.Module, weights: dict[str, float], seq_len: int | None):
+    """(weight name, matmul weight elements, layers, width, keys each token attends to per layer) for
+    ``flops_per_token``: an encoder-decoder's "encoder" (its stack, then the decoder's cross-attention
+    K/V projections, which run on encoder tokens) and "decoder" (self-attention over its own row plus
+    cross-attention over the encoder's), two towers' "text" and "vision", else the whole "backbone".
+    Raises ValueError when a text stack needs ``seq_len`` and it is None."""
+    def text_len() -> int:
+        if seq_len is None:
+            raise ValueError("seq_len: required for a text backbone (tokens per sequence)")
+        return seq_len
+
+    def stack(name: str, module: nn.Module):
+        layers, width, tokens = _stack(module)
+        return name, _matmul_params(module), layers, width, text_len() if tokens is None else tokens
+
     if isinstance(getattr(backbone, "text", None), nn.Module) and isinstance(getattr(backbone, "vision", None),
                                                                             nn.Module):
-        yield "text", backbone.text, _stack(backbone.text)
-        yield "vision", backbone.vision, _stack(backbone.vision)
+        yield stack("text", backbone.text)
+        yield stack("vision", backbone.vision)
     elif hasattr(backbone, "decoder_layers"):
-        yield "encoder", backbone.encoder, (len(backbone.encoder.layers), backbone.hidden_size, None)
-        yield "decoder", _Rest(backbone), (len(backbone.decoder_layers), backbone.hidden_size, None)
+        # each side's row: its tokens per counted token (its weight) x the counted tokens per sequence
+        enc_len, dec_len = _weight(weights, "encoder") * text_len(), _weight(weights, "decoder") * text_len()
+        width, kv = backbone.hidden_size, _cross_kv_params(backbone)
+        yield "encoder", _matmul_params(backbone.encoder), len(backbone.encoder.layers), width, enc_len
+        yield "encoder", kv, 0, width, 0
+        yield "decoder", _matmul_params(_Rest(backbone)) - kv, len(backbone.decoder_layers), width, dec_len + enc_len
     else:
-        yield "backbone", backbone, _stack(backbone)
+        yield stack("backbone", backbone)
 
 
 def _stack(encoder: nn.Module) -> tuple[int, int, int | None]:

@@ -2,7 +2,8 @@
 
 The peaks are ``fastpt.bench.peaks``' (one table for the recipe and the bench suite): dense
 datasheet figures per GPU name and precision ("bf16", "fp16", "tf32" for fp32 matmuls with TF32
-allowed, "fp32"), and for the CPU a peak derived from its cores, vector units and clock. A device
+allowed, "fp32"), and for the CPU a peak derived from the cores torch computes on (the affinity's
+physical cores, capped at ``torch.get_num_threads()``), their vector units and clock. A device
 or precision with no known peak (bf16 on V100, an unknown GPU or CPU) gets MFU n/a rather than a
 made-up number. ``peak_tflops`` (recipe ``train.peak_tflops``) or $FASTPT_PEAK_TFLOPS supplies
 one by hand.
@@ -55,7 +56,9 @@ def peak_flops(device: torch.device | str, precision: str, *,
         value = float(override)
         return value * 1e12, f"{name} {math}: {value:g} TFLOP/s (given)"
     if torch.device(device).type != "cuda":
-        found = _peaks.peak(None, math if math in ("bf16", "fp16") else "fp32", device="cpu")
+        # the cores of torch's threads (OMP_NUM_THREADS / torch.set_num_threads), not all the affinity's
+        found = _peaks.peak(None, math if math in ("bf16", "fp16") else "fp32", device="cpu",
+                            threads=torch.get_num_threads())
         if found.flops is None:
             return None, f"{name}: {found.note} (set train.peak_tflops to estimate MFU)"
         return found.flops, f"{name}: {found.note}"
