@@ -23,6 +23,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     weight ``(V, D)`` and bias ``(V,)`` of the same dtype and device, labels int64 ``(...)``.
     Returns the float32 loss (shaped like ``labels`` for "none"). Raises what
     ``fastpt.ops.linear_cross_entropy`` raises (TypeError / ValueError naming the argument).
+
+    Backward: the fused backends ("cpu", "triton") compute the gradients in the forward, so a
+    "mean" / "sum" loss takes one backward; a second through the same graph (``retain_graph=True``
+    then another backward or ``torch.autograd.grad``, or ``torch.autograd.gradcheck``) raises a
+    RuntimeError. Use ``reduction="none"`` (reduce the per-row losses yourself; its backward
+    recomputes) or ``backend="reference"`` there, and under ``torch.func`` transforms.
     """
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,

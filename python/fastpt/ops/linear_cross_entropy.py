@@ -15,10 +15,13 @@ between forward and backward is then ``grad_hidden`` (T, D) and ``grad_weight`` 
 tensors backward has to produce anyway, instead of the (T, V) logits / softmax a plain
 ``F.linear`` + ``F.cross_entropy`` saves; and the logits are computed once instead of being
 recomputed in backward. Backward only scales the stored gradients by the incoming scalar
-gradient (in place, so the weight-sized gradient exists once). The price is that a forward
-whose backward never runs did the backward work anyway, so evaluate under ``torch.no_grad()``.
-With ``reduction="none"`` the incoming gradient differs per row, so ``grad_weight`` cannot be
-formed ahead of time; that case recomputes the logits chunk by chunk in backward.
+gradient (in place, so the weight-sized gradient exists once). The prices: a forward whose
+backward never runs did the backward work anyway, so evaluate under ``torch.no_grad()``; and a
+"mean" / "sum" loss takes one backward (a second one through the same graph, after
+``retain_graph=True``, ``autograd.grad`` or in ``gradcheck``, raises a RuntimeError saying so: the
+gradients were handed out already). With ``reduction="none"`` the incoming gradient differs per
+row, so ``grad_weight`` cannot be formed ahead of time; that case recomputes the logits chunk by
+chunk in backward (as often as backward runs).
 
 Numerics (both fused backends): the GEMMs run in the input dtype with fp32 accumulation (BLAS /
 cuBLAS), softmax, loss and log-sum-exp in fp32 (fp64 for fp64 inputs), and ``grad_weight`` is
@@ -26,6 +29,14 @@ summed over chunks in fp32 before the final cast: on CUDA each half-precision ch
 the fp32 buffer itself (``torch.addmm(..., out_dtype=float32, out=buffer)``, where torch has it),
 elsewhere each chunk's product is rounded to the input dtype and then added. The logits of half inputs are rounded to the
 input dtype once, exactly as in ``F.linear`` + ``F.cross_entropy`` run in that dtype.
+
+float16 with "mean" / "sum" (fp16 training with a GradScaler): the gradient of the logits, which is
+rounded to fp16 for the GEMMs, is written at a power-of-two scale that fills fp16's range without
+overflow (``_fp16_grad_unit``) rather than at ``1 / active rows``, since the loss scale only
+arrives in backward, after that rounding; ``1 / rows``, the scale's inverse and the incoming
+gradient are applied in float32, and the three gradients are kept in float32 until backward rounds
+them to the inputs' dtypes once (twice the stored bytes of the other dtypes; on the CPU,
+``grad_weight``'s chunk GEMM runs on a float32 copy of the chunk, whose fp16 product could overflow).
 
 Backends: ``triton`` (CUDA; CPU under TRITON_INTERPRET=1) runs the per-chunk softmax / loss /
 gradient-of-logits in a Triton kernel and the GEMMs in cuBLAS; ``cpu`` does the same per-chunk
@@ -51,6 +62,7 @@ autograd formula), so ``torch.compile`` traces through them without graph breaks
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Optional
@@ -232,17 +244,31 @@ def reference(hidden, weight, bias, labels, ignore_index=-100, reduction="mean",
     inputs) and the per-row log-sum-exp of the logits (0 at ignored rows). The all-ignored
     "mean" is 0, not NaN.
     """
-    with torch.autocast(hidden.device.type, enabled=False):  # the math runs in compute_dtype, not autocast's
+    with _autocast_off(hidden.device.type):  # the math runs in compute_dtype, not autocast's
         return _reference(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss,
                           compute_dtype)
+
+
+def _autocast_known(device_type: str) -> bool:
+    """Whether ``torch.autocast`` knows the device type (it raises for meta)."""
+    return device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+
+
+def _autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or no context for a device type autocast does
+    not know (meta tensors: shape inference)."""
+    return torch.autocast(device_type, enabled=False) if _autocast_known(device_type) else contextlib.nullcontext()
 
 
 def _reference(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss, compute_dtype):
     out_dtype = _acc_dtype(hidden.dtype)
     dt = compute_dtype or out_dtype
-    keep = (labels != ignore_index).nonzero().squeeze(1)
+    meta = hidden.device.type == "meta"
+    # meta tensors hold no labels to select by: every row is kept, which gives the shapes
+    keep = (torch.arange(labels.shape[0], device=labels.device) if meta
+            else (labels != ignore_index).nonzero().squeeze(1))
     y = labels.index_select(0, keep)
-    if not torch.compiler.is_compiling():
+    if not (meta or torch.compiler.is_compiling()):
         _check_label_range(y, weight.shape[0], ignore_index)
     logits = F.linear(hidden.index_select(0, keep).to(dt), weight.to(dt), None if bias is None else bias.to(dt))
     rows = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
@@ -437,15 +463,70 @@ def _zt_h(kind, z, hc, out=None, add=False):
     return out
 
 
+# fp16 gradients of a reduced loss ("mean" / "sum"): the largest value the gradient of the logits
+# and grad_hidden's chunk GEMM may reach, 4x below fp16's largest finite 65504 (slack for the
+# bounds' own rounding). See ``_fp16_grad_unit``.
+FP16_GRAD_TOP = 2.0 ** 14
+
+
+def _fp16_grad_unit(hidden, active, weight, bias, z_coef, need_h):
+    """The power of two ``u`` (a 0-dim float32 tensor on hidden's device: no host sync) at which the
+    fp16 gradient of the logits of a reduced loss is written: ``u * dloss_row/dlogits``, the
+    gradient of the *sum*, scaled up, instead of ``(1 / a) * dloss_row/dlogits``.
+
+    Why: the chunk step rounds the gradient of the logits to the input dtype, and with "mean" over
+    ``a`` rows its entries are ``(1 / a) * softmax``: ~2.4e-9 at a = 4096, V = 8192, below fp16's
+    smallest subnormal (6e-8). The upstream gradient (a GradScaler's loss scale) only arrives in
+    backward, after that rounding, so loss scaling could not rescue them (grad_weight's never-targeted
+    rows came back 97% wrong; torch's F.linear + F.cross_entropy, which scale before rounding, 0.09%).
+    1 / a, the upstream gradient and 1 / u are applied in float32 to the float32 gradients at the
+    end (``_fused_pass_impl``, ``_backward``), the same idea as the contrastive backwards' gradient
+    unit (``_validate.grad_unit``).
+
+    The bound: per row, ``sum_j |dloss/dz_j| <= |1 + 2 c lse| + (1 - eps) + eps <= 2 + 2 c |lse|``
+    (softmax sums to 1; ``c`` the z_loss coefficient, ``eps`` the smoothing), which also bounds each
+    entry; with z_loss, ``|lse| <= max ||h_r|| * max ||W_j|| + max |b| + log V`` (Cauchy-Schwarz).
+    grad_hidden's chunk GEMM (rounded to fp16 where no float32-output GEMM exists) is at most that row
+    sum times ``max |W|``. ``u`` is the largest power of two keeping both at most ``FP16_GRAD_TOP``;
+    grad_weight and grad_bias are summed in float32 and need no bound. A non-finite bound (NaN / inf
+    inputs, whose gradients are NaN anyway) gives u = 1."""
+    f32 = torch.float32
+    bound = torch.full((), 2.0, dtype=f32, device=hidden.device)
+    if z_coef and active.numel():
+        h_norm = torch.linalg.vector_norm(hidden.index_select(0, active), dim=1, dtype=f32).amax()
+        w_norm = torch.linalg.vector_norm(weight, dim=1, dtype=f32).amax()
+        lse = h_norm * w_norm + math.log(weight.shape[0])
+        if bias is not None:
+            lse = lse + torch.stack(torch.aminmax(bias)).abs().amax().to(f32)
+        bound = bound + 2.0 * z_coef * lse
+    if need_h:
+        w_max = torch.stack(torch.aminmax(weight)).abs().amax().to(f32)  # no (V, D) |W| copy
+        bound = bound * w_max.clamp_min(1.0)
+    u = torch.exp2(torch.floor(torch.log2(FP16_GRAD_TOP / bound)))
+    return torch.where(torch.isfinite(u) & (u > 0), u, torch.ones_like(u))
+
+
+def _mm_f32(a, b):
+    """``a @ b`` of fp16 ``a``, ``b`` as float32: summed into float32 by cuBLAS where torch has that
+    (no fp16 rounding of the product), else the fp16 product widened."""
+    if a.is_cuda:
+        out = torch.zeros((a.shape[0], b.shape[1]), dtype=torch.float32, device=a.device)
+        if _dispatch.addmm_f32_(out, a, b):
+            return out
+    return torch.mm(a, b).float()
+
+
 def _fused_pass(kind, hidden, weight, bias, labels, ignore_index, smoothing, z_coef, grad_scale, need_h, need_w,
                 need_b):
     """Loss and (optionally) gradients over the active rows, ``CHUNK_BYTES[kind]`` of logits at a time.
 
     grad_scale: None (no gradients), "mean" (1 / active rows), "sum" (1) or a per-row (N,) tensor.
     Returns per-row losses (N,), per-row lse (N,), the active row count, grad_hidden (N, D) in the
-    dtype of hidden, grad_weight (V, D) and grad_bias (V,) in the dtype of weight (or None).
+    dtype of hidden, grad_weight (V, D) and grad_bias (V,) in the dtype of weight (or None); for
+    float16 hidden with "mean" / "sum" all three in float32 (``_fp16_grad_unit``: the caller rounds
+    them to the inputs' dtypes once, after applying the upstream gradient).
     """
-    with torch.autocast(hidden.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
+    with _autocast_off(hidden.device.type):  # the dtypes below are chosen, not autocast's
         return _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing, z_coef, grad_scale,
                                 need_h, need_w, need_b)
 
@@ -462,19 +543,27 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
     lses = torch.zeros(n, dtype=acc, device=hidden.device)
     grads = grad_scale is not None
     need_h, need_w, need_b = grads and need_h, grads and need_w, grads and need_b and bias is not None
-    gh = torch.zeros_like(hidden) if need_h else None
+    # float16 and a reduced loss: the gradient of the logits at the power of two ``unit`` (a 0-dim
+    # tensor) instead of 1 / a, all three gradients in float32, 1 / a and 1 / unit applied at the end
+    fp16 = grads and hidden.dtype == torch.float16 and not isinstance(grad_scale, torch.Tensor)
+    unit = None
+    gh = (torch.zeros(n, d, dtype=torch.float32, device=hidden.device) if fp16 else torch.zeros_like(hidden)) \
+        if need_h else None
     gb = torch.zeros(v, dtype=acc, device=hidden.device) if need_b else None
-    if isinstance(grad_scale, torch.Tensor):
-        scale_all = grad_scale.to(acc).index_select(0, active)
-    elif grads:
-        scale_all = torch.full((a,), 1.0 / max(a, 1) if grad_scale == "mean" else 1.0, dtype=acc,
-                               device=hidden.device)
     # float32 master weights with half hidden states (autocast): the products run in hidden's dtype,
     # the gradients come back in the parameters' own dtypes, summed in float32 and never rounded
     # to the half dtype (autocast's cast outside the op would round them and copy them twice)
     param_dtypes = weight.dtype, None if bias is None else bias.dtype
     weight = weight.to(hidden.dtype)
     bias = None if bias is None else bias.to(hidden.dtype)
+    if isinstance(grad_scale, torch.Tensor):
+        scale_all = grad_scale.to(acc).index_select(0, active)
+    elif fp16:
+        unit = _fp16_grad_unit(hidden, active, weight, bias, z_coef, need_h)
+        scale_all = unit.to(acc).expand(a).contiguous()
+    elif grads:
+        scale_all = torch.full((a,), 1.0 / max(a, 1) if grad_scale == "mean" else 1.0, dtype=acc,
+                               device=hidden.device)
     wt = weight.t()
     low = hidden.dtype in (torch.float16, torch.bfloat16)
     gw = gw_part = None  # (V, D): the weight gradient; a half-precision chunk product
@@ -501,9 +590,19 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
         lses.index_copy_(0, idx, lse.to(acc))
         if grads:  # z now holds scale * dloss/dlogits for the chunk
             if need_h:
-                gh.index_copy_(0, idx, z @ weight)
+                gh.index_copy_(0, idx, _mm_f32(z, weight) if fp16 else z @ weight)
             if need_w:
-                if gw is None and not (low and several):
+                if fp16:  # float16: summed in float32, by cuBLAS or from a float32 copy
+                    if gw is None and hidden.is_cuda:
+                        gw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
+                    if gw is None or not _dispatch.addmm_f32_(gw, z.t(), hc):
+                        # the fp16 product of the scaled gradient could overflow (a column's sum over
+                        # the chunk's rows is bounded by the row count only): float32 operands here
+                        zf = z.float()
+                        gw = _zt_h(kind, zf, hc.float()) if gw is None else _zt_h(kind, zf, hc.float(), out=gw,
+                                                                                   add=True)
+                        del zf
+                elif gw is None and not (low and several):
                     gw = _zt_h(kind, z, hc)  # the first (or only) chunk: no zero-filled (V, D) buffer
                 elif not low:
                     _zt_h(kind, z, hc, out=gw, add=True)
@@ -517,6 +616,14 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
                 gb.add_(z.sum(0, dtype=acc))
         del z, hc, out  # before the next chunk's GEMM allocates: one (C, V) buffer alive, not two
     del gw_part  # before the cast below allocates the weight-dtype gradient
+    if fp16:  # float32 gradients of the reduced loss: 1 / a and 1 / unit applied here
+        factor = (1.0 / max(a, 1) if grad_scale == "mean" else 1.0) / unit
+        if need_w and gw is None:
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
+        for g in (gh, gw, gb):
+            if g is not None:
+                g.mul_(factor)
+        return losses, lses, a, gh, gw, gb
     if need_w:
         gw = torch.zeros_like(weight, dtype=param_dtypes[0]) if gw is None else gw.to(param_dtypes[0])
     return losses, lses, a, gh, gw, None if gb is None else gb.to(param_dtypes[1])
@@ -542,7 +649,9 @@ def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             need_h: bool, need_w: bool, need_b: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, grad_hidden, grad_weight, grad_bias); the gradients are for a unit upstream
-    gradient and empty when not needed, or when ``reduction="none"`` (formed in backward)."""
+    gradient and empty when not needed, or when ``reduction="none"`` (formed in backward); float32
+    for float16 hidden (``_fp16_grad_unit``). ``need_*`` must name every input that requires grad:
+    backward raises for one that autograd needs and the forward skipped."""
     grad_scale = reduction if reduction != "none" and (need_h or need_w or need_b) else None
     losses, lse, a, gh, gw, gb = _fused_pass(backend, hidden, weight, bias, labels, ignore_index, label_smoothing,
                                              z_loss, grad_scale, need_h, need_w, need_b)
@@ -556,10 +665,14 @@ def _lce_fake(hidden, weight, bias, labels, ignore_index, label_smoothing, z_los
     n = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
     early = reduction != "none"
+    fp16 = early and hidden.dtype == torch.float16  # stored in float32 (``_fp16_grad_unit``), rounded in backward
+    need_b = need_b and bias is not None
+
+    def grad(like, shape, need, dtype):
+        return like.new_empty(shape if early and need else (0,), dtype=torch.float32 if fp16 and need else dtype)
     return (hidden.new_empty((n,) if reduction == "none" else (), dtype=acc), hidden.new_empty(n, dtype=acc),
-            hidden.new_empty(hidden.shape if early and need_h else (0,)),
-            weight.new_empty(weight.shape if early and need_w else (0,)),
-            weight.new_empty((weight.shape[0],) if early and need_b and bias is not None else (0,)))
+            grad(hidden, hidden.shape, need_h, hidden.dtype), grad(weight, weight.shape, need_w, weight.dtype),
+            grad(weight, (weight.shape[0],), need_b, weight.dtype if not need_b else bias.dtype))
 
 
 @torch.library.custom_op("fastpt::linear_cross_entropy_backward", mutates_args=())
@@ -578,13 +691,16 @@ def _lce_backward_op(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torc
 def _lce_backward_fake(grad_rows, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, backend,
                        need_h, need_w, need_b):
     return (hidden.new_empty(hidden.shape if need_h else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
-            weight.new_empty((weight.shape[0],) if need_b and bias is not None else (0,)))
+            weight.new_empty((weight.shape[0],) if need_b and bias is not None else (0,),
+                             dtype=weight.dtype if bias is None else bias.dtype))
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, smoothing, z_loss, reduction, backend, need_h, need_w, need_b = inputs
     ctx.reduction = reduction
     ctx.need = (need_h, need_w, need_b and bias is not None)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.spent = False  # the stored gradients were handed out (see _backward)
     # Otherwise autograd hands backward zero-filled gradients for the unused outputs, among them
     # a (V, D) one for grad_weight: as much memory again as the gradient itself.
     ctx.set_materialize_grads(False)
@@ -595,27 +711,51 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[2:])
 
 
+_INPUTS = ("hidden", "weight", "bias")
+
+
 def _backward(ctx, g_loss, g_lse, g_gh, g_gw, g_gb):
     # lse and the stored gradients are auxiliary outputs: only the loss carries a gradient
-    need_h, need_w, need_b = ctx.need
     if g_loss is None:  # the loss itself was not used
         if any(g is not None for g in (g_gh, g_gw, g_gb)):  # a gradient of the gradients: double backward
             _no_double_backward()
         return (None,) * 12
-    if ctx.reduction == "none":
+    wanted = tuple(ctx.needs_input_grad[:3])
+    if ctx.reduction == "none":  # computed here: whatever autograd asks for
         hidden, weight, bias, labels = ctx.saved_tensors
-        gh, gw, gb = _lce_backward_op(g_loss, hidden, weight, bias, labels, *ctx.args, need_h, need_w, need_b)
-    else:
-        gh, gw, gb = ctx.saved_tensors
-        # Eager: scaled in place, since a copy would double the weight-sized memory at the peak
-        # (Liger does the same). A second backward through this node (retain_graph=True) then
-        # raises autograd's "modified by an inplace operation" error rather than scaling twice.
-        # Traced (torch.compile, or the functional tensors of AOT tracing): out of place, as graph
-        # partitioning cannot handle the mutation of a saved forward output.
-        eager = type(g_loss) is torch.Tensor and not torch.compiler.is_compiling()
-        gh, gw, gb = ((g.mul_(g_loss) if eager else g * g_loss) if need else None
-                      for g, need in zip((gh, gw, gb), ctx.need))
-    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 9
+        need = tuple(bool(c or w) for c, w in zip(ctx.need, wanted))
+        need = need[:2] + (need[2] and bias is not None,)
+        gh, gw, gb = _lce_backward_op(g_loss, hidden, weight, bias, labels, *ctx.args, *need)
+        return tuple(g if n else None for g, n in zip((gh, gw, gb), need)) + (None,) * 9
+    # "mean" / "sum": the forward computed the gradients of the inputs that required grad when it ran
+    missing = [name for name, w, c in zip(_INPUTS, wanted, ctx.need) if w and not c]
+    if missing:
+        raise RuntimeError(
+            f"linear_cross_entropy: autograd needs the gradient of {' and '.join(missing)}, which the fused "
+            f"forward did not compute: {'/'.join(missing)}.requires_grad read False when it ran (the wrapped "
+            "tensors of a torch.func transform such as vmap hide it); run it with backend='reference' there")
+    # Eager: scaled in place, since a copy would double the weight-sized memory at the peak
+    # (Liger does the same; float16's float32 gradients are scaled in place, then rounded once).
+    # A second backward through this node (retain_graph=True) would find them scaled already: it
+    # raises (below) rather than autograd's misleading "modified by an inplace operation".
+    # Traced (torch.compile, or the functional tensors of AOT tracing): out of place, as graph
+    # partitioning cannot handle the mutation of a saved forward output.
+    eager = type(g_loss) is torch.Tensor and not torch.compiler.is_compiling()
+    if eager:
+        if ctx.spent:
+            _no_second_backward()
+        ctx.spent = True
+    return tuple(((g.mul_(g_loss) if eager else g * g_loss).to(dt)) if need else None
+                 for g, need, dt in zip(ctx.saved_tensors, ctx.need, ctx.dtypes)) + (None,) * 9
+
+
+def _no_second_backward():
+    raise RuntimeError(
+        "linear_cross_entropy: a second backward through the same loss (retain_graph=True and another "
+        "backward / autograd.grad, or torch.autograd.gradcheck) is not supported by the fused backends with "
+        "reduction='mean' or 'sum': they compute the gradients in the forward and the first backward hands them "
+        "out, scaled in place (a copy would double the weight-sized memory). Use reduction='none' (and reduce "
+        "the per-row losses yourself: its backward recomputes) or backend='reference'")
 
 
 def _no_double_backward(*_):
@@ -652,6 +792,8 @@ def _cpu_supports(hidden, **_):
 
 
 def _triton_supports(hidden, **_):
+    if hidden.device.type == "meta":  # shapes only: the reference infers them (the interpreter would read data)
+        return "meta tensors hold no data (shapes only); the reference backend infers the shapes"
     why = _dispatch.triton_device_refusal(hidden.device)
     if why is not None:
         return why
@@ -710,14 +852,23 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     Returns:
         The loss, float32 (float64 for float64 inputs): a scalar, or shaped like ``labels`` for
         ``reduction="none"``; with ``return_lse`` a tuple ``(loss, lse)``. Differentiable with
-        respect to ``hidden``, ``weight`` and ``bias`` (once; no double backward on the fused
-        backends). When any of them requires grad, the fused backends compute the gradients in
-        this call and backward only scales them (``reduction="none"`` recomputes in backward).
+        respect to ``hidden``, ``weight`` and ``bias`` (no double backward on the fused backends).
+        When any of them requires grad, the fused backends compute the gradients in this call and
+        backward only scales them, in place: a "mean" / "sum" loss of theirs takes one backward (a
+        second through the same graph, as after ``retain_graph=True`` or ``autograd.grad``, or in
+        ``torch.autograd.gradcheck``, raises a RuntimeError); ``reduction="none"`` (reduce it
+        yourself) recomputes in each backward, and ``backend="reference"`` is plain autograd.
+        Under ``torch.func`` transforms (vmap, grad, ...) use ``backend="reference"``.
 
     Under ``torch.autocast`` (on the tensors' device type) the head runs in the autocast dtype, as
     ``F.linear`` would: hidden is cast to it, and float32 weight and bias are cast inside the op,
     whose gradients for them come back in float32, summed in float32 (not rounded to the autocast
     dtype and cast back, as autograd would do for a cast outside).
+
+    float16 under loss scaling (a GradScaler's ``scaler.scale(loss).backward()``): the gradients
+    are as accurate as torch's fp16 ``F.linear`` + ``F.cross_entropy`` (the small softmax terms are
+    not rounded at ``1 / rows`` before the loss scale arrives; module docstring, Numerics).
+    Meta tensors give meta outputs of the right shapes (the reference backend infers them).
 
     NaN / inf: a non-finite value in a non-ignored row's hidden state makes that row's loss (and,
     through the reduction, the loss and the gradients) NaN, as in torch. Ignored rows are not
@@ -729,9 +880,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         labels outside ``[0, V)`` that are not ``ignore_index``, a bad reduction, label_smoothing
         outside [0, 1] or a negative z_loss; ``BackendError`` if the forced backend cannot serve.
     """
-    # float64 is left alone under autocast, as torch's autocast leaves it
-    wide = (isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)
-            and hidden.dtype != torch.float64)
+    # float64 is left alone under autocast, as torch's autocast leaves it; so are meta tensors
+    # (autocast has no meta device type: shape inference sees the dtypes as they are)
+    wide = (isinstance(hidden, torch.Tensor) and _autocast_known(hidden.device.type)
+            and torch.is_autocast_enabled(hidden.device.type) and hidden.dtype != torch.float64)
     if wide:
         # what F.linear does under autocast: the projection runs in the autocast dtype. float32
         # weight and bias go in as they are: the op casts them and returns their gradients in
