@@ -186,3 +186,150 @@ def test_real_bert_vocab_txt_matches_transformers(tmp_path):
             for text in TRICKY:
                 assert ours.encode(text).ids == full.encode(text).ids, text
     assert ours.encode("see [SEP] and [MASK] here", add_special_tokens=False).ids == [2156, 102, 1998, 103, 2182]
+
+
+def _bpe_dir(tmp_path, name, specials, config, files=None):
+    """A slow-format byte-level BPE directory (vocab.json + merges.txt, no tokenizer.json) trained on _corpus()."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    d = tmp_path / name
+    d.mkdir()
+    tok.model.save(str(d))
+    for file, obj in {"tokenizer_config.json": config, **(files or {})}.items():
+        (d / file).write_text(json.dumps(obj), encoding="utf-8")
+    return d, tok.get_vocab_size()
+
+
+BPE_TEXTS = ["text with <|endoftext|> inside", "a <mask> token and </s> and <s>", " <mask>x<mask>", "gamma <ent> delta",
+             "windows covid19 <new1><new2>", "Hello world", ""]
+GPT2_CONFIG = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>"}
+ROBERTA_CONFIG = {"tokenizer_class": "RobertaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
+                  "cls_token": "<s>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"}
+ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+MASK_LSTRIP = {"content": "<mask>", "lstrip": True, "rstrip": False, "normalized": False, "single_word": False}
+
+
+def _same_ids_as_auto(d, texts):
+    transformers = pytest.importorskip("transformers")
+    ours, hf = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    for text in texts:
+        assert ours.encode(text, add_special_tokens=False).ids == hf(text, add_special_tokens=False)["input_ids"], \
+            (d.name, text)
+        assert ours.encode(text).ids == hf(text)["input_ids"], (d.name, text)
+    assert ours.encode("one", "two").ids == hf("one", "two")["input_ids"]
+    assert ours.get_vocab() == hf.get_vocab()
+    return ours
+
+
+@pytest.mark.parametrize("case", ["gpt2", "gpt2-added", "gpt2-bos", "roberta", "roberta-added", "roberta-defaults",
+                                  "roberta-map-lstrip", "roberta-decoder"])
+def test_slow_bpe_dir_special_and_added_tokens(tmp_path, case):
+    """vocab.json + merges.txt loaded without its special tokens (a literal <|endoftext|>, <mask>, </s>, <s> split
+    into byte pieces; AutoTokenizer gives one id) and without added_tokens.json (the ids and vocab_size
+    differed from AutoTokenizer's)."""
+    roberta = case.startswith("roberta")
+    specials = ROBERTA_SPECIALS if roberta else ["<|endoftext|>"]
+    config = dict(ROBERTA_CONFIG if roberta else GPT2_CONFIG)
+    files = {}
+    if case == "gpt2-bos":
+        config.update(add_bos_token=True, add_eos_token=True)
+    if case == "roberta-defaults":  # the roles RobertaTokenizer defaults to
+        config = {"tokenizer_class": "RobertaTokenizer"}
+    if case == "roberta-map-lstrip":  # as RoBERTa's saved special_tokens_map.json: " <mask>" is one id
+        files["special_tokens_map.json"] = {"mask_token": MASK_LSTRIP}
+    if case == "roberta-decoder":  # transformers >= 4.34's tokenizer_config.json; added_tokens.json then ignored
+        config["added_tokens_decoder"] = {
+            str(i): {**MASK_LSTRIP, "content": t, "lstrip": t == "<mask>", "special": True}
+            for i, t in enumerate(ROBERTA_SPECIALS)}
+        files["added_tokens.json"] = {"<ent>": 400}
+    d, size = _bpe_dir(tmp_path, case, specials, config, files)
+    if case.endswith("-added"):
+        config["additional_special_tokens"] = ["<new1>", "<new2>"]
+        (d / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        (d / "added_tokens.json").write_text(json.dumps({"<ent>": size, "covid19": size + 1, "<new1>": size + 2}))
+    ours = load_tokenizer(d)
+    def ids(text):
+        return ours.encode(text, add_special_tokens=False).ids
+
+    lstrip = case in ("roberta-map-lstrip", "roberta-decoder")  # the space before <mask> is part of it
+    assert ids(f"a {specials[-1]} b") == ids("a" if lstrip else "a ") + [ours.token_to_id(specials[-1])] + ids(" b")
+    if case.endswith("-added"):
+        assert ours.get_vocab_size() == size + 4 and ids("<ent>covid19<new2>") == [size, size + 1, size + 3]
+    _same_ids_as_auto(d, BPE_TEXTS)
+
+
+def test_vocab_txt_added_tokens(tmp_path):
+    """A vocab.txt directory ignored added_tokens.json (tokens added with add_tokens(): "covid19" split into
+    pieces, vocab_size short of AutoTokenizer's) and tokenizer_config.json's added_tokens_decoder."""
+    texts = TRICKY + ["covid19 and COVID19 <ent> x<ent>y", "[SPECIAL9] [special9] covid19covid19"]
+    d = _vocab_dir(tmp_path, "added", {"additional_special_tokens": ["[SPECIAL9]"]})
+    size = len((d / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    (d / "added_tokens.json").write_text(json.dumps({"covid19": size, "<ent>": size + 1}))
+    ours = load_tokenizer(d)
+    assert ours.get_vocab_size() == size + 3  # [SPECIAL9] (not in vocab.txt) after the added tokens
+    assert ours.encode("COVID19 <ent> [SPECIAL9]", add_special_tokens=False).ids == [size, size + 1, size + 2]
+    if importlib.util.find_spec("transformers") is not None:
+        _same_ids_as_auto(d, texts)
+    config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    flags = {"lstrip": False, "rstrip": False, "single_word": False}
+    config["added_tokens_decoder"] = {
+        "3": {"content": "[SEP]", "normalized": False, "special": True, **flags},
+        str(size): {"content": "<ent>", "normalized": False, "special": True, **flags, "rstrip": True},
+        str(size + 1): {"content": "covid19", "normalized": True, "special": False, **flags}}
+    (d / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    ours = load_tokenizer(d)  # added_tokens.json is not read beside added_tokens_decoder, as in transformers
+    assert ours.encode("<ent> covid19", add_special_tokens=False).ids == [size, size + 1]
+    if importlib.util.find_spec("transformers") is not None:
+        _same_ids_as_auto(d, texts)
+    del config["added_tokens_decoder"]
+    (d / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    for added, token, want in (({"covid19": size, "<ent>": size + 2}, "<ent>", size + 1),  # a gap
+                               ({"see": size}, "see", 6)):  # the vocabulary's own token at another id
+        (d / "added_tokens.json").write_text(json.dumps(added))
+        with pytest.raises(ValueError, match=rf"added_tokens.json: the added token '{token}' is recorded at id "
+                                             rf"\d+, but .* gives it id {want}"):
+            load_tokenizer(d)
+
+
+def test_wordpiece_alphabet_has_every_character_word_initial():
+    """A character seen only inside words got only its ## form, so a word starting with it was [UNK]
+    ("ïx" -> [UNK]; "x" occurs only in "fox"). Every character is now word-initial too, as tokenizers'
+    WordPieceTrainer keeps it: the one-character tokens are the same set as WordPieceTrainer's."""
+    from tokenizers import trainers
+
+    from fastpt.data.tokenizer import WORDPIECE_SPECIALS, _bert_like
+
+    corpus = ["naïve café über straße zoë"] * 50 + ["the quick brown fox jumps over the lazy dog"] * 50
+    for lowercase in (True, False):
+        tok = train_tokenizer(iter(corpus), "wordpiece", 200, lowercase=lowercase)
+        for text, first in (("ïx", "i" if lowercase else "ï"), ("xo", "x"), ("ßx", "ß"), ("vow", "v")):
+            tokens = tok.encode(text, add_special_tokens=False).tokens
+            assert "[UNK]" not in tokens and tokens[0] == first, (lowercase, text, tokens)
+        hf = _bert_like(None, lowercase=lowercase)
+        hf.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=WORDPIECE_SPECIALS))
+
+        def chars(t):
+            return {w for w in t.get_vocab() if len(w.removeprefix("##")) == 1}
+        assert chars(tok) == chars(hf)
+
+
+def test_wordpiece_continuation_at_any_code_point():
+    """Characters past U+1FFFF continued a word as themselves (assumed CJK, which BERT splits), but CJK
+    Extension F-I (U+2CEB0.., U+30000..) are not split: a word of them was always [UNK], and a
+    plane-14 variation selector inside a word (cased) came out word-initial only."""
+    ext_f, ext_g, vs = "\U0002CEB0\U0002CEB1", "\U00030000\U00030001", "\U000E0100"
+    corpus = [f"word {ext_f} and {ext_f}{ext_f} {ext_g} plus x{vs}y"] * 5 + ["hello world"] * 5
+    for lowercase in (True, False):
+        tok = train_tokenizer(iter(corpus), "wordpiece", 300, lowercase=lowercase, min_frequency=100)  # no merges
+        vocab = tok.get_vocab()
+        assert {"\U0002CEB1", "##\U0002CEB1", "##\U0002CEB0", "\U00030001", "##\U00030001"} <= set(vocab)
+        assert ("##" + vs in vocab) is not lowercase  # uncased strips the mark (a combining character)
+        for text in (ext_f, ext_f + ext_f, ext_g, f"x{vs}y", f"{ext_g}{ext_f}"):
+            assert "[UNK]" not in tok.encode(text, add_special_tokens=False).tokens, (lowercase, text)
+        assert tok.encode(ext_f, add_special_tokens=False).tokens == ["\U0002CEB0", "##\U0002CEB1"]

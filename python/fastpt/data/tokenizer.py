@@ -62,11 +62,15 @@ def load_tokenizer(path: str | Path):
 
     A directory is searched for ``tokenizer.json``, else ``vocab.txt`` (BERT WordPiece built as
     transformers' ``BertTokenizerFast``: ``do_lower_case`` (default True), ``strip_accents`` (default:
-    as do_lower_case) and ``tokenize_chinese_chars`` (default True) from ``tokenizer_config.json``; the
-    special tokens it and ``special_tokens_map.json`` name (default [UNK] [SEP] [PAD] [CLS] [MASK]) and
-    their ``additional_special_tokens`` registered as special tokens, so that a literal "[SEP]" in the
-    text is one id), else ``vocab.json`` + ``merges.txt`` (GPT-2 / RoBERTa byte-level BPE).
-    Raises FileNotFoundError naming what was looked for, ValueError for an unreadable file.
+    as do_lower_case) and ``tokenize_chinese_chars`` (default True) from ``tokenizer_config.json``), else
+    ``vocab.json`` + ``merges.txt`` (GPT-2 / RoBERTa byte-level BPE, ``add_prefix_space`` from
+    tokenizer_config.json). The two slow formats get the special tokens as transformers' ``AutoTokenizer``
+    gives them (``_add_hf_tokens``): those tokenizer_config.json and special_tokens_map.json name (or the
+    class's defaults) and their ``additional_special_tokens`` as special tokens, so that a literal "[SEP]"
+    or "<|endoftext|>" in the text is one id, and the tokens added to the vocabulary (``added_tokens.json``,
+    or tokenizer_config.json's ``added_tokens_decoder``) at their recorded ids.
+    Raises FileNotFoundError naming what was looked for, ValueError for an unreadable file or an added
+    token whose recorded id is not the one it gets.
     """
     from tokenizers import Tokenizer
 
@@ -87,40 +91,153 @@ def load_tokenizer(path: str | Path):
     if (path / "vocab.txt").is_file():
         return _load_vocab_txt(path, config)
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        from tokenizers import decoders, models, pre_tokenizers
-
-        tok = Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)))
-        tok.decoder = decoders.ByteLevel()
-        return tok
+        return _load_bpe_dir(path, config)
     raise FileNotFoundError(f"tokenizer {path}: a directory without tokenizer.json, vocab.txt or vocab.json+merges.txt")
 
 
 _BERT_SPECIALS = {"unk": "[UNK]", "sep": "[SEP]", "pad": "[PAD]", "cls": "[CLS]", "mask": "[MASK]"}
+# the defaults of transformers' GPT2Tokenizer and RobertaTokenizer (BART's and Longformer's are RoBERTa's)
+_GPT2_SPECIALS = {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "unk": "<|endoftext|>"}
+_ROBERTA_SPECIALS = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "sep": "</s>", "pad": "<pad>", "cls": "<s>",
+                     "mask": "<mask>"}
+_ROBERTA_CLASSES = ("roberta", "bart", "longformer")
+# transformers' SPECIAL_TOKENS_ATTRIBUTES, in its order
+_HF_ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+_ADDED_TOKEN_KEYS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
 
 
 def _load_vocab_txt(path: Path, config: dict):
     """``path/vocab.txt`` as transformers' ``BertTokenizerFast`` loads it (``convert_slow_tokenizer``'s
-    BertConverter, then the special tokens added as non-normalised special tokens)."""
-    from tokenizers import AddedToken
-
-    names = dict(config)
-    names.update(_read_json(path / "special_tokens_map.json"))  # transformers: the map wins
-    # a role set to null has no token (transformers: mask_token=None), an absent one BERT's default
-    specials = {role: _token_text(names[f"{role}_token"]) if f"{role}_token" in names else default
-                for role, default in _BERT_SPECIALS.items()}
+    BertConverter, then the added and special tokens: ``_add_hf_tokens``)."""
+    names = _special_names(path, config)
+    specials = {role: _token_text(names.get(f"{role}_token", default)) for role, default in _BERT_SPECIALS.items()}
     strip_accents = config.get("strip_accents")
     tok = _bert_like(str(path / "vocab.txt"), lowercase=bool(config.get("do_lower_case", True)),
                      strip_accents=None if strip_accents is None else bool(strip_accents),
                      handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
                      unk_token=specials["unk"] or "[UNK]")
-    extra = [t for key in ("additional_special_tokens", "extra_special_tokens")  # transformers 4 / 5
-             for t in (names.get(key) if isinstance(names.get(key), list) else [])]
-    tokens = list(specials.values()) + [_token_text(t) for t in extra]
-    tokens = list(dict.fromkeys(t for t in tokens if t))  # once each, in order
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in tokens])
+    _add_hf_tokens(tok, path, config, names, _BERT_SPECIALS)
     _set_template(tok, specials["cls"] or "[CLS]", specials["sep"] or "[SEP]")
     return tok
+
+
+def _load_bpe_dir(path: Path, config: dict):
+    """``path/vocab.json`` + ``merges.txt`` as transformers' ``GPT2Tokenizer`` / ``RobertaTokenizer`` load
+    them: byte-level BPE, then the added and special tokens (``_add_hf_tokens``) with the defaults of the
+    class tokenizer_config.json's ``tokenizer_class`` names (RoBERTa's ``<s> <pad> </s> <unk> <mask>`` for
+    the RoBERTa / BART / Longformer family, else GPT-2's ``<|endoftext|>``; without a class, RoBERTa's when
+    the vocabulary has ``<s>`` and no ``<|endoftext|>``), and the family's post-processor (RoBERTa:
+    ``<s> $A </s>``, pairs ``<s> A </s></s> B </s>``; GPT-2: none, or ``add_bos_token`` / ``add_eos_token``).
+    ``<mask>`` keeps the attributes its file gives it (RoBERTa's saved files give it ``lstrip``: " <mask>"
+    is one id) and is plain otherwise, as transformers 5 reads a bare "<mask>"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+    prefix = bool(config.get("add_prefix_space", False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+    tok.decoder = decoders.ByteLevel()
+    hint = str(config.get("tokenizer_class") or "").lower()
+    roberta = hint.startswith(_ROBERTA_CLASSES) if hint else \
+        tok.token_to_id("<s>") is not None and tok.token_to_id("<|endoftext|>") is None
+    defaults = _ROBERTA_SPECIALS if roberta else _GPT2_SPECIALS
+    names = _special_names(path, config)
+    _add_hf_tokens(tok, path, config, names, defaults)
+    role = {r: _token_text(names.get(f"{r}_token", defaults.get(r))) for r in _HF_ROLES}
+    if roberta:
+        if role["cls"] and role["sep"]:
+            tok.post_processor = processors.RobertaProcessing(
+                (role["sep"], tok.token_to_id(role["sep"])), (role["cls"], tok.token_to_id(role["cls"])),
+                trim_offsets=bool(config.get("trim_offsets", True)), add_prefix_space=prefix)
+    else:
+        first = role["bos"] if config.get("add_bos_token") else None
+        last = role["eos"] if config.get("add_eos_token") else None
+        if first or last:
+            def seq(part: str, type_id: int) -> str:
+                return " ".join(f"{t}:{type_id}" for t in (first, part, last) if t)
+
+            ends = dict.fromkeys(t for t in (first, last) if t)
+            tok.post_processor = processors.TemplateProcessing(
+                single=seq("$A", 0), pair=f"{seq('$A', 0)} {seq('$B', 1)}",
+                special_tokens=[(t, tok.token_to_id(t)) for t in ends])
+    return tok
+
+
+def _special_names(path: Path, config: dict) -> dict:
+    """tokenizer_config.json updated by special_tokens_map.json (transformers: the map wins), unless the
+    config records ``added_tokens_decoder`` (transformers >= 4.34 writes it; transformers then reads
+    neither special_tokens_map.json nor added_tokens.json)."""
+    names = dict(config)
+    if not isinstance(config.get("added_tokens_decoder"), dict):
+        names.update(_read_json(path / "special_tokens_map.json"))
+    return names
+
+
+def _add_hf_tokens(tok, path: Path, config: dict, names: dict, defaults: dict[str, str]) -> None:
+    """Add a slow-format tokenizer's added and special tokens to ``tok`` as transformers'
+    ``from_pretrained`` does (``tokenization_utils_base`` / ``tokenization_utils_tokenizers``).
+
+    First the recorded added tokens in id order: tokenizer_config.json's ``added_tokens_decoder`` (AddedToken
+    objects), else ``added_tokens.json`` (``{token: id}``, written by ``add_tokens()``; a token that is also
+    a special token is special and matched on the raw text, the others are matched on the normalised text).
+    Each must get its recorded id (ValueError otherwise: transformers would give it another, silently).
+    Then the special tokens: ``bos/eos/unk/sep/pad/cls/mask_token`` (``defaults`` for roles the files leave
+    out, none for a role set to null) and ``additional_special_tokens`` (``extra_special_tokens`` in
+    transformers 5), non-normalised unless their AddedToken object says otherwise; a token not in the
+    vocabulary gets the next id.
+    """
+    from tokenizers import AddedToken
+
+    decoder = config.get("added_tokens_decoder")
+    recorded: dict[int, AddedToken] = {}
+    if isinstance(decoder, dict):
+        source = path / "tokenizer_config.json"
+        for key, spec in decoder.items():
+            token = _added_token(spec)
+            if token is None or not str(key).isdigit():
+                raise ValueError(f"{source}: added_tokens_decoder: expected id -> AddedToken object with a "
+                                 f"'content' string, got {key!r}: {spec!r}")
+            recorded[int(key)] = token
+    extra = [t for key in ("additional_special_tokens", "extra_special_tokens")  # transformers 4 / 5
+             for value in [names.get(key)]
+             for t in (value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [])]
+    roles = [names[f"{role}_token"] if f"{role}_token" in names else defaults.get(role) for role in _HF_ROLES]
+    special = [spec for spec in roles + extra if _token_text(spec)]
+    if not isinstance(decoder, dict):
+        source = path / "added_tokens.json"
+        named = {_token_text(spec) for spec in special}
+        for text, i in _read_json(source).items():
+            if isinstance(i, bool) or not isinstance(i, int) or not text:
+                raise ValueError(f"{source}: expected {{token: id}}, got {text!r}: {i!r}")
+            recorded[i] = AddedToken(text, normalized=text not in named, special=text in named)
+    for i, token in sorted(recorded.items()):
+        tok.add_tokens([token])
+        got = tok.token_to_id(token.content)
+        if got != i:
+            raise ValueError(f"{source}: the added token {token.content!r} is recorded at id {i}, but the "
+                             f"vocabulary ({tok.get_vocab_size(with_added_tokens=False)} tokens, then the added "
+                             f"tokens before it) gives it id {got}: an added token must be either the vocabulary's "
+                             f"own at that id or new, with ids following the vocabulary without gaps; fix the "
+                             f"file (transformers would give the token id {got}, not {i}, silently)")
+    by_text = {t.content: t for t in recorded.values()}
+    for spec in special:
+        text = _token_text(spec)
+        token = by_text.get(text) or _added_token(spec, special=True) or AddedToken(text, normalized=False,
+                                                                                     special=True)
+        tok.add_special_tokens([token])
+
+
+def _added_token(spec, special: bool | None = None):
+    """A ``tokenizers.AddedToken`` from an AddedToken object as transformers saves it (``content``, the
+    strip / normalisation flags, ``special``; ``__type`` ignored), ``special`` forced when given; None for
+    anything else."""
+    from tokenizers import AddedToken
+
+    if not isinstance(spec, dict) or not _token_text(spec):
+        return None
+    kwargs = {k: spec[k] for k in _ADDED_TOKEN_KEYS if k in spec}
+    if special is not None:
+        kwargs["special"] = special
+    return AddedToken(**kwargs)
 
 
 def _token_text(value) -> str | None:
@@ -239,24 +356,57 @@ def _count_text(docs: Iterable[str], seen: list[int]) -> Iterator[str]:
         yield doc
 
 
-class _Continuation(dict):
-    """``str.translate`` table: a character inside a word -> its private-use twin.
+class _Symbols:
+    """The one-character symbols ``_train_wordpiece`` writes words with, for the BPE trainer.
 
-    BMP characters map into plane 15, plane-1 characters into plane 16 (BERT's
-    pre-tokenizer makes every CJK ideograph, the only common characters beyond, a word of
-    its own, so they never continue a word).
+    A word's first character stands for itself; every later character (WordPiece's ``##`` pieces) and a
+    first character from planes 15-16 gets a twin: a code point of planes 15-16 (private use, U+F0000 ..
+    U+10FFFF), handed out in order of first appearance, so any code point works (a fixed offset cannot
+    give every plane a twin, and characters past U+1FFFF once continued a word as themselves: a word of
+    CJK Extension F-I ideographs, which BERT's pre-tokenizer does not split, was always [UNK]).
+    ``meaning`` maps a twin back to (character, continues a word). ``fresh`` collects the characters
+    first seen inside a word, whose word-initial form must join the alphabet too.
+    Raises ValueError past 131,072 twins (distinct characters inside words, plus planes 15-16 ones).
     """
 
+    PLANES = 0xF0000  # first code point of plane 15
+
+    def __init__(self):
+        self.meaning: dict[str, tuple[str, bool]] = {}
+        self.fresh: list[str] = []
+        self.first, self.inside = _SymbolTable(self, False), _SymbolTable(self, True)
+
+    def _twin(self, char: str, inside: bool) -> int:
+        code = self.PLANES + len(self.meaning)
+        if code > 0x10FFFF:
+            raise ValueError(f"the documents hold more than {0x10FFFF - self.PLANES + 1:,} distinct characters "
+                             "inside words (plus characters of planes 15-16): too many for a WordPiece alphabet")
+        self.meaning[chr(code)] = (char, inside)
+        if inside:
+            self.fresh.append(char)
+        return code
+
+    def word(self, word: str) -> str:
+        return word[:1].translate(self.first) + word[1:].translate(self.inside)
+
+    def text(self, token: str) -> str:
+        """The WordPiece token a BPE token of symbols stands for (``##`` + text for a continuation)."""
+        cont = token[0] in self.meaning and self.meaning[token[0]][1]
+        return ("##" if cont else "") + "".join(self.meaning[c][0] if c in self.meaning else c for c in token)
+
+
+class _SymbolTable(dict):
+    """``str.translate`` table of ``_Symbols``: a code point -> its symbol's, for a word's first
+    character (itself below plane 15) or for the characters inside a word (``inside``: a twin)."""
+
+    def __init__(self, symbols: _Symbols, inside: bool):
+        super().__init__()
+        self.symbols, self.inside = symbols, inside
+
     def __missing__(self, code: int) -> int:
-        self[code] = code + 0xF0000 if code < 0x10000 else code + 0xF0000 if code < 0x20000 else code
+        own = code < _Symbols.PLANES and not self.inside
+        self[code] = code if own else self.symbols._twin(chr(code), self.inside)
         return self[code]
-
-
-_CONT = _Continuation()
-
-
-def _uncontinue(token: str) -> str:
-    return "".join(chr(ord(c) - 0xF0000) if ord(c) >= 0xF0000 else c for c in token)
 
 
 def _train_wordpiece(docs: Iterable[str], tok, budget: int, specials: list[str], min_frequency: int,
@@ -265,15 +415,24 @@ def _train_wordpiece(docs: Iterable[str], tok, budget: int, specials: list[str],
 
     tokenizers' WordPieceTrainer (BPE with a ``##`` prefix) numbers the ``##`` alphabet in
     hash-map order, and merge ties are broken by id, so each run learns a different
-    vocabulary. Here every character after a word's first becomes a private-use twin: the
-    prefix-free BPE trainer (sorted alphabet, ties broken by id) then learns word-initial
-    and continuation pieces apart, and a twin-led token maps back to ``##`` + text.
+    vocabulary. Here every character after a word's first becomes a private-use twin
+    (``_Symbols``): the prefix-free BPE trainer (sorted alphabet, ties broken by id) then learns
+    word-initial and continuation pieces apart, and a twin-led token maps back to ``##`` + text.
+    As WordPieceTrainer, the alphabet holds every character of the corpus in its word-initial form
+    (a character seen only inside words is added as a one-character word, which no merge uses):
+    without it a word starting with that character would be [UNK].
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+    symbols = _Symbols()
+
     def words(doc: str) -> str:
         pieces = tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(doc))
-        return " ".join(w[0] + w[1:].translate(_CONT) for w, _ in pieces)
+        out = " ".join(symbols.word(w) for w, _ in pieces)
+        if symbols.fresh:  # once each: the alphabet takes every character, however rare
+            out += " " + " ".join(symbols.word(c) for c in symbols.fresh)
+            symbols.fresh.clear()
+        return out
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -282,8 +441,7 @@ def _train_wordpiece(docs: Iterable[str], tok, budget: int, specials: list[str],
     bpe.train_from_iterator(([words(d) for d in batch] for batch in _batched(docs, 1000)), trainer=trainer)
     vocab = {}
     for token, i in sorted(bpe.get_vocab(with_added_tokens=False).items(), key=lambda kv: kv[1]):
-        cont = token not in specials and ord(token[0]) >= 0xF0000
-        vocab[("##" if cont else "") + _uncontinue(token)] = i
+        vocab[token if token in specials else symbols.text(token)] = i
     return vocab
 
 
