@@ -521,3 +521,13 @@ def test_a_second_run_into_the_same_output_is_refused(tmp_path, corpus, tok_file
         holder.wait()
     assert preprocess_text([folder], out, tokenizer=path, shard_tokens=500, workers=1, progress=False,
                            log=None)["num_docs"] > 0
+
+
+def test_tokenizer_directory_hash_covers_added_tokens(tmp_path):
+    # load_tokenizer reads added_tokens.json: a resumed run must see it change (it was not hashed)
+    from fastpt.data.preprocess import _path_sha
+
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\n")
+    before = _path_sha(tmp_path)
+    (tmp_path / "added_tokens.json").write_text('{"covid19": 6}')
+    assert _path_sha(tmp_path) != before

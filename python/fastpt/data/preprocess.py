@@ -620,7 +620,7 @@ def _path_sha(path: Path) -> str:
         return sha256_file(path)
     h = hashlib.sha256()
     for name in ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
-                 "special_tokens_map.json"):
+                 "special_tokens_map.json", "added_tokens.json"):  # what load_tokenizer reads
         if (path / name).is_file():
             h.update(name.encode() + sha256_file(path / name).encode())
     return h.hexdigest()
