@@ -125,3 +125,51 @@ def test_addmm_f32_accumulates_half_products_in_float32_or_declines(device):
     want = before + ah.double() @ bh.double() if done else before
     torch.testing.assert_close(out.double(), want.double(), rtol=1e-5, atol=1e-5)
     assert not _dispatch.addmm_f32_(out, a.to(device), b.to(device))  # float32 operands: not this path
+
+
+def test_torch_func_transforms_pick_the_reference():
+    """Under a torch.func transform every op runs its reference backend (the others are custom ops
+    without functorch rules); a forced other backend raises naming the reason. Outside, and under
+    torch.compile (where the check folds to False: one graph), the order is unchanged."""
+    op, calls = _toy_op()
+    seen = []
+
+    def f(x):
+        seen.append(op(x=1))
+        with pytest.raises(_dispatch.BackendError, match="torch.func transform"):
+            op(backend="cpu", x=1)
+        assert op.refusals(x=1)["cpu"].startswith("a torch.func transform") and op.refusals(x=1)["reference"] is None
+        return x * 2
+
+    assert _dispatch.transforms_active() is False
+    torch.func.grad(lambda x: f(x).sum())(torch.ones(2))
+    torch.func.vmap(f)(torch.ones(3, 2))
+    assert seen == ["reference", "reference"]
+    assert op(x=1) == "cpu" and op.refusals(x=1)["cpu"] is None  # outside again
+
+    def compiled(x):
+        return x + (1.0 if _dispatch.transforms_active() else 2.0)
+
+    assert torch.equal(torch.compile(compiled, backend="eager", fullgraph=True)(torch.zeros(2)), torch.full((2,), 2.0))
+
+
+def test_vmap_keeps_the_gradient_of_a_fused_op():
+    """linear_cross_entropy under vmap with autograd outside: its fused cpu path read requires_grad,
+    False on vmap's wrapped tensors, and silently gave the hidden states no gradient (the encoder
+    before the head got None). The dispatcher now runs the reference there: the gradient equals a
+    Python loop over the samples."""
+    from fastpt.ops import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    enc = torch.nn.Linear(4, 4)
+    w = torch.nn.Parameter(torch.randn(7, 4, generator=g))
+    x = torch.randn(3, 6, 4, generator=g)
+    y = torch.tensor([1, -100, 3, 6, 0, -100])
+    torch.func.vmap(lambda h: linear_cross_entropy(h, w, y))(enc(x)).sum().backward()
+    got = enc.weight.grad, w.grad
+    assert got[0] is not None, "the hidden states got no gradient"
+    enc.zero_grad()
+    w.grad = None
+    sum(linear_cross_entropy(enc(x[i]), w, y) for i in range(3)).backward()
+    torch.testing.assert_close(got[0], enc.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], w.grad, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,15 @@ declares what it supports, and the first that accepts the inputs runs.
 A backend is refused with a reason (a string); a forced backend that refuses,
 or inputs that no backend accepts, raise ``BackendError`` listing every backend
 and its reason. Nothing is patched at import time.
+
+Under a ``torch.func`` transform (grad, vmap, jacrev, jvp, ...) only the ``reference`` backend
+runs: the other backends are ``torch.library.custom_op`` ops (or ``autograd.Function``s) whose
+autograd formula torch's transforms cannot apply (torch 2.13 has no functorch rule for
+``register_autograd``; it raises "In order to use an autograd.Function with functorch
+transforms ..."), and under vmap a fused kernel that reads ``requires_grad`` sees False on the
+wrapped tensors and silently drops a gradient. The reference backends are plain PyTorch ops,
+which every transform traces. ``backend=None`` picks it; a forced other backend raises
+``BackendError`` saying why (``transforms_active``).
 """
 from __future__ import annotations
 
@@ -21,6 +30,20 @@ BACKENDS = ("cuda", "cpu", "triton", "reference", "sdpa", "blas")
 
 class BackendError(RuntimeError):
     """No backend (or not the forced one) can serve these inputs."""
+
+
+UNDER_TRANSFORM = ("a torch.func transform (grad, vmap, jacrev, jvp, ...) is active: this backend's kernels are "
+                   "custom ops / autograd Functions without functorch rules; the reference backend (plain "
+                   "PyTorch ops) serves under the transforms")
+
+
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, jvp, functionalize) is running: one C
+    call (~40 ns) reading functorch's interpreter stack. ``torch.compile`` folds it to a constant
+    (False outside a transform), so a compiled graph neither breaks nor changes on it."""
+    import torch
+
+    return torch._C._are_functorch_transforms_active()
 
 
 @dataclass(frozen=True)
@@ -53,7 +76,11 @@ def triton_unavailable() -> str | None:
 
 
 def triton_device_refusal(device) -> str | None:
-    """Why Triton kernels refuse tensors on ``device``: they need CUDA, or the interpreter on the CPU."""
+    """Why Triton kernels refuse tensors on ``device``: they need CUDA, or the interpreter on the CPU.
+    Meta tensors (shapes only, no data for a kernel to read) are refused even under the interpreter,
+    so that they reach the reference backend, which infers the output shapes as torch's ops do."""
+    if device.type == "meta":
+        return "meta tensors hold no data (shapes only); the reference backend infers the shapes"
     if device.type != "cuda" and not _native.triton_interpreting():
         return f"needs cuda tensors (or TRITON_INTERPRET=1), got {device.type}"
     return None
@@ -191,9 +218,11 @@ class Op:
 
     def refusals(self, **inputs) -> dict[str, str | None]:
         """For every backend: why it refuses these inputs, or None if it accepts them."""
+        under = transforms_active()
         out = {}
         for b in self.backends.values():
-            out[b.name] = b.available() or b.supports(**inputs)
+            out[b.name] = (UNDER_TRANSFORM if under and b.name != "reference" else None) or b.available() \
+                or b.supports(**inputs)
         return out
 
     def check_name(self, backend: str | None) -> None:
@@ -208,7 +237,14 @@ class Op:
             )
 
     def select(self, backend: str | None = None, **inputs) -> Backend:
+        """The backend that runs these inputs: the forced one, or the first in order that accepts them;
+        under a torch.func transform the reference backend (``transforms_active``, module docstring)."""
         self.check_name(backend)
+        if transforms_active():
+            if backend in (None, "reference") and "reference" in self.backends:
+                return self.backends["reference"]
+            raise BackendError(f"{self.name}: backend {backend!r} cannot run here: {UNDER_TRANSFORM}"
+                               + ("" if "reference" in self.backends else " (this op has none)"))
         candidates = [self.backends[backend]] if backend else list(self.backends.values())
         for b in candidates:
             if (b.available() or b.supports(**inputs)) is None:

@@ -348,3 +348,56 @@ def test_forced_backend_is_not_ignored_by_torchs_attention():
     with pytest.raises(fastpt.BackendError, match="forced backend 'reference' cannot serve these inputs"):
         MultiheadSelfAttention(16, 4, backend="reference")(x, attn_mask=mask)
     MultiheadSelfAttention(16, 4)(x, attn_mask=mask)
+
+
+def test_torch_func_transforms_match_torchs_layer(monkeypatch):
+    """functional_call + torch.func.grad (eval) equals the same on torch's layer; in training the
+    gradients equal eager autograd's after the same manual_seed; vmap(randomness="different") over
+    the self-attention equals a loop with one dropout seed per sample. Before, the custom ops raised
+    torch's 'setup_context' error under grad and the seed draw (.item()) failed under vmap."""
+    ref, ours = _pair(norm_first=False, activation="relu", d=16, heads=2, ff=24)
+    x = _x(3, 7, 16)
+    grads = []
+    for layer in (ref, ours):
+        params = {k: v.detach() for k, v in layer.named_parameters()}
+        grads.append(torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).square().sum())(params))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+    ours.train()
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    torch.manual_seed(5)
+    got = torch.func.grad(lambda p: torch.func.functional_call(ours, p, (x,)).square().sum())(params)
+    torch.manual_seed(5)
+    ours(x).square().sum().backward()
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+    attn = MultiheadSelfAttention(16, 2, dropout=0.3).train()
+    xs = _x(3, 2, 5, 16, seed=1)
+    torch.manual_seed(6)
+    seeds = torch.randint(0, 2**62, (3,)).tolist()
+    torch.manual_seed(6)
+    batched = torch.func.vmap(attn, randomness="different")(xs)
+    loop = []
+    for xi, s in zip(xs, seeds):
+        monkeypatch.setattr(fastpt.ops._rng, "fresh_seed", lambda s=s: s)
+        loop.append(attn(xi))
+    torch.testing.assert_close(batched, torch.stack(loop), rtol=1e-5, atol=1e-6)
+
+
+def test_meta_tensors_infer_shapes():
+    """On the meta device (shape inference) torch's layer runs; ours raised 'unknown device type for
+    autocast' (then 'unsupported scalarType'), and a meta padding mask could not be read."""
+    kw = dict(device="meta")
+    x = torch.empty(3, 5, 16, **kw)
+    pad = torch.zeros(3, 5, dtype=torch.bool, **kw)
+    want = torch.nn.TransformerEncoderLayer(16, 2, 24, batch_first=True, **kw)(x, src_key_padding_mask=pad)
+    for train in (False, True):
+        layer = TransformerEncoderLayer(16, 2, 24, **kw).train(train)
+        for extra in ({}, dict(src_key_padding_mask=pad), dict(is_causal=True)):
+            out = layer(x, **extra)
+            assert out.shape == want.shape and out.device.type == "meta"
+        out.sum().backward()
+        assert layer.self_attn.in_proj_weight.grad.shape == layer.self_attn.in_proj_weight.shape
+    out = MultiheadSelfAttention(16, 2, **kw)(x, attention_mask=torch.ones(3, 5, dtype=torch.long, **kw))
+    assert out.shape == x.shape and out.device.type == "meta"

@@ -139,3 +139,28 @@ def test_torch_jit_script_compiles_torchs_dropout():
     assert torch.equal(got, F.dropout(x, 0.5, True))
     scripted.eval()
     assert torch.equal(scripted(x), x)
+
+
+def test_torch_func_transforms():
+    """torch.func.grad / functional_call and vmap(randomness=...) work as with torch.nn.Dropout (the
+    custom op raised torch's 'setup_context' error, the seed's .item() failed under vmap): under
+    grad the masks are eager's after the same manual_seed; under vmap "different" each sample gets
+    its own seed from torch's generator, and the default "error" raises torch's error."""
+    d = Dropout(0.5)
+    x = _x(600).reshape(3, 200)
+    torch.manual_seed(2)
+    got = torch.func.grad(lambda a: d(a).square().sum())(x)
+    torch.manual_seed(2)
+    a = x.clone().requires_grad_(True)
+    d(a).square().sum().backward()
+    assert torch.equal(got, a.grad)
+    torch.manual_seed(3)
+    seeds = torch.randint(0, 2**62, (3,)).tolist()
+    torch.manual_seed(3)
+    batched = torch.func.vmap(d, randomness="different")(x)
+    assert torch.equal(batched, torch.stack([dropout(x[i], 0.5, seed=s) for i, s in enumerate(seeds)]))
+    for mod in (d, nn.Dropout(0.5)):
+        with pytest.raises(RuntimeError, match="randomness"):
+            torch.func.vmap(mod)(x)
+    d.eval()
+    assert torch.equal(torch.func.vmap(d)(x), x)

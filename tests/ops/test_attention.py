@@ -857,3 +857,61 @@ def test_sdpa_empty_heads_and_head_dim_go_to_torch():
         attention(torch.randn(1, 4, 0, 8), torch.randn(1, 4, 0, 8), torch.randn(1, 4, 0, 8))
     with pytest.raises(ValueError, match=r"k: expected at least one head \(Hk >= 1\)"):
         attention(torch.randn(1, 4, 2, 8), torch.randn(1, 4, 0, 8), torch.randn(1, 4, 0, 8))
+
+
+def test_torch_func_transforms():
+    """torch.func.grad / jacrev / vmap: the custom ops raised torch's 'setup_context' error and the
+    seed draw (.item()) failed under vmap. The reference runs there; gradients equal eager
+    autograd's, vmap equals a Python loop, and a seed drawn under vmap(randomness="different") is
+    one per sample (the loop with those seeds)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, h, 8, generator=g) for h in (4, 2, 2))
+    kw = dict(causal=True, seqlens=torch.tensor([6, 4]))
+    w = torch.randn(2, 6, 4, 8, generator=g)
+    got = torch.func.grad(lambda a, b, c: (attention(a, b, c, **kw) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    (attention(*leaves, **kw) * w).sum().backward()  # eager: the cpu backend
+    for a, b in zip(got, leaves):
+        torch.testing.assert_close(a, b.grad, rtol=1e-5, atol=1e-6)
+    jac = torch.func.jacrev(lambda a: attention(a, k[:1, :3], v[:1, :3], causal=True))(q[:1, :3])
+    want = torch.autograd.functional.jacobian(lambda a: attention(a, k[:1, :3], v[:1, :3], causal=True), q[:1, :3])
+    torch.testing.assert_close(jac, want, rtol=1e-5, atol=1e-6)
+    stacked = torch.stack([q, q.flip(1)])
+    torch.testing.assert_close(torch.func.vmap(lambda a: attention(a, k, v, **kw))(stacked),
+                               torch.stack([attention(a, k, v, **kw) for a in stacked]), rtol=1e-5, atol=1e-6)
+    # sdpa draws its dropout seed when given none: one per sample under randomness="different"
+    x = torch.randn(3, 2, 4, 5, 8, generator=g)
+    torch.manual_seed(4)
+    seeds = torch.randint(0, 2**62, (3,)).tolist()
+    loop = torch.stack([sdpa(x[i], x[i], x[i], dropout_p=0.3, seed=s) for i, s in enumerate(seeds)])
+    torch.manual_seed(4)
+    got = torch.func.vmap(lambda a: sdpa(a, a, a, dropout_p=0.3), randomness="different")(x)
+    torch.testing.assert_close(got, loop, rtol=1e-5, atol=1e-6)
+    with pytest.raises(fastpt.BackendError, match="torch.func transform"):
+        torch.func.grad(lambda a: attention(a, k, v, backend="cpu").sum())(q)
+
+
+def test_meta_tensors_infer_shapes():
+    """Meta tensors (shape inference, as torch's SDPA does): the autocast probe raised 'unknown device
+    type for autocast', the reference's autocast context 'unsupported scalarType', and under the
+    Triton interpreter (TRITON_INTERPRET=1) the kernels took them. Now the reference infers the
+    shapes, also of meta index tensors (no values to check) and under an active autocast."""
+    assert "meta" in fastpt._dispatch.triton_device_refusal(torch.device("meta"))
+    m = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    q, k = m(2, 5, 4, 8), m(2, 5, 2, 8)
+    inputs, _ = attn._prepare(q, k, k, causal=True, prefix_lens=None, seqlens=None, cu_seqlens=None,
+                              max_seqlen=None, dropout_p=0.0, scale=None, seed=0, deterministic=False)
+    assert attn.OP.select(**inputs).name == "reference"
+    for kw in (dict(causal=True), dict(seqlens=torch.tensor([5, 3], device="meta")),
+               dict(prefix_lens=torch.tensor([2, 3], device="meta"), dropout_p=0.2, seed=1)):
+        out = attention(q, k, k, **kw)
+        assert out.shape == q.shape and out.device.type == "meta"
+    packed = attention(m(7, 4, 8), m(7, 2, 8), m(7, 2, 8), cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32,
+                                                                                    device="meta"))
+    assert packed.shape == (7, 4, 8)
+    t = m(2, 4, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sdpa(t, t, t, is_causal=True).shape == F.scaled_dot_product_attention(t, t, t, is_causal=True).shape
+    leaf = m(2, 4, 5, 8).requires_grad_(True)
+    sdpa(leaf, leaf, leaf).sum().backward()
+    assert leaf.grad.shape == leaf.shape

@@ -8,6 +8,7 @@ plus a few float32 ulps (an fp32 reference can be exact by luck on tiny inputs),
 the largest reference value. Where the exact value is 0 (one query, one key: every gradient
 vanishes) the unit is the loss scale.
 """
+import functools
 import math
 
 import pytest
@@ -469,3 +470,60 @@ def test_normalize_matches_f_normalize_in_row_chunks(monkeypatch, dtype):
     eps = 0.0 if dtype == torch.float64 else torch.finfo(dtype).eps
     atol = 2 * eps * want_x.grad.double().abs().amax(1, keepdim=True)
     assert ((got_x.grad.double() - want_x.grad.double()).abs() <= atol).all()
+
+
+
+CLASSES = torch.tensor([0, 1, 0, 2, 1, 2])
+QUEUE = _rand((5, 8), 9).float()
+LOSSES = {  # (query, key, backend) -> loss
+    "info_nce": lambda a, b, be: info_nce(a, b, temperature=0.2, backend=be),
+    "info_nce-symmetric-normalize": lambda a, b, be: info_nce(a, b, symmetric=True, normalize=True, backend=be),
+    "info_nce-labels-symmetric": lambda a, b, be: info_nce(a, b, labels=CLASSES, symmetric=True, backend=be),
+    "info_nce-queue": lambda a, b, be: info_nce(a, b, queue=QUEUE, backend=be),
+    "nt_xent": lambda a, b, be: nt_xent(a, b, backend=be),
+    "clip_loss": lambda a, b, be: clip_loss(a, b, torch.tensor(2.0), backend=be),
+    "clip_loss-labels": lambda a, b, be: clip_loss(a, b, torch.tensor(2.0), labels=CLASSES, backend=be),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_torch_func_transforms(name, backend):
+    """Per-sample gradients with vmap(grad(...)): the custom op and the autograd.Function helpers
+    (normalisation, class means) raised torch's 'setup_context' error under the transforms, the
+    reference backend too (it ran inside the same custom op). The losses are plain torch ops
+    there: values and gradients equal a Python loop of eager calls."""
+    loss = functools.partial(LOSSES[name], be=backend)
+    q, k = _rand((3, 6, 8), 1).float(), _rand((3, 6, 8), 2).float()
+    values = torch.func.vmap(loss)(q, k)
+    grads = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)))(q, k)
+    for i in range(3):
+        a, b = q[i].clone().requires_grad_(True), k[i].clone().requires_grad_(True)
+        want = loss(a, b)
+        want.backward()
+        torch.testing.assert_close(values[i], want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[0][i], a.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[1][i], b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_forced_kernel_backend_under_a_transform_raises():
+    """A kernel backend cannot run under a transform: BackendError naming why, not torch's error."""
+    q = _rand((4, 8), 1).float()
+    with pytest.raises(fastpt.BackendError, match="torch.func transform"):
+        torch.func.grad(lambda a: info_nce(a, q, backend="cpu"))(q)
+
+
+def test_batched_temperature_and_logit_scale_under_vmap():
+    """A temperature / logit_scale batched by vmap has no host value (its .item() raised): the checks
+    are skipped for it, as under compile, and the losses equal the loop. Unbatched values are still
+    read and checked under the transforms."""
+    q, k = _rand((6, 8), 1).float(), _rand((6, 8), 2).float()
+    temps, scales = torch.tensor([0.1, 0.5, 2.0]), torch.tensor([0.5, 2.0, 3.0])
+    torch.testing.assert_close(torch.func.vmap(lambda t: info_nce(q, k, temperature=t))(temps),
+                               torch.stack([info_nce(q, k, temperature=t) for t in temps]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.func.vmap(lambda s: clip_loss(q, k, s))(scales),
+                               torch.stack([clip_loss(q, k, s) for s in scales]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="temperature: expected a finite value > 0"):
+        torch.func.grad(lambda a: info_nce(a, k, temperature=torch.tensor(-1.0)))(q)
+    with pytest.raises(ValueError, match="logit_scale: expected a finite value"):
+        torch.func.grad(lambda a: clip_loss(a, k, torch.tensor(float("inf"))))(q)

@@ -456,3 +456,36 @@ def test_attention_dropout_rows_rejects_bad_input():
         call(out=probs)
     with pytest.raises(ValueError, match="null"):
         call(doc=torch.empty(0, dtype=torch.int64))
+
+
+def test_torch_func_transforms():
+    """Under torch.func.grad / vmap the custom op (no functorch rule) raised torch's 'setup_context'
+    error and the seed draw (.item()) failed under vmap: the reference runs, the seed follows vmap's
+    randomness mode, and the results equal a Python loop with the same seeds."""
+    x = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    seeds = torch.randint(0, 2**62, (3,)).tolist()  # what vmap(randomness="different") draws: one per sample
+    loop = torch.stack([dropout(x[i], 0.5, seed=s) for i, s in enumerate(seeds)])
+    torch.manual_seed(5)
+    got = torch.func.vmap(lambda a: dropout(a, 0.5), randomness="different")(x)
+    assert torch.equal(got, loop) and not torch.equal(got[0] != 0, got[1] != 0)
+    torch.manual_seed(5)
+    same = torch.func.vmap(lambda a: dropout(a, 0.5), randomness="same")(x)
+    torch.manual_seed(5)
+    shared = int(torch.randint(0, 2**62, ()))
+    assert torch.equal(same, torch.stack([dropout(x[i], 0.5, seed=shared) for i in range(3)]))
+    with pytest.raises(RuntimeError, match="randomness"):  # torch's own rule, as for F.dropout
+        torch.func.vmap(lambda a: dropout(a, 0.5))(x)
+    # an explicit seed: the same mask for every sample, as in the loop
+    fixed = torch.func.vmap(lambda a: dropout(a, 0.5, seed=9))(x)
+    assert torch.equal(fixed, torch.stack([dropout(x[i], 0.5, seed=9) for i in range(3)]))
+    # grad: the mask of the eager call after the same manual_seed, and its gradient
+    w = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(8)
+    got = torch.func.grad(lambda a: (dropout(a, 0.3) * w).sum())(x[0])
+    torch.manual_seed(8)
+    a = x[0].clone().requires_grad_(True)
+    (dropout(a, 0.3) * w).sum().backward()
+    assert torch.equal(got, a.grad)
+    with pytest.raises(fastpt.BackendError, match="torch.func transform"):
+        torch.func.grad(lambda a: dropout(a, 0.3, seed=1, backend="cpu").sum())(x[0])

@@ -33,6 +33,7 @@ def padding_to_seqlens(valid: torch.Tensor, name: str, *, none_if_full: bool = F
     (where a host read would break the graph and sync every call) the lengths are always
     returned, and the same check runs inside the graph (``torch._assert_async``): a left-padded
     mask then raises RuntimeError naming ``name`` on the CPU, and is a device-side assert on CUDA.
+    A meta mask (shape inference) has no values: its lengths (meta) are returned unchecked.
     """
     if valid.dim() != 2:
         raise ValueError(f"{name}: expected shape (B, S), got {tuple(valid.shape)}")
@@ -41,6 +42,8 @@ def padding_to_seqlens(valid: torch.Tensor, name: str, *, none_if_full: bool = F
     right = torch.arange(valid.shape[1], device=valid.device)[None, :] < lengths[:, None]
     bad = (right != valid).any(1)
     message = f"{name}: only right padding is supported (real tokens first, then padding)"
+    if valid.is_meta:  # shape inference: no values to check or to read
+        return lengths
     if torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), f"{message}; a row is not right-padded")
         return lengths

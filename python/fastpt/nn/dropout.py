@@ -29,6 +29,14 @@ class Dropout(nn.Dropout):
     0 or 1, eval mode and a build without ``fastpt._C``. ``inplace=True`` is honoured by copying
     the result into the input.
 
+    Under a ``torch.func`` transform (``grad``, ``vmap``, ``functional_call`` + ``grad``, ``jacrev``)
+    it runs the counter-based formula in plain torch ops (the op's reference backend: the C++
+    kernel's custom op has no functorch rule), seeded by ``torch.randint``, so torch's randomness
+    rules apply: ``vmap(randomness="different")`` gives each sample its own mask, ``"same"`` one
+    shared mask, the default ``"error"`` raises torch's error (as for ``torch.nn.Dropout``). Under
+    ``torch.func.grad`` the masks are the ones eager autograd would see after the same
+    ``torch.manual_seed`` (the same draw, the same formula).
+
     ``torch.jit.script`` compiles it as ``torch.nn.Dropout`` (``F.dropout``, torch's generator):
     TorchScript cannot call the Python wrapper of the C++ kernel, so the fast path is left out of
     the scripted module (``torch.jit.unused``).

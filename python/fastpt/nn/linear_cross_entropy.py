@@ -28,7 +28,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     "mean" / "sum" loss takes one backward; a second through the same graph (``retain_graph=True``
     then another backward or ``torch.autograd.grad``, or ``torch.autograd.gradcheck``) raises a
     RuntimeError. Use ``reduction="none"`` (reduce the per-row losses yourself; its backward
-    recomputes) or ``backend="reference"`` there, and under ``torch.func`` transforms.
+    recomputes) or ``backend="reference"`` there. Under ``torch.func`` transforms ``backend=None``
+    runs the reference.
     """
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,

@@ -90,6 +90,13 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
+def traced_seeds() -> bool:
+    """Whether a seed tensor must stay a tensor (its value cannot be read on the host): under
+    ``torch.compile`` (a read breaks the graph) and under a ``torch.func`` transform (vmap cannot
+    read a batched tensor: ``.item()`` raises there)."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
 def fresh_seed():
     """A seed for one call of a counter-based op that was given none.
 
@@ -98,8 +105,15 @@ def fresh_seed():
     the graph computes (Inductor draws it from its own generator, seeded from torch's: reproducible
     under ``torch.manual_seed``, but not the eager draw); the ops take such a seed as a tensor
     (``stream_key_tensor``) and read it on the host only inside their custom op (a CPU tensor: no
-    device sync)."""
-    if torch.compiler.is_compiling():
+    device sync).
+
+    Under a ``torch.func`` transform the seed is that tensor too, drawn by ``torch.randint`` with
+    torch's own randomness rules: under ``vmap(randomness="different")`` one seed per sample (the
+    masks differ across the batch, as ``torch.nn.Dropout``'s do), under ``"same"`` one shared seed,
+    under the default ``"error"`` torch's error. It takes the same value as the eager draw (the
+    same generator call), so ``torch.func.grad`` sees the masks that eager autograd sees. The ops'
+    reference backends (what runs under the transforms) compute the key from it in tensor ops."""
+    if traced_seeds():
         return torch.randint(0, 2**62, (), dtype=torch.int64)
     return draw_seed()
 
@@ -136,10 +150,11 @@ def key_value(key: int, key_t: torch.Tensor | None) -> int:
 
 
 def check_op_seed(seed):
-    """``check_seed`` for ops that also take a seed traced under ``torch.compile``: there a tensor
-    seed stays a tensor (its value cannot be read without a graph break), checked for type and
-    shape only; anywhere else the value is read and checked (``check_seed``)."""
-    if not (isinstance(seed, torch.Tensor) and torch.compiler.is_compiling()):
+    """``check_seed`` for ops that also take a seed traced under ``torch.compile`` or a ``torch.func``
+    transform (``traced_seeds``): there a tensor seed stays a tensor (its value cannot be read
+    without a graph break, nor per sample under vmap), checked for type and shape only; anywhere
+    else the value is read and checked (``check_seed``)."""
+    if not (isinstance(seed, torch.Tensor) and traced_seeds()):
         return check_seed(seed)
     _check_seed_tensor(seed)
     return seed

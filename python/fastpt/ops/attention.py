@@ -40,9 +40,17 @@ Backends, in the order ``backend=None`` tries them:
 custom ops (fake implementations and an autograd formula registered), so ``torch.compile``
 traces through them without a graph break, and the backward gets the saved ``(q, k, v, out,
 lse, docs)`` of the forward, FlashAttention-2 style.
+
+Under a ``torch.func`` transform (grad, vmap, jacrev, ``functional_call`` + grad) the dispatcher
+runs the reference (the custom ops have no functorch rule, ``_dispatch.transforms_active``); a
+seed drawn there (``_rng.fresh_seed``) follows vmap's randomness mode. Meta tensors (shape
+inference, as for torch's SDPA) also reach the reference: the kernels refuse them, the autocast
+probe skips a device type autocast does not know, and the values of meta index tensors are not
+checked (there are none).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import weakref
@@ -304,10 +312,14 @@ def _mask_args(packed, shape, device, *, causal, prefix_lens, seqlens, cu_seqlen
     if prefix_lens is not None:
         _index_arg("prefix_lens", prefix_lens, device, n_docs)
 
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling or (device.type == "meta" and any(t is not None and t.is_meta
+                                                   for t in (cu_seqlens, seqlens, prefix_lens))):
         # The host checks would read the values (a graph break, and a device sync per call): the
-        # graph checks them itself, and the kernels resolve what they need at run time.
-        _check_values_in_graph(cu_seqlens, seqlens, prefix_lens, s, max_seqlen)
+        # graph checks them itself, and the kernels resolve what they need at run time. Meta index
+        # tensors have no values to check: shape inference (the reference backend) needs none.
+        if compiling:
+            _check_values_in_graph(cu_seqlens, seqlens, prefix_lens, s, max_seqlen)
         max_len = s if cu_seqlens is None else (-1 if max_seqlen is None else max_seqlen)
         causal_any = -1 if prefix_lens is not None else int(causal)
     else:
@@ -357,6 +369,20 @@ def _prepare(q, k, v, *, causal, prefix_lens, seqlens, cu_seqlens, max_seqlen, d
 # ----------------------------------------------------------------------------- reference
 
 
+def _autocast_device(t: torch.Tensor) -> str | None:
+    """``t``'s device type if ``torch.autocast`` knows it, else None (meta: autocast has no dispatch
+    key for it, and ``torch.autocast('meta', ...)`` raises)."""
+    device = t.device.type
+    return device if device in ("cpu", "cuda") or torch.amp.is_autocast_available(device) else None
+
+
+def _autocast_off(t: torch.Tensor):
+    """``torch.autocast(device, enabled=False)`` for ``t``'s device, or no context where autocast does
+    not know the device type (meta tensors: shape inference)."""
+    device = _autocast_device(t)
+    return contextlib.nullcontext() if device is None else torch.autocast(device, enabled=False)
+
+
 def _token_layout(docs: torch.Tensor, b_count: int, s: int):
     """Per token of the (B, S) grid: its document (-1 for padding), local position and prefix."""
     d = docs.to(torch.int64)
@@ -399,7 +425,7 @@ def reference(q4, k4, v4, docs, *, scale, dropout_p=0.0, dropout_key=0, compute_
     out ``(B, S, H, D)`` in the dtype of q (0 outside every document) and the detached lse
     ``(B, H, S)`` in float32 (float64 for float64 inputs), ``-inf`` outside every document.
     """
-    with torch.autocast(q4.device.type, enabled=False):  # the math runs in compute_dtype, not autocast's
+    with _autocast_off(q4):  # the math runs in compute_dtype, not autocast's
         return _reference(q4, k4, v4, docs, scale, dropout_p, dropout_key, compute_dtype)
 
 
@@ -644,9 +670,11 @@ _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 def _autocast(q, k, v):
     """What torch's SDPA does under autocast: the attention runs in the autocast dtype (float64 is left
-    alone, as autocast leaves it)."""
-    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
-        dt = torch.get_autocast_dtype(q.device.type)
+    alone, as autocast leaves it). Tensors on a device type autocast does not know (meta) are left as
+    they are (``torch.is_autocast_enabled`` raises for those)."""
+    device = _autocast_device(q) if isinstance(q, torch.Tensor) else None
+    if device is not None and torch.is_autocast_enabled(device):
+        dt = torch.get_autocast_dtype(device)
         return tuple(x.to(dt) if isinstance(x, torch.Tensor) and x.dtype in _AUTOCAST_ELIGIBLE else x
                      for x in (q, k, v))
     return q, k, v
@@ -685,7 +713,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             Inductor fuses. ``fastpt.nn`` layers draw it with ``ops._rng.fresh_seed``.
         deterministic: the backward uses no floating-point atomics (kernels that have them).
         backend: None (fastest that fits) or "cpu", "sdpa" (torch's own fused kernels on CUDA,
-            plain or causal rows only), "triton", "cuda", "reference".
+            plain or causal rows only), "triton", "cuda", "reference". Under a ``torch.func``
+            transform None runs "reference" and any other name raises ``fastpt.BackendError``.
 
     Returns:
         ``out`` shaped like q, in q's dtype (fp32 accumulation). Differentiable in q, k, v.

@@ -61,9 +61,17 @@ its backward op ``fastpt::contrastive_lse_backward``, so ``torch.compile`` trace
 ``nt_xent`` and ``clip_loss`` without graph breaks. Under tracing the value checks that would read
 a tensor on the host (temperature / logit_scale finite and positive) are skipped; labels still
 graph-break (their checks and the class compaction depend on the label values).
+
+Under a ``torch.func`` transform (grad, vmap, jacrev, ...; ``_dispatch.transforms_active``) the
+custom op and the ``autograd.Function`` helpers cannot run (no functorch rules): the losses are
+then composed of plain torch ops with the reference backend's math (``_plain_lse``), in float32
+(float64) as everywhere, materialising the (N, M + K) scores; the temperature / logit_scale value
+checks are skipped under vmap when the value is batched (it cannot be read), as under compile. ``gather=True`` is not
+supported under the transforms (its collectives are autograd Functions too).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -104,6 +112,17 @@ def _embeddings(name: str, t, like: torch.Tensor | None = None, like_name: str =
     return t
 
 
+def _host_value(t: torch.Tensor) -> float | None:
+    """``float(t)``, or None where it cannot be read: under ``torch.func.vmap`` a batched value (one per
+    sample) has no single host value, and its checks are skipped as under torch.compile."""
+    try:
+        return float(t)
+    except RuntimeError:
+        if not _dispatch.transforms_active():
+            raise
+        return None
+
+
 def _positive_scalar(name: str, value, device, acc) -> tuple[torch.Tensor, float]:
     """A finite number > 0 (float or one-element float tensor, possibly requiring grad) as a 0-dim tensor."""
     if isinstance(value, torch.Tensor):
@@ -113,7 +132,9 @@ def _positive_scalar(name: str, value, device, acc) -> tuple[torch.Tensor, float
         t = value.reshape(()).to(device=device, dtype=acc)
         if torch.compiler.is_compiling():  # reading the value would sync and break the graph
             return t, math.nan
-        v = float(value.detach().reshape(()))
+        v = _host_value(value.detach().reshape(()))
+        if v is None:
+            return t, math.nan
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         v = float(value)
         t = torch.tensor(v, device=device, dtype=acc)
@@ -144,8 +165,8 @@ def _scale_from_logit_scale(logit_scale, device, acc) -> torch.Tensor:
     else:
         raise TypeError(f"logit_scale: expected a float or a one-element float tensor, "
                         f"got {type(logit_scale).__name__}")
-    v = 0.0 if torch.compiler.is_compiling() else float(ls.detach())  # no host read while tracing
-    if not math.isfinite(v):
+    v = 0.0 if torch.compiler.is_compiling() else _host_value(ls.detach())  # no host read while tracing
+    if v is not None and not math.isfinite(v):
         raise ValueError(f"logit_scale: expected a finite value, got {v}")
     # below: exp() of a very negative logit_scale underflows to 0; the smallest normal scale gives
     # the same loss (uniform logits) and, as the gradient through exp() there, ~0
@@ -247,10 +268,11 @@ def _ref_scores(q, k, queue, scale, self_offset):
     acc = _acc_dtype(q.dtype)
     keys = k if queue is None else torch.cat([k, queue])
     s = (q.to(acc) @ keys.to(acc).T) * scale.to(acc)
-    if self_offset >= 0:
+    if self_offset >= 0:  # out of place (a mask, not an indexed write): vmap and autograd trace it
         i = torch.arange(q.shape[0], device=q.device)
-        ok = i + self_offset < k.shape[0]
-        s[i[ok], i[ok] + self_offset] = float("-inf")
+        j = torch.arange(keys.shape[0], device=q.device)
+        own = (j[None, :] == i[:, None] + self_offset) & (j < k.shape[0])[None, :]  # key columns only
+        s = s.masked_fill(own, float("-inf"))
     return s, keys.to(acc)
 
 
@@ -267,6 +289,20 @@ def _ref_backward(q, k, queue, scale, row_lse, col_lse, g_row, g_col, symmetric,
     if symmetric:
         ds[:, :m] += torch.exp(s[:, :m] - col_lse[None, :]) * g_col[None, :]
     return ds @ keys, ds[:, :m].T @ q.to(ds.dtype)
+
+
+def _plain_lse(q, k, queue, scale, symmetric, self_offset, pos_shift=0, pos_wrap=0, pos_base=0):
+    """``_lse_op``'s three outputs in plain PyTorch ops (the reference backend's math), differentiated
+    by autograd: what runs under a ``torch.func`` transform (module docstring of ``_dispatch``),
+    where the custom op's autograd formula cannot. Holds the (N, M + K) scores for the backward."""
+    s, _ = _ref_scores(q, k, queue, scale, self_offset)
+    row = torch.logsumexp(s, dim=1)
+    col = torch.logsumexp(s[:, : k.shape[0]], dim=0) if symmetric else row.new_zeros(0)
+    pos = _positives(pos_shift, pos_wrap, pos_base)
+    if pos is None:
+        return row, col, row.new_zeros(0)
+    t = pos.targets(q.shape[0], q.device)
+    return row, col, (q.to(s.dtype) * k[t].to(s.dtype)).sum(1) * scale.to(s.dtype)  # as _pos_scores
 
 
 def _params(q, k, queue, symmetric, self_offset):
@@ -697,7 +733,11 @@ class _Normalize(torch.autograd.Function):
         return dx
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
+def _normalize(x: torch.Tensor, plain: bool = False) -> torch.Tensor:
+    """``_Normalize``; with ``plain`` (under a torch.func transform, which cannot run an autograd.Function
+    without setup_context) the same math in differentiable torch ops."""
+    if plain:
+        return F.normalize(x.to(_acc_dtype(x.dtype)), dim=1, eps=NORM_EPS).to(x.dtype)
     return _Normalize.apply(x)
 
 
@@ -756,20 +796,32 @@ class _ClassMeanLogit(torch.autograd.Function):
         return g_anchors, None, g_cands, None, None, g_scale
 
 
-def _class_mean_logit(anchors, anchor_cls, cands, cand_cls, n_cls, scale, acc):
-    """s * anchor_i . mean of the candidates of its class (the SupCon positive term), (rows,)."""
+def _class_mean_logit(anchors, anchor_cls, cands, cand_cls, n_cls, scale, acc, plain=False):
+    """s * anchor_i . mean of the candidates of its class (the SupCon positive term), (rows,); with
+    ``plain`` (under a torch.func transform) ``_ClassMeanLogit``'s forward in differentiable torch ops."""
+    if plain:
+        count = torch.bincount(cand_cls, minlength=n_cls).to(acc).clamp_min(1)
+        sums = torch.zeros(n_cls, cands.shape[1], dtype=acc, device=cands.device).index_add(0, cand_cls,
+                                                                                            cands.to(acc))
+        return scale.to(acc) * (anchors.to(acc) * (sums / count[:, None])[anchor_cls]).sum(1)
     return _ClassMeanLogit.apply(anchors, anchor_cls, cands, cand_cls, n_cls, scale.to(acc))
 
 
 def _loss(q, k, queue, scale, labels, *, symmetric, normalize, gather, group, backend):
-    """The loss of the module docstring; q (N, D), k (M, D), labels None or (query (N,), key (M,))."""
+    """The loss of the module docstring; q (N, D), k (M, D), labels None or (query (N,), key (M,)).
+
+    Under a torch.func transform (``_dispatch.transforms_active``: only the reference backend runs)
+    the same loss is composed of plain torch ops (``_plain_lse`` and the ``plain`` helpers), which
+    the transforms differentiate and batch."""
     acc = _acc_dtype(q.dtype)
+    plain = _dispatch.transforms_active()
     if normalize:
-        q, k = _normalize(q), _normalize(k)
-        queue = _normalize(queue) if queue is not None else None
+        q, k = _normalize(q, plain), _normalize(k, plain)
+        queue = _normalize(queue, plain) if queue is not None else None
     q, k = q.contiguous(), k.contiguous()
     queue = queue.detach().contiguous() if queue is not None and queue.shape[0] else None
     name = OP.select(backend, q=q, k=k, queue=queue, scale=scale, symmetric=symmetric, self_offset=-1).name
+    lse_op = _plain_lse if plain else functools.partial(_lse_op, backend=name)
     n, m = q.shape[0], k.shape[0]
     if gather:
         group = _group(group)
@@ -791,12 +843,13 @@ def _loss(q, k, queue, scale, labels, *, symmetric, normalize, gather, group, ba
         _require_positives(ql, kl_all, "query")
         classes = torch.unique(torch.cat([kl_all, ql_all]))
         cls = lambda t: torch.searchsorted(classes, t)  # noqa: E731
-        pos_row = _class_mean_logit(q, cls(ql), k_all, cls(kl_all), classes.numel(), scale, acc)
+        pos_row = _class_mean_logit(q, cls(ql), k_all, cls(kl_all), classes.numel(), scale, acc, plain)
         if symmetric:
             _require_positives(kl, ql_all, "key")
             q_all = _AllGather.apply(q, n_sizes, group) if gather else q
-            pos_col = _class_mean_logit(k, cls(kl), q_all, cls(ql_all), classes.numel(), scale, acc)
-    row_lse, col_lse, pos = _lse_op(q, k_all, queue, scale, name, symmetric, -1, 0, pos_wrap, k_off)
+            pos_col = _class_mean_logit(k, cls(kl), q_all, cls(ql_all), classes.numel(), scale, acc, plain)
+    row_lse, col_lse, pos = lse_op(q, k_all, queue, scale, symmetric=symmetric, self_offset=-1, pos_shift=0,
+                                   pos_wrap=pos_wrap, pos_base=k_off)
     if labels is None:
         pos_row = pos_col = pos.to(acc)  # query i and key i: the same pair both ways
     if symmetric and gather:  # this rank's rows x all keys: merge the column statistics of every rank
@@ -880,9 +933,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature=0.5, normalize: b
     scale = _scale_from_temperature(temperature, a.device, acc)
     normalize, gather = _validate.flag("normalize", normalize), _validate.flag("gather", gather)
     z = torch.cat([a, b])
+    plain = _dispatch.transforms_active()  # under a torch.func transform: plain torch ops, as in _loss
     if normalize:
-        z = _normalize(z)
+        z = _normalize(z, plain)
     name = OP.select(backend, q=z, k=z, queue=None, scale=scale, symmetric=False, self_offset=0).name
+    lse_op = _plain_lse if plain else functools.partial(_lse_op, backend=name)
     n = a.shape[0]
     if gather:
         group = _group(group)
@@ -894,7 +949,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature=0.5, normalize: b
     else:
         group, z_all, off, total = None, z, 0, 2 * n
     # view i's positive is view (i + n) mod 2n, column off + that of the gathered views
-    row_lse, _, pos = _lse_op(z, z_all, None, scale, name, False, off, n, 2 * n, off)
+    row_lse, _, pos = lse_op(z, z_all, None, scale, symmetric=False, self_offset=off, pos_shift=n, pos_wrap=2 * n,
+                             pos_base=off)
     loss = (row_lse.to(acc).sum() - pos.to(acc).sum()) / total
     return _global_value(loss, group) if gather else loss
 

@@ -287,10 +287,14 @@ def dropout(x: torch.Tensor, p: float = 0.5, *, training: bool = True, seed: int
             ``torch.compile`` a tensor seed (and None, drawn by ``torch.randint`` in the graph)
             stays in the graph: CPU tensors go to the C++ kernel's custom op, which reads the key
             inside, other devices to the reference formula, which Inductor fuses with its
-            neighbours; the same mask either way, and no graph break.
+            neighbours; the same mask either way, and no graph break. Under a ``torch.func``
+            transform (where the reference backend runs) None is drawn as a tensor too, under
+            torch's randomness rules (``vmap(randomness="different")``: one seed per sample; the
+            default "error": torch's error), and a tensor seed is not read (``_rng.fresh_seed``).
         backend: None (``cpu`` for CPU tensors when fastpt._C is built, ``triton`` for CUDA
-            tensors but float64, else ``reference``), "cpu", "triton" or "reference"; all give
-            bit-identical results.
+            tensors but float64, else ``reference``; always ``reference`` under a ``torch.func``
+            transform, where the others raise ``fastpt.BackendError``), "cpu", "triton" or
+            "reference"; all give bit-identical results.
 
     Returns:
         A new contiguous tensor shaped like ``x``, in its dtype; differentiable (the gradient is

@@ -858,7 +858,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         second through the same graph, as after ``retain_graph=True`` or ``autograd.grad``, or in
         ``torch.autograd.gradcheck``, raises a RuntimeError); ``reduction="none"`` (reduce it
         yourself) recomputes in each backward, and ``backend="reference"`` is plain autograd.
-        Under ``torch.func`` transforms (vmap, grad, ...) use ``backend="reference"``.
+        Under ``torch.func`` transforms (vmap, grad, ...) ``backend=None`` runs the reference
+        (plain autograd), as every fastpt op does (``_dispatch.transforms_active``).
 
     Under ``torch.autocast`` (on the tensors' device type) the head runs in the autocast dtype, as
     ``F.linear`` would: hidden is cast to it, and float32 weight and bias are cast inside the op,
