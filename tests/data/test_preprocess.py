@@ -531,3 +531,21 @@ def test_tokenizer_directory_hash_covers_added_tokens(tmp_path):
     before = _path_sha(tmp_path)
     (tmp_path / "added_tokens.json").write_text('{"covid19": 6}')
     assert _path_sha(tmp_path) != before
+
+
+def test_blank_mode_takes_unicode_whitespace_lines_as_blank(tmp_path):
+    # A line of only U+00A0 / U+3000 separates documents, as line mode (str.strip) and BERT's reader call
+    # it blank; bytes.strip() kept it as text, merging the documents around it
+    import sys
+
+    from fastpt.data.preprocess import _BLANK_LINE
+
+    (tmp_path / "b.txt").write_text("gamma one\n\xa0\ndelta one\n\u3000 \u2028\nepsilon\n\x1c\nzeta\n", encoding="utf-8")
+    recs = list(read_records(find_inputs([tmp_path / "b.txt"]), "blank", cap=1000))
+    assert [p for p, _, _ in recs] == [b"gamma one", b"delta one", b"epsilon", b"zeta"]
+    # the byte pattern is exactly str.isspace, over every code point
+    for c in range(sys.maxunicode + 1):
+        if 0xD800 <= c <= 0xDFFF:
+            continue
+        ch = chr(c)
+        assert bool(_BLANK_LINE.fullmatch(ch.encode())) == ch.isspace(), hex(c)

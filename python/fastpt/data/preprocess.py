@@ -255,6 +255,13 @@ def read_records(sources: Sequence[Source], docs: str, cap: int, start: tuple[in
                 from exc
 
 
+# A blank line in UTF-8 bytes: only characters str.isspace() holds (str.strip() strips them, as the line
+# mode's record_texts and BERT's create_pretraining_data do), without decoding the line: ASCII whitespace
+# and \x1c-\x1f, U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000.
+_BLANK_LINE = re.compile(rb"(?:[\t\n\x0b\x0c\r\x1c-\x20]|\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]"
+                         rb"|\xe2\x81\x9f|\xe3\x80\x80)*")
+
+
 def _file_records(src: Source, i: int, off: int, mode: str, cap: int, cr: bool):
     """read_records for one file from byte offset ``off`` (``cr``: a lone \\r ends a line, see ``_lines``)."""
     with _open(src.path) as f:
@@ -272,7 +279,7 @@ def _file_records(src: Source, i: int, off: int, mode: str, cap: int, cr: bool):
         else:  # blank-line separated: a document is a run of non-blank lines
             buf, size, over, doc_end = [], 0, False, off
             for line, off in _lines(f, off, cap, cr):
-                if line is not None and not line.strip():
+                if line is not None and _BLANK_LINE.fullmatch(line):
                     if buf or over:
                         now = _disk_pos(f, doc_end)
                         yield (None if over else b"\n".join(buf)), (i, doc_end), now - disk
