@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 pytest.importorskip("tokenizers")
@@ -333,3 +334,31 @@ def test_wordpiece_continuation_at_any_code_point():
         for text in (ext_f, ext_f + ext_f, ext_g, f"x{vs}y", f"{ext_g}{ext_f}"):
             assert "[UNK]" not in tok.encode(text, add_special_tokens=False).tokens, (lowercase, text)
         assert tok.encode(ext_f, add_special_tokens=False).tokens == ["\U0002CEB0", "##\U0002CEB1"]
+
+
+def test_word_start_table_follows_each_model_kind():
+    # WordPiece: ## pieces continue; byte-level BPE: a token with its leading space (Ġ) begins a word;
+    # Metaspace (SentencePiece-style) BPE: one with ▁; special tokens begin words; other models refuse
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from fastpt.data.tokenizer import word_start_table
+
+    docs = ["hello world this is a test of the tokenizers, truly tested."] * 40
+    for kind, text, want in [("wordpiece", "hello worldly tests", None), ("bpe", "hello worldly tests", None)]:
+        tok = train_tokenizer(docs, kind, 300)
+        table = word_start_table(tok)
+        assert table.dtype == torch.bool and table.shape == (tok.get_vocab_size(),)
+        enc = tok.encode(text, add_special_tokens=False)
+        got = table[enc.ids].tolist()
+        if kind == "wordpiece":
+            assert got == [not t.startswith("##") for t in enc.tokens] and not all(got)
+        else:
+            assert got == [t.startswith("\u0120") for t in enc.tokens] and any(got) and not all(got)
+        for name in ("[CLS]", "[SEP]", "<|endoftext|>"):
+            if tok.token_to_id(name) is not None:
+                assert table[tok.token_to_id(name)]
+    meta = Tokenizer(models.BPE(vocab={"\u2581a": 0, "b": 1, "\u2581ab": 2}, merges=[]))
+    meta.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert word_start_table(meta).tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="cannot tell where words begin in a WordLevel model"):
+        word_start_table(Tokenizer(models.WordLevel(vocab={"a": 0, "[UNK]": 1}, unk_token="[UNK]")))

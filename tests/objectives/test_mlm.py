@@ -177,3 +177,29 @@ def test_head_layer_norm_eps_follows_the_backbone():
     for tie in (True, False):
         assert MLM.from_backbone(backbone, mask_token_id=3, tie_word_embeddings=tie).head.layer_norm.eps == 1e-5
     assert MLM.from_backbone(backbone, mask_token_id=3, layer_norm_eps=1e-7).head.layer_norm.eps == 1e-7
+
+
+def test_word_starts_give_whole_words_without_word_ids():
+    """Token shards carry no word_ids: set_word_starts (a bool per id: the token begins a word) groups a
+    start with the non-start tokens after it, cut at special tokens, a row's start and document starts.
+    The masks equal those of the equivalent word_ids."""
+    _, obj = make(whole_word_masking=True)
+    starts = torch.ones(VOCAB, dtype=torch.bool)
+    starts[50:] = False  # ids 50.. are continuation pieces
+    ids = torch.tensor([[2, 60, 10, 61, 62, 11, 12, 63, 1, 64, 13, 65, 0, 0]])  # a continuation first after [CLS]
+    want = torch.tensor([[-1, 0, 1, 1, 1, 2, 3, 3, -1, 4, 5, 5, -1, -1]])
+    obj.set_word_starts(starts)
+    for seed in range(20):
+        got = obj.prepare({"input_ids": ids, "attention_mask": (ids != 0).long()}, seed=seed)["labels"]
+        ref = obj.prepare({"input_ids": ids, "attention_mask": (ids != 0).long(), "word_ids": want}, seed=seed)["labels"]
+        assert torch.equal(got, ref)
+    # packed: a document start begins a word even at a continuation id
+    packed = {"input_ids": torch.tensor([10, 60, 61, 62, 11]), "cu_seqlens": torch.tensor([0, 2, 5], dtype=torch.int32)}
+    word = {**packed, "word_ids": torch.tensor([0, 0, 1, 1, 2])}
+    for seed in range(20):
+        assert torch.equal(obj.prepare(packed, seed=seed)["labels"], obj.prepare(word, seed=seed)["labels"])
+    with pytest.raises(ValueError, match="word_starts: expected a 1-d bool tensor"):
+        obj.set_word_starts(torch.ones(VOCAB - 1, dtype=torch.bool))
+    obj.set_word_starts(None)
+    with pytest.raises(KeyError, match="word_ids"):
+        obj.prepare(text_batch(), seed=0)

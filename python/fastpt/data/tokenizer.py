@@ -255,6 +255,51 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def word_start_table(tok):
+    """A bool per id of ``tok`` (a ``tokenizers.Tokenizer``): True where the token begins a word, for
+    whole-word masking on token ids alone (``objectives.MLM.set_word_starts``).
+
+    WordPiece: every token but the continuation pieces (``##``, the model's ``continuing_subword_prefix``),
+    BERT's rule. Byte-level BPE (GPT-2, RoBERTa): a token with its leading space (``Ġ``) begins a word, and
+    one without continues the word before (so "Hello," is one word: the byte-level tokens carry no other
+    boundary). SentencePiece-style BPE / Unigram (a ``Metaspace`` pre-tokenizer): a token with ``▁`` begins
+    a word. Added and special tokens begin words. A row's first token and a token after a special one begin
+    words whatever they are (the objective's rule). ValueError for a tokenizer none of these rules fits."""
+    import torch
+
+    spec = json.loads(tok.to_str())
+    model = spec.get("model") or {}
+    kind = model.get("type")
+    vocab = tok.get_vocab(with_added_tokens=True)
+    size = max(tok.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
+
+    def parts(node) -> list[dict]:  # a pre-tokenizer / decoder and the members of a Sequence
+        if not isinstance(node, dict):
+            return []
+        return [node] + [p for child in node.get("pretokenizers") or node.get("decoders") or [] for p in parts(child)]
+
+    steps = {p.get("type") for key in ("pre_tokenizer", "decoder") for p in parts(spec.get(key))}
+    prefix = model.get("continuing_subword_prefix")
+    if kind == "WordPiece" or (kind == "BPE" and prefix):
+        def starts(t: str) -> bool:
+            return not t.startswith(prefix or "##")
+    elif kind == "BPE" and "ByteLevel" in steps:
+        def starts(t: str) -> bool:
+            return t.startswith("\u0120")
+    elif kind in ("BPE", "Unigram") and "Metaspace" in steps:
+        def starts(t: str) -> bool:
+            return t.startswith("\u2581")
+    else:
+        raise ValueError(f"tokenizer: cannot tell where words begin in a {kind} model without a ## prefix, a "
+                         f"byte-level or a Metaspace pre-tokenizer (pre-tokenizer / decoder steps: "
+                         f"{sorted(s for s in steps if s)}); whole-word masking needs the batches' word_ids")
+    table = torch.ones(size, dtype=torch.bool)  # ids the vocabulary does not name: words of their own
+    added = {t.content for t in tok.get_added_tokens_decoder().values()}
+    for text, i in vocab.items():
+        table[i] = text in added or starts(text)
+    return table
+
+
 def special_token_ids(tok, model_dir: str | Path | None = None) -> dict[str, int]:
     """Ids of the special-token roles the tokenizer has: a subset of
     ``{"cls", "sep", "pad", "mask", "unk", "eos", "bos", "sentinel"}`` (sentinel: ``<extra_id_0>``, the

@@ -50,9 +50,11 @@ class MLM(Objective):
         mask_token_id: id written at 80% (``replace_prob``) of the selected positions.
         mask_prob, replace_prob, random_prob: selection rate and the 80/10/10 split.
         special_token_ids: ids never masked (CLS, SEP, PAD, ...).
-        whole_word_masking: select whole words (the batch must carry ``word_ids``: a word is a run of
+        whole_word_masking: select whole words. A batch's ``word_ids`` give them (a word is a run of
             consecutive tokens with the same id ``>= 0``, so ``Encoding.word_ids()`` that restart per
-            sequence of a pair or per packed document, ``None`` / -1 on special tokens, work as given).
+            sequence of a pair or per packed document, ``None`` / -1 on special tokens, work as given);
+            a batch without them (token shards) needs ``set_word_starts`` (``fastpt pretrain`` calls it
+            with the shards' tokenizer: ``data.tokenizer.word_start_table``).
         tie_word_embeddings: the head's output matrix is the backbone's word embedding (set by ``attach``;
             with ALBERT's factorised ``(V, E)`` embedding the head's transform maps D -> E).
         activation, layer_norm_eps: the head's transform (dense + activation + LayerNorm); layer_norm_eps
@@ -88,6 +90,7 @@ class MLM(Objective):
             raise ValueError(f"replace_prob + random_prob: expected <= 1, got {replace_prob} + {random_prob}")
         self.special_token_ids = tuple(int(i) for i in special_token_ids)
         self.whole_word_masking = bool(whole_word_masking)
+        self.word_starts: torch.Tensor | None = None  # bool per vocabulary id (set_word_starts)
         self.tie_word_embeddings = bool(tie_word_embeddings)
         self.return_logits, self.log_accuracy = bool(return_logits), bool(log_accuracy)
         self._eps_from_backbone = layer_norm_eps is None
@@ -116,8 +119,11 @@ class MLM(Objective):
             return dict(batch)
         ids = check_ids("input_ids", batch["input_ids"], ndim=(1, 2))
         word_ids = None
-        if self.whole_word_masking:
-            require(batch, ("word_ids",), "MLM.prepare (whole_word_masking=True)")
+        if self.whole_word_masking and batch.get("word_ids") is None and self.word_starts is not None:
+            word_ids = self._words_from_ids(ids, batch)
+        elif self.whole_word_masking:
+            require(batch, ("word_ids",), "MLM.prepare (whole_word_masking=True; or set_word_starts for batches "
+                                          "of token ids alone)")
             word_ids = _word_runs(batch["word_ids"], ids, batch.get("cu_seqlens"))
         masked, labels = mlm_mask(ids, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
                                       mask_prob=self.mask_prob, replace_prob=self.replace_prob,
@@ -126,6 +132,47 @@ class MLM(Objective):
                                       special_token_ids=self.special_token_ids,
                                       attention_mask=batch.get("attention_mask"), word_ids=word_ids, seed=seed)
         return {**batch, "input_ids": masked, "labels": labels}
+
+    def set_word_starts(self, word_starts) -> None:
+        """Whole-word masking for batches without ``word_ids`` (token shards): ``word_starts`` is a bool
+        per vocabulary id, True where the token begins a word (``data.tokenizer.word_start_table``: not
+        a WordPiece ``##`` piece; a byte-level BPE token with its leading space ``Ġ``; a SentencePiece
+        one with ``▁``). A word is then a start token and the non-start tokens after it, cut at special
+        tokens and at document starts (``cu_seqlens``), as BERT's ``create_pretraining_data`` groups
+        ``##`` pieces. None switches it off."""
+        if word_starts is None:
+            self.word_starts = None
+            return
+        t = torch.as_tensor(word_starts)
+        if t.dtype != torch.bool or t.dim() != 1 or t.shape[0] < self.vocab_size:
+            raise ValueError(f"word_starts: expected a 1-d bool tensor with an entry per vocabulary id "
+                             f"(>= vocab_size={self.vocab_size}), got {t.dtype} of shape {tuple(t.shape)}")
+        self.word_starts = t.detach().cpu()
+
+    def _words_from_ids(self, ids: torch.Tensor, batch: dict) -> torch.Tensor:
+        """``word_ids`` from the token ids and ``word_starts`` (``set_word_starts``)."""
+        table = self.word_starts.to(ids.device)
+        flat = ids.reshape(-1, ids.shape[-1])
+        # out-of-vocabulary ids are clamped here and reach mlm_mask, whose error names input_ids
+        start = table[flat.long().clamp(0, table.shape[0] - 1)]
+        inside = torch.ones_like(start)
+        if self.special_token_ids:
+            inside &= ~torch.isin(flat, torch.tensor(self.special_token_ids, device=ids.device, dtype=flat.dtype))
+        for key in ("special_tokens_mask",):
+            if isinstance(batch.get(key), torch.Tensor):
+                inside &= ~batch[key].reshape(flat.shape).bool()
+        if isinstance(batch.get("attention_mask"), torch.Tensor):
+            inside &= batch["attention_mask"].reshape(flat.shape).bool()
+        # a token after a special one (or a row's first) starts a word even if it is a continuation
+        prev_inside = torch.zeros_like(inside)
+        prev_inside[:, 1:] = inside[:, :-1]
+        start |= ~prev_inside
+        cu = batch.get("cu_seqlens")
+        if isinstance(cu, torch.Tensor) and cu.dim() == 1 and not cu.dtype.is_floating_point:
+            starts = cu[:-1].to(device=ids.device, dtype=torch.int64)
+            starts = starts[(starts >= 0) & (starts < start.numel())]
+            start.view(-1)[starts] = True
+        return number_words(start, inside).reshape(ids.shape)
 
     def flops_weights(self, backbone: nn.Module, seq_len: int | None) -> dict[str, float]:
         """The backbone on every token, the head on the masked ``mask_prob`` of them."""
