@@ -85,19 +85,61 @@ def test_seeded_order(shard_dir):
 
 
 @pytest.mark.parametrize("world", [2, 3, 5])
-def test_rank_sharding(shard_dir, world):
+@pytest.mark.parametrize("mode", ["pack", "doc"])
+def test_rank_sharding(shard_dir, world, mode):
+    """Rank r's k-th sample is one process's sample k * world + r, in every epoch. Each rank's epoch was
+    padded to ceil(samples / world) by wrapping around: with samples % world != 0 the ranks' order drifted
+    from one process's from the second epoch on (2 ranks, 33 windows: steps past the first epoch
+    differed), and the README's equality with one process on the combined batch held for one epoch only."""
     out, _ = shard_dir
-    ranks = [ShardDataset(out, 5, seed=1, rank=r, world_size=world) for r in range(world)]
+    ranks = [ShardDataset(out, 9, mode=mode, seed=1, rank=r, world_size=world) for r in range(world)]
+    single = ShardDataset(out, 9, mode=mode, seed=1)
+    n = single.num_samples  # 73 windows of 9, 41 documents
+    assert n % world != 0  # the case the padding got wrong
+    epochs = 3
+    for k in range(epochs * n // world):
+        for r, d in enumerate(ranks):
+            assert d.sample_index(k) == single.sample_index(k * world + r), (k, r)
+    # each epoch is exactly n positions over the ranks: every sample once
+    per_position = [ranks[g % world].sample_index(g // world) for g in range(epochs * n)]
+    for e in range(epochs):
+        assert sorted(per_position[e * n:(e + 1) * n]) == list(range(n))
+    # one process: the concatenated permutations of epochs 0, 1, 2 (the order as it always was)
+    want = np.concatenate([np.random.default_rng([1, e]).permutation(n) for e in range(epochs)]).tolist()
+    assert [single.sample_index(k) for k in range(epochs * n)] == want
+
+
+def test_rank_sharding_num_epochs(shard_dir):
+    """With num_epochs every rank yields the same number of batches (a rank with a batch more than another
+    would hang a collective), the global positions of the epochs less the last round that does not fill."""
+    out, _ = shard_dir
+    world, batch = 3, 4
+    ranks = [ShardDataset(out, 5, seed=1, rank=r, world_size=world, num_epochs=2) for r in range(world)]
     n = ranks[0].num_samples
-    per_rank = [[d.sample_index(k) for k in range(len(d))] for d in ranks]
-    assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == -(-n // world)
-    everything = [i for p in per_rank for i in p]
-    assert set(everything) == set(range(n))  # complete
-    assert len(everything) - len(set(everything)) == len(everything) - n  # disjoint but the wrap-around padding
-    # step t across the ranks = the next world positions one process would see
-    single = ShardDataset(out, 5, seed=1)
-    for k in range(4):
-        assert {p[k] for p in per_rank} == {single.sample_index(k * world + r) for r in range(world)}
+    counts = [sum(1 for _ in d.batches(batch)) for d in ranks]
+    assert counts == [2 * n // (world * batch)] * world
+    singles = [len(list(ShardDataset(out, 5, seed=1, rank=r, world_size=world, num_epochs=2))) for r in range(world)]
+    assert singles == [2 * n // world] * world
+    assert len(list(ShardDataset(out, 5, seed=1, num_epochs=2))) == 2 * n  # one process: every sample twice
+
+
+def test_state_dict_resume_on_a_rank_across_epochs(shard_dir):
+    """Rank 1 of 2 (41 documents: its epochs hold 20 or 21 of them) saved mid-run and resumed continues
+    with the batches of the uninterrupted rank, across the epoch boundaries."""
+    out, _ = shard_dir
+    ds = ShardDataset(out, 11, mode="doc", seed=7, rank=1, world_size=2)
+    batches = ds.batches(3)
+    for _ in range(6):  # position 18 of 21: the next batches cross into epochs 1 and 2
+        next(batches)
+    state = json.loads(json.dumps(ds.state_dict()))
+    expected = [next(batches) for _ in range(12)]
+    resumed = ShardDataset(out, 11, mode="doc", seed=7, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, resumed.batches(3), strict=False):
+        for key in want:
+            assert torch.equal(want[key], got[key])
+    with pytest.raises(ValueError, match="world_size"):
+        ShardDataset(out, 11, mode="doc", seed=7, rank=1, world_size=3).load_state_dict(state)
 
 
 def test_state_dict_resume(shard_dir):

@@ -1,5 +1,7 @@
 """Data parallelism on 2 CPU processes (gloo, launched by torchrun): DDP and FSDP2 give the loss of one
-process on the combined batch, with gradient accumulation (no all-reduce on micro-steps)."""
+process on the combined batch, with gradient accumulation (no all-reduce on micro-steps); a failing rank
+ends the job with its error, and a signal to any rank stops every rank at the same step."""
+import json
 import os
 import signal
 import subprocess
@@ -177,3 +179,109 @@ def test_fsdp_trains_clip(tmp_path):
     again = PretrainModel.from_pretrained(shadow.save_pretrained(tmp_path / "clip"))
     assert again.objective.logit_scale.shape == (1,)
     assert float(again.objective.logit_scale) == pytest.approx(float(state["objective.logit_scale"]))
+
+
+# A runner whose rank FASTPT_TEST_RANK, in the step that FASTPT_TEST_STEP steps have preceded, raises
+# (FASTPT_TEST_FAIL) or sends itself a signal (FASTPT_TEST_SIGNAL); each worker writes its exit status to rc<rank>.
+EVENT_RUNNER = """import os, signal, sys
+from fastpt.train import recipe as R
+rank, at = int(os.environ["FASTPT_TEST_RANK"]), int(os.environ["FASTPT_TEST_STEP"])
+orig = R.PretrainRecipe._micro_step
+def event(self, *a, **k):
+    if self.dist.rank == rank and self.step == at and a[1] == 0:
+        if os.environ.get("FASTPT_TEST_FAIL"):
+            raise RuntimeError("simulated failure on one rank")
+        os.kill(os.getpid(), int(os.environ["FASTPT_TEST_SIGNAL"]))
+    return orig(self, *a, **k)
+R.PretrainRecipe._micro_step = event
+from fastpt.train import pretrain_main
+rc = pretrain_main(sys.argv[1:])
+open(os.path.join(os.environ["FASTPT_TEST_OUT"], "rc" + os.environ["RANK"]), "w").write(str(rc))
+sys.exit(rc)
+"""
+
+
+def launch_event(root, cfg, timeout, **event):
+    """torchrun of EVENT_RUNNER on 2 processes: (exit status, stdout + stderr, every worker's exit status);
+    a run still going after ``timeout`` seconds is killed and fails the test."""
+    (root / "event_runner.py").write_text(EVENT_RUNNER)
+    config = root / "event.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    e = {**env(), **{f"FASTPT_TEST_{k.upper()}": str(v) for k, v in event.items()}, "FASTPT_TEST_OUT": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "event_runner.py"), "--config", str(config)]
+    proc = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun starts its workers in sessions of their own: end them by pid, then torchrun
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for pid in workers:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the 2-rank run was still going after {timeout} s (hung): {out[-3000:]}")
+    ranks = {r: int((root / f"rc{r}").read_text()) for r in range(2) if (root / f"rc{r}").exists()}
+    return proc.returncode, out, ranks
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
+    """A rank that raised waited in cleanup's gloo barrier (pretrain's finally) while the other waited in the
+    step's next all-reduce: both hung for the group's 30-minute timeout and the error was never printed. The
+    failing rank now prints it (tagged with its rank and step) and leaves the group without the barrier; the
+    other's all-reduce fails on the closed connection, and torchrun ends the job within seconds."""
+    shards = make_shards(tmp_path / "shards", n_docs=60, min_len=3, max_len=40)
+    cfg = recipe(shards, tmp_path / "run", train={"max_steps": 50}, output={**QUIET, "save_every": 0})
+    rc, out, _ = launch_event(tmp_path, cfg, timeout=60, rank=1, step=2, fail=1)
+    assert rc != 0, out[-3000:]
+    assert "fastpt pretrain: rank 1 of 2 failed at step 2" in out and "simulated failure on one rank" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("objective,mode,sig,extra", [
+    ("mlm", "pack", signal.SIGTERM, 1),  # agreed in the target-count all-reduce before the micro-steps
+    ("sop", "doc", signal.SIGINT, 0),  # in the token-count all-reduce of padded rows, after them
+    ("sop", "pack", signal.SIGTERM, 0),  # no all-reduce to ride on: one of its own, at the step's end
+])
+def test_a_signal_to_one_rank_stops_every_rank_within_two_steps(tmp_path, objective, mode, sig, extra):
+    """The ranks agreed to stop only at the next logging step (the loss all-reduce carried the request):
+    under torchrun, whose SIGTERM is followed by SIGKILL 30 s later, a run whose log_every steps took
+    longer lost its final checkpoint. And when only some ranks got the signal, rank 0 ended with exit
+    status 0 and summary.json's stopped_by null. The request now rides on an all-reduce of every step, read
+    one step later: every rank stops two steps after the one in progress at most (one step sooner where
+    the all-reduce comes after the micro-steps) with the signal and its exit status."""
+    shards = make_shards(tmp_path / "shards", n_docs=60, min_len=3, max_len=40)
+    at, log_every = 3, 1000  # the logging step the old agreement waited for is past max_steps
+    cfg = recipe(shards, tmp_path / "run", model=tiny_model(objective), data={"mode": mode},
+                 train={"max_steps": 30}, output={**QUIET, "log_every": log_every, "save_every": 0})
+    rc, out, ranks = launch_event(tmp_path, cfg, timeout=120, rank=1, step=at, signal=int(sig))
+    assert ranks == {0: 128 + sig, 1: 128 + sig}, out[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    stop = at + 2 + extra  # the step in progress (at + 1), then one or two more
+    assert summary["stopped_by"] == sig.name and summary["steps"] == stop, (summary, out[-3000:])
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == [f"step-{stop:08d}"]
+
+
+def test_image_ranks_see_what_one_process_sees_in_every_epoch(tmp_path):
+    """2 ranks over 11 images: each rank's epoch was padded to 6 images by wrapping around, so from the
+    first epoch boundary on the ranks' combined batches held other images than one process's combined
+    batch (from step 2 of 2 x 2 here, the one that crosses it). Rank r's k-th image is now one process's
+    image k * 2 + r of one stream of epochs."""
+    from fastpt.train.data import ImageStream
+
+    for i in range(11):
+        (tmp_path / f"img{i:02d}.pgm").write_bytes(b"P5\n4 4\n255\n" + bytes([i * 20] * 16))
+
+    def ids(stream, batch, steps):
+        it = stream.batches(batch)
+        return [[round((float(x[0, 0, 0]) + 1) * 127.5 / 20) for x in next(it)["pixel_values"]] for _ in range(steps)]
+
+    steps = 17  # 3 epochs of 11 images in steps of 2 x 2
+    one = ids(ImageStream(str(tmp_path), seed=0), 4, steps)
+    ranks = [ids(ImageStream(str(tmp_path), seed=0, rank=r, world_size=2), 2, steps) for r in range(2)]
+    for s in range(steps):
+        assert sorted(ranks[0][s] + ranks[1][s]) == sorted(one[s]), s
+        assert ranks[0][s] == one[s][0::2] and ranks[1][s] == one[s][1::2], s  # rank r: positions r, r + 2

@@ -589,3 +589,69 @@ def test_a_filesystem_without_flock_runs_without_the_lock(shards, tmp_path, monk
     with pytest.warns(UserWarning, match="cannot lock .*running without"):
         assert pretrain(recipe(shards, tmp_path / "run", train={"max_steps": 1}, output=QUIET),
                         log=lambda m: None)["steps"] == 1
+
+
+def test_span_objectives_need_a_sentinel_per_span(tmp_path):
+    """Each noise span of a row takes its own sentinel, counting down from <extra_id_0>; shards of a tokenizer
+    with fewer sentinels than a row's spans (--sentinels 10 and t5-small's seq_len 568: 28 spans) had
+    ordinary tokens written as sentinels, silently. The recipe counts the tokenizer's sentinels and the most
+    spans a row of data.seq_len gets (T5's rule, per denoiser), and refuses naming both and the fixes."""
+    import numpy as np
+
+    from fastpt.assemble import load_config
+    from fastpt.data.shards import write_shards
+    from fastpt.data.tokenizer import special_token_ids, train_tokenizer
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    tok = train_tokenizer(iter([" ".join(words[i:] + words[:i]) for i in range(10)] * 5), "wordpiece", 80,
+                          num_sentinels=3)
+    tok.save(str(tmp_path / "tok.json"))
+    vocab, special = tok.get_vocab_size(), special_token_ids(tok)
+    assert tok.id_to_token(vocab - 3) == "<extra_id_2>" and special["sentinel"] == vocab - 1
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(5, vocab - 3, size=int(rng.integers(30, 90))) for _ in range(40)]
+    write_shards(tmp_path / "shards", docs, vocab_size=vocab, special_tokens=special,
+                 tokenizer_file=tmp_path / "tok.json")
+    models = {}
+    for name in ("t5-small", "ul2-small"):
+        models[name] = load_config(name)
+        models[name]["backbone"].update(hidden_size=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                                        intermediate_size=16, vocab_size=vocab)
+        models[name]["backbone"].pop("max_positions", None)
+    # T5 (15% noise, mean span 3): 80 tokens -> 12 noise in 4 spans; 70 (10.5 -> 10 noise) is the longest with 3
+    for model, seq_len, message in (
+            ("t5-small", 80, r"up to 4 noise spans under T5SpanCorruption, .* has 3 sentinels \(<extra_id_0> .. "
+                             r"<extra_id_2>\).*--sentinels 4 \(or more\), or lower data.seq_len to 70$"),
+            ("ul2-small", 64, r"up to 11 noise spans under UL2 \(X denoiser, mean span 3, noise 0.5\), .* has 3 "
+                              r"sentinels .*--sentinels 11 \(or more\), or lower data.seq_len to 21$")):
+        cfg = recipe(tmp_path / "shards", tmp_path / f"run{seq_len}", model=models[model], data={"seq_len": seq_len},
+                     train={"max_steps": 1}, output=QUIET)
+        with pytest.raises(ConfigError, match=message):
+            pretrain(cfg, log=lambda m: None)
+    cfg = recipe(tmp_path / "shards", tmp_path / "run", model=models["t5-small"], data={"seq_len": 70},
+                 train={"max_steps": 1}, output=QUIET)
+    assert pretrain(cfg, log=lambda m: None)["steps"] == 1
+
+
+def test_whole_word_masking_on_shards_uses_the_tokenizers_word_starts(shards, tmp_path):
+    """Shards carry token ids only: whole_word_masking crashed with a KeyError (no word_ids) at the first
+    step. The recipe hands the MLM the shards' tokenizer's word starts; shards without a tokenizer file
+    are refused before training, naming the option."""
+    from fastpt.data.shards import write_shards
+    from fastpt.data.tokenizer import special_token_ids, train_tokenizer
+
+    words = ["token", "izat", "ion", "pre", "train", "ing", "model", "data", "word", "piece"]
+    gen = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[int(i)] + words[int(j)] for i, j in torch.randint(0, 10, (30, 2), generator=gen))
+            for _ in range(40)]
+    tok = train_tokenizer(docs, "wordpiece", 120, min_frequency=1)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ids = [tok.encode(d, add_special_tokens=False).ids for d in docs]
+    write_shards(tmp_path / "wp", ids, vocab_size=tok.get_vocab_size(), special_tokens=special_token_ids(tok),
+                 tokenizer_file=tmp_path / "tokenizer.json")
+    model = tiny_model(whole_word_masking=True)
+    summary = pretrain(recipe(tmp_path / "wp", tmp_path / "run", model=model, train={"max_steps": 2},
+                              output={**QUIET, "save_every": 0}), log=lambda m: None)
+    assert summary["steps"] == 2
+    with pytest.raises(ConfigError, match="model.objective.whole_word_masking: the shards .* hold no tokenizer file"):
+        pretrain(recipe(shards, tmp_path / "none", model=model, output=QUIET), log=lambda m: None)

@@ -425,12 +425,16 @@ class ShardDataset:
     right-padded with the pad id (0 without one): ``{"input_ids": (seq_len,) int64,
     "attention_mask": (seq_len,) int64}``.
 
-    Order: epoch ``e`` visits all samples in ``numpy.random.default_rng([seed, e])``
-    permutation order (corpus order with ``shuffle=False``). Ranks interleave: rank r takes
-    positions r, r + world_size, ... of each epoch, padded by wrapping around so every rank
-    gets ``len(self)`` = ceil(samples / world_size) samples (as torch's DistributedSampler);
-    the ranks' batches at one step together are the next world_size * batch positions, the
-    same samples one process would see with the combined batch.
+    Order: one stream of epochs; epoch ``e`` visits all samples in
+    ``numpy.random.default_rng([seed, e])`` permutation order (corpus order with ``shuffle=False``).
+    Ranks interleave in that stream: rank r's k-th sample is global position ``k * world_size + r``
+    (position ``g % samples`` of epoch ``g // samples``), so the ranks' batches at every step
+    together are the next world_size * batch positions, the samples one process sees with the
+    combined batch, in every epoch. An epoch is ``samples`` positions whatever the rank count:
+    each rank gets ceil(samples / world_size) or one fewer of them (``len(self)`` is the
+    former). torch's DistributedSampler instead pads each rank's epoch to ceil(samples /
+    world_size) by wrapping around: with samples % world_size != 0 the ranks' order then drifts
+    from one process's from the second epoch on.
     Position: ``consumed`` samples of this rank; ``state_dict()`` / ``load_state_dict()``
     save and restore it. Iterate in the main process (a sample is a memmap slice; DataLoader
     workers would each hold their own position).
@@ -493,8 +497,16 @@ class ShardDataset:
 
     # -- order and position ---------------------------------------------------------------
     def __len__(self) -> int:
-        """Samples per epoch on this rank."""
+        """Samples per epoch on this rank, at most: ceil(num_samples / world_size)."""
         return -(-self.num_samples // self.world_size)
+
+    def _limit(self, take: int) -> bool:
+        """Whether the next ``take`` samples of this rank lie within ``num_epochs`` (always, without it). The
+        same answer on every rank: a round of ``take`` samples on each rank is kept only when all of it
+        fits, so every rank gets the same number of samples, the last global positions that do not fill a
+        round dropped (DistributedSampler's drop_last)."""
+        return self.num_epochs is None or \
+            (self.consumed + take) * self.world_size <= self.num_epochs * self.num_samples
 
     def _order(self, epoch: int) -> np.ndarray | None:
         if not self.shuffle:
@@ -505,9 +517,9 @@ class ShardDataset:
         return self._perm
 
     def sample_index(self, k: int) -> int:
-        """The window (pack) or document (doc) index of this rank's k-th sample (k counts across epochs)."""
-        epoch, j = divmod(k, len(self))
-        pos = (j * self.world_size + self.rank) % self.num_samples
+        """The window (pack) or document (doc) index of this rank's k-th sample (k counts across epochs):
+        global position ``k * world_size + rank`` of the stream of epochs."""
+        epoch, pos = divmod(k * self.world_size + self.rank, self.num_samples)
         order = self._order(epoch)
         return int(order[pos]) if order is not None else pos
 
@@ -517,8 +529,9 @@ class ShardDataset:
         return self.window(i) if self.mode == "pack" else self.document(i)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Samples from the current position on, advancing it; endless unless num_epochs was given."""
-        while self.num_epochs is None or self.consumed < self.num_epochs * len(self):
+        """Samples from the current position on, advancing it; endless unless num_epochs was given (then
+        floor(num_epochs * num_samples / world_size) samples in all on every rank)."""
+        while self._limit(1):
             out = self.sample(self.consumed)
             self.consumed += 1
             yield out
@@ -531,7 +544,7 @@ class ShardDataset:
         return self._batches(check_int("batch_size", batch_size, 1))
 
     def _batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        while self.num_epochs is None or self.consumed + batch_size <= self.num_epochs * len(self):
+        while self._limit(batch_size):
             out = collate([self.sample(self.consumed + b) for b in range(batch_size)])
             self.consumed += batch_size
             yield out

@@ -4,8 +4,9 @@ Both give the same small interface: ``batches(batch_size)`` (an endless iterator
 CPU batches, advancing the position), ``state_dict()`` / ``load_state_dict()`` (the position and
 what it is valid for) and ``special_ids`` / ``vocab_size`` (text) or ``image_shape`` (images).
 Order and rank split follow ``ShardDataset``: epoch ``e`` is a ``default_rng([seed, e])``
-permutation; rank ``r`` of ``W`` takes positions ``r, r + W, ...``, so at each step the ranks
-together see the samples one process would see with the combined batch.
+permutation; rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of the stream of epochs (its k-th
+sample is global position ``k * W + r``, no padding at an epoch's end), so at every step, in every
+epoch, the ranks together see the samples one process would see with the combined batch.
 """
 from __future__ import annotations
 
@@ -123,11 +124,13 @@ class ImageStream:
         self.image_shape = (c, image_size or h, image_size or w)
 
     def __len__(self) -> int:
+        """Samples per epoch on this rank, at most: ceil(samples / world_size)."""
         return -(-self.n // self.world_size)
 
     def _index(self, k: int) -> int:
-        epoch, j = divmod(k, len(self))
-        pos = (j * self.world_size + self.rank) % self.n
+        """The image of this rank's k-th sample: global position ``k * world_size + rank`` of the stream of
+        epochs (as ``ShardDataset.sample_index``)."""
+        epoch, pos = divmod(k * self.world_size + self.rank, self.n)
         if not self.shuffle:
             return pos
         if epoch != self._perm_epoch:

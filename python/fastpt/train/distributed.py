@@ -65,7 +65,7 @@ def init(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev, owns_group=owns)
 
 
-def cleanup(d: Dist) -> None:
+def cleanup(d: Dist, *, ok: bool = True) -> None:
     """Destroy the process group this run created, once its worker threads are idle.
 
     gloo's worker thread frees a finished collective's work object (and the Python-owned tensors
@@ -74,10 +74,18 @@ def cleanup(d: Dist) -> None:
     destructor joins it with the GIL held: a deadlock at exit (a 2-process CPU run hung after its
     final checkpoint's barrier: main thread in ~ProcessGroupGloo -> thread::join, gloo thread in
     ~AsyncGatherWork -> gil_scoped_acquire). A last barrier, then a sleep that releases the GIL,
-    lets the thread finish first."""
+    lets the thread finish first.
+
+    ``ok=False`` (the run is ending on an exception): no barrier. The other ranks are not coming to
+    it (they wait in the step's next collective, or failed themselves), so the failing rank waited in
+    it for the group's timeout (30 minutes) while they waited for it, and torchrun, which tears the
+    job down once one worker exits non-zero, never saw one exit. The group goes at once (the sleep
+    alone still lets gloo's thread let go of its last work object); the peers' pending collectives
+    then fail on the closed connections, or torchrun ends them."""
     if d.owns_group and dist.is_initialized():
         if d.enabled and dist.get_backend() == "gloo":
-            dist.barrier()
+            if ok:
+                dist.barrier()
             time.sleep(0.05)
         dist.destroy_process_group()
         d.owns_group = False

@@ -40,6 +40,7 @@ import shutil
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from pathlib import Path
 
@@ -75,6 +76,8 @@ PACKED_OBJECTIVES = (MLM, CausalLM, SelfDistillation)
 # objectives that write their own [CLS] / [SEP] around pairs cut from one document (per packed row: its longest
 # document piece, found from cu_seqlens): the documents come without separators
 PAIR_OBJECTIVES = (NSP, SOP)
+# the signals that end a run with a checkpoint; under torchrun the ranks sum one count per signal each step
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -529,7 +532,9 @@ class PretrainRecipe:
     def _check_sentinels(self, model: nn.Module) -> None:
         """Span corruption / UL2 on shards whose tokenizer has no ``<extra_id_0>``: its default first
         sentinel (vocab_size - 1) would be an ordinary token of the text. Unless the model's config sets
-        sentinel_start_id itself."""
+        sentinel_start_id itself. And a tokenizer with fewer sentinels than a row's noise spans (each span
+        takes the next one down: ``<extra_id_0>``, ``<extra_id_1>``, ...): the spans past the last would
+        be written as the ordinary tokens below it (``_sentinel_room``)."""
         sentinel = getattr(model.objective, "sentinel_start_id", None)
         explicit = ((model.config or {}).get("objective") or {}).get("sentinel_start_id") is not None \
             and "sentinel" not in ((model.config or {}).get("special_ids") or {})
@@ -538,6 +543,65 @@ class PretrainRecipe:
                               f"{type(model.objective).__name__} writes in place of the spans it removes; preprocess "
                               f"with --train-tokenizer ... --sentinels 100 (or a T5 tokenizer), or set "
                               f"model.objective.sentinel_start_id")
+        room = None if sentinel is None else self._sentinel_room(model.objective, int(sentinel))
+        if room is not None:
+            have, need, first, longest, what = room
+            names = f"<extra_id_{first}>" + (f" .. <extra_id_{first + have - 1}>" if have > 1 else "")
+            raise ConfigError(f"data.path: a row of data.seq_len={self.data.seq_len} tokens gets up to {need} noise "
+                              f"spans under {type(model.objective).__name__}{what}, each written as its own sentinel "
+                              f"counting down from id {sentinel}, but the shards' tokenizer has {have} sentinels "
+                              f"({names}): the ids below them are ordinary tokens of the text; preprocess with "
+                              f"--sentinels {need} (or more), or lower data.seq_len to {longest}")
+
+    def _sentinel_room(self, objective, sentinel: int) -> tuple[int, int, int, int, str] | None:
+        """``(sentinels, spans, first, longest, denoiser)`` when a row of data.seq_len tokens can get more noise
+        spans than the shards' tokenizer has consecutive sentinels from ``sentinel`` down (``<extra_id_first>``,
+        ``<extra_id_first+1>``, ...), else None (also when there is no tokenizer file to count them in, or the
+        id is no ``<extra_id_k>``: a sentinel_start_id the model config sets). The spans per row are the
+        objective's own rule, ``fastpt.ops.span_corrupt.span_counts`` (T5's ``random_spans_noise_mask``), for
+        every valid length up to seq_len under each of its span denoisers (UL2: the R and X ones);
+        ``longest`` is the longest seq_len whose rows fit the sentinels."""
+        import re
+
+        from tokenizers import Tokenizer
+
+        from ..ops.span_corrupt import span_counts
+
+        dataset = getattr(self.data, "dataset", None)
+        entry = (getattr(dataset, "manifest", None) or {}).get("tokenizer") or {}
+        if dataset is None or not entry.get("file"):
+            return None
+        denoisers = getattr(objective, "denoisers", None)
+        if denoisers is not None:
+            rates = [(float(d.mean_span_len), float(d.noise_density), f" ({d.mode} denoiser, mean span "
+                      f"{d.mean_span_len:g}, noise {d.noise_density:g})") for d in denoisers if d.mode != "S"]
+        elif hasattr(objective, "mean_span_len") and hasattr(objective, "noise_density"):
+            rates = [(float(objective.mean_span_len), float(objective.noise_density), "")]
+        else:
+            return None
+        if not rates:
+            return None
+        lengths = torch.arange(self.data.seq_len + 1, dtype=torch.int64)
+        per_rate = [span_counts(lengths, torch.full(lengths.shape, density, dtype=torch.float64),
+                                torch.full(lengths.shape, mean, dtype=torch.float64))[1] for mean, density, _ in rates]
+        spans = torch.stack(per_rate).amax(0)  # the most spans a row of each length gets
+        need = int(spans.max())
+        try:
+            tok = Tokenizer.from_file(str(dataset.path / entry["file"]))
+        except Exception:  # noqa: BLE001 -- tokenizers raises a bare Exception; the manifest check reports the file
+            return None
+        match = re.fullmatch(r"<extra_id_(\d+)>", tok.id_to_token(sentinel) or "")
+        if match is None:
+            return None
+        first = int(match.group(1))
+        have = 1
+        while have < need and sentinel - have >= 0 and tok.id_to_token(sentinel - have) == f"<extra_id_{first + have}>":
+            have += 1
+        if need <= have:
+            return None
+        worst = rates[int(torch.stack([r.max() for r in per_rate]).argmax())][2]  # the denoiser needing the most
+        longest = int((torch.cummax(spans, 0).values <= have).sum()) - 1
+        return have, need, first, longest, worst
 
     def _check_model_data(self, model: nn.Module) -> None:
         text = isinstance(self.data, TextStream)
@@ -558,6 +622,7 @@ class PretrainRecipe:
             self._check_special_ids(model)
             self._check_sentinels(model)
             self._check_positions(model)
+            self._set_word_starts(model)
             return
         c, h, w = self.data.image_shape
         size = bb.config.get("image_size")
@@ -567,6 +632,34 @@ class PretrainRecipe:
                               f"expects {bb.in_channels}x{size[0]}x{size[1]}: set the model's size, e.g. --set "
                               f"model.backbone.image_size={h} --set model.backbone.in_channels={c} --set "
                               f"model.backbone.patch_size=4, or resize with data.image_size")
+
+    def _set_word_starts(self, model: nn.Module) -> None:
+        """Whole-word masking on shards: token ids carry no word boundaries, so each MLM with
+        ``whole_word_masking`` gets the shards' tokenizer's word starts (``data.tokenizer.word_start_table``:
+        WordPiece ``##`` pieces, byte-level ``Ġ``, SentencePiece ``▁``). ConfigError when the shards hold no
+        tokenizer file or its words cannot be told apart."""
+        wanting = [m for m in model.modules() if isinstance(m, MLM) and m.whole_word_masking]
+        if not wanting:
+            return
+        from tokenizers import Tokenizer
+
+        from ..data.tokenizer import word_start_table
+
+        dataset = self.data.dataset
+        entry = (getattr(dataset, "manifest", None) or {}).get("tokenizer") or {}
+        what = "model.objective.whole_word_masking"
+        if not entry.get("file") or not (dataset.path / entry["file"]).is_file():
+            raise ConfigError(f"{what}: the shards in {dataset.path} hold no tokenizer file to find word boundaries "
+                              f"in (token ids alone do not say where words begin); preprocess with a tokenizer, or "
+                              f"set it to false")
+        try:
+            table = word_start_table(Tokenizer.from_file(str(dataset.path / entry["file"])))
+        except Exception as exc:  # noqa: BLE001 -- tokenizers raises a bare Exception for a bad file
+            raise ConfigError(f"{what}: {exc}") from exc
+        for m in wanting:
+            if table.shape[0] < m.vocab_size:  # ids past the tokenizer's (a padded embedding): words of their own
+                table = torch.cat([table, table.new_ones(m.vocab_size - table.shape[0])])
+            m.set_word_starts(table)
 
     def _check_positions(self, model: nn.Module) -> None:
         """data.seq_len must fit a learned position table: a doc-mode row is seq_len positions, and a
@@ -695,7 +788,7 @@ class PretrainRecipe:
                        schedule=t["schedule"], min_lr_ratio=t["min_lr_ratio"])
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            local_tokens, pending, counts = 0, [], []
+            local_tokens, pending, counts, stops = 0, [], [], None
             for micro in range(accum):
                 raw = next(batches)
                 local_tokens += self.model.tokens_in(raw)
@@ -709,7 +802,12 @@ class PretrainRecipe:
             if pending:  # a mean over targets: weigh each micro-batch by its targets over the whole step's
                 counts = torch.stack(counts).to(self.device, torch.float32)
                 single = accum == 1 and not self.dist.enabled  # the factor is 1: no arithmetic for it
-                total = None if single else distributed.all_reduce(counts.sum(), self.dist).clamp(min=1.0)
+                if self.dist.enabled:  # the ranks' stop requests ride on the count's all-reduce
+                    summed = distributed.all_reduce(torch.cat([counts.sum().reshape(1),
+                                                               counts.new_tensor(self._stop_flags())]), self.dist)
+                    total, stops = summed[0].clamp(min=1.0), summed[1:]
+                else:
+                    total = None if single else counts.sum().clamp(min=1.0)
                 for micro, batch in enumerate(pending):
                     factor = 1.0 if single else counts[micro] * self.dist.world_size / total
                     self._micro_step(batch, micro, factor, counts[micro], metric_sums)
@@ -728,19 +826,19 @@ class PretrainRecipe:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.on_step_end(step)
             self.step += 1
-            self.tokens += self._global_tokens(local_tokens)
+            tokens, stops = self._global_tokens(local_tokens, stops)
+            self.tokens += tokens
+            self._agree_stop(stops)
             self.logger.step()
             if self.t_first is None:
                 self.t_first, self.tokens_first = now(), self.tokens
 
             if self.step % out["log_every"] == 0 or self.done():
                 t_now = now()
-                stop = float(getattr(self, "stop_signal", None) is not None)
-                mean_loss = distributed.all_reduce(torch.cat([loss_sum, loss_sum.new_tensor([stop])]), self.dist)
-                # one device read for the row: the loss sums, the stop flag and the gradient norm
-                total, count, stop, norm = torch.cat([mean_loss, _local(grad_norm).detach().float().reshape(1)
-                                                      .to(mean_loss.device)]).tolist()
-                self._stop_agreed = stop > 0
+                mean_loss = distributed.all_reduce(loss_sum.clone(), self.dist)
+                # one device read for the row: the loss sums and the gradient norm
+                total, count, norm = torch.cat([mean_loss, _local(grad_norm).detach().float().reshape(1)
+                                                .to(mean_loss.device)]).tolist()
                 # a window whose micro-batches had no targets at all (MLM on a few tiny documents) logs NaN
                 loss_value = total / count if count > 0 else math.nan
                 if not math.isfinite(loss_value) and count > 0:
@@ -781,28 +879,33 @@ class PretrainRecipe:
             s = metric_sums.setdefault(k, [0.0, 0.0])
             s[0], s[1] = s[0] + v.detach().float() * weight, s[1] + weight
 
-    def _global_tokens(self, local: int) -> int:
-        """This step's tokens over all ranks; also carries the time-limit decision of rank 0."""
+    def _global_tokens(self, local: int, stops: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None]:
+        """This step's tokens over all ranks, and the ranks' summed stop requests: ``stops`` when the step's
+        target-count all-reduce carried them, else these when this all-reduce does (it also carries the
+        time-limit decision of rank 0), else None."""
         if not self.dist.enabled:
-            return local
+            return local, stops
         t = self.cfg["train"]
         same_everywhere = not (isinstance(self.data, TextStream) and self.data.mode == "doc")  # no padding
         if same_everywhere and t["max_time_s"] is None:
-            return local * self.dist.world_size  # no collective (and no device sync) needed
+            return local * self.dist.world_size, stops  # no collective (and no device sync) needed
         over = t["max_time_s"] is not None and self.dist.is_main and self._elapsed() >= t["max_time_s"]
-        box = torch.tensor([local, int(over)], dtype=torch.int64, device=self.device)
+        flags = self._stop_flags() if stops is None else []
+        box = torch.tensor([local, int(over), *flags], dtype=torch.int64, device=self.device)
         distributed.all_reduce(box, self.dist)
         self._time_up = bool(box[1])
-        return int(box[0])
+        return int(box[0]), stops if stops is not None else box[2:]
 
     # ------------------------------------------------------------------ SIGINT / SIGTERM
     def _install_stop_handlers(self) -> None:
         """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) end the run at a step boundary with the
         final checkpoint written, then ``pretrain`` raises ``Interrupted``: ``--resume`` continues from that
         step. A second Ctrl-C interrupts at once (no checkpoint). One process stops after the step in
-        progress; several ranks agree at the next logging step (the loss all-reduce carries the request),
-        so that every rank stops at the same step."""
-        self.stop_signal, self._stop_agreed, self._old_handlers = None, False, {}
+        progress; several ranks agree every step (``_agree_stop``) and stop at the same step, at most two
+        steps after the one in progress: torchrun sends SIGTERM to every worker and SIGKILL 30 s later, so
+        an agreement at the next logging step (log_every steps on) lost the final checkpoint of any run whose
+        log_every steps took longer than that."""
+        self.stop_signal, self._stop_agreed, self._stop_pending, self._old_handlers = None, None, None, {}
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set there
 
@@ -812,8 +915,8 @@ class PretrainRecipe:
                 raise KeyboardInterrupt
             self.stop_signal = signum
             self._print(f"pretrain: {signal.Signals(signum).name}: stopping at the "
-                        f"{'end of this step' if not self.dist.enabled else 'next logging step'} with a checkpoint "
-                        f"(Ctrl-C again to stop at once, without one)")
+                        f"{'end of this step' if not self.dist.enabled else 'step the ranks agree on'} with a "
+                        f"checkpoint (Ctrl-C again to stop at once, without one)")
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old_handlers[sig] = signal.signal(sig, request)
@@ -823,10 +926,49 @@ class PretrainRecipe:
             signal.signal(sig, old)
         self._old_handlers = {}
 
+    def _stop_flags(self) -> list[int]:
+        """This rank's stop request: one count per ``STOP_SIGNALS`` entry, 1 for the signal it received."""
+        return [int(getattr(self, "stop_signal", None) == s) for s in STOP_SIGNALS]
+
+    def _agree_stop(self, stops: torch.Tensor | None) -> None:
+        """Every step under torchrun: the ranks' ``_stop_flags`` summed, from the step's target-count or token
+        all-reduce (``stops``; no collective of its own), else, where the step makes neither (objectives
+        without ``loss_weight`` on packed rows, no max_time_s), from a 2-element all-reduce here.
+
+        The sums are read one step later: on a GPU, reading them now would wait for the whole step's kernels
+        (the loop has no device sync per step), so they are copied to the host without waiting and read after
+        the next step is queued; the CPU reads them one step later too (one code path: the step a run stops
+        at does not depend on the device). Every rank reads the same sums after the same step, so all stop
+        together, with the signal any rank got (SIGTERM before SIGINT when both were) as the run's
+        ``stopped_by`` and exit status."""
+        if not self.dist.enabled:
+            return
+        if stops is None:
+            stops = distributed.all_reduce(torch.tensor(self._stop_flags(), dtype=torch.int64, device=self.device),
+                                           self.dist)
+        event = None
+        host = stops.to("cpu", non_blocking=True)
+        if stops.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        previous, self._stop_pending = getattr(self, "_stop_pending", None), (host, event)
+        if previous is None or getattr(self, "_stop_agreed", None) is not None:
+            return
+        host, event = previous
+        if event is not None:
+            event.synchronize()  # the step before's copy: done long ago
+        asked = [s for s, n in zip(STOP_SIGNALS, host.tolist()) if n > 0]
+        self._stop_agreed = max(asked) if asked else None
+
+    def _stopped_by(self) -> int | None:
+        """The signal that stops the run: this process's own (one process), or the one every rank agreed on
+        (``_agree_stop``): a rank that alone got one stops with the others, all with its exit status."""
+        if getattr(self, "dist", None) is not None and self.dist.enabled:
+            return getattr(self, "_stop_agreed", None)
+        return getattr(self, "stop_signal", None)
+
     def _stop_now(self) -> bool:
-        if self.dist.enabled:  # every rank stops at the same step: agreed in the logging all-reduce
-            return getattr(self, "_stop_agreed", False)
-        return getattr(self, "stop_signal", None) is not None
+        return self._stopped_by() is not None
 
     def _elapsed(self) -> float:
         return self.elapsed_before + now() - self.t_start
@@ -945,7 +1087,7 @@ class PretrainRecipe:
             "mfu": compute_mfu(self.flops_per_token, rate, self.peak, self.dist.world_size),
             "peak": self.peak_desc, "flops_per_token": self.flops_per_token, "first_loss": self.first_loss,
             "final_loss": self.final_loss, "checkpoint": str(path or self.ckpt_dir / ckpt.checkpoint_name(self.step)),
-            "stopped_by": signal.Signals(self.stop_signal).name if getattr(self, "stop_signal", None) else None,
+            "stopped_by": signal.Signals(self._stopped_by()).name if self._stopped_by() else None,
             "device": str(self.device), "world_size": self.dist.world_size, "precision": self.precision,
             "parameters": sum(p.numel() for p in self.params),
             "peak_memory_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda"
@@ -955,7 +1097,25 @@ class PretrainRecipe:
         return summary
 
     # ================================================================== cleanup
-    def cleanup(self) -> None:
+    def report_failure(self, exc: BaseException) -> None:
+        """Under torchrun: the exception ending this rank, on stderr, tagged with the rank and the step, before
+        cleanup and before it propagates. The other ranks then wait in a collective that this one never
+        joins, so this may be all of the failure anyone sees; torchrun's summary names the rank, not the
+        error. A configuration or checkpoint error (``pretrain_main`` reports it) and a second Ctrl-C get
+        their one line, anything else its traceback."""
+        d = getattr(self, "dist", None)
+        if d is None or not d.enabled:
+            return
+        quiet = (KeyboardInterrupt, ConfigError, ckpt.CorruptCheckpointError, ckpt.CheckpointWriteError)
+        text = (f"{type(exc).__name__}: {exc}" if isinstance(exc, quiet)
+                else "".join(traceback.format_exception(exc)).rstrip())
+        print(f"fastpt pretrain: rank {d.rank} of {d.world_size} failed at step {getattr(self, 'step', 0)}: "
+              f"{text}", file=sys.stderr, flush=True)
+
+    def cleanup(self, *, ok: bool = True) -> None:
+        """Undo what setup did: signal handlers, prefetch thread, output lock, progress bar, process group,
+        malloc. ``ok=False`` (the run ends on an exception): the process group goes without the final
+        barrier, which the other ranks would never reach (``distributed.cleanup``)."""
         self._restore_stop_handlers()
         if isinstance(getattr(self, "_batches", None), Prefetcher):
             self._batches.close()
@@ -963,7 +1123,7 @@ class PretrainRecipe:
         if hasattr(self, "logger") and self.logger.bar is not None:
             self.logger.bar.close()
         if hasattr(self, "dist"):
-            distributed.cleanup(self.dist)
+            distributed.cleanup(self.dist, ok=ok)
         if getattr(self, "_restore_malloc", False):
             _cpu_malloc.restore()  # the process's malloc as it was before the run
 
@@ -1026,13 +1186,18 @@ def pretrain(config: dict | str | os.PathLike, *, resume: bool = False, override
     """
     cfg = load_recipe(config, overrides, resolve_model=model_config)
     recipe = PretrainRecipe(cfg, resume=resume, log=log)
+    ok = False
     try:
         recipe.setup()
         recipe.train()
         summary = recipe.finish()
+        ok = True
+    except BaseException as exc:
+        recipe.report_failure(exc)  # before any collective: the other ranks may never come to one
+        raise
     finally:
-        recipe.cleanup()
-    stopped = getattr(recipe, "stop_signal", None)
+        recipe.cleanup(ok=ok)
+    stopped = recipe._stopped_by()  # every rank's: the one they agreed on
     if stopped is not None:  # the final checkpoint is written: tell the caller the run did not end on its own
         raise Interrupted(stopped, summary)
     return summary
