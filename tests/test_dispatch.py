@@ -151,6 +151,15 @@ def test_torch_func_transforms_pick_the_reference():
         return x + (1.0 if _dispatch.transforms_active() else 2.0)
 
     assert torch.equal(torch.compile(compiled, backend="eager", fullgraph=True)(torch.zeros(2)), torch.full((2,), 2.0))
+    # a backend of plain torch ops (attention's sdpa: torch's own op) stays in line under the transforms
+    safe = _dispatch.Op("toy_safe", [
+        _dispatch.Backend("cpu", lambda: None, lambda x: None, lambda x: "cpu"),
+        _dispatch.Backend("sdpa", lambda: None, lambda x: None, lambda x: "sdpa", transform_safe=True),
+        _dispatch.Backend("reference", lambda: None, lambda x: None, lambda x: "reference"),
+    ], probe=lambda device: {"x": 0}, register=False)
+    picked = []
+    torch.func.grad(lambda x: (picked.append((safe(x=1), safe(backend="sdpa", x=1))) or x).sum())(torch.ones(2))
+    assert picked == [("sdpa", "sdpa")] and safe(x=1) == "cpu"
 
 
 def test_vmap_keeps_the_gradient_of_a_fused_op():

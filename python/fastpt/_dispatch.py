@@ -5,14 +5,15 @@ A backend is refused with a reason (a string); a forced backend that refuses,
 or inputs that no backend accepts, raise ``BackendError`` listing every backend
 and its reason. Nothing is patched at import time.
 
-Under a ``torch.func`` transform (grad, vmap, jacrev, jvp, ...) only the ``reference`` backend
-runs: the other backends are ``torch.library.custom_op`` ops (or ``autograd.Function``s) whose
-autograd formula torch's transforms cannot apply (torch 2.13 has no functorch rule for
+Under a ``torch.func`` transform (grad, vmap, jacrev, jvp, ...) only the backends made of plain
+torch ops run (``transform_safe``: every ``reference``, and attention's ``sdpa``): the others are
+``torch.library.custom_op`` ops (or ``autograd.Function``s) whose autograd formula torch's
+transforms cannot apply (torch 2.13 has no functorch rule for
 ``register_autograd``; it raises "In order to use an autograd.Function with functorch
 transforms ..."), and under vmap a fused kernel that reads ``requires_grad`` sees False on the
-wrapped tensors and silently drops a gradient. The reference backends are plain PyTorch ops,
-which every transform traces. ``backend=None`` picks it; a forced other backend raises
-``BackendError`` saying why (``transforms_active``).
+wrapped tensors and silently drops a gradient. Plain PyTorch ops are what every transform
+traces. ``backend=None`` picks the first of those that accepts the inputs; a forced other backend
+raises ``BackendError`` saying why (``transforms_active``).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ UNDER_TRANSFORM = ("a torch.func transform (grad, vmap, jacrev, jvp, ...) is act
 
 def transforms_active() -> bool:
     """Whether a ``torch.func`` transform (grad, vmap, jacrev, jvp, functionalize) is running: one C
-    call (~40 ns) reading functorch's interpreter stack. ``torch.compile`` folds it to a constant
+    call (under 1 µs with this function's own overhead) reading functorch's interpreter stack. ``torch.compile`` folds it to a constant
     (False outside a transform), so a compiled graph neither breaks nor changes on it."""
     import torch
 
@@ -59,6 +60,12 @@ class Backend:
     available: Callable[[], str | None]
     supports: Callable[..., str | None]
     run: Callable
+    # runs under torch.func transforms too (plain torch ops: every "reference", torch's own SDPA)
+    transform_safe: bool = False
+
+    def __post_init__(self):
+        if self.name == "reference":
+            object.__setattr__(self, "transform_safe", True)
 
 
 @_native.once
@@ -193,9 +200,9 @@ AVAILABILITY = {
 }
 
 
-def backend(name: str, supports: Callable[..., str | None], run: Callable) -> Backend:
+def backend(name: str, supports: Callable[..., str | None], run: Callable, *, transform_safe: bool = False) -> Backend:
     """A backend whose machine-level availability is the standard one for ``name``."""
-    return Backend(name, AVAILABILITY[name], supports, run)
+    return Backend(name, AVAILABILITY[name], supports, run, transform_safe)
 
 
 # Every Op registers here when its module is imported (for fastpt.info and the test grid).
@@ -221,7 +228,7 @@ class Op:
         under = transforms_active()
         out = {}
         for b in self.backends.values():
-            out[b.name] = (UNDER_TRANSFORM if under and b.name != "reference" else None) or b.available() \
+            out[b.name] = (UNDER_TRANSFORM if under and not b.transform_safe else None) or b.available() \
                 or b.supports(**inputs)
         return out
 
@@ -238,14 +245,15 @@ class Op:
 
     def select(self, backend: str | None = None, **inputs) -> Backend:
         """The backend that runs these inputs: the forced one, or the first in order that accepts them;
-        under a torch.func transform the reference backend (``transforms_active``, module docstring)."""
+        under a torch.func transform only the backends made of plain torch ops (``transform_safe``: the
+        reference, torch's SDPA; ``transforms_active``, module docstring)."""
         self.check_name(backend)
-        if transforms_active():
-            if backend in (None, "reference") and "reference" in self.backends:
-                return self.backends["reference"]
-            raise BackendError(f"{self.name}: backend {backend!r} cannot run here: {UNDER_TRANSFORM}"
-                               + ("" if "reference" in self.backends else " (this op has none)"))
         candidates = [self.backends[backend]] if backend else list(self.backends.values())
+        if transforms_active():
+            if not any(b.transform_safe for b in candidates):
+                raise BackendError(f"{self.name}: backend {backend!r} cannot run here: {UNDER_TRANSFORM}"
+                                   + ("" if "reference" in self.backends else " (this op has no reference)"))
+            candidates = [b for b in candidates if b.transform_safe]
         for b in candidates:
             if (b.available() or b.supports(**inputs)) is None:
                 return b

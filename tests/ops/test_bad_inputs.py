@@ -630,3 +630,20 @@ def test_sdpa_errors_name_its_own_arguments():
     q = torch.randn(2, 4, 8, 16)
     _raises_naming(TypeError, "^query:", lambda: sdpa(q.to(torch.int64), q, q))
     _raises_naming((TypeError, ValueError), "^key:", lambda: sdpa(q, q.double(), q))
+
+
+def test_numpy_integers_are_accepted_where_ints_are():
+    # seeds drawn with numpy (np.random.default_rng().integers), np.prod(grid) sizes, numpy label values
+    np = pytest.importorskip("numpy")
+    from fastpt.ops import dropout, linear_cross_entropy, random_masking
+    from fastpt.ops.span_corrupt import span_corrupt_lengths
+
+    x = torch.randn(4, 8)
+    assert torch.equal(dropout(x, 0.1, seed=np.int64(3)), dropout(x, 0.1, seed=3))
+    assert torch.equal(dropout(x, 0.1, seed=np.uint64(3)), dropout(x, 0.1, seed=3))
+    assert torch.equal(random_masking(2, np.prod((4, 4)), seed=np.int64(5))[1], random_masking(2, 16, seed=5)[1])
+    h, w, y = torch.randn(5, 8), torch.randn(11, 8), torch.tensor([1, 2, -100, 3, 4])
+    assert torch.equal(linear_cross_entropy(h, w, y, ignore_index=np.int64(-100)), linear_cross_entropy(h, w, y))
+    assert span_corrupt_lengths(np.int64(512)) == span_corrupt_lengths(512) == (462, 104)
+    with pytest.raises(TypeError, match="seed: expected an int, got bool"):
+        dropout(x, 0.1, seed=np.bool_(True))

@@ -24,6 +24,8 @@ uniform integer in ``[0, n)`` is ``(bits * n) >> 32`` (Lemire's multiply-shift).
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 try:  # the Triton twin of mix32, for the kernels in ops/*.py
@@ -77,8 +79,9 @@ def check_seed(seed) -> int:
     if isinstance(seed, torch.Tensor):
         _check_seed_tensor(seed)
         seed = int(seed.item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # ints, numpy integers
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    seed = int(seed)
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed: expected 0 <= seed < 2**64, got {seed}")
     return seed

@@ -73,12 +73,19 @@ def flag(name: str, v) -> bool:
     raise TypeError(f"{name}: expected True or False, got {v!r}")
 
 
+def integer(v) -> int | None:
+    """``v`` as a Python int when it is an integer (int, numpy integers; not bool), else None."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        return None
+    return int(v)
+
+
 def positive_int(name: str, v, *, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
             v = int(v.item())
-        elif isinstance(v, numbers.Integral) and not isinstance(v, bool):  # numpy integers (numpy bools are no Integral)
-            v = int(v)
+        elif integer(v) is not None:  # numpy integers (numpy bools are no Integral)
+            v = integer(v)
         else:
             raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     if v < minimum:

@@ -658,7 +658,7 @@ def _probe(device):
 # that CPU tensors never land on the Triton interpreter (a test device) when TRITON_INTERPRET=1 is set.
 OP = _dispatch.Op("attention", [
     _dispatch.Backend("cpu", _cpu.unavailable, _cpu_supports, _cpu_run),  # torch's kernel, not _C
-    _dispatch.backend("sdpa", _sdpa_supports, _sdpa_run),
+    _dispatch.backend("sdpa", _sdpa_supports, _sdpa_run, transform_safe=True),  # torch's own op
     _dispatch.backend("triton", _module_supports("attention_triton", _dispatch.triton_device_refusal), _run_kernel("triton")),
     _dispatch.backend("cuda", _module_supports("attention_cuda", _dispatch.device_is("cuda")), _run_kernel("cuda")),
     _dispatch.backend("reference", lambda **_: None, _run_reference),

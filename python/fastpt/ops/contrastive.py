@@ -268,11 +268,11 @@ def _ref_scores(q, k, queue, scale, self_offset):
     acc = _acc_dtype(q.dtype)
     keys = k if queue is None else torch.cat([k, queue])
     s = (q.to(acc) @ keys.to(acc).T) * scale.to(acc)
-    if self_offset >= 0:  # out of place (a mask, not an indexed write): vmap and autograd trace it
+    if self_offset >= 0:  # a mask, not an indexed write: vmap traces it
         i = torch.arange(q.shape[0], device=q.device)
         j = torch.arange(keys.shape[0], device=q.device)
         own = (j[None, :] == i[:, None] + self_offset) & (j < k.shape[0])[None, :]  # key columns only
-        s = s.masked_fill(own, float("-inf"))
+        s.masked_fill_(own, float("-inf"))  # s is a fresh product: in place
     return s, keys.to(acc)
 
 

@@ -35,8 +35,9 @@ rounded to fp16 for the GEMMs, is written at a power-of-two scale that fills fp1
 overflow (``_fp16_grad_unit``) rather than at ``1 / active rows``, since the loss scale only
 arrives in backward, after that rounding; ``1 / rows``, the scale's inverse and the incoming
 gradient are applied in float32, and the three gradients are kept in float32 until backward rounds
-them to the inputs' dtypes once (twice the stored bytes of the other dtypes; on the CPU,
-``grad_weight``'s chunk GEMM runs on a float32 copy of the chunk, whose fp16 product could overflow).
+them to the inputs' dtypes once (twice the stored bytes of the other dtypes; on the CPU, where no
+GEMM sums fp16 operands into float32, both chunk GEMMs run on float32 copies: ``grad_weight``'s fp16
+product could overflow, and ``grad_hidden``'s would be rounded twice).
 
 Backends: ``triton`` (CUDA; CPU under TRITON_INTERPRET=1) runs the per-chunk softmax / loss /
 gradient-of-logits in a Triton kernel and the GEMMs in cuBLAS; ``cpu`` does the same per-chunk
@@ -71,6 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _dispatch, _native
+from . import _validate
 from ._validate import FLOAT_DTYPES
 from ._validate import acc_dtype as _acc_dtype
 
@@ -143,8 +145,9 @@ def empty_cache() -> None:
 def check_options(ignore_index, reduction, label_smoothing, z_loss) -> tuple[float, float]:
     """Validate the scalar options (also what ``nn.LinearCrossEntropyLoss`` checks when built);
     returns ``(label_smoothing, z_loss)`` as floats. Errors name the option."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if _validate.integer(ignore_index) is None:
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    ignore_index = _validate.integer(ignore_index)
     if not -2**63 <= ignore_index < 2**63:  # an int64 label value, as the kernels compare it
         raise ValueError(f"ignore_index: expected an int64 value, got {ignore_index}")
     if reduction not in REDUCTIONS:
@@ -199,7 +202,7 @@ def _prepare(hidden, weight, labels, bias, ignore_index, reduction, label_smooth
         raise ValueError(f"labels: expected a tensor on {hidden.device} (the device of hidden), got {labels.device}")
     label_smoothing, z_loss = check_options(ignore_index, reduction, label_smoothing, z_loss)
     inputs = dict(hidden=hidden.reshape(-1, d), weight=weight, bias=bias, labels=labels.reshape(-1).long(),
-                  ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
+                  ignore_index=int(ignore_index), reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
     return inputs, labels.shape
 
 
@@ -565,6 +568,9 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
         scale_all = torch.full((a,), 1.0 / max(a, 1) if grad_scale == "mean" else 1.0, dtype=acc,
                                device=hidden.device)
     wt = weight.t()
+    # float16 grad_hidden off CUDA (no float32-output GEMM there): its chunk products in float32, from one
+    # float32 copy of the weight per pass, so the gradient is rounded once, at the end
+    w32 = weight.float() if fp16 and need_h and not hidden.is_cuda else None
     low = hidden.dtype in (torch.float16, torch.bfloat16)
     gw = gw_part = None  # (V, D): the weight gradient; a half-precision chunk product
     ce = _CE_CHUNK[kind]
@@ -589,8 +595,13 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
         losses.index_copy_(0, idx, loss.to(acc))
         lses.index_copy_(0, idx, lse.to(acc))
         if grads:  # z now holds scale * dloss/dlogits for the chunk
+            zf = None  # float16 off CUDA: the chunk's gradient in float32, for both products
             if need_h:
-                gh.index_copy_(0, idx, _mm_f32(z, weight) if fp16 else z @ weight)
+                if w32 is not None:  # one rounding (backward's), as torch's fp16 path: not the product's too
+                    zf = z.float()
+                    gh.index_copy_(0, idx, zf @ w32)
+                else:
+                    gh.index_copy_(0, idx, _mm_f32(z, weight) if fp16 else z @ weight)
             if need_w:
                 if fp16:  # float16: summed in float32, by cuBLAS or from a float32 copy
                     if gw is None and hidden.is_cuda:
@@ -598,10 +609,9 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
                     if gw is None or not _dispatch.addmm_f32_(gw, z.t(), hc):
                         # the fp16 product of the scaled gradient could overflow (a column's sum over
                         # the chunk's rows is bounded by the row count only): float32 operands here
-                        zf = z.float()
+                        zf = z.float() if zf is None else zf
                         gw = _zt_h(kind, zf, hc.float()) if gw is None else _zt_h(kind, zf, hc.float(), out=gw,
                                                                                    add=True)
-                        del zf
                 elif gw is None and not (low and several):
                     gw = _zt_h(kind, z, hc)  # the first (or only) chunk: no zero-filled (V, D) buffer
                 elif not low:
@@ -614,6 +624,7 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
                         gw = gw_part.float() if gw is None else gw.add_(gw_part)
             if need_b and kind != "cpu":  # the CPU step summed its gradient's columns into gb
                 gb.add_(z.sum(0, dtype=acc))
+            del zf
         del z, hc, out  # before the next chunk's GEMM allocates: one (C, V) buffer alive, not two
     del gw_part  # before the cast below allocates the weight-dtype gradient
     if fp16:  # float32 gradients of the reduced loss: 1 / a and 1 / unit applied here

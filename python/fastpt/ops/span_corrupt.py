@@ -141,7 +141,8 @@ def span_corrupt_lengths(seqlens, *, noise_density=0.15, mean_span_len=3.0):
     Raises:
         TypeError / ValueError naming the argument.
     """
-    scalar = isinstance(seqlens, int) and not isinstance(seqlens, bool)
+    scalar = _validate.integer(seqlens) is not None  # an int or a numpy integer
+    seqlens = _validate.integer(seqlens) if scalar else seqlens
     if scalar and not 0 <= seqlens < 2**63:
         raise ValueError(f"seqlens: expected a length in [0, 2**63), got {seqlens}")
     device = seqlens.device if isinstance(seqlens, torch.Tensor) else torch.device("cpu")
