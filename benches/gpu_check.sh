@@ -29,6 +29,9 @@
 #                      to pick ops), or PHASES="e2e-compile" SKIP_BUILD=1 TOTAL_BUDGET=240 (compile
 #                      170 s + profile 50 s), then give the machine back
 # 120 + 400 + 260 = 780 s at most, leaving ~120 s for transfers and waits: no time for a third call.
+# The machine stays warm only ~30 s after a call (status: idle_release_s): issue the second call at once,
+# prepared beforehand. If it went back, a second call pays another cold start on a bare machine: drop
+# SKIP_BUILD=1 there (the build is gone) or skip the call.
 # The tests are stopped with SIGINT (pytest-xdist shuts its workers down) and any straggler is
 # killed before the next phase, so no test process shares the GPU with a bench.
 #   device run: bash benches/gpu_check.sh   (carry .whl for the peer baselines); SKIP_BUILD=1 on the

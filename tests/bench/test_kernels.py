@@ -1,4 +1,6 @@
 """fastpt.bench.kernels' masking bench: what each MLM row is fed, and the notes that say so on every device."""
+import sys
+
 import pytest
 
 from fastpt.bench import kernels
@@ -12,14 +14,17 @@ def test_hf_collator_is_timed_on_the_lists_run_mlm_prepares(monkeypatch):
     its time); run_mlm.py passes the mask. The notes said only on CUDA that the collators start from lists
     and the kernel from a tensor."""
     seen = {}
-    real = transformers.DataCollatorForLanguageModeling
+    # the module bench_masking imports at run time: importing a transformers model class elsewhere (the
+    # e2e tests) can replace sys.modules["transformers"], so the module imported above may be stale
+    hf = sys.modules["transformers"]
+    real = hf.DataCollatorForLanguageModeling
 
     class Recording(real):
         def __call__(self, features, *a, **kw):
             seen["hf"] = all("special_tokens_mask" in f for f in features)
             return super().__call__(features, *a, **kw)
 
-    monkeypatch.setattr(transformers, "DataCollatorForLanguageModeling", Recording)
+    monkeypatch.setattr(hf, "DataCollatorForLanguageModeling", Recording)
     monkeypatch.setattr(kernels, "measure", lambda ctx, **kw: [
         dict(provider=name, note=(kw["notes"] or {}).get(name, ""), fn=fn) for name, fn in kw["providers"].items()]
         if kw["op"] == "masking" and kw["case"].startswith("mlm") else [])

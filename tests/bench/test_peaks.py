@@ -53,6 +53,8 @@ def test_cpu_peak_defaults_to_the_affinity_and_torchs_threads(threads, monkeypat
     ("NVIDIA A800-SXM4-80GB", "A100", 312.0),
     ("NVIDIA A800 80GB PCIe", "A100", 312.0),
     ("NVIDIA A100-PCIE-40GB", "A100", 312.0),
+    ("NVIDIA A100X", "A100", 312.0),  # a suffix letter is still an A100 (converged card, vGPU profiles)
+    ("NVIDIA A100D-80C", "A100", 312.0),
 ])
 def test_gpu_names_find_their_row(name, label, bf16):
     p = peaks.gpu_peak(name, "bf16")

@@ -4,7 +4,7 @@ GPUs: the vendors' datasheet figures for dense math (sparsity halved away), in T
 dtype: ``fp32`` (CUDA cores, or matrix cores where fp32 matrix math exists), ``tf32``, ``bf16``,
 ``fp16``, ``fp8``. Tensor-core figures assume fp32 accumulation. Names are matched by the
 patterns in :data:`GPU_PEAKS`, most specific first (``H800 PCIe`` before ``H800``, ``L40S`` before
-``L40`` before ``L4``), model numbers anchored at word boundaries (``A100`` is not ``RTX A1000``).
+``L40`` before ``L4``), model numbers anchored (``A100`` and ``A100X`` are A100s, ``RTX A1000`` is not).
 
 CPUs: derived, never a constant: the physical cores the work runs on x FLOPs per cycle per core
 (from the vector width and FMA units the CPU's family implies) x clock (the model name's
@@ -37,7 +37,7 @@ GPU_PEAKS: list[tuple[str, str, dict[str, float]]] = [
     (r"H800.*PCI", "H800 PCIe", dict(fp32=51.2, tf32=378.0, bf16=756.5, fp16=756.5, fp8=1513.0)),
     (r"H100|H800", "H100 SXM", dict(fp32=67.0, tf32=494.7, bf16=989.4, fp16=989.4, fp8=1978.9)),
     (r"B200", "B200", dict(fp32=75.0, tf32=1100.0, bf16=2250.0, fp16=2250.0, fp8=4500.0)),
-    (r"\bA100\b|\bA800\b", "A100", dict(fp32=19.5, tf32=156.0, bf16=312.0, fp16=312.0)),
+    (r"\bA[18]00(?!\d)", "A100", dict(fp32=19.5, tf32=156.0, bf16=312.0, fp16=312.0)),
     (r"\bA40\b", "A40", dict(fp32=37.4, tf32=74.8, bf16=149.7, fp16=149.7)),
     (r"\bA30\b", "A30", dict(fp32=10.3, tf32=82.0, bf16=165.0, fp16=165.0)),
     (r"\bA10\b", "A10", dict(fp32=31.2, tf32=62.5, bf16=125.0, fp16=125.0)),
