@@ -362,3 +362,26 @@ def test_word_start_table_follows_each_model_kind():
     assert word_start_table(meta).tolist() == [True, False, True]
     with pytest.raises(ValueError, match="cannot tell where words begin in a WordLevel model"):
         word_start_table(Tokenizer(models.WordLevel(vocab={"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
+
+
+@pytest.mark.parametrize("case", ["opt", "led"])
+def test_slow_bpe_dir_family_from_model_type_or_class(tmp_path, case):
+    """OPT ships no tokenizer_class (AutoTokenizer reads config.json's model_type: GPT-2's rules) and its
+    vocabulary has <s> without <|endoftext|>, which the vocabulary check took for RoBERTa (a literal <s> /
+    <mask> became one id, [0, ..., 2] wrapped ids); LEDTokenizer is a RoBERTa tokenizer that got GPT-2's."""
+    if case == "opt":
+        config = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>",
+                  "add_bos_token": True}
+        d, _ = _bpe_dir(tmp_path, case, ROBERTA_SPECIALS, config, {"config.json": {"model_type": "opt"}})
+    else:
+        d, _ = _bpe_dir(tmp_path, case, ROBERTA_SPECIALS, {**ROBERTA_CONFIG, "tokenizer_class": "LEDTokenizer"})
+    _same_ids_as_auto(d, BPE_TEXTS)
+
+
+def test_wordpiece_vocabulary_does_not_depend_on_document_order():
+    # continuation twins handed out by first appearance made the vocabulary (and 1,744 of 8,000 ids on the
+    # Python docs) depend on the documents' order; Basic Multilingual Plane twins are a fixed offset again
+    docs = _corpus() + ["na\u00efve caf\u00e9 \u00fcber stra\u00dfe \u4e2d\u6587 \u03b1\u03b2\u03b3 x\u0301y"] * 3
+    forward = train_tokenizer(docs, "wordpiece", 300, min_frequency=1).get_vocab()
+    backward = train_tokenizer(docs[::-1], "wordpiece", 300, min_frequency=1).get_vocab()
+    assert forward == backward

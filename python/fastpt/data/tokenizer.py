@@ -100,7 +100,10 @@ _BERT_SPECIALS = {"unk": "[UNK]", "sep": "[SEP]", "pad": "[PAD]", "cls": "[CLS]"
 _GPT2_SPECIALS = {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "unk": "<|endoftext|>"}
 _ROBERTA_SPECIALS = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "sep": "</s>", "pad": "<pad>", "cls": "<s>",
                      "mask": "<mask>"}
-_ROBERTA_CLASSES = ("roberta", "bart", "longformer")
+# transformers' byte-level BPE tokenizers by family, as tokenizer_config.json's tokenizer_class or config.json's
+# model_type names them (lower case, "Tokenizer" / "TokenizerFast" dropped)
+_ROBERTA_CLASSES = ("roberta", "bart", "longformer", "led", "mvp")
+_GPT2_CLASSES = ("gpt2", "opt", "gpt_neo", "gptneo", "gptj", "codegen", "gpt_neox", "gptneox")
 # transformers' SPECIAL_TOKENS_ATTRIBUTES, in its order
 _HF_ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 _ADDED_TOKEN_KEYS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
@@ -136,9 +139,9 @@ def _load_bpe_dir(path: Path, config: dict):
     prefix = bool(config.get("add_prefix_space", False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
     tok.decoder = decoders.ByteLevel()
-    hint = str(config.get("tokenizer_class") or "").lower()
-    roberta = hint.startswith(_ROBERTA_CLASSES) if hint else \
-        tok.token_to_id("<s>") is not None and tok.token_to_id("<|endoftext|>") is None
+    roberta = _bpe_family(path, config)
+    if roberta is None:  # no known class or model type: the vocabulary's own end-of-text token decides
+        roberta = tok.token_to_id("<s>") is not None and tok.token_to_id("<|endoftext|>") is None
     defaults = _ROBERTA_SPECIALS if roberta else _GPT2_SPECIALS
     names = _special_names(path, config)
     _add_hf_tokens(tok, path, config, names, defaults)
@@ -160,6 +163,19 @@ def _load_bpe_dir(path: Path, config: dict):
                 single=seq("$A", 0), pair=f"{seq('$A', 0)} {seq('$B', 1)}",
                 special_tokens=[(t, tok.token_to_id(t)) for t in ends])
     return tok
+
+
+def _bpe_family(path: Path, config: dict) -> bool | None:
+    """True for a RoBERTa-family folder, False for a GPT-2-family one, None when neither
+    tokenizer_config.json's ``tokenizer_class`` nor config.json's ``model_type`` (what AutoTokenizer reads
+    when the class is missing: OPT ships no class) names a known one."""
+    for name in (config.get("tokenizer_class"), _read_json(path / "config.json").get("model_type")):
+        name = str(name or "").lower().removesuffix("fast").removesuffix("tokenizer").replace("-", "_")
+        if name.startswith(_ROBERTA_CLASSES):
+            return True
+        if name.startswith(_GPT2_CLASSES):
+            return False
+    return None
 
 
 def _special_names(path: Path, config: dict) -> dict:
@@ -404,32 +420,41 @@ def _count_text(docs: Iterable[str], seen: list[int]) -> Iterator[str]:
 class _Symbols:
     """The one-character symbols ``_train_wordpiece`` writes words with, for the BPE trainer.
 
-    A word's first character stands for itself; every later character (WordPiece's ``##`` pieces) and a
-    first character from planes 15-16 gets a twin: a code point of planes 15-16 (private use, U+F0000 ..
-    U+10FFFF), handed out in order of first appearance, so any code point works (a fixed offset cannot
-    give every plane a twin, and characters past U+1FFFF once continued a word as themselves: a word of
-    CJK Extension F-I ideographs, which BERT's pre-tokenizer does not split, was always [UNK]).
+    A word's first character stands for itself; every later character (WordPiece's ``##`` pieces) gets a
+    twin in the private-use planes 15-16: a Basic Multilingual Plane character its fixed twin in plane 15
+    (``code + U+F0000``, as before, so the vocabulary of a corpus does not depend on its documents' order:
+    the trainer sorts its alphabet by code point and breaks merge ties by id), and a character past
+    U+FFFF (or a word-initial one from planes 15-16, which would collide with twins) one of plane 16
+    handed out in order of first appearance, so any code point works (characters past U+1FFFF once
+    continued a word as themselves: a word of CJK Extension F-I ideographs, which BERT's pre-tokenizer
+    does not split, was always [UNK]). Only those rare characters' ids can depend on document order.
     ``meaning`` maps a twin back to (character, continues a word). ``fresh`` collects the characters
     first seen inside a word, whose word-initial form must join the alphabet too.
-    Raises ValueError past 131,072 twins (distinct characters inside words, plus planes 15-16 ones).
+    Raises ValueError past 65,536 plane-16 twins.
     """
 
-    PLANES = 0xF0000  # first code point of plane 15
+    PLANE15, PLANE16 = 0xF0000, 0x100000
 
     def __init__(self):
         self.meaning: dict[str, tuple[str, bool]] = {}
         self.fresh: list[str] = []
+        self.next16 = self.PLANE16
         self.first, self.inside = _SymbolTable(self, False), _SymbolTable(self, True)
 
     def _twin(self, char: str, inside: bool) -> int:
-        code = self.PLANES + len(self.meaning)
-        if code > 0x10FFFF:
-            raise ValueError(f"the documents hold more than {0x10FFFF - self.PLANES + 1:,} distinct characters "
-                             "inside words (plus characters of planes 15-16): too many for a WordPiece alphabet")
-        self.meaning[chr(code)] = (char, inside)
+        code = ord(char)
+        if inside and code < 0x10000:
+            twin = code + self.PLANE15
+        else:
+            twin, self.next16 = self.next16, self.next16 + 1
+            if twin > 0x10FFFF:
+                raise ValueError("the documents hold more than 65,536 distinct characters past U+FFFF inside "
+                                 "words (plus word-initial characters of planes 15-16): too many for a WordPiece "
+                                 "alphabet")
+        self.meaning[chr(twin)] = (char, inside)
         if inside:
             self.fresh.append(char)
-        return code
+        return twin
 
     def word(self, word: str) -> str:
         return word[:1].translate(self.first) + word[1:].translate(self.inside)
@@ -449,7 +474,7 @@ class _SymbolTable(dict):
         self.symbols, self.inside = symbols, inside
 
     def __missing__(self, code: int) -> int:
-        own = code < _Symbols.PLANES and not self.inside
+        own = code < _Symbols.PLANE15 and not self.inside
         self[code] = code if own else self.symbols._twin(chr(code), self.inside)
         return self[code]
 
