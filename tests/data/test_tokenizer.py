@@ -385,3 +385,16 @@ def test_wordpiece_vocabulary_does_not_depend_on_document_order():
     forward = train_tokenizer(docs, "wordpiece", 300, min_frequency=1).get_vocab()
     backward = train_tokenizer(docs[::-1], "wordpiece", 300, min_frequency=1).get_vocab()
     assert forward == backward
+
+
+def test_word_start_table_reads_llamas_sentencepiece_layout():
+    # Llama / Mistral tokenizer.json: no Metaspace, a normalizer writing ▁ for spaces (it was refused)
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    from fastpt.data.tokenizer import word_start_table
+
+    tok = Tokenizer(models.BPE(vocab={"\u2581a": 0, "b": 1, "\u2581ab": 2}, merges=[], byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    assert word_start_table(tok).tolist() == [True, False, True]

@@ -278,8 +278,8 @@ def word_start_table(tok):
     WordPiece: every token but the continuation pieces (``##``, the model's ``continuing_subword_prefix``),
     BERT's rule. Byte-level BPE (GPT-2, RoBERTa): a token with its leading space (``Ġ``) begins a word, and
     one without continues the word before (so "Hello," is one word: the byte-level tokens carry no other
-    boundary). SentencePiece-style BPE / Unigram (a ``Metaspace`` pre-tokenizer): a token with ``▁`` begins
-    a word. Added and special tokens begin words. A row's first token and a token after a special one begin
+    boundary). SentencePiece-style BPE / Unigram (a ``Metaspace`` pre-tokenizer, or Llama's normalizer
+    writing ``▁`` for spaces): a token with ``▁`` begins a word. Added and special tokens begin words. A row's first token and a token after a special one begin
     words whatever they are (the objective's rule). ValueError for a tokenizer none of these rules fits."""
     import torch
 
@@ -289,12 +289,19 @@ def word_start_table(tok):
     vocab = tok.get_vocab(with_added_tokens=True)
     size = max(tok.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
 
-    def parts(node) -> list[dict]:  # a pre-tokenizer / decoder and the members of a Sequence
+    def parts(node) -> list[dict]:  # a normalizer / pre-tokenizer / decoder and the members of a Sequence
         if not isinstance(node, dict):
             return []
-        return [node] + [p for child in node.get("pretokenizers") or node.get("decoders") or [] for p in parts(child)]
+        members = node.get("pretokenizers") or node.get("decoders") or node.get("normalizers") or []
+        return [node] + [p for child in members for p in parts(child)]
 
-    steps = {p.get("type") for key in ("pre_tokenizer", "decoder") for p in parts(spec.get(key))}
+    nodes = [p for key in ("normalizer", "pre_tokenizer", "decoder") for p in parts(spec.get(key))]
+    steps = {p.get("type") for p in nodes}
+    # SentencePiece converted as Llama / Mistral are: no Metaspace, a normalizer writing ▁ for spaces
+    # (Prepend("▁") + Replace(" ", "▁")) and a decoder reading it back
+    if any("\u2581" in json.dumps({k: v for k, v in p.items() if k != "type"}, ensure_ascii=False) for p in nodes
+           if p.get("type") in ("Replace", "Prepend")):
+        steps.add("Metaspace")
     prefix = model.get("continuing_subword_prefix")
     if kind == "WordPiece" or (kind == "BPE" and prefix):
         def starts(t: str) -> bool:

@@ -91,6 +91,7 @@ class MLM(Objective):
         self.special_token_ids = tuple(int(i) for i in special_token_ids)
         self.whole_word_masking = bool(whole_word_masking)
         self.word_starts: torch.Tensor | None = None  # bool per vocabulary id (set_word_starts)
+        self._word_tables: dict = {}  # device -> (word_starts, special ids) there: no upload per batch
         self.tie_word_embeddings = bool(tie_word_embeddings)
         self.return_logits, self.log_accuracy = bool(return_logits), bool(log_accuracy)
         self._eps_from_backbone = layer_norm_eps is None
@@ -140,6 +141,7 @@ class MLM(Objective):
         one with ``▁``). A word is then a start token and the non-start tokens after it, cut at special
         tokens and at document starts (``cu_seqlens``), as BERT's ``create_pretraining_data`` groups
         ``##`` pieces. None switches it off."""
+        self._word_tables = {}
         if word_starts is None:
             self.word_starts = None
             return
@@ -151,13 +153,16 @@ class MLM(Objective):
 
     def _words_from_ids(self, ids: torch.Tensor, batch: dict) -> torch.Tensor:
         """``word_ids`` from the token ids and ``word_starts`` (``set_word_starts``)."""
-        table = self.word_starts.to(ids.device)
+        if ids.device not in self._word_tables:
+            self._word_tables[ids.device] = (self.word_starts.to(ids.device),
+                                             torch.tensor(self.special_token_ids, device=ids.device, dtype=torch.int64))
+        table, specials = self._word_tables[ids.device]
         flat = ids.reshape(-1, ids.shape[-1])
         # out-of-vocabulary ids are clamped here and reach mlm_mask, whose error names input_ids
         start = table[flat.long().clamp(0, table.shape[0] - 1)]
         inside = torch.ones_like(start)
         if self.special_token_ids:
-            inside &= ~torch.isin(flat, torch.tensor(self.special_token_ids, device=ids.device, dtype=flat.dtype))
+            inside &= ~torch.isin(flat, specials.to(flat.dtype))
         for key in ("special_tokens_mask",):
             if isinstance(batch.get(key), torch.Tensor):
                 inside &= ~batch[key].reshape(flat.shape).bool()

@@ -804,7 +804,7 @@ class PretrainRecipe:
                 single = accum == 1 and not self.dist.enabled  # the factor is 1: no arithmetic for it
                 if self.dist.enabled:  # the ranks' stop requests ride on the count's all-reduce
                     summed = distributed.all_reduce(torch.cat([counts.sum().reshape(1),
-                                                               counts.new_tensor(self._stop_flags())]), self.dist)
+                                                               self._stop_flags_on_device(counts.dtype)]), self.dist)
                     total, stops = summed[0].clamp(min=1.0), summed[1:]
                 else:
                     total = None if single else counts.sum().clamp(min=1.0)
@@ -930,6 +930,14 @@ class PretrainRecipe:
         """This rank's stop request: one count per ``STOP_SIGNALS`` entry, 1 for the signal it received."""
         return [int(getattr(self, "stop_signal", None) == s) for s in STOP_SIGNALS]
 
+    def _stop_flags_on_device(self, dtype: torch.dtype) -> torch.Tensor:
+        """``_stop_flags`` as a tensor on the training device, uploaded without waiting: ``torch.tensor(...,
+        device=cuda)`` copies synchronously (the host would wait for the queued step every step); a pinned
+        buffer copies asynchronously, and the caching host allocator keeps it until the copy ran."""
+        if self.device.type != "cuda":
+            return torch.tensor(self._stop_flags(), dtype=dtype, device=self.device)
+        return torch.tensor(self._stop_flags(), dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+
     def _agree_stop(self, stops: torch.Tensor | None) -> None:
         """Every step under torchrun: the ranks' ``_stop_flags`` summed, from the step's target-count or token
         all-reduce (``stops``; no collective of its own), else, where the step makes neither (objectives
@@ -944,7 +952,7 @@ class PretrainRecipe:
         if not self.dist.enabled:
             return
         if stops is None:
-            stops = distributed.all_reduce(torch.tensor(self._stop_flags(), dtype=torch.int64, device=self.device),
+            stops = distributed.all_reduce(self._stop_flags_on_device(torch.int64),
                                            self.dist)
         event = None
         host = stops.to("cpu", non_blocking=True)
