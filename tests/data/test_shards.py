@@ -4,6 +4,8 @@ while writing (named, nothing left behind)."""
 import errno
 import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -213,6 +215,29 @@ def test_corruption_detected(tmp_path):
         read_manifest(tmp_path)
     with pytest.raises(FileNotFoundError, match="no manifest"):
         ShardDataset(tmp_path / "nowhere", 8)
+
+
+@pytest.mark.parametrize("key", ["bin", "idx", "tokenizer"])
+@pytest.mark.parametrize("name", ["../outside", "ABS", "sub/x", "sub\\x", ".."])
+def test_manifest_file_names_outside_the_directory_are_refused(tmp_path, key, name):
+    """A shipped manifest must not make the reader open files outside its directory (../x, /abs):
+    before, a shard or tokenizer named ../outside (with its sha256) was read from outside."""
+    tok = tmp_path / "tok.json"
+    tok.write_text("{}")
+    d = tmp_path / "shipped"
+    write_shards(d, [list(range(10, 20))], vocab_size=VOCAB, special_tokens=SPECIALS, tokenizer_file=tok)
+    manifest = json.loads((d / "manifest.json").read_text())
+    record, field = (manifest["tokenizer"], "file") if key == "tokenizer" else (manifest["shards"][0], key)
+    name = str(tmp_path / "outside") if name == "ABS" else name
+    if name != "..":  # the same bytes where the name points: only the name is wrong
+        (d / "sub").mkdir()
+        shutil.copy(d / record[field], d / name.replace("\\", "/"))
+    record[field] = name
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    where = "tokenizer.file" if key == "tokenizer" else f"shards[0].{key}"
+    for verify in (True, False):
+        with pytest.raises(CorruptShardError, match=re.escape(f"{where}={name!r}") + ".*outside it"):
+            ShardDataset(d, 5, verify=verify)
 
 
 def test_seq_len_longer_than_corpus(tmp_path):

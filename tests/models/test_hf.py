@@ -1,6 +1,7 @@
 """Hugging Face interop: parity of converted BERT / RoBERTa / GPT-2 / ViT with transformers (fp32,
 max abs diff <= 1e-5), exact round trips, the real all-MiniLM-L6-v2 checkpoint, `fastpt convert`."""
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -382,3 +383,46 @@ def test_convert_to_hf_names_the_special_tokens_of_a_bare_tokenizer_json(tmp_pat
     assert convert_main(["--from-hf", str(tmp_path / "hf"), str(tmp_path / "fastpt2")]) == 0
     assert convert_main(["--to-hf", str(tmp_path / "fastpt2"), str(tmp_path / "hf2")]) == 0
     assert (tmp_path / "hf2" / "tokenizer_config.json").read_text() == before
+
+
+@pytest.mark.parametrize("name", ["../src/model.safetensors", "ABS", "sub/model.safetensors"])
+def test_weight_index_names_outside_the_directory_are_refused(tmp_path, name):
+    """A shipped model.safetensors.index.json must not make from_hf read weights outside the directory:
+    before, a weight_map value of ../x or /abs loaded whatever file it named."""
+    bert = transformers.BertModel(transformers.BertConfig(**TEXT))
+    src = _save(bert, tmp_path / "src")
+    keys = list(bert.state_dict())
+    shipped = tmp_path / "shipped"
+    (shipped / "sub").mkdir(parents=True)
+    (shipped / "config.json").write_text((src / "config.json").read_text())
+    (shipped / "sub" / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    (shipped / "part.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    index = shipped / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: "part.safetensors" for k in keys}}))
+    from_hf(shipped)  # plain file names of the directory load
+    name = str((src / "model.safetensors").resolve()) if name == "ABS" else name
+    index.write_text(json.dumps({"weight_map": {**{k: "part.safetensors" for k in keys}, keys[1]: name}}))
+    with pytest.raises(ValueError, match=re.escape(f"weight_map[{keys[1]!r}]={name!r}") + ".*outside it"):
+        from_hf(shipped)
+
+
+def test_load_fastpt_refuses_a_newer_format_version(tmp_path):
+    """A directory a later fastpt converted (format_version above FORMAT_VERSION) loaded silently; now it is
+    refused naming the file and both versions, as PretrainModel.from_pretrained does."""
+    from fastpt.models.hf import FORMAT_VERSION, load_fastpt, save_fastpt
+
+    bert = text_encoder(vocab_size=50, hidden_size=24, num_layers=1, num_heads=3)
+    save_fastpt(tmp_path, bert, {"mlm": MLMHead(24, 50)})
+    file = tmp_path / "fastpt_config.json"
+    config = json.loads(file.read_text())
+    assert config["format_version"] == FORMAT_VERSION
+    load_fastpt(tmp_path)
+    for version, want in ((FORMAT_VERSION + 1, f"format_version {FORMAT_VERSION + 1} is newer than this fastpt "
+                                               f"reads \\({FORMAT_VERSION}\\)"),
+                          ("2", "format_version must be a non-negative integer, got '2'")):
+        file.write_text(json.dumps({**config, "format_version": version}))
+        with pytest.raises(ValueError, match=re.escape(str(file)) + ": " + want):
+            load_fastpt(tmp_path)
+    del config["format_version"]  # written before versions were recorded: read as version 0
+    file.write_text(json.dumps(config))
+    load_fastpt(tmp_path)

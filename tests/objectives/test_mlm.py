@@ -203,3 +203,44 @@ def test_word_starts_give_whole_words_without_word_ids():
     obj.set_word_starts(None)
     with pytest.raises(KeyError, match="word_ids"):
         obj.prepare(text_batch(), seed=0)
+
+
+def test_the_resolved_head_eps_is_recorded_in_the_build_config(tmp_path, monkeypatch):
+    """layer_norm_eps None resolves to the backbone's norm_eps at attach, and the config did not say so: a
+    checkpoint rebuilt with whatever the default meant when loaded (its eps changed once already: 1e-12
+    before 8c12bf2). The build config records the value; a default that resolves otherwise no longer moves
+    a saved checkpoint. A saved config without the key (before this record) takes the backbone's eps."""
+    import json
+
+    import fastpt
+    from fastpt.models import PretrainModel
+
+    backbone = dict(builder="text_encoder", vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2,
+                    intermediate_size=24, max_positions=32, norm_eps=1e-5)
+    model = fastpt.build({"backbone": backbone, "objective": {"name": "mlm", "mask_token_id": 3}})
+    assert model.config["objective"]["layer_norm_eps"] == 1e-5 == model.objective.head.layer_norm.eps
+    assert fastpt.build({"backbone": {**backbone, "norm_eps": 1e-12}, "objective": {
+        "name": "mlm", "mask_token_id": 3}}).config["objective"]["layer_norm_eps"] == 1e-12
+    assert fastpt.build({"backbone": backbone, "objective": {"name": "mlm", "mask_token_id": 3, "layer_norm_eps": 1e-7}}
+                        ).config["objective"]["layer_norm_eps"] == 1e-7
+    model.save_pretrained(tmp_path / "new")
+    file = tmp_path / "new" / "fastpt_config.json"
+    assert json.loads(file.read_text())["model"]["objective"]["layer_norm_eps"] == 1e-5
+    meta = json.loads(file.read_text())
+    del meta["model"]["objective"]["layer_norm_eps"]
+    (tmp_path / "keyless").mkdir()
+    (tmp_path / "keyless" / "fastpt_config.json").write_text(json.dumps(meta))
+    (tmp_path / "keyless" / "model.safetensors").write_bytes((tmp_path / "new" / "model.safetensors").read_bytes())
+    keyless = PretrainModel.from_pretrained(tmp_path / "keyless")
+    assert keyless.objective.head.layer_norm.eps == 1e-5 == keyless.config["objective"]["layer_norm_eps"]
+    # a later default that resolves otherwise (here the 1e-12 of older fastpt) leaves the saved checkpoint alone
+    attach = MLM.attach
+
+    def attach_with_another_default(self, bb):
+        self._eps_from_backbone = False  # the head keeps the 1e-12 it was built with
+        attach(self, bb)
+
+    monkeypatch.setattr(MLM, "attach", attach_with_another_default)
+    assert fastpt.build({"backbone": backbone, "objective": {"name": "mlm", "mask_token_id": 3}}
+                        ).objective.head.layer_norm.eps == 1e-12
+    assert PretrainModel.from_pretrained(tmp_path / "new").objective.head.layer_norm.eps == 1e-5

@@ -85,3 +85,52 @@ def test_sigint_writes_a_checkpoint_and_resume_continues_bit_identically(tmp_pat
                   timeout=300)
     assert ref.returncode == 0, ref.stderr
     assert losses(run_dir) == losses(tmp_path / "ref") and len(losses(run_dir)) == n
+
+
+def test_resume_keeps_the_precision_auto_resolved_to(tmp_path, monkeypatch):
+    """precision: auto resolves per device (and per fastpt version); the resolved precision was not saved,
+    so a run begun in fp32 went on in bf16 when --resume found a CPU with native bf16 products. It is now
+    recorded in trainer_state.json and kept; a checkpoint without it (an older fastpt: auto meant fp32 on every
+    CPU before 2026-11-26 11:00, today's choice since) gets today's choice with a note saying so; a precision
+    the recipe names wins, with a note."""
+    import json
+
+    from fastpt.data.shards import sha256_file
+    from fastpt.train import pretrain
+    from fastpt.train import recipe as recipe_mod
+
+    shards = make_shards(tmp_path / "shards", n_docs=40)
+    out = tmp_path / "run"
+    quiet = {"save_every": 2, "keep_last": 1, "tensorboard": False, "plot": False, "progress": False}
+
+    def run(max_steps, precision="auto", bf16_cpu=True):
+        monkeypatch.setattr(recipe_mod._peaks, "native_bf16", lambda device: bf16_cpu)
+        lines = []
+        cfg = recipe(shards, out, train={"max_steps": max_steps, "precision": precision}, output=quiet)
+        summary = pretrain(cfg, resume=max_steps > 2, log=lines.append)
+        return summary["precision"], "\n".join(lines)
+
+    def state_file():
+        return sorted((out / "checkpoints").glob("step-*"))[-1] / "trainer_state.json"
+
+    assert run(2, bf16_cpu=False)[0] == "fp32"  # a CPU without native bf16: auto is fp32
+    assert json.loads(state_file().read_text())["precision"] == "fp32"
+    precision, log = run(4)  # resumed where auto now means bf16
+    assert precision == "fp32" and "precision auto keeps fp32" in log and "auto would choose bf16" in log, log
+
+    # an older fastpt's checkpoint: no recorded precision (checkpoint.json re-signed as if written so)
+    spath = state_file()
+    state = json.loads(spath.read_text())
+    del state["precision"]
+    spath.write_text(json.dumps(state))
+    mpath = spath.parent / "checkpoint.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["files"][spath.name] = {"bytes": spath.stat().st_size, "sha256": sha256_file(spath)}
+    mpath.write_text(json.dumps(manifest))
+    precision, log = run(6)  # it cannot tell: today's auto, said (older fastpt's auto: fp32 on every CPU)
+    assert precision == "bf16" and "does not record the precision it trained in" in log, log
+    assert "continuing in bf16" in log and "before 2026-11-26 11:00 trained in fp32" in log, log
+
+    precision, log = run(8, precision="fp32")  # named in the recipe: the user asked for the switch
+    assert precision == "fp32" and "trained in bf16; continuing in fp32 as train.precision asks" in log, log
+    assert json.loads(state_file().read_text())["precision"] == "fp32"

@@ -138,6 +138,22 @@ def check_offsets(path: Path, offsets: np.ndarray, tokens: int) -> None:
                                 f"the shard's {tokens} tokens; rerun fastpt preprocess)")
 
 
+def check_file_name(where: str | os.PathLike, key: str, name: str, error: type[Exception] = CorruptShardError) -> None:
+    """Raise ``error`` naming ``where``, ``key`` and ``name`` unless ``name`` is a plain file name of
+    the directory its record lives in: not empty, '.' or '..', not absolute, no '/' or '\\'.
+
+    A manifest (or weight index) is data from whoever shipped the directory: a name such as
+    ``../x`` or ``/home/u/.ssh/id_rsa`` would make the reader open files outside the directory
+    the user pointed it at (the rule ``train.checkpoint.verify_checkpoint`` applies to its file
+    list). The check is on the name only: a symlink the directory holds is followed, as the
+    Hugging Face hub cache (snapshots link to ../../blobs) and git-annex / DVC stores need.
+    """
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or os.path.isabs(name)
+            or Path(name).name != name):  # the last catches what this OS also treats as a path (C:x)
+        raise error(f"{where}: {key}={name!r} is not a file name of the directory (absolute, or with '/', "
+                    f"'\\' or '..'); refusing to read files outside it (damaged or edited)")
+
+
 def check_manifest_schema(mpath: Path, manifest: Any) -> None:
     """Check the types of the keys ``read_manifest`` and ``ShardDataset`` use.
 
@@ -177,6 +193,8 @@ def check_manifest_schema(mpath: Path, manifest: Any) -> None:
             v = rec.get(key, KeyError)
             if not isinstance(v, str) or not v:
                 raise bad(f"shards[{i}].{key}", "a non-empty string", v)
+            if key in ("bin", "idx"):
+                check_file_name(mpath, f"shards[{i}].{key}", v)
         for key in ("docs", "tokens"):
             v = rec.get(key, KeyError)
             if not _is_int(v) or v < 0:
@@ -197,13 +215,17 @@ def check_manifest_schema(mpath: Path, manifest: Any) -> None:
         for key in ("file", "sha256"):
             if tok.get(key) is not None and not isinstance(tok[key], str):
                 raise bad(f"tokenizer.{key}", "a string or null", tok[key])
+        if tok.get("file"):
+            check_file_name(mpath, "tokenizer.file", tok["file"])
 
 
 def verify_file(root: Path, name: str, *, size: int | None, sha256: str | None) -> Path:
     """Check that ``root/name`` exists with the recorded size and sha256; returns its path.
 
-    Raises CorruptShardError naming the file.
+    Raises CorruptShardError naming the file, or the manifest and ``name`` when ``name`` is not a
+    file name inside ``root`` (``check_file_name``).
     """
+    check_file_name(root / MANIFEST, "file", name)
     path = root / name
     if not path.is_file():
         raise CorruptShardError(f"{path}: missing (listed in {root / MANIFEST})")
@@ -358,8 +380,8 @@ def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict:
     with ``verify`` also the sha256 of every shard and of the tokenizer file, and that each .idx
     is a valid offset table (without it ``ShardDataset`` checks each table when it first opens it).
     Raises FileNotFoundError (no manifest), ValueError (not a finished fastpt shard dir),
-    CorruptShardError (a file that does not match, or a key missing / of the wrong type, named
-    in the message).
+    CorruptShardError (a file that does not match, a file name that is not one of the directory's
+    (``check_file_name``), or a key missing / of the wrong type, named in the message).
     """
     root = Path(path)
     mpath = root / MANIFEST

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.shards import read_json_object
+from ..data.shards import check_file_name, read_json_object
 from .encoder import TextEncoder, text_encoder
 from .encoder_decoder import encoder_decoder
 from .heads import LMHead, MLMHead, Pooler
@@ -328,7 +328,11 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, a sharded safetensors index, or (fallback) pytorch_model.bin."""
+    """model.safetensors, a sharded safetensors index, or (fallback) pytorch_model.bin.
+
+    Raises ValueError naming the index, the weight and the file when a weight_map value is not a
+    file name of ``path`` (absolute, or with '/', '\\' or '..': it would read files outside it).
+    """
     _safetensors()
     if (path / "model.safetensors").exists():
         return _load_safetensors(path / "model.safetensors")
@@ -338,6 +342,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{path / 'model.safetensors.index.json'}: expected a \"weight_map\" object of "
                              f"weight name -> shard file, got {weight_map!r:.80}")
+        for name, shard in weight_map.items():  # the index ships with the directory: no ../x, no /abs
+            check_file_name(path / "model.safetensors.index.json", f"weight_map[{name!r}]", shard, ValueError)
         sd = {}
         for shard in sorted(set(weight_map.values())):
             sd.update(_load_safetensors(path / shard))
@@ -608,11 +614,24 @@ def save_fastpt(path, backbone: nn.Module, heads: dict | None = None, *, hf_conf
 
 
 def load_fastpt(path, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict[str, nn.Module], dict]:
-    """Read ``save_fastpt``'s directory: ``(backbone, heads, config)`` as ``from_hf`` returns them."""
+    """Read ``save_fastpt``'s directory: ``(backbone, heads, config)`` as ``from_hf`` returns them.
+
+    Raises ValueError naming fastpt_config.json when it is not a fastpt config or its
+    ``format_version`` is newer than ``FORMAT_VERSION`` (a later fastpt wrote it: its keys may mean
+    what this one cannot read, so it is refused rather than half-loaded), as
+    ``models.model.read_checkpoint_config`` does for ``save_pretrained`` directories.
+    """
     path = _as_path(path, "load_fastpt")
     config = _read_config(path, "fastpt_config.json")
+    file = path / "fastpt_config.json"
     if config.get("format") != "fastpt":
-        raise ValueError(f"path: {path / 'fastpt_config.json'} is not a fastpt config (format != 'fastpt')")
+        raise ValueError(f"path: {file} is not a fastpt config (format != 'fastpt')")
+    version = config.get("format_version", 0)  # absent: written before versions were recorded
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"{file}: format_version must be a non-negative integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {version} is newer than this fastpt reads ({FORMAT_VERSION}); "
+                         f"upgrade fastpt")
     kwargs = dict(config["backbone"])
     builder = kwargs.pop("builder", None)
     if builder not in BUILDERS:

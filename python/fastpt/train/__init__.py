@@ -51,7 +51,8 @@ recipe file's; defaults shown)::
       precision: auto         # auto (bf16 where the device multiplies it natively: a CUDA GPU with bf16
                               # tensor cores, a CPU with AVX512_BF16 or AMX; else fp32) | fp32 | bf16 | fp16
                               # (fp16: loss scaling; a step it skips for inf gradients still counts and
-                              # still moves EMA teachers / DINO's center, as their reference loops do)
+                              # still moves EMA teachers / DINO's center, as their reference loops do;
+                              # --resume under auto keeps the precision the checkpoint trained in)
       compile: false          # torch.compile the backbone (one graph in training, dropout included;
                               # the objective's head stays eager): true, or a torch.compile mode
                               # (max-autotune: Inductor tunes its GEMMs and kernels, slower to

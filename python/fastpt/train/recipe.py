@@ -66,7 +66,7 @@ from .._lock import lock_dir, unlock_dir
 from ..assemble import _assemble as assemble_model
 from ..assemble import _head_options as head_options
 from ..assemble import build, from_hf, load_config
-from ..data.shards import TOKENIZER_FILE, nearest_existing
+from ..data.shards import TOKENIZER_FILE, nearest_existing, read_json_object
 from ..models.embeddings import TextEmbedding
 from ..models.model import PretrainModel, config_format, restoring
 from ..models.vision import vit
@@ -102,6 +102,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if _peaks.native_bf16(device) else "fp32"
 
 
+def legacy_auto_precision(device: torch.device) -> str:
+    """What "auto" resolved to before 2026-11-26 11:00 (commit 1fa82fd: bf16 on CPUs with native bf16
+    products): bf16 on a CUDA device ``torch.cuda.is_bf16_supported()`` accepts, fp32 on every other
+    device (CPUs included, whatever their bf16 support). Named in the note of a resumed checkpoint that
+    does not record its precision (``PretrainRecipe._run_precision``)."""
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def model_name(cfg: dict) -> str:
     m = cfg["model"]
     if isinstance(m, dict):
@@ -133,9 +141,6 @@ class PretrainRecipe:
         cfg, t = self.cfg, self.cfg["train"]
         self.dist = distributed.init(t["device"])
         self.device = self.dist.device
-        self.precision = resolve_precision(t["precision"], self.device)
-        if self.device.type == "cuda" and self.precision == "fp32":
-            torch.set_float32_matmul_precision("high")  # TF32 matmuls, as every GPU recipe does
         if self.device.type == "cpu":  # freed blocks kept for the next step: no page faults on them
             was = _cpu_malloc.is_tuned()
             why = _cpu_malloc.tune()
@@ -149,6 +154,9 @@ class PretrainRecipe:
         self.out = Path(cfg["output"]["dir"] or Path("runs") / model_name(cfg))
         self.ckpt_dir = self.out / "checkpoints"
         resume_from = self._setup_run_dir()
+        self.precision = self._run_precision(resume_from)
+        if self.device.type == "cuda" and self.precision == "fp32":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls, as every GPU recipe does
         seed_everything(t["seed"])
 
         self.data = self._setup_data()
@@ -686,6 +694,45 @@ class PretrainRecipe:
         fast = {"fused": True} if fused else {"foreach": True}
         return torch.optim.AdamW(groups, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"], **fast)
 
+    def _run_precision(self, resume_from: Path | None) -> str:
+        """train.precision resolved for this run. A resumed run keeps the precision its checkpoint
+        trained in when the recipe says "auto" ("auto" depends on the device and on fastpt's version:
+        a run begun in fp32 must not go on in bf16 because its resume landed on a bf16 CPU or a newer
+        fastpt); a precision the recipe names wins, with a note when it differs. A checkpoint without
+        the recorded precision (an older fastpt) trained in its recipe's precision; under "auto" it
+        continues in today's choice with a note (``legacy_auto_precision``: what auto meant before
+        2026-11-26 11:00, which the checkpoint cannot rule out). Raises ConfigError naming trainer_state.json for a recorded
+        precision other than fp32 / bf16 / fp16."""
+        asked = self.cfg["train"]["precision"]
+        now = resolve_precision(asked, self.device)
+        if resume_from is None:
+            return now
+        spath = resume_from / ckpt.STATE
+        state = read_json_object(spath, ConfigError)
+        saved = state.get("precision")
+        if saved is None:  # written before fastpt recorded it
+            saved = ((state.get("recipe") or {}).get("train") or {}).get("precision", asked)
+            if saved == "auto":
+                # auto meant fp32 on every CPU until 2026-11-26 11:00 (legacy_auto_precision) and what it means
+                # now since: the checkpoint cannot tell which; most were written since, so today's choice, said
+                if asked == "auto":
+                    self.log(f"pretrain: note: --resume: {resume_from.name} does not record the precision it "
+                             f"trained in (precision auto); continuing in {now}, what auto chooses here (a run "
+                             f"from before 2026-11-26 11:00 trained in {legacy_auto_precision(self.device)} on "
+                             f"this device: set train.precision to choose)")
+                saved = now
+        if saved not in DTYPES:
+            raise ConfigError(f"--resume: {spath}: precision {saved!r} is not one of {sorted(DTYPES)} "
+                              "(damaged or edited checkpoint)")
+        if asked == "auto":
+            self.log(f"pretrain: --resume: precision auto keeps {saved}, what {resume_from.name} trained in"
+                     + (f" (auto would choose {now} for a new run here)" if now != saved else ""))
+            return saved
+        if asked != saved:
+            self.log(f"pretrain: note: --resume: {resume_from.name} trained in {saved}; continuing in {asked} "
+                     "as train.precision asks (the loss curve may shift at the switch)")
+        return asked
+
     def _load_training_state(self, path: Path) -> None:
         # FSDP: the optimizer state is saved unsharded; loaded onto the GPU it would be whole on every rank (a
         # model that needs FSDP for its Adam state ran out of memory on --resume): the CPU, then each rank's shard
@@ -1027,6 +1074,7 @@ class PretrainRecipe:
                      "first_loss": getattr(self, "first_loss", None),
                      "final_loss": getattr(self, "final_loss", None),
                      "optimizer_format": "fsdp_full" if self.cfg["train"]["fsdp"] else "torch",
+                     "precision": self.precision,  # what "auto" resolved to: --resume keeps it
                      "recipe": self.cfg}
             path = ckpt.save_checkpoint(self.ckpt_dir, self.step, write_model=write_model, optimizer_state=optim_sd,
                                         trainer_state=state, rng_tensors=rng_tensors,
