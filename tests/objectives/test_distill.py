@@ -146,11 +146,3 @@ def test_the_mlm_part_takes_the_heads_activation_and_eps(tmp_path):
     assert (obj.mlm.head.activation, obj.mlm.head.layer_norm.eps, obj.mlm.head.tied) == ("relu", 1e-5, True)
     _, _, default = build(tmp_path)
     assert default.mlm.head.activation == "gelu"
-
-
-def test_the_build_config_records_the_mlm_heads_resolved_eps():
-    """The MLM part's head eps (None: the backbone's norm_eps) is recorded in the build config, so a checkpoint
-    rebuilds with it whatever a later default says."""
-    bb = {**SHARED, "share_layers": False, "embed_dim": None, "num_layers": 1, "norm_eps": 1e-5}
-    model = _build_model(bb, {"name": "self_distill", **MLM_ARGS})
-    assert model.config["objective"]["layer_norm_eps"] == 1e-5 == model.objective.mlm.head.layer_norm.eps

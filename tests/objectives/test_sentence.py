@@ -176,16 +176,3 @@ def test_the_mlm_part_takes_the_heads_activation_and_eps(cls):
                     head.weight, head.bias)
     torch.testing.assert_close(head(h), want)
     assert make(cls, mask_token_id=MASK)[1].mlm.head.activation == "gelu"  # the default is still BERT's
-
-
-@pytest.mark.parametrize("name", ["nsp", "sop"])
-def test_the_build_config_records_the_mlm_heads_resolved_eps(name):
-    """The MLM part's head eps (None: the backbone's norm_eps) is recorded in the build config, so a checkpoint
-    rebuilds with it whatever a later default says; without an MLM part there is nothing to record."""
-    backbone = dict(builder="text_encoder", vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2,
-                    intermediate_size=24, max_positions=32, norm_eps=1e-5)
-    ids = dict(cls_token_id=CLS, sep_token_id=SEP, pad_token_id=PAD)
-    model = fastpt.build({"backbone": backbone, "objective": {"name": name, "mask_token_id": MASK, **ids}})
-    assert model.config["objective"]["layer_norm_eps"] == 1e-5 == model.objective.mlm.head.layer_norm.eps
-    alone = fastpt.build({"backbone": backbone, "objective": {"name": name, **ids}})
-    assert alone.objective.mlm is None and "layer_norm_eps" not in alone.config["objective"]

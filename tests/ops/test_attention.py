@@ -915,3 +915,31 @@ def test_meta_tensors_infer_shapes():
     leaf = m(2, 4, 5, 8).requires_grad_(True)
     sdpa(leaf, leaf, leaf).sum().backward()
     assert leaf.grad.shape == leaf.shape
+
+
+def test_forward_mode_transforms_fall_back_from_torchs_sdpa(monkeypatch):
+    """Under torch.func transforms the sdpa backend (torch's own op) stays in line, but torch's flash /
+    cuDNN kernels have no forward-AD formula: jvp / jacfwd / hessian raised NotImplementedError on CUDA.
+    The backend now hands those to the reference. CPU stand-in: the sdpa backend let through on CPU, where
+    torch's flash kernel for the CPU has no forward-AD formula either."""
+    import dataclasses
+
+    from fastpt import _dispatch
+
+    op = _dispatch.OPS["attention"]
+    sdpa_backend = op.backends["sdpa"]
+    monkeypatch.setitem(op.backends, "sdpa", dataclasses.replace(
+        sdpa_backend, available=lambda: None, supports=lambda q4, rows, **kw: None if rows is not None else "mask"))
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 8, 2, 16, generator=gen) for _ in range(3))
+
+    def f(x):
+        return attention(x, k, v, causal=True)
+
+    want = attention(q, k, v, causal=True, backend="reference")
+    tangent = torch.randn(q.shape, generator=gen)
+    out, jvp_out = torch.func.jvp(f, (q,), (tangent,))
+    _, ref_jvp = torch.func.jvp(lambda x: attention(x, k, v, causal=True, backend="reference"), (q,), (tangent,))
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(jvp_out, ref_jvp)
+    torch.testing.assert_close(torch.func.jacfwd(f)(q), torch.func.jacrev(f)(q))

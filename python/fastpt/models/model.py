@@ -77,9 +77,7 @@ class PretrainModel(nn.Module):
         backbone: a ``TextEncoder``, ``EncoderDecoder``, ``VisionEncoder`` or ``TwoTower``.
         objective: an objective module (``fastpt.objectives``) already attached to ``backbone``
             (``Objective.from_backbone``), or None for a bare backbone (forward returns its states).
-        config: the resolved build config (``fastpt.assemble.build``); saved with the weights. Its
-            ``objective`` section gets the options the objective resolved from the backbone
-            (``Objective.resolved_options``: MLM's head ``layer_norm_eps``).
+        config: the resolved build config (``fastpt.assemble.build``); saved with the weights.
 
     Attributes: backbone, objective, config.
     """
@@ -100,10 +98,6 @@ class PretrainModel(nn.Module):
         self.backbone = backbone
         self.objective = objective
         self.config = json.loads(json.dumps(config or {}))  # a private, JSON-able copy
-        if isinstance(self.config.get("objective"), dict) and hasattr(objective, "resolved_options"):
-            # what the objective's None defaults resolved to (MLM's head eps: the backbone's), saved with the
-            # weights: a later default cannot change how the checkpoint rebuilds (Objective.resolved_options)
-            self.config["objective"].update(json.loads(json.dumps(objective.resolved_options())))
 
     # ------------------------------------------------------------------ training protocol
 

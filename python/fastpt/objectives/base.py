@@ -188,13 +188,6 @@ class Objective(nn.Module):
         Here: unchanged."""
         return config
 
-    def resolved_options(self) -> dict:
-        """Constructor options whose None default this objective resolved from its backbone at ``attach``
-        (MLM's ``layer_norm_eps``: the backbone's ``norm_eps``), with the values it resolved to.
-        ``PretrainModel`` records them in its build config, so that a checkpoint rebuilds with the values
-        it trained with, whatever a later fastpt's defaults say. Here: none."""
-        return {}
-
     def upgrade_state(self, state: dict, prefix: str = "") -> None:
         """Rename / drop, in place, the tensors of ``state`` (keys under ``prefix``) that an older fastpt saved
         for this objective in another layout (``from_pretrained`` and ``load_state_dict`` call it). No-op here."""

@@ -99,10 +99,6 @@ class SelfDistillation(Objective):
                 self.load_teacher(self.teacher_path)
         self._attached = True
 
-    def resolved_options(self) -> dict:
-        """The MLM part's (its head's ``layer_norm_eps``: ``MLM.resolved_options``)."""
-        return self.mlm.resolved_options()
-
     def load_teacher(self, source) -> None:
         """Load teacher weights from a state dict, ``.safetensors`` file or checkpoint directory: every
         tensor of the teacher, shared (ALBERT's ``share_layers``) and tied ones from their one stored copy,

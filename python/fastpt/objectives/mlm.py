@@ -58,15 +58,10 @@ class MLM(Objective):
         tie_word_embeddings: the head's output matrix is the backbone's word embedding (set by ``attach``;
             with ALBERT's factorised ``(V, E)`` embedding the head's transform maps D -> E).
         activation, layer_norm_eps: the head's transform (dense + activation + LayerNorm); layer_norm_eps
-            None: the backbone's ``norm_eps`` (as BERT's and RoBERTa's heads), 1e-12 without one. The
-            value it resolves to is recorded in the build config (``resolved_options``), so a checkpoint
-            keeps its eps whatever a later default says. A saved config without the key rebuilds with
-            the backbone's eps, what fastpt has written such configs with since commit 8c12bf2
-            (2026-11-27). Before it the head took 1e-12 whatever the backbone's eps, and nothing saved
-            (no fastpt version, the same format_version, the same tensors) tells those configs apart, so
-            an older RoBERTa-style checkpoint (norm_eps 1e-5) gets eps 1e-5 where it trained with 1e-12
-            (the LayerNorm output moves by about eps / (2 variance), relative). Its objective config
-            with ``"layer_norm_eps": 1e-12`` rebuilds it exactly.
+            None: the backbone's ``norm_eps`` (as BERT's and RoBERTa's heads), 1e-12 without one. (Before
+            commit 8c12bf2, 2026-11-27, the head took 1e-12 whatever the backbone's eps, and its saved
+            config does not say so: such a RoBERTa-style checkpoint, norm_eps 1e-5, rebuilds with 1e-5;
+            ``"layer_norm_eps": 1e-12`` in its objective config rebuilds it exactly.)
         return_logits: also return the full ``(B, S, V)`` logits (a batch's ``return_logits`` overrides).
         log_accuracy: report the masked-token accuracy (one extra no-grad pass over the masked rows).
 
@@ -119,12 +114,6 @@ class MLM(Objective):
             self.head = MLMHead(self.hidden_size, self.vocab_size, tied_weight=weight, embedding_size=weight.shape[1],
                                 **self._head_args)
         self._attached = True
-
-    def resolved_options(self) -> dict:
-        """``{"layer_norm_eps": the head's eps}`` once known (given, or read from the backbone at ``attach``)."""
-        if self._eps_from_backbone and not self._attached:
-            return {}
-        return {"layer_norm_eps": float(self._head_args["layer_norm_eps"])}
 
     def prepare(self, batch: dict, *, seed: int) -> dict:
         """Mask ``input_ids`` (dynamic masking: a new mask per call / seed); adds ``labels``."""

@@ -116,10 +116,6 @@ class _SentencePair(Objective):
             self.mlm.attach(backbone)
         self._attached = True
 
-    def resolved_options(self) -> dict:
-        """The MLM part's (its head's ``layer_norm_eps``: ``MLM.resolved_options``); none without one."""
-        return self.mlm.resolved_options() if self.mlm is not None else {}
-
     def _check_labels(self, labels, input_ids) -> torch.Tensor:
         """The pair labels as int64 ``(B,)``: an integer tensor, one label per row of ``input_ids``,
         each 0, 1 or -100 (ignored); TypeError / ValueError naming the key otherwise."""

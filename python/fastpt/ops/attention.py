@@ -633,13 +633,20 @@ def _sdpa_supports(q4, k4, dropout_p, deterministic, rows, **_):
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
-def _sdpa_run(q4, k4, v4, scale, rows, **_):
+def _sdpa_run(q4, k4, v4, scale, rows, **kw):
     """torch's own SDPA (cuDNN / flash on Hopper, picked by torch): on a plain or causal mask it
     measured 1.5-2x faster than fastpt's Triton kernel on an H200 (benches/results/attention-gpu.md),
     so the dispatcher takes it there; fastpt's kernels serve every per-row / per-document mask."""
     gqa = dict(enable_gqa=True) if k4.shape[2] != q4.shape[2] else {}
-    out = F.scaled_dot_product_attention(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2),
-                                         is_causal=rows == "causal", scale=scale, **gqa)
+    try:
+        out = F.scaled_dot_product_attention(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2),
+                                             is_causal=rows == "causal", scale=scale, **gqa)
+    except NotImplementedError:
+        # torch.func's forward-mode transforms (jvp, jacfwd, hessian): torch's flash / cuDNN kernels have no
+        # forward-AD formula, and SDPA picks them without asking; the reference's plain ops have one
+        if not _dispatch.transforms_active():
+            raise
+        return _run_reference(q4, k4, v4, scale=scale, **kw)
     return out.transpose(1, 2).contiguous(), None
 
 
