@@ -244,6 +244,7 @@ def _evaluate(run_dir: Path, shards: Path, *, seed: int, epochs: int, log) -> di
     rows = {}
     for name, scratch in (("pre-trained", False), ("from scratch", True)):
         backbone = load_backbone(run_dir, from_scratch=scratch, seed=seed)
+        log(f"   fine-tuning the {name} encoder ({epochs} epochs) ...")
         rows[name] = evaluate_text(backbone, tokenizer, train_path, test_path, epochs=epochs, seed=seed,
                                    precision="auto", log=None)
         log(f"   {name:<13} accuracy {rows[name]['accuracy']:.3f}  macro-F1 {rows[name]['macro_f1']:.3f}")

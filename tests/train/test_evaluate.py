@@ -171,6 +171,11 @@ def test_bad_text_inputs(task, tok, tmp_path):
         evaluate_text(small, tok, *task)
     with pytest.raises(TypeError, match="TextEncoder"):
         evaluate_text(_vit(), tok, *task)
+    # tokenizers does not truncate below its special tokens: max_len 1 ran whole texts, 2 kept [CLS] [SEP] only
+    specials = tok.num_special_tokens_to_add(False)
+    for max_len in range(1, specials + 1):
+        with pytest.raises(ValueError, match=rf"max_len: expected more than the {specials} special tokens"):
+            evaluate_text(backbone, tok, *task, freeze=True, max_len=max_len)
 
 
 # ----------------------------------------------------------------------------- probes and metrics

@@ -295,6 +295,10 @@ def _tokenize(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
         raise TypeError(f"tokenizer: expected a tokenizers.Tokenizer or a path, got {type(tokenizer).__name__}")
     tok = Tokenizer.from_str(tokenizer.to_str())  # truncation set on a copy, the caller's is untouched
     tok.no_padding()
+    specials = tok.num_special_tokens_to_add(False)
+    if max_len <= specials:  # tokenizers then does not truncate at all (and max_len = specials keeps no text)
+        raise ValueError(f"max_len: expected more than the {specials} special tokens the tokenizer adds "
+                         f"([CLS] / [SEP] ...), got {max_len}")
     tok.enable_truncation(max_len)
     return [e.ids for e in tok.encode_batch(list(texts))]
 
