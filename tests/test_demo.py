@@ -55,7 +55,7 @@ def shards600(tmp_path_factory):
     from fastpt.data.preprocess import preprocess_text
 
     path = tmp_path_factory.mktemp("demo_shards") / "shards"
-    preprocess_text([], path, corpus="python-docs", train_tokenizer="wordpiece", vocab_size=600, progress=False,
+    preprocess_text([], path, corpus="python-docs-heldout", train_tokenizer="wordpiece", vocab_size=600, progress=False,
                     log=None)
     return path
 
@@ -92,6 +92,28 @@ def test_demo_rerun_with_another_model_is_refused(tmp_path, shards600, capsys):
     rc = main(["demo", "--out", str(out), *TINY_ARGS, "--minutes", "0.05", "--no-eval", "--seq-len", "16"])
     err = capsys.readouterr().err
     _assert_clean_error(rc, err, "--out")
+
+
+def test_demo_pretrains_without_the_eval_tasks_texts(tmp_path, shards600, capsys):
+    """The demo pre-trained on every stdlib docstring, the eval task's included: all 270 test texts were in
+    the corpus (a transductive score). Its corpus leaves the task's modules out now, and an older demo's
+    shards are refused, saying why."""
+    from fastpt.data.corpus import heldout_packages, python_docs_corpus
+    from fastpt.data.tasks import builtin_text_task, read_labelled
+
+    blob = "\n".join(" ".join(d.split()) for d in python_docs_corpus(exclude_packages=heldout_packages()))
+    _, test_texts = read_labelled(builtin_text_task("python-docs-topics", seed=0)[1])
+    assert not [t for t in test_texts if " ".join(t.split()) in blob]
+    full = "\n".join(" ".join(d.split()) for d in python_docs_corpus())
+    assert all(" ".join(t.split()) in full for t in test_texts[:20])  # the full corpus holds them
+    out = _demo_dir(tmp_path, shards600)
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    manifest["options"]["corpus"] = "python-docs"  # as an older demo made them
+    (out / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    rc = main(["demo", "--out", str(out), *TINY_ARGS, "--minutes", "0.01", "--no-eval"])
+    err = capsys.readouterr().err
+    _assert_clean_error(rc, err, "--out")
+    assert "older demo's shards" in err and "transductive" in err
 
 
 def test_demo_vocab_size_of_existing_shards_is_checked(tmp_path, shards600, capsys):

@@ -2,10 +2,11 @@
 
 Three steps, each the public command a user would run on their own corpus:
 
-1. ``fastpt preprocess --corpus python-docs --train-tokenizer wordpiece``: the Python
+1. ``fastpt preprocess --corpus python-docs-heldout --train-tokenizer wordpiece``: the Python
    installation's own documentation (module docstrings and pydoc topics, always present) becomes a
    WordPiece vocabulary and packed token shards (``fastpt.data.preprocess``; resumable: a second
-   run reuses finished shards of the same --vocab-size).
+   run reuses finished shards of the same --vocab-size). The modules the step-3 task is made of are
+   left out (``data.corpus.heldout_packages``), so the evaluation scores texts the encoder never saw.
 2. ``fastpt pretrain``: a BERT-Mini MLM (``fastpt.build("bert-mini")``: fused attention over the
    packed documents, masking with ``fastpt.ops.mlm_mask``, the MLM head through the fused linear
    cross-entropy) for a few minutes (``--minutes``), with checkpoints (every 100 steps: an
@@ -27,6 +28,9 @@ import math
 import sys
 import time
 from pathlib import Path
+
+# the pre-training corpus: the Python docs without the modules the evaluation task is made of
+CORPUS = "python-docs-heldout"
 
 MAX_STEPS = 2000  # the cosine schedule's length; the time limit ends the run first on a slow machine
 # Checkpoints every SAVE_EVERY steps (keeping KEEP_LAST): an interrupted demo (Ctrl-C) resumes from the
@@ -111,7 +115,11 @@ def _shards_vocab(shards: Path, vocab_size: int) -> None:
     if not isinstance(tok, dict):
         return
     made = tok.get("vocab_size")
-    if opts.get("corpus") != "python-docs" or tok.get("train") != "wordpiece":
+    if opts.get("corpus") == "python-docs" and tok.get("train") == "wordpiece":
+        raise DemoError(f"--out: {shards} holds an older demo's shards, made from every stdlib docstring, the "
+                        f"evaluation task's texts included (its score was transductive); use another --out, or "
+                        f"remove {shards.parent} to start over on the held-out corpus ({CORPUS})")
+    if opts.get("corpus") != CORPUS or tok.get("train") != "wordpiece":
         raise DemoError(f"--out: {shards} holds shards that are not the demo's (corpus {opts.get('corpus')!r}, "
                         f"tokenizer {tok.get('train') or tok.get('source')!r}); use another --out")
     if made != vocab_size:
@@ -199,7 +207,7 @@ def run(out: str | Path = "runs/demo", *, minutes: float = 3.0, model: str = "be
         manifest = read_manifest(shards, verify=False)
         log(f"   reusing {shards} ({manifest['stats']['docs']:,} documents, {manifest['stats']['tokens']:,} tokens)")
     except (FileNotFoundError, ValueError):
-        manifest = preprocess_text([], shards, corpus="python-docs", train_tokenizer="wordpiece",
+        manifest = preprocess_text([], shards, corpus=CORPUS, train_tokenizer="wordpiece",
                                    vocab_size=vocab_size, progress=progress, log=log)
     result = {"preprocess": {"docs": manifest["stats"]["docs"], "tokens": manifest["stats"]["tokens"],
                              "seconds": time.perf_counter() - t0}}

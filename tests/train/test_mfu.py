@@ -73,14 +73,19 @@ def test_mfu_value_and_precision_mapping():
         torch.set_float32_matmul_precision(old)
 
 
-@pytest.mark.parametrize("avx512_bf16, amx, want", [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")])
-def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, avx512_bf16, amx, want):
-    """precision "auto" trains in bf16 on a CPU that multiplies bf16 natively, in fp32 elsewhere;
-    an explicit precision is kept as given."""
+@pytest.mark.parametrize("avx512_bf16, amx, speedup, want", [
+    (True, False, 5.0, "bf16"), (False, True, 5.0, "bf16"), (False, False, 5.0, "fp32"),
+    (True, False, 0.65, "fp32"),  # the flags, but bf16 GEMMs slower than fp32 (an Intel Xeon VM without AMX)
+])
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, avx512_bf16, amx, speedup, want):
+    """precision "auto" trains in bf16 on a CPU that multiplies bf16 natively and faster than fp32
+    (measured once), in fp32 elsewhere; an explicit precision is kept as given."""
+    from fastpt.bench import peaks
     from fastpt.train.recipe import resolve_precision
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(peaks, "cpu_bf16_gemm_speedup", lambda threads: speedup)
     assert resolve_precision("auto", torch.device("cpu")) == want
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
@@ -106,3 +111,11 @@ def test_cpu_peak_follows_torchs_thread_count(monkeypatch):
         assert mfu.peak_flops("cpu", "fp32")[0] == pytest.approx(4 * one)
     finally:
         torch.set_num_threads(old)
+
+
+def test_cpu_bf16_gemm_speedup_is_measured_once_per_thread_count():
+    from fastpt.bench import peaks
+
+    peaks.cpu_bf16_gemm_speedup.cache_clear()
+    first = peaks.cpu_bf16_gemm_speedup(torch.get_num_threads())
+    assert first > 0 and peaks.cpu_bf16_gemm_speedup(torch.get_num_threads()) == first  # cached

@@ -16,9 +16,11 @@ known the peak is None and the note says so; a report then prints MFU as ``n/a``
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import torch
@@ -169,11 +171,18 @@ def _cpu_peak(dtype: str, fields: dict, cores: int | None, threads: int) -> Peak
                        f"{kind} FLOP/cycle ({why}) x {ghz:.2f} GHz ({clock_src}) = {flops / 1e12:.3f} TFLOP/s")
 
 
+# a CPU's bf16 GEMMs must beat fp32's by this factor for precision "auto" to pick bf16 there
+CPU_BF16_MIN_SPEEDUP = 1.25
+
+
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` multiplies bfloat16 at a higher rate than float32: a CUDA GPU with bf16
-    tensor cores (Ampere or later), or a CPU with AVX512_BF16 dot products or AMX tiles (where
-    torch's bf16 GEMMs use them; measured on a 2-core AMD EPYC Zen 5, torch 2.13: a 4096 x 256 x
-    1024 product ran at 957 GFLOP/s in bf16 against 185 in fp32). Decides ``precision: auto``."""
+    tensor cores (Ampere or later), or a CPU with AVX512_BF16 dot products or AMX tiles whose bf16
+    GEMMs torch runs faster than its fp32 ones, by ``CPU_BF16_MIN_SPEEDUP``
+    (``cpu_bf16_gemm_speedup``, measured once). The flags alone do not say it: on a 2-core AMD EPYC
+    Zen 5 (torch 2.13) a 4096 x 256 x 1024 product ran at 957 GFLOP/s in bf16 against 185 in fp32,
+    on a 2-core Intel Xeon VM with AVX512_BF16 and no AMX at 165 against 253 (bf16 autocast made
+    its training steps 1.3x slower). Decides ``precision: auto``."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
@@ -181,7 +190,30 @@ def native_bf16(device: torch.device | str) -> bool:
         return False
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(check()) for check in checks if check is not None)
+    if not any(bool(check()) for check in checks if check is not None):
+        return False
+    return cpu_bf16_gemm_speedup(torch.get_num_threads()) >= CPU_BF16_MIN_SPEEDUP
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_gemm_speedup(threads: int) -> float:
+    """fp32 time / bf16 time of a 1024 x 256 x 1024 GEMM with torch's CPU kernels at ``threads``
+    threads (the best of 5 after 2 warm-up calls each; ~40 ms once per thread count)."""
+    del threads  # the cache key: torch's kernels use torch.get_num_threads() threads
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 256, generator=gen), torch.randn(256, 1024, generator=gen)
+
+    def best(x, y) -> float:
+        for _ in range(2):
+            x @ y
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(a, b) / best(a.bfloat16(), b.bfloat16())
 
 
 def peak(device_name: str | None, dtype: torch.dtype | str, *, device: str = "cuda", cores: int | None = None,

@@ -70,16 +70,18 @@ READ_BLOCK = 1 << 20  # bytes per read of a text / JSONL file (see _lines)
 LOCK_FILE = ".fastpt-preprocess.lock"  # in the output directory while a run writes there
 
 
-def _python_docs(stdlib: bool) -> Callable[[], list[str]]:
+def _python_docs(stdlib: bool, heldout: bool = False) -> Callable[[], list[str]]:
     def load() -> list[str]:
-        from .corpus import python_docs_corpus
+        from .corpus import heldout_packages, python_docs_corpus
 
-        return python_docs_corpus(include_stdlib=stdlib)
+        return python_docs_corpus(include_stdlib=stdlib, exclude_packages=heldout_packages() if heldout else ())
     return load
 
 
-# the built-in corpora: the running Python's own documentation (no download)
-CORPORA = {"python-docs": _python_docs(True), "python-topics": _python_docs(False)}
+# the built-in corpora: the running Python's own documentation (no download); "python-docs-heldout" leaves
+# out the modules the built-in eval task python-docs-topics is made of (what the demo pre-trains on)
+CORPORA = {"python-docs": _python_docs(True), "python-docs-heldout": _python_docs(True, heldout=True),
+           "python-topics": _python_docs(False)}
 
 
 @dataclass(frozen=True)

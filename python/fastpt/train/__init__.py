@@ -49,7 +49,8 @@ recipe file's; defaults shown)::
       min_lr_ratio: 0.1       # final lr / peak lr
       clip_grad: 1.0          # max gradient norm (null: no clipping)
       precision: auto         # auto (bf16 where the device multiplies it natively: a CUDA GPU with bf16
-                              # tensor cores, a CPU with AVX512_BF16 or AMX; else fp32) | fp32 | bf16 | fp16
+                              # tensor cores, a CPU with AVX512_BF16 or AMX whose bf16 GEMMs beat fp32's;
+                              # else fp32) | fp32 | bf16 | fp16
                               # (fp16: loss scaling; a step it skips for inf gradients still counts and
                               # still moves EMA teachers / DINO's center, as their reference loops do;
                               # --resume under auto keeps the precision the checkpoint trained in)
