@@ -314,7 +314,7 @@ def word_start_table(tok):
             return t.startswith("\u2581")
     else:
         raise ValueError(f"tokenizer: cannot tell where words begin in a {kind} model without a ## prefix, a "
-                         f"byte-level or a Metaspace pre-tokenizer (pre-tokenizer / decoder steps: "
+                         f"byte-level or a Metaspace pre-tokenizer (normalizer / pre-tokenizer / decoder steps: "
                          f"{sorted(s for s in steps if s)}); whole-word masking needs the batches' word_ids")
     table = torch.ones(size, dtype=torch.bool)  # ids the vocabulary does not name: words of their own
     added = {t.content for t in tok.get_added_tokens_decoder().values()}

@@ -35,11 +35,16 @@ def _word_runs(word_ids, ids: torch.Tensor, cu_seqlens) -> torch.Tensor:
     prev[:, 1:] = w[:, :-1]
     inside = w >= 0
     start = (w != prev) & inside
-    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and not cu_seqlens.dtype.is_floating_point:
-        starts = cu_seqlens[:-1].to(device=w.device, dtype=torch.int64)
-        starts = starts[(starts >= 0) & (starts < w.numel())]
-        start.view(-1)[starts] |= inside.view(-1)[starts]
+    _start_documents(start, cu_seqlens)
     return number_words(start, inside).reshape(ids.shape)
+
+
+def _start_documents(start: torch.Tensor, cu_seqlens) -> None:
+    """Mark, in place, each document start of ``cu_seqlens`` (offsets into the flattened tokens) as a
+    word start in ``start`` (``number_words`` keeps only the starts inside words)."""
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and not cu_seqlens.dtype.is_floating_point:
+        starts = cu_seqlens[:-1].to(device=start.device, dtype=torch.int64)
+        start.view(-1)[starts[(starts >= 0) & (starts < start.numel())]] = True
 
 
 class MLM(Objective):
@@ -175,11 +180,7 @@ class MLM(Objective):
         prev_inside = torch.zeros_like(inside)
         prev_inside[:, 1:] = inside[:, :-1]
         start |= ~prev_inside
-        cu = batch.get("cu_seqlens")
-        if isinstance(cu, torch.Tensor) and cu.dim() == 1 and not cu.dtype.is_floating_point:
-            starts = cu[:-1].to(device=ids.device, dtype=torch.int64)
-            starts = starts[(starts >= 0) & (starts < start.numel())]
-            start.view(-1)[starts] = True
+        _start_documents(start, batch.get("cu_seqlens"))
         return number_words(start, inside).reshape(ids.shape)
 
     def flops_weights(self, backbone: nn.Module, seq_len: int | None) -> dict[str, float]:

@@ -24,9 +24,10 @@ uniform integer in ``[0, n)`` is ``(bits * n) >> 32`` (Lemire's multiply-shift).
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
+
+from .. import _dispatch
+from . import _validate
 
 try:  # the Triton twin of mix32, for the kernels in ops/*.py
     import triton
@@ -79,9 +80,10 @@ def check_seed(seed) -> int:
     if isinstance(seed, torch.Tensor):
         _check_seed_tensor(seed)
         seed = int(seed.item())
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # ints, numpy integers
+    value = _validate.integer(seed)  # ints, numpy integers
+    if value is None:
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-    seed = int(seed)
+    seed = value
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed: expected 0 <= seed < 2**64, got {seed}")
     return seed
@@ -97,7 +99,7 @@ def traced_seeds() -> bool:
     """Whether a seed tensor must stay a tensor (its value cannot be read on the host): under
     ``torch.compile`` (a read breaks the graph) and under a ``torch.func`` transform (vmap cannot
     read a batched tensor: ``.item()`` raises there)."""
-    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    return torch.compiler.is_compiling() or _dispatch.transforms_active()
 
 
 def fresh_seed():

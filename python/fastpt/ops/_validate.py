@@ -1,6 +1,7 @@
 """Argument checks shared by the ops. Every error names the argument and what was expected."""
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -73,6 +74,18 @@ def flag(name: str, v) -> bool:
     raise TypeError(f"{name}: expected True or False, got {v!r}")
 
 
+def autocast_known(device_type: str) -> bool:
+    """Whether ``torch.autocast`` knows the device type: ``torch.is_autocast_enabled`` and
+    ``torch.autocast(...)`` raise for one it does not (meta tensors, shape inference)."""
+    return device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+
+
+def autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or no context for a device type autocast does not
+    know (``autocast_known``)."""
+    return torch.autocast(device_type, enabled=False) if autocast_known(device_type) else contextlib.nullcontext()
+
+
 def integer(v) -> int | None:
     """``v`` as a Python int when it is an integer (int, numpy integers; not bool), else None."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -84,10 +97,10 @@ def positive_int(name: str, v, *, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
             v = int(v.item())
-        elif integer(v) is not None:  # numpy integers (numpy bools are no Integral)
-            v = integer(v)
-        else:
+        elif integer(v) is None:  # numpy integers pass (numpy bools are no Integral)
             raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+        else:
+            v = integer(v)
     if v < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
     return v

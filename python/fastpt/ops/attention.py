@@ -42,7 +42,9 @@ traces through them without a graph break, and the backward gets the saved ``(q,
 lse, docs)`` of the forward, FlashAttention-2 style.
 
 Under a ``torch.func`` transform (grad, vmap, jacrev, ``functional_call`` + grad) the dispatcher
-runs the reference (the custom ops have no functorch rule, ``_dispatch.transforms_active``); a
+runs torch's SDPA where it serves (plain or causal rows on CUDA; forward-mode transforms, which its
+fused kernels cannot differentiate, fall back from it) and else the reference (the custom ops have
+no functorch rule, ``_dispatch.transforms_active``); a
 seed drawn there (``_rng.fresh_seed``) follows vmap's randomness mode. Meta tensors (shape
 inference, as for torch's SDPA) also reach the reference: the kernels refuse them, the autocast
 probe skips a device type autocast does not know, and the values of meta index tensors are not
@@ -50,7 +52,6 @@ checked (there are none).
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import weakref
@@ -369,20 +370,6 @@ def _prepare(q, k, v, *, causal, prefix_lens, seqlens, cu_seqlens, max_seqlen, d
 # ----------------------------------------------------------------------------- reference
 
 
-def _autocast_device(t: torch.Tensor) -> str | None:
-    """``t``'s device type if ``torch.autocast`` knows it, else None (meta: autocast has no dispatch
-    key for it, and ``torch.autocast('meta', ...)`` raises)."""
-    device = t.device.type
-    return device if device in ("cpu", "cuda") or torch.amp.is_autocast_available(device) else None
-
-
-def _autocast_off(t: torch.Tensor):
-    """``torch.autocast(device, enabled=False)`` for ``t``'s device, or no context where autocast does
-    not know the device type (meta tensors: shape inference)."""
-    device = _autocast_device(t)
-    return contextlib.nullcontext() if device is None else torch.autocast(device, enabled=False)
-
-
 def _token_layout(docs: torch.Tensor, b_count: int, s: int):
     """Per token of the (B, S) grid: its document (-1 for padding), local position and prefix."""
     d = docs.to(torch.int64)
@@ -425,7 +412,7 @@ def reference(q4, k4, v4, docs, *, scale, dropout_p=0.0, dropout_key=0, compute_
     out ``(B, S, H, D)`` in the dtype of q (0 outside every document) and the detached lse
     ``(B, H, S)`` in float32 (float64 for float64 inputs), ``-inf`` outside every document.
     """
-    with _autocast_off(q4):  # the math runs in compute_dtype, not autocast's
+    with _validate.autocast_off(q4.device.type):  # the math runs in compute_dtype, not autocast's
         return _reference(q4, k4, v4, docs, scale, dropout_p, dropout_key, compute_dtype)
 
 
@@ -679,8 +666,8 @@ def _autocast(q, k, v):
     """What torch's SDPA does under autocast: the attention runs in the autocast dtype (float64 is left
     alone, as autocast leaves it). Tensors on a device type autocast does not know (meta) are left as
     they are (``torch.is_autocast_enabled`` raises for those)."""
-    device = _autocast_device(q) if isinstance(q, torch.Tensor) else None
-    if device is not None and torch.is_autocast_enabled(device):
+    device = q.device.type if isinstance(q, torch.Tensor) else None
+    if device is not None and _validate.autocast_known(device) and torch.is_autocast_enabled(device):
         dt = torch.get_autocast_dtype(device)
         return tuple(x.to(dt) if isinstance(x, torch.Tensor) and x.dtype in _AUTOCAST_ELIGIBLE else x
                      for x in (q, k, v))
@@ -721,7 +708,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         deterministic: the backward uses no floating-point atomics (kernels that have them).
         backend: None (fastest that fits) or "cpu", "sdpa" (torch's own fused kernels on CUDA,
             plain or causal rows only), "triton", "cuda", "reference". Under a ``torch.func``
-            transform None runs "reference" and any other name raises ``fastpt.BackendError``.
+            transform None runs "sdpa" where it serves, else "reference"; "cpu", "triton" and
+            "cuda" raise ``fastpt.BackendError`` there.
 
     Returns:
         ``out`` shaped like q, in q's dtype (fp32 accumulation). Differentiable in q, k, v.

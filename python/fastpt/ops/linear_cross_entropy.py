@@ -63,7 +63,6 @@ autograd formula), so ``torch.compile`` traces through them without graph breaks
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from typing import Optional
@@ -145,9 +144,10 @@ def empty_cache() -> None:
 def check_options(ignore_index, reduction, label_smoothing, z_loss) -> tuple[float, float]:
     """Validate the scalar options (also what ``nn.LinearCrossEntropyLoss`` checks when built);
     returns ``(label_smoothing, z_loss)`` as floats. Errors name the option."""
-    if _validate.integer(ignore_index) is None:
+    value = _validate.integer(ignore_index)
+    if value is None:
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    ignore_index = _validate.integer(ignore_index)
+    ignore_index = value
     if not -2**63 <= ignore_index < 2**63:  # an int64 label value, as the kernels compare it
         raise ValueError(f"ignore_index: expected an int64 value, got {ignore_index}")
     if reduction not in REDUCTIONS:
@@ -247,20 +247,9 @@ def reference(hidden, weight, bias, labels, ignore_index=-100, reduction="mean",
     inputs) and the per-row log-sum-exp of the logits (0 at ignored rows). The all-ignored
     "mean" is 0, not NaN.
     """
-    with _autocast_off(hidden.device.type):  # the math runs in compute_dtype, not autocast's
+    with _validate.autocast_off(hidden.device.type):  # the math runs in compute_dtype, not autocast's
         return _reference(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss,
                           compute_dtype)
-
-
-def _autocast_known(device_type: str) -> bool:
-    """Whether ``torch.autocast`` knows the device type (it raises for meta)."""
-    return device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
-
-
-def _autocast_off(device_type: str):
-    """``torch.autocast(device_type, enabled=False)``, or no context for a device type autocast does
-    not know (meta tensors: shape inference)."""
-    return torch.autocast(device_type, enabled=False) if _autocast_known(device_type) else contextlib.nullcontext()
 
 
 def _reference(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss, compute_dtype):
@@ -529,7 +518,7 @@ def _fused_pass(kind, hidden, weight, bias, labels, ignore_index, smoothing, z_c
     float16 hidden with "mean" / "sum" all three in float32 (``_fp16_grad_unit``: the caller rounds
     them to the inputs' dtypes once, after applying the upstream gradient).
     """
-    with _autocast_off(hidden.device.type):  # the dtypes below are chosen, not autocast's
+    with _validate.autocast_off(hidden.device.type):  # the dtypes below are chosen, not autocast's
         return _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing, z_coef, grad_scale,
                                 need_h, need_w, need_b)
 
@@ -803,8 +792,6 @@ def _cpu_supports(hidden, **_):
 
 
 def _triton_supports(hidden, **_):
-    if hidden.device.type == "meta":  # shapes only: the reference infers them (the interpreter would read data)
-        return "meta tensors hold no data (shapes only); the reference backend infers the shapes"
     why = _dispatch.triton_device_refusal(hidden.device)
     if why is not None:
         return why
@@ -894,7 +881,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     # float64 is left alone under autocast, as torch's autocast leaves it; so are meta tensors
     # (autocast has no meta device type: shape inference sees the dtypes as they are)
-    wide = (isinstance(hidden, torch.Tensor) and _autocast_known(hidden.device.type)
+    wide = (isinstance(hidden, torch.Tensor) and _validate.autocast_known(hidden.device.type)
             and torch.is_autocast_enabled(hidden.device.type) and hidden.dtype != torch.float64)
     if wide:
         # what F.linear does under autocast: the projection runs in the autocast dtype. float32

@@ -141,8 +141,10 @@ def span_corrupt_lengths(seqlens, *, noise_density=0.15, mean_span_len=3.0):
     Raises:
         TypeError / ValueError naming the argument.
     """
-    scalar = _validate.integer(seqlens) is not None  # an int or a numpy integer
-    seqlens = _validate.integer(seqlens) if scalar else seqlens
+    value = _validate.integer(seqlens)  # an int or a numpy integer
+    scalar = value is not None
+    if scalar:
+        seqlens = value
     if scalar and not 0 <= seqlens < 2**63:
         raise ValueError(f"seqlens: expected a length in [0, 2**63), got {seqlens}")
     device = seqlens.device if isinstance(seqlens, torch.Tensor) else torch.device("cpu")

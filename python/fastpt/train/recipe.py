@@ -571,13 +571,9 @@ class PretrainRecipe:
         ``longest`` is the longest seq_len whose rows fit the sentinels."""
         import re
 
-        from tokenizers import Tokenizer
-
         from ..ops.span_corrupt import span_counts
 
-        dataset = getattr(self.data, "dataset", None)
-        entry = (getattr(dataset, "manifest", None) or {}).get("tokenizer") or {}
-        if dataset is None or not entry.get("file"):
+        if self._shards_tokenizer_file() is None:
             return None
         denoisers = getattr(objective, "denoisers", None)
         if denoisers is not None:
@@ -595,7 +591,7 @@ class PretrainRecipe:
         spans = torch.stack(per_rate).amax(0)  # the most spans a row of each length gets
         need = int(spans.max())
         try:
-            tok = Tokenizer.from_file(str(dataset.path / entry["file"]))
+            tok = self._shards_tokenizer()
         except Exception:  # noqa: BLE001 -- tokenizers raises a bare Exception; the manifest check reports the file
             return None
         match = re.fullmatch(r"<extra_id_(\d+)>", tok.id_to_token(sentinel) or "")
@@ -641,6 +637,21 @@ class PretrainRecipe:
                               f"model.backbone.image_size={h} --set model.backbone.in_channels={c} --set "
                               f"model.backbone.patch_size=4, or resize with data.image_size")
 
+    def _shards_tokenizer_file(self) -> Path | None:
+        """The tokenizer file the text shards' manifest names (it may be missing), or None."""
+        dataset = getattr(self.data, "dataset", None)
+        entry = (getattr(dataset, "manifest", None) or {}).get("tokenizer") or {}
+        return dataset.path / entry["file"] if dataset is not None and entry.get("file") else None
+
+    def _shards_tokenizer(self):
+        """The shards' tokenizer (``tokenizers.Tokenizer``), read once for the setup checks that need it;
+        raises what ``Tokenizer.from_file`` raises for a missing or bad file."""
+        if getattr(self, "_tokenizer", None) is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self._shards_tokenizer_file()))
+        return self._tokenizer
+
     def _set_word_starts(self, model: nn.Module) -> None:
         """Whole-word masking on shards: token ids carry no word boundaries, so each MLM with
         ``whole_word_masking`` gets the shards' tokenizer's word starts (``data.tokenizer.word_start_table``:
@@ -649,19 +660,16 @@ class PretrainRecipe:
         wanting = [m for m in model.modules() if isinstance(m, MLM) and m.whole_word_masking]
         if not wanting:
             return
-        from tokenizers import Tokenizer
-
         from ..data.tokenizer import word_start_table
 
-        dataset = self.data.dataset
-        entry = (getattr(dataset, "manifest", None) or {}).get("tokenizer") or {}
         what = "model.objective.whole_word_masking"
-        if not entry.get("file") or not (dataset.path / entry["file"]).is_file():
-            raise ConfigError(f"{what}: the shards in {dataset.path} hold no tokenizer file to find word boundaries "
-                              f"in (token ids alone do not say where words begin); preprocess with a tokenizer, or "
-                              f"set it to false")
+        file = self._shards_tokenizer_file()
+        if file is None or not file.is_file():
+            raise ConfigError(f"{what}: the shards in {self.data.dataset.path} hold no tokenizer file to find word "
+                              f"boundaries in (token ids alone do not say where words begin); preprocess with a "
+                              f"tokenizer, or set it to false")
         try:
-            table = word_start_table(Tokenizer.from_file(str(dataset.path / entry["file"])))
+            table = word_start_table(self._shards_tokenizer())
         except Exception as exc:  # noqa: BLE001 -- tokenizers raises a bare Exception for a bad file
             raise ConfigError(f"{what}: {exc}") from exc
         for m in wanting:
