@@ -3,6 +3,7 @@ the built-in Python-docs task, checkpoint discovery, and the CLI. Tiny random ba
 import collections
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,35 @@ def test_stratified_split():
     assert te != stratified_split(labels, 0.2, seed=2)[1]
     with pytest.raises(ValueError, match="test_fraction"):
         stratified_split(labels, 1.5)
+
+
+def test_stratified_split_keeps_groups_on_one_side():
+    labels = ["a"] * 10 + ["b"] * 6
+    plain = stratified_split(labels, 0.3, seed=3)
+    assert stratified_split(labels, 0.3, seed=3, groups=[f"t{i}" for i in range(16)]) == plain
+    groups = [i // 2 for i in range(16)]  # every text twice in a row
+    for seed in range(5):
+        tr, te = stratified_split(labels, 0.3, seed=seed, groups=groups)
+        assert sorted(tr + te) == list(range(16))
+        assert not {groups[i] for i in tr} & {groups[i] for i in te}
+        assert collections.Counter(labels[i] for i in te) == {"a": 4, "b": 2}  # round(0.3 * 5), round(0.3 * 3) pairs
+    with pytest.raises(ValueError, match="groups"):
+        stratified_split(labels, 0.3, groups=[0])
+
+
+def test_held_out_split_never_scores_a_training_text(task, tok, tmp_path, monkeypatch):
+    import fastpt.train.evaluate as ev
+
+    lines = Path(task[0]).read_text().splitlines()
+    dup = tmp_path / "dup.tsv"
+    dup.write_text("".join(f"{line}\n{line.replace(' ', '  ')}\n" for line in lines))  # each text twice
+    splits = []
+    monkeypatch.setattr(ev, "stratified_split", lambda *a, **k: splits.append(stratified_split(*a, **k)) or splits[-1])
+    r = evaluate_text(_text_backbone(tok.get_vocab_size()), tok, dup, freeze=True, test_fraction=0.25)
+    (tr, te), = splits
+    texts = [" ".join(line.split("\t", 1)[1].split()) for line in dup.read_text().splitlines()]
+    assert (r["n_train"], r["n_test"]) == (len(tr), len(te)) == (180, 60)
+    assert not {texts[i] for i in tr} & {texts[i] for i in te}
 
 
 def test_bad_text_inputs(task, tok, tmp_path):

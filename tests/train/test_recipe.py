@@ -2,7 +2,9 @@
 checkpointing, stop conditions, continued pre-training (init_from), the CLI, errors."""
 import copy
 import json
+import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -140,6 +142,35 @@ def test_objectives_modes_precisions(shards, tmp_path, objective, mode, precisio
     assert all(float(x) == float(x) for x in losses(tmp_path / "run"))  # finite, not NaN
     if mode == "doc":
         assert summary["tokens"] < 3 * 2 * 3 * 17  # padding does not count
+
+
+def test_fp16_logs_loss_scale_and_skipped_steps(shards, tmp_path, monkeypatch):
+    """fp16 rows carry GradScaler's scale and the window's skipped updates: a scale of 2^40 overflows the
+    fp16 gradients, so every step is skipped (scale halved) until it fits; a resumed run counts the same."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device: real(device, init_scale=2.0 ** 40))
+    lines = []
+    cfg = recipe(shards, tmp_path / "run", train={"precision": "fp16", "max_steps": 4},
+                 output={**QUIET, "save_every": 0, "log_every": 2})
+    pretrain(cfg, log=lines.append)
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [r["step"] for r in rows] == [2, 4]
+    assert [r["skipped_steps"] for r in rows] == [2, 2]  # counted per window, not cumulative
+    assert [r["loss_scale"] for r in rows] == [2.0 ** 38, 2.0 ** 36]
+    assert not math.isfinite(rows[0]["grad_norm"])
+    assert any("skipped 2" in m for m in lines)
+    # resumed inside the second window (from step 3's checkpoint): the window's count rides in the checkpoint
+    two = recipe(shards, tmp_path / "two", train={"precision": "fp16", "max_steps": 4},
+                 output={**QUIET, "save_every": 1, "log_every": 2})
+    pretrain(two, log=lambda m: None)
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-00000004")
+    pretrain(two, resume=True, log=lambda m: None)
+    resumed = read_metrics(tmp_path / "two" / "metrics.csv")
+    assert [(r["step"], r["skipped_steps"], r["loss_scale"]) for r in resumed] == \
+        [(r["step"], r["skipped_steps"], r["loss_scale"]) for r in rows]
+    plain = recipe(shards, tmp_path / "fp32", train={"max_steps": 2}, output={**QUIET, "save_every": 0})
+    pretrain(plain, log=lambda m: None)
+    assert "skipped_steps" not in read_metrics(tmp_path / "fp32" / "metrics.csv")[0]
 
 
 def test_stop_on_tokens_and_time(shards, tmp_path):

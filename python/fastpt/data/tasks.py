@@ -59,22 +59,35 @@ def read_rows(path: str | os.PathLike) -> list[tuple[int, str, str]]:
     return rows
 
 
-def stratified_split(labels: Sequence, test_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
+def stratified_split(labels: Sequence, test_fraction: float = 0.2, seed: int = 0, *,
+                     groups: Sequence | None = None) -> tuple[list[int], list[int]]:
     """Indices (train, test), both sorted: each class sends ``round(test_fraction * n)`` of its
-    ``n`` examples to the test side (at least one when ``n >= 2``), chosen by ``seed``."""
+    ``n`` examples to the test side (at least one when ``n >= 2``), chosen by ``seed``.
+
+    ``groups`` (one hashable key per example, e.g. the text itself) keeps examples that share a key
+    on the same side, so a duplicated text cannot be trained on and then scored as "held out"
+    (which would inflate the test accuracy). Groups are then the units of the split: ``n`` counts a
+    class's groups, and a group belongs to the class of its first example. With every key distinct
+    the split is the one without ``groups``."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
+    if groups is not None and len(groups) != len(labels):
+        raise ValueError(f"groups: expected one key per label ({len(labels)}), got {len(groups)}")
+    members: dict = {}  # group key -> its example indices, in order of first appearance
+    for i, key in enumerate(range(len(labels)) if groups is None else groups):
+        members.setdefault(key, []).append(i)
+    units = list(members.values())
     g = torch.Generator().manual_seed(seed)
     by_class: dict = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(y, []).append(i)
+    for u, idx in enumerate(units):
+        by_class.setdefault(labels[idx[0]], []).append(u)
     train, test = [], []
     for y in sorted(by_class, key=str):
         idx = by_class[y]
         order = torch.randperm(len(idx), generator=g).tolist()
         n_test = min(max(round(test_fraction * len(idx)), 1 if len(idx) >= 2 else 0), len(idx) - 1)
-        test += [idx[j] for j in order[:n_test]]
-        train += [idx[j] for j in order[n_test:]]
+        test += [i for j in order[:n_test] for i in units[idx[j]]]
+        train += [i for j in order[n_test:] for i in units[idx[j]]]
     return sorted(train), sorted(test)
 
 

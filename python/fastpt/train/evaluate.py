@@ -364,7 +364,7 @@ def evaluate_text(backbone: nn.Module, tokenizer, train_path, test_path=None, *,
             It is copied: the caller's weights are never changed.
         tokenizer: ``tokenizers.Tokenizer`` or a path for ``load_tokenizer`` (the model's directory).
         train_path, test_path: labelled files; without ``test_path`` a stratified ``test_fraction``
-            of the training file is held out (by ``seed``).
+            of the training file is held out (by ``seed``; repeated texts stay on one side).
         freeze: keep the encoder fixed and fit a linear probe (``linear_probe``, ``l2``) on its
             pooled features instead of fine-tuning.
         pooling: "mean" over valid tokens, "first" token ([CLS]) or "last" valid token (causal LMs).
@@ -393,7 +393,10 @@ def evaluate_text(backbone: nn.Module, tokenizer, train_path, test_path=None, *,
     device = _device_of(encoder, device)
     train_labels, train_texts = read_labelled(train_path)
     if test_path is None:
-        tr, te = stratified_split(train_labels, test_fraction, seed)
+        # the same text twice (whitespace aside) stays on one side: a held-out copy of a training
+        # example would score memorisation as accuracy
+        tr, te = stratified_split(train_labels, test_fraction, seed,
+                                  groups=[" ".join(t.split()) for t in train_texts])
         test_labels, test_texts = [train_labels[i] for i in te], [train_texts[i] for i in te]
         train_labels, train_texts = [train_labels[i] for i in tr], [train_texts[i] for i in tr]
         test_where = f"{train_path} (held out {test_fraction:g})"

@@ -124,6 +124,8 @@ class RunLogger:
 
         fields = dict(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=human(row["tokens_per_s"]),
                       mfu=format_mfu(row.get("mfu")))
+        if row.get("skipped_steps"):  # fp16: updates GradScaler skipped in this window (gradients overflowed)
+            fields["skipped"] = str(row["skipped_steps"])
         if self.bar is not None:
             self.bar.set_postfix(fields, refresh=False)
         else:

@@ -835,6 +835,8 @@ class PretrainRecipe:
         loss_sum = torch.tensor(window["loss"], dtype=torch.float32, device=self.device)  # (sum of losses, count)
         metric_sums: dict[str, list] = {k: [torch.tensor(v, dtype=torch.float32, device=self.device), n]
                                         for k, (v, n) in window["metrics"].items()}
+        # fp16: the window's steps GradScaler skipped (gradients not finite), counted on the device
+        self._skipped = torch.tensor(float(window.get("skipped", 0.0)), device=self.device) if self.scaler else None
         self.window = (loss_sum, metric_sums)
         t_log, tokens_log = now(), self.tokens
         while not self.done():
@@ -874,6 +876,8 @@ class PretrainRecipe:
             else:  # the norm for the log only: clip_grad_norm_ with inf multiplied every gradient by 1
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             if self.scaler:
+                # a non-finite norm of the unscaled gradients is GradScaler's found-inf: it skips this update
+                self._skipped += ~torch.isfinite(_local(grad_norm).detach().to(self._skipped.device))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
@@ -891,9 +895,10 @@ class PretrainRecipe:
             if self.step % out["log_every"] == 0 or self.done():
                 t_now = now()
                 mean_loss = distributed.all_reduce(loss_sum.clone(), self.dist)
-                # one device read for the row: the loss sums and the gradient norm
-                total, count, norm = torch.cat([mean_loss, _local(grad_norm).detach().float().reshape(1)
-                                                .to(mean_loss.device)]).tolist()
+                # one device read for the row: the loss sums, the gradient norm (and fp16's skipped steps)
+                total, count, norm, *skipped = torch.cat(
+                    [mean_loss, _local(grad_norm).detach().float().reshape(1).to(mean_loss.device)]
+                    + ([self._skipped.reshape(1).to(mean_loss.device)] if self.scaler else [])).tolist()
                 # a window whose micro-batches had no targets at all (MLM on a few tiny documents) logs NaN
                 loss_value = total / count if count > 0 else math.nan
                 if not math.isfinite(loss_value) and count > 0:
@@ -904,6 +909,9 @@ class PretrainRecipe:
                        "grad_norm": norm, "tokens_per_s": rate,
                        "mfu": compute_mfu(self.flops_per_token, rate, self.peak, self.dist.world_size),
                        "elapsed_s": self.elapsed_before + t_now - self.t_start}
+                if self.scaler:  # fp16: the loss scale after the last step, and the window's skipped updates
+                    row.update(loss_scale=self.scaler.get_scale(), skipped_steps=int(skipped[0]))
+                    self._skipped.zero_()
                 for k, v in self._mean_metrics(metric_sums).items():
                     row.setdefault(k, v)  # an objective's own "loss" metric is the loss above, averaged the same
                 self.logger.log(row)
@@ -1071,6 +1079,8 @@ class PretrainRecipe:
         loss_sum, metric_sums = getattr(self, "window", (None, {}))
         window = {"loss": [float(x) for x in loss_sum.tolist()] if loss_sum is not None else [0.0, 0.0],
                   "metrics": {k: [float(v), float(n)] for k, (v, n) in metric_sums.items()}}
+        if getattr(self, "_skipped", None) is not None:
+            window["skipped"] = float(self._skipped)
         gathered = distributed.gather_object((tensors, plain, window), self.dist)
         path = None
         if self.dist.is_main:
