@@ -525,6 +525,34 @@ def test_cli(shards, tmp_path, capsys):
     assert "train.lrr: unknown key (did you mean 'lr'?)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_packed_documents_encode_as_alone_with_a_position_offset(shards, tmp_path, position):
+    """RoBERTa's learned positions start at position_offset 2: the packed batches' collated position ids
+    (0 at each document) reached the embedding as given, so packed training looked up rows 0, 1, 2... where
+    the same document alone (doc mode, inference, the HF model) reads 2, 3, 4..."""
+    from fastpt.train.recipe import PretrainRecipe
+
+    model = tiny_model()
+    model["backbone"].update(position_offset=2 if position == "learned" else 0, pad_token_id=1,
+                             position=position)
+    run = PretrainRecipe(load_recipe(recipe(shards, tmp_path / "run", model=model, train={"max_steps": 1},
+                                            output={**QUIET, "save_every": 0})), log=lambda m: None)
+    run.setup()
+    try:
+        batch = run.to_device(next(run.data.batches(3)))
+        backbone = run.model.backbone.eval()
+        kwargs = {k: batch[k] for k in ("cu_seqlens", "max_seqlen", "position_ids") if k in batch}
+        with torch.no_grad():
+            packed = backbone(batch["input_ids"], **kwargs).last_hidden_state.reshape(-1, 32)
+            cu = batch["cu_seqlens"].tolist()
+            assert len(cu) > 4  # several documents, most not starting a row
+            for a, b in zip(cu[:-1], cu[1:]):
+                alone = backbone(batch["input_ids"].reshape(-1)[None, a:b]).last_hidden_state[0]
+                torch.testing.assert_close(packed[a:b], alone, rtol=1e-5, atol=1e-5)
+    finally:
+        run.cleanup()
+
+
 @pytest.mark.parametrize("mode", ["pack", "doc"])
 def test_sentence_pairs_come_from_one_document_without_separators(tmp_path, mode):
     """SOP / NSP write [CLS] A [SEP] B [SEP] themselves: with data.add_special auto the recipe read the

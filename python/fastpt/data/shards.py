@@ -678,7 +678,9 @@ def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     pack samples -> ``input_ids`` (B, S) int64; ``cu_seqlens`` (N+1,) int32 over the B*S
     flattened tokens (row b's boundaries shifted by b*S; what the packed attention and
     ``TextEncoder(cu_seqlens=...)`` take); ``max_seqlen`` (int, longest piece);
-    ``position_ids`` (B, S) int64 restarting at 0 at each document piece.
+    ``position_ids`` (B, S) int64 restarting at 0 at each document piece (a model whose positions start
+    elsewhere, RoBERTa's ``position_offset`` 2, adds its offset: pass ``cu_seqlens`` without them and
+    its embedding does).
     """
     if not samples:
         raise ValueError("collate: no samples")

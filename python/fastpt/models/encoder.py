@@ -13,7 +13,7 @@ from ..ops.attention import check_mask_args
 from .embeddings import TEXT_POSITIONS, TextEmbedding
 from .layers import (ACTIVATIONS, GLU_ACTIVATIONS, NORMS, CrossAttention, FeedForward, SelfAttention,
                      TransformerLayer, check_choice, check_heads, check_int, check_positive, check_prob, init_weights,
-                     make_norm)
+                     document_positions, make_norm)
 from .outputs import BackboneOutput
 
 POSITIONS = TEXT_POSITIONS + ("rotary", "alibi")
@@ -104,8 +104,9 @@ class TextEncoder(nn.Module):
         shape = x.shape
         if cu_seqlens is not None:
             x = x.reshape(-1, shape[-1])  # (T, D): the fused op's packed layout
-            if position_ids is not None:
-                position_ids = position_ids.reshape(-1)
+            # rotary / ALiBi layers read document positions: found once here, not once per layer
+            position_ids = (document_positions(cu_seqlens, x.shape[0]) if position_ids is None
+                            else position_ids.reshape(-1))
         kwargs = dict(causal=self.causal if causal is None else bool(causal), seqlens=seqlens, prefix_lens=prefix_lens,
                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_ids=position_ids)
         x, hidden = run_layers(self, self.layers, x, output_hidden_states, **kwargs)

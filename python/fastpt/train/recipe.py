@@ -804,8 +804,10 @@ class PretrainRecipe:
         batch = dict(raw)
         if "cu_seqlens" in batch:
             if isinstance(self.model.objective, PACKED_OBJECTIVES):
+                # positions come from cu_seqlens inside the model: its embedding adds its position_offset
+                # (RoBERTa's 2) to the collator's document positions, which start at 0
                 batch["input_ids"] = batch["input_ids"].reshape(1, -1)
-                batch["position_ids"] = batch["position_ids"].reshape(1, -1)
+                batch.pop("position_ids", None)
             elif isinstance(self.model.objective, PAIR_OBJECTIVES):
                 batch = {"input_ids": batch["input_ids"], "cu_seqlens": batch["cu_seqlens"]}
             else:
