@@ -21,4 +21,5 @@ def arg_type(convert, ok, expected: str):
 
 
 positive_int = arg_type(int, lambda v: v >= 1, "an integer >= 1")
+seed = arg_type(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")  # as train.seed
 positive_float = arg_type(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")

@@ -438,6 +438,10 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "t.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         eval_main(["vision", "--model", "m", "--data", "d", "--probe", "svm"])
+    for bad in ("-1", str(2**63), str(2**64 - 1)):  # as train.seed; 2**64 - 1 failed late naming no option
+        with pytest.raises(SystemExit):
+            eval_main(["text", "--model", "m", "--train", "x.tsv", "--seed", bad])
+        assert "argument --seed: expected an integer in [0, 2**63)" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- end to end through checkpoints

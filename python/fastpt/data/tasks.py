@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from ..ops._rng import generator_seed
+
 
 # ----------------------------------------------------------------------------- labelled text files
 
@@ -73,11 +75,11 @@ def stratified_split(labels: Sequence, test_fraction: float = 0.2, seed: int = 0
         raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
     if groups is not None and len(groups) != len(labels):
         raise ValueError(f"groups: expected one key per label ({len(labels)}), got {len(groups)}")
+    g = torch.Generator().manual_seed(generator_seed(seed))
     members: dict = {}  # group key -> its example indices, in order of first appearance
     for i, key in enumerate(range(len(labels)) if groups is None else groups):
         members.setdefault(key, []).append(i)
     units = list(members.values())
-    g = torch.Generator().manual_seed(seed)
     by_class: dict = {}
     for u, idx in enumerate(units):
         by_class.setdefault(labels[idx[0]], []).append(u)
@@ -194,7 +196,7 @@ def builtin_text_task(name: str = "python-docs-topics", seed: int = 0, *, per_cl
         raise ValueError(f"task {name!r}: this Python installation ({root}) has too few standard-library "
                          "docstrings to build it")
     n = min(per_class, *(len(t) for t in docs.values()))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(generator_seed(seed))
     rows = []
     for topic in sorted(docs):
         pick = torch.randperm(len(docs[topic]), generator=g)[:n].tolist()

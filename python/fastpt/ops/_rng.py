@@ -89,6 +89,15 @@ def check_seed(seed) -> int:
     return seed
 
 
+def generator_seed(seed) -> int:
+    """``seed`` (an int in ``[0, 2**64)``) as the seed of a ``torch.Generator`` / ``torch.manual_seed``:
+    torch's CPU generator (mt19937) keeps only a seed's low 32 bits, so seeds that differ above them
+    (``s`` and ``s + 2**32``, or ``(epoch << 32) | step``) would draw the same numbers. Seeds below
+    ``2**32`` pass unchanged; larger ones fold their high half in by a hash, ``mix32(mix32(hi) ^ lo)``."""
+    seed = check_seed(seed)
+    return seed if seed < 2**32 else mix32_int(mix32_int(seed >> 32) ^ (seed & M32))
+
+
 def draw_seed() -> int:
     """A fresh seed from torch's default CPU generator: ``torch.manual_seed`` reproduces it, and a
     checkpoint that restores torch's RNG state replays it (as ``nn.Dropout``'s masks would be)."""

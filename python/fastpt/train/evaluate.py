@@ -55,11 +55,13 @@ from torch import nn
 from .._args import arg_type as _arg_type
 from .._args import positive_float as _positive_float
 from .._args import positive_int as _positive_int
+from .._args import seed as _seed_arg
 from ..data.shards import nearest_existing
 from ..data.tasks import (BUILTIN_TASKS, PYTHON_DOCS_TOPICS, builtin_text_task, read_labelled,  # noqa: F401
                           read_rows, stratified_split, write_text_atomic)
 from ..models import TextEncoder, VisionEncoder
 from ..objectives.base import pool
+from ..ops._rng import generator_seed
 from .probes import classification_metrics, knn_predict, linear_probe, standardize  # noqa: F401
 from .recipe import resolve_precision
 
@@ -259,7 +261,7 @@ def _seeded(seed: int, device):
     device = torch.device(device)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(generator_seed(seed))
         yield
 
 
@@ -482,7 +484,7 @@ def _fine_tune(model: TextClassifier, rows, y, *, pad_id, device, epochs, batch_
     warmup = int(warmup_ratio * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(generator_seed(seed))
     y = y.to(device)
     # fp16 needs loss scaling, as the pre-training recipe's (small gradients underflowed to 0 without it)
     fp16 = (resolve_precision(precision, device) if precision == "auto" else precision) == "fp16"
@@ -622,7 +624,8 @@ def _where(data) -> str:
 def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     if limit is None or limit >= n:
         return np.arange(n)
-    return np.sort(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].numpy())
+    g = torch.Generator().manual_seed(generator_seed(seed))
+    return np.sort(torch.randperm(n, generator=g)[:limit].numpy())
 
 
 def evaluate_vision(backbone: nn.Module, data, test=None, *, probe: str = "both", k: int = 20,
@@ -736,7 +739,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--weights", choices=WEIGHTS, default="auto",
                      help="for objectives that keep a second backbone: auto (what the method's reference "
                           "evaluates: DINO's EMA teacher, MoCo v3's online encoder), teacher or student")
-    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--seed", type=_seed_arg, default=0, help="0 .. 2**63-1 (default 0)")
     common.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     common.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast precision (default auto: bf16 where the device multiplies it natively)")

@@ -68,6 +68,7 @@ from ..assemble import _head_options as head_options
 from ..assemble import build, from_hf, load_config
 from ..data.shards import TOKENIZER_FILE, nearest_existing, read_json_object
 from ..models.embeddings import TextEmbedding
+from ..ops._rng import generator_seed
 from ..models.model import PretrainModel, config_format, restoring
 from ..models.vision import vit
 
@@ -89,8 +90,9 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    folded = generator_seed(seed)  # torch's and numpy's generators keep 32 bits: every bit of seed counts
+    np.random.seed(folded)
+    torch.manual_seed(folded)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
