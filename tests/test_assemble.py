@@ -150,6 +150,39 @@ def test_albert_shares_layers_and_ties_a_factorised_head():
     assert head.dense.out_features == 16
 
 
+def test_objectives_compose_with_the_backbones_they_are_built_on():
+    """Assemble-on-demand pairings that built and then trained something else or failed at step 1: gpt2-small
+    (a causal stack) + mlm ran the MLM causally (now bidirectionally: causal is the stack's default mask kind,
+    which MLM overrides as CLM does); roberta-base + sop failed at the first step (no segment type 1); albert
+    + clm failed with the head's tied_weight shapes; clip-tiny (a causal text tower) + text_pooling first gave
+    every caption one embedding. Each now trains as asked or is refused at build, naming the option."""
+    small = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "intermediate_size": 40, "max_positions": 32}
+    gpt = asm.build("gpt2-small", vocab_size=61, backbone=small, objective={"name": "mlm", "mask_token_id": 4},
+                    special_ids=IDS).eval()
+    assert gpt.backbone.causal
+    ids = text_batch()["input_ids"][:1]
+    labels = torch.full_like(ids, -100)
+    labels[0, 5] = 9
+    later = ids.clone()
+    later[0, 6:] = 7
+    with torch.no_grad():
+        a, b = (gpt(input_ids=x, labels=labels, return_logits=True).logits[0, 5] for x in (ids, later))
+    assert (a - b).abs().max() > 1e-4  # the masked token sees its right context
+    with pytest.raises(ValueError, match=r"objective \(sop\): backbone\.type_vocab_size"):
+        asm.build("roberta-base", vocab_size=61, backbone=small, objective={"name": "sop"}, special_ids=IDS)
+    albert = asm.load_config("albert-base", backbone={**small, "embed_dim": 16})
+    albert["objective"] = {"name": "clm"}
+    with pytest.raises(ValueError, match=r"objective \(clm\): tie_word_embeddings: .*embed_dim=16"):
+        asm.build(albert, vocab_size=61)
+    albert["objective"]["tie_word_embeddings"] = False
+    assert asm.build(albert, vocab_size=61).objective.head.weight.shape == (61, 32)
+    towers = {"text": {"vocab_size": 61, "hidden_size": 32, "num_layers": 1, "num_heads": 4},
+              "vision": dict(TINY_VIT, num_layers=1)}
+    with pytest.raises(ValueError, match=r"objective \(clip\): objective\.text_pooling: 'first'"):
+        asm.build("clip-tiny", backbone=towers, objective={"text_pooling": "first", "embed_dim": 16})
+    asm.build("clip-tiny", backbone=towers, objective={"text_pooling": "last", "embed_dim": 16})
+
+
 def test_bare_backbone_model():
     model = asm.build({"backbone": TINY_TEXT})
     out = model(**text_batch())

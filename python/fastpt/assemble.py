@@ -360,7 +360,11 @@ def _assemble(cfg: dict, backbone=None, *, caller: str = "build") -> PretrainMod
 
 def _check_pairing(objective: str, backbone) -> None:
     """ValueError naming the objective and the backbone kind it needs when ``backbone`` (built by one
-    of ``BUILDERS``, read from its config) is another kind; a backbone of no known builder is not checked."""
+    of ``BUILDERS``, read from its config) is another kind; a backbone of no known builder is not checked.
+    What an objective needs within a kind its ``attach`` checks, naming the option (NSP / SOP: two segment
+    types; CLM: a tied head only on an unfactorised embedding; CLIP: no "first" text pooling on a causal
+    tower); a text backbone's ``causal`` is only its default mask, which each text objective sets itself
+    (MLM, NSP / SOP, self_distill bidirectional, CLM / prefix-LM causal)."""
     builder = (getattr(backbone, "config", None) or {}).get("builder")
     needs = OBJECTIVE_BACKBONES.get(objective)
     if needs and builder in BUILDERS and builder not in needs:

@@ -7,7 +7,7 @@ from torch import nn
 
 from fastpt.objectives import OBJECTIVES, MLM, ObjectiveOutput
 from fastpt.objectives.base import (check_seed, cosine_schedule, ema_update, frozen_copy, head_accuracy, pool, require,
-                                    top1_accuracy)
+                                    seeded, top1_accuracy)
 
 from . import tiny_text
 
@@ -284,3 +284,23 @@ def test_load_heads_never_writes_into_the_word_embedding(kind):
     if kind == "mlm":  # another transform: the same weights would give other logits
         with pytest.raises(ValueError, match=r"heads\.mlm: the source head's activation is 'relu'.*activation='relu'"):
             free.load_heads({kind: MLMHead(32, v, activation="relu")})
+
+
+def test_every_bit_of_a_seed_counts():
+    """torch's CPU generator keeps a seed's low 32 bits: SimCLR / MoCo views, DINO crops, prefix-LM splits and
+    NSP / SOP pairs drew the same for seeds s and s + k * 2**32 (e.g. (epoch << 32) | step)."""
+    from fastpt.ops._rng import generator_seed
+    from fastpt.train.recipe import seed_everything
+
+    draws = {s: torch.rand(4, generator=seeded(s)) for s in (5, 6, 2**32 + 5, 2**40 + 5, 2**63 + 5, 2**64 - 1)}
+    assert len({tuple(d.tolist()) for d in draws.values()}) == len(draws)
+    assert torch.equal(draws[5], torch.rand(4, generator=torch.Generator().manual_seed(5)))  # small seeds as before
+    assert [generator_seed(s) for s in (0, 2**32 - 1)] == [0, 2**32 - 1]
+    assert all(0 <= generator_seed(s) < 2**32 for s in draws)
+    weights = []
+    for s in (0, 2**32):
+        seed_everything(s)
+        weights.append(torch.nn.Linear(3, 3).weight.detach().clone())
+    assert not torch.equal(*weights)
+    with pytest.raises(ValueError, match="seed"):
+        seeded(2**64)

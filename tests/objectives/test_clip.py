@@ -133,3 +133,29 @@ def test_labels_are_refused_naming_the_op_that_takes_them():
     batch["labels"] = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
     with pytest.raises(TypeError, match="labels: the clip objective pairs image i with text i.*clip_loss"):
         obj(backbone, batch)
+
+
+@pytest.mark.parametrize("pooling", ["first", "last", "mean"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_first_token_pooling_needs_a_bidirectional_text_tower(pooling, causal):
+    """On a causal text tower (OpenAI CLIP's is causal and pools its EOT, the last token) "first" pooled a
+    token that sees only itself: every caption one embedding, built without a word. attach refuses it,
+    naming text_pooling; "last" and "mean", and "first" on a bidirectional tower, build and tell captions
+    apart."""
+    backbone = nn.ModuleDict({"text": tiny_text(causal=causal, hidden_size=24), "vision": tiny_vit()})
+    if causal and pooling == "first":
+        with pytest.raises(ValueError, match=r"objective\.text_pooling: 'first' .*causal"):
+            CLIP.from_backbone(backbone, embed_dim=16, text_pooling=pooling)
+        return
+    obj = CLIP.from_backbone(backbone, embed_dim=16, text_pooling=pooling)
+    batch = pairs()
+    batch["input_ids"][:, 0] = 5  # one first token for every caption
+    t, _, _ = obj.embed(backbone, batch)
+    assert (t - t[0]).abs().max() > 1e-4
+
+
+def test_prefix_lens_is_refused():
+    """encode_text passed a batch's prefix_lens to the text tower (a prefix-LM mask under a contrastive loss)."""
+    backbone, obj = make()
+    with pytest.raises(TypeError, match="prefix_lens: the clip objective"):
+        obj(backbone, {**pairs(), "prefix_lens": torch.tensor([2, 2, 2, 2, 2])})

@@ -102,3 +102,52 @@ def test_labels_drop_exactly_the_padded_positions():
     ids = torch.tensor([[0, 0, 11, 12, 13], [11, 12, 13, 0, 0]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert lm_labels(ids, mask).tolist() == [[-100, -100, 11, 12, 13], [11, 12, 13, -100, -100]]
+
+
+@pytest.mark.parametrize("cls", [CausalLM, PrefixLM])
+def test_prefix_lens_only_for_prefix_lm(cls):
+    """A batch's prefix_lens reached the backbone under CLM (it was one of encode_text's keys) while the labels
+    kept every prefix token: each prefix position saw the next token it is scored on (a loss under the data's
+    entropy on i.i.d. tokens). CLM refuses the key, naming it; prefix_lm takes it."""
+    backbone, obj = make(cls)
+    raw = {**text_batch(), "prefix_lens": torch.tensor([4, 5, 6])}
+    if cls is PrefixLM:
+        out = obj(backbone, obj.prepare(raw, seed=0))
+        assert torch.isfinite(out.loss) and "prefix_lens" in obj.batch_keys
+        return
+    with pytest.raises(TypeError, match="prefix_lens: the clm objective takes no prefix.*prefix_lm"):
+        obj.prepare(raw, seed=0)
+    batch = {**obj.prepare(text_batch(), seed=0), "prefix_lens": raw["prefix_lens"]}
+    with pytest.raises(TypeError, match="prefix_lens: the clm objective"):
+        obj(backbone, batch)
+    assert "prefix_lens" not in obj.batch_keys
+
+
+@pytest.mark.parametrize("cls", [CausalLM, PrefixLM])
+def test_tied_head_on_a_factorised_embedding_is_refused_by_name(cls):
+    """ALBERT's factorised (V, E) embedding cannot be the LM head's (V, D) matrix (the head has no transform
+    D -> E): the error named the head's tied_weight shapes; it names tie_word_embeddings and embed_dim. Untied,
+    the objective trains."""
+    from fastpt.models.encoder import text_encoder
+
+    backbone = text_encoder(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, embed_dim=16,
+                            dropout=0.0, attention_dropout=0.0)
+    with pytest.raises(ValueError, match=r"tie_word_embeddings: .*embed_dim=16.*hidden_size=32"):
+        cls.from_backbone(backbone)
+    obj = cls.from_backbone(backbone, tie_word_embeddings=False)
+    assert torch.isfinite(obj(backbone, obj.prepare(text_batch(), seed=0)).loss)
+
+
+def test_encode_text_passes_prefix_lens_only_when_asked():
+    """encode_text forwarded any batch's prefix_lens to the backbone (it was one of TEXT_KEYS): every text
+    objective then ran a prefix-LM mask. Now only an explicit prefix_lens argument (PrefixLM's) reaches it."""
+    from fastpt.objectives.base import encode_text
+
+    backbone = tiny_text()
+    batch = {**text_batch(), "prefix_lens": torch.tensor([3, 3, 3])}
+    with pytest.raises(TypeError, match="prefix_lens"):
+        encode_text(backbone, batch, causal=True)
+    got = encode_text(backbone, batch, causal=True, prefix_lens=batch["prefix_lens"]).last_hidden_state
+    want = backbone(batch["input_ids"], batch["attention_mask"], causal=True,
+                    prefix_lens=batch["prefix_lens"]).last_hidden_state
+    torch.testing.assert_close(got, want)

@@ -146,3 +146,21 @@ def test_the_mlm_part_takes_the_heads_activation_and_eps(tmp_path):
     assert (obj.mlm.head.activation, obj.mlm.head.layer_norm.eps, obj.mlm.head.tied) == ("relu", 1e-5, True)
     _, _, default = build(tmp_path)
     assert default.mlm.head.activation == "gelu"
+
+
+def test_student_and_teacher_run_bidirectionally_on_a_causal_backbone(tmp_path):
+    """self_distill's MLM ran a causal backbone (causal: its default mask kind) causally, student and teacher:
+    masked tokens without right context. Both now run with causal=False: the loss is the one the same weights
+    give built bidirectional."""
+    losses = []
+    for causal in (True, False):
+        backbone, teacher = tiny_text(causal=causal, seed=0), tiny_text(causal=causal, seed=1)
+        obj = SelfDistillation.from_backbone(backbone, distill_inputs="clean", **MLM_ARGS)
+        obj.load_teacher(teacher.state_dict())
+        batch = obj.prepare(text_batch(), seed=3)
+        losses.append(obj(backbone, batch))
+    torch.testing.assert_close(losses[0].loss, losses[1].loss)
+    torch.testing.assert_close(losses[0].metrics["distill_loss"], losses[1].metrics["distill_loss"])
+    assert losses[0].metrics["distill_loss"] > 0
+    with pytest.raises(TypeError, match="prefix_lens: the self_distill objective"):
+        obj.prepare({**text_batch(), "prefix_lens": torch.tensor([3, 3, 3])}, seed=0)

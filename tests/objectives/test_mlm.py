@@ -203,3 +203,41 @@ def test_word_starts_give_whole_words_without_word_ids():
     obj.set_word_starts(None)
     with pytest.raises(KeyError, match="word_ids"):
         obj.prepare(text_batch(), seed=0)
+
+
+def _bidirectional_twin(causal_backbone):
+    twin = tiny_text(causal=False)
+    twin.load_state_dict(causal_backbone.state_dict())
+    return twin
+
+
+def test_runs_bidirectionally_on_a_causal_backbone():
+    """MLM on a causal TextEncoder (gpt2-small's stack: ``causal`` is only its default mask kind) ran it
+    causally: a masked token's logits ignored every token after it. MLM now asks for the bidirectional mask
+    as CLM asks for the causal one: loss and logits are those of the same weights built with causal=False."""
+    backbone = tiny_text(causal=True)
+    obj = MLM.from_backbone(backbone, mask_token_id=3, special_token_ids=SPECIAL, mask_prob=0.3)
+    batch = obj.prepare(text_batch(), seed=1)
+    out, ref = obj(backbone, {**batch, "return_logits": True}), obj(_bidirectional_twin(backbone), batch)
+    torch.testing.assert_close(out.loss, ref.loss)
+    # the right context reaches a masked token: the first masked position's logits change with it
+    pos = int((batch["labels"][0] != -100).nonzero()[0])  # row 0 has no padding
+    assert pos < batch["input_ids"].shape[1] - 1
+    ids = batch["input_ids"].clone()
+    ids[0, pos + 1:] = 7
+    moved = obj(backbone, {**batch, "input_ids": ids, "return_logits": True}).logits
+    assert (moved[0, pos] - out.logits[0, pos]).abs().max() > 1e-4
+    assert backbone.causal  # the backbone's own default is left as it is
+
+
+def test_prefix_lens_is_refused():
+    """A batch's prefix_lens reached the backbone (it was one of encode_text's keys) and made the MLM's
+    attention causal after the prefix: masked tokens lost their right context. Only prefix_lm takes it."""
+    backbone, obj = make()
+    raw = {**text_batch(), "prefix_lens": torch.tensor([4, 4, 4])}
+    with pytest.raises(TypeError, match="prefix_lens: the mlm objective takes no prefix"):
+        obj.prepare(raw, seed=0)
+    batch = {**obj.prepare(text_batch(), seed=0), "prefix_lens": torch.tensor([4, 4, 4])}
+    with pytest.raises(TypeError, match="prefix_lens"):
+        obj(backbone, batch)
+    assert "prefix_lens" not in obj.batch_keys

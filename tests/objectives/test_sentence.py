@@ -176,3 +176,38 @@ def test_the_mlm_part_takes_the_heads_activation_and_eps(cls):
                     head.weight, head.bias)
     torch.testing.assert_close(head(h), want)
     assert make(cls, mask_token_id=MASK)[1].mlm.head.activation == "gelu"  # the default is still BERT's
+
+
+@pytest.mark.parametrize("types", [0, 1])
+@pytest.mark.parametrize("cls", [NSP, SOP])
+def test_a_backbone_without_two_segment_types_is_refused_at_build(cls, types):
+    """NSP / SOP write token type 1 on segment B: on a RoBERTa-style (type_vocab_size 1) or GPT-2-style (0)
+    backbone they built and then failed at the first training step; attach (so build) names
+    backbone.type_vocab_size."""
+    from fastpt.models.encoder import text_encoder
+
+    backbone = text_encoder(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, type_vocab_size=types)
+    with pytest.raises(ValueError, match=rf"backbone\.type_vocab_size: .*>= 2.*got type_vocab_size {types}"):
+        cls.from_backbone(backbone, cls_token_id=1, sep_token_id=2, vocab_size=VOCAB, mask_token_id=3)
+    cfg = fastpt.load_config("roberta-base", backbone={"hidden_size": 32, "num_layers": 1, "num_heads": 4,
+                                                       "intermediate_size": 64})
+    cfg["objective"] = {"name": cls.__name__.lower(), "cls_token_id": 0, "sep_token_id": 2, "pad_token_id": 1}
+    with pytest.raises(ValueError, match=r"objective \(\w+\): backbone\.type_vocab_size"):
+        fastpt.build(cfg, vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("cls", [NSP, SOP])
+def test_pairs_are_read_bidirectionally_on_a_causal_backbone(cls):
+    """On a causal backbone (causal: true, its default mask kind) the pooled first token saw only [CLS]: every
+    pair got the same logits and the pair loss stayed at the label prior. The objective now runs the backbone
+    bidirectionally: the loss and logits are those of the same weights built with causal=False."""
+    backbone = tiny_text(causal=True)
+    twin = tiny_text(causal=False)
+    twin.load_state_dict(backbone.state_dict())
+    obj = cls.from_backbone(backbone, cls_token_id=1, sep_token_id=2, vocab_size=VOCAB, mask_token_id=3)
+    batch = obj.prepare(text_batch(6, 17), seed=0)
+    out, ref = obj(backbone, batch), obj(twin, batch)
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.logits, ref.logits)
+    first = out.last_hidden_state[:, 0]  # what the pooler reads: the [CLS] state of each pair
+    assert (first - first[0]).abs().max() > 1e-3

@@ -102,3 +102,20 @@ def test_bad_inputs_name_the_argument():
         obj(backbone, text_batch())
     with pytest.raises(ValueError, match="input_ids"):
         obj.prepare({"input_ids": torch.ones(5, dtype=torch.long)}, seed=0)
+
+
+@pytest.mark.parametrize("cls", [T5SpanCorruption, UL2])
+def test_untied_head_follows_the_backbones_initializer_range(cls):
+    """The untied LM head of span / ul2 was not among the heads init_heads draws again: it kept std 0.02 under a
+    backbone built with initializer_range 0.2 (its embedding 0.2). A tied head stays the shared table."""
+    from fastpt.models.encoder_decoder import encoder_decoder
+
+    for std in (0.02, 0.2):
+        torch.manual_seed(0)
+        backbone = encoder_decoder(vocab_size=512, hidden_size=64, num_encoder_layers=1, num_heads=4,
+                                   initializer_range=std)
+        table = backbone.shared.weight.detach().clone()
+        untied = cls.from_backbone(backbone, tie_word_embeddings=False)
+        assert abs(untied.head.weight.std().item() / std - 1) < 0.05, std
+        tied = cls.from_backbone(backbone)
+        assert tied.head.weight is backbone.shared.weight and torch.equal(backbone.shared.weight, table)

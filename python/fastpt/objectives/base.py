@@ -27,12 +27,14 @@ from torch import nn
 
 from ..models.layers import DEFAULT_INIT_STD, init_weights
 from ..nn.attention import check_padding_mask, padding_to_seqlens
-from ..ops._rng import check_seed  # the masking ops' seed check; the objectives import it from here
+from ..ops._rng import check_seed, generator_seed  # the masking ops' seed check; the objectives import it from here
 
 # Backbone attributes that ``from_backbone`` copies into constructor arguments of the same name.
 BACKBONE_SIZES = ("hidden_size", "vocab_size", "num_patches", "patch_size", "in_channels")
-# Optional text-batch keys passed through to a TextEncoder when present.
-TEXT_KEYS = ("token_type_ids", "position_ids", "prefix_lens", "cu_seqlens")
+# Optional text-batch keys passed through to a TextEncoder when present. Not ``prefix_lens``: a prefix changes the
+# attention mask (bidirectional inside it, causal after), which only the prefix-LM objective reads and passes on
+# (it takes no loss inside the prefix); any other objective refuses it (``refuse_prefix_lens``).
+TEXT_KEYS = ("token_type_ids", "position_ids", "cu_seqlens")
 # Annotations a raw text batch may carry (fastpt's collators, Hugging Face tokenizers), read by prepare (MLM's
 # special tokens, whole-word masking) or kept by it, encoded by nothing: max_seqlen, the packed collate's
 # longest document, is a hint the backbone does without (it finds the longest document itself).
@@ -271,8 +273,9 @@ def require(batch, keys, where: str) -> None:
 
 
 def seeded(seed) -> torch.Generator:
-    """A CPU generator seeded with ``seed``: its draws are the same whatever device the batch is on."""
-    return torch.Generator().manual_seed(check_seed(seed))
+    """A CPU generator seeded with ``seed``: its draws are the same whatever device the batch is on (every
+    bit of a 64-bit seed counts: ``_rng.generator_seed``)."""
+    return torch.Generator().manual_seed(generator_seed(seed))
 
 
 def check_ids(name: str, t, ndim=(2,)) -> torch.Tensor:
@@ -348,8 +351,25 @@ def choice(name: str, v, options):
 # ----------------------------------------------------------------------------- helpers
 
 
+def refuse_prefix_lens(batch: dict, where: str) -> None:
+    """TypeError naming ``prefix_lens`` when ``batch`` carries one (as ``PretrainModel`` refuses a key its
+    objective does not take): only the prefix-LM objective reads it. Given to the backbone, a prefix makes
+    attention bidirectional inside it and causal after it, whatever the objective: a causal LM's tokens
+    would see the next tokens they are scored on (its labels keep the prefix), an MLM's masked tokens
+    past the prefix would lose their right context."""
+    if isinstance(batch, dict) and batch.get("prefix_lens") is not None:
+        raise TypeError(f"prefix_lens: {where} takes no prefix lengths (they would change its attention mask: "
+                        f"bidirectional inside the prefix, causal after it); only the prefix_lm objective reads "
+                        f"them: leave prefix_lens out of the batch, or train with objective prefix_lm")
+
+
 def encode_text(backbone: nn.Module, batch: dict, **overrides):
-    """Run a TextEncoder on ``batch``: input_ids, attention_mask and the optional keys present."""
+    """Run a TextEncoder on ``batch``: input_ids, attention_mask and the optional keys present (``TEXT_KEYS``);
+    ``overrides`` are further backbone arguments (``causal``, ``prefix_lens``, ``output_hidden_states``).
+    TypeError naming ``prefix_lens`` for a batch carrying one that ``overrides`` does not pass
+    (``refuse_prefix_lens``)."""
+    if "prefix_lens" not in overrides:
+        refuse_prefix_lens(batch, "this objective")
     kwargs = {k: batch[k] for k in TEXT_KEYS if batch.get(k) is not None}
     kwargs.update(overrides)
     return backbone(batch["input_ids"], batch.get("attention_mask"), **kwargs)

@@ -19,7 +19,7 @@ from ..ops import clip_loss
 from ..ops.contrastive import MAX_LOGIT_SCALE
 from .base import (Objective, ObjectiveOutput, check_backbone_size, check_first_pooling, check_ids,
                    check_images, choice, encode_text, gathered_keys, global_gradient, per_image_tokens, pool, positive,
-                   require, top1_accuracy)
+                   refuse_prefix_lens, require, top1_accuracy)
 from .simclr import gather_default, vision_tokens
 
 
@@ -42,6 +42,9 @@ class CLIP(Objective):
         learn_logit_scale: train ``logit_scale`` (else a fixed buffer). ``logit_scale`` has shape (1,) (FSDP2
             shards no 0-dim parameter); the 0-dim one of older state dicts loads (``load_state_dict``).
         text_pooling: "last" (last valid token: CLIP's EOT with a causal text tower), "first" (CLS) or "mean".
+            The text tower runs with its own mask kind (``causal``: OpenAI CLIP's text transformer is causal and
+            pools its EOT token, the last); "first" on a causal tower would pool a token that sees only itself
+            (every caption one embedding): ``attach`` raises ValueError naming text_pooling and causal.
         vision_pooling: "first" (CLS token; ValueError at ``attach`` for a vision tower without one) or "mean".
         gather: all-gather negatives across ranks (None: when torch.distributed runs with > 1 rank). The
             gradient is then world_size x this rank's share of the global batch's (``global_gradient``):
@@ -91,8 +94,15 @@ class CLIP(Objective):
         return obj
 
     def attach(self, backbone: nn.Module) -> None:
-        """Check that "first" vision pooling has a cls token to pool (``check_first_pooling``)."""
-        check_first_pooling("vision_pooling", self.vision_pooling, towers(backbone)[1])
+        """Check that "first" vision pooling has a cls token to pool (``check_first_pooling``) and that "first"
+        text pooling is not asked of a causal text tower, whose first token attends to nothing after it."""
+        text, vision = towers(backbone)
+        check_first_pooling("vision_pooling", self.vision_pooling, vision)
+        if self.text_pooling == "first" and getattr(text, "causal", False):
+            raise ValueError("objective.text_pooling: 'first' pools the first token, and the text tower is causal "
+                             "(backbone.text.causal: true), so that token sees only itself: every caption would get "
+                             "one embedding; use text_pooling: last (CLIP's EOT token) or mean, or a bidirectional "
+                             "text tower (causal: false)")
         self._attached = True
 
     def prepare(self, batch: dict, *, seed: int) -> dict:
@@ -107,6 +117,7 @@ class CLIP(Objective):
     def embed(self, backbone: nn.Module, batch: dict):
         """``(text_emb (B, E), image_emb (B, E), vision states)``, embeddings not yet normalised."""
         text, vision = towers(backbone)
+        refuse_prefix_lens(batch, "the clip objective")
         th = encode_text(text, batch).last_hidden_state
         vh = vision(batch["pixel_values"]).last_hidden_state
         t = self.text_projection(pool(th, self.text_pooling, batch.get("attention_mask")))

@@ -20,7 +20,7 @@ from ..models.heads import LMHead
 from ..nn.attention import check_padding_mask
 from ..ops.attention import check_mask_args
 from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_ids, check_seed, encode_text, head_accuracy, positive,
-                   require, seeded, want_logits)
+                   refuse_prefix_lens, require, seeded, want_logits)
 
 
 def token_positions(input_ids: torch.Tensor, attention_mask=None, cu_seqlens=None):
@@ -84,14 +84,19 @@ class CausalLM(Objective):
 
     Args:
         hidden_size, vocab_size: the backbone's width D and vocabulary V.
-        tie_word_embeddings: the head's matrix is the backbone's word embedding (set by ``attach``).
+        tie_word_embeddings: the head's matrix is the backbone's word embedding (set by ``attach``). The LM head
+            reads the D-wide states directly, so a factorised ``(V, E)`` embedding (ALBERT's ``embed_dim`` E != D)
+            cannot be tied: ``attach`` raises ValueError naming tie_word_embeddings and embed_dim (build the
+            objective with ``tie_word_embeddings: false``).
         bias: give the LM head a bias.
         return_logits: also return the full ``(B, S, V)`` logits (a batch's ``return_logits`` overrides).
         log_accuracy: report next-token accuracy (one extra no-grad pass over the target rows).
 
     Batch: ``{"input_ids" (B, S) or packed (T,) / (1, T), "attention_mask" (B, S) optional,
     "cu_seqlens" optional}``; ``labels`` (aligned, -100 ignored) optional: ``prepare`` (or ``forward``
-    when absent) derives them from the ids.
+    when absent) derives them from the ids. A batch's ``prefix_lens`` is refused (TypeError naming it):
+    a bidirectional prefix would let each prefix token see the next one it is scored on (``PrefixLM``
+    takes it, and no loss inside the prefix).
     """
 
     needs = ("input_ids",)
@@ -108,16 +113,24 @@ class CausalLM(Objective):
         self.head = LMHead(hidden_size, vocab_size, bias=self.bias)
 
     def attach(self, backbone: nn.Module) -> None:
-        """Tie the head's matrix to ``backbone.embeddings.word_embeddings`` (when asked)."""
+        """Tie the head's matrix to ``backbone.embeddings.word_embeddings`` (when asked). ValueError naming
+        tie_word_embeddings and embed_dim for a factorised embedding narrower than the states (ALBERT's
+        ``(V, E)`` table: unlike MLM's head, the LM head has no transform to map D -> E)."""
         if self.tie_word_embeddings and not self._attached:
-            self.head = LMHead(self.hidden_size, self.vocab_size, bias=self.bias,
-                               tied_weight=backbone.embeddings.word_embeddings.weight)
+            weight = backbone.embeddings.word_embeddings.weight
+            if weight.shape[1] != self.hidden_size:
+                raise ValueError(f"tie_word_embeddings: the backbone's word embedding is embed_dim={weight.shape[1]} "
+                                 f"wide (a factorised embedding) and the LM head reads hidden_size="
+                                 f"{self.hidden_size} states, so it cannot be the head's matrix: set "
+                                 f"tie_word_embeddings: false (or build the backbone without embed_dim)")
+            self.head = LMHead(self.hidden_size, self.vocab_size, bias=self.bias, tied_weight=weight)
         self._attached = True
 
     def prepare(self, batch: dict, *, seed: int) -> dict:
         """Adds ``labels`` (no randomness: ``seed`` is only checked)."""
         check_seed(seed)
         require(batch, self.needs, f"{type(self).__name__}.prepare")
+        refuse_prefix_lens(batch, "the clm objective")
         ids = text_ids(batch)
         if batch.get("labels") is not None:
             return dict(batch)
@@ -125,14 +138,20 @@ class CausalLM(Objective):
 
     def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
         require(batch, ("input_ids",), f"{type(self).__name__}.forward")
+        if "prefix_lens" not in self.batch_keys:  # PrefixLM declares it
+            refuse_prefix_lens(batch, "the clm objective")
         self._ensure_attached(backbone)
         labels = batch.get("labels")
         if labels is None:
             labels = lm_labels(text_ids(batch), batch.get("attention_mask"), batch.get("cu_seqlens"))
-        h = encode_text(backbone, batch, causal=True).last_hidden_state
+        h = self._encode(backbone, batch).last_hidden_state
         loss, metrics = self.loss_from_hidden(h, labels, batch.get("cu_seqlens"))
         logits = self.head(h) if want_logits(batch, self.return_logits) else None
         return ObjectiveOutput(loss, metrics, logits, h)
+
+    def _encode(self, backbone: nn.Module, batch: dict):
+        """The backbone run causally over whole rows."""
+        return encode_text(backbone, batch, causal=True)
 
     def loss_weight(self, batch: dict) -> torch.Tensor | None:
         """The next-token targets the loss averages over (labels not -100 after the shift)."""
@@ -168,8 +187,10 @@ class PrefixLM(CausalLM):
     Same arguments as ``CausalLM``. ``prepare`` draws ``prefix_lens`` (int64 ``(B,)``, one per
     packed document with ``cu_seqlens``) uniformly in ``[1, L - 1]`` from ``seed`` (rows with
     ``L < 2`` keep ``L``), unless the batch brings its own, and sets the labels inside the
-    prefix to -100.
+    prefix to -100. It alone of the text objectives reads a batch's ``prefix_lens`` (the others refuse it).
     """
+
+    batch_keys = CausalLM.batch_keys + ("prefix_lens",)
 
     def prepare(self, batch: dict, *, seed: int) -> dict:
         seed = check_seed(seed)
@@ -198,3 +219,7 @@ class PrefixLM(CausalLM):
         """Encode with ``prefix_lens`` (run ``prepare`` first) and score the tokens after each prefix."""
         require(batch, ("input_ids", "prefix_lens", "labels"), "PrefixLM.forward (run prepare first)")
         return super().forward(backbone, batch)
+
+    def _encode(self, backbone: nn.Module, batch: dict):
+        """The backbone run bidirectionally inside each row's (packed document's) prefix, causally after it."""
+        return encode_text(backbone, batch, causal=True, prefix_lens=batch["prefix_lens"])

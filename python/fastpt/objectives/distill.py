@@ -19,8 +19,8 @@ from torch import nn
 
 from ..models.hf import _load_into
 from ..models.model import restoring_checkpoint
-from .base import (TEXT_BATCH, Objective, ObjectiveOutput, choice, encode_text, frozen_copy, positive, require,
-                   upcast)
+from .base import (TEXT_BATCH, Objective, ObjectiveOutput, choice, encode_text, frozen_copy, positive,
+                   refuse_prefix_lens, require, upcast)
 from .mlm import MLM
 
 
@@ -60,8 +60,10 @@ class SelfDistillation(Objective):
             it is at ``attach`` (load one later with ``load_teacher``). A saved student restores its
             teacher from its own checkpoint (``objective.teacher.*``), not from this path.
 
-    Batch: as ``MLM``. ``prepare`` also keeps ``clean_input_ids`` for "clean" distillation.
-    The teacher stays in eval mode (no dropout) and never receives gradients.
+    Batch: as ``MLM`` (a ``prefix_lens`` refused). ``prepare`` also keeps ``clean_input_ids`` for "clean"
+    distillation. The teacher stays in eval mode (no dropout) and never receives gradients. Student and
+    teacher both run bidirectionally (``causal=False``) whatever the backbone's default mask kind, as ``MLM``:
+    the MLM term needs both sides of a masked token, and the teacher's states are matched token by token.
     """
 
     needs = ("input_ids",)
@@ -122,6 +124,7 @@ class SelfDistillation(Objective):
 
     def prepare(self, batch: dict, *, seed: int) -> dict:
         """MLM masks (``MLM.prepare``), keeping the unmasked ids as ``clean_input_ids``."""
+        refuse_prefix_lens(batch, "the self_distill objective")
         out = self.mlm.prepare(batch, seed=seed)
         if self.distill_inputs == "clean" and out.get("clean_input_ids") is None:
             out["clean_input_ids"] = batch["input_ids"]
@@ -139,8 +142,9 @@ class SelfDistillation(Objective):
     def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
         """``mlm + alpha * distill`` (run ``prepare`` first, or pass ``labels``)."""
         require(batch, ("input_ids", "labels"), "SelfDistillation.forward (run prepare first, or pass labels)")
+        refuse_prefix_lens(batch, "the self_distill objective")
         self._ensure_attached(backbone)
-        student = encode_text(backbone, batch, output_hidden_states=True)
+        student = encode_text(backbone, batch, causal=False, output_hidden_states=True)
         mlm_loss, metrics = self.mlm.loss_from_hidden(student.last_hidden_state, batch["labels"])
         inputs = batch
         if self.distill_inputs == "clean":
@@ -150,11 +154,12 @@ class SelfDistillation(Objective):
                 raise ValueError(f"clean_input_ids: expected the shape of input_ids {tuple(ids.shape)}, got "
                                  f"{tuple(getattr(clean, 'shape', ()))}")
             inputs = {**batch, "input_ids": batch["clean_input_ids"]}
-            s_states = self._states(encode_text(backbone, inputs, output_hidden_states=True), "student")
+            s_states = self._states(encode_text(backbone, inputs, causal=False, output_hidden_states=True), "student")
         else:
             s_states = self._states(student, "student")
         with torch.no_grad():
-            t_states = self._states(encode_text(self.teacher, inputs, output_hidden_states=True), "teacher")
+            t_states = self._states(encode_text(self.teacher, inputs, causal=False, output_hidden_states=True),
+                                    "teacher")
         distill = sum(masked_mse(s, t, batch.get("attention_mask")) for s, t in zip(s_states, t_states))
         distill = distill / len(self.layers)
         loss = mlm_loss + self.alpha * distill

@@ -17,7 +17,7 @@ from ..ops.linear_cross_entropy import labelled_rows
 from ..ops.mlm_mask import number_words
 from ..models.heads import MLMHead
 from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_ids, check_seed, encode_text, fraction, head_accuracy,
-                   positive, require, want_logits)
+                   positive, refuse_prefix_lens, require, want_logits)
 
 
 def _word_runs(word_ids, ids: torch.Tensor, cu_seqlens) -> torch.Tensor:
@@ -50,6 +50,12 @@ def _start_documents(start: torch.Tensor, cu_seqlens) -> None:
 class MLM(Objective):
     """BERT / RoBERTa masked-language-model objective on a ``TextEncoder``.
 
+    The backbone always runs bidirectionally (``causal=False``, as ``CausalLM`` runs it with ``causal=True``): a
+    masked token is predicted from both sides. A ``TextEncoder``'s ``causal`` is only its default mask kind
+    (the same stack serves BERT and GPT-2), so ``fastpt.build("gpt2-small", objective={"name": "mlm", ...})``
+    trains a true bidirectional MLM on GPT-2's layers (the backbone keeps its ``causal`` default for direct
+    ``model.backbone(...)`` calls).
+
     Args:
         hidden_size, vocab_size: the backbone's width D and vocabulary V.
         mask_token_id: id written at 80% (``replace_prob``) of the selected positions.
@@ -71,10 +77,10 @@ class MLM(Objective):
         log_accuracy: report the masked-token accuracy (one extra no-grad pass over the masked rows).
 
     Batch: raw ``{"input_ids" (B, S) or packed (T,), "attention_mask" (B, S) optional}`` plus optional
-    ``special_tokens_mask``, ``word_ids``, ``token_type_ids``, ``position_ids``, ``cu_seqlens``.
-    ``prepare`` replaces ``input_ids`` by the masked ids and adds ``labels`` (original id where
-    masked, -100 elsewhere). A batch that already has ``labels`` (masked by a collator) passes
-    through unchanged.
+    ``special_tokens_mask``, ``word_ids``, ``token_type_ids``, ``position_ids``, ``cu_seqlens``; a batch's
+    ``prefix_lens`` (a prefix-LM mask) is refused, naming it (TypeError). ``prepare`` replaces ``input_ids``
+    by the masked ids and adds ``labels`` (original id where masked, -100 elsewhere). A batch that already
+    has ``labels`` (masked by a collator) passes through unchanged.
     """
 
     needs = ("input_ids",)
@@ -124,6 +130,7 @@ class MLM(Objective):
         """Mask ``input_ids`` (dynamic masking: a new mask per call / seed); adds ``labels``."""
         seed = check_seed(seed)
         require(batch, self.needs, "MLM.prepare")
+        refuse_prefix_lens(batch, "the mlm objective")
         if batch.get("labels") is not None:
             return dict(batch)
         ids = check_ids("input_ids", batch["input_ids"], ndim=(1, 2))
@@ -191,8 +198,9 @@ class MLM(Objective):
         """Encode the masked ids and score the masked rows (run ``prepare`` first, or pass ``labels``).
         Without ``labels``: no loss, the logits of every position (the head on all rows)."""
         require(batch, ("input_ids",), "MLM.forward")
+        refuse_prefix_lens(batch, "the mlm objective")
         self._ensure_attached(backbone)
-        h = encode_text(backbone, batch).last_hidden_state
+        h = encode_text(backbone, batch, causal=False).last_hidden_state
         if batch.get("labels") is None:  # inference, as BertForMaskedLM without labels: every position's logits
             return ObjectiveOutput(None, {}, self.head(h), h)
         loss, metrics = self.loss_from_hidden(h, batch["labels"])

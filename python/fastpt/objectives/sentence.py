@@ -14,8 +14,10 @@ into A and B, then
 - SOP: half the rows keep the order (label 0), the others swap it: ``[CLS] B [SEP] A [SEP]`` (label 1),
 
 with ``token_type_ids`` 0 for ``[CLS] A [SEP]`` and 1 for ``B [SEP]`` (Hugging Face's label
-conventions: ``next_sentence_label``, ``sentence_order_label``). A 2-way classifier on BERT's
-``Pooler`` (tanh dense on the first token) predicts the label.
+conventions: ``next_sentence_label``, ``sentence_order_label``), so the backbone needs two segment types
+(``type_vocab_size >= 2``: ``attach`` refuses another, naming it). A 2-way classifier on BERT's
+``Pooler`` (tanh dense on the first token) predicts the label. The backbone always runs bidirectionally
+(``causal=False``, whatever its default mask kind): the pooled ``[CLS]`` must see both segments.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch import nn
 from ..models.heads import Pooler
 from ..models.layers import init_weights
 from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_ids, check_seed, check_token_id, encode_text,
-                   positive, require, row_lengths, seeded, upcast)
+                   positive, refuse_prefix_lens, require, row_lengths, seeded, upcast)
 from .mlm import MLM
 
 
@@ -112,6 +114,15 @@ class _SentencePair(Objective):
                            activation=activation, layer_norm_eps=layer_norm_eps, log_accuracy=log_accuracy)
 
     def attach(self, backbone: nn.Module) -> None:
+        """Check the backbone has the two segment types ``prepare`` writes (ValueError naming
+        backbone.type_vocab_size: RoBERTa-style configs have 1, GPT-2-style 0; found at build, not at the
+        first step); tie the MLM part's head."""
+        types = _type_vocab_size(backbone)
+        if types is not None and types < 2:
+            name = type(self).__name__.lower()
+            raise ValueError(f"backbone.type_vocab_size: {name} writes token type 1 on segment B (type 0 on "
+                             f"[CLS] A [SEP]) and needs a backbone with 2 segment types (type_vocab_size >= 2), "
+                             f"got type_vocab_size {types}: build the backbone with type_vocab_size: 2")
         if self.mlm is not None:
             self.mlm.attach(backbone)
         self._attached = True
@@ -138,6 +149,7 @@ class _SentencePair(Objective):
         seed = check_seed(seed)
         where = f"{type(self).__name__}.prepare"
         require(batch, self.needs, where)
+        refuse_prefix_lens(batch, f"the {type(self).__name__.lower()} objective")
         ids = check_ids("input_ids", batch["input_ids"])
         if batch.get("cu_seqlens") is not None:  # packed rows: the pair comes from one document's piece
             lengths, offset = longest_pieces(batch["cu_seqlens"], ids)
@@ -164,8 +176,9 @@ class _SentencePair(Objective):
         keys = ("input_ids", self.label_key) + (("labels",) if self.mlm is not None else ())
         require(batch, keys, f"{type(self).__name__}.forward (run prepare first)")
         target = self._check_labels(batch[self.label_key], batch["input_ids"])
+        refuse_prefix_lens(batch, f"the {type(self).__name__.lower()} objective")
         self._ensure_attached(backbone)
-        h = encode_text(backbone, batch).last_hidden_state
+        h = encode_text(backbone, batch, causal=False).last_hidden_state
         logits = self.classifier(self.pooler(h))
         # mean over the labelled rows; 0 (not NaN) when every label is -100, as the token losses
         valid = target != -100
@@ -192,6 +205,15 @@ class _SentencePair(Objective):
         return {"backbone": 1.0, "heads": per_token / max(pair + mlm, 1)}
 
 
+def _type_vocab_size(backbone: nn.Module) -> int | None:
+    """The segment types of a ``TextEncoder``'s embedding (0 without a table), None for a backbone without one."""
+    embeddings = getattr(backbone, "embeddings", None)
+    if not hasattr(embeddings, "token_type_embeddings"):
+        return None
+    table = embeddings.token_type_embeddings
+    return 0 if table is None else int(table.num_embeddings)
+
+
 class NSP(_SentencePair):
     """BERT's next-sentence prediction (+ MLM when ``mask_token_id`` is given).
 
@@ -210,6 +232,10 @@ class NSP(_SentencePair):
     special_tokens_mask, ``next_sentence_label`` (B,) and, with MLM, labels, at most S wide (a row's
     tokens past S - 3 are dropped to make room for [CLS] and the two [SEP]). Needs B >= 2 for
     random pairs (with B == 1 every pair is a true continuation).
+
+    The backbone needs ``type_vocab_size >= 2`` (``attach``, so ``build``, raises ValueError naming it) and
+    runs bidirectionally whatever its ``causal`` default (on a causal stack the pooled first token would see
+    only ``[CLS]``: every pair the same logits).
     """
 
     label_key = "next_sentence_label"

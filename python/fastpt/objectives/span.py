@@ -45,6 +45,8 @@ class _Seq2SeqLM(Objective):
 
     needs = ("input_ids",)
     batch_keys = SEQ2SEQ_KEYS + ("return_logits",)
+    # an untied LM head is drawn with the backbone's initializer_range (init_heads), as its embedding is
+    other_heads = ("head",)
 
     def __init__(self, hidden_size, vocab_size, sentinel_start_id, eos_id, pad_id, decoder_start_id,
                  tie_word_embeddings, return_logits, log_accuracy):
@@ -146,7 +148,8 @@ class T5SpanCorruption(_Seq2SeqLM):
             tokenizer's ``special_ids["sentinel"]``: T5's is 32099 of 32128).
         eos_id, pad_id: EOS appended to inputs and targets, padding (T5: 1 and 0).
         decoder_start_id: first decoder input id (None: ``pad_id``, as T5).
-        tie_word_embeddings: the LM head's matrix is ``backbone.shared`` (set by ``attach``).
+        tie_word_embeddings: the LM head's matrix is ``backbone.shared`` (set by ``attach``); an untied one is
+            drawn from normal(0, the backbone's ``initializer_range``), as the embedding is.
         return_logits: also return the decoder logits ``(B, T, V)``. log_accuracy: target-token accuracy.
 
     Batch: raw ``{"input_ids" (B, S), "attention_mask" (B, S) optional}``; ``prepare`` returns
