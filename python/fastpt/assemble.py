@@ -464,7 +464,9 @@ def from_hf(path, *, objective: str | None = "auto", **objective_kwargs) -> Pret
             config.json's ``*_token_id``; the MLM / LM head's shape options from the checkpoint's
             head, whose weights are loaded (``objective.load_heads``).
 
-    Heads the objective has no place for (e.g. BERT's pooler under MLM) are dropped with a warning;
+    Heads the objective has no place for (e.g. BERT's pooler under MLM, as transformers' ``BertForMaskedLM``
+    drops it) are dropped with a warning, and ``to_hf`` does not write them back (``fastpt convert`` keeps every
+    head of the checkpoint);
     heads of the objective the checkpoint has no weights for (e.g. the MLM head of a ``BertModel``
     checkpoint) are newly initialized, with a warning naming them.
     The Hugging Face config is kept in ``model.config["hf"]`` for ``to_hf``. Raises
@@ -506,7 +508,8 @@ def from_hf(path, *, objective: str | None = "auto", **objective_kwargs) -> Pret
         unused = sorted(heads)
     if unused:
         where = "a model without objective" if objective is None else f"the {objective!r} objective"
-        warnings.warn(f"from_hf: dropped the checkpoint's {unused} head(s): {where} has no place for them")
+        warnings.warn(f"from_hf: dropped the checkpoint's {unused} head(s): {where} has no place for them, so "
+                      f"to_hf will not write them back (`fastpt convert` keeps every head)")
     new = sorted(set(model.objective.heads()) - set(heads)) if model.objective is not None else []
     if new:  # e.g. a BertModel checkpoint under MLM: the first steps train a random head
         warnings.warn(f"from_hf: the checkpoint has no weights for the {objective!r} objective's {new} head(s): "
