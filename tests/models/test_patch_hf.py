@@ -107,9 +107,7 @@ def test_loss_and_gradients_match_hf(arch, dtype, device, fused):
     for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=tol, msg=name)
     assert len(fused) == 2
-    # tuple outputs and GPT-2's gradient-accumulation normaliser
-    loss = ours(**inputs, labels=labels, return_dict=False)[0]
-    torch.testing.assert_close(loss, got.loss.detach(), rtol=0, atol=0)
+    # GPT-2's gradient-accumulation normaliser (tuple outputs: test_return_dict_false_keeps_hf_tuple)
     if arch == "gpt2":
         n = torch.tensor(50, device=device)
         torch.testing.assert_close(ours(**inputs, labels=labels, num_items_in_batch=n).loss,
@@ -415,3 +413,144 @@ def test_patch_leaves_models_sharing_the_config_alone(tmp_path):
     unpatch_hf(student)
     assert student.config._attn_implementation == "eager" and config._attn_implementation == "eager"
     assert len(student(**inputs, output_attentions=True).attentions) == 2
+
+
+def _head(name, dtype=torch.float64, **kw):
+    """Tiny random-init transformers heads beyond _model's (dropout 0)."""
+    from transformers import (BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification,
+                              GPT2DoubleHeadsModel, GPT2ForQuestionAnswering, GPT2ForSequenceClassification,
+                              RobertaForQuestionAnswering)
+    torch.manual_seed(0)
+    bert = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=VOCAB,
+                max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    gpt2 = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=40, resid_pdrop=0.0, embd_pdrop=0.0,
+                attn_pdrop=0.0, summary_first_dropout=0.0, bos_token_id=0, eos_token_id=0)
+    model = {"bert-qa": lambda: BertForQuestionAnswering(BertConfig(**bert)),
+             "roberta-qa": lambda: RobertaForQuestionAnswering(RobertaConfig(pad_token_id=1, **bert)),
+             "gpt2-qa": lambda: GPT2ForQuestionAnswering(GPT2Config(**gpt2)),
+             "gpt2-double-heads": lambda: GPT2DoubleHeadsModel(GPT2Config(**gpt2)),
+             "bert-seq-cls": lambda: BertForSequenceClassification(BertConfig(num_labels=3, **bert)),
+             "bert-token-cls": lambda: BertForTokenClassification(BertConfig(num_labels=3, **bert)),
+             "gpt2-seq-cls": lambda: GPT2ForSequenceClassification(GPT2Config(num_labels=3, **gpt2, **kw))}[name]()
+    return model.to(dtype)
+
+
+def _head_call(name, inputs):
+    """The call's loss arguments (start/end positions and labels inside the real tokens)."""
+    if name.endswith("-qa"):
+        return dict(inputs, start_positions=torch.tensor([3, 2, 1]), end_positions=torch.tensor([5, 4, 3]))
+    if name == "gpt2-double-heads":  # (B, 2 choices, S); mc_token_ids left to HF's default, the last position
+        return dict({k: torch.stack([v, v.flip(0)], 1) for k, v in inputs.items()}, mc_labels=torch.tensor([0, 1, 1]))
+    if name == "bert-token-cls":
+        labels = torch.where(inputs["attention_mask"].bool(), inputs["input_ids"] % 3, -100)
+        return dict(inputs, labels=labels)
+    return dict(inputs, labels=torch.tensor([0, 2, 1]))
+
+
+def _assert_loss_and_gradients_equal(ref, ours, call, tol=1e-10):
+    want, got = ref.train()(**call), ours.train()(**call)
+    want_loss = want.loss if want.loss is not None else want.mc_loss
+    got_loss = got.loss if got.loss is not None else got.mc_loss
+    torch.testing.assert_close(got_loss, want_loss, rtol=tol, atol=tol)
+    want_loss.backward()
+    got_loss.backward()
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=tol * 10, atol=tol, msg=name)
+    return want, got
+
+
+@pytest.mark.parametrize("name", ["bert-qa", "roberta-qa", "gpt2-qa", "gpt2-double-heads"])
+def test_heads_reading_every_position_are_hf_exactly_on_padded_batches(name, fused):
+    """Question answering takes start_positions / end_positions, not labels: its span loss is a softmax
+    over every position, padded ones included, so on a right-padded batch the fused attention's 0 in
+    padded query rows changed loss and gradients (float64, here: BERT 2.791307 vs HF's 2.791283, GPT-2
+    2.86692 vs 2.86939, gradients off by up to 6e-2) although every answer lies in the real tokens.
+    GPT2DoubleHeadsModel pools the last position by default (its multiple-choice logits differed).
+    A head fastpt does not know to read no padding runs the original attention on a padded batch."""
+    ref = _head(name)
+    ours = patch_hf(copy.deepcopy(ref))
+    inputs, _, _ = _batch("bert")
+    want, got = _assert_loss_and_gradients_equal(ref, ours, _head_call(name, inputs))
+    for field in ("start_logits", "end_logits", "mc_logits"):  # every position, padded ones too
+        if field in want:
+            torch.testing.assert_close(got[field], want[field], rtol=0, atol=1e-12)
+    assert fused == []
+    inputs, _, _ = _batch("bert", "none")  # without padding the fused op runs
+    _assert_loss_and_gradients_equal(ref, ours, _head_call(name, inputs))
+    assert len(fused) == 2
+
+
+@pytest.mark.parametrize("name", ["bert-seq-cls", "bert-token-cls", "gpt2-seq-cls"])
+def test_heads_reading_no_padding_stay_fused(name, fused):
+    """Heads pooled from position 0 or the last real token, and token classification with -100 at
+    padded positions, read no padded position: right-padded batches keep the fused op, and still
+    match HF."""
+    ref = _head(name, pad_token_id=1)
+    ours = patch_hf(copy.deepcopy(ref))
+    inputs, _, _ = _batch("bert")  # padded with id 1
+    _assert_loss_and_gradients_equal(ref, ours, _head_call(name, inputs))
+    assert len(fused) == 2
+
+
+def test_gpt2_sequence_classifier_pooling_a_padded_position_is_hf_exactly(fused):
+    """GPT2ForSequenceClassification pools each row's last position whose id is not pad_token_id: with
+    ids at padded positions that are not pad_token_id, that is a padded position (the fused op's 0
+    attention there changed the logits), so the call runs the original attention."""
+    ref = _head("gpt2-seq-cls", pad_token_id=0)
+    ours = patch_hf(copy.deepcopy(ref))
+    inputs, _, _ = _batch("bert")  # padded with id 1, not 0
+    want, got = _assert_loss_and_gradients_equal(ref, ours, _head_call("gpt2-seq-cls", inputs))
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-12)
+    assert fused == []
+
+
+def test_subclass_with_its_own_forward_is_hf_exactly_on_padded_batches(fused):
+    """A subclass overriding forward may read any position (here a mean over every position): fastpt
+    does not know it, so a padded call runs the original attention; unpadded calls stay fused."""
+    from transformers import BertForSequenceClassification
+
+    class MeanPooled(BertForSequenceClassification):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            hidden = self.bert(input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            logits = self.classifier(hidden.mean(1))
+            return transformers.modeling_outputs.SequenceClassifierOutput(
+                loss=torch.nn.functional.cross_entropy(logits, labels), logits=logits)
+
+    torch.manual_seed(0)
+    ref = MeanPooled(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                num_labels=3)).double()
+    ours = patch_hf(copy.deepcopy(ref))
+    inputs, _, _ = _batch("bert")
+    _assert_loss_and_gradients_equal(ref, ours, _head_call("bert-seq-cls", inputs))
+    assert fused == []
+    inputs, _, _ = _batch("bert", "none")
+    _assert_loss_and_gradients_equal(ref, ours, _head_call("bert-seq-cls", inputs))
+    assert len(fused) == 2
+
+
+# (HF's own GPT2LMHeadModel fails with config.return_dict False in transformers 5.24: its backbone
+# returns a tuple, which it reads as an output; the patched model does the same)
+@pytest.mark.parametrize("arch, how", [("bert", "argument"), ("bert", "config"), ("roberta", "argument"),
+                                       ("roberta", "config"), ("gpt2", "argument")])
+def test_return_dict_false_keeps_hf_tuple(arch, how):
+    """Training with labels and return_dict=False: the fused loss's output had logits None, which a
+    tuple drops, so every later field shifted (GPT-2's out[1] was the cache, BERT's tuple had one
+    element and `loss, logits = out[:2]` raised). Tuples come from HF's forward and loss."""
+    ref, ours = _pair(arch, dtype=torch.float64)
+    inputs, labels, valid = _batch(arch)
+    if how == "config":
+        ref.config.return_dict = ours.config.return_dict = False
+        extra = {}
+    else:
+        extra = dict(return_dict=False)
+    want = ref.train()(**inputs, labels=labels, **extra)
+    got = ours.train()(**inputs, labels=labels, **extra)
+    assert isinstance(got, tuple) and [type(x) for x in got] == [type(x) for x in want]
+    loss, logits = got[:2]
+    assert logits.shape == (B, S, VOCAB)
+    torch.testing.assert_close(loss, want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(logits[valid], want[1][valid], rtol=0, atol=1e-10)  # padded ones differ
+    if how == "config":  # return_dict=True still gets the fused loss
+        assert ours(**inputs, labels=labels, return_dict=True).logits is None

@@ -28,17 +28,27 @@
   training runs in the fused op (counter-based RNG seeded from torch's generator, so
   ``torch.manual_seed`` reproduces it; the masks differ from ``nn.Dropout``'s).
   Padded positions: fastpt outputs 0 attention for padded query rows where HF lets them attend
-  to the real tokens, so hidden states / logits *at padded positions* differ; real positions
-  match HF. HF's losses read a padded position only where its label is not -100 (GPT-2 trained
-  on ``labels=input_ids`` with right padding): a patched model whose forward takes ``labels``
-  and ``attention_mask`` then runs the original attention for that call, so its loss and
-  gradients are HF's. A loss computed outside the model from padded positions differs.
+  to the real tokens, so per-position outputs (hidden states, token logits) *at padded
+  positions* differ; real positions match HF. The model's own loss and pooled outputs are HF's:
+  a forward that would read a padded position runs the original attention for that call, by
+  what its head reads (a known transformers head whose forward is not overridden):
+  masked / causal LM and token classification (``labels`` / ``shift_labels``) only where a
+  label at a padded position is not -100 (GPT-2 trained on ``labels=input_ids``); sequence
+  classification, multiple choice, next-sentence prediction and base models pool position 0
+  and read none; ``GPT2ForSequenceClassification`` reads the position it pools (the last whose
+  input id is not ``config.pad_token_id``). Every other forward runs the original attention
+  whenever its ``attention_mask`` marks padding: question answering (the span loss on
+  ``start_positions`` / ``end_positions`` is a softmax over every position, padded ones
+  included), ``GPT2DoubleHeadsModel``, ``ViTForMaskedImageModeling`` and a subclass that
+  overrides ``forward``. A loss computed outside the model from padded positions differs.
 * **Loss** (``BertForMaskedLM``, ``RobertaForMaskedLM``, ``GPT2LMHeadModel``): in training mode
   (``model.train()``) a forward with ``labels`` runs the backbone, keeps the rows whose label is
   not -100 (GPT-2: after HF's shift), applies the MLM transform to those rows only and computes
   the loss with ``fastpt.ops.linear_cross_entropy``: the ``(T, V)`` logits are never
   materialised and ``output.logits`` is None. In eval mode, or without labels, HF's own forward
-  runs (full logits, HF's loss), so ``Trainer.evaluate`` and metrics see the usual outputs.
+  runs (full logits, HF's loss), so ``Trainer.evaluate`` and metrics see the usual outputs; so it
+  does for tuple outputs (``return_dict=False``, or ``config.return_dict`` False), whose layout
+  (``loss, logits, ...``) is then HF's.
   GPT-2's ``num_items_in_batch`` (gradient accumulation) and ``shift_labels`` are honoured.
   Differences: a batch whose labels are all -100 gets loss 0 (torch: NaN). Hooked by an instance
   attribute ``model.forward`` (the class is untouched) that shows HF's forward signature to
@@ -223,24 +233,73 @@ def _padded_positions(mask):
     return mask == 0
 
 
+# What each head of transformers reads of its backbone's hidden states at padded positions, beyond the
+# per-position outputs (hidden states, token logits) the module docstring says differ there:
+#   "outputs": nothing. Base models (BertModel's pooler reads position 0, real in every right-padded row
+#              with a token; a row of padding only matches HF there too), heads pooled from position 0.
+#   "labels": position t where labels[t] (or shift_labels[t]) is not -100: masked LM, token
+#             classification, causal LM (HF shifts labels left: a padded position read means a padded
+#             label that is not -100, and right padding ends every row, so a real one reads no padding).
+#   "last_token": GPT-2's sequence classifier, which pools each row's last position whose input id is
+#                 not config.pad_token_id (the last position when it has none): padded when the ids at
+#                 padded positions are not pad_token_id.
+# Any other forward (not listed, or overridden by a subclass) counts as reading every position:
+# question answering (its span loss is a softmax over every position, padded ones included),
+# GPT2DoubleHeadsModel (the last position by default), ViTForMaskedImageModeling (every patch).
+_HEAD_READS = {
+    "BertModel": "outputs", "BertForSequenceClassification": "outputs", "BertForMultipleChoice": "outputs",
+    "BertForNextSentencePrediction": "outputs", "BertForPreTraining": "labels", "BertForMaskedLM": "labels",
+    "BertLMHeadModel": "labels", "BertForTokenClassification": "labels",
+    "RobertaModel": "outputs", "RobertaForSequenceClassification": "outputs", "RobertaForMultipleChoice": "outputs",
+    "RobertaForMaskedLM": "labels", "RobertaForCausalLM": "labels", "RobertaForTokenClassification": "labels",
+    "GPT2Model": "outputs", "GPT2LMHeadModel": "labels", "GPT2ForTokenClassification": "labels",
+    "GPT2ForSequenceClassification": "last_token",
+    "ViTModel": "outputs", "ViTForImageClassification": "outputs",
+}
+
+
+@functools.cache
+def _head_reads(cls) -> str:
+    """``_HEAD_READS`` of ``cls``, or "all" when its forward is none of those heads' (a subclass may
+    override it): then any padding in a call runs the original attention."""
+    for klass in cls.__mro__:
+        reads = _HEAD_READS.get(klass.__name__)
+        if reads and klass.__module__.startswith("transformers.") and cls.forward is klass.forward:
+            return reads
+    return "all"
+
+
 def _reads_padding(model, args, kwargs) -> bool:
-    """Whether the ``labels`` (or ``shift_labels``) of a call ``model.forward(*args, **kwargs)`` are not
-    -100 at a position its ``attention_mask`` marks as padding: HF's loss then reads an output that the
-    fused attention computes differently (0 attention in padded query rows)."""
+    """Whether the loss or the pooled outputs of a call ``model.forward(*args, **kwargs)`` read a position
+    its ``attention_mask`` marks as padding (``_head_reads``): the fused attention computes those
+    positions differently (0 attention in padded query rows), so the call must run HF's attention."""
     state = model.__dict__.get("_fastpt_patch")
     if not (state and state["attention"]) or torch.compiler.is_compiling():
         return False  # compiled, padded masks keep the original attention (_right_padding_lengths)
+    reads = _head_reads(type(model))
+    if reads == "outputs":
+        return False
     named = dict(kwargs)
     if len(args) > 1:  # in HF's positional order (input_ids, attention_mask, ...; GPT-2: the cache second)
         named.update(zip(list(inspect.signature(type(model).forward).parameters)[1:], args))
     padded = _padded_positions(named.get("attention_mask"))
     if padded is None:
         return False
-    for labels in (named.get("labels"), named.get("shift_labels")):
-        if torch.is_tensor(labels) and labels.shape == padded.shape:
-            if bool(((labels != -100) & padded.to(labels.device)).any()):
-                return True
-    return False
+    if reads == "labels":
+        for labels in (named.get("labels"), named.get("shift_labels")):
+            if torch.is_tensor(labels) and labels.shape == padded.shape:
+                if bool(((labels != -100) & padded.to(labels.device)).any()):
+                    return True
+        return False
+    if reads == "last_token":  # GPT2ForSequenceClassification's pooled position, as HF finds it
+        ids, pad_id = named.get("input_ids"), model.config.pad_token_id
+        if pad_id is None or not torch.is_tensor(ids):
+            return bool(padded[..., -1].any())
+        if ids.shape == padded.shape:
+            positions = torch.arange(ids.shape[-1], device=ids.device)
+            last = (positions * (ids != pad_id)).argmax(-1, keepdim=True).to(padded.device)
+            return bool(padded.gather(-1, last).any())
+    return bool(padded.any())
 
 
 @contextlib.contextmanager
@@ -286,7 +345,16 @@ def _mlm_head(model, hidden):
 # transformers 5.x (the cache argument is ``cache`` in 5.24 and was ``past_key_values`` before; the
 # GPT-2 loss test failed on a GPU machine with 5.17 while it passed here with 5.24, with forwards
 # that spelled the 5.24 signature out). Positional arguments past input_ids are left to HF's own
-# forward, which alone knows their order.
+# forward, which alone knows their order. So are tuple outputs (``return_dict=False``): HF's tuple
+# is its output's fields without the None ones, so one without logits would shift every later
+# field (GPT-2's ``out[1]`` was the cache); HF's forward and loss make its own tuple.
+
+
+def _returns_dict(model, kwargs) -> bool:
+    """Whether a call returns a ModelOutput rather than a tuple: its ``return_dict``, else
+    ``config.return_dict``, as transformers' ``can_return_tuple`` resolves it."""
+    return_dict = kwargs.get("return_dict")
+    return bool(getattr(model.config, "return_dict", True) if return_dict is None else return_dict)
 
 
 def _output(cls, out, **fields):
@@ -298,7 +366,7 @@ def _output(cls, out, **fields):
 @_exact_at_padding
 def _masked_lm_forward(self, input_ids=None, *args, labels=None, **kwargs):
     from transformers.modeling_outputs import MaskedLMOutput
-    if labels is None or not self.training or args:
+    if labels is None or not self.training or args or not _returns_dict(self, kwargs):
         return type(self).forward(self, input_ids, *args, labels=labels, **kwargs)
     kwargs.pop("return_dict", None)
     out = getattr(self, self.base_model_prefix)(input_ids, return_dict=True, **kwargs)
@@ -311,7 +379,8 @@ def _masked_lm_forward(self, input_ids=None, *args, labels=None, **kwargs):
 @_exact_at_padding
 def _causal_lm_forward(self, input_ids=None, *args, labels=None, logits_to_keep=0, **kwargs):
     from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
-    if labels is None or not self.training or args or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+    if (labels is None or not self.training or args or not _returns_dict(self, kwargs)
+            or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)):
         return type(self).forward(self, input_ids, *args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
@@ -330,28 +399,34 @@ def _causal_lm_forward(self, input_ids=None, *args, labels=None, logits_to_keep=
 
 
 @_exact_at_padding
-def _labelled_forward(self, *args, **kwargs):
-    """HF's own forward behind the padding check: heads with labels and no fused loss (or ``loss=False``)."""
+def _checked_forward(self, *args, **kwargs):
+    """HF's own forward behind the padding check: heads whose loss or pooled outputs may read a padded
+    position (``_head_reads``) and no fused loss (or ``loss=False``)."""
     return type(self).forward(self, *args, **kwargs)
 
 
 _LOSS_FORWARDS = {"BertForMaskedLM": _masked_lm_forward, "RobertaForMaskedLM": _masked_lm_forward,
                   "GPT2LMHeadModel": _causal_lm_forward}
-_FORWARDS_BY_NAME = {f.__name__: f for f in (_masked_lm_forward, _causal_lm_forward, _labelled_forward)}
+_FORWARDS_BY_NAME = {f.__name__: f for f in (_masked_lm_forward, _causal_lm_forward, _checked_forward)}
+_FORWARDS_BY_NAME["_labelled_forward"] = _checked_forward  # its name in models pickled by earlier fastpt
 
 
 class _PatchedForward:
-    """A patched model's ``forward``: one of the forwards above behind transformers' ``can_return_tuple``,
-    bound to the model. An object rather than a ``types.MethodType`` so that the model pickles (a bound
-    method pickles as ``getattr(model, its name)``, which no model has): it pickles as the model and the
-    forward's name. ``inspect.signature`` shows HF's forward (``__signature__``, on ``__func__`` too, which
-    accelerate rebinds): ``Trainer`` keeps only the dataset columns named there (attention_mask, ...);
-    the forwards above take every one of them, by position or keyword."""
+    """A patched model's ``forward``: one of the forwards above, bound to the model. An object rather than
+    a ``types.MethodType`` so that the model pickles (a bound method pickles as ``getattr(model, its
+    name)``, which no model has): it pickles as the model and the forward's name. ``inspect.signature``
+    shows HF's forward (``__signature__``, on ``__func__`` too, which accelerate rebinds): ``Trainer``
+    keeps only the dataset columns named there (attention_mask, ...); the forwards above take every
+    one of them, by position or keyword. Tuples (``return_dict=False``) are the forwards' own doing."""
 
     def __init__(self, model, name: str):
-        from transformers.utils.generic import can_return_tuple
         self._name = name
-        func = can_return_tuple(_FORWARDS_BY_NAME[name])  # a new function per model: it carries the signature
+        forward = _FORWARDS_BY_NAME[name]
+
+        @functools.wraps(forward)
+        def func(self, *args, **kwargs):  # a new function per model: it carries the signature
+            return forward(self, *args, **kwargs)
+
         func.__signature__ = inspect.signature(type(model).forward)
         self.__wrapped__ = types.MethodType(func, model)
         self.__self__, self.__func__ = model, func
@@ -373,10 +448,11 @@ def _loss_forward(model):
     return None
 
 
-def _takes_labels(model) -> bool:
-    """Whether ``model``'s forward takes ``labels`` and ``attention_mask`` (its loss may read padding)."""
-    params = inspect.signature(type(model).forward).parameters
-    return "labels" in params and "attention_mask" in params
+def _may_read_padding(model) -> bool:
+    """Whether ``model``'s forward takes an ``attention_mask`` and its loss or pooled outputs may read a
+    padded position (``_head_reads``): such a forward runs behind the padding check."""
+    return "attention_mask" in inspect.signature(type(model).forward).parameters and \
+        _head_reads(type(model)) != "outputs"
 
 
 def _own_config(model):
@@ -399,14 +475,16 @@ def patch_hf(model, *, attention: bool = True, loss: bool = True):
         attention: route every self-attention layer through ``fastpt.ops.attention``.
         loss: for ``BertForMaskedLM``, ``RobertaForMaskedLM`` and ``GPT2LMHeadModel``, compute the
             training loss with ``fastpt.ops.linear_cross_entropy`` on the labelled rows only
-            (``output.logits`` is then None; see the module docstring).
+            (``output.logits`` is then None; with ``return_dict=False`` HF's forward and loss run,
+            so the tuple is HF's; see the module docstring).
 
     Returns:
         ``model`` itself, patched in place. Patching twice is the same as patching once (a patched
         model is first unpatched, so new options replace the old ones). With ``attention``, ``model``
         (and its submodules holding the same config) gets its own copy of ``model.config``, and a
-        forward that takes ``labels`` and ``attention_mask`` runs the original attention for a call
-        whose labels are not -100 at a padded position (see the module docstring).
+        call whose loss or pooled outputs would read a padded position runs the original attention
+        (labels not -100 there; any padding for question answering and heads fastpt does not
+        know; see the module docstring).
 
     Raises:
         TypeError naming the model class and the supported architectures when ``model`` is not a
@@ -440,8 +518,8 @@ def patch_hf(model, *, attention: bool = True, loss: bool = True):
             m._fastpt_attn = (fallback, fusable)
             m._fastpt_registration = _REGISTRATION
     forward = _loss_forward(model) if loss else None
-    if forward is None and attention and _takes_labels(model):
-        forward = _labelled_forward
+    if forward is None and attention and _may_read_padding(model):
+        forward = _checked_forward
     if forward is not None:
         model.forward = _PatchedForward(model, forward.__name__)
     model._fastpt_patch = {"attn_implementation": original, "attention": attention, "forward": forward is not None}
