@@ -318,14 +318,14 @@ def test_two_runs_into_the_same_output(tmp_path, corpus, tok_file):
         import pathlib, time
         import fastpt.data.shards as S
         from fastpt.data.preprocess import preprocess_text
-        add, n = S.ShardWriter.add, [0]
-        def slow_add(self, ids):
-            add(self, ids)
-            n[0] += 1
-            if n[0] == 80:  # mid shard 2: its .tmp files are open
+        add_many, paused = S.ShardWriter.add_many, [False]
+        def slow_add_many(self, ids, lengths):
+            add_many(self, ids, lengths)
+            if self.index == 2 and not paused[0]:  # in shard 2: its .tmp files are open
+                paused[0] = True
                 pathlib.Path({str(flag)!r}).write_text("x")
                 time.sleep(4)
-        S.ShardWriter.add = slow_add
+        S.ShardWriter.add_many = slow_add_many
         preprocess_text([{str(corpus)!r}], {str(out)!r}, tokenizer={str(tok_file)!r}, shard_tokens=500, workers=1,
                         progress=False, log=None)
     """)

@@ -549,3 +549,135 @@ def test_blank_mode_takes_unicode_whitespace_lines_as_blank(tmp_path):
             continue
         ch = chr(c)
         assert bool(_BLANK_LINE.fullmatch(ch.encode())) == ch.isspace(), hex(c)
+
+
+# -- compressed inputs: gzip, bzip2 and xz by their first bytes; zstd refused -----------------------
+def _shard_files(out):
+    return {n: b for n, b in _files(out).items() if n.startswith("shard-")}
+
+
+@pytest.mark.parametrize("kind", ["bz2", "xz", "gzip-unnamed"])
+def test_bzip2_xz_and_unnamed_gzip_inputs_are_decompressed(tmp_path, corpus, tok_file, kind):
+    """Only a ``.gz`` name was decompressed: a .jsonl.bz2 / .jsonl.xz (or gzip data under another name) was
+    tokenized as text, binary garbage with exit 0. Each is read by its first bytes now, JSONL by the name
+    under the compression suffix, and an interrupted run over one resumes byte-identical."""
+    import bz2
+    import lzma
+
+    folder, _ = corpus
+    compress, suffix, compression = {"bz2": (bz2.compress, ".bz2", "bz2"), "xz": (lzma.compress, ".xz", "xz"),
+                                     "gzip-unnamed": (gzip.compress, "", "gzip")}[kind]
+    (tmp_path / "z").mkdir()
+    for name in ("a.txt", "c.jsonl"):
+        (tmp_path / "z" / (name + suffix)).write_bytes(compress((folder / name).read_bytes()))
+    (tmp_path / "plain").mkdir()
+    for name in ("a.txt", "c.jsonl"):
+        (tmp_path / "plain" / name).write_bytes((folder / name).read_bytes())
+    srcs = find_inputs([tmp_path / "z"])
+    assert [(s.fmt, s.compression) for s in srcs] == [("text", compression), ("jsonl", compression)]
+    kw = dict(tokenizer=tok_file[0], shard_tokens=1500, workers=1, progress=False, log=None)
+    preprocess_text([tmp_path / "plain"], tmp_path / "ref", **kw)
+
+    def crash(index, record):
+        if index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_text([tmp_path / "z"], tmp_path / "cut", on_shard=crash, **kw)
+    position = json.loads((tmp_path / "cut" / "manifest.json").read_text())["resume"]["position"]
+    assert position[0] == 0 and position[1] > (tmp_path / "z" / ("a.txt" + suffix)).stat().st_size
+    resumed = preprocess_text([tmp_path / "z"], tmp_path / "cut", **kw)
+    full = preprocess_text([tmp_path / "z"], tmp_path / "full", **kw)
+    assert resumed == full and _files(tmp_path / "cut") == _files(tmp_path / "full")
+    assert _shard_files(tmp_path / "full") == _shard_files(tmp_path / "ref") and len(full["shards"]) > 3
+    assert all(v == 0 for v in full["stats"]["bad"].values())
+
+
+def test_zstd_input_is_refused_and_damaged_bzip2_xz_are_named(tmp_path, tok_file, capsys):
+    """zstd (the stdlib has no decompressor) is an error naming the file and saying to decompress it, before
+    anything is tokenized; truncated bzip2 / xz data is an error naming the file, not garbage or a traceback."""
+    import bz2
+    import lzma
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("river stone\n")
+    (tmp_path / "in" / "data.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd\x24\x00\x00\x00garbage")
+    rc = preprocess_main(_cli_args([tmp_path / "in"], tmp_path / "out", tok_file[0], "--workers", "1"))
+    _error_line(rc, capsys.readouterr().err, "data.jsonl.zst", "zstd-compressed", "zstd -d")
+    assert not (tmp_path / "out").exists()  # refused when the inputs are listed: before any work
+    text = "\n".join(_doc(np.random.default_rng(2)) for _ in range(500)).encode()
+    for name, data in (("t.txt.bz2", bz2.compress(text)), ("t.txt.xz", lzma.compress(text))):
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+        rc = preprocess_main(_cli_args([tmp_path / name], tmp_path / f"out-{name}", tok_file[0], "--workers", "1"))
+        _error_line(rc, capsys.readouterr().err, name, "damaged")
+
+
+def test_input_fingerprint_of_plain_and_gz_files_is_unchanged(tmp_path):
+    """Runs started before compression sniffing resume: a plain file's and a .gz's fingerprint are what
+    they were; a .xz's (once tokenized raw) names its compression, so such a run is not resumed."""
+    import lzma
+
+    (tmp_path / "a.txt").write_text("river\n")
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(b"stone\n"))
+    (tmp_path / "c.txt.xz").write_bytes(lzma.compress(b"cloud\n"))
+    a, b, c = find_inputs([tmp_path])
+    for s in (a, b):
+        assert s.fingerprint() == [s.path, s.fmt, s.size, s.mtime_ns]
+    assert c.fingerprint() == [c.path, c.fmt, c.size, c.mtime_ns, "xz"]
+
+
+# -- the main process writes a chunk's documents at once, as adding them one at a time did -----------
+def test_main_loop_writes_what_adding_records_one_at_a_time_writes(tmp_path, tok_file, monkeypatch):
+    """ShardWriter.add and the counting per document (~5 us) capped --workers at ~4 processes on short
+    documents; a chunk is now written with add_many between the shard closes, in a handful of writes.
+    The shards, and each commit's resume position and stats, are those of adding every record's pieces
+    in turn and closing a full shard after a record (never inside a giant record's pieces)."""
+    from fastpt.data import shards as S
+
+    path, tok = tok_file
+    rng = np.random.default_rng(11)
+    lines = [_doc(rng, 1, 12) for _ in range(3000)]
+    for i in range(0, 3000, 97):
+        lines[i] = _doc(rng, 150, 151)  # giant: 3-8 pieces of max_chars
+    for i in range(5, 3000, 131):
+        lines[i] = ""
+    for i in range(7, 3000, 173):
+        lines[i] = "\x00\x00"  # no tokens
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    opts = P.TextOptions(max_chars=200)
+    (tmp_path / "ref").mkdir()
+    writer, want, counts = S.ShardWriter(tmp_path / "ref", np.dtype("<u2"), 700), [], {"docs": 0, "tokens": 0}
+    offset = 0
+    for n, line in enumerate(lines):
+        offset += len(line) + 1
+        for text in P.record_texts(line.encode(), False, opts)[0]:
+            ids = tok.encode(text, add_special_tokens=False).ids
+            if ids:
+                writer.add(np.array(ids, dtype=np.uint32))
+                counts["docs"] += 1
+                counts["tokens"] += len(ids)
+        if (record := writer.close_if_full()) is not None:
+            want.append((record, [0, offset], n + 1, counts["docs"], counts["tokens"]))
+    want.append((writer.close(), [0, offset], len(lines), counts["docs"], counts["tokens"]))
+
+    writes, write = [0], S.ShardWriter._write
+
+    def counted(self, k, data):
+        writes[0] += 1
+        write(self, k, data)
+
+    def seen(index, record):
+        m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+        st = m["stats"]
+        got.append((record, m["resume"]["position"], st["records"], st["docs"], st["tokens"]))
+
+    got = []
+    monkeypatch.setattr(S.ShardWriter, "_write", counted)
+    m = preprocess_text([tmp_path / "t.txt"], tmp_path / "out", tokenizer=path, max_chars=200, shard_tokens=700,
+                        workers=1, progress=False, log=None, on_shard=seen)
+    assert got == want and m["shards"] == [w[0] for w in want] and len(want) > 30
+    assert _shard_files(tmp_path / "out") == _shard_files(tmp_path / "ref")
+    assert m["stats"]["bad"]["giant"] == 31 and m["stats"]["bad"]["no_tokens"] == 18
+    assert m["stats"]["giant_pieces"] == sum(len(split_giant(lines[i], 200)) for i in range(0, 3000, 97))
+    # one write per file per shard opened, per chunk and per shard close: not two per document
+    assert writes[0] <= 3 * (len(m["shards"]) + 2) < counts["docs"] // 10

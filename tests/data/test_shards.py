@@ -270,3 +270,115 @@ def test_write_json_atomic_on_a_full_disk(tmp_path):
     assert info.value.errno == errno.ENOSPC
     assert json.loads((tmp_path / "m.json").read_text()) == {"old": 1}
     assert not os.path.lexists(tmp_path / "m.json.tmp")
+
+
+# -- ShardWriter.add_many: a chunk of documents in one write, the bytes of add() --------------------
+def test_add_many_writes_exactly_what_add_writes(tmp_path):
+    """add_many (one write per file for many documents) gives the files, counts and checksums of add() of
+    each document, also when the caller splits its chunks where shards fill (closing in between), with
+    empty documents and ids wider than the shard dtype."""
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(0, 40, size=600)
+    lengths[rng.integers(0, 600, size=30)] = 0
+    ids = rng.integers(0, 1 << 16, size=int(lengths.sum())).astype(np.uint32)
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    (tmp_path / "one").mkdir()
+    (tmp_path / "many").mkdir()
+    one, many = (ShardWriter(tmp_path / name, np.dtype("<u2"), 500) for name in ("one", "many"))
+    records_one, records_many = [], []
+    for d in range(len(lengths)):
+        one.add(ids[ends[d]:ends[d + 1]])
+        if (r := one.close_if_full()) is not None:
+            records_one.append(r)
+    records_one.append(one.close())
+    d = 0
+    while d < len(lengths):  # random chunks, each cut after the document that fills the open shard
+        stop = min(d + int(rng.integers(1, 200)), len(lengths))
+        room = many.shard_tokens - many.open_tokens
+        fills = int(np.searchsorted(ends[d + 1:stop + 1] - ends[d], room, side="left"))
+        stop = min(stop, d + fills + 1)
+        many.add_many(ids[ends[d]:ends[stop]], lengths[d:stop])
+        if (r := many.close_if_full()) is not None:
+            records_many.append(r)
+        d = stop
+    records_many.append(many.close())
+    assert len(records_one) > 20 and records_many == records_one
+    assert _dir_bytes(tmp_path / "many") == _dir_bytes(tmp_path / "one")
+    with pytest.raises(ValueError, match="lengths"):
+        many.add_many(ids[:10], [4, 5])
+    with pytest.raises(ValueError, match="does not fit"):
+        many.add_many(np.array([1, 70000], dtype=np.uint32), [2])
+
+
+def _dir_bytes(path):
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir())}
+
+
+# -- ShardDataset: a bounded number of open shards; the document search ------------------------------
+def _fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's descriptors in /proc")
+@pytest.mark.parametrize("mode", ["pack", "doc"])
+def test_open_shards_are_bounded(tmp_path, mode):
+    """Every shard a run touched stayed mapped (two descriptors each): a shuffled epoch over more than
+    ~510 shards died with "Too many open files". At most max_open_shards stay open now, least recently
+    used dropped, with the same samples; a sample taken before its shard was dropped is unchanged."""
+    write_shards(tmp_path, _docs(300, seed=2), vocab_size=VOCAB, shard_tokens=60, special_tokens=SPECIALS)
+    ref = ShardDataset(tmp_path, 11, mode=mode, seed=1, verify=False)
+    ref.max_open_shards = 10**6
+    want = [ref.sample(k) for k in range(ref.num_samples)]
+    before = _fds()
+    ds = ShardDataset(tmp_path, 11, mode=mode, seed=1, verify=False)
+    ds.max_open_shards = 4
+    n_shards = len(ds.manifest["shards"])
+    first = ds.sample(0)
+    kept = {k: v.clone() for k, v in first.items()}
+    got = [ds.sample(k) for k in range(ds.num_samples)]
+    assert n_shards > 60 and len(ds._maps) == 4 and _fds() - before <= 2 * 4
+    assert all(torch.equal(first[k], kept[k]) for k in kept)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's descriptors in /proc")
+def test_a_shuffled_epoch_over_many_shards_under_a_low_open_file_limit(tmp_path):
+    """The failure as it happened, in small: 80 shards under a limit of 48 more open files than the process
+    has (the old reader wanted 160 more); the default max_open_shards follows the limit (open_shard_limit)."""
+    resource = pytest.importorskip("resource")
+    write_shards(tmp_path, _docs(400, seed=3), vocab_size=VOCAB, shard_tokens=60, special_tokens=SPECIALS)
+    ds = ShardDataset(tmp_path, 13, seed=0, verify=False)
+    assert len(ds.manifest["shards"]) >= 80
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = _fds() + 48
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        for _ in ds.batches(16):  # the old reader: OSError "Too many open files"
+            if ds.consumed >= ds.num_samples:
+                break
+        from fastpt.data.shards import open_shard_limit
+
+        assert ds.max_open_shards == open_shard_limit() == max(limit // 8, 16) and len(ds._maps) == ds.max_open_shards
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_document_search_and_plain_array_maps(shard_dir):
+    """window() found a window's first document by bisecting over np.memmap scalars (~8 us each: 163 us a
+    window on a 1M-document shard); the maps are plain ndarrays now, the search numpy's, with the same
+    answer as a scan, separators or not, empty documents included."""
+    from fastpt.data.shards import _last_start_at_or_before
+
+    out, _ = shard_dir
+    ds = ShardDataset(out, 7, verify=False)
+    tokens, idx = ds._shard(0)
+    assert type(tokens) is np.ndarray and type(idx) is np.ndarray and not tokens.flags.writeable
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(0, 6, size=300)
+    lengths[:3] = 0
+    idx = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
+    for ns in (0, 1, 2):
+        starts = idx[:-1] + np.arange(len(lengths)) * ns
+        for rel in range(int(idx[-1] + len(lengths) * ns)):
+            assert _last_start_at_or_before(idx, ns, rel) == int(np.flatnonzero(starts <= rel)[-1])

@@ -2,8 +2,10 @@
 
 Inputs: text files (one document per line, blank-line separated documents, or one per
 file), JSONL with a text field, folders of such files (recursive, sorted, dot-files
-skipped, links to files and folders followed, ``.gz`` read transparently), or a built-in
-corpus (``--corpus python-docs``). Text files take universal newlines: ``\\n``, ``\\r\\n`` and a
+skipped, links to files and folders followed), or a built-in corpus (``--corpus
+python-docs``). gzip, bzip2 and xz files are decompressed on the fly, recognised by their
+first bytes whatever their name; a zstd file is refused, naming it (decompress it first:
+the standard library has no zstd). Text files take universal newlines: ``\\n``, ``\\r\\n`` and a
 lone ``\\r`` (old Mac OS) each end a line, as in Python's ``open`` and the HF datasets text
 loader; JSONL lines end at ``\\n``.
 The tokenizer is loaded (a ``tokenizers`` JSON file or a HF model directory) or trained on
@@ -30,15 +32,17 @@ Bad input is counted, never fatal (``stats.bad`` in the manifest, the summary li
 cut at whitespace where possible, or skipped with ``--giant skip``), ``oversize`` (a
 record over the reader's hard limit of max(64 MiB, 4 * max_chars) bytes: skipped
 without being held in memory), ``invalid_json`` / ``missing_text`` (JSONL lines), and
-``no_tokens`` (texts the tokenizer maps to nothing). A ``.gz`` input that does not decompress
-(truncated, not gzip) is an error naming it, as an unreadable file is.
+``no_tokens`` (texts the tokenizer maps to nothing). A compressed input that does not decompress
+(truncated, damaged, a ``.gz`` that is not gzip) is an error naming it, as an unreadable file is.
 """
 from __future__ import annotations
 
 import argparse
+import bz2
 import gzip
 import hashlib
 import json
+import lzma
 import multiprocessing
 import os
 import re
@@ -48,6 +52,7 @@ import threading
 import time
 import zlib
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -91,10 +96,45 @@ class Source:
     fmt: str
     size: int  # bytes on disk; documents for a corpus
     mtime_ns: int = 0
+    compression: str | None = None  # "gzip", "bz2" or "xz" (``sniff_compression``); None: read as it is
+
+    def fingerprint(self) -> list:
+        """What identifies the input for resuming: its path, format, size and mtime, and its compression
+        where that is not what the name alone used to give (gzip for a ``.gz``, else none): a run over a
+        ``.xz`` that an older fastpt tokenized raw is then not resumed, nor reported complete."""
+        legacy = "gzip" if _is_gz(self.path) else None
+        return [self.path, self.fmt, self.size, self.mtime_ns] + ([self.compression] if self.compression != legacy
+                                                                   else [])
 
 
 def _is_gz(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(".gz")
+
+
+COMPRESSED_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
+_BZ2_MAGIC = re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)")  # a block, or the end of an empty stream
+_ZSTD_MAGIC = re.compile(rb"\x28\xb5\x2f\xfd|[\x50-\x5f]\x2a\x4d\x18")  # a frame, or a skippable frame
+
+
+def sniff_compression(path: str | os.PathLike) -> str | None:
+    """The compression of the file ``path`` from its first bytes, whatever its name: "gzip" (1f 8b),
+    "bz2" (BZh), "xz" (fd 37 7a 58 5a 00), "zstd" (28 b5 2f fd); else what its suffix claims
+    (``.gz``, ``.bz2``, ``.xz``, ``.zst``: its decompressor then reports the damage), else None.
+    Text does not start with these bytes: gzip's, xz's and zstd's frame magic are not UTF-8, bzip2's
+    "BZh" is followed by a level digit and a 48-bit block magic, zstd's skippable frames ("P*M" and
+    the like) by a control character. Raises OSError naming the file when it cannot be read."""
+    with open(path, "rb") as f:
+        head = f.read(10)
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return "xz"
+    if _BZ2_MAGIC.match(head):
+        return "bz2"
+    if _ZSTD_MAGIC.match(head):
+        return "zstd"
+    name = str(path).lower()
+    return next((kind for suffix, kind in COMPRESSED_SUFFIXES.items() if name.endswith(suffix)), None)
 
 
 def _folder_files(root: Path, skip: Path | None) -> list[Path]:
@@ -135,8 +175,11 @@ def find_inputs(paths: Sequence[str | os.PathLike], fmt: str = "auto",
     folder ``exclude``, the run's output directory, skipped; linked files and folders followed, each
     folder read once: see ``_folder_files``).
 
-    ``fmt`` "auto" reads ``.jsonl/.json/.ndjson`` (optionally ``.gz``; any letter case) as JSONL, the
-    rest as text. Raises FileNotFoundError for a missing path or when no file is found.
+    ``fmt`` "auto" reads ``.jsonl/.json/.ndjson`` (optionally ``.gz``, ``.bz2``, ``.xz``; any letter case)
+    as JSONL, the rest as text. Each file's compression is read from its first bytes
+    (``sniff_compression``): gzip, bzip2 and xz are decompressed with the standard library.
+    Raises FileNotFoundError for a missing path or when no file is found, ValueError naming a
+    zstd-compressed file (decompress it first), OSError naming a file that cannot be read.
     """
     skip = Path(exclude).resolve() if exclude is not None else None
     files: list[Path] = []
@@ -151,20 +194,38 @@ def find_inputs(paths: Sequence[str | os.PathLike], fmt: str = "auto",
         raise FileNotFoundError(f"no input files in {', '.join(map(str, paths))}")
     out = []
     for f in files:
-        name = f.name.lower().removesuffix(".gz")
+        name = f.name.lower()
+        name = next((name.removesuffix(s) for s in COMPRESSED_SUFFIXES if name.endswith(s)), name)
         kind = fmt if fmt != "auto" else "jsonl" if name.endswith(JSONL_SUFFIXES) else "text"
+        compression = sniff_compression(f)
+        if compression == "zstd":
+            raise ValueError(f"input {f}: zstd-compressed, which fastpt preprocess does not read (the standard "
+                             f"library has no zstd); decompress it first (zstd -d {f.name}) and pass the result")
         st = f.stat()
-        out.append(Source(str(f.resolve()), kind, st.st_size, st.st_mtime_ns))
+        out.append(Source(str(f.resolve()), kind, st.st_size, st.st_mtime_ns, compression))
     return out
 
 
 # -- reading: records with resume positions -------------------------------------------------
-def _open(path: str):
-    return gzip.open(path, "rb") if _is_gz(path) else open(path, "rb")
+_DECOMPRESS = {"gzip": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), "bz2": bz2.BZ2File, "xz": lzma.LZMAFile}
+_COMPRESSION_NAMES = {"gzip": "gzip", "bz2": "bzip2", "xz": "xz"}
 
 
-def _disk_pos(f, off: int) -> int:
-    return f.fileobj.tell() if isinstance(f, gzip.GzipFile) else off
+@contextmanager
+def _open(src: Source):
+    """``(reader, raw)``: the file's (decompressed) bytes, and the file on disk under a decompressor (None
+    when ``src`` is not compressed). Offsets and seeks are in decompressed bytes; progress counts the
+    bytes read from disk (``_disk_pos``)."""
+    with open(src.path, "rb") as raw:
+        if src.compression is None:
+            yield raw, None
+        else:
+            with _DECOMPRESS[src.compression](raw) as f:
+                yield f, raw
+
+
+def _disk_pos(raw, off: int) -> int:
+    return raw.tell() if raw is not None else off
 
 
 def _lines(f, off: int, cap: int, cr: bool = True, block: int | None = None) -> Iterator[tuple[bytes | None, int]]:
@@ -252,9 +313,13 @@ def read_records(sources: Sequence[Source], docs: str, cap: int, start: tuple[in
             continue  # the file was finished before the interruption
         try:
             yield from _file_records(src, i, off, mode, cap, cr=src.fmt != "jsonl")
-        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a truncated or damaged .gz
-            raise ValueError(f"input {src.path}: damaged gzip data ({exc}); repair, remove or rename the file") \
-                from exc
+        # truncated or damaged compressed data: gzip raises EOFError, BadGzipFile or zlib.error; bz2 EOFError or
+        # an OSError without errno ("Invalid data stream"), lzma EOFError or LZMAError
+        except (EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+            if src.compression is None or (isinstance(exc, OSError) and exc.errno is not None):
+                raise  # an I/O error, named by open / read
+            raise ValueError(f"input {src.path}: damaged {_COMPRESSION_NAMES[src.compression]} data ({exc}); "
+                             "repair, remove or rename the file") from exc
 
 
 # A blank line in UTF-8 bytes: only characters str.isspace() holds (str.strip() strips them, as the line
@@ -266,16 +331,16 @@ _BLANK_LINE = re.compile(rb"(?:[\t\n\x0b\x0c\r\x1c-\x20]|\xc2[\x85\xa0]|\xe1\x9a
 
 def _file_records(src: Source, i: int, off: int, mode: str, cap: int, cr: bool):
     """read_records for one file from byte offset ``off`` (``cr``: a lone \\r ends a line, see ``_lines``)."""
-    with _open(src.path) as f:
-        disk = _disk_pos(f, off)  # before the seek: a .gz resume counts the bytes its seek decompresses
+    with _open(src) as (f, raw):
+        disk = _disk_pos(raw, off)  # before the seek: a compressed resume counts the bytes its seek decompresses
         f.seek(off)
         if mode == "file":
             data = _read_capped(f, cap)
             end = off + len(data)
-            yield (data if len(data) <= cap else None), (i, max(end, 1)), _disk_pos(f, end) - disk
+            yield (data if len(data) <= cap else None), (i, max(end, 1)), _disk_pos(raw, end) - disk
         elif mode == "line":
             for line, off in _lines(f, off, cap, cr):
-                now = _disk_pos(f, off)
+                now = _disk_pos(raw, off)
                 yield line, (i, off), now - disk
                 disk = now
         else:  # blank-line separated: a document is a run of non-blank lines
@@ -283,7 +348,7 @@ def _file_records(src: Source, i: int, off: int, mode: str, cap: int, cr: bool):
             for line, off in _lines(f, off, cap, cr):
                 if line is not None and _BLANK_LINE.fullmatch(line):
                     if buf or over:
-                        now = _disk_pos(f, doc_end)
+                        now = _disk_pos(raw, doc_end)
                         yield (None if over else b"\n".join(buf)), (i, doc_end), now - disk
                         disk = now
                     buf, size, over = [], 0, False
@@ -295,7 +360,7 @@ def _file_records(src: Source, i: int, off: int, mode: str, cap: int, cr: bool):
                     buf.append(line)
                     size += len(line) + 1
             if buf or over:
-                yield (None if over else b"\n".join(buf)), (i, doc_end), _disk_pos(f, doc_end) - disk
+                yield (None if over else b"\n".join(buf)), (i, doc_end), _disk_pos(raw, doc_end) - disk
 
 
 def _chunks(records, cap_bytes: int = CHUNK_BYTES, cap_records: int = CHUNK_RECORDS):
@@ -571,8 +636,8 @@ def _check_manifest(out: Path, manifest: dict, options: dict, run: "_Run") -> No
         sources = run.sources
         if i < len(sources):
             src = sources[i]
-            # a .gz position counts decompressed bytes: no bound from the file's size
-            limit = src.size if src.fmt == "corpus" else None if _is_gz(src.path) else max(src.size, 1)
+            # a compressed input's position counts decompressed bytes: no bound from the file's size
+            limit = src.size if src.fmt == "corpus" else None if src.compression else max(src.size, 1)
         else:
             limit = 0 if i == len(sources) else -1
         if limit is not None and off > limit:
@@ -696,6 +761,52 @@ def _tokenizers_os_error(exc: Exception, path: Path) -> OSError:
     return OSError(f"{path}: cannot write the tokenizer ({exc})")
 
 
+def _write_chunk(writer: ShardWriter, stats: dict, ends: list, ids: np.ndarray, lens: np.ndarray,
+                 per_record: np.ndarray, events: dict, commit: Callable[[dict, tuple], None]) -> tuple:
+    """Write one tokenized chunk (``_tokenize_chunk``'s ids, piece lengths, pieces per record and bad
+    kinds of its records, whose end positions are ``ends``) and count it in ``stats``; returns the
+    position after it.
+
+    A shard closes at the end of the first record that fills it (never between the pieces of a giant
+    record) and is committed with the position after that record, and the stats then count the records
+    up to it: the shards, manifests and resume points of adding the records one at a time. The
+    documents between two such points go to ``ShardWriter.add_many`` at once and the per-record counts
+    are numpy: per document, ``ShardWriter.add`` and the counting cost ~5 us of this (main) process,
+    which capped ``--workers`` at ~4 tokenizer processes' output on short documents."""
+    n = len(per_record)
+    piece_start = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(per_record, out=piece_start[1:])
+    token_start = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=token_start[1:])
+    record_end = token_start[piece_start[1:]]  # the chunk's tokens up to the end of each record
+    bad, e = sorted(events.items()), 0  # (record, kinds), few: walked along
+    r0 = 0
+    while r0 < n:
+        room = writer.shard_tokens - writer.open_tokens
+        fills = int(record_end.searchsorted(record_end[r0 - 1] + room if r0 else room, side="left"))
+        r1 = min(max(fills + 1, r0 + 1), n)  # records [r0, r1): up to the one that fills the shard
+        p0, p1 = int(piece_start[r0]), int(piece_start[r1])
+        kept = lens[p0:p1][lens[p0:p1] > 0]  # a text the tokenizer maps to nothing is no document
+        if len(kept):
+            writer.add_many(ids[token_start[p0]:token_start[p1]], kept)
+            stats["docs"] += len(kept)
+            stats["tokens"] += int(kept.sum())
+            stats["max_doc_tokens"] = max(stats["max_doc_tokens"], int(kept.max()))
+        stats["records"] += r1 - r0
+        while e < len(bad) and bad[e][0] < r1:
+            r, kinds = bad[e]
+            for kind in kinds:
+                stats["bad"][kind] += 1
+            if "giant" in kinds:
+                stats["giant_pieces"] += int(per_record[r])
+            e += 1
+        record = writer.close_if_full()
+        if record is not None:
+            commit(record, ends[r1 - 1])
+        r0 = r1
+    return ends[-1]
+
+
 def _stream_to_shards(run: _Run, out: Path, manifest: dict, tok, *, workers: int, progress: bool,
                       on_shard: Callable[[int, dict], None] | None) -> None:
     """Tokenize from the manifest's resume position to the end, committing each shard to the manifest."""
@@ -710,9 +821,9 @@ def _stream_to_shards(run: _Run, out: Path, manifest: dict, tok, *, workers: int
                          start_index=done)
     sources = run.sources
     total = sum(s.size for s in sources)
-    # the current input's offset is in its progress units, except for .gz (the reader counts those)
+    # the current input's offset is in its progress units, except when compressed (the reader counts those)
     units_done = sum(s.size for s in sources[:start[0]]) + \
-        (start[1] if start[0] < len(sources) and not _is_gz(sources[start[0]].path) else 0)
+        (start[1] if start[0] < len(sources) and not sources[start[0]].compression else 0)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=min(units_done, total), unit="doc" if run.corpus_docs is not None else "B",
@@ -732,26 +843,8 @@ def _stream_to_shards(run: _Run, out: Path, manifest: dict, tok, *, workers: int
     results = _ordered_results(chunks, workers, (tok.to_str(), run.opts, run.jsonl))
     position = start
     try:
-        for (payloads, ends, units, _), (ids, lens, per_record, events) in results:
-            offsets = np.concatenate([[0], np.cumsum(lens)])
-            piece = 0
-            for r in range(len(payloads)):  # records in input order: counts match the position at a commit
-                stats["records"] += 1
-                for kind in events.get(r, ()):
-                    stats["bad"][kind] += 1
-                if "giant" in events.get(r, ()):
-                    stats["giant_pieces"] += int(per_record[r])
-                for p in range(piece, piece + int(per_record[r])):
-                    if lens[p]:
-                        writer.add(ids[offsets[p]:offsets[p + 1]])
-                        stats["docs"] += 1
-                        stats["tokens"] += int(lens[p])
-                        stats["max_doc_tokens"] = max(stats["max_doc_tokens"], int(lens[p]))
-                piece += int(per_record[r])
-                position = ends[r]
-                record = writer.close_if_full()
-                if record is not None:
-                    commit(record, position)
+        for (_, ends, units, _), (ids, lens, per_record, events) in results:
+            position = _write_chunk(writer, stats, ends, ids, lens, per_record, events, commit)
             bar.update(units)
             bar.set_postfix(docs=f"{stats['docs']:,}", tokens=f"{stats['tokens']:,}", refresh=False)
         commit(writer.close(), position)
@@ -827,7 +920,7 @@ def preprocess_text(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
         {"source": str(Path(tokenizer).resolve()), "source_sha256": _path_sha(Path(tokenizer))}
     options = {"docs": docs, "text_key": text_key, "max_chars": max_chars, "giant": giant, "bad_utf8": bad_utf8,
                "shard_tokens": shard_tokens, "tokenizer": tok_spec, "corpus": corpus}
-    inputs_fp = _fingerprint([[s.path, s.fmt, s.size, s.mtime_ns] for s in sources])
+    inputs_fp = _fingerprint([s.fingerprint() for s in sources])
     fingerprint = _fingerprint([options, inputs_fp])
     _make_out_dir(out)
     lock = _lock_out_dir(out)
@@ -896,7 +989,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     g = p.add_argument_group("text input")
     g.add_argument("--corpus", choices=sorted(CORPORA), help="a built-in corpus instead of files (no download)")
     g.add_argument("--format", dest="fmt", choices=("auto", "text", "jsonl"), default="auto",
-                   help="input format (auto: .jsonl/.json/.ndjson[.gz] are JSONL, the rest text)")
+                   help="input format (auto: .jsonl/.json/.ndjson, also with .gz/.bz2/.xz, are JSONL, the rest "
+                        "text; gzip/bzip2/xz are decompressed, recognised by their first bytes)")
     g.add_argument("--docs", choices=("line", "blank", "file"), default="line",
                    help="text files: one document per line (default), blank-line separated, or one per file "
                         "(a line ends at \\n, \\r\\n or a lone \\r)")
