@@ -178,3 +178,33 @@ def test_a_closed_pipe_ends_quietly():
     p.stdout.close()  # the reader is gone before the command writes
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+def test_convert_to_hf_reports_unwritable_weights_and_a_corrupt_source_in_one_line(tmp_path, capsys, monkeypatch):
+    """safetensors' SafetensorError (a plain Exception) escaped `fastpt convert --to-hf` as a traceback, for a
+    read-only or full OUT (writing) and a truncated model.safetensors (reading). Both are one error line naming
+    the file and status 1."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    model = fastpt.build("bert-tiny", backbone={"vocab_size": 97, "max_positions": 32},
+                         special_ids={"mask": 3, "pad": 0, "cls": 1, "sep": 2})
+    model.save_pretrained(tmp_path / "ckpt")
+    real = safetensors.torch.save_file
+
+    def read_only(tensors, filename, metadata=None):
+        raise SafetensorError(f'Error while serializing: I/O error: Read-only file system (os error 30) at path '
+                              f'"{filename}.tmpX"')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", read_only)
+    rc = main(["convert", "--to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    _assert_clean_error(rc, err, "fastpt convert")
+    assert f"Read-only file system: '{tmp_path / 'hf' / 'model.safetensors'}'" in err, err
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    rc = main(["convert", "--to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    _assert_clean_error(rc, err, "fastpt convert")
+    assert f"{weights}: not a valid safetensors file" in err, err

@@ -231,3 +231,111 @@ def test_fashion_mnist_refuses_resizing_options(tmp_path):
     """image_size / channels apply to image folders: fashion-mnist would have ignored them silently."""
     with pytest.raises(ValueError, match="image_size: applies to image folders"):
         preprocess_images("fashion-mnist", tmp_path / "fm", image_size=32, progress=False, log=None)
+
+
+class _FullDisk:
+    """A file the disk has ``room`` bytes left for: the write that does not fit lands in part, then fails as a
+    full disk's does (ENOSPC, no file name)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        data = bytes(data)
+        n = max(0, min(len(data), self.room))
+        self.f.write(data[:n])
+        self.room -= n
+        if n < len(data):
+            raise OSError(28, "No space left on device")
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _full_disk_for(monkeypatch, name_part, room=100):
+    """``open`` in fastpt.data.images: files whose name holds ``name_part`` get ``room`` bytes."""
+    import builtins
+
+    import fastpt.data.images as images_mod
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        return _FullDisk(f, room) if "w" in mode and name_part in str(path) else f
+
+    monkeypatch.setattr(images_mod, "open", fake_open, raising=False)
+
+
+@pytest.mark.parametrize("name_part", ["images.raw", "images.npy"])
+def test_a_full_disk_removes_the_temporary_files_and_names_the_file(tmp_path, image_folder, monkeypatch, name_part):
+    """preprocess --images on a nearly full disk: images.npy was written through np.lib.format.open_memmap on a
+    sparse file, and the first page without room killed the process with SIGBUS, no message, images.raw.tmp and
+    images.npy.tmp left filling the disk; a full disk while writing images.raw.tmp said "[Errno 28] No space left
+    on device" naming no file and left it. Both writes are plain writes now: ENOSPC naming the temporary file,
+    every temporary file removed, the lock released."""
+    from fastpt.data.preprocess import LOCK_FILE
+
+    root, _, _ = image_folder
+    out = tmp_path / "out"
+    _full_disk_for(monkeypatch, name_part)
+    with pytest.raises(OSError, match="No space left") as exc:
+        preprocess_images(root, out, channels=3, progress=False, log=None)
+    assert exc.value.errno == 28 and name_part in str(exc.value.filename), exc.value
+    assert sorted(p.name for p in out.iterdir()) == []  # no .tmp, no lock file, no manifest
+    monkeypatch.undo()
+    preprocess_images(root, out, channels=3, progress=False, log=None)  # room again: the run goes through
+    assert len(open_image_dataset(out)) == 3 and not (out / LOCK_FILE).exists()
+
+
+def test_the_npy_files_are_what_np_save_writes(tmp_path):
+    """_save_npy writes the header and the rows itself (in blocks): byte for byte np.save's file."""
+    from fastpt.data.images import _save_npy
+
+    for array in (np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5), np.arange(7, dtype=np.int64),
+                  np.zeros((0, 1, 2, 2), np.uint8)):
+        _save_npy(tmp_path / "a.npy", array, block=1)
+        np.save(tmp_path / "b.npy", array)
+        assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy"]
+
+
+def test_a_second_run_into_the_same_output_is_refused_and_temporary_names_are_per_process(tmp_path, image_folder,
+                                                                                        monkeypatch):
+    """Two `fastpt preprocess --images` into one OUT at once (no lock, fixed names images.raw.tmp /
+    images.npy.tmp) wrote a dataset mixing both sources whose manifest verified. The run holds the text
+    pipeline's lock (refusal names the holder's pid); its temporary files carry its pid, and those a killed
+    run left are removed."""
+    import os
+    import subprocess
+
+    from fastpt.data.preprocess import LOCK_FILE
+
+    root, _, _ = image_folder
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (f"import time; from fastpt._lock import lock_dir; lock_dir({str(out)!r}, {LOCK_FILE!r}, 'x'); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=rf"output {out} is in use by another fastpt preprocess run "
+                                             rf"\(pid {holder.pid}"):
+            preprocess_images(root, out, progress=False, log=None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # the holder's, nothing written
+    (out / "images.raw.tmp").write_bytes(b"left by a killed run")
+    (out / "images.npy.12345.tmp").write_bytes(b"left by a killed run")
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(os.path.basename(a)), real_replace(a, b))[1])
+    preprocess_images(root, out, channels=3, progress=False, log=None)
+    assert {n for n in renamed if "npy" in n} == {f"images.npy.{os.getpid()}.tmp", f"labels.npy.{os.getpid()}.tmp"}
+    assert sorted(p.name for p in out.iterdir()) == ["images.npy", "labels.npy", "manifest.json"]

@@ -426,3 +426,63 @@ def test_load_fastpt_refuses_a_newer_format_version(tmp_path):
     del config["format_version"]  # written before versions were recorded: read as version 0
     file.write_text(json.dumps(config))
     load_fastpt(tmp_path)
+
+
+def test_weights_have_the_umasks_mode(tmp_path, monkeypatch):
+    """safetensors writes through mkstemp (0600 whatever the umask): save_pretrained, to_hf and save_fastpt
+    wrote model.safetensors 0600 beside a 0644 config, unreadable to another user or container uid. They
+    get 0o666 & ~umask, read from /proc/self/status or (without it) by setting the umask and back."""
+    import os
+    import stat
+
+    from fastpt.models.hf import save_fastpt
+
+    model = fastpt.build("bert-tiny", backbone={"vocab_size": 97, "max_positions": 32},
+                         special_ids={"mask": 3, "pad": 0, "cls": 1, "sep": 2})
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    for umask in (0o022, 0o077):
+        old = os.umask(umask)
+        try:
+            dirs = [model.save_pretrained(tmp_path / f"ckpt{umask}"),
+                    to_hf(model.backbone, {"mlm": model.objective.head}, tmp_path / f"hf{umask}"),
+                    save_fastpt(tmp_path / f"fastpt{umask}", model.backbone)]
+        finally:
+            os.umask(old)
+        for d in dirs:
+            assert {p.name: mode(p) for p in d.iterdir()} == {p.name: 0o666 & ~umask for p in d.iterdir()}, d
+
+    import fastpt.models.hf as hf
+
+    old = os.umask(0o027)
+    try:
+        assert hf.new_file_mode() == 0o640
+        monkeypatch.setattr(hf, "open", lambda *a, **k: (_ for _ in ()).throw(OSError(2, "no /proc")), raising=False)
+        assert hf.new_file_mode() == 0o640 and os.umask(0o027) == 0o027  # the fallback sets the umask back
+    finally:
+        os.umask(old)
+
+
+def test_a_failed_weights_write_names_the_file_and_keeps_the_earlier_one(tmp_path, monkeypatch):
+    """safetensors reports a full disk or a read-only directory as SafetensorError (neither OSError nor
+    ValueError): `fastpt convert` ended in a traceback. It is an OSError naming model.safetensors, with the
+    errno of the message; the temporary file is removed and an earlier conversion's file stays whole."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from fastpt.models.hf import save_fastpt
+
+    bert = text_encoder(vocab_size=50, hidden_size=24, num_layers=1, num_heads=3)
+    out = to_hf(bert, {}, tmp_path / "hf")
+    before = (out / "model.safetensors").read_bytes()
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"part")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    for write in (lambda: to_hf(bert, {}, out), lambda: save_fastpt(out, bert)):
+        with pytest.raises(OSError, match="No space left on device") as exc:
+            write()
+        assert exc.value.errno == 28 and exc.value.filename == str(out / "model.safetensors")
+        assert (out / "model.safetensors").read_bytes() == before
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]

@@ -177,3 +177,27 @@ def test_rng_round_trip():
     ckpt.set_rng_state(tensors, plain)
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(got[0], expect[0]) and got[1] == expect[1] and got[2] == expect[2]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_of_a_checkpoint_has_the_umasks_mode(tmp_path, umask):
+    """safetensors writes through mkstemp, mode 0600 whatever the umask: rng.safetensors (and the model's
+    weights) were unreadable to another user or container uid who read the checkpoint's JSON files (0644),
+    and loading there said FileNotFoundError. Every file now has the mode the umask gives."""
+    import os
+    import stat
+
+    import fastpt
+
+    model = fastpt.build("bert-tiny", backbone={"vocab_size": 97, "max_positions": 32, "num_layers": 1},
+                         special_ids={"mask": 3, "pad": 0, "cls": 1, "sep": 2})
+    old = os.umask(umask)
+    try:
+        tensors, plain = ckpt.rng_state()
+        path = ckpt.save_checkpoint(tmp_path, 1, write_model=model.save_pretrained, optimizer_state={"state": {}},
+                                    trainer_state={"rng": plain}, rng_tensors=tensors)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and "rng.safetensors" in modes, modes
+    ckpt.load_checkpoint(path)

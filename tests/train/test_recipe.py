@@ -714,3 +714,210 @@ def test_whole_word_masking_on_shards_uses_the_tokenizers_word_starts(shards, tm
     assert summary["steps"] == 2
     with pytest.raises(ConfigError, match="model.objective.whole_word_masking: the shards .* hold no tokenizer file"):
         pretrain(recipe(shards, tmp_path / "none", model=model, output=QUIET), log=lambda m: None)
+
+
+def test_a_read_only_output_dir_is_a_config_error(shards, tmp_path, monkeypatch, capsys):
+    """pretrain into an existing output.dir on a read-only filesystem (or without write permission): creating
+    the lock file raised OSError (EROFS / EACCES), which ended in a traceback; it is a ConfigError naming
+    output.dir, one line from the CLI."""
+    import errno
+
+    import fastpt.train.recipe as recipe_mod
+
+    def read_only(directory, name, what):
+        raise OSError(errno.EROFS, "Read-only file system", str(directory / name))
+
+    monkeypatch.setattr(recipe_mod, "lock_dir", read_only)
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(ConfigError, match=rf"output.dir: {re.escape(str(out))} is not writable \(Read-only file "
+                                          r"system: cannot create .*\.fastpt-pretrain\.lock\)"):
+        pretrain(recipe(shards, out, output=QUIET), log=lambda m: None)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(shards, out, output=QUIET)))
+    assert pretrain_main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastpt pretrain: error: output.dir:") and "Traceback" not in err
+
+
+ROW = {"step": 1, "tokens": 51, "loss": 4.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0, "mfu": 0.001,
+       "elapsed_s": 0.1}
+
+
+def _metrics_file(out, steps):
+    from fastpt.train.logging import RunLogger
+
+    lg = RunLogger(out, tensorboard=False, plot=False, progress=False, log=lambda m: None)
+    for s in steps:
+        lg.log({**ROW, "step": s, "tokens": 51 * s})
+    return (out / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("torn", ["5,255,4.569,1.4492753623188407e-", "1", "3,153,4.5,0.001,1.0,1000.0,0.001,0.1\r",
+                                  "5,255,4.5,0.001,x.0,1000.0,0.001,0.1\r\n"])
+def test_resume_drops_a_metrics_row_torn_by_a_full_disk(tmp_path, torn):
+    """A full disk tears the metrics.csv append that does not fit: a torn float ('1.449e-') made --resume fail
+    with ValueError before training, a torn step ('1' of '12,...') was read as a phantom row of step 1 and
+    kept. A last line without its line end, or one that does not parse, is dropped with a warning; the rest is
+    still cut at the resumed step. Any other bad line is an error naming the file and the line."""
+    from fastpt.train.logging import RunLogger
+
+    out = tmp_path / "run"
+    text = _metrics_file(out, [1, 2, 3, 4])
+    (out / "metrics.csv").write_text(text + torn, newline="")
+    lines = []
+    lg = RunLogger(out, start_step=3, tensorboard=False, plot=False, progress=False, log=lines.append)
+    assert [r["step"] for r in lg.rows] == [1, 2, 3] and all(r["loss"] == 4.5 for r in lg.rows)
+    assert lines == [f"pretrain: warning: {out / 'metrics.csv'}: dropped the torn last row {torn.rstrip()!r} "
+                     "(a write cut short, e.g. by a full disk)"]
+    assert [r["step"] for r in read_metrics(out / "metrics.csv")] == [1, 2, 3]  # rewritten whole
+    (out / "metrics.csv").write_text(text.replace("\n2,102,", "\n2,1x2,", 1) + torn, newline="")
+    with pytest.raises(ValueError, match=r"metrics\.csv: line 3: invalid literal"):
+        RunLogger(out, start_step=3, tensorboard=False, plot=False, progress=False, log=lines.append)
+
+
+class _FullDisk:
+    """A file the disk has ``room`` bytes left for: the write that does not fit lands in part, then fails as a
+    full disk's does (ENOSPC, no file name)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        n = max(0, min(len(data), self.room))
+        self.f.write(data[:n])
+        self.room -= n
+        if n < len(data):
+            raise OSError(28, "No space left on device")
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _full_disk_in_logging(monkeypatch, when):
+    """``open`` in fastpt.train.logging: a file ``when(path, mode)`` picks gets 10 bytes of room."""
+    import builtins
+
+    import fastpt.train.logging as logging_mod
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        return _FullDisk(f, 10) if when(str(path), mode) else f
+
+    monkeypatch.setattr(logging_mod, "open", fake_open, raising=False)
+
+
+def test_a_full_disk_mid_run_cuts_the_torn_row_and_ends_in_one_line(shards, tmp_path, monkeypatch, capsys):
+    """A metrics.csv append the disk had no room for raised a bare OSError ("[Errno 28] No space left on
+    device", no file named: a traceback) and left the torn row for the resume to trip on. The row is cut
+    off again and the run ends with MetricsWriteError naming the file: one line, status 2."""
+    appends = []
+
+    def third_append(path, mode):
+        if path.endswith("metrics.csv") and mode == "a":
+            appends.append(path)
+            return len(appends) >= 2  # step 1 rewrites the file (new columns), step 2 appends, step 3 fails
+        return False
+
+    _full_disk_in_logging(monkeypatch, third_append)
+    out = tmp_path / "run"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(shards, out, output=QUIET)))
+    assert pretrain_main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastpt pretrain: error: [Errno 28] {out / 'metrics.csv'}: cannot append the row of "
+                          "step 3 (No space left on device)") and "Traceback" not in err, err
+    text = (out / "metrics.csv").read_text()
+    assert text.endswith("\n") and [r["step"] for r in read_metrics(out / "metrics.csv")] == [1, 2]
+
+
+def test_end_of_run_write_failures_are_warnings(shards, tmp_path, monkeypatch):
+    """A full disk after the final checkpoint: loss.png (savefig, sometimes left 0 bytes), TensorBoard's close
+    and summary.json raised a traceback and no summary line. Each is a warning naming the file, the plot and
+    summary.json are written through a temporary name (nothing half written is left), and the run's result
+    stands."""
+    from matplotlib.figure import Figure
+
+    def savefig(self, fname, *args, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG part")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    _full_disk_in_logging(monkeypatch, lambda path, mode: "summary.json" in path and "w" in mode)
+    out = tmp_path / "run"
+    lines = []
+    summary = pretrain(recipe(shards, out, train={"max_steps": 2}, output={**QUIET, "plot": True}), log=lines.append)
+    assert summary["steps"] == 2 and summary["plot"] is None
+    assert f"pretrain: warning: {out / 'loss.png'}: not written (No space left on device); the run's result " \
+           "stands" in lines
+    assert f"pretrain: warning: {out / 'summary.json'}: not written (No space left on device); the run's result " \
+           "stands" in lines
+    assert lines[-1].startswith("pretrain: 2 steps") and f"metrics {out / 'metrics.csv'}" in lines[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv"]
+
+
+def test_tensorboard_write_failures_are_a_warning_and_logging_goes_on(tmp_path):
+    """TensorBoard events are a second copy of metrics.csv's rows: a failed write (the writer thread's ENOSPC,
+    raised at the next add_scalar, or at close) ended the run in a traceback. It is one warning naming the
+    events directory; the rows go on to metrics.csv and the summary names no TensorBoard directory."""
+    from fastpt.train.logging import RunLogger
+
+    class FailingWriter:
+        def __init__(self, fail_after):
+            self.calls, self.fail_after, self.closed = 0, fail_after, 0
+
+        def add_scalar(self, *args):
+            self.calls += 1
+            if self.calls > self.fail_after:
+                raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.closed += 1
+            raise OSError(28, "No space left on device")
+
+    for fail_after in (10, 10**6):  # mid-run (the second row's scalars), at close only
+        out = tmp_path / f"run{fail_after}"
+        lines = []
+        lg = RunLogger(out, tensorboard=False, plot=False, progress=False, log=lines.append)
+        lg.tb = writer = FailingWriter(fail_after)
+        for s in (1, 2, 3):
+            lg.log({**ROW, "step": s})
+        summary = {"steps": 3, "tokens": 153, "train_time_s": 1.0}
+        assert lg.finish(summary).startswith("pretrain: 3 steps") and summary["tensorboard"] is None
+        then = f"logging goes on to {out / 'metrics.csv'} only" if fail_after == 10 else "the run's result stands"
+        assert [m for m in lines if "warning" in m] == [
+            f"pretrain: warning: {out / 'tensorboard'}: TensorBoard events cannot be written (No space left on "
+            f"device); {then}"]
+        assert writer.closed == 1 and [r["step"] for r in read_metrics(out / "metrics.csv")] == [1, 2, 3]
+
+
+def test_a_failed_run_leaves_no_tensorboard_writer_behind(shards, tmp_path, monkeypatch):
+    """Only finish() closed the SummaryWriter: each pretrain call that ended on an exception left its
+    writer thread running (a sweep or notebook retrying piled them up)."""
+    import threading
+
+    pytest.importorskip("torch.utils.tensorboard")
+    from fastpt.train import recipe as recipe_mod
+
+    real = recipe_mod.PretrainRecipe._micro_step
+    def failing(self, *a, **k):
+        if self.step == 2:
+            raise RuntimeError("injected failure")
+        return real(self, *a, **k)
+    monkeypatch.setattr(recipe_mod.PretrainRecipe, "_micro_step", failing)
+    writers = lambda: sum(t.name == "_AsyncWriterThread" or "AsyncWriter" in type(t).__name__  # noqa: E731
+                          for t in threading.enumerate())
+    before = writers()
+    for i in range(2):
+        cfg = recipe(shards, tmp_path / f"run{i}", output={**QUIET, "tensorboard": True, "save_every": 0})
+        with pytest.raises(RuntimeError, match="injected"):
+            pretrain(cfg, log=lambda m: None)
+    assert writers() == before

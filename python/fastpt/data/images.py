@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Sequence
@@ -30,8 +31,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .shards import (MANIFEST, CorruptShardError, check_int, read_json_object, sha256_file, verify_file,
-                     write_json_atomic)
+from .._lock import unlock_dir
+from .shards import (MANIFEST, CorruptShardError, check_int, named_os_error, read_json_object, sha256_file,
+                     verify_file, write_json_atomic)
 
 FORMAT, VERSION = "fastpt-images", 1
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -273,13 +275,44 @@ def preprocess_images(source: str | os.PathLike, out_dir: str | os.PathLike, *, 
 
     Folder images all take the first image's channels and size unless ``channels`` /
     ``image_size`` are given; unreadable images and images of another size are counted
-    (``stats.bad``) and skipped, never fatal. Returns the manifest.
-    Raises ValueError (out_dir holds another dataset, without ``overwrite``; no readable image),
-    FileNotFoundError, TypeError / ValueError naming ``image_size`` / ``channels`` (checked first).
+    (``stats.bad``) and skipped, never fatal. The output directory is locked for the run as the
+    text pipeline's is (``preprocess.LOCK_FILE``, ``fastpt._lock``): a second run into it at the
+    same time is refused naming the holder's pid (two runs wrote a dataset mixing both sources whose
+    manifest verified). Temporary files carry the process id and are removed when a write fails.
+    Returns the manifest.
+    Raises ValueError (out_dir holds another dataset, without ``overwrite``; no readable image; out_dir
+    in use by another run), FileNotFoundError, OSError naming the file that cannot be written (a full
+    disk), TypeError / ValueError naming ``image_size`` / ``channels`` (checked first).
     """
+    from .preprocess import _lock_out_dir
+
     check_image_args(channels, image_size, "image_size")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock_out_dir(out)
+    try:
+        if lock is not None:  # ours alone: what a killed run left is no other run's
+            for f in out.glob("*.tmp"):
+                if _LEFTOVER.fullmatch(f.name):
+                    f.unlink()
+        return _preprocess_images_locked(source, out, split, image_size, channels, overwrite, progress, log)
+    finally:
+        unlock_dir(lock)
+
+
+# the temporary files of preprocess_images (see _tmp_name), removed at the start of a locked run
+_LEFTOVER = re.compile(r"(images\.raw|images\.npy|labels\.npy)\.(\d+\.)?tmp")
+
+
+def _tmp_name(path: Path, suffix: str = "") -> Path:
+    """``path`` + ``suffix`` + ``.PID.tmp``: a run's temporary files are its own even without the lock
+    (no ``flock`` on the filesystem)."""
+    return path.with_name(f"{path.name}{suffix}.{os.getpid()}.tmp")
+
+
+def _preprocess_images_locked(source, out: Path, split: str, image_size: int | None, channels: int | None,
+                              overwrite: bool, progress: bool, log) -> dict:
+    """preprocess_images once ``out`` exists and is locked."""
     if (out / MANIFEST).exists() and not overwrite:
         raise ValueError(f"output {out} already holds a dataset; pass --overwrite to replace it")
     bad = {"unreadable": 0, "size_mismatch": 0}
@@ -295,31 +328,38 @@ def preprocess_images(source: str | os.PathLike, out_dir: str | os.PathLike, *, 
         desc = str(Path(source).resolve())
         from tqdm.auto import tqdm
 
-        raw = out / "images.raw.tmp"
+        raw = _tmp_name(out / "images", ".raw")
         kept, shape = [], None
-        with open(raw, "wb") as f:
-            for path, label in tqdm(list(zip(files, file_labels)), desc="images", unit="img", disable=not progress):
-                try:
-                    img = load_image(path, channels=channels, size=image_size)
-                except ImportError:
+        try:
+            try:
+                with open(raw, "wb") as f:
+                    for path, label in tqdm(list(zip(files, file_labels)), desc="images", unit="img",
+                                            disable=not progress):
+                        try:
+                            img = load_image(path, channels=channels, size=image_size)
+                        except ImportError:
+                            raise
+                        except (OSError, ValueError, SyntaxError):
+                            bad["unreadable"] += 1
+                            continue
+                        if shape is None:
+                            shape, channels = img.shape, img.shape[0]
+                        if img.shape != shape:
+                            bad["size_mismatch"] += 1
+                            continue
+                        f.write(img.tobytes())
+                        kept.append(label)
+            except OSError as exc:  # a full disk (a write, or the close flushing the rest): no file named
+                if exc.filename is not None:
                     raise
-                except (OSError, ValueError, SyntaxError):
-                    bad["unreadable"] += 1
-                    continue
-                if shape is None:
-                    shape, channels = img.shape, img.shape[0]
-                if img.shape != shape:
-                    bad["size_mismatch"] += 1
-                    continue
-                f.write(img.tobytes())
-                kept.append(label)
-        if shape is None:
-            raw.unlink()
-            raise ValueError(f"{source}: no readable image")
-        src = np.memmap(raw, dtype=np.uint8, mode="r", shape=(len(kept), *shape))
-        _save_npy(out / "images.npy", src)
-        del src
-        raw.unlink()
+                raise named_os_error(exc, raw) from exc
+            if shape is None:
+                raise ValueError(f"{source}: no readable image")
+            src = np.memmap(raw, dtype=np.uint8, mode="r", shape=(len(kept), *shape))
+            _save_npy(out / "images.npy", src)
+            del src
+        finally:
+            _unlink_quietly(raw)
         labels = np.asarray(kept, dtype=np.int64)
     _save_npy(out / "labels.npy", labels.astype(np.int64))
     shape = list(np.load(out / "images.npy", mmap_mode="r").shape)
@@ -336,15 +376,40 @@ def preprocess_images(source: str | os.PathLike, out_dir: str | os.PathLike, *, 
     return manifest
 
 
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # the error that brought us here is the one to report
+        pass
+
+
 def _save_npy(path: Path, array: np.ndarray, block: int = 4096) -> None:
-    """np.save through a memmap in blocks of rows (bounded memory), then an atomic rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
-    for i in range(0, len(array), block):
-        dst[i:i + block] = array[i:i + block]
-    dst.flush()
-    del dst
-    os.replace(tmp, path)
+    """``np.save`` in blocks of rows (bounded memory: ``array`` may be a memmap larger than RAM) to a
+    temporary file, fsynced, then an atomic rename.
+
+    The header (``np.lib.format.write_array_header_1_0``) and the rows are written with ordinary
+    ``write`` calls: a disk without room then fails the write with ENOSPC. (Through ``open_memmap`` the
+    file was sparse, and the first page the filesystem had no room for killed the process with SIGBUS, no
+    message, the temporary files left filling the disk.) Raises OSError naming the temporary file; it is
+    removed then and ``path`` left as it was.
+    """
+    tmp = _tmp_name(path)
+    array = np.asarray(array) if not isinstance(array, np.ndarray) else array
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
+              "shape": tuple(array.shape)}
+    try:
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for i in range(0, len(array), block):
+                f.write(np.ascontiguousarray(array[i:i + block]).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        _unlink_quietly(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise named_os_error(exc, tmp) from exc
+        raise
 
 
 def open_image_dataset(path: str | os.PathLike, *, verify: bool = True) -> ArrayImageDataset:

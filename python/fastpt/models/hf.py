@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import re
 import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..data.shards import check_file_name, read_json_object
+from ..data.shards import check_file_name, named_os_error, read_json_object
 from .encoder import TextEncoder, text_encoder
 from .encoder_decoder import encoder_decoder
 from .heads import LMHead, MLMHead, Pooler
@@ -327,6 +329,82 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file}: not a valid safetensors file (truncated or corrupt): {exc}") from exc
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666 & ~umask``. The umask is read from
+    ``/proc/self/status`` (Linux), else by setting it and back under a lock (``os.umask`` has no getter)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], file, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` to ``file`` through ``.<name>.tmp-PID`` beside it, fsynced, with the mode
+    any other file of the directory gets (``new_file_mode``), then ``os.replace``: readers see the old file or
+    the whole new one.
+
+    safetensors writes through a ``tempfile.mkstemp`` file, mode 0600 whatever the umask: a checkpoint's
+    weights were unreadable to another user (or container uid) who read its JSON files, and ``from_pretrained``
+    there said FileNotFoundError. Its SafetensorError (neither OSError nor ValueError: a read-only directory or
+    a full disk ended ``fastpt convert`` in a traceback) becomes an OSError naming ``file`` (the errno read from
+    its message); the temporary file is removed and ``file`` left as it was.
+    """
+    st, file = _safetensors(), Path(file)  # ImportError naming the extra first
+    from safetensors import SafetensorError
+
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    try:
+        st.save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, new_file_mode())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, file)
+    except SafetensorError as exc:
+        m = re.search(r"os error (\d+)", str(exc))  # "I/O error: No space left on device (os error 28)"
+        if m:
+            raise OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(file)) from exc
+        raise OSError(f"{file}: cannot write the weights (safetensors: {exc})") from exc
+    except OSError as exc:  # chmod / fsync (a disk full or failing after the data was handed over)
+        if exc.filename is not None:
+            raise
+        raise named_os_error(exc, tmp) from exc
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. a read-only directory, where nothing was written either
+            pass
+
+
+def _write_text(file: Path, text: str) -> None:
+    """``file.write_text(text)`` (UTF-8) through ``.<name>.tmp-PID`` and ``os.replace``; an OSError (a full
+    disk's carries no file name) names ``file``, the temporary file removed."""
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, file)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if exc.filename is not None:
+            raise
+        raise named_os_error(exc, file) from exc
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, a sharded safetensors index, or (fallback) pytorch_model.bin.
 
@@ -543,7 +621,9 @@ def to_hf(backbone: nn.Module, heads: dict | None, path, *, arch: str | None = N
     not ``hf_config``'s: transformers 5 loads a checkpoint in that dtype by default, so a float16 source
     trained and written in float32 is not rounded back to float16 on load. Returns the directory.
     Raises ValueError naming what the Hugging Face architecture cannot express (e.g. rotary positions,
-    RMSNorm, GLU).
+    RMSNorm, GLU); OSError naming the file that cannot be written (a full disk, a read-only ``path``). Each
+    file goes to a temporary name first and is moved into place (``save_safetensors``), so a failed write
+    leaves the file an earlier conversion wrote there whole.
     """
     heads = dict(heads or {})
     arch = infer_arch(backbone) if arch is None else arch
@@ -577,8 +657,8 @@ def to_hf(backbone: nn.Module, heads: dict | None, path, *, arch: str | None = N
         cfg["dtype"] = cfg["torch_dtype"] = dtype
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _safetensors().save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_safetensors(out, path / "model.safetensors", metadata={"format": "pt"})
+    _write_text(path / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -594,7 +674,8 @@ def _written_dtype(tensors) -> str | None:
 def save_fastpt(path, backbone: nn.Module, heads: dict | None = None, *, hf_config: dict | None = None,
                 arch: str | None = None) -> Path:
     """Write fastpt's format: ``fastpt_config.json`` + ``model.safetensors`` (see the module docstring).
-    ``hf_config`` / ``arch`` are kept for a later ``to_hf``. Returns the directory."""
+    ``hf_config`` / ``arch`` are kept for a later ``to_hf``. Returns the directory. Raises OSError naming the
+    file that cannot be written (each is written to a temporary name and moved into place)."""
     heads = dict(heads or {})
     config = dict(format="fastpt", format_version=FORMAT_VERSION, arch=arch, backbone=dict(backbone.config),
                   heads={n: head_spec(n, h, backbone) for n, h in heads.items()}, hf_config=hf_config)
@@ -608,8 +689,8 @@ def save_fastpt(path, backbone: nn.Module, heads: dict | None = None, *, hf_conf
         tensors[key] = t.detach().contiguous()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _safetensors().save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt", "fastpt": "1"})
-    (path / "fastpt_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_safetensors(tensors, path / "model.safetensors", metadata={"format": "pt", "fastpt": "1"})
+    _write_text(path / "fastpt_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -659,7 +740,12 @@ def _copy_side_files(src: Path, dst: Path) -> None:
                 (dst / name).unlink()
     for name in SIDE_FILES:
         if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+            try:
+                shutil.copyfile(src / name, dst / name)
+            except OSError as exc:
+                if exc.filename is not None:
+                    raise
+                raise named_os_error(exc, dst / name) from exc  # a full disk's error names no file
 
 
 def check_out_dir(src, out, flag: str) -> None:
@@ -708,7 +794,7 @@ def write_tokenizer_config(path, special_ids: dict | None = None) -> Path | None
             pad = hf.get("pad_token_id")
             positions -= (1 if pad is None else pad) + 1
         config["model_max_length"] = positions
-    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_text(path / "tokenizer_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path / "tokenizer_config.json"
 
 

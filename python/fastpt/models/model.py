@@ -16,7 +16,8 @@ Checkpoint directory (``save_pretrained``):
     ``objective.*``) with each tensor stored once: a tied head weight lives under its embedding's
     name, ALBERT's shared layers under ``layers.0``. Teacher / momentum copies (DINO, MoCo v3) and
     their buffers (DINO's center, step counters) are saved like any other state, so a round trip
-    is exact. Each file is written to a temporary name and moved into place (``os.replace``).
+    is exact. Each file is written to a temporary name and moved into place (``os.replace``), with the mode a
+    new file gets under the umask (``hf.save_safetensors``: safetensors alone writes 0600).
     ``from_pretrained`` rebuilds the model from the config (through the builder ``fastpt.assemble``
     registers as ``PretrainModel.builder``: models/ does not import assemble) and loads every tensor;
     while it builds, ``restoring_checkpoint()`` is True, so nothing is read from outside the checkpoint
@@ -36,7 +37,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .hf import _load_into, _safetensors
+from ..data.shards import named_os_error
+from .hf import _load_into, _load_safetensors, _safetensors, save_safetensors
 from .outputs import ModelOutput
 
 FORMAT = "fastpt-pretrain"
@@ -271,7 +273,7 @@ class PretrainModel(nn.Module):
         if not self.config.get("backbone"):
             raise ValueError("config: this PretrainModel has no build config (make it with fastpt.build or "
                              "fastpt.from_hf) so from_pretrained could not rebuild it")
-        st = _safetensors()
+        _safetensors()  # ImportError naming the extra before any work
         tensors, seen = {}, set()
         for key, t in self.state_dict(keep_vars=True).items():
             if id(t) in seen:  # tied / shared: stored once, under its first name
@@ -283,7 +285,7 @@ class PretrainModel(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.config}
-        _atomic_write(path / WEIGHTS_FILE, lambda tmp: st.save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        save_safetensors(tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
         _atomic_write(path / CONFIG_FILE,
                       lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
         return path
@@ -298,7 +300,8 @@ class PretrainModel(nn.Module):
 
         Raises FileNotFoundError (no fastpt_config.json / model.safetensors), ValueError (another
         format, e.g. a Hugging Face or ``fastpt convert`` directory: load those with
-        ``fastpt.from_hf``; missing, unexpected or mis-shaped tensors, named).
+        ``fastpt.from_hf``; missing, unexpected or mis-shaped tensors, named; a truncated or corrupt
+        model.safetensors, named).
         """
         path = Path(path)
         meta = read_checkpoint_config(path)
@@ -308,7 +311,7 @@ class PretrainModel(nn.Module):
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"path: no {WEIGHTS_FILE} in {path}")
-        values = _safetensors().load_file(str(weights))
+        values = _load_safetensors(weights)
         config = meta["model"]
         if cls.config_upgrader is not None:  # an older fastpt's layout the config does not name (its tensors do)
             config = cls.config_upgrader(config, tuple(values))
@@ -359,13 +362,18 @@ def read_checkpoint_config(path) -> dict:
 
 
 def _atomic_write(dest: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` then ``os.replace(tmp, dest)``: readers see the old file or the whole new one."""
+    """``write(tmp)`` then ``os.replace(tmp, dest)``: readers see the old file or the whole new one. An OSError
+    without a file name (a full disk's) names ``dest``."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise named_os_error(exc, dest) from exc
     finally:
         if tmp.exists():
             tmp.unlink()

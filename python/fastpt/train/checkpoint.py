@@ -11,6 +11,10 @@ A run's ``checkpoints/`` directory holds one directory per save::
                                elapsed time, the recipe
         checkpoint.json        written last: format, step, and every file's size and sha256
 
+Every file gets the mode a new file gets under the umask (0644 under umask 022), the safetensors files
+too (``models.hf.save_safetensors``; safetensors alone writes 0600): a checkpoint is readable wherever
+its JSON files are.
+
 A save writes ``.tmp-step-N-PID/``, fsyncs each file and the directory, then renames it to
 ``step-N`` (``rename`` is atomic), so a kill at any moment leaves either the complete new
 checkpoint or a ``.tmp-*`` leftover that ``clean_partial`` removes. ``latest_checkpoint``
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 
 from ..data.shards import read_json_object, sha256_file
+from ..models.hf import save_safetensors
 from ..models.model import CONFIG_FILE, WEIGHTS_FILE
 
 FORMAT, VERSION = "fastpt-checkpoint", 1
@@ -117,8 +122,6 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, write_model: Callable
     ones to it). Raises CheckpointWriteError (an OSError) naming the checkpoint when it cannot be
     written (a full disk ...); the partial directory is removed and earlier checkpoints stay.
     """
-    from safetensors.torch import save_file
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
@@ -129,7 +132,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, write_model: Callable
         write_model(tmp)
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER)
-        save_file({k: v.detach().cpu().contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG))
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in rng_tensors.items()}, tmp / RNG)
         _write_json(tmp / STATE, {**trainer_state, "step": step})
         files = {}
         for p in sorted(tmp.iterdir()):

@@ -54,7 +54,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import ConfigError, load_recipe, to_yaml
 from .data import ImageStream, Prefetcher, TextStream
-from .logging import RunLogger, now
+from .logging import MetricsWriteError, RunLogger, now
 from .mfu import mfu as compute_mfu
 from .mfu import peak_flops
 from ..bench import peaks as _peaks
@@ -212,6 +212,9 @@ class PretrainRecipe:
             self._lock = lock_dir(self.out, LOCK_FILE, "fastpt pretrain")
         except ValueError as exc:
             raise ConfigError(f"output.dir: {exc}") from exc
+        except OSError as exc:  # the lock file cannot be created: a read-only filesystem, no write permission
+            raise ConfigError(f"output.dir: {self.out} is not writable ({exc.strerror or exc}: cannot create "
+                              f"{self.out / LOCK_FILE}); choose another output.dir") from exc
         ckpt.clean_partial(self.ckpt_dir)
         if ckpt.find_checkpoints(self.ckpt_dir) and not self.resume:
             raise ConfigError(f"output.dir: {self.out} already holds checkpoints; pass --resume to continue "
@@ -1191,15 +1194,15 @@ class PretrainRecipe:
               f"{text}", file=sys.stderr, flush=True)
 
     def cleanup(self, *, ok: bool = True) -> None:
-        """Undo what setup did: signal handlers, prefetch thread, output lock, progress bar, process group,
-        malloc. ``ok=False`` (the run ends on an exception): the process group goes without the final
+        """Undo what setup did: signal handlers, prefetch thread, output lock, progress bar and TensorBoard
+        writer, process group, malloc. ``ok=False`` (the run ends on an exception): the process group goes without the final
         barrier, which the other ranks would never reach (``distributed.cleanup``)."""
         self._restore_stop_handlers()
         if isinstance(getattr(self, "_batches", None), Prefetcher):
             self._batches.close()
         unlock_dir(getattr(self, "_lock", None))
-        if hasattr(self, "logger") and self.logger.bar is not None:
-            self.logger.bar.close()
+        if hasattr(self, "logger"):
+            self.logger.close()
         if hasattr(self, "dist"):
             distributed.cleanup(self.dist, ok=ok)
         if getattr(self, "_restore_malloc", False):
@@ -1314,7 +1317,7 @@ def pretrain_main(argv: list[str] | None = None) -> int:
         print(f"fastpt pretrain: {exc}; checkpoint {exc.summary['checkpoint']}: rerun with --resume to continue",
               file=sys.stderr)
         return 128 + exc.signum
-    except (ConfigError, ckpt.CorruptCheckpointError, ckpt.CheckpointWriteError) as exc:
+    except (ConfigError, ckpt.CorruptCheckpointError, ckpt.CheckpointWriteError, MetricsWriteError) as exc:
         print(f"fastpt pretrain: error: {exc}", file=sys.stderr)
         return 2
     return 0
