@@ -58,7 +58,11 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1)
-        return x @ (self.weight_g * F.normalize(self.weight_v, dim=1)).T
+        # g / max(||v||, 1e-12) per row (F.normalize's eps), then one product with v: 5.5 ms fwd + bwd at
+        # (4096, 256) against 14.1 for g * F.normalize(v) (1 thread, loaded Xeon). Not torch._weight_norm
+        # (DINO's nn.utils.weight_norm, 2.7 ms, no eps): its double backward fails gradgradcheck (torch 2.13).
+        scale = self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True).clamp_min(1e-12)
+        return x @ (self.weight_v * scale).T
 
 
 class DINO(Objective):
@@ -176,10 +180,6 @@ class DINO(Objective):
         """The teacher's EMA momentum after optimizer step ``step``."""
         return cosine_schedule(self.base_momentum, self.final_momentum, step, self.total_steps)
 
-    def _student(self, backbone, crops):
-        h = backbone(crops).last_hidden_state
-        return h, self.head(pool(h, self.pooling))
-
     def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
         """DINO loss over the prepared crops (run ``prepare`` first)."""
         require(batch, ("global_crops",), "DINO.forward (run prepare first)")
@@ -187,20 +187,25 @@ class DINO(Objective):
         if glob.shape[0] % 2:
             raise ValueError(f"global_crops: expected 2B rows (two crops per image), got {glob.shape[0]}")
         self._ensure_attached(backbone)
-        h, s_glob = self._student(backbone, glob)
-        student = [s_glob]
+        h = backbone(glob).last_hidden_state
+        pooled = [pool(h, self.pooling)]
         if batch.get("local_crops") is not None:
             local = check_images("local_crops", batch["local_crops"])
             if local.shape[0] % (glob.shape[0] // 2):
                 raise ValueError(f"local_crops: expected N * B rows (B = {glob.shape[0] // 2} images), "
                                  f"got {local.shape[0]}")
-            student.append(self._student(backbone, local)[1])
+            pooled.append(pool(backbone(local).last_hidden_state, self.pooling))
+        # The backbone once per crop size, the head once on all crops' pooled features, as DINO's
+        # MultiCropWrapper: the head works row by row (no batch norm), so the result is that of a
+        # call per crop size, for one weight normalisation and larger products (head fwd + bwd on
+        # 64 global + 128 local rows, out_dim 4096: 106 -> 71 ms, 1 thread, loaded Xeon).
+        student = self.head(torch.cat(pooled) if len(pooled) > 1 else pooled[0])
         with torch.no_grad():
             t_out = self.teacher_head(pool(self.teacher_backbone(glob).last_hidden_state, self.pooling))
             temp = self.current_teacher_temp()
             t_prob = F.softmax((t_out - self.center) / temp, dim=-1).chunk(2)
         b = glob.shape[0] // 2
-        s_logp = F.log_softmax(torch.cat(student) / self.student_temp, dim=-1).split(b)  # one chunk per crop
+        s_logp = F.log_softmax(student / self.student_temp, dim=-1).split(b)  # one chunk per crop
         loss, terms = 0.0, 0
         for i, t in enumerate(t_prob):
             for v, s in enumerate(s_logp):
