@@ -44,3 +44,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class FullDisk:
+    """A file the disk has ``room`` bytes left for: the write that does not fit lands in part, then fails as a
+    full disk's does (ENOSPC, no file name)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        data = data if isinstance(data, str) else bytes(data)  # text or binary files
+        n = max(0, min(len(data), self.room))
+        self.f.write(data[:n])
+        self.room -= n
+        if n < len(data):
+            raise OSError(28, "No space left on device")
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()

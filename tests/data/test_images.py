@@ -13,6 +13,7 @@ from fastpt.data.images import (ImageFolder, fashion_mnist, find_fashion_mnist, 
                                 load_image, open_image_dataset, preprocess_images, read_idx)
 from fastpt.data.preprocess import preprocess_main
 from fastpt.data.shards import CorruptShardError
+from tests.helpers import FullDisk
 
 
 def _has_fashion_mnist():
@@ -233,32 +234,6 @@ def test_fashion_mnist_refuses_resizing_options(tmp_path):
         preprocess_images("fashion-mnist", tmp_path / "fm", image_size=32, progress=False, log=None)
 
 
-class _FullDisk:
-    """A file the disk has ``room`` bytes left for: the write that does not fit lands in part, then fails as a
-    full disk's does (ENOSPC, no file name)."""
-
-    def __init__(self, f, room):
-        self.f, self.room = f, room
-
-    def write(self, data):
-        data = bytes(data)
-        n = max(0, min(len(data), self.room))
-        self.f.write(data[:n])
-        self.room -= n
-        if n < len(data):
-            raise OSError(28, "No space left on device")
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def _full_disk_for(monkeypatch, name_part, room=100):
     """``open`` in fastpt.data.images: files whose name holds ``name_part`` get ``room`` bytes."""
     import builtins
@@ -267,7 +242,7 @@ def _full_disk_for(monkeypatch, name_part, room=100):
 
     def fake_open(path, mode="r", *args, **kwargs):
         f = builtins.open(path, mode, *args, **kwargs)
-        return _FullDisk(f, room) if "w" in mode and name_part in str(path) else f
+        return FullDisk(f, room) if "w" in mode and name_part in str(path) else f
 
     monkeypatch.setattr(images_mod, "open", fake_open, raising=False)
 

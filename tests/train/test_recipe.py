@@ -15,6 +15,8 @@ from fastpt.models.model import PretrainModel
 from fastpt.train import ConfigError, load_recipe, pretrain, pretrain_main
 from fastpt.train.logging import read_metrics
 
+from tests.helpers import FullDisk
+
 from .pretrain_helpers import losses, make_shards, recipe, tiny_model
 
 QUIET = {"tensorboard": False, "plot": False, "progress": False}
@@ -776,31 +778,6 @@ def test_resume_drops_a_metrics_row_torn_by_a_full_disk(tmp_path, torn):
         RunLogger(out, start_step=3, tensorboard=False, plot=False, progress=False, log=lines.append)
 
 
-class _FullDisk:
-    """A file the disk has ``room`` bytes left for: the write that does not fit lands in part, then fails as a
-    full disk's does (ENOSPC, no file name)."""
-
-    def __init__(self, f, room):
-        self.f, self.room = f, room
-
-    def write(self, data):
-        n = max(0, min(len(data), self.room))
-        self.f.write(data[:n])
-        self.room -= n
-        if n < len(data):
-            raise OSError(28, "No space left on device")
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def _full_disk_in_logging(monkeypatch, when):
     """``open`` in fastpt.train.logging: a file ``when(path, mode)`` picks gets 10 bytes of room."""
     import builtins
@@ -809,7 +786,7 @@ def _full_disk_in_logging(monkeypatch, when):
 
     def fake_open(path, mode="r", *args, **kwargs):
         f = builtins.open(path, mode, *args, **kwargs)
-        return _FullDisk(f, 10) if when(str(path), mode) else f
+        return FullDisk(f, 10) if when(str(path), mode) else f
 
     monkeypatch.setattr(logging_mod, "open", fake_open, raising=False)
 

@@ -94,6 +94,27 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename: never half a file.
+
+    When the write fails (a full disk, an interrupt) the temporary file is removed and the error re-raised,
+    an OSError without a file name (a full disk's) naming the temporary file; ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. a read-only directory, where it was never created
+            pass
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise named_os_error(exc, tmp) from exc
+        raise
+
+
 def nearest_existing(path: str | os.PathLike) -> Path | None:
     """``path`` itself or its nearest ancestor that exists (a broken link counts): what decides whether
     ``path`` is, or can become, a directory; None when nothing up to the root exists."""

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from ..ops._rng import generator_seed
+from .shards import write_text_atomic
 
 
 # ----------------------------------------------------------------------------- labelled text files
@@ -144,28 +145,6 @@ def _cache_dir(cache_dir) -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "fastpt"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename: never half a file.
-
-    When the write fails (a full disk, an interrupt) the temporary file is removed and the error re-raised,
-    an OSError without a file name (a full disk's) naming the temporary file; ``path`` is left as it was.
-    """
-    from .shards import named_os_error
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # e.g. a read-only directory, where it was never created
-            pass
-        if isinstance(exc, OSError) and exc.filename is None:
-            raise named_os_error(exc, tmp) from exc
-        raise
 
 
 def builtin_text_task(name: str = "python-docs-topics", seed: int = 0, *, per_class: int = 150,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.shards import check_file_name, named_os_error, read_json_object
+from ..data.shards import check_file_name, named_os_error, read_json_object, write_text_atomic
 from .encoder import TextEncoder, text_encoder
 from .encoder_decoder import encoder_decoder
 from .heads import LMHead, MLMHead, Pooler
@@ -388,23 +388,6 @@ def save_safetensors(tensors: dict[str, torch.Tensor], file, metadata: dict | No
             pass
 
 
-def _write_text(file: Path, text: str) -> None:
-    """``file.write_text(text)`` (UTF-8) through ``.<name>.tmp-PID`` and ``os.replace``; an OSError (a full
-    disk's carries no file name) names ``file``, the temporary file removed."""
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, file)
-    except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if exc.filename is not None:
-            raise
-        raise named_os_error(exc, file) from exc
-
-
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, a sharded safetensors index, or (fallback) pytorch_model.bin.
 
@@ -658,7 +641,7 @@ def to_hf(backbone: nn.Module, heads: dict | None, path, *, arch: str | None = N
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_safetensors(out, path / "model.safetensors", metadata={"format": "pt"})
-    _write_text(path / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -690,7 +673,7 @@ def save_fastpt(path, backbone: nn.Module, heads: dict | None = None, *, hf_conf
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_safetensors(tensors, path / "model.safetensors", metadata={"format": "pt", "fastpt": "1"})
-    _write_text(path / "fastpt_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path / "fastpt_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -794,7 +777,7 @@ def write_tokenizer_config(path, special_ids: dict | None = None) -> Path | None
             pad = hf.get("pad_token_id")
             positions -= (1 if pad is None else pad) + 1
         config["model_max_length"] = positions
-    _write_text(path / "tokenizer_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path / "tokenizer_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path / "tokenizer_config.json"
 
 
