@@ -153,13 +153,18 @@ def test_albert_shares_layers_and_ties_a_factorised_head():
 def test_objectives_compose_with_the_backbones_they_are_built_on():
     """Assemble-on-demand pairings that built and then trained something else or failed at step 1: gpt2-small
     (a causal stack) + mlm ran the MLM causally (now bidirectionally: causal is the stack's default mask kind,
-    which MLM overrides as CLM does); roberta-base + sop failed at the first step (no segment type 1); albert
+    which the objective sets, in the saved config too: eval and to_hf ran the causal default); roberta-base + sop failed at the first step (no segment type 1); albert
     + clm failed with the head's tied_weight shapes; clip-tiny (a causal text tower) + text_pooling first gave
     every caption one embedding. Each now trains as asked or is refused at build, naming the option."""
     small = {"hidden_size": 32, "num_layers": 1, "num_heads": 4, "intermediate_size": 40, "max_positions": 32}
     gpt = asm.build("gpt2-small", vocab_size=61, backbone=small, objective={"name": "mlm", "mask_token_id": 4},
                     special_ids=IDS).eval()
-    assert gpt.backbone.causal
+    # the objective's mask is the backbone's default and its saved config: eval / export see what trained
+    assert gpt.backbone.causal is False and gpt.config["backbone"]["causal"] is False
+    bert = asm.load_config("bert-tiny", backbone=small)
+    bert["objective"] = {"name": "clm"}
+    bert = asm.build(bert, vocab_size=61)
+    assert bert.backbone.causal is True and bert.config["backbone"]["causal"] is True
     ids = text_batch()["input_ids"][:1]
     labels = torch.full_like(ids, -100)
     labels[0, 5] = 9

@@ -341,6 +341,12 @@ def _assemble(cfg: dict, backbone=None, *, caller: str = "build") -> PretrainMod
             backbone = BUILDERS[builder](**{k: v for k, v in b.items() if k != "builder"})
         except (TypeError, ValueError) as exc:
             raise _with_context(exc, f"backbone ({builder})") from exc
+    want = OBJECTIVES[cfg["objective"]["name"]].backbone_causal if cfg.get("objective") is not None else None
+    if want is not None and isinstance(getattr(backbone, "causal", None), bool) and backbone.causal != want:
+        # the objective's mask becomes the backbone's default (and its saved config): gpt2-small + mlm trains
+        # and is then evaluated / exported as a bidirectional encoder, bert + clm as a causal one
+        backbone.causal = want
+        backbone.config = {**backbone.config, "causal": want}
     cfg["backbone"] = _plain(backbone.config)
     objective = None
     if cfg.get("objective") is not None:

@@ -169,6 +169,14 @@ def test_held_out_split_never_scores_a_training_text(task, tok, tmp_path, monkey
     texts = [" ".join(line.split("\t", 1)[1].split()) for line in dup.read_text().splitlines()]
     assert (r["n_train"], r["n_test"]) == (len(tr), len(te)) == (180, 60)
     assert not {texts[i] for i in tr} & {texts[i] for i in te}
+    # a text under a second label found nowhere else: grouped by text alone, that label's only example could
+    # go to the test side (KeyError at scoring); (text, label) pairs keep every label on the training side
+    odd = tmp_path / "odd.tsv"
+    odd.write_text(dup.read_text() + "oddity\t" + lines[0].split("\t", 1)[1] + "\n")
+    monkeypatch.undo()
+    for seed in range(12):
+        assert evaluate_text(_text_backbone(tok.get_vocab_size()), tok, odd, freeze=True, test_fraction=0.25,
+                             seed=seed)["num_labels"] == 4
 
 
 def test_bad_text_inputs(task, tok, tmp_path):

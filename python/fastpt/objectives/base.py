@@ -75,6 +75,10 @@ class Objective(nn.Module):
     hf_heads: dict[str, str] = {}
     # Other BERT-initialised heads (submodule paths) that ``init_heads`` also initialises.
     other_heads: tuple[str, ...] = ()
+    # The mask a text backbone trains with under this objective (False: bidirectional, True: causal), None where
+    # the objective leaves it to the backbone: ``fastpt.build`` sets the backbone's ``causal`` default to it (and
+    # its saved config), so evaluation, export and direct ``model.backbone(...)`` calls see the trained mask.
+    backbone_causal: bool | None = None
 
     def __init__(self):
         super().__init__()

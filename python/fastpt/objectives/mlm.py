@@ -53,8 +53,8 @@ class MLM(Objective):
     The backbone always runs bidirectionally (``causal=False``, as ``CausalLM`` runs it with ``causal=True``): a
     masked token is predicted from both sides. A ``TextEncoder``'s ``causal`` is only its default mask kind
     (the same stack serves BERT and GPT-2), so ``fastpt.build("gpt2-small", objective={"name": "mlm", ...})``
-    trains a true bidirectional MLM on GPT-2's layers (the backbone keeps its ``causal`` default for direct
-    ``model.backbone(...)`` calls).
+    trains a true bidirectional MLM on GPT-2's layers, and ``build`` records that default on the backbone
+    (``backbone_causal``): its saved config, ``fastpt eval`` and ``to_hf`` see a bidirectional encoder.
 
     Args:
         hidden_size, vocab_size: the backbone's width D and vocabulary V.
@@ -84,6 +84,7 @@ class MLM(Objective):
     """
 
     needs = ("input_ids",)
+    backbone_causal = False
     batch_keys = TEXT_BATCH + ("return_logits",)  # encode_text's inputs, labels, return_logits
     hf_heads = {"mlm": "head"}
 

@@ -395,10 +395,11 @@ def evaluate_text(backbone: nn.Module, tokenizer, train_path, test_path=None, *,
     device = _device_of(encoder, device)
     train_labels, train_texts = read_labelled(train_path)
     if test_path is None:
-        # the same text twice (whitespace aside) stays on one side: a held-out copy of a training
-        # example would score memorisation as accuracy
+        # the same example twice (text, whitespace aside, and label) stays on one side: a held-out copy of a
+        # training example would score memorisation as accuracy (a text under two labels is two examples: a
+        # group of both could take a label's only example to the test side)
         tr, te = stratified_split(train_labels, test_fraction, seed,
-                                  groups=[" ".join(t.split()) for t in train_texts])
+                                  groups=[(" ".join(t.split()), y) for t, y in zip(train_texts, train_labels)])
         test_labels, test_texts = [train_labels[i] for i in te], [train_texts[i] for i in te]
         train_labels, train_texts = [train_labels[i] for i in tr], [train_texts[i] for i in tr]
         test_where = f"{train_path} (held out {test_fraction:g})"
