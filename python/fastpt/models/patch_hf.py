@@ -236,7 +236,8 @@ def _padded_positions(mask):
 # What each head of transformers reads of its backbone's hidden states at padded positions, beyond the
 # per-position outputs (hidden states, token logits) the module docstring says differ there:
 #   "outputs": nothing. Base models (BertModel's pooler reads position 0, real in every right-padded row
-#              with a token; a row of padding only matches HF there too), heads pooled from position 0.
+#              with a token), heads pooled from position 0. A row that is all padding matches HF's sdpa
+#              attention there (0), not its eager one (a uniform softmax over every key): not checked.
 #   "labels": position t where labels[t] (or shift_labels[t]) is not -100: masked LM, token
 #             classification, causal LM (HF shifts labels left: a padded position read means a padded
 #             label that is not -100, and right padding ends every row, so a real one reads no padding).
@@ -299,6 +300,7 @@ def _reads_padding(model, args, kwargs) -> bool:
             positions = torch.arange(ids.shape[-1], device=ids.device)
             last = (positions * (ids != pad_id)).argmax(-1, keepdim=True).to(padded.device)
             return bool(padded.gather(-1, last).any())
+    # these decisions read the mask on the host: on CUDA one device sync per forward of such a head
     return bool(padded.any())
 
 
