@@ -55,6 +55,18 @@ def lock_dir(directory: str | os.PathLike, name: str, what: str) -> str | None:
     return path
 
 
+PREPROCESS_LOCK = ".fastpt-preprocess.lock"  # in a preprocess output directory while a run writes there
+
+
+def lock_preprocess_output(out: str | os.PathLike) -> str | None:
+    """Take ``out/PREPROCESS_LOCK`` for a ``fastpt preprocess`` run, text or images (``lock_dir``); ValueError
+    naming ``out`` and the holder's pid while another run holds it. Returns the lock path (None without flock)."""
+    try:
+        return lock_dir(out, PREPROCESS_LOCK, "fastpt preprocess")
+    except ValueError as exc:
+        raise ValueError(f"output {exc}") from None
+
+
 def unlock_dir(path: str | None) -> None:
     """Release a ``lock_dir`` lock (None, or one not held: nothing)."""
     if path is not None and path in _HELD:

@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .._lock import unlock_dir
+from .._lock import lock_preprocess_output, unlock_dir
 from .shards import (MANIFEST, CorruptShardError, check_int, named_os_error, read_json_object, sha256_file,
                      verify_file, write_json_atomic)
 
@@ -276,7 +276,7 @@ def preprocess_images(source: str | os.PathLike, out_dir: str | os.PathLike, *, 
     Folder images all take the first image's channels and size unless ``channels`` /
     ``image_size`` are given; unreadable images and images of another size are counted
     (``stats.bad``) and skipped, never fatal. The output directory is locked for the run as the
-    text pipeline's is (``preprocess.LOCK_FILE``, ``fastpt._lock``): a second run into it at the
+    text pipeline's is (``fastpt._lock.PREPROCESS_LOCK``): a second run into it at the
     same time is refused naming the holder's pid (two runs wrote a dataset mixing both sources whose
     manifest verified). Temporary files carry the process id and are removed when a write fails.
     Returns the manifest.
@@ -284,12 +284,10 @@ def preprocess_images(source: str | os.PathLike, out_dir: str | os.PathLike, *, 
     in use by another run), FileNotFoundError, OSError naming the file that cannot be written (a full
     disk), TypeError / ValueError naming ``image_size`` / ``channels`` (checked first).
     """
-    from .preprocess import _lock_out_dir
-
     check_image_args(channels, image_size, "image_size")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock_out_dir(out)
+    lock = lock_preprocess_output(out)
     try:
         if lock is not None:  # ours alone: what a killed run left is no other run's
             for f in out.glob("*.tmp"):

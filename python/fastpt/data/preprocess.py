@@ -59,7 +59,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .._lock import close_inherited, lock_dir, unlock_dir
+from .._lock import PREPROCESS_LOCK, close_inherited, lock_preprocess_output, unlock_dir
 from .shards import FORMAT, MANIFEST, TOKENIZER_FILE, VERSION, CorruptShardError, ShardWriter, dtype_for_vocab, \
     nearest_existing, read_json_object, sha256_file, write_json_atomic
 
@@ -72,7 +72,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 CHUNK_BYTES, CHUNK_RECORDS = 1 << 20, 2048
 ENCODE_BATCH_CHARS = 1 << 20  # text per encode_batch call (see _encode)
 READ_BLOCK = 1 << 20  # bytes per read of a text / JSONL file (see _lines)
-LOCK_FILE = ".fastpt-preprocess.lock"  # in the output directory while a run writes there
+LOCK_FILE = PREPROCESS_LOCK  # in the output directory while a run writes there (fastpt._lock)
 
 
 def _python_docs(stdlib: bool, heldout: bool = False) -> Callable[[], list[str]]:
@@ -581,16 +581,6 @@ def _make_out_dir(out: Path) -> None:
         raise ValueError(f"output {out}: cannot create the directory ({exc.strerror or exc})") from exc
 
 
-def _lock_out_dir(out: Path) -> str | None:
-    """Take ``out/LOCK_FILE`` for the run (``fastpt._lock``: an exclusive ``flock`` holding our pid); ValueError
-    naming ``out`` and the holder's pid while another run holds it. Returns the lock path (None without flock)."""
-    try:
-        return lock_dir(out, LOCK_FILE, "fastpt preprocess")
-    except ValueError as exc:
-        raise ValueError(f"output {exc}") from None
-
-
-
 def _is_int(value, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
@@ -923,7 +913,7 @@ def preprocess_text(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
     inputs_fp = _fingerprint([s.fingerprint() for s in sources])
     fingerprint = _fingerprint([options, inputs_fp])
     _make_out_dir(out)
-    lock = _lock_out_dir(out)
+    lock = lock_preprocess_output(out)
     try:
         return _run_locked(run, out, options, inputs_fp, fingerprint, overwrite, tokenizer, train_tokenizer,
                            train_args, tok_spec, workers, progress, on_shard, log, t0)
