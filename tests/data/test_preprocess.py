@@ -681,3 +681,13 @@ def test_main_loop_writes_what_adding_records_one_at_a_time_writes(tmp_path, tok
     assert m["stats"]["giant_pieces"] == sum(len(split_giant(lines[i], 200)) for i in range(0, 3000, 97))
     # one write per file per shard opened, per chunk and per shard close: not two per document
     assert writes[0] <= 3 * (len(m["shards"]) + 2) < counts["docs"] // 10
+
+
+def test_a_compression_suffix_on_text_is_named_as_such(tmp_path):
+    """Only the name said zstd / xz: the error said "zstd-compressed" (advising zstd -d, which fails on text)
+    or "damaged xz data"; it now says the bytes are not that format and how to read the file as text."""
+    from fastpt.data.preprocess import find_inputs
+
+    (tmp_path / "notes.zst").write_text("hello world\nagain\n")
+    with pytest.raises(ValueError, match=r"notes\.zst: named \.zst but not zstd data .*rename it if it is text"):
+        find_inputs([str(tmp_path / "notes.zst")], "auto")

@@ -199,6 +199,10 @@ def find_inputs(paths: Sequence[str | os.PathLike], fmt: str = "auto",
         kind = fmt if fmt != "auto" else "jsonl" if name.endswith(JSONL_SUFFIXES) else "text"
         compression = sniff_compression(f)
         if compression == "zstd":
+            with open(f, "rb") as fh:
+                if not _ZSTD_MAGIC.match(fh.read(4)):  # only the name says zstd
+                    raise ValueError(f"input {f}: named .zst but not zstd data (its first bytes are no zstd "
+                                     f"frame); rename it if it is text")
             raise ValueError(f"input {f}: zstd-compressed, which fastpt preprocess does not read (the standard "
                              f"library has no zstd); decompress it first (zstd -d {f.name}) and pass the result")
         st = f.stat()
@@ -318,8 +322,9 @@ def read_records(sources: Sequence[Source], docs: str, cap: int, start: tuple[in
         except (EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
             if src.compression is None or (isinstance(exc, OSError) and exc.errno is not None):
                 raise  # an I/O error, named by open / read
-            raise ValueError(f"input {src.path}: damaged {_COMPRESSION_NAMES[src.compression]} data ({exc}); "
-                             "repair, remove or rename the file") from exc
+            raise ValueError(f"input {src.path}: damaged {_COMPRESSION_NAMES[src.compression]} data, or not "
+                             f"{_COMPRESSION_NAMES[src.compression]} data at all ({exc}); repair, remove or rename "
+                             "the file (a text file read as text needs a name without that suffix)") from exc
 
 
 # A blank line in UTF-8 bytes: only characters str.isspace() holds (str.strip() strips them, as the line

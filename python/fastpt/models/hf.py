@@ -380,7 +380,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], file, metadata: dict | No
     except OSError as exc:  # chmod / fsync (a disk full or failing after the data was handed over)
         if exc.filename is not None:
             raise
-        raise named_os_error(exc, tmp) from exc
+        raise named_os_error(exc, file) from exc  # the temporary file is gone (finally)
     finally:
         try:
             tmp.unlink(missing_ok=True)
