@@ -367,13 +367,13 @@ def refuse_prefix_lens(batch: dict, where: str) -> None:
                         f"them: leave prefix_lens out of the batch, or train with objective prefix_lm")
 
 
-def encode_text(backbone: nn.Module, batch: dict, **overrides):
+def encode_text(backbone: nn.Module, batch: dict, *, objective: str = "this objective", **overrides):
     """Run a TextEncoder on ``batch``: input_ids, attention_mask and the optional keys present (``TEXT_KEYS``);
     ``overrides`` are further backbone arguments (``causal``, ``prefix_lens``, ``output_hidden_states``).
-    TypeError naming ``prefix_lens`` for a batch carrying one that ``overrides`` does not pass
-    (``refuse_prefix_lens``)."""
+    TypeError naming ``prefix_lens`` and ``objective`` (the caller, e.g. "the mlm objective") for a batch
+    carrying one that ``overrides`` does not pass (``refuse_prefix_lens``)."""
     if "prefix_lens" not in overrides:
-        refuse_prefix_lens(batch, "this objective")
+        refuse_prefix_lens(batch, objective)
     kwargs = {k: batch[k] for k in TEXT_KEYS if batch.get(k) is not None}
     kwargs.update(overrides)
     return backbone(batch["input_ids"], batch.get("attention_mask"), **kwargs)

@@ -19,7 +19,7 @@ from ..ops import clip_loss
 from ..ops.contrastive import MAX_LOGIT_SCALE
 from .base import (Objective, ObjectiveOutput, check_backbone_size, check_first_pooling, check_ids,
                    check_images, choice, encode_text, gathered_keys, global_gradient, per_image_tokens, pool, positive,
-                   refuse_prefix_lens, require, top1_accuracy)
+                   require, top1_accuracy)
 from .simclr import gather_default, vision_tokens
 
 
@@ -117,8 +117,7 @@ class CLIP(Objective):
     def embed(self, backbone: nn.Module, batch: dict):
         """``(text_emb (B, E), image_emb (B, E), vision states)``, embeddings not yet normalised."""
         text, vision = towers(backbone)
-        refuse_prefix_lens(batch, "the clip objective")
-        th = encode_text(text, batch).last_hidden_state
+        th = encode_text(text, batch, objective="the clip objective").last_hidden_state
         vh = vision(batch["pixel_values"]).last_hidden_state
         t = self.text_projection(pool(th, self.text_pooling, batch.get("attention_mask")))
         i = self.vision_projection(pool(vh, self.vision_pooling))

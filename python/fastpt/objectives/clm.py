@@ -139,8 +139,6 @@ class CausalLM(Objective):
 
     def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
         require(batch, ("input_ids",), f"{type(self).__name__}.forward")
-        if "prefix_lens" not in self.batch_keys:  # PrefixLM declares it
-            refuse_prefix_lens(batch, "the clm objective")
         self._ensure_attached(backbone)
         labels = batch.get("labels")
         if labels is None:
@@ -151,8 +149,8 @@ class CausalLM(Objective):
         return ObjectiveOutput(loss, metrics, logits, h)
 
     def _encode(self, backbone: nn.Module, batch: dict):
-        """The backbone run causally over whole rows."""
-        return encode_text(backbone, batch, causal=True)
+        """The backbone run causally over whole rows (a batch's prefix_lens refused: PrefixLM's reads it)."""
+        return encode_text(backbone, batch, causal=True, objective="the clm objective")
 
     def loss_weight(self, batch: dict) -> torch.Tensor | None:
         """The next-token targets the loss averages over (labels not -100 after the shift)."""

@@ -143,9 +143,9 @@ class SelfDistillation(Objective):
     def forward(self, backbone: nn.Module, batch: dict) -> ObjectiveOutput:
         """``mlm + alpha * distill`` (run ``prepare`` first, or pass ``labels``)."""
         require(batch, ("input_ids", "labels"), "SelfDistillation.forward (run prepare first, or pass labels)")
-        refuse_prefix_lens(batch, "the self_distill objective")
         self._ensure_attached(backbone)
-        student = encode_text(backbone, batch, causal=False, output_hidden_states=True)
+        student = encode_text(backbone, batch, causal=False, output_hidden_states=True,
+                              objective="the self_distill objective")
         mlm_loss, metrics = self.mlm.loss_from_hidden(student.last_hidden_state, batch["labels"])
         inputs = batch
         if self.distill_inputs == "clean":

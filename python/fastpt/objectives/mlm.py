@@ -199,9 +199,8 @@ class MLM(Objective):
         """Encode the masked ids and score the masked rows (run ``prepare`` first, or pass ``labels``).
         Without ``labels``: no loss, the logits of every position (the head on all rows)."""
         require(batch, ("input_ids",), "MLM.forward")
-        refuse_prefix_lens(batch, "the mlm objective")
         self._ensure_attached(backbone)
-        h = encode_text(backbone, batch, causal=False).last_hidden_state
+        h = encode_text(backbone, batch, causal=False, objective="the mlm objective").last_hidden_state
         if batch.get("labels") is None:  # inference, as BertForMaskedLM without labels: every position's logits
             return ObjectiveOutput(None, {}, self.head(h), h)
         loss, metrics = self.loss_from_hidden(h, batch["labels"])

@@ -177,9 +177,9 @@ class _SentencePair(Objective):
         keys = ("input_ids", self.label_key) + (("labels",) if self.mlm is not None else ())
         require(batch, keys, f"{type(self).__name__}.forward (run prepare first)")
         target = self._check_labels(batch[self.label_key], batch["input_ids"])
-        refuse_prefix_lens(batch, f"the {type(self).__name__.lower()} objective")
         self._ensure_attached(backbone)
-        h = encode_text(backbone, batch, causal=False).last_hidden_state
+        h = encode_text(backbone, batch, causal=False,
+                        objective=f"the {type(self).__name__.lower()} objective").last_hidden_state
         logits = self.classifier(self.pooler(h))
         # mean over the labelled rows; 0 (not NaN) when every label is -100, as the token losses
         valid = target != -100
