@@ -119,8 +119,7 @@ class RunLogger:
         self.out.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.out / CSV_NAME
         if self.csv_path.is_file() and start_step > 0:
-            warn = lambda m: self.log_line(f"pretrain: warning: {m}")  # noqa: E731
-            self.rows = [r for r in read_metrics(self.csv_path, warn=warn) if r["step"] <= start_step]
+            self.rows = [r for r in read_metrics(self.csv_path, warn=self._warn) if r["step"] <= start_step]
             for r in self.rows:
                 self.columns += [k for k in r if k not in self.columns]
         self._rewrite()
@@ -180,12 +179,19 @@ class RunLogger:
         why = getattr(exc, "strerror", None) or exc
         then = f"logging goes on to {self.csv_path} only" if close else "the run's result stands"
         self._warn(f"{self.out / TB_DIR}: TensorBoard events cannot be written ({why}); {then}")
+        if close:
+            self._close_tb()
+        else:
+            self.tb = None
+
+    def _close_tb(self) -> None:
+        """Close the TensorBoard writer, if open, and drop it (its own errors too: warned, or past caring)."""
         tb, self.tb = self.tb, None
-        try:
-            if close:
+        if tb is not None:
+            try:
                 tb.close()
-        except OSError:
-            pass
+            except OSError:
+                pass
 
     def close(self) -> None:
         """Release the progress bar and the TensorBoard writer (its thread) if still open: the recipe's cleanup
@@ -193,12 +199,7 @@ class RunLogger:
         failed ``pretrain`` call in one process left a writer thread behind)."""
         if self.bar is not None:
             self.bar.close()
-        tb, self.tb = self.tb, None
-        if tb is not None:
-            try:
-                tb.close()
-            except OSError:
-                pass
+        self._close_tb()
 
     def step(self, n: int = 1) -> None:
         """Advance the progress bar by ``n`` optimizer steps."""
