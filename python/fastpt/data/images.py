@@ -33,7 +33,7 @@ import torch
 
 from .._lock import lock_preprocess_output, unlock_dir
 from .shards import (MANIFEST, CorruptShardError, check_int, named_os_error, read_json_object, sha256_file,
-                     verify_file, write_json_atomic)
+                     unlink_quietly, verify_file, write_json_atomic)
 
 FORMAT, VERSION = "fastpt-images", 1
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -357,7 +357,7 @@ def _preprocess_images_locked(source, out: Path, split: str, image_size: int | N
             _save_npy(out / "images.npy", src)
             del src
         finally:
-            _unlink_quietly(raw)
+            unlink_quietly(raw)
         labels = np.asarray(kept, dtype=np.int64)
     _save_npy(out / "labels.npy", labels.astype(np.int64))
     shape = list(np.load(out / "images.npy", mmap_mode="r").shape)
@@ -372,13 +372,6 @@ def _preprocess_images_locked(source, out: Path, split: str, image_size: int | N
         log(f"preprocess: {shape[0]:,} images {tuple(shape[1:])} uint8, {len(classes)} classes -> {out}; "
             f"bad images: {bad_s}")
     return manifest
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:  # the error that brought us here is the one to report
-        pass
 
 
 def _save_npy(path: Path, array: np.ndarray, block: int = 4096) -> None:
@@ -404,7 +397,7 @@ def _save_npy(path: Path, array: np.ndarray, block: int = 4096) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         if isinstance(exc, OSError) and exc.filename is None:
             raise named_os_error(exc, tmp) from exc
         raise

@@ -71,6 +71,15 @@ def named_os_error(exc: OSError, path: str | os.PathLike) -> OSError:
     return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
+def unlink_quietly(path: str | os.PathLike) -> None:
+    """Remove a temporary file after a failed write, if it is there; an error removing it (a read-only
+    directory, where it was never created) is dropped: the error that brought us here is the one to report."""
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` so that readers see the old or the new file, never half of one.
 
@@ -86,10 +95,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # e.g. a directory in the way: the error about writing is the one to report
-            pass
+        unlink_quietly(tmp)  # e.g. a directory in the way: the error about writing is the one to report
         raise named_os_error(exc, tmp) from exc
     os.replace(tmp, path)
 
@@ -106,10 +112,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # e.g. a read-only directory, where it was never created
-            pass
+        unlink_quietly(tmp)
         if isinstance(exc, OSError) and exc.filename is None:
             raise named_os_error(exc, tmp) from exc
         raise

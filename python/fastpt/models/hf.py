@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.shards import check_file_name, named_os_error, read_json_object, write_text_atomic
+from ..data.shards import check_file_name, named_os_error, read_json_object, unlink_quietly, write_text_atomic
 from .encoder import TextEncoder, text_encoder
 from .encoder_decoder import encoder_decoder
 from .heads import LMHead, MLMHead, Pooler
@@ -382,10 +382,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], file, metadata: dict | No
             raise
         raise named_os_error(exc, file) from exc  # the temporary file is gone (finally)
     finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # e.g. a read-only directory, where nothing was written either
-            pass
+        unlink_quietly(tmp)  # e.g. a read-only directory, where nothing was written either
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..data.shards import unlink_quietly
+
 CSV_NAME, PLOT_NAME, SUMMARY_NAME, TB_DIR = "metrics.csv", "loss.png", "summary.json", "tensorboard"
 LEADING = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"]
 
@@ -147,7 +149,7 @@ class RunLogger:
                     w.writerow([_cell(r.get(c)) for c in self.columns])
             tmp.replace(self.csv_path)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise _error(MetricsWriteError, exc, f"{self.csv_path}: cannot be written ({exc.strerror or exc})") \
                 from exc
 
@@ -265,7 +267,7 @@ class RunLogger:
             fig.savefig(tmp, dpi=110, format="png")
             os.replace(tmp, path)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             if exc.errno is None:
                 raise OSError(f"{path}: {exc}") from exc
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # loss.png, not the temporary
@@ -306,7 +308,7 @@ class RunLogger:
                 f.write("\n")
             os.replace(tmp, path)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             self._warn(f"{path}: not written ({exc.strerror or exc}); the run's result stands")
         self.log_line(line)
         return line
@@ -315,13 +317,6 @@ class RunLogger:
 def _error(cls: type[OSError], exc: OSError, message: str) -> OSError:
     """``cls`` carrying ``exc``'s errno (when it has one) and ``message``, which names the file."""
     return cls(exc.errno, message) if exc.errno is not None else cls(message)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 def summary_line(s: dict) -> str:
