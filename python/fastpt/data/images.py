@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from .._lock import lock_preprocess_output, unlock_dir
-from .shards import (MANIFEST, CorruptShardError, check_int, named_os_error, read_json_object, sha256_file,
-                     unlink_quietly, verify_file, write_json_atomic)
+from .shards import (MANIFEST, CorruptShardError, check_int, named_os_error, read_json_object, replacing,
+                     sha256_file, unlink_quietly, verify_file, write_json_atomic)
 
 FORMAT, VERSION = "fastpt-images", 1
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -388,19 +388,12 @@ def _save_npy(path: Path, array: np.ndarray, block: int = 4096) -> None:
     array = np.asarray(array) if not isinstance(array, np.ndarray) else array
     header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
               "shape": tuple(array.shape)}
-    try:
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, header)
-            for i in range(0, len(array), block):
-                f.write(np.ascontiguousarray(array[i:i + block]).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        unlink_quietly(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:
-            raise named_os_error(exc, tmp) from exc
-        raise
+    with replacing(path, tmp), open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for i in range(0, len(array), block):
+            f.write(np.ascontiguousarray(array[i:i + block]).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def open_image_dataset(path: str | os.PathLike, *, verify: bool = True) -> ArrayImageDataset:

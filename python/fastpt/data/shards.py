@@ -21,6 +21,7 @@ resumed run sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import mmap
@@ -107,9 +108,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     an OSError without a file name (a full disk's) naming the temporary file; ``path`` is left as it was.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(path, path.with_name(f".{path.name}.{os.getpid()}.tmp")) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def replacing(path: Path, tmp: Path):
+    """The body writes ``tmp`` (yielded); then ``os.replace(tmp, path)``: readers see the old file or the whole
+    new one. When the body or the rename fails (a full disk, an interrupt) ``tmp`` is removed and the error
+    re-raised, an OSError without a file name (a full disk's) naming ``tmp``; ``path`` is left as it was."""
+    try:
+        yield tmp
         os.replace(tmp, path)
     except BaseException as exc:
         unlink_quietly(tmp)
