@@ -119,7 +119,8 @@ _ZSTD_MAGIC = re.compile(rb"\x28\xb5\x2f\xfd|[\x50-\x5f]\x2a\x4d\x18")  # a fram
 def sniff_compression(path: str | os.PathLike) -> str | None:
     """The compression of the file ``path`` from its first bytes, whatever its name: "gzip" (1f 8b),
     "bz2" (BZh), "xz" (fd 37 7a 58 5a 00), "zstd" (28 b5 2f fd); else what its suffix claims
-    (``.gz``, ``.bz2``, ``.xz``, ``.zst``: its decompressor then reports the damage), else None.
+    (``.gz``, ``.bz2``, ``.xz``: its decompressor then reports the damage), else None. A ``.zst`` whose
+    bytes are no zstd frame (there is no decompressor here to say so) raises ValueError naming it.
     Text does not start with these bytes: gzip's, xz's and zstd's frame magic are not UTF-8, bzip2's
     "BZh" is followed by a level digit and a 48-bit block magic, zstd's skippable frames ("P*M" and
     the like) by a control character. Raises OSError naming the file when it cannot be read."""
@@ -134,7 +135,11 @@ def sniff_compression(path: str | os.PathLike) -> str | None:
     if _ZSTD_MAGIC.match(head):
         return "zstd"
     name = str(path).lower()
-    return next((kind for suffix, kind in COMPRESSED_SUFFIXES.items() if name.endswith(suffix)), None)
+    kind = next((kind for suffix, kind in COMPRESSED_SUFFIXES.items() if name.endswith(suffix)), None)
+    if kind == "zstd":
+        raise ValueError(f"input {path}: named .zst but not zstd data (its first bytes are no zstd frame); "
+                         f"rename it if it is text")
+    return kind
 
 
 def _folder_files(root: Path, skip: Path | None) -> list[Path]:
@@ -199,10 +204,6 @@ def find_inputs(paths: Sequence[str | os.PathLike], fmt: str = "auto",
         kind = fmt if fmt != "auto" else "jsonl" if name.endswith(JSONL_SUFFIXES) else "text"
         compression = sniff_compression(f)
         if compression == "zstd":
-            with open(f, "rb") as fh:
-                if not _ZSTD_MAGIC.match(fh.read(4)):  # only the name says zstd
-                    raise ValueError(f"input {f}: named .zst but not zstd data (its first bytes are no zstd "
-                                     f"frame); rename it if it is text")
             raise ValueError(f"input {f}: zstd-compressed, which fastpt preprocess does not read (the standard "
                              f"library has no zstd); decompress it first (zstd -d {f.name}) and pass the result")
         st = f.stat()
