@@ -38,6 +38,25 @@ UNDER_TRANSFORM = ("a torch.func transform (grad, vmap, jacrev, jvp, ...) is act
                    "PyTorch ops) serves under the transforms")
 
 
+def device_constant(values, dtype, device):
+    """``torch.tensor(values, dtype=dtype, device=device)`` made once per (values, dtype, device) and shared by
+    every later call, which must only read it: a fresh tensor per call from host values is a host-to-device
+    copy on every GPU step (special token ids, a float temperature, ALiBi slopes). ``values``: a number or a
+    tuple. Traced (torch.compile): a constant of the graph, no cache."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _device_constant(values, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _device_constant(values, dtype, device):
+    import torch
+
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def transforms_active() -> bool:
     """Whether a ``torch.func`` transform (grad, vmap, jacrev, jvp, functionalize) is running: one C
     call (under 1 µs with this function's own overhead) reading functorch's interpreter stack. ``torch.compile`` folds it to a constant

@@ -316,6 +316,50 @@ def test_supcon_class_means_are_reproducible_across_row_chunks(monkeypatch, devi
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_scales_cost_no_host_traffic_per_call(device):
+    """A float temperature became a fresh torch.tensor(..., device=cuda) on every call (a host-to-device copy per
+    step), and CLIP's learnable logit_scale was read with float() on every call (a wait for the GPU). Floats
+    become one cached tensor; a GPU tensor's value is checked on the GPU, a bad one making the loss NaN (on a
+    CPU, where reading it is free, the ValueError stays)."""
+    from fastpt._dispatch import _device_constant as _constant
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(9, 16, generator=g).to(device), torch.randn(9, 16, generator=g).to(device)
+    _constant.cache_clear()
+    first = nt_xent(a, b, temperature=0.3)
+    for _ in range(3):
+        assert torch.equal(nt_xent(a, b, temperature=0.3), first)
+    assert _constant.cache_info().misses == 1 and _constant.cache_info().hits == 3
+    good = clip_loss(a, b, torch.tensor(2.0, device=device))
+    torch.testing.assert_close(good, clip_loss(a, b, 2.0))
+    for bad in (math.inf, math.nan):
+        scale = torch.tensor(bad, device=device, requires_grad=True)
+        temp = torch.tensor(bad, device=device)
+        if device == "cpu":
+            with pytest.raises(ValueError, match="logit_scale"):
+                clip_loss(a, b, scale)
+            with pytest.raises(ValueError, match="temperature"):
+                info_nce(a, b, temperature=temp)
+        else:
+            assert torch.isnan(clip_loss(a, b, scale)) and torch.isnan(info_nce(a, b, temperature=temp))
+    if device != "cpu":
+        assert torch.isnan(info_nce(a, b, temperature=torch.tensor(-0.5, device=device)))
+
+
+def test_nt_xent_subtracts_the_positive_per_row():
+    """nt_xent summed every row's log-sum-exp and every positive separately, then subtracted: two sums of size
+    ~N * |logit| cancelling. With views that nearly agree (loss ~ 0) its error was 12x torch's own float32
+    error; per row, the kernel's error is within the 2x rule."""
+    g = torch.Generator().manual_seed(0)
+    z1 = F.normalize(torch.randn(2048, 32, generator=g, dtype=torch.float64), dim=1)
+    z2 = F.normalize(z1 + 1e-3 * torch.randn(2048, 32, generator=g, dtype=torch.float64), dim=1)
+    exact = nt_xent_reference(z1, z2, temperature=0.1)
+    torch32 = nt_xent_reference(z1.float(), z2.float(), temperature=0.1).double()
+    ours = nt_xent(z1.float(), z2.float(), temperature=0.1).double()
+    assert abs(ours - exact) <= 2 * abs(torch32 - exact) + 4 * torch.finfo(torch.float32).eps * abs(exact)
+
+
 @pytest.mark.parametrize("device,backend", GRID, ids=IDS)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the Triton interpreter, about the NaNs
 def test_non_finite_embedding_gives_non_finite_loss(device, backend):

@@ -158,6 +158,22 @@ def test_special_ids_outside_the_id_dtype_block_nothing(device, backend):
         assert torch.equal(out[1] == -100, ids == (4 if 4 in special else -1)), special
 
 
+def test_special_ids_reach_the_device_once():
+    """The special ids were a fresh torch.tensor(..., device=ids.device) per call: a host-to-device copy on every
+    GPU batch. They are made once per (ids, device); the same tensor serves every later call, untouched."""
+    from fastpt._dispatch import _device_constant as _special_tensor
+
+    _special_tensor.cache_clear()
+    ids = _batch(4, 33)
+    first = mlm_mask(ids, mask_token_id=MASK, vocab_size=V, special_token_ids=SPECIAL, seed=1)
+    made = _special_tensor.cache_info().misses
+    for _ in range(3):
+        again = mlm_mask(ids, mask_token_id=MASK, vocab_size=V, special_token_ids=list(reversed(SPECIAL)), seed=1)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    assert _special_tensor.cache_info().misses == made and _special_tensor.cache_info().hits >= 3
+    assert _special_tensor(tuple(SPECIAL), torch.int64, ids.device).tolist() == SPECIAL
+
+
 def test_seed_determinism():
     ids = _batch(16, 128)
     a = mlm_mask(ids, mask_token_id=MASK, vocab_size=V, seed=42)

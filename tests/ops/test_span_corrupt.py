@@ -271,6 +271,29 @@ def test_dispatch_declarations():
     assert "span_corrupt" in fastpt.info()["ops"]
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_gpu_ids_are_corrupted_on_a_host_copy(device):
+    """No GPU kernel: with backend None, ids on a GPU went to the reference on the device (three host reads and
+    ~100 small ops per row). They are now corrupted by the C++ kernel on a host copy, the results moved back:
+    the same tensors as the reference's, on the ids' device; a forced backend still runs where the ids are."""
+    from fastpt.ops.span_corrupt import on_host
+    from fastpt.ops.ul2 import ul2_denoise
+
+    meta = torch.zeros(2, 8, dtype=torch.int64, device="meta")
+    assert on_host(meta, None) == meta.device and on_host(meta, "reference") is None
+    assert on_host(_batch(2, 8), None) is None
+    ids, lens = _batch(5, 67, device=device), _ragged(5, 67).to(device)
+    for rates in (dict(), dict(noise_density=torch.full((5,), 0.4, device=device), mean_span_len=2.0)):
+        ref = span_corrupt(ids, lens, **rates, **IDS, seed=9, backend="reference")
+        out = span_corrupt(ids, lens, **rates, **IDS, seed=9)
+        assert out.inputs.device == ids.device and torch.equal(out.inputs, ref.inputs)
+        assert torch.equal(out.targets, ref.targets)
+    ref = ul2_denoise(ids, lens, **IDS, mode_token_ids={"R": 7, "X": 8, "S": 9}, seed=4, backend="reference")
+    out = ul2_denoise(ids, lens, **IDS, mode_token_ids={"R": 7, "X": 8, "S": 9}, seed=4)
+    for a, b in zip(out, ref, strict=True):
+        assert a.device == ids.device and torch.equal(a, b)
+
+
 BAD = [
     (dict(input_ids=torch.zeros(2, 8)), TypeError, "input_ids"),
     (dict(input_ids=torch.zeros(8, dtype=torch.int64)), ValueError, "input_ids"),

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _dispatch
 from ..nn.attention import MultiheadSelfAttention
 from ..nn.dropout import Dropout
 from ..ops import _rng
@@ -283,7 +284,8 @@ class SelfAttention(MultiheadSelfAttention):
         allowed, valid = dense_attention_mask(b, s, q.device, **mask)
         positions = positions.to(q.device).expand(b, s)
         dist = (positions[:, None, :] - positions[:, :, None]).abs().to(torch.float32)  # (B, S, S)
-        bias = -alibi_slopes(h).to(q.device)[None, :, None, None] * dist[:, None]
+        slopes = _dispatch.device_constant(tuple(alibi_slopes(h).tolist()), torch.float32, q.device)
+        bias = -slopes[None, :, None, None] * dist[:, None]
         # padded queries have no key: let them see all (finite softmax), zero their rows after
         allowed = allowed | ~valid[:, :, None]
         bias = bias.masked_fill(~allowed[:, None], float("-inf")).to(q.dtype)

@@ -60,7 +60,9 @@ log-sum-exp), registered with ``torch.library.custom_op`` together with a fake i
 its backward op ``fastpt::contrastive_lse_backward``, so ``torch.compile`` traces ``info_nce``,
 ``nt_xent`` and ``clip_loss`` without graph breaks. Under tracing the value checks that would read
 a tensor on the host (temperature / logit_scale finite and positive) are skipped; labels still
-graph-break (their checks and the class compaction depend on the label values).
+graph-break (their checks and the class compaction depend on the label values). A temperature or
+``logit_scale`` tensor on a GPU (a learnable one) is never read on the host either (that would wait for
+the GPU on every call): a bad value there makes the loss NaN instead of raising ValueError.
 
 Under a ``torch.func`` transform (grad, vmap, jacrev, ...; ``_dispatch.transforms_active``) the
 custom op and the ``autograd.Function`` helpers cannot run (no functorch rules): the losses are
@@ -123,8 +125,15 @@ def _host_value(t: torch.Tensor) -> float | None:
         return None
 
 
+def _nan_unless(t: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``t`` where ``ok``, else NaN: a scalar checked on its GPU (no host read) makes the loss NaN when bad."""
+    return torch.where(ok, t, torch.full_like(t, math.nan))
+
+
 def _positive_scalar(name: str, value, device, acc) -> tuple[torch.Tensor, float]:
-    """A finite number > 0 (float or one-element float tensor, possibly requiring grad) as a 0-dim tensor."""
+    """A finite number > 0 (float or one-element float tensor, possibly requiring grad) as a 0-dim tensor, and
+    its value (NaN where it was not read on the host: traced, or a GPU tensor, whose bad value gives a NaN
+    loss instead of the ValueError)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or not value.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a float or a one-element float tensor, "
@@ -132,12 +141,14 @@ def _positive_scalar(name: str, value, device, acc) -> tuple[torch.Tensor, float
         t = value.reshape(()).to(device=device, dtype=acc)
         if torch.compiler.is_compiling():  # reading the value would sync and break the graph
             return t, math.nan
+        if value.device.type != "cpu":  # reading it would wait for the GPU on every call: checked there instead
+            return _nan_unless(t, torch.isfinite(t) & (t > 0)), math.nan
         v = _host_value(value.detach().reshape(()))
         if v is None:
             return t, math.nan
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         v = float(value)
-        t = torch.tensor(v, device=device, dtype=acc)
+        t = _dispatch.device_constant(v, acc, device)
     else:
         raise TypeError(f"{name}: expected a float or a one-element float tensor, got {type(value).__name__}")
     if not (math.isfinite(v) and v > 0):
@@ -161,11 +172,17 @@ def _scale_from_logit_scale(logit_scale, device, acc) -> torch.Tensor:
                             f"{logit_scale.dtype} {tuple(logit_scale.shape)}")
         ls = logit_scale.reshape(()).to(device=device, dtype=acc)
     elif isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
-        ls = torch.tensor(float(logit_scale), device=device, dtype=acc)
+        ls = _dispatch.device_constant(float(logit_scale), acc, device)
     else:
         raise TypeError(f"logit_scale: expected a float or a one-element float tensor, "
                         f"got {type(logit_scale).__name__}")
-    v = 0.0 if torch.compiler.is_compiling() else _host_value(ls.detach())  # no host read while tracing
+    if ls.device.type != "cpu" and not torch.compiler.is_compiling():
+        # CLIP's learnable scale lives on the GPU: reading it would wait for the GPU on every call; a
+        # non-finite value gives a NaN loss there instead of the ValueError (exp(inf) would clamp to 100)
+        ls = _nan_unless(ls, torch.isfinite(ls))
+        v = None
+    else:
+        v = 0.0 if torch.compiler.is_compiling() else _host_value(ls.detach())  # no host read while tracing
     if v is not None and not math.isfinite(v):
         raise ValueError(f"logit_scale: expected a finite value, got {v}")
     # below: exp() of a very negative logit_scale underflows to 0; the smallest normal scale gives
@@ -951,7 +968,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature=0.5, normalize: b
     # view i's positive is view (i + n) mod 2n, column off + that of the gathered views
     row_lse, _, pos = lse_op(z, z_all, None, scale, symmetric=False, self_offset=off, pos_shift=n, pos_wrap=2 * n,
                              pos_base=off)
-    loss = (row_lse.to(acc).sum() - pos.to(acc).sum()) / total
+    # per row, then summed: the two sums (each of size ~N * |logit|) cancelled to ~1e-6 error when views agree
+    loss = (row_lse.to(acc) - pos.to(acc)).sum() / total
     return _global_value(loss, group) if gather else loss
 
 

@@ -109,8 +109,8 @@ def _prepare(input_ids, *, mask_token_id, vocab_size, mask_prob, replace_prob, r
     # An id no token of this dtype can equal blocks nothing; dropped here because the cpu kernel
     # compares in the id dtype (2**32 + 3 would block 3 in an int32 row), the others in int64.
     info = torch.iinfo(ids.dtype)
-    special = torch.tensor([i for i in _special_ids(special_token_ids) if info.min <= i <= info.max],
-                           dtype=torch.int64, device=ids.device)
+    special = _dispatch.device_constant(tuple(i for i in _special_ids(special_token_ids)
+                                              if info.min <= i <= info.max), torch.int64, ids.device)
     if special.numel() > MAX_SPECIAL_IDS:  # rare (many added special tokens): one isin pass instead
         m = torch.isin(ids, special)
         blocked = m if blocked is None else blocked | m

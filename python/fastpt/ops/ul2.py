@@ -23,7 +23,7 @@ import torch
 
 from . import _rng, _validate
 from .span_corrupt import OP as SPAN_OP
-from .span_corrupt import check_seqlens, check_token_id, op_inputs, span_counts
+from .span_corrupt import check_seqlens, check_token_id, host, on_host, op_inputs, span_counts
 
 MODES = ("R", "X", "S")
 WEIGHT_SCALE = 1 << 24  # resolution of the denoiser weights: 2**-24
@@ -140,7 +140,9 @@ def ul2_denoise(input_ids: torch.Tensor, seqlens: torch.Tensor | None = None, *,
         weights: None (uniform over ``denoisers``: 1/7 each by default) or one non-negative weight per
             denoiser, e.g. to give S rows a larger share; normalised, resolved to 2**-24.
         seed: int in ``[0, 2**64)``; pass a different seed per batch.
-        backend: backend of the span corruption: None, "cpu" or "reference".
+        backend: backend of the span corruption: None, "cpu" or "reference". With None, ids on a GPU are
+            denoised on a host copy (``span_corrupt``'s C++ kernel, the plan made there anyway; one device
+            read) and the results moved back.
 
     Returns:
         ``UL2Batch(inputs, targets, denoiser, input_lengths, target_lengths)`` on the device of
@@ -152,6 +154,12 @@ def ul2_denoise(input_ids: torch.Tensor, seqlens: torch.Tensor | None = None, *,
         TypeError / ValueError naming the argument (the checks of ``span_corrupt``, plus bad
         ``denoisers``, ``weights`` and ``mode_token_ids``); ``BackendError`` if the forced backend cannot serve.
     """
+    device = on_host(input_ids, backend)
+    if device is not None:  # on a host copy (see span_corrupt.on_host): no per-row device reads and uploads
+        out = ul2_denoise(input_ids.cpu(), host(seqlens), sentinel_start_id=sentinel_start_id, eos_id=eos_id,
+                          pad_id=pad_id, mode_token_ids=mode_token_ids, denoisers=denoisers, weights=host(weights),
+                          seed=seed)
+        return UL2Batch(*(t.to(device) for t in out))
     ids = _validate.index_tensor("input_ids", input_ids)
     if ids.dim() != 2:
         raise ValueError(f"input_ids: expected shape (B, S), got {tuple(ids.shape)}")
