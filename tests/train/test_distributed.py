@@ -103,6 +103,39 @@ def test_fsdp_checkpoints_do_not_move_the_dropout_stream(tmp_path):
     assert runs[0] == runs[1]
 
 
+def test_fsdp_checkpoints_do_not_read_the_teacher_again(tmp_path, monkeypatch):
+    """FSDP's checkpoint copy of the model was built as a fresh model: self_distill read its teacher_path again
+    at every save (its weights overwritten right after), and a teacher file gone since the start (scratch
+    storage) failed the run at its first save, with no checkpoint, where the same run without FSDP saved."""
+    from safetensors.torch import save_file
+
+    import fastpt.objectives.distill as distill
+    from fastpt.assemble import build
+    from fastpt.train.recipe import PretrainRecipe, load_recipe, model_config
+
+    shards = make_shards(tmp_path / "shards")
+    teacher = tmp_path / "teacher.safetensors"
+    m = build({"backbone": tiny_model("mlm")["backbone"], "objective": {"name": "mlm"}}, vocab_size=97,
+              special_ids={"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4})
+    save_file({k: v.contiguous() for k, v in m.backbone.state_dict().items()}, str(teacher))
+    reads = []
+    real = distill.SelfDistillation.load_teacher
+    monkeypatch.setattr(distill.SelfDistillation, "load_teacher", lambda self, src: (reads.append(src), real(self, src))[1])
+    cfg = recipe(shards, tmp_path / "run", model=tiny_model("self_distill", teacher_path=str(teacher)),
+                 train={"fsdp": True, "max_steps": 4}, output={**QUIET, "save_every": 2})
+    run = PretrainRecipe(load_recipe(cfg, resolve_model=model_config), log=lambda m: None)
+    try:
+        run.setup()
+        teacher.unlink()
+        run.train()
+        run.finish()
+    finally:
+        run.cleanup()
+    assert len(reads) == 1  # at the build only
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-00000002",
+                                                                                          "step-00000004"]
+
+
 def test_fsdp_shards_a_layer_shared_across_depths_once(tmp_path):
     """ALBERT's share_layers puts one module at every depth: fully_shard on each entry raised torch's
     "already applied" AssertionError for the albert-base zoo model. One process is enough to show it;

@@ -175,6 +175,65 @@ def test_fp16_logs_loss_scale_and_skipped_steps(shards, tmp_path, monkeypatch):
     assert "skipped_steps" not in read_metrics(tmp_path / "fp32" / "metrics.csv")[0]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_non_finite_gradients_stop_the_run_before_any_checkpoint_holds_them(shards, tmp_path, monkeypatch,
+                                                                            precision):
+    """Without fp16's GradScaler nothing looked at the gradient norm: an inf gradient was applied (NaN weights),
+    checkpoints written before the next logged row held them, a last step's went into the final checkpoint of
+    a run reported as a success, and --resume picked the broken one. The steps are counted on the device and
+    read before every checkpoint write and logged row: the run stops naming the step and the last good
+    checkpoint, which --resume continues from."""
+    from fastpt.train.recipe import PretrainRecipe
+
+    real = PretrainRecipe._micro_step
+    bad_steps = {2}
+
+    def micro_step(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        if self.step + 1 in bad_steps:  # the step being made
+            next(p for p in self.params if p.grad is not None).grad.view(-1)[0] = math.inf
+
+    monkeypatch.setattr(PretrainRecipe, "_micro_step", micro_step)
+    cfg = recipe(shards, tmp_path / "run", train={"precision": precision, "max_steps": 4},
+                 output={**QUIET, "save_every": 1, "log_every": 4})
+    with pytest.raises(FloatingPointError, match=rf"not finite .* 1 step\(s\) up to step 2, and precision "
+                                                 rf"{precision} .* last checkpoint is step 1: --resume"):
+        pretrain(cfg, log=lambda m: None)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-00000001"]
+    bad_steps.clear()
+    assert pretrain(cfg, resume=True, log=lambda m: None)["steps"] == 4
+    for p in PretrainModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step-00000004").parameters():
+        assert torch.isfinite(p).all()
+    bad_steps.add(3)  # the last step of a run saving only at its end: no final checkpoint, an error
+    last = recipe(shards, tmp_path / "last", train={"precision": precision, "max_steps": 3},
+                  output={**QUIET, "save_every": 0, "log_every": 100})
+    with pytest.raises(FloatingPointError, match="up to step 3, .* had not saved one yet"):
+        pretrain(last, log=lambda m: None)
+    assert not list((tmp_path / "last" / "checkpoints").glob("step-*"))
+
+
+def test_resume_applies_the_recipes_optimizer_hyperparameters(shards, tmp_path):
+    """torch's optimizer load_state_dict restores the saved groups' weight_decay, betas and eps: a resume with
+    other values kept the first run's forever while config.yaml recorded the new ones. The recipe's apply
+    from the resumed step on, and the change is logged."""
+    from fastpt.train.recipe import PretrainRecipe
+
+    cfg = recipe(shards, tmp_path / "run", train={"max_steps": 2}, output={**QUIET, "save_every": 2})
+    pretrain(cfg, log=lambda m: None)
+    changed = recipe(shards, tmp_path / "run", train={"max_steps": 3, "weight_decay": 0.3, "betas": [0.8, 0.9],
+                                                      "eps": 1e-6}, output={**QUIET, "save_every": 2})
+    lines = []
+    run = PretrainRecipe(load_recipe(changed), resume=True, log=lines.append)
+    run.setup()
+    try:
+        groups = [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in run.optimizer.param_groups]
+    finally:
+        run.cleanup()
+    assert groups == [(0.3, (0.8, 0.9), 1e-6), (0.0, (0.8, 0.9), 1e-6)]
+    assert any("train.betas, train.eps, train.weight_decay differ from what step-00000002 trained with" in m
+               for m in lines), lines
+
+
 def test_stop_on_tokens_and_time(shards, tmp_path):
     cfg = recipe(shards, tmp_path / "tok", train={"max_steps": None, "max_tokens": 200}, output=QUIET)
     assert pretrain(cfg, log=lambda m: None)["steps"] == 4  # 51 tokens a step: 4 steps pass 200
@@ -492,6 +551,46 @@ def test_span_corruption_takes_its_sentinels_from_the_shards(tmp_path):
     assert pretrain(cfg, log=lambda m: None)["steps"] == 2
     trained = PretrainModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step-00000002")
     assert (trained.objective.sentinel_start_id, trained.objective.eos_id) == (VOCAB - 1, 5)
+
+
+def test_text_objectives_prepare_on_the_host_then_move(shards, tmp_path):
+    """Text batches were moved to the device and prepared there: T5 / UL2 span corruption has no GPU kernel, so
+    the reference served (~100 small ops and three host reads per row on a GPU: 254 ms a 64 x 512 batch); MLM's
+    id check, PrefixLM's lengths and NSP / SOP's boundaries were read back from the GPU every micro-batch. The
+    recipe now prepares text batches on the host and moves the prepared batch; a "meta" device stands in for
+    the GPU here: nothing can be computed on it, so the batch must arrive prepared, equal to the host's."""
+    import numpy as np
+
+    from fastpt.assemble import load_config
+    from fastpt.data.shards import write_shards
+    from fastpt.train.recipe import PretrainRecipe
+
+    from .pretrain_helpers import SPECIALS, VOCAB
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(6, VOCAB - 1, size=int(rng.integers(5, 40))) for _ in range(60)]
+    write_shards(tmp_path / "t5", docs, vocab_size=VOCAB, special_tokens={**SPECIALS, "eos": 5, "sentinel": VOCAB - 1})
+    runs = {name: (tmp_path / "t5", load_config(name)) for name in ("t5-small", "ul2-small")}
+    for _, model in runs.values():
+        model["backbone"].update(hidden_size=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                                 intermediate_size=16)
+        model["backbone"].pop("max_positions", None)
+    runs.update({name: (shards, tiny_model(name)) for name in ("mlm", "clm", "prefix_lm", "sop")})
+    for name, (data, model) in runs.items():
+        cfg = recipe(data, tmp_path / name, model=model, train={"max_steps": 1}, output=QUIET)
+        run = PretrainRecipe(load_recipe(cfg), log=lambda m: None)
+        run.setup()
+        try:
+            raw = next(run.data.batches(4))
+            on_host = run.model.prepare(run.to_device(raw), seed=3)
+            run.device = torch.device("meta")
+            moved = run.prepared(raw, 3)
+        finally:
+            run.cleanup()
+        assert set(moved) == set(on_host), name
+        for k, v in on_host.items():
+            if isinstance(v, torch.Tensor):
+                assert moved[k].device.type == "meta" and moved[k].shape == v.shape and moved[k].dtype == v.dtype, k
 
 
 def test_errors_are_clear(shards, tmp_path):

@@ -79,6 +79,13 @@ class Objective(nn.Module):
     # the objective leaves it to the backbone: ``fastpt.build`` sets the backbone's ``causal`` default to it (and
     # its saved config), so evaluation, export and direct ``model.backbone(...)`` calls see the trained mask.
     backbone_causal: bool | None = None
+    # True where ``prepare`` is cheaper on the host than on the training device: the text objectives, whose work
+    # is a few C++ kernels or small ops over ids that start on the host, and on a GPU would read lengths, ids
+    # or boundaries back (a wait for the GPU per micro-batch; T5 / UL2 span corruption has no GPU kernel at
+    # all). ``fastpt pretrain`` then prepares the collated CPU batch and moves the prepared one (pinned). The
+    # result is the same (a pure function of the batch and the seed); only where the work runs differs. The
+    # vision objectives augment on the device (False).
+    prepare_on_host: bool = False
 
     def __init__(self):
         super().__init__()

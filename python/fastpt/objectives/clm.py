@@ -102,6 +102,8 @@ class CausalLM(Objective):
     needs = ("input_ids",)
     batch_keys = TEXT_BATCH + ("return_logits",)  # encode_text's inputs, labels, return_logits
     backbone_causal = True
+    # labels (and PrefixLM's prefixes, drawn from the documents' lengths on the host) without device reads
+    prepare_on_host = True
     hf_heads = {"lm": "head"}
 
     def __init__(self, *, hidden_size: int, vocab_size: int, tie_word_embeddings: bool = True, bias: bool = False,

@@ -69,6 +69,7 @@ class SelfDistillation(Objective):
     needs = ("input_ids",)
     batch_keys = TEXT_BATCH + ("clean_input_ids",)
     backbone_causal = False
+    prepare_on_host = True  # MLM's masking (see MLM)
     hf_heads = {"mlm": "mlm.head"}
 
     def __init__(self, *, hidden_size: int, vocab_size: int, mask_token_id: int, alpha: float = 1.0,

@@ -85,6 +85,8 @@ class MLM(Objective):
 
     needs = ("input_ids",)
     backbone_causal = False
+    # masking is C++ on the host (GIL released); on a GPU the id-range check would read the ids back each batch
+    prepare_on_host = True
     batch_keys = TEXT_BATCH + ("return_logits",)  # encode_text's inputs, labels, return_logits
     hf_heads = {"mlm": "head"}
 

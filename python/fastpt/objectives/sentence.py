@@ -84,6 +84,7 @@ def longest_pieces(cu_seqlens, ids: torch.Tensor) -> tuple[torch.Tensor, torch.T
 class _SentencePair(Objective):
     needs = ("input_ids",)
     backbone_causal = False
+    prepare_on_host = True  # pairs are cut from the documents' boundaries, read on the host
     label_key = ""
     hf_heads = {"pooler": "pooler", "mlm": "mlm.head"}
     other_heads = ("classifier",)  # SOP's (ALBERT's checkpoints keep theirs out of fastpt's conversion)

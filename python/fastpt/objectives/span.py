@@ -47,6 +47,8 @@ class _Seq2SeqLM(Objective):
     batch_keys = SEQ2SEQ_KEYS + ("return_logits",)
     # an untied LM head is drawn with the backbone's initializer_range (init_heads), as its embedding is
     other_heads = ("head",)
+    # span_corrupt / ul2_denoise are C++ on the host (the plan is made there): the recipe prepares CPU batches
+    prepare_on_host = True
 
     def __init__(self, hidden_size, vocab_size, sentinel_start_id, eos_id, pad_id, decoder_start_id,
                  tie_word_embeddings, return_logits, log_accuracy):

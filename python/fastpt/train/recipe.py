@@ -309,7 +309,6 @@ class PretrainRecipe:
         """The build config, with a momentum objective's ``total_steps`` defaulting to the run's length."""
         mcfg = model_config(self.cfg["model"])
         obj = mcfg.get("objective") or {}
-        t = self.cfg["train"]
         if obj.get("name") in ("moco_v3", "dino") and obj.get("total_steps") is None:
             steps = self._total_steps(per_row=self._patches_per_image(mcfg))  # max_steps, or from max_tokens
             if steps:
@@ -769,6 +768,7 @@ class PretrainRecipe:
                     raise ConfigError(f"--resume: the optimizer state in {path} does not fit the model's parameters "
                                       f"({exc}); a checkpoint of an older fastpt's layout continues as a new run "
                                       f"with init_from: {path} (and another output.dir)") from exc
+            self._apply_recipe_hyperparameters(path, int(state["step"]))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         try:
@@ -784,6 +784,23 @@ class PretrainRecipe:
         ckpt.set_rng_state({k[len(prefix):]: v for k, v in saved["rng"].items() if k.startswith(prefix)},
                            state["rng"][str(self.dist.rank)])
         self.log(f"pretrain: resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
+
+    def _apply_recipe_hyperparameters(self, path: Path, step: int) -> None:
+        """torch's optimizer ``load_state_dict`` restores the saved param groups' weight_decay, betas and eps:
+        the recipe's (what config.yaml records for this run) are set again, as lr is each step, and a change
+        is logged (it takes effect from the resumed step on; Adam's moments carry on)."""
+        t = self.cfg["train"]
+        want = [{"weight_decay": t["weight_decay"]}, {"weight_decay": 0.0}]
+        changed = set()
+        for group, wd in zip(self.optimizer.param_groups, want, strict=True):
+            for key, value in (("weight_decay", wd["weight_decay"]), ("betas", tuple(t["betas"])), ("eps", t["eps"])):
+                old = tuple(group[key]) if key == "betas" else group[key]
+                if old != value:
+                    changed.add(key)
+                    group[key] = value
+        if changed:
+            self.log(f"pretrain: note: --resume: train.{', train.'.join(sorted(changed))} differ from what "
+                     f"{path.name} trained with; the recipe's apply from step {step} on")
 
     def _total_steps(self, per_row: float | None = None) -> int | None:
         """The schedule's length: the first limit the run reaches of max_steps and max_tokens over the
@@ -806,6 +823,20 @@ class PretrainRecipe:
     def to_device(self, raw: dict) -> dict:
         """Move a collated CPU batch to the device; packed text becomes one (1, B*S) row for objectives
         that read packed documents, plain rows (cu_seqlens dropped) for the others."""
+        return self._move(self._model_batch(raw))
+
+    def prepared(self, raw: dict, seed: int) -> dict:
+        """The objective's prepared batch of a collated CPU batch, on the device: prepared on the host and then
+        moved where the objective says its ``prepare`` is cheaper there (``prepare_on_host``: the text
+        objectives; on a GPU they would read ids, lengths or boundaries back every micro-batch), else moved and
+        prepared on the device (the vision objectives' augmentations). The same batch either way (``prepare``
+        is a pure function of the batch and the seed)."""
+        if getattr(self.model.objective, "prepare_on_host", False):
+            return self._move(self.model.prepare(self._model_batch(raw), seed=seed))
+        return self.model.prepare(self.to_device(raw), seed=seed)
+
+    def _model_batch(self, raw: dict) -> dict:
+        """The keys of a collated batch the objective reads, laid out for it (see ``to_device``)."""
         batch = dict(raw)
         if "cu_seqlens" in batch:
             if isinstance(self.model.objective, PACKED_OBJECTIVES):
@@ -817,8 +848,15 @@ class PretrainRecipe:
                 batch = {"input_ids": batch["input_ids"], "cu_seqlens": batch["cu_seqlens"]}
             else:
                 batch = {"input_ids": batch["input_ids"]}
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
+        return batch
+
+    def _move(self, batch: dict) -> dict:
+        """The batch's tensors on the device. To a GPU from pinned memory (the prefetcher pins what it collates;
+        a batch prepared on the host is pinned here), so the copies queue behind the GPU's work instead of
+        waiting for it."""
+        pin = self.device.type == "cuda"
+        return {k: (v if not pin or v.is_pinned() else v.pin_memory()).to(self.device, non_blocking=True)
+                if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def train(self) -> None:
         t, out = self.cfg["train"], self.cfg["output"]
@@ -844,6 +882,8 @@ class PretrainRecipe:
                                         for k, (v, n) in window["metrics"].items()}
         # fp16: the window's steps GradScaler skipped (gradients not finite), counted on the device
         self._skipped = torch.tensor(float(window.get("skipped", 0.0)), device=self.device) if self.scaler else None
+        # other precisions: steps whose gradients were not finite (applied: the run stops at the next check)
+        self._nonfinite = None if self.scaler else torch.zeros((), device=self.device)
         self.window = (loss_sum, metric_sums)
         t_log, tokens_log = now(), self.tokens
         while not self.done():
@@ -856,7 +896,7 @@ class PretrainRecipe:
             for micro in range(accum):
                 raw = next(batches)
                 local_tokens += self.model.tokens_in(raw)
-                batch = self.model.prepare(self.to_device(raw), seed=step_seed(seed, step, micro, rank))
+                batch = self.prepared(raw, step_seed(seed, step, micro, rank))
                 count = self.model.objective.loss_weight(batch)
                 if count is None:  # every micro-batch weighs the same: run it now
                     self._micro_step(batch, micro, 1.0 / accum, None, metric_sums)
@@ -888,6 +928,10 @@ class PretrainRecipe:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
+                # bf16 / fp32 apply a non-finite gradient (an overflow, a diverged step): NaN weights from here on.
+                # Counted on the device (no read per step); the next logged row and any checkpoint write read
+                # the count and stop the run, so no checkpoint ever holds the broken weights.
+                self._nonfinite += ~torch.isfinite(_local(grad_norm).detach().to(self._nonfinite.device))
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.model.on_step_end(step)
@@ -902,22 +946,26 @@ class PretrainRecipe:
             if self.step % out["log_every"] == 0 or self.done():
                 t_now = now()
                 mean_loss = distributed.all_reduce(loss_sum.clone(), self.dist)
-                # one device read for the row: the loss sums, the gradient norm (and fp16's skipped steps)
-                total, count, norm, *skipped = torch.cat(
-                    [mean_loss, _local(grad_norm).detach().float().reshape(1).to(mean_loss.device)]
-                    + ([self._skipped.reshape(1).to(mean_loss.device)] if self.scaler else [])).tolist()
+                # one device read for the row: the loss sums, the gradient norm, and fp16's skipped steps (other
+                # precisions: the steps with non-finite gradients since the last check)
+                flagged = self._skipped if self.scaler else self._nonfinite
+                total, count, norm, flagged = torch.cat(
+                    [mean_loss, _local(grad_norm).detach().float().reshape(1).to(mean_loss.device),
+                     flagged.reshape(1).to(mean_loss.device)]).tolist()
+                if not self.scaler and flagged:
+                    raise self._nonfinite_error(int(flagged))
                 # a window whose micro-batches had no targets at all (MLM on a few tiny documents) logs NaN
                 loss_value = total / count if count > 0 else math.nan
                 if not math.isfinite(loss_value) and count > 0:
-                    raise FloatingPointError(f"pretrain: the loss is {loss_value} at step {self.step}; lower train.lr, "
-                                             "raise train.warmup_steps or use precision bf16 instead of fp16")
+                    raise FloatingPointError(f"pretrain: the loss is {loss_value} at step {self.step}; "
+                                             f"{self._divergence_hint()}")
                 rate = (self.tokens - tokens_log) / max(t_now - t_log, 1e-9)
                 row = {"step": self.step, "tokens": self.tokens, "loss": loss_value, "lr": lr,
                        "grad_norm": norm, "tokens_per_s": rate,
                        "mfu": compute_mfu(self.flops_per_token, rate, self.peak, self.dist.world_size),
                        "elapsed_s": self.elapsed_before + t_now - self.t_start}
                 if self.scaler:  # fp16: the loss scale after the last step, and the window's skipped updates
-                    row.update(loss_scale=self.scaler.get_scale(), skipped_steps=int(skipped[0]))
+                    row.update(loss_scale=self.scaler.get_scale(), skipped_steps=int(flagged))
                     self._skipped.zero_()
                 for k, v in self._mean_metrics(metric_sums).items():
                     row.setdefault(k, v)  # an objective's own "loss" metric is the loss above, averaged the same
@@ -1070,6 +1118,7 @@ class PretrainRecipe:
         """Write checkpoint ``step-N`` (collective under FSDP; rank 0 writes)."""
         if self.last_saved == self.step:
             return self.ckpt_dir / ckpt.checkpoint_name(self.step)
+        self._check_finite_before_save()
         if self.cfg["train"]["fsdp"]:
             model_sd, optim_sd = distributed.full_state_dicts(self.wrapped, self.optimizer)
             save_model = lambda d: self._shadow(model_sd).save_pretrained(d)  # noqa: E731
@@ -1120,6 +1169,27 @@ class PretrainRecipe:
         path = Path(self.cfg["data"]["path"]) / TOKENIZER_FILE
         return path if path.is_file() else None
 
+    def _divergence_hint(self) -> str:
+        """What to change when the training diverged, for this run's precision."""
+        hint = "lower train.lr or raise train.warmup_steps"
+        return hint + (", or use precision bf16 instead of fp16" if self.precision == "fp16" else "")
+
+    def _nonfinite_error(self, steps: int) -> FloatingPointError:
+        last = (f"the last checkpoint is step {self.last_saved}: --resume continues from it" if self.last_saved >= 0
+                else "this run had not saved one yet")
+        return FloatingPointError(
+            f"pretrain: the gradients were not finite (an inf / NaN gradient norm) in {steps} step(s) up to step "
+            f"{self.step}, and precision {self.precision} applies such a step: the weights are no longer finite, so "
+            f"no checkpoint was written with them ({last}); {self._divergence_hint()}")
+
+    def _check_finite_before_save(self) -> None:
+        """FloatingPointError when a step since the last check applied non-finite gradients (one device read)."""
+        flagged = getattr(self, "_nonfinite", None)
+        if flagged is not None:
+            n = int(flagged)
+            if n:
+                raise self._nonfinite_error(n)
+
     def _mean_metrics(self, metric_sums: dict) -> dict:
         """The objective's metrics averaged over the window's micro-steps and every rank (rank 0 gets them;
         a gather of plain numbers, so ranks whose metric names differ cannot deadlock a collective)."""
@@ -1141,7 +1211,8 @@ class PretrainRecipe:
         """A CPU copy of the model holding the gathered FSDP weights, for ``save_pretrained``; built under
         a forked RNG: building draws initial weights from the global generator, which would move the
         run's dropout stream, so a run would depend on when it saved (and a resume would not match)."""
-        with torch.random.fork_rng(devices=[]):
+        # restoring(): the weights come from model_sd (a self_distill teacher_path is not read again: it may be gone)
+        with torch.random.fork_rng(devices=[]), restoring():
             shadow = build(self.model.config)
         shadow.load_state_dict(model_sd)
         return shadow
@@ -1320,4 +1391,7 @@ def pretrain_main(argv: list[str] | None = None) -> int:
     except (ConfigError, ckpt.CorruptCheckpointError, ckpt.CheckpointWriteError, MetricsWriteError) as exc:
         print(f"fastpt pretrain: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # the training diverged: what happened and what to change, no traceback
+        print(f"fastpt {exc}", file=sys.stderr)
+        return 1
     return 0
