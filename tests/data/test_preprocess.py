@@ -691,3 +691,81 @@ def test_a_compression_suffix_on_text_is_named_as_such(tmp_path):
     (tmp_path / "notes.zst").write_text("hello world\nagain\n")
     with pytest.raises(ValueError, match=r"notes\.zst: named \.zst but not zstd data .*rename it if it is text"):
         find_inputs([str(tmp_path / "notes.zst")], "auto")
+
+
+@pytest.mark.parametrize("eol", ["\r\n", "\r"], ids=["crlf", "cr"])
+def test_file_mode_takes_universal_newlines(tmp_path, eol):
+    """--docs file kept \\r\\n and lone \\r (a byte-level BPE gave other ids than for the same file with \\n
+    line ends) while line and blank modes read universal newlines; its resume position stays the raw file's
+    size in bytes."""
+    text = "river stone\ncloud \u4e2d\u6587 forest\n\n\nlantern\n"
+    tok = train_tokenizer([text] * 5, "bpe", 300, min_frequency=1)
+    path = tmp_path / "tok.json"
+    tok.save(str(path))
+    (tmp_path / "lf").mkdir()
+    (tmp_path / "lf" / "a.txt").write_bytes(text.encode())
+    (tmp_path / "other").mkdir()
+    raw = text.replace("\n", eol).encode()
+    (tmp_path / "other" / "a.txt").write_bytes(raw)
+    kw = dict(tokenizer=path, docs="file", workers=1, progress=False, log=None)
+    preprocess_text([tmp_path / "lf"], tmp_path / "out-lf", **kw)
+    preprocess_text([tmp_path / "other"], tmp_path / "out-other", **kw)
+    want = [tok.encode(text, add_special_tokens=False).ids]
+    assert _rows(tmp_path / "out-lf") == want and _rows(tmp_path / "out-other") == want
+    sources = find_inputs([tmp_path / "other"])
+    assert list(read_records(sources, "file", 1 << 20)) == [(text.encode(), (0, len(raw)), len(raw))]
+
+
+def test_unknown_tokens_are_counted_and_warned_about(tmp_path, tok_file):
+    """[UNK] tokens went uncounted (a WordPiece tokenizer silently dropped 48% of a Thai corpus's text):
+    stats.unk_tokens counts them, the summary line gives their share, and a note warns over 1%; a run an
+    older fastpt interrupted (no unk_tokens in its manifest) counts its committed shards' on resuming."""
+    path, tok = tok_file
+    rng = np.random.default_rng(3)
+    docs = [_doc(rng) + (" \u65e5\u672c \u2603x" if i % 5 == 0 else "") for i in range(300)]
+    (tmp_path / "t.txt").write_text("\n".join(docs) + "\n")
+    unk = tok.token_to_id("[UNK]")
+    n_unk = sum(tok.encode(d, add_special_tokens=False).ids.count(unk) for d in docs)
+    n_tokens = sum(len(tok.encode(d, add_special_tokens=False).ids) for d in docs)
+    assert n_unk > 0.01 * n_tokens
+    lines = []
+    kw = dict(tokenizer=path, shard_tokens=400, workers=1, progress=False)
+    full = preprocess_text([tmp_path / "t.txt"], tmp_path / "full", log=lines.append, **kw)
+    assert full["stats"]["unk_tokens"] == n_unk and P.unknown_token_id(tok) == unk
+    assert f"; unknown tokens: {n_unk:,} ({n_unk / n_tokens:.2%})" in lines[-2]
+    assert lines[-1].startswith(f"preprocess: warning: {n_unk:,} of {n_tokens:,} tokens") and "[UNK]" in lines[-1]
+
+    def crash(index, record):
+        if index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_text([tmp_path / "t.txt"], tmp_path / "cut", on_shard=crash, log=None, **kw)
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert 0 < manifest["stats"].pop("unk_tokens") < n_unk
+    (tmp_path / "cut" / "manifest.json").write_text(json.dumps(manifest))
+    assert preprocess_text([tmp_path / "t.txt"], tmp_path / "cut", log=None, **kw) == full
+
+    clean = []
+    (tmp_path / "clean.txt").write_text("\n".join(_doc(rng) for _ in range(50)) + "\n")
+    m = preprocess_text([tmp_path / "clean.txt"], tmp_path / "clean", log=clean.append, **kw)
+    assert m["stats"]["unk_tokens"] == 0 and clean[-1].endswith("; unknown tokens: 0")
+
+
+def test_trained_wordpiece_keeps_long_unspaced_thai_words(tmp_path):
+    """--train-tokenizer wordpiece turned every space-free run over 100 characters into one [UNK] (Thai: 48% of
+    the characters lost, nothing reported); the trained tokenizer now splits them, and none is [UNK]."""
+    from tokenizers import Tokenizer
+
+    rng = np.random.default_rng(0)
+    syllables = ["\u0e2a\u0e27\u0e31\u0e2a", "\u0e14\u0e35", "\u0e0a\u0e32\u0e27", "\u0e42\u0e25\u0e01",
+                 "\u0e20\u0e32\u0e29\u0e32", "\u0e44\u0e17\u0e22", "\u0e40\u0e02\u0e35\u0e22\u0e19", "\u0e21\u0e35"]
+    docs = [" ".join("".join(rng.choice(syllables, size=int(rng.integers(3, 50)))) for _ in range(3))
+            for _ in range(200)]
+    assert sum(len(w) > 100 for d in docs for w in d.split()) > 100
+    (tmp_path / "th.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    m = preprocess_text([tmp_path / "th.txt"], tmp_path / "out", train_tokenizer="wordpiece", vocab_size=600,
+                        lowercase=False, workers=1, progress=False, log=None)
+    tok = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    assert m["stats"]["unk_tokens"] == 0
+    assert [tok.decode(r).replace(" ", "") for r in _rows(tmp_path / "out")] == [d.replace(" ", "") for d in docs]

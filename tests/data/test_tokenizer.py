@@ -3,6 +3,7 @@ special token roles."""
 import importlib.util
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -398,3 +399,177 @@ def test_word_start_table_reads_llamas_sentencepiece_layout():
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     assert word_start_table(tok).tolist() == [True, False, True]
+
+
+# characters of every kind BERT's BasicTokenizer treats differently: letters (accented, combining), digits,
+# ASCII punctuation and symbols (all punctuation to BERT), CJK ideographs of its blocks (unified, extensions A
+# and B, compatibility), CJK and fullwidth punctuation, kana, hangul, Thai, a hexagram next to the CJK
+# blocks, currency and emoji (not punctuation), spaces, line breaks, a control character BERT deletes
+WORD_CHARS = ("abcxyzAB\u00e9e\u0301 09 .,;!?'\"()-$+<=>^`|~ \u4e2d\u6587\u4e16\u754c\u3400\U00020000\uf900 "
+              "\uff0c\u3002\u300c\u300d\u00b7\u2019 \u3092\u30ab\ud55c\u0e01\u0e32 \u4dc0\u20ac\U0001f642 "
+              "\u3000\u00a0\u2028\t\n\r\x0b")
+WORD_TEXTS = ["\u4f60\u597d\uff0c\u4e16\u754c", "ends\nnext", "Hello, world", "(word) don't", "2020\u5e743\u6708",
+              "\u65e5\u672c\u8a9e\u3092\u8aad\u3080", "x\u00a0y\tz  w\u3000v"]
+
+
+def _words(tok, text, starts, ends):
+    """The text of each word ``word_starts`` makes of ``text``'s tokens, as BERT would see it: controls
+    deleted, whitespace stripped, whitespace-only words dropped (BERT has no tokens for them)."""
+    from fastpt.data.tokenizer import word_starts
+
+    enc = tok.encode(text, add_special_tokens=False)
+    # a byte-level token's text: its offsets (its bytes are no text); a Metaspace one's: itself, ▁ a space
+    # (the ▁ Metaspace puts in front of the text has the first character's offsets)
+    pieces = [text[a:b] for a, b in enc.offsets] if tok.decoder else [t.replace("\u2581", " ") for t in enc.tokens]
+    words = []
+    for piece, start in zip(pieces, word_starts(torch.tensor(enc.ids), starts, ends).tolist()):
+        if start or not words:
+            words.append("")
+        words[-1] += piece
+    words = ["".join(c for c in w if c in "\t\n\r" or not unicodedata.category(c).startswith("C")).strip()
+             for w in words]
+    return [w for w in words if w]
+
+
+def _char_tokenizers():
+    """A byte-level BPE (GPT-2's pre-tokenizer) and a SentencePiece-style (Metaspace) BPE whose tokens are
+    single characters: the finest tokens each layout has. The byte-level one merges each character's bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    chars = sorted(set(WORD_CHARS + "".join(WORD_TEXTS)) - {" "})
+    b2u = {b: c for c, b in _byte_chars().items()}
+    vocab, merges = dict.fromkeys(b2u[b] for b in range(256)), {}
+    for c in chars:
+        units = [b2u[b] for b in c.encode()]
+        for k in range(1, len(units)):
+            merges[("".join(units[:k]), units[k])] = None
+            vocab["".join(units[:k + 1])] = None
+    byte_level = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=list(merges)))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    meta = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(["\u2581"] + chars)}, merges=[]))
+    meta.pre_tokenizer = pre_tokenizers.Metaspace()
+    return {"byte-level": byte_level, "metaspace": meta}
+
+
+def test_word_boundaries_are_berts_where_each_token_is_a_character():
+    """Byte-level BPE counted only tokens with a leading Ġ (▁) as word starts, so an unspaced Chinese or
+    Japanese document was one word, and a line break or punctuation no boundary. With tokens of one
+    character each, the words are now exactly those of BERT's BasicTokenizer (its normalizer and
+    pre-tokenizer, cased), random mixes of every kind of character included."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    from fastpt.data.tokenizer import word_boundary_tables
+
+    norm = normalizers.BertNormalizer(lowercase=False, strip_accents=False, handle_chinese_chars=True)
+    bert = pre_tokenizers.BertPreTokenizer()
+    rng = np.random.default_rng(0)
+    texts = WORD_TEXTS + ["".join(rng.choice(list(WORD_CHARS), size=int(rng.integers(1, 30)))) for _ in range(300)]
+    for name, tok in _char_tokenizers().items():
+        starts, ends = word_boundary_tables(tok)
+        for text in texts:
+            want = [w for w, _ in bert.pre_tokenize_str(norm.normalize_str(text))]
+            assert _words(tok, text, starts, ends) == want, (name, text)
+        assert _words(tok, "\u4f60\u597d\uff0c\u4e16\u754c", starts, ends) == list("\u4f60\u597d\uff0c\u4e16\u754c")
+        assert _words(tok, "ends\nnext", starts, ends) == ["ends", "next"]
+        assert _words(tok, "Hello, world", starts, ends) == ["Hello", ",", "world"]
+
+
+def test_word_boundary_tables_read_partial_characters_and_spaces():
+    """Byte-level tokens are bytes: a token holding a character's first bytes begins a word only when they
+    already make it a CJK ideograph (E5 alone: U+5000-5FFF; E4 alone may be a hexagram, U+4DC0-4DFF),
+    one made of continuation bytes continues; a newline token ends a word, a lone space (the front of the
+    next word) does not."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from fastpt.data.tokenizer import word_boundary_tables, word_starts
+
+    b2u = {b: c for c, b in _byte_chars().items()}
+    want = {  # the token's bytes: (starts a word, ends one)
+        b"\xe4\xb8": (True, False), b"\xe4": (False, False), b"\xe5": (True, False), b"\xad": (False, False),
+        "\u4e2d".encode(): (True, True), b"ab": (False, False), b" ": (True, False), b"\n": (True, True),
+        b" \n": (True, True), "\u4e2dab".encode(): (True, False), "ab\u4e2d".encode(): (False, True),
+        b"\xef\xbc": (False, False), "\uff0c".encode(): (True, True), b"'s": (True, False),
+        b"\xe4\xb7": (False, False), "\u4e2d".encode()[1:] + b"ab": (False, False),
+        "\u4e2dabcdefghij\uff0c".encode(): (True, True), b"abcdefghij\xe4\xb8": (False, False)}
+    vocab = {"".join(b2u[b] for b in bs): i for i, bs in enumerate(want)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    starts, ends = word_boundary_tables(tok)
+    assert list(zip(starts.tolist(), ends.tolist())) == list(want.values())
+    ids = torch.tensor([[vocab["ab"], vocab["\u010a"], vocab["ab"], vocab["\u0120"], vocab["ab"]]])
+    assert word_starts(ids, starts, ends).tolist() == [[False, True, True, True, False]]
+    # SentencePiece: ▁ a space, <0xNN> byte-fallback tokens that byte
+    meta = Tokenizer(models.BPE(vocab={"\u2581a": 0, "<0x0A>": 1, "<0xE5>": 2, "\u4e2d": 3, "b": 4, "\u2581": 5},
+                                merges=[], byte_fallback=True))
+    meta.pre_tokenizer = pre_tokenizers.Metaspace()
+    starts, ends = word_boundary_tables(meta)
+    assert starts.tolist() == [True, True, True, True, False, True]
+    assert ends.tolist() == [False, True, False, True, False, False]
+
+
+def _byte_chars():
+    from fastpt.data.tokenizer import _byte_decoder
+
+    return _byte_decoder()
+
+
+def test_whole_word_masking_of_unspaced_chinese_masks_about_mask_prob():
+    """The auditor's case: byte-level BPE on Chinese without spaces was one word per row, so whole-word
+    masking masked whole rows or nothing (51 of 64 rows unmasked, 13 over half masked). Each CJK-led token
+    is a word now: every row gets about mask_prob of its tokens masked."""
+    from fastpt.data.tokenizer import word_start_table
+    from fastpt.objectives.mlm import MLM
+
+    rng = np.random.default_rng(0)
+    chars = list("\u7684\u4e00\u662f\u4e0d\u4e86\u4eba\u6211\u5728\u6709\u4ed6\u8fd9\u4e3a\u4e4b\u5927\u6765"
+                 "\u4ee5\u4e2a\u4e2d\u4e0a\u4eec\u5230\u8bf4\u56fd\u548c\u5730\u4e5f\u5b50\u65f6\u9053\u51fa")
+    docs = ["\uff0c".join("".join(rng.choice(chars, size=int(rng.integers(8, 21)))) for _ in range(6)) + "\u3002"
+            for _ in range(200)]
+    tok = train_tokenizer(docs, "bpe", 1000, min_frequency=2)
+    bos, pad, eos, mask = (tok.token_to_id(t) for t in ("<s>", "<pad>", "</s>", "<mask>"))
+    mlm = MLM(hidden_size=8, vocab_size=tok.get_vocab_size(), mask_token_id=mask,
+              special_token_ids=(bos, pad, eos, mask), whole_word_masking=True)
+    mlm.set_word_starts(word_start_table(tok))
+    rows = [[bos] + tok.encode(d, add_special_tokens=False).ids[:126] + [eos] for d in docs[:64]]
+    x = torch.tensor([r + [pad] * (128 - len(r)) for r in rows])
+    am = (x != pad).long()
+    words = mlm._words_from_ids(x, {"input_ids": x, "attention_mask": am})
+    tokens = am.sum(1) - 2
+    assert all(len(set(w[w >= 0].tolist())) == n for w, n in zip(words, tokens.tolist()))  # a word per token
+    labels = mlm.prepare({"input_ids": x, "attention_mask": am}, seed=3)["labels"]
+    frac = (labels != -100).sum(1) / tokens
+    assert 0.13 < frac.mean() < 0.17 and frac.min() > 0 and frac.max() < 0.35, frac
+
+
+def test_trained_wordpiece_splits_long_unspaced_words():
+    """WordPiece's max_input_chars_per_word defaulted to 100: every space-free run over 100 characters (Thai,
+    which BERT's pre-tokenizer does not cut) was one [UNK], 48% of a Thai corpus's characters lost. A trained
+    tokenizer takes TRAINED_MAX_WORD_CHARS, saved in its file; a model directory's vocab.txt keeps 100, as
+    transformers reads it."""
+    from tokenizers import Tokenizer
+
+    from fastpt.data.tokenizer import TRAINED_MAX_WORD_CHARS
+
+    rng = np.random.default_rng(0)
+    syllables = ["\u0e2a\u0e27\u0e31\u0e2a", "\u0e14\u0e35", "\u0e0a\u0e32\u0e27", "\u0e42\u0e25\u0e01",
+                 "\u0e20\u0e32\u0e29\u0e32", "\u0e44\u0e17\u0e22", "\u0e40\u0e02\u0e35\u0e22\u0e19",
+                 "\u0e15\u0e34\u0e14", "\u0e01\u0e31\u0e19", "\u0e44\u0e21\u0e48", "\u0e21\u0e35"]
+    docs = [" ".join("".join(rng.choice(syllables, size=int(rng.integers(3, 60)))) for _ in range(3))
+            for _ in range(300)]
+    long = max((w for d in docs for w in d.split()), key=len)
+    assert len(long) > 150
+    tok = train_tokenizer(docs, "wordpiece", 1000, lowercase=False)
+    enc = tok.encode(long, add_special_tokens=False)
+    assert "[UNK]" not in enc.tokens and tok.decode(enc.ids).replace(" ", "") == long
+    assert json.loads(tok.to_str())["model"]["max_input_chars_per_word"] == TRAINED_MAX_WORD_CHARS >= 1000
+    assert tok.encode("\u0e14\u0e35" * 501, add_special_tokens=False).tokens == ["[UNK]"]  # 1,002 characters
+    reloaded = Tokenizer.from_str(tok.to_str())
+    assert reloaded.encode(long, add_special_tokens=False).ids == enc.ids
+
+
+def test_vocab_txt_dir_keeps_berts_word_length_limit(tmp_path):
+    d = _vocab_dir(tmp_path, "bert")
+    assert json.loads(load_tokenizer(d).to_str())["model"]["max_input_chars_per_word"] == 100
+    assert load_tokenizer(d).encode("a" * 101, add_special_tokens=False).tokens == ["[UNK]"]

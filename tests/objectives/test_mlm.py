@@ -205,6 +205,28 @@ def test_word_starts_give_whole_words_without_word_ids():
         obj.prepare(text_batch(), seed=0)
 
 
+def test_word_ends_begin_a_word_at_the_next_token():
+    """Byte-level BPE has no space before the word after a newline or an opening bracket ("ends\nnext",
+    "(word"): the word_ends table (data.tokenizer.word_boundary_tables) marks tokens ending with such a
+    character, and the token after one begins a word; without it "next" joined the newline's word."""
+    _, obj = make(whole_word_masking=True)
+    starts = torch.zeros(VOCAB, dtype=torch.bool)
+    starts[10:20] = True  # ids 10..19 begin with a space; 50.. continue a word
+    ends = torch.zeros(VOCAB, dtype=torch.bool)
+    ends[40] = True  # id 40: a newline token, itself a word (starts[40] set below)
+    starts[40] = True
+    ids = torch.tensor([[10, 50, 40, 51, 52, 11, 53]])
+    want = torch.tensor([[0, 0, 1, 2, 2, 3, 3]])
+    for table, expected in ((None, torch.tensor([[0, 0, 1, 1, 1, 2, 2]])), (ends, want)):
+        obj.set_word_starts(starts, table)
+        for seed in range(20):
+            got = obj.prepare({"input_ids": ids}, seed=seed)["labels"]
+            ref = obj.prepare({"input_ids": ids, "word_ids": expected}, seed=seed)["labels"]
+            assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="word_ends: expected a 1-d bool tensor"):
+        obj.set_word_starts(starts, torch.ones(VOCAB - 1, dtype=torch.bool))
+
+
 def _bidirectional_twin(causal_backbone):
     twin = tiny_text(causal=False)
     twin.load_state_dict(causal_backbone.state_dict())

@@ -7,7 +7,7 @@ python-docs``). gzip, bzip2 and xz files are decompressed on the fly, recognised
 first bytes whatever their name; a zstd file is refused, naming it (decompress it first:
 the standard library has no zstd). Text files take universal newlines: ``\\n``, ``\\r\\n`` and a
 lone ``\\r`` (old Mac OS) each end a line, as in Python's ``open`` and the HF datasets text
-loader; JSONL lines end at ``\\n``.
+loader (a whole-file document has each written as ``\\n``); JSONL lines end at ``\\n``.
 The tokenizer is loaded (a ``tokenizers`` JSON file or a HF model directory) or trained on
 the corpus (WordPiece / byte-level BPE) and saved beside the shards; the format is in
 ``shards.py``.
@@ -32,7 +32,10 @@ Bad input is counted, never fatal (``stats.bad`` in the manifest, the summary li
 cut at whitespace where possible, or skipped with ``--giant skip``), ``oversize`` (a
 record over the reader's hard limit of max(64 MiB, 4 * max_chars) bytes: skipped
 without being held in memory), ``invalid_json`` / ``missing_text`` (JSONL lines), and
-``no_tokens`` (texts the tokenizer maps to nothing). A compressed input that does not decompress
+``no_tokens`` (texts the tokenizer maps to nothing). Beside them, ``stats.unk_tokens`` counts the
+tokenizer's unknown token (``[UNK]``: characters its vocabulary lacks, or a WordPiece word longer than its
+``max_input_chars_per_word``) in the shards; the summary line gives its share, and a note warns when it is
+over ``UNK_WARN_SHARE`` of the tokens. A compressed input that does not decompress
 (truncated, damaged, a ``.gz`` that is not gzip) is an error naming it, as an unreadable file is.
 """
 from __future__ import annotations
@@ -73,6 +76,7 @@ CHUNK_BYTES, CHUNK_RECORDS = 1 << 20, 2048
 ENCODE_BATCH_CHARS = 1 << 20  # text per encode_batch call (see _encode)
 READ_BLOCK = 1 << 20  # bytes per read of a text / JSONL file (see _lines)
 LOCK_FILE = PREPROCESS_LOCK  # in the output directory while a run writes there (fastpt._lock)
+UNK_WARN_SHARE = 0.01  # the share of unknown tokens over which the run warns (see _unk_warning)
 
 
 def _python_docs(stdlib: bool, heldout: bool = False) -> Callable[[], list[str]]:
@@ -336,14 +340,19 @@ _BLANK_LINE = re.compile(rb"(?:[\t\n\x0b\x0c\r\x1c-\x20]|\xc2[\x85\xa0]|\xe1\x9a
 
 
 def _file_records(src: Source, i: int, off: int, mode: str, cap: int, cr: bool):
-    """read_records for one file from byte offset ``off`` (``cr``: a lone \\r ends a line, see ``_lines``)."""
+    """read_records for one file from byte offset ``off`` (``cr``: a lone \\r ends a line, see ``_lines``; a
+    whole-file document has its \\r\\n and lone \\r written as \\n, its position stays the raw file's size)."""
     with _open(src) as (f, raw):
         disk = _disk_pos(raw, off)  # before the seek: a compressed resume counts the bytes its seek decompresses
         f.seek(off)
         if mode == "file":
             data = _read_capped(f, cap)
-            end = off + len(data)
-            yield (data if len(data) <= cap else None), (i, max(end, 1)), _disk_pos(raw, end) - disk
+            end = off + len(data)  # the raw bytes: resume positions are offsets in the file
+            if len(data) > cap:
+                data = None
+            elif b"\r" in data:  # universal newlines, as the line and blank modes read (UTF-8 safe: ASCII)
+                data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            yield data, (i, max(end, 1)), _disk_pos(raw, end) - disk
         elif mode == "line":
             for line, off in _lines(f, off, cap, cr):
                 now = _disk_pos(raw, off)
@@ -620,7 +629,8 @@ def _check_manifest(out: Path, manifest: dict, options: dict, run: "_Run") -> No
     stats = manifest.get("stats")
     if not complete:
         if not isinstance(stats, dict) or not all(_is_int(stats.get(k)) for k in _STAT_KEYS) or \
-                not isinstance(stats.get("bad"), dict) or not all(_is_int(stats["bad"].get(k)) for k in BAD_KINDS):
+                not _is_int(stats.get("unk_tokens", 0)) or not isinstance(stats.get("bad"), dict) or \
+                not all(_is_int(stats["bad"].get(k)) for k in BAD_KINDS):  # older runs: no unk_tokens
             bad("'stats' is missing or malformed")
         if stats["docs"] != sum(s["docs"] for s in shards) or stats["tokens"] != sum(s["tokens"] for s in shards):
             bad("'stats' do not add up to the committed shards")
@@ -657,6 +667,24 @@ def _check_manifest(out: Path, manifest: dict, options: dict, run: "_Run") -> No
 _STAT_KEYS = ("records", "docs", "tokens", "max_doc_tokens", "giant_pieces")
 
 
+def unknown_token_id(tok) -> int | None:
+    """The id of the unknown token ``tok``'s model emits (WordPiece / BPE ``unk_token``, Unigram ``unk_id``),
+    or None when it has none (byte-level BPE: every byte is a token)."""
+    model = json.loads(tok.to_str()).get("model") or {}
+    if model.get("type") == "Unigram":
+        return model.get("unk_id") if _is_int(model.get("unk_id")) else None
+    name = model.get("unk_token")
+    return tok.token_to_id(name) if isinstance(name, str) else None
+
+
+def _count_in_shards(out: Path, manifest: dict, token: int | None) -> int:
+    """How often ``token`` occurs in the manifest's committed shards (0 for None)."""
+    if token is None:
+        return 0
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    return sum(int(np.count_nonzero(np.fromfile(out / s["bin"], dtype=dtype) == token)) for s in manifest["shards"])
+
+
 def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, options: dict, run: "_Run") -> dict | None:
     """The manifest to resume from (None for a fresh start); clears our files with ``overwrite``.
     ``out`` exists (``_make_out_dir``) and is locked."""
@@ -678,10 +706,29 @@ def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool, options: dict
 
 
 def _summary(manifest: dict, out: Path, seconds: float, tokenize_seconds: float, new_tokens: int) -> str:
-    bad = ", ".join(f"{k} {v:,}" for k, v in manifest["stats"]["bad"].items() if v) or "none"
+    stats = manifest["stats"]
+    bad = ", ".join(f"{k} {v:,}" for k, v in stats["bad"].items() if v) or "none"
+    unk = stats.get("unk_tokens", 0)
     return (f"preprocess: {manifest['num_docs']:,} docs, {manifest['num_tokens']:,} tokens in "
             f"{len(manifest['shards'])} shards ({manifest['dtype']}) -> {out}; {seconds:.1f} s, "
-            f"{new_tokens / max(tokenize_seconds, 1e-9):,.0f} tokens/s; bad lines: {bad}")
+            f"{new_tokens / max(tokenize_seconds, 1e-9):,.0f} tokens/s; bad lines: {bad}; unknown tokens: "
+            f"{unk:,}" + (f" ({unk / max(stats['tokens'], 1):.2%})" if unk else ""))
+
+
+def _unk_warning(manifest: dict, tok) -> str | None:
+    """A note when over ``UNK_WARN_SHARE`` of the tokens are the unknown token: text the model never sees."""
+    unk, tokens = manifest["stats"].get("unk_tokens", 0), manifest["stats"]["tokens"]
+    if not tokens or unk <= UNK_WARN_SHARE * tokens:
+        return None
+    model = json.loads(tok.to_str()).get("model") or {}
+    name = tok.id_to_token(unknown_token_id(tok))
+    why = "characters its vocabulary lacks"
+    if model.get("type") == "WordPiece":
+        why += f", or words (runs without spaces or punctuation) over its max_input_chars_per_word " \
+               f"({model.get('max_input_chars_per_word')}) characters, each one {name}"
+    return (f"preprocess: warning: {unk:,} of {tokens:,} tokens ({unk / tokens:.1%}) are the unknown token {name}: "
+            f"the tokenizer maps that text to nothing the model can learn from ({why}); check the tokenizer "
+            f"fits the corpus's languages")
 
 
 def _path_sha(path: Path) -> str:
@@ -758,10 +805,11 @@ def _tokenizers_os_error(exc: Exception, path: Path) -> OSError:
 
 
 def _write_chunk(writer: ShardWriter, stats: dict, ends: list, ids: np.ndarray, lens: np.ndarray,
-                 per_record: np.ndarray, events: dict, commit: Callable[[dict, tuple], None]) -> tuple:
+                 per_record: np.ndarray, events: dict, commit: Callable[[dict, tuple], None],
+                 unk: int | None = None) -> tuple:
     """Write one tokenized chunk (``_tokenize_chunk``'s ids, piece lengths, pieces per record and bad
-    kinds of its records, whose end positions are ``ends``) and count it in ``stats``; returns the
-    position after it.
+    kinds of its records, whose end positions are ``ends``) and count it in ``stats`` (``unk_tokens``: the
+    ids equal to ``unk``, the tokenizer's unknown token; None: it has none); returns the position after it.
 
     A shard closes at the end of the first record that fills it (never between the pieces of a giant
     record) and is committed with the position after that record, and the stats then count the records
@@ -784,7 +832,10 @@ def _write_chunk(writer: ShardWriter, stats: dict, ends: list, ids: np.ndarray, 
         p0, p1 = int(piece_start[r0]), int(piece_start[r1])
         kept = lens[p0:p1][lens[p0:p1] > 0]  # a text the tokenizer maps to nothing is no document
         if len(kept):
-            writer.add_many(ids[token_start[p0]:token_start[p1]], kept)
+            written = ids[token_start[p0]:token_start[p1]]
+            writer.add_many(written, kept)
+            if unk is not None:
+                stats["unk_tokens"] += int(np.count_nonzero(written == unk))
             stats["docs"] += len(kept)
             stats["tokens"] += int(kept.sum())
             stats["max_doc_tokens"] = max(stats["max_doc_tokens"], int(kept.max()))
@@ -813,6 +864,9 @@ def _stream_to_shards(run: _Run, out: Path, manifest: dict, tok, *, workers: int
                                                                     int(f.name[6:].split(".")[0]) >= done)):
             f.unlink()
     stats = manifest["stats"]
+    unk = unknown_token_id(tok)
+    if "unk_tokens" not in stats:  # a run an older fastpt started: count the committed shards' own
+        stats["unk_tokens"] = _count_in_shards(out, manifest, unk)
     writer = ShardWriter(out, np.dtype(manifest["dtype"]).newbyteorder("<"), manifest["options"]["shard_tokens"],
                          start_index=done)
     sources = run.sources
@@ -840,7 +894,7 @@ def _stream_to_shards(run: _Run, out: Path, manifest: dict, tok, *, workers: int
     position = start
     try:
         for (_, ends, units, _), (ids, lens, per_record, events) in results:
-            position = _write_chunk(writer, stats, ends, ids, lens, per_record, events, commit)
+            position = _write_chunk(writer, stats, ends, ids, lens, per_record, events, commit, unk)
             bar.update(units)
             bar.set_postfix(docs=f"{stats['docs']:,}", tokens=f"{stats['tokens']:,}", refresh=False)
         commit(writer.close(), position)
@@ -953,7 +1007,7 @@ def _run_locked(run: _Run, out: Path, options: dict, inputs_fp: str, fingerprint
                     "inputs": {"count": len(sources), "bytes": sum(s.size for s in sources), "sha256": inputs_fp},
                     "options": options, "fingerprint": fingerprint,
                     "stats": {"records": 0, "docs": 0, "tokens": 0, "max_doc_tokens": 0, "giant_pieces": 0,
-                              "bad": dict.fromkeys(BAD_KINDS, 0)},
+                              "unk_tokens": 0, "bad": dict.fromkeys(BAD_KINDS, 0)},
                     "resume": {"position": [0, 0]}}
         write_json_atomic(out / MANIFEST, manifest)
     elif log:
@@ -970,6 +1024,9 @@ def _run_locked(run: _Run, out: Path, options: dict, inputs_fp: str, fingerprint
     if log:
         now = time.perf_counter()
         log(_summary(manifest, out, now - t0, now - t1, manifest["stats"]["tokens"] - tokens_before))
+        warning = _unk_warning(manifest, tok)
+        if warning:
+            log(warning)
     return manifest
 
 

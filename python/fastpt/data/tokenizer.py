@@ -7,7 +7,10 @@ shard manifest.
 """
 from __future__ import annotations
 
+import functools
 import json
+import re
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -17,6 +20,14 @@ KINDS = ("wordpiece", "bpe")
 # the largest vocabulary train_tokenizer accepts: ids must fit the uint32 shards, and the
 # tokenizers trainers allocate in proportion to vocab_size (1e9 aborts the process out of memory)
 MAX_VOCAB = 1 << 24
+# max_input_chars_per_word of the WordPiece tokenizers train_tokenizer makes. tokenizers' (and BERT's) default,
+# 100, turns every longer space-free run into one [UNK]: in Thai, Lao, Khmer or Burmese text, which BERT's
+# pre-tokenizer does not cut, that lost 48% of a Thai test corpus's characters, although the trained
+# vocabulary has the pieces (its training sees the whole run). WordPiece's greedy longest match (tokenizers
+# tries every shorter substring) costs time growing faster than the square of the run's length (~0.2 ms for
+# 100 characters, ~4 ms for 350, ~45 ms for 1,000): longer runs stay [UNK] (preprocess counts them).
+# Tokenizers loaded from a model directory keep their 100, as transformers reads them.
+TRAINED_MAX_WORD_CHARS = 1000
 
 # the names each role goes by in common tokenizers, most specific first
 _ROLE_TOKENS = {
@@ -271,16 +282,150 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def word_start_table(tok):
-    """A bool per id of ``tok`` (a ``tokenizers.Tokenizer``): True where the token begins a word, for
-    whole-word masking on token ids alone (``objectives.MLM.set_word_starts``).
+# BERT's BasicTokenizer word boundaries (transformers' tokenization_bert, tokenizers' BertPreTokenizer): each
+# CJK ideograph of _is_chinese_char's blocks (Unified, Extensions A-E, Compatibility Ideographs and their
+# Supplement: kana and hangul are not among them, BERT leaves those to spaces) and each punctuation character
+# (_is_punctuation: Unicode P*, and every ASCII symbol) is a word of its own; whitespace separates words
+_CJK_BLOCKS = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+# str.isspace less the control characters BERT's text cleaning deletes ("a\x0bb" is one word to it)
+_NOT_SPACE = frozenset("\x0b\x0c\x1c\x1d\x1e\x1f\x85")
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece / Llama byte tokens
 
-    WordPiece: every token but the continuation pieces (``##``, the model's ``continuing_subword_prefix``),
-    BERT's rule. Byte-level BPE (GPT-2, RoBERTa): a token with its leading space (``Ġ``) begins a word, and
-    one without continues the word before (so "Hello," is one word: the byte-level tokens carry no other
-    boundary). SentencePiece-style BPE / Unigram (a ``Metaspace`` pre-tokenizer, or Llama's normalizer
-    writing ``▁`` for spaces): a token with ``▁`` begins a word. Added and special tokens begin words. A row's first token and a token after a special one begin
-    words whatever they are (the objective's rule). ValueError for a tokenizer none of these rules fits."""
+
+def _is_cjk(code: int) -> bool:
+    return any(lo <= code <= hi for lo, hi in _CJK_BLOCKS)
+
+
+def _is_punctuation(char: str) -> bool:
+    code = ord(char)
+    return 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126 or \
+        unicodedata.category(char).startswith("P")
+
+
+def _is_space(char: str) -> bool:
+    return char.isspace() and char not in _NOT_SPACE
+
+
+@functools.lru_cache(maxsize=None)
+def _is_boundary(code: int) -> bool:
+    """A character BERT's pre-tokenizer cuts around: a CJK ideograph, punctuation or whitespace."""
+    if 0xD800 <= code <= 0xDFFF or code > 0x10FFFF:
+        return False
+    char = chr(code)
+    return _is_cjk(code) or _is_punctuation(char) or _is_space(char)
+
+
+@functools.lru_cache(maxsize=None)
+def _opens_boundary(head: bytes) -> bool:
+    """Whether the UTF-8 bytes ``head`` (a lead byte, perhaps some continuation bytes, possibly all of a
+    character) begin a boundary character whatever bytes complete it. A byte-level token can hold part of a
+    character (BPE splits rare ones into bytes); it starts a word only when its bytes already say which kind
+    of character it starts. Continuation bytes or an invalid lead byte begin no character."""
+    lead = head[0]
+    if lead < 0x80:
+        return _is_boundary(lead)
+    n = 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 0
+    if not n or len(head) > n or any(b & 0xC0 != 0x80 for b in head[1:]):
+        return False
+    code = lead & (0x7F >> n)
+    for b in head[1:]:
+        code = code << 6 | b & 0x3F
+    free = 6 * (n - len(head))  # the bits the missing continuation bytes hold
+    lo = code << free
+    return all(_is_boundary(c) for c in range(lo, lo + (1 << free)))
+
+
+def _char_bounds(data: bytes) -> tuple[bool, bool]:
+    """(the token's bytes ``data`` begin with a boundary character, they end with one that is not a plain
+    space); ``data`` may leave out the token's middle (``_edge_bytes``).
+
+    The first: ``_opens_boundary`` of the first character's bytes present. The second needs the whole last
+    character: a token ending inside a character, or made of continuation bytes only, ends no word. A plain
+    space (``Ġ``, ``▁``) does not end one: byte-level and SentencePiece tokenizers write a word's space at
+    its front, so a lone ``Ġ`` / ``▁`` token (its merge with the next piece missing) belongs to the word after."""
+    if not data:
+        return False, False
+    lead = data[0]
+    n = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    starts = _opens_boundary(data[:n])
+    k = len(data) - 1
+    while k > 0 and k > len(data) - 4 and data[k] & 0xC0 == 0x80:
+        k -= 1
+    try:
+        last = data[k:].decode("utf-8")
+    except UnicodeDecodeError:
+        return starts, False
+    return starts, len(last) == 1 and last != " " and _is_boundary(ord(last))
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's ``bytes_to_unicode`` inverted: the character a byte-level token writes -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_translation() -> dict[int, int]:
+    """``str.translate`` table: a byte-level character -> the code point of its byte (then latin-1 bytes)."""
+    return {ord(c): b for c, b in _byte_decoder().items()}
+
+
+def _edge_bytes(token: str, byte_level: bool) -> bytes:
+    """The text bytes at both ends of the one a vocabulary entry stands for (all of a short one's), enough
+    to hold its first and last characters: byte-level characters mapped back to their bytes (any other
+    character as its UTF-8), or SentencePiece text with ``▁`` for a space and ``<0xNN>`` byte tokens.
+    Only the ends decide (``_char_bounds``): over 200,000 entries, whole tokens took seconds."""
+    if byte_level:
+        edges = token if len(token) <= 8 else token[:4] + token[-4:]  # a character is at most 4 bytes
+        try:
+            return edges.translate(_byte_translation()).encode("latin-1")
+        except UnicodeEncodeError:  # a character outside the byte-level alphabet
+            table = _byte_decoder()
+            return b"".join(bytes([table[c]]) if c in table else c.encode("utf-8") for c in edges)
+    m = _BYTE_FALLBACK.fullmatch(token)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    return (token[:1] + token[-1:]).replace("\u2581", " ").encode("utf-8", "replace")
+
+
+def word_boundary_tables(tok):
+    """``(starts, ends)``: two bools per id of ``tok`` (a ``tokenizers.Tokenizer``) for whole-word masking on
+    token ids alone. A token begins a word where ``starts[id]`` is True or the token before it has
+    ``ends[id]`` True (``word_starts``), besides the objective's own rule: a row's first token and a token
+    after a special one begin words whatever they are.
+
+    WordPiece (and BPE with a ``continuing_subword_prefix``): every token but the continuation pieces
+    (``##``), BERT's rule; ``ends`` is all False (BERT's pre-tokenizer already cut at every boundary, so a
+    token after one is no ``##`` piece). Byte-level BPE (GPT-2, RoBERTa, Llama 3) and SentencePiece-style
+    BPE / Unigram (a ``Metaspace`` pre-tokenizer, or Llama's normalizer writing ``▁`` for spaces) mark the
+    words BERT's BasicTokenizer makes, as far as the tokens allow: a token begins a word when it begins
+    with a space (``Ġ``, ``▁``) or with one of the characters BERT cuts around (each a word of its own):
+    a CJK ideograph of BERT's ``_is_chinese_char`` blocks, punctuation (Unicode P*, and every ASCII symbol,
+    BERT's ``_is_punctuation``), or other whitespace (a newline); and the token after one ending with such
+    a character (not a plain space, which such tokenizers write at the front of the next word) begins a
+    word too. So "你好，世界" is five words as BERT makes them, "ends\\nnext" two (the newline token a word
+    of its own), "Hello," two ("Hello" and ","; before, without a space, it was one word and a whole
+    unspaced Chinese or Japanese document was one word). A token holding characters of several words
+    (GPT-2's '."', two ideographs merged) stays one word. Kana and hangul follow BERT: not cut around
+    (BERT leaves them to spaces, as Thai), so that the words are those of fastpt's WordPiece tokenizers
+    (BERT's pre-tokenizer) whatever the tokenizer; Japanese kana after a kanji begin a word (the kanji
+    ends one) and run on to the next kanji or punctuation. Tokens are read as their bytes (the byte-level
+    alphabet mapped back, ``<0xNN>`` byte-fallback tokens as that byte): a token holding the first bytes
+    of a character begins a word only when the bytes it has make that character a boundary character
+    whatever follows (``_opens_boundary``); one made of a character's last bytes continues it.
+    Added and special tokens, and ids the vocabulary does not name, are words of their own.
+    Returns two bool tensors of shape (max id + 1,). Raises ValueError for a tokenizer none of these
+    rules fits."""
     import torch
 
     spec = json.loads(tok.to_str())
@@ -304,23 +449,45 @@ def word_start_table(tok):
         steps.add("Metaspace")
     prefix = model.get("continuing_subword_prefix")
     if kind == "WordPiece" or (kind == "BPE" and prefix):
-        def starts(t: str) -> bool:
-            return not t.startswith(prefix or "##")
-    elif kind == "BPE" and "ByteLevel" in steps:
-        def starts(t: str) -> bool:
-            return t.startswith("\u0120")
-    elif kind in ("BPE", "Unigram") and "Metaspace" in steps:
-        def starts(t: str) -> bool:
-            return t.startswith("\u2581")
+        def bounds(t: str) -> tuple[bool, bool]:
+            return not t.startswith(prefix or "##"), False
+    elif (kind == "BPE" and "ByteLevel" in steps) or (kind in ("BPE", "Unigram") and "Metaspace" in steps):
+        byte_level = kind == "BPE" and "ByteLevel" in steps
+
+        def bounds(t: str) -> tuple[bool, bool]:  # a leading Ġ / ▁ is a space: whitespace begins a word
+            return _char_bounds(_edge_bytes(t, byte_level))
     else:
         raise ValueError(f"tokenizer: cannot tell where words begin in a {kind} model without a ## prefix, a "
                          f"byte-level or a Metaspace pre-tokenizer (normalizer / pre-tokenizer / decoder steps: "
                          f"{sorted(s for s in steps if s)}); whole-word masking needs the batches' word_ids")
-    table = torch.ones(size, dtype=torch.bool)  # ids the vocabulary does not name: words of their own
+    starts, ends = [True] * size, [True] * size  # ids the vocabulary does not name: words of their own
     added = {t.content for t in tok.get_added_tokens_decoder().values()}
     for text, i in vocab.items():
-        table[i] = text in added or starts(text)
-    return table
+        if text not in added:
+            starts[i], ends[i] = bounds(text)
+    return torch.tensor(starts, dtype=torch.bool), torch.tensor(ends, dtype=torch.bool)
+
+
+def word_start_table(tok):
+    """``word_boundary_tables(tok)[0]``: True per id where the token begins a word whatever comes before it
+    (``objectives.MLM.set_word_starts``). Without the ``ends`` table a token after one ending with a
+    boundary character (the "next" of "ends\\nnext", the "word" of "(word") stays in that token's word."""
+    return word_boundary_tables(tok)[0]
+
+
+def word_starts(ids, starts, ends):
+    """Bool tensor shaped like ``ids`` (int, (..., T)): True where the token begins a word by the tables of
+    ``word_boundary_tables``: ``starts[id]``, or ``ends`` of the id before it along the last dimension.
+    Ids past the tables are words of their own."""
+    import torch
+
+    ids = torch.as_tensor(ids).long()
+    inside = (ids >= 0) & (ids < starts.shape[0])
+    safe = torch.where(inside, ids, 0)
+    out = starts.to(ids.device)[safe] | ~inside
+    after = ends.to(ids.device)[safe] | ~inside
+    out[..., 1:] |= after[..., :-1]
+    return out
 
 
 def special_token_ids(tok, model_dir: str | Path | None = None) -> dict[str, int]:
@@ -357,7 +524,8 @@ def train_tokenizer(docs: Iterable[str], kind: str = "wordpiece", vocab_size: in
     """Train a tokenizer on an iterator of documents (streamed, never held in memory).
 
     kind="wordpiece": BERT uncased-style (``lowercase``), specials [PAD] [UNK] [CLS] [SEP]
-    [MASK] at ids 0..4, post-processor ``[CLS] $A [SEP]``.
+    [MASK] at ids 0..4, post-processor ``[CLS] $A [SEP]``; words (BERT's pre-tokenizer's) of up to
+    ``TRAINED_MAX_WORD_CHARS`` characters are split into pieces (BERT's 100 made a longer one [UNK]).
     kind="bpe": byte-level BPE (GPT-2 / RoBERTa style, no unknown bytes), specials
     <s> <pad> </s> <unk> <mask> at ids 0..4, post-processor ``<s> $A </s>``.
     ``extra_special_tokens`` follow the specials; ``num_sentinels`` T5 sentinels
@@ -386,7 +554,7 @@ def train_tokenizer(docs: Iterable[str], kind: str = "wordpiece", vocab_size: in
     if kind == "wordpiece":
         tok = _bert_like(None, lowercase=lowercase)
         tok.model = models.WordPiece(_train_wordpiece(docs, tok, budget, specials, min_frequency, show_progress),
-                                     unk_token="[UNK]")
+                                     unk_token="[UNK]", max_input_chars_per_word=TRAINED_MAX_WORD_CHARS)
         tok.add_special_tokens(specials)
         first, last = "[CLS]", "[SEP]"
     else:

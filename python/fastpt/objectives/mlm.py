@@ -65,7 +65,7 @@ class MLM(Objective):
             consecutive tokens with the same id ``>= 0``, so ``Encoding.word_ids()`` that restart per
             sequence of a pair or per packed document, ``None`` / -1 on special tokens, work as given);
             a batch without them (token shards) needs ``set_word_starts`` (``fastpt pretrain`` calls it
-            with the shards' tokenizer: ``data.tokenizer.word_start_table``).
+            with the shards' tokenizer: ``data.tokenizer.word_boundary_tables``).
         tie_word_embeddings: the head's output matrix is the backbone's word embedding (set by ``attach``;
             with ALBERT's factorised ``(V, E)`` embedding the head's transform maps D -> E).
         activation, layer_norm_eps: the head's transform (dense + activation + LayerNorm); layer_norm_eps
@@ -108,7 +108,8 @@ class MLM(Objective):
         self.special_token_ids = tuple(int(i) for i in special_token_ids)
         self.whole_word_masking = bool(whole_word_masking)
         self.word_starts: torch.Tensor | None = None  # bool per vocabulary id (set_word_starts)
-        self._word_tables: dict = {}  # device -> (word_starts, special ids) there: no upload per batch
+        self.word_ends: torch.Tensor | None = None
+        self._word_tables: dict = {}  # device -> (word_starts, word_ends, special ids) there: no upload per batch
         self.tie_word_embeddings = bool(tie_word_embeddings)
         self.return_logits, self.log_accuracy = bool(return_logits), bool(log_accuracy)
         self._eps_from_backbone = layer_norm_eps is None
@@ -152,32 +153,45 @@ class MLM(Objective):
                                       attention_mask=batch.get("attention_mask"), word_ids=word_ids, seed=seed)
         return {**batch, "input_ids": masked, "labels": labels}
 
-    def set_word_starts(self, word_starts) -> None:
+    def set_word_starts(self, word_starts, word_ends=None) -> None:
         """Whole-word masking for batches without ``word_ids`` (token shards): ``word_starts`` is a bool
-        per vocabulary id, True where the token begins a word (``data.tokenizer.word_start_table``: not
-        a WordPiece ``##`` piece; a byte-level BPE token with its leading space ``Ġ``; a SentencePiece
-        one with ``▁``). A word is then a start token and the non-start tokens after it, cut at special
-        tokens and at document starts (``cu_seqlens``), as BERT's ``create_pretraining_data`` groups
-        ``##`` pieces. None switches it off."""
+        per vocabulary id, True where the token begins a word; ``word_ends`` (optional, the same shape) True
+        where the token after it begins one (``data.tokenizer.word_boundary_tables``: not a WordPiece ``##``
+        piece; a byte-level BPE / SentencePiece token beginning with its space ``Ġ`` / ``▁``, a CJK ideograph,
+        punctuation or a newline, and the token after one ending with such a character: BERT's words). A
+        word is then a start token and the non-start tokens after it, cut at special tokens and at document
+        starts (``cu_seqlens``), as BERT's ``create_pretraining_data`` groups ``##`` pieces. None switches it
+        off."""
         self._word_tables = {}
         if word_starts is None:
-            self.word_starts = None
+            self.word_starts = self.word_ends = None
             return
-        t = torch.as_tensor(word_starts)
-        if t.dtype != torch.bool or t.dim() != 1 or t.shape[0] < self.vocab_size:
-            raise ValueError(f"word_starts: expected a 1-d bool tensor with an entry per vocabulary id "
-                             f"(>= vocab_size={self.vocab_size}), got {t.dtype} of shape {tuple(t.shape)}")
-        self.word_starts = t.detach().cpu()
+        tables = []
+        for name, table in (("word_starts", word_starts), ("word_ends", word_ends)):
+            if table is None:
+                tables.append(None)
+                continue
+            t = torch.as_tensor(table)
+            if t.dtype != torch.bool or t.dim() != 1 or t.shape[0] < self.vocab_size:
+                raise ValueError(f"{name}: expected a 1-d bool tensor with an entry per vocabulary id "
+                                 f"(>= vocab_size={self.vocab_size}), got {t.dtype} of shape {tuple(t.shape)}")
+            tables.append(t.detach().cpu())
+        self.word_starts, self.word_ends = tables
 
     def _words_from_ids(self, ids: torch.Tensor, batch: dict) -> torch.Tensor:
         """``word_ids`` from the token ids and ``word_starts`` (``set_word_starts``)."""
         if ids.device not in self._word_tables:
+            ends = getattr(self, "word_ends", None)
             self._word_tables[ids.device] = (self.word_starts.to(ids.device),
+                                             None if ends is None else ends.to(ids.device),
                                              torch.tensor(self.special_token_ids, device=ids.device, dtype=torch.int64))
-        table, specials = self._word_tables[ids.device]
+        table, ends, specials = self._word_tables[ids.device]
         flat = ids.reshape(-1, ids.shape[-1])
         # out-of-vocabulary ids are clamped here and reach mlm_mask, whose error names input_ids
-        start = table[flat.long().clamp(0, table.shape[0] - 1)]
+        safe = flat.long().clamp(0, table.shape[0] - 1)
+        start = table[safe]
+        if ends is not None:  # the token after one ending with a boundary character (a newline, "(") begins a word
+            start[:, 1:] |= ends[safe[:, :-1].clamp(max=ends.shape[0] - 1)]
         inside = torch.ones_like(start)
         if self.special_token_ids:
             inside &= ~torch.isin(flat, specials.to(flat.dtype))

@@ -658,13 +658,13 @@ class PretrainRecipe:
 
     def _set_word_starts(self, model: nn.Module) -> None:
         """Whole-word masking on shards: token ids carry no word boundaries, so each MLM with
-        ``whole_word_masking`` gets the shards' tokenizer's word starts (``data.tokenizer.word_start_table``:
-        WordPiece ``##`` pieces, byte-level ``Ġ``, SentencePiece ``▁``). ConfigError when the shards hold no
-        tokenizer file or its words cannot be told apart."""
+        ``whole_word_masking`` gets the shards' tokenizer's word boundaries (``data.tokenizer.word_boundary_tables``:
+        WordPiece ``##`` pieces; byte-level / SentencePiece spaces, CJK ideographs, punctuation and newlines, as
+        BERT's words). ConfigError when the shards hold no tokenizer file or its words cannot be told apart."""
         wanting = [m for m in model.modules() if isinstance(m, MLM) and m.whole_word_masking]
         if not wanting:
             return
-        from ..data.tokenizer import word_start_table
+        from ..data.tokenizer import word_boundary_tables
 
         what = "model.objective.whole_word_masking"
         file = self._shards_tokenizer_file()
@@ -673,13 +673,14 @@ class PretrainRecipe:
                               f"boundaries in (token ids alone do not say where words begin); preprocess with a "
                               f"tokenizer, or set it to false")
         try:
-            table = word_start_table(self._shards_tokenizer())
+            starts, ends = word_boundary_tables(self._shards_tokenizer())
         except Exception as exc:  # noqa: BLE001 -- tokenizers raises a bare Exception for a bad file
             raise ConfigError(f"{what}: {exc}") from exc
         for m in wanting:
-            if table.shape[0] < m.vocab_size:  # ids past the tokenizer's (a padded embedding): words of their own
-                table = torch.cat([table, table.new_ones(m.vocab_size - table.shape[0])])
-            m.set_word_starts(table)
+            if starts.shape[0] < m.vocab_size:  # ids past the tokenizer's (a padded embedding): words of their own
+                pad = starts.new_ones(m.vocab_size - starts.shape[0])
+                starts, ends = torch.cat([starts, pad]), torch.cat([ends, pad])
+            m.set_word_starts(starts, ends)
 
     def _check_positions(self, model: nn.Module) -> None:
         """data.seq_len must fit a learned position table: a doc-mode row is seq_len positions, and a
