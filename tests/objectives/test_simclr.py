@@ -152,3 +152,61 @@ def test_views_without_jitter_are_not_clamped_and_none_turns_clamping_off():
     assert out.abs().max() > 1.5  # nothing clamped
     jittered = ViewAugment(jitter_prob=1.0, flip_prob=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0), grayscale_prob=0.0)
     assert jittered(x, torch.Generator().manual_seed(1)).abs().max() <= 1.0
+
+
+def aten_ops(fn) -> int:
+    """Aten ops ``fn()`` runs (about the kernel launches it makes on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_views_run_in_one_pass():
+    """SimCLR.prepare called ViewAugment once per view (215 ops for 2 views, ~1070 for DINO's 2 + 8 crops:
+    a kernel launch each on a GPU). ``views=`` runs them in one pass: the op count does not grow with
+    the number of views (one repeat of the inputs aside), and prepare makes one such pass."""
+    px = images(4, 3, 12)
+    aug = ViewAugment(size=8)
+    one = aten_ops(lambda: aug(px, seeded(0)))
+    _, obj = make(crop_size=8)
+    assert aten_ops(lambda: obj.prepare({"pixel_values": px}, seed=0)) == one + 1  # + the repeat
+    assert aten_ops(lambda: aug(px, seeded(0), views=5)) == one + 1
+    assert aug(px, seeded(0), views=5).shape == (20, 3, 8, 8)
+    with pytest.raises(ValueError, match="views"):
+        aug(px, seeded(0), views=0)
+
+
+def test_views_are_view_major_with_independent_draws():
+    """Rows v * B .. (v + 1) * B are view v of every image, and every view of every image draws its own
+    flip, jitter factor and crop box (independent of the image's other views)."""
+    px = images(3, 2, 8)
+    torch.testing.assert_close(ViewAugment(**IDENTITY)(px, seeded(0), views=3), px.repeat(3, 1, 1, 1),
+                               rtol=0, atol=1e-5)
+    # out = f * x or f * flip(x): brightness only, nothing clamped (value_range None scales around 0)
+    n = 512
+    x = images(n, 1, 6, seed=1) + 0.5
+    aug = ViewAugment(**{**JITTER, "flip_prob": 0.5, "brightness": 0.4, "value_range": None})
+    out = aug(x, seeded(2), views=2).view(2, n, 1, 6, 6)
+    f = out.sum((2, 3, 4)) / x.sum((1, 2, 3))
+    flip = (out - f.view(2, n, 1, 1, 1) * x.flip(-1)).abs().amax((2, 3, 4)) < 1e-4
+    torch.testing.assert_close(out, f.view(2, n, 1, 1, 1) * torch.where(flip.view(2, n, 1, 1, 1), x.flip(-1), x),
+                               rtol=0, atol=1e-4)
+    assert f.min() > 0.6 - 1e-4 and f.max() < 1.4 + 1e-4 and (f.min() < 0.65) and (f.max() > 1.35)
+    assert bool((f[0] != f[1]).all())  # the two views of an image: two draws
+    assert abs(float(torch.corrcoef(f)[0, 1])) < 0.15  # about 0.044 std for independent draws
+    assert 0.4 < float(flip.double().mean()) < 0.6 and 0.4 < float((flip[0] == flip[1]).double().mean()) < 0.6
+    # crop box: on a horizontal ramp (value = x coordinate) a view's mean is its centre, its spread its width
+    ramp = torch.linspace(-1, 1, 33).expand(n, 1, 33, 33).contiguous()
+    crop = ViewAugment(**{**IDENTITY, "scale": (0.1, 0.6), "ratio": (0.5, 2.0)})
+    v = crop(ramp, seeded(3), views=2).view(2, n, -1)
+    for stat in (v.mean(-1), v.amax(-1) - v.amin(-1)):
+        assert float(stat.std(1).min()) > 0.05 and abs(float(torch.corrcoef(stat)[0, 1])) < 0.15

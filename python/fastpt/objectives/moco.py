@@ -122,7 +122,7 @@ class MoCoV3(Objective):
         require(batch, self.needs, "MoCoV3.prepare")
         px = check_images("pixel_values", batch["pixel_values"], min_batch=1)
         g = seeded(seed)
-        return {**batch, "views": torch.cat([self.augment(px, g), self.augment(px, g)])}
+        return {**batch, "views": self.augment(px, g, views=2)}  # one ViewAugment pass for both views
 
     def momentum(self, step: int) -> float:
         """The EMA momentum after optimizer step ``step``."""
