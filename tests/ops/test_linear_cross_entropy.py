@@ -291,6 +291,36 @@ def test_nan_semantics(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", GRID)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fp16_logits_that_fit_only_with_the_bias(device, backend, reduction, monkeypatch):
+    """fp16 with a bias: h . w = 8e4 is over fp16's 65504, h . w + b (b ~ -5e4) is not. torch's
+    F.linear rounds the sum once (finite logits ~3e4, loss 9.61); the cpu backend rounded the product
+    to fp16 (inf) and added the bias afterwards: NaN rows, loss and gradients. Such chunks now take
+    the bias inside the GEMM; here every other chunk of 2 rows overflows, the rest keep the late
+    bias, and grad_bias sums over both kinds. The FlashAttention rule against float64."""
+    if backend in lce.CHUNK_BYTES:
+        per_logit = 2 if backend == "cpu" else 4  # the budget counts fp16 logits as such on the CPU
+        monkeypatch.setitem(lce.CHUNK_BYTES, backend, 2 * 6 * per_logit)
+    h = torch.tensor(([[200.0, 200.0]] * 2 + [[0.5, -1.0], [-0.25, 2.0]]) * 2, dtype=torch.float64)
+    w = torch.tensor([[200.0, 200.0 + 0.125 * j] for j in range(6)], dtype=torch.float64)
+    b = torch.tensor([-5e4, -50016.0, -50048.0, -50048.0, -50080.0, -50112.0], dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 1, 3])
+    data = _rounded((h, w, b), torch.float16) + (y,)
+    assert torch.isinf(F.linear(data[0].half(), data[1].half())).any()  # the product alone overflows
+    ref = _run("reference", data, torch.float64, device, reduction=reduction)
+    plain = _run(None, data, torch.float16, device, reduction=reduction, plain_dtype=torch.float16)
+    _assert_rule(_run(backend, data, torch.float16, device, reduction=reduction), ref, plain)
+
+
+def test_fp16_product_bound():
+    """``_fp16_product_fits``: ``max_r ||h_r||_1 * max |W|`` under FP16_PRODUCT_TOP, False for NaN."""
+    w_max = torch.tensor(200.0)
+    assert lce._fp16_product_fits(torch.tensor([[1.0, -2.0], [100.0, 200.0]]).half(), w_max)  # 6e4
+    assert not lce._fp16_product_fits(torch.tensor([[1.0, -2.0], [200.0, -200.0]]).half(), w_max)  # 8e4
+    assert not lce._fp16_product_fits(torch.tensor([[float("nan"), 0.0]]).half(), w_max)
+
+
+@pytest.mark.parametrize("device,backend", GRID)
 def test_ignore_index_inside_vocabulary(device, backend):
     """ignore_index may be a real id (e.g. padding 0): rows labelled with it are skipped."""
     h, w, b, y = (x.to(device) for x in _data(40, 17, 33, 0.0, poison=False))

@@ -36,6 +36,28 @@ Backends, in the order ``backend=None`` tries them:
   autograd; the ground truth of every test and bench. Being dense it holds several
   ``(B, H, S, S)`` tensors: fine for tests and short rows.
 
+Numerics: every backend sums in float32 (float64 for float64 inputs). The fused ones (``cpu`` without
+dropout, ``triton``, ``cuda``) follow FlashAttention-2: the backward recomputes the probabilities as
+``P = exp(s - lse)`` from the saved log-sum-exp instead of normalising a dense softmax. ``lse`` (row
+max plus the log of the row sum) and the recomputed score ``s`` carry a float32 rounding of about
+``ulp(max |s|)`` (``s`` the scaled score), which P inherits as a relative error; a dense softmax
+(the reference) divides by its own sum, and its top entry, ``exp(0)``, is exact. So in float32
+the gradients' error grows with the largest score. Measured against float64 (B 2, S 33, H 2, D 32,
+q and k scaled up; triton under TRITON_INTERPRET=1): dv's error relative to max |dv| is 0.6-1.7
+``ulp(max |s|)`` on ``cpu`` (torch's CPU flash-attention backward; 1.0e-5 at max |s| = 107,
+1.7e-4 at 1714) and 0.25-0.5 ulp on ``triton`` (3.6e-6, 4.5e-5), against ~1e-6 for float32 dense
+math at any size. Under the tests' rule (twice the float32 reference's error plus 8 ulps of the
+largest value) the cpu backend's gradients go over from max |s| ~ 17 and triton's from ~ 70, by a
+few ulps of the gradients' size at first. Where the softmax saturates the true dq, dk are tiny and
+the error is large beside them: at max |s| ~ 4000 (true dq, dk ~1e-4, dv ~5) both backends are off
+by 2.5-5e-5, 10-50% of dq's and dk's size; at softmax scale 1e3 (max |s| ~ 2e4, true dq, dk ~1e-30)
+by 3-4e-3. bfloat16 and float16, whose own rounding dominates, keep the rule through max |s| ~ 4000
+(bfloat16) and ~ 1000 (float16; 2.6x torch's fp16 dq error at ~ 4000), but not at the fully
+saturated scale 1e3 (dq, dk ~1e-3 in every dtype). Scores of tens, as in training, are well inside
+this for the half dtypes. ``backend="reference"`` runs torch's dense softmax math: in float32 its
+errors are torch's own for such inputs, exactly (half inputs: float32 math, more accurate than
+torch in their dtype). The cuda backend was not measured (no GPU at hand).
+
 ``cpu``, ``triton`` and ``cuda`` run inside the ``fastpt::attention_fwd`` / ``attention_bwd``
 custom ops (fake implementations and an autograd formula registered), so ``torch.compile``
 traces through them without a graph break, and the backward gets the saved ``(q, k, v, out,

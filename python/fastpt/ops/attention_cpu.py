@@ -3,7 +3,9 @@
 * Without dropout: torch's CPU flash-attention kernel once per group of documents that share a
   length and a mask kind (``forward`` / ``backward``, run inside the ``fastpt::attention_*`` custom
   ops); prefix-LM documents as three unmasked pieces merged by their log-sum-exps. No dense (S, S)
-  mask, and no work outside the documents.
+  mask, and no work outside the documents. Its backward (torch's) recomputes the probabilities from
+  the saved log-sum-exp, so float32 gradients carry a relative error of ~1 ``ulp(max |score|)``:
+  over the FlashAttention rule from max |score| ~ 17 (``attention.py``, Numerics).
 * With dropout (torch's CPU kernel draws from its own generator, not the counter-based one):
   ``dropout_attention``, plain autograd on torch ops with the mask of ``attention.dropout_keep``
   applied by the C++ kernels of ``ops/dropout.py``: dense windows of the rows, or one dense

@@ -28,7 +28,12 @@ cuBLAS), softmax, loss and log-sum-exp in fp32 (fp64 for fp64 inputs), and ``gra
 summed over chunks in fp32 before the final cast: on CUDA each half-precision chunk GEMM adds into
 the fp32 buffer itself (``torch.addmm(..., out_dtype=float32, out=buffer)``, where torch has it),
 elsewhere each chunk's product is rounded to the input dtype and then added. The logits of half inputs are rounded to the
-input dtype once, exactly as in ``F.linear`` + ``F.cross_entropy`` run in that dtype.
+input dtype once, as in ``F.linear`` + ``F.cross_entropy`` run in that dtype. With a bias, the triton backend (and
+float32 / float64 everywhere) adds it inside the GEMM, before that rounding, exactly as ``F.linear``; the cpu backend
+rounds the half product ``h @ W.T`` and adds the bias in float32 as the chunk step reads each row (a GEMM into a
+bias-filled output cost 1.5x the plain product; and the bias is not rounded with the product, so the loss is closer to
+float64's than torch's), except for a float16 chunk whose product could overflow fp16 (``_fp16_product_fits``), which
+adds the bias in the GEMM as ``F.linear`` does: a logit that fits fp16 only after its bias is added stays finite.
 
 float16 with "mean" / "sum" (fp16 training with a GradScaler): the gradient of the logits, which is
 rounded to fp16 for the GEMMs, is written at a power-of-two scale that fills fp16's range without
@@ -461,7 +466,7 @@ def _zt_h(kind, z, hc, out=None, add=False):
 FP16_GRAD_TOP = 2.0 ** 14
 
 
-def _fp16_grad_unit(hidden, active, weight, bias, z_coef, need_h):
+def _fp16_grad_unit(hidden, active, weight, bias, z_coef, need_h, w_max=None):
     """The power of two ``u`` (a 0-dim float32 tensor on hidden's device: no host sync) at which the
     fp16 gradient of the logits of a reduced loss is written: ``u * dloss_row/dlogits``, the
     gradient of the *sum*, scaled up, instead of ``(1 / a) * dloss_row/dlogits``.
@@ -481,7 +486,8 @@ def _fp16_grad_unit(hidden, active, weight, bias, z_coef, need_h):
     grad_hidden's chunk GEMM (rounded to fp16 where no float32-output GEMM exists) is at most that row
     sum times ``max |W|``. ``u`` is the largest power of two keeping both at most ``FP16_GRAD_TOP``;
     grad_weight and grad_bias are summed in float32 and need no bound. A non-finite bound (NaN / inf
-    inputs, whose gradients are NaN anyway) gives u = 1."""
+    inputs, whose gradients are NaN anyway) gives u = 1. ``w_max``: ``max |W|`` as a 0-dim float32
+    tensor where the caller has it already (``_fp16_product_fits``), else computed here."""
     f32 = torch.float32
     bound = torch.full((), 2.0, dtype=f32, device=hidden.device)
     if z_coef and active.numel():
@@ -492,10 +498,33 @@ def _fp16_grad_unit(hidden, active, weight, bias, z_coef, need_h):
             lse = lse + torch.stack(torch.aminmax(bias)).abs().amax().to(f32)
         bound = bound + 2.0 * z_coef * lse
     if need_h:
-        w_max = torch.stack(torch.aminmax(weight)).abs().amax().to(f32)  # no (V, D) |W| copy
+        w_max = _abs_max(weight) if w_max is None else w_max
         bound = bound * w_max.clamp_min(1.0)
     u = torch.exp2(torch.floor(torch.log2(FP16_GRAD_TOP / bound)))
     return torch.where(torch.isfinite(u) & (u > 0), u, torch.ones_like(u))
+
+
+def _abs_max(x):
+    """``max |x|`` as a 0-dim float32 tensor, from one ``aminmax`` pass (no ``|x|`` copy)."""
+    return torch.stack(torch.aminmax(x)).abs().amax().to(torch.float32)
+
+
+# float16 logits on the CPU with a bias: the product ``h @ W.T`` is rounded to fp16 before the chunk
+# step adds the bias (``late_bias`` in ``_fused_pass_impl``), so it must stay below fp16's overflow
+# (results of 65520 and up round to inf) even where the bias would bring the logit back into range,
+# as F.linear's bias-filled GEMM does. The bound below is 1% under fp16's largest finite 65504: slack
+# for the float32 accumulation of the GEMM and of the bound itself.
+FP16_PRODUCT_TOP = 0.99 * torch.finfo(torch.float16).max
+
+
+def _fp16_product_fits(hc, w_max):
+    """Whether every entry of the float16 product ``hc @ W.T`` is certainly finite:
+    ``max_r ||hc_r||_1 * max |W| < FP16_PRODUCT_TOP`` (Hoelder's inequality: ``|h . w| <= ||h||_1
+    max |w|``; the one ``aminmax`` pass over W costs far less than W's row norms for Cauchy-Schwarz:
+    1-2 against 18 ms at 30522 x 128 in fp16, 1 thread of a Xeon). False for non-finite inputs. One
+    host sync: CPU only."""
+    h1 = torch.linalg.vector_norm(hc, ord=1, dim=1, dtype=torch.float32).amax()  # a chunk has rows
+    return bool(h1 * w_max < FP16_PRODUCT_TOP)
 
 
 def _mm_f32(a, b):
@@ -548,10 +577,21 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
     param_dtypes = weight.dtype, None if bias is None else bias.dtype
     weight = weight.to(hidden.dtype)
     bias = None if bias is None else bias.to(hidden.dtype)
+    # CPU, half inputs: the chunk step adds the bias as it widens each row; a bf16 GEMM into a
+    # bias-filled output (addmm) took 10.3 ms per 620 x 128 x 30522 chunk, the plain product 6.5
+    # (BERT MLM head, 4096 rows 15% active, fwd+bwd: 50.4 -> 44.6 ms at D 128, 154.9 -> 149.4 at
+    # 768; 2-core Zen 5), and the logits are more accurate (the bias is not rounded with the product).
+    # float32 addmm costs nothing extra, so float32 keeps it. float16 adds the bias late too (that
+    # chunk's product 37 ms, 59 with the bias; 1 thread of a Xeon), except in a chunk whose product
+    # could overflow fp16 (``_fp16_product_fits``): there the bias goes into the GEMM, as in F.linear,
+    # so a logit that fits fp16 only after its bias is added (h . w = 8e4, b = -5e4: torch's loss
+    # 9.61) is right instead of NaN (inf + b). bfloat16 has float32's exponent range: only float16 needs this.
+    late_bias = bias is not None and kind == "cpu" and hidden.dtype in (torch.float16, torch.bfloat16)
+    w_max = _abs_max(weight) if hidden.dtype == torch.float16 and (late_bias or fp16 and need_h) else None
     if isinstance(grad_scale, torch.Tensor):
         scale_all = grad_scale.to(acc).index_select(0, active)
     elif fp16:
-        unit = _fp16_grad_unit(hidden, active, weight, bias, z_coef, need_h)
+        unit = _fp16_grad_unit(hidden, active, weight, bias, z_coef, need_h, w_max)
         scale_all = unit.to(acc).expand(a).contiguous()
     elif grads:
         scale_all = torch.full((a,), 1.0 / max(a, 1) if grad_scale == "mean" else 1.0, dtype=acc,
@@ -563,11 +603,6 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
     low = hidden.dtype in (torch.float16, torch.bfloat16)
     gw = gw_part = None  # (V, D): the weight gradient; a half-precision chunk product
     ce = _CE_CHUNK[kind]
-    # CPU, half inputs: the chunk step adds the bias as it widens each row; a bf16 GEMM into a
-    # bias-filled output (addmm) took 10.3 ms per 620 x 128 x 30522 chunk, the plain product 6.5
-    # (BERT MLM head, 4096 rows 15% active, fwd+bwd: 50.4 -> 44.6 ms at D 128, 154.9 -> 149.4 at
-    # 768; 2-core Zen 5). float32 addmm costs nothing extra, so float32 keeps it.
-    late_bias = bias is not None and kind == "cpu" and low
     step = chunk_rows(kind, hidden.device.type, v, d, hidden.dtype)
     several = a > step
     for s in range(0, a, step):
@@ -575,12 +610,13 @@ def _fused_pass_impl(kind, hidden, weight, bias, labels, ignore_index, smoothing
         y = y_all[s:s + step]
         hc = hidden.index_select(0, idx)
         out = _logits_out(kind, idx.numel(), v, hidden.dtype, hidden.device)
-        if bias is None or late_bias:
+        late = late_bias and (w_max is None or _fp16_product_fits(hc, w_max))
+        if bias is None or late:
             z = torch.mm(hc, wt) if out is None else torch.mm(hc, wt, out=out)
         else:
             z = torch.addmm(bias, hc, wt) if out is None else torch.addmm(bias, hc, wt, out=out)
         loss, lse = ce(z, y, scale_all[s:s + step] if grads else None, smoothing, z_coef, grads,
-                       **({"bias": bias if late_bias else None, "grad_bias": gb} if kind == "cpu" else {}))
+                       **({"bias": bias if late else None, "grad_bias": gb} if kind == "cpu" else {}))
         losses.index_copy_(0, idx, loss.to(acc))
         lses.index_copy_(0, idx, lse.to(acc))
         if grads:  # z now holds scale * dloss/dlogits for the chunk
@@ -872,7 +908,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     NaN / inf: a non-finite value in a non-ignored row's hidden state makes that row's loss (and,
     through the reduction, the loss and the gradients) NaN, as in torch. Ignored rows are not
     read, so NaN there does not propagate (torch's dense F.linear would spread it into
-    ``grad_weight``). Non-finite weights make every active row NaN.
+    ``grad_weight``). A NaN weight makes every active row NaN. An inf weight affects only the rows
+    whose logit it makes non-finite, as in torch: a +inf logit (or ``0 * inf``, NaN) makes the row
+    NaN, a -inf logit makes the loss inf where it is the row's label (or with label smoothing) and
+    otherwise just drops out of the softmax. grad_hidden is non-finite in every active row either
+    way (the gradient of the logits meets the inf in grad_hidden's product).
 
     Raises:
         TypeError / ValueError naming the argument for wrong types, dtypes, shapes or devices,
