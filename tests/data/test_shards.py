@@ -382,3 +382,195 @@ def test_document_search_and_plain_array_maps(shard_dir):
         starts = idx[:-1] + np.arange(len(lengths)) * ns
         for rel in range(int(idx[-1] + len(lengths) * ns)):
             assert _last_start_at_or_before(idx, ns, rel) == int(np.flatnonzero(starts <= rel)[-1])
+
+
+# -- ShardDataset.batch: a batch in a few numpy calls, exactly window / document + collate ----------------
+def _write_raw_shards(out, shard_docs, vocab_size):
+    """A shard directory with one shard per list of ``shard_docs``, empty documents kept (``write_shards``
+    skips them; ``ShardWriter`` writes them, and a shard may hold nothing else)."""
+    from fastpt.data.shards import FORMAT, MANIFEST, VERSION
+
+    out.mkdir(parents=True)
+    writer = ShardWriter(out, dtype_for_vocab(vocab_size), 10**9)
+    records = []
+    for docs in shard_docs:
+        for doc in docs:
+            writer.add(np.asarray(doc, dtype=np.int64))
+        records.append(writer.close())
+    write_json_atomic(out / MANIFEST, {
+        "format": FORMAT, "version": VERSION, "kind": "text", "complete": True, "dtype": writer.dtype.name,
+        "byteorder": "little", "vocab_size": vocab_size, "tokenizer": None, "special_tokens": SPECIALS,
+        "shards": records, "num_docs": sum(r["docs"] for r in records),
+        "num_tokens": sum(r["tokens"] for r in records)})
+
+
+# name -> (documents of (min, max) tokens, how many, vocab (uint16 / uint32 ids), shard_tokens; or empty-doc shards)
+CORPORA = {"short-many": ((1, 12), 400, VOCAB, 90), "long-many-u32": ((20, 300), 60, 70_001, 700),
+           "short-one": ((1, 12), 400, VOCAB, 10**9), "empty-docs": None}
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root, rng, out = tmp_path_factory.mktemp("corpora"), np.random.default_rng(11), {}
+    for name, spec in CORPORA.items():
+        if spec is None:  # empty documents here and there, a shard of nothing else, uint16
+            shards = [[rng.integers(6, VOCAB, size=int(n)) for n in rng.integers(0, 6, size=30) * (s != 2)]
+                      for s in range(6)]
+            _write_raw_shards(root / name, shards, VOCAB)
+        else:
+            (lo, hi), n, vocab, shard_tokens = spec
+            docs = [rng.integers(6, vocab, size=int(rng.integers(lo, hi + 1))) for _ in range(n)]
+            write_shards(root / name, docs, vocab_size=vocab, shard_tokens=shard_tokens, special_tokens=SPECIALS)
+        out[name] = root / name
+    return out
+
+
+def _assert_same_batch(want, got):
+    assert want.keys() == got.keys()
+    for key in want:
+        a, b = want[key], got[key]
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), key
+        else:
+            assert type(a) is type(b) and a == b, key
+
+
+def _per_sample_batches(ds, batch_size, n):
+    """What ``batches`` yielded before ``batch``: ``collate`` of ``sample`` (window / document) k by k."""
+    for _ in range(n):
+        yield collate([ds.sample(ds.consumed + b) for b in range(batch_size)])
+        ds.consumed += batch_size
+
+
+@pytest.mark.parametrize("corpus", list(CORPORA))
+@pytest.mark.parametrize("special", ["cls_sep", "eos", "none"])
+@pytest.mark.parametrize("mode", ["pack", "doc"])
+def test_batch_equals_window_or_document_and_collate(corpora, corpus, special, mode):
+    """``batches`` (``batch`` of a whole batch at once) gives the tensors, dtypes and ints that ``collate`` of
+    the per-sample ``window`` / ``document`` gave, over many shards or one, short and long documents
+    (windows crossing several shards), uint16 and uint32 ids, empty documents and a shard of nothing else,
+    each separator mode, through three epochs (batches wrapping around the epoch end, num_samples not a
+    multiple of the batch); and for random index batches, small and large (both ways of searching)."""
+    seq_len = 13 if mode == "doc" else {"long-many-u32": 97, "short-one": 64}.get(corpus, 13)
+    new, ref = (ShardDataset(corpora[corpus], seq_len, mode=mode, add_special=special, seed=3) for _ in range(2))
+    batch = 7 if new.num_samples % 7 else 8
+    n = 3 * new.num_samples // batch + 1
+    assert n * batch > 3 * new.num_samples and new.num_samples % batch
+    for want, got in zip(_per_sample_batches(ref, batch, n), new.batches(batch), strict=False):
+        _assert_same_batch(want, got)
+    assert new.consumed == ref.consumed == n * batch
+    rng = np.random.default_rng(5)
+    for size in (1, 5, 40, 200):
+        ii = rng.integers(0, new.num_samples, size=size)
+        one = new.window if mode == "pack" else new.document
+        _assert_same_batch(collate([one(int(i)) for i in ii]), new.batch(ii))
+    _assert_same_batch(collate([one(i) for i in range(new.num_samples)]), new.batch(np.arange(new.num_samples)))
+
+
+@pytest.mark.parametrize("mode", ["pack", "doc"])
+def test_batches_resume_from_a_state_dict_mid_epoch(corpora, mode):
+    """A run saved mid-epoch (rank 1 of 3) and resumed continues with the batches the per-sample path of an
+    uninterrupted run gives, across the epoch end; the position advances by the batch as before."""
+    path = corpora["short-many"]
+    ds = ShardDataset(path, 11, mode=mode, seed=2, rank=1, world_size=3)
+    batches = ds.batches(6)
+    for _ in range(len(ds) // 6 - 1):
+        next(batches)
+    state = json.loads(json.dumps(ds.state_dict()))
+    ref = ShardDataset(path, 11, mode=mode, seed=2, rank=1, world_size=3)
+    ref.load_state_dict(state)
+    resumed = ShardDataset(path, 11, mode=mode, seed=2, rank=1, world_size=3)
+    resumed.load_state_dict(state)
+    for want, got in zip(_per_sample_batches(ref, 6, 5), resumed.batches(6), strict=False):
+        _assert_same_batch(want, got)
+    assert resumed.state_dict() == ref.state_dict() and resumed.consumed == state["consumed"] + 5 * 6
+
+
+def test_sample_indices_are_sample_index(shard_dir):
+    out, _ = shard_dir
+    for kw in ({"seed": 4}, {"shuffle": False}, {"seed": 1, "rank": 2, "world_size": 3}):
+        ds = ShardDataset(out, 9, **kw)
+        for k, n in ((0, 1), (0, 73), (60, 30), (5, 400)):  # within an epoch, across one, several
+            assert ds.sample_indices(k, n).tolist() == [ds.sample_index(k + b) for b in range(n)]
+
+
+def test_batch_is_a_fixed_number_of_calls_not_one_per_sample(corpora):
+    """The old batches() went through window() per sample and a slice + concatenate per document piece
+    (~40 us of CPU, under the GIL, a 128-token window of short documents; on a GPU that ran on the prefetch
+    thread beside the one launching kernels). On one shard the Python / C calls of a batch now hardly grow
+    with its size: 256 windows cost less than twice the calls of 16 (window() + collate: 16x)."""
+    import sys
+
+    ds = ShardDataset(corpora["short-one"], 64, seed=0)
+    rng = np.random.default_rng(0)
+
+    def calls(size):
+        ii = rng.integers(0, ds.num_samples, size=size)
+        count = [0]
+
+        def hook(frame, event, arg):
+            if event in ("call", "c_call"):
+                count[0] += 1
+        sys.setprofile(hook)
+        try:
+            ds.batch(ii)
+        finally:
+            sys.setprofile(None)
+        return count[0]
+
+    assert calls(256) < 2 * calls(16)
+    for name in ("window", "document", "_piece"):  # never the per-sample path
+        assert name not in ds.batch.__code__.co_names + ds._pack_batch.__code__.co_names
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's descriptors in /proc")
+@pytest.mark.parametrize("mode", ["pack", "doc"])
+def test_batch_keeps_the_open_shard_bound(tmp_path, mode):
+    """A batch touching many more shards than max_open_shards leaves at most that many mapped (nothing it
+    returns or keeps is a view of a map) and equals the per-sample path."""
+    write_shards(tmp_path, _docs(300, seed=2), vocab_size=VOCAB, shard_tokens=60, special_tokens=SPECIALS)
+    ds = ShardDataset(tmp_path, 11, mode=mode, seed=1, verify=False)
+    ds.max_open_shards = 4
+    before = _fds()
+    ii = np.random.default_rng(0).permutation(ds.num_samples)[:64]
+    got = ds.batch(ii)
+    assert len(ds.manifest["shards"]) > 60 and len(ds._maps) == 4 and _fds() - before <= 2 * 4
+    ref = ShardDataset(tmp_path, 11, mode=mode, seed=1, verify=False)
+    _assert_same_batch(collate([(ref.window if mode == "pack" else ref.document)(int(i)) for i in ii]), got)
+
+
+def test_batch_refuses_bad_indices(shard_dir):
+    out, _ = shard_dir
+    ds = ShardDataset(out, 9)
+    with pytest.raises(IndexError, match=f"window {ds.num_samples} outside"):
+        ds.batch([0, ds.num_samples])
+    with pytest.raises(IndexError, match="document -1 outside"):
+        ShardDataset(out, 9, mode="doc").batch([-1])
+    for bad in ([], [[1, 2]], [0.5]):
+        with pytest.raises(ValueError, match="indices"):
+            ds.batch(bad)
+
+
+@pytest.mark.parametrize("ns", [0, 1, 2, 3])
+def test_vectorised_document_search_equals_a_scan(ns):
+    """_last_starts_at_or_before (searchsorted rounds, then 64-ary rounds, for a batch of queries) and
+    _last_start_at_or_before with bounds give the scan's answer: documents shorter than their separators
+    (where the rounds stall), empty ones, long ones, with and without lo / hi bounds."""
+    from fastpt.data import shards
+
+    rng = np.random.default_rng(ns)
+    lengths = np.concatenate([rng.integers(0, 3, size=3000), rng.integers(0, 400, size=300),
+                              rng.integers(20, 40, size=3000)])
+    idx = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
+    wrapped = idx[:-1] + np.arange(len(lengths)) * ns
+    rel = rng.integers(0, int(idx[-1] + len(lengths) * ns), size=500)
+    want = np.searchsorted(wrapped, rel, side="right") - 1
+    assert shards._last_starts_at_or_before(idx, ns, rel).tolist() == want.tolist()
+    lo = np.maximum(want - rng.integers(0, 50, size=len(rel)), 0)
+    lo = np.searchsorted(wrapped, wrapped[lo], side="right") - 1  # (a qualifying lo: the last of equal starts)
+    hi = want + rng.integers(0, 50, size=len(rel))
+    for q in (len(rel), shards._FEW_QUERIES - 1):  # vectorised, and one scalar search a query
+        got = shards._last_starts_at_or_before(idx, ns, rel[:q], lo[:q], hi[:q])
+        assert got.tolist() == want[:q].tolist()
+    assert [shards._last_start_at_or_before(idx, ns, int(r), int(a)) for r, a in zip(rel[:50], lo[:50])] == \
+        want[:50].tolist()
