@@ -887,7 +887,7 @@ def test_image_folder_resized_on_load_with_an_exact_resume(mixed_folder):
     first = next(it)["pixel_values"]
     state = stream.state_dict()
     rest = [next(it)["pixel_values"] for _ in range(2)]  # across the epoch boundary (6 images)
-    assert first.shape == (4, 1, 8, 8) and first.min() >= -1 and first.max() <= 1
+    assert first.shape == (4, 1, 8, 8) and first.dtype == torch.uint8  # the model's floats made on its device
     again = ImageStream(str(mixed_folder), image_size=8, seed=3)
     assert torch.equal(next(again.batches(4))["pixel_values"], first)
     resumed = ImageStream(str(mixed_folder), image_size=8, seed=3)

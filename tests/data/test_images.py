@@ -204,6 +204,24 @@ def test_preprocess_folder_round_trip_and_checksums(tmp_path, image_folder):
 
 
 @needs_fmnist
+def test_get_images_is_a_batch_of_the_items(tmp_path, image_folder):
+    """``get_images`` gives the images of ``indices`` as one uint8 (B, C, H, W) batch: the memory-mapped arrays
+    in one gather (repeats and any order), a folder image by image."""
+    root, rgb, grey = image_folder
+    out = tmp_path / "out"
+    preprocess_images(root, out, channels=3, progress=False, log=None)
+    arrays = open_image_dataset(out)
+    idx = [2, 0, 2, 1]
+    batch = arrays.get_images(np.asarray(idx))
+    assert batch.dtype == torch.uint8 and batch.shape == (4, 3, 5, 6) and batch.is_contiguous()
+    assert torch.equal(batch, torch.stack([arrays[i][0] for i in idx]))
+    assert torch.equal(arrays.get_images(idx), batch)  # a list as well
+    with pytest.raises(IndexError):
+        arrays.get_images([3])
+    folder = ImageFolder(root / "cats", channels=3)
+    assert torch.equal(folder.get_images([1, 0]), torch.stack([folder[1][0], folder[0][0]]))
+
+
 def test_cli_fashion_mnist(tmp_path, capsys):
     assert preprocess_main(["--images", "fashion-mnist", "--split", "test", str(tmp_path / "fm")]) == 0
     assert "10,000 images (1, 28, 28)" in capsys.readouterr().out

@@ -1,8 +1,10 @@
 """The recipe's batch streams: text shards (``fastpt.data.shards.ShardDataset``) and images.
 
 Both give the same small interface: ``batches(batch_size)`` (an endless iterator of collated
-CPU batches, advancing the position), ``state_dict()`` / ``load_state_dict()`` (the position and
-what it is valid for) and ``special_ids`` / ``vocab_size`` (text) or ``image_shape`` (images).
+CPU batches, advancing the position), ``to_model(batch)`` (the batch as the model takes it, called
+after the batch is moved to the device: images travel as uint8 and become float there),
+``state_dict()`` / ``load_state_dict()`` (the position and what it is valid for) and
+``special_ids`` / ``vocab_size`` (text) or ``image_shape`` (images).
 Order and rank split follow ``ShardDataset``: epoch ``e`` is a ``default_rng([seed, e])``
 permutation; rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of the stream of epochs (its k-th
 sample is global position ``k * W + r``, no padding at an epoch's end), so at every step, in every
@@ -42,6 +44,11 @@ class TextStream:
 
     def batches(self, batch_size: int) -> Iterator[dict]:
         return self.dataset.batches(batch_size)
+
+    @staticmethod
+    def to_model(batch: dict) -> dict:
+        """The batch unchanged: token batches are the model's inputs as collated (see ``to_model``)."""
+        return to_model(batch)
 
     def state_dict(self) -> dict:
         return self.dataset.state_dict()
@@ -104,9 +111,11 @@ def open_image_folder(root, *, image_size: int | None = None) -> image_data.Imag
 
 
 class ImageStream:
-    """Batches ``{"pixel_values": float32 (B, C, H, W) in [-1, 1]}`` of an image
-    dataset (``open_images``), resized to ``image_size`` when given (folder images on load, since
-    they may differ in size; array datasets by batch). Position: samples consumed by this rank
+    """Batches ``{"pixel_values": uint8 (B, C, H, W)}`` of an image dataset (``open_images``), resized to
+    ``image_size`` when given (folder images on load, since they may differ in size; array datasets by
+    batch, which then come as the model's float32 already). ``to_model`` makes the model's float32 in
+    [-1, 1] (``x / 127.5 - 1``) of a batch, on the device it was moved to: a uint8 batch is a quarter of
+    the float32 one to collate, pin and copy to the GPU. Position: samples consumed by this rank
     (as ``ShardDataset``)."""
 
     def __init__(self, source: str, *, image_size: int | None = None, seed: int = 0, rank: int = 0,
@@ -127,24 +136,48 @@ class ImageStream:
         """Samples per epoch on this rank, at most: ceil(samples / world_size)."""
         return -(-self.n // self.world_size)
 
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s order of the images, ``default_rng([seed, epoch])`` (the last one kept)."""
+        if epoch != self._perm_epoch:
+            self._perm, self._perm_epoch = np.random.default_rng([self.seed, epoch]).permutation(self.n), epoch
+        return self._perm
+
     def _index(self, k: int) -> int:
         """The image of this rank's k-th sample: global position ``k * world_size + rank`` of the stream of
         epochs (as ``ShardDataset.sample_index``)."""
         epoch, pos = divmod(k * self.world_size + self.rank, self.n)
+        return pos if not self.shuffle else int(self._permutation(epoch)[pos])
+
+    def _indices(self, k: int, count: int) -> np.ndarray:
+        """``_index`` of this rank's samples ``k .. k + count - 1``, int64 (count,), computed at once (a batch
+        may span several epochs: more samples than images)."""
+        epoch, pos = np.divmod((k + np.arange(count, dtype=np.int64)) * self.world_size + self.rank, self.n)
         if not self.shuffle:
             return pos
-        if epoch != self._perm_epoch:
-            self._perm, self._perm_epoch = np.random.default_rng([self.seed, epoch]).permutation(self.n), epoch
-        return int(self._perm[pos])
+        out = np.empty_like(pos)
+        for e in np.unique(epoch):
+            at = epoch == e
+            out[at] = self._permutation(int(e))[pos[at]]
+        return out
 
     def batches(self, batch_size: int) -> Iterator[dict]:
+        """Endless batches ``{"pixel_values": (batch_size, C, H, W)}``, uint8 (float32 where an array
+        dataset is resized); ``to_model`` makes them the model's inputs."""
         while True:
-            items = [self.dataset[self._index(self.consumed + b)] for b in range(batch_size)]
+            x = self.dataset.get_images(self._indices(self.consumed, batch_size))
             self.consumed += batch_size
-            x = torch.stack([img for img, _ in items]).float().div_(127.5).sub_(1.0)
             if self.image_size and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-                x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+                # bilinear on the host: the same values on every device (a GPU's interpolation may round
+                # otherwise), a cost only datasets stored at another size pay
+                x = F.interpolate(pixels_to_float(x), size=(self.image_size, self.image_size), mode="bilinear",
+                                  align_corners=False)
             yield {"pixel_values": x}  # no labels: pre-training is self-supervised
+
+    @staticmethod
+    def to_model(batch: dict) -> dict:
+        """``batch`` with uint8 ``pixel_values`` as the model's float32 in [-1, 1], on their device (see
+        ``to_model``)."""
+        return to_model(batch)
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "world_size": self.world_size, "shuffle": self.shuffle,
@@ -168,6 +201,38 @@ class ImageStream:
                 raise ValueError(f"load_state_dict: saved {key}={state.get(key)!r}, this dataset has "
                                  f"{mine[key]!r}{what}")
         self.consumed = int(state["consumed"])
+
+
+def to_model(batch: dict) -> dict:
+    """A collated batch as the model takes it: uint8 ``pixel_values`` (``ImageStream``) become float32
+    in [-1, 1] (``pixels_to_float``) on the device they are on; every other key, and float pixels, as they
+    are. Call it after moving the batch to the device (the recipe's ``to_device``), so the host collates,
+    pins and copies a quarter of the bytes and the device does the arithmetic."""
+    px = batch.get("pixel_values")
+    if not (isinstance(px, torch.Tensor) and px.dtype == torch.uint8):
+        return batch
+    return {**batch, "pixel_values": pixels_to_float(px)}
+
+
+_PIXEL_TABLES: dict[torch.device, torch.Tensor] = {}  # device -> pixels_to_float of the 256 uint8 values
+
+
+def pixels_to_float(x: torch.Tensor, *, table: bool | None = None) -> torch.Tensor:
+    """uint8 pixels (any shape) -> float32 ``x / 127.5 - 1`` in [-1, 1], on ``x``'s device, the same bits
+    on every device: on the CPU the arithmetic itself (``x.float().div_(127.5).sub_(1.0)``, what the image
+    stream computed on the host before it yielded uint8); elsewhere (or with ``table=True``) a lookup in a
+    table of those 256 CPU values. (A GPU's division by a scalar is a multiplication by its reciprocal, which
+    rounds 111 of the 256 values one ulp apart from the CPU's division: PyTorch's ``div_true_kernel_cuda``.)
+    Raises TypeError naming ``x`` for pixels of another dtype."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"x: expected uint8 pixels, got {x.dtype}")
+    if not (x.device.type != "cpu" if table is None else table):
+        return x.float().div_(127.5).sub_(1.0)
+    lut = _PIXEL_TABLES.get(x.device)
+    if lut is None:
+        lut = pixels_to_float(torch.arange(256, dtype=torch.uint8), table=False).to(x.device)
+        _PIXEL_TABLES[x.device] = lut
+    return lut[x.int()]  # int32 indices: uint8 ones would be a boolean mask
 
 
 def _resolved(source) -> str:
@@ -197,6 +262,11 @@ class Prefetcher:
     optionally in pinned memory, so that reading and collating the next batch overlaps the step on the GPU
     (and ``.to(device, non_blocking=True)`` of a pinned batch is an asynchronous copy).
 
+    At most ``depth`` batches exist beyond those handed out, made or being made: the thread takes one of
+    ``depth`` slots before it makes a batch and ``__next__`` gives the slot back when it hands that batch out.
+    (A queue of ``depth`` alone let the thread make one more while it waited to put it: ``depth + 1`` batches
+    of host memory, each pinned.)
+
     ``state_dict()`` is the position after the batches handed out so far, not after those made ahead (the
     thread records the stream's position after each batch it makes): a checkpoint resumes at the first
     batch not trained on, exactly as without prefetching. The streams draw no global random numbers, so
@@ -208,7 +278,8 @@ class Prefetcher:
             raise ValueError(f"depth: expected >= 1, got {depth}")
         self.stream, self.pin = stream, pin
         self._state = copy.deepcopy(stream.state_dict())
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue = queue.Queue()  # bounded by the slots
+        self._slots = threading.Semaphore(depth)
         self._stop = threading.Event()
         self._final: BaseException | None = None  # what ended the thread, once handed out
         self._batches = stream.batches(batch_size)
@@ -217,21 +288,20 @@ class Prefetcher:
 
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while self._take_slot():
                 batch = next(self._batches)
                 if self.pin:
                     batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                self._put((batch, copy.deepcopy(self.stream.state_dict())))
+                self._queue.put((batch, copy.deepcopy(self.stream.state_dict())))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            self._put((exc, None))
+            self._queue.put((exc, None))
 
-    def _put(self, item) -> None:
+    def _take_slot(self) -> bool:
+        """Wait for a free slot; False once ``close()`` stops the thread."""
         while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+            if self._slots.acquire(timeout=0.1):
+                return True
+        return False
 
     def __iter__(self):
         return self
@@ -244,6 +314,7 @@ class Prefetcher:
             self._final = StopIteration() if isinstance(batch, StopIteration) else batch
             raise batch
         self._state = state
+        self._slots.release()  # handed out: the thread may make the next one
         return batch
 
     def state_dict(self) -> dict:
@@ -251,7 +322,7 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
-        while True:  # unblock a producer waiting on a full queue
+        while True:  # free the batches made ahead
             try:
                 self._queue.get_nowait()
             except queue.Empty:

@@ -62,6 +62,7 @@ from ..data.tasks import (BUILTIN_TASKS, PYTHON_DOCS_TOPICS, builtin_text_task, 
 from ..models import TextEncoder, VisionEncoder
 from ..objectives.base import pool
 from ..ops._rng import generator_seed
+from .data import pixels_to_float
 from .probes import classification_metrics, knn_predict, linear_probe, standardize  # noqa: F401
 from .recipe import resolve_precision
 
@@ -527,7 +528,8 @@ def _to_pixels(images: torch.Tensor, encoder: VisionEncoder) -> torch.Tensor:
     [-1, 1] (``x / 127.5 - 1``) and sizes change by bilinear resizing, as the pre-training recipe's
     image stream does; float images are taken as already so normalised. Grey <-> RGB by
     repetition / luma."""
-    x = images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
+    # uint8: the pre-training image stream's floats, bit for bit on every device (data.pixels_to_float)
+    x = pixels_to_float(images) if images.dtype == torch.uint8 else images.float()
     c = encoder.in_channels
     if x.shape[1] != c:
         if x.shape[1] == 1:
