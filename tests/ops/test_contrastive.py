@@ -322,15 +322,17 @@ def test_scales_cost_no_host_traffic_per_call(device):
     step), and CLIP's learnable logit_scale was read with float() on every call (a wait for the GPU). Floats
     become one cached tensor; a GPU tensor's value is checked on the GPU, a bad one making the loss NaN (on a
     CPU, where reading it is free, the ValueError stays)."""
-    from fastpt._dispatch import _device_constant as _constant
+    from fastpt import _dispatch
 
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(9, 16, generator=g).to(device), torch.randn(9, 16, generator=g).to(device)
-    _constant.cache_clear()
+    _dispatch._CONSTANTS.clear()
     first = nt_xent(a, b, temperature=0.3)
+    made = dict(_dispatch._CONSTANTS)
+    assert len(made) == 1
     for _ in range(3):
         assert torch.equal(nt_xent(a, b, temperature=0.3), first)
-    assert _constant.cache_info().misses == 1 and _constant.cache_info().hits == 3
+    assert len(_dispatch._CONSTANTS) == 1 and all(_dispatch._CONSTANTS[k] is t for k, t in made.items())
     good = clip_loss(a, b, torch.tensor(2.0, device=device))
     torch.testing.assert_close(good, clip_loss(a, b, 2.0))
     for bad in (math.inf, math.nan):
@@ -345,6 +347,34 @@ def test_scales_cost_no_host_traffic_per_call(device):
             assert torch.isnan(clip_loss(a, b, scale)) and torch.isnan(info_nce(a, b, temperature=temp))
     if device != "cpu":
         assert torch.isnan(info_nce(a, b, temperature=torch.tensor(-0.5, device=device)))
+
+
+def test_scale_checks_read_host_values_whatever_the_embeddings_device():
+    """A float or a CPU-tensor logit_scale is read on the host for free: its ValueError stays when the
+    embeddings are on a GPU ("meta" stands in: only a tensor living on the GPU is checked there, NaN loss)."""
+    from fastpt.ops.contrastive import _scale_from_logit_scale
+
+    meta = torch.device("meta")
+    for bad in (math.inf, torch.tensor(math.nan)):
+        with pytest.raises(ValueError, match="logit_scale: expected a finite value"):
+            _scale_from_logit_scale(bad, meta, torch.float32)
+    assert _scale_from_logit_scale(torch.tensor(math.inf, device=meta), meta, torch.float32).device == meta
+
+
+def test_constants_made_under_a_fake_mode_are_not_cached():
+    """device_constant cached what FakeTensorMode made: the next eager call with the same temperature got a
+    FakeTensor back (a loss without data)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastpt import _dispatch
+
+    _dispatch._CONSTANTS.clear()
+    z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
+    with FakeTensorMode() as mode:
+        nt_xent(mode.from_tensor(z1), mode.from_tensor(z2), temperature=0.2)
+    loss = nt_xent(z1, z2, temperature=0.2)
+    assert type(loss) is torch.Tensor and torch.isfinite(loss)
+    torch.testing.assert_close(loss, nt_xent_reference(z1.double(), z2.double(), temperature=0.2).float())
 
 
 def test_nt_xent_subtracts_the_positive_per_row():

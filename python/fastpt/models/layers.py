@@ -167,12 +167,16 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0
 def alibi_slopes(heads: int) -> torch.Tensor:
     """ALiBi head slopes (Press et al.), float32 ``(heads,)``: the geometric sequence for a power
     of two, interleaved with the next power's for other head counts (as in the reference code)."""
+    return torch.tensor(alibi_slope_values(heads), dtype=torch.float32)
+
+
+def alibi_slope_values(heads: int) -> tuple[float, ...]:
+    """``alibi_slopes`` as Python floats (plain arithmetic: traced by torch.compile as constants)."""
     def power_of_two(n):
         start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
         return [start ** (i + 1) for i in range(n)]
     closest = 2 ** math.floor(math.log2(heads))
-    slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][:heads - closest]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return tuple(power_of_two(closest) + power_of_two(2 * closest)[0::2][:heads - closest])
 
 
 def dense_attention_mask(batch: int, seq: int, device, *, causal: bool = False, prefix_lens=None, seqlens=None,
@@ -284,7 +288,7 @@ class SelfAttention(MultiheadSelfAttention):
         allowed, valid = dense_attention_mask(b, s, q.device, **mask)
         positions = positions.to(q.device).expand(b, s)
         dist = (positions[:, None, :] - positions[:, :, None]).abs().to(torch.float32)  # (B, S, S)
-        slopes = _dispatch.device_constant(tuple(alibi_slopes(h).tolist()), torch.float32, q.device)
+        slopes = _dispatch.device_constant(alibi_slope_values(h), torch.float32, q.device)
         bias = -slopes[None, :, None, None] * dist[:, None]
         # padded queries have no key: let them see all (finite softmax), zero their rows after
         allowed = allowed | ~valid[:, :, None]

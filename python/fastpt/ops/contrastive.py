@@ -176,13 +176,17 @@ def _scale_from_logit_scale(logit_scale, device, acc) -> torch.Tensor:
     else:
         raise TypeError(f"logit_scale: expected a float or a one-element float tensor, "
                         f"got {type(logit_scale).__name__}")
-    if ls.device.type != "cpu" and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # no host read while tracing
+        v = 0.0
+    elif isinstance(logit_scale, torch.Tensor) and logit_scale.device.type != "cpu":
         # CLIP's learnable scale lives on the GPU: reading it would wait for the GPU on every call; a
         # non-finite value gives a NaN loss there instead of the ValueError (exp(inf) would clamp to 100)
         ls = _nan_unless(ls, torch.isfinite(ls))
         v = None
+    elif isinstance(logit_scale, torch.Tensor):  # on the host: read where it is, for free
+        v = _host_value(logit_scale.detach().reshape(()))
     else:
-        v = 0.0 if torch.compiler.is_compiling() else _host_value(ls.detach())  # no host read while tracing
+        v = float(logit_scale)
     if v is not None and not math.isfinite(v):
         raise ValueError(f"logit_scale: expected a finite value, got {v}")
     # below: exp() of a very negative logit_scale underflows to 0; the smallest normal scale gives
@@ -904,7 +908,8 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, *, temperature=0.07, labels
 
     Raises:
         TypeError / ValueError naming the argument: non-tensor or non-float embeddings, shapes other
-        than (rows >= 1, D), mismatched D / dtype / device, temperature not finite and > 0, labels
+        than (rows >= 1, D), mismatched D / dtype / device, temperature not finite and > 0 (a temperature
+        tensor on a GPU is checked there: a bad one gives a NaN loss), labels
         of the wrong dtype, shape or device, negative ids, a row without a positive.
         ``BackendError`` when the forced backend cannot serve the inputs; RuntimeError when
         ``gather=True`` without an initialised process group.
@@ -990,7 +995,8 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale, *, l
         0-dim loss, float32 (float64 for float64 inputs).
 
     Raises:
-        TypeError / ValueError naming the argument (logit_scale must be finite), ``BackendError``, RuntimeError.
+        TypeError / ValueError naming the argument (logit_scale must be finite; a logit_scale tensor on a GPU is
+        checked there: a non-finite one gives a NaN loss), ``BackendError``, RuntimeError.
     """
     img = _embeddings("image_emb", image_emb)
     txt = _embeddings("text_emb", text_emb, img, "image_emb")
