@@ -493,6 +493,35 @@ def test_heads_reading_no_padding_stay_fused(name, fused):
     assert len(fused) == 2
 
 
+def test_a_call_running_the_original_attention_leaves_other_threads_fused():
+    """A padded question-answering call runs HF's own attention by switching the layers' plan off for its
+    duration: that was an attribute of the shared model, so a thread calling it meanwhile lost the fused op
+    (or, entering during another's call, restored "unfused" for good when it left). It is per thread now."""
+    import threading
+
+    from fastpt.models import patch_hf as ph
+
+    model = patch_hf(_model("bert"))
+    layer = next(m for m in model.modules() if "_fastpt_attn" in m.__dict__)
+    q = torch.randn(2, 4, 5, 8)
+    inside, leave, seen = threading.Event(), threading.Event(), {}
+
+    def padded_call():
+        with ph._unfused(model):
+            seen["inside"] = ph._plan(layer, q, q, q, None, {})
+            inside.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=padded_call)
+    t.start()
+    assert inside.wait(10)
+    seen["other"] = ph._plan(layer, q, q, q, None, {})  # this thread, while the other is inside
+    leave.set()
+    t.join(10)
+    assert seen["inside"] is None and seen["other"] is not None
+    assert layer._fastpt_attn[1] and ph._plan(layer, q, q, q, None, {}) is not None
+
+
 def test_gpt2_sequence_classifier_pooling_a_padded_position_is_hf_exactly(fused):
     """GPT2ForSequenceClassification pools each row's last position whose id is not pad_token_id: with
     ids at padded positions that are not pad_token_id, that is a padded position (the fused op's 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 
 
 @dataclass
@@ -55,3 +56,9 @@ class ModelOutput:
     last_hidden_state: torch.Tensor | None = None
     metrics: dict = field(default_factory=dict)
     hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+# pytree nodes, as transformers registers its ModelOutput: torch.export (and torch.onnx's exporter) take
+# a module returning them; unregistered, export refused every fastpt backbone and PretrainModel
+for _cls in (BackboneOutput, TwoTowerOutput, ModelOutput):
+    pytree.register_dataclass(_cls)

@@ -59,6 +59,7 @@ Undo with ``unpatch_hf(model)``; ``patch_hf`` on a patched model re-patches with
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import functools
 import inspect
@@ -145,6 +146,9 @@ def _plan(module, query, key, value, mask, kwargs):
     """``(causal, seqlens)`` when the fused op computes exactly what HF would, else None."""
     _, fusable = getattr(module, "_fastpt_attn", ("sdpa", False))
     if not fusable or _wants_weights(kwargs) or any(kwargs.get(k) is not None for k in _UNFUSABLE_KWARGS):
+        return None
+    # this call reads padded positions (_exact_at_padding: never traced, so the compiled graph reads no ContextVar)
+    if not torch.compiler.is_compiling() and id(module) in _UNFUSED.get():
         return None
     if query.dim() != 4 or key.shape != query.shape or value.shape != query.shape:
         return None  # a cache (q shorter than k) or cross shapes
@@ -304,18 +308,21 @@ def _reads_padding(model, args, kwargs) -> bool:
     return bool(padded.any())
 
 
+# ids of the patched attention modules that run their original attention in this thread / task (``_unfused``)
+_UNFUSED: contextvars.ContextVar[frozenset] = contextvars.ContextVar("fastpt_patch_hf_unfused", default=frozenset())
+
+
 @contextlib.contextmanager
 def _unfused(model):
-    """Every patched layer of ``model`` runs its original attention inside the block."""
-    layers = [m for m in model.modules() if "_fastpt_attn" in m.__dict__]
-    plans = [m._fastpt_attn for m in layers]
+    """Every patched layer of ``model`` runs its original attention inside the block, in this thread (or asyncio
+    task) only: a context variable, not the modules' attributes, which threads sharing the model would see
+    (another thread's call then lost HF's loss, and the last to leave restored "unfused" for good)."""
+    layers = frozenset(id(m) for m in model.modules() if "_fastpt_attn" in m.__dict__)
+    token = _UNFUSED.set(_UNFUSED.get() | layers)
     try:
-        for m, (fallback, _) in zip(layers, plans):
-            m._fastpt_attn = (fallback, False)
         yield
     finally:
-        for m, plan in zip(layers, plans):
-            m._fastpt_attn = plan
+        _UNFUSED.reset(token)
 
 
 def _exact_at_padding(forward):
@@ -325,8 +332,8 @@ def _exact_at_padding(forward):
     @functools.wraps(forward)
     def checked(self, *args, **kwargs):
         if _reads_padding(self, args, kwargs):
-            with _unfused(self):
-                return forward(self, *args, **kwargs)
+            with _unfused(self):  # eager (not traced under torch.compile): _plan reads the context variable
+                return torch.compiler.disable(forward)(self, *args, **kwargs)
         return forward(self, *args, **kwargs)
     return checked
 

@@ -9,12 +9,14 @@ here splits into ``(H + 2 Hk)`` heads of ``D``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _dispatch
 from ..ops import _rng, _validate
 from ..ops.attention import MAX_HEAD_DIM, attention, sdpa
 from .dropout import Dropout
@@ -225,6 +227,30 @@ class MultiheadSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, dropout={self.dropout}, causal={self.causal}")
+
+
+@contextlib.contextmanager
+def attention_backend(module: nn.Module, backend: str | None):
+    """Every fastpt attention layer in ``module`` (``MultiheadSelfAttention`` and the models' layers built on it)
+    runs ``backend`` inside the block; each layer's own choice is restored after.
+
+    For exporters: ``torch.onnx.export`` (dynamo) has no translation for fastpt's attention op
+    (``fastpt::attention_fwd``) and stops at it; under ``attention_backend(model, "reference")`` the layers
+    compute with plain PyTorch ops (the masks written out, as ``fastpt.ops.attention``'s reference), which it
+    translates: e.g. ``with attention_backend(model, "reference"): torch.onnx.export(model, args, dynamo=True)``.
+    ``torch.export`` keeps the custom op as it is (no need for this). ValueError naming ``backend`` for a
+    name no op declares."""
+    if backend is not None and backend not in _dispatch.BACKENDS:
+        raise ValueError(f"backend: expected None or one of {list(_dispatch.BACKENDS)}, got {backend!r}")
+    layers = [m for m in module.modules() if isinstance(m, MultiheadSelfAttention)]
+    saved = [m.backend for m in layers]
+    try:
+        for m in layers:
+            m.backend = backend
+        yield module
+    finally:
+        for m, b in zip(layers, saved):
+            m.backend = b
 
 
 class TransformerEncoderLayer(nn.Module):
