@@ -27,7 +27,7 @@ recipe file's; defaults shown)::
       mode: pack              # pack: documents back to back (cu_seqlens); doc: one padded document per row
       add_special: auto       # separators around each document: auto | cls_sep | eos | none (auto: none
                               # for nsp / sop, which write their own around pairs cut from one document)
-      shuffle: true
+      shuffle: true           # a new order of the windows / images every epoch (from seed)
       verify: true            # check the shard checksums on open
       image_size: null        # resize images to this side (null: as stored)
       prefetch: null          # batches made ahead on a background thread, pinned on CUDA (null: 2 on a
@@ -41,13 +41,14 @@ recipe file's; defaults shown)::
       max_time_s: null        # ... or this many seconds of training (over resumes), whichever first
       lr: 1.0e-4              # peak learning rate (AdamW)
       weight_decay: 0.01      # on weight matrices only
-      betas: [0.9, 0.999]
-      eps: 1.0e-8
+      betas: [0.9, 0.999]     # AdamW's (RoBERTa: [0.9, 0.98]); a --resume applies the recipe's, and
+      eps: 1.0e-8             # weight_decay's, from the resumed step on (noted in the log when changed)
       warmup_steps: 0         # linear warmup
       schedule: cosine        # cosine | linear | constant after the warmup; it decays over the run to the
                               # first of max_steps and max_tokens (converted to steps) it reaches
       min_lr_ratio: 0.1       # final lr / peak lr
-      clip_grad: 1.0          # max gradient norm (null: no clipping)
+      clip_grad: 1.0          # max gradient norm (null: no clipping). A step whose gradients are not finite
+                              # stops a bf16 / fp32 run at the next log row or save (never saved; fp16 skips it)
       precision: auto         # auto (bf16 where the device multiplies it natively: a CUDA GPU with bf16
                               # tensor cores, a CPU with AVX512_BF16 or AMX whose bf16 GEMMs beat fp32's;
                               # else fp32) | fp32 | bf16 | fp16
@@ -61,7 +62,9 @@ recipe file's; defaults shown)::
                               # eager step measured 1.02-1.16x faster (e2e-cpu-compile.md). Dropout
                               # masks then come from Inductor's generator (seeded from torch's, which
                               # the checkpoint saves); the bit-identical --resume test runs eager.
-      activation_checkpointing: false
+      activation_checkpointing: false  # recompute each transformer layer in the backward (every stack: encoder,
+                              # decoder, MAE decoder, both CLIP towers; not the heads, not no-grad teachers):
+                              # stored activations ~1/12 at 6 layers, same gradients (dropout masks replay)
       seed: 0                 # model init, data order, masks (per step), dropout
       device: auto            # auto | cpu | cuda
       fsdp: false             # FSDP2 fully_shard per layer instead of DDP
