@@ -25,7 +25,12 @@ FASTPT_HD uint32_t mix32(uint32_t x) {
 
 FASTPT_HD uint32_t row_key(uint32_t key, uint32_t row) { return mix32(key ^ row); }
 
-FASTPT_HD uint32_t rand_bits(uint32_t rkey, uint32_t col) { return mix32(rkey ^ col); }
+// The column counter is spread over all 32 bits first (x 0x61C88647 = 2^32 - golden ratio): a bare
+// rkey ^ col correlated columns a fixed distance apart and repeated rows whose keys differ by < n_cols
+// in XOR-permuted columns (python/fastpt/ops/_rng.py docstring).
+FASTPT_HD uint32_t colmix(uint32_t col) { return col * 0x61C88647u; }
+
+FASTPT_HD uint32_t rand_bits(uint32_t rkey, uint32_t col) { return mix32(rkey ^ colmix(col)); }
 
 // Uniform integer in [0, n) from 32 random bits (Lemire's multiply-shift).
 FASTPT_HD uint32_t uniform_int(uint32_t b, uint32_t n) {

@@ -240,7 +240,7 @@ __device__ __forceinline__ uint32_t dropout_head_key(const AttentionParams& p, i
 
 // True when key j of a row whose row key is rq (= mix32(head_key ^ i)) is dropped.
 __device__ __forceinline__ bool dropped(uint32_t rq, int j, uint32_t threshold24) {
-  return (mix32(rq ^ static_cast<uint32_t>(j)) >> 8) < threshold24;
+  return (rand_bits(rq, static_cast<uint32_t>(j)) >> 8) < threshold24;
 }
 
 // ---------------------------------------------------------------------------- forward

@@ -285,7 +285,7 @@ def require(batch, keys, where: str) -> None:
 
 def seeded(seed) -> torch.Generator:
     """A CPU generator seeded with ``seed``: its draws are the same whatever device the batch is on (every
-    bit of a 64-bit seed counts: ``_rng.generator_seed``)."""
+    bit of a 64-bit seed moves them, folded to the generator's 32: ``_rng.generator_seed``)."""
     return torch.Generator().manual_seed(generator_seed(seed))
 
 

@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 if triton is not None:
-    from ._rng import mix32_tl as _mix32, signed32 as _signed32  # the one Triton copy of the hash
+    from ._rng import colmix_tl as _colmix, mix32_tl as _mix32, signed32 as _signed32  # the one Triton copy
 
 MAX_HEAD_DIM = 256
 MAX_GRID_DOCS = 65535  # CUDA's limit on grid dims 1 and 2; more docs are launched in chunks
@@ -158,7 +158,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
             if DROPOUT:
-                r = _mix32(row_bits[:, None] ^ cols.to(tl.uint32)[None, :])
+                r = _mix32(row_bits[:, None] ^ _colmix(cols.to(tl.uint32))[None, :])
                 p = tl.where((r >> 8) >= threshold, p, 0.0)
             acc = tl.dot(_lowp(p, v, UPCAST), v, acc, input_precision=PREC)
             m_i = m_new
@@ -265,7 +265,7 @@ if triton is not None:
                 p_t = tl.where(ok, p_t, 0.0)  # also drops the inf of rows whose lse never saw key j
             dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
             if DROPOUT:
-                r = _mix32(_row_bits(key, n, H, h, rows)[None, :] ^ cols.to(tl.uint32)[:, None])
+                r = _mix32(_row_bits(key, n, H, h, rows)[None, :] ^ _colmix(cols.to(tl.uint32))[:, None])
                 keep = (r >> 8) >= threshold
                 pd_t = tl.where(keep, p_t * rescale, 0.0)
                 dp_t = tl.where(keep, dp_t * rescale, 0.0)
@@ -358,7 +358,7 @@ if triton is not None:
                 p = tl.where(ok, p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             if DROPOUT:
-                r = _mix32(row_bits[:, None] ^ cols.to(tl.uint32)[None, :])
+                r = _mix32(row_bits[:, None] ^ _colmix(cols.to(tl.uint32))[None, :])
                 dp = tl.where((r >> 8) >= threshold, dp * rescale, 0.0)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(_lowp(ds, k, UPCAST), k, dq, input_precision=PREC)

@@ -2,7 +2,7 @@
 
 One elementwise kernel over the flat contiguous tensor, a 1-D grid of ``BLOCK``-sized chunks:
 element ``i`` (row ``i >> 16``, column ``i & 0xFFFF``) is kept iff
-``mix32(mix32(key ^ row) ^ col) >> 8 >= threshold``, kept values are ``x * scale`` in fp32 rounded
+``mix32(mix32(key ^ row) ^ colmix(col)) >> 8 >= threshold``, kept values are ``x * scale`` in fp32 rounded
 once to the dtype, dropped ones exactly +0. The same launch serves the backward on the gradient.
 
 Offsets are int32 unless the tensor has 2**31 elements or more (``BIG``: int64 offsets).
@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 if triton is not None:
-    from ._rng import mix32_tl as _mix32, signed32 as _signed32  # the one Triton copy of the hash
+    from ._rng import colmix_tl as _colmix, mix32_tl as _mix32, signed32 as _signed32  # the one Triton copy
 
 GPU_BLOCK, GPU_WARPS = 2048, 4
 INTERPRET_BLOCK = 1 << 16
@@ -49,7 +49,7 @@ if triton is not None:
         x = tl.load(X + offs, mask=ok, other=0.0)
         row = (offs >> 16).to(tl.uint32)  # dropout.COL_BITS: rows of 65536 columns
         col = (offs & 0xFFFF).to(tl.uint32)
-        r = _mix32(_mix32(key.to(tl.uint32, bitcast=True) ^ row) ^ col)
+        r = _mix32(_mix32(key.to(tl.uint32, bitcast=True) ^ row) ^ _colmix(col))
         keep = (r >> 8) >= threshold.to(tl.uint32)
         if X.dtype.element_ty == tl.bfloat16:
             # bf16 -> fp32 is the bits shifted left by 16 (exact); spelled out because Triton 3.8's

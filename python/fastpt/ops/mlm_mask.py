@@ -214,7 +214,7 @@ def _run_cuda(**inputs):
 # ----------------------------------------------------------------------------- triton
 
 if triton is not None:
-    _mix32 = _rng.mix32_tl
+    _mix32, _colmix = _rng.mix32_tl, _rng.colmix_tl
 
     @triton.jit
     def _mlm_kernel(ids_ptr, out_ptr, labels_ptr, blocked_ptr, words_ptr, special_ptr, cols, n_special,
@@ -240,9 +240,9 @@ if triton is not None:
         rk_sel = _mix32(k_sel.to(tl.uint32, bitcast=True) ^ r32)
         rk_act = _mix32(k_act.to(tl.uint32, bitcast=True) ^ r32)
         rk_tok = _mix32(k_tok.to(tl.uint32, bitcast=True) ^ r32)
-        selected = eligible & ((_mix32(rk_sel ^ sel_col) >> 8) < t_sel.to(tl.uint32))
-        action = _mix32(rk_act ^ c32) >> 8
-        rnd = ((_mix32(rk_tok ^ c32).to(tl.uint64) * vocab.to(tl.uint64)) >> 32).to(tok.dtype)
+        selected = eligible & ((_mix32(rk_sel ^ _colmix(sel_col)) >> 8) < t_sel.to(tl.uint32))
+        action = _mix32(rk_act ^ _colmix(c32)) >> 8
+        rnd = ((_mix32(rk_tok ^ _colmix(c32)).to(tl.uint64) * vocab.to(tl.uint64)) >> 32).to(tok.dtype)
         replaced = tl.where(action < t_mask.to(tl.uint32), mask_id.to(tok.dtype),
                             tl.where(action < t_rand.to(tl.uint32), rnd, tok))
         tl.store(out_ptr + offs, tl.where(selected, replaced, tok), mask=inside)

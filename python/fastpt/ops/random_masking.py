@@ -16,7 +16,7 @@ removed, and ``ids_restore[l]`` is the rank of ``l`` among the kept positions (i
 
 Random mode ("random"): with ``h(b, l) = bits(stream_key(seed, STREAM_MAE), b, l)``
 (``ops/_rng.py``), row ``b`` keeps the ``K`` positions with the smallest ``h``: a uniform random
-``K``-subset. Within a row ``h = mix32(row_key ^ l)`` is a bijection of ``l``, so the values are
+``K``-subset. Within a row ``h = mix32(row_key ^ colmix(l))`` is a bijection of ``l``, so the values are
 distinct and the kept set is well defined without a tie rule (the reference still sorts stably,
 which would break ties by position). The reference sorts ``h``; the C++ backend finds the
 ``K``-th smallest ``h`` with an O(L) selection, and the Triton backend by a 32-step bitwise search
@@ -54,7 +54,7 @@ try:  # Triton is optional: a GPU backend, or the CPU interpreter in tests.
     import triton
     import triton.language as tl
 
-    from ._rng import mix32_tl as _mix32, signed32 as _signed32  # the one Triton copy of the hash
+    from ._rng import colmix_tl as _colmix, mix32_tl as _mix32, signed32 as _signed32  # the one Triton copy
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
@@ -178,7 +178,7 @@ def _block_row(row, height, width, target, min_block_patches, table, key_block):
         remaining = target - count
         delta = 0
         for _ in range(10):
-            u_bits, a_bits, top_bits, left_bits = (_rng.mix32_int(rkey ^ (draw + i)) for i in range(4))
+            u_bits, a_bits, top_bits, left_bits = (_rng.mix32_int(rkey ^ _rng.colmix_int(draw + i)) for i in range(4))
             draw += 4
             area = min_block_patches + (remaining - min_block_patches) * ((u_bits >> 8) / 2**24)
             ratio = table[a_bits >> shift]
@@ -283,7 +283,7 @@ if triton is not None:
         inside = pos < L
         rk = _mix32(key.to(tl.uint32, bitcast=True) ^ row.to(tl.uint32))
         # h in int64 so that padding can sit above every 32-bit value and the search below never wraps.
-        h = _mix32(rk ^ pos.to(tl.uint32)).to(tl.uint64).to(tl.int64)
+        h = _mix32(rk ^ _colmix(pos.to(tl.uint32))).to(tl.uint64).to(tl.int64)
         h = tl.where(inside, h, 1 << 32)
         # The K-th smallest h is the largest t with #(h < t) < K: build t bit by bit from the top.
         # The h of a row are distinct (mix32 is a bijection), so h <= t keeps exactly K.
