@@ -384,6 +384,28 @@ def test_whole_word_mask_keeps_words_together(tok):
     assert abs(n_selected - 0.3 * n_words) <= _binomial_bound(n_words, 0.3)
 
 
+def test_whole_word_mask_of_a_byte_level_bpe_takes_berts_words():
+    """Without word_ids or offsets, whole-word masking needed WordPiece '##' pieces (a byte-level BPE raised
+    ValueError). A fast tokenizer's vocabulary now gives BERT's words, as fastpt pretrain masks shards: every
+    CJK ideograph and punctuation mark a word of its own, so unspaced Chinese rows mask about mlm_probability
+    of their tokens (with offset_mapping, Hugging Face's rule makes such a row one word, masked whole or not)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from fastpt.data.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    chars = [chr(0x4E00 + i) for i in range(300)] + ["，", "。"]
+    docs = ["".join(rng.choice(chars) for _ in range(rng.randint(40, 90))) for _ in range(300)]
+    backend = train_tokenizer(docs, "bpe", 600)
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", mask_token="<mask>")
+    examples = [{"input_ids": fast(d, add_special_tokens=False)["input_ids"][:64]} for d in docs[:64]]
+    out = MLMCollator(fast, whole_word_mask=True, mlm_probability=0.15, seed=0)(examples)
+    labelled = (out["labels"] != -100).float()
+    rows = labelled.sum(1) / torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.float32)
+    assert int((rows == 0).sum()) <= 2 and float(rows.max()) < 0.5
+    assert abs(float(labelled.sum()) / sum(len(e["input_ids"]) for e in examples) - 0.15) < 0.03
+
+
 def test_whole_word_pairs_do_not_tie_words_of_both_sequences(tok):
     # In a pair, Encoding.word_ids() restarts at 0 in the second sequence: word 0 of each sequence
     # must still be drawn independently.
@@ -434,5 +456,15 @@ def test_bad_inputs(tok):
         MLMCollator(_make_tokenizer(with_pad=False), seed=0)([[2, 5, 3], [2, 5, 6, 3]])
     with pytest.raises(ValueError, match="pad token"):
         MLMCollator(_make_tokenizer(with_pad=False), seed=0)([{"input_ids": [2, 5, 3]}, {"input_ids": [2, 3]}])
+    # a vocabulary whose words no rule tells apart: BPE over whitespace words, no ## pieces, no byte level
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + ["a", "b", "ab"])}
+    bare = Tokenizer(models.BPE(vocab, [("a", "b")], unk_token="[UNK]"))
+    bare.pre_tokenizer = pre_tokenizers.Whitespace()
+    bare = PreTrainedTokenizerFast(tokenizer_object=bare, pad_token="[PAD]", mask_token="[MASK]")
     with pytest.raises(ValueError, match="whole_word_mask"):
-        MLMCollator(_make_tokenizer(pieces=False), whole_word_mask=True)([[2, 5, 3]])
+        MLMCollator(bare, whole_word_mask=True)([[2, 5, 3]])
+    # a WordPiece vocabulary without ## pieces: every token a word of its own
+    assert MLMCollator(_make_tokenizer(pieces=False), whole_word_mask=True, seed=0)([[2, 5, 3]])["labels"].shape == (1, 3)

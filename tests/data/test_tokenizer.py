@@ -563,8 +563,8 @@ def test_trained_wordpiece_splits_long_unspaced_words():
     tok = train_tokenizer(docs, "wordpiece", 1000, lowercase=False)
     enc = tok.encode(long, add_special_tokens=False)
     assert "[UNK]" not in enc.tokens and tok.decode(enc.ids).replace(" ", "") == long
-    assert json.loads(tok.to_str())["model"]["max_input_chars_per_word"] == TRAINED_MAX_WORD_CHARS >= 1000
-    assert tok.encode("\u0e14\u0e35" * 501, add_special_tokens=False).tokens == ["[UNK]"]  # 1,002 characters
+    assert json.loads(tok.to_str())["model"]["max_input_chars_per_word"] == TRAINED_MAX_WORD_CHARS >= 300
+    assert tok.encode("\u0e14\u0e35" * 151, add_special_tokens=False).tokens == ["[UNK]"]  # 302 characters
     reloaded = Tokenizer.from_str(tok.to_str())
     assert reloaded.encode(long, add_special_tokens=False).ids == enc.ids
 

@@ -16,8 +16,11 @@ What differs, on purpose:
   Hugging Face's collator, and DataLoader workers get distinct streams).
 * ``whole_word_mask=True`` takes word boundaries from a ``"word_ids"`` key in the
   examples (``Encoding.word_ids()``, ``None`` for special tokens), else from
-  ``"offset_mapping"`` (Hugging Face's rule), else from WordPiece continuation
-  pieces (``"##..."``). It keeps ``mask_replace_prob`` / ``random_replace_prob``
+  ``"offset_mapping"`` (Hugging Face's rule: tokens that touch are one word, so an
+  unspaced Chinese run is one word), else from the tokenizer's vocabulary: WordPiece
+  continuation pieces (``"##..."``), or for a fast byte-level BPE / SentencePiece
+  tokenizer BERT's words (``data.tokenizer.word_boundary_tables``: each CJK ideograph
+  and punctuation mark its own word, as ``fastpt pretrain`` masks shards). It keeps ``mask_replace_prob`` / ``random_replace_prob``
   (the 80/10/10 split per token, as in the original BERT whole-word masking)
   where Hugging Face 5.x forces every selected token to ``[MASK]``.
 """
@@ -155,7 +158,7 @@ class MLMCollator:
                                       or not 0 <= self.seed < 2**64):
             raise ValueError(f"seed: expected None or an int in [0, 2**64), got {self.seed!r}")
         self._special_key, self._special_list = None, []  # see _special_ids
-        self._continuation = None  # WordPiece "##" table, built on first whole-word call
+        self._continuation = None  # (starts, ends) word tables (_boundary_tables), built on first whole-word call
         self._pid = os.getpid()
         # Shared with DataLoader workers (fork or spawn): counts how many processes have served
         # each worker id, so re-created workers start a fresh stream instead of repeating an epoch.
@@ -394,25 +397,45 @@ class MLMCollator:
             new_word = offsets[..., 0] != prev_end
             inside = ~special
         else:
-            cont = self._continuation_table(ids.device)
+            starts, ends = self._boundary_tables(ids.device)
             # clamped so that out-of-vocabulary ids reach mlm_mask, whose error names input_ids
-            new_word = ~cont[ids.long().clamp(0, len(cont) - 1)]
+            safe = ids.long().clamp(0, len(starts) - 1)
+            new_word = starts[safe]
+            new_word[:, 1:] |= ends[safe[:, :-1]]
             inside = ~special
         return number_words(new_word | prev_special, inside)
 
-    def _continuation_table(self, device) -> torch.Tensor:
-        """Bool per vocabulary id: the token is a WordPiece continuation (``##...``); rebuilt when
-        tokens were added to the tokenizer since."""
-        if self._continuation is None or len(self._continuation) != len(self.tokenizer):
-            tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-            cont = [t is not None and t.startswith("##") for t in tokens]
-            if not any(cont):
-                raise ValueError(
-                    "whole_word_mask: the tokenizer has no WordPiece '##' pieces to find word boundaries; "
-                    "add 'word_ids' (Encoding.word_ids()) or 'offset_mapping' to the examples"
-                )
-            self._continuation = torch.tensor(cont, dtype=torch.bool)
-        return self._continuation.to(device)
+    def _boundary_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(starts, ends): bool per vocabulary id, the token begins a word / the token after it does; rebuilt
+        when tokens were added to the tokenizer since. A fast tokenizer's come from
+        ``data.tokenizer.word_boundary_tables`` (WordPiece ``##`` pieces; byte-level BPE / SentencePiece:
+        BERT's words, each CJK ideograph and punctuation its own: the same words ``fastpt pretrain`` masks on
+        shards); a slow one's from its ``##`` pieces."""
+        if self._continuation is None or len(self._continuation[0]) != len(self.tokenizer):
+            n = len(self.tokenizer)
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            tables = None
+            if backend is not None:
+                from .tokenizer import word_boundary_tables
+
+                try:
+                    starts, ends = word_boundary_tables(backend)
+                except ValueError:
+                    pass  # no rule fits: the ## test below decides
+                else:
+                    pad = torch.ones(max(n - len(starts), 0), dtype=torch.bool)  # added tokens: words of their own
+                    tables = torch.cat([starts, pad])[:n], torch.cat([ends, pad])[:n]
+            if tables is None:
+                tokens = self.tokenizer.convert_ids_to_tokens(list(range(n)))
+                cont = [t is not None and t.startswith("##") for t in tokens]
+                if not any(cont):
+                    raise ValueError(
+                        "whole_word_mask: the tokenizer has no WordPiece '##' pieces to find word boundaries; "
+                        "add 'word_ids' (Encoding.word_ids()) or 'offset_mapping' to the examples"
+                    )
+                tables = ~torch.tensor(cont, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+            self._continuation = tables
+        return tuple(t.to(device) for t in self._continuation)
 
     def __getstate__(self):
         # The continuation table is rebuilt on demand; everything else travels (the generation

@@ -24,10 +24,13 @@ MAX_VOCAB = 1 << 24
 # 100, turns every longer space-free run into one [UNK]: in Thai, Lao, Khmer or Burmese text, which BERT's
 # pre-tokenizer does not cut, that lost 48% of a Thai test corpus's characters, although the trained
 # vocabulary has the pieces (its training sees the whole run). WordPiece's greedy longest match (tokenizers
-# tries every shorter substring) costs time growing faster than the square of the run's length (~0.2 ms for
-# 100 characters, ~4 ms for 350, ~45 ms for 1,000): longer runs stay [UNK] (preprocess counts them).
-# Tokenizers loaded from a model directory keep their 100, as transformers reads them.
-TRAINED_MAX_WORD_CHARS = 1000
+# tries every shorter substring) costs time growing faster than the square of the run's length, and most on
+# runs of letters the vocabulary has in short pieces (a 4-letter DNA-like run, small vocabulary, 1 Xeon
+# thread: 0.28 ms at 100 characters, 2.4 ms at 300, 32 ms at 1,000; 127 ms at 900 with an English
+# vocabulary): 300 keeps Thai sentences (a few hundred characters) at ~10x BERT's worst case, where 1,000
+# made such runs (base64, sequences, minified code) cost 100x. Longer runs stay [UNK]; preprocess counts
+# them and warns. Tokenizers loaded from a model directory keep their 100, as transformers reads them.
+TRAINED_MAX_WORD_CHARS = 300
 
 # the names each role goes by in common tokenizers, most specific first
 _ROLE_TOKENS = {
@@ -340,15 +343,21 @@ def _char_bounds(data: bytes) -> tuple[bool, bool]:
     """(the token's bytes ``data`` begin with a boundary character, they end with one that is not a plain
     space); ``data`` may leave out the token's middle (``_edge_bytes``).
 
-    The first: ``_opens_boundary`` of the first character's bytes present. The second needs the whole last
+    The first: ``_opens_boundary`` of the first character's bytes present; for a token beginning inside a
+    character (byte-level BPE merges the last bytes of one ideograph with the first of the next: "Ĺä¸"),
+    of the first character that begins in it: a token holding the start of a CJK ideograph begins that
+    ideograph's word (the previous character's last bytes riding along). The second needs the whole last
     character: a token ending inside a character, or made of continuation bytes only, ends no word. A plain
     space (``Ġ``, ``▁``) does not end one: byte-level and SentencePiece tokenizers write a word's space at
     its front, so a lone ``Ġ`` / ``▁`` token (its merge with the next piece missing) belongs to the word after."""
     if not data:
         return False, False
-    lead = data[0]
+    first = 0
+    while first < len(data) - 1 and first < 3 and data[first] & 0xC0 == 0x80:  # a previous character's bytes
+        first += 1
+    lead = data[first]
     n = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
-    starts = _opens_boundary(data[:n])
+    starts = _opens_boundary(data[first:first + n])
     k = len(data) - 1
     while k > 0 and k > len(data) - 4 and data[k] & 0xC0 == 0x80:
         k -= 1
