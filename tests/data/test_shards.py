@@ -537,6 +537,20 @@ def test_batch_keeps_the_open_shard_bound(tmp_path, mode):
     assert len(ds.manifest["shards"]) > 60 and len(ds._maps) == 4 and _fds() - before <= 2 * 4
     ref = ShardDataset(tmp_path, 11, mode=mode, seed=1, verify=False)
     _assert_same_batch(collate([(ref.window if mode == "pack" else ref.document)(int(i)) for i in ii]), got)
+    # each shard mapped at most twice: the token gather reuses the shards the offset searches left mapped
+    # first (it went in output order: past the limit, nearly every shard was mapped a second time)
+    import fastpt.data.shards as shards_module
+
+    calls = []
+    real = shards_module.map_array
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shards_module, "map_array", lambda *a, **k: calls.append(a) or real(*a, **k))
+        fresh = ShardDataset(tmp_path, 11, mode=mode, seed=1, verify=False)
+        fresh.max_open_shards = 4
+        calls.clear()
+        fresh.batch(ii)
+    touched = len({c[0] for c in calls})
+    assert len(calls) <= 2 * touched - 2 * 4 + 2 * 2  # a map per token file and offset file: 2 per shard
 
 
 def test_batch_refuses_bad_indices(shard_dir):

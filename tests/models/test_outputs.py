@@ -1,6 +1,8 @@
 """The output dataclasses are pytree nodes: ``torch.export`` takes fastpt backbones and ``PretrainModel`` as they
 are (unregistered, it refused them: "Found BackboneOutput in output, which is not a known type"), with dynamic
 batch and sequence sizes; ONNX export goes through ``fastpt.nn.attention_backend(model, "reference")``."""
+import io
+
 import pytest
 import torch
 
@@ -32,6 +34,11 @@ def test_backbones_and_models_export_with_dynamic_shapes():
     out, ref = program.module()(ids, mask), model.backbone(ids, mask)
     assert isinstance(out, BackboneOutput)
     torch.testing.assert_close(out.last_hidden_state[mask.bool()], ref.last_hidden_state[mask.bool()])
+    buffer = io.BytesIO()  # saving needs the classes' serialized names
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()(ids, mask)
+    torch.testing.assert_close(loaded.last_hidden_state, out.last_hidden_state)
     batch = model.prepare(dict(zip(("input_ids", "attention_mask"), _inputs(2, 9))), seed=0)
     program = torch.export.export(model, (), kwargs=batch)
     out = program.module()(**batch)

@@ -1000,13 +1000,17 @@ class ShardDataset:
         # the shard token at each position's offset inside its document (a separator's: a neighbour, clipped)
         token = pos + np.repeat(doc_lo[piece] + inside - p - cu[:-1], lengths)
         run = np.flatnonzero(np.append(seg_shard[1:] != seg_shard[:-1], True))  # runs of segments in one shard
+        ends = np.cumsum(r_hi - r_lo)[run].tolist()
+        spans = sorted(zip(seg_shard[run].tolist(), [0] + ends[:-1], ends), key=lambda r: -r[0])
         ids = np.empty(B * L, np.int64)
-        a = 0
-        for shard, b in zip(seg_shard[run].tolist(), np.cumsum(r_hi - r_lo)[run].tolist()):
-            tokens, _ = self._shard(shard)
+        # shard by shard, the last searched first: past max_open_shards the searches above evicted the first ones
+        # from the LRU, so the shards still mapped are used before any is mapped again (each at most twice a batch)
+        tokens, current = None, None
+        for shard, a, b in spans:
+            if shard != current:
+                (tokens, _), current = self._shard(shard), shard
             if len(tokens):  # (a shard of empty documents only: all its positions are separators)
                 ids[a:b] = tokens.take(token[a:b], mode="clip")
-            a = b
         if ns:
             doc_len = (doc_hi - doc_lo)[piece]
             for t, sid in enumerate(self.prefix + self.suffix):  # wrapped offset t, or doc_len + t past the ids

@@ -60,5 +60,6 @@ class ModelOutput:
 
 # pytree nodes, as transformers registers its ModelOutput: torch.export (and torch.onnx's exporter) take
 # a module returning them; unregistered, export refused every fastpt backbone and PretrainModel
+# (serialized_type_name: torch.export.save needs it to write a program returning them)
 for _cls in (BackboneOutput, TwoTowerOutput, ModelOutput):
-    pytree.register_dataclass(_cls)
+    pytree.register_dataclass(_cls, serialized_type_name=f"{_cls.__module__}.{_cls.__qualname__}")

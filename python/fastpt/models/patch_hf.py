@@ -40,7 +40,11 @@
   whenever its ``attention_mask`` marks padding: question answering (the span loss on
   ``start_positions`` / ``end_positions`` is a softmax over every position, padded ones
   included), ``GPT2DoubleHeadsModel``, ``ViTForMaskedImageModeling`` and a subclass that
-  overrides ``forward``. A loss computed outside the model from padded positions differs.
+  overrides ``forward``. A loss computed outside the model from padded positions differs. The
+  original attention covers the forward call only (per thread): with HF's gradient checkpointing
+  the backward's recomputation of such a call runs fused, so its gradients are not HF's (reentrant
+  checkpointing) or torch refuses the recomputed shapes (non-reentrant): train those heads on
+  padded batches without gradient checkpointing, or unpatched.
 * **Loss** (``BertForMaskedLM``, ``RobertaForMaskedLM``, ``GPT2LMHeadModel``): in training mode
   (``model.train()``) a forward with ``labels`` runs the backbone, keeps the rows whose label is
   not -100 (GPT-2: after HF's shift), applies the MLM transform to those rows only and computes
