@@ -58,7 +58,7 @@ struct AttentionParams {
 
   float scale = 0.f;       // softmax scale (1 / sqrt(D) by default, chosen by the caller)
   // Dropout on the attention probabilities (spec: rng.h mix32):
-  //   rk = mix32(dropout_key ^ (n * H + h)); r = mix32(mix32(rk ^ i) ^ colmix(j));
+  //   rk = mix32(dropout_key ^ (n * H + h)); r = mix32(mix32(rk ^ colmix(i)) ^ colmix(j));
   //   dropped iff (r >> 8) < dropout_threshold24; kept ones are scaled by keep_scale.
   uint32_t dropout_threshold24 = 0;  // 0 = no dropout
   uint32_t dropout_key = 0;

@@ -6,7 +6,7 @@
 //             bits = mix32(mix32(key ^ (i >> 16)) ^ colmix(i & 0xFFFF))
 //             i.e. _rng.bits(key, row, col) over the buffer seen as rows of 65536
 //   attention (probs (n, H, L, L) contiguous, document d = doc_ids[n], head h, query i, key j):
-//             bits = mix32(mix32(mix32(key ^ (d * H + h)) ^ i) ^ colmix(j))   (colmix: rng.h)
+//             bits = mix32(mix32(mix32(key ^ (d * H + h)) ^ colmix(i)) ^ colmix(j))   (colmix: rng.h)
 //   rows      (probs (B, H, S, S) over whole rows, position i of row b in document doc[b, i]
 //             (-1: none) at local position local[b, i]): the attention bits of
 //             (doc[b, i], h, local[b, i], local[b, j]) where doc[b, j] == doc[b, i] >= 0;

@@ -88,7 +88,7 @@ void attention_all(uintptr_t probs, uintptr_t out_, const int64_t* docs, int64_t
       const int64_t i = r % length, dh = r / length, d = dh / heads, h = dh % heads;
       const uint32_t rk = row_key(key, static_cast<uint32_t>(docs[d] * heads + h));
       drop_span<D>(x + r * length, out + r * length, static_cast<uint32_t>(length),
-                   row_key(rk, static_cast<uint32_t>(i)), 0u, threshold, static_cast<F>(scale));
+                   rand_bits(rk, static_cast<uint32_t>(i)), 0u, threshold, static_cast<F>(scale));
     }
   });
 }
@@ -109,8 +109,8 @@ void rows_all(uintptr_t probs, uintptr_t out_, const int64_t* doc, const int64_t
         std::fill_n(out + r * length, length, S{});
         continue;
       }
-      const uint32_t rk = row_key(row_key(key, static_cast<uint32_t>(d * heads + h)),
-                                  static_cast<uint32_t>(local[b * length + i]));
+      const uint32_t rk = rand_bits(row_key(key, static_cast<uint32_t>(d * heads + h)),
+                                    static_cast<uint32_t>(local[b * length + i]));
       drop_doc_span<D>(x + r * length, out + r * length, doc + b * length, local + b * length,
                        static_cast<uint32_t>(length), d, rk, threshold, static_cast<F>(scale));
     }

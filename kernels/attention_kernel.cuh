@@ -238,7 +238,7 @@ __device__ __forceinline__ uint32_t dropout_head_key(const AttentionParams& p, i
   return mix32(p.dropout_key ^ static_cast<uint32_t>(n * p.H + h));
 }
 
-// True when key j of a row whose row key is rq (= mix32(head_key ^ i)) is dropped.
+// True when key j of a row whose row key is rq (= rand_bits(head_key, i)) is dropped.
 __device__ __forceinline__ bool dropped(uint32_t rq, int j, uint32_t threshold24) {
   return (rand_bits(rq, static_cast<uint32_t>(j)) >> 8) < threshold24;
 }
@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads) attention_fwd_kernel(cons
       for (int hr = 0; hr < 2; ++hr) {
         m_run[mt][hr] = -INFINITY;
         l_run[mt][hr] = 0.f;
-        rq[mt][hr] = mix32(head_key ^ static_cast<uint32_t>(i0 + wrow + mt * 16 + g + 8 * hr));
+        rq[mt][hr] = rand_bits(head_key, static_cast<uint32_t>(i0 + wrow + mt * 16 + g + 8 * hr));
       }
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
@@ -573,7 +573,7 @@ __global__ void __launch_bounds__(BwdKVCfg<D>::kThreads) attention_bwd_dkdv_kern
           const int il = nt * 8 + 2 * t4 + e;
           const int i = i0 + il;
           const float lse2 = cL[il] * kLog2e;
-          const uint32_t rq = dropout ? mix32(head_key ^ static_cast<uint32_t>(i)) : 0u;
+          const uint32_t rq = dropout ? rand_bits(head_key, static_cast<uint32_t>(i)) : 0u;
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
             const int j = j0 + wrow + g + 8 * hr;
@@ -717,7 +717,7 @@ __global__ void __launch_bounds__(BwdQCfg<D>::kThreads) attention_bwd_dq_kernel(
       const int64_t at = (doc.b * p.H + h) * p.Sq + doc.s0 + i;
       lse2[hr] = i < doc.L ? lse[at] * kLog2e : 0.f;
       dl[hr] = i < doc.L ? delta[at] : 0.f;
-      rq[hr] = mix32(head_key ^ static_cast<uint32_t>(i));
+      rq[hr] = rand_bits(head_key, static_cast<uint32_t>(i));
     }
 
     float dq[kDT][4];

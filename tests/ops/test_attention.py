@@ -270,7 +270,8 @@ def test_dropout_mask_is_the_contract(device, backend):
             for i in range(length):
                 allowed = [j for j in range(length) if j <= max(i, pre - 1)]
                 for j in allowed:
-                    kept = (_rng.mix32_int(_rng.mix32_int(rk ^ i) ^ ((j * 0x61C88647) & 0xFFFFFFFF)) >> 8) >= thr
+                    kept = (_rng.mix32_int(_rng.mix32_int(rk ^ ((i * 0x61C88647) & 0xFFFFFFFF))
+                                           ^ ((j * 0x61C88647) & 0xFFFFFFFF)) >> 8) >= thr
                     want = 1.0 / (len(allowed) * (1 - p)) if kept else 0.0
                     assert out[n, hh, i, j].item() == pytest.approx(want, rel=1e-5, abs=1e-7), (n, hh, i, j)
     assert torch.equal(out[1, :, 11:], torch.zeros_like(out[1, :, 11:]))

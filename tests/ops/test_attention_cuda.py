@@ -47,7 +47,7 @@ def keep_mask(key: int, n: int, H: int, L: int, p: float, device) -> torch.Tenso
     h = torch.arange(H, device=device, dtype=torch.int64)
     idx = torch.arange(L, device=device, dtype=torch.int64)
     rk = _rng.mix32(((n * H + h) & _rng.M32) ^ key)
-    rq = _rng.mix32(rk.view(H, 1) ^ idx.view(1, L))
+    rq = _rng.mix32(rk.view(H, 1) ^ ((idx.view(1, L) * 0x61C88647) & 0xFFFFFFFF))
     r = _rng.mix32(rq.view(H, L, 1) ^ ((idx.view(1, 1, L) * 0x61C88647) & 0xFFFFFFFF))
     return (r >> 8) >= _rng.threshold24(p)
 

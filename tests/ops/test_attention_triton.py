@@ -3,7 +3,7 @@
 The reference is typed out in this file on purpose (and not imported from ``attention.py``) so the
 kernels are checked against the mask rule itself: doc ``[b, s0, L, P]``, query ``i`` attends key
 ``j`` iff ``j < L`` and ``j <= max(i, P - 1)``; dropout keeps (i, j) of head h in doc n iff
-``mix32(mix32(mix32(key ^ (n * H + h)) ^ i) ^ (j * 0x61C88647)) >> 8 >= threshold24(p)``. When the library's
+``mix32(mix32(mix32(key ^ (n * H + h)) ^ (i * 0x61C88647)) ^ (j * 0x61C88647)) >> 8 >= threshold24(p)``. When the library's
 ``attention.reference`` exists it is compared too.
 
 Accuracy follows the FlashAttention rule: ``max|kernel - ref64| <= 2 * max|ref_lowp - ref64| +
@@ -35,7 +35,8 @@ def keep_mask(key: int, n: int, heads: int, length: int, p: float) -> torch.Tens
     """(heads, L, L) bool: True where dropout keeps (i, j) for doc n."""
     rk = torch.tensor([_rng.mix32_int(key ^ (n * heads + h)) for h in range(heads)], dtype=torch.int64)
     i = torch.arange(length, dtype=torch.int64)
-    bits = _rng.mix32(_rng.mix32(rk[:, None, None] ^ i[None, :, None]) ^ ((i[None, None, :] * 0x61C88647) & 0xFFFFFFFF))
+    mixed = (i * 0x61C88647) & 0xFFFFFFFF
+    bits = _rng.mix32(_rng.mix32(rk[:, None, None] ^ mixed[None, :, None]) ^ mixed[None, None, :])
     return (bits >> 8) >= _rng.threshold24(p)
 
 

@@ -39,3 +39,17 @@ def test_colmix_is_a_bijection_of_the_column_within_a_row():
     b = _rng.bits(_rng.stream_key(3, _rng.STREAM_MAE), torch.tensor(7), torch.arange(1 << 16))
     assert b.unique().numel() == 1 << 16
     assert _rng.colmix_int(12345) == int(_rng.colmix(torch.tensor(12345))) == (12345 * 0x61C88647) % 2**32
+
+
+def test_attention_dropout_heads_are_not_permuted_copies():
+    """The query index reached the row key bare (mix32(head_key ^ i)): two heads whose keys differed by d < L
+    shared every dropout row, permuted (row i of one = row i ^ d of the other; seed 71 at BERT-base's 32 x 12
+    heads of 512 queries: heads (doc 1, h 1) and (doc 30, h 5), d = 45). colmix(i) spreads it too."""
+    from fastpt.ops import attention_cpu
+
+    key = _rng.stream_key(71, _rng.STREAM_ATTN_DROPOUT)
+    docs, heads, length = torch.tensor([1, 30]), 12, 512
+    keep = attention_cpu._drop_probs_torch(torch.ones(2, heads, length, length), docs, key, 0.1) != 0
+    a, b = keep[0, 1], keep[1, 5]
+    assert not torch.equal(a, b[torch.arange(length) ^ 45])
+    assert abs(float((a == b[torch.arange(length) ^ 45]).float().mean()) - (0.9 ** 2 + 0.1 ** 2)) < 0.01

@@ -12,7 +12,7 @@ Every call is brought into one normal form, the contract all backends share:
 * ``lse`` ``(B, H, S)`` float32 (float64 for float64 inputs): the natural log-sum-exp of the
   scaled scores, taken before dropout (as FlashAttention does); saved for the backward.
 * dropout: doc ``n``, query head ``h``, local query ``i``, local key ``j`` are dropped iff
-  ``mix32(mix32(mix32(key ^ (n * H + h)) ^ i) ^ colmix(j)) >> 8 < threshold24(p)`` (``ops/_rng.py``, key
+  ``mix32(mix32(mix32(key ^ (n * H + h)) ^ colmix(i)) ^ colmix(j)) >> 8 < threshold24(p)`` (``ops/_rng.py``, key
   from ``stream_key(seed, STREAM_ATTN_DROPOUT)``); kept probabilities are scaled by ``1 / (1 - p)``.
 
 Backends, in the order ``backend=None`` tries them:
@@ -420,7 +420,7 @@ def dropout_keep(docs: torch.Tensor, heads: int, s: int, key: int, p: float, b_c
     doc_of, _, local, _ = _token_layout(docs, b_count, s)
     h = torch.arange(heads, device=docs.device)
     rk = _rng.mix32(key ^ (doc_of.clamp(min=0)[:, None, :] * heads + h[None, :, None]))  # (B, H, S)
-    r = _rng.mix32(_rng.mix32(rk ^ local[:, None, :])[..., None] ^ _rng.colmix(local[:, None, None, :]))
+    r = _rng.mix32(_rng.mix32(rk ^ _rng.colmix(local[:, None, :]))[..., None] ^ _rng.colmix(local[:, None, None, :]))
     return (r >> 8) >= _rng.threshold24(p)
 
 

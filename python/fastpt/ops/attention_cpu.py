@@ -374,6 +374,6 @@ def _drop_probs_torch(probs, doc, key, p):
     doc, heads = doc.to(probs.device), torch.arange(h, device=probs.device)
     pos = torch.arange(length, device=probs.device, dtype=torch.int64)
     rk = _rng.mix32(key ^ (doc[:, None] * h + heads[None, :]))  # (n, H): as dropout_keep
-    r = _rng.mix32(_rng.mix32(rk[..., None] ^ pos)[..., None] ^ _rng.colmix(pos))  # (n, H, L, L)
+    r = _rng.mix32(_rng.mix32(rk[..., None] ^ _rng.colmix(pos))[..., None] ^ _rng.colmix(pos))  # (n, H, L, L)
     keep = (r >> 8) >= _rng.threshold24(p)
     return probs * (keep.to(_acc_dtype(probs.dtype)) * (1.0 / (1.0 - p)))

@@ -117,9 +117,9 @@ if triton is not None:
 
     @triton.jit
     def _row_bits(key, n, H, h, rows):
-        """mix32(rk ^ i) with rk = mix32(key ^ (n * H + h)): the per-query half of the dropout hash."""
+        """mix32(rk ^ colmix(i)) with rk = mix32(key ^ (n * H + h)): the per-query half of the dropout hash."""
         rk = _mix32(key.to(tl.uint32, bitcast=True) ^ (n * H + h).to(tl.uint32))
-        return _mix32(rk ^ rows.to(tl.uint32))
+        return _mix32(rk ^ _colmix(rows.to(tl.uint32)))
 
     @triton.jit
     def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_k, stride_v, rows, offs_n, offs_d, lo, hi, L, P,

@@ -206,7 +206,7 @@ def attention_dropout(probs: torch.Tensor, doc_ids: torch.Tensor, heads: int, ke
     query head, local query i, local key j); doc_ids: int64 ``(n,)`` CPU, the index of each
     document in the attention's ``docs`` table (each below ``2**32 / H``); key:
     ``stream_key(seed, STREAM_ATTN_DROPOUT)``; p in (0, 1). Entry ``[n, h, i, j]`` is kept iff
-    ``mix32(mix32(mix32(key ^ (doc_ids[n] * H + h)) ^ i) ^ colmix(j)) >> 8 >= threshold24(p)``, and kept
+    ``mix32(mix32(mix32(key ^ (doc_ids[n] * H + h)) ^ colmix(i)) ^ colmix(j)) >> 8 >= threshold24(p)``, and kept
     entries are scaled by ``1 / (1 - p)`` (in float32, float64 for float64). Returns a new
     contiguous tensor of probs' dtype; differentiable in probs. Needs ``fastpt._C``.
     """
@@ -230,7 +230,7 @@ def attention_dropout_rows_torch(probs, doc, local, key, p):
     h = probs.shape[1]
     heads = torch.arange(h, device=probs.device)
     rk = _rng.mix32(key ^ (doc.clamp(min=0)[:, None, :] * h + heads[None, :, None]))  # (B, H, S)
-    r = _rng.mix32(_rng.mix32(rk ^ local[:, None, :])[..., None] ^ _rng.colmix(local[:, None, None, :]))  # (B, H, S, S)
+    r = _rng.mix32(_rng.mix32(rk ^ _rng.colmix(local[:, None, :]))[..., None] ^ _rng.colmix(local[:, None, None, :]))  # (B, H, S, S)
     same = (doc[:, :, None] == doc[:, None, :]) & (doc >= 0)[:, :, None]  # (B, S, S)
     keep = ((r >> 8) >= _rng.threshold24(p)) & same[:, None]
     # +0 where dropped, as in C++
