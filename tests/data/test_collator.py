@@ -406,6 +406,23 @@ def test_whole_word_mask_of_a_byte_level_bpe_takes_berts_words():
     assert abs(float(labelled.sum()) / sum(len(e["input_ids"]) for e in examples) - 0.15) < 0.03
 
 
+def test_whole_word_mask_with_a_custom_pre_tokenizer_falls_back_to_wordpiece_pieces():
+    """A fast tokenizer with a Python pre-tokenizer (RoFormer's Chinese tokenizer installs jieba's) cannot be
+    serialised, which the vocabulary's word tables read: the collator raised tokenizers' bare Exception where it
+    used to take the ## pieces. It still does."""
+    from tokenizers.pre_tokenizers import PreTokenizer
+
+    class Words:
+        def pre_tokenize(self, pretok):
+            pretok.split(lambda i, s: [s])
+
+    custom = _make_tokenizer()
+    ids = custom("w1 w2 w3")["input_ids"]
+    custom.backend_tokenizer.pre_tokenizer = PreTokenizer.custom(Words())
+    out = MLMCollator(custom, whole_word_mask=True, seed=0)([ids])
+    assert out["labels"].shape == (1, len(ids))
+
+
 def test_whole_word_pairs_do_not_tie_words_of_both_sequences(tok):
     # In a pair, Encoding.word_ids() restarts at 0 in the second sequence: word 0 of each sequence
     # must still be drawn independently.

@@ -420,8 +420,8 @@ class MLMCollator:
 
                 try:
                     starts, ends = word_boundary_tables(backend)
-                except ValueError:
-                    pass  # no rule fits: the ## test below decides
+                except Exception:  # noqa: BLE001 -- no rule fits (ValueError), or a custom Python pre-tokenizer
+                    pass  # tokenizers cannot serialise (a bare Exception: RoFormer's jieba): the ## test decides
                 else:
                     pad = torch.ones(max(n - len(starts), 0), dtype=torch.bool)  # added tokens: words of their own
                     tables = torch.cat([starts, pad])[:n], torch.cat([ends, pad])[:n]

@@ -395,7 +395,9 @@ def _edge_bytes(token: str, byte_level: bool) -> bytes:
     character as its UTF-8), or SentencePiece text with ``▁`` for a space and ``<0xNN>`` byte tokens.
     Only the ends decide (``_char_bounds``): over 200,000 entries, whole tokens took seconds."""
     if byte_level:
-        edges = token if len(token) <= 8 else token[:4] + token[-4:]  # a character is at most 4 bytes
+        # a character is at most 4 bytes: the tail's last one, and the head's first one after up to 3 bytes of
+        # the character before (_char_bounds skips them) fit these edges
+        edges = token if len(token) <= 12 else token[:8] + token[-4:]
         try:
             return edges.translate(_byte_translation()).encode("latin-1")
         except UnicodeEncodeError:  # a character outside the byte-level alphabet
