@@ -415,7 +415,7 @@ WORD_TEXTS = ["\u4f60\u597d\uff0c\u4e16\u754c", "ends\nnext", "Hello, world", "(
 def _words(tok, text, starts, ends):
     """The text of each word ``word_starts`` makes of ``text``'s tokens, as BERT would see it: controls
     deleted, whitespace stripped, whitespace-only words dropped (BERT has no tokens for them)."""
-    from fastpt.data.tokenizer import word_starts
+    from fastpt.ops.mlm_mask import word_starts
 
     enc = tok.encode(text, add_special_tokens=False)
     # a byte-level token's text: its offsets (its bytes are no text); a Metaspace one's: itself, ▁ a space
@@ -482,7 +482,8 @@ def test_word_boundary_tables_read_partial_characters_and_spaces():
     next word) does not."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from fastpt.data.tokenizer import word_boundary_tables, word_starts
+    from fastpt.data.tokenizer import word_boundary_tables
+    from fastpt.ops.mlm_mask import word_starts
 
     b2u = {b: c for c, b in _byte_chars().items()}
     want = {  # the token's bytes: (starts a word, ends one)

@@ -412,7 +412,7 @@ def _edge_bytes(token: str, byte_level: bool) -> bytes:
 def word_boundary_tables(tok):
     """``(starts, ends)``: two bools per id of ``tok`` (a ``tokenizers.Tokenizer``) for whole-word masking on
     token ids alone. A token begins a word where ``starts[id]`` is True or the token before it has
-    ``ends[id]`` True (``word_starts``), besides the objective's own rule: a row's first token and a token
+    ``ends[id]`` True (``ops.mlm_mask.word_starts``), besides the objective's own rule: a row's first token and a token
     after a special one begin words whatever they are.
 
     WordPiece (and BPE with a ``continuing_subword_prefix``): every token but the continuation pieces
@@ -484,21 +484,6 @@ def word_start_table(tok):
     (``objectives.MLM.set_word_starts``). Without the ``ends`` table a token after one ending with a
     boundary character (the "next" of "ends\\nnext", the "word" of "(word") stays in that token's word."""
     return word_boundary_tables(tok)[0]
-
-
-def word_starts(ids, starts, ends):
-    """Bool tensor shaped like ``ids`` (int, (..., T)): True where the token begins a word by the tables of
-    ``word_boundary_tables``: ``starts[id]``, or ``ends`` of the id before it along the last dimension.
-    Ids past the tables are words of their own."""
-    import torch
-
-    ids = torch.as_tensor(ids).long()
-    inside = (ids >= 0) & (ids < starts.shape[0])
-    safe = torch.where(inside, ids, 0)
-    out = starts.to(ids.device)[safe] | ~inside
-    after = ends.to(ids.device)[safe] | ~inside
-    out[..., 1:] |= after[..., :-1]
-    return out
 
 
 def special_token_ids(tok, model_dir: str | Path | None = None) -> dict[str, int]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..ops import linear_cross_entropy, mlm_mask
 from ..ops.linear_cross_entropy import labelled_rows
-from ..ops.mlm_mask import number_words
+from ..ops.mlm_mask import number_words, word_starts
 from ..models.heads import MLMHead
 from .base import (TEXT_BATCH, Objective, ObjectiveOutput, check_ids, check_seed, encode_text, fraction, head_accuracy,
                    positive, refuse_prefix_lens, require, want_logits)
@@ -187,11 +187,8 @@ class MLM(Objective):
                                              torch.tensor(self.special_token_ids, device=ids.device, dtype=torch.int64))
         table, ends, specials = self._word_tables[ids.device]
         flat = ids.reshape(-1, ids.shape[-1])
-        # out-of-vocabulary ids are clamped here and reach mlm_mask, whose error names input_ids
-        safe = flat.long().clamp(0, table.shape[0] - 1)
-        start = table[safe]
-        if ends is not None:  # the token after one ending with a boundary character (a newline, "(") begins a word
-            start[:, 1:] |= ends[safe[:, :-1].clamp(max=ends.shape[0] - 1)]
+        # ends: the token after one ending with a boundary character (a newline, "(") begins a word too
+        start = word_starts(flat, table, ends)
         inside = torch.ones_like(start)
         if self.special_token_ids:
             inside &= ~torch.isin(flat, specials.to(flat.dtype))

@@ -36,6 +36,21 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 MAX_SPECIAL_IDS = 64  # the kernels compare with at most this many ids; longer lists are folded into ``blocked``
 
 
+def word_starts(ids: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool tensor shaped like ``ids`` (int, (..., T)): True where the token begins a word by per-id tables
+    (``data.tokenizer.word_boundary_tables``): ``starts[id]``, or ``ends`` of the id before it along the last
+    dimension (None: no such table). Ids outside the tables are words of their own (and mlm_mask's error then
+    names them). The MLM objective and ``MLMCollator`` both read their tables through it."""
+    ids = torch.as_tensor(ids).long()
+    inside = (ids >= 0) & (ids < starts.shape[0])
+    safe = torch.where(inside, ids, 0)
+    out = starts.to(ids.device)[safe] | ~inside
+    if ends is not None:
+        after = ends.to(ids.device)[safe] | ~inside
+        out[..., 1:] |= after[..., :-1]
+    return out
+
+
 def number_words(word_start: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     """Word index per token for ``mlm_mask(word_ids=...)``: a new word begins at every position where
     ``word_start`` and ``inside`` are both true, runs are numbered 0, 1, ... along the last dimension,
