@@ -47,7 +47,6 @@ def test_image_batches_are_uint8_and_to_model_gives_the_host_floats(kind, folder
         assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (5, 1, 16, 16)
         ref = torch.stack([stream.dataset[stream._index(step * 5 + b)][0] for b in range(5)])
         assert torch.equal(to_model(batch)["pixel_values"], _host_floats(ref))
-        assert torch.equal(stream.to_model(batch)["pixel_values"], _host_floats(ref))
     assert stream.state_dict()["consumed"] == 20
 
 

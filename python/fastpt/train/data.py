@@ -1,10 +1,10 @@
 """The recipe's batch streams: text shards (``fastpt.data.shards.ShardDataset``) and images.
 
 Both give the same small interface: ``batches(batch_size)`` (an endless iterator of collated
-CPU batches, advancing the position), ``to_model(batch)`` (the batch as the model takes it, called
-after the batch is moved to the device: images travel as uint8 and become float there),
-``state_dict()`` / ``load_state_dict()`` (the position and what it is valid for) and
-``special_ids`` / ``vocab_size`` (text) or ``image_shape`` (images).
+CPU batches, advancing the position), ``state_dict()`` / ``load_state_dict()`` (the position and
+what it is valid for) and ``special_ids`` / ``vocab_size`` (text) or ``image_shape`` (images).
+``to_model(batch)`` makes either's batch what the model takes, called after the batch is moved to the
+device: images travel as uint8 and become float there.
 Order and rank split follow ``ShardDataset``: epoch ``e`` is a ``default_rng([seed, e])``
 permutation; rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of the stream of epochs (its k-th
 sample is global position ``k * W + r``, no padding at an epoch's end), so at every step, in every
@@ -13,6 +13,7 @@ epoch, the ranks together see the samples one process would see with the combine
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import _dispatch
 from ..data import images as image_data
 from ..data.shards import ShardDataset, sha256_file
 
@@ -44,11 +46,6 @@ class TextStream:
 
     def batches(self, batch_size: int) -> Iterator[dict]:
         return self.dataset.batches(batch_size)
-
-    @staticmethod
-    def to_model(batch: dict) -> dict:
-        """The batch unchanged: token batches are the model's inputs as collated (see ``to_model``)."""
-        return to_model(batch)
 
     def state_dict(self) -> dict:
         return self.dataset.state_dict()
@@ -173,12 +170,6 @@ class ImageStream:
                                   align_corners=False)
             yield {"pixel_values": x}  # no labels: pre-training is self-supervised
 
-    @staticmethod
-    def to_model(batch: dict) -> dict:
-        """``batch`` with uint8 ``pixel_values`` as the model's float32 in [-1, 1], on their device (see
-        ``to_model``)."""
-        return to_model(batch)
-
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "world_size": self.world_size, "shuffle": self.shuffle,
                 "source": self.source, "samples": self.n, "fingerprint": self.fingerprint}
@@ -214,7 +205,11 @@ def to_model(batch: dict) -> dict:
     return {**batch, "pixel_values": pixels_to_float(px)}
 
 
-_PIXEL_TABLES: dict[torch.device, torch.Tensor] = {}  # device -> pixels_to_float of the 256 uint8 values
+@functools.lru_cache(maxsize=1)
+def _pixel_values() -> tuple[float, ...]:
+    """``pixels_to_float`` of the 256 uint8 values, computed by the CPU arithmetic (float32 values as Python
+    floats: the table ``device_constant`` makes once per device holds the same bits)."""
+    return tuple(pixels_to_float(torch.arange(256, dtype=torch.uint8), table=False).tolist())
 
 
 def pixels_to_float(x: torch.Tensor, *, table: bool | None = None) -> torch.Tensor:
@@ -228,10 +223,7 @@ def pixels_to_float(x: torch.Tensor, *, table: bool | None = None) -> torch.Tens
         raise TypeError(f"x: expected uint8 pixels, got {x.dtype}")
     if not (x.device.type != "cpu" if table is None else table):
         return x.float().div_(127.5).sub_(1.0)
-    lut = _PIXEL_TABLES.get(x.device)
-    if lut is None:
-        lut = pixels_to_float(torch.arange(256, dtype=torch.uint8), table=False).to(x.device)
-        _PIXEL_TABLES[x.device] = lut
+    lut = _dispatch.device_constant(_pixel_values(), torch.float32, x.device)
     return lut[x.int()]  # int32 indices: uint8 ones would be a boolean mask
 
 

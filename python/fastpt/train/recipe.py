@@ -53,7 +53,7 @@ from ..objectives import DINO, MLM, NSP, OBJECTIVES, SOP, CausalLM, MoCoV3, Self
 from . import checkpoint as ckpt
 from . import distributed
 from .config import ConfigError, load_recipe, to_yaml
-from .data import ImageStream, Prefetcher, TextStream
+from .data import ImageStream, Prefetcher, TextStream, to_model
 from .logging import MetricsWriteError, RunLogger, now
 from .mfu import mfu as compute_mfu
 from .mfu import peak_flops
@@ -825,7 +825,7 @@ class PretrainRecipe:
         """Move a collated CPU batch to the device; packed text becomes one (1, B*S) row for objectives
         that read packed documents, plain rows (cu_seqlens dropped) for the others; uint8 images become the
         model's floats there (``data.to_model``: a quarter of the bytes moved)."""
-        return self.data.to_model(self._move(self._model_batch(raw)))
+        return to_model(self._move(self._model_batch(raw)))
 
     def prepared(self, raw: dict, seed: int) -> dict:
         """The objective's prepared batch of a collated CPU batch, on the device: prepared on the host and then
@@ -834,7 +834,7 @@ class PretrainRecipe:
         prepared on the device (the vision objectives' augmentations). The same batch either way (``prepare``
         is a pure function of the batch and the seed)."""
         if getattr(self.model.objective, "prepare_on_host", False):
-            return self._move(self.model.prepare(self.data.to_model(self._model_batch(raw)), seed=seed))
+            return self._move(self.model.prepare(to_model(self._model_batch(raw)), seed=seed))
         return self.model.prepare(self.to_device(raw), seed=seed)
 
     def _model_batch(self, raw: dict) -> dict:
